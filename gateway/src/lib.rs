@@ -1,0 +1,14 @@
+//! The gateway: a rendezvous and relay gateway for peer-to-peer NAT traversal.
+//!
+//! Layout (see `docs/architecture.md`):
+//! - [`proto`]: the sans-IO protocol core (wire codecs and state machines; no sockets,
+//!   no clock reads);
+//! - [`server`]: the thin tokio driver that feeds datagrams to the core;
+//! - [`ebpf`]: loads and attaches the kernel programs and reads their counters;
+//! - [`metrics`]: the Prometheus registry and the `/metrics` HTTP endpoint;
+//! - [`config`]: the TOML configuration and its defaults.
+pub mod config;
+pub mod ebpf;
+pub mod metrics;
+pub mod proto;
+pub mod server;

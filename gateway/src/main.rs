@@ -1,0 +1,206 @@
+//! The `gateway` command line: the daemon and its tools.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use gateway::{
+    config::Config,
+    ebpf::{EbpfError, UdpCounterProbe},
+    metrics::{self, Metrics},
+    server,
+};
+use tracing_subscriber::EnvFilter;
+
+/// Rendezvous and relay gateway for peer-to-peer NAT traversal.
+#[derive(Debug, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about,
+    long_about = "Rendezvous and relay gateway for peer-to-peer NAT traversal.\n\n\
+        Runs on a public Linux host. Today it answers STUN Binding requests (so peers \
+        learn their public address), exports Prometheus metrics, and counts its UDP \
+        traffic from the kernel with an eBPF program.",
+    after_help = "Not built yet (planned, see the project's issues): `gateway peer` (the \
+        hole-punching agent), `gateway credentials` (issue REST-style tokens), the \
+        rendezvous/introduction protocol, the TURN relay, TCP splicing."
+)]
+struct Cli {
+    /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
+    #[arg(long, global = true, env = "GATEWAY_LOG", default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway daemon: the UDP service (STUN Binding), /metrics over HTTP,
+    /// and the eBPF traffic counters when it can load them. Stops on SIGINT/SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file; every key is optional (see docs/operations.md).
+    /// Flags below override it.
+    #[arg(short, long, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// UDP address of the service [default: 0.0.0.0:3478].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// HTTP address of the Prometheus endpoint [default: 127.0.0.1:9478].
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Do not serve /metrics.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Attach the eBPF programs to this interface (repeatable) [default: every
+    /// interface that is up].
+    #[arg(long = "ebpf-interface", value_name = "IFACE")]
+    ebpf_interfaces: Vec<String>,
+    /// Run without the eBPF programs.
+    #[arg(long, conflicts_with = "require_ebpf")]
+    no_ebpf: bool,
+    /// Refuse to start when the eBPF programs cannot be loaded and attached.
+    #[arg(long)]
+    require_ebpf: bool,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn effective_config(args: &ServeArgs) -> Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if let Some(listen) = args.metrics_listen {
+        config.metrics.listen = listen;
+    }
+    if args.no_metrics {
+        config.metrics.enabled = false;
+    }
+    if !args.ebpf_interfaces.is_empty() {
+        config.ebpf.interfaces = args.ebpf_interfaces.clone();
+    }
+    if args.no_ebpf {
+        config.ebpf.enabled = false;
+        config.ebpf.required = false;
+    }
+    if args.require_ebpf {
+        config.ebpf.enabled = true;
+        config.ebpf.required = true;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let config = effective_config(&args)?;
+    if args.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve_async(config))
+}
+
+async fn serve_async(config: Config) -> Result<()> {
+    let metrics = Metrics::new()?;
+    let socket = server::bind(config.server.listen)?;
+    let local = socket.local_addr().context("service socket address")?;
+    tracing::info!(udp = %local, "service listening (STUN Binding)");
+
+    let metrics_task = if config.metrics.enabled {
+        let listener = metrics::bind(config.metrics.listen).await?;
+        tracing::info!(url = %format!("http://{}/metrics", config.metrics.listen), "metrics listening");
+        Some(tokio::spawn(metrics::serve(listener, metrics.clone())))
+    } else {
+        None
+    };
+
+    let probe = if config.ebpf.enabled {
+        match UdpCounterProbe::load(&[local.port()], &config.ebpf.interfaces) {
+            Ok(probe) => {
+                metrics.registry.register(Box::new(probe.collector()?))?;
+                metrics.ebpf_loaded.set(1);
+                metrics
+                    .ebpf_attached_interfaces
+                    .set(probe.interfaces().len() as i64);
+                tracing::info!(interfaces = ?probe.interfaces(), port = local.port(), "eBPF counters attached");
+                Some(probe)
+            }
+            Err(e) if config.ebpf.required => {
+                return Err(e).context("eBPF is required (--require-ebpf / ebpf.required)");
+            }
+            Err(e) => {
+                let hint = match e {
+                    EbpfError::NotEmbedded | EbpfError::NotPermitted => "",
+                    _ => " (use --no-ebpf to silence, --require-ebpf to make this fatal)",
+                };
+                tracing::warn!("eBPF counters unavailable, running without them: {e}{hint}");
+                None
+            }
+        }
+    } else {
+        tracing::info!("eBPF disabled by configuration");
+        None
+    };
+
+    server::run(socket, metrics, shutdown_signal()).await;
+    tracing::info!("shutting down");
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    if let Some(probe) = probe {
+        probe.detach();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,279 @@
+//! The Prometheus registry and the `/metrics` HTTP endpoint.
+//!
+//! Names follow the project's rules: prefix `gateway_`, base units, `_total` for
+//! counters, bounded label values only (never an address or peer id).
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+
+use crate::proto::binding::Outcome;
+
+/// Why the metrics could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// A metric could not be created or registered (a programming error).
+    #[error("metrics registry: {0}")]
+    Registry(#[from] prometheus::Error),
+    /// The HTTP listener could not bind.
+    #[error("cannot listen for /metrics on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Every metric the daemon itself updates, in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Datagrams received on the service port.
+    pub udp_received_datagrams: IntCounter,
+    /// Bytes (UDP payload) received on the service port.
+    pub udp_received_bytes: IntCounter,
+    /// Datagrams sent from the service port.
+    pub udp_sent_datagrams: IntCounter,
+    /// Bytes (UDP payload) sent from the service port.
+    pub udp_sent_bytes: IntCounter,
+    /// What became of each received datagram, by [`Outcome`].
+    pub stun_datagrams: IntCounterVec,
+    /// 1 when the eBPF programs are loaded and attached, else 0.
+    pub ebpf_loaded: IntGauge,
+    /// Number of interfaces the eBPF programs are attached to.
+    pub ebpf_attached_interfaces: IntGauge,
+}
+
+impl Metrics {
+    /// Creates and registers every metric, with all label values pre-set to zero so
+    /// dashboards show series before the first event.
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let stun_datagrams = IntCounterVec::new(
+            Opts::new(
+                "gateway_stun_datagrams_total",
+                "Datagrams received on the service port, by what the protocol core made of them",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(stun_datagrams.clone()))?;
+        for outcome in Outcome::ALL {
+            stun_datagrams.with_label_values(&[outcome.as_str()]);
+        }
+        let build_info = IntGauge::with_opts(
+            Opts::new(
+                "gateway_build_info",
+                "Always 1; labels carry the build's version",
+            )
+            .const_label("version", env!("CARGO_PKG_VERSION")),
+        )?;
+        build_info.set(1);
+        registry.register(Box::new(build_info))?;
+        Ok(Self {
+            udp_received_datagrams: counter(
+                "gateway_udp_received_datagrams_total",
+                "Datagrams received on the service port",
+            )?,
+            udp_received_bytes: counter(
+                "gateway_udp_received_bytes_total",
+                "UDP payload bytes received on the service port",
+            )?,
+            udp_sent_datagrams: counter(
+                "gateway_udp_sent_datagrams_total",
+                "Datagrams sent from the service port",
+            )?,
+            udp_sent_bytes: counter(
+                "gateway_udp_sent_bytes_total",
+                "UDP payload bytes sent from the service port",
+            )?,
+            ebpf_loaded: gauge(
+                "gateway_ebpf_loaded",
+                "1 when the eBPF programs are loaded and attached, 0 when running without them",
+            )?,
+            ebpf_attached_interfaces: gauge(
+                "gateway_ebpf_attached_interfaces",
+                "Interfaces the eBPF programs are attached to",
+            )?,
+            stun_datagrams,
+            registry,
+        })
+    }
+
+    /// Renders the registry in the Prometheus text format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Largest HTTP request head accepted on the metrics endpoint.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// Time a client gets to send its request head.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 32;
+
+/// Binds the metrics listener (separately from serving, so bind errors stop start-up).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `GET /metrics` (and a small index at `/`) until the task is dropped.
+///
+/// A deliberately small HTTP/1.x responder: one request per connection, bounded head
+/// size and time, a bounded number of connections.
+pub async fn serve(listener: TcpListener, metrics: Metrics) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = respond(stream, &metrics).await {
+                tracing::debug!(error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            head.extend_from_slice(&chunk[..n]);
+            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Ok(true);
+            }
+            if head.len() > MAX_REQUEST_HEAD {
+                return Ok(false);
+            }
+        }
+    })
+    .await;
+    let complete = matches!(read, Ok(Ok(true)));
+    let (status, content_type, body): (&str, &str, Vec<u8>) = if !complete {
+        ("400 Bad Request", "text/plain", b"bad request\n".to_vec())
+    } else {
+        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        let mut parts = line.split(|&b| b == b' ');
+        let method = parts.next().unwrap_or_default();
+        let target = parts.next().unwrap_or_default();
+        let path = target.split(|&b| b == b'?').next().unwrap_or_default();
+        match (method, path) {
+            (b"GET", b"/metrics") => (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics.render(),
+            ),
+            (b"GET", b"/") => (
+                "200 OK",
+                "text/plain; charset=utf-8",
+                b"gateway: metrics at /metrics\n".to_vec(),
+            ),
+            (b"GET", _) => ("404 Not Found", "text/plain", b"not found\n".to_vec()),
+            _ => (
+                "405 Method Not Allowed",
+                "text/plain",
+                b"only GET\n".to_vec(),
+            ),
+        }
+    };
+    let header = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(header.as_bytes()).await?;
+    stream.write_all(&body).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let metrics = Metrics::new().expect("metrics");
+        let text = String::from_utf8(metrics.render()).expect("utf8");
+        for family in metrics.registry.gather() {
+            let name = family.name();
+            assert!(name.starts_with("gateway_"), "{name}");
+        }
+        assert!(
+            text.contains("gateway_stun_datagrams_total{outcome=\"malformed\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("gateway_ebpf_loaded 0"));
+    }
+
+    #[tokio::test]
+    async fn http_endpoint_serves_metrics_and_refuses_the_rest() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.udp_received_datagrams.inc_by(7);
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(serve(listener, metrics));
+        let get = |request: &'static str| async move {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.expect("read");
+            response
+        };
+        let ok = get("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(
+            ok.contains("gateway_udp_received_datagrams_total 7"),
+            "{ok}"
+        );
+        assert!(
+            get("GET /nope HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 404")
+        );
+        assert!(
+            get("POST /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .starts_with("HTTP/1.1 405")
+        );
+        server.abort();
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration-test support for the gateway: the NAT lab harness.
+//!
+//! The lab builds network topologies out of Linux network namespaces, veth pairs and
+//! nftables NAT rules, so that hole punching and relaying are tested against real
+//! kernels and real NAT behaviour. See `docs/lab.md`.
+pub mod lab;
