@@ -1,1 +1,55 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>` (see `cargo xtask --help`).
+mod demo;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// The gateway's project tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "The gateway's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install every system package and tool the project needs (Debian 12, as root):
+    /// the eBPF toolchain (rustc-web, rust-web-src, llvm-22-dev, bpf-linker 0.13),
+    /// nftables and iproute2 for the NAT lab. Idempotent; fast when already done.
+    Setup,
+    /// Build the kernel programs (BTF included) into target/ebpf; the next build of
+    /// the `gateway` crate embeds them.
+    BuildEbpf,
+    /// Set everything up and run every test: unit, property, lab and eBPF tests, plus
+    /// rustfmt and clippy. This is what CI runs.
+    Test,
+    /// Set everything up and run the demo: a NAT lab, `gateway serve` on its server,
+    /// STUN traffic from peers behind two kinds of NAT, then the eBPF counters and
+    /// the metrics.
+    Demo(demo::DemoArgs),
+    /// The NAT lab for humans: bring a topology up, or clean up leftovers.
+    #[command(subcommand)]
+    Lab(demo::LabCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Setup => toolchain::setup(),
+        Command::BuildEbpf => toolchain::build_ebpf(),
+        Command::Test => toolchain::test(),
+        Command::Demo(args) => demo::demo(args),
+        Command::Lab(command) => demo::lab(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Running the real `gateway` binary inside a lab namespace, talking to it, and
+//! reading its metrics, for integration tests and the demo.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::{Child, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::lab::{Host, LabError};
+
+/// Why talking to the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The lab could not run something in a namespace.
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    /// An I/O operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The daemon did not become ready in time, or exited.
+    #[error("gateway not ready: {0}")]
+    NotReady(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// Path of the `gateway` binary under test: `$GATEWAY_BIN`, else `gateway` in the
+/// cargo profile directory this test executable was built into.
+pub fn gateway_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("GATEWAY_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("gateway");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "the gateway binary was not found next to {}; build it first (`cargo build -p gateway`, \
+         which `cargo xtask test` does) or set GATEWAY_BIN",
+        exe.display()
+    );
+}
+
+/// A `gateway serve` process running in a lab host's namespace; killed on drop.
+#[derive(Debug)]
+pub struct GatewayProcess {
+    child: Option<Child>,
+    host: Host,
+    metrics_addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts `gateway serve` in `host`'s namespace with `args` added, serving metrics
+    /// on `metrics_addr`, logging to a temporary file, and waits until /metrics answers.
+    pub fn start(host: &Host, metrics_addr: SocketAddr, args: &[&str]) -> Result<Self, DaemonError> {
+        let log = std::env::temp_dir().join(format!(
+            "gateway-{}-{}.log",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let log_file = std::fs::File::create(&log).map_err(io("creating the daemon log"))?;
+        let mut command = host.command(&gateway_binary().to_string_lossy());
+        command
+            .args(["serve", "--metrics-listen", &metrics_addr.to_string()])
+            .args(args)
+            .env("GATEWAY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let child = command.spawn().map_err(io("spawning the gateway"))?;
+        let mut process = Self {
+            child: Some(child),
+            host: host.clone(),
+            metrics_addr,
+            log,
+        };
+        process.wait_ready(Duration::from_secs(10))?;
+        Ok(process)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), DaemonError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(DaemonError::NotReady(format!(
+                    "exited with {status}; log:\n{}",
+                    self.log_text()
+                )));
+            }
+            if self.scrape().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(DaemonError::NotReady(format!(
+                    "no /metrics after {timeout:?}; log:\n{}",
+                    self.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fetches `/metrics` from inside the daemon's namespace.
+    pub fn scrape(&self) -> Result<String, DaemonError> {
+        http_get(&self.host, self.metrics_addr, "/metrics")
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(mut self) -> Result<ExitStatus, DaemonError> {
+        let Some(mut child) = self.child.take() else {
+            return Err(DaemonError::NotReady("already stopped".into()));
+        };
+        // The child is `ip netns exec`, which execs the gateway: same pid.
+        let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().map_err(io("waiting for the gateway"))? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(DaemonError::NotReady(format!(
+                    "did not stop within 10 s of SIGTERM; log:\n{}",
+                    self.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A minimal HTTP/1.1 GET from inside `host`'s namespace; returns the body of a 200.
+pub fn http_get(host: &Host, addr: SocketAddr, path: &str) -> Result<String, DaemonError> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let stream = host
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))?
+        .map_err(io(format!("connecting to {addr}")))?;
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io("setting a timeout"))?;
+    stream.write_all(request.as_bytes()).map_err(io("sending the request"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(io("reading the response"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| DaemonError::NotReady("malformed HTTP response".into()))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(DaemonError::NotReady(format!("HTTP status: {head}")));
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of the sample `name{labels}` in Prometheus text; `labels` is the exact
+/// label text without braces (`""` for none).
+pub fn metric_value(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == series).then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// Sends a STUN Binding request from `socket` to `to` and returns the reflexive
+/// address the server saw, retrying a few times (the lab may drop packets).
+pub fn stun_binding(socket: &UdpSocket, to: SocketAddr, timeout: Duration) -> Option<SocketAddr> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1500];
+    for _ in 0..3 {
+        let tid: [u8; 12] = rand::random();
+        gateway::proto::binding::binding_request(tid, &mut request);
+        socket.send_to(&request, to).ok()?;
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            socket.set_read_timeout(Some(left.max(Duration::from_millis(1)))).ok()?;
+            let Ok((len, from)) = socket.recv_from(&mut buf) else {
+                break;
+            };
+            if from != to {
+                continue;
+            }
+            if let Some(mapped) = gateway::proto::binding::parse_binding_success(&buf[..len], tid) {
+                return Some(mapped);
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,189 @@
+//! `cargo xtask demo` and `cargo xtask lab`: the NAT lab for humans.
+use std::{
+    net::{SocketAddr, UdpSocket},
+    str::FromStr,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use gateway_tests::{
+    daemon::{GatewayProcess, metric_value, stun_binding},
+    lab::{self, Lab, LabAvailability, NatPreset},
+};
+
+use crate::toolchain;
+
+/// Options of `cargo xtask demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// NAT preset of the first peer's site (see `cargo xtask lab presets`).
+    #[arg(long, default_value = "port-restricted-cone")]
+    site_a: String,
+    /// NAT preset of the second peer's site.
+    #[arg(long, default_value = "symmetric")]
+    site_b: String,
+    /// Keep the lab and the gateway running until Ctrl-C, to explore by hand.
+    #[arg(long)]
+    hold: bool,
+    /// Skip `setup` and `build-ebpf` (when they were just run).
+    #[arg(long)]
+    no_setup: bool,
+}
+
+/// `cargo xtask lab ...`.
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Build a topology and keep it up until Ctrl-C, printing how to enter each host.
+    Up {
+        /// A site as NAME=PRESET (repeatable), e.g. `--site a=full-cone --site b=symmetric`.
+        #[arg(long = "site", value_name = "NAME=PRESET", required = true)]
+        sites: Vec<String>,
+    },
+    /// List the NAT presets.
+    Presets,
+    /// Remove every namespace the lab ever made (also those of running tests).
+    Clean,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Blocks until SIGINT or SIGTERM, so Drop guards tear the lab down afterwards.
+fn wait_for_ctrl_c() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn require_lab() -> Result<()> {
+    match lab::require_root() {
+        LabAvailability::Available => Ok(()),
+        LabAvailability::OptedOut => bail!("the lab needs root (GATEWAY_LAB_OPT_OUT is set)"),
+    }
+}
+
+fn parse_preset(name: &str) -> Result<NatPreset> {
+    NatPreset::from_str(name).map_err(|e| {
+        let names: Vec<&str> = NatPreset::all_named().iter().map(|p| p.name()).collect();
+        anyhow!("{e}; presets: {}", names.join(", "))
+    })
+}
+
+/// `cargo xtask lab ...`.
+pub fn lab(command: LabCommand) -> Result<()> {
+    match command {
+        LabCommand::Presets => {
+            for preset in NatPreset::all_named() {
+                println!("{:28} {}", preset.name(), preset.summary());
+            }
+            Ok(())
+        }
+        LabCommand::Clean => {
+            let removed = lab::remove_all_namespaces()?;
+            println!("removed {removed} lab namespaces");
+            Ok(())
+        }
+        LabCommand::Up { sites } => {
+            require_lab()?;
+            let mut builder = Lab::builder();
+            for site in &sites {
+                let (name, preset) = site
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--site wants NAME=PRESET, got {site:?}"))?;
+                builder = builder.site(name, parse_preset(preset)?);
+            }
+            let lab = builder.build()?;
+            println!("{}", lab.describe());
+            println!("The lab is up. Press Ctrl-C to tear it down.");
+            wait_for_ctrl_c();
+            drop(lab);
+            println!("lab removed");
+            Ok(())
+        }
+    }
+}
+
+/// `cargo xtask demo`.
+pub fn demo(args: DemoArgs) -> Result<()> {
+    if !args.no_setup {
+        toolchain::setup()?;
+        toolchain::build_ebpf()?;
+    }
+    toolchain::build_host()?;
+    require_lab()?;
+    let preset_a = parse_preset(&args.site_a)?;
+    let preset_b = parse_preset(&args.site_b)?;
+    println!("== building the NAT lab: site a = {}, site b = {}", preset_a.name(), preset_b.name());
+    let lab = Lab::builder().site("a", preset_a).site("b", preset_b).build()?;
+    let server = lab.server();
+    let addrs = server.addrs().to_vec();
+    let [primary, secondary] = [addrs[0], addrs[1]];
+    let metrics_addr = SocketAddr::from((primary, 9478));
+    println!("== starting `gateway serve` on the lab's public server {primary} (and {secondary})");
+    let gateway = GatewayProcess::start(server, metrics_addr, &["--listen", "0.0.0.0:3478", "--require-ebpf"])
+        .context("starting the gateway in the lab")?;
+
+    println!("== each peer asks both server addresses for its public (reflexive) address");
+    for site_name in ["a", "b"] {
+        let site = lab.site(site_name).ok_or_else(|| anyhow!("no site {site_name}"))?;
+        let host = site.host(0).ok_or_else(|| anyhow!("site {site_name} has no host"))?;
+        let socket: UdpSocket = host.udp_bind(0)?;
+        let local = socket.local_addr()?;
+        let mut seen = Vec::new();
+        for server_ip in [primary, secondary] {
+            let to = SocketAddr::from((server_ip, 3478));
+            let mapped = stun_binding(&socket, to, Duration::from_millis(500));
+            seen.push(mapped);
+            match mapped {
+                Some(m) => println!("   peer {site_name} ({}) {local} -> {to}: seen as {m}", site.preset().name()),
+                None => println!("   peer {site_name} ({}) {local} -> {to}: no answer", site.preset().name()),
+            }
+        }
+        let verdict = match (seen[0], seen[1]) {
+            (Some(x), Some(y)) if x == y => "same public endpoint for both: endpoint-independent mapping, hole punching will work",
+            (Some(_), Some(_)) => "a new public port per destination: endpoint-dependent (\"symmetric\") mapping, punching needs port prediction or a relay",
+            _ => "no answer: UDP blocked or lost",
+        };
+        println!("   => {verdict}");
+    }
+
+    let text = gateway.scrape()?;
+    println!("== the gateway's counters (from /metrics)");
+    for (name, labels) in [
+        ("gateway_ebpf_loaded", ""),
+        ("gateway_ebpf_udp_packets_total", "direction=\"ingress\""),
+        ("gateway_ebpf_udp_packets_total", "direction=\"egress\""),
+        ("gateway_ebpf_udp_bytes_total", "direction=\"ingress\""),
+        ("gateway_ebpf_udp_bytes_total", "direction=\"egress\""),
+        ("gateway_udp_received_datagrams_total", ""),
+        ("gateway_stun_datagrams_total", "outcome=\"binding_success\""),
+    ] {
+        let value = metric_value(&text, name, labels)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "(absent)".into());
+        let series = if labels.is_empty() { name.to_owned() } else { format!("{name}{{{labels}}}") };
+        println!("   {series} {value}");
+    }
+    println!(
+        "== metrics URL (inside the lab): ip netns exec {} curl -s http://{metrics_addr}/metrics",
+        server.netns()
+    );
+    if args.hold {
+        println!("{}", lab.describe());
+        println!("Holding the lab and the gateway up; press Ctrl-C to stop.");
+        wait_for_ctrl_c();
+    }
+    let status = gateway.stop()?;
+    println!("== gateway stopped ({status}); eBPF programs detached; removing the lab");
+    drop(lab);
+    Ok(())
+}

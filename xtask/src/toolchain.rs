@@ -1,0 +1,229 @@
+//! `setup`, `build-ebpf` and `test`: the toolchain recipe of
+//! `../shared/design/ebpf-toolchain.md`, made idempotent.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the project needs. rustc-web/rust-web-src/cargo-web: a rustc with
+/// its library source, so `-Z build-std=core` works for the BPF target; llvm-22-dev:
+/// what bpf-linker links against; nftables/iproute2/conntrack: the NAT lab; curl: the
+/// demo's hints.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "rust-web-src",
+    "cargo-web",
+    "llvm-22-dev",
+    "nftables",
+    "iproute2",
+    "conntrack",
+    "curl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian's rustc-web: LLVM 22, with rust-src.
+const EBPF_RUSTC: &str = "/usr/bin/rustc";
+const EBPF_CARGO: &str = "/usr/bin/cargo";
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn bpf_linker_path() -> PathBuf {
+    cargo_home().join("bin").join("bpf-linker")
+}
+
+/// The cargo that runs xtask (rustup's or Debian's), for host builds.
+fn host_cargo() -> String {
+    env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+fn run(command: &mut Command) -> Result<()> {
+    let shown = format!("{command:?}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", pkg])
+                .output();
+            !matches!(out, Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new(bpf_linker_path())
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false)
+}
+
+/// `cargo xtask setup`.
+pub fn setup() -> Result<()> {
+    let started = Instant::now();
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing Debian packages {missing:?}; run `cargo xtask setup` as root (it uses apt-get)"
+            );
+        }
+        eprintln!("setup: installing {missing:?}");
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+        run(Command::new(host_cargo())
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--force",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    if !bpf_linker_ok() {
+        bail!("bpf-linker {BPF_LINKER_VERSION} is still not usable at {}", bpf_linker_path().display());
+    }
+    eprintln!("setup: done in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Path of the built eBPF object (what `gateway/build.rs` embeds).
+pub fn ebpf_object() -> PathBuf {
+    workspace_root().join("target/ebpf/bpfel-unknown-none/release/gateway-ebpf")
+}
+
+/// `cargo xtask build-ebpf`.
+pub fn build_ebpf() -> Result<()> {
+    if !Path::new(EBPF_RUSTC).exists() || !Path::new(EBPF_CARGO).exists() || !bpf_linker_ok() {
+        bail!("the eBPF toolchain is missing (Debian rustc-web/cargo-web, bpf-linker {BPF_LINKER_VERSION}); run `cargo xtask setup` first");
+    }
+    let root = workspace_root();
+    let path = env::join_paths(
+        std::iter::once(cargo_home().join("bin"))
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )?;
+    let mut command = Command::new(EBPF_CARGO);
+    command
+        .current_dir(&root)
+        .args([
+            "build",
+            "--package",
+            "gateway-ebpf",
+            "--features",
+            "programs",
+            "--bin",
+            "gateway-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--target-dir",
+            "target/ebpf",
+        ])
+        .env("PATH", path)
+        .env("RUSTC", EBPF_RUSTC)
+        .env("RUSTC_BOOTSTRAP", "1")
+        // BTF for the kernel's verifier and for map type information.
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    for var in [
+        "RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+    ] {
+        command.env_remove(var);
+    }
+    run(&mut command)?;
+    let object = ebpf_object();
+    let size = std::fs::metadata(&object)
+        .with_context(|| format!("the build produced no {}", object.display()))?
+        .len();
+    eprintln!("build-ebpf: {} ({size} bytes)", object.display());
+    Ok(())
+}
+
+/// Builds the workspace's host binaries (the gateway embeds the eBPF object).
+pub fn build_host() -> Result<()> {
+    run(Command::new(host_cargo())
+        .current_dir(workspace_root())
+        .args(["build", "--workspace", "--bins"]))
+}
+
+fn cargo_has(subcommand: &str) -> bool {
+    Command::new(host_cargo())
+        .args([subcommand, "--version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// `cargo xtask test`.
+pub fn test() -> Result<()> {
+    let started = Instant::now();
+    setup()?;
+    build_ebpf()?;
+    build_host()?;
+    let root = workspace_root();
+    if cargo_has("fmt") {
+        run(Command::new(host_cargo()).current_dir(&root).args(["fmt", "--all", "--check"]))?;
+    } else {
+        eprintln!("test: rustfmt is not installed; skipping the format check");
+    }
+    if cargo_has("clippy") {
+        run(Command::new(host_cargo())
+            .current_dir(&root)
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    } else {
+        eprintln!("test: clippy is not installed; skipping the lint");
+    }
+    run(Command::new(host_cargo())
+        .current_dir(&root)
+        .args(["test", "--workspace"]))?;
+    eprintln!("test: everything passed in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
