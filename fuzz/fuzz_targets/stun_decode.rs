@@ -16,6 +16,6 @@ fuzz_target!(|data: &[u8]| {
     BindingService.handle(from, data, &mut out);
     if !out.is_empty() {
         assert!(Message::parse(&out).is_ok());
-        assert!(out.len() <= 64);
+        assert!(out.len() <= 80);
     }
 });

@@ -19,7 +19,8 @@ const RESPONSE_IP_LEN: u64 = 68;
 
 fn counter(text: &str, name: &str, direction: &str) -> u64 {
     metric_value(text, name, &format!("direction=\"{direction}\""))
-        .unwrap_or_else(|| panic!("{name}{{direction={direction}}} missing from:\n{text}")) as u64
+        .unwrap_or_else(|| panic!("{name}{{direction={direction}}} missing from:\n{text}"))
+        as u64
 }
 
 #[test]
@@ -38,13 +39,24 @@ fn ebpf_counters_equal_datagrams_sent_through_the_interface() {
     let gateway = GatewayProcess::start(
         server,
         metrics_addr,
-        &["--listen", &format!("0.0.0.0:{SERVICE_PORT}"), "--require-ebpf"],
+        &[
+            "--listen",
+            &format!("0.0.0.0:{SERVICE_PORT}"),
+            "--require-ebpf",
+        ],
     )
     .expect("gateway starts with eBPF (is the object embedded? run `cargo xtask build-ebpf`)");
 
     let before = gateway.scrape().expect("scrape");
-    assert_eq!(metric_value(&before, "gateway_ebpf_loaded", ""), Some(1.0), "{before}");
-    assert_eq!(counter(&before, "gateway_ebpf_udp_packets_total", "ingress"), 0);
+    assert_eq!(
+        metric_value(&before, "gateway_ebpf_loaded", ""),
+        Some(1.0),
+        "{before}"
+    );
+    assert_eq!(
+        counter(&before, "gateway_ebpf_udp_packets_total", "ingress"),
+        0
+    );
 
     let host = lab.site("a").expect("site").host(0).expect("host");
     let socket: UdpSocket = host.udp_bind(0).expect("socket");
@@ -62,7 +74,9 @@ fn ebpf_counters_equal_datagrams_sent_through_the_interface() {
             .set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
         let mut buf = [0u8; 1500];
-        let (len, from) = socket.recv_from(&mut buf).expect("every request is answered");
+        let (len, from) = socket
+            .recv_from(&mut buf)
+            .expect("every request is answered");
         assert_eq!(from, to);
         assert!(gateway::proto::binding::parse_binding_success(&buf[..len], tid).is_some());
         answered += 1;
@@ -80,26 +94,48 @@ fn ebpf_counters_equal_datagrams_sent_through_the_interface() {
 
     let after = gateway.scrape().expect("scrape");
     let garbage_ip_len = 20 + 8 + b"garbage".len() as u64;
-    assert_eq!(counter(&after, "gateway_ebpf_udp_packets_total", "ingress"), REQUESTS + 3, "{after}");
-    assert_eq!(counter(&after, "gateway_ebpf_udp_packets_total", "egress"), REQUESTS, "{after}");
+    assert_eq!(
+        counter(&after, "gateway_ebpf_udp_packets_total", "ingress"),
+        REQUESTS + 3,
+        "{after}"
+    );
+    assert_eq!(
+        counter(&after, "gateway_ebpf_udp_packets_total", "egress"),
+        REQUESTS,
+        "{after}"
+    );
     assert_eq!(
         counter(&after, "gateway_ebpf_udp_bytes_total", "ingress"),
         REQUESTS * REQUEST_IP_LEN + 3 * garbage_ip_len
     );
-    assert_eq!(counter(&after, "gateway_ebpf_udp_bytes_total", "egress"), REQUESTS * RESPONSE_IP_LEN);
+    assert_eq!(
+        counter(&after, "gateway_ebpf_udp_bytes_total", "egress"),
+        REQUESTS * RESPONSE_IP_LEN
+    );
     // The daemon's own view agrees with the kernel's.
     assert_eq!(
-        metric_value(&after, "gateway_stun_datagrams_total", "outcome=\"binding_success\""),
+        metric_value(
+            &after,
+            "gateway_stun_datagrams_total",
+            "outcome=\"binding_success\""
+        ),
         Some(REQUESTS as f64)
     );
     assert_eq!(
-        metric_value(&after, "gateway_stun_datagrams_total", "outcome=\"not_stun\""),
+        metric_value(
+            &after,
+            "gateway_stun_datagrams_total",
+            "outcome=\"not_stun\""
+        ),
         Some(3.0)
     );
 
     // SIGTERM: clean exit, programs detached (the log says so).
     let log_before_stop = gateway.log_text();
-    assert!(log_before_stop.contains("eBPF counters attached"), "{log_before_stop}");
+    assert!(
+        log_before_stop.contains("eBPF counters attached"),
+        "{log_before_stop}"
+    );
     let status = gateway.stop().expect("stops");
     assert!(status.success(), "exit status {status}");
 }

@@ -258,10 +258,34 @@ mod tests {
         fn replies_are_small(bytes in proptest::collection::vec(any::<u8>(), 0..300), addr in any::<SocketAddr>()) {
             let mut out = Vec::new();
             BindingService.handle(addr, &bytes, &mut out);
-            prop_assert!(out.len() <= 64, "reply of {} bytes", out.len());
-            if !out.is_empty() {
-                prop_assert!(out.len() <= bytes.len() * 4);
+            prop_assert!(out.is_empty(), "random bytes are not a valid request");
+        }
+
+        /// Well-framed requests with arbitrary attributes: the reply stays under 80
+        /// bytes and under four times the request.
+        #[test]
+        fn replies_to_any_request_are_bounded(
+            attrs in proptest::collection::vec((any::<u16>(), proptest::collection::vec(any::<u8>(), 0..12)), 0..12),
+            addr in any::<SocketAddr>(),
+        ) {
+            let mut request = Vec::new();
+            let mut writer = MessageWriter::new(
+                &mut request,
+                MessageType { method: method::BINDING, class: Class::Request },
+                [5; 12],
+            );
+            for (ty, value) in &attrs {
+                if *ty != attr::FINGERPRINT {
+                    writer.attribute(*ty, value);
+                }
             }
+            writer.finish_with_fingerprint();
+            let mut out = Vec::new();
+            let outcome = BindingService.handle(addr, &request, &mut out);
+            prop_assert!(matches!(outcome, Outcome::BindingSuccess | Outcome::UnknownAttribute));
+            prop_assert!(out.len() <= 80, "reply of {} bytes", out.len());
+            prop_assert!(out.len() <= request.len() * 4);
+            prop_assert!(Message::parse(&out).is_ok());
         }
     }
 }

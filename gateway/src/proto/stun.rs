@@ -308,11 +308,14 @@ impl<'b> MessageWriter<'b> {
     pub fn finish_with_fingerprint(self) -> &'b [u8] {
         let start = self.start;
         let buf = self.buf;
+        let fingerprint_offset = buf.len();
         buf.extend_from_slice(&attr::FINGERPRINT.to_be_bytes());
         buf.extend_from_slice(&4u16.to_be_bytes());
         let body = u16::try_from(buf.len() + 4 - start - HEADER_LEN).unwrap_or(u16::MAX);
         buf[start + 2..start + 4].copy_from_slice(&body.to_be_bytes());
-        let crc = fingerprint(&buf[start..]);
+        // The CRC covers the message up to, not including, the FINGERPRINT attribute,
+        // with the length field already counting it (RFC 8489 §14.7).
+        let crc = fingerprint(&buf[start..fingerprint_offset]);
         buf.extend_from_slice(&crc.to_be_bytes());
         &buf[start..]
     }
@@ -506,6 +509,8 @@ mod tests {
 
         #[test]
         fn xor_address_round_trips(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>()) {
+            // Scope id and flow label are not on the wire.
+            let addr = SocketAddr::new(addr.ip(), addr.port());
             let mut buf = Vec::new();
             let ty = MessageType { method: method::BINDING, class: Class::Success };
             let mut writer = MessageWriter::new(&mut buf, ty, tid);

@@ -1,0 +1,98 @@
+//! The `gateway` command line as an operator meets it: help text, configuration file
+//! plus overriding flags, and clear errors.
+use std::process::Command;
+
+use gateway_tests::daemon::gateway_binary;
+
+fn gateway(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(gateway_binary())
+        .args(args)
+        .output()
+        .expect("run gateway");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_lists_serve_and_is_honest_about_what_is_not_built() {
+    let (ok, stdout, _) = gateway(&["--help"]);
+    assert!(ok);
+    assert!(stdout.contains("serve"), "{stdout}");
+    assert!(stdout.contains("Not built yet"), "{stdout}");
+    let (ok, stdout, _) = gateway(&["serve", "--help"]);
+    assert!(ok);
+    for flag in [
+        "--config",
+        "--listen",
+        "--metrics-listen",
+        "--ebpf-interface",
+        "--no-ebpf",
+    ] {
+        assert!(stdout.contains(flag), "{flag} missing from:\n{stdout}");
+    }
+}
+
+#[test]
+fn flags_override_the_config_file() {
+    let dir = std::env::temp_dir().join(format!("gw-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"192.0.2.10:3478\"\n[metrics]\nlisten = \"127.0.0.1:9999\"\n",
+    )
+    .expect("write");
+    let path = file.to_string_lossy().into_owned();
+    let (ok, stdout, stderr) = gateway(&["serve", "--config", &path, "--print-config"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("listen = \"192.0.2.10:3478\""), "{stdout}");
+    assert!(stdout.contains("listen = \"127.0.0.1:9999\""), "{stdout}");
+    let (ok, stdout, stderr) = gateway(&[
+        "serve",
+        "--config",
+        &path,
+        "--listen",
+        "0.0.0.0:5000",
+        "--no-ebpf",
+        "--print-config",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("listen = \"0.0.0.0:5000\""), "{stdout}");
+    assert!(
+        stdout.contains("listen = \"127.0.0.1:9999\""),
+        "file value kept: {stdout}"
+    );
+    assert!(stdout.contains("enabled = false"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_config_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("gw-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, "[server]\nlisten = \"not an address\"\n").expect("write");
+    let (ok, _, stderr) = gateway(&["serve", "--config", &file.to_string_lossy()]);
+    assert!(!ok);
+    assert!(stderr.contains("invalid config file"), "{stderr}");
+    assert!(stderr.contains("listen"), "{stderr}");
+    let (ok, _, stderr) = gateway(&["serve", "--config", "/nonexistent/gateway.toml"]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot read config file"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let holder = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let taken = holder.local_addr().expect("addr").to_string();
+    let (ok, _, stderr) = gateway(&["serve", "--listen", &taken, "--no-ebpf", "--no-metrics"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains(&format!("cannot bind UDP {taken}")),
+        "{stderr}"
+    );
+}
