@@ -25,8 +25,14 @@ enum Command {
     /// the `gateway` crate embeds them.
     BuildEbpf,
     /// Set everything up and run every test: unit, property, lab and eBPF tests, plus
-    /// rustfmt and clippy. This is what CI runs.
+    /// rustfmt, clippy and a short fuzz run. This is what CI runs.
     Test,
+    /// Fuzz every decoder (cargo fuzz, libFuzzer) for a while.
+    Fuzz {
+        /// Seconds per fuzz target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Set everything up and run the demo: a NAT lab, `gateway serve` on its server,
     /// STUN traffic from peers behind two kinds of NAT, then the eBPF counters and
     /// the metrics.
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         Command::Setup => toolchain::setup(),
         Command::BuildEbpf => toolchain::build_ebpf(),
         Command::Test => toolchain::test(),
+        Command::Fuzz { seconds } => toolchain::fuzz(seconds),
         Command::Demo(args) => demo::demo(args),
         Command::Lab(command) => demo::lab(command),
     };

@@ -24,6 +24,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// How long each fuzz target runs inside `cargo xtask test` (a smoke run; fuzz
+/// longer with `cargo xtask fuzz --seconds N`).
+const TEST_FUZZ_SECONDS: u64 = 20;
 /// Debian's rustc-web: LLVM 22, with rust-src.
 const EBPF_RUSTC: &str = "/usr/bin/rustc";
 const EBPF_CARGO: &str = "/usr/bin/cargo";
@@ -89,6 +93,53 @@ fn bpf_linker_ok() -> bool {
         .unwrap_or(false)
 }
 
+fn cargo_fuzz_ok() -> bool {
+    Command::new(cargo_home().join("bin").join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// PATH with cargo's install directory first (Debian's cargo does not add it).
+fn path_with_cargo_bin() -> Result<std::ffi::OsString> {
+    Ok(env::join_paths(
+        std::iter::once(cargo_home().join("bin"))
+            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )?)
+}
+
+/// `cargo xtask fuzz`: runs every target in fuzz/fuzz_targets for `seconds` each,
+/// built with Debian's rustc (nightly flags through RUSTC_BOOTSTRAP, no sanitizer:
+/// rustc-web ships no sanitizer runtimes).
+pub fn fuzz(seconds: u64) -> Result<()> {
+    if !cargo_fuzz_ok() || !Path::new(EBPF_RUSTC).exists() {
+        bail!("cargo-fuzz or Debian's rustc-web is missing; run `cargo xtask setup` first");
+    }
+    let dir = workspace_root().join("fuzz");
+    let mut targets: Vec<String> = std::fs::read_dir(dir.join("fuzz_targets"))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+        .collect();
+    targets.sort();
+    for target in targets {
+        eprintln!("fuzz: {target} for {seconds} s");
+        let mut command = Command::new(host_cargo());
+        command
+            .current_dir(&dir)
+            .args(["fuzz", "run", "--sanitizer", "none", &target, "--"])
+            .arg(format!("-max_total_time={seconds}"))
+            .env("PATH", path_with_cargo_bin()?)
+            .env("RUSTC", EBPF_RUSTC)
+            .env("RUSTC_BOOTSTRAP", "1");
+        for var in ["RUSTFLAGS", "CARGO_TARGET_DIR", "RUSTUP_TOOLCHAIN"] {
+            command.env_remove(var);
+        }
+        run(&mut command)?;
+    }
+    Ok(())
+}
+
 /// `cargo xtask setup`.
 pub fn setup() -> Result<()> {
     let started = Instant::now();
@@ -121,6 +172,16 @@ pub fn setup() -> Result<()> {
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    if !cargo_fuzz_ok() {
+        eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        run(Command::new(host_cargo()).args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]))?;
+    }
     if !bpf_linker_ok() {
         bail!("bpf-linker {BPF_LINKER_VERSION} is still not usable at {}", bpf_linker_path().display());
     }
@@ -139,10 +200,7 @@ pub fn build_ebpf() -> Result<()> {
         bail!("the eBPF toolchain is missing (Debian rustc-web/cargo-web, bpf-linker {BPF_LINKER_VERSION}); run `cargo xtask setup` first");
     }
     let root = workspace_root();
-    let path = env::join_paths(
-        std::iter::once(cargo_home().join("bin"))
-            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
-    )?;
+    let path = path_with_cargo_bin()?;
     let mut command = Command::new(EBPF_CARGO);
     command
         .current_dir(&root)
@@ -224,6 +282,7 @@ pub fn test() -> Result<()> {
     run(Command::new(host_cargo())
         .current_dir(&root)
         .args(["test", "--workspace"]))?;
+    fuzz(TEST_FUZZ_SECONDS)?;
     eprintln!("test: everything passed in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
