@@ -38,6 +38,17 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The kernel programs.
     pub ebpf: EbpfConfig,
+    /// Authentication of peers and relay users.
+    pub auth: AuthConfig,
+}
+
+/// Authentication of peers and relay users.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// File holding the shared secret from which REST-style credentials are derived
+    /// (`gateway credentials` issues them). Keep it readable by the gateway only.
+    pub secret_file: Option<std::path::PathBuf>,
 }
 
 /// The UDP service.

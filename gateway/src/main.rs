@@ -7,6 +7,7 @@ use gateway::{
     config::Config,
     ebpf::{EbpfError, UdpCounterProbe},
     metrics::{self, Metrics},
+    proto::credentials::SharedSecret,
     server,
 };
 use tracing_subscriber::EnvFilter;
@@ -19,11 +20,11 @@ use tracing_subscriber::EnvFilter;
     about,
     long_about = "Rendezvous and relay gateway for peer-to-peer NAT traversal.\n\n\
         Runs on a public Linux host. Today it answers STUN Binding requests (so peers \
-        learn their public address), exports Prometheus metrics, and counts its UDP \
-        traffic from the kernel with an eBPF program.",
+        learn their public address), exports Prometheus metrics, counts its UDP \
+        traffic from the kernel with an eBPF program, and issues peer credentials.",
     after_help = "Not built yet (planned, see the project's issues): `gateway peer` (the \
-        hole-punching agent), `gateway credentials` (issue REST-style tokens), the \
-        rendezvous/introduction protocol, the TURN relay, TCP splicing."
+        hole-punching agent), the rendezvous/introduction protocol, the TURN relay, \
+        TCP splicing."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
@@ -38,6 +39,26 @@ enum Command {
     /// Run the gateway daemon: the UDP service (STUN Binding), /metrics over HTTP,
     /// and the eBPF traffic counters when it can load them. Stops on SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Issue credentials for a peer (TURN REST convention: username `expiry:peer-id`,
+    /// password = base64 HMAC-SHA1 of it under the shared secret). Prints shell
+    /// assignments GATEWAY_USERNAME=... and GATEWAY_PASSWORD=....
+    Credentials(CredentialsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CredentialsArgs {
+    /// The peer's id: 1 to 64 characters of A-Z a-z 0-9 . _ -
+    #[arg(long)]
+    peer_id: String,
+    /// How long the credentials stay valid, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl: u64,
+    /// File holding the shared secret [default: auth.secret_file of --config].
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Configuration file to take auth.secret_file from.
+    #[arg(short, long, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -83,6 +104,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Credentials(args) => credentials(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -91,6 +113,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn credentials(args: CredentialsArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let path = args
+        .secret_file
+        .or(config.auth.secret_file)
+        .context("no shared secret: pass --secret-file FILE or set auth.secret_file in --config")?;
+    let secret = std::fs::read(&path)
+        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+    if secret.trim_ascii().is_empty() {
+        anyhow::bail!("the secret file {} is empty", path.display());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_secs();
+    let expiry = now
+        .checked_add(args.ttl)
+        .context("--ttl is too large")?;
+    let issued = SharedSecret::new(&secret).issue(&args.peer_id, expiry)?;
+    println!("GATEWAY_USERNAME={}", issued.username);
+    println!("GATEWAY_PASSWORD={}", issued.password);
+    Ok(())
 }
 
 fn effective_config(args: &ServeArgs) -> Result<Config> {

@@ -4,4 +4,5 @@
 //! a state machine needs it, the current time) in and get datagrams out, which keeps
 //! the logic testable in virtual time and fuzzable.
 pub mod binding;
+pub mod credentials;
 pub mod stun;
