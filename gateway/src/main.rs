@@ -133,9 +133,7 @@ fn credentials(args: CredentialsArgs) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_secs();
-    let expiry = now
-        .checked_add(args.ttl)
-        .context("--ttl is too large")?;
+    let expiry = now.checked_add(args.ttl).context("--ttl is too large")?;
     let issued = SharedSecret::new(&secret).issue(&args.peer_id, expiry)?;
     println!("GATEWAY_USERNAME={}", issued.username);
     println!("GATEWAY_PASSWORD={}", issued.password);

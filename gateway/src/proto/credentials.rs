@@ -84,7 +84,11 @@ impl SharedSecret {
 
     /// Checks a username's form and expiry at `now_unix`; returns the peer id and the
     /// password the client must have used.
-    pub fn check<'u>(&self, username: &'u str, now_unix: u64) -> Result<(&'u str, String), CredentialError> {
+    pub fn check<'u>(
+        &self,
+        username: &'u str,
+        now_unix: u64,
+    ) -> Result<(&'u str, String), CredentialError> {
         let (expiry, peer_id) = username.split_once(':').ok_or(CredentialError::Malformed)?;
         let expiry: u64 = expiry.parse().map_err(|_| CredentialError::Malformed)?;
         if !valid_peer_id(peer_id) {
@@ -121,19 +125,31 @@ mod tests {
         let (peer, password) = secret.check(&issued.username, 999).expect("valid");
         assert_eq!(peer, "alice");
         assert_eq!(password, issued.password);
-        assert_eq!(secret.check(&issued.username, 1_000), Err(CredentialError::Expired));
+        assert_eq!(
+            secret.check(&issued.username, 1_000),
+            Err(CredentialError::Expired)
+        );
         let other = SharedSecret::new(b"other");
-        assert_ne!(other.check(&issued.username, 0).expect("form ok").1, issued.password);
+        assert_ne!(
+            other.check(&issued.username, 0).expect("form ok").1,
+            issued.password
+        );
     }
 
     #[test]
     fn malformed_usernames_are_refused() {
         let secret = SharedSecret::new(b"s");
         assert_eq!(secret.check("alice", 0), Err(CredentialError::Malformed));
-        assert_eq!(secret.check("soon:alice", 0), Err(CredentialError::Malformed));
+        assert_eq!(
+            secret.check("soon:alice", 0),
+            Err(CredentialError::Malformed)
+        );
         assert_eq!(secret.check("5:", 0), Err(CredentialError::BadPeerId));
         assert_eq!(secret.check("5:a b", 0), Err(CredentialError::BadPeerId));
-        assert_eq!(secret.issue(&"x".repeat(65), 5), Err(CredentialError::BadPeerId));
+        assert_eq!(
+            secret.issue(&"x".repeat(65), 5),
+            Err(CredentialError::BadPeerId)
+        );
     }
 
     proptest! {

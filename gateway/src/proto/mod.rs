@@ -5,4 +5,5 @@
 //! the logic testable in virtual time and fuzzable.
 pub mod binding;
 pub mod credentials;
+pub mod rendezvous;
 pub mod stun;

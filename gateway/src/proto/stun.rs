@@ -149,7 +149,7 @@ impl<'a> Message<'a> {
             return Err(DecodeError::NotStun);
         }
         let length = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
-        if length % 4 != 0 || HEADER_LEN + length != bytes.len() {
+        if !length.is_multiple_of(4) || HEADER_LEN + length != bytes.len() {
             return Err(DecodeError::BadLength);
         }
         let message = Self {
@@ -315,7 +315,8 @@ fn integrity_tag(which: u16, key: &[u8], prefix: &[u8], tag_len: usize) -> Optio
         attr::MESSAGE_INTEGRITY_SHA256 => (tag_len, true),
         _ => return None,
     };
-    if tag_len != wanted || (sha256 && !(16..=32).contains(&tag_len)) || tag_len % 4 != 0 {
+    if tag_len != wanted || (sha256 && !(16..=32).contains(&tag_len)) || !tag_len.is_multiple_of(4)
+    {
         return None;
     }
     let length = u16::try_from(prefix.len() + 4 + tag_len - HEADER_LEN).ok()?;

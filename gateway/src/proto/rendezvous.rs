@@ -1,0 +1,1434 @@
+//! The rendezvous server's state machine (see `docs/protocol.md`): registration,
+//! connect requests, introductions with synchronised start times, and outcome
+//! reports. Sans-IO: the caller passes the time, the datagram and its source, and
+//! gets datagrams to send and events for metrics.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::{
+    binding::{self, BindingService},
+    credentials::{CredentialError, SharedSecret},
+    stun::{
+        self, Class, DecodeError, Message, MessageType, MessageWriter, attr as stun_attr,
+        method as stun_method,
+    },
+};
+
+/// Method numbers of the rendezvous (expert-review range).
+pub mod method {
+    /// Register (and keepalive).
+    pub const REGISTER: u16 = 0xC01;
+    /// Connect: introduce me to a peer.
+    pub const CONNECT: u16 = 0xC02;
+    /// Introduction (indication from the gateway).
+    pub const INTRODUCTION: u16 = 0xC03;
+    /// Outcome report.
+    pub const OUTCOME: u16 = 0xC04;
+}
+
+/// Attribute types of the rendezvous.
+pub mod attr {
+    /// Registration lifetime in seconds (TURN's LIFETIME).
+    pub const LIFETIME: u16 = 0x000D;
+    /// A peer id.
+    pub const PEER_ID: u16 = 0x4001;
+    /// A candidate address with its kind.
+    pub const CANDIDATE: u16 = 0x4002;
+    /// Introduction id (u64).
+    pub const INTRO_ID: u16 = 0x4003;
+    /// Probe key (16 bytes).
+    pub const PROBE_KEY: u16 = 0x4004;
+    /// Start delay in milliseconds (u32).
+    pub const START_DELAY: u16 = 0x4005;
+    /// Role (u8).
+    pub const ROLE: u16 = 0x4006;
+    /// NAT mapping class (u8).
+    pub const NAT_CLASS: u16 = 0x4007;
+    /// Round-trip time in milliseconds (u32).
+    pub const RTT: u16 = 0x4008;
+    /// Outcome report (u8 + u32 + u32).
+    pub const OUTCOME: u16 = 0x4009;
+}
+
+/// Most candidates accepted in, or sent out with, one message.
+pub const MAX_CANDIDATES: usize = 8;
+/// Introductions remembered for outcome reports.
+pub const MAX_REMEMBERED_INTRODUCTIONS: usize = 65_536;
+
+/// What a candidate address is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CandidateKind {
+    /// An address of the peer's own interface.
+    Host = 0,
+    /// The address the gateway saw (outside the peer's NAT).
+    ServerReflexive = 1,
+    /// A guessed external port of an endpoint-dependent NAT.
+    Predicted = 2,
+}
+
+/// A candidate address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Candidate {
+    /// Its kind.
+    pub kind: CandidateKind,
+    /// The address.
+    pub addr: SocketAddr,
+}
+
+/// The NAT mapping behaviour a peer measured (RFC 4787 terms); a bounded label.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum NatClass {
+    /// Not measured.
+    #[default]
+    Unknown = 0,
+    /// No NAT: the reflexive address is the host's own.
+    None = 1,
+    /// Endpoint-independent mapping.
+    EndpointIndependent = 2,
+    /// Address-dependent mapping.
+    AddressDependent = 3,
+    /// Address-and-port-dependent mapping ("symmetric").
+    AddressAndPortDependent = 4,
+}
+
+impl NatClass {
+    /// Every class, for pre-registering label values.
+    pub const ALL: [NatClass; 5] = [
+        NatClass::Unknown,
+        NatClass::None,
+        NatClass::EndpointIndependent,
+        NatClass::AddressDependent,
+        NatClass::AddressAndPortDependent,
+    ];
+
+    /// Decodes the wire value; unknown values read as `Unknown`.
+    pub fn from_u8(value: u8) -> Self {
+        match value {
+            1 => NatClass::None,
+            2 => NatClass::EndpointIndependent,
+            3 => NatClass::AddressDependent,
+            4 => NatClass::AddressAndPortDependent,
+            _ => NatClass::Unknown,
+        }
+    }
+
+    /// The metrics label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            NatClass::Unknown => "unknown",
+            NatClass::None => "none",
+            NatClass::EndpointIndependent => "endpoint_independent",
+            NatClass::AddressDependent => "address_dependent",
+            NatClass::AddressAndPortDependent => "address_and_port_dependent",
+        }
+    }
+}
+
+/// Encodes a CANDIDATE value: kind, reserved, then an XOR-MAPPED-ADDRESS value.
+pub fn encode_candidate(candidate: Candidate, transaction_id: [u8; 12]) -> ([u8; 22], usize) {
+    let mut out = [0u8; 22];
+    out[0] = candidate.kind as u8;
+    let address = stun::encode_xor_address(candidate.addr, transaction_id);
+    let len = if candidate.addr.is_ipv4() { 8 } else { 20 };
+    out[2..2 + len].copy_from_slice(&address[..len]);
+    (out, 2 + len)
+}
+
+/// Decodes a CANDIDATE value.
+pub fn decode_candidate(value: &[u8], transaction_id: [u8; 12]) -> Option<Candidate> {
+    let kind = match value.first()? {
+        0 => CandidateKind::Host,
+        1 => CandidateKind::ServerReflexive,
+        2 => CandidateKind::Predicted,
+        _ => return None,
+    };
+    let addr = stun::decode_xor_address(value.get(2..)?, transaction_id)?;
+    Some(Candidate { kind, addr })
+}
+
+/// What became of one datagram: a bounded metrics label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Handled by the plain Binding service.
+    Binding(binding::Outcome),
+    /// A registration was created or refreshed.
+    Registered,
+    /// An introduction was made.
+    Introduced,
+    /// An outcome report was accepted.
+    OutcomeAccepted,
+    /// 400: a required attribute missing or malformed.
+    BadRequest,
+    /// 401: bad credentials or integrity.
+    Unauthorized,
+    /// 403: the sender is not registered from this address.
+    Forbidden,
+    /// 404: unknown peer or introduction.
+    NotFound,
+    /// 429: too many connects.
+    RateLimited,
+    /// The registry is full.
+    Full,
+}
+
+impl Handled {
+    /// The metrics label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Handled::Binding(outcome) => outcome.as_str(),
+            Handled::Registered => "registered",
+            Handled::Introduced => "introduced",
+            Handled::OutcomeAccepted => "outcome_accepted",
+            Handled::BadRequest => "bad_request",
+            Handled::Unauthorized => "unauthorized",
+            Handled::Forbidden => "forbidden",
+            Handled::NotFound => "not_found",
+            Handled::RateLimited => "rate_limited",
+            Handled::Full => "full",
+        }
+    }
+
+    /// Every label value.
+    pub const ALL_LABELS: [&'static str; 14] = [
+        "binding_success",
+        "unknown_attribute",
+        "not_stun",
+        "malformed",
+        "unhandled",
+        "registered",
+        "introduced",
+        "outcome_accepted",
+        "bad_request",
+        "unauthorized",
+        "forbidden",
+        "not_found",
+        "rate_limited",
+        "full",
+    ];
+}
+
+/// Something metrics should know about.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Event {
+    /// An introduction was sent to both sides.
+    Introduced {
+        /// The initiator's NAT class.
+        initiator_nat: NatClass,
+        /// The responder's NAT class.
+        responder_nat: NatClass,
+    },
+    /// The first outcome report of an introduction.
+    Outcome {
+        /// The initiator's NAT class.
+        initiator_nat: NatClass,
+        /// The responder's NAT class.
+        responder_nat: NatClass,
+        /// Whether a direct path was established.
+        direct: bool,
+        /// Time from introduction to first two-way exchange, as reported.
+        time_to_direct: Duration,
+        /// Probes the reporter sent.
+        probes: u32,
+    },
+}
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Tunables of the rendezvous server.
+#[derive(Clone, Copy, Debug)]
+pub struct RendezvousConfig {
+    /// A registration not refreshed for this long is forgotten.
+    pub lifetime: Duration,
+    /// Most registrations held at once.
+    pub max_peers: usize,
+    /// Most Connect requests one peer may make per second.
+    pub max_connects_per_second: u32,
+    /// Added to the slower side's one-way delay when scheduling the start.
+    pub start_margin: Duration,
+}
+
+impl Default for RendezvousConfig {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(60),
+            max_peers: 2_000_000,
+            max_connects_per_second: 20,
+            start_margin: Duration::from_millis(20),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PeerRecord {
+    addr: SocketAddr,
+    expiry_unix: u64,
+    host_candidates: Box<[SocketAddr]>,
+    nat: NatClass,
+    rtt_ms: u32,
+    last_seen: Instant,
+    window_start: Instant,
+    connects_in_window: u32,
+}
+
+#[derive(Clone, Debug)]
+struct IntroRecord {
+    sides: [Box<str>; 2],
+    nats: [NatClass; 2],
+    reported: [bool; 2],
+}
+
+/// The rendezvous server.
+#[derive(Debug)]
+pub struct RendezvousServer {
+    secret: SharedSecret,
+    config: RendezvousConfig,
+    peers: HashMap<Box<str>, PeerRecord>,
+    intros: HashMap<u64, IntroRecord>,
+    intro_order: VecDeque<u64>,
+    rng: StdRng,
+    events: Vec<Event>,
+    next_sweep: Option<Instant>,
+}
+
+/// What an authenticated request carried.
+struct Authenticated<'a> {
+    message: Message<'a>,
+    peer_id: String,
+    password: String,
+    expiry_unix: u64,
+}
+
+impl RendezvousServer {
+    /// Creates a server; `seed` feeds the generator of introduction ids and probe keys
+    /// (the daemon passes OS randomness; tests pass a constant).
+    pub fn new(secret: SharedSecret, config: RendezvousConfig, seed: u64) -> Self {
+        Self {
+            secret,
+            config,
+            peers: HashMap::new(),
+            intros: HashMap::new(),
+            intro_order: VecDeque::new(),
+            rng: StdRng::seed_from_u64(seed),
+            events: Vec::new(),
+            next_sweep: None,
+        }
+    }
+
+    /// Registered peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Takes the events gathered since the last call.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, Event> {
+        self.events.drain(..)
+    }
+
+    /// When [`Self::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Forgets registrations that were not refreshed in time or whose credentials
+    /// expired.
+    pub fn handle_timeout(&mut self, now: Instant, now_unix: u64) {
+        let lifetime = self.config.lifetime;
+        self.peers.retain(|_, peer| {
+            now.saturating_duration_since(peer.last_seen) < lifetime && peer.expiry_unix > now_unix
+        });
+        self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
+    }
+
+    /// Handles one datagram from `from`, appending replies to `out`.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut Vec<Transmit>,
+    ) -> Handled {
+        let message = match Message::parse(datagram) {
+            Ok(message) => message,
+            Err(DecodeError::NotStun | DecodeError::TooShort) => {
+                return Handled::Binding(binding::Outcome::NotStun);
+            }
+            Err(_) => return Handled::Binding(binding::Outcome::Malformed),
+        };
+        let ty = message.message_type();
+        if ty.class != Class::Request
+            || !matches!(
+                ty.method,
+                method::REGISTER | method::CONNECT | method::OUTCOME
+            )
+        {
+            let mut reply = Vec::new();
+            let outcome = BindingService.handle(from, datagram, &mut reply);
+            if !reply.is_empty() {
+                out.push(Transmit {
+                    to: from,
+                    payload: reply,
+                });
+            }
+            return Handled::Binding(outcome);
+        }
+        let auth = match self.authenticate(message, now_unix) {
+            Ok(auth) => auth,
+            Err(handled) => {
+                let (code, reason) = match handled {
+                    Handled::BadRequest => (400, "Bad Request"),
+                    _ => (401, "Unauthorized"),
+                };
+                out.push(error_reply(&message, code, reason, None, from));
+                return handled;
+            }
+        };
+        let result = match ty.method {
+            method::REGISTER => self.register(now, from, &auth),
+            method::CONNECT => self.connect(now, from, &auth, out),
+            _ => self.outcome(&auth),
+        };
+        match result {
+            Ok((handled, reply)) => {
+                out.push(Transmit {
+                    to: from,
+                    payload: reply,
+                });
+                handled
+            }
+            Err((handled, code, reason)) => {
+                out.push(error_reply(
+                    &message,
+                    code,
+                    reason,
+                    Some(&auth.password),
+                    from,
+                ));
+                handled
+            }
+        }
+    }
+
+    fn authenticate<'a>(
+        &self,
+        message: Message<'a>,
+        now_unix: u64,
+    ) -> Result<Authenticated<'a>, Handled> {
+        let username = message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == stun_attr::USERNAME)
+            .ok_or(Handled::BadRequest)?;
+        let username = std::str::from_utf8(username.value).map_err(|_| Handled::Unauthorized)?;
+        let (peer_id, password) = self.secret.check(username, now_unix).map_err(|e| match e {
+            CredentialError::Malformed | CredentialError::BadPeerId | CredentialError::Expired => {
+                Handled::Unauthorized
+            }
+        })?;
+        message
+            .verify_integrity_sha256(password.as_bytes())
+            .map_err(|_| Handled::Unauthorized)?;
+        let expiry_unix = username
+            .split_once(':')
+            .and_then(|(e, _)| e.parse().ok())
+            .ok_or(Handled::Unauthorized)?;
+        Ok(Authenticated {
+            message,
+            peer_id: peer_id.to_owned(),
+            password,
+            expiry_unix,
+        })
+    }
+
+    fn register(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        auth: &Authenticated<'_>,
+    ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
+        let tid = auth.message.transaction_id();
+        let mut hosts = Vec::new();
+        let mut nat = NatClass::Unknown;
+        let mut rtt_ms = 0;
+        for attribute in auth.message.attributes().filter_map(Result::ok) {
+            match attribute.ty {
+                attr::CANDIDATE if hosts.len() < MAX_CANDIDATES => {
+                    if let Some(c) = decode_candidate(attribute.value, tid) {
+                        hosts.push(c.addr);
+                    }
+                }
+                attr::NAT_CLASS => {
+                    nat = NatClass::from_u8(attribute.value.first().copied().unwrap_or(0))
+                }
+                attr::RTT => rtt_ms = read_u32(attribute.value).unwrap_or(0).min(10_000),
+                _ => {}
+            }
+        }
+        if !self.peers.contains_key(auth.peer_id.as_str())
+            && self.peers.len() >= self.config.max_peers
+        {
+            return Err((Handled::Full, 503, "Registry Full"));
+        }
+        let record = self
+            .peers
+            .entry(auth.peer_id.clone().into_boxed_str())
+            .or_insert_with(|| PeerRecord {
+                addr: from,
+                expiry_unix: auth.expiry_unix,
+                host_candidates: Box::new([]),
+                nat,
+                rtt_ms,
+                last_seen: now,
+                window_start: now,
+                connects_in_window: 0,
+            });
+        record.addr = from;
+        record.expiry_unix = auth.expiry_unix;
+        record.host_candidates = hosts.into_boxed_slice();
+        record.nat = nat;
+        record.rtt_ms = rtt_ms;
+        record.last_seen = now;
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + Duration::from_secs(1));
+        }
+        let mut reply = Vec::with_capacity(128);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::REGISTER,
+                class: Class::Success,
+            },
+            tid,
+        );
+        let lifetime = u32::try_from(self.config.lifetime.as_secs()).unwrap_or(u32::MAX);
+        writer
+            .xor_mapped_address(from)
+            .attribute(attr::LIFETIME, &lifetime.to_be_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((Handled::Registered, reply))
+    }
+
+    fn connect(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        auth: &Authenticated<'_>,
+        out: &mut Vec<Transmit>,
+    ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
+        let target = auth
+            .message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == attr::PEER_ID)
+            .and_then(|a| std::str::from_utf8(a.value).ok())
+            .ok_or((Handled::BadRequest, 400, "Bad Request"))?
+            .to_owned();
+        let max_connects = self.config.max_connects_per_second;
+        let initiator = self
+            .peers
+            .get_mut(auth.peer_id.as_str())
+            .filter(|p| p.addr == from)
+            .ok_or((Handled::Forbidden, 403, "Not Registered Here"))?;
+        if now.saturating_duration_since(initiator.window_start) >= Duration::from_secs(1) {
+            initiator.window_start = now;
+            initiator.connects_in_window = 0;
+        }
+        if initiator.connects_in_window >= max_connects {
+            return Err((Handled::RateLimited, 429, "Too Many Connects"));
+        }
+        initiator.connects_in_window += 1;
+        initiator.last_seen = now;
+        let initiator = initiator.clone();
+        let responder = self
+            .peers
+            .get(target.as_str())
+            .filter(|_| target != auth.peer_id)
+            .cloned()
+            .ok_or((Handled::NotFound, 404, "Peer Not Found"))?;
+
+        let intro_id: u64 = self.rng.random();
+        let probe_key: [u8; 16] = self.rng.random();
+        let slower_one_way = initiator.rtt_ms.max(responder.rtt_ms) / 2;
+        let margin = u32::try_from(self.config.start_margin.as_millis()).unwrap_or(20);
+        let delay = |own_rtt: u32| slower_one_way + margin - own_rtt / 2;
+        let sides = [
+            (
+                &initiator,
+                auth.peer_id.as_str(),
+                &responder,
+                target.as_str(),
+                0u8,
+            ),
+            (
+                &responder,
+                target.as_str(),
+                &initiator,
+                auth.peer_id.as_str(),
+                1u8,
+            ),
+        ];
+        for (recipient, recipient_id, other, other_id, role) in sides {
+            let username = format!("{}:{recipient_id}", recipient.expiry_unix);
+            let password = self.secret.password(&username);
+            let tid: [u8; 12] = self.rng.random();
+            let mut payload = Vec::with_capacity(256);
+            let mut writer = MessageWriter::new(
+                &mut payload,
+                MessageType {
+                    method: method::INTRODUCTION,
+                    class: Class::Indication,
+                },
+                tid,
+            );
+            writer
+                .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
+                .attribute(attr::PEER_ID, other_id.as_bytes());
+            let reflexive = Candidate {
+                kind: CandidateKind::ServerReflexive,
+                addr: other.addr,
+            };
+            let hosts = other.host_candidates.iter().map(|&addr| Candidate {
+                kind: CandidateKind::Host,
+                addr,
+            });
+            for candidate in std::iter::once(reflexive).chain(hosts).take(MAX_CANDIDATES) {
+                let (value, len) = encode_candidate(candidate, tid);
+                writer.attribute(attr::CANDIDATE, &value[..len]);
+            }
+            writer
+                .attribute(attr::PROBE_KEY, &probe_key)
+                .attribute(attr::START_DELAY, &delay(recipient.rtt_ms).to_be_bytes())
+                .attribute(attr::ROLE, &[role])
+                .attribute(attr::NAT_CLASS, &[other.nat as u8])
+                .message_integrity_sha256(password.as_bytes());
+            writer.finish_with_fingerprint();
+            out.push(Transmit {
+                to: recipient.addr,
+                payload,
+            });
+        }
+        self.remember_intro(
+            intro_id,
+            IntroRecord {
+                sides: [
+                    auth.peer_id.clone().into_boxed_str(),
+                    target.into_boxed_str(),
+                ],
+                nats: [initiator.nat, responder.nat],
+                reported: [false; 2],
+            },
+        );
+        self.events.push(Event::Introduced {
+            initiator_nat: initiator.nat,
+            responder_nat: responder.nat,
+        });
+        let mut reply = Vec::with_capacity(96);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::CONNECT,
+                class: Class::Success,
+            },
+            auth.message.transaction_id(),
+        );
+        writer
+            .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((Handled::Introduced, reply))
+    }
+
+    fn remember_intro(&mut self, id: u64, record: IntroRecord) {
+        if self.intro_order.len() >= MAX_REMEMBERED_INTRODUCTIONS
+            && let Some(oldest) = self.intro_order.pop_front()
+        {
+            self.intros.remove(&oldest);
+        }
+        self.intros.insert(id, record);
+        self.intro_order.push_back(id);
+    }
+
+    fn outcome(
+        &mut self,
+        auth: &Authenticated<'_>,
+    ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
+        let mut intro_id = None;
+        let mut report = None;
+        for attribute in auth.message.attributes().filter_map(Result::ok) {
+            match attribute.ty {
+                attr::INTRO_ID => intro_id = read_u64(attribute.value),
+                attr::OUTCOME if attribute.value.len() == 9 => {
+                    let direct = attribute.value[0] == 0;
+                    let ms = read_u32(&attribute.value[1..5]).unwrap_or(0);
+                    let probes = read_u32(&attribute.value[5..9]).unwrap_or(0);
+                    report = Some((direct, ms, probes));
+                }
+                _ => {}
+            }
+        }
+        let (Some(intro_id), Some((direct, ms, probes))) = (intro_id, report) else {
+            return Err((Handled::BadRequest, 400, "Bad Request"));
+        };
+        let record = self.intros.get_mut(&intro_id).ok_or((
+            Handled::NotFound,
+            404,
+            "Unknown Introduction",
+        ))?;
+        let side = record
+            .sides
+            .iter()
+            .position(|s| **s == *auth.peer_id)
+            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        if record.reported[side] {
+            return Err((Handled::NotFound, 404, "Already Reported"));
+        }
+        let first = !record.reported.iter().any(|&r| r);
+        record.reported[side] = true;
+        if first {
+            self.events.push(Event::Outcome {
+                initiator_nat: record.nats[0],
+                responder_nat: record.nats[1],
+                direct,
+                time_to_direct: Duration::from_millis(u64::from(ms)),
+                probes,
+            });
+        }
+        let mut reply = Vec::with_capacity(64);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::OUTCOME,
+                class: Class::Success,
+            },
+            auth.message.transaction_id(),
+        );
+        writer.message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((Handled::OutcomeAccepted, reply))
+    }
+}
+
+fn read_u32(value: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(value.get(..4)?.try_into().ok()?))
+}
+
+fn read_u64(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+/// An error response; integrity-protected only when the requester authenticated.
+fn error_reply(
+    request: &Message<'_>,
+    code: u16,
+    reason: &str,
+    password: Option<&str>,
+    to: SocketAddr,
+) -> Transmit {
+    let mut payload = Vec::with_capacity(96);
+    let mut writer = MessageWriter::new(
+        &mut payload,
+        MessageType {
+            method: request.message_type().method,
+            class: Class::Error,
+        },
+        request.transaction_id(),
+    );
+    writer.error_code(code, reason);
+    if let Some(password) = password {
+        writer.message_integrity_sha256(password.as_bytes());
+    }
+    writer.finish_with_fingerprint();
+    Transmit { to, payload }
+}
+
+/// Builders and parsers for the peer's side of the protocol.
+pub mod client {
+    use super::*;
+
+    /// Credentials a peer signs its requests with.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct PeerCredentials {
+        /// `expiry:peer-id`.
+        pub username: String,
+        /// The derived password.
+        pub password: String,
+    }
+
+    fn request(
+        method: u16,
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        fill: impl FnOnce(&mut MessageWriter<'_>),
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        let mut writer = MessageWriter::new(
+            &mut out,
+            MessageType {
+                method,
+                class: Class::Request,
+            },
+            tid,
+        );
+        writer.attribute(stun_attr::USERNAME, credentials.username.as_bytes());
+        fill(&mut writer);
+        writer.message_integrity_sha256(credentials.password.as_bytes());
+        writer.finish_with_fingerprint();
+        out
+    }
+
+    /// A Register (or keepalive) request.
+    pub fn register(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        hosts: &[SocketAddr],
+        nat: NatClass,
+        rtt_ms: u32,
+    ) -> Vec<u8> {
+        request(method::REGISTER, tid, credentials, |w| {
+            for &addr in hosts.iter().take(MAX_CANDIDATES) {
+                let (value, len) = encode_candidate(
+                    Candidate {
+                        kind: CandidateKind::Host,
+                        addr,
+                    },
+                    tid,
+                );
+                w.attribute(attr::CANDIDATE, &value[..len]);
+            }
+            w.attribute(attr::NAT_CLASS, &[nat as u8]);
+            w.attribute(attr::RTT, &rtt_ms.to_be_bytes());
+        })
+    }
+
+    /// A Connect request for `target`.
+    pub fn connect(tid: [u8; 12], credentials: &PeerCredentials, target: &str) -> Vec<u8> {
+        request(method::CONNECT, tid, credentials, |w| {
+            w.attribute(attr::PEER_ID, target.as_bytes());
+        })
+    }
+
+    /// An Outcome report.
+    pub fn outcome(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        intro_id: u64,
+        direct: bool,
+        time_to_direct_ms: u32,
+        probes: u32,
+    ) -> Vec<u8> {
+        request(method::OUTCOME, tid, credentials, |w| {
+            w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
+            let mut value = [0u8; 9];
+            value[0] = u8::from(!direct);
+            value[1..5].copy_from_slice(&time_to_direct_ms.to_be_bytes());
+            value[5..9].copy_from_slice(&probes.to_be_bytes());
+            w.attribute(attr::OUTCOME, &value);
+        })
+    }
+
+    /// A verified response from the gateway.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Response {
+        /// The method answered.
+        pub method: u16,
+        /// The transaction.
+        pub transaction_id: [u8; 12],
+        /// `Ok` for success, `Err(code)` for an error response.
+        pub result: Result<(), u16>,
+        /// XOR-MAPPED-ADDRESS, when present.
+        pub mapped: Option<SocketAddr>,
+        /// INTRO-ID, when present.
+        pub intro_id: Option<u64>,
+        /// LIFETIME, when present.
+        pub lifetime: Option<Duration>,
+    }
+
+    /// Parses a response to a rendezvous request. Success responses must carry valid
+    /// integrity under `password`; unauthenticated error responses are accepted
+    /// (they cannot do more than make the peer retry).
+    pub fn parse_response(datagram: &[u8], password: &str) -> Option<Response> {
+        let message = Message::parse(datagram).ok()?;
+        let ty = message.message_type();
+        let result = match ty.class {
+            Class::Success => {
+                message.verify_integrity_sha256(password.as_bytes()).ok()?;
+                Ok(())
+            }
+            Class::Error => {
+                let code = message
+                    .attributes()
+                    .filter_map(Result::ok)
+                    .find(|a| a.ty == stun_attr::ERROR_CODE)
+                    .and_then(|a| {
+                        Some(u16::from(*a.value.get(2)? & 7) * 100 + u16::from(*a.value.get(3)?))
+                    })
+                    .unwrap_or(0);
+                Err(code)
+            }
+            _ => return None,
+        };
+        let tid = message.transaction_id();
+        let mut response = Response {
+            method: ty.method,
+            transaction_id: tid,
+            result,
+            mapped: None,
+            intro_id: None,
+            lifetime: None,
+        };
+        for a in message.attributes().filter_map(Result::ok) {
+            match a.ty {
+                stun_attr::XOR_MAPPED_ADDRESS => {
+                    response.mapped = stun::decode_xor_address(a.value, tid)
+                }
+                attr::INTRO_ID => response.intro_id = read_u64(a.value),
+                attr::LIFETIME => {
+                    response.lifetime = read_u32(a.value).map(|s| Duration::from_secs(u64::from(s)))
+                }
+                _ => {}
+            }
+        }
+        Some(response)
+    }
+
+    /// Whether the peer initiated or answers an introduction.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Role {
+        /// It sent the Connect.
+        Initiator,
+        /// The other side did.
+        Responder,
+    }
+
+    /// A verified Introduction.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct Introduction {
+        /// Its id.
+        pub intro_id: u64,
+        /// The other side's peer id.
+        pub peer_id: String,
+        /// The other side's candidates, server-reflexive first.
+        pub candidates: Vec<Candidate>,
+        /// The key both sides sign probes with.
+        pub probe_key: [u8; 16],
+        /// How long to wait after receipt before probing.
+        pub start_delay: Duration,
+        /// This side's role.
+        pub role: Role,
+        /// The other side's NAT class.
+        pub peer_nat: NatClass,
+    }
+
+    /// Parses and verifies an Introduction indication signed with `password`.
+    pub fn parse_introduction(datagram: &[u8], password: &str) -> Option<Introduction> {
+        let message = Message::parse(datagram).ok()?;
+        let ty = message.message_type();
+        if ty.method != method::INTRODUCTION || ty.class != Class::Indication {
+            return None;
+        }
+        message.verify_integrity_sha256(password.as_bytes()).ok()?;
+        let tid = message.transaction_id();
+        let mut intro_id = None;
+        let mut peer_id = None;
+        let mut candidates = Vec::new();
+        let mut probe_key = None;
+        let mut start_delay = Duration::ZERO;
+        let mut role = None;
+        let mut peer_nat = NatClass::Unknown;
+        for a in message.attributes().filter_map(Result::ok) {
+            match a.ty {
+                attr::INTRO_ID => intro_id = read_u64(a.value),
+                attr::PEER_ID => peer_id = std::str::from_utf8(a.value).ok().map(str::to_owned),
+                attr::CANDIDATE if candidates.len() < MAX_CANDIDATES => {
+                    candidates.extend(decode_candidate(a.value, tid));
+                }
+                attr::PROBE_KEY => probe_key = a.value.try_into().ok(),
+                attr::START_DELAY => {
+                    start_delay = Duration::from_millis(u64::from(read_u32(a.value)?.min(5_000)))
+                }
+                attr::ROLE => {
+                    role = match a.value.first()? {
+                        0 => Some(Role::Initiator),
+                        _ => Some(Role::Responder),
+                    }
+                }
+                attr::NAT_CLASS => peer_nat = NatClass::from_u8(*a.value.first()?),
+                _ => {}
+            }
+        }
+        Some(Introduction {
+            intro_id: intro_id?,
+            peer_id: peer_id?,
+            candidates,
+            probe_key: probe_key?,
+            start_delay,
+            role: role?,
+            peer_nat,
+        })
+    }
+
+    /// A punch probe: a Binding request authenticated with the introduction's key.
+    pub fn probe_request(tid: [u8; 12], intro_id: u64, key: &[u8; 16]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        let mut writer = MessageWriter::new(
+            &mut out,
+            MessageType {
+                method: stun_method::BINDING,
+                class: Class::Request,
+            },
+            tid,
+        );
+        writer
+            .attribute(stun_attr::USERNAME, format!("{intro_id:016x}").as_bytes())
+            .message_integrity_sha256(key);
+        writer.finish_with_fingerprint();
+        out
+    }
+
+    /// The answer to a probe received from `from`.
+    pub fn probe_response(tid: [u8; 12], from: SocketAddr, key: &[u8; 16]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        let mut writer = MessageWriter::new(
+            &mut out,
+            MessageType {
+                method: stun_method::BINDING,
+                class: Class::Success,
+            },
+            tid,
+        );
+        writer
+            .xor_mapped_address(from)
+            .message_integrity_sha256(key);
+        writer.finish_with_fingerprint();
+        out
+    }
+
+    /// A verified probe or probe response.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Probe {
+        /// A request for introduction `intro_id`, to be answered.
+        Request {
+            /// Which introduction.
+            intro_id: u64,
+            /// Its transaction.
+            transaction_id: [u8; 12],
+        },
+        /// A response to one of our probes.
+        Response {
+            /// Its transaction.
+            transaction_id: [u8; 12],
+            /// Where the other side saw our probe come from.
+            mapped: Option<SocketAddr>,
+        },
+    }
+
+    /// Parses a probe or probe response and checks it against `key`.
+    pub fn parse_probe(datagram: &[u8], key: &[u8; 16]) -> Option<Probe> {
+        let message = Message::parse(datagram).ok()?;
+        let ty = message.message_type();
+        if ty.method != stun_method::BINDING {
+            return None;
+        }
+        message.verify_integrity_sha256(key).ok()?;
+        let tid = message.transaction_id();
+        match ty.class {
+            Class::Request => {
+                let username = message
+                    .attributes()
+                    .filter_map(Result::ok)
+                    .find(|a| a.ty == stun_attr::USERNAME)?;
+                let text = std::str::from_utf8(username.value).ok()?;
+                let intro_id = u64::from_str_radix(text, 16).ok()?;
+                Some(Probe::Request {
+                    intro_id,
+                    transaction_id: tid,
+                })
+            }
+            Class::Success => {
+                let mapped = message
+                    .attributes()
+                    .filter_map(Result::ok)
+                    .find(|a| a.ty == stun_attr::XOR_MAPPED_ADDRESS)
+                    .and_then(|a| stun::decode_xor_address(a.value, tid));
+                Some(Probe::Response {
+                    transaction_id: tid,
+                    mapped,
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW_UNIX: u64 = 1_800_000_000;
+
+    fn secret() -> SharedSecret {
+        SharedSecret::new(b"operator secret")
+    }
+
+    fn creds(peer: &str) -> PeerCredentials {
+        let issued = secret().issue(peer, NOW_UNIX + 3600).expect("issue");
+        PeerCredentials {
+            username: issued.username,
+            password: issued.password,
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    struct World {
+        server: RendezvousServer,
+        now: Instant,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                server: RendezvousServer::new(secret(), RendezvousConfig::default(), 7),
+                now: Instant::now(),
+            }
+        }
+
+        fn send(&mut self, from: SocketAddr, datagram: &[u8]) -> (Handled, Vec<Transmit>) {
+            let mut out = Vec::new();
+            let handled = self
+                .server
+                .handle(self.now, NOW_UNIX, from, datagram, &mut out);
+            (handled, out)
+        }
+
+        fn register(
+            &mut self,
+            peer: &str,
+            from: SocketAddr,
+            hosts: &[SocketAddr],
+            nat: NatClass,
+            rtt: u32,
+        ) {
+            let c = creds(peer);
+            let (handled, out) = self.send(from, &register([1; 12], &c, hosts, nat, rtt));
+            assert_eq!(handled, Handled::Registered);
+            let response = parse_response(&out[0].payload, &c.password).expect("signed response");
+            assert_eq!(response.result, Ok(()));
+            assert_eq!(response.mapped, Some(from));
+        }
+    }
+
+    #[test]
+    fn registration_needs_valid_credentials_and_creates_no_state_otherwise() {
+        let mut world = World::new();
+        let mut bad = creds("alice");
+        bad.password = "wrong".into();
+        let (handled, out) = world.send(
+            addr("198.51.100.2:4000"),
+            &register([1; 12], &bad, &[], NatClass::Unknown, 0),
+        );
+        assert_eq!(handled, Handled::Unauthorized);
+        assert_eq!(
+            parse_response(&out[0].payload, "x").expect("error").result,
+            Err(401)
+        );
+        let expired = secret().issue("alice", NOW_UNIX - 1).expect("issue");
+        let expired = PeerCredentials {
+            username: expired.username,
+            password: expired.password,
+        };
+        let (handled, _) = world.send(
+            addr("198.51.100.2:4000"),
+            &register([1; 12], &expired, &[], NatClass::Unknown, 0),
+        );
+        assert_eq!(handled, Handled::Unauthorized);
+        assert_eq!(world.server.peer_count(), 0);
+        world.register(
+            "alice",
+            addr("198.51.100.2:4000"),
+            &[],
+            NatClass::Unknown,
+            0,
+        );
+        assert_eq!(world.server.peer_count(), 1);
+    }
+
+    #[test]
+    fn connect_introduces_both_sides_with_candidates_and_aligned_start() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        world.register(
+            "alice",
+            a,
+            &[addr("10.0.1.2:4000")],
+            NatClass::EndpointIndependent,
+            40,
+        );
+        world.register(
+            "bob",
+            b,
+            &[addr("10.0.2.2:5000")],
+            NatClass::AddressAndPortDependent,
+            100,
+        );
+        let alice = creds("alice");
+        let (handled, out) = world.send(a, &connect([2; 12], &alice, "bob"));
+        assert_eq!(handled, Handled::Introduced);
+        assert_eq!(out.len(), 3, "two introductions and the reply");
+        let to_alice = out
+            .iter()
+            .find(|t| t.to == a && parse_introduction(&t.payload, &alice.password).is_some())
+            .expect("intro to alice");
+        let to_bob = out.iter().find(|t| t.to == b).expect("intro to bob");
+        let ia = parse_introduction(&to_alice.payload, &alice.password).expect("verifies");
+        let ib = parse_introduction(&to_bob.payload, &creds("bob").password).expect("verifies");
+        assert!(
+            parse_introduction(&to_bob.payload, &alice.password).is_none(),
+            "signed for bob only"
+        );
+        assert_eq!(ia.intro_id, ib.intro_id);
+        assert_eq!(ia.probe_key, ib.probe_key);
+        assert_eq!(ia.role, Role::Initiator);
+        assert_eq!(ib.role, Role::Responder);
+        assert_eq!(ia.peer_id, "bob");
+        assert_eq!(
+            ia.candidates[0],
+            Candidate {
+                kind: CandidateKind::ServerReflexive,
+                addr: b
+            }
+        );
+        assert_eq!(
+            ia.candidates[1],
+            Candidate {
+                kind: CandidateKind::Host,
+                addr: addr("10.0.2.2:5000")
+            }
+        );
+        assert_eq!(ib.candidates[0].addr, a);
+        assert_eq!(ia.peer_nat, NatClass::AddressAndPortDependent);
+        // Both start at max(RTT)/2 + 20 ms after the gateway sent: alice's one-way
+        // delay is 20 ms, bob's 50 ms.
+        assert_eq!(
+            ia.start_delay + Duration::from_millis(20),
+            Duration::from_millis(70)
+        );
+        assert_eq!(
+            ib.start_delay + Duration::from_millis(50),
+            Duration::from_millis(70)
+        );
+        let reply = out
+            .iter()
+            .find_map(|t| parse_response(&t.payload, &alice.password))
+            .expect("reply");
+        assert_eq!(reply.intro_id, Some(ia.intro_id));
+        let events: Vec<Event> = world.server.drain_events().collect();
+        assert_eq!(
+            events,
+            vec![Event::Introduced {
+                initiator_nat: NatClass::EndpointIndependent,
+                responder_nat: NatClass::AddressAndPortDependent
+            }]
+        );
+    }
+
+    #[test]
+    fn connect_refusals() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        world.register("alice", a, &[], NatClass::Unknown, 0);
+        let alice = creds("alice");
+        assert_eq!(
+            world.send(a, &connect([2; 12], &alice, "nobody")).0,
+            Handled::NotFound
+        );
+        assert_eq!(
+            world.send(a, &connect([2; 12], &alice, "alice")).0,
+            Handled::NotFound
+        );
+        // Valid credentials from another address than the registration: 403.
+        assert_eq!(
+            world
+                .send(addr("203.0.113.9:1"), &connect([2; 12], &alice, "alice"))
+                .0,
+            Handled::Forbidden
+        );
+        // An unregistered peer cannot ask.
+        let carol = creds("carol");
+        assert_eq!(
+            world
+                .send(addr("203.0.113.9:1"), &connect([2; 12], &carol, "alice"))
+                .0,
+            Handled::Forbidden
+        );
+    }
+
+    #[test]
+    fn connects_are_rate_limited_per_peer() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        world.register("alice", a, &[], NatClass::Unknown, 0);
+        world.register("bob", b, &[], NatClass::Unknown, 0);
+        let alice = creds("alice");
+        let limit = RendezvousConfig::default().max_connects_per_second;
+        let mut introduced = 0;
+        for _ in 0..limit + 5 {
+            if world.send(a, &connect([2; 12], &alice, "bob")).0 == Handled::Introduced {
+                introduced += 1;
+            }
+        }
+        assert_eq!(introduced, limit);
+        world.now += Duration::from_secs(1);
+        assert_eq!(
+            world.send(a, &connect([2; 12], &alice, "bob")).0,
+            Handled::Introduced
+        );
+    }
+
+    #[test]
+    fn outcome_reports_count_once_and_only_from_the_sides() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+        world.register("bob", b, &[], NatClass::None, 0);
+        world.register("mallory", addr("203.0.113.5:6000"), &[], NatClass::None, 0);
+        let alice = creds("alice");
+        let (_, out) = world.send(a, &connect([2; 12], &alice, "bob"));
+        let intro = out
+            .iter()
+            .find_map(|t| parse_response(&t.payload, &alice.password))
+            .and_then(|r| r.intro_id)
+            .expect("id");
+        world.server.drain_events().for_each(drop);
+        let mallory = creds("mallory");
+        assert_eq!(
+            world
+                .send(
+                    addr("203.0.113.5:6000"),
+                    &outcome([3; 12], &mallory, intro, true, 5, 1)
+                )
+                .0,
+            Handled::NotFound
+        );
+        assert_eq!(
+            world
+                .send(a, &outcome([3; 12], &alice, intro + 1, true, 5, 1))
+                .0,
+            Handled::NotFound
+        );
+        assert_eq!(
+            world
+                .send(a, &outcome([3; 12], &alice, intro, true, 35, 4))
+                .0,
+            Handled::OutcomeAccepted
+        );
+        assert_eq!(
+            world
+                .send(a, &outcome([3; 12], &alice, intro, true, 35, 4))
+                .0,
+            Handled::NotFound,
+            "replay"
+        );
+        assert_eq!(
+            world
+                .send(b, &outcome([3; 12], &creds("bob"), intro, true, 30, 4))
+                .0,
+            Handled::OutcomeAccepted
+        );
+        let events: Vec<Event> = world.server.drain_events().collect();
+        assert_eq!(
+            events,
+            vec![Event::Outcome {
+                initiator_nat: NatClass::EndpointIndependent,
+                responder_nat: NatClass::None,
+                direct: true,
+                time_to_direct: Duration::from_millis(35),
+                probes: 4
+            }],
+            "one outcome per introduction"
+        );
+    }
+
+    #[test]
+    fn silent_peers_expire() {
+        let mut world = World::new();
+        world.register(
+            "alice",
+            addr("198.51.100.2:4000"),
+            &[],
+            NatClass::Unknown,
+            0,
+        );
+        let deadline = world.server.poll_timeout().expect("sweep armed");
+        world.server.handle_timeout(deadline, NOW_UNIX);
+        assert_eq!(world.server.peer_count(), 1);
+        world
+            .server
+            .handle_timeout(world.now + Duration::from_secs(61), NOW_UNIX);
+        assert_eq!(world.server.peer_count(), 0);
+        assert_eq!(world.server.poll_timeout(), None);
+    }
+
+    #[test]
+    fn probes_round_trip_and_need_the_key() {
+        let key = [9u8; 16];
+        let request = probe_request([4; 12], 0xABCD, &key);
+        assert_eq!(
+            parse_probe(&request, &key),
+            Some(Probe::Request {
+                intro_id: 0xABCD,
+                transaction_id: [4; 12]
+            })
+        );
+        assert_eq!(parse_probe(&request, &[8; 16]), None);
+        let from = addr("198.51.100.2:4000");
+        let response = probe_response([4; 12], from, &key);
+        assert_eq!(
+            parse_probe(&response, &key),
+            Some(Probe::Response {
+                transaction_id: [4; 12],
+                mapped: Some(from)
+            })
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_datagram_is_handled_without_panic_or_state(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut world = World::new();
+            let (_, out) = world.send(addr("198.51.100.2:4000"), &bytes);
+            prop_assert_eq!(world.server.peer_count(), 0);
+            for t in out {
+                prop_assert!(t.payload.len() <= 96);
+            }
+        }
+
+        #[test]
+        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..3) {
+            let addr = SocketAddr::new(addr.ip(), addr.port());
+            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted][kind as usize];
+            let (value, len) = encode_candidate(Candidate { kind, addr }, tid);
+            prop_assert_eq!(decode_candidate(&value[..len], tid), Some(Candidate { kind, addr }));
+        }
+    }
+}
