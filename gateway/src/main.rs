@@ -7,7 +7,10 @@ use gateway::{
     config::Config,
     ebpf::{EbpfError, UdpCounterProbe},
     metrics::{self, Metrics},
-    proto::credentials::SharedSecret,
+    proto::{
+        credentials::SharedSecret,
+        rendezvous::{RendezvousConfig, RendezvousServer},
+    },
     server,
 };
 use tracing_subscriber::EnvFilter;
@@ -86,6 +89,9 @@ struct ServeArgs {
     /// Refuse to start when the eBPF programs cannot be loaded and attached.
     #[arg(long)]
     require_ebpf: bool,
+    /// Shared-secret file for peer credentials; enables the rendezvous.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -151,6 +157,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if let Some(listen) = args.metrics_listen {
         config.metrics.listen = listen;
     }
+    if let Some(path) = &args.secret_file {
+        config.auth.secret_file = Some(path.clone());
+    }
     if args.no_metrics {
         config.metrics.enabled = false;
     }
@@ -188,10 +197,10 @@ async fn serve_async(config: Config) -> Result<()> {
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening (STUN Binding)");
 
-    let metrics_task = if config.metrics.enabled {
-        let listener = metrics::bind(config.metrics.listen).await?;
-        tracing::info!(url = %format!("http://{}/metrics", config.metrics.listen), "metrics listening");
-        Some(tokio::spawn(metrics::serve(listener, metrics.clone())))
+    // Bind now so a taken port stops start-up; serve only once everything else is
+    // up, so a successful scrape means the daemon is ready.
+    let metrics_listener = if config.metrics.enabled {
+        Some(metrics::bind(config.metrics.listen).await?)
     } else {
         None
     };
@@ -224,7 +233,32 @@ async fn serve_async(config: Config) -> Result<()> {
         None
     };
 
-    server::run(socket, metrics, shutdown_signal()).await;
+    let metrics_task = metrics_listener.map(|listener| {
+        tracing::info!(url = %format!("http://{}/metrics", config.metrics.listen), "metrics listening");
+        tokio::spawn(metrics::serve(listener, metrics.clone()))
+    });
+    let rendezvous = match &config.auth.secret_file {
+        Some(path) => {
+            let secret = std::fs::read(path)
+                .with_context(|| format!("cannot read auth.secret_file {}", path.display()))?;
+            if secret.trim_ascii().is_empty() {
+                anyhow::bail!("auth.secret_file {} is empty", path.display());
+            }
+            tracing::info!("rendezvous enabled (register, connect, introductions)");
+            Some(RendezvousServer::new(
+                SharedSecret::new(&secret),
+                RendezvousConfig::default(),
+                rand::random(),
+            ))
+        }
+        None => {
+            tracing::info!(
+                "rendezvous disabled: no auth.secret_file (--secret-file); answering STUN Binding only"
+            );
+            None
+        }
+    };
+    server::run(socket, metrics, rendezvous, shutdown_signal()).await;
     tracing::info!("shutting down");
     if let Some(task) = metrics_task {
         task.abort();

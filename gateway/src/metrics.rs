@@ -4,14 +4,17 @@
 //! counters, bounded label values only (never an address or peer id).
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
 
-use crate::proto::binding::Outcome;
+use crate::proto::rendezvous::{Event, Handled, NatClass};
 
 /// Why the metrics could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -42,8 +45,16 @@ pub struct Metrics {
     pub udp_sent_datagrams: IntCounter,
     /// Bytes (UDP payload) sent from the service port.
     pub udp_sent_bytes: IntCounter,
-    /// What became of each received datagram, by [`Outcome`].
+    /// What became of each received datagram, by [`Handled`] label.
     pub stun_datagrams: IntCounterVec,
+    /// Peers registered with the rendezvous.
+    pub registered_peers: IntGauge,
+    /// Introductions made, by the two sides' NAT classes.
+    pub punch_attempts: IntCounterVec,
+    /// Reported punch outcomes, by NAT classes and outcome.
+    pub punch_outcomes: IntCounterVec,
+    /// Reported time from introduction to a two-way direct path.
+    pub punch_time_to_direct: HistogramVec,
     /// 1 when the eBPF programs are loaded and attached, else 0.
     pub ebpf_loaded: IntGauge,
     /// Number of interfaces the eBPF programs are attached to.
@@ -73,8 +84,44 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(stun_datagrams.clone()))?;
-        for outcome in Outcome::ALL {
-            stun_datagrams.with_label_values(&[outcome.as_str()]);
+        for label in Handled::ALL_LABELS {
+            stun_datagrams.with_label_values(&[label]);
+        }
+        let nat_labels = ["initiator_nat", "responder_nat"];
+        let punch_attempts = IntCounterVec::new(
+            Opts::new(
+                "gateway_punch_attempts_total",
+                "Introductions made (each starts one hole-punching attempt), by the sides' NAT mapping classes",
+            ),
+            &nat_labels,
+        )?;
+        registry.register(Box::new(punch_attempts.clone()))?;
+        let punch_outcomes = IntCounterVec::new(
+            Opts::new(
+                "gateway_punch_outcomes_total",
+                "Hole-punching outcomes reported by peers (first report per introduction), by NAT classes and outcome",
+            ),
+            &["initiator_nat", "responder_nat", "outcome"],
+        )?;
+        registry.register(Box::new(punch_outcomes.clone()))?;
+        let punch_time_to_direct = HistogramVec::new(
+            HistogramOpts::new(
+                "gateway_punch_time_to_direct_seconds",
+                "Reported time from introduction to the first two-way direct exchange",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &nat_labels,
+        )?;
+        registry.register(Box::new(punch_time_to_direct.clone()))?;
+        for a in NatClass::ALL {
+            for b in NatClass::ALL {
+                punch_attempts.with_label_values(&[a.as_str(), b.as_str()]);
+                for outcome in ["direct", "failed"] {
+                    punch_outcomes.with_label_values(&[a.as_str(), b.as_str(), outcome]);
+                }
+            }
         }
         let build_info = IntGauge::with_opts(
             Opts::new(
@@ -110,9 +157,47 @@ impl Metrics {
                 "gateway_ebpf_attached_interfaces",
                 "Interfaces the eBPF programs are attached to",
             )?,
+            registered_peers: gauge(
+                "gateway_registered_peers",
+                "Peers currently registered with the rendezvous",
+            )?,
             stun_datagrams,
+            punch_attempts,
+            punch_outcomes,
+            punch_time_to_direct,
             registry,
         })
+    }
+
+    /// Records one event of the rendezvous core.
+    pub fn record(&self, event: &Event) {
+        match *event {
+            Event::Introduced {
+                initiator_nat,
+                responder_nat,
+            } => self
+                .punch_attempts
+                .with_label_values(&[initiator_nat.as_str(), responder_nat.as_str()])
+                .inc(),
+            Event::Outcome {
+                initiator_nat,
+                responder_nat,
+                direct,
+                time_to_direct,
+                ..
+            } => {
+                let pair = [initiator_nat.as_str(), responder_nat.as_str()];
+                let outcome = if direct { "direct" } else { "failed" };
+                self.punch_outcomes
+                    .with_label_values(&[pair[0], pair[1], outcome])
+                    .inc();
+                if direct {
+                    self.punch_time_to_direct
+                        .with_label_values(&pair)
+                        .observe(time_to_direct.as_secs_f64());
+                }
+            }
+        }
     }
 
     /// Renders the registry in the Prometheus text format.

@@ -67,7 +67,11 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts `gateway serve` in `host`'s namespace with `args` added, serving metrics
     /// on `metrics_addr`, logging to a temporary file, and waits until /metrics answers.
-    pub fn start(host: &Host, metrics_addr: SocketAddr, args: &[&str]) -> Result<Self, DaemonError> {
+    pub fn start(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        args: &[&str],
+    ) -> Result<Self, DaemonError> {
         let log = std::env::temp_dir().join(format!(
             "gateway-{}-{}.log",
             std::process::id(),
@@ -172,7 +176,9 @@ pub fn http_get(host: &Host, addr: SocketAddr, path: &str) -> Result<String, Dae
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io("setting a timeout"))?;
-    stream.write_all(request.as_bytes()).map_err(io("sending the request"))?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(io("sending the request"))?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
@@ -194,12 +200,10 @@ pub fn metric_value(text: &str, name: &str, labels: &str) -> Option<f64> {
     } else {
         format!("{name}{{{labels}}}")
     };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            (key == series).then(|| value.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (key, value) = l.rsplit_once(' ')?;
+        (key == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 /// Sends a STUN Binding request from `socket` to `to` and returns the reflexive
@@ -213,9 +217,14 @@ pub fn stun_binding(socket: &UdpSocket, to: SocketAddr, timeout: Duration) -> Op
         socket.send_to(&request, to).ok()?;
         let deadline = Instant::now() + timeout;
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            socket.set_read_timeout(Some(left.max(Duration::from_millis(1)))).ok()?;
-            let Ok((len, from)) = socket.recv_from(&mut buf) else {
-                break;
+            socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .ok()?;
+            let (len, from) = match socket.recv_from(&mut buf) {
+                Ok(received) => received,
+                // Seen under parallel test load: retry rather than give up.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
             };
             if from != to {
                 continue;

@@ -1,6 +1,8 @@
-//! Integration-test support for the gateway: the NAT lab harness.
+//! Integration-test support for the gateway: the NAT lab harness and helpers that
+//! run the real `gateway` binary inside it.
 //!
 //! The lab builds network topologies out of Linux network namespaces, veth pairs and
 //! nftables NAT rules, so that hole punching and relaying are tested against real
 //! kernels and real NAT behaviour. See `docs/lab.md`.
+pub mod daemon;
 pub mod lab;

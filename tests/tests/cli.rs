@@ -96,3 +96,53 @@ fn a_taken_port_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn credentials_are_issued_from_the_secret_file() {
+    let dir = std::env::temp_dir().join(format!("gw-cli-cred-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "operator-secret\n").expect("write");
+    let path = secret.to_string_lossy().into_owned();
+    let (ok, stdout, stderr) = gateway(&[
+        "credentials",
+        "--peer-id",
+        "alice",
+        "--ttl",
+        "600",
+        "--secret-file",
+        &path,
+    ]);
+    assert!(ok, "{stderr}");
+    let username = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("GATEWAY_USERNAME="))
+        .expect("username line");
+    let password = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("GATEWAY_PASSWORD="))
+        .expect("password line");
+    let (expiry, peer) = username.split_once(':').expect("expiry:peer");
+    assert_eq!(peer, "alice");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let expiry: u64 = expiry.parse().expect("number");
+    assert!(
+        (now + 590..=now + 610).contains(&expiry),
+        "expiry {expiry} vs now {now}"
+    );
+    // The password is what the gateway derives from the same secret.
+    let derived =
+        gateway::proto::credentials::SharedSecret::new(b"operator-secret").password(username);
+    assert_eq!(password, derived);
+
+    let (ok, _, stderr) = gateway(&["credentials", "--peer-id", "bad id", "--secret-file", &path]);
+    assert!(!ok);
+    assert!(stderr.contains("peer id"), "{stderr}");
+    let (ok, _, stderr) = gateway(&["credentials", "--peer-id", "alice"]);
+    assert!(!ok);
+    assert!(stderr.contains("--secret-file"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -62,8 +62,7 @@ fn ebpf_counters_equal_datagrams_sent_through_the_interface() {
     let socket: UdpSocket = host.udp_bind(0).expect("socket");
     let to = SocketAddr::from((server_ip, SERVICE_PORT));
     const REQUESTS: u64 = 50;
-    let mut answered = 0;
-    for _ in 0..REQUESTS {
+    for answered in 0..REQUESTS {
         // One request per call; a lost one would be retried and counted again, so
         // the lab preset has no loss and every request must be answered at once.
         let mut request = Vec::new();
@@ -79,7 +78,6 @@ fn ebpf_counters_equal_datagrams_sent_through_the_interface() {
             .expect("every request is answered");
         assert_eq!(from, to);
         assert!(gateway::proto::binding::parse_binding_success(&buf[..len], tid).is_some());
-        answered += 1;
     }
     // Traffic to a port the gateway does not own is not counted.
     let other = SocketAddr::from((server_ip, 9999));

@@ -56,21 +56,30 @@ fn srv(lab: &Lab, ip: Ipv4Addr, port: u16) -> UdpSocket {
         .expect("server bind")
 }
 
-/// One datagram within `timeout`, or `None`.
+/// One datagram within `timeout`, or `None`. Signals interrupting the wait (seen
+/// here under load as EINTR) are retried.
 fn recv(socket: &UdpSocket, timeout: Duration) -> Option<(Vec<u8>, SocketAddr)> {
-    socket.set_read_timeout(Some(timeout)).expect("timeout");
+    let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 2048];
-    match socket.recv_from(&mut buf) {
-        Ok((n, from)) => Some((buf[..n].to_vec(), from)),
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            None
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
         }
-        Err(e) => panic!("recv: {e}"),
+        socket.set_read_timeout(Some(left)).expect("timeout");
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => return Some((buf[..n].to_vec(), from)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            Err(e) => panic!("recv: {e}"),
+        }
     }
 }
 
@@ -315,7 +324,12 @@ fn udp_blocked_drops_udp_but_passes_tcp() {
         .expect("lab")
         .expect("TCP gets out");
     stream.write_all(b"hello").expect("write");
-    let (mut accepted, from) = listener.accept().expect("accept");
+    let (mut accepted, from) = loop {
+        match listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => break other.expect("accept"),
+        }
+    };
     assert_eq!(from.ip(), site(&lab).wan_addr());
     let mut buf = [0u8; 5];
     accepted.read_exact(&mut buf).expect("read");
@@ -393,8 +407,12 @@ fn lossy_5_loses_about_five_percent_each_way() {
     h.set_read_timeout(Some(Duration::from_millis(300)))
         .expect("timeout");
     let mut buf = [0u8; 64];
-    while h.recv_from(&mut buf).is_ok() {
-        host_got += 1;
+    loop {
+        match h.recv_from(&mut buf) {
+            Ok(_) => host_got += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
     }
     done.store(true, Ordering::SeqCst);
     echo.join().expect("echo thread");
@@ -419,7 +437,11 @@ fn udp_refused(lab: &Lab, to: SocketAddr) -> bool {
     s.send(b"unsolicited").expect("send");
     s.set_read_timeout(Some(SILENT)).expect("timeout");
     let mut buf = [0u8; 16];
-    match s.recv(&mut buf) {
+    let mut result = s.recv(&mut buf);
+    while matches!(&result, Err(e) if e.kind() == io::ErrorKind::Interrupted) {
+        result = s.recv(&mut buf);
+    }
+    match result {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => true,
         Err(e)
             if matches!(
@@ -545,9 +567,9 @@ fn router_accepting_unsolicited_steals_the_port_the_host_would_get() {
         NatPreset::port_restricted_cone(),
     );
     let mut seen = Vec::new();
-    for name in ["a", "b"] {
+    for (name, port) in [("a", 7000), ("b", 7001)] {
         let site = lab.site(name).expect("site");
-        let s = srv(&lab, S10, 7000);
+        let s = srv(&lab, S10, port);
         // The "peer" sends first, before the host has a mapping.
         s.send_to(b"early", (site.wan_addr(), 4000)).expect("send");
         std::thread::sleep(Duration::from_millis(100));
@@ -635,19 +657,18 @@ fn stale_namespaces_of_dead_processes_are_removed_with_their_processes() {
     require_lab!();
     // Above PID_MAX_LIMIT (2^22), so no process can have this pid.
     let name = "gwlab-4194999-0-stale";
-    let status = std::process::Command::new("ip")
+    // Labs built by parallel tests remove stale namespaces too, possibly this one
+    // right away; the assertions below hold either way.
+    let _ = std::process::Command::new("ip")
         .args(["netns", "add", name])
         .status()
         .expect("ip");
-    assert!(status.success() || namespace_exists(name));
     let mut child = std::process::Command::new("ip")
         .args(["netns", "exec", name, "sleep", "30"])
         .spawn()
         .expect("spawn");
     std::thread::sleep(Duration::from_millis(100));
-    let removed = remove_stale_namespaces().expect("remove");
-    // Another test building a lab at the same time may have removed it first.
-    assert!(removed <= 1 || !namespace_exists(name));
+    remove_stale_namespaces().expect("remove");
     assert!(!namespace_exists(name));
     let exit = child.wait().expect("wait");
     assert!(!exit.success(), "the process inside was killed");
@@ -671,7 +692,7 @@ fn every_named_preset_builds_in_one_lab() {
         lab.describe()
     );
     let description = lab.describe();
-    for preset in &presets {
+    for preset in presets {
         assert!(description.contains(preset.name()), "{description}");
     }
     // Every host reaches the server over TCP (udp-blocked and lossy sites included).

@@ -73,7 +73,8 @@ fn require_lab() -> Result<()> {
 
 fn parse_preset(name: &str) -> Result<NatPreset> {
     NatPreset::from_str(name).map_err(|e| {
-        let names: Vec<&str> = NatPreset::all_named().iter().map(|p| p.name()).collect();
+        let presets = NatPreset::all_named();
+        let names: Vec<&str> = presets.iter().map(|p| p.name()).collect();
         anyhow!("{e}; presets: {}", names.join(", "))
     })
 }
@@ -122,20 +123,35 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     require_lab()?;
     let preset_a = parse_preset(&args.site_a)?;
     let preset_b = parse_preset(&args.site_b)?;
-    println!("== building the NAT lab: site a = {}, site b = {}", preset_a.name(), preset_b.name());
-    let lab = Lab::builder().site("a", preset_a).site("b", preset_b).build()?;
+    println!(
+        "== building the NAT lab: site a = {}, site b = {}",
+        preset_a.name(),
+        preset_b.name()
+    );
+    let lab = Lab::builder()
+        .site("a", preset_a)
+        .site("b", preset_b)
+        .build()?;
     let server = lab.server();
     let addrs = server.addrs().to_vec();
     let [primary, secondary] = [addrs[0], addrs[1]];
     let metrics_addr = SocketAddr::from((primary, 9478));
     println!("== starting `gateway serve` on the lab's public server {primary} (and {secondary})");
-    let gateway = GatewayProcess::start(server, metrics_addr, &["--listen", "0.0.0.0:3478", "--require-ebpf"])
-        .context("starting the gateway in the lab")?;
+    let gateway = GatewayProcess::start(
+        server,
+        metrics_addr,
+        &["--listen", "0.0.0.0:3478", "--require-ebpf"],
+    )
+    .context("starting the gateway in the lab")?;
 
     println!("== each peer asks both server addresses for its public (reflexive) address");
     for site_name in ["a", "b"] {
-        let site = lab.site(site_name).ok_or_else(|| anyhow!("no site {site_name}"))?;
-        let host = site.host(0).ok_or_else(|| anyhow!("site {site_name} has no host"))?;
+        let site = lab
+            .site(site_name)
+            .ok_or_else(|| anyhow!("no site {site_name}"))?;
+        let host = site
+            .host(0)
+            .ok_or_else(|| anyhow!("site {site_name} has no host"))?;
         let socket: UdpSocket = host.udp_bind(0)?;
         let local = socket.local_addr()?;
         let mut seen = Vec::new();
@@ -144,13 +160,23 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             let mapped = stun_binding(&socket, to, Duration::from_millis(500));
             seen.push(mapped);
             match mapped {
-                Some(m) => println!("   peer {site_name} ({}) {local} -> {to}: seen as {m}", site.preset().name()),
-                None => println!("   peer {site_name} ({}) {local} -> {to}: no answer", site.preset().name()),
+                Some(m) => println!(
+                    "   peer {site_name} ({}) {local} -> {to}: seen as {m}",
+                    site.preset().name()
+                ),
+                None => println!(
+                    "   peer {site_name} ({}) {local} -> {to}: no answer",
+                    site.preset().name()
+                ),
             }
         }
         let verdict = match (seen[0], seen[1]) {
-            (Some(x), Some(y)) if x == y => "same public endpoint for both: endpoint-independent mapping, hole punching will work",
-            (Some(_), Some(_)) => "a new public port per destination: endpoint-dependent (\"symmetric\") mapping, punching needs port prediction or a relay",
+            (Some(x), Some(y)) if x == y => {
+                "same public endpoint for both: endpoint-independent mapping, hole punching will work"
+            }
+            (Some(_), Some(_)) => {
+                "a new public port per destination: endpoint-dependent (\"symmetric\") mapping, punching needs port prediction or a relay"
+            }
             _ => "no answer: UDP blocked or lost",
         };
         println!("   => {verdict}");
@@ -165,12 +191,19 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         ("gateway_ebpf_udp_bytes_total", "direction=\"ingress\""),
         ("gateway_ebpf_udp_bytes_total", "direction=\"egress\""),
         ("gateway_udp_received_datagrams_total", ""),
-        ("gateway_stun_datagrams_total", "outcome=\"binding_success\""),
+        (
+            "gateway_stun_datagrams_total",
+            "outcome=\"binding_success\"",
+        ),
     ] {
         let value = metric_value(&text, name, labels)
             .map(|v| v.to_string())
             .unwrap_or_else(|| "(absent)".into());
-        let series = if labels.is_empty() { name.to_owned() } else { format!("{name}{{{labels}}}") };
+        let series = if labels.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{name}{{{labels}}}")
+        };
         println!("   {series} {value}");
     }
     println!(

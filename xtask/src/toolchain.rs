@@ -89,7 +89,9 @@ fn bpf_linker_ok() -> bool {
     Command::new(bpf_linker_path())
         .arg("--version")
         .output()
-        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
         .unwrap_or(false)
 }
 
@@ -119,7 +121,12 @@ pub fn fuzz(seconds: u64) -> Result<()> {
     let dir = workspace_root().join("fuzz");
     let mut targets: Vec<String> = std::fs::read_dir(dir.join("fuzz_targets"))?
         .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".rs").map(str::to_owned))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".rs")
+                .map(str::to_owned)
+        })
         .collect();
     targets.sort();
     for target in targets {
@@ -158,7 +165,9 @@ pub fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     if !bpf_linker_ok() {
-        eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)");
+        eprintln!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"
+        );
         run(Command::new(host_cargo())
             .args([
                 "install",
@@ -183,7 +192,10 @@ pub fn setup() -> Result<()> {
         ]))?;
     }
     if !bpf_linker_ok() {
-        bail!("bpf-linker {BPF_LINKER_VERSION} is still not usable at {}", bpf_linker_path().display());
+        bail!(
+            "bpf-linker {BPF_LINKER_VERSION} is still not usable at {}",
+            bpf_linker_path().display()
+        );
     }
     eprintln!("setup: done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -197,7 +209,9 @@ pub fn ebpf_object() -> PathBuf {
 /// `cargo xtask build-ebpf`.
 pub fn build_ebpf() -> Result<()> {
     if !Path::new(EBPF_RUSTC).exists() || !Path::new(EBPF_CARGO).exists() || !bpf_linker_ok() {
-        bail!("the eBPF toolchain is missing (Debian rustc-web/cargo-web, bpf-linker {BPF_LINKER_VERSION}); run `cargo xtask setup` first");
+        bail!(
+            "the eBPF toolchain is missing (Debian rustc-web/cargo-web, bpf-linker {BPF_LINKER_VERSION}); run `cargo xtask setup` first"
+        );
     }
     let root = workspace_root();
     let path = path_with_cargo_bin()?;
@@ -224,7 +238,10 @@ pub fn build_ebpf() -> Result<()> {
         .env("RUSTC", EBPF_RUSTC)
         .env("RUSTC_BOOTSTRAP", "1")
         // BTF for the kernel's verifier and for map type information.
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        );
     for var in [
         "RUSTFLAGS",
         "RUSTC_WRAPPER",
@@ -268,14 +285,21 @@ pub fn test() -> Result<()> {
     build_host()?;
     let root = workspace_root();
     if cargo_has("fmt") {
-        run(Command::new(host_cargo()).current_dir(&root).args(["fmt", "--all", "--check"]))?;
+        run(Command::new(host_cargo())
+            .current_dir(&root)
+            .args(["fmt", "--all", "--check"]))?;
     } else {
         eprintln!("test: rustfmt is not installed; skipping the format check");
     }
     if cargo_has("clippy") {
-        run(Command::new(host_cargo())
-            .current_dir(&root)
-            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        run(Command::new(host_cargo()).current_dir(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     } else {
         eprintln!("test: clippy is not installed; skipping the lint");
     }
@@ -283,6 +307,9 @@ pub fn test() -> Result<()> {
         .current_dir(&root)
         .args(["test", "--workspace"]))?;
     fuzz(TEST_FUZZ_SECONDS)?;
-    eprintln!("test: everything passed in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "test: everything passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

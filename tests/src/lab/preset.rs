@@ -1,5 +1,5 @@
 //! NAT behaviour presets (RFC 4787 terms) that a site router is built with.
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, str::FromStr, sync::OnceLock, time::Duration};
 
 /// How the router chooses the external endpoint of a mapping (RFC 4787 section 4.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -276,8 +276,9 @@ impl NatPreset {
     }
 
     /// Every named preset, in documentation order.
-    pub fn all_named() -> Vec<NatPreset> {
-        NAMES.iter().filter_map(|name| name.parse().ok()).collect()
+    pub fn all_named() -> &'static [NatPreset] {
+        static ALL: OnceLock<Vec<NatPreset>> = OnceLock::new();
+        ALL.get_or_init(|| NAMES.iter().filter_map(|name| name.parse().ok()).collect())
     }
 
     /// The preset's name.
@@ -407,7 +408,7 @@ mod tests {
         let all = NatPreset::all_named();
         assert_eq!(all.len(), NAMES.len());
         for preset in all {
-            assert_eq!(preset.name().parse::<NatPreset>(), Ok(preset.clone()));
+            assert_eq!(preset.name().parse::<NatPreset>().as_ref(), Ok(preset));
             assert_eq!(preset.invalid_reason(), None, "{}", preset.name());
         }
         assert!("nope".parse::<NatPreset>().is_err());
