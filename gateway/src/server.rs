@@ -6,8 +6,10 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
+use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
+use std::{io::IoSliceMut, net::IpAddr};
+use tokio::{io::Interest, net::UdpSocket};
 
 use crate::{
     metrics::Metrics,
@@ -59,16 +61,31 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Datagram buffers read per system call (recvmmsg).
+const RECV_BATCH: usize = 8;
+
 /// Serves the socket until `shutdown` completes. With a rendezvous core every
 /// datagram goes through it (it answers Binding too); without one, only Binding.
+///
+/// I/O goes through `quinn-udp`: batched receives, and the destination address of
+/// each datagram (IP_PKTINFO) so replies leave from the address the client sent to,
+/// even when the socket is bound to a wildcard address on a multi-homed host.
 pub async fn run(
     socket: UdpSocket,
     metrics: Metrics,
     mut rendezvous: Option<RendezvousServer>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let state = match UdpSocketState::new((&socket).into()) {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot configure the UDP socket");
+            return;
+        }
+    };
     let binding = BindingService;
-    let mut datagram = vec![0u8; MAX_DATAGRAM];
+    let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
+    let mut metas = [RecvMeta::default(); RECV_BATCH];
     let mut reply = Vec::with_capacity(512);
     let mut transmits: Vec<Transmit> = Vec::new();
     tokio::pin!(shutdown);
@@ -80,7 +97,7 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
-        let (len, from) = tokio::select! {
+        let received = tokio::select! {
             () = &mut shutdown => return,
             () = sleep => {
                 if let Some(server) = rendezvous.as_mut() {
@@ -89,55 +106,104 @@ pub async fn run(
                 }
                 continue;
             }
-            received = socket.recv_from(&mut datagram) => match received {
-                Ok(received) => received,
-                Err(e) => {
-                    // ICMP errors from earlier sends surface here (ECONNREFUSED); keep going.
-                    tracing::debug!(error = %e, "recv_from failed");
-                    continue;
-                }
-            },
+            received = socket.async_io(Interest::READABLE, || {
+                let mut bufs: Vec<IoSliceMut<'_>> =
+                    storage.chunks_mut(MAX_DATAGRAM).map(IoSliceMut::new).collect();
+                state.recv((&socket).into(), &mut bufs, &mut metas)
+            }) => received,
         };
-        metrics.udp_received_datagrams.inc();
-        metrics.udp_received_bytes.inc_by(len as u64);
+        let count = match received {
+            Ok(count) => count,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here (ECONNREFUSED); keep going.
+                tracing::debug!(error = %e, "receive failed");
+                continue;
+            }
+        };
         transmits.clear();
-        let label = match rendezvous.as_mut() {
-            Some(server) => {
-                let handled = server.handle(
-                    Instant::now(),
-                    unix_now(),
-                    from,
-                    &datagram[..len],
-                    &mut transmits,
-                );
-                for event in server.drain_events() {
-                    metrics.record(&event);
-                }
-                if matches!(handled, Handled::Registered) {
-                    metrics.registered_peers.set(server.peer_count() as i64);
-                }
-                handled.as_str()
-            }
-            None => {
-                let outcome = binding.handle(from, &datagram[..len], &mut reply);
-                if !reply.is_empty() {
-                    transmits.push(Transmit {
-                        to: from,
-                        payload: std::mem::take(&mut reply),
-                    });
-                }
-                outcome.as_str()
-            }
-        };
-        metrics.stun_datagrams.with_label_values(&[label]).inc();
-        for transmit in &transmits {
-            match socket.send_to(&transmit.payload, transmit.to).await {
-                Ok(sent) => {
-                    metrics.udp_sent_datagrams.inc();
-                    metrics.udp_sent_bytes.inc_by(sent as u64);
-                }
-                Err(e) => tracing::debug!(error = %e, to = %transmit.to, "send_to failed"),
+        for (meta, buffer) in metas[..count].iter().zip(storage.chunks(MAX_DATAGRAM)) {
+            let stride = meta.stride.max(1);
+            // With GRO one buffer may hold several datagrams of `stride` bytes.
+            for datagram in buffer[..meta.len].chunks(stride) {
+                metrics.udp_received_datagrams.inc();
+                metrics.udp_received_bytes.inc_by(datagram.len() as u64);
+                let from = canonical(meta.addr);
+                let local = meta.dst_ip.map(|ip| ip.to_canonical());
+                let label = match rendezvous.as_mut() {
+                    Some(server) => {
+                        let handled = server.handle(
+                            Instant::now(),
+                            unix_now(),
+                            from,
+                            local,
+                            datagram,
+                            &mut transmits,
+                        );
+                        for event in server.drain_events() {
+                            metrics.record(&event);
+                        }
+                        if matches!(handled, Handled::Registered) {
+                            metrics.registered_peers.set(server.peer_count() as i64);
+                        }
+                        handled.as_str()
+                    }
+                    None => {
+                        let outcome = binding.handle(from, datagram, &mut reply);
+                        if !reply.is_empty() {
+                            transmits.push(Transmit {
+                                to: from,
+                                from_local: local,
+                                payload: std::mem::take(&mut reply),
+                            });
+                        }
+                        outcome.as_str()
+                    }
+                };
+                metrics.stun_datagrams.with_label_values(&[label]).inc();
             }
         }
+        let dual_stack = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
+        for transmit in &transmits {
+            let destination = if dual_stack {
+                to_v6_mapped(transmit.to)
+            } else {
+                transmit.to
+            };
+            let src_ip = transmit.from_local.map(|ip| match (dual_stack, ip) {
+                (true, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
+                _ => ip,
+            });
+            let outgoing = quinn_udp::Transmit {
+                destination,
+                ecn: None,
+                contents: &transmit.payload,
+                segment_size: None,
+                src_ip,
+            };
+            match socket
+                .async_io(Interest::WRITABLE, || {
+                    state.send((&socket).into(), &outgoing)
+                })
+                .await
+            {
+                Ok(()) => {
+                    metrics.udp_sent_datagrams.inc();
+                    metrics.udp_sent_bytes.inc_by(transmit.payload.len() as u64);
+                }
+                Err(e) => tracing::debug!(error = %e, to = %transmit.to, "send failed"),
+            }
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 sources (from a dual-stack socket) as plain IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn to_v6_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        v6 => v6,
     }
 }

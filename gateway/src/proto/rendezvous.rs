@@ -4,7 +4,7 @@
 //! gets datagrams to send and events for metrics.
 use std::{
     collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -242,6 +242,9 @@ pub enum Event {
 pub struct Transmit {
     /// Destination.
     pub to: SocketAddr,
+    /// Local address to send from (on a wildcard-bound socket), so the datagram
+    /// leaves from the address the recipient's NAT mapping points at.
+    pub from_local: Option<IpAddr>,
     /// Bytes.
     pub payload: Vec<u8>,
 }
@@ -273,6 +276,7 @@ impl Default for RendezvousConfig {
 #[derive(Clone, Debug)]
 struct PeerRecord {
     addr: SocketAddr,
+    local: Option<IpAddr>,
     expiry_unix: u64,
     host_candidates: Box<[SocketAddr]>,
     nat: NatClass,
@@ -351,12 +355,15 @@ impl RendezvousServer {
         self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
     }
 
-    /// Handles one datagram from `from`, appending replies to `out`.
+    /// Handles one datagram from `from`, received on local address `local` (when
+    /// known), appending replies to `out`.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle(
         &mut self,
         now: Instant,
         now_unix: u64,
         from: SocketAddr,
+        local: Option<IpAddr>,
         datagram: &[u8],
         out: &mut Vec<Transmit>,
     ) -> Handled {
@@ -379,6 +386,7 @@ impl RendezvousServer {
             if !reply.is_empty() {
                 out.push(Transmit {
                     to: from,
+                    from_local: local,
                     payload: reply,
                 });
             }
@@ -391,12 +399,12 @@ impl RendezvousServer {
                     Handled::BadRequest => (400, "Bad Request"),
                     _ => (401, "Unauthorized"),
                 };
-                out.push(error_reply(&message, code, reason, None, from));
+                out.push(error_reply(&message, code, reason, None, from, local));
                 return handled;
             }
         };
         let result = match ty.method {
-            method::REGISTER => self.register(now, from, &auth),
+            method::REGISTER => self.register(now, from, local, &auth),
             method::CONNECT => self.connect(now, from, &auth, out),
             _ => self.outcome(&auth),
         };
@@ -404,6 +412,7 @@ impl RendezvousServer {
             Ok((handled, reply)) => {
                 out.push(Transmit {
                     to: from,
+                    from_local: local,
                     payload: reply,
                 });
                 handled
@@ -415,6 +424,7 @@ impl RendezvousServer {
                     reason,
                     Some(&auth.password),
                     from,
+                    local,
                 ));
                 handled
             }
@@ -456,6 +466,7 @@ impl RendezvousServer {
         &mut self,
         now: Instant,
         from: SocketAddr,
+        local: Option<IpAddr>,
         auth: &Authenticated<'_>,
     ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
         let tid = auth.message.transaction_id();
@@ -486,6 +497,7 @@ impl RendezvousServer {
             .entry(auth.peer_id.clone().into_boxed_str())
             .or_insert_with(|| PeerRecord {
                 addr: from,
+                local,
                 expiry_unix: auth.expiry_unix,
                 host_candidates: Box::new([]),
                 nat,
@@ -495,6 +507,7 @@ impl RendezvousServer {
                 connects_in_window: 0,
             });
         record.addr = from;
+        record.local = local;
         record.expiry_unix = auth.expiry_unix;
         record.host_candidates = hosts.into_boxed_slice();
         record.nat = nat;
@@ -617,6 +630,7 @@ impl RendezvousServer {
             writer.finish_with_fingerprint();
             out.push(Transmit {
                 to: recipient.addr,
+                from_local: recipient.local,
                 payload,
             });
         }
@@ -736,6 +750,7 @@ fn error_reply(
     reason: &str,
     password: Option<&str>,
     to: SocketAddr,
+    from_local: Option<IpAddr>,
 ) -> Transmit {
     let mut payload = Vec::with_capacity(96);
     let mut writer = MessageWriter::new(
@@ -751,7 +766,11 @@ fn error_reply(
         writer.message_integrity_sha256(password.as_bytes());
     }
     writer.finish_with_fingerprint();
-    Transmit { to, payload }
+    Transmit {
+        to,
+        from_local,
+        payload,
+    }
 }
 
 /// Builders and parsers for the peer's side of the protocol.
@@ -1224,6 +1243,11 @@ mod tests {
             }
         );
         assert_eq!(ib.candidates[0].addr, a);
+        assert_eq!(
+            to_bob.from_local,
+            Some(IpAddr::from([192, 0, 2, 10])),
+            "sent from where bob registered"
+        );
         assert_eq!(ia.peer_nat, NatClass::AddressAndPortDependent);
         // Both start at max(RTT)/2 + 20 ms after the gateway sent: alice's one-way
         // delay is 20 ms, bob's 50 ms.
