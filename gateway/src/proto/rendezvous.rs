@@ -1131,9 +1131,10 @@ mod tests {
 
         fn send(&mut self, from: SocketAddr, datagram: &[u8]) -> (Handled, Vec<Transmit>) {
             let mut out = Vec::new();
+            let local = Some(IpAddr::from([192, 0, 2, 10]));
             let handled = self
                 .server
-                .handle(self.now, NOW_UNIX, from, datagram, &mut out);
+                .handle(self.now, NOW_UNIX, from, local, datagram, &mut out);
             (handled, out)
         }
 
