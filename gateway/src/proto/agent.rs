@@ -1,0 +1,828 @@
+//! The peer agent's state machine: registers with the gateway and keeps the NAT
+//! mapping alive, asks for and accepts introductions, probes every candidate pair at
+//! the scheduled instant, holds the first path that works both ways, keeps it alive,
+//! re-punches when it dies, and reports outcomes.
+//!
+//! Sans-IO like the server: the driver passes the time and datagrams in, and polls
+//! datagrams to send, the next timer, and events. One UDP socket carries everything
+//! (rendezvous, probes and data), so the mapping the gateway saw is the one punched.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::{
+    rendezvous::{
+        NatClass,
+        client::{self, PeerCredentials, Probe, Role},
+        method,
+    },
+    stun::{self, Class, Message, attr as stun_attr},
+};
+
+/// First byte of a data datagram on a punched path (outside STUN's 0x00..=0x3F and
+/// TURN ChannelData's 0x40..=0x7F, so the three never collide).
+pub const DATA_MARKER: u8 = 0xD7;
+
+/// Tunables of the agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The gateway's UDP address.
+    pub server: SocketAddr,
+    /// This peer's credentials.
+    pub credentials: PeerCredentials,
+    /// Host candidates to announce (the local socket's addresses).
+    pub host_candidates: Vec<SocketAddr>,
+    /// The NAT class this peer believes it is behind (reported for metrics).
+    pub nat: NatClass,
+    /// How often to refresh the registration (NAT mappings must not expire).
+    pub keepalive: Duration,
+    /// Gap between two probe rounds.
+    pub probe_interval: Duration,
+    /// Most probes one introduction may cause from this side.
+    pub probe_budget: u32,
+    /// Give up punching this long after the scheduled start.
+    pub punch_timeout: Duration,
+    /// Keepalive probe interval on an established path.
+    pub path_keepalive: Duration,
+    /// A path silent this long is down.
+    pub path_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults for everything but the server and the credentials.
+    pub fn new(server: SocketAddr, credentials: PeerCredentials) -> Self {
+        Self {
+            server,
+            credentials,
+            host_candidates: Vec::new(),
+            nat: NatClass::Unknown,
+            keepalive: Duration::from_secs(15),
+            probe_interval: Duration::from_millis(50),
+            probe_budget: 200,
+            punch_timeout: Duration::from_secs(5),
+            path_keepalive: Duration::from_secs(2),
+            path_timeout: Duration::from_secs(8),
+        }
+    }
+}
+
+/// What happened, for the driver's status output and for library users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The gateway confirmed the registration; `mapped` is our public endpoint.
+    Registered {
+        /// The server-reflexive address.
+        mapped: SocketAddr,
+    },
+    /// The gateway refused a request.
+    Refused {
+        /// The method refused.
+        method: u16,
+        /// The STUN error code.
+        code: u16,
+    },
+    /// An introduction arrived; probing starts after its delay.
+    Introduced {
+        /// The other side.
+        peer_id: String,
+        /// Our role.
+        role: Role,
+    },
+    /// A direct path works both ways.
+    PathUp {
+        /// The other side.
+        peer_id: String,
+        /// Its address as seen from here.
+        remote: SocketAddr,
+        /// From introduction to the first valid probe response.
+        elapsed: Duration,
+        /// Probes sent.
+        probes: u32,
+    },
+    /// Punching gave up.
+    PunchFailed {
+        /// The other side.
+        peer_id: String,
+        /// Probes sent.
+        probes: u32,
+    },
+    /// An established path went silent.
+    PathDown {
+        /// The other side.
+        peer_id: String,
+    },
+    /// Application data from a peer.
+    Data {
+        /// The sender.
+        peer_id: String,
+        /// The payload, without the marker byte.
+        payload: Vec<u8>,
+    },
+}
+
+/// A datagram for the driver to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub to: SocketAddr,
+    /// Bytes.
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionState {
+    Waiting,
+    Probing,
+    Up,
+    Failed,
+}
+
+#[derive(Debug)]
+struct Session {
+    intro_id: u64,
+    peer_id: String,
+    key: [u8; 16],
+    candidates: Vec<SocketAddr>,
+    introduced_at: Instant,
+    start_at: Instant,
+    next_probe: Instant,
+    probes_sent: u32,
+    state: SessionState,
+    path: Option<SocketAddr>,
+    last_heard: Instant,
+}
+
+#[derive(Debug)]
+struct PendingRequest {
+    method: u16,
+    sent_at: Instant,
+    target: Option<String>,
+}
+
+/// The agent.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    rng: StdRng,
+    next_register: Instant,
+    rtt_ms: u32,
+    pending: HashMap<[u8; 12], PendingRequest>,
+    probe_tids: HashMap<[u8; 12], u64>,
+    sessions: HashMap<u64, Session>,
+    wanted: HashMap<String, Instant>,
+    outgoing: VecDeque<Transmit>,
+    events: VecDeque<AgentEvent>,
+}
+
+const CONNECT_RETRY: Duration = Duration::from_secs(1);
+const MAX_PROBE_TIDS: usize = 4096;
+
+impl Agent {
+    /// Creates an agent that registers at once.
+    pub fn new(config: AgentConfig, now: Instant, seed: u64) -> Self {
+        Self {
+            config,
+            rng: StdRng::seed_from_u64(seed),
+            next_register: now,
+            rtt_ms: 0,
+            pending: HashMap::new(),
+            probe_tids: HashMap::new(),
+            sessions: HashMap::new(),
+            wanted: HashMap::new(),
+            outgoing: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Asks the gateway to introduce us to `peer_id`, and keeps asking (re-punching)
+    /// whenever no path to it is up.
+    pub fn connect(&mut self, peer_id: &str, now: Instant) {
+        self.wanted.insert(peer_id.to_owned(), now);
+    }
+
+    /// The established path to `peer_id`, if any.
+    pub fn path(&self, peer_id: &str) -> Option<SocketAddr> {
+        self.up_session(peer_id).and_then(|s| s.path)
+    }
+
+    fn up_session(&self, peer_id: &str) -> Option<&Session> {
+        self.sessions
+            .values()
+            .filter(|s| s.peer_id == peer_id && s.state == SessionState::Up)
+            .max_by_key(|s| s.introduced_at)
+    }
+
+    /// Queues application data for `peer_id`; false when no path is up.
+    pub fn send_data(&mut self, peer_id: &str, payload: &[u8]) -> bool {
+        let Some(path) = self.path(peer_id) else {
+            return false;
+        };
+        let mut datagram = Vec::with_capacity(payload.len() + 1);
+        datagram.push(DATA_MARKER);
+        datagram.extend_from_slice(payload);
+        self.outgoing.push_back(Transmit {
+            to: path,
+            payload: datagram,
+        });
+        true
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outgoing.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] must next run.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut at = self.next_register;
+        for session in self.sessions.values() {
+            let t = match session.state {
+                SessionState::Waiting => session.start_at,
+                SessionState::Probing => session
+                    .next_probe
+                    .min(session.start_at + self.config.punch_timeout),
+                SessionState::Up => session
+                    .next_probe
+                    .min(session.last_heard + self.config.path_timeout),
+                SessionState::Failed => continue,
+            };
+            at = at.min(t);
+        }
+        for since in self.wanted.values() {
+            at = at.min(*since);
+        }
+        at
+    }
+
+    fn tid(&mut self) -> [u8; 12] {
+        self.rng.random()
+    }
+
+    fn send_register(&mut self, now: Instant) {
+        let tid = self.tid();
+        let payload = client::register(
+            tid,
+            &self.config.credentials,
+            &self.config.host_candidates,
+            self.config.nat,
+            self.rtt_ms,
+        );
+        self.pending.insert(
+            tid,
+            PendingRequest {
+                method: method::REGISTER,
+                sent_at: now,
+                target: None,
+            },
+        );
+        self.outgoing.push_back(Transmit {
+            to: self.config.server,
+            payload,
+        });
+        self.next_register = now + self.config.keepalive;
+    }
+
+    /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_register {
+            self.send_register(now);
+        }
+        self.pending
+            .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
+        let due: Vec<String> = self
+            .wanted
+            .iter()
+            .filter(|(peer, at)| **at <= now && self.up_session(peer).is_none())
+            .map(|(peer, _)| peer.clone())
+            .collect();
+        for peer in due {
+            let probing = self.sessions.values().any(|s| {
+                s.peer_id == peer
+                    && matches!(s.state, SessionState::Waiting | SessionState::Probing)
+            });
+            if !probing {
+                let tid = self.tid();
+                let payload = client::connect(tid, &self.config.credentials, &peer);
+                self.pending.insert(
+                    tid,
+                    PendingRequest {
+                        method: method::CONNECT,
+                        sent_at: now,
+                        target: Some(peer.clone()),
+                    },
+                );
+                self.outgoing.push_back(Transmit {
+                    to: self.config.server,
+                    payload,
+                });
+            }
+            self.wanted.insert(peer, now + CONNECT_RETRY);
+        }
+        let ids: Vec<u64> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.session_timeout(id, now);
+        }
+        // Forget failed sessions after a while so memory stays bounded.
+        self.sessions.retain(|_, s| {
+            s.state != SessionState::Failed
+                || now.saturating_duration_since(s.start_at) < Duration::from_secs(60)
+        });
+        if self.probe_tids.len() > MAX_PROBE_TIDS {
+            self.probe_tids.clear();
+        }
+    }
+
+    fn session_timeout(&mut self, id: u64, now: Instant) {
+        let config = self.config.clone();
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        match session.state {
+            SessionState::Waiting if now >= session.start_at => {
+                session.state = SessionState::Probing;
+                session.next_probe = now;
+            }
+            SessionState::Up
+                if now.saturating_duration_since(session.last_heard) >= config.path_timeout =>
+            {
+                session.state = SessionState::Failed;
+                let peer_id = session.peer_id.clone();
+                self.events.push_back(AgentEvent::PathDown {
+                    peer_id: peer_id.clone(),
+                });
+                if let Some(at) = self.wanted.get_mut(&peer_id) {
+                    *at = now;
+                }
+                return;
+            }
+            _ => {}
+        }
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        match session.state {
+            SessionState::Probing => {
+                if now >= session.start_at + config.punch_timeout
+                    || session.probes_sent >= config.probe_budget
+                {
+                    if now >= session.start_at + config.punch_timeout {
+                        session.state = SessionState::Failed;
+                        let (peer_id, probes, intro_id) = (
+                            session.peer_id.clone(),
+                            session.probes_sent,
+                            session.intro_id,
+                        );
+                        self.events
+                            .push_back(AgentEvent::PunchFailed { peer_id, probes });
+                        self.report(intro_id, false, Duration::ZERO, probes);
+                    }
+                    return;
+                }
+                if now >= session.next_probe && !session.candidates.is_empty() {
+                    // One round: every candidate once.
+                    let targets = session.candidates.clone();
+                    session.next_probe = now + config.probe_interval;
+                    for to in targets {
+                        self.send_probe(id, to);
+                    }
+                }
+            }
+            SessionState::Up if now >= session.next_probe => {
+                session.next_probe = now + config.path_keepalive;
+                if let Some(to) = session.path {
+                    self.send_probe(id, to);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn send_probe(&mut self, id: u64, to: SocketAddr) {
+        let tid = self.tid();
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        session.probes_sent += 1;
+        let payload = client::probe_request(tid, id, &session.key);
+        self.probe_tids.insert(tid, id);
+        self.outgoing.push_back(Transmit { to, payload });
+    }
+
+    fn report(&mut self, intro_id: u64, direct: bool, elapsed: Duration, probes: u32) {
+        let tid = self.tid();
+        let ms = u32::try_from(elapsed.as_millis()).unwrap_or(u32::MAX);
+        let payload = client::outcome(tid, &self.config.credentials, intro_id, direct, ms, probes);
+        self.outgoing.push_back(Transmit {
+            to: self.config.server,
+            payload,
+        });
+    }
+
+    /// Handles one received datagram.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if datagram.first() == Some(&DATA_MARKER) {
+            let peer = self
+                .sessions
+                .values_mut()
+                .find(|s| s.state == SessionState::Up && s.path == Some(from));
+            if let Some(session) = peer {
+                session.last_heard = now;
+                let peer_id = session.peer_id.clone();
+                self.events.push_back(AgentEvent::Data {
+                    peer_id,
+                    payload: datagram[1..].to_vec(),
+                });
+            }
+            return;
+        }
+        let Ok(message) = Message::parse(datagram) else {
+            return;
+        };
+        let ty = message.message_type();
+        if from == self.config.server {
+            self.from_server(now, &message, datagram);
+            return;
+        }
+        if ty.method == stun::method::BINDING {
+            self.from_peer(now, from, &message, datagram);
+        }
+    }
+
+    fn from_server(&mut self, now: Instant, message: &Message<'_>, datagram: &[u8]) {
+        let ty = message.message_type();
+        if ty.method == method::INTRODUCTION && ty.class == Class::Indication {
+            if let Some(intro) =
+                client::parse_introduction(datagram, &self.config.credentials.password)
+            {
+                self.introduced(now, intro);
+            }
+            return;
+        }
+        let Some(response) = client::parse_response(datagram, &self.config.credentials.password)
+        else {
+            return;
+        };
+        let Some(request) = self.pending.remove(&response.transaction_id) else {
+            return;
+        };
+        match response.result {
+            Ok(()) if request.method == method::REGISTER => {
+                let rtt = now.saturating_duration_since(request.sent_at);
+                self.rtt_ms = u32::try_from(rtt.as_millis()).unwrap_or(u32::MAX);
+                if let Some(lifetime) = response.lifetime {
+                    self.next_register = self.next_register.min(request.sent_at + lifetime / 3);
+                }
+                if let Some(mapped) = response.mapped {
+                    self.events.push_back(AgentEvent::Registered { mapped });
+                }
+            }
+            Ok(()) => {}
+            Err(code) => {
+                if code == 403 {
+                    // Not registered (e.g. the gateway restarted): register now.
+                    self.next_register = now;
+                }
+                if let Some(target) = request.target
+                    && code == 404
+                {
+                    // The other side is not registered yet: keep asking.
+                    self.wanted.insert(target, now + CONNECT_RETRY);
+                }
+                self.events.push_back(AgentEvent::Refused {
+                    method: request.method,
+                    code,
+                });
+            }
+        }
+    }
+
+    fn introduced(&mut self, now: Instant, intro: client::Introduction) {
+        if self.sessions.contains_key(&intro.intro_id) {
+            return;
+        }
+        // A newer introduction to the same peer replaces older attempts.
+        self.sessions
+            .retain(|_, s| s.peer_id != intro.peer_id || s.state == SessionState::Up);
+        let start_at = now + intro.start_delay;
+        self.events.push_back(AgentEvent::Introduced {
+            peer_id: intro.peer_id.clone(),
+            role: intro.role,
+        });
+        self.sessions.insert(
+            intro.intro_id,
+            Session {
+                intro_id: intro.intro_id,
+                peer_id: intro.peer_id,
+                key: intro.probe_key,
+                candidates: intro.candidates.iter().map(|c| c.addr).collect(),
+                introduced_at: now,
+                start_at,
+                next_probe: start_at,
+                probes_sent: 0,
+                state: SessionState::Waiting,
+                path: None,
+                last_heard: now,
+            },
+        );
+    }
+
+    fn from_peer(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        message: &Message<'_>,
+        datagram: &[u8],
+    ) {
+        let id = match message.message_type().class {
+            Class::Request => message
+                .attributes()
+                .filter_map(Result::ok)
+                .find(|a| a.ty == stun_attr::USERNAME)
+                .and_then(|a| std::str::from_utf8(a.value).ok())
+                .and_then(|u| u64::from_str_radix(u, 16).ok()),
+            Class::Success => self.probe_tids.get(&message.transaction_id()).copied(),
+            _ => None,
+        };
+        let Some(id) = id else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        match client::parse_probe(datagram, &session.key) {
+            Some(Probe::Request { transaction_id, .. }) => {
+                // Answer to where it came from (a peer-reflexive candidate), and probe
+                // that address too if it is new.
+                let response = client::probe_response(transaction_id, from, &session.key);
+                self.outgoing.push_back(Transmit {
+                    to: from,
+                    payload: response,
+                });
+                if session.state != SessionState::Up {
+                    session.last_heard = now;
+                }
+                if !session.candidates.contains(&from) {
+                    session.candidates.insert(0, from);
+                    if session.state == SessionState::Waiting {
+                        session.state = SessionState::Probing;
+                        session.start_at = session.start_at.min(now);
+                    }
+                    if matches!(session.state, SessionState::Probing) {
+                        self.send_probe(id, from);
+                    }
+                }
+            }
+            Some(Probe::Response { transaction_id, .. }) => {
+                self.probe_tids.remove(&transaction_id);
+                session.last_heard = now;
+                if session.state != SessionState::Up {
+                    session.state = SessionState::Up;
+                    session.path = Some(from);
+                    session.next_probe = now + self.config.path_keepalive;
+                    let elapsed = now.saturating_duration_since(session.introduced_at);
+                    let (peer_id, probes) = (session.peer_id.clone(), session.probes_sent);
+                    self.events.push_back(AgentEvent::PathUp {
+                        peer_id,
+                        remote: from,
+                        elapsed,
+                        probes,
+                    });
+                    self.report(id, true, elapsed, probes);
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{
+        credentials::SharedSecret,
+        rendezvous::{Event, RendezvousConfig, RendezvousServer},
+    };
+
+    const NOW_UNIX: u64 = 1_800_000_000;
+    const LATENCY: Duration = Duration::from_millis(10);
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    /// Two agents and a server on a virtual network with fixed latency; `drop_p2p`
+    /// drops everything between the peers (as two symmetric NATs would).
+    struct Sim {
+        now: Instant,
+        server: RendezvousServer,
+        server_addr: SocketAddr,
+        agents: Vec<(SocketAddr, Agent)>,
+        in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
+        drop_p2p: bool,
+        events: Vec<(usize, AgentEvent)>,
+        server_events: Vec<Event>,
+    }
+
+    impl Sim {
+        fn new(drop_p2p: bool) -> Self {
+            let secret = SharedSecret::new(b"sim secret");
+            let now = Instant::now();
+            let server_addr = addr("192.0.2.10:3478");
+            let mut agents = Vec::new();
+            for (name, at) in [("alice", "198.51.100.2:4000"), ("bob", "198.51.100.6:5000")] {
+                let issued = secret.issue(name, NOW_UNIX + 3600).expect("issue");
+                let creds = PeerCredentials {
+                    username: issued.username,
+                    password: issued.password,
+                };
+                let config = AgentConfig::new(server_addr, creds);
+                agents.push((addr(at), Agent::new(config, now, 1)));
+            }
+            Self {
+                now,
+                server: RendezvousServer::new(secret, RendezvousConfig::default(), 3),
+                server_addr,
+                agents,
+                in_flight: Vec::new(),
+                drop_p2p,
+                events: Vec::new(),
+                server_events: Vec::new(),
+            }
+        }
+
+        fn run_for(&mut self, duration: Duration) {
+            let end = self.now + duration;
+            while self.now < end {
+                for i in 0..self.agents.len() {
+                    let (from, agent) = &mut self.agents[i];
+                    if agent.poll_timeout() <= self.now {
+                        agent.handle_timeout(self.now);
+                    }
+                    while let Some(t) = agent.poll_transmit() {
+                        self.in_flight
+                            .push((self.now + LATENCY, *from, t.to, t.payload));
+                    }
+                    while let Some(e) = agent.poll_event() {
+                        self.events.push((i, e));
+                    }
+                }
+                let (due, later): (Vec<_>, Vec<_>) = self
+                    .in_flight
+                    .drain(..)
+                    .partition(|(at, ..)| *at <= self.now);
+                self.in_flight = later;
+                for (_, from, to, payload) in due {
+                    if to == self.server_addr {
+                        let mut out = Vec::new();
+                        self.server
+                            .handle(self.now, NOW_UNIX, from, None, &payload, &mut out);
+                        self.server_events.extend(self.server.drain_events());
+                        for t in out {
+                            self.in_flight.push((
+                                self.now + LATENCY,
+                                self.server_addr,
+                                t.to,
+                                t.payload,
+                            ));
+                        }
+                    } else if let Some((_, agent)) = self.agents.iter_mut().find(|(a, _)| *a == to)
+                    {
+                        if self.drop_p2p && from != self.server_addr {
+                            continue;
+                        }
+                        agent.handle_datagram(self.now, from, &payload);
+                    }
+                }
+                self.now += Duration::from_millis(1);
+            }
+        }
+
+        fn has(&self, agent: usize, f: impl Fn(&AgentEvent) -> bool) -> bool {
+            self.events.iter().any(|(i, e)| *i == agent && f(e))
+        }
+    }
+
+    #[test]
+    fn two_agents_punch_exchange_data_and_report() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(100));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::Registered { .. })));
+        assert!(sim.has(1, |e| matches!(e, AgentEvent::Registered { .. })));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PathUp { peer_id, remote, .. } if peer_id == "bob" && *remote == addr("198.51.100.6:5000"))));
+        assert!(sim.has(
+            1,
+            |e| matches!(e, AgentEvent::PathUp { peer_id, .. } if peer_id == "alice")
+        ));
+        // Time to direct: introduction + start delay (20 ms margin, RTTs ~20 ms) +
+        // one probe round trip; well under 100 ms on this 10 ms-latency network.
+        let elapsed = sim.events.iter().find_map(|(i, e)| match e {
+            AgentEvent::PathUp { elapsed, .. } if *i == 0 => Some(*elapsed),
+            _ => None,
+        });
+        assert!(
+            elapsed.expect("elapsed") < Duration::from_millis(100),
+            "{elapsed:?}"
+        );
+        assert!(sim.agents[0].1.send_data("bob", b"hello bob"));
+        sim.run_for(Duration::from_millis(50));
+        assert!(sim.has(1, |e| matches!(e, AgentEvent::Data { peer_id, payload } if peer_id == "alice" && payload == b"hello bob")));
+        let outcomes: Vec<&Event> = sim
+            .server_events
+            .iter()
+            .filter(|e| matches!(e, Event::Outcome { .. }))
+            .collect();
+        assert_eq!(outcomes.len(), 1, "{:?}", sim.server_events);
+        assert!(matches!(outcomes[0], Event::Outcome { direct: true, .. }));
+    }
+
+    #[test]
+    fn blocked_paths_fail_within_budget_and_report_failure() {
+        let mut sim = Sim::new(true);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_secs(6));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PunchFailed { .. })));
+        let probes = sim.events.iter().find_map(|(i, e)| match e {
+            AgentEvent::PunchFailed { probes, .. } if *i == 0 => Some(*probes),
+            _ => None,
+        });
+        assert!(
+            probes.expect("probes")
+                <= AgentConfig::new(
+                    sim.server_addr,
+                    PeerCredentials {
+                        username: String::new(),
+                        password: String::new()
+                    }
+                )
+                .probe_budget
+        );
+        assert!(
+            sim.server_events
+                .iter()
+                .any(|e| matches!(e, Event::Outcome { direct: false, .. }))
+        );
+        assert!(!sim.agents[0].1.send_data("bob", b"x"), "no path, no send");
+    }
+
+    #[test]
+    fn a_dead_path_is_detected_and_repunched() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        assert!(sim.agents[0].1.path("bob").is_some());
+        sim.drop_p2p = true;
+        sim.run_for(Duration::from_secs(10));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PathDown { .. })));
+        sim.drop_p2p = false;
+        sim.run_for(Duration::from_secs(7));
+        let down_at = sim
+            .events
+            .iter()
+            .position(|(i, e)| *i == 0 && matches!(e, AgentEvent::PathDown { .. }))
+            .expect("path down");
+        assert!(
+            sim.events[down_at..]
+                .iter()
+                .any(|(i, e)| *i == 0 && matches!(e, AgentEvent::Introduced { .. })),
+            "re-punch asked for a new introduction after the path died"
+        );
+        assert!(sim.agents[0].1.path("bob").is_some(), "path back up");
+    }
+
+    #[test]
+    fn garbage_from_anyone_changes_nothing() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(50));
+        let agent = &mut sim.agents[0].1;
+        for bytes in [
+            &b""[..],
+            b"\xd7data from a stranger",
+            &[0u8; 20],
+            &[0xff; 100],
+        ] {
+            agent.handle_datagram(sim.now, addr("203.0.113.66:1"), bytes);
+        }
+        assert!(
+            agent
+                .poll_event()
+                .is_none_or(|e| matches!(e, AgentEvent::Registered { .. }))
+        );
+        assert!(agent.sessions.is_empty());
+    }
+}
