@@ -6,9 +6,11 @@
 //! - [`server`]: the thin tokio driver that feeds datagrams to the core;
 //! - [`ebpf`]: loads and attaches the kernel programs and reads their counters;
 //! - [`metrics`]: the Prometheus registry and the `/metrics` HTTP endpoint;
+//! - [`peer`]: the peer agent's driver (`gateway peer`);
 //! - [`config`]: the TOML configuration and its defaults.
 pub mod config;
 pub mod ebpf;
 pub mod metrics;
+pub mod peer;
 pub mod proto;
 pub mod server;

@@ -22,12 +22,12 @@ use tracing_subscriber::EnvFilter;
     version,
     about,
     long_about = "Rendezvous and relay gateway for peer-to-peer NAT traversal.\n\n\
-        Runs on a public Linux host. Today it answers STUN Binding requests (so peers \
-        learn their public address), exports Prometheus metrics, counts its UDP \
-        traffic from the kernel with an eBPF program, and issues peer credentials.",
-    after_help = "Not built yet (planned, see the project's issues): `gateway peer` (the \
-        hole-punching agent), the rendezvous/introduction protocol, the TURN relay, \
-        TCP splicing."
+        `gateway serve` runs on a public Linux host: it answers STUN Binding requests, \
+        registers peers and introduces them so both punch a hole at the same instant, \
+        exports Prometheus metrics, and counts its UDP traffic in the kernel with eBPF. \
+        `gateway peer` is the agent on each NATed host.",
+    after_help = "Not built yet (planned, see the project's issues): port prediction for \
+        symmetric NATs, the TURN relay and relay fallback, TCP splicing."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
@@ -46,6 +46,46 @@ enum Command {
     /// password = base64 HMAC-SHA1 of it under the shared secret). Prints shell
     /// assignments GATEWAY_USERNAME=... and GATEWAY_PASSWORD=....
     Credentials(CredentialsArgs),
+    /// Run the peer agent: register with a gateway, get introduced to another peer,
+    /// punch a direct UDP path through both NATs, keep it alive and re-punch when it
+    /// dies, and optionally carry a local UDP port over it. Prints one status line per
+    /// event (registered, introduced, path-up, punch-failed, path-down). No relay
+    /// fallback yet.
+    Peer(PeerArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PeerArgs {
+    /// The gateway's UDP address.
+    #[arg(long)]
+    server: SocketAddr,
+    /// Username from `gateway credentials` (`expiry:peer-id`).
+    #[arg(long, env = "GATEWAY_USERNAME")]
+    username: String,
+    /// Password from `gateway credentials`.
+    #[arg(long, env = "GATEWAY_PASSWORD", hide_env_values = true)]
+    password: String,
+    /// Local address of the agent's socket (0.0.0.0:0 picks a free port).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+    /// Peer id to connect to (the other side just waits to be introduced).
+    #[arg(long)]
+    connect: Option<String>,
+    /// Carry a local UDP port: listen here, send what arrives to the peer, return the
+    /// peer's data to the last local sender.
+    #[arg(long, conflicts_with = "forward_to")]
+    forward_listen: Option<SocketAddr>,
+    /// Carry a local UDP port: deliver the peer's data to this address, and its
+    /// replies back to the peer.
+    #[arg(long)]
+    forward_to: Option<SocketAddr>,
+    /// Host candidate to announce (repeatable) [default: the bound address when it is
+    /// not a wildcard].
+    #[arg(long = "host-candidate")]
+    host_candidates: Vec<SocketAddr>,
+    /// Most probes one punch attempt may send.
+    #[arg(long, default_value_t = 200)]
+    probe_budget: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -111,6 +151,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Credentials(args) => credentials(args),
+        Command::Peer(args) => peer(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,6 +160,37 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn peer(args: PeerArgs) -> Result<()> {
+    use gateway::{
+        peer::{Forward, PeerOptions},
+        proto::{agent::AgentConfig, rendezvous::client::PeerCredentials},
+    };
+    let credentials = PeerCredentials {
+        username: args.username,
+        password: args.password,
+    };
+    let mut agent = AgentConfig::new(args.server, credentials);
+    agent.host_candidates = args.host_candidates;
+    agent.probe_budget = args.probe_budget;
+    let forward = match (args.forward_listen, args.forward_to) {
+        (Some(addr), _) => Some(Forward::Listen(addr)),
+        (None, Some(addr)) => Some(Forward::To(addr)),
+        (None, None) => None,
+    };
+    let options = PeerOptions {
+        bind: args.bind,
+        agent,
+        connect: args.connect,
+        forward,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(gateway::peer::run(options, shutdown_signal()))?;
+    Ok(())
 }
 
 fn credentials(args: CredentialsArgs) -> Result<()> {

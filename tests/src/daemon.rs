@@ -236,3 +236,87 @@ pub fn stun_binding(socket: &UdpSocket, to: SocketAddr, timeout: Duration) -> Op
     }
     None
 }
+
+/// A `gateway peer` agent running in a lab host's namespace, its status lines
+/// collected as they are printed; killed on drop.
+#[derive(Debug)]
+pub struct PeerProcess {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl PeerProcess {
+    /// Starts `gateway peer --server SERVER ARGS...` in `host`'s namespace with the
+    /// given credentials.
+    pub fn start(
+        host: &Host,
+        server: SocketAddr,
+        username: &str,
+        password: &str,
+        args: &[&str],
+    ) -> Result<Self, DaemonError> {
+        let mut command = host.command(&gateway_binary().to_string_lossy());
+        command
+            .args(["peer", "--server", &server.to_string()])
+            .args(args)
+            .env("GATEWAY_USERNAME", username)
+            .env("GATEWAY_PASSWORD", password)
+            .env("GATEWAY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = command.spawn().map_err(io("spawning gateway peer"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| DaemonError::NotReady("no stdout".into()))?;
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits up to `timeout` for a status line starting with `prefix` (also among the
+    /// lines already seen) and returns it.
+    pub fn wait_for(&mut self, prefix: &str, timeout: Duration) -> Option<String> {
+        if let Some(line) = self.seen.iter().find(|l| l.starts_with(prefix)) {
+            return Some(line.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Every status line seen so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

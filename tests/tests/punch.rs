@@ -1,0 +1,245 @@
+//! Hole punching end to end in the NAT lab: `gateway serve` on the public server,
+//! two `gateway peer` agents behind real (nftables) NATs, and a UDP port forwarded
+//! over the punched path. The expected outcome of each pair and its reason are in
+//! docs/nat-matrix.md.
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use gateway::proto::credentials::SharedSecret;
+use gateway_tests::{
+    daemon::{GatewayProcess, PeerProcess, metric_value},
+    lab::{Lab, LabAvailability, NatPreset, require_root},
+};
+
+struct Pair {
+    lab: Lab,
+    gateway: GatewayProcess,
+    alice: PeerProcess,
+    bob: PeerProcess,
+    secret_path: std::path::PathBuf,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.secret_path).ok();
+    }
+}
+
+fn start_pair(a: NatPreset, b: NatPreset, alice_args: &[&str], bob_args: &[&str]) -> Pair {
+    let lab = Lab::builder()
+        .site("a", a)
+        .site("b", b)
+        .build()
+        .expect("lab");
+    let server = lab.server();
+    let primary = server.addrs()[0];
+    let secret_path =
+        std::env::temp_dir().join(format!("gw-punch-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::write(&secret_path, "punch secret").expect("secret");
+    let gateway = GatewayProcess::start(
+        server,
+        SocketAddr::from((primary, 9478)),
+        &[
+            "--listen",
+            "0.0.0.0:3478",
+            "--no-ebpf",
+            "--secret-file",
+            &secret_path.to_string_lossy(),
+        ],
+    )
+    .expect("gateway");
+    let secret = SharedSecret::new(b"punch secret");
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let to = SocketAddr::from((primary, 3478));
+    let creds = |peer: &str| secret.issue(peer, expiry).expect("issue");
+    let (a_creds, b_creds) = (creds("alice"), creds("bob"));
+    let host_a = lab.site("a").expect("a").host(0).expect("host").clone();
+    let host_b = lab.site("b").expect("b").host(0).expect("host").clone();
+    let mut bob = PeerProcess::start(&host_b, to, &b_creds.username, &b_creds.password, bob_args)
+        .expect("bob");
+    assert!(
+        bob.wait_for("registered", Duration::from_secs(5)).is_some(),
+        "bob registers: {:?}",
+        bob.seen()
+    );
+    let mut args = vec!["--connect", "bob"];
+    args.extend_from_slice(alice_args);
+    let alice = PeerProcess::start(&host_a, to, &a_creds.username, &a_creds.password, &args)
+        .expect("alice");
+    Pair {
+        lab,
+        gateway,
+        alice,
+        bob,
+        secret_path,
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+fn lab_or_skip() -> bool {
+    if require_root() == LabAvailability::OptedOut {
+        eprintln!("SKIPPED (GATEWAY_LAB_OPT_OUT=1): needs root");
+        return false;
+    }
+    true
+}
+
+/// The remote address named in a `path-up` line.
+fn direct_remote(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .skip_while(|w| *w != "direct")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+}
+
+#[test]
+fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
+    if !lab_or_skip() {
+        return;
+    }
+    let mut pair = start_pair(
+        NatPreset::port_restricted_cone(),
+        NatPreset::port_restricted_cone(),
+        &["--forward-listen", "127.0.0.1:5000"],
+        &["--forward-to", "127.0.0.1:6000"],
+    );
+    let up_a = pair
+        .alice
+        .wait_for("path-up", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    let up_b = pair
+        .bob
+        .wait_for("path-up", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    // The path is between the two NATs' public addresses: direct, not via the server.
+    let wan_a = pair.lab.site("a").expect("a").wan_addr();
+    let wan_b = pair.lab.site("b").expect("b").wan_addr();
+    assert_eq!(direct_remote(&up_a).ip(), wan_b);
+    assert_eq!(direct_remote(&up_b).ip(), wan_a);
+
+    // A UDP "application" on each side: alice's talks to 127.0.0.1:5000, bob's
+    // listens on 127.0.0.1:6000.
+    let app_a: UdpSocket = pair
+        .lab
+        .site("a")
+        .expect("a")
+        .host(0)
+        .expect("h")
+        .run(|| UdpSocket::bind("127.0.0.1:0"))
+        .expect("ns")
+        .expect("bind");
+    let app_b: UdpSocket = pair
+        .lab
+        .site("b")
+        .expect("b")
+        .host(0)
+        .expect("h")
+        .run(|| UdpSocket::bind("127.0.0.1:6000"))
+        .expect("ns")
+        .expect("bind");
+    app_a
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    app_b
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 1500];
+    let mut delivered = None;
+    for attempt in 0..10 {
+        let message = format!("over the punched path #{attempt}");
+        app_a
+            .send_to(message.as_bytes(), "127.0.0.1:5000")
+            .expect("send");
+        if let Ok((len, _)) = app_b.recv_from(&mut buf) {
+            delivered = Some((message, buf[..len].to_vec()));
+            break;
+        }
+    }
+    let (sent, got) = delivered.expect("alice's app reaches bob's app");
+    assert_eq!(got, sent.as_bytes());
+    // And back: bob's app answers the forwarder, which returns it to alice's app.
+    let (_, from) = {
+        app_a.send_to(b"ping", "127.0.0.1:5000").expect("send");
+        app_b.recv_from(&mut buf).expect("second datagram")
+    };
+    app_b.send_to(b"pong", from).expect("reply");
+    let (len, _) = app_a
+        .recv_from(&mut buf)
+        .expect("reply reaches alice's app");
+    assert_eq!(&buf[..len], b"pong");
+
+    // Both sides report; the gateway counts one direct outcome for the pair.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = pair.gateway.scrape().expect("scrape");
+    assert_eq!(
+        metric_value(
+            &text,
+            "gateway_punch_outcomes_total",
+            "initiator_nat=\"unknown\",outcome=\"direct\",responder_nat=\"unknown\""
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+/// The matrix rows this test proves (each pair in its own lab; see docs/nat-matrix.md).
+#[test]
+fn nat_matrix() {
+    if !lab_or_skip() {
+        return;
+    }
+    let cases: &[(&str, &str, bool)] = &[
+        ("no-nat", "port-restricted-cone", true),
+        ("full-cone", "symmetric", true),
+        ("restricted-cone", "symmetric", true),
+        ("port-restricted-cone", "eim-random-port", true),
+        ("firewall-only", "port-restricted-cone", true),
+        ("lossy-5", "port-restricted-cone", true),
+        ("address-dependent", "restricted-cone", true),
+        ("port-restricted-cone", "symmetric", false),
+        ("symmetric", "symmetric", false),
+        ("udp-blocked", "full-cone", false),
+    ];
+    let mut failures = Vec::new();
+    for &(a, b, direct) in cases {
+        let pa: NatPreset = a.parse().expect("preset");
+        let pb: NatPreset = b.parse().expect("preset");
+        // Bob registers first; a UDP-blocked alice never even registers.
+        let mut pair = start_pair(
+            pa,
+            pb,
+            &["--probe-budget", "100"],
+            &["--probe-budget", "100"],
+        );
+        let up = pair
+            .alice
+            .wait_for("path-up", Duration::from_secs(7))
+            .is_some()
+            && pair
+                .bob
+                .wait_for("path-up", Duration::from_secs(1))
+                .is_some();
+        if up != direct {
+            failures.push(format!(
+                "{a} x {b}: expected {}, got {}; alice {:?} bob {:?}",
+                if direct { "direct" } else { "no direct path" },
+                if up { "direct" } else { "no direct path" },
+                pair.alice.seen(),
+                pair.bob.seen()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
