@@ -449,15 +449,15 @@ impl Agent {
         };
         let ty = message.message_type();
         if from == self.config.server {
-            self.from_server(now, &message, datagram);
+            self.handle_server_message(now, &message, datagram);
             return;
         }
         if ty.method == stun::method::BINDING {
-            self.from_peer(now, from, &message, datagram);
+            self.handle_peer_message(now, from, &message, datagram);
         }
     }
 
-    fn from_server(&mut self, now: Instant, message: &Message<'_>, datagram: &[u8]) {
+    fn handle_server_message(&mut self, now: Instant, message: &Message<'_>, datagram: &[u8]) {
         let ty = message.message_type();
         if ty.method == method::INTRODUCTION && ty.class == Class::Indication {
             if let Some(intro) =
@@ -535,7 +535,7 @@ impl Agent {
         );
     }
 
-    fn from_peer(
+    fn handle_peer_message(
         &mut self,
         now: Instant,
         from: SocketAddr,
