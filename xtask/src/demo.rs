@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use gateway_tests::{
-    daemon::{GatewayProcess, metric_value, stun_binding},
+    daemon::{GatewayProcess, PeerProcess, metric_value, stun_binding},
     lab::{self, Lab, LabAvailability, NatPreset},
 };
 
@@ -18,7 +18,7 @@ use crate::toolchain;
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// NAT preset of the first peer's site (see `cargo xtask lab presets`).
-    #[arg(long, default_value = "port-restricted-cone")]
+    #[arg(long, default_value = "restricted-cone")]
     site_a: String,
     /// NAT preset of the second peer's site.
     #[arg(long, default_value = "symmetric")]
@@ -137,10 +137,20 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let [primary, secondary] = [addrs[0], addrs[1]];
     let metrics_addr = SocketAddr::from((primary, 9478));
     println!("== starting `gateway serve` on the lab's public server {primary} (and {secondary})");
+    let secret_path =
+        std::env::temp_dir().join(format!("gateway-demo-secret-{}", std::process::id()));
+    std::fs::write(&secret_path, "demo shared secret")?;
+    let secret_arg = secret_path.to_string_lossy().into_owned();
     let gateway = GatewayProcess::start(
         server,
         metrics_addr,
-        &["--listen", "0.0.0.0:3478", "--require-ebpf"],
+        &[
+            "--listen",
+            "0.0.0.0:3478",
+            "--require-ebpf",
+            "--secret-file",
+            &secret_arg,
+        ],
     )
     .context("starting the gateway in the lab")?;
 
@@ -182,6 +192,71 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         println!("   => {verdict}");
     }
 
+    println!(
+        "== hole punching: `gateway peer` on both hosts, alice (site a) connects to bob (site b)"
+    );
+    let secret = gateway::proto::credentials::SharedSecret::new(b"demo shared secret");
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let alice_creds = secret.issue("alice", expiry)?;
+    let bob_creds = secret.issue("bob", expiry)?;
+    let service = SocketAddr::from((primary, 3478));
+    let site_a = lab.site("a").ok_or_else(|| anyhow!("no site a"))?;
+    let site_b = lab.site("b").ok_or_else(|| anyhow!("no site b"))?;
+    let host_a = site_a.host(0).ok_or_else(|| anyhow!("no host"))?;
+    let host_b = site_b.host(0).ok_or_else(|| anyhow!("no host"))?;
+    let mut bob = PeerProcess::start(
+        host_b,
+        service,
+        &bob_creds.username,
+        &bob_creds.password,
+        &["--forward-to", "127.0.0.1:6000"],
+    )?;
+    bob.wait_for("registered", Duration::from_secs(5));
+    let mut alice = PeerProcess::start(
+        host_a,
+        service,
+        &alice_creds.username,
+        &alice_creds.password,
+        &["--connect", "bob", "--forward-listen", "127.0.0.1:5000"],
+    )?;
+    let alice_up = alice.wait_for("path-up", Duration::from_secs(8)).is_some();
+    let bob_up = bob.wait_for("path-up", Duration::from_secs(2)).is_some();
+    for line in alice.seen() {
+        println!("   alice: {line}");
+    }
+    for line in bob.seen() {
+        println!("   bob:   {line}");
+    }
+    if alice_up && bob_up {
+        let app_a: UdpSocket = host_a.run(|| UdpSocket::bind("127.0.0.1:0"))??;
+        let app_b: UdpSocket = host_b.run(|| UdpSocket::bind("127.0.0.1:6000"))??;
+        app_b.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let mut buf = [0u8; 1500];
+        let mut delivered = false;
+        for _ in 0..5 {
+            app_a.send_to(b"hello bob, straight through both NATs", "127.0.0.1:5000")?;
+            if let Ok((len, _)) = app_b.recv_from(&mut buf) {
+                println!(
+                    "   forwarded: alice's app -> 127.0.0.1:5000 ~~ direct path ~~> bob's app got {:?}",
+                    String::from_utf8_lossy(&buf[..len])
+                );
+                delivered = true;
+                break;
+            }
+        }
+        if !delivered {
+            println!("   forwarded: nothing arrived");
+        }
+    } else {
+        println!(
+            "   => no direct path for this NAT pair (see docs/nat-matrix.md); the relay fallback is not built yet"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
     let text = gateway.scrape()?;
     println!("== the gateway's counters (from /metrics)");
     for (name, labels) in [
@@ -195,6 +270,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "gateway_stun_datagrams_total",
             "outcome=\"binding_success\"",
         ),
+        ("gateway_registered_peers", ""),
     ] {
         let value = metric_value(&text, name, labels)
             .map(|v| v.to_string())
@@ -205,6 +281,13 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             format!("{name}{{{labels}}}")
         };
         println!("   {series} {value}");
+    }
+    for line in text.lines().filter(|l| {
+        (l.starts_with("gateway_punch_attempts_total")
+            || l.starts_with("gateway_punch_outcomes_total"))
+            && !l.ends_with(" 0")
+    }) {
+        println!("   {line}");
     }
     println!(
         "== metrics URL (inside the lab): ip netns exec {} curl -s http://{metrics_addr}/metrics",
@@ -217,6 +300,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     let status = gateway.stop()?;
     println!("== gateway stopped ({status}); eBPF programs detached; removing the lab");
+    drop(alice);
+    drop(bob);
     drop(lab);
+    std::fs::remove_file(&secret_path).ok();
     Ok(())
 }
