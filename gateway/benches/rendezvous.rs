@@ -21,16 +21,25 @@ const PAIRS: usize = 1_000;
 
 fn creds(secret: &SharedSecret, peer: &str) -> PeerCredentials {
     let issued = secret.issue(peer, NOW_UNIX + 3600).expect("issue");
-    PeerCredentials { username: issued.username, password: issued.password }
+    PeerCredentials {
+        username: issued.username,
+        password: issued.password,
+    }
 }
 
 fn addr(i: usize) -> SocketAddr {
-    SocketAddr::from(([198, 51, (i >> 8) as u8, i as u8], 40_000 + (i % 1000) as u16))
+    SocketAddr::from((
+        [198, 51, (i >> 8) as u8, i as u8],
+        40_000 + (i % 1000) as u16,
+    ))
 }
 
 fn bench(c: &mut Criterion) {
     let secret = SharedSecret::new(b"bench secret");
-    let config = RendezvousConfig { max_connects_per_second: u32::MAX, ..RendezvousConfig::default() };
+    let config = RendezvousConfig {
+        max_connects_per_second: u32::MAX,
+        ..RendezvousConfig::default()
+    };
     let mut server = RendezvousServer::new(secret.clone(), config, 1);
     let now = Instant::now();
     let mut out = Vec::new();
@@ -42,7 +51,10 @@ fn bench(c: &mut Criterion) {
         server.handle(now, NOW_UNIX, addr(i), None, &register, &mut out);
         registers.push((addr(i), register));
         if i % 2 == 0 {
-            connects.push((addr(i), client::connect([2; 12], &c, &format!("peer{}", i + 1))));
+            connects.push((
+                addr(i),
+                client::connect([2; 12], &c, &format!("peer{}", i + 1)),
+            ));
         }
     }
     assert_eq!(server.peer_count(), 2 * PAIRS);

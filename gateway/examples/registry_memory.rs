@@ -5,7 +5,10 @@ use std::{net::SocketAddr, time::Instant};
 
 use gateway::proto::{
     credentials::SharedSecret,
-    rendezvous::{NatClass, RendezvousConfig, RendezvousServer, client::{self, PeerCredentials}},
+    rendezvous::{
+        NatClass, RendezvousConfig, RendezvousServer,
+        client::{self, PeerCredentials},
+    },
 };
 
 fn rss_kib() -> u64 {
@@ -20,7 +23,10 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
-    let n: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let n: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let now_unix = 1_800_000_000;
     let secret = SharedSecret::new(b"memory secret");
     let mut server = RendezvousServer::new(secret.clone(), RendezvousConfig::default(), 1);
@@ -29,8 +35,13 @@ fn main() {
     let now = Instant::now();
     let mut out = Vec::new();
     for i in 0..n {
-        let issued = secret.issue(&format!("peer-{i:08}"), now_unix + 3600).expect("issue");
-        let creds = PeerCredentials { username: issued.username, password: issued.password };
+        let issued = secret
+            .issue(&format!("peer-{i:08}"), now_unix + 3600)
+            .expect("issue");
+        let creds = PeerCredentials {
+            username: issued.username,
+            password: issued.password,
+        };
         let from = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40_000));
         let host = SocketAddr::from(([192, 168, 1, 2], 40_000));
         let request = client::register([1; 12], &creds, &[host], NatClass::EndpointIndependent, 30);

@@ -57,12 +57,16 @@ pub struct AuthConfig {
 pub struct ServerConfig {
     /// Address and port of the UDP socket (3478 is STUN's registered port).
     pub listen: SocketAddr,
+    /// A second UDP socket answering STUN Binding only, for NAT mapping discovery
+    /// (another port than `listen`). Off by default.
+    pub discovery_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
+            discovery_listen: None,
         }
     }
 }
@@ -136,6 +140,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "server.listen needs a fixed port: peers must know where to reach the gateway"
                     .into(),
+            ));
+        }
+        if let Some(discovery) = self.server.discovery_listen
+            && (discovery.port() == 0 || discovery == self.server.listen)
+        {
+            return Err(ConfigError::Invalid(
+                "server.discovery_listen needs its own fixed port, other than server.listen".into(),
             ));
         }
         if self.ebpf.required && !self.ebpf.enabled {

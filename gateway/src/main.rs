@@ -83,6 +83,10 @@ struct PeerArgs {
     /// not a wildcard].
     #[arg(long = "host-candidate")]
     host_candidates: Vec<SocketAddr>,
+    /// Another endpoint of the gateway that answers Binding (its discovery port, its
+    /// second address; repeatable): used to classify this host's NAT mapping.
+    #[arg(long = "discover", value_name = "ADDR")]
+    discover: Vec<SocketAddr>,
     /// Most probes one punch attempt may send.
     #[arg(long, default_value_t = 200)]
     probe_budget: u32,
@@ -129,6 +133,10 @@ struct ServeArgs {
     /// Refuse to start when the eBPF programs cannot be loaded and attached.
     #[arg(long)]
     require_ebpf: bool,
+    /// Second UDP address answering STUN Binding only, so peers can classify their
+    /// NAT mapping (another port, and another address where the host has one).
+    #[arg(long)]
+    discovery_listen: Option<SocketAddr>,
     /// Shared-secret file for peer credentials; enables the rendezvous.
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -174,6 +182,7 @@ fn peer(args: PeerArgs) -> Result<()> {
     let mut agent = AgentConfig::new(args.server, credentials);
     agent.host_candidates = args.host_candidates;
     agent.probe_budget = args.probe_budget;
+    agent.discovery = args.discover;
     let forward = match (args.forward_listen, args.forward_to) {
         (Some(addr), _) => Some(Forward::Listen(addr)),
         (None, Some(addr)) => Some(Forward::To(addr)),
@@ -229,6 +238,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if let Some(listen) = args.metrics_listen {
         config.metrics.listen = listen;
     }
+    if let Some(addr) = args.discovery_listen {
+        config.server.discovery_listen = Some(addr);
+    }
     if let Some(path) = &args.secret_file {
         config.auth.secret_file = Some(path.clone());
     }
@@ -267,7 +279,15 @@ async fn serve_async(config: Config) -> Result<()> {
     let metrics = Metrics::new()?;
     let socket = server::bind(config.server.listen)?;
     let local = socket.local_addr().context("service socket address")?;
-    tracing::info!(udp = %local, "service listening (STUN Binding)");
+    tracing::info!(udp = %local, "service listening");
+    let discovery_socket = match config.server.discovery_listen {
+        Some(addr) => {
+            let socket = server::bind(addr)?;
+            tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
+            Some(socket)
+        }
+        None => None,
+    };
 
     // Bind now so a taken port stops start-up; serve only once everything else is
     // up, so a successful scrape means the daemon is ready.
@@ -278,7 +298,11 @@ async fn serve_async(config: Config) -> Result<()> {
     };
 
     let probe = if config.ebpf.enabled {
-        match UdpCounterProbe::load(&[local.port()], &config.ebpf.interfaces) {
+        let mut ports = vec![local.port()];
+        if let Some(addr) = config.server.discovery_listen {
+            ports.push(addr.port());
+        }
+        match UdpCounterProbe::load(&ports, &config.ebpf.interfaces) {
             Ok(probe) => {
                 metrics.registry.register(Box::new(probe.collector()?))?;
                 metrics.ebpf_loaded.set(1);
@@ -330,7 +354,25 @@ async fn serve_async(config: Config) -> Result<()> {
             None
         }
     };
-    server::run(socket, metrics, rendezvous, shutdown_signal()).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    let discovery_task = discovery_socket.map(|socket| {
+        tokio::spawn(server::run(
+            socket,
+            metrics.clone(),
+            None,
+            wait(stopped.clone()),
+        ))
+    });
+    let main_loop = tokio::spawn(server::run(socket, metrics, rendezvous, wait(stopped)));
+    shutdown_signal().await;
+    let _ = stop.send(true);
+    let _ = main_loop.await;
+    if let Some(task) = discovery_task {
+        let _ = task.await;
+    }
     tracing::info!("shutting down");
     if let Some(task) = metrics_task {
         task.abort();

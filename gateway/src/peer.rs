@@ -47,6 +47,17 @@ pub enum PeerError {
     },
 }
 
+/// The local address the kernel routes from toward `to` (a connected UDP socket sends
+/// nothing).
+async fn source_ip_towards(to: SocketAddr) -> Option<std::net::IpAddr> {
+    let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .ok()?;
+    let probe = UdpSocket::bind(any).await.ok()?;
+    probe.connect(to).await.ok()?;
+    probe.local_addr().ok().map(|a| a.ip())
+}
+
 fn status(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -93,8 +104,16 @@ pub async fn run(
         None => None,
     };
     let mut config = options.agent.clone();
-    if config.host_candidates.is_empty() && !local.ip().is_unspecified() {
-        config.host_candidates.push(local);
+    if config.host_candidates.is_empty() {
+        if !local.ip().is_unspecified() {
+            config.host_candidates.push(local);
+        } else if let Some(ip) = source_ip_towards(config.server).await {
+            // The address the kernel picks toward the gateway: our host candidate
+            // (and how discovery tells "no NAT" apart).
+            config
+                .host_candidates
+                .push(SocketAddr::new(ip, local.port()));
+        }
     }
     status(format_args!("local {local} server {}", config.server));
     let start = Instant::now();
@@ -151,6 +170,13 @@ pub async fn run(
                 AgentEvent::Registered { mapped } => {
                     status(format_args!("registered public {mapped}"))
                 }
+                AgentEvent::NatClassified {
+                    class,
+                    port_preserved,
+                } => status(format_args!(
+                    "nat mapping {} port_preserved {port_preserved}",
+                    class.as_str()
+                )),
                 AgentEvent::Refused { method, code } => {
                     status(format_args!("refused method 0x{method:03x} code {code}"))
                 }

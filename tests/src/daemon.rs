@@ -262,9 +262,12 @@ impl PeerProcess {
             .args(args)
             .env("GATEWAY_USERNAME", username)
             .env("GATEWAY_PASSWORD", password)
-            .env("GATEWAY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stdout(Stdio::piped());
+        // GATEWAY_TEST_PEER_LOG=debug shows the agents' logs on the test's stderr.
+        match std::env::var("GATEWAY_TEST_PEER_LOG") {
+            Ok(level) => command.env("GATEWAY_LOG", level).stderr(Stdio::inherit()),
+            Err(_) => command.env("GATEWAY_LOG", "warn").stderr(Stdio::null()),
+        };
         let mut child = command.spawn().map_err(io("spawning gateway peer"))?;
         let stdout = child
             .stdout

@@ -44,6 +44,8 @@ fn start_pair(a: NatPreset, b: NatPreset, alice_args: &[&str], bob_args: &[&str]
         &[
             "--listen",
             "0.0.0.0:3478",
+            "--discovery-listen",
+            "0.0.0.0:3479",
             "--no-ebpf",
             "--secret-file",
             &secret_path.to_string_lossy(),
@@ -61,14 +63,15 @@ fn start_pair(a: NatPreset, b: NatPreset, alice_args: &[&str], bob_args: &[&str]
     let (a_creds, b_creds) = (creds("alice"), creds("bob"));
     let host_a = lab.site("a").expect("a").host(0).expect("host").clone();
     let host_b = lab.site("b").expect("b").host(0).expect("host").clone();
-    let mut bob = PeerProcess::start(&host_b, to, &b_creds.username, &b_creds.password, bob_args)
+    let mut bob_all = DISCOVER.to_vec();
+    bob_all.extend_from_slice(bob_args);
+    let mut bob = PeerProcess::start(&host_b, to, &b_creds.username, &b_creds.password, &bob_all)
         .expect("bob");
-    assert!(
-        bob.wait_for("registered", Duration::from_secs(5)).is_some(),
-        "bob registers: {:?}",
-        bob.seen()
-    );
+    // Bob is registered and classified before alice asks for him (a UDP-blocked bob
+    // never is; the matrix then expects no path).
+    bob.wait_for("nat mapping", Duration::from_secs(5));
     let mut args = vec!["--connect", "bob"];
+    args.extend_from_slice(DISCOVER);
     args.extend_from_slice(alice_args);
     let alice = PeerProcess::start(&host_a, to, &a_creds.username, &a_creds.password, &args)
         .expect("alice");
@@ -80,6 +83,15 @@ fn start_pair(a: NatPreset, b: NatPreset, alice_args: &[&str], bob_args: &[&str]
         secret_path,
     }
 }
+
+/// The gateway's other Binding endpoints in the lab: its discovery port and its
+/// second address.
+const DISCOVER: &[&str] = &[
+    "--discover",
+    "192.0.2.10:3479",
+    "--discover",
+    "192.0.2.11:3478",
+];
 
 fn rand_suffix() -> u32 {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -187,11 +199,53 @@ fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
         metric_value(
             &text,
             "gateway_punch_outcomes_total",
-            "initiator_nat=\"unknown\",outcome=\"direct\",responder_nat=\"unknown\""
+            "initiator_nat=\"endpoint_independent\",outcome=\"direct\",responder_nat=\"endpoint_independent\""
         ),
         Some(1.0),
         "{text}"
     );
+}
+
+#[test]
+fn discovery_classifies_each_nat_preset() {
+    if !lab_or_skip() {
+        return;
+    }
+    let cases = [
+        ("no-nat", "none", None),
+        ("firewall-only", "none", None),
+        ("port-restricted-cone", "endpoint_independent", Some(true)),
+        ("full-cone", "endpoint_independent", Some(true)),
+        ("eim-random-port", "endpoint_independent", Some(false)),
+        ("address-dependent", "address_dependent", Some(false)),
+        ("symmetric", "address_and_port_dependent", Some(false)),
+        (
+            "symmetric-sequential",
+            "address_and_port_dependent",
+            Some(false),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (preset, class, preserved) in cases {
+        // One lab per preset: alice behind it, bob on an open host.
+        let mut pair = start_pair(
+            preset.parse().expect("preset"),
+            "no-nat".parse().expect("preset"),
+            &[],
+            &[],
+        );
+        let line = pair
+            .alice
+            .wait_for("nat mapping", Duration::from_secs(5))
+            .unwrap_or_default();
+        let expected = format!("nat mapping {class}");
+        let ok = line.starts_with(&expected)
+            && preserved.is_none_or(|p| line.ends_with(&format!("port_preserved {p}")));
+        if !ok {
+            failures.push(format!("{preset}: expected {expected} (preserved {preserved:?}), got {line:?}; alice said {:?}", pair.alice.seen()));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
 
 /// The matrix rows this test proves (each pair in its own lab; see docs/nat-matrix.md).

@@ -36,8 +36,12 @@ pub struct AgentConfig {
     pub credentials: PeerCredentials,
     /// Host candidates to announce (the local socket's addresses).
     pub host_candidates: Vec<SocketAddr>,
-    /// The NAT class this peer believes it is behind (reported for metrics).
+    /// The NAT class this peer believes it is behind (reported for metrics); replaced
+    /// by what discovery measures when `discovery` is set.
     pub nat: NatClass,
+    /// Other endpoints of the gateway answering Binding (its discovery port, its second
+    /// address) used to classify this peer's NAT mapping (RFC 5780 ideas).
+    pub discovery: Vec<SocketAddr>,
     /// How often to refresh the registration (NAT mappings must not expire).
     pub keepalive: Duration,
     /// Gap between two probe rounds.
@@ -60,6 +64,7 @@ impl AgentConfig {
             credentials,
             host_candidates: Vec::new(),
             nat: NatClass::Unknown,
+            discovery: Vec::new(),
             keepalive: Duration::from_secs(15),
             probe_interval: Duration::from_millis(50),
             probe_budget: 200,
@@ -77,6 +82,13 @@ pub enum AgentEvent {
     Registered {
         /// The server-reflexive address.
         mapped: SocketAddr,
+    },
+    /// Discovery classified this peer's NAT mapping.
+    NatClassified {
+        /// The class, as reported to the gateway from now on.
+        class: NatClass,
+        /// Whether the NAT kept the local port.
+        port_preserved: bool,
     },
     /// The gateway refused a request.
     Refused {
@@ -176,6 +188,55 @@ pub struct Agent {
     wanted: HashMap<String, Instant>,
     outgoing: VecDeque<Transmit>,
     events: VecDeque<AgentEvent>,
+    discovery: Discovery,
+}
+
+/// State of NAT mapping discovery.
+#[derive(Debug, Default)]
+struct Discovery {
+    primary: Option<SocketAddr>,
+    pending: HashMap<[u8; 12], SocketAddr>,
+    results: Vec<(SocketAddr, SocketAddr)>,
+    sent_at: Option<Instant>,
+    done: bool,
+}
+
+/// How long discovery waits for answers before classifying with what it has.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(1);
+
+/// Classifies a NAT's mapping behaviour from the public addresses one socket was seen
+/// with: `primary` by the gateway's main endpoint `server`, and `others` as
+/// (gateway endpoint, seen as) pairs. `local` is the socket's own address when known.
+///
+/// Another port of the same address tells endpoint-independent from
+/// address-and-port-dependent; another address tells endpoint-independent from
+/// address-dependent. With only another address and a change, the stricter class is
+/// assumed (what punching must plan for).
+pub fn classify_mapping(
+    local: Option<SocketAddr>,
+    server: SocketAddr,
+    primary: SocketAddr,
+    others: &[(SocketAddr, SocketAddr)],
+) -> NatClass {
+    if local == Some(primary) {
+        return NatClass::None;
+    }
+    let mut port_test = None;
+    let mut address_test = None;
+    for &(endpoint, seen) in others {
+        if endpoint.ip() == server.ip() && endpoint.port() != server.port() {
+            port_test = Some(seen == primary);
+        } else if endpoint.ip() != server.ip() {
+            address_test = Some(seen == primary);
+        }
+    }
+    match (port_test, address_test) {
+        (Some(false), _) => NatClass::AddressAndPortDependent,
+        (Some(true), Some(false)) => NatClass::AddressDependent,
+        (None, Some(false)) => NatClass::AddressAndPortDependent,
+        (Some(true), _) | (None, Some(true)) => NatClass::EndpointIndependent,
+        (None, None) => NatClass::Unknown,
+    }
 }
 
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
@@ -195,6 +256,7 @@ impl Agent {
             wanted: HashMap::new(),
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
+            discovery: Discovery::default(),
         }
     }
 
@@ -260,6 +322,9 @@ impl Agent {
         for since in self.wanted.values() {
             at = at.min(*since);
         }
+        if let (Some(sent), false) = (self.discovery.sent_at, self.discovery.done) {
+            at = at.min(sent + DISCOVERY_WAIT);
+        }
         at
     }
 
@@ -293,15 +358,23 @@ impl Agent {
 
     /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let (Some(sent), false) = (self.discovery.sent_at, self.discovery.done)
+            && now >= sent + DISCOVERY_WAIT
+        {
+            self.finish_discovery(now);
+        }
         if now >= self.next_register {
             self.send_register(now);
         }
         self.pending
             .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
+        // Connect only once discovery has classified our NAT, so the introduction
+        // (and the gateway's metrics) carry the right class.
+        let discovering = !self.config.discovery.is_empty() && !self.discovery.done;
         let due: Vec<String> = self
             .wanted
             .iter()
-            .filter(|(peer, at)| **at <= now && self.up_session(peer).is_none())
+            .filter(|(peer, at)| !discovering && **at <= now && self.up_session(peer).is_none())
             .map(|(peer, _)| peer.clone())
             .collect();
         for peer in due {
@@ -406,6 +479,42 @@ impl Agent {
         }
     }
 
+    fn start_discovery(&mut self, now: Instant, primary: SocketAddr) {
+        self.discovery.primary = Some(primary);
+        self.discovery.sent_at = Some(now);
+        for endpoint in self.config.discovery.clone() {
+            let tid = self.tid();
+            let mut request = Vec::new();
+            super::binding::binding_request(tid, &mut request);
+            self.discovery.pending.insert(tid, endpoint);
+            self.outgoing.push_back(Transmit {
+                to: endpoint,
+                payload: request,
+            });
+        }
+    }
+
+    fn finish_discovery(&mut self, now: Instant) {
+        self.discovery.done = true;
+        self.discovery.pending.clear();
+        let Some(primary) = self.discovery.primary else {
+            return;
+        };
+        let local = self.config.host_candidates.first().copied();
+        let class = classify_mapping(local, self.config.server, primary, &self.discovery.results);
+        tracing::debug!(?local, %primary, results = ?self.discovery.results, class = class.as_str(), "NAT discovery");
+        let port_preserved = local.is_some_and(|l| l.port() == primary.port());
+        self.events.push_back(AgentEvent::NatClassified {
+            class,
+            port_preserved,
+        });
+        if class != self.config.nat {
+            self.config.nat = class;
+            // Tell the gateway at once, so introductions carry the class.
+            self.next_register = now;
+        }
+    }
+
     fn send_probe(&mut self, id: u64, to: SocketAddr) {
         let tid = self.tid();
         let Some(session) = self.sessions.get_mut(&id) else {
@@ -452,6 +561,22 @@ impl Agent {
             self.handle_server_message(now, &message, datagram);
             return;
         }
+        if ty.method == stun::method::BINDING
+            && ty.class == Class::Success
+            && let Some(&endpoint) = self.discovery.pending.get(&message.transaction_id())
+        {
+            if endpoint == from
+                && let Some(seen) =
+                    super::binding::parse_binding_success(datagram, message.transaction_id())
+            {
+                self.discovery.pending.remove(&message.transaction_id());
+                self.discovery.results.push((endpoint, seen));
+                if self.discovery.pending.is_empty() {
+                    self.finish_discovery(now);
+                }
+            }
+            return;
+        }
         if ty.method == stun::method::BINDING {
             self.handle_peer_message(now, from, &message, datagram);
         }
@@ -483,6 +608,9 @@ impl Agent {
                 }
                 if let Some(mapped) = response.mapped {
                     self.events.push_back(AgentEvent::Registered { mapped });
+                    if self.discovery.sent_at.is_none() && !self.config.discovery.is_empty() {
+                        self.start_discovery(now, mapped);
+                    }
                 }
             }
             Ok(()) => {}
@@ -803,6 +931,54 @@ mod tests {
             "re-punch asked for a new introduction after the path died"
         );
         assert!(sim.agents[0].1.path("bob").is_some(), "path back up");
+    }
+
+    #[test]
+    fn mapping_classes() {
+        let server = addr("192.0.2.10:3478");
+        let other_port = addr("192.0.2.10:3479");
+        let other_ip = addr("192.0.2.11:3478");
+        let seen = addr("198.51.100.2:4000");
+        let other = addr("198.51.100.2:4001");
+        let local = Some(addr("10.0.1.2:4000"));
+        assert_eq!(
+            classify_mapping(Some(seen), server, seen, &[]),
+            NatClass::None
+        );
+        assert_eq!(
+            classify_mapping(local, server, seen, &[(other_port, seen), (other_ip, seen)]),
+            NatClass::EndpointIndependent
+        );
+        assert_eq!(
+            classify_mapping(
+                local,
+                server,
+                seen,
+                &[(other_port, seen), (other_ip, other)]
+            ),
+            NatClass::AddressDependent
+        );
+        assert_eq!(
+            classify_mapping(
+                local,
+                server,
+                seen,
+                &[(other_port, other), (other_ip, other)]
+            ),
+            NatClass::AddressAndPortDependent
+        );
+        assert_eq!(
+            classify_mapping(local, server, seen, &[(other_ip, other)]),
+            NatClass::AddressAndPortDependent
+        );
+        assert_eq!(
+            classify_mapping(local, server, seen, &[(other_ip, seen)]),
+            NatClass::EndpointIndependent
+        );
+        assert_eq!(
+            classify_mapping(local, server, seen, &[]),
+            NatClass::Unknown
+        );
     }
 
     #[test]
