@@ -147,6 +147,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         &[
             "--listen",
             "0.0.0.0:3478",
+            "--discovery-listen",
+            "0.0.0.0:3479",
             "--require-ebpf",
             "--secret-file",
             &secret_arg,
@@ -203,6 +205,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let alice_creds = secret.issue("alice", expiry)?;
     let bob_creds = secret.issue("bob", expiry)?;
     let service = SocketAddr::from((primary, 3478));
+    let discover_port = SocketAddr::from((primary, 3479)).to_string();
+    let discover_ip = SocketAddr::from((secondary, 3478)).to_string();
     let site_a = lab.site("a").ok_or_else(|| anyhow!("no site a"))?;
     let site_b = lab.site("b").ok_or_else(|| anyhow!("no site b"))?;
     let host_a = site_a.host(0).ok_or_else(|| anyhow!("no host"))?;
@@ -212,15 +216,31 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         service,
         &bob_creds.username,
         &bob_creds.password,
-        &["--forward-to", "127.0.0.1:6000"],
+        &[
+            "--forward-to",
+            "127.0.0.1:6000",
+            "--discover",
+            &discover_port,
+            "--discover",
+            &discover_ip,
+        ],
     )?;
-    bob.wait_for("registered", Duration::from_secs(5));
+    bob.wait_for("nat mapping", Duration::from_secs(5));
     let mut alice = PeerProcess::start(
         host_a,
         service,
         &alice_creds.username,
         &alice_creds.password,
-        &["--connect", "bob", "--forward-listen", "127.0.0.1:5000"],
+        &[
+            "--connect",
+            "bob",
+            "--forward-listen",
+            "127.0.0.1:5000",
+            "--discover",
+            &discover_port,
+            "--discover",
+            &discover_ip,
+        ],
     )?;
     let alice_up = alice.wait_for("path-up", Duration::from_secs(8)).is_some();
     let bob_up = bob.wait_for("path-up", Duration::from_secs(2)).is_some();

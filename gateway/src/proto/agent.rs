@@ -607,9 +607,18 @@ impl Agent {
                     self.next_register = self.next_register.min(request.sent_at + lifetime / 3);
                 }
                 if let Some(mapped) = response.mapped {
-                    self.events.push_back(AgentEvent::Registered { mapped });
-                    if self.discovery.sent_at.is_none() && !self.config.discovery.is_empty() {
-                        self.start_discovery(now, mapped);
+                    // Refreshes are silent unless the public address moved.
+                    if self.discovery.primary != Some(mapped) {
+                        self.events.push_back(AgentEvent::Registered { mapped });
+                        if self.discovery.done {
+                            self.discovery.primary = Some(mapped);
+                        }
+                    }
+                    if self.discovery.sent_at.is_none() {
+                        self.discovery.primary = Some(mapped);
+                        if !self.config.discovery.is_empty() {
+                            self.start_discovery(now, mapped);
+                        }
                     }
                 }
             }
