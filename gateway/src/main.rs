@@ -87,6 +87,10 @@ struct PeerArgs {
     /// second address; repeatable): used to classify this host's NAT mapping.
     #[arg(long = "discover", value_name = "ADDR")]
     discover: Vec<SocketAddr>,
+    /// Ports to predict (and announce) when discovery finds sequential port allocation
+    /// behind an endpoint-dependent NAT; 0 turns prediction off.
+    #[arg(long, default_value_t = 6)]
+    prediction_window: u16,
     /// Most probes one punch attempt may send.
     #[arg(long, default_value_t = 200)]
     probe_budget: u32,
@@ -183,6 +187,7 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.host_candidates = args.host_candidates;
     agent.probe_budget = args.probe_budget;
     agent.discovery = args.discover;
+    agent.prediction_window = args.prediction_window;
     let forward = match (args.forward_listen, args.forward_to) {
         (Some(addr), _) => Some(Forward::Listen(addr)),
         (None, Some(addr)) => Some(Forward::To(addr)),

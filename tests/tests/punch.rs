@@ -254,29 +254,36 @@ fn nat_matrix() {
     if !lab_or_skip() {
         return;
     }
-    let cases: &[(&str, &str, bool)] = &[
-        ("no-nat", "port-restricted-cone", true),
-        ("full-cone", "symmetric", true),
-        ("restricted-cone", "symmetric", true),
-        ("port-restricted-cone", "eim-random-port", true),
-        ("firewall-only", "port-restricted-cone", true),
-        ("lossy-5", "port-restricted-cone", true),
-        ("address-dependent", "restricted-cone", true),
-        ("port-restricted-cone", "symmetric", false),
-        ("symmetric", "symmetric", false),
-        ("udp-blocked", "full-cone", false),
+    // (alice's NAT, bob's NAT, extra agent flags, direct path expected)
+    let cases: &[(&str, &str, &[&str], bool)] = &[
+        ("no-nat", "port-restricted-cone", &[], true),
+        ("full-cone", "symmetric", &[], true),
+        ("restricted-cone", "symmetric", &[], true),
+        ("port-restricted-cone", "eim-random-port", &[], true),
+        ("firewall-only", "port-restricted-cone", &[], true),
+        ("lossy-5", "port-restricted-cone", &[], true),
+        ("address-dependent", "restricted-cone", &[], true),
+        ("port-restricted-cone", "symmetric-sequential", &[], true),
+        ("symmetric-sequential", "port-restricted-cone", &[], true),
+        // The same pair without prediction: proves the row above is prediction's work.
+        (
+            "port-restricted-cone",
+            "symmetric-sequential",
+            &["--prediction-window", "0"],
+            false,
+        ),
+        ("port-restricted-cone", "symmetric", &[], false),
+        ("symmetric", "symmetric", &[], false),
+        ("udp-blocked", "full-cone", &[], false),
     ];
     let mut failures = Vec::new();
-    for &(a, b, direct) in cases {
+    for &(a, b, flags, direct) in cases {
         let pa: NatPreset = a.parse().expect("preset");
         let pb: NatPreset = b.parse().expect("preset");
         // Bob registers first; a UDP-blocked alice never even registers.
-        let mut pair = start_pair(
-            pa,
-            pb,
-            &["--probe-budget", "100"],
-            &["--probe-budget", "100"],
-        );
+        let mut args = vec!["--probe-budget", "100"];
+        args.extend_from_slice(flags);
+        let mut pair = start_pair(pa, pb, &args, &args);
         let up = pair
             .alice
             .wait_for("path-up", Duration::from_secs(7))
@@ -287,7 +294,7 @@ fn nat_matrix() {
                 .is_some();
         if up != direct {
             failures.push(format!(
-                "{a} x {b}: expected {}, got {}; alice {:?} bob {:?}",
+                "{a} x {b} {flags:?}: expected {}, got {}; alice {:?} bob {:?}",
                 if direct { "direct" } else { "no direct path" },
                 if up { "direct" } else { "no direct path" },
                 pair.alice.seen(),

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
     rendezvous::{
-        NatClass,
+        Candidate, CandidateKind, NatClass,
         client::{self, PeerCredentials, Probe, Role},
         method,
     },
@@ -42,6 +42,9 @@ pub struct AgentConfig {
     /// Other endpoints of the gateway answering Binding (its discovery port, its second
     /// address) used to classify this peer's NAT mapping (RFC 5780 ideas).
     pub discovery: Vec<SocketAddr>,
+    /// How many next ports to predict (and announce) when discovery finds a NAT that
+    /// allocates ports sequentially per destination; 0 turns prediction off.
+    pub prediction_window: u16,
     /// How often to refresh the registration (NAT mappings must not expire).
     pub keepalive: Duration,
     /// Gap between two probe rounds.
@@ -65,6 +68,7 @@ impl AgentConfig {
             host_candidates: Vec::new(),
             nat: NatClass::Unknown,
             discovery: Vec::new(),
+            prediction_window: 6,
             keepalive: Duration::from_secs(15),
             probe_interval: Duration::from_millis(50),
             probe_budget: 200,
@@ -195,8 +199,12 @@ pub struct Agent {
 #[derive(Debug, Default)]
 struct Discovery {
     primary: Option<SocketAddr>,
-    pending: HashMap<[u8; 12], SocketAddr>,
-    results: Vec<(SocketAddr, SocketAddr)>,
+    /// Transaction → (gateway endpoint, order sent).
+    pending: HashMap<[u8; 12], (SocketAddr, usize)>,
+    /// (order sent, gateway endpoint, seen as).
+    results: Vec<(usize, SocketAddr, SocketAddr)>,
+    /// Predicted next public endpoints (sequential port allocation).
+    predicted: Vec<SocketAddr>,
     sent_at: Option<Instant>,
     done: bool,
 }
@@ -237,6 +245,34 @@ pub fn classify_mapping(
         (Some(true), _) | (None, Some(true)) => NatClass::EndpointIndependent,
         (None, None) => NatClass::Unknown,
     }
+}
+
+/// Predicts the next public endpoints of an endpoint-dependent NAT that allocates
+/// ports with a constant step: `allocated` are the public endpoints one socket got, in
+/// the order its mappings were created. Returns nothing unless at least two steps were
+/// seen, all equal, non-zero and at most 64.
+pub fn predict_ports(allocated: &[SocketAddr], window: u16) -> Vec<SocketAddr> {
+    let Some(&last) = allocated.last() else {
+        return Vec::new();
+    };
+    if allocated.len() < 3 || allocated.iter().any(|a| a.ip() != last.ip()) {
+        return Vec::new();
+    }
+    let steps: Vec<i32> = allocated
+        .windows(2)
+        .map(|w| i32::from(w[1].port().wrapping_sub(w[0].port()) as i16))
+        .collect();
+    let step = steps[0];
+    if step == 0 || step.abs() > 64 || steps.iter().any(|&s| s != step) {
+        return Vec::new();
+    }
+    (1..=i32::from(window))
+        .filter_map(|k| {
+            let port = (i32::from(last.port()) + k * step).rem_euclid(65_536);
+            let port = u16::try_from(port).ok()?;
+            (port >= 1024).then(|| SocketAddr::new(last.ip(), port))
+        })
+        .collect()
 }
 
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
@@ -334,10 +370,23 @@ impl Agent {
 
     fn send_register(&mut self, now: Instant) {
         let tid = self.tid();
-        let payload = client::register(
+        let candidates: Vec<Candidate> = self
+            .config
+            .host_candidates
+            .iter()
+            .map(|&addr| Candidate {
+                kind: CandidateKind::Host,
+                addr,
+            })
+            .chain(self.discovery.predicted.iter().map(|&addr| Candidate {
+                kind: CandidateKind::Predicted,
+                addr,
+            }))
+            .collect();
+        let payload = client::register_with_candidates(
             tid,
             &self.config.credentials,
-            &self.config.host_candidates,
+            &candidates,
             self.config.nat,
             self.rtt_ms,
         );
@@ -482,11 +531,11 @@ impl Agent {
     fn start_discovery(&mut self, now: Instant, primary: SocketAddr) {
         self.discovery.primary = Some(primary);
         self.discovery.sent_at = Some(now);
-        for endpoint in self.config.discovery.clone() {
+        for (order, endpoint) in self.config.discovery.clone().into_iter().enumerate() {
             let tid = self.tid();
             let mut request = Vec::new();
             super::binding::binding_request(tid, &mut request);
-            self.discovery.pending.insert(tid, endpoint);
+            self.discovery.pending.insert(tid, (endpoint, order));
             self.outgoing.push_back(Transmit {
                 to: endpoint,
                 payload: request,
@@ -501,7 +550,27 @@ impl Agent {
             return;
         };
         let local = self.config.host_candidates.first().copied();
-        let class = classify_mapping(local, self.config.server, primary, &self.discovery.results);
+        self.discovery.results.sort_by_key(|r| r.0);
+        let seen: Vec<(SocketAddr, SocketAddr)> = self
+            .discovery
+            .results
+            .iter()
+            .map(|&(_, endpoint, seen)| (endpoint, seen))
+            .collect();
+        let class = classify_mapping(local, self.config.server, primary, &seen);
+        if matches!(
+            class,
+            NatClass::AddressAndPortDependent | NatClass::AddressDependent
+        ) {
+            let allocated: Vec<SocketAddr> = std::iter::once(primary)
+                .chain(seen.iter().map(|&(_, s)| s))
+                .collect();
+            self.discovery.predicted = predict_ports(&allocated, self.config.prediction_window);
+            if !self.discovery.predicted.is_empty() {
+                tracing::debug!(predicted = ?self.discovery.predicted, "sequential port allocation");
+                self.next_register = now;
+            }
+        }
         tracing::debug!(?local, %primary, results = ?self.discovery.results, class = class.as_str(), "NAT discovery");
         let port_preserved = local.is_some_and(|l| l.port() == primary.port());
         self.events.push_back(AgentEvent::NatClassified {
@@ -563,14 +632,14 @@ impl Agent {
         }
         if ty.method == stun::method::BINDING
             && ty.class == Class::Success
-            && let Some(&endpoint) = self.discovery.pending.get(&message.transaction_id())
+            && let Some(&(endpoint, order)) = self.discovery.pending.get(&message.transaction_id())
         {
             if endpoint == from
                 && let Some(seen) =
                     super::binding::parse_binding_success(datagram, message.transaction_id())
             {
                 self.discovery.pending.remove(&message.transaction_id());
-                self.discovery.results.push((endpoint, seen));
+                self.discovery.results.push((order, endpoint, seen));
                 if self.discovery.pending.is_empty() {
                     self.finish_discovery(now);
                 }
@@ -940,6 +1009,42 @@ mod tests {
             "re-punch asked for a new introduction after the path died"
         );
         assert!(sim.agents[0].1.path("bob").is_some(), "path back up");
+    }
+
+    #[test]
+    fn sequential_ports_are_predicted_and_irregular_ones_are_not() {
+        let at = |port: u16| SocketAddr::from(([198, 51, 100, 2], port));
+        assert_eq!(
+            predict_ports(&[at(30000), at(30001), at(30002)], 3),
+            vec![at(30003), at(30004), at(30005)]
+        );
+        assert_eq!(
+            predict_ports(&[at(40000), at(40002), at(40004)], 2),
+            vec![at(40006), at(40008)]
+        );
+        assert_eq!(
+            predict_ports(&[at(65534), at(65535), at(0)], 2),
+            vec![at(1), at(2)]
+                .into_iter()
+                .filter(|a| a.port() >= 1024)
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            predict_ports(&[at(30000), at(30001), at(30005)], 3).is_empty(),
+            "uneven"
+        );
+        assert!(
+            predict_ports(&[at(30000), at(41000), at(52000)], 3).is_empty(),
+            "too far apart: random"
+        );
+        assert!(
+            predict_ports(&[at(30000), at(30001)], 3).is_empty(),
+            "one step proves nothing"
+        );
+        assert!(
+            predict_ports(&[at(30000), at(30000), at(30000)], 3).is_empty(),
+            "EIM needs none"
+        );
     }
 
     #[test]

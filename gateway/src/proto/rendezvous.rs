@@ -278,7 +278,7 @@ struct PeerRecord {
     addr: SocketAddr,
     local: Option<IpAddr>,
     expiry_unix: u64,
-    host_candidates: Box<[SocketAddr]>,
+    host_candidates: Box<[Candidate]>,
     nat: NatClass,
     rtt_ms: u32,
     last_seen: Instant,
@@ -476,8 +476,12 @@ impl RendezvousServer {
         for attribute in auth.message.attributes().filter_map(Result::ok) {
             match attribute.ty {
                 attr::CANDIDATE if hosts.len() < MAX_CANDIDATES => {
-                    if let Some(c) = decode_candidate(attribute.value, tid) {
-                        hosts.push(c.addr);
+                    // Host and predicted candidates; a peer cannot claim to be
+                    // server-reflexive (only the gateway knows that address).
+                    if let Some(c) = decode_candidate(attribute.value, tid)
+                        && c.kind != CandidateKind::ServerReflexive
+                    {
+                        hosts.push(c);
                     }
                 }
                 attr::NAT_CLASS => {
@@ -613,10 +617,7 @@ impl RendezvousServer {
                 kind: CandidateKind::ServerReflexive,
                 addr: other.addr,
             };
-            let hosts = other.host_candidates.iter().map(|&addr| Candidate {
-                kind: CandidateKind::Host,
-                addr,
-            });
+            let hosts = other.host_candidates.iter().copied();
             for candidate in std::iter::once(reflexive).chain(hosts).take(MAX_CANDIDATES) {
                 let (value, len) = encode_candidate(candidate, tid);
                 writer.attribute(attr::CANDIDATE, &value[..len]);
@@ -808,7 +809,7 @@ pub mod client {
         out
     }
 
-    /// A Register (or keepalive) request.
+    /// A Register (or keepalive) request announcing host candidates.
     pub fn register(
         tid: [u8; 12],
         credentials: &PeerCredentials,
@@ -816,15 +817,27 @@ pub mod client {
         nat: NatClass,
         rtt_ms: u32,
     ) -> Vec<u8> {
+        let candidates: Vec<Candidate> = hosts
+            .iter()
+            .map(|&addr| Candidate {
+                kind: CandidateKind::Host,
+                addr,
+            })
+            .collect();
+        register_with_candidates(tid, credentials, &candidates, nat, rtt_ms)
+    }
+
+    /// A Register request announcing host and predicted candidates.
+    pub fn register_with_candidates(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        candidates: &[Candidate],
+        nat: NatClass,
+        rtt_ms: u32,
+    ) -> Vec<u8> {
         request(method::REGISTER, tid, credentials, |w| {
-            for &addr in hosts.iter().take(MAX_CANDIDATES) {
-                let (value, len) = encode_candidate(
-                    Candidate {
-                        kind: CandidateKind::Host,
-                        addr,
-                    },
-                    tid,
-                );
+            for &candidate in candidates.iter().take(MAX_CANDIDATES - 1) {
+                let (value, len) = encode_candidate(candidate, tid);
                 w.attribute(attr::CANDIDATE, &value[..len]);
             }
             w.attribute(attr::NAT_CLASS, &[nat as u8]);
