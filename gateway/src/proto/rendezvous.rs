@@ -260,6 +260,10 @@ pub struct RendezvousConfig {
     pub max_connects_per_second: u32,
     /// Added to the slower side's one-way delay when scheduling the start.
     pub start_margin: Duration,
+    /// Most error replies to unauthenticated requests per second, all sources
+    /// together (a global budget: keeping per-source state for unauthenticated
+    /// traffic would be the memory attack itself).
+    pub max_error_replies_per_second: u32,
 }
 
 impl Default for RendezvousConfig {
@@ -269,6 +273,7 @@ impl Default for RendezvousConfig {
             max_peers: 2_000_000,
             max_connects_per_second: 20,
             start_margin: Duration::from_millis(20),
+            max_error_replies_per_second: 1_000,
         }
     }
 }
@@ -304,6 +309,8 @@ pub struct RendezvousServer {
     rng: StdRng,
     events: Vec<Event>,
     next_sweep: Option<Instant>,
+    error_budget: u32,
+    error_window: Option<Instant>,
 }
 
 /// What an authenticated request carried.
@@ -327,6 +334,8 @@ impl RendezvousServer {
             rng: StdRng::seed_from_u64(seed),
             events: Vec::new(),
             next_sweep: None,
+            error_budget: 0,
+            error_window: None,
         }
     }
 
@@ -399,7 +408,9 @@ impl RendezvousServer {
                     Handled::BadRequest => (400, "Bad Request"),
                     _ => (401, "Unauthorized"),
                 };
-                out.push(error_reply(&message, code, reason, None, from, local));
+                if self.take_error_budget(now) {
+                    out.push(error_reply(&message, code, reason, None, from, local));
+                }
                 return handled;
             }
         };
@@ -429,6 +440,22 @@ impl RendezvousServer {
                 handled
             }
         }
+    }
+
+    /// Spends one unauthenticated error reply from this second's budget.
+    fn take_error_budget(&mut self, now: Instant) -> bool {
+        let window_over = self
+            .error_window
+            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
+        if window_over {
+            self.error_window = Some(now);
+            self.error_budget = self.config.max_error_replies_per_second;
+        }
+        if self.error_budget == 0 {
+            return false;
+        }
+        self.error_budget -= 1;
+        true
     }
 
     fn authenticate<'a>(
@@ -1286,6 +1313,25 @@ mod tests {
                 responder_nat: NatClass::AddressAndPortDependent
             }]
         );
+    }
+
+    #[test]
+    fn unauthenticated_error_replies_are_rate_limited() {
+        let mut world = World::new();
+        let mut bad = creds("alice");
+        bad.password = "wrong".into();
+        let request = register([1; 12], &bad, &[], NatClass::Unknown, 0);
+        let limit = RendezvousConfig::default().max_error_replies_per_second as usize;
+        let mut replies = 0;
+        for _ in 0..limit + 500 {
+            let (handled, out) = world.send(addr("198.51.100.2:4000"), &request);
+            assert_eq!(handled, Handled::Unauthorized);
+            replies += out.len();
+        }
+        assert_eq!(replies, limit);
+        world.now += Duration::from_secs(1);
+        assert_eq!(world.send(addr("198.51.100.2:4000"), &request).1.len(), 1, "budget refilled");
+        assert_eq!(world.server.peer_count(), 0);
     }
 
     #[test]
