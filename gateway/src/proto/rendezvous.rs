@@ -286,8 +286,10 @@ struct PeerRecord {
     host_candidates: Box<[Candidate]>,
     nat: NatClass,
     rtt_ms: u32,
-    last_seen: Instant,
-    window_start: Instant,
+    /// Milliseconds since the server's epoch (wrapping; 32 bits keep records small).
+    last_seen_ms: u32,
+    /// Start of the current connect-rate window, same clock.
+    window_start_ms: u32,
     connects_in_window: u32,
 }
 
@@ -311,6 +313,9 @@ pub struct RendezvousServer {
     next_sweep: Option<Instant>,
     error_budget: u32,
     error_window: Option<Instant>,
+    /// Origin of the records' 32-bit millisecond clock: the first `now` seen (the
+    /// core never reads a clock itself).
+    epoch: Option<Instant>,
 }
 
 /// What an authenticated request carried.
@@ -336,6 +341,7 @@ impl RendezvousServer {
             next_sweep: None,
             error_budget: 0,
             error_window: None,
+            epoch: None,
         }
     }
 
@@ -357,9 +363,10 @@ impl RendezvousServer {
     /// Forgets registrations that were not refreshed in time or whose credentials
     /// expired.
     pub fn handle_timeout(&mut self, now: Instant, now_unix: u64) {
-        let lifetime = self.config.lifetime;
+        let lifetime_ms = u32::try_from(self.config.lifetime.as_millis()).unwrap_or(u32::MAX);
+        let now_ms = self.clock_ms(now);
         self.peers.retain(|_, peer| {
-            now.saturating_duration_since(peer.last_seen) < lifetime && peer.expiry_unix > now_unix
+            now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms && peer.expiry_unix > now_unix
         });
         self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
     }
@@ -442,6 +449,13 @@ impl RendezvousServer {
         }
     }
 
+    /// `now` on the records' wrapping 32-bit millisecond clock.
+    fn clock_ms(&mut self, now: Instant) -> u32 {
+        let epoch = *self.epoch.get_or_insert(now);
+        // Truncation is the point: differences are taken with wrapping_sub.
+        now.saturating_duration_since(epoch).as_millis() as u32
+    }
+
     /// Spends one unauthenticated error reply from this second's budget.
     fn take_error_budget(&mut self, now: Instant) -> bool {
         let window_over = self
@@ -497,6 +511,7 @@ impl RendezvousServer {
         auth: &Authenticated<'_>,
     ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
         let tid = auth.message.transaction_id();
+        let now_ms = self.clock_ms(now);
         let mut hosts = Vec::new();
         let mut nat = NatClass::Unknown;
         let mut rtt_ms = 0;
@@ -533,8 +548,8 @@ impl RendezvousServer {
                 host_candidates: Box::new([]),
                 nat,
                 rtt_ms,
-                last_seen: now,
-                window_start: now,
+                last_seen_ms: now_ms,
+                window_start_ms: now_ms,
                 connects_in_window: 0,
             });
         record.addr = from;
@@ -543,7 +558,7 @@ impl RendezvousServer {
         record.host_candidates = hosts.into_boxed_slice();
         record.nat = nat;
         record.rtt_ms = rtt_ms;
-        record.last_seen = now;
+        record.last_seen_ms = now_ms;
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now + Duration::from_secs(1));
         }
@@ -581,20 +596,21 @@ impl RendezvousServer {
             .ok_or((Handled::BadRequest, 400, "Bad Request"))?
             .to_owned();
         let max_connects = self.config.max_connects_per_second;
+        let now_ms = self.clock_ms(now);
         let initiator = self
             .peers
             .get_mut(auth.peer_id.as_str())
             .filter(|p| p.addr == from)
             .ok_or((Handled::Forbidden, 403, "Not Registered Here"))?;
-        if now.saturating_duration_since(initiator.window_start) >= Duration::from_secs(1) {
-            initiator.window_start = now;
+        if now_ms.wrapping_sub(initiator.window_start_ms) >= 1_000 {
+            initiator.window_start_ms = now_ms;
             initiator.connects_in_window = 0;
         }
         if initiator.connects_in_window >= max_connects {
             return Err((Handled::RateLimited, 429, "Too Many Connects"));
         }
         initiator.connects_in_window += 1;
-        initiator.last_seen = now;
+        initiator.last_seen_ms = now_ms;
         let initiator = initiator.clone();
         let responder = self
             .peers
@@ -1330,7 +1346,11 @@ mod tests {
         }
         assert_eq!(replies, limit);
         world.now += Duration::from_secs(1);
-        assert_eq!(world.send(addr("198.51.100.2:4000"), &request).1.len(), 1, "budget refilled");
+        assert_eq!(
+            world.send(addr("198.51.100.2:4000"), &request).1.len(),
+            1,
+            "budget refilled"
+        );
         assert_eq!(world.server.peer_count(), 0);
     }
 
