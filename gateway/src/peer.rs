@@ -1,40 +1,29 @@
-//! The peer agent's driver (`gateway peer`): one UDP socket for rendezvous, probes
-//! and data, the sans-IO [`Agent`] in between, optional forwarding of a local UDP
-//! port over the punched path, and one status line per event on standard output.
-use std::{future::Future, net::SocketAddr, time::Instant};
+//! The peer agent as a library ([`PeerClient`], [`PeerPath`]) and as the
+//! `gateway peer` command ([`run`]).
+//!
+//! One task owns the UDP socket and the sans-IO [`Agent`]; the client talks to it
+//! through channels. A [`PeerPath`] is socket-like: `send` and `recv` whole datagrams
+//! to and from one peer, over whatever path currently works. Today that is always a
+//! direct (punched) path; [`PathKind`] is the seam where the TURN relay fallback will
+//! plug in, transparently to users of the path.
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use tokio::net::UdpSocket;
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, oneshot},
+};
 
 use crate::proto::{
     agent::{Agent, AgentConfig, AgentEvent},
     rendezvous::client::Role,
 };
 
-/// How a local UDP port is carried over the path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Forward {
-    /// Listen here; what local applications send goes to the peer, and the peer's
-    /// data goes back to the last local sender.
-    Listen(SocketAddr),
-    /// Deliver the peer's data to this address (from an ephemeral local socket), and
-    /// carry its replies back.
-    To(SocketAddr),
-}
-
-/// Options of one agent run.
-#[derive(Clone, Debug)]
-pub struct PeerOptions {
-    /// Local address of the agent's socket.
-    pub bind: SocketAddr,
-    /// Agent tunables (server, credentials, ...).
-    pub agent: AgentConfig,
-    /// Peer to connect to, if this side initiates.
-    pub connect: Option<String>,
-    /// Forwarding, if any.
-    pub forward: Option<Forward>,
-}
-
-/// Why the agent stopped.
+/// Why the agent could not do something.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// A socket could not be opened.
@@ -45,6 +34,248 @@ pub enum PeerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// No path came up in time.
+    #[error("no path to {peer} within {timeout:?}")]
+    Timeout {
+        /// The peer asked for.
+        peer: String,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The agent task has stopped.
+    #[error("the peer agent has stopped")]
+    Stopped,
+}
+
+/// How a path carries datagrams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathKind {
+    /// Straight between the two peers through both NATs (hole punched).
+    Direct {
+        /// The other peer's address as seen from here.
+        remote: SocketAddr,
+    },
+}
+
+enum Command {
+    Connect {
+        peer: String,
+        reply: oneshot::Sender<PathKind>,
+    },
+    Attach {
+        peer: String,
+        data: mpsc::Sender<Vec<u8>>,
+    },
+    Send {
+        peer: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// A running peer agent: registered with the gateway, ready to connect to peers and
+/// to be connected to.
+#[derive(Debug)]
+pub struct PeerClient {
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::UnboundedReceiver<AgentEvent>,
+    local: SocketAddr,
+}
+
+/// A socket-like path to one peer.
+#[derive(Debug)]
+pub struct PeerPath {
+    peer: String,
+    kind: PathKind,
+    commands: mpsc::UnboundedSender<Command>,
+    data: mpsc::Receiver<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Connect { peer, .. } => write!(f, "Connect({peer})"),
+            Command::Attach { peer, .. } => write!(f, "Attach({peer})"),
+            Command::Send { peer, payload } => write!(f, "Send({peer}, {} bytes)", payload.len()),
+        }
+    }
+}
+
+/// Datagrams buffered per path before new ones are dropped (as UDP would).
+const PATH_QUEUE: usize = 1024;
+
+impl PeerClient {
+    /// Binds the agent's socket and starts it (it registers at once).
+    pub async fn start(bind: SocketAddr, mut config: AgentConfig) -> Result<Self, PeerError> {
+        let socket = UdpSocket::bind(bind)
+            .await
+            .map_err(|source| PeerError::Bind { addr: bind, source })?;
+        let local = socket
+            .local_addr()
+            .map_err(|source| PeerError::Bind { addr: bind, source })?;
+        if config.host_candidates.is_empty() {
+            if !local.ip().is_unspecified() {
+                config.host_candidates.push(local);
+            } else if let Some(ip) = source_ip_towards(config.server).await {
+                // The address the kernel picks toward the gateway: our host
+                // candidate (and how discovery tells "no NAT" apart).
+                config
+                    .host_candidates
+                    .push(SocketAddr::new(ip, local.port()));
+            }
+        }
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let agent = Agent::new(config, Instant::now(), rand::random());
+        tokio::spawn(drive(socket, agent, commands_rx, events_tx));
+        Ok(Self {
+            commands,
+            events,
+            local,
+        })
+    }
+
+    /// The agent socket's local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Asks the gateway for an introduction to `peer` and waits for a path.
+    pub async fn connect(&self, peer: &str, timeout: Duration) -> Result<PeerPath, PeerError> {
+        let (reply, path_up) = oneshot::channel();
+        self.commands
+            .send(Command::Connect {
+                peer: peer.to_owned(),
+                reply,
+            })
+            .map_err(|_| PeerError::Stopped)?;
+        let kind = tokio::time::timeout(timeout, path_up)
+            .await
+            .map_err(|_| PeerError::Timeout {
+                peer: peer.to_owned(),
+                timeout,
+            })?
+            .map_err(|_| PeerError::Stopped)?;
+        self.path(peer, kind)
+    }
+
+    /// A path to `peer`, which must be up (e.g. after a `PathUp` event).
+    pub fn path(&self, peer: &str, kind: PathKind) -> Result<PeerPath, PeerError> {
+        let (data_tx, data) = mpsc::channel(PATH_QUEUE);
+        self.commands
+            .send(Command::Attach {
+                peer: peer.to_owned(),
+                data: data_tx,
+            })
+            .map_err(|_| PeerError::Stopped)?;
+        Ok(PeerPath {
+            peer: peer.to_owned(),
+            kind,
+            commands: self.commands.clone(),
+            data,
+        })
+    }
+
+    /// The next event (registration, discovery, introductions, paths, and data of
+    /// peers that have no [`PeerPath`]); `None` once the agent stopped.
+    pub async fn next_event(&mut self) -> Option<AgentEvent> {
+        self.events.recv().await
+    }
+}
+
+impl PeerPath {
+    /// The peer at the other end.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// How the path carries datagrams.
+    pub fn kind(&self) -> PathKind {
+        self.kind
+    }
+
+    /// Sends one datagram to the peer (dropped, like UDP, while no path is up).
+    pub fn send(&self, payload: &[u8]) -> Result<(), PeerError> {
+        self.commands
+            .send(Command::Send {
+                peer: self.peer.clone(),
+                payload: payload.to_vec(),
+            })
+            .map_err(|_| PeerError::Stopped)
+    }
+
+    /// Receives the next datagram from the peer; `None` once the agent stopped.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.data.recv().await
+    }
+}
+
+/// The task owning the socket and the agent.
+async fn drive(
+    socket: UdpSocket,
+    mut agent: Agent,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<AgentEvent>,
+) {
+    let mut buf = vec![0u8; 65_535];
+    let mut waiting: HashMap<String, Vec<oneshot::Sender<PathKind>>> = HashMap::new();
+    let mut attached: HashMap<String, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    loop {
+        let deadline = agent.poll_timeout();
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline.into()) => agent.handle_timeout(Instant::now()),
+            received = socket.recv_from(&mut buf) => match received {
+                Ok((len, from)) => agent.handle_datagram(Instant::now(), from, &buf[..len]),
+                Err(e) => tracing::debug!(error = %e, "receive failed"),
+            },
+            command = commands.recv() => match command {
+                // Every client handle is gone: stop.
+                None => return,
+                Some(Command::Connect { peer, reply }) => {
+                    match agent.path(&peer) {
+                        Some(remote) => { let _ = reply.send(PathKind::Direct { remote }); }
+                        None => {
+                            agent.connect(&peer, Instant::now());
+                            waiting.entry(peer).or_default().push(reply);
+                        }
+                    }
+                }
+                Some(Command::Attach { peer, data }) => { attached.insert(peer, data); }
+                Some(Command::Send { peer, payload }) => {
+                    if !agent.send_data(&peer, &payload) {
+                        tracing::debug!(%peer, "no path yet; datagram dropped");
+                    }
+                }
+            },
+        }
+        while let Some(transmit) = agent.poll_transmit() {
+            if let Err(e) = socket.send_to(&transmit.payload, transmit.to).await {
+                tracing::debug!(error = %e, to = %transmit.to, "send failed");
+            }
+        }
+        while let Some(event) = agent.poll_event() {
+            match &event {
+                AgentEvent::PathUp {
+                    peer_id, remote, ..
+                } => {
+                    for reply in waiting.remove(peer_id).unwrap_or_default() {
+                        let _ = reply.send(PathKind::Direct { remote: *remote });
+                    }
+                }
+                AgentEvent::Data { peer_id, payload } => {
+                    if let Some(path) = attached.get(peer_id) {
+                        if path.try_send(payload.clone()).is_err() && path.is_closed() {
+                            attached.remove(peer_id);
+                        }
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            if events.send(event).is_err() {
+                // Nobody reads events any more; keep serving the paths.
+            }
+        }
+    }
 }
 
 /// The local address the kernel routes from toward `to` (a connected UDP socket sends
@@ -58,6 +289,30 @@ async fn source_ip_towards(to: SocketAddr) -> Option<std::net::IpAddr> {
     probe.local_addr().ok().map(|a| a.ip())
 }
 
+/// How `gateway peer` carries a local UDP port over the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forward {
+    /// Listen here; what local applications send goes to the peer, and the peer's
+    /// data goes back to the last local sender.
+    Listen(SocketAddr),
+    /// Deliver the peer's data to this address (from an ephemeral local socket), and
+    /// carry its replies back.
+    To(SocketAddr),
+}
+
+/// Options of `gateway peer`.
+#[derive(Clone, Debug)]
+pub struct PeerOptions {
+    /// Local address of the agent's socket.
+    pub bind: SocketAddr,
+    /// Agent tunables (server, credentials, ...).
+    pub agent: AgentConfig,
+    /// Peer to connect to, if this side initiates.
+    pub connect: Option<String>,
+    /// Forwarding, if any.
+    pub forward: Option<Forward>,
+}
+
 fn status(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -65,21 +320,11 @@ fn status(line: std::fmt::Arguments<'_>) {
     let _ = out.flush();
 }
 
-/// Runs the agent until `shutdown` completes.
+/// `gateway peer`: runs the agent with status lines on stdout until `shutdown`.
 pub async fn run(
     options: PeerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PeerError> {
-    let socket = UdpSocket::bind(options.bind)
-        .await
-        .map_err(|source| PeerError::Bind {
-            addr: options.bind,
-            source,
-        })?;
-    let local = socket.local_addr().map_err(|source| PeerError::Bind {
-        addr: options.bind,
-        source,
-    })?;
     let forward_socket = match options.forward {
         Some(Forward::Listen(addr)) => Some(
             UdpSocket::bind(addr)
@@ -87,14 +332,11 @@ pub async fn run(
                 .map_err(|source| PeerError::Bind { addr, source })?,
         ),
         Some(Forward::To(target)) => {
-            let any = SocketAddr::new(
-                if target.is_ipv4() {
-                    [0, 0, 0, 0].into()
-                } else {
-                    std::net::Ipv6Addr::UNSPECIFIED.into()
-                },
-                0,
-            );
+            let any: SocketAddr = if target.is_ipv4() {
+                ([0, 0, 0, 0], 0).into()
+            } else {
+                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            };
             Some(
                 UdpSocket::bind(any)
                     .await
@@ -103,119 +345,118 @@ pub async fn run(
         }
         None => None,
     };
-    let mut config = options.agent.clone();
-    if config.host_candidates.is_empty() {
-        if !local.ip().is_unspecified() {
-            config.host_candidates.push(local);
-        } else if let Some(ip) = source_ip_towards(config.server).await {
-            // The address the kernel picks toward the gateway: our host candidate
-            // (and how discovery tells "no NAT" apart).
-            config
-                .host_candidates
-                .push(SocketAddr::new(ip, local.port()));
-        }
-    }
-    status(format_args!("local {local} server {}", config.server));
-    let start = Instant::now();
-    let mut agent = Agent::new(config, start, rand::random());
+    let server = options.agent.server;
+    let mut client = PeerClient::start(options.bind, options.agent).await?;
+    status(format_args!(
+        "local {} server {server}",
+        client.local_addr()
+    ));
     if let Some(peer) = &options.connect {
-        agent.connect(peer, start);
+        // Start asking now; the path is picked up from the PathUp event below.
+        let (reply, _) = oneshot::channel();
+        client
+            .commands
+            .send(Command::Connect {
+                peer: peer.clone(),
+                reply,
+            })
+            .map_err(|_| PeerError::Stopped)?;
     }
-    // The peer whose path carries forwarded traffic.
-    let mut remote_peer = options.connect.clone();
+    // The path that carries forwarded traffic: to the peer we connect to, or the
+    // first peer that reaches us.
+    let mut path: Option<PeerPath> = None;
     let mut app_addr = match options.forward {
         Some(Forward::To(target)) => Some(target),
         _ => None,
     };
-    let mut buf = vec![0u8; 65_535];
     let mut app_buf = vec![0u8; 65_535];
     tokio::pin!(shutdown);
     loop {
-        let deadline = agent.poll_timeout();
         let forward_recv = async {
             match &forward_socket {
                 Some(s) => s.recv_from(&mut app_buf).await,
                 None => std::future::pending().await,
             }
         };
+        let path_recv = async {
+            match path.as_mut() {
+                Some(p) => p.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = &mut shutdown => return Ok(()),
-            () = tokio::time::sleep_until(deadline.into()) => agent.handle_timeout(Instant::now()),
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((len, from)) => agent.handle_datagram(Instant::now(), from, &buf[..len]),
-                Err(e) => tracing::debug!(error = %e, "receive failed"),
-            },
+            event = client.next_event() => {
+                let Some(event) = event else { return Err(PeerError::Stopped) };
+                report(&event);
+                if let AgentEvent::PathUp { peer_id, remote, .. } = &event {
+                    let ours = options.connect.as_deref().is_none_or(|p| p == peer_id);
+                    let current = path.as_ref().map(|p| p.peer().to_owned());
+                    if ours && current.as_deref().is_none_or(|p| p == peer_id) {
+                        path = Some(client.path(peer_id, PathKind::Direct { remote: *remote })?);
+                    }
+                }
+            }
             received = forward_recv => match received {
                 Ok((len, from)) => {
                     if matches!(options.forward, Some(Forward::Listen(_))) {
                         app_addr = Some(from);
                     }
-                    let sent = remote_peer
-                        .as_deref()
-                        .is_some_and(|peer| agent.send_data(peer, &app_buf[..len]));
-                    if !sent {
-                        tracing::debug!("no direct path yet; dropped {len} bytes from {from}");
+                    match &path {
+                        Some(p) => p.send(&app_buf[..len])?,
+                        None => tracing::debug!("no path yet; dropped {len} bytes from {from}"),
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "forward receive failed"),
             },
-        }
-        while let Some(transmit) = agent.poll_transmit() {
-            if let Err(e) = socket.send_to(&transmit.payload, transmit.to).await {
-                tracing::debug!(error = %e, to = %transmit.to, "send failed");
-            }
-        }
-        while let Some(event) = agent.poll_event() {
-            match event {
-                AgentEvent::Registered { mapped } => {
-                    status(format_args!("registered public {mapped}"))
-                }
-                AgentEvent::NatClassified {
-                    class,
-                    port_preserved,
-                } => status(format_args!(
-                    "nat mapping {} port_preserved {port_preserved}",
-                    class.as_str()
-                )),
-                AgentEvent::Refused { method, code } => {
-                    status(format_args!("refused method 0x{method:03x} code {code}"))
-                }
-                AgentEvent::Introduced { peer_id, role } => {
-                    let role = match role {
-                        Role::Initiator => "initiator",
-                        Role::Responder => "responder",
-                    };
-                    if remote_peer.is_none() {
-                        remote_peer = Some(peer_id.clone());
-                    }
-                    status(format_args!("introduced peer {peer_id} role {role}"));
-                }
-                AgentEvent::PathUp {
-                    peer_id,
-                    remote,
-                    elapsed,
-                    probes,
-                } => status(format_args!(
-                    "path-up peer {peer_id} direct {remote} elapsed_ms {} probes {probes}",
-                    elapsed.as_millis()
-                )),
-                AgentEvent::PunchFailed { peer_id, probes } => status(format_args!(
-                    "punch-failed peer {peer_id} probes {probes} (no relay yet)"
-                )),
-                AgentEvent::PathDown { peer_id } => {
-                    status(format_args!("path-down peer {peer_id}"))
-                }
-                AgentEvent::Data { peer_id, payload } => {
-                    if remote_peer.as_deref() != Some(peer_id.as_str()) {
-                        continue;
-                    }
+            data = path_recv => match data {
+                Some(payload) => {
                     if let (Some(forward), Some(to)) = (&forward_socket, app_addr)
                         && let Err(e) = forward.send_to(&payload, to).await
                     {
                         tracing::debug!(error = %e, %to, "forward send failed");
                     }
                 }
-            }
+                None => return Err(PeerError::Stopped),
+            },
         }
+    }
+}
+
+/// One status line per event.
+fn report(event: &AgentEvent) {
+    match event {
+        AgentEvent::Registered { mapped } => status(format_args!("registered public {mapped}")),
+        AgentEvent::NatClassified {
+            class,
+            port_preserved,
+        } => status(format_args!(
+            "nat mapping {} port_preserved {port_preserved}",
+            class.as_str()
+        )),
+        AgentEvent::Refused { method, code } => {
+            status(format_args!("refused method 0x{method:03x} code {code}"))
+        }
+        AgentEvent::Introduced { peer_id, role } => {
+            let role = match role {
+                Role::Initiator => "initiator",
+                Role::Responder => "responder",
+            };
+            status(format_args!("introduced peer {peer_id} role {role}"))
+        }
+        AgentEvent::PathUp {
+            peer_id,
+            remote,
+            elapsed,
+            probes,
+        } => status(format_args!(
+            "path-up peer {peer_id} direct {remote} elapsed_ms {} probes {probes}",
+            elapsed.as_millis()
+        )),
+        AgentEvent::PunchFailed { peer_id, probes } => status(format_args!(
+            "punch-failed peer {peer_id} probes {probes} (no relay yet)"
+        )),
+        AgentEvent::PathDown { peer_id } => status(format_args!("path-down peer {peer_id}")),
+        AgentEvent::Data { .. } => {}
     }
 }

@@ -304,3 +304,131 @@ fn nat_matrix() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The Rust library API: two in-process clients, each in its own lab host's namespace,
+/// get a socket-like path and exchange datagrams over it.
+#[test]
+fn library_api_connects_and_exchanges_datagrams() {
+    use gateway::{
+        peer::{PathKind, PeerClient},
+        proto::{
+            agent::{AgentConfig, AgentEvent},
+            rendezvous::client::PeerCredentials,
+        },
+    };
+    if !lab_or_skip() {
+        return;
+    }
+    let pair = start_pair(
+        NatPreset::port_restricted_cone(),
+        NatPreset::full_cone(),
+        &["--prediction-window", "0"],
+        &[],
+    );
+    // The agent processes of start_pair are not used here; the library clients
+    // register under other ids.
+    let secret = SharedSecret::new(b"punch secret");
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let config = |peer: &str| {
+        let issued = secret.issue(peer, expiry).expect("issue");
+        AgentConfig::new(
+            "192.0.2.10:3478".parse().expect("addr"),
+            PeerCredentials {
+                username: issued.username,
+                password: issued.password,
+            },
+        )
+    };
+    let (carol_config, dave_config) = (config("carol"), config("dave"));
+    let host_c = pair
+        .lab
+        .site("a")
+        .expect("a")
+        .host(0)
+        .expect("host")
+        .clone();
+    let host_d = pair
+        .lab
+        .site("b")
+        .expect("b")
+        .host(0)
+        .expect("host")
+        .clone();
+    let dave = std::thread::spawn(move || {
+        host_d
+            .run(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("rt");
+                runtime.block_on(async move {
+                    let mut client =
+                        PeerClient::start("0.0.0.0:0".parse().expect("addr"), dave_config)
+                            .await
+                            .expect("start");
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                    let (peer, remote) = loop {
+                        let event = tokio::time::timeout_at(deadline, client.next_event())
+                            .await
+                            .expect("dave gets a path in time")
+                            .expect("agent runs");
+                        if let AgentEvent::PathUp {
+                            peer_id, remote, ..
+                        } = event
+                        {
+                            break (peer_id, remote);
+                        }
+                    };
+                    let mut path = client
+                        .path(&peer, PathKind::Direct { remote })
+                        .expect("path");
+                    let got = tokio::time::timeout(Duration::from_secs(5), path.recv())
+                        .await
+                        .expect("a datagram in time")
+                        .expect("data");
+                    path.send(&[b"echo: ".as_slice(), &got].concat())
+                        .expect("send");
+                    // Stay up until carol has read the echo.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    peer
+                })
+            })
+            .expect("namespace")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let carol = host_c
+        .run(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("rt");
+            runtime.block_on(async move {
+                let client = PeerClient::start("0.0.0.0:0".parse().expect("addr"), carol_config)
+                    .await
+                    .expect("start");
+                let mut path = client
+                    .connect("dave", Duration::from_secs(8))
+                    .await
+                    .expect("path to dave");
+                assert!(matches!(path.kind(), PathKind::Direct { .. }));
+                let mut echo = None;
+                for _ in 0..10 {
+                    path.send(b"hello dave").expect("send");
+                    if let Ok(Some(reply)) =
+                        tokio::time::timeout(Duration::from_millis(300), path.recv()).await
+                    {
+                        echo = Some(reply);
+                        break;
+                    }
+                }
+                echo
+            })
+        })
+        .expect("namespace");
+    assert_eq!(carol.as_deref(), Some(b"echo: hello dave".as_slice()));
+    assert_eq!(dave.join().expect("dave thread"), "carol");
+}
