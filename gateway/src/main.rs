@@ -26,8 +26,9 @@ use tracing_subscriber::EnvFilter;
         registers peers and introduces them so both punch a hole at the same instant, \
         exports Prometheus metrics, and counts its UDP traffic in the kernel with eBPF. \
         `gateway peer` is the agent on each NATed host.",
-    after_help = "Not built yet (planned, see the project's issues): port prediction for \
-        symmetric NATs, the TURN relay and relay fallback, TCP splicing."
+    after_help = "Not built yet (planned, see the project's issues): birthday punching for \
+        random-port symmetric NATs, the TURN relay and relay fallback, TCP splicing, \
+        eBPF punch-flow tracking."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
