@@ -64,7 +64,7 @@ fn wait_for_ctrl_c() {
     }
 }
 
-fn require_lab() -> Result<()> {
+pub fn require_lab() -> Result<()> {
     match lab::require_root() {
         LabAvailability::Available => Ok(()),
         LabAvailability::OptedOut => bail!("the lab needs root (GATEWAY_LAB_OPT_OUT is set)"),

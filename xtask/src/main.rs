@@ -1,4 +1,5 @@
 //! Project automation, run as `cargo xtask <command>` (see `cargo xtask --help`).
+mod bench;
 mod demo;
 mod toolchain;
 
@@ -37,6 +38,9 @@ enum Command {
     /// STUN traffic from peers behind two kinds of NAT, then the eBPF counters and
     /// the metrics.
     Demo(demo::DemoArgs),
+    /// Measure time from introduction to a direct path per NAT pair in the lab
+    /// (median and p95), printing a markdown table.
+    PunchBench(bench::PunchBenchArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Test => toolchain::test(),
         Command::Fuzz { seconds } => toolchain::fuzz(seconds),
         Command::Demo(args) => demo::demo(args),
+        Command::PunchBench(args) => bench::punch_bench(args),
         Command::Lab(command) => demo::lab(command),
     };
     match result {

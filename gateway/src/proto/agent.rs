@@ -185,6 +185,8 @@ pub struct Agent {
     config: AgentConfig,
     rng: StdRng,
     next_register: Instant,
+    /// Wait before resending an unanswered Register (doubles up to the keepalive).
+    register_retry: Duration,
     rtt_ms: u32,
     pending: HashMap<[u8; 12], PendingRequest>,
     probe_tids: HashMap<[u8; 12], u64>,
@@ -275,6 +277,9 @@ pub fn predict_ports(allocated: &[SocketAddr], window: u16) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// First retransmission of an unanswered Register (RFC 8489's RTO default).
+const FIRST_REGISTER_RETRY: Duration = Duration::from_millis(500);
+
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
 const MAX_PROBE_TIDS: usize = 4096;
 
@@ -285,6 +290,7 @@ impl Agent {
             config,
             rng: StdRng::seed_from_u64(seed),
             next_register: now,
+            register_retry: FIRST_REGISTER_RETRY,
             rtt_ms: 0,
             pending: HashMap::new(),
             probe_tids: HashMap::new(),
@@ -402,7 +408,10 @@ impl Agent {
             to: self.config.server,
             payload,
         });
-        self.next_register = now + self.config.keepalive;
+        // Until answered, resend with backoff (a lost Register must not wait for the
+        // next keepalive); the answer moves this to the keepalive schedule.
+        self.next_register = now + self.register_retry.min(self.config.keepalive);
+        self.register_retry = (self.register_retry * 2).min(self.config.keepalive);
     }
 
     /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
@@ -672,8 +681,14 @@ impl Agent {
             Ok(()) if request.method == method::REGISTER => {
                 let rtt = now.saturating_duration_since(request.sent_at);
                 self.rtt_ms = u32::try_from(rtt.as_millis()).unwrap_or(u32::MAX);
-                if let Some(lifetime) = response.lifetime {
-                    self.next_register = self.next_register.min(request.sent_at + lifetime / 3);
+                let interval = match response.lifetime {
+                    Some(lifetime) => self.config.keepalive.min(lifetime / 3),
+                    None => self.config.keepalive,
+                };
+                self.register_retry = FIRST_REGISTER_RETRY;
+                // Keep an earlier deliberate re-register (e.g. after discovery).
+                if self.next_register > now {
+                    self.next_register = request.sent_at + interval;
                 }
                 if let Some(mapped) = response.mapped {
                     // Refreshes are silent unless the public address moved.
@@ -778,13 +793,16 @@ impl Agent {
                 }
                 if !session.candidates.contains(&from) {
                     session.candidates.insert(0, from);
-                    if session.state == SessionState::Waiting {
-                        session.state = SessionState::Probing;
-                        session.start_at = session.start_at.min(now);
-                    }
-                    if matches!(session.state, SessionState::Probing) {
-                        self.send_probe(id, from);
-                    }
+                }
+                if session.state == SessionState::Waiting {
+                    session.state = SessionState::Probing;
+                    session.start_at = session.start_at.min(now);
+                }
+                // A triggered check (as in ICE): the other side's probe just got
+                // through, so a probe back to where it came from will too; do not wait
+                // for the next round. Bounded by the probes the other side sends.
+                if session.state == SessionState::Probing {
+                    self.send_probe(id, from);
                 }
             }
             Some(Probe::Response { transaction_id, .. }) => {
@@ -931,7 +949,7 @@ mod tests {
             1,
             |e| matches!(e, AgentEvent::PathUp { peer_id, .. } if peer_id == "alice")
         ));
-        // Time to direct: introduction + start delay (20 ms margin, RTTs ~20 ms) +
+        // Time to direct: introduction + start delay (5 ms margin, RTTs ~20 ms) +
         // one probe round trip; well under 100 ms on this 10 ms-latency network.
         let elapsed = sim.events.iter().find_map(|(i, e)| match e {
             AgentEvent::PathUp { elapsed, .. } if *i == 0 => Some(*elapsed),
@@ -1045,6 +1063,28 @@ mod tests {
             predict_ports(&[at(30000), at(30000), at(30000)], 3).is_empty(),
             "EIM needs none"
         );
+    }
+
+    #[test]
+    fn unanswered_registers_are_resent_with_backoff() {
+        let now = Instant::now();
+        let creds = PeerCredentials {
+            username: "1900000000:alice".into(),
+            password: "pw".into(),
+        };
+        let mut agent = Agent::new(AgentConfig::new(addr("192.0.2.10:3478"), creds), now, 1);
+        let mut sent_at = Vec::new();
+        for ms in (0..4_000).step_by(10) {
+            let t = now + Duration::from_millis(ms);
+            if agent.poll_timeout() <= t {
+                agent.handle_timeout(t);
+            }
+            while agent.poll_transmit().is_some() {
+                sent_at.push(ms);
+            }
+        }
+        // 0, 0.5 s, then 1 s later, then 2 s later: RFC 8489-style doubling.
+        assert_eq!(sent_at, vec![0, 500, 1_500, 3_500]);
     }
 
     #[test]

@@ -272,7 +272,7 @@ impl Default for RendezvousConfig {
             lifetime: Duration::from_secs(60),
             max_peers: 2_000_000,
             max_connects_per_second: 20,
-            start_margin: Duration::from_millis(20),
+            start_margin: Duration::from_millis(5),
             max_error_replies_per_second: 1_000,
         }
     }
@@ -622,8 +622,12 @@ impl RendezvousServer {
         let intro_id: u64 = self.rng.random();
         let probe_key: [u8; 16] = self.rng.random();
         let slower_one_way = initiator.rtt_ms.max(responder.rtt_ms) / 2;
-        let margin = u32::try_from(self.config.start_margin.as_millis()).unwrap_or(20);
-        let delay = |own_rtt: u32| slower_one_way + margin - own_rtt / 2;
+        let margin = u32::try_from(self.config.start_margin.as_millis()).unwrap_or(5);
+        let delay = |own_rtt: u32| {
+            slower_one_way
+                .saturating_add(margin)
+                .saturating_sub(own_rtt / 2)
+        };
         let sides = [
             (
                 &initiator,
@@ -672,6 +676,13 @@ impl RendezvousServer {
                 .attribute(attr::NAT_CLASS, &[other.nat as u8])
                 .message_integrity_sha256(password.as_bytes());
             writer.finish_with_fingerprint();
+            // Sent twice: a lost introduction costs a whole punch attempt, a duplicate
+            // costs one datagram (the agent ignores an introduction it already has).
+            out.push(Transmit {
+                to: recipient.addr,
+                from_local: recipient.local,
+                payload: payload.clone(),
+            });
             out.push(Transmit {
                 to: recipient.addr,
                 from_local: recipient.local,
@@ -1268,7 +1279,11 @@ mod tests {
         let alice = creds("alice");
         let (handled, out) = world.send(a, &connect([2; 12], &alice, "bob"));
         assert_eq!(handled, Handled::Introduced);
-        assert_eq!(out.len(), 3, "two introductions and the reply");
+        assert_eq!(
+            out.len(),
+            5,
+            "two introductions, each sent twice, and the reply"
+        );
         let to_alice = out
             .iter()
             .find(|t| t.to == a && parse_introduction(&t.payload, &alice.password).is_some())
@@ -1306,15 +1321,15 @@ mod tests {
             "sent from where bob registered"
         );
         assert_eq!(ia.peer_nat, NatClass::AddressAndPortDependent);
-        // Both start at max(RTT)/2 + 20 ms after the gateway sent: alice's one-way
+        // Both start at max(RTT)/2 + 5 ms (the default margin) after the gateway sent: alice's one-way
         // delay is 20 ms, bob's 50 ms.
         assert_eq!(
             ia.start_delay + Duration::from_millis(20),
-            Duration::from_millis(70)
+            Duration::from_millis(55)
         );
         assert_eq!(
             ib.start_delay + Duration::from_millis(50),
-            Duration::from_millis(70)
+            Duration::from_millis(55)
         );
         let reply = out
             .iter()
