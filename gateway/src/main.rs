@@ -92,6 +92,14 @@ struct PeerArgs {
     /// behind an endpoint-dependent NAT; 0 turns prediction off.
     #[arg(long, default_value_t = 6)]
     prediction_window: u16,
+    /// Seconds between registration refreshes; keep it below the NAT's UDP mapping
+    /// timeout (RFC 4787 requires at least 120 s, some NATs use far less).
+    #[arg(long, default_value_t = 15)]
+    keepalive: u64,
+    /// TTL of the opener probes sent when punching starts: enough hops to pass this
+    /// host's own NAT(s), too few to reach the other side's; 0 disables the opener.
+    #[arg(long, default_value_t = 2)]
+    open_ttl: u8,
     /// Most probes one punch attempt may send.
     #[arg(long, default_value_t = 200)]
     probe_budget: u32,
@@ -189,6 +197,11 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.probe_budget = args.probe_budget;
     agent.discovery = args.discover;
     agent.prediction_window = args.prediction_window;
+    agent.open_ttl = args.open_ttl;
+    if args.keepalive == 0 {
+        anyhow::bail!("--keepalive must be at least 1 second");
+    }
+    agent.keepalive = std::time::Duration::from_secs(args.keepalive);
     let forward = match (args.forward_listen, args.forward_to) {
         (Some(addr), _) => Some(Forward::Listen(addr)),
         (None, Some(addr)) => Some(Forward::To(addr)),

@@ -248,8 +248,20 @@ async fn drive(
             },
         }
         while let Some(transmit) = agent.poll_transmit() {
+            let default_ttl = match transmit.ttl {
+                Some(ttl) => match socket.ttl() {
+                    Ok(default) => socket.set_ttl(u32::from(ttl)).ok().map(|()| default),
+                    Err(_) => None,
+                },
+                None => None,
+            };
             if let Err(e) = socket.send_to(&transmit.payload, transmit.to).await {
                 tracing::debug!(error = %e, to = %transmit.to, "send failed");
+            }
+            if let Some(default) = default_ttl
+                && let Err(e) = socket.set_ttl(default)
+            {
+                tracing::warn!(error = %e, "cannot restore the socket's TTL");
             }
         }
         while let Some(event) = agent.poll_event() {

@@ -6,3 +6,4 @@
 //! kernels and real NAT behaviour. See `docs/lab.md`.
 pub mod daemon;
 pub mod lab;
+pub mod punch;

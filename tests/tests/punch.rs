@@ -7,96 +7,14 @@ use std::{
     time::Duration,
 };
 
-use gateway::proto::credentials::SharedSecret;
 use gateway_tests::{
-    daemon::{GatewayProcess, PeerProcess, metric_value},
-    lab::{Lab, LabAvailability, NatPreset, require_root},
+    daemon::metric_value,
+    lab::{LabAvailability, NatPreset, require_root},
+    punch::{self, PunchLab, Topology},
 };
 
-struct Pair {
-    lab: Lab,
-    gateway: GatewayProcess,
-    alice: PeerProcess,
-    bob: PeerProcess,
-    secret_path: std::path::PathBuf,
-}
-
-impl Drop for Pair {
-    fn drop(&mut self) {
-        std::fs::remove_file(&self.secret_path).ok();
-    }
-}
-
-fn start_pair(a: NatPreset, b: NatPreset, alice_args: &[&str], bob_args: &[&str]) -> Pair {
-    let lab = Lab::builder()
-        .site("a", a)
-        .site("b", b)
-        .build()
-        .expect("lab");
-    let server = lab.server();
-    let primary = server.addrs()[0];
-    let secret_path =
-        std::env::temp_dir().join(format!("gw-punch-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::write(&secret_path, "punch secret").expect("secret");
-    let gateway = GatewayProcess::start(
-        server,
-        SocketAddr::from((primary, 9478)),
-        &[
-            "--listen",
-            "0.0.0.0:3478",
-            "--discovery-listen",
-            "0.0.0.0:3479",
-            "--no-ebpf",
-            "--secret-file",
-            &secret_path.to_string_lossy(),
-        ],
-    )
-    .expect("gateway");
-    let secret = SharedSecret::new(b"punch secret");
-    let expiry = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 600;
-    let to = SocketAddr::from((primary, 3478));
-    let creds = |peer: &str| secret.issue(peer, expiry).expect("issue");
-    let (a_creds, b_creds) = (creds("alice"), creds("bob"));
-    let host_a = lab.site("a").expect("a").host(0).expect("host").clone();
-    let host_b = lab.site("b").expect("b").host(0).expect("host").clone();
-    let mut bob_all = DISCOVER.to_vec();
-    bob_all.extend_from_slice(bob_args);
-    let mut bob = PeerProcess::start(&host_b, to, &b_creds.username, &b_creds.password, &bob_all)
-        .expect("bob");
-    // Bob is registered and classified before alice asks for him (a UDP-blocked bob
-    // never is; the matrix then expects no path).
-    bob.wait_for("nat mapping", Duration::from_secs(5));
-    let mut args = vec!["--connect", "bob"];
-    args.extend_from_slice(DISCOVER);
-    args.extend_from_slice(alice_args);
-    let alice = PeerProcess::start(&host_a, to, &a_creds.username, &a_creds.password, &args)
-        .expect("alice");
-    Pair {
-        lab,
-        gateway,
-        alice,
-        bob,
-        secret_path,
-    }
-}
-
-/// The gateway's other Binding endpoints in the lab: its discovery port and its
-/// second address.
-const DISCOVER: &[&str] = &[
-    "--discover",
-    "192.0.2.10:3479",
-    "--discover",
-    "192.0.2.11:3478",
-];
-
-fn rand_suffix() -> u32 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    N.fetch_add(1, Ordering::SeqCst)
+fn start_pair(a: NatPreset, b: NatPreset, alice_args: &[&str], bob_args: &[&str]) -> PunchLab {
+    punch::start(Topology::TwoSites(a, b), alice_args, bob_args).expect("punch lab")
 }
 
 fn lab_or_skip() -> bool {
@@ -248,63 +166,6 @@ fn discovery_classifies_each_nat_preset() {
     assert!(failures.is_empty(), "{failures:#?}");
 }
 
-/// The matrix rows this test proves (each pair in its own lab; see docs/nat-matrix.md).
-#[test]
-fn nat_matrix() {
-    if !lab_or_skip() {
-        return;
-    }
-    // (alice's NAT, bob's NAT, extra agent flags, direct path expected)
-    let cases: &[(&str, &str, &[&str], bool)] = &[
-        ("no-nat", "port-restricted-cone", &[], true),
-        ("full-cone", "symmetric", &[], true),
-        ("restricted-cone", "symmetric", &[], true),
-        ("port-restricted-cone", "eim-random-port", &[], true),
-        ("firewall-only", "port-restricted-cone", &[], true),
-        ("lossy-5", "port-restricted-cone", &[], true),
-        ("address-dependent", "restricted-cone", &[], true),
-        ("port-restricted-cone", "symmetric-sequential", &[], true),
-        ("symmetric-sequential", "port-restricted-cone", &[], true),
-        // The same pair without prediction: proves the row above is prediction's work.
-        (
-            "port-restricted-cone",
-            "symmetric-sequential",
-            &["--prediction-window", "0"],
-            false,
-        ),
-        ("port-restricted-cone", "symmetric", &[], false),
-        ("symmetric", "symmetric", &[], false),
-        ("udp-blocked", "full-cone", &[], false),
-    ];
-    let mut failures = Vec::new();
-    for &(a, b, flags, direct) in cases {
-        let pa: NatPreset = a.parse().expect("preset");
-        let pb: NatPreset = b.parse().expect("preset");
-        // Bob registers first; a UDP-blocked alice never even registers.
-        let mut args = vec!["--probe-budget", "100"];
-        args.extend_from_slice(flags);
-        let mut pair = start_pair(pa, pb, &args, &args);
-        let up = pair
-            .alice
-            .wait_for("path-up", Duration::from_secs(7))
-            .is_some()
-            && pair
-                .bob
-                .wait_for("path-up", Duration::from_secs(1))
-                .is_some();
-        if up != direct {
-            failures.push(format!(
-                "{a} x {b} {flags:?}: expected {}, got {}; alice {:?} bob {:?}",
-                if direct { "direct" } else { "no direct path" },
-                if up { "direct" } else { "no direct path" },
-                pair.alice.seen(),
-                pair.bob.seen()
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{failures:#?}");
-}
-
 /// The Rust library API: two in-process clients, each in its own lab host's namespace,
 /// get a socket-like path and exchange datagrams over it.
 #[test]
@@ -327,14 +188,8 @@ fn library_api_connects_and_exchanges_datagrams() {
     );
     // The agent processes of start_pair are not used here; the library clients
     // register under other ids.
-    let secret = SharedSecret::new(b"punch secret");
-    let expiry = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 600;
     let config = |peer: &str| {
-        let issued = secret.issue(peer, expiry).expect("issue");
+        let issued = punch::credentials(peer);
         AgentConfig::new(
             "192.0.2.10:3478".parse().expect("addr"),
             PeerCredentials {
@@ -431,4 +286,31 @@ fn library_api_connects_and_exchanges_datagrams() {
         .expect("namespace");
     assert_eq!(carol.as_deref(), Some(b"echo: hello dave".as_slice()));
     assert_eq!(dave.join().expect("dave thread"), "carol");
+}
+
+/// Control for the matrix's router-accepts-unsolicited rows: without the low-TTL
+/// opener, the other side's early probes reach that router first, it claims the port
+/// for itself, the host's probes leave from another port, and a port-restricted peer
+/// never admits them.
+#[test]
+fn without_the_opener_a_router_that_accepts_unsolicited_packets_breaks_the_punch() {
+    if !lab_or_skip() {
+        return;
+    }
+    for (open_ttl, direct) in [("0", false), ("2", true)] {
+        let mut scenario = start_pair(
+            NatPreset::port_restricted_cone(),
+            "router-accepts-unsolicited".parse().expect("preset"),
+            &["--open-ttl", open_ttl],
+            &["--open-ttl", open_ttl],
+        );
+        let up = scenario.wait_direct(Duration::from_secs(6)).is_some();
+        assert_eq!(
+            up,
+            direct,
+            "--open-ttl {open_ttl}: alice {:?} bob {:?}",
+            scenario.alice.seen(),
+            scenario.bob.seen()
+        );
+    }
 }

@@ -49,6 +49,11 @@ pub struct AgentConfig {
     pub keepalive: Duration,
     /// Gap between two probe rounds.
     pub probe_interval: Duration,
+    /// TTL of the opener probes sent at the scheduled start (enough hops to pass this
+    /// host's own NAT, too few to reach the other's); 0 disables the opener.
+    pub open_ttl: u8,
+    /// Delay between the opener and the first real probes.
+    pub open_lead: Duration,
     /// Most probes one introduction may cause from this side.
     pub probe_budget: u32,
     /// Give up punching this long after the scheduled start.
@@ -71,6 +76,8 @@ impl AgentConfig {
             prediction_window: 6,
             keepalive: Duration::from_secs(15),
             probe_interval: Duration::from_millis(50),
+            open_ttl: 2,
+            open_lead: Duration::from_millis(10),
             probe_budget: 200,
             punch_timeout: Duration::from_secs(5),
             path_keepalive: Duration::from_secs(2),
@@ -147,6 +154,8 @@ pub struct Transmit {
     pub to: SocketAddr,
     /// Bytes.
     pub payload: Vec<u8>,
+    /// IP TTL for this datagram only (the low-TTL opener); `None` = the socket's.
+    pub ttl: Option<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -331,6 +340,7 @@ impl Agent {
         self.outgoing.push_back(Transmit {
             to: path,
             payload: datagram,
+            ttl: None,
         });
         true
     }
@@ -407,6 +417,7 @@ impl Agent {
         self.outgoing.push_back(Transmit {
             to: self.config.server,
             payload,
+            ttl: None,
         });
         // Until answered, resend with backoff (a lost Register must not wait for the
         // next keepalive); the answer moves this to the keepalive schedule.
@@ -454,6 +465,7 @@ impl Agent {
                 self.outgoing.push_back(Transmit {
                     to: self.config.server,
                     payload,
+                    ttl: None,
                 });
             }
             self.wanted.insert(peer, now + CONNECT_RETRY);
@@ -481,6 +493,19 @@ impl Agent {
             SessionState::Waiting if now >= session.start_at => {
                 session.state = SessionState::Probing;
                 session.next_probe = now;
+                if config.open_ttl > 0 {
+                    // The opener: one probe per candidate with a TTL that passes our
+                    // own NAT (creating our mappings) and expires before the other's,
+                    // then real probes a little later. The other side's probes then
+                    // find our mappings already there, instead of reaching a router
+                    // that might claim the port for itself.
+                    session.next_probe = now + config.open_lead;
+                    let targets = session.candidates.clone();
+                    for to in targets {
+                        self.send_probe_with_ttl(id, to, Some(config.open_ttl));
+                    }
+                    return;
+                }
             }
             SessionState::Up
                 if now.saturating_duration_since(session.last_heard) >= config.path_timeout =>
@@ -548,6 +573,7 @@ impl Agent {
             self.outgoing.push_back(Transmit {
                 to: endpoint,
                 payload: request,
+                ttl: None,
             });
         }
     }
@@ -594,6 +620,10 @@ impl Agent {
     }
 
     fn send_probe(&mut self, id: u64, to: SocketAddr) {
+        self.send_probe_with_ttl(id, to, None);
+    }
+
+    fn send_probe_with_ttl(&mut self, id: u64, to: SocketAddr, ttl: Option<u8>) {
         let tid = self.tid();
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
@@ -601,7 +631,7 @@ impl Agent {
         session.probes_sent += 1;
         let payload = client::probe_request(tid, id, &session.key);
         self.probe_tids.insert(tid, id);
-        self.outgoing.push_back(Transmit { to, payload });
+        self.outgoing.push_back(Transmit { to, payload, ttl });
     }
 
     fn report(&mut self, intro_id: u64, direct: bool, elapsed: Duration, probes: u32) {
@@ -611,6 +641,7 @@ impl Agent {
         self.outgoing.push_back(Transmit {
             to: self.config.server,
             payload,
+            ttl: None,
         });
     }
 
@@ -787,6 +818,7 @@ impl Agent {
                 self.outgoing.push_back(Transmit {
                     to: from,
                     payload: response,
+                    ttl: None,
                 });
                 if session.state != SessionState::Up {
                     session.last_heard = now;

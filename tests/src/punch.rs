@@ -1,0 +1,177 @@
+//! A punching scenario in the lab: `gateway serve` (rendezvous and discovery) on the
+//! public server and two `gateway peer` agents, alice connecting to bob, behind two
+//! NATs or the same one. Used by the punch and matrix tests and `cargo xtask
+//! punch-bench`.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use gateway::proto::credentials::{Credentials, SharedSecret};
+
+use crate::{
+    daemon::{DaemonError, GatewayProcess, PeerProcess},
+    lab::{Host, Lab, LabError, NatPreset},
+};
+
+/// The lab gateway's shared secret.
+pub const SECRET: &[u8] = b"lab punch secret";
+/// The gateway's other Binding endpoints in the lab (its discovery port and its second
+/// address), as `gateway peer` flags.
+pub const DISCOVER: &[&str] = &[
+    "--discover",
+    "192.0.2.10:3479",
+    "--discover",
+    "192.0.2.11:3478",
+];
+/// The gateway's service address in the lab.
+pub const SERVICE: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 10)),
+    3478,
+);
+
+/// Where the two peers live.
+#[derive(Clone, Debug)]
+pub enum Topology {
+    /// Alice behind the first preset, bob behind the second, two sites.
+    TwoSites(NatPreset, NatPreset),
+    /// Both behind one NAT of this preset (two hosts of one site).
+    SameSite(NatPreset),
+}
+
+/// A running punching scenario; everything is torn down on drop.
+#[derive(Debug)]
+pub struct PunchLab {
+    /// The lab (dropped last).
+    pub lab: Lab,
+    /// The gateway.
+    pub gateway: GatewayProcess,
+    /// The initiating agent.
+    pub alice: PeerProcess,
+    /// The responding agent.
+    pub bob: PeerProcess,
+    secret_path: PathBuf,
+}
+
+impl Drop for PunchLab {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.secret_path).ok();
+    }
+}
+
+/// Credentials for `peer` under [`SECRET`], valid for an hour.
+pub fn credentials(peer: &str) -> Credentials {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 3600;
+    SharedSecret::new(SECRET)
+        .issue(peer, expiry)
+        .unwrap_or_else(|e| panic!("peer id {peer:?}: {e}"))
+}
+
+fn hosts(lab: &Lab, topology: &Topology) -> Result<(Host, Host), LabError> {
+    let missing = || LabError::Invalid("lab lacks a host".into());
+    Ok(match topology {
+        Topology::TwoSites(..) => (
+            lab.site("a")
+                .and_then(|s| s.host(0))
+                .ok_or_else(missing)?
+                .clone(),
+            lab.site("b")
+                .and_then(|s| s.host(0))
+                .ok_or_else(missing)?
+                .clone(),
+        ),
+        Topology::SameSite(_) => (
+            lab.site("a")
+                .and_then(|s| s.host(0))
+                .ok_or_else(missing)?
+                .clone(),
+            lab.site("a")
+                .and_then(|s| s.host(1))
+                .ok_or_else(missing)?
+                .clone(),
+        ),
+    })
+}
+
+/// Builds the lab, starts the gateway and bob, waits until bob is registered and
+/// classified (at most 5 s: a UDP-blocked bob never is), then starts alice with
+/// `--connect bob`. Both agents get [`DISCOVER`] plus their own extra flags.
+pub fn start(
+    topology: Topology,
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    let lab = match &topology {
+        Topology::TwoSites(a, b) => Lab::builder()
+            .site("a", a.clone())
+            .site("b", b.clone())
+            .build()?,
+        Topology::SameSite(p) => Lab::builder().site_with_hosts("a", p.clone(), 2).build()?,
+    };
+    let secret_path = std::env::temp_dir().join(format!(
+        "gw-punch-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::write(&secret_path, SECRET).map_err(|source| DaemonError::Io {
+        what: "writing the secret".into(),
+        source,
+    })?;
+    let secret_arg = secret_path.to_string_lossy().into_owned();
+    let gateway = GatewayProcess::start(
+        lab.server(),
+        SocketAddr::from((SERVICE.ip(), 9478)),
+        &[
+            "--listen",
+            "0.0.0.0:3478",
+            "--discovery-listen",
+            "0.0.0.0:3479",
+            "--no-ebpf",
+            "--secret-file",
+            &secret_arg,
+        ],
+    )?;
+    let (host_a, host_b) = hosts(&lab, &topology)?;
+    let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
+    let mut args = DISCOVER.to_vec();
+    args.extend_from_slice(bob_args);
+    let mut bob = PeerProcess::start(
+        &host_b,
+        SERVICE,
+        &bob_creds.username,
+        &bob_creds.password,
+        &args,
+    )?;
+    bob.wait_for("nat mapping", Duration::from_secs(5));
+    let mut args = vec!["--connect", "bob"];
+    args.extend_from_slice(DISCOVER);
+    args.extend_from_slice(alice_args);
+    let alice = PeerProcess::start(
+        &host_a,
+        SERVICE,
+        &alice_creds.username,
+        &alice_creds.password,
+        &args,
+    )?;
+    Ok(PunchLab {
+        lab,
+        gateway,
+        alice,
+        bob,
+        secret_path,
+    })
+}
+
+impl PunchLab {
+    /// Waits for both agents to report a direct path; the initiator's elapsed time.
+    pub fn wait_direct(&mut self, timeout: Duration) -> Option<Duration> {
+        let line = self.alice.wait_for("path-up", timeout)?;
+        self.bob.wait_for("path-up", Duration::from_secs(2))?;
+        line.split_whitespace()
+            .skip_while(|w| *w != "elapsed_ms")
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    }
+}

@@ -1,0 +1,194 @@
+//! The NAT matrix: every unordered pair of the lab's NAT presets (two sites), plus two
+//! peers behind one NAT, punched with the real binaries; each cell's expected outcome
+//! comes from the presets' RFC 4787 behaviour by the rules in `expect` (reasons in
+//! docs/nat-matrix.md). Prints the table it measured.
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use gateway_tests::{
+    lab::{
+        Filtering, LabAvailability, Mapping, NatPreset, PortAllocation, RouterKind, require_root,
+    },
+    punch::{self, Topology},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Map {
+    /// No translation (no NAT, or a firewall only).
+    Open,
+    /// Endpoint-independent mapping.
+    Independent,
+    /// Endpoint-dependent mapping; `predictable` when ports are sequential.
+    Dependent { predictable: bool },
+}
+
+fn map(p: &NatPreset) -> Option<Map> {
+    if p.udp_blocked {
+        return None;
+    }
+    Some(match p.kind {
+        RouterKind::NoNat | RouterKind::FirewallOnly => Map::Open,
+        RouterKind::Nat => match p.mapping {
+            Mapping::EndpointIndependent => Map::Independent,
+            Mapping::AddressDependent => Map::Dependent { predictable: false },
+            Mapping::AddressAndPortDependent => Map::Dependent {
+                predictable: p.ports == PortAllocation::Sequential,
+            },
+        },
+    })
+}
+
+/// Whether this side's filter lets in a packet from the other's address but a port it
+/// never sent to (after it sent to that address).
+fn admits_other_ports(p: &NatPreset) -> bool {
+    match p.kind {
+        RouterKind::NoNat => true,
+        RouterKind::FirewallOnly => false,
+        RouterKind::Nat => p.filtering != Filtering::AddressAndPortDependent,
+    }
+}
+
+/// The expected outcome of alice behind `a` and bob behind `b`, and why.
+fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
+    let (Some(ma), Some(mb)) = (map(a), map(b)) else {
+        return (false, "UDP is blocked on one side: it cannot even register");
+    };
+    if admits_other_ports(a) || admits_other_ports(b) {
+        return (
+            true,
+            "one side's filter (endpoint-independent, or address-dependent once it probed the other's address) admits the other's probes on its server-reflexive mapping, from whatever port they leave; its answer goes back through that mapping to the port the probe came from",
+        );
+    }
+    let fixed = |m: Map| matches!(m, Map::Open | Map::Independent);
+    match (ma, mb) {
+        (x, y) if fixed(x) && fixed(y) => (
+            true,
+            "both map endpoint-independently: each side's reflexive address is where the other's probes land, and each side's own probe opens its filter",
+        ),
+        (Map::Dependent { predictable: true }, y) | (y, Map::Dependent { predictable: true })
+            if fixed(y) =>
+        {
+            (
+                true,
+                "port prediction: the sequential NAT's next ports are announced as candidates and probed",
+            )
+        }
+        (x, y) if fixed(x) || fixed(y) => (
+            false,
+            "the endpoint-dependent side's probes leave from a port nobody can predict, and the other side's filter admits only the exact address:port it probed",
+        ),
+        _ => (
+            false,
+            "both map endpoint-dependently and filter by address and port: neither side's probe port can be known to the other",
+        ),
+    }
+}
+
+fn extra_flags(p: &NatPreset) -> Vec<&'static str> {
+    // A keepalive shorter than the NAT's mapping timeout, as a deployment must use.
+    if p.udp_mapping_timeout.is_some() {
+        vec!["--keepalive", "1"]
+    } else {
+        Vec::new()
+    }
+}
+
+#[test]
+fn nat_matrix() {
+    if require_root() == LabAvailability::OptedOut {
+        eprintln!("SKIPPED (GATEWAY_LAB_OPT_OUT=1): needs root");
+        return;
+    }
+    let presets: Vec<NatPreset> = NatPreset::all_named().to_vec();
+    let mut cells: Vec<(Topology, bool, &'static str, String)> = Vec::new();
+    for (i, a) in presets.iter().enumerate() {
+        for b in &presets[i..] {
+            let (direct, why) = expect(a, b);
+            cells.push((
+                Topology::TwoSites(a.clone(), b.clone()),
+                direct,
+                why,
+                format!("{} | {}", a.name(), b.name()),
+            ));
+        }
+    }
+    for name in ["port-restricted-cone", "hairpin", "symmetric"] {
+        let p: NatPreset = name.parse().expect("preset");
+        cells.push((
+            Topology::SameSite(p),
+            true,
+            "both behind one NAT: the host candidates reach each other on the LAN",
+            format!("{name} | same NAT"),
+        ));
+    }
+    let queue = Arc::new(Mutex::new(cells));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (queue, results) = (queue.clone(), results.clone());
+            std::thread::spawn(move || {
+                loop {
+                    let Some((topology, direct, why, label)) = queue.lock().expect("queue").pop()
+                    else {
+                        return;
+                    };
+                    let flags: Vec<&str> = match &topology {
+                        Topology::TwoSites(a, b) if a.udp_mapping_timeout.is_some() => {
+                            extra_flags(a)
+                        }
+                        Topology::TwoSites(_, b) => extra_flags(b),
+                        Topology::SameSite(p) => extra_flags(p),
+                    };
+                    let mut scenario = punch::start(topology, &flags, &flags).expect("punch lab");
+                    let elapsed =
+                        scenario.wait_direct(Duration::from_secs(if direct { 8 } else { 6 }));
+                    let seen = format!(
+                        "alice {:?} bob {:?}",
+                        scenario.alice.seen(),
+                        scenario.bob.seen()
+                    );
+                    results
+                        .lock()
+                        .expect("results")
+                        .push((label, direct, elapsed, why, seen));
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("worker");
+    }
+    let mut results = Arc::try_unwrap(results)
+        .expect("workers done")
+        .into_inner()
+        .expect("results");
+    results.sort_by(|x, y| x.0.cmp(&y.0));
+    println!("| alice's NAT | bob's NAT | expected | measured | time to direct |");
+    println!("|---|---|---|---|---|");
+    let mut failures = Vec::new();
+    for (label, direct, elapsed, why, seen) in &results {
+        let show = |d: bool| if d { "direct" } else { "no direct path" };
+        println!(
+            "| {label} | {} | {} | {} |",
+            show(*direct),
+            show(elapsed.is_some()),
+            elapsed
+                .map(|e| format!("{} ms", e.as_millis()))
+                .unwrap_or_default()
+        );
+        if elapsed.is_some() != *direct {
+            failures.push(format!(
+                "{label}: expected {} ({why}); {seen}",
+                show(*direct)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cells differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
