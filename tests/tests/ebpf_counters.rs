@@ -8,7 +8,7 @@ use std::{
 
 use gateway_tests::{
     daemon::{GatewayProcess, metric_value},
-    lab::{Lab, LabAvailability, NatPreset, require_root},
+    lab::{Lab, NatPreset, lab_available},
 };
 
 const SERVICE_PORT: u16 = 3478;
@@ -25,8 +25,7 @@ fn counter(text: &str, name: &str, direction: &str) -> u64 {
 
 #[test]
 fn ebpf_counters_equal_datagrams_sent_through_the_interface() {
-    if require_root() == LabAvailability::OptedOut {
-        eprintln!("SKIPPED (GATEWAY_LAB_OPT_OUT=1): needs root");
+    if !lab_available() {
         return;
     }
     let lab = Lab::builder()

@@ -8,9 +8,7 @@ use std::{
 };
 
 use gateway_tests::{
-    lab::{
-        Filtering, LabAvailability, Mapping, NatPreset, PortAllocation, RouterKind, require_root,
-    },
+    lab::{Filtering, Mapping, NatPreset, PortAllocation, RouterKind, lab_available},
     punch::{self, Topology},
 };
 
@@ -97,8 +95,7 @@ fn extra_flags(p: &NatPreset) -> Vec<&'static str> {
 
 #[test]
 fn nat_matrix() {
-    if require_root() == LabAvailability::OptedOut {
-        eprintln!("SKIPPED (GATEWAY_LAB_OPT_OUT=1): needs root");
+    if !lab_available() {
         return;
     }
     let presets: Vec<NatPreset> = NatPreset::all_named().to_vec();

@@ -9,20 +9,12 @@ use std::{
 
 use gateway_tests::{
     daemon::metric_value,
-    lab::{LabAvailability, NatPreset, require_root},
+    lab::{NatPreset, lab_available},
     punch::{self, PunchLab, Topology},
 };
 
 fn start_pair(a: NatPreset, b: NatPreset, alice_args: &[&str], bob_args: &[&str]) -> PunchLab {
     punch::start(Topology::TwoSites(a, b), alice_args, bob_args).expect("punch lab")
-}
-
-fn lab_or_skip() -> bool {
-    if require_root() == LabAvailability::OptedOut {
-        eprintln!("SKIPPED (GATEWAY_LAB_OPT_OUT=1): needs root");
-        return false;
-    }
-    true
 }
 
 /// The remote address named in a `path-up` line.
@@ -36,7 +28,7 @@ fn direct_remote(line: &str) -> SocketAddr {
 
 #[test]
 fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
-    if !lab_or_skip() {
+    if !lab_available() {
         return;
     }
     let mut pair = start_pair(
@@ -126,7 +118,7 @@ fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
 
 #[test]
 fn discovery_classifies_each_nat_preset() {
-    if !lab_or_skip() {
+    if !lab_available() {
         return;
     }
     let cases = [
@@ -177,7 +169,7 @@ fn library_api_connects_and_exchanges_datagrams() {
             rendezvous::client::PeerCredentials,
         },
     };
-    if !lab_or_skip() {
+    if !lab_available() {
         return;
     }
     let pair = start_pair(
@@ -294,7 +286,7 @@ fn library_api_connects_and_exchanges_datagrams() {
 /// never admits them.
 #[test]
 fn without_the_opener_a_router_that_accepts_unsolicited_packets_breaks_the_punch() {
-    if !lab_or_skip() {
+    if !lab_available() {
         return;
     }
     for (open_ttl, direct) in [("0", false), ("2", true)] {

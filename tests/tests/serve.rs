@@ -14,20 +14,12 @@ use gateway::proto::{
 };
 use gateway_tests::{
     daemon::{GatewayProcess, metric_value, stun_binding},
-    lab::{Lab, LabAvailability, NatPreset, require_root},
+    lab::{Lab, NatPreset, lab_available},
 };
-
-fn lab_or_skip() -> bool {
-    if require_root() == LabAvailability::OptedOut {
-        eprintln!("SKIPPED (GATEWAY_LAB_OPT_OUT=1): needs root");
-        return false;
-    }
-    true
-}
 
 #[test]
 fn binding_replies_come_from_the_address_asked() {
-    if !lab_or_skip() {
+    if !lab_available() {
         return;
     }
     let lab = Lab::builder()
@@ -101,7 +93,7 @@ fn exchange(
 
 #[test]
 fn peers_behind_nats_register_and_are_introduced() {
-    if !lab_or_skip() {
+    if !lab_available() {
         return;
     }
     let lab = Lab::builder()

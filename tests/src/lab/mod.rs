@@ -90,6 +90,17 @@ pub enum LabAvailability {
     OptedOut,
 }
 
+/// For a test's first line: true when the lab can run; false (after printing a loud
+/// SKIPPED line) only when the operator opted out with `GATEWAY_LAB_OPT_OUT=1`; panics
+/// with instructions otherwise (see [`require_root`]).
+pub fn lab_available() -> bool {
+    if require_root() == LabAvailability::OptedOut {
+        eprintln!("SKIPPED (GATEWAY_LAB_OPT_OUT=1): this test needs root and network namespaces");
+        return false;
+    }
+    true
+}
+
 /// Checks that the lab can run: root (CAP_NET_ADMIN), `ip` and `nft`. Without root it
 /// returns [`LabAvailability::OptedOut`] only when `GATEWAY_LAB_OPT_OUT=1` is set, and
 /// panics otherwise, so tests never pass silently by skipping.
