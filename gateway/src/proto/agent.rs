@@ -886,6 +886,8 @@ mod tests {
         drop_p2p: bool,
         events: Vec<(usize, AgentEvent)>,
         server_events: Vec<Event>,
+        /// Low-TTL openers sent (they expire in the network: never delivered).
+        openers: Vec<(usize, SocketAddr, u8)>,
     }
 
     impl Sim {
@@ -912,6 +914,7 @@ mod tests {
                 drop_p2p,
                 events: Vec::new(),
                 server_events: Vec::new(),
+                openers: Vec::new(),
             }
         }
 
@@ -924,6 +927,10 @@ mod tests {
                         agent.handle_timeout(self.now);
                     }
                     while let Some(t) = agent.poll_transmit() {
+                        if let Some(ttl) = t.ttl {
+                            self.openers.push((i, t.to, ttl));
+                            continue;
+                        }
                         self.in_flight
                             .push((self.now + LATENCY, *from, t.to, t.payload));
                     }
@@ -1001,6 +1008,25 @@ mod tests {
             .collect();
         assert_eq!(outcomes.len(), 1, "{:?}", sim.server_events);
         assert!(matches!(outcomes[0], Event::Outcome { direct: true, .. }));
+    }
+
+    #[test]
+    fn each_side_opens_its_mappings_with_low_ttl_probes_first() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        // One opener per candidate (each side has one: the other's reflexive address),
+        // with the default TTL, and the punch still succeeds without them arriving.
+        assert_eq!(
+            sim.openers,
+            vec![
+                (0, addr("198.51.100.6:5000"), 2),
+                (1, addr("198.51.100.2:4000"), 2)
+            ]
+        );
+        assert!(sim.agents[0].1.path("bob").is_some());
     }
 
     #[test]
