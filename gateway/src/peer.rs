@@ -461,9 +461,11 @@ fn report(event: &AgentEvent) {
             remote,
             elapsed,
             probes,
+            rtt,
         } => status(format_args!(
-            "path-up peer {peer_id} direct {remote} elapsed_ms {} probes {probes}",
-            elapsed.as_millis()
+            "path-up peer {peer_id} direct {remote} elapsed_ms {} probes {probes} rtt_ms {:.1}",
+            elapsed.as_millis(),
+            rtt.as_secs_f64() * 1000.0
         )),
         AgentEvent::PunchFailed { peer_id, probes } => status(format_args!(
             "punch-failed peer {peer_id} probes {probes} (no relay yet)"

@@ -125,6 +125,8 @@ pub enum AgentEvent {
         elapsed: Duration,
         /// Probes sent.
         probes: u32,
+        /// Round trip of the probe that proved the path.
+        rtt: Duration,
     },
     /// Punching gave up.
     PunchFailed {
@@ -179,6 +181,8 @@ struct Session {
     state: SessionState,
     path: Option<SocketAddr>,
     last_heard: Instant,
+    /// Round trip of the latest answered probe on the path.
+    rtt: Duration,
 }
 
 #[derive(Debug)]
@@ -198,7 +202,8 @@ pub struct Agent {
     register_retry: Duration,
     rtt_ms: u32,
     pending: HashMap<[u8; 12], PendingRequest>,
-    probe_tids: HashMap<[u8; 12], u64>,
+    /// Our outstanding probes: transaction → (introduction, when sent).
+    probe_tids: HashMap<[u8; 12], (u64, Instant)>,
     sessions: HashMap<u64, Session>,
     wanted: HashMap<String, Instant>,
     outgoing: VecDeque<Transmit>,
@@ -320,6 +325,11 @@ impl Agent {
     /// The established path to `peer_id`, if any.
     pub fn path(&self, peer_id: &str) -> Option<SocketAddr> {
         self.up_session(peer_id).and_then(|s| s.path)
+    }
+
+    /// Round trip on the established path to `peer_id` (from keepalive probes).
+    pub fn path_rtt(&self, peer_id: &str) -> Option<Duration> {
+        self.up_session(peer_id).map(|s| s.rtt)
     }
 
     fn up_session(&self, peer_id: &str) -> Option<&Session> {
@@ -502,7 +512,7 @@ impl Agent {
                     session.next_probe = now + config.open_lead;
                     let targets = session.candidates.clone();
                     for to in targets {
-                        self.send_probe_with_ttl(id, to, Some(config.open_ttl));
+                        self.send_probe_with_ttl(now, id, to, Some(config.open_ttl));
                     }
                     return;
                 }
@@ -548,14 +558,14 @@ impl Agent {
                     let targets = session.candidates.clone();
                     session.next_probe = now + config.probe_interval;
                     for to in targets {
-                        self.send_probe(id, to);
+                        self.send_probe(now, id, to);
                     }
                 }
             }
             SessionState::Up if now >= session.next_probe => {
                 session.next_probe = now + config.path_keepalive;
                 if let Some(to) = session.path {
-                    self.send_probe(id, to);
+                    self.send_probe(now, id, to);
                 }
             }
             _ => {}
@@ -619,18 +629,18 @@ impl Agent {
         }
     }
 
-    fn send_probe(&mut self, id: u64, to: SocketAddr) {
-        self.send_probe_with_ttl(id, to, None);
+    fn send_probe(&mut self, now: Instant, id: u64, to: SocketAddr) {
+        self.send_probe_with_ttl(now, id, to, None);
     }
 
-    fn send_probe_with_ttl(&mut self, id: u64, to: SocketAddr, ttl: Option<u8>) {
+    fn send_probe_with_ttl(&mut self, now: Instant, id: u64, to: SocketAddr, ttl: Option<u8>) {
         let tid = self.tid();
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
         session.probes_sent += 1;
         let payload = client::probe_request(tid, id, &session.key);
-        self.probe_tids.insert(tid, id);
+        self.probe_tids.insert(tid, (id, now));
         self.outgoing.push_back(Transmit { to, payload, ttl });
     }
 
@@ -783,6 +793,7 @@ impl Agent {
                 state: SessionState::Waiting,
                 path: None,
                 last_heard: now,
+                rtt: Duration::ZERO,
             },
         );
     }
@@ -801,7 +812,10 @@ impl Agent {
                 .find(|a| a.ty == stun_attr::USERNAME)
                 .and_then(|a| std::str::from_utf8(a.value).ok())
                 .and_then(|u| u64::from_str_radix(u, 16).ok()),
-            Class::Success => self.probe_tids.get(&message.transaction_id()).copied(),
+            Class::Success => self
+                .probe_tids
+                .get(&message.transaction_id())
+                .map(|&(id, _)| id),
             _ => None,
         };
         let Some(id) = id else {
@@ -834,11 +848,16 @@ impl Agent {
                 // through, so a probe back to where it came from will too; do not wait
                 // for the next round. Bounded by the probes the other side sends.
                 if session.state == SessionState::Probing {
-                    self.send_probe(id, from);
+                    self.send_probe(now, id, from);
                 }
             }
             Some(Probe::Response { transaction_id, .. }) => {
-                self.probe_tids.remove(&transaction_id);
+                let rtt = self
+                    .probe_tids
+                    .remove(&transaction_id)
+                    .map(|(_, sent)| now.saturating_duration_since(sent))
+                    .unwrap_or_default();
+                session.rtt = rtt;
                 session.last_heard = now;
                 if session.state != SessionState::Up {
                     session.state = SessionState::Up;
@@ -851,6 +870,7 @@ impl Agent {
                         remote: from,
                         elapsed,
                         probes,
+                        rtt,
                     });
                     self.report(id, true, elapsed, probes);
                 }
@@ -997,6 +1017,16 @@ mod tests {
         assert!(
             elapsed.expect("elapsed") < Duration::from_millis(100),
             "{elapsed:?}"
+        );
+        // The path's RTT is the network's: 10 ms each way on this simulated network.
+        let rtt = sim.events.iter().find_map(|(i, e)| match e {
+            AgentEvent::PathUp { rtt, .. } if *i == 0 => Some(*rtt),
+            _ => None,
+        });
+        let rtt = rtt.expect("rtt");
+        assert!(
+            (Duration::from_millis(20)..=Duration::from_millis(22)).contains(&rtt),
+            "{rtt:?}"
         );
         assert!(sim.agents[0].1.send_data("bob", b"hello bob"));
         sim.run_for(Duration::from_millis(50));
