@@ -279,30 +279,3 @@ fn library_api_connects_and_exchanges_datagrams() {
     assert_eq!(carol.as_deref(), Some(b"echo: hello dave".as_slice()));
     assert_eq!(dave.join().expect("dave thread"), "carol");
 }
-
-/// Control for the matrix's router-accepts-unsolicited rows: without the low-TTL
-/// opener, the other side's early probes reach that router first, it claims the port
-/// for itself, the host's probes leave from another port, and a port-restricted peer
-/// never admits them.
-#[test]
-fn without_the_opener_a_router_that_accepts_unsolicited_packets_breaks_the_punch() {
-    if !lab_available() {
-        return;
-    }
-    for (open_ttl, direct) in [("0", false), ("2", true)] {
-        let mut scenario = start_pair(
-            NatPreset::port_restricted_cone(),
-            "router-accepts-unsolicited".parse().expect("preset"),
-            &["--open-ttl", open_ttl],
-            &["--open-ttl", open_ttl],
-        );
-        let up = scenario.wait_direct(Duration::from_secs(6)).is_some();
-        assert_eq!(
-            up,
-            direct,
-            "--open-ttl {open_ttl}: alice {:?} bob {:?}",
-            scenario.alice.seen(),
-            scenario.bob.seen()
-        );
-    }
-}
