@@ -273,13 +273,18 @@ async fn drive(
                         let _ = reply.send(PathKind::Direct { remote: *remote });
                     }
                 }
-                AgentEvent::Data { peer_id, payload } => {
-                    if let Some(path) = attached.get(peer_id) {
-                        if path.try_send(payload.clone()).is_err() && path.is_closed() {
-                            attached.remove(peer_id);
-                        }
+                AgentEvent::Data { peer_id, .. } if attached.contains_key(peer_id) => {
+                    // Hand the payload over without copying it.
+                    let AgentEvent::Data { peer_id, payload } = event else {
                         continue;
+                    };
+                    if let Some(path) = attached.get(&peer_id)
+                        && path.try_send(payload).is_err()
+                        && path.is_closed()
+                    {
+                        attached.remove(&peer_id);
                     }
+                    continue;
                 }
                 _ => {}
             }

@@ -85,6 +85,8 @@ pub async fn run(
     };
     let binding = BindingService;
     let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
+    // Known once: an IPv6 socket is dual-stack (see `bind`) and needs v4-mapped peers.
+    let dual_stack = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
     let mut metas = [RecvMeta::default(); RECV_BATCH];
     let mut reply = Vec::with_capacity(512);
     let mut transmits: Vec<Transmit> = Vec::new();
@@ -107,8 +109,10 @@ pub async fn run(
                 continue;
             }
             received = socket.async_io(Interest::READABLE, || {
-                let mut bufs: Vec<IoSliceMut<'_>> =
-                    storage.chunks_mut(MAX_DATAGRAM).map(IoSliceMut::new).collect();
+                // Views into the one preallocated buffer: no allocation per batch.
+                let mut chunks = storage.chunks_mut(MAX_DATAGRAM);
+                let mut bufs: [IoSliceMut<'_>; RECV_BATCH] =
+                    std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
                 state.recv((&socket).into(), &mut bufs, &mut metas)
             }) => received,
         };
@@ -162,7 +166,6 @@ pub async fn run(
                 metrics.stun_datagrams.with_label_values(&[label]).inc();
             }
         }
-        let dual_stack = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
         for transmit in &transmits {
             let destination = if dual_stack {
                 to_v6_mapped(transmit.to)

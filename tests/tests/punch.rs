@@ -206,76 +206,75 @@ fn library_api_connects_and_exchanges_datagrams() {
         .expect("host")
         .clone();
     let dave = std::thread::spawn(move || {
-        host_d
-            .run(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("rt");
-                runtime.block_on(async move {
-                    let mut client =
-                        PeerClient::start("0.0.0.0:0".parse().expect("addr"), dave_config)
-                            .await
-                            .expect("start");
-                    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                    let (peer, remote) = loop {
-                        let event = tokio::time::timeout_at(deadline, client.next_event())
-                            .await
-                            .expect("dave gets a path in time")
-                            .expect("agent runs");
-                        if let AgentEvent::PathUp {
-                            peer_id, remote, ..
-                        } = event
-                        {
-                            break (peer_id, remote);
-                        }
-                    };
-                    let mut path = client
-                        .path(&peer, PathKind::Direct { remote })
-                        .expect("path");
-                    let got = tokio::time::timeout(Duration::from_secs(5), path.recv())
-                        .await
-                        .expect("a datagram in time")
-                        .expect("data");
-                    path.send(&[b"echo: ".as_slice(), &got].concat())
-                        .expect("send");
-                    // Stay up until carol has read the echo.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    peer
-                })
-            })
-            .expect("namespace")
+        in_namespace(&host_d, async move {
+            let mut client = PeerClient::start("0.0.0.0:0".parse().expect("addr"), dave_config)
+                .await
+                .expect("start");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let (peer, remote) = loop {
+                let event = tokio::time::timeout_at(deadline, client.next_event())
+                    .await
+                    .expect("dave gets a path in time")
+                    .expect("agent runs");
+                if let AgentEvent::PathUp {
+                    peer_id, remote, ..
+                } = event
+                {
+                    break (peer_id, remote);
+                }
+            };
+            let mut path = client
+                .path(&peer, PathKind::Direct { remote })
+                .expect("path");
+            let got = tokio::time::timeout(Duration::from_secs(5), path.recv())
+                .await
+                .expect("a datagram in time")
+                .expect("data");
+            path.send(&[b"echo: ".as_slice(), &got].concat())
+                .expect("send");
+            // Stay up until carol has read the echo.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            peer
+        })
     });
     std::thread::sleep(Duration::from_millis(300));
-    let carol = host_c
-        .run(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("rt");
-            runtime.block_on(async move {
-                let client = PeerClient::start("0.0.0.0:0".parse().expect("addr"), carol_config)
-                    .await
-                    .expect("start");
-                let mut path = client
-                    .connect("dave", Duration::from_secs(8))
-                    .await
-                    .expect("path to dave");
-                assert!(matches!(path.kind(), PathKind::Direct { .. }));
-                let mut echo = None;
-                for _ in 0..10 {
-                    path.send(b"hello dave").expect("send");
-                    if let Ok(Some(reply)) =
-                        tokio::time::timeout(Duration::from_millis(300), path.recv()).await
-                    {
-                        echo = Some(reply);
-                        break;
-                    }
-                }
-                echo
-            })
-        })
-        .expect("namespace");
+    let carol = in_namespace(&host_c, async move {
+        let client = PeerClient::start("0.0.0.0:0".parse().expect("addr"), carol_config)
+            .await
+            .expect("start");
+        let mut path = client
+            .connect("dave", Duration::from_secs(8))
+            .await
+            .expect("path to dave");
+        assert!(matches!(path.kind(), PathKind::Direct { .. }));
+        let mut echo = None;
+        for _ in 0..10 {
+            path.send(b"hello dave").expect("send");
+            if let Ok(Some(reply)) =
+                tokio::time::timeout(Duration::from_millis(300), path.recv()).await
+            {
+                echo = Some(reply);
+                break;
+            }
+        }
+        echo
+    });
     assert_eq!(carol.as_deref(), Some(b"echo: hello dave".as_slice()));
     assert_eq!(dave.join().expect("dave thread"), "carol");
+}
+
+/// Runs `work` to completion on a current-thread tokio runtime inside `host`'s
+/// namespace (sockets it creates live there).
+fn in_namespace<T: Send + 'static>(
+    host: &gateway_tests::lab::Host,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    host.run(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(work)
+    })
+    .expect("namespace")
 }
