@@ -8,3 +8,4 @@ pub mod binding;
 pub mod credentials;
 pub mod rendezvous;
 pub mod stun;
+pub mod turn;

@@ -413,6 +413,12 @@ impl<'b> MessageWriter<'b> {
         self.attribute(which, &tag)
     }
 
+    /// Returns the finished message without a FINGERPRINT (TURN Data indications and
+    /// other hot-path messages, where the CRC buys nothing).
+    pub fn finish(self) -> &'b [u8] {
+        &self.buf[self.start..]
+    }
+
     /// Appends FINGERPRINT, which must be last, and returns the finished message.
     pub fn finish_with_fingerprint(self) -> &'b [u8] {
         let start = self.start;
