@@ -6,6 +6,8 @@
 pub mod agent;
 pub mod binding;
 pub mod credentials;
+pub mod nonce;
+pub mod peer_policy;
 pub mod rendezvous;
 pub mod stun;
 pub mod turn;
