@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use super::stun::{self, MessageWriter};
 
+pub mod server;
 /// TURN method numbers (RFC 8656 §17).
 pub mod method {
     /// Allocate (request/response only).

@@ -1,0 +1,927 @@
+//! Tests of the relay core, in virtual time with a fake socket layer.
+use super::*;
+use crate::proto::{
+    peer_policy::IpRange,
+    turn::{long_term_key, xor_address_attribute},
+};
+use proptest::prelude::*;
+
+const SECRET: &[u8] = b"relay-test-secret";
+const REALM: &str = "gateway";
+const NOW_UNIX: u64 = 1_000_000;
+
+#[derive(Default)]
+struct FakeSockets {
+    next_port: u16,
+    open: Vec<SocketAddr>,
+    closed: Vec<SocketAddr>,
+    no_ports: bool,
+}
+
+impl RelaySockets for FakeSockets {
+    fn open(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
+        if self.no_ports {
+            return Err(OpenError::NoPort);
+        }
+        let ip: IpAddr = match family {
+            Family::V4 => "192.0.2.10".parse().expect("ip"),
+            Family::V6 => return Err(OpenError::FamilyUnavailable),
+        };
+        self.next_port += if even_port { 2 } else { 1 };
+        let addr = SocketAddr::new(ip, 50_000 + self.next_port * 2);
+        self.open.push(addr);
+        Ok(addr)
+    }
+
+    fn close(&mut self, relay: SocketAddr) {
+        self.open.retain(|a| *a != relay);
+        self.closed.push(relay);
+    }
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("test address")
+}
+
+fn server_with(config: TurnConfig) -> TurnServer {
+    let policy = PeerPolicy::new(vec![], vec![], vec!["192.0.2.10".parse().expect("ip")]);
+    TurnServer::new(config, SharedSecret::new(SECRET), [9; 32], 600, policy)
+}
+
+fn server() -> TurnServer {
+    server_with(TurnConfig::default())
+}
+
+struct User {
+    username: String,
+    password: String,
+}
+
+fn user(id: &str) -> User {
+    let issued = SharedSecret::new(SECRET)
+        .issue(id, NOW_UNIX + 3600)
+        .expect("issue");
+    User {
+        username: issued.username,
+        password: issued.password,
+    }
+}
+
+/// Builds a request; with `auth`, adds USERNAME, REALM, NONCE and MESSAGE-INTEGRITY.
+fn request(
+    method_number: u16,
+    class: Class,
+    tid: [u8; 12],
+    body: impl FnOnce(&mut MessageWriter<'_>),
+    auth: Option<(&User, &str)>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut writer = MessageWriter::new(
+        &mut out,
+        MessageType {
+            method: method_number,
+            class,
+        },
+        tid,
+    );
+    body(&mut writer);
+    if let Some((user, nonce)) = auth {
+        writer
+            .attribute(stun_attr::USERNAME, user.username.as_bytes())
+            .attribute(stun_attr::REALM, REALM.as_bytes())
+            .attribute(stun_attr::NONCE, nonce.as_bytes());
+        writer.message_integrity(&long_term_key(&user.username, REALM, &user.password));
+    }
+    writer.finish_with_fingerprint();
+    out
+}
+
+struct Harness {
+    server: TurnServer,
+    sockets: FakeSockets,
+    now: Instant,
+    out: Vec<u8>,
+    tid: u8,
+}
+
+struct Reply {
+    class: Class,
+    code: Option<u16>,
+    bytes: Vec<u8>,
+}
+
+impl Reply {
+    fn attr(&self, ty: u16) -> Option<Vec<u8>> {
+        let message = Message::parse(&self.bytes).expect("reply parses");
+        message
+            .attributes()
+            .flatten()
+            .find(|a| a.ty == ty)
+            .map(|a| a.value.to_vec())
+    }
+
+    fn nonce(&self) -> String {
+        String::from_utf8(self.attr(stun_attr::NONCE).expect("nonce")).expect("utf8")
+    }
+}
+
+impl Harness {
+    fn new(server: TurnServer) -> Self {
+        Self {
+            server,
+            sockets: FakeSockets::default(),
+            now: Instant::now(),
+            out: Vec::new(),
+            tid: 0,
+        }
+    }
+
+    fn next_tid(&mut self) -> [u8; 12] {
+        self.tid = self.tid.wrapping_add(1);
+        [self.tid; 12]
+    }
+
+    fn send(&mut self, client: SocketAddr, datagram: &[u8]) -> (Handled<'static>, Option<Reply>) {
+        let message = Message::parse(datagram).expect("test request parses");
+        let handled = self.server.handle_stun(
+            self.now,
+            NOW_UNIX,
+            client,
+            None,
+            &message,
+            &mut self.sockets,
+            &mut self.out,
+        );
+        let handled = match handled {
+            Handled::NotTurn => Handled::NotTurn,
+            Handled::Request { method, outcome } => Handled::Request { method, outcome },
+            Handled::Relay { relay, peer, data } => Handled::Relay {
+                relay,
+                peer,
+                data: Box::leak(data.to_vec().into_boxed_slice()),
+            },
+            Handled::Dropped(reason) => Handled::Dropped(reason),
+        };
+        let reply = (!self.out.is_empty()).then(|| {
+            let parsed = Message::parse(&self.out).expect("reply parses");
+            let code = parsed
+                .attributes()
+                .flatten()
+                .find(|a| a.ty == stun_attr::ERROR_CODE)
+                .map(|a| u16::from(a.value[2]) * 100 + u16::from(a.value[3]));
+            Reply {
+                class: parsed.message_type().class,
+                code,
+                bytes: self.out.clone(),
+            }
+        });
+        (handled, reply)
+    }
+
+    /// Challenge then authenticated Allocate; returns the relayed address and nonce.
+    fn allocate(&mut self, client: SocketAddr, who: &User) -> (SocketAddr, String) {
+        let tid = self.next_tid();
+        let first = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+        let (_, challenge) = self.send(client, &first);
+        let nonce = challenge.expect("challenge").nonce();
+        let tid = self.next_tid();
+        let second = request(
+            method::ALLOCATE,
+            Class::Request,
+            tid,
+            transport_udp,
+            Some((who, &nonce)),
+        );
+        let (handled, reply) = self.send(client, &second);
+        assert_eq!(
+            handled,
+            Handled::Request {
+                method: RequestMethod::Allocate,
+                outcome: RequestOutcome::Ok
+            }
+        );
+        let reply = reply.expect("success");
+        assert_eq!(reply.class, Class::Success);
+        let relayed = stun::decode_xor_address(
+            &reply.attr(turn_attr::XOR_RELAYED_ADDRESS).expect("relayed"),
+            tid,
+        )
+        .expect("relayed address decodes");
+        (relayed, nonce)
+    }
+
+    fn authed(
+        &mut self,
+        client: SocketAddr,
+        who: &User,
+        nonce: &str,
+        method_number: u16,
+        body: impl FnOnce(&mut MessageWriter<'_>, [u8; 12]),
+    ) -> (RequestOutcome, Reply) {
+        let tid = self.next_tid();
+        let datagram = request(
+            method_number,
+            Class::Request,
+            tid,
+            |w| body(w, tid),
+            Some((who, nonce)),
+        );
+        let (handled, reply) = self.send(client, &datagram);
+        let Handled::Request { outcome, .. } = handled else {
+            panic!("expected a request outcome, got {handled:?}");
+        };
+        (outcome, reply.expect("authenticated requests are answered"))
+    }
+
+    fn permit(
+        &mut self,
+        client: SocketAddr,
+        who: &User,
+        nonce: &str,
+        peer: SocketAddr,
+    ) -> RequestOutcome {
+        self.authed(client, who, nonce, method::CREATE_PERMISSION, |w, tid| {
+            xor_address_attribute(w, turn_attr::XOR_PEER_ADDRESS, peer, tid);
+        })
+        .0
+    }
+
+    fn bind(
+        &mut self,
+        client: SocketAddr,
+        who: &User,
+        nonce: &str,
+        channel: u16,
+        peer: SocketAddr,
+    ) -> RequestOutcome {
+        self.authed(client, who, nonce, method::CHANNEL_BIND, |w, tid| {
+            w.attribute(
+                turn_attr::CHANNEL_NUMBER,
+                &[(channel >> 8) as u8, channel as u8, 0, 0],
+            );
+            xor_address_attribute(w, turn_attr::XOR_PEER_ADDRESS, peer, tid);
+        })
+        .0
+    }
+}
+
+fn transport_udp(w: &mut MessageWriter<'_>) {
+    w.attribute(turn_attr::REQUESTED_TRANSPORT, &[TRANSPORT_UDP, 0, 0, 0]);
+}
+
+const CLIENT: &str = "198.51.100.20:40000";
+const PEER: &str = "8.8.4.4:7000";
+
+#[test]
+fn unauthenticated_allocate_is_challenged_and_creates_nothing() {
+    let mut h = Harness::new(server());
+    let tid = h.next_tid();
+    let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let (handled, reply) = h.send(addr(CLIENT), &datagram);
+    assert_eq!(
+        handled,
+        Handled::Request {
+            method: RequestMethod::Allocate,
+            outcome: RequestOutcome::Unauthorized
+        }
+    );
+    let reply = reply.expect("401");
+    assert_eq!(reply.class, Class::Error);
+    assert_eq!(reply.code, Some(401));
+    assert_eq!(
+        reply.attr(stun_attr::REALM).as_deref(),
+        Some(REALM.as_bytes())
+    );
+    assert_eq!(reply.nonce().len(), 16);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(h.sockets.open.is_empty());
+    // The reply is barely larger than the request (no amplification worth having).
+    assert!(
+        reply.bytes.len() <= datagram.len() + 64,
+        "reply {} bytes for a {}-byte request",
+        reply.bytes.len(),
+        datagram.len()
+    );
+}
+
+#[test]
+fn authenticated_allocate_returns_relayed_and_mapped_addresses_with_integrity() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let tid = h.next_tid();
+    let first = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let nonce = h.send(addr(CLIENT), &first).1.expect("401").nonce();
+    let tid = h.next_tid();
+    let second = request(
+        method::ALLOCATE,
+        Class::Request,
+        tid,
+        transport_udp,
+        Some((&alice, &nonce)),
+    );
+    let (_, reply) = h.send(addr(CLIENT), &second);
+    let reply = reply.expect("success");
+    assert_eq!(reply.class, Class::Success);
+    let message = Message::parse(&reply.bytes).expect("parses");
+    let key = long_term_key(&alice.username, REALM, &alice.password);
+    assert_eq!(message.verify_integrity(&key), Ok(()));
+    let relayed = stun::decode_xor_address(
+        &reply.attr(turn_attr::XOR_RELAYED_ADDRESS).expect("relayed"),
+        tid,
+    );
+    assert_eq!(relayed, h.sockets.open.first().copied());
+    let mapped = stun::decode_xor_address(
+        &reply.attr(stun_attr::XOR_MAPPED_ADDRESS).expect("mapped"),
+        tid,
+    );
+    assert_eq!(mapped, Some(addr(CLIENT)));
+    assert_eq!(
+        reply.attr(turn_attr::LIFETIME),
+        Some(600u32.to_be_bytes().to_vec())
+    );
+    assert_eq!(h.server.allocation_count(), 1);
+    assert_eq!(h.server.take_created(), 1);
+    // A retransmission of the same Allocate gets the same success; a new one 437.
+    let (_, again) = h.send(addr(CLIENT), &second);
+    assert_eq!(again.expect("reply").class, Class::Success);
+    assert_eq!(h.server.allocation_count(), 1);
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Mismatch, Some(437)));
+}
+
+#[test]
+fn bad_credentials_and_foreign_or_stale_nonces_are_refused() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let tid = h.next_tid();
+    let nonce = h
+        .send(
+            addr(CLIENT),
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    // Wrong password.
+    let mallory = User {
+        username: alice.username.clone(),
+        password: "guess".into(),
+    };
+    let (outcome, reply) = h.authed(addr(CLIENT), &mallory, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::Unauthorized, Some(401))
+    );
+    // Expired credentials (expiry in the past).
+    let expired = SharedSecret::new(SECRET)
+        .issue("alice", NOW_UNIX - 1)
+        .expect("issue");
+    let expired = User {
+        username: expired.username,
+        password: expired.password,
+    };
+    let (outcome, _) = h.authed(addr(CLIENT), &expired, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!(outcome, RequestOutcome::Unauthorized);
+    // A captured request replayed from another address: its nonce is not valid there.
+    let (outcome, reply) = h.authed(
+        addr("198.51.100.99:40000"),
+        &alice,
+        &nonce,
+        method::ALLOCATE,
+        |w, _| transport_udp(w),
+    );
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::StaleNonce, Some(438))
+    );
+    assert_ne!(reply.nonce(), nonce, "438 carries a fresh nonce");
+    // The nonce goes stale after its lifetime.
+    let tid = h.next_tid();
+    let datagram = request(
+        method::ALLOCATE,
+        Class::Request,
+        tid,
+        transport_udp,
+        Some((&alice, &nonce)),
+    );
+    let message = Message::parse(&datagram).expect("parses");
+    let handled = h.server.handle_stun(
+        h.now,
+        NOW_UNIX + 601,
+        addr(CLIENT),
+        None,
+        &message,
+        &mut h.sockets,
+        &mut h.out,
+    );
+    assert_eq!(
+        handled,
+        Handled::Request {
+            method: RequestMethod::Allocate,
+            outcome: RequestOutcome::StaleNonce
+        }
+    );
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(h.sockets.open.is_empty());
+}
+
+#[test]
+fn another_users_request_on_an_allocated_five_tuple_gets_441() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let bob = user("bob");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    let (outcome, reply) = h.authed(addr(CLIENT), &bob, &nonce, method::REFRESH, |_, _| {});
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::WrongCredentials, Some(441))
+    );
+}
+
+#[test]
+fn denied_peers_get_403_on_every_path_including_ipv4_in_ipv6_forms() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    for peer in [
+        "127.0.0.1:9",
+        "10.0.0.5:9",
+        "169.254.169.254:80",
+        "192.0.2.10:3478", // the gateway's own relay address
+    ] {
+        assert_eq!(
+            h.permit(addr(CLIENT), &alice, &nonce, addr(peer)),
+            RequestOutcome::Forbidden,
+            "{peer}"
+        );
+        assert_eq!(
+            h.bind(addr(CLIENT), &alice, &nonce, 0x4000, addr(peer)),
+            RequestOutcome::Forbidden,
+            "{peer}"
+        );
+    }
+    // IPv6 forms of denied IPv4 addresses: refused for what they reach (an IPv6 peer on
+    // an IPv4 relay is a family mismatch, so these never pass either way); the policy
+    // verdict itself is what matters.
+    for peer in [
+        "[::ffff:127.0.0.1]:9",
+        "[64:ff9b::a00:5]:9",
+        "[2002:7f00:1::]:9",
+    ] {
+        let outcome = h.permit(addr(CLIENT), &alice, &nonce, addr(peer));
+        assert!(
+            matches!(outcome, RequestOutcome::Forbidden | RequestOutcome::Family),
+            "{peer}: {outcome:?}"
+        );
+        assert!(h.server.policy().check(addr(peer).ip()).is_err(), "{peer}");
+    }
+    // A Send indication to a denied peer is dropped even without asking for a permission.
+    let tid = h.next_tid();
+    let send = request(
+        method::SEND,
+        Class::Indication,
+        tid,
+        |w| {
+            xor_address_attribute(w, turn_attr::XOR_PEER_ADDRESS, addr("127.0.0.1:9"), tid);
+            w.attribute(turn_attr::DATA, b"x");
+        },
+        None,
+    );
+    assert_eq!(
+        h.send(addr(CLIENT), &send).0,
+        Handled::Dropped(DropReason::DeniedPeer)
+    );
+}
+
+#[test]
+fn operator_allowed_range_opens_a_denied_address() {
+    let policy = PeerPolicy::new(
+        vec!["127.0.0.0/8".parse::<IpRange>().expect("range")],
+        vec![],
+        vec![],
+    );
+    let mut h = Harness::new(TurnServer::new(
+        TurnConfig::default(),
+        SharedSecret::new(SECRET),
+        [1; 32],
+        600,
+        policy,
+    ));
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr("127.0.0.1:9")),
+        RequestOutcome::Ok
+    );
+}
+
+#[test]
+fn send_indications_and_peer_data_need_a_live_permission() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (relay, nonce) = h.allocate(addr(CLIENT), &alice);
+    let peer = addr(PEER);
+    let tid = h.next_tid();
+    let send = request(
+        method::SEND,
+        Class::Indication,
+        tid,
+        |w| {
+            xor_address_attribute(w, turn_attr::XOR_PEER_ADDRESS, peer, tid);
+            w.attribute(turn_attr::DATA, b"hello");
+        },
+        None,
+    );
+    assert_eq!(
+        h.send(addr(CLIENT), &send).0,
+        Handled::Dropped(DropReason::NoPermission)
+    );
+    assert_eq!(
+        h.server.data_from_peer(h.now, relay, peer, 5),
+        Err(DropReason::NoPermission)
+    );
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, peer),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.send(addr(CLIENT), &send).0,
+        Handled::Relay {
+            relay,
+            peer,
+            data: b"hello"
+        }
+    );
+    // Permissions are per IP address: another port of the same peer passes.
+    let other_port = addr("8.8.4.4:7001");
+    assert_eq!(
+        h.server.data_from_peer(h.now, relay, other_port, 5),
+        Ok(ToClient {
+            client: addr(CLIENT),
+            local: None,
+            channel: None
+        })
+    );
+    assert_eq!(
+        h.server
+            .data_from_peer(h.now, relay, addr("8.8.8.8:7000"), 5),
+        Err(DropReason::NoPermission)
+    );
+    // A Data indication carries the peer and the data.
+    let mut out = Vec::new();
+    h.server.data_indication(peer, b"back", &mut out);
+    let message = Message::parse(&out).expect("indication parses");
+    assert_eq!(
+        message.message_type(),
+        MessageType {
+            method: method::DATA,
+            class: Class::Indication
+        }
+    );
+    let tid = message.transaction_id();
+    let attrs: Vec<_> = message.attributes().flatten().collect();
+    assert_eq!(stun::decode_xor_address(attrs[0].value, tid), Some(peer));
+    assert_eq!(attrs[1].value, b"back");
+    // Permissions expire after 300 s.
+    h.now += Duration::from_secs(301);
+    assert_eq!(
+        h.server.data_from_peer(h.now, relay, peer, 5),
+        Err(DropReason::NoPermission)
+    );
+}
+
+#[test]
+fn channels_carry_data_both_ways_and_conflicts_are_refused() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (relay, nonce) = h.allocate(addr(CLIENT), &alice);
+    let peer = addr(PEER);
+    assert_eq!(
+        h.server
+            .channel_data_from_client(h.now, addr(CLIENT), 0x4000, 3),
+        Err(DropReason::NoChannel)
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4000, peer),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.server
+            .channel_data_from_client(h.now, addr(CLIENT), 0x4000, 3),
+        Ok((relay, peer))
+    );
+    assert_eq!(
+        h.server
+            .data_from_peer(h.now, relay, peer, 3)
+            .map(|t| t.channel),
+        Ok(Some(0x4000))
+    );
+    // The binding installed a permission, so another port of the peer gets a Data
+    // indication (no channel).
+    assert_eq!(
+        h.server
+            .data_from_peer(h.now, relay, addr("8.8.4.4:7001"), 3)
+            .map(|t| t.channel),
+        Ok(None)
+    );
+    // Rebinding the same pair refreshes; the same number to another peer, or the same
+    // peer to another number, is refused; numbers out of range are refused.
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4000, peer),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4000, addr("8.8.8.8:1")),
+        RequestOutcome::BadRequest
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4001, peer),
+        RequestOutcome::BadRequest
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x3FFF, addr("8.8.8.8:1")),
+        RequestOutcome::BadRequest
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x5000, addr("8.8.8.8:1")),
+        RequestOutcome::BadRequest
+    );
+    // Channels expire after 600 s (the permission too, after 300 s).
+    h.now += Duration::from_secs(601);
+    assert_eq!(
+        h.server
+            .channel_data_from_client(h.now, addr(CLIENT), 0x4000, 3),
+        Err(DropReason::NoChannel)
+    );
+    // Another client has no allocation at all.
+    assert_eq!(
+        h.server
+            .channel_data_from_client(h.now, addr("198.51.100.21:1"), 0x4000, 3),
+        Err(DropReason::NoAllocation)
+    );
+}
+
+#[test]
+fn quotas_per_user_and_in_total_answer_486() {
+    let config = TurnConfig {
+        max_allocations: 3,
+        max_allocations_per_user: 2,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let alice = user("alice");
+    let bob = user("bob");
+    h.allocate(addr("198.51.100.20:1"), &alice);
+    let (_, nonce) = h.allocate(addr("198.51.100.20:2"), &alice);
+    let third = addr("198.51.100.20:3");
+    let tid = h.next_tid();
+    let nonce3 = h
+        .send(
+            third,
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    let (outcome, reply) = h.authed(third, &alice, &nonce3, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Quota, Some(486)));
+    h.allocate(addr("198.51.100.20:4"), &bob);
+    let carol = user("carol");
+    let (outcome, _) = h.authed(third, &carol, &nonce3, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!(outcome, RequestOutcome::Quota, "total quota");
+    // Freeing one of alice's allocations lets alice allocate again... once the total
+    // has room: delete alice's second allocation with Refresh lifetime 0.
+    let (outcome, reply) = h.authed(
+        addr("198.51.100.20:2"),
+        &alice,
+        &nonce,
+        method::REFRESH,
+        |w, _| {
+            w.attribute(turn_attr::LIFETIME, &0u32.to_be_bytes());
+        },
+    );
+    assert_eq!(outcome, RequestOutcome::Ok);
+    assert_eq!(reply.attr(turn_attr::LIFETIME), Some(vec![0, 0, 0, 0]));
+    assert_eq!(h.sockets.closed.len(), 1);
+    let (outcome, _) = h.authed(third, &alice, &nonce3, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+}
+
+#[test]
+fn permissions_and_channels_per_allocation_are_capped() {
+    let config = TurnConfig {
+        max_permissions: 2,
+        max_channels: 1,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr("8.8.8.1:1")),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr("8.8.8.2:1")),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr("8.8.8.1:2")),
+        RequestOutcome::Ok,
+        "refresh"
+    );
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr("8.8.8.3:1")),
+        RequestOutcome::Capacity
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4000, addr("8.8.8.1:1")),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr("8.8.8.2:1")),
+        RequestOutcome::Capacity
+    );
+}
+
+#[test]
+fn allocations_expire_and_their_sockets_close() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (relay, nonce) = h.allocate(addr(CLIENT), &alice);
+    // Refresh asks for 2 hours; the maximum (3600 s) is granted.
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::REFRESH, |w, _| {
+        w.attribute(turn_attr::LIFETIME, &7200u32.to_be_bytes());
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    assert_eq!(
+        reply.attr(turn_attr::LIFETIME),
+        Some(3600u32.to_be_bytes().to_vec())
+    );
+    h.now += Duration::from_secs(3599);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert_eq!(h.server.allocation_count(), 1);
+    h.now += Duration::from_secs(2);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.sockets.closed, vec![relay]);
+    assert_eq!(h.server.poll_timeout(), None);
+    assert_eq!(
+        h.server.data_from_peer(h.now, relay, addr(PEER), 1),
+        Err(DropReason::NoAllocation)
+    );
+}
+
+#[test]
+fn bandwidth_cap_drops_the_excess() {
+    let config = TurnConfig {
+        bandwidth_bytes_per_second: 1000,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let alice = user("alice");
+    let (relay, nonce) = h.allocate(addr(CLIENT), &alice);
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4000, addr(PEER)),
+        RequestOutcome::Ok
+    );
+    let mut passed = 0;
+    for _ in 0..20 {
+        if h.server
+            .channel_data_from_client(h.now, addr(CLIENT), 0x4000, 100)
+            .is_ok()
+        {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 10, "one second's worth passes at once");
+    assert_eq!(
+        h.server.data_from_peer(h.now, relay, addr(PEER), 100),
+        Err(DropReason::Bandwidth)
+    );
+    h.now += Duration::from_millis(500);
+    let mut passed = 0;
+    for _ in 0..20 {
+        if h.server
+            .data_from_peer(h.now, relay, addr(PEER), 100)
+            .is_ok()
+        {
+            passed += 1;
+        }
+    }
+    assert_eq!(passed, 5, "half a second refills half");
+}
+
+#[test]
+fn other_requests_without_an_allocation_get_437_and_unknown_attributes_420() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let tid = h.next_tid();
+    let nonce = h
+        .send(
+            addr(CLIENT),
+            &request(method::REFRESH, Class::Request, tid, |_| {}, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::REFRESH, |_, _| {});
+    assert_eq!((outcome, reply.code), (RequestOutcome::Mismatch, Some(437)));
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(0x7777, &[0; 4]);
+    });
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::UnknownAttribute, Some(420))
+    );
+    assert_eq!(
+        reply.attr(stun_attr::UNKNOWN_ATTRIBUTES),
+        Some(vec![0x77, 0x77])
+    );
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
+        w.attribute(turn_attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);
+    });
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::Transport, Some(442))
+    );
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(
+            turn_attr::REQUESTED_ADDRESS_FAMILY,
+            &[family::IPV6, 0, 0, 0],
+        );
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Family, Some(440)));
+    assert_eq!(h.server.allocation_count(), 0);
+}
+
+#[test]
+fn spoofed_allocate_flood_keeps_no_state_and_is_throttled() {
+    let config = TurnConfig {
+        challenges_per_second: 100,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let mut answered = 0;
+    for i in 0..10_000u32 {
+        let from = SocketAddr::new(
+            IpAddr::from((0x0A00_0000 + i).to_be_bytes()),
+            1000 + (i % 5000) as u16,
+        );
+        let tid = h.next_tid();
+        let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+        let (_, reply) = h.send(from, &datagram);
+        answered += usize::from(reply.is_some());
+    }
+    assert_eq!(answered, 100, "replies bounded by the challenge budget");
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(
+        h.server.slots.is_empty() && h.server.by_client.is_empty() && h.server.per_user.is_empty()
+    );
+    assert!(h.sockets.open.is_empty());
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let mut h = Harness::new(server());
+        if let Ok(message) = Message::parse(&bytes) {
+            let _ = h.server.handle_stun(h.now, NOW_UNIX, addr(CLIENT), None, &message, &mut h.sockets, &mut h.out);
+        }
+        let _ = h.server.channel_data_from_client(h.now, addr(CLIENT), 0x4000, bytes.len());
+    }
+
+    #[test]
+    fn arbitrary_attributes_on_an_allocation_never_panic(
+        method_number in prop::sample::select(vec![method::ALLOCATE, method::REFRESH, method::CREATE_PERMISSION, method::CHANNEL_BIND, method::SEND]),
+        attrs in proptest::collection::vec((prop::sample::select(vec![0x000Cu16, 0x000D, 0x0012, 0x0013, 0x0017, 0x0018, 0x0019, 0x001A, 0x0022, 0x8000]), proptest::collection::vec(any::<u8>(), 0..24)), 0..6),
+    ) {
+        let mut h = Harness::new(server());
+        let alice = user("alice");
+        let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+        let tid = h.next_tid();
+        let class = if method_number == method::SEND { Class::Indication } else { Class::Request };
+        let datagram = request(method_number, class, tid, |w| {
+            for (ty, value) in &attrs {
+                w.attribute(*ty, value);
+            }
+        }, Some((&alice, &nonce)));
+        let message = Message::parse(&datagram).expect("well-formed");
+        let _ = h.server.handle_stun(h.now, NOW_UNIX, addr(CLIENT), None, &message, &mut h.sockets, &mut h.out);
+        prop_assert!(h.server.allocation_count() <= 1);
+    }
+}
