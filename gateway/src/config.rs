@@ -1,6 +1,11 @@
 //! The gateway's configuration: a TOML file whose every field has a default, so
 //! `gateway serve` runs with no file at all. Command-line flags override the file.
-use std::{net::SocketAddr, path::Path};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use crate::proto::peer_policy::IpRange;
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +45,126 @@ pub struct Config {
     pub ebpf: EbpfConfig,
     /// Authentication of peers and relay users.
     pub auth: AuthConfig,
+    /// The TURN relay.
+    pub relay: RelayConfig,
+}
+
+/// The TURN relay (RFC 8656 over UDP on `server.listen`). It needs
+/// `auth.secret_file`: relay users authenticate with the same REST credentials.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Serve TURN (when a secret is configured).
+    pub enabled: bool,
+    /// The REALM of long-term credentials.
+    pub realm: String,
+    /// Relay addresses, at most one IPv4 and one IPv6. Empty: relay sockets open on
+    /// the gateway address the client reached (right for a host with public
+    /// addresses on its interfaces; set this behind 1:1 NAT or on multi-homed hosts).
+    pub addresses: Vec<IpAddr>,
+    /// Ports for relay sockets, `FIRST-LAST` (RFC 8656 suggests 49152-65535).
+    pub port_range: String,
+    /// Allocations in total (486 beyond).
+    pub max_allocations: usize,
+    /// Allocations per peer id (486 beyond).
+    pub max_allocations_per_user: usize,
+    /// Permissions per allocation (508 beyond).
+    pub max_permissions: usize,
+    /// Channels per allocation (508 beyond).
+    pub max_channels: usize,
+    /// Longest allocation lifetime granted, in seconds (at most 3600).
+    pub max_lifetime_seconds: u64,
+    /// Relayed bytes per second per allocation; 0 means no cap.
+    pub bandwidth_bytes_per_second: u64,
+    /// Peer ranges the relay may reach even though the default policy denies them
+    /// (CIDR, e.g. "10.20.0.0/16"); they also override the gateway's own addresses.
+    pub allowed_peer_ranges: Vec<String>,
+    /// Further peer ranges to deny.
+    pub denied_peer_ranges: Vec<String>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            realm: "gateway".into(),
+            addresses: Vec::new(),
+            port_range: "49152-65535".into(),
+            max_allocations: 100_000,
+            max_allocations_per_user: 32,
+            max_permissions: 64,
+            max_channels: 64,
+            max_lifetime_seconds: 3600,
+            bandwidth_bytes_per_second: 0,
+            allowed_peer_ranges: Vec::new(),
+            denied_peer_ranges: Vec::new(),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The relay port range, parsed.
+    pub fn ports(&self) -> Result<std::ops::RangeInclusive<u16>, ConfigError> {
+        let bad = || {
+            ConfigError::Invalid(format!(
+                "relay.port_range {:?} is not FIRST-LAST with 1 <= FIRST <= LAST <= 65535",
+                self.port_range
+            ))
+        };
+        let (first, last) = self.port_range.split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.trim().parse().map_err(|_| bad())?;
+        let last: u16 = last.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(first..=last)
+    }
+
+    /// The operator's allowed and denied peer ranges, parsed.
+    pub fn peer_ranges(&self) -> Result<(Vec<IpRange>, Vec<IpRange>), ConfigError> {
+        let parse = |key: &str, list: &[String]| {
+            list.iter()
+                .map(|text| {
+                    text.parse::<IpRange>()
+                        .map_err(|e| ConfigError::Invalid(format!("relay.{key}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok((
+            parse("allowed_peer_ranges", &self.allowed_peer_ranges)?,
+            parse("denied_peer_ranges", &self.denied_peer_ranges)?,
+        ))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.ports()?;
+        self.peer_ranges()?;
+        if self.realm.is_empty() || self.realm.len() > 127 || !self.realm.is_ascii() {
+            return Err(ConfigError::Invalid(
+                "relay.realm must be 1..=127 ASCII characters".into(),
+            ));
+        }
+        let v4 = self.addresses.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = self.addresses.len() - v4;
+        if v4 > 1 || v6 > 1 || self.addresses.iter().any(IpAddr::is_unspecified) {
+            return Err(ConfigError::Invalid(
+                "relay.addresses takes at most one IPv4 and one IPv6 address, not unspecified ones"
+                    .into(),
+            ));
+        }
+        if !(600..=3600).contains(&self.max_lifetime_seconds) {
+            return Err(ConfigError::Invalid(
+                "relay.max_lifetime_seconds must be 600..=3600 (RFC 8656's default and maximum)"
+                    .into(),
+            ));
+        }
+        if self.max_allocations == 0 || self.max_allocations_per_user == 0 {
+            return Err(ConfigError::Invalid(
+                "relay.max_allocations and max_allocations_per_user must be at least 1 (set relay.enabled = false to turn the relay off)".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Authentication of peers and relay users.
@@ -154,6 +279,7 @@ impl Config {
                 "ebpf.required = true contradicts ebpf.enabled = false".into(),
             ));
         }
+        self.relay.validate()?;
         for name in &self.ebpf.interfaces {
             if name.is_empty() || name.len() > 15 || name.contains('/') {
                 return Err(ConfigError::Invalid(format!(
@@ -211,6 +337,30 @@ mod tests {
         assert!(Config::from_toml("[ebpf]\nenabled = false\nrequired = true\n", "t").is_err());
         assert!(Config::from_toml("[server]\nlisten = \"0.0.0.0:0\"\n", "t").is_err());
         assert!(Config::from_toml("[ebpf]\ninterfaces = [\"a/b\"]\n", "t").is_err());
+    }
+
+    #[test]
+    fn relay_values_are_checked() {
+        let config = Config::from_toml(
+            "[relay]\nport_range = \"50000-50100\"\nallowed_peer_ranges = [\"10.1.0.0/16\"]\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(config.relay.ports().expect("range"), 50000..=50100);
+        for bad in [
+            "[relay]\nport_range = \"5-1\"\n",
+            "[relay]\nport_range = \"0-10\"\n",
+            "[relay]\nport_range = \"49152\"\n",
+            "[relay]\nallowed_peer_ranges = [\"10.1.0.1/16\"]\n",
+            "[relay]\ndenied_peer_ranges = [\"nonsense\"]\n",
+            "[relay]\naddresses = [\"192.0.2.1\", \"192.0.2.2\"]\n",
+            "[relay]\naddresses = [\"0.0.0.0\"]\n",
+            "[relay]\nmax_lifetime_seconds = 7200\n",
+            "[relay]\nrealm = \"\"\n",
+        ] {
+            let err = Config::from_toml(bad, "t").expect_err(bad);
+            assert!(err.to_string().contains("relay."), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -7,10 +7,12 @@
 //! - [`ebpf`]: loads and attaches the kernel programs and reads their counters;
 //! - [`metrics`]: the Prometheus registry and the `/metrics` HTTP endpoint;
 //! - [`peer`]: the peer agent's driver (`gateway peer`);
+//! - [`relay`]: the TURN relay's sockets and per-allocation forwarding tasks;
 //! - [`config`]: the TOML configuration and its defaults.
 pub mod config;
 pub mod ebpf;
 pub mod metrics;
 pub mod peer;
 pub mod proto;
+pub mod relay;
 pub mod server;

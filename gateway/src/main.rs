@@ -153,6 +153,21 @@ struct ServeArgs {
     /// Shared-secret file for peer credentials; enables the rendezvous.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Do not serve TURN (the relay runs by default when a secret is configured).
+    #[arg(long)]
+    no_relay: bool,
+    /// Relay address (repeatable: one IPv4, one IPv6) [default: the gateway address
+    /// each client reached].
+    #[arg(long = "relay-address", value_name = "IP")]
+    relay_addresses: Vec<std::net::IpAddr>,
+    /// Ports for relay sockets, FIRST-LAST [default: 49152-65535].
+    #[arg(long, value_name = "FIRST-LAST")]
+    relay_port_range: Option<String>,
+    /// Peer range the relay may reach although the default policy denies it, in CIDR
+    /// (repeatable), e.g. 10.20.0.0/16. Private, loopback, link-local, reserved and
+    /// the gateway's own addresses are denied otherwise.
+    #[arg(long = "allow-peer", value_name = "CIDR")]
+    allowed_peer_ranges: Vec<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -266,6 +281,19 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if args.no_metrics {
         config.metrics.enabled = false;
     }
+    if args.no_relay {
+        config.relay.enabled = false;
+    }
+    if !args.relay_addresses.is_empty() {
+        config.relay.addresses = args.relay_addresses.clone();
+    }
+    if let Some(range) = &args.relay_port_range {
+        config.relay.port_range = range.clone();
+    }
+    config
+        .relay
+        .allowed_peer_ranges
+        .extend(args.allowed_peer_ranges.iter().cloned());
     if !args.ebpf_interfaces.is_empty() {
         config.ebpf.interfaces = args.ebpf_interfaces.clone();
     }
@@ -352,40 +380,76 @@ async fn serve_async(config: Config) -> Result<()> {
         tracing::info!(url = %format!("http://{}/metrics", config.metrics.listen), "metrics listening");
         tokio::spawn(metrics::serve(listener, metrics.clone()))
     });
-    let rendezvous = match &config.auth.secret_file {
+    let secret = match &config.auth.secret_file {
         Some(path) => {
             let secret = std::fs::read(path)
                 .with_context(|| format!("cannot read auth.secret_file {}", path.display()))?;
             if secret.trim_ascii().is_empty() {
                 anyhow::bail!("auth.secret_file {} is empty", path.display());
             }
+            Some(SharedSecret::new(&secret))
+        }
+        None => None,
+    };
+    let rendezvous = match &secret {
+        Some(secret) => {
             tracing::info!("rendezvous enabled (register, connect, introductions)");
             Some(RendezvousServer::new(
-                SharedSecret::new(&secret),
+                secret.clone(),
                 RendezvousConfig::default(),
                 rand::random(),
             ))
         }
         None => {
             tracing::info!(
-                "rendezvous disabled: no auth.secret_file (--secret-file); answering STUN Binding only"
+                "rendezvous and relay disabled: no auth.secret_file (--secret-file); answering STUN Binding only"
             );
             None
         }
+    };
+    let client_socket = server::client_socket(socket).context("cannot configure the UDP socket")?;
+    let relay = match &secret {
+        Some(secret) if config.relay.enabled => Some(
+            gateway::relay::start(
+                &config,
+                local,
+                secret.clone(),
+                client_socket.clone(),
+                &metrics,
+            )
+            .context("cannot start the TURN relay")?,
+        ),
+        Some(_) => {
+            tracing::info!("relay disabled by configuration");
+            None
+        }
+        None => None,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let discovery_task = discovery_socket.map(|socket| {
-        tokio::spawn(server::run(
-            socket,
-            metrics.clone(),
-            None,
-            wait(stopped.clone()),
-        ))
-    });
-    let main_loop = tokio::spawn(server::run(socket, metrics, rendezvous, wait(stopped)));
+    let discovery_task = match discovery_socket {
+        Some(socket) => {
+            let socket =
+                server::client_socket(socket).context("cannot configure the discovery socket")?;
+            Some(tokio::spawn(server::run(
+                socket,
+                metrics.clone(),
+                None,
+                None,
+                wait(stopped.clone()),
+            )))
+        }
+        None => None,
+    };
+    let main_loop = tokio::spawn(server::run(
+        client_socket,
+        metrics,
+        rendezvous,
+        relay,
+        wait(stopped),
+    ));
     shutdown_signal().await;
     let _ = stop.send(true);
     let _ = main_loop.await;

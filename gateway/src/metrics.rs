@@ -84,7 +84,11 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(stun_datagrams.clone()))?;
-        for label in Handled::ALL_LABELS {
+        for label in
+            Handled::ALL_LABELS
+                .iter()
+                .chain(&["channel_data", "turn_request", "turn_indication"])
+        {
             stun_datagrams.with_label_values(&[label]);
         }
         let nat_labels = ["initiator_nat", "responder_nat"];

@@ -3,6 +3,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    sync::Arc,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -16,7 +17,10 @@ use crate::{
     proto::{
         binding::BindingService,
         rendezvous::{Handled, RendezvousServer, Transmit},
+        stun::{Message, MessageType},
+        turn::{self, ChannelData, server::Handled as TurnHandled, server::TurnServer},
     },
+    relay::{ClientSocket, RelayShared, send_to_peer, to_v6_mapped},
 };
 
 /// Largest datagram read; anything longer is truncated by the kernel and then fails
@@ -64,35 +68,58 @@ fn unix_now() -> u64 {
 /// Datagram buffers read per system call (recvmmsg).
 const RECV_BATCH: usize = 8;
 
+/// Prepares a bound service socket for [`run`]: its quinn-udp state (batched
+/// receives, IP_PKTINFO), shared so relay tasks can send to clients from it too.
+pub fn client_socket(socket: UdpSocket) -> std::io::Result<ClientSocket> {
+    let state = UdpSocketState::new((&socket).into())?;
+    // An IPv6 socket is dual-stack (see `bind`) and needs v4-mapped peers.
+    let dual_stack = socket.local_addr()?.is_ipv6();
+    Ok(ClientSocket::new(
+        Arc::new(socket),
+        Arc::new(state),
+        dual_stack,
+    ))
+}
+
+/// True when a STUN-looking datagram carries a TURN method (cheap header peek, so
+/// the relay's messages skip the rendezvous).
+fn is_turn_message(datagram: &[u8]) -> bool {
+    Message::looks_like_stun(datagram)
+        && TurnServer::is_turn_method(
+            MessageType::from_bits(u16::from_be_bytes([datagram[0], datagram[1]])).method,
+        )
+}
+
 /// Serves the socket until `shutdown` completes. With a rendezvous core every
-/// datagram goes through it (it answers Binding too); without one, only Binding.
+/// non-TURN datagram goes through it (it answers Binding too); without one, only
+/// Binding. With a relay, TURN messages and ChannelData go to it.
 ///
 /// I/O goes through `quinn-udp`: batched receives, and the destination address of
 /// each datagram (IP_PKTINFO) so replies leave from the address the client sent to,
 /// even when the socket is bound to a wildcard address on a multi-homed host.
 pub async fn run(
-    socket: UdpSocket,
+    client: ClientSocket,
     metrics: Metrics,
     mut rendezvous: Option<RendezvousServer>,
+    relay: Option<Arc<RelayShared>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let state = match UdpSocketState::new((&socket).into()) {
-        Ok(state) => state,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot configure the UDP socket");
-            return;
-        }
-    };
+    let socket = &*client.socket;
+    let state = &*client.state;
+    let dual_stack = client.dual_stack;
     let binding = BindingService;
     let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
-    // Known once: an IPv6 socket is dual-stack (see `bind`) and needs v4-mapped peers.
-    let dual_stack = socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false);
     let mut metas = [RecvMeta::default(); RECV_BATCH];
     let mut reply = Vec::with_capacity(512);
     let mut transmits: Vec<Transmit> = Vec::new();
     tokio::pin!(shutdown);
     loop {
         let timeout = rendezvous.as_ref().and_then(RendezvousServer::poll_timeout);
+        let relay_timeout = relay.as_ref().and_then(|r| r.poll_timeout());
+        let timeout = match (timeout, relay_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let sleep = async {
             match timeout {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -102,6 +129,9 @@ pub async fn run(
         let received = tokio::select! {
             () = &mut shutdown => return,
             () = sleep => {
+                if let Some(relay) = &relay {
+                    relay.handle_timeout(Instant::now());
+                }
                 if let Some(server) = rendezvous.as_mut() {
                     server.handle_timeout(Instant::now(), unix_now());
                     metrics.registered_peers.set(server.peer_count() as i64);
@@ -133,6 +163,28 @@ pub async fn run(
                 metrics.udp_received_bytes.inc_by(datagram.len() as u64);
                 let from = canonical(meta.addr);
                 let local = meta.dst_ip.map(|ip| ip.to_canonical());
+                if let Some(relay) = &relay {
+                    if turn::is_channel_data(datagram) {
+                        channel_data(relay, from, datagram);
+                        metrics
+                            .stun_datagrams
+                            .with_label_values(&["channel_data"])
+                            .inc();
+                        continue;
+                    }
+                    if is_turn_message(datagram) {
+                        let label = turn_message(relay, from, local, datagram, &mut reply);
+                        if !reply.is_empty() {
+                            transmits.push(Transmit {
+                                to: from,
+                                from_local: local,
+                                payload: std::mem::take(&mut reply),
+                            });
+                        }
+                        metrics.stun_datagrams.with_label_values(&[label]).inc();
+                        continue;
+                    }
+                }
                 let label = match rendezvous.as_mut() {
                     Some(server) => {
                         let handled = server.handle(
@@ -184,9 +236,7 @@ pub async fn run(
                 src_ip,
             };
             match socket
-                .async_io(Interest::WRITABLE, || {
-                    state.send((&socket).into(), &outgoing)
-                })
+                .async_io(Interest::WRITABLE, || state.send(socket.into(), &outgoing))
                 .await
             {
                 Ok(()) => {
@@ -199,14 +249,95 @@ pub async fn run(
     }
 }
 
+/// Relays ChannelData from a client to its bound peer.
+fn channel_data(relay: &RelayShared, from: SocketAddr, datagram: &[u8]) {
+    let Ok(message) = ChannelData::parse(datagram) else {
+        relay
+            .metrics()
+            .drop_one(turn::server::DropReason::Malformed);
+        return;
+    };
+    let len = message.data.len();
+    let mut state = relay.lock();
+    match state
+        .core
+        .channel_data_from_client(Instant::now(), from, message.channel, len)
+    {
+        Ok((relay_addr, peer)) => {
+            if send_to_peer(&state, relay_addr, peer, message.data) {
+                drop(state);
+                relay.metrics().packets_to_peer.inc();
+                relay.metrics().bytes_to_peer.inc_by(len as u64);
+            }
+        }
+        Err(reason) => {
+            drop(state);
+            relay.metrics().drop_one(reason);
+        }
+    }
+}
+
+/// Hands a TURN request or indication to the relay core; the reply (if any) is left
+/// in `reply`. Returns the datagram's label for `gateway_stun_datagrams_total`.
+fn turn_message(
+    relay: &RelayShared,
+    from: SocketAddr,
+    local: Option<IpAddr>,
+    datagram: &[u8],
+    reply: &mut Vec<u8>,
+) -> &'static str {
+    reply.clear();
+    let Ok(message) = Message::parse(datagram) else {
+        return "malformed";
+    };
+    let metrics = relay.metrics();
+    let mut state = relay.lock();
+    let handled = state.with_local(local, |core, sockets| {
+        core.handle_stun(
+            Instant::now(),
+            unix_now(),
+            from,
+            local,
+            &message,
+            sockets,
+            reply,
+        )
+    });
+    let label = match handled {
+        TurnHandled::Request { method, outcome } => {
+            metrics
+                .requests
+                .with_label_values(&[method.as_str(), outcome.as_str()])
+                .inc();
+            "turn_request"
+        }
+        TurnHandled::Relay {
+            relay: relay_addr,
+            peer,
+            data,
+        } => {
+            if send_to_peer(&state, relay_addr, peer, data) {
+                metrics.packets_to_peer.inc();
+                metrics.bytes_to_peer.inc_by(data.len() as u64);
+            }
+            "turn_indication"
+        }
+        TurnHandled::Dropped(reason) => {
+            metrics.drop_one(reason);
+            "turn_indication"
+        }
+        TurnHandled::NotTurn => "unhandled",
+    };
+    metrics
+        .allocations
+        .set(state.core.allocation_count() as i64);
+    metrics
+        .allocations_created
+        .inc_by(state.core.take_created());
+    label
+}
+
 /// IPv4-mapped IPv6 sources (from a dual-stack socket) as plain IPv4.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-fn to_v6_mapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-        v6 => v6,
-    }
 }

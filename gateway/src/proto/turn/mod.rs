@@ -66,8 +66,12 @@ pub mod family {
 pub const TRANSPORT_UDP: u8 = 17;
 /// First channel number (RFC 8656 §12).
 pub const CHANNEL_MIN: u16 = 0x4000;
-/// Last channel number.
-pub const CHANNEL_MAX: u16 = 0x4FFF;
+/// Last channel number accepted. RFC 8656 allows only 0x4000..=0x4FFF, but RFC 5766
+/// allowed up to 0x7FFF and deployed clients (coturn's own tools among them) still use
+/// that range, so the relay accepts it; clients of this crate pick from RFC 8656's.
+pub const CHANNEL_MAX: u16 = 0x7FFF;
+/// Last channel number of RFC 8656's range, which our own clients use.
+pub const CHANNEL_MAX_RFC8656: u16 = 0x4FFF;
 /// ChannelData header length.
 pub const CHANNEL_DATA_HEADER: usize = 4;
 
@@ -80,7 +84,7 @@ pub fn is_channel_data(datagram: &[u8]) -> bool {
 /// A parsed ChannelData message: the channel and the application data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChannelData<'a> {
-    /// Channel number, 0x4000..=0x4FFF.
+    /// Channel number, 0x4000..=0x7FFF.
     pub channel: u16,
     /// The application data (padding excluded).
     pub data: &'a [u8],
@@ -92,8 +96,8 @@ pub enum ChannelDataError {
     /// Shorter than the 4-byte header.
     #[error("shorter than a ChannelData header")]
     TooShort,
-    /// The channel number is outside 0x4000..=0x4FFF.
-    #[error("channel number outside 0x4000..=0x4FFF")]
+    /// The channel number is outside 0x4000..=0x7FFF.
+    #[error("channel number outside 0x4000..=0x7FFF")]
     BadChannel,
     /// The length field claims more bytes than arrived.
     #[error("ChannelData length exceeds the datagram")]
@@ -131,6 +135,23 @@ pub fn channel_data_header(channel: u16, len: usize) -> [u8; CHANNEL_DATA_HEADER
 pub fn encode_channel_data(channel: u16, data: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&channel_data_header(channel, data.len()));
     out.extend_from_slice(data);
+}
+
+/// Writes a Data indication (RFC 8656 §11.4) carrying `data` from `peer` into `out`
+/// (cleared first); no FINGERPRINT, as on the hot path it buys nothing.
+pub fn data_indication(tid: [u8; 12], peer: SocketAddr, data: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    let mut writer = MessageWriter::new(
+        out,
+        stun::MessageType {
+            method: method::DATA,
+            class: stun::Class::Indication,
+        },
+        tid,
+    );
+    xor_address_attribute(&mut writer, attr::XOR_PEER_ADDRESS, peer, tid);
+    writer.attribute(attr::DATA, data);
+    writer.finish();
 }
 
 /// The long-term credential key (RFC 8489 §9.2.2): MD5(username ":" realm ":" password).
@@ -208,7 +229,7 @@ mod tests {
         assert_eq!(ChannelData::parse(&out).map(|c| c.data), Ok(&b"hello"[..]));
         assert_eq!(ChannelData::parse(&[0x40]), Err(ChannelDataError::TooShort));
         assert_eq!(
-            ChannelData::parse(&[0x50, 0, 0, 0]),
+            ChannelData::parse(&[0x80, 0, 0, 0]),
             Err(ChannelDataError::BadChannel)
         );
         assert_eq!(

@@ -1209,22 +1209,11 @@ impl TurnServer {
 
     /// Writes a Data indication carrying `data` from `peer` into `out` (cleared first).
     pub fn data_indication(&mut self, peer: SocketAddr, data: &[u8], out: &mut Vec<u8>) {
-        out.clear();
         // Indications need unique-enough transaction ids, not secret ones.
         self.tid_counter = self.tid_counter.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut tid = [0u8; 12];
         tid[..8].copy_from_slice(&self.tid_counter.to_be_bytes());
-        let mut writer = MessageWriter::new(
-            out,
-            MessageType {
-                method: method::DATA,
-                class: Class::Indication,
-            },
-            tid,
-        );
-        xor_address_attribute(&mut writer, turn_attr::XOR_PEER_ADDRESS, peer, tid);
-        writer.attribute(turn_attr::DATA, data);
-        writer.finish();
+        super::data_indication(tid, peer, data, out);
     }
 }
 

@@ -649,7 +649,7 @@ fn channels_carry_data_both_ways_and_conflicts_are_refused() {
         RequestOutcome::BadRequest
     );
     assert_eq!(
-        h.bind(addr(CLIENT), &alice, &nonce, 0x5000, addr("8.8.8.8:1")),
+        h.bind(addr(CLIENT), &alice, &nonce, 0x8000, addr("8.8.8.8:1")),
         RequestOutcome::BadRequest
     );
     // Channels expire after 600 s (the permission too, after 300 s).

@@ -1,0 +1,251 @@
+//! Real TURN clients against `gateway serve`: coturn's `turnutils_stunclient` and
+//! `turnutils_uclient` (Debian's `coturn` package) run on a lab host behind a NAT and
+//! use the gateway on the lab's public server as their relay.
+use std::{
+    net::SocketAddr,
+    process::{Command, Output},
+};
+
+use gateway_tests::{
+    daemon::{GatewayProcess, metric_value},
+    lab::{Host, Lab, NatPreset, lab_available},
+    punch::{SECRET, SERVICE},
+};
+
+/// The relay range the lab gateway uses.
+const RELAY_PORTS: &str = "50000-50999";
+
+struct RelayLab {
+    lab: Lab,
+    gateway: GatewayProcess,
+    secret_path: std::path::PathBuf,
+}
+
+impl Drop for RelayLab {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.secret_path).ok();
+    }
+}
+
+/// A lab with one site behind a port-restricted cone NAT and the gateway on the
+/// server; `extra` flags go to `gateway serve`.
+fn relay_lab(extra: &[&str]) -> RelayLab {
+    let lab = Lab::builder()
+        .site("a", NatPreset::port_restricted_cone())
+        .build()
+        .expect("lab");
+    let secret_path = std::env::temp_dir().join(format!(
+        "gw-turn-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::write(&secret_path, SECRET).expect("secret file");
+    let secret_arg = secret_path.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--listen",
+        "0.0.0.0:3478",
+        "--no-ebpf",
+        "--secret-file",
+        &secret_arg,
+        "--relay-port-range",
+        RELAY_PORTS,
+    ];
+    args.extend_from_slice(extra);
+    let gateway =
+        GatewayProcess::start(lab.server(), SocketAddr::from((SERVICE.ip(), 9478)), &args)
+            .expect("gateway");
+    RelayLab {
+        lab,
+        gateway,
+        secret_path,
+    }
+}
+
+fn client_host(lab: &Lab) -> Host {
+    lab.site("a").and_then(|s| s.host(0)).expect("host").clone()
+}
+
+fn run(command: &mut Command) -> Output {
+    command.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {command:?}: {e}; install Debian's coturn package (cargo xtask setup does)"
+        )
+    })
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `turnutils_uclient` against the lab gateway with the shared secret (REST auth),
+/// `clients` clients sending `messages` messages of `length` bytes each.
+fn uclient(host: &Host, mode: &[&str], clients: u32, messages: u32, length: u32) -> String {
+    let secret = String::from_utf8_lossy(SECRET).into_owned();
+    let (clients, messages, length) = (
+        clients.to_string(),
+        messages.to_string(),
+        length.to_string(),
+    );
+    let mut command = host.command("timeout");
+    command
+        .args([
+            "60",
+            "turnutils_uclient",
+            "-p",
+            "3478",
+            "-W",
+            &secret,
+            "-r",
+            "gateway",
+        ])
+        .args([
+            "-u", "uclient", "-c", "-m", &clients, "-n", &messages, "-l", &length,
+        ])
+        .args(mode)
+        .arg(SERVICE.ip().to_string());
+    text(&run(&mut command))
+}
+
+/// The numbers after `key=` in the last line that has them.
+fn last_count(output: &str, key: &str) -> Option<u64> {
+    output
+        .lines()
+        .rev()
+        .find_map(|line| line.split(key).nth(1))
+        .and_then(|rest| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+}
+
+fn assert_all_delivered(output: &str, expected: u64) {
+    let sent = last_count(output, "tot_send_msgs=");
+    let received = last_count(output, "tot_recv_msgs=");
+    assert_eq!(
+        sent,
+        Some(expected),
+        "messages sent; uclient said:\n{output}"
+    );
+    assert_eq!(
+        received,
+        Some(expected),
+        "messages received; uclient said:\n{output}"
+    );
+    assert!(
+        output.contains("Total lost packets 0 (0.000000%)"),
+        "uclient reports loss:\n{output}"
+    );
+}
+
+#[test]
+fn coturn_stunclient_learns_the_nat_public_address() {
+    if !lab_available() {
+        return;
+    }
+    let relay = relay_lab(&[]);
+    let host = client_host(&relay.lab);
+    let output =
+        run(host
+            .command("turnutils_stunclient")
+            .args(["-p", "3478", &SERVICE.ip().to_string()]));
+    let output = text(&output);
+    let wan = relay.lab.site("a").expect("site").wan_addr();
+    assert!(
+        output.contains(&format!("UDP reflexive addr: {wan}:")),
+        "expected the NAT's public address {wan} in:\n{output}"
+    );
+}
+
+#[test]
+fn coturn_uclient_relays_every_message_over_channels_and_send_indications() {
+    if !lab_available() {
+        return;
+    }
+    // The lab's "public" addresses are in RFC 5737 ranges, which the default policy
+    // denies as reserved; the operator allows them, as an operator would allow an
+    // internal range.
+    let relay = relay_lab(&["--allow-peer", "192.0.2.0/24"]);
+    let host = client_host(&relay.lab);
+    // Client to client through the relay (-y): each client's allocation sends to the
+    // other's relayed address; 4 clients x 200 messages of 120 bytes.
+    let channels = uclient(&host, &["-y"], 4, 200, 120);
+    assert_all_delivered(&channels, 800);
+    // The same with Send and Data indications instead of channels (-s), 1200 bytes.
+    let indications = uclient(&host, &["-y", "-s"], 2, 100, 1200);
+    assert_all_delivered(&indications, 200);
+    let metrics = relay.gateway.scrape().expect("metrics");
+    let to_peer = metric_value(
+        &metrics,
+        "gateway_relay_packets_total",
+        "direction=\"client_to_peer\"",
+    )
+    .expect("relay packet counter");
+    let to_client = metric_value(
+        &metrics,
+        "gateway_relay_packets_total",
+        "direction=\"peer_to_client\"",
+    )
+    .expect("relay packet counter");
+    // Every message crossed the relay twice: in from its sender, out to its receiver
+    // (uclient also sends a few of its own probes, hence at least).
+    assert!(
+        to_peer >= 1000.0 && to_client >= 1000.0,
+        "{to_peer} {to_client}\n{metrics}"
+    );
+    let created =
+        metric_value(&metrics, "gateway_turn_allocations_total", "").expect("allocations");
+    assert!(created >= 6.0, "allocations created: {created}");
+    let bytes = metric_value(
+        &metrics,
+        "gateway_relay_bytes_total",
+        "direction=\"peer_to_client\"",
+    )
+    .expect("bytes");
+    assert!(
+        bytes >= 800.0 * 120.0 + 200.0 * 1200.0,
+        "relayed bytes {bytes}"
+    );
+}
+
+#[test]
+fn default_policy_refuses_peers_in_reserved_ranges_with_403() {
+    if !lab_available() {
+        return;
+    }
+    // Without --allow-peer the relay addresses (192.0.2.0/24, reserved and the
+    // gateway's own) are not reachable through the relay.
+    let relay = relay_lab(&[]);
+    let host = client_host(&relay.lab);
+    let output = uclient(&host, &["-y"], 1, 10, 100);
+    assert!(
+        output.contains("403"),
+        "uclient should report 403 Forbidden:\n{output}"
+    );
+    let metrics = relay.gateway.scrape().expect("metrics");
+    let forbidden = metric_value(
+        &metrics,
+        "gateway_turn_requests_total",
+        "method=\"channel_bind\",outcome=\"forbidden\"",
+    )
+    .unwrap_or(0.0)
+        + metric_value(
+            &metrics,
+            "gateway_turn_requests_total",
+            "method=\"create_permission\",outcome=\"forbidden\"",
+        )
+        .unwrap_or(0.0);
+    assert!(forbidden >= 1.0, "no 403 counted:\n{metrics}");
+    let relayed = metric_value(
+        &metrics,
+        "gateway_relay_packets_total",
+        "direction=\"client_to_peer\"",
+    )
+    .expect("counter");
+    assert_eq!(relayed, 0.0, "nothing may reach a denied peer");
+}
