@@ -249,3 +249,66 @@ fn default_policy_refuses_peers_in_reserved_ranges_with_403() {
     .expect("counter");
     assert_eq!(relayed, 0.0, "nothing may reach a denied peer");
 }
+
+/// The Python environment `cargo xtask setup` makes for interop tests (aioice).
+fn python() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let python = root.join("target/python/bin/python3");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `cargo xtask setup` (it makes a venv with aioice from PyPI)",
+        python.display()
+    );
+    python
+}
+
+#[test]
+fn aioice_agents_connect_through_the_relay_and_exchange_data() {
+    if !lab_available() {
+        return;
+    }
+    let relay = relay_lab(&["--allow-peer", "192.0.2.0/24"]);
+    let host = client_host(&relay.lab);
+    let (alice, bob) = (
+        gateway_tests::punch::credentials("alice"),
+        gateway_tests::punch::credentials("bob"),
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/aioice_relay.py");
+    let output = run(host
+        .command(&python().to_string_lossy())
+        .arg(script)
+        .arg(SERVICE.ip().to_string())
+        .arg("3478")
+        .args([
+            &alice.username,
+            &alice.password,
+            &bob.username,
+            &bob.password,
+        ])
+        .arg("20"));
+    let said = text(&output);
+    assert!(
+        output.status.success(),
+        "aioice through the relay failed:\n{said}"
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{said}"));
+    assert_eq!(result["received_by_a"], 20, "{said}");
+    assert_eq!(result["received_by_b"], 20, "{said}");
+    for candidate in result["relay_candidates"].as_array().expect("list") {
+        assert!(
+            candidate
+                .as_str()
+                .is_some_and(|c| c.starts_with("192.0.2.10:50")),
+            "relay candidates come from the gateway's relay range: {said}"
+        );
+    }
+    let metrics = relay.gateway.scrape().expect("metrics");
+    let created =
+        metric_value(&metrics, "gateway_turn_allocations_total", "").expect("allocations");
+    assert_eq!(created, 2.0, "one allocation per aioice agent");
+}

@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 /// Debian packages the project needs. rustc-web/rust-web-src/cargo-web: a rustc with
 /// its library source, so `-Z build-std=core` works for the BPF target; llvm-22-dev:
 /// what bpf-linker links against; nftables/iproute2/conntrack: the NAT lab; curl: the
-/// demo's hints.
+/// demo's hints; coturn: real TURN clients (turnutils_*) for interop tests and the
+/// server the relay benchmark compares against; python3-venv: a venv for aioice.
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -22,7 +23,24 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "conntrack",
     "curl",
+    "coturn",
+    "python3-venv",
 ];
+/// aioice (PyPI), an independent ICE/TURN implementation the interop tests drive.
+const AIOICE_VERSION: &str = "0.13.0";
+
+/// The venv holding the Python interop clients.
+pub fn python_venv() -> PathBuf {
+    workspace_root().join("target/python")
+}
+
+fn aioice_ok() -> bool {
+    Command::new(python_venv().join("bin/python3"))
+        .args(["-c", "import aioice"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// How long each fuzz target runs inside `cargo xtask test` (a smoke run; fuzz
@@ -190,6 +208,13 @@ pub fn setup() -> Result<()> {
             CARGO_FUZZ_VERSION,
             "--locked",
         ]))?;
+    }
+    if !aioice_ok() {
+        eprintln!("setup: making {} with aioice {AIOICE_VERSION}", python_venv().display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(python_venv()))?;
+        run(Command::new(python_venv().join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(format!("aioice=={AIOICE_VERSION}")))?;
     }
     if !bpf_linker_ok() {
         bail!(
