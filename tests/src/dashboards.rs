@@ -243,7 +243,8 @@ pub fn problems(json: &Value) -> Vec<String> {
             if ref_id.is_empty() || !ref_ids.insert(ref_id) {
                 problems.push(format!("{name}: refId {ref_id:?} missing or repeated"));
             }
-            if target.get("datasource").is_some() && !is_variable_datasource(target.get("datasource"))
+            if target.get("datasource").is_some()
+                && !is_variable_datasource(target.get("datasource"))
             {
                 problems.push(format!(
                     "{name}: query {ref_id} has a datasource other than {DATASOURCE_UID}"
@@ -383,28 +384,60 @@ mod tests {
 
     #[test]
     fn hard_coded_datasources_are_refused() {
-        let found = problems_after(|j| j["panels"][1]["datasource"]["uid"] = "P1809F7CD0C75ACF3".into());
-        assert!(found.iter().any(|p| p.contains("hard-coded datasource uid")), "{found:?}");
-        let found = problems_after(|j| j["panels"][1]["targets"][0]["datasource"] = "Prometheus".into());
-        assert!(found.iter().any(|p| p.contains("hard-coded datasource \"Prometheus\"")), "{found:?}");
-        let found = problems_after(|j| j["annotations"] = serde_json::json!({"list": [{"datasource": {"uid": "abc"}}]}));
-        assert!(found.iter().any(|p| p.starts_with("/annotations/list/0/datasource")), "{found:?}");
+        let found =
+            problems_after(|j| j["panels"][1]["datasource"]["uid"] = "P1809F7CD0C75ACF3".into());
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("hard-coded datasource uid")),
+            "{found:?}"
+        );
+        let found =
+            problems_after(|j| j["panels"][1]["targets"][0]["datasource"] = "Prometheus".into());
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("hard-coded datasource \"Prometheus\"")),
+            "{found:?}"
+        );
+        let found = problems_after(|j| {
+            j["annotations"] = serde_json::json!({"list": [{"datasource": {"uid": "abc"}}]})
+        });
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("/annotations/list/0/datasource")),
+            "{found:?}"
+        );
     }
 
     #[test]
     fn structural_mistakes_are_each_reported() {
         let found = problems_after(|j| j["panels"][1]["id"] = 1.into());
-        assert!(found.iter().any(|p| p.contains("id 1 is not unique")), "{found:?}");
+        assert!(
+            found.iter().any(|p| p.contains("id 1 is not unique")),
+            "{found:?}"
+        );
         let found = problems_after(|j| j["templating"]["list"] = serde_json::json!([]));
-        assert!(found.iter().any(|p| p.contains("`datasource` variable")), "{found:?}");
+        assert!(
+            found.iter().any(|p| p.contains("`datasource` variable")),
+            "{found:?}"
+        );
         let found = problems_after(|j| j["panels"][1]["targets"] = serde_json::json!([]));
         assert!(found.iter().any(|p| p.contains("no queries")), "{found:?}");
         let found = problems_after(|j| j["panels"][1]["gridPos"]["x"] = 20.into());
-        assert!(found.iter().any(|p| p.contains("outside the 24 columns")), "{found:?}");
+        assert!(
+            found.iter().any(|p| p.contains("outside the 24 columns")),
+            "{found:?}"
+        );
         let found = problems_after(|j| {
-            j["panels"][1]["datasource"] = serde_json::json!({"type": "loki", "uid": "${datasource}"})
+            j["panels"][1]["datasource"] =
+                serde_json::json!({"type": "loki", "uid": "${datasource}"})
         });
-        assert!(found.iter().any(|p| p.contains("datasource must be")), "{found:?}");
+        assert!(
+            found.iter().any(|p| p.contains("datasource must be")),
+            "{found:?}"
+        );
         assert!(matches!(
             parse("bad.json", "{"),
             Err(DashboardError::Json { .. })

@@ -265,7 +265,10 @@ pub fn parse_query_response(
     let json: serde_json::Value = serde_json::from_str(body)
         .map_err(|e| fail(format!("HTTP {status}, not JSON ({e}): {body}")))?;
     if json.get("status").and_then(|s| s.as_str()) != Some("success") {
-        let kind = json.get("errorType").and_then(|e| e.as_str()).unwrap_or("?");
+        let kind = json
+            .get("errorType")
+            .and_then(|e| e.as_str())
+            .unwrap_or("?");
         let error = json.get("error").and_then(|e| e.as_str()).unwrap_or(body);
         return Err(fail(format!("HTTP {status}, {kind}: {error}")));
     }
@@ -351,9 +354,9 @@ pub fn http_get_any(
         .read_to_end(&mut response)
         .map_err(io("reading the response"))?;
     let response = String::from_utf8_lossy(&response);
-    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| {
-        PrometheusError::NotReady(format!("malformed HTTP response: {response}"))
-    })?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| PrometheusError::NotReady(format!("malformed HTTP response: {response}")))?;
     let status = head
         .split_whitespace()
         .nth(1)
@@ -490,7 +493,11 @@ mod tests {
         assert_eq!(samples[0].value, f64::INFINITY);
 
         let empty = r#"{"status":"success","data":{"resultType":"vector","result":[]}}"#;
-        assert!(parse_query_response("y", 200, empty).expect("empty").is_empty());
+        assert!(
+            parse_query_response("y", 200, empty)
+                .expect("empty")
+                .is_empty()
+        );
 
         let bad = r#"{"status":"error","errorType":"bad_data","error":"parse error"}"#;
         let error = parse_query_response("sum(", 400, bad).expect_err("error");
