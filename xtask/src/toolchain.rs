@@ -12,7 +12,8 @@ use anyhow::{Context, Result, bail};
 /// Debian packages the project needs. rustc-web/rust-web-src/cargo-web: a rustc with
 /// its library source, so `-Z build-std=core` works for the BPF target; llvm-22-dev:
 /// what bpf-linker links against; nftables/iproute2/conntrack: the NAT lab; curl: the
-/// demo's hints.
+/// demo's hints; prometheus: the dashboards test runs a real Prometheus (its own
+/// instance inside a lab namespace; the package's service is not used).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -22,6 +23,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "conntrack",
     "curl",
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
