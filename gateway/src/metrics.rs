@@ -122,6 +122,9 @@ impl Metrics {
         for a in NatClass::ALL {
             for b in NatClass::ALL {
                 punch_attempts.with_label_values(&[a.as_str(), b.as_str()]);
+                // Also the histogram: a series born with its first observation has
+                // no earlier sample, so rate() and increase() would miss that punch.
+                punch_time_to_direct.with_label_values(&[a.as_str(), b.as_str()]);
                 for outcome in ["direct", "failed"] {
                     punch_outcomes.with_label_values(&[a.as_str(), b.as_str(), outcome]);
                 }
@@ -329,6 +332,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("gateway_ebpf_loaded 0"));
+        // Every labelled series exists before its first event (dashboards' rate()).
+        assert!(
+            text.contains(
+                "gateway_punch_time_to_direct_seconds_count{initiator_nat=\"none\",responder_nat=\"address_dependent\"} 0"
+            ),
+            "{text}"
+        );
     }
 
     #[tokio::test]

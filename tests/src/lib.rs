@@ -5,5 +5,7 @@
 //! nftables NAT rules, so that hole punching and relaying are tested against real
 //! kernels and real NAT behaviour. See `docs/lab.md`.
 pub mod daemon;
+pub mod dashboards;
 pub mod lab;
+pub mod prometheus;
 pub mod punch;

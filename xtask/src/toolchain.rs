@@ -13,7 +13,9 @@ use anyhow::{Context, Result, bail};
 /// its library source, so `-Z build-std=core` works for the BPF target; llvm-22-dev:
 /// what bpf-linker links against; nftables/iproute2/conntrack: the NAT lab; curl: the
 /// demo's hints; coturn: real TURN clients (turnutils_*) for interop tests and the
-/// server the relay benchmark compares against; python3-venv: a venv for aioice.
+/// server the relay benchmark compares against; python3-venv: a venv for aioice;
+/// prometheus: the dashboards test runs a real Prometheus (its own instance inside a
+/// lab namespace; the package's service is not used).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -25,6 +27,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "curl",
     "coturn",
     "python3-venv",
+    "prometheus",
 ];
 /// aioice (PyPI), an independent ICE/TURN implementation the interop tests drive.
 const AIOICE_VERSION: &str = "0.13.0";

@@ -1,0 +1,578 @@
+//! The Grafana dashboards against a real Prometheus. A lab run (the gateway and
+//! punching agents in network namespaces) is scraped every second by Prometheus
+//! running in the lab's server namespace; then every PromQL expression of every panel,
+//! read from the dashboards' JSON, is evaluated through Prometheus' HTTP API and must
+//! return data: a panel that would show nothing fails the test. Panels whose metrics
+//! are not built yet are listed in [`PENDING_PANELS`]; their expressions must still be
+//! valid PromQL.
+use std::{
+    collections::BTreeSet,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::{
+    daemon::{GatewayProcess, PeerProcess},
+    dashboards::{self, Dashboard},
+    lab::{Host, Lab, NatPreset, lab_available},
+    prometheus::{
+        PrometheusProcess, Sample, ScrapeJob, TcpBridge, http_get_any, promtool_binary,
+        scrape_config,
+    },
+    punch::{DISCOVER, SECRET, SERVICE, credentials},
+};
+
+/// Every dashboard file and the lab scenario that makes its panels show data.
+const DASHBOARDS: &[(&str, Scenario)] = &[
+    ("punching.json", Scenario::DirectAndFailedPunch),
+    ("relay.json", Scenario::DirectAndFailedPunch),
+];
+
+/// Panels (file, title) whose metrics do not exist on this branch yet. Their
+/// expressions must be valid PromQL and must show nothing; once one shows data the
+/// test fails until it is removed from here, so every panel whose metric exists is
+/// verified.
+///
+/// - The kernel punch metrics (`gateway_punched_flows_total`,
+///   `gateway_bounced_packets_total{reason}`, `gateway_ebpf_punch_time_seconds`,
+///   `gateway_ebpf_flow_table_entries`) come with the eBPF punch observer, and from
+///   agents also with `gateway peer --metrics-listen` ([`AGENTS_SERVE_METRICS`]).
+/// - The relay metrics (`gateway_turn_*`, `gateway_relay_*`) come with the relay; the
+///   agents' `gateway_peer_sessions_total{path}` and `gateway_peer_path_bytes_total`
+///   also need [`AGENTS_SERVE_METRICS`], and the failing pair of the scenario must
+///   then be relayed.
+const PENDING_PANELS: &[(&str, &str)] = &[
+    ("punching.json", "Punched flows"),
+    ("punching.json", "Flow table entries"),
+    ("punching.json", "Bounced packets by reason"),
+    ("punching.json", "Kernel-measured punch time"),
+    ("relay.json", "Relayed share of new sessions"),
+    ("relay.json", "New sessions by path"),
+    ("relay.json", "Relayed share of bytes"),
+    ("relay.json", "Session bytes by path"),
+    ("relay.json", "Active relay allocations"),
+    ("relay.json", "Relay allocations created"),
+    ("relay.json", "Relay requests by method and outcome"),
+    ("relay.json", "Relayed packets"),
+    ("relay.json", "Relayed bytes"),
+    ("relay.json", "Relay drops by reason"),
+];
+
+/// Whether `gateway peer` serves its own /metrics (`--metrics-listen`, with the eBPF
+/// observer on `--ebpf-interface`). When set, every agent runs with
+/// [`AGENT_METRICS_ARGS`] and Prometheus scrapes it (job `gateway-agents`) through a
+/// [`TcpBridge`] from the server's namespace.
+const AGENTS_SERVE_METRICS: bool = false;
+/// The agents' flags when [`AGENTS_SERVE_METRICS`] is set.
+const AGENT_METRICS_ARGS: &[&str] = &[
+    "--metrics-listen",
+    "127.0.0.1:9479",
+    "--ebpf-interface",
+    "eth0",
+];
+/// Where an agent serves /metrics in its own namespace (as in [`AGENT_METRICS_ARGS`]).
+const AGENT_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9479);
+
+/// The gateway's /metrics in the server's namespace (loopback, its default).
+const GATEWAY_METRICS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9478);
+/// Prometheus' API in the server's namespace.
+const PROMETHEUS_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9090);
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
+/// What `$__rate_interval` and `$__range` stand for: the whole run fits in it.
+const WINDOW: &str = "1m";
+/// How long the panels may take to show data once the scenario's events happened
+/// (a few scrapes).
+const DATA_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A lab run that makes dashboards show data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Scenario {
+    /// One gateway with its eBPF programs and two pairs of agents: alice (site a,
+    /// port-restricted cone) punches bob (site b, port-restricted cone answering with
+    /// ICMP rejects) directly; carol (site a's second host) cannot punch dave (site c,
+    /// symmetric NAT with random ports; see docs/nat-matrix.md) and reports a failure.
+    /// A client also sends datagrams that are not STUN.
+    DirectAndFailedPunch,
+}
+
+/// Everything a scenario runs; torn down in field order (Prometheus first, the lab
+/// last).
+struct Run {
+    prometheus: PrometheusProcess,
+    _bridges: Vec<TcpBridge>,
+    _agents: Vec<PeerProcess>,
+    _gateway: GatewayProcess,
+    _secret: tempfile::NamedTempFile,
+    _lab: Lab,
+}
+
+fn site_host(lab: &Lab, site: &str, i: usize) -> Host {
+    lab.site(site)
+        .and_then(|s| s.host(i))
+        .unwrap_or_else(|| panic!("lab has no host {i} in site {site}"))
+        .clone()
+}
+
+/// Waits (bounded) until `expr` returns at least one sample.
+fn wait_for_samples(prometheus: &PrometheusProcess, expr: &str, timeout: Duration) -> Vec<Sample> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(samples) = prometheus.query(expr)
+            && !samples.is_empty()
+        {
+            return samples;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{expr} returned nothing within {timeout:?}; targets:\n{}\nlog:\n{}",
+            prometheus.targets_summary(),
+            prometheus.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Scenario {
+    fn run(self) -> Run {
+        match self {
+            Scenario::DirectAndFailedPunch => direct_and_failed_punch(),
+        }
+    }
+}
+
+fn direct_and_failed_punch() -> Run {
+    let lab = Lab::builder()
+        .site_with_hosts("a", NatPreset::port_restricted_cone(), 2)
+        .site("b", NatPreset::reject_icmp())
+        .site("c", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let server = lab.server().clone();
+    let mut secret = tempfile::NamedTempFile::new().expect("secret file");
+    secret.write_all(SECRET).expect("write secret");
+    let secret_path = secret.path().to_string_lossy().into_owned();
+    let gateway = GatewayProcess::start(
+        &server,
+        GATEWAY_METRICS_ADDR,
+        &[
+            "--listen",
+            "0.0.0.0:3478",
+            "--discovery-listen",
+            "0.0.0.0:3479",
+            "--require-ebpf",
+            "--secret-file",
+            &secret_path,
+        ],
+    )
+    .expect("gateway starts with eBPF (is the object embedded? run `cargo xtask build-ebpf`)");
+
+    // (peer id, host, peer to connect to); responders first.
+    let agents = [
+        ("bob", site_host(&lab, "b", 0), None),
+        ("dave", site_host(&lab, "c", 0), None),
+        ("alice", site_host(&lab, "a", 0), Some("bob")),
+        ("carol", site_host(&lab, "a", 1), Some("dave")),
+    ];
+    let mut bridges = Vec::new();
+    let mut agent_targets = Vec::new();
+    if AGENTS_SERVE_METRICS {
+        for (_, host, _) in &agents {
+            let bridge = TcpBridge::start(
+                &server,
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                host,
+                AGENT_METRICS_ADDR,
+            )
+            .expect("bridge to an agent");
+            agent_targets.push(bridge.listen_addr());
+            bridges.push(bridge);
+        }
+    }
+    let config = scrape_config(
+        SCRAPE_INTERVAL,
+        &[
+            ScrapeJob {
+                name: "gateway".into(),
+                targets: vec![GATEWAY_METRICS_ADDR],
+            },
+            ScrapeJob {
+                name: "gateway-agents".into(),
+                targets: agent_targets,
+            },
+        ],
+    );
+    let prometheus =
+        PrometheusProcess::start(&server, PROMETHEUS_ADDR, &config, Duration::from_secs(30))
+            .expect("prometheus starts");
+    // A scrape before any punch: counters need a sample before they grow for rate()
+    // and increase() to see the growth.
+    wait_for_samples(&prometheus, "up{job=\"gateway\"} == 1", DATA_TIMEOUT);
+
+    let mut started: Vec<(&str, PeerProcess)> = Vec::new();
+    for (peer, host, connect) in &agents {
+        let creds = credentials(peer);
+        let mut args: Vec<&str> = DISCOVER.to_vec();
+        if let Some(other) = connect {
+            args.extend(["--connect", other]);
+        }
+        if AGENTS_SERVE_METRICS {
+            args.extend_from_slice(AGENT_METRICS_ARGS);
+        }
+        let mut agent = PeerProcess::start(host, SERVICE, &creds.username, &creds.password, &args)
+            .expect("agent starts");
+        if connect.is_none() {
+            // Responders are registered and classified before anyone connects to them.
+            agent
+                .wait_for("nat mapping", Duration::from_secs(5))
+                .unwrap_or_else(|| panic!("{peer} not classified: {:?}", agent.seen()));
+        }
+        started.push((peer, agent));
+    }
+
+    // Errors for the error panels: datagrams that are not STUN.
+    let client = site_host(&lab, "a", 0).udp_bind(0).expect("client socket");
+    for _ in 0..5 {
+        client
+            .send_to(b"not a STUN message", SERVICE)
+            .expect("send");
+    }
+
+    for (peer, line) in [
+        ("alice", "path-up"),
+        ("bob", "path-up"),
+        ("carol", "punch-failed"),
+    ] {
+        let agent = started
+            .iter_mut()
+            .find(|(name, _)| *name == peer)
+            .map(|(_, agent)| agent)
+            .unwrap_or_else(|| panic!("no agent {peer}"));
+        assert!(
+            agent.wait_for(line, Duration::from_secs(10)).is_some(),
+            "{peer} never printed {line}: {:?}",
+            agent.seen()
+        );
+    }
+    Run {
+        prometheus,
+        _bridges: bridges,
+        _agents: started.into_iter().map(|(_, agent)| agent).collect(),
+        _gateway: gateway,
+        _secret: secret,
+        _lab: lab,
+    }
+}
+
+/// One query to check: where it comes from and what is sent to Prometheus.
+struct Query {
+    file: String,
+    panel: String,
+    expr: String,
+    pending: bool,
+}
+
+impl Query {
+    fn name(&self) -> String {
+        format!("{} / {:?}: {}", self.file, self.panel, self.expr)
+    }
+}
+
+fn is_pending(file: &str, panel: &str) -> bool {
+    PENDING_PANELS.contains(&(file, panel))
+}
+
+fn load_dashboards() -> Vec<Dashboard> {
+    let dir = dashboards::dashboards_dir();
+    DASHBOARDS
+        .iter()
+        .map(|(file, _)| dashboards::load(&dir, file).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
+}
+
+fn queries(dashboard: &Dashboard) -> Vec<Query> {
+    dashboard
+        .panels
+        .iter()
+        .flat_map(|panel| {
+            panel.exprs.iter().map(|expr| Query {
+                file: dashboard.file.clone(),
+                panel: panel.title.clone(),
+                expr: dashboards::substitute_variables(expr, WINDOW)
+                    .unwrap_or_else(|e| panic!("{}: {e}", dashboard.file)),
+                pending: is_pending(&dashboard.file, &panel.title),
+            })
+        })
+        .collect()
+}
+
+/// Data a panel can show: at least one sample, at least one of them a number.
+fn shows_data(samples: &[Sample]) -> bool {
+    samples.iter().any(|s| s.value.is_finite())
+}
+
+/// A panel's samples for checks of what it shows.
+fn panel_samples(
+    prometheus: &PrometheusProcess,
+    dashboards: &[Dashboard],
+    title: &str,
+) -> Vec<Sample> {
+    let panel = dashboards
+        .iter()
+        .flat_map(|d| d.panels.iter())
+        .find(|p| p.title == title)
+        .unwrap_or_else(|| panic!("no panel {title:?}"));
+    let expr = panel
+        .exprs
+        .first()
+        .unwrap_or_else(|| panic!("{title:?} has no query"));
+    let expr = dashboards::substitute_variables(expr, WINDOW).expect("known variables");
+    prometheus.query(&expr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn label<'a>(sample: &'a Sample, name: &str) -> &'a str {
+    sample
+        .labels
+        .get(name)
+        .map(String::as_str)
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_dashboard_panel_shows_data_from_a_lab_run() {
+    if !lab_available() {
+        return;
+    }
+    let started = Instant::now();
+    let dashboards = load_dashboards();
+    let mut scenarios: Vec<Scenario> = DASHBOARDS.iter().map(|(_, s)| *s).collect();
+    scenarios.sort();
+    scenarios.dedup();
+    for scenario in scenarios {
+        let files: Vec<&str> = DASHBOARDS
+            .iter()
+            .filter(|(_, s)| *s == scenario)
+            .map(|(file, _)| *file)
+            .collect();
+        let run = scenario.run();
+        let prometheus = &run.prometheus;
+        let checks: Vec<Query> = dashboards
+            .iter()
+            .filter(|d| files.contains(&d.file.as_str()))
+            .flat_map(queries)
+            .collect();
+
+        // Every built panel shows data (bounded wait: a few scrapes).
+        let deadline = Instant::now() + DATA_TIMEOUT;
+        loop {
+            let empty: Vec<String> = checks
+                .iter()
+                .filter(|q| !q.pending)
+                .filter_map(|q| match prometheus.query(&q.expr) {
+                    Ok(samples) if shows_data(&samples) => None,
+                    Ok(samples) => Some(format!("{} -> no data {samples:?}", q.name())),
+                    Err(e) => Some(format!("{} -> {e}", q.name())),
+                })
+                .collect();
+            if empty.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{scenario:?}: {} queries show nothing after {DATA_TIMEOUT:?}:\n{}\ntargets:\n{}",
+                empty.len(),
+                empty.join("\n"),
+                prometheus.targets_summary()
+            );
+            std::thread::sleep(SCRAPE_INTERVAL);
+        }
+
+        // Pending panels: valid PromQL, and still nothing to show.
+        for query in checks.iter().filter(|q| q.pending) {
+            match prometheus.query(&query.expr) {
+                Ok(samples) => assert!(
+                    samples.is_empty(),
+                    "{} now shows data ({samples:?}): remove it from PENDING_PANELS",
+                    query.name()
+                ),
+                Err(e) => panic!("{} is not valid PromQL: {e}", query.name()),
+            }
+        }
+
+        if scenario == Scenario::DirectAndFailedPunch {
+            check_punch_values(prometheus, &dashboards);
+        }
+        let verified = checks.iter().filter(|q| !q.pending).count();
+        eprintln!(
+            "{scenario:?}: {verified} queries show data, {} pending, {:.1} s so far",
+            checks.len() - verified,
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// What some punching panels show after one direct and one failed punch between
+/// known NAT classes.
+fn check_punch_values(prometheus: &PrometheusProcess, dashboards: &[Dashboard]) {
+    const EIM: &str = "endpoint_independent";
+    const APDM: &str = "address_and_port_dependent";
+    let ratios = panel_samples(prometheus, dashboards, "Success ratio by NAT class pair");
+    let ratio = |responder: &str| {
+        ratios
+            .iter()
+            .find(|s| label(s, "initiator_nat") == EIM && label(s, "responder_nat") == responder)
+            .map(|s| s.value)
+    };
+    assert_eq!(ratio(EIM), Some(1.0), "{ratios:?}");
+    assert_eq!(ratio(APDM), Some(0.0), "{ratios:?}");
+    let failed = panel_samples(prometheus, dashboards, "Failed punches by NAT class pair");
+    assert!(
+        !failed.is_empty()
+            && failed
+                .iter()
+                .all(|s| label(s, "initiator_nat") == EIM && label(s, "responder_nat") == APDM),
+        "only the EIM → APDM pair failed: {failed:?}"
+    );
+    let overall = panel_samples(prometheus, dashboards, "Punch success ratio");
+    assert!(
+        overall.len() == 1 && overall[0].value > 0.0 && overall[0].value < 1.0,
+        "one success and at least one failure: {overall:?}"
+    );
+    let gateways = panel_samples(prometheus, dashboards, "Gateways reporting");
+    assert_eq!(
+        gateways.iter().map(|s| s.value).sum::<f64>(),
+        1.0,
+        "one gateway (agents are not counted): {gateways:?}"
+    );
+    let ebpf = panel_samples(prometheus, dashboards, "eBPF programs");
+    assert_eq!(ebpf.first().map(|s| s.value), Some(1.0), "{ebpf:?}");
+}
+
+#[test]
+fn dashboards_are_portable_and_every_file_and_pending_panel_is_known() {
+    let dir = dashboards::dashboards_dir();
+    let files = dashboards::dashboard_files(&dir).expect("dashboards/");
+    let listed: BTreeSet<&str> = DASHBOARDS.iter().map(|(f, _)| *f).collect();
+    assert_eq!(
+        files.iter().map(String::as_str).collect::<BTreeSet<_>>(),
+        listed,
+        "every dashboard file is in DASHBOARDS with its scenario, and only those"
+    );
+    let dashboards = load_dashboards();
+    for (file, title) in PENDING_PANELS {
+        assert!(
+            dashboards
+                .iter()
+                .any(|d| d.file == *file && d.panels.iter().any(|p| p.title == *title)),
+            "PENDING_PANELS names {file} / {title:?}, which does not exist"
+        );
+    }
+    for dashboard in &dashboards {
+        let mut titles = BTreeSet::new();
+        for panel in &dashboard.panels {
+            assert!(
+                titles.insert(panel.title.as_str()),
+                "{}: two panels titled {:?}",
+                dashboard.file,
+                panel.title
+            );
+        }
+        // Every query's variables are Grafana's intervals (nothing a test cannot fill).
+        queries(dashboard);
+    }
+}
+
+/// The `key: value` settings of a YAML file, for the few scalar settings compared here.
+fn yaml_values(path: &Path, key: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.strip_prefix(&format!("{key}:")))
+        .map(|value| value.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn shipped_prometheus_config_is_valid_and_matches_the_datasource() {
+    let dir = dashboards::dashboards_dir();
+    let config = dir.join("prometheus.yml");
+    let promtool = promtool_binary().unwrap_or_else(|e| panic!("{e}"));
+    let output = std::process::Command::new(promtool)
+        .args(["check", "config"])
+        .arg(&config)
+        .output()
+        .expect("run promtool");
+    assert!(
+        output.status.success(),
+        "promtool check config: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Grafana's $__rate_interval is right only when the datasource knows the interval.
+    let scrape = yaml_values(&config, "scrape_interval");
+    let datasource = yaml_values(
+        &dir.join("provisioning/datasources/gateway.yml"),
+        "timeInterval",
+    );
+    assert_eq!(scrape.len(), 1, "{scrape:?}");
+    assert_eq!(scrape, datasource);
+    let path = yaml_values(&dir.join("provisioning/dashboards/gateway.yml"), "path");
+    assert_eq!(path.len(), 1, "one dashboard provider path: {path:?}");
+}
+
+#[test]
+fn bridge_carries_a_scrape_from_behind_a_nat() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::port_restricted_cone())
+        .build()
+        .expect("lab");
+    let agent_host = site_host(&lab, "a", 0);
+    // A one-shot /metrics on the agent's loopback.
+    let listener = agent_host
+        .tcp_listen_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .expect("listen");
+    let target = listener.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        let mut head = [0u8; 1024];
+        let n = stream.read(&mut head).expect("read");
+        let body = "gateway_peer_sessions_total{path=\"direct\"} 1\n";
+        let response = format!(
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(response.as_bytes()).expect("write");
+        String::from_utf8_lossy(&head[..n]).into_owned()
+    });
+    // From the server's namespace the agent's loopback is not reachable...
+    let direct = lab
+        .server()
+        .tcp_connect(target, Duration::from_secs(1))
+        .expect("lab");
+    assert!(
+        direct.is_err(),
+        "the server reached the agent's loopback directly"
+    );
+    // ...but through the bridge it is.
+    let bridge = TcpBridge::start(
+        lab.server(),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        &agent_host,
+        target,
+    )
+    .expect("bridge");
+    let (status, body) = http_get_any(lab.server(), bridge.listen_addr(), "/metrics")
+        .expect("scrape through bridge");
+    assert_eq!(status, 200);
+    assert_eq!(body, "gateway_peer_sessions_total{path=\"direct\"} 1\n");
+    let request = server.join().expect("server thread");
+    assert!(request.starts_with("GET /metrics HTTP/1.0"), "{request}");
+}
