@@ -47,13 +47,29 @@ fn bench(c: &mut Criterion) {
     let mut connects = Vec::new();
     for i in 0..2 * PAIRS {
         let c = creds(&secret, &format!("peer{i}"));
-        let register = client::register([1; 12], &c, &[], NatClass::EndpointIndependent, 20);
+        // First contact brings the nonce bound to this address; then register.
+        let hello = client::register([1; 12], &c, None, &[], NatClass::EndpointIndependent, 20);
+        out.clear();
+        server.handle(now, NOW_UNIX, addr(i), None, &hello, &mut out);
+        let nonce = out
+            .first()
+            .and_then(|t| client::parse_response(&t.payload, &c.password))
+            .and_then(|r| r.nonce)
+            .expect("a nonce on first contact");
+        let register = client::register(
+            [1; 12],
+            &c,
+            Some(&nonce),
+            &[],
+            NatClass::EndpointIndependent,
+            20,
+        );
         server.handle(now, NOW_UNIX, addr(i), None, &register, &mut out);
         registers.push((addr(i), register));
         if i % 2 == 0 {
             connects.push((
                 addr(i),
-                client::connect([2; 12], &c, &format!("peer{}", i + 1)),
+                client::connect([2; 12], &c, Some(&nonce), &format!("peer{}", i + 1)),
             ));
         }
     }

@@ -44,7 +44,30 @@ fn main() {
         };
         let from = SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 40_000));
         let host = SocketAddr::from(([192, 168, 1, 2], 40_000));
-        let request = client::register([1; 12], &creds, &[host], NatClass::EndpointIndependent, 30);
+        // First contact: the answer carries the nonce bound to this address.
+        let hello = client::register(
+            [1; 12],
+            &creds,
+            None,
+            &[host],
+            NatClass::EndpointIndependent,
+            30,
+        );
+        out.clear();
+        server.handle(now, now_unix, from, None, &hello, &mut out);
+        let nonce = out
+            .first()
+            .and_then(|t| client::parse_response(&t.payload, &creds.password))
+            .and_then(|r| r.nonce)
+            .expect("a nonce on first contact");
+        let request = client::register(
+            [1; 12],
+            &creds,
+            Some(&nonce),
+            &[host],
+            NatClass::EndpointIndependent,
+            30,
+        );
         out.clear();
         server.handle(now, now_unix, from, None, &request, &mut out);
     }

@@ -52,12 +52,6 @@ const PENDING_PANELS: &[(&str, &str)] = &[
     ("relay.json", "New sessions by path"),
     ("relay.json", "Relayed share of bytes"),
     ("relay.json", "Session bytes by path"),
-    ("relay.json", "Active relay allocations"),
-    ("relay.json", "Relay allocations created"),
-    ("relay.json", "Relay requests by method and outcome"),
-    ("relay.json", "Relayed packets"),
-    ("relay.json", "Relayed bytes"),
-    ("relay.json", "Relay drops by reason"),
 ];
 
 /// Whether `gateway peer` serves its own /metrics (`--metrics-listen`, with the eBPF

@@ -128,28 +128,71 @@ fn peers_behind_nats_register_and_are_introduced() {
     let socket_b: UdpSocket = host_b.udp_bind(40_000).expect("socket");
 
     let local_a = SocketAddr::from((host_a.addr(), 40_000));
-    let ra = exchange(
-        &socket_a,
-        to,
-        &client::register(
-            [1; 12],
+    let register_a = |tid, nonce: Option<&str>| {
+        client::register(
+            tid,
             &alice,
+            nonce,
             &[local_a],
             NatClass::EndpointIndependent,
             2,
-        ),
+        )
+    };
+    // First contact: a signed Register without a nonce is answered with one (401,
+    // authenticated), and nothing is registered yet.
+    let challenge = exchange(&socket_a, to, &register_a([1; 12], None), &alice.password);
+    assert_eq!(challenge.result, Err(401));
+    let nonce_a = challenge
+        .nonce
+        .expect("an authenticated 401 carries a nonce");
+    let ra = exchange(
+        &socket_a,
+        to,
+        &register_a([6; 12], Some(&nonce_a)),
         &alice.password,
     );
     assert_eq!(ra.result, Ok(()));
+    let nonce_a = ra.nonce.expect("every answer brings a fresh nonce");
     let mapped_a = ra.mapped.expect("mapped");
     assert_eq!(mapped_a.ip(), lab.site("a").expect("a").wan_addr());
+    // The same signed Register replayed from another host (bob's, behind another
+    // NAT) does not move alice's registration: the nonce belongs to alice's address.
+    let replayed = exchange(
+        &socket_b,
+        to,
+        &register_a([7; 12], Some(&nonce_a)),
+        &alice.password,
+    );
+    assert_eq!(replayed.result, Err(438));
+    let bob_challenge = exchange(
+        &socket_b,
+        to,
+        &client::register(
+            [2; 12],
+            &bob,
+            None,
+            &[],
+            NatClass::AddressAndPortDependent,
+            2,
+        ),
+        &bob.password,
+    );
+    let nonce_b = bob_challenge.nonce.expect("nonce");
     let rb = exchange(
         &socket_b,
         to,
-        &client::register([2; 12], &bob, &[], NatClass::AddressAndPortDependent, 2),
+        &client::register(
+            [8; 12],
+            &bob,
+            Some(&nonce_b),
+            &[],
+            NatClass::AddressAndPortDependent,
+            2,
+        ),
         &bob.password,
     );
     let mapped_b = rb.mapped.expect("mapped");
+    let nonce_b = rb.nonce.expect("nonce");
 
     // Wrong password: refused, no state.
     let mut forged = bob.clone();
@@ -157,7 +200,7 @@ fn peers_behind_nats_register_and_are_introduced() {
     let refused = exchange(
         &socket_b,
         to,
-        &client::connect([3; 12], &forged, "alice"),
+        &client::connect([3; 12], &forged, Some(&nonce_b), "alice"),
         &forged.password,
     );
     assert_eq!(refused.result, Err(401));
@@ -165,10 +208,15 @@ fn peers_behind_nats_register_and_are_introduced() {
     let connected = exchange(
         &socket_a,
         to,
-        &client::connect([4; 12], &alice, "bob"),
+        &client::connect([4; 12], &alice, Some(&nonce_a), "bob"),
         &alice.password,
     );
-    assert_eq!(connected.result, Ok(()));
+    assert_eq!(
+        connected.result,
+        Ok(()),
+        "alice is still registered at her own address after the replay"
+    );
+    let nonce_a = connected.nonce.expect("nonce");
     let intro_id = connected.intro_id.expect("intro id");
     let mut buf = [0u8; 1500];
     socket_b
@@ -194,7 +242,7 @@ fn peers_behind_nats_register_and_are_introduced() {
     let reported = exchange(
         &socket_a,
         to,
-        &client::outcome([5; 12], &alice, intro_id, true, 42, 3),
+        &client::outcome([5; 12], &alice, Some(&nonce_a), intro_id, true, 42, 3),
         &alice.password,
     );
     assert_eq!(reported.result, Ok(()));
@@ -226,6 +274,15 @@ fn peers_behind_nats_register_and_are_introduced() {
             "outcome=\"unauthorized\""
         ),
         Some(1.0)
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "gateway_stun_datagrams_total",
+            "outcome=\"stale_nonce\""
+        ),
+        Some(3.0),
+        "two first contacts and one replay"
     );
     std::fs::remove_file(&secret_path).ok();
 }

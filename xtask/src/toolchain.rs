@@ -213,8 +213,14 @@ pub fn setup() -> Result<()> {
         ]))?;
     }
     if !aioice_ok() {
-        eprintln!("setup: making {} with aioice {AIOICE_VERSION}", python_venv().display());
-        run(Command::new("python3").arg("-m").arg("venv").arg(python_venv()))?;
+        eprintln!(
+            "setup: making {} with aioice {AIOICE_VERSION}",
+            python_venv().display()
+        );
+        run(Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(python_venv()))?;
         run(Command::new(python_venv().join("bin/pip"))
             .args(["install", "-q", "--disable-pip-version-check"])
             .arg(format!("aioice=={AIOICE_VERSION}")))?;

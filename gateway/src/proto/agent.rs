@@ -190,6 +190,18 @@ struct PendingRequest {
     method: u16,
     sent_at: Instant,
     target: Option<String>,
+    /// For an outcome report: what it reported, to resend with a fresh nonce.
+    report: Option<Report>,
+}
+
+/// An outcome report as sent, kept to resend it once with a fresh nonce.
+#[derive(Clone, Copy, Debug)]
+struct Report {
+    intro_id: u64,
+    direct: bool,
+    elapsed: Duration,
+    probes: u32,
+    resent: bool,
 }
 
 /// The agent.
@@ -200,6 +212,8 @@ pub struct Agent {
     next_register: Instant,
     /// Wait before resending an unanswered Register (doubles up to the keepalive).
     register_retry: Duration,
+    /// The gateway's latest nonce (every authenticated answer brings a fresh one).
+    nonce: Option<String>,
     rtt_ms: u32,
     pending: HashMap<[u8; 12], PendingRequest>,
     /// Our outstanding probes: transaction → (introduction, when sent).
@@ -305,6 +319,7 @@ impl Agent {
             rng: StdRng::seed_from_u64(seed),
             next_register: now,
             register_retry: FIRST_REGISTER_RETRY,
+            nonce: None,
             rtt_ms: 0,
             pending: HashMap::new(),
             probe_tids: HashMap::new(),
@@ -412,6 +427,7 @@ impl Agent {
         let payload = client::register_with_candidates(
             tid,
             &self.config.credentials,
+            self.nonce.as_deref(),
             &candidates,
             self.config.nat,
             self.rtt_ms,
@@ -422,6 +438,7 @@ impl Agent {
                 method: method::REGISTER,
                 sent_at: now,
                 target: None,
+                report: None,
             },
         );
         self.outgoing.push_back(Transmit {
@@ -463,13 +480,15 @@ impl Agent {
             });
             if !probing {
                 let tid = self.tid();
-                let payload = client::connect(tid, &self.config.credentials, &peer);
+                let payload =
+                    client::connect(tid, &self.config.credentials, self.nonce.as_deref(), &peer);
                 self.pending.insert(
                     tid,
                     PendingRequest {
                         method: method::CONNECT,
                         sent_at: now,
                         target: Some(peer.clone()),
+                        report: None,
                     },
                 );
                 self.outgoing.push_back(Transmit {
@@ -549,7 +568,7 @@ impl Agent {
                         );
                         self.events
                             .push_back(AgentEvent::PunchFailed { peer_id, probes });
-                        self.report(intro_id, false, Duration::ZERO, probes);
+                        self.report(now, intro_id, false, Duration::ZERO, probes);
                     }
                     return;
                 }
@@ -644,10 +663,56 @@ impl Agent {
         self.outgoing.push_back(Transmit { to, payload, ttl });
     }
 
-    fn report(&mut self, intro_id: u64, direct: bool, elapsed: Duration, probes: u32) {
+    fn report(
+        &mut self,
+        now: Instant,
+        intro_id: u64,
+        direct: bool,
+        elapsed: Duration,
+        probes: u32,
+    ) {
+        self.send_report(
+            now,
+            Report {
+                intro_id,
+                direct,
+                elapsed,
+                probes,
+                resent: false,
+            },
+        );
+    }
+
+    fn send_report(&mut self, now: Instant, report: Report) {
+        let Report {
+            intro_id,
+            direct,
+            elapsed,
+            probes,
+            ..
+        } = report;
         let tid = self.tid();
         let ms = u32::try_from(elapsed.as_millis()).unwrap_or(u32::MAX);
-        let payload = client::outcome(tid, &self.config.credentials, intro_id, direct, ms, probes);
+        let payload = client::outcome(
+            tid,
+            &self.config.credentials,
+            self.nonce.as_deref(),
+            intro_id,
+            direct,
+            ms,
+            probes,
+        );
+        // Pending only so a stale-nonce answer can resend it (once: a report is
+        // not worth more than one retry); the clock starts at the last send.
+        self.pending.insert(
+            tid,
+            PendingRequest {
+                method: method::OUTCOME,
+                sent_at: now,
+                target: None,
+                report: Some(report),
+            },
+        );
         self.outgoing.push_back(Transmit {
             to: self.config.server,
             payload,
@@ -718,6 +783,34 @@ impl Agent {
         let Some(request) = self.pending.remove(&response.transaction_id) else {
             return;
         };
+        if let Some(nonce) = response.nonce {
+            let fresh_challenge = matches!(response.result, Err(401 | 438));
+            self.nonce = Some(nonce);
+            if fresh_challenge {
+                // Not a refusal: the gateway wants its nonce echoed. Resend now.
+                match request.method {
+                    method::REGISTER => self.send_register(now),
+                    method::CONNECT => {
+                        if let Some(target) = request.target {
+                            self.wanted.insert(target, now);
+                        }
+                    }
+                    method::OUTCOME => {
+                        if let Some(report) = request.report.filter(|r| !r.resent) {
+                            self.send_report(
+                                now,
+                                Report {
+                                    resent: true,
+                                    ..report
+                                },
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+                return;
+            }
+        }
         match response.result {
             Ok(()) if request.method == method::REGISTER => {
                 let rtt = now.saturating_duration_since(request.sent_at);
@@ -872,7 +965,7 @@ impl Agent {
                         probes,
                         rtt,
                     });
-                    self.report(id, true, elapsed, probes);
+                    self.report(now, id, true, elapsed, probes);
                 }
             }
             None => {}

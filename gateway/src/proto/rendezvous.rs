@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use super::{
     binding::{self, BindingService},
     credentials::{CredentialError, SharedSecret},
+    nonce::{NonceCheck, NonceIssuer},
     stun::{
         self, Class, DecodeError, Message, MessageType, MessageWriter, attr as stun_attr,
         method as stun_method,
@@ -166,6 +167,9 @@ pub enum Handled {
     BadRequest,
     /// 401: bad credentials or integrity.
     Unauthorized,
+    /// 401/438 with a fresh NONCE: authenticated, but without a nonce valid for the
+    /// sender's address (first contact, an expired nonce, or a replay from elsewhere).
+    StaleNonce,
     /// 403: the sender is not registered from this address.
     Forbidden,
     /// 404: unknown peer or introduction.
@@ -186,6 +190,7 @@ impl Handled {
             Handled::OutcomeAccepted => "outcome_accepted",
             Handled::BadRequest => "bad_request",
             Handled::Unauthorized => "unauthorized",
+            Handled::StaleNonce => "stale_nonce",
             Handled::Forbidden => "forbidden",
             Handled::NotFound => "not_found",
             Handled::RateLimited => "rate_limited",
@@ -194,7 +199,7 @@ impl Handled {
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 14] = [
+    pub const ALL_LABELS: [&'static str; 15] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -205,6 +210,7 @@ impl Handled {
         "outcome_accepted",
         "bad_request",
         "unauthorized",
+        "stale_nonce",
         "forbidden",
         "not_found",
         "rate_limited",
@@ -264,6 +270,10 @@ pub struct RendezvousConfig {
     /// together (a global budget: keeping per-source state for unauthenticated
     /// traffic would be the memory attack itself).
     pub max_error_replies_per_second: u32,
+    /// Lifetime of the nonces that bind signed requests to the sender's address.
+    /// Every success response carries a fresh one, so a peer that keeps its
+    /// registration alive never sees one expire.
+    pub nonce_lifetime: Duration,
 }
 
 impl Default for RendezvousConfig {
@@ -274,6 +284,7 @@ impl Default for RendezvousConfig {
             max_connects_per_second: 20,
             start_margin: Duration::from_millis(5),
             max_error_replies_per_second: 1_000,
+            nonce_lifetime: Duration::from_secs(600),
         }
     }
 }
@@ -311,6 +322,7 @@ pub struct RendezvousServer {
     rng: StdRng,
     events: Vec<Event>,
     next_sweep: Option<Instant>,
+    nonces: NonceIssuer,
     error_budget: u32,
     error_window: Option<Instant>,
     /// Origin of the records' 32-bit millisecond clock: the first `now` seen (the
@@ -324,19 +336,25 @@ struct Authenticated<'a> {
     peer_id: String,
     password: String,
     expiry_unix: u64,
+    /// A fresh nonce for the sender, returned in every reply.
+    next_nonce: String,
 }
 
 impl RendezvousServer {
     /// Creates a server; `seed` feeds the generator of introduction ids and probe keys
     /// (the daemon passes OS randomness; tests pass a constant).
     pub fn new(secret: SharedSecret, config: RendezvousConfig, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let nonce_key: [u8; 32] = rng.random();
+        let nonce_lifetime = u32::try_from(config.nonce_lifetime.as_secs()).unwrap_or(u32::MAX);
         Self {
+            nonces: NonceIssuer::new(nonce_key, nonce_lifetime),
             secret,
             config,
             peers: HashMap::new(),
             intros: HashMap::new(),
             intro_order: VecDeque::new(),
-            rng: StdRng::seed_from_u64(seed),
+            rng,
             events: Vec::new(),
             next_sweep: None,
             error_budget: 0,
@@ -408,7 +426,7 @@ impl RendezvousServer {
             }
             return Handled::Binding(outcome);
         }
-        let auth = match self.authenticate(message, now_unix) {
+        let auth = match self.authenticate(message, from, now_unix) {
             Ok(auth) => auth,
             Err(handled) => {
                 let (code, reason) = match handled {
@@ -421,6 +439,34 @@ impl RendezvousServer {
                 return handled;
             }
         };
+        // Signed requests must echo a nonce issued to this address: a captured
+        // request replayed from elsewhere (or later) changes nothing. The answer is
+        // authenticated and carries the nonce to use.
+        let nonce = auth
+            .message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == stun_attr::NONCE)
+            .map(|a| self.nonces.check(a.value, from, now_unix));
+        match nonce {
+            Some(NonceCheck::Valid) => {}
+            missing_or_stale => {
+                let (code, reason) = if missing_or_stale.is_none() {
+                    (401, "Nonce Required")
+                } else {
+                    (438, "Stale Nonce")
+                };
+                out.push(error_reply(
+                    &message,
+                    code,
+                    reason,
+                    Some((&auth.password, &auth.next_nonce)),
+                    from,
+                    local,
+                ));
+                return Handled::StaleNonce;
+            }
+        }
         let result = match ty.method {
             method::REGISTER => self.register(now, from, local, &auth),
             method::CONNECT => self.connect(now, from, &auth, out),
@@ -440,7 +486,7 @@ impl RendezvousServer {
                     &message,
                     code,
                     reason,
-                    Some(&auth.password),
+                    Some((&auth.password, &auth.next_nonce)),
                     from,
                     local,
                 ));
@@ -475,6 +521,7 @@ impl RendezvousServer {
     fn authenticate<'a>(
         &self,
         message: Message<'a>,
+        from: SocketAddr,
         now_unix: u64,
     ) -> Result<Authenticated<'a>, Handled> {
         let username = message
@@ -500,6 +547,7 @@ impl RendezvousServer {
             peer_id: peer_id.to_owned(),
             password,
             expiry_unix,
+            next_nonce: self.nonces.issue(from, now_unix),
         })
     }
 
@@ -575,6 +623,7 @@ impl RendezvousServer {
         writer
             .xor_mapped_address(from)
             .attribute(attr::LIFETIME, &lifetime.to_be_bytes())
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
             .message_integrity_sha256(auth.password.as_bytes());
         writer.finish_with_fingerprint();
         Ok((Handled::Registered, reply))
@@ -715,6 +764,7 @@ impl RendezvousServer {
         );
         writer
             .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
             .message_integrity_sha256(auth.password.as_bytes());
         writer.finish_with_fingerprint();
         Ok((Handled::Introduced, reply))
@@ -784,7 +834,9 @@ impl RendezvousServer {
             },
             auth.message.transaction_id(),
         );
-        writer.message_integrity_sha256(auth.password.as_bytes());
+        writer
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
         writer.finish_with_fingerprint();
         Ok((Handled::OutcomeAccepted, reply))
     }
@@ -803,7 +855,7 @@ fn error_reply(
     request: &Message<'_>,
     code: u16,
     reason: &str,
-    password: Option<&str>,
+    authenticated: Option<(&str, &str)>,
     to: SocketAddr,
     from_local: Option<IpAddr>,
 ) -> Transmit {
@@ -817,8 +869,10 @@ fn error_reply(
         request.transaction_id(),
     );
     writer.error_code(code, reason);
-    if let Some(password) = password {
-        writer.message_integrity_sha256(password.as_bytes());
+    if let Some((password, nonce)) = authenticated {
+        writer
+            .attribute(stun_attr::NONCE, nonce.as_bytes())
+            .message_integrity_sha256(password.as_bytes());
     }
     writer.finish_with_fingerprint();
     Transmit {
@@ -845,6 +899,7 @@ pub mod client {
         method: u16,
         tid: [u8; 12],
         credentials: &PeerCredentials,
+        nonce: Option<&str>,
         fill: impl FnOnce(&mut MessageWriter<'_>),
     ) -> Vec<u8> {
         let mut out = Vec::with_capacity(160);
@@ -857,16 +912,21 @@ pub mod client {
             tid,
         );
         writer.attribute(stun_attr::USERNAME, credentials.username.as_bytes());
+        if let Some(nonce) = nonce {
+            writer.attribute(stun_attr::NONCE, nonce.as_bytes());
+        }
         fill(&mut writer);
         writer.message_integrity_sha256(credentials.password.as_bytes());
         writer.finish_with_fingerprint();
         out
     }
 
-    /// A Register (or keepalive) request announcing host candidates.
+    /// A Register (or keepalive) request announcing host candidates. `nonce` is the
+    /// last one the gateway gave (none at first contact: the answer brings one).
     pub fn register(
         tid: [u8; 12],
         credentials: &PeerCredentials,
+        nonce: Option<&str>,
         hosts: &[SocketAddr],
         nat: NatClass,
         rtt_ms: u32,
@@ -878,18 +938,19 @@ pub mod client {
                 addr,
             })
             .collect();
-        register_with_candidates(tid, credentials, &candidates, nat, rtt_ms)
+        register_with_candidates(tid, credentials, nonce, &candidates, nat, rtt_ms)
     }
 
     /// A Register request announcing host and predicted candidates.
     pub fn register_with_candidates(
         tid: [u8; 12],
         credentials: &PeerCredentials,
+        nonce: Option<&str>,
         candidates: &[Candidate],
         nat: NatClass,
         rtt_ms: u32,
     ) -> Vec<u8> {
-        request(method::REGISTER, tid, credentials, |w| {
+        request(method::REGISTER, tid, credentials, nonce, |w| {
             for &candidate in candidates.iter().take(MAX_CANDIDATES - 1) {
                 let (value, len) = encode_candidate(candidate, tid);
                 w.attribute(attr::CANDIDATE, &value[..len]);
@@ -900,8 +961,13 @@ pub mod client {
     }
 
     /// A Connect request for `target`.
-    pub fn connect(tid: [u8; 12], credentials: &PeerCredentials, target: &str) -> Vec<u8> {
-        request(method::CONNECT, tid, credentials, |w| {
+    pub fn connect(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        nonce: Option<&str>,
+        target: &str,
+    ) -> Vec<u8> {
+        request(method::CONNECT, tid, credentials, nonce, |w| {
             w.attribute(attr::PEER_ID, target.as_bytes());
         })
     }
@@ -910,12 +976,13 @@ pub mod client {
     pub fn outcome(
         tid: [u8; 12],
         credentials: &PeerCredentials,
+        nonce: Option<&str>,
         intro_id: u64,
         direct: bool,
         time_to_direct_ms: u32,
         probes: u32,
     ) -> Vec<u8> {
-        request(method::OUTCOME, tid, credentials, |w| {
+        request(method::OUTCOME, tid, credentials, nonce, |w| {
             w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
             let mut value = [0u8; 9];
             value[0] = u8::from(!direct);
@@ -940,19 +1007,21 @@ pub mod client {
         pub intro_id: Option<u64>,
         /// LIFETIME, when present.
         pub lifetime: Option<Duration>,
+        /// The nonce to use next, when the response is authenticated and has one.
+        pub nonce: Option<String>,
     }
 
     /// Parses a response to a rendezvous request. Success responses must carry valid
     /// integrity under `password`; unauthenticated error responses are accepted
-    /// (they cannot do more than make the peer retry).
+    /// (they cannot do more than make the peer retry), but only an authenticated
+    /// response can hand the peer a nonce.
     pub fn parse_response(datagram: &[u8], password: &str) -> Option<Response> {
         let message = Message::parse(datagram).ok()?;
         let ty = message.message_type();
+        let authenticated = message.verify_integrity_sha256(password.as_bytes()).is_ok();
         let result = match ty.class {
-            Class::Success => {
-                message.verify_integrity_sha256(password.as_bytes()).ok()?;
-                Ok(())
-            }
+            Class::Success if authenticated => Ok(()),
+            Class::Success => return None,
             Class::Error => {
                 let code = message
                     .attributes()
@@ -974,6 +1043,7 @@ pub mod client {
             mapped: None,
             intro_id: None,
             lifetime: None,
+            nonce: None,
         };
         for a in message.attributes().filter_map(Result::ok) {
             match a.ty {
@@ -983,6 +1053,9 @@ pub mod client {
                 attr::INTRO_ID => response.intro_id = read_u64(a.value),
                 attr::LIFETIME => {
                     response.lifetime = read_u32(a.value).map(|s| Duration::from_secs(u64::from(s)))
+                }
+                stun_attr::NONCE if authenticated => {
+                    response.nonce = std::str::from_utf8(a.value).ok().map(str::to_owned)
                 }
                 _ => {}
             }
@@ -1196,6 +1269,11 @@ mod tests {
             }
         }
 
+        /// The nonce the server gives `from` (what an agent learns on first contact).
+        fn nonce(&self, from: SocketAddr) -> String {
+            self.server.nonces.issue(from, NOW_UNIX)
+        }
+
         fn send(&mut self, from: SocketAddr, datagram: &[u8]) -> (Handled, Vec<Transmit>) {
             let mut out = Vec::new();
             let local = Some(IpAddr::from([192, 0, 2, 10]));
@@ -1214,12 +1292,72 @@ mod tests {
             rtt: u32,
         ) {
             let c = creds(peer);
-            let (handled, out) = self.send(from, &register([1; 12], &c, hosts, nat, rtt));
+            let (handled, out) = self.send(
+                from,
+                &register([1; 12], &c, Some(&self.nonce(from)), hosts, nat, rtt),
+            );
             assert_eq!(handled, Handled::Registered);
             let response = parse_response(&out[0].payload, &c.password).expect("signed response");
             assert_eq!(response.result, Ok(()));
             assert_eq!(response.mapped, Some(from));
         }
+    }
+
+    #[test]
+    fn signed_requests_need_a_nonce_bound_to_the_sender_and_fresh() {
+        let mut world = World::new();
+        let alice = creds("alice");
+        let home = addr("198.51.100.2:4000");
+        let elsewhere = addr("203.0.113.66:4000");
+        // First contact: an authenticated 401 carrying the nonce; no state.
+        let (handled, out) = world.send(
+            home,
+            &register([1; 12], &alice, None, &[], NatClass::Unknown, 0),
+        );
+        assert_eq!(handled, Handled::StaleNonce);
+        let challenge = parse_response(&out[0].payload, &alice.password).expect("signed");
+        assert_eq!(challenge.result, Err(401));
+        let nonce = challenge.nonce.expect("nonce");
+        assert_eq!(world.server.peer_count(), 0);
+        // A forged password cannot extract a nonce-bearing answer.
+        let mut forged = alice.clone();
+        forged.password = "guess".into();
+        let (handled, out) = world.send(
+            home,
+            &register([1; 12], &forged, None, &[], NatClass::Unknown, 0),
+        );
+        assert_eq!(handled, Handled::Unauthorized);
+        assert_eq!(
+            parse_response(&out[0].payload, &alice.password).and_then(|r| r.nonce),
+            None
+        );
+        // With the nonce: registered, and the answer brings the next nonce.
+        let signed = register([2; 12], &alice, Some(&nonce), &[], NatClass::Unknown, 0);
+        let (handled, out) = world.send(home, &signed);
+        assert_eq!(handled, Handled::Registered);
+        let next = parse_response(&out[0].payload, &alice.password)
+            .and_then(|r| r.nonce)
+            .expect("fresh nonce");
+        // The captured request replayed from elsewhere: 438, registration unmoved.
+        let (handled, out) = world.send(elsewhere, &signed);
+        assert_eq!(handled, Handled::StaleNonce);
+        assert_eq!(
+            parse_response(&out[0].payload, &alice.password).map(|r| r.result),
+            Some(Err(438))
+        );
+        assert_eq!(world.server.peers.get("alice").map(|p| p.addr), Some(home));
+        // Nonces expire: the same request after the nonce lifetime gets 438 too.
+        let later = NOW_UNIX + RendezvousConfig::default().nonce_lifetime.as_secs();
+        let mut out = Vec::new();
+        let handled = world.server.handle(
+            world.now,
+            later,
+            home,
+            None,
+            &register([3; 12], &alice, Some(&next), &[], NatClass::Unknown, 0),
+            &mut out,
+        );
+        assert_eq!(handled, Handled::StaleNonce);
     }
 
     #[test]
@@ -1229,7 +1367,14 @@ mod tests {
         bad.password = "wrong".into();
         let (handled, out) = world.send(
             addr("198.51.100.2:4000"),
-            &register([1; 12], &bad, &[], NatClass::Unknown, 0),
+            &register(
+                [1; 12],
+                &bad,
+                Some(&world.nonce(addr("198.51.100.2:4000"))),
+                &[],
+                NatClass::Unknown,
+                0,
+            ),
         );
         assert_eq!(handled, Handled::Unauthorized);
         assert_eq!(
@@ -1243,7 +1388,14 @@ mod tests {
         };
         let (handled, _) = world.send(
             addr("198.51.100.2:4000"),
-            &register([1; 12], &expired, &[], NatClass::Unknown, 0),
+            &register(
+                [1; 12],
+                &expired,
+                Some(&world.nonce(addr("198.51.100.2:4000"))),
+                &[],
+                NatClass::Unknown,
+                0,
+            ),
         );
         assert_eq!(handled, Handled::Unauthorized);
         assert_eq!(world.server.peer_count(), 0);
@@ -1277,7 +1429,7 @@ mod tests {
             100,
         );
         let alice = creds("alice");
-        let (handled, out) = world.send(a, &connect([2; 12], &alice, "bob"));
+        let (handled, out) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
         assert_eq!(handled, Handled::Introduced);
         assert_eq!(
             out.len(),
@@ -1351,7 +1503,7 @@ mod tests {
         let mut world = World::new();
         let mut bad = creds("alice");
         bad.password = "wrong".into();
-        let request = register([1; 12], &bad, &[], NatClass::Unknown, 0);
+        let request = register([1; 12], &bad, None, &[], NatClass::Unknown, 0);
         let limit = RendezvousConfig::default().max_error_replies_per_second as usize;
         let mut replies = 0;
         for _ in 0..limit + 500 {
@@ -1376,17 +1528,32 @@ mod tests {
         world.register("alice", a, &[], NatClass::Unknown, 0);
         let alice = creds("alice");
         assert_eq!(
-            world.send(a, &connect([2; 12], &alice, "nobody")).0,
+            world
+                .send(
+                    a,
+                    &connect([2; 12], &alice, Some(&world.nonce(a)), "nobody")
+                )
+                .0,
             Handled::NotFound
         );
         assert_eq!(
-            world.send(a, &connect([2; 12], &alice, "alice")).0,
+            world
+                .send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "alice"))
+                .0,
             Handled::NotFound
         );
         // Valid credentials from another address than the registration: 403.
         assert_eq!(
             world
-                .send(addr("203.0.113.9:1"), &connect([2; 12], &alice, "alice"))
+                .send(
+                    addr("203.0.113.9:1"),
+                    &connect(
+                        [2; 12],
+                        &alice,
+                        Some(&world.nonce(addr("203.0.113.9:1"))),
+                        "alice"
+                    )
+                )
                 .0,
             Handled::Forbidden
         );
@@ -1394,7 +1561,15 @@ mod tests {
         let carol = creds("carol");
         assert_eq!(
             world
-                .send(addr("203.0.113.9:1"), &connect([2; 12], &carol, "alice"))
+                .send(
+                    addr("203.0.113.9:1"),
+                    &connect(
+                        [2; 12],
+                        &carol,
+                        Some(&world.nonce(addr("203.0.113.9:1"))),
+                        "alice"
+                    )
+                )
                 .0,
             Handled::Forbidden
         );
@@ -1411,14 +1586,20 @@ mod tests {
         let limit = RendezvousConfig::default().max_connects_per_second;
         let mut introduced = 0;
         for _ in 0..limit + 5 {
-            if world.send(a, &connect([2; 12], &alice, "bob")).0 == Handled::Introduced {
+            if world
+                .send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"))
+                .0
+                == Handled::Introduced
+            {
                 introduced += 1;
             }
         }
         assert_eq!(introduced, limit);
         world.now += Duration::from_secs(1);
         assert_eq!(
-            world.send(a, &connect([2; 12], &alice, "bob")).0,
+            world
+                .send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"))
+                .0,
             Handled::Introduced
         );
     }
@@ -1432,7 +1613,7 @@ mod tests {
         world.register("bob", b, &[], NatClass::None, 0);
         world.register("mallory", addr("203.0.113.5:6000"), &[], NatClass::None, 0);
         let alice = creds("alice");
-        let (_, out) = world.send(a, &connect([2; 12], &alice, "bob"));
+        let (_, out) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
         let intro = out
             .iter()
             .find_map(|t| parse_response(&t.payload, &alice.password))
@@ -1444,33 +1625,69 @@ mod tests {
             world
                 .send(
                     addr("203.0.113.5:6000"),
-                    &outcome([3; 12], &mallory, intro, true, 5, 1)
+                    &outcome(
+                        [3; 12],
+                        &mallory,
+                        Some(&world.nonce(addr("203.0.113.5:6000"))),
+                        intro,
+                        true,
+                        5,
+                        1
+                    )
                 )
                 .0,
             Handled::NotFound
         );
         assert_eq!(
             world
-                .send(a, &outcome([3; 12], &alice, intro + 1, true, 5, 1))
+                .send(
+                    a,
+                    &outcome(
+                        [3; 12],
+                        &alice,
+                        Some(&world.nonce(a)),
+                        intro + 1,
+                        true,
+                        5,
+                        1
+                    )
+                )
                 .0,
             Handled::NotFound
         );
         assert_eq!(
             world
-                .send(a, &outcome([3; 12], &alice, intro, true, 35, 4))
+                .send(
+                    a,
+                    &outcome([3; 12], &alice, Some(&world.nonce(a)), intro, true, 35, 4)
+                )
                 .0,
             Handled::OutcomeAccepted
         );
         assert_eq!(
             world
-                .send(a, &outcome([3; 12], &alice, intro, true, 35, 4))
+                .send(
+                    a,
+                    &outcome([3; 12], &alice, Some(&world.nonce(a)), intro, true, 35, 4)
+                )
                 .0,
             Handled::NotFound,
             "replay"
         );
         assert_eq!(
             world
-                .send(b, &outcome([3; 12], &creds("bob"), intro, true, 30, 4))
+                .send(
+                    b,
+                    &outcome(
+                        [3; 12],
+                        &creds("bob"),
+                        Some(&world.nonce(b)),
+                        intro,
+                        true,
+                        30,
+                        4
+                    )
+                )
                 .0,
             Handled::OutcomeAccepted
         );
