@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use super::stun::{self, MessageWriter};
 
+pub mod client;
 pub mod server;
+
 /// TURN method numbers (RFC 8656 §17).
 pub mod method {
     /// Allocate (request/response only).
