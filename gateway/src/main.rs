@@ -103,6 +103,13 @@ struct PeerArgs {
     /// Most probes one punch attempt may send.
     #[arg(long, default_value_t = 200)]
     probe_budget: u32,
+    /// Never fall back to the gateway's TURN relay (by default a peer pair that
+    /// cannot punch is relayed, and upgraded to direct when a later attempt works).
+    #[arg(long)]
+    no_relay: bool,
+    /// Seconds between attempts to upgrade a relayed path to a direct one.
+    #[arg(long, default_value_t = 30)]
+    upgrade_interval: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -213,6 +220,11 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.discovery = args.discover;
     agent.prediction_window = args.prediction_window;
     agent.open_ttl = args.open_ttl;
+    agent.relay = !args.no_relay;
+    if args.upgrade_interval == 0 {
+        anyhow::bail!("--upgrade-interval must be at least 1 second");
+    }
+    agent.upgrade_interval = std::time::Duration::from_secs(args.upgrade_interval);
     if args.keepalive == 0 {
         anyhow::bail!("--keepalive must be at least 1 second");
     }

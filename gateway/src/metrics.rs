@@ -125,7 +125,7 @@ impl Metrics {
                 // Also the histogram: a series born with its first observation has
                 // no earlier sample, so rate() and increase() would miss that punch.
                 punch_time_to_direct.with_label_values(&[a.as_str(), b.as_str()]);
-                for outcome in ["direct", "failed"] {
+                for outcome in ["direct", "failed", "relayed"] {
                     punch_outcomes.with_label_values(&[a.as_str(), b.as_str(), outcome]);
                 }
             }
@@ -190,11 +190,16 @@ impl Metrics {
                 initiator_nat,
                 responder_nat,
                 direct,
+                relayed,
                 time_to_direct,
                 ..
             } => {
                 let pair = [initiator_nat.as_str(), responder_nat.as_str()];
-                let outcome = if direct { "direct" } else { "failed" };
+                let outcome = match (direct, relayed) {
+                    (true, _) => "direct",
+                    (false, true) => "relayed",
+                    (false, false) => "failed",
+                };
                 self.punch_outcomes
                     .with_label_values(&[pair[0], pair[1], outcome])
                     .inc();

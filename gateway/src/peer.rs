@@ -55,6 +55,22 @@ pub enum PathKind {
         /// The other peer's address as seen from here.
         remote: SocketAddr,
     },
+    /// Through the gateway's TURN relay (punching failed or cannot work); the agent
+    /// keeps trying to upgrade it to a direct path.
+    Relayed {
+        /// The other peer's address at the relay, or its relayed address.
+        remote: SocketAddr,
+    },
+}
+
+impl PathKind {
+    fn new(remote: SocketAddr, relayed: bool) -> Self {
+        if relayed {
+            Self::Relayed { remote }
+        } else {
+            Self::Direct { remote }
+        }
+    }
 }
 
 enum Command {
@@ -232,7 +248,10 @@ async fn drive(
                 None => return,
                 Some(Command::Connect { peer, reply }) => {
                     match agent.path(&peer) {
-                        Some(remote) => { let _ = reply.send(PathKind::Direct { remote }); }
+                        Some(remote) => {
+                            let relayed = agent.path_relayed(&peer).unwrap_or(false);
+                            let _ = reply.send(PathKind::new(remote, relayed));
+                        }
                         None => {
                             agent.connect(&peer, Instant::now());
                             waiting.entry(peer).or_default().push(reply);
@@ -267,10 +286,13 @@ async fn drive(
         while let Some(event) = agent.poll_event() {
             match &event {
                 AgentEvent::PathUp {
-                    peer_id, remote, ..
+                    peer_id,
+                    remote,
+                    relayed,
+                    ..
                 } => {
                     for reply in waiting.remove(peer_id).unwrap_or_default() {
-                        let _ = reply.send(PathKind::Direct { remote: *remote });
+                        let _ = reply.send(PathKind::new(*remote, *relayed));
                     }
                 }
                 AgentEvent::Data { peer_id, .. } if attached.contains_key(peer_id) => {
@@ -406,11 +428,11 @@ pub async fn run(
             event = client.next_event() => {
                 let Some(event) = event else { return Err(PeerError::Stopped) };
                 report(&event);
-                if let AgentEvent::PathUp { peer_id, remote, .. } = &event {
+                if let AgentEvent::PathUp { peer_id, remote, relayed, .. } = &event {
                     let ours = options.connect.as_deref().is_none_or(|p| p == peer_id);
                     let current = path.as_ref().map(|p| p.peer().to_owned());
                     if ours && current.as_deref().is_none_or(|p| p == peer_id) {
-                        path = Some(client.path(peer_id, PathKind::Direct { remote: *remote })?);
+                        path = Some(client.path(peer_id, PathKind::new(*remote, *relayed))?);
                     }
                 }
             }
@@ -464,17 +486,25 @@ fn report(event: &AgentEvent) {
         AgentEvent::PathUp {
             peer_id,
             remote,
+            relayed,
             elapsed,
             probes,
             rtt,
         } => status(format_args!(
-            "path-up peer {peer_id} direct {remote} elapsed_ms {} probes {probes} rtt_ms {:.1}",
+            "path-up peer {peer_id} {} {remote} elapsed_ms {} probes {probes} rtt_ms {:.1}",
+            if *relayed { "relayed" } else { "direct" },
             elapsed.as_millis(),
             rtt.as_secs_f64() * 1000.0
         )),
-        AgentEvent::PunchFailed { peer_id, probes } => status(format_args!(
-            "punch-failed peer {peer_id} probes {probes} (no relay yet)"
-        )),
+        AgentEvent::PunchFailed { peer_id, probes } => {
+            status(format_args!("punch-failed peer {peer_id} probes {probes}"))
+        }
+        AgentEvent::RelayFallback { peer_id } => {
+            status(format_args!("relay-fallback peer {peer_id}"))
+        }
+        AgentEvent::RelayAllocated { relayed } => {
+            status(format_args!("relay-allocated relayed {relayed}"))
+        }
         AgentEvent::PathDown { peer_id } => status(format_args!("path-down peer {peer_id}")),
         AgentEvent::Data { .. } => {}
     }

@@ -130,6 +130,14 @@ pub fn start(
             "--no-ebpf",
             "--secret-file",
             &secret_arg,
+            // The lab's "public" addresses are RFC 5737 documentation ranges, which
+            // the relay's default policy denies as reserved.
+            "--allow-peer",
+            "198.51.100.0/24",
+            "--allow-peer",
+            "203.0.113.0/24",
+            "--allow-peer",
+            "192.0.2.0/24",
         ],
     )?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
@@ -163,15 +171,39 @@ pub fn start(
     })
 }
 
+/// Which way two agents reached each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathSeen {
+    /// Punched.
+    Direct,
+    /// Through the gateway's TURN relay.
+    Relayed,
+}
+
 impl PunchLab {
     /// Waits for both agents to report a direct path; the initiator's elapsed time.
     pub fn wait_direct(&mut self, timeout: Duration) -> Option<Duration> {
+        match self.wait_path(timeout)? {
+            (PathSeen::Direct, elapsed) => Some(elapsed),
+            (PathSeen::Relayed, _) => None,
+        }
+    }
+
+    /// Waits for both agents to report a path (the first one each reports) and says
+    /// which kind alice got, with her elapsed time.
+    pub fn wait_path(&mut self, timeout: Duration) -> Option<(PathSeen, Duration)> {
         let line = self.alice.wait_for("path-up", timeout)?;
-        self.bob.wait_for("path-up", Duration::from_secs(2))?;
-        line.split_whitespace()
+        self.bob.wait_for("path-up", Duration::from_secs(3))?;
+        let kind = match line.split_whitespace().nth(3) {
+            Some("direct") => PathSeen::Direct,
+            _ => PathSeen::Relayed,
+        };
+        let elapsed = line
+            .split_whitespace()
             .skip_while(|w| *w != "elapsed_ms")
             .nth(1)
             .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis)
+            .map(Duration::from_millis)?;
+        Some((kind, elapsed))
     }
 }

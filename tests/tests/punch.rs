@@ -278,3 +278,127 @@ fn in_namespace<T: Send + 'static>(
     })
     .expect("namespace")
 }
+
+/// The remote address named in a relayed `path-up` line.
+fn relayed_remote(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .skip_while(|w| *w != "relayed")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no relayed address in {line:?}"))
+}
+
+#[test]
+fn pair_that_cannot_punch_falls_back_to_the_relay_and_forwards_traffic() {
+    if !lab_available() {
+        return;
+    }
+    // A port-restricted cone against a random-port symmetric NAT: no direct path
+    // (docs/nat-matrix.md), so the agents fall back to the gateway's TURN relay.
+    let mut pair = start_pair(
+        NatPreset::port_restricted_cone(),
+        NatPreset::symmetric(),
+        &["--forward-listen", "127.0.0.1:5000"],
+        &["--forward-to", "127.0.0.1:6000"],
+    );
+    let up_a = pair
+        .alice
+        .wait_for("path-up", Duration::from_secs(14))
+        .unwrap_or_else(|| {
+            panic!(
+                "alice: {:?}\nbob: {:?}\n{}",
+                pair.alice.seen(),
+                pair.bob.seen(),
+                pair.gateway.scrape().unwrap_or_default()
+            )
+        });
+    let up_b = pair
+        .bob
+        .wait_for("path-up", Duration::from_secs(4))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    assert!(up_a.contains(" relayed "), "{up_a}");
+    assert!(up_b.contains(" relayed "), "{up_b}");
+    assert!(
+        pair.alice
+            .seen()
+            .iter()
+            .any(|l| l.starts_with("punch-failed")),
+        "the relay comes after a failed punch: {:?}",
+        pair.alice.seen()
+    );
+    // Alice (the initiator) relays through her allocation: bob appears at his NAT's
+    // public address; bob reaches alice at her relayed address on the gateway.
+    let wan_b = pair.lab.site("b").expect("b").wan_addr();
+    assert_eq!(relayed_remote(&up_a).ip(), wan_b);
+    assert_eq!(relayed_remote(&up_b).ip(), punch::SERVICE.ip());
+
+    let app_a: UdpSocket = pair
+        .lab
+        .site("a")
+        .expect("a")
+        .host(0)
+        .expect("h")
+        .run(|| UdpSocket::bind("127.0.0.1:0"))
+        .expect("ns")
+        .expect("bind");
+    let app_b: UdpSocket = pair
+        .lab
+        .site("b")
+        .expect("b")
+        .host(0)
+        .expect("h")
+        .run(|| UdpSocket::bind("127.0.0.1:6000"))
+        .expect("ns")
+        .expect("bind");
+    for app in [&app_a, &app_b] {
+        app.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+    }
+    let mut buf = [0u8; 1500];
+    let mut from_forwarder = None;
+    for attempt in 0..10 {
+        let message = format!("over the relay #{attempt}");
+        app_a
+            .send_to(message.as_bytes(), "127.0.0.1:5000")
+            .expect("send");
+        if let Ok((len, from)) = app_b.recv_from(&mut buf) {
+            assert_eq!(&buf[..len], message.as_bytes());
+            from_forwarder = Some(from);
+            break;
+        }
+    }
+    let from = from_forwarder.expect("alice's app reaches bob's app through the relay");
+    app_b.send_to(b"pong", from).expect("reply");
+    let (len, _) = app_a
+        .recv_from(&mut buf)
+        .expect("reply reaches alice's app");
+    assert_eq!(&buf[..len], b"pong");
+
+    std::thread::sleep(Duration::from_millis(300));
+    let text = pair.gateway.scrape().expect("scrape");
+    assert_eq!(
+        metric_value(
+            &text,
+            "gateway_punch_outcomes_total",
+            "initiator_nat=\"endpoint_independent\",outcome=\"relayed\",responder_nat=\"address_and_port_dependent\""
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "gateway_turn_allocations", ""),
+        Some(1.0)
+    );
+    let relayed = |direction: &str| {
+        metric_value(
+            &text,
+            "gateway_relay_packets_total",
+            &format!("direction=\"{direction}\""),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        relayed("client_to_peer") >= 2.0 && relayed("peer_to_client") >= 2.0,
+        "data and probes crossed the relay both ways:\n{text}"
+    );
+}

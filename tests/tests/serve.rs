@@ -8,7 +8,7 @@ use std::{
 use gateway::proto::{
     credentials::SharedSecret,
     rendezvous::{
-        CandidateKind, NatClass,
+        CandidateKind, NatClass, SessionOutcome,
         client::{self, PeerCredentials, Role},
     },
 };
@@ -242,7 +242,15 @@ fn peers_behind_nats_register_and_are_introduced() {
     let reported = exchange(
         &socket_a,
         to,
-        &client::outcome([5; 12], &alice, Some(&nonce_a), intro_id, true, 42, 3),
+        &client::outcome(
+            [5; 12],
+            &alice,
+            Some(&nonce_a),
+            intro_id,
+            SessionOutcome::Direct,
+            42,
+            3,
+        ),
         &alice.password,
     );
     assert_eq!(reported.result, Ok(()));

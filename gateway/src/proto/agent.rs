@@ -8,7 +8,7 @@
 //! (rendezvous, probes and data), so the mapping the gateway saw is the one punched.
 use std::{
     collections::{HashMap, VecDeque},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -16,11 +16,18 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
     rendezvous::{
-        Candidate, CandidateKind, NatClass,
+        Candidate, CandidateKind, NatClass, SessionOutcome,
         client::{self, PeerCredentials, Probe, Role},
         method,
     },
     stun::{self, Class, Message, attr as stun_attr},
+    turn::{
+        self,
+        client::{
+            Client as TurnClient, ClientConfig as TurnClientConfig, Event as TurnEvent,
+            Request as TurnRequest,
+        },
+    },
 };
 
 /// First byte of a data datagram on a punched path (outside STUN's 0x00..=0x3F and
@@ -62,6 +69,14 @@ pub struct AgentConfig {
     pub path_keepalive: Duration,
     /// A path silent this long is down.
     pub path_timeout: Duration,
+    /// Fall back to the gateway's TURN relay when punching fails (or cannot work:
+    /// both sides behind address-and-port-dependent mapping), transparently to the
+    /// data, and keep trying to upgrade to a direct path.
+    pub relay: bool,
+    /// Give up on the relay path this long after the fallback started.
+    pub relay_timeout: Duration,
+    /// While relayed, try a direct path again this often.
+    pub upgrade_interval: Duration,
 }
 
 impl AgentConfig {
@@ -82,6 +97,9 @@ impl AgentConfig {
             punch_timeout: Duration::from_secs(5),
             path_keepalive: Duration::from_secs(2),
             path_timeout: Duration::from_secs(8),
+            relay: true,
+            relay_timeout: Duration::from_secs(10),
+            upgrade_interval: Duration::from_secs(30),
         }
     }
 }
@@ -115,18 +133,32 @@ pub enum AgentEvent {
         /// Our role.
         role: Role,
     },
-    /// A direct path works both ways.
+    /// A path works both ways: direct (punched), or through the relay. A relayed
+    /// path that gets upgraded to a direct one is announced again.
     PathUp {
         /// The other side.
         peer_id: String,
-        /// Its address as seen from here.
+        /// Its address as seen from here (through the relay: the address the relay
+        /// sees it at, or the other side's relayed address).
         remote: SocketAddr,
+        /// Whether the path goes through the TURN relay.
+        relayed: bool,
         /// From introduction to the first valid probe response.
         elapsed: Duration,
         /// Probes sent.
         probes: u32,
         /// Round trip of the probe that proved the path.
         rtt: Duration,
+    },
+    /// The relay fallback starts (punching failed or cannot work).
+    RelayFallback {
+        /// The other side.
+        peer_id: String,
+    },
+    /// Our TURN allocation exists (we relay for the sessions that need it).
+    RelayAllocated {
+        /// The relayed address the other side sends to.
+        relayed: SocketAddr,
     },
     /// Punching gave up.
     PunchFailed {
@@ -164,8 +196,24 @@ pub struct Transmit {
 enum SessionState {
     Waiting,
     Probing,
+    /// Punching is over without a path; only the relay leg may still find one.
+    Relaying,
     Up,
     Failed,
+}
+
+/// A session's relay leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RelayLeg {
+    /// No fallback (yet).
+    None,
+    /// We (the initiator) relay through our own allocation; `offered` once the other
+    /// side was told our relayed address.
+    Local { offered: bool },
+    /// The other side relays: we wait for its offer.
+    AwaitingOffer,
+    /// The other side's relayed address: we reach it with plain datagrams.
+    Remote(SocketAddr),
 }
 
 #[derive(Debug)]
@@ -183,6 +231,17 @@ struct Session {
     last_heard: Instant,
     /// Round trip of the latest answered probe on the path.
     rtt: Duration,
+    role: Role,
+    relay: RelayLeg,
+    relay_started: Option<Instant>,
+    /// Peers seen through our own allocation (their addresses at the relay).
+    relay_peers: Vec<SocketAddr>,
+    /// Whether `path` goes through the relay (ours or theirs).
+    path_relayed: bool,
+    /// When a relayed path next tries to become direct.
+    upgrade_at: Instant,
+    /// The outcome report is sent once per session.
+    reported: bool,
 }
 
 #[derive(Debug)]
@@ -198,7 +257,7 @@ struct PendingRequest {
 #[derive(Clone, Copy, Debug)]
 struct Report {
     intro_id: u64,
-    direct: bool,
+    outcome: SessionOutcome,
     elapsed: Duration,
     probes: u32,
     resent: bool,
@@ -223,6 +282,9 @@ pub struct Agent {
     outgoing: VecDeque<Transmit>,
     events: VecDeque<AgentEvent>,
     discovery: Discovery,
+    /// Our TURN allocation on the gateway, made on the first fallback.
+    turn: Option<TurnClient>,
+    turn_failed: bool,
 }
 
 /// State of NAT mapping discovery.
@@ -328,6 +390,8 @@ impl Agent {
             outgoing: VecDeque::new(),
             events: VecDeque::new(),
             discovery: Discovery::default(),
+            turn: None,
+            turn_failed: false,
         }
     }
 
@@ -340,6 +404,16 @@ impl Agent {
     /// The established path to `peer_id`, if any.
     pub fn path(&self, peer_id: &str) -> Option<SocketAddr> {
         self.up_session(peer_id).and_then(|s| s.path)
+    }
+
+    /// Whether the established path to `peer_id` goes through the relay.
+    pub fn path_relayed(&self, peer_id: &str) -> Option<bool> {
+        self.up_session(peer_id).map(|s| s.path_relayed)
+    }
+
+    /// Our TURN relayed address, once allocated.
+    pub fn relayed_address(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().and_then(TurnClient::relayed_address)
     }
 
     /// Round trip on the established path to `peer_id` (from keepalive probes).
@@ -356,18 +430,38 @@ impl Agent {
 
     /// Queues application data for `peer_id`; false when no path is up.
     pub fn send_data(&mut self, peer_id: &str, payload: &[u8]) -> bool {
-        let Some(path) = self.path(peer_id) else {
+        let Some(session) = self.up_session(peer_id) else {
             return false;
         };
+        let Some(path) = session.path else {
+            return false;
+        };
+        let via_turn = session.path_relayed && matches!(session.relay, RelayLeg::Local { .. });
         let mut datagram = Vec::with_capacity(payload.len() + 1);
         datagram.push(DATA_MARKER);
         datagram.extend_from_slice(payload);
-        self.outgoing.push_back(Transmit {
-            to: path,
-            payload: datagram,
-            ttl: None,
-        });
+        self.emit(path, datagram, None, via_turn);
         true
+    }
+
+    /// Queues a datagram to a peer: plain, or through our TURN allocation.
+    fn emit(&mut self, to: SocketAddr, payload: Vec<u8>, ttl: Option<u8>, via_turn: bool) {
+        if !via_turn {
+            self.outgoing.push_back(Transmit { to, payload, ttl });
+            return;
+        }
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        let mut wrapped = Vec::with_capacity(payload.len() + 48);
+        match turn.encode_send(to, &payload, &mut wrapped) {
+            Ok(_) => self.outgoing.push_back(Transmit {
+                to: self.config.server,
+                payload: wrapped,
+                ttl: None,
+            }),
+            Err(e) => tracing::debug!(error = %e, %to, "cannot relay to peer"),
+        }
     }
 
     /// The next datagram to send.
@@ -389,11 +483,22 @@ impl Agent {
                 SessionState::Probing => session
                     .next_probe
                     .min(session.start_at + self.config.punch_timeout),
+                SessionState::Relaying => session.next_probe.min(
+                    session.relay_started.unwrap_or(session.start_at) + self.config.relay_timeout,
+                ),
                 SessionState::Up => session
                     .next_probe
-                    .min(session.last_heard + self.config.path_timeout),
+                    .min(session.last_heard + self.config.path_timeout)
+                    .min(if session.path_relayed && session.role == Role::Initiator {
+                        session.upgrade_at
+                    } else {
+                        session.last_heard + self.config.path_timeout
+                    }),
                 SessionState::Failed => continue,
             };
+            at = at.min(t);
+        }
+        if let Some(t) = self.turn.as_ref().and_then(TurnClient::poll_timeout) {
             at = at.min(t);
         }
         for since in self.wanted.values() {
@@ -467,16 +572,42 @@ impl Agent {
         // Connect only once discovery has classified our NAT, so the introduction
         // (and the gateway's metrics) carry the right class.
         let discovering = !self.config.discovery.is_empty() && !self.discovery.done;
+        if let Some(turn) = self.turn.as_mut() {
+            turn.handle_timeout(now);
+        }
+        self.drain_turn(now);
+        // Connect when no path is up, or (upgrade) when the path is relayed and due
+        // for another try at a direct one.
         let due: Vec<String> = self
             .wanted
             .iter()
-            .filter(|(peer, at)| !discovering && **at <= now && self.up_session(peer).is_none())
+            .filter(|(peer, at)| {
+                !discovering
+                    && **at <= now
+                    && self
+                        .up_session(peer)
+                        .is_none_or(|s| s.path_relayed && now >= s.upgrade_at)
+            })
             .map(|(peer, _)| peer.clone())
             .collect();
+        for peer in &due {
+            let interval = self.config.upgrade_interval;
+            if let Some(session) = self
+                .sessions
+                .values_mut()
+                .filter(|s| s.peer_id == *peer && s.state == SessionState::Up)
+                .max_by_key(|s| s.introduced_at)
+            {
+                session.upgrade_at = now + interval;
+            }
+        }
         for peer in due {
             let probing = self.sessions.values().any(|s| {
                 s.peer_id == peer
-                    && matches!(s.state, SessionState::Waiting | SessionState::Probing)
+                    && matches!(
+                        s.state,
+                        SessionState::Waiting | SessionState::Probing | SessionState::Relaying
+                    )
             });
             if !probing {
                 let tid = self.tid();
@@ -560,31 +691,216 @@ impl Agent {
                     || session.probes_sent >= config.probe_budget
                 {
                     if now >= session.start_at + config.punch_timeout {
-                        session.state = SessionState::Failed;
                         let (peer_id, probes, intro_id) = (
                             session.peer_id.clone(),
                             session.probes_sent,
                             session.intro_id,
                         );
-                        self.events
-                            .push_back(AgentEvent::PunchFailed { peer_id, probes });
-                        self.report(now, intro_id, false, Duration::ZERO, probes);
+                        self.events.push_back(AgentEvent::PunchFailed {
+                            peer_id: peer_id.clone(),
+                            probes,
+                        });
+                        if config.relay && !self.turn_failed {
+                            if let Some(session) = self.sessions.get_mut(&id) {
+                                session.state = SessionState::Relaying;
+                                session.next_probe = now;
+                            }
+                            self.start_relay(now, id);
+                        } else {
+                            if let Some(session) = self.sessions.get_mut(&id) {
+                                session.state = SessionState::Failed;
+                            }
+                            self.report(
+                                now,
+                                intro_id,
+                                SessionOutcome::Failed,
+                                Duration::ZERO,
+                                probes,
+                            );
+                        }
                     }
                     return;
                 }
-                if now >= session.next_probe && !session.candidates.is_empty() {
-                    // One round: every candidate once.
+                if now >= session.next_probe {
+                    // One round: every candidate once, and the relay leg if any.
                     let targets = session.candidates.clone();
                     session.next_probe = now + config.probe_interval;
                     for to in targets {
                         self.send_probe(now, id, to);
                     }
+                    self.probe_relay_leg(now, id);
+                }
+            }
+            SessionState::Relaying => {
+                let started = session.relay_started.unwrap_or(now);
+                if now >= started + config.relay_timeout {
+                    session.state = SessionState::Failed;
+                    let (intro_id, probes) = (session.intro_id, session.probes_sent);
+                    self.report(
+                        now,
+                        intro_id,
+                        SessionOutcome::Failed,
+                        Duration::ZERO,
+                        probes,
+                    );
+                    return;
+                }
+                if now >= session.next_probe {
+                    session.next_probe = now + config.probe_interval * 4;
+                    self.probe_relay_leg(now, id);
                 }
             }
             SessionState::Up if now >= session.next_probe => {
                 session.next_probe = now + config.path_keepalive;
+                let via_turn =
+                    session.path_relayed && matches!(session.relay, RelayLeg::Local { .. });
                 if let Some(to) = session.path {
-                    self.send_probe(now, id, to);
+                    self.send_probe_via(now, id, to, None, via_turn);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Starts a session's relay leg: the initiator relays through its own allocation
+    /// (made now if needed) and offers the relayed address; the responder waits for
+    /// that offer.
+    fn start_relay(&mut self, now: Instant, id: u64) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if session.relay != RelayLeg::None {
+            return;
+        }
+        session.relay_started = Some(now);
+        self.events.push_back(AgentEvent::RelayFallback {
+            peer_id: session.peer_id.clone(),
+        });
+        if session.role == Role::Responder {
+            session.relay = RelayLeg::AwaitingOffer;
+            return;
+        }
+        session.relay = RelayLeg::Local { offered: false };
+        if self.turn.is_none() {
+            let credentials = &self.config.credentials;
+            let mut client = TurnClient::new(
+                TurnClientConfig::new(
+                    self.config.server,
+                    credentials.username.clone(),
+                    credentials.password.clone(),
+                ),
+                self.rng.random(),
+            );
+            if client.allocate(now).is_ok() {
+                self.turn = Some(client);
+            }
+            self.drain_turn(now);
+        } else {
+            self.offer_relays(now);
+        }
+    }
+
+    /// Once allocated: permissions for every candidate IP of the sessions relaying
+    /// through us, and the offer of our relayed address to the other side.
+    fn offer_relays(&mut self, now: Instant) {
+        let Some(relayed) = self.turn.as_ref().and_then(TurnClient::relayed_address) else {
+            return;
+        };
+        let waiting: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| s.relay == (RelayLeg::Local { offered: false }))
+            .map(|s| s.intro_id)
+            .collect();
+        for id in waiting {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            session.relay = RelayLeg::Local { offered: true };
+            let ips: Vec<IpAddr> = session.candidates.iter().map(SocketAddr::ip).collect();
+            if let Some(turn) = self.turn.as_mut() {
+                for ip in ips {
+                    if let Err(e) = turn.create_permission(now, ip) {
+                        tracing::debug!(error = %e, %ip, "no relay permission");
+                    }
+                }
+            }
+            let tid = self.tid();
+            let payload = client::relay_offer(
+                tid,
+                &self.config.credentials,
+                self.nonce.as_deref(),
+                id,
+                relayed,
+            );
+            self.pending.insert(
+                tid,
+                PendingRequest {
+                    method: method::RELAY_OFFER,
+                    sent_at: now,
+                    target: None,
+                    report: None,
+                },
+            );
+            self.outgoing.push_back(Transmit {
+                to: self.config.server,
+                payload,
+                ttl: None,
+            });
+        }
+        self.drain_turn(now);
+    }
+
+    /// Moves the TURN client's control datagrams out and acts on its events.
+    fn drain_turn(&mut self, now: Instant) {
+        let mut allocated = false;
+        let mut failed = false;
+        if let Some(turn) = self.turn.as_mut() {
+            while let Some(transmit) = turn.poll_transmit() {
+                self.outgoing.push_back(Transmit {
+                    to: transmit.to,
+                    payload: transmit.payload,
+                    ttl: None,
+                });
+            }
+            while let Some(event) = turn.poll_event() {
+                match event {
+                    TurnEvent::Allocated { relayed, .. } => {
+                        allocated = true;
+                        self.events
+                            .push_back(AgentEvent::RelayAllocated { relayed });
+                    }
+                    TurnEvent::Failed {
+                        request: TurnRequest::Allocate | TurnRequest::Refresh,
+                        failure,
+                    } => {
+                        tracing::warn!(%failure, "TURN allocation failed; no relay fallback");
+                        failed = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if failed {
+            self.turn = None;
+            self.turn_failed = true;
+        }
+        if allocated {
+            self.offer_relays(now);
+        }
+    }
+
+    /// One probe on the relay leg: to the other side's relayed address, or through
+    /// our allocation to the peers seen there.
+    fn probe_relay_leg(&mut self, now: Instant, id: u64) {
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
+        match session.relay {
+            RelayLeg::Remote(relayed) => self.send_probe_via(now, id, relayed, None, false),
+            RelayLeg::Local { offered: true } => {
+                for to in session.relay_peers.clone() {
+                    self.send_probe_via(now, id, to, None, true);
                 }
             }
             _ => {}
@@ -649,10 +965,21 @@ impl Agent {
     }
 
     fn send_probe(&mut self, now: Instant, id: u64, to: SocketAddr) {
-        self.send_probe_with_ttl(now, id, to, None);
+        self.send_probe_via(now, id, to, None, false);
     }
 
     fn send_probe_with_ttl(&mut self, now: Instant, id: u64, to: SocketAddr, ttl: Option<u8>) {
+        self.send_probe_via(now, id, to, ttl, false);
+    }
+
+    fn send_probe_via(
+        &mut self,
+        now: Instant,
+        id: u64,
+        to: SocketAddr,
+        ttl: Option<u8>,
+        via_turn: bool,
+    ) {
         let tid = self.tid();
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
@@ -660,22 +987,27 @@ impl Agent {
         session.probes_sent += 1;
         let payload = client::probe_request(tid, id, &session.key);
         self.probe_tids.insert(tid, (id, now));
-        self.outgoing.push_back(Transmit { to, payload, ttl });
+        self.emit(to, payload, ttl, via_turn);
     }
 
     fn report(
         &mut self,
         now: Instant,
         intro_id: u64,
-        direct: bool,
+        outcome: SessionOutcome,
         elapsed: Duration,
         probes: u32,
     ) {
+        match self.sessions.get_mut(&intro_id) {
+            Some(session) if session.reported => return,
+            Some(session) => session.reported = true,
+            None => {}
+        }
         self.send_report(
             now,
             Report {
                 intro_id,
-                direct,
+                outcome,
                 elapsed,
                 probes,
                 resent: false,
@@ -686,7 +1018,7 @@ impl Agent {
     fn send_report(&mut self, now: Instant, report: Report) {
         let Report {
             intro_id,
-            direct,
+            outcome,
             elapsed,
             probes,
             ..
@@ -698,7 +1030,7 @@ impl Agent {
             &self.config.credentials,
             self.nonce.as_deref(),
             intro_id,
-            direct,
+            outcome,
             ms,
             probes,
         );
@@ -722,11 +1054,68 @@ impl Agent {
 
     /// Handles one received datagram.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if from == self.config.server && self.is_turn_datagram(datagram) {
+            self.handle_turn_datagram(now, from, datagram);
+            return;
+        }
+        self.handle_peer_datagram(now, from, datagram, false);
+    }
+
+    /// Whether a datagram from the gateway belongs to our TURN client (ChannelData,
+    /// Data indications and TURN responses) rather than to the rendezvous.
+    fn is_turn_datagram(&self, datagram: &[u8]) -> bool {
+        self.turn.is_some()
+            && (turn::is_channel_data(datagram)
+                || (Message::looks_like_stun(datagram)
+                    && matches!(
+                        stun::MessageType::from_bits(u16::from_be_bytes([
+                            datagram[0],
+                            datagram[1]
+                        ]))
+                        .method,
+                        turn::method::ALLOCATE
+                            | turn::method::REFRESH
+                            | turn::method::DATA
+                            | turn::method::CREATE_PERMISSION
+                            | turn::method::CHANNEL_BIND
+                    )))
+    }
+
+    fn handle_turn_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let Some(turn) = self.turn.as_mut() else {
+            return;
+        };
+        let peer_data = turn
+            .handle_datagram(now, from, datagram)
+            .map(|d| (d.peer, d.data.to_vec()));
+        self.drain_turn(now);
+        if let Some((peer, data)) = peer_data {
+            // A peer reached us through our allocation: talk back on a channel.
+            if let Some(turn) = self.turn.as_mut()
+                && turn.channel(peer).is_none()
+                && let Err(e) = turn.bind_channel(now, peer)
+            {
+                tracing::debug!(error = %e, %peer, "cannot bind a channel");
+            }
+            self.drain_turn(now);
+            self.handle_peer_datagram(now, peer, &data, true);
+        }
+    }
+
+    /// A datagram from a peer, directly or (`via_turn`) through our allocation.
+    fn handle_peer_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        via_turn: bool,
+    ) {
         if datagram.first() == Some(&DATA_MARKER) {
-            let peer = self
-                .sessions
-                .values_mut()
-                .find(|s| s.state == SessionState::Up && s.path == Some(from));
+            let peer = self.sessions.values_mut().find(|s| {
+                s.state == SessionState::Up
+                    && s.path == Some(from)
+                    && (s.path_relayed && matches!(s.relay, RelayLeg::Local { .. })) == via_turn
+            });
             if let Some(session) = peer {
                 session.last_heard = now;
                 let peer_id = session.peer_id.clone();
@@ -741,7 +1130,7 @@ impl Agent {
             return;
         };
         let ty = message.message_type();
-        if from == self.config.server {
+        if from == self.config.server && !via_turn {
             self.handle_server_message(now, &message, datagram);
             return;
         }
@@ -762,12 +1151,20 @@ impl Agent {
             return;
         }
         if ty.method == stun::method::BINDING {
-            self.handle_peer_message(now, from, &message, datagram);
+            self.handle_peer_message(now, from, &message, datagram, via_turn);
         }
     }
 
     fn handle_server_message(&mut self, now: Instant, message: &Message<'_>, datagram: &[u8]) {
         let ty = message.message_type();
+        if ty.method == method::RELAY_OFFER && ty.class == Class::Indication {
+            if let Some(offer) =
+                client::parse_relay_offer(datagram, &self.config.credentials.password)
+            {
+                self.relay_offered(now, offer);
+            }
+            return;
+        }
         if ty.method == method::INTRODUCTION && ty.class == Class::Indication {
             if let Some(intro) =
                 client::parse_introduction(datagram, &self.config.credentials.password)
@@ -864,9 +1261,12 @@ impl Agent {
         if self.sessions.contains_key(&intro.intro_id) {
             return;
         }
-        // A newer introduction to the same peer replaces older attempts.
-        self.sessions
-            .retain(|_, s| s.peer_id != intro.peer_id || s.state == SessionState::Up);
+        // A newer introduction to the same peer replaces older attempts (but not a
+        // path in use, nor a relay leg still being set up).
+        self.sessions.retain(|_, s| {
+            s.peer_id != intro.peer_id
+                || matches!(s.state, SessionState::Up | SessionState::Relaying)
+        });
         let start_at = now + intro.start_delay;
         self.events.push_back(AgentEvent::Introduced {
             peer_id: intro.peer_id.clone(),
@@ -887,8 +1287,50 @@ impl Agent {
                 path: None,
                 last_heard: now,
                 rtt: Duration::ZERO,
+                role: intro.role,
+                relay: RelayLeg::None,
+                relay_started: None,
+                relay_peers: Vec::new(),
+                path_relayed: false,
+                upgrade_at: now,
+                reported: false,
             },
         );
+        // Both sides map per destination: punching cannot work (without prediction,
+        // which an announced predicted candidate would show), so the relay leg starts
+        // at once, in parallel with the punch attempt.
+        let hopeless = self.config.nat == NatClass::AddressAndPortDependent
+            && intro.peer_nat == NatClass::AddressAndPortDependent
+            && self.discovery.predicted.is_empty()
+            && !intro
+                .candidates
+                .iter()
+                .any(|c| c.kind == super::rendezvous::CandidateKind::Predicted);
+        if self.config.relay && hopeless && !self.turn_failed {
+            self.start_relay(now, intro.intro_id);
+        }
+    }
+
+    /// The other side offers its relayed address for a session: probe it.
+    fn relay_offered(&mut self, now: Instant, offer: client::RelayOffer) {
+        let Some(session) = self.sessions.get_mut(&offer.intro_id) else {
+            return;
+        };
+        if session.peer_id != offer.peer_id || matches!(session.relay, RelayLeg::Local { .. }) {
+            return;
+        }
+        if session.relay == RelayLeg::None {
+            session.relay_started = Some(now);
+            self.events.push_back(AgentEvent::RelayFallback {
+                peer_id: session.peer_id.clone(),
+            });
+        }
+        session.relay = RelayLeg::Remote(offer.relayed);
+        if session.state == SessionState::Failed {
+            session.state = SessionState::Relaying;
+        }
+        session.next_probe = now;
+        self.probe_relay_leg(now, offer.intro_id);
     }
 
     fn handle_peer_message(
@@ -897,6 +1339,7 @@ impl Agent {
         from: SocketAddr,
         message: &Message<'_>,
         datagram: &[u8],
+        via_turn: bool,
     ) {
         let id = match message.message_type().class {
             Class::Request => message
@@ -922,26 +1365,30 @@ impl Agent {
                 // Answer to where it came from (a peer-reflexive candidate), and probe
                 // that address too if it is new.
                 let response = client::probe_response(transaction_id, from, &session.key);
-                self.outgoing.push_back(Transmit {
-                    to: from,
-                    payload: response,
-                    ttl: None,
-                });
+                let relayed = via_turn || session.relay == RelayLeg::Remote(from);
                 if session.state != SessionState::Up {
                     session.last_heard = now;
                 }
-                if !session.candidates.contains(&from) {
+                if via_turn {
+                    if matches!(session.relay, RelayLeg::Local { .. })
+                        && !session.relay_peers.contains(&from)
+                    {
+                        session.relay_peers.push(from);
+                    }
+                } else if !relayed && !session.candidates.contains(&from) {
                     session.candidates.insert(0, from);
                 }
                 if session.state == SessionState::Waiting {
                     session.state = SessionState::Probing;
                     session.start_at = session.start_at.min(now);
                 }
+                let state = session.state;
+                self.emit(from, response, None, via_turn);
                 // A triggered check (as in ICE): the other side's probe just got
                 // through, so a probe back to where it came from will too; do not wait
                 // for the next round. Bounded by the probes the other side sends.
-                if session.state == SessionState::Probing {
-                    self.send_probe(now, id, from);
+                if matches!(state, SessionState::Probing | SessionState::Relaying) {
+                    self.send_probe_via(now, id, from, None, via_turn);
                 }
             }
             Some(Probe::Response { transaction_id, .. }) => {
@@ -950,23 +1397,51 @@ impl Agent {
                     .remove(&transaction_id)
                     .map(|(_, sent)| now.saturating_duration_since(sent))
                     .unwrap_or_default();
+                let relayed = via_turn || session.relay == RelayLeg::Remote(from);
+                let upgrade = session.state == SessionState::Up && session.path_relayed && !relayed;
+                if session.state == SessionState::Up && !upgrade {
+                    // Keepalive answer on the path (or a relayed answer while direct).
+                    if session.path == Some(from) {
+                        session.rtt = rtt;
+                        session.last_heard = now;
+                    }
+                    return;
+                }
                 session.rtt = rtt;
                 session.last_heard = now;
-                if session.state != SessionState::Up {
-                    session.state = SessionState::Up;
-                    session.path = Some(from);
-                    session.next_probe = now + self.config.path_keepalive;
-                    let elapsed = now.saturating_duration_since(session.introduced_at);
-                    let (peer_id, probes) = (session.peer_id.clone(), session.probes_sent);
-                    self.events.push_back(AgentEvent::PathUp {
-                        peer_id,
-                        remote: from,
-                        elapsed,
-                        probes,
-                        rtt,
-                    });
-                    self.report(now, id, true, elapsed, probes);
+                session.state = SessionState::Up;
+                session.path = Some(from);
+                session.path_relayed = relayed;
+                session.upgrade_at = now + self.config.upgrade_interval;
+                session.next_probe = now + self.config.path_keepalive;
+                let elapsed = now.saturating_duration_since(session.introduced_at);
+                let (peer_id, probes) = (session.peer_id.clone(), session.probes_sent);
+                // A newer path to the same peer retires older ones (silently: the
+                // data moves over, nothing went down).
+                let introduced_at = session.introduced_at;
+                for other in self.sessions.values_mut() {
+                    if other.peer_id == peer_id
+                        && other.intro_id != id
+                        && other.state == SessionState::Up
+                        && other.introduced_at < introduced_at
+                    {
+                        other.state = SessionState::Failed;
+                    }
                 }
+                self.events.push_back(AgentEvent::PathUp {
+                    peer_id,
+                    remote: from,
+                    relayed,
+                    elapsed,
+                    probes,
+                    rtt,
+                });
+                let outcome = if relayed {
+                    SessionOutcome::Relayed
+                } else {
+                    SessionOutcome::Direct
+                };
+                self.report(now, id, outcome, elapsed, probes);
             }
             None => {}
         }
@@ -978,21 +1453,48 @@ mod tests {
     use super::*;
     use crate::proto::{
         credentials::SharedSecret,
+        peer_policy::PeerPolicy,
         rendezvous::{Event, RendezvousConfig, RendezvousServer},
+        turn::server::{
+            Family, Handled as TurnHandled, OpenError, RelaySockets, TurnConfig, TurnServer,
+        },
     };
 
     const NOW_UNIX: u64 = 1_800_000_000;
+
+    /// Relay addresses handed out by the simulated gateway.
+    #[derive(Default)]
+    struct SimRelaySockets {
+        open: Vec<SocketAddr>,
+        next: u16,
+    }
+
+    impl RelaySockets for SimRelaySockets {
+        fn open(&mut self, _family: Family, _even: bool) -> Result<SocketAddr, OpenError> {
+            self.next += 1;
+            let relay = SocketAddr::from(([192, 0, 2, 10], 50_000 + self.next));
+            self.open.push(relay);
+            Ok(relay)
+        }
+
+        fn close(&mut self, relay: SocketAddr) {
+            self.open.retain(|r| *r != relay);
+        }
+    }
     const LATENCY: Duration = Duration::from_millis(10);
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("addr")
     }
 
-    /// Two agents and a server on a virtual network with fixed latency; `drop_p2p`
-    /// drops everything between the peers (as two symmetric NATs would).
+    /// Two agents and a server (rendezvous and TURN relay) on a virtual network with
+    /// fixed latency; `drop_p2p` drops everything between the peers (as two symmetric
+    /// NATs would), never what goes through the relay.
     struct Sim {
         now: Instant,
         server: RendezvousServer,
+        turn: TurnServer,
+        relays: SimRelaySockets,
         server_addr: SocketAddr,
         agents: Vec<(SocketAddr, Agent)>,
         in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
@@ -1005,6 +1507,10 @@ mod tests {
 
     impl Sim {
         fn new(drop_p2p: bool) -> Self {
+            Self::with_relay(drop_p2p, true)
+        }
+
+        fn with_relay(drop_p2p: bool, relay: bool) -> Self {
             let secret = SharedSecret::new(b"sim secret");
             let now = Instant::now();
             let server_addr = addr("192.0.2.10:3478");
@@ -1015,11 +1521,19 @@ mod tests {
                     username: issued.username,
                     password: issued.password,
                 };
-                let config = AgentConfig::new(server_addr, creds);
+                let mut config = AgentConfig::new(server_addr, creds);
+                config.relay = relay;
                 agents.push((addr(at), Agent::new(config, now, 1)));
             }
+            let policy = PeerPolicy::new(
+                vec!["198.51.100.0/24".parse().expect("range")],
+                Vec::new(),
+                Vec::new(),
+            );
             Self {
                 now,
+                turn: TurnServer::new(TurnConfig::default(), secret.clone(), [5; 32], 600, policy),
+                relays: SimRelaySockets::default(),
                 server: RendezvousServer::new(secret, RendezvousConfig::default(), 3),
                 server_addr,
                 agents,
@@ -1057,6 +1571,30 @@ mod tests {
                     .partition(|(at, ..)| *at <= self.now);
                 self.in_flight = later;
                 for (_, from, to, payload) in due {
+                    if to == self.server_addr && self.relay_input(from, &payload) {
+                        continue;
+                    }
+                    if self.relays.open.contains(&to) {
+                        // A peer sent to a relayed address: up to the allocation's client.
+                        if let Ok(target) =
+                            self.turn.data_from_peer(self.now, to, from, payload.len())
+                        {
+                            let mut out = Vec::new();
+                            match target.channel {
+                                Some(channel) => crate::proto::turn::encode_channel_data(
+                                    channel, &payload, &mut out,
+                                ),
+                                None => self.turn.data_indication(from, &payload, &mut out),
+                            }
+                            self.in_flight.push((
+                                self.now + LATENCY,
+                                self.server_addr,
+                                target.client,
+                                out,
+                            ));
+                        }
+                        continue;
+                    }
                     if to == self.server_addr {
                         let mut out = Vec::new();
                         self.server
@@ -1070,9 +1608,10 @@ mod tests {
                                 t.payload,
                             ));
                         }
-                    } else if let Some((_, agent)) = self.agents.iter_mut().find(|(a, _)| *a == to)
+                    } else if let from_peer = self.agents.iter().any(|(a, _)| *a == from)
+                        && let Some((_, agent)) = self.agents.iter_mut().find(|(a, _)| *a == to)
                     {
-                        if self.drop_p2p && from != self.server_addr {
+                        if self.drop_p2p && from_peer {
                             continue;
                         }
                         agent.handle_datagram(self.now, from, &payload);
@@ -1080,6 +1619,49 @@ mod tests {
                 }
                 self.now += Duration::from_millis(1);
             }
+        }
+
+        /// The gateway's TURN side: true when it took the datagram.
+        fn relay_input(&mut self, from: SocketAddr, payload: &[u8]) -> bool {
+            if crate::proto::turn::is_channel_data(payload) {
+                if let Ok(message) = crate::proto::turn::ChannelData::parse(payload)
+                    && let Ok((relay, peer)) = self.turn.channel_data_from_client(
+                        self.now,
+                        from,
+                        message.channel,
+                        message.data.len(),
+                    )
+                {
+                    self.in_flight
+                        .push((self.now + LATENCY, relay, peer, message.data.to_vec()));
+                }
+                return true;
+            }
+            let Ok(message) = Message::parse(payload) else {
+                return false;
+            };
+            if !TurnServer::is_turn_method(message.message_type().method) {
+                return false;
+            }
+            let mut out = Vec::new();
+            let handled = self.turn.handle_stun(
+                self.now,
+                NOW_UNIX,
+                from,
+                None,
+                &message,
+                &mut self.relays,
+                &mut out,
+            );
+            if let TurnHandled::Relay { relay, peer, data } = handled {
+                self.in_flight
+                    .push((self.now + LATENCY, relay, peer, data.to_vec()));
+            }
+            if !out.is_empty() {
+                self.in_flight
+                    .push((self.now + LATENCY, self.server_addr, from, out));
+            }
+            true
         }
 
         fn has(&self, agent: usize, f: impl Fn(&AgentEvent) -> bool) -> bool {
@@ -1153,8 +1735,8 @@ mod tests {
     }
 
     #[test]
-    fn blocked_paths_fail_within_budget_and_report_failure() {
-        let mut sim = Sim::new(true);
+    fn blocked_paths_fail_within_budget_and_report_failure_without_relay() {
+        let mut sim = Sim::with_relay(true, false);
         sim.run_for(Duration::from_millis(100));
         let now = sim.now;
         sim.agents[0].1.connect("bob", now);
@@ -1181,6 +1763,69 @@ mod tests {
                 .any(|e| matches!(e, Event::Outcome { direct: false, .. }))
         );
         assert!(!sim.agents[0].1.send_data("bob", b"x"), "no path, no send");
+    }
+
+    #[test]
+    fn blocked_pair_falls_back_to_the_relay_then_upgrades_to_direct() {
+        let mut sim = Sim::new(true);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        // Punching gives up after 5 s; the relay leg then comes up.
+        sim.run_for(Duration::from_secs(7));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PunchFailed { .. })));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::RelayAllocated { .. })));
+        // Alice relays through her allocation and sees bob at his own address; bob
+        // talks to alice's relayed address.
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PathUp { relayed: true, remote, .. } if *remote == addr("198.51.100.6:5000"))));
+        let relayed = sim.agents[0].1.relayed_address().expect("allocated");
+        assert!(sim.has(
+            1,
+            |e| matches!(e, AgentEvent::PathUp { relayed: true, remote, .. } if *remote == relayed)
+        ));
+        assert_eq!(sim.agents[0].1.path_relayed("bob"), Some(true));
+        // Data both ways through the relay.
+        assert!(sim.agents[0].1.send_data("bob", b"via relay"));
+        assert!(sim.agents[1].1.send_data("alice", b"and back"));
+        sim.run_for(Duration::from_millis(100));
+        assert!(sim.has(
+            1,
+            |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"via relay")
+        ));
+        assert!(sim.has(
+            0,
+            |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"and back")
+        ));
+        // The gateway hears one outcome for the introduction: relayed.
+        assert!(
+            sim.server_events.iter().any(|e| matches!(
+                e,
+                Event::Outcome {
+                    direct: false,
+                    relayed: true,
+                    ..
+                }
+            )),
+            "{:?}",
+            sim.server_events
+        );
+        // The relayed path stays up (keepalives through the relay)...
+        sim.run_for(Duration::from_secs(10));
+        assert!(!sim.has(0, |e| matches!(e, AgentEvent::PathDown { .. })));
+        // ...and once the peers can reach each other, a background attempt upgrades it.
+        sim.drop_p2p = false;
+        sim.run_for(Duration::from_secs(25));
+        assert!(sim.has(0, |e| matches!(
+            e,
+            AgentEvent::PathUp { relayed: false, .. }
+        )));
+        assert_eq!(sim.agents[0].1.path_relayed("bob"), Some(false));
+        assert!(sim.agents[0].1.send_data("bob", b"direct now"));
+        sim.run_for(Duration::from_millis(100));
+        assert!(sim.has(
+            1,
+            |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"direct now")
+        ));
     }
 
     #[test]

@@ -30,6 +30,9 @@ pub mod method {
     pub const INTRODUCTION: u16 = 0xC03;
     /// Outcome report.
     pub const OUTCOME: u16 = 0xC04;
+    /// Relay offer: "reach me at this TURN relayed address" (request from a side of an
+    /// introduction; forwarded as an indication to the other side).
+    pub const RELAY_OFFER: u16 = 0xC05;
 }
 
 /// Attribute types of the rendezvous.
@@ -70,6 +73,39 @@ pub enum CandidateKind {
     ServerReflexive = 1,
     /// A guessed external port of an endpoint-dependent NAT.
     Predicted = 2,
+    /// A TURN relayed address (a relay offer after punching failed).
+    Relayed = 3,
+}
+
+/// How a session between two peers ended up, as its outcome report says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SessionOutcome {
+    /// A direct (punched) path.
+    Direct = 0,
+    /// No path at all.
+    Failed = 1,
+    /// Punching failed; the TURN relay carries the session.
+    Relayed = 2,
+}
+
+impl SessionOutcome {
+    /// Decodes the wire value; unknown values read as `Failed`.
+    pub fn from_u8(value: u8) -> Self {
+        match value {
+            0 => Self::Direct,
+            2 => Self::Relayed,
+            _ => Self::Failed,
+        }
+    }
+
+    /// The metrics label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Failed => "failed",
+            Self::Relayed => "relayed",
+        }
+    }
 }
 
 /// A candidate address.
@@ -146,6 +182,7 @@ pub fn decode_candidate(value: &[u8], transaction_id: [u8; 12]) -> Option<Candid
         0 => CandidateKind::Host,
         1 => CandidateKind::ServerReflexive,
         2 => CandidateKind::Predicted,
+        3 => CandidateKind::Relayed,
         _ => return None,
     };
     let addr = stun::decode_xor_address(value.get(2..)?, transaction_id)?;
@@ -163,6 +200,8 @@ pub enum Handled {
     Introduced,
     /// An outcome report was accepted.
     OutcomeAccepted,
+    /// A relay offer was forwarded to the other side.
+    RelayOffered,
     /// 400: a required attribute missing or malformed.
     BadRequest,
     /// 401: bad credentials or integrity.
@@ -188,6 +227,7 @@ impl Handled {
             Handled::Registered => "registered",
             Handled::Introduced => "introduced",
             Handled::OutcomeAccepted => "outcome_accepted",
+            Handled::RelayOffered => "relay_offered",
             Handled::BadRequest => "bad_request",
             Handled::Unauthorized => "unauthorized",
             Handled::StaleNonce => "stale_nonce",
@@ -199,7 +239,7 @@ impl Handled {
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 15] = [
+    pub const ALL_LABELS: [&'static str; 16] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -208,6 +248,7 @@ impl Handled {
         "registered",
         "introduced",
         "outcome_accepted",
+        "relay_offered",
         "bad_request",
         "unauthorized",
         "stale_nonce",
@@ -236,6 +277,8 @@ pub enum Event {
         responder_nat: NatClass,
         /// Whether a direct path was established.
         direct: bool,
+        /// Punching failed but the sides reached each other through the relay.
+        relayed: bool,
         /// Time from introduction to first two-way exchange, as reported.
         time_to_direct: Duration,
         /// Probes the reporter sent.
@@ -412,7 +455,7 @@ impl RendezvousServer {
         if ty.class != Class::Request
             || !matches!(
                 ty.method,
-                method::REGISTER | method::CONNECT | method::OUTCOME
+                method::REGISTER | method::CONNECT | method::OUTCOME | method::RELAY_OFFER
             )
         {
             let mut reply = Vec::new();
@@ -470,6 +513,7 @@ impl RendezvousServer {
         let result = match ty.method {
             method::REGISTER => self.register(now, from, local, &auth),
             method::CONNECT => self.connect(now, from, &auth, out),
+            method::RELAY_OFFER => self.relay_offer(from, &auth, out),
             _ => self.outcome(&auth),
         };
         match result {
@@ -780,6 +824,98 @@ impl RendezvousServer {
         self.intro_order.push_back(id);
     }
 
+    /// Forwards a side's TURN relayed address to the other side of an introduction,
+    /// signed for the recipient. Only a registered side of a remembered introduction
+    /// may offer, and only relayed candidates pass.
+    fn relay_offer(
+        &mut self,
+        from: SocketAddr,
+        auth: &Authenticated<'_>,
+        out: &mut Vec<Transmit>,
+    ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
+        let tid = auth.message.transaction_id();
+        let mut intro_id = None;
+        let mut relayed = None;
+        for attribute in auth.message.attributes().filter_map(Result::ok) {
+            match attribute.ty {
+                attr::INTRO_ID => intro_id = read_u64(attribute.value),
+                attr::CANDIDATE => {
+                    relayed = decode_candidate(attribute.value, tid)
+                        .filter(|c| c.kind == CandidateKind::Relayed)
+                }
+                _ => {}
+            }
+        }
+        let (Some(intro_id), Some(relayed)) = (intro_id, relayed) else {
+            return Err((Handled::BadRequest, 400, "Bad Request"));
+        };
+        if self
+            .peers
+            .get(auth.peer_id.as_str())
+            .is_none_or(|p| p.addr != from)
+        {
+            return Err((Handled::Forbidden, 403, "Not Registered Here"));
+        }
+        let record =
+            self.intros
+                .get(&intro_id)
+                .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        let side = record
+            .sides
+            .iter()
+            .position(|s| **s == *auth.peer_id)
+            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        let other_id = record.sides[1 - side].clone();
+        let other = self
+            .peers
+            .get(&*other_id)
+            .ok_or((Handled::NotFound, 404, "Peer Not Found"))?;
+        let username = format!("{}:{other_id}", other.expiry_unix);
+        let password = self.secret.password(&username);
+        let indication_tid: [u8; 12] = self.rng.random();
+        let mut payload = Vec::with_capacity(128);
+        let mut writer = MessageWriter::new(
+            &mut payload,
+            MessageType {
+                method: method::RELAY_OFFER,
+                class: Class::Indication,
+            },
+            indication_tid,
+        );
+        let (value, len) = encode_candidate(relayed, indication_tid);
+        writer
+            .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
+            .attribute(attr::PEER_ID, auth.peer_id.as_bytes())
+            .attribute(attr::CANDIDATE, &value[..len])
+            .message_integrity_sha256(password.as_bytes());
+        writer.finish_with_fingerprint();
+        // Twice, like introductions: losing it costs the whole fallback.
+        out.push(Transmit {
+            to: other.addr,
+            from_local: other.local,
+            payload: payload.clone(),
+        });
+        out.push(Transmit {
+            to: other.addr,
+            from_local: other.local,
+            payload,
+        });
+        let mut reply = Vec::with_capacity(64);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::RELAY_OFFER,
+                class: Class::Success,
+            },
+            tid,
+        );
+        writer
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((Handled::RelayOffered, reply))
+    }
+
     fn outcome(
         &mut self,
         auth: &Authenticated<'_>,
@@ -790,15 +926,15 @@ impl RendezvousServer {
             match attribute.ty {
                 attr::INTRO_ID => intro_id = read_u64(attribute.value),
                 attr::OUTCOME if attribute.value.len() == 9 => {
-                    let direct = attribute.value[0] == 0;
+                    let outcome = SessionOutcome::from_u8(attribute.value[0]);
                     let ms = read_u32(&attribute.value[1..5]).unwrap_or(0);
                     let probes = read_u32(&attribute.value[5..9]).unwrap_or(0);
-                    report = Some((direct, ms, probes));
+                    report = Some((outcome, ms, probes));
                 }
                 _ => {}
             }
         }
-        let (Some(intro_id), Some((direct, ms, probes))) = (intro_id, report) else {
+        let (Some(intro_id), Some((outcome, ms, probes))) = (intro_id, report) else {
             return Err((Handled::BadRequest, 400, "Bad Request"));
         };
         let record = self.intros.get_mut(&intro_id).ok_or((
@@ -820,7 +956,8 @@ impl RendezvousServer {
             self.events.push(Event::Outcome {
                 initiator_nat: record.nats[0],
                 responder_nat: record.nats[1],
-                direct,
+                direct: outcome == SessionOutcome::Direct,
+                relayed: outcome == SessionOutcome::Relayed,
                 time_to_direct: Duration::from_millis(u64::from(ms)),
                 probes,
             });
@@ -978,17 +1115,78 @@ pub mod client {
         credentials: &PeerCredentials,
         nonce: Option<&str>,
         intro_id: u64,
-        direct: bool,
+        outcome: SessionOutcome,
         time_to_direct_ms: u32,
         probes: u32,
     ) -> Vec<u8> {
         request(method::OUTCOME, tid, credentials, nonce, |w| {
             w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
             let mut value = [0u8; 9];
-            value[0] = u8::from(!direct);
+            value[0] = outcome as u8;
             value[1..5].copy_from_slice(&time_to_direct_ms.to_be_bytes());
             value[5..9].copy_from_slice(&probes.to_be_bytes());
             w.attribute(attr::OUTCOME, &value);
+        })
+    }
+
+    /// A relay offer: our TURN relayed address for introduction `intro_id`.
+    pub fn relay_offer(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        nonce: Option<&str>,
+        intro_id: u64,
+        relayed: SocketAddr,
+    ) -> Vec<u8> {
+        request(method::RELAY_OFFER, tid, credentials, nonce, |w| {
+            w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
+            let (value, len) = encode_candidate(
+                Candidate {
+                    kind: CandidateKind::Relayed,
+                    addr: relayed,
+                },
+                tid,
+            );
+            w.attribute(attr::CANDIDATE, &value[..len]);
+        })
+    }
+
+    /// A relay offer forwarded by the gateway.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct RelayOffer {
+        /// The introduction it belongs to.
+        pub intro_id: u64,
+        /// Who offers.
+        pub peer_id: String,
+        /// Their relayed address: send there to reach them.
+        pub relayed: SocketAddr,
+    }
+
+    /// Parses and verifies a forwarded relay offer signed with `password`.
+    pub fn parse_relay_offer(datagram: &[u8], password: &str) -> Option<RelayOffer> {
+        let message = Message::parse(datagram).ok()?;
+        let ty = message.message_type();
+        if ty.method != method::RELAY_OFFER || ty.class != Class::Indication {
+            return None;
+        }
+        message.verify_integrity_sha256(password.as_bytes()).ok()?;
+        let tid = message.transaction_id();
+        let (mut intro_id, mut peer_id, mut relayed) = (None, None, None);
+        for a in message.attributes().filter_map(Result::ok) {
+            match a.ty {
+                attr::INTRO_ID => intro_id = read_u64(a.value),
+                attr::PEER_ID => peer_id = std::str::from_utf8(a.value).ok().map(str::to_owned),
+                attr::CANDIDATE => {
+                    relayed = decode_candidate(a.value, tid)
+                        .filter(|c| c.kind == CandidateKind::Relayed)
+                        .map(|c| c.addr)
+                }
+                _ => {}
+            }
+        }
+        Some(RelayOffer {
+            intro_id: intro_id?,
+            peer_id: peer_id?,
+            relayed: relayed?,
         })
     }
 
@@ -1630,7 +1828,7 @@ mod tests {
                         &mallory,
                         Some(&world.nonce(addr("203.0.113.5:6000"))),
                         intro,
-                        true,
+                        SessionOutcome::Direct,
                         5,
                         1
                     )
@@ -1647,7 +1845,7 @@ mod tests {
                         &alice,
                         Some(&world.nonce(a)),
                         intro + 1,
-                        true,
+                        SessionOutcome::Direct,
                         5,
                         1
                     )
@@ -1659,7 +1857,15 @@ mod tests {
             world
                 .send(
                     a,
-                    &outcome([3; 12], &alice, Some(&world.nonce(a)), intro, true, 35, 4)
+                    &outcome(
+                        [3; 12],
+                        &alice,
+                        Some(&world.nonce(a)),
+                        intro,
+                        SessionOutcome::Direct,
+                        35,
+                        4
+                    )
                 )
                 .0,
             Handled::OutcomeAccepted
@@ -1668,7 +1874,15 @@ mod tests {
             world
                 .send(
                     a,
-                    &outcome([3; 12], &alice, Some(&world.nonce(a)), intro, true, 35, 4)
+                    &outcome(
+                        [3; 12],
+                        &alice,
+                        Some(&world.nonce(a)),
+                        intro,
+                        SessionOutcome::Direct,
+                        35,
+                        4
+                    )
                 )
                 .0,
             Handled::NotFound,
@@ -1683,7 +1897,7 @@ mod tests {
                         &creds("bob"),
                         Some(&world.nonce(b)),
                         intro,
-                        true,
+                        SessionOutcome::Direct,
                         30,
                         4
                     )
@@ -1698,6 +1912,7 @@ mod tests {
                 initiator_nat: NatClass::EndpointIndependent,
                 responder_nat: NatClass::None,
                 direct: true,
+                relayed: false,
                 time_to_direct: Duration::from_millis(35),
                 probes: 4
             }],
@@ -1760,9 +1975,9 @@ mod tests {
         }
 
         #[test]
-        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..3) {
+        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..4) {
             let addr = SocketAddr::new(addr.ip(), addr.port());
-            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted][kind as usize];
+            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed][kind as usize];
             let (value, len) = encode_candidate(Candidate { kind, addr }, tid);
             prop_assert_eq!(decode_candidate(&value[..len], tid), Some(Candidate { kind, addr }));
         }
