@@ -1299,7 +1299,13 @@ impl Agent {
         // Both sides map per destination: punching cannot work (without prediction,
         // which an announced predicted candidate would show), so the relay leg starts
         // at once, in parallel with the punch attempt.
-        let hopeless = self.config.nat == NatClass::AddressAndPortDependent
+        // (Behind one NAT, the host candidates may still meet on the LAN.)
+        let same_nat = intro.candidates.iter().any(|c| {
+            c.kind == super::rendezvous::CandidateKind::ServerReflexive
+                && self.discovery.primary.map(|p| p.ip()) == Some(c.addr.ip())
+        });
+        let hopeless = !same_nat
+            && self.config.nat == NatClass::AddressAndPortDependent
             && intro.peer_nat == NatClass::AddressAndPortDependent
             && self.discovery.predicted.is_empty()
             && !intro
