@@ -56,6 +56,9 @@ pub struct Config {
 pub struct RelayConfig {
     /// Serve TURN (when a secret is configured).
     pub enabled: bool,
+    /// Also serve TURN over TCP (RFC 8656 §3.1) on `server.listen`'s address and port,
+    /// for clients whose networks block UDP; the relayed side stays UDP.
+    pub tcp: bool,
     /// The REALM of long-term credentials.
     pub realm: String,
     /// Relay addresses, at most one IPv4 and one IPv6. Empty: relay sockets open on
@@ -87,6 +90,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            tcp: true,
             realm: "gateway".into(),
             addresses: Vec::new(),
             port_range: "49152-65535".into(),

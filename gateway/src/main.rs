@@ -163,6 +163,9 @@ struct ServeArgs {
     /// Do not serve TURN (the relay runs by default when a secret is configured).
     #[arg(long)]
     no_relay: bool,
+    /// Serve TURN over UDP only (by default also over TCP on the same port).
+    #[arg(long)]
+    no_relay_tcp: bool,
     /// Relay address (repeatable: one IPv4, one IPv6) [default: the gateway address
     /// each client reached].
     #[arg(long = "relay-address", value_name = "IP")]
@@ -295,6 +298,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     }
     if args.no_relay {
         config.relay.enabled = false;
+    }
+    if args.no_relay_tcp {
+        config.relay.tcp = false;
     }
     if !args.relay_addresses.is_empty() {
         config.relay.addresses = args.relay_addresses.clone();
@@ -455,6 +461,19 @@ async fn serve_async(config: Config) -> Result<()> {
         }
         None => None,
     };
+    let tcp_task = match &relay {
+        Some(relay) if config.relay.tcp => {
+            let listener = tokio::net::TcpListener::bind(local)
+                .await
+                .with_context(|| format!("cannot listen for TURN over TCP on {local}"))?;
+            tracing::info!(tcp = %local, "TURN over TCP listening");
+            Some(tokio::spawn(gateway::relay::serve_tcp(
+                listener,
+                relay.clone(),
+            )))
+        }
+        _ => None,
+    };
     let main_loop = tokio::spawn(server::run(
         client_socket,
         metrics,
@@ -470,6 +489,9 @@ async fn serve_async(config: Config) -> Result<()> {
     }
     tracing::info!("shutting down");
     if let Some(task) = metrics_task {
+        task.abort();
+    }
+    if let Some(task) = tcp_task {
         task.abort();
     }
     if let Some(probe) = probe {

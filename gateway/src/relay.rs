@@ -20,10 +20,15 @@ use quinn_udp::UdpSocketState;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::UdpSocket, task::AbortHandle};
 
-use crate::proto::turn::{
-    CHANNEL_DATA_HEADER, channel_data_header,
-    server::{
-        DropReason, Family, OpenError, RelaySockets, RequestMethod, RequestOutcome, TurnServer,
+use crate::proto::{
+    binding::BindingService,
+    stun::Message,
+    turn::{
+        CHANNEL_DATA_HEADER, ChannelData, channel_data_header,
+        server::{
+            ClientAddr, DropReason, Family, Handled as TurnHandled, OpenError, RelaySockets,
+            RequestMethod, RequestOutcome, Transport, TurnServer,
+        },
     },
 };
 
@@ -230,6 +235,8 @@ pub struct RelayShared {
     metrics: RelayMetrics,
     client_socket: ClientSocket,
     tid_counter: AtomicU64,
+    /// Writers of the TCP clients' connections, by client address.
+    tcp_clients: Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>,
 }
 
 impl RelayShared {
@@ -257,6 +264,7 @@ impl RelayShared {
             metrics,
             client_socket,
             tid_counter: AtomicU64::new(rand::random()),
+            tcp_clients: Mutex::new(HashMap::new()),
         })
     }
 
@@ -283,6 +291,127 @@ impl RelayShared {
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.lock().core.poll_timeout()
     }
+
+    /// Sends to a client over its transport without waiting: the service socket
+    /// for UDP, the connection's writer for TCP (a full queue drops, as UDP would).
+    fn send_to_client(&self, client: ClientAddr, local: Option<IpAddr>, payload: &[u8]) -> bool {
+        match client.transport {
+            Transport::Udp => self.client_socket.try_send(client.addr, local, payload),
+            Transport::Tcp => {
+                let writer = self
+                    .tcp_clients
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&client.addr)
+                    .cloned();
+                let Some(writer) = writer else {
+                    return false;
+                };
+                // Over a stream, ChannelData is padded to a multiple of four bytes.
+                let mut framed = Vec::with_capacity(payload.len().next_multiple_of(4));
+                framed.extend_from_slice(payload);
+                framed.resize(payload.len().next_multiple_of(4), 0);
+                writer.try_send(framed).is_ok()
+            }
+        }
+    }
+
+    /// Relays ChannelData from a client to its bound peer.
+    pub fn channel_data(&self, client: ClientAddr, datagram: &[u8]) {
+        let Ok(message) = ChannelData::parse(datagram) else {
+            self.metrics.drop_one(DropReason::Malformed);
+            return;
+        };
+        let len = message.data.len();
+        let mut state = self.lock();
+        match state
+            .core
+            .channel_data_from_client(Instant::now(), client, message.channel, len)
+        {
+            Ok((relay_addr, peer)) => {
+                let socket = state.relay_socket(relay_addr);
+                drop(state);
+                if socket.is_some_and(|s| send_from(&s, relay_addr, peer, message.data)) {
+                    self.metrics.packets_to_peer.inc();
+                    self.metrics.bytes_to_peer.inc_by(len as u64);
+                }
+            }
+            Err(reason) => {
+                drop(state);
+                self.metrics.drop_one(reason);
+            }
+        }
+    }
+
+    /// Hands a TURN request or indication to the core; the reply (if any) is left in
+    /// `reply`. Returns the label for `gateway_stun_datagrams_total`.
+    pub fn turn_message(
+        &self,
+        client: ClientAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+        reply: &mut Vec<u8>,
+    ) -> &'static str {
+        reply.clear();
+        let Ok(message) = Message::parse(datagram) else {
+            return "malformed";
+        };
+        let metrics = &self.metrics;
+        let mut state = self.lock();
+        let handled = state.with_local(local, |core, sockets| {
+            core.handle_stun(
+                Instant::now(),
+                unix_now(),
+                client,
+                local,
+                &message,
+                sockets,
+                reply,
+            )
+        });
+        let label = match handled {
+            TurnHandled::Request { method, outcome } => {
+                metrics
+                    .requests
+                    .with_label_values(&[method.as_str(), outcome.as_str()])
+                    .inc();
+                "turn_request"
+            }
+            TurnHandled::Relay {
+                relay: relay_addr,
+                peer,
+                data,
+            } => {
+                if state
+                    .relay_socket(relay_addr)
+                    .is_some_and(|s| send_from(&s, relay_addr, peer, data))
+                {
+                    metrics.packets_to_peer.inc();
+                    metrics.bytes_to_peer.inc_by(data.len() as u64);
+                }
+                "turn_indication"
+            }
+            TurnHandled::Dropped(reason) => {
+                metrics.drop_one(reason);
+                "turn_indication"
+            }
+            TurnHandled::NotTurn => "unhandled",
+        };
+        metrics
+            .allocations
+            .set(state.core.allocation_count() as i64);
+        metrics
+            .allocations_created
+            .inc_by(state.core.take_created());
+        label
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl RelaySocketTable {
@@ -421,9 +550,7 @@ fn forward_to_client(
     let sent = match to.channel {
         Some(channel) => {
             buffer[..CHANNEL_DATA_HEADER].copy_from_slice(&channel_data_header(channel, len));
-            shared
-                .client_socket
-                .try_send(to.client, to.local, &buffer[..CHANNEL_DATA_HEADER + len])
+            shared.send_to_client(to.client, to.local, &buffer[..CHANNEL_DATA_HEADER + len])
         }
         None => {
             let tid_seed = shared
@@ -433,9 +560,7 @@ fn forward_to_client(
             tid[..8].copy_from_slice(&tid_seed.to_be_bytes());
             let data = &buffer[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
             crate::proto::turn::data_indication(tid, peer, data, indication);
-            shared
-                .client_socket
-                .try_send(to.client, to.local, indication)
+            shared.send_to_client(to.client, to.local, indication)
         }
     };
     if sent {
@@ -444,17 +569,141 @@ fn forward_to_client(
     }
 }
 
-/// Sends `data` from the relay socket `relay` to `peer` without waiting.
-pub fn send_to_peer(state: &RelayState, relay: SocketAddr, peer: SocketAddr, data: &[u8]) -> bool {
-    let Some(open) = state.sockets.open.get(&relay) else {
-        return false;
-    };
+/// Sends `data` from the relay socket at `relay` to `peer` without waiting.
+fn send_from(socket: &UdpSocket, relay: SocketAddr, peer: SocketAddr, data: &[u8]) -> bool {
     let peer = if relay.is_ipv6() {
         to_v6_mapped(peer)
     } else {
         peer
     };
-    open.socket.try_send_to(data, peer).is_ok()
+    socket.try_send_to(data, peer).is_ok()
+}
+
+/// Most TCP clients served at once; more wait in the kernel's backlog.
+const MAX_TCP_CLIENTS: usize = 4096;
+/// A TCP client must allocate within this long, and an idle connection (no frame
+/// at all) is closed after [`TCP_IDLE`].
+const TCP_FIRST_FRAME: std::time::Duration = std::time::Duration::from_secs(30);
+const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// TURN over TCP (RFC 8656 §3.1): the client speaks STUN and ChannelData framed on a
+/// stream; the relayed side is UDP as always. The allocation lives as long as the
+/// connection. Serves until the task is dropped.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShared>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
+    loop {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::debug!(error = %e, "TURN TCP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+            let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
+            let _ = stream.set_nodelay(true);
+            serve_tcp_client(stream, addr, local, &shared).await;
+            let client = ClientAddr {
+                addr,
+                transport: Transport::Tcp,
+            };
+            shared
+                .tcp_clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&addr);
+            let mut state = shared.lock();
+            let RelayState { core, sockets } = &mut *state;
+            core.remove_client(client, sockets);
+            shared
+                .metrics
+                .allocations
+                .set(core.allocation_count() as i64);
+        });
+    }
+}
+
+/// Length of the frame starting with `head`: a STUN message (20-byte header plus
+/// its length) or ChannelData (4 bytes plus its length, padded to four on streams).
+fn tcp_frame_len(head: [u8; 4]) -> Option<usize> {
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    match head[0] >> 6 {
+        0 => Some(20 + len),
+        1 => Some(CHANNEL_DATA_HEADER + len.next_multiple_of(4)),
+        _ => None,
+    }
+}
+
+async fn serve_tcp_client(
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+    shared: &RelayShared,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
+    shared
+        .tcp_clients
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(addr, tx.clone());
+    let writer_task = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if writer.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let client = ClientAddr {
+        addr,
+        transport: Transport::Tcp,
+    };
+    let mut frame = vec![0u8; 65_536 + 20];
+    let mut reply = Vec::with_capacity(512);
+    let mut first = true;
+    loop {
+        let wait = if first { TCP_FIRST_FRAME } else { TCP_IDLE };
+        let mut head = [0u8; 4];
+        match tokio::time::timeout(wait, reader.read_exact(&mut head)).await {
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+        let Some(len) = tcp_frame_len(head) else {
+            tracing::debug!(%addr, "TURN TCP: not STUN or ChannelData; closing");
+            break;
+        };
+        frame[..4].copy_from_slice(&head);
+        match tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut frame[4..len])).await {
+            Ok(Ok(_)) => {}
+            _ => break,
+        }
+        first = false;
+        let bytes = &frame[..len];
+        if head[0] >> 6 == 1 {
+            shared.channel_data(client, bytes);
+            continue;
+        }
+        let is_turn = Message::parse(bytes)
+            .is_ok_and(|m| TurnServer::is_turn_method(m.message_type().method));
+        if is_turn {
+            shared.turn_message(client, local, bytes, &mut reply);
+        } else {
+            // STUN Binding works over TCP too; anything else is not served here.
+            BindingService.handle(addr, bytes, &mut reply);
+        }
+        if !reply.is_empty() && tx.send(reply.clone()).await.is_err() {
+            break;
+        }
+    }
+    writer_task.abort();
 }
 
 /// Why the relay could not start.
@@ -562,6 +811,18 @@ pub fn host_addresses() -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_frames_are_stun_or_padded_channel_data() {
+        // STUN: 20-byte header plus the length field.
+        assert_eq!(tcp_frame_len([0x00, 0x03, 0x00, 0x08]), Some(28));
+        // ChannelData: 4 bytes plus the data, padded to four on a stream.
+        assert_eq!(tcp_frame_len([0x40, 0x00, 0x00, 0x05]), Some(12));
+        assert_eq!(tcp_frame_len([0x7F, 0xFF, 0x00, 0x08]), Some(12));
+        // Neither (first bits 10 or 11): the connection is closed.
+        assert_eq!(tcp_frame_len([0x80, 0x00, 0x00, 0x00]), None);
+        assert_eq!(tcp_frame_len([0xC0, 0x00, 0x00, 0x00]), None);
+    }
 
     #[test]
     fn host_addresses_include_loopback() {

@@ -18,9 +18,9 @@ use crate::{
         binding::BindingService,
         rendezvous::{Handled, RendezvousServer, Transmit},
         stun::{Message, MessageType},
-        turn::{self, ChannelData, server::Handled as TurnHandled, server::TurnServer},
+        turn::{self, server::TurnServer},
     },
-    relay::{ClientSocket, RelayShared, send_to_peer, to_v6_mapped},
+    relay::{ClientSocket, RelayShared, to_v6_mapped},
 };
 
 /// Largest datagram read; anything longer is truncated by the kernel and then fails
@@ -165,7 +165,7 @@ pub async fn run(
                 let local = meta.dst_ip.map(|ip| ip.to_canonical());
                 if let Some(relay) = &relay {
                     if turn::is_channel_data(datagram) {
-                        channel_data(relay, from, datagram);
+                        relay.channel_data(from.into(), datagram);
                         metrics
                             .stun_datagrams
                             .with_label_values(&["channel_data"])
@@ -173,7 +173,7 @@ pub async fn run(
                         continue;
                     }
                     if is_turn_message(datagram) {
-                        let label = turn_message(relay, from, local, datagram, &mut reply);
+                        let label = relay.turn_message(from.into(), local, datagram, &mut reply);
                         if !reply.is_empty() {
                             transmits.push(Transmit {
                                 to: from,
@@ -247,94 +247,6 @@ pub async fn run(
             }
         }
     }
-}
-
-/// Relays ChannelData from a client to its bound peer.
-fn channel_data(relay: &RelayShared, from: SocketAddr, datagram: &[u8]) {
-    let Ok(message) = ChannelData::parse(datagram) else {
-        relay
-            .metrics()
-            .drop_one(turn::server::DropReason::Malformed);
-        return;
-    };
-    let len = message.data.len();
-    let mut state = relay.lock();
-    match state
-        .core
-        .channel_data_from_client(Instant::now(), from, message.channel, len)
-    {
-        Ok((relay_addr, peer)) => {
-            if send_to_peer(&state, relay_addr, peer, message.data) {
-                drop(state);
-                relay.metrics().packets_to_peer.inc();
-                relay.metrics().bytes_to_peer.inc_by(len as u64);
-            }
-        }
-        Err(reason) => {
-            drop(state);
-            relay.metrics().drop_one(reason);
-        }
-    }
-}
-
-/// Hands a TURN request or indication to the relay core; the reply (if any) is left
-/// in `reply`. Returns the datagram's label for `gateway_stun_datagrams_total`.
-fn turn_message(
-    relay: &RelayShared,
-    from: SocketAddr,
-    local: Option<IpAddr>,
-    datagram: &[u8],
-    reply: &mut Vec<u8>,
-) -> &'static str {
-    reply.clear();
-    let Ok(message) = Message::parse(datagram) else {
-        return "malformed";
-    };
-    let metrics = relay.metrics();
-    let mut state = relay.lock();
-    let handled = state.with_local(local, |core, sockets| {
-        core.handle_stun(
-            Instant::now(),
-            unix_now(),
-            from,
-            local,
-            &message,
-            sockets,
-            reply,
-        )
-    });
-    let label = match handled {
-        TurnHandled::Request { method, outcome } => {
-            metrics
-                .requests
-                .with_label_values(&[method.as_str(), outcome.as_str()])
-                .inc();
-            "turn_request"
-        }
-        TurnHandled::Relay {
-            relay: relay_addr,
-            peer,
-            data,
-        } => {
-            if send_to_peer(&state, relay_addr, peer, data) {
-                metrics.packets_to_peer.inc();
-                metrics.bytes_to_peer.inc_by(data.len() as u64);
-            }
-            "turn_indication"
-        }
-        TurnHandled::Dropped(reason) => {
-            metrics.drop_one(reason);
-            "turn_indication"
-        }
-        TurnHandled::NotTurn => "unhandled",
-    };
-    metrics
-        .allocations
-        .set(state.core.allocation_count() as i64);
-    metrics
-        .allocations_created
-        .inc_by(state.core.take_created());
-    label
 }
 
 /// IPv4-mapped IPv6 sources (from a dual-stack socket) as plain IPv4.

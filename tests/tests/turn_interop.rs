@@ -312,3 +312,27 @@ fn aioice_agents_connect_through_the_relay_and_exchange_data() {
         metric_value(&metrics, "gateway_turn_allocations_total", "").expect("allocations");
     assert_eq!(created, 2.0, "one allocation per aioice agent");
 }
+
+#[test]
+fn coturn_uclient_relays_over_tcp_and_allocations_end_with_the_connection() {
+    if !lab_available() {
+        return;
+    }
+    let relay = relay_lab(&["--allow-peer", "192.0.2.0/24"]);
+    let host = client_host(&relay.lab);
+    // TURN over TCP between client and gateway (-t), UDP on the relayed side.
+    let channels = uclient(&host, &["-t", "-y"], 2, 200, 120);
+    assert_all_delivered(&channels, 400);
+    let indications = uclient(&host, &["-t", "-y", "-s"], 2, 50, 1200);
+    assert_all_delivered(&indications, 100);
+    let metrics = relay.gateway.scrape().expect("metrics");
+    let created = metric_value(&metrics, "gateway_turn_allocations_total", "").expect("created");
+    assert!(created >= 4.0, "allocations created over TCP: {created}");
+    // uclient has closed its connections: RFC 8656 ends a TCP allocation with its
+    // connection.
+    assert_eq!(
+        metric_value(&metrics, "gateway_turn_allocations", ""),
+        Some(0.0),
+        "{metrics}"
+    );
+}

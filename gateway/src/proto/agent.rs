@@ -1595,7 +1595,7 @@ mod tests {
                             self.in_flight.push((
                                 self.now + LATENCY,
                                 self.server_addr,
-                                target.client,
+                                target.client.addr,
                                 out,
                             ));
                         }

@@ -99,6 +99,35 @@ pub trait RelaySockets {
     fn close(&mut self, relay: SocketAddr);
 }
 
+/// The transport between a client and the gateway (the relayed side is always UDP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP on the service port.
+    Udp,
+    /// A TCP connection to the service port (RFC 8656 §3.1: STUN and ChannelData
+    /// framed on the stream).
+    Tcp,
+}
+
+/// The client's end of an allocation's 5-tuple (the gateway's end is implied by the
+/// listening socket): its address and the transport it uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientAddr {
+    /// The client's address as the gateway sees it.
+    pub addr: SocketAddr,
+    /// UDP or TCP.
+    pub transport: Transport,
+}
+
+impl From<SocketAddr> for ClientAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            transport: Transport::Udp,
+        }
+    }
+}
+
 /// The TURN request methods, for metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestMethod {
@@ -281,7 +310,7 @@ pub enum Handled<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ToClient {
     /// The client's address.
-    pub client: SocketAddr,
+    pub client: ClientAddr,
     /// The gateway address the client talks to (reply source), when known.
     pub local: Option<IpAddr>,
     /// The channel bound to the peer, if any: ChannelData; otherwise a Data indication.
@@ -309,7 +338,7 @@ struct TokenBucket {
 
 #[derive(Debug)]
 struct Allocation {
-    client: SocketAddr,
+    client: ClientAddr,
     local: Option<IpAddr>,
     relay: SocketAddr,
     username: Box<str>,
@@ -353,7 +382,7 @@ pub struct TurnServer {
     policy: PeerPolicy,
     slots: Vec<Option<Allocation>>,
     free: Vec<usize>,
-    by_client: HashMap<SocketAddr, usize>,
+    by_client: HashMap<ClientAddr, usize>,
     by_relay: HashMap<SocketAddr, usize>,
     per_user: HashMap<Box<str>, usize>,
     challenge_window: Option<Instant>,
@@ -393,6 +422,14 @@ impl TurnServer {
             next_sweep: None,
             created: 0,
             tid_counter: u64::from_be_bytes(nonce_key[..8].try_into().unwrap_or([0; 8])),
+        }
+    }
+
+    /// Deletes the allocation of `client`, if any (a TCP client's connection closed:
+    /// RFC 8656 §3.1 ends the allocation with it).
+    pub fn remove_client(&mut self, client: ClientAddr, sockets: &mut dyn RelaySockets) {
+        if let Some(index) = self.by_client.get(&client).copied() {
+            self.remove(index, sockets);
         }
     }
 
@@ -470,12 +507,13 @@ impl TurnServer {
         &mut self,
         now: Instant,
         now_unix: u64,
-        client: SocketAddr,
+        client: impl Into<ClientAddr>,
         local: Option<IpAddr>,
         message: &Message<'a>,
         sockets: &mut dyn RelaySockets,
         out: &mut Vec<u8>,
     ) -> Handled<'a> {
+        let client = client.into();
         out.clear();
         let ty = message.message_type();
         match ty.class {
@@ -516,7 +554,7 @@ impl TurnServer {
         &mut self,
         now: Instant,
         now_unix: u64,
-        client: SocketAddr,
+        client: ClientAddr,
         local: Option<IpAddr>,
         request_method: RequestMethod,
         message: &Message<'_>,
@@ -581,7 +619,7 @@ impl TurnServer {
         &mut self,
         now: Instant,
         now_unix: u64,
-        client: SocketAddr,
+        client: ClientAddr,
         request_method: RequestMethod,
         message: &Message<'_>,
         out: &mut Vec<u8>,
@@ -625,7 +663,7 @@ impl TurnServer {
             }
             return Err(RequestOutcome::Throttled);
         };
-        match self.nonces.check(nonce, client, now_unix) {
+        match self.nonces.check(nonce, client.addr, now_unix) {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
                 return Err(self.challenge(
@@ -698,7 +736,7 @@ impl TurnServer {
         &mut self,
         now: Instant,
         now_unix: u64,
-        client: SocketAddr,
+        client: ClientAddr,
         method_number: u16,
         tid: [u8; 12],
         code: u16,
@@ -708,7 +746,7 @@ impl TurnServer {
         if !self.take_challenge_budget(now) {
             return RequestOutcome::Throttled;
         }
-        let nonce = self.nonces.issue(client, now_unix);
+        let nonce = self.nonces.issue(client.addr, now_unix);
         let (reason, outcome) = if code == 438 {
             ("Stale Nonce", RequestOutcome::StaleNonce)
         } else {
@@ -736,7 +774,7 @@ impl TurnServer {
     fn allocate(
         &mut self,
         now: Instant,
-        client: SocketAddr,
+        client: ClientAddr,
         local: Option<IpAddr>,
         existing: Option<usize>,
         auth: Authenticated,
@@ -759,7 +797,7 @@ impl TurnServer {
                         turn_attr::LIFETIME,
                         &(remaining.as_secs() as u32).to_be_bytes(),
                     );
-                    w.xor_mapped_address(client);
+                    w.xor_mapped_address(client.addr);
                 });
                 return RequestOutcome::Ok;
             }
@@ -863,7 +901,7 @@ impl TurnServer {
                 turn_attr::LIFETIME,
                 &(lifetime.as_secs() as u32).to_be_bytes(),
             );
-            w.xor_mapped_address(client);
+            w.xor_mapped_address(client.addr);
         });
         RequestOutcome::Ok
     }
@@ -1095,7 +1133,7 @@ impl TurnServer {
     fn send_indication<'a>(
         &mut self,
         now: Instant,
-        client: SocketAddr,
+        client: ClientAddr,
         message: &Message<'a>,
     ) -> Handled<'a> {
         let Some(index) = self.by_client.get(&client).copied() else {
@@ -1154,10 +1192,11 @@ impl TurnServer {
     pub fn channel_data_from_client(
         &mut self,
         now: Instant,
-        client: SocketAddr,
+        client: impl Into<ClientAddr>,
         channel: u16,
         len: usize,
     ) -> Result<(SocketAddr, SocketAddr), DropReason> {
+        let client = client.into();
         let index = *self
             .by_client
             .get(&client)

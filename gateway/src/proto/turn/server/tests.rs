@@ -563,7 +563,7 @@ fn send_indications_and_peer_data_need_a_live_permission() {
     assert_eq!(
         h.server.data_from_peer(h.now, relay, other_port, 5),
         Ok(ToClient {
-            client: addr(CLIENT),
+            client: addr(CLIENT).into(),
             local: None,
             channel: None
         })
@@ -782,6 +782,74 @@ fn allocations_expire_and_their_sockets_close() {
         h.server.data_from_peer(h.now, relay, addr(PEER), 1),
         Err(DropReason::NoAllocation)
     );
+}
+
+#[test]
+fn tcp_and_udp_clients_are_different_five_tuples_and_tcp_allocations_end_with_the_connection() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (udp_relay, _) = h.allocate(addr(CLIENT), &alice);
+    // The same address over TCP is another 5-tuple: its own allocation.
+    let tcp = ClientAddr {
+        addr: addr(CLIENT),
+        transport: Transport::Tcp,
+    };
+    let tid = h.next_tid();
+    let hello = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let message = Message::parse(&hello).expect("parses");
+    let handled = h.server.handle_stun(
+        h.now,
+        NOW_UNIX,
+        tcp,
+        None,
+        &message,
+        &mut h.sockets,
+        &mut h.out,
+    );
+    assert!(matches!(
+        handled,
+        Handled::Request {
+            outcome: RequestOutcome::Unauthorized,
+            ..
+        }
+    ));
+    let nonce = Message::parse(&h.out)
+        .expect("401")
+        .attributes()
+        .flatten()
+        .find(|a| a.ty == stun_attr::NONCE)
+        .map(|a| String::from_utf8_lossy(a.value).into_owned())
+        .expect("nonce");
+    let tid = h.next_tid();
+    let signed = request(
+        method::ALLOCATE,
+        Class::Request,
+        tid,
+        transport_udp,
+        Some((&alice, &nonce)),
+    );
+    let message = Message::parse(&signed).expect("parses");
+    let handled = h.server.handle_stun(
+        h.now,
+        NOW_UNIX,
+        tcp,
+        None,
+        &message,
+        &mut h.sockets,
+        &mut h.out,
+    );
+    assert!(matches!(
+        handled,
+        Handled::Request {
+            outcome: RequestOutcome::Ok,
+            ..
+        }
+    ));
+    assert_eq!(h.server.allocation_count(), 2);
+    // The connection closes: only the TCP allocation goes, its socket closed.
+    h.server.remove_client(tcp, &mut h.sockets);
+    assert_eq!(h.server.allocation_count(), 1);
+    assert_eq!(h.sockets.open, vec![udp_relay]);
 }
 
 #[test]
