@@ -533,6 +533,51 @@ mod tests {
         );
     }
 
+    /// RFC 5769 §2.3: the IPv6 Binding success response, byte for byte.
+    const RFC5769_RESPONSE_V6: [u8; 92] = [
+        0x01, 0x01, 0x00, 0x48, 0x21, 0x12, 0xa4, 0x42, 0xb7, 0xe7, 0xa7, 0x01, 0xbc, 0x34, 0xd6,
+        0x86, 0xfa, 0x87, 0xdf, 0xae, 0x80, 0x22, 0x00, 0x0b, 0x74, 0x65, 0x73, 0x74, 0x20, 0x76,
+        0x65, 0x63, 0x74, 0x6f, 0x72, 0x20, 0x00, 0x20, 0x00, 0x14, 0x00, 0x02, 0xa1, 0x47, 0x01,
+        0x13, 0xa9, 0xfa, 0xa5, 0xd3, 0xf1, 0x79, 0xbc, 0x25, 0xf4, 0xb5, 0xbe, 0xd2, 0xb9, 0xd9,
+        0x00, 0x08, 0x00, 0x14, 0xa3, 0x82, 0x95, 0x4e, 0x4b, 0xe6, 0x7b, 0xf1, 0x17, 0x84, 0xc9,
+        0x7c, 0x82, 0x92, 0xc2, 0x75, 0xbf, 0xe3, 0xed, 0x41, 0x80, 0x28, 0x00, 0x04, 0xc8, 0xfb,
+        0x0b, 0x4c,
+    ];
+
+    #[test]
+    fn rfc5769_ipv6_response_decodes_and_verifies() {
+        let message = Message::parse(&RFC5769_RESPONSE_V6).expect("valid vector (FINGERPRINT)");
+        let tid = message.transaction_id();
+        let xor = message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == attr::XOR_MAPPED_ADDRESS)
+            .expect("has XOR-MAPPED-ADDRESS");
+        assert_eq!(
+            decode_xor_address(xor.value, tid),
+            Some(
+                "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+                    .parse()
+                    .expect("addr")
+            )
+        );
+        assert_eq!(message.verify_integrity(b"VOkJxbRl1RmTxUk/WvJxBt"), Ok(()));
+        // Our encoder produces the same XOR-MAPPED-ADDRESS bytes.
+        let encoded = encode_xor_address(
+            "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+                .parse()
+                .expect("addr"),
+            tid,
+        );
+        assert_eq!(&encoded[..], xor.value);
+    }
+
+    #[test]
+    fn rfc5769_ipv4_response_integrity_verifies() {
+        let message = Message::parse(&RFC5769_RESPONSE_V4).expect("valid vector");
+        assert_eq!(message.verify_integrity(b"VOkJxbRl1RmTxUk/WvJxBt"), Ok(()));
+    }
+
     /// RFC 5769 §2.1: a request with short-term credentials (padding is spaces).
     const RFC5769_REQUEST: [u8; 108] = [
         0x00, 0x01, 0x00, 0x58, 0x21, 0x12, 0xa4, 0x42, 0xb7, 0xe7, 0xa7, 0x01, 0xbc, 0x34, 0xd6,
