@@ -32,9 +32,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use gateway_ebpf::{
-    BounceReason, Direction, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FLOW_PUNCHED,
-    FLOW_TABLE_CAPACITY, FlowKey, FlowState, MAX_IGNORED_REMOTES, MAX_WATCHED_PORTS, PunchStats,
-    STUN_MAGIC_COOKIE, UdpCounters, punch_time_slot, settings, watch,
+    BounceReason, Direction, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FLOW_PUNCHED, FLOW_TABLE_CAPACITY,
+    FlowKey, FlowState, MAX_IGNORED_REMOTES, MAX_WATCHED_PORTS, PunchStats, STUN_MAGIC_COOKIE,
+    UdpCounters, punch_time_slot, settings, watch,
 };
 
 #[map(name = "UDP_COUNTERS")]
@@ -47,8 +47,7 @@ static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WATCHED_P
 static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "IGNORED_REMOTES")]
-static IGNORED_REMOTES: HashMap<Endpoint, u8> =
-    HashMap::with_max_entries(MAX_IGNORED_REMOTES, 0);
+static IGNORED_REMOTES: HashMap<Endpoint, u8> = HashMap::with_max_entries(MAX_IGNORED_REMOTES, 0);
 
 #[map(name = "PUNCH_FLOWS")]
 static PUNCH_FLOWS: LruHashMap<FlowKey, FlowState> =
@@ -333,8 +332,7 @@ fn udp<F: Family>(ctx: &TcContext, direction: Direction) {
 #[inline(always)]
 fn tcp<F: Family>(ctx: &TcContext, direction: Direction) {
     let l4 = ETH_HDR_LEN + F::HDR_LEN;
-    let (Some((sport, dport)), Some(tcp_flags)) = (ports(ctx, l4), read::<u8>(ctx, l4 + 13))
-    else {
+    let (Some((sport, dport)), Some(tcp_flags)) = (ports(ctx, l4), read::<u8>(ctx, l4 + 13)) else {
         return;
     };
     let local_port = match direction {
@@ -466,7 +464,10 @@ fn punched(elapsed_ns: u64) {
     if let Some(stats) = PUNCH_STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, as in `bounce`.
         unsafe {
-            if let Some(slot) = (*stats).punch_time_buckets.get_mut(punch_time_slot(elapsed_ns)) {
+            if let Some(slot) = (*stats)
+                .punch_time_buckets
+                .get_mut(punch_time_slot(elapsed_ns))
+            {
                 *slot += 1;
             }
             (*stats).punch_time_sum_ns += elapsed_ns;

@@ -247,7 +247,9 @@ impl std::fmt::Debug for EbpfProbe {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl EbpfProbe {
@@ -753,10 +755,7 @@ impl FlowTable {
             .filter(|(_, state)| now.saturating_sub(state.last_seen_ns) > idle_ns)
             .map(|(key, _)| key)
             .collect();
-        stale
-            .iter()
-            .filter(|key| flows.remove(key).is_ok())
-            .count()
+        stale.iter().filter(|key| flows.remove(key).is_ok()).count()
     }
 }
 
@@ -968,6 +967,10 @@ mod tests {
         assert_eq!(buckets[0].cumulative_count(), 2);
         assert_eq!(buckets[2].cumulative_count(), 2);
         assert_eq!(buckets[3].cumulative_count(), 3);
-        assert_eq!(buckets[12].cumulative_count(), 3, "the 11 s one is only in +Inf");
+        assert_eq!(
+            buckets[12].cumulative_count(),
+            3,
+            "the 11 s one is only in +Inf"
+        );
     }
 }

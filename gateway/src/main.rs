@@ -64,12 +64,14 @@ enum Command {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "On a NAT router, attach to the WAN interface with --stun-cookie: \
+#[command(
+    after_help = "On a NAT router, attach to the WAN interface with --stun-cookie: \
     the programs run after SNAT on egress and before conntrack on ingress, so flows are \
     keyed by the router's external address and mapped port, and a peer's probe that \
     reaches the WAN before the inside host's first packet counts as a bounce \
     (before_egress). Add --ignore-remote for the rendezvous server's endpoints so \
-    registrations are not counted as punches. See docs/operations.md.")]
+    registrations are not counted as punches. See docs/operations.md."
+)]
 struct WatchArgs {
     /// Interface to attach to (repeatable).
     #[arg(long = "interface", value_name = "IFACE", required = true)]
