@@ -7,8 +7,13 @@
 
 /// Name of the per-CPU array that holds [`UdpCounters`], one slot per [`Direction`].
 pub const UDP_COUNTERS_MAP: &str = "UDP_COUNTERS";
-/// Name of the hash map from a local port (host byte order) to its [`watch`] flags.
+/// Name of the array holding every local port's [`watch`] flags: entry `port / 64`,
+/// byte `port % 64` (an array lookup costs no hashing on the hot path).
 pub const WATCHED_PORTS_MAP: &str = "WATCHED_PORTS";
+/// Ports per [`WATCHED_PORTS_MAP`] entry.
+pub const PORTS_PER_ENTRY: usize = 64;
+/// Entries of [`WATCHED_PORTS_MAP`]: all 65,536 ports.
+pub const WATCHED_PORTS_ENTRIES: u32 = 65_536 / PORTS_PER_ENTRY as u32;
 /// Name of the one-slot array holding the [`settings`] flags.
 pub const SETTINGS_MAP: &str = "SETTINGS";
 /// Name of the hash map of remote [`Endpoint`]s that are never punch flows (the
@@ -25,8 +30,6 @@ pub const EGRESS_PROGRAM: &str = "observe_egress";
 /// Name of a classifier that only returns `TC_ACT_OK`: the baseline the overhead
 /// benchmark runs beside the real programs. Never attached by the gateway.
 pub const PASS_THROUGH_PROGRAM: &str = "pass_through";
-/// Capacity of [`WATCHED_PORTS_MAP`]: how many ports one loader can watch.
-pub const MAX_WATCHED_PORTS: u32 = 64;
 /// Capacity of [`IGNORED_REMOTES_MAP`].
 pub const MAX_IGNORED_REMOTES: u32 = 16;
 /// Capacity of [`PUNCH_FLOWS_MAP`]; the least recently used flow is evicted beyond it.
@@ -143,7 +146,9 @@ pub struct FlowState {
     pub first_egress_ns: u64,
     /// Ingress packets seen after the flow existed (bounces excluded).
     pub ingress_packets: u64,
-    /// When any packet (or bounce) of the flow was last seen.
+    /// When any packet (or bounce) of the flow was last seen, from the coarse clock
+    /// (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE: a tick's resolution, cheap
+    /// enough for every packet). Only idle expiry reads it.
     pub last_seen_ns: u64,
     /// ICMP errors and TCP resets counted as bounces for this flow.
     pub bounced_packets: u64,

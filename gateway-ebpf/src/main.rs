@@ -26,22 +26,23 @@ use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_OK},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use gateway_ebpf::{
     BounceReason, Direction, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FLOW_PUNCHED, FLOW_TABLE_CAPACITY,
-    FlowKey, FlowState, MAX_IGNORED_REMOTES, MAX_WATCHED_PORTS, PunchStats, STUN_MAGIC_COOKIE,
-    UdpCounters, punch_time_slot, settings, watch,
+    FlowKey, FlowState, MAX_IGNORED_REMOTES, PORTS_PER_ENTRY, PunchStats, STUN_MAGIC_COOKIE,
+    UdpCounters, WATCHED_PORTS_ENTRIES, punch_time_slot, settings, watch,
 };
 
 #[map(name = "UDP_COUNTERS")]
 static UDP_COUNTERS: PerCpuArray<UdpCounters> = PerCpuArray::with_max_entries(Direction::COUNT, 0);
 
 #[map(name = "WATCHED_PORTS")]
-static WATCHED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_WATCHED_PORTS, 0);
+static WATCHED_PORTS: Array<[u8; PORTS_PER_ENTRY]> =
+    Array::with_max_entries(WATCHED_PORTS_ENTRIES, 0);
 
 #[map(name = "SETTINGS")]
 static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
@@ -233,8 +234,13 @@ fn settings() -> u32 {
 
 #[inline(always)]
 fn watched(port: u16) -> u8 {
-    // SAFETY: the value is copied out at once; entries are plain bytes.
-    unsafe { WATCHED_PORTS.get(&port) }.copied().unwrap_or(0)
+    let Some(entry) = WATCHED_PORTS.get(u32::from(port) / PORTS_PER_ENTRY as u32) else {
+        return 0;
+    };
+    entry
+        .get(usize::from(port) % PORTS_PER_ENTRY)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// The address at `offset` as key words (IPv4: one word, the rest zero).
@@ -323,10 +329,7 @@ fn udp<F: Family>(ctx: &TcContext, direction: Direction) {
     let Some(key) = flow_key::<F>(ctx, ETH_HDR_LEN, direction, sport, dport, IPPROTO_UDP) else {
         return;
     };
-    if config & settings::HAS_IGNORED_REMOTES != 0 && ignored(&key.remote) {
-        return;
-    }
-    track(direction, &key, false);
+    track(direction, &key, false, config);
 }
 
 #[inline(always)]
@@ -345,10 +348,7 @@ fn tcp<F: Family>(ctx: &TcContext, direction: Direction) {
     let Some(key) = flow_key::<F>(ctx, ETH_HDR_LEN, direction, sport, dport, IPPROTO_TCP) else {
         return;
     };
-    if settings() & settings::HAS_IGNORED_REMOTES != 0 && ignored(&key.remote) {
-        return;
-    }
-    track(direction, &key, tcp_flags & TCP_RST != 0);
+    track(direction, &key, tcp_flags & TCP_RST != 0, settings());
 }
 
 #[inline(always)]
@@ -357,10 +357,18 @@ fn ignored(remote: &Endpoint) -> bool {
     unsafe { IGNORED_REMOTES.get(remote) }.is_some()
 }
 
+/// The precise clock, for the punch-time measurement.
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: a helper without arguments or preconditions.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The coarse clock (same base, a tick's resolution, cheaper), for idle expiry.
+#[inline(always)]
+fn coarse_now_ns() -> u64 {
+    // SAFETY: a helper without arguments or preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Atomically adds one to a counter in a map value shared by all CPUs.
@@ -385,26 +393,29 @@ unsafe fn fetch_or(field: *mut u64, bits: u64) -> u64 {
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(field, bits) }
 }
 
-/// Updates the flow table for a punch packet.
+/// Updates the flow table for a punch packet. The ignored remotes are consulted only
+/// when the flow is not in the table (no flow is ever made for them).
 #[inline(always)]
-fn track(direction: Direction, key: &FlowKey, rst: bool) {
-    let now = now_ns();
-    match direction {
-        Direction::Egress => {
-            if let Some(flow) = PUNCH_FLOWS.get_ptr_mut(key) {
-                // SAFETY: a live map value (see `increment`).
-                unsafe {
-                    increment(&raw mut (*flow).egress_packets);
-                    (*flow).last_seen_ns = now;
-                }
-                return;
+fn track(direction: Direction, key: &FlowKey, rst: bool, config: u32) {
+    let flow = PUNCH_FLOWS.get_ptr_mut(key);
+    if flow.is_none() && config & settings::HAS_IGNORED_REMOTES != 0 && ignored(&key.remote) {
+        return;
+    }
+    match (direction, flow) {
+        (Direction::Egress, Some(flow)) => {
+            // SAFETY: a live map value (see `increment`).
+            unsafe {
+                increment(&raw mut (*flow).egress_packets);
+                (*flow).last_seen_ns = coarse_now_ns();
             }
+        }
+        (Direction::Egress, None) => {
             // Field order as declared (see `FlowState`).
             let state = FlowState {
                 flags: 0,
-                first_egress_ns: now,
+                first_egress_ns: now_ns(),
                 ingress_packets: 0,
-                last_seen_ns: now,
+                last_seen_ns: coarse_now_ns(),
                 bounced_packets: 0,
                 egress_packets: 1,
                 punched_ns: 0,
@@ -419,28 +430,31 @@ fn track(direction: Direction, key: &FlowKey, rst: bool) {
                 }
             }
         }
-        Direction::Ingress => {
-            let Some(flow) = PUNCH_FLOWS.get_ptr_mut(key) else {
-                // No egress yet. The flow is not created here, so unsolicited traffic
-                // cannot fill the table.
-                bounce(BounceReason::BeforeEgress);
-                return;
-            };
+        (Direction::Ingress, None) => {
+            // No egress yet. The flow is not created here, so unsolicited traffic
+            // cannot fill the table.
+            bounce(BounceReason::BeforeEgress);
+        }
+        (Direction::Ingress, Some(flow)) => {
             // SAFETY: a live map value (see `increment`).
             unsafe {
-                (*flow).last_seen_ns = now;
+                (*flow).last_seen_ns = coarse_now_ns();
+                let punched =
+                    core::ptr::read_volatile(&raw const (*flow).flags) & FLOW_PUNCHED != 0;
                 if rst {
-                    if core::ptr::read_volatile(&raw const (*flow).flags) & FLOW_PUNCHED == 0 {
+                    if !punched {
                         increment(&raw mut (*flow).bounced_packets);
                         bounce(BounceReason::TcpRst);
                     }
                     return;
                 }
                 increment(&raw mut (*flow).ingress_packets);
-                let before = fetch_or(&raw mut (*flow).flags, FLOW_PUNCHED);
-                if before & FLOW_PUNCHED == 0 {
+                // Only the first ingress packets pay for the atomic flag and the clock;
+                // of racing ones, exactly one sees the flag unset.
+                if !punched && fetch_or(&raw mut (*flow).flags, FLOW_PUNCHED) & FLOW_PUNCHED == 0 {
+                    let now = now_ns();
                     (*flow).punched_ns = now;
-                    punched(now.saturating_sub((*flow).first_egress_ns));
+                    punched_after(now.saturating_sub((*flow).first_egress_ns));
                 }
             }
         }
@@ -460,7 +474,7 @@ fn bounce(reason: BounceReason) {
 }
 
 #[inline(always)]
-fn punched(elapsed_ns: u64) {
+fn punched_after(elapsed_ns: u64) {
     if let Some(stats) = PUNCH_STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, as in `bounce`.
         unsafe {
@@ -482,7 +496,7 @@ fn quoted_bounce(key: &FlowKey, reason: BounceReason) {
         // SAFETY: a live map value (see `increment`).
         unsafe {
             increment(&raw mut (*flow).bounced_packets);
-            (*flow).last_seen_ns = now_ns();
+            (*flow).last_seen_ns = coarse_now_ns();
         }
         bounce(reason);
     }

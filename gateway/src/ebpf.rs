@@ -24,9 +24,9 @@ use aya::{
 use gateway_ebpf::{
     BOUNCE_SLOTS, BounceReason, Direction, EGRESS_PROGRAM, Endpoint, FAMILY_IPV4, FAMILY_IPV6,
     FLOW_PUNCHED, FlowKey, FlowState, IGNORED_REMOTES_MAP, INGRESS_PROGRAM, MAX_IGNORED_REMOTES,
-    MAX_WATCHED_PORTS, PASS_THROUGH_PROGRAM, PUNCH_FLOWS_MAP, PUNCH_STATS_MAP,
-    PUNCH_TIME_BOUNDS_NS, PUNCH_TIME_SLOTS, PunchStats, SETTINGS_MAP, UDP_COUNTERS_MAP,
-    UdpCounters, WATCHED_PORTS_MAP, settings, watch,
+    PASS_THROUGH_PROGRAM, PORTS_PER_ENTRY, PUNCH_FLOWS_MAP, PUNCH_STATS_MAP, PUNCH_TIME_BOUNDS_NS,
+    PUNCH_TIME_SLOTS, PunchStats, SETTINGS_MAP, UDP_COUNTERS_MAP, UdpCounters, WATCHED_PORTS_MAP,
+    settings, watch,
 };
 use prometheus::{
     IntCounter, IntCounterVec, IntGauge, Opts,
@@ -326,13 +326,6 @@ impl EbpfProbe {
             }
         }
         let ports = wanted.port_flags();
-        if ports.len() > MAX_WATCHED_PORTS as usize {
-            return Err(EbpfError::TooMany {
-                what: "ports",
-                max: MAX_WATCHED_PORTS,
-                asked: ports.len(),
-            });
-        }
         if wanted.ignored_remotes.len() > MAX_IGNORED_REMOTES as usize {
             return Err(EbpfError::TooMany {
                 what: "ignored remotes",
@@ -345,10 +338,17 @@ impl EbpfProbe {
                 .ebpf
                 .map_mut(WATCHED_PORTS_MAP)
                 .ok_or(EbpfError::Missing(WATCHED_PORTS_MAP))?;
-            let mut map: HashMap<_, u16, u8> =
-                HashMap::try_from(map).map_err(aya_err("opening the port map"))?;
+            let mut map: Array<_, [u8; PORTS_PER_ENTRY]> =
+                Array::try_from(map).map_err(aya_err("opening the port map"))?;
             for (&port, &flags) in &ports {
-                map.insert(port, flags, 0)
+                let index = u32::from(port) / PORTS_PER_ENTRY as u32;
+                let mut entry = map
+                    .get(&index, 0)
+                    .map_err(aya_err(format!("reading port entry {index}")))?;
+                if let Some(slot) = entry.get_mut(usize::from(port) % PORTS_PER_ENTRY) {
+                    *slot = flags;
+                }
+                map.set(index, entry, 0)
                     .map_err(aya_err(format!("watching port {port}")))?;
             }
         }
@@ -390,16 +390,53 @@ impl EbpfProbe {
 
     /// Attaches both classifiers to `interface`.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<(), EbpfError> {
-        for (name, attach_type) in [
-            (INGRESS_PROGRAM, TcAttachType::Ingress),
-            (EGRESS_PROGRAM, TcAttachType::Egress),
-        ] {
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(EbpfError::Missing("a classifier program"))?
-                .try_into()
-                .map_err(aya_err(format!("program {name}")))?;
+        self.attach_programs(
+            interface,
+            mode,
+            [
+                (INGRESS_PROGRAM, TcAttachType::Ingress),
+                (EGRESS_PROGRAM, TcAttachType::Egress),
+            ],
+        )
+    }
+
+    /// Attaches the pass-through baseline on ingress and egress of `interface`
+    /// instead of the real programs: the throughput benchmark's control, which pays
+    /// for the attachment but runs no code.
+    pub fn attach_baseline(&mut self, interface: &str, mode: AttachMode) -> Result<(), EbpfError> {
+        self.attach_programs(
+            interface,
+            mode,
+            [
+                (PASS_THROUGH_PROGRAM, TcAttachType::Ingress),
+                (PASS_THROUGH_PROGRAM, TcAttachType::Egress),
+            ],
+        )
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, EbpfError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::Missing("a classifier program"))?
+            .try_into()
+            .map_err(aya_err(format!("program {name}")))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(aya_err(format!("loading {name} into the kernel")))?;
+        }
+        Ok(program)
+    }
+
+    fn attach_programs(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        programs: [(&'static str, TcAttachType); 2],
+    ) -> Result<(), EbpfError> {
+        for (name, attach_type) in programs {
+            let program = self.program(name)?;
             let what = format!("attaching {name} to {interface}");
             let tcx = |program: &mut SchedClassifier| {
                 program.attach_with_options(
@@ -495,17 +532,7 @@ impl EbpfProbe {
         repeat: u32,
     ) -> Result<TestRunOutcome, EbpfError> {
         let name = role.program_name();
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(EbpfError::Missing("a classifier program"))?
-            .try_into()
-            .map_err(aya_err(format!("program {name}")))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(aya_err(format!("loading {name} into the kernel")))?;
-        }
+        let program = self.program(name)?;
         let result = program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
