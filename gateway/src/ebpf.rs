@@ -65,13 +65,17 @@ pub enum EbpfError {
     },
     /// The object or a program failed to load or attach; the kernel lacks support
     /// (BPF, BTF, tc/TCX, the verifier refused) or the interface does not exist.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Aya {
         /// What was being done.
         what: String,
-        /// aya's error, whose chain names the kernel's complaint.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// aya's error, naming the kernel's complaint (shown in this error's message,
+        /// so it is not also reported as its source).
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The interface to attach to does not exist (in this network namespace).
+    #[error("no network interface named {0:?}")]
+    NoSuchInterface(String),
     /// A map or program is missing from the object (a build mismatch).
     #[error("eBPF object lacks map or program {0}")]
     Missing(&'static str),
@@ -81,9 +85,9 @@ fn aya_err<E: std::error::Error + Send + Sync + 'static>(
     what: impl Into<String>,
 ) -> impl FnOnce(E) -> EbpfError {
     let what = what.into();
-    move |source| EbpfError::Aya {
+    move |cause| EbpfError::Aya {
         what,
-        source: Box::new(source),
+        cause: Box::new(cause),
     }
 }
 
@@ -435,6 +439,12 @@ impl EbpfProbe {
         mode: AttachMode,
         programs: [(&'static str, TcAttachType); 2],
     ) -> Result<(), EbpfError> {
+        let name = std::ffi::CString::new(interface)
+            .map_err(|_| EbpfError::NoSuchInterface(interface.to_owned()))?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string and nothing else.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(EbpfError::NoSuchInterface(interface.to_owned()));
+        }
         for (name, attach_type) in programs {
             let program = self.program(name)?;
             let what = format!("attaching {name} to {interface}");

@@ -320,9 +320,7 @@ fn watch(args: WatchArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let observer = Observer::start(options)
-            .await
-            .context("gateway watch needs its eBPF programs")?;
+        let observer = Observer::start(options).await?;
         shutdown_signal().await;
         drop(observer);
         tracing::info!("stopped");
@@ -444,7 +442,7 @@ async fn serve_async(config: Config) -> Result<()> {
         let loaded = if interfaces.is_empty() {
             Err(EbpfError::Aya {
                 what: "no interface is up".into(),
-                source: "nothing to attach to".into(),
+                cause: "nothing to attach to".into(),
             })
         } else {
             EbpfProbe::load(&watch, &interfaces, AttachMode::Auto)

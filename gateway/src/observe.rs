@@ -58,7 +58,7 @@ impl Default for ObserveOptions {
 pub enum ObserveError {
     /// eBPF was required and could not be loaded or attached.
     #[error("eBPF is required but unavailable: {0}")]
-    Ebpf(#[source] EbpfError),
+    Ebpf(EbpfError),
     /// The metrics endpoint could not be set up.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
@@ -113,7 +113,7 @@ impl Observer {
             if options.require_ebpf {
                 return Err(ObserveError::Ebpf(EbpfError::Aya {
                     what: "no interface given".into(),
-                    source: "pass --ebpf-interface IFACE".into(),
+                    cause: "pass --ebpf-interface IFACE".into(),
                 }));
             }
             None

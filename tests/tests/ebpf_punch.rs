@@ -866,3 +866,97 @@ fn low_ttl_probes_expire_in_the_core_and_bounce_as_time_exceeded() {
     stop_cleanly(on_host);
     stop_cleanly(on_router);
 }
+
+/// Runs the gateway binary as user `nobody` (uid/gid 65534) through `setpriv`.
+fn as_nobody(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(gateway_tests::daemon::gateway_binary())
+        .args(args)
+        .env("GATEWAY_LOG", "info");
+    command
+}
+
+#[test]
+fn without_root_watch_refuses_clearly_and_the_agent_runs_on_without_ebpf() {
+    if !lab_available() {
+        return;
+    }
+    // `gateway watch` exists for its programs: it stops, saying why.
+    let output = as_nobody(&[
+        "watch",
+        "--interface",
+        "lo",
+        "--udp-port",
+        "4000",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .output()
+    .expect("run setpriv (util-linux)");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("needs root"), "{stderr}");
+
+    // The agent keeps working and says so in its log and its metrics.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("gw-nobody-{}.log", std::process::id()));
+    let mut agent = as_nobody(&[
+        "peer",
+        "--server",
+        "127.0.0.1:9",
+        "--username",
+        "0:nobody",
+        "--password",
+        "x",
+        "--ebpf-interface",
+        "lo",
+        "--metrics-listen",
+        &metrics,
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::fs::File::create(&log).expect("log file"))
+    .spawn()
+    .expect("spawn the agent");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        use std::io::{Read, Write};
+        let attempt = std::net::TcpStream::connect(&metrics).and_then(|mut s| {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")?;
+            let mut response = String::new();
+            s.read_to_string(&mut response)?;
+            Ok(response)
+        });
+        match attempt {
+            Ok(response) => break response,
+            Err(e) if std::time::Instant::now() > deadline => {
+                let _ = agent.kill();
+                panic!(
+                    "agent metrics never answered: {e}; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    let still_running = agent.try_wait().expect("wait").is_none();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(still_running, "the agent exited; log:\n{log_text}");
+    assert_eq!(
+        metric_value(&text, "gateway_ebpf_loaded", ""),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        log_text.contains("eBPF punch observers unavailable") && log_text.contains("needs root"),
+        "{log_text}"
+    );
+}
