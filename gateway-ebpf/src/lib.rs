@@ -146,9 +146,10 @@ pub struct FlowState {
     pub first_egress_ns: u64,
     /// Ingress packets seen after the flow existed (bounces excluded).
     pub ingress_packets: u64,
-    /// When any packet (or bounce) of the flow was last seen, from the coarse clock
+    /// When this side last sent on the flow, from the coarse clock
     /// (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE: a tick's resolution, cheap
-    /// enough for every packet). Only idle expiry reads it.
+    /// enough for every packet). Only idle expiry reads it: like a NAT mapping, which
+    /// outbound traffic refreshes (RFC 4787 REQ-6), a flow lives on its egress.
     pub last_seen_ns: u64,
     /// ICMP errors and TCP resets counted as bounces for this flow.
     pub bounced_packets: u64,

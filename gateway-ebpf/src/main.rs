@@ -438,7 +438,6 @@ fn track(direction: Direction, key: &FlowKey, rst: bool, config: u32) {
         (Direction::Ingress, Some(flow)) => {
             // SAFETY: a live map value (see `increment`).
             unsafe {
-                (*flow).last_seen_ns = coarse_now_ns();
                 let punched =
                     core::ptr::read_volatile(&raw const (*flow).flags) & FLOW_PUNCHED != 0;
                 if rst {
@@ -496,7 +495,6 @@ fn quoted_bounce(key: &FlowKey, reason: BounceReason) {
         // SAFETY: a live map value (see `increment`).
         unsafe {
             increment(&raw mut (*flow).bounced_packets);
-            (*flow).last_seen_ns = coarse_now_ns();
         }
         bounce(reason);
     }

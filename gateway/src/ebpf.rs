@@ -780,8 +780,9 @@ impl FlowTable {
         self.len() == 0
     }
 
-    /// Removes flows silent for longer than `idle` (so a flow that comes back after its
-    /// NAT mapping would have expired is judged afresh); returns how many.
+    /// Removes flows on which this side has sent nothing for longer than `idle` (so a
+    /// flow that comes back after its NAT mapping would have expired is judged afresh:
+    /// a NAT refreshes a mapping on outbound traffic); returns how many.
     pub fn expire(&self, idle: Duration) -> usize {
         let now = monotonic_ns();
         let idle_ns = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);

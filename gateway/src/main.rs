@@ -94,8 +94,8 @@ struct WatchArgs {
     /// server and its discovery endpoints.
     #[arg(long = "ignore-remote", value_name = "ADDR")]
     ignored_remotes: Vec<SocketAddr>,
-    /// Seconds of silence after which a flow leaves the flow table (and is judged
-    /// afresh if it comes back).
+    /// Seconds without an outbound packet after which a flow leaves the flow table
+    /// (and is judged afresh if it comes back), as a NAT mapping would expire.
     #[arg(long, default_value_t = 120)]
     flow_idle_timeout: u64,
     /// How to attach: tcx (kernel >= 6.6), netlink (clsact qdisc + filter), or auto

@@ -32,10 +32,10 @@ pub struct BenchEbpfArgs {
     #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
     /// Interleaved rounds of every case (medians are reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     rounds: usize,
     /// Seconds each throughput round sends for (0 skips the throughput part).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     seconds: u64,
 }
 
@@ -103,6 +103,13 @@ pub fn bench_ebpf(args: BenchEbpfArgs) -> Result<()> {
         bail!("bench-ebpf loads eBPF programs and makes namespaces: run it as root");
     }
     toolchain::build_ebpf()?;
+    // Shared machines are noisy: say how busy this one was.
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        let one_minute = load.split_whitespace().next().unwrap_or("?");
+        let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+        println!("load average {one_minute} on {cpus} CPUs at the start");
+        println!();
+    }
     let object = std::fs::read(toolchain::ebpf_object()).context("reading the eBPF object")?;
     test_run_table(&object, &args)?;
     if args.seconds > 0 {
@@ -194,8 +201,9 @@ fn test_run_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
         }
     }
     let base = median(&mut baseline);
+    let base_min = baseline.first().copied().unwrap_or(0.0);
     println!(
-        "BPF_PROG_TEST_RUN, {} runs per call, median of {} rounds (ns per packet; the kernel reports whole ns)",
+        "BPF_PROG_TEST_RUN, {} runs per call, {} interleaved rounds; ns per packet (the kernel reports whole ns), median and, in brackets, the least disturbed round (minimum)",
         args.repeat, args.rounds
     );
     println!();
@@ -203,14 +211,16 @@ fn test_run_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
     println!("|---|---|---|---|");
     for (i, (name, role, _)) in cases.iter().enumerate() {
         let t = median(&mut results[i]);
+        let t_min = results[i].first().copied().unwrap_or(0.0);
         let which = match role {
             ProgramRole::Ingress => "ingress",
             ProgramRole::Egress => "egress",
             ProgramRole::PassThrough => "pass",
         };
         println!(
-            "| {name} ({which}) | {t:.0} | {base:.0} | {:.0} |",
-            (t - base).max(0.0)
+            "| {name} ({which}) | {t:.0} [{t_min:.0}] | {base:.0} [{base_min:.0}] | {:.0} [{:.0}] |",
+            (t - base).max(0.0),
+            (t_min - base_min).max(0.0)
         );
     }
     println!();
@@ -288,8 +298,30 @@ enum Attached {
     Programs,
 }
 
-/// One throughput round: datagrams sent and received per second.
-fn blast(pair: &VethPair, seconds: u64) -> Result<(f64, f64)> {
+/// CPU time this thread has used, in nanoseconds.
+fn thread_cpu_ns() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the pointer it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
+}
+
+/// What one throughput round measured.
+struct Round {
+    sent_per_s: f64,
+    received_per_s: f64,
+    /// The sending thread's CPU time per datagram: the send system call plus, on a
+    /// veth pair, the softirq work done in its context (tc egress, the peer's tc
+    /// ingress, IP and UDP receive; this kernel has no IRQ time accounting, so that
+    /// work is charged to the thread). Much steadier on a shared machine than rates.
+    cpu_ns_per_datagram: f64,
+}
+
+/// One throughput round.
+fn blast(pair: &VethPair, seconds: u64) -> Result<Round> {
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let receiver = {
@@ -310,6 +342,7 @@ fn blast(pair: &VethPair, seconds: u64) -> Result<(f64, f64)> {
     let to = SocketAddr::from((Ipv4Addr::new(10, 99, 0, 2), 5000));
     let duration = Duration::from_secs(seconds);
     let started = Instant::now();
+    let cpu_started = thread_cpu_ns();
     let mut sent = 0u64;
     while started.elapsed() < duration {
         for _ in 0..256 {
@@ -319,23 +352,25 @@ fn blast(pair: &VethPair, seconds: u64) -> Result<(f64, f64)> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = thread_cpu_ns() - cpu_started;
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     receiver
         .join()
         .map_err(|_| anyhow!("the receiver panicked"))?;
-    Ok((
-        sent as f64 / elapsed,
-        received.load(Ordering::Relaxed) as f64 / elapsed,
-    ))
+    Ok(Round {
+        sent_per_s: sent as f64 / elapsed,
+        received_per_s: received.load(Ordering::Relaxed) as f64 / elapsed,
+        cpu_ns_per_datagram: cpu / sent.max(1) as f64,
+    })
 }
 
 fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
     let pair = VethPair::create()?;
-    let mut rows: Vec<(Attached, Vec<f64>, Vec<f64>)> =
+    let mut rows: Vec<(Attached, Vec<f64>, Vec<f64>, Vec<f64>)> =
         [Attached::Nothing, Attached::PassThrough, Attached::Programs]
             .into_iter()
-            .map(|a| (a, Vec::new(), Vec::new()))
+            .map(|a| (a, Vec::new(), Vec::new(), Vec::new()))
             .collect();
     // Both ends watch their port, so every datagram is a punch packet on the way out
     // (a flow update) and an early one on the way in (a bounce): the costly paths.
@@ -344,7 +379,7 @@ fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
         ..WatchSpec::default()
     };
     for _ in 0..args.rounds {
-        for (attached, sent, received) in &mut rows {
+        for (attached, sent, received, cpu) in &mut rows {
             let mut probe = EbpfProbe::load_object(object, &watch, &[], AttachMode::Auto)?;
             for ns in [&pair.tx, &pair.rx] {
                 let kind = *attached;
@@ -357,9 +392,10 @@ fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
                     Ok(probe)
                 })??;
             }
-            let (s, r) = blast(&pair, args.seconds)?;
-            sent.push(s);
-            received.push(r);
+            let round = blast(&pair, args.seconds)?;
+            sent.push(round.sent_per_s);
+            received.push(round.received_per_s);
+            cpu.push(round.cpu_ns_per_datagram);
             if *attached == Attached::Programs {
                 let totals = probe.read_punch_totals()?;
                 let bounced = totals.bounced(gateway_ebpf::BounceReason::BeforeEgress);
@@ -375,22 +411,28 @@ fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
         args.seconds, args.rounds
     );
     println!();
-    println!("| attached on both ends | sent/s | received/s | sent vs nothing |");
-    println!("|---|---|---|---|");
-    let base = median(&mut rows[0].1.clone());
-    for (attached, sent, received) in &mut rows {
+    println!(
+        "| attached on both ends | sender CPU per datagram, median (min-max) | added vs nothing | sent/s | received/s |"
+    );
+    println!("|---|---|---|---|---|");
+    let base = median(&mut rows[0].3.clone());
+    for (attached, sent, received, cpu) in &mut rows {
         let s = median(sent);
         let r = median(received);
+        let c = median(cpu);
+        let (low, high) = (cpu.first().copied(), cpu.last().copied());
         let name = match attached {
             Attached::Nothing => "nothing",
             Attached::PassThrough => "pass-through baseline (ingress + egress)",
             Attached::Programs => "punch observers (ingress + egress)",
         };
         println!(
-            "| {name} | {:.0} k | {:.0} k | {:.3} |",
+            "| {name} | {c:.0} ns ({:.0}-{:.0}) | {:+.0} ns | {:.0} k | {:.0} k |",
+            low.unwrap_or(0.0),
+            high.unwrap_or(0.0),
+            c - base,
             s / 1000.0,
             r / 1000.0,
-            s / base
         );
     }
     Ok(())
