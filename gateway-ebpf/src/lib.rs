@@ -27,9 +27,15 @@ pub const PUNCH_STATS_MAP: &str = "PUNCH_STATS";
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
 /// Name of the tc classifier attached on egress.
 pub const EGRESS_PROGRAM: &str = "observe_egress";
-/// Name of a classifier that only returns `TC_ACT_OK`: the baseline the overhead
+/// Name of a classifier that only returns [`TC_ACT_UNSPEC`]: the baseline the overhead
 /// benchmark runs beside the real programs. Never attached by the gateway.
 pub const PASS_THROUGH_PROGRAM: &str = "pass_through";
+/// What every program returns: `TC_ACT_UNSPEC`, which is `TCX_NEXT` under TCX (run the
+/// next program on the interface, pass the packet at the end of the chain) and, for a
+/// netlink `cls_bpf` filter in direct-action mode, "continue". An observer must not
+/// return `TC_ACT_OK` (`TCX_PASS`): that ends the chain, and a second observer on the
+/// same interface (another gateway, any later tc program) would never run.
+pub const TC_ACT_UNSPEC: i32 = -1;
 /// Capacity of [`IGNORED_REMOTES_MAP`].
 pub const MAX_IGNORED_REMOTES: u32 = 16;
 /// Capacity of [`PUNCH_FLOWS_MAP`]; the least recently used flow is evicted beyond it.

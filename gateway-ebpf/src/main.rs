@@ -9,8 +9,8 @@
 //! * ICMP/ICMPv6 errors quoting a punch flow, and TCP RSTs on a punch flow that is not
 //!   punched yet: bounced, with the reason.
 //!
-//! Both programs always return `TC_ACT_OK`: they observe and never change the
-//! packet's fate. Parsing is fixed-size, at constant offsets, with a bounds check
+//! Both programs always return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never change
+//! the packet's fate, and let any later tc program on the interface run. Parsing is fixed-size, at constant offsets, with a bounds check
 //! before every read (direct packet access); there are no loops. Only Ethernet-framed
 //! devices (veth, physical NICs, loopback) are understood; IPv4 headers with options,
 //! IPv6 extension headers and VLAN tags are not parsed (such packets are ignored).
@@ -25,7 +25,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -34,7 +34,7 @@ use aya_ebpf::{
 use gateway_ebpf::{
     BounceReason, Direction, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FLOW_PUNCHED, FLOW_TABLE_CAPACITY,
     FlowKey, FlowState, MAX_IGNORED_REMOTES, PORTS_PER_ENTRY, PunchStats, STUN_MAGIC_COOKIE,
-    UdpCounters, WATCHED_PORTS_ENTRIES, punch_time_slot, settings, watch,
+    TC_ACT_UNSPEC, UdpCounters, WATCHED_PORTS_ENTRIES, punch_time_slot, settings, watch,
 };
 
 #[map(name = "UDP_COUNTERS")]
@@ -73,19 +73,19 @@ const PARSE_LEN: u32 = 128;
 #[classifier]
 pub fn observe_ingress(ctx: TcContext) -> i32 {
     observe(&ctx, Direction::Ingress);
-    TC_ACT_OK as i32
+    TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn observe_egress(ctx: TcContext) -> i32 {
     observe(&ctx, Direction::Egress);
-    TC_ACT_OK as i32
+    TC_ACT_UNSPEC
 }
 
 /// The overhead benchmark's baseline: the cheapest possible classifier.
 #[classifier]
 pub fn pass_through(_ctx: TcContext) -> i32 {
-    TC_ACT_OK as i32
+    TC_ACT_UNSPEC
 }
 
 /// `size_of::<T>()` bytes at the constant `offset`, if the linear packet data holds

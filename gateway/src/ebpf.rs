@@ -196,7 +196,7 @@ pub enum ProgramRole {
     Ingress,
     /// The egress classifier.
     Egress,
-    /// The pass-through baseline (returns `TC_ACT_OK`, reads nothing).
+    /// The pass-through baseline (returns `TC_ACT_UNSPEC`, reads nothing).
     PassThrough,
 }
 
@@ -213,7 +213,7 @@ impl ProgramRole {
 /// What `BPF_PROG_TEST_RUN` reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TestRunOutcome {
-    /// The program's return value (`TC_ACT_OK` is 0).
+    /// The program's return value ([`gateway_ebpf::TC_ACT_UNSPEC`] as `u32` for ours).
     pub return_value: u32,
     /// The kernel's mean time per run.
     pub duration: Duration,

@@ -125,7 +125,11 @@ impl Kernel {
 
     fn run(&mut self, role: ProgramRole, ip: &[u8]) {
         let outcome = self.probe.test_run(role, &frame(ip), 1).expect("test run");
-        assert_eq!(outcome.return_value, 0, "programs always return TC_ACT_OK");
+        assert_eq!(
+            outcome.return_value,
+            gateway_ebpf::TC_ACT_UNSPEC as u32,
+            "programs always let the packet go on to the next tc program"
+        );
     }
 
     fn egress(&mut self, ip: &[u8]) {
@@ -466,7 +470,11 @@ struct Seen {
 
 impl Seen {
     fn scrape(host: &Host) -> (Self, String) {
-        let text = http_get(host, METRICS, "/metrics")
+        Self::scrape_at(host, METRICS)
+    }
+
+    fn scrape_at(host: &Host, metrics: SocketAddr) -> (Self, String) {
+        let text = http_get(host, metrics, "/metrics")
             .unwrap_or_else(|e| panic!("metrics of {}: {e}", host.role()));
         let value = |name: &str, labels: &str| -> u64 {
             metric_value(&text, name, labels)
@@ -553,6 +561,15 @@ fn early_probes_bounce_on_a_public_host_then_its_flow_punches_once() {
     let a = lab.site("a").and_then(|s| s.host(0)).expect("host a");
     let b = lab.site("b").and_then(|s| s.host(0)).expect("host b");
     let watcher = watch(a, &["--interface", "eth0", "--udp-port", "4000"]);
+    // A second observer on the same interface sees the same: the programs hand every
+    // packet on to the next tc program instead of ending the chain.
+    let second_metrics = SocketAddr::new(METRICS.ip(), METRICS.port() + 1);
+    let second = GatewayProcess::start_watch(
+        a,
+        second_metrics,
+        &["--interface", "eth0", "--udp-port", "4000"],
+    )
+    .expect("a second gateway watch");
     let (sa, sb) = (
         a.udp_bind(4000).expect("socket"),
         b.udp_bind(5000).expect("socket"),
@@ -573,13 +590,13 @@ fn early_probes_bounce_on_a_public_host_then_its_flow_punches_once() {
     recv(&sa);
     std::thread::sleep(SETTLE);
 
+    let expected = Seen::expect(1, &[("before_egress", 3)], 1);
     let (seen, text) = Seen::scrape(a);
-    assert_eq!(
-        seen,
-        Seen::expect(1, &[("before_egress", 3)], 1),
-        "host a saw:\n{text}"
-    );
+    assert_eq!(seen, expected, "host a saw:\n{text}");
+    let (seen, text) = Seen::scrape_at(a, second_metrics);
+    assert_eq!(seen, expected, "the second observer on host a saw:\n{text}");
     stop_cleanly(watcher);
+    stop_cleanly(second);
 }
 
 #[test]

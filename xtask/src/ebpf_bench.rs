@@ -1,7 +1,7 @@
 //! `cargo xtask bench-ebpf`: what the tc programs cost per packet.
 //!
 //! 1. `BPF_PROG_TEST_RUN`: each program runs the same frame many times in the kernel,
-//!    beside the pass-through baseline (returns `TC_ACT_OK`, reads nothing) in the
+//!    beside the pass-through baseline (returns `TC_ACT_UNSPEC`, reads nothing) in the
 //!    same run; the difference is the cost the programs add per packet.
 //! 2. Throughput: UDP datagrams blasted over a veth pair between two namespaces for a
 //!    fixed time, with nothing attached, with the pass-through baseline attached, and
@@ -191,9 +191,9 @@ fn test_run_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
         baseline.push(run.duration.as_nanos() as f64);
         for (i, (_, role, frame)) in cases.iter().enumerate() {
             let run = probe.test_run(*role, frame, args.repeat)?;
-            if run.return_value != 0 {
+            if run.return_value != gateway_ebpf::TC_ACT_UNSPEC as u32 {
                 bail!(
-                    "a program returned {} instead of TC_ACT_OK",
+                    "a program returned {} instead of TC_ACT_UNSPEC",
                     run.return_value
                 );
             }
