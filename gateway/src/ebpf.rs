@@ -54,7 +54,7 @@ pub enum EbpfError {
     #[error("loading eBPF programs needs root (CAP_BPF and CAP_NET_ADMIN)")]
     NotPermitted,
     /// Too many ports or remotes to watch.
-    #[error("at most {max} {what} can be watched, {asked} asked")]
+    #[error("at most {max} {what} fit the map, {asked} asked")]
     TooMany {
         /// What there are too many of.
         what: &'static str,
