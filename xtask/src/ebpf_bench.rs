@@ -207,8 +207,8 @@ fn test_run_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
         args.repeat, args.rounds
     );
     println!();
-    println!("| case | program | pass-through baseline | added by the program |");
-    println!("|---|---|---|---|");
+    println!("| case | program | pass-through baseline | added by the program | ratio |");
+    println!("|---|---|---|---|---|");
     for (i, (name, role, _)) in cases.iter().enumerate() {
         let t = median(&mut results[i]);
         let t_min = results[i].first().copied().unwrap_or(0.0);
@@ -218,9 +218,10 @@ fn test_run_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
             ProgramRole::PassThrough => "pass",
         };
         println!(
-            "| {name} ({which}) | {t:.0} [{t_min:.0}] | {base:.0} [{base_min:.0}] | {:.0} [{:.0}] |",
+            "| {name} ({which}) | {t:.0} [{t_min:.0}] | {base:.0} [{base_min:.0}] | {:.0} [{:.0}] | {:.2} |",
             (t - base).max(0.0),
-            (t_min - base_min).max(0.0)
+            (t_min - base_min).max(0.0),
+            t / base.max(1.0)
         );
     }
     println!();
@@ -412,9 +413,9 @@ fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
     );
     println!();
     println!(
-        "| attached on both ends | sender CPU per datagram, median (min-max) | added vs nothing | sent/s | received/s |"
+        "| attached on both ends | sender CPU per datagram, median (min-max) | added vs nothing | ratio | sent/s | received/s |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     let base = median(&mut rows[0].3.clone());
     for (attached, sent, received, cpu) in &mut rows {
         let s = median(sent);
@@ -427,10 +428,11 @@ fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
             Attached::Programs => "punch observers (ingress + egress)",
         };
         println!(
-            "| {name} | {c:.0} ns ({:.0}-{:.0}) | {:+.0} ns | {:.0} k | {:.0} k |",
+            "| {name} | {c:.0} ns ({:.0}-{:.0}) | {:+.0} ns | {:.2} | {:.0} k | {:.0} k |",
             low.unwrap_or(0.0),
             high.unwrap_or(0.0),
             c - base,
+            c / base.max(1.0),
             s / 1000.0,
             r / 1000.0,
         );
