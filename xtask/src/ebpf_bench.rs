@@ -321,6 +321,25 @@ struct Round {
     cpu_ns_per_datagram: f64,
 }
 
+/// Every round's measurements for one attachment.
+struct Series {
+    attached: Attached,
+    sent: Vec<f64>,
+    received: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Series {
+    fn new(attached: Attached) -> Self {
+        Self {
+            attached,
+            sent: Vec::new(),
+            received: Vec::new(),
+            cpu: Vec::new(),
+        }
+    }
+}
+
 /// One throughput round.
 fn blast(pair: &VethPair, seconds: u64) -> Result<Round> {
     let received = Arc::new(AtomicU64::new(0));
@@ -368,11 +387,10 @@ fn blast(pair: &VethPair, seconds: u64) -> Result<Round> {
 
 fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
     let pair = VethPair::create()?;
-    let mut rows: Vec<(Attached, Vec<f64>, Vec<f64>, Vec<f64>)> =
-        [Attached::Nothing, Attached::PassThrough, Attached::Programs]
-            .into_iter()
-            .map(|a| (a, Vec::new(), Vec::new(), Vec::new()))
-            .collect();
+    let mut rows: Vec<Series> = [Attached::Nothing, Attached::PassThrough, Attached::Programs]
+        .into_iter()
+        .map(Series::new)
+        .collect();
     // Both ends watch their port, so every datagram is a punch packet on the way out
     // (a flow update) and an early one on the way in (a bounce): the costly paths.
     let watch = WatchSpec {
@@ -380,7 +398,13 @@ fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
         ..WatchSpec::default()
     };
     for _ in 0..args.rounds {
-        for (attached, sent, received, cpu) in &mut rows {
+        for Series {
+            attached,
+            sent,
+            received,
+            cpu,
+        } in &mut rows
+        {
             let mut probe = EbpfProbe::load_object(object, &watch, &[], AttachMode::Auto)?;
             for ns in [&pair.tx, &pair.rx] {
                 let kind = *attached;
@@ -416,8 +440,14 @@ fn throughput_table(object: &[u8], args: &BenchEbpfArgs) -> Result<()> {
         "| attached on both ends | sender CPU per datagram, median (min-max) | added vs nothing | ratio | sent/s | received/s |"
     );
     println!("|---|---|---|---|---|---|");
-    let base = median(&mut rows[0].3.clone());
-    for (attached, sent, received, cpu) in &mut rows {
+    let base = median(&mut rows[0].cpu.clone());
+    for Series {
+        attached,
+        sent,
+        received,
+        cpu,
+    } in &mut rows
+    {
         let s = median(sent);
         let r = median(received);
         let c = median(cpu);
