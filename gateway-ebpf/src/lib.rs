@@ -7,14 +7,61 @@
 
 /// Name of the per-CPU array that holds [`UdpCounters`], one slot per [`Direction`].
 pub const UDP_COUNTERS_MAP: &str = "UDP_COUNTERS";
-/// Name of the hash map whose keys are the UDP ports (host byte order) to count.
-pub const WATCHED_UDP_PORTS_MAP: &str = "WATCHED_UDP_PORTS";
+/// Name of the array holding every local port's [`watch`] flags: entry `port / 64`,
+/// byte `port % 64` (an array lookup costs no hashing on the hot path).
+pub const WATCHED_PORTS_MAP: &str = "WATCHED_PORTS";
+/// Ports per [`WATCHED_PORTS_MAP`] entry.
+pub const PORTS_PER_ENTRY: usize = 64;
+/// Entries of [`WATCHED_PORTS_MAP`]: all 65,536 ports.
+pub const WATCHED_PORTS_ENTRIES: u32 = 65_536 / PORTS_PER_ENTRY as u32;
+/// Name of the one-slot array holding the [`settings`] flags.
+pub const SETTINGS_MAP: &str = "SETTINGS";
+/// Name of the hash map of remote [`Endpoint`]s that are never punch flows (the
+/// rendezvous server and its discovery endpoints: an agent talks to them first).
+pub const IGNORED_REMOTES_MAP: &str = "IGNORED_REMOTES";
+/// Name of the LRU hash map from [`FlowKey`] to [`FlowState`]: the punch flow table.
+pub const PUNCH_FLOWS_MAP: &str = "PUNCH_FLOWS";
+/// Name of the one-slot per-CPU array holding [`PunchStats`].
+pub const PUNCH_STATS_MAP: &str = "PUNCH_STATS";
 /// Name of the tc classifier attached on ingress.
-pub const UDP_INGRESS_PROGRAM: &str = "udp_ingress";
+pub const INGRESS_PROGRAM: &str = "observe_ingress";
 /// Name of the tc classifier attached on egress.
-pub const UDP_EGRESS_PROGRAM: &str = "udp_egress";
-/// Capacity of [`WATCHED_UDP_PORTS_MAP`]: how many ports one loader can watch.
-pub const MAX_WATCHED_UDP_PORTS: u32 = 64;
+pub const EGRESS_PROGRAM: &str = "observe_egress";
+/// Name of a classifier that only returns [`TC_ACT_UNSPEC`]: the baseline the overhead
+/// benchmark runs beside the real programs. Never attached by the gateway.
+pub const PASS_THROUGH_PROGRAM: &str = "pass_through";
+/// What every program returns: `TC_ACT_UNSPEC`, which is `TCX_NEXT` under TCX (run the
+/// next program on the interface, pass the packet at the end of the chain) and, for a
+/// netlink `cls_bpf` filter in direct-action mode, "continue". An observer must not
+/// return `TC_ACT_OK` (`TCX_PASS`): that ends the chain, and a second observer on the
+/// same interface (another gateway, any later tc program) would never run.
+pub const TC_ACT_UNSPEC: i32 = -1;
+/// Capacity of [`IGNORED_REMOTES_MAP`].
+pub const MAX_IGNORED_REMOTES: u32 = 16;
+/// Capacity of [`PUNCH_FLOWS_MAP`]; the least recently used flow is evicted beyond it.
+pub const FLOW_TABLE_CAPACITY: u32 = 16_384;
+
+/// Flags of a [`WATCHED_PORTS_MAP`] entry: what to do with traffic on that local port.
+pub mod watch {
+    /// Count UDP datagrams and bytes in [`crate::UDP_COUNTERS_MAP`] (the server's ports).
+    pub const COUNT_UDP: u8 = 1;
+    /// UDP flows on this port are punch flows (an agent's punch socket).
+    pub const PUNCH_UDP: u8 = 2;
+    /// TCP flows on this port are punch flows (a TCP punch or splice attempt).
+    pub const PUNCH_TCP: u8 = 4;
+}
+
+/// Flags in the single slot of [`SETTINGS_MAP`].
+pub mod settings {
+    /// Any UDP datagram whose payload carries the STUN magic cookie at offset 4 is a
+    /// punch packet, whatever its port (for NAT routers, which run no agent).
+    pub const STUN_COOKIE: u32 = 1;
+    /// [`crate::IGNORED_REMOTES_MAP`] has entries (skips the lookup when it has none).
+    pub const HAS_IGNORED_REMOTES: u32 = 2;
+}
+
+/// The STUN magic cookie (RFC 8489), at UDP payload offset 4 of every STUN message.
+pub const STUN_MAGIC_COOKIE: u32 = 0x2112_A442;
 
 /// Direction of a packet relative to the interface the program is attached to.
 ///
@@ -22,9 +69,9 @@ pub const MAX_WATCHED_UDP_PORTS: u32 = 64;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
-    /// Received on the interface, addressed to a watched port.
+    /// Received on the interface.
     Ingress = 0,
-    /// Sent from the interface, from a watched port.
+    /// Sent from the interface.
     Egress = 1,
 }
 
@@ -43,7 +90,7 @@ impl Direction {
     }
 }
 
-/// UDP traffic seen on a watched port in one direction, on one CPU.
+/// UDP traffic seen on a counted port in one direction, on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UdpCounters {
@@ -53,6 +100,252 @@ pub struct UdpCounters {
     pub bytes: u64,
 }
 
+/// Address family tag of an [`Endpoint`] holding an IPv4 address.
+pub const FAMILY_IPV4: u8 = 4;
+/// Address family tag of an [`Endpoint`] holding an IPv6 address.
+pub const FAMILY_IPV6: u8 = 6;
+
+/// One end of a flow: an address and a port as seen on the wire at the interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// The address bytes in wire order, as four native-endian words (what a 32-bit
+    /// load from the packet gives): IPv6, or IPv4 in the first word (the rest zero).
+    pub addr: [u32; 4],
+    /// Port in host byte order.
+    pub port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    /// Always zero (keys are compared byte for byte).
+    pub pad: u8,
+}
+
+/// A punch flow: local and remote endpoint and the transport protocol.
+///
+/// "Local" is this side of the interface: the source of egress packets, the
+/// destination of ingress ones (on a NAT router's WAN: the external mapping).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// This side.
+    pub local: Endpoint,
+    /// The other side.
+    pub remote: Endpoint,
+    /// IP protocol number (17 UDP, 6 TCP), widened so the key has no padding bytes.
+    pub protocol: u32,
+}
+
+/// [`FlowState::flags`]: the flow has been punched (ingress seen after egress).
+pub const FLOW_PUNCHED: u64 = 1;
+
+/// What the programs know about one punch flow. Shared by all CPUs: counters are
+/// updated atomically, timestamps are `bpf_ktime_get_ns` (CLOCK_MONOTONIC) values.
+///
+/// The fields that start at zero alternate with the others: the BPF backend turns a
+/// run of zero stores into an out-of-line `memset` call, which the hot path avoids.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// [`FLOW_PUNCHED`].
+    pub flags: u64,
+    /// When the first egress packet was seen: the hole opened on this side.
+    pub first_egress_ns: u64,
+    /// Ingress packets seen after the flow existed (bounces excluded).
+    pub ingress_packets: u64,
+    /// When this side last sent on the flow, from the coarse clock
+    /// (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE: a tick's resolution, cheap
+    /// enough for every packet). Only idle expiry reads it: like a NAT mapping, which
+    /// outbound traffic refreshes (RFC 4787 REQ-6), a flow lives on its egress.
+    pub last_seen_ns: u64,
+    /// ICMP errors and TCP resets counted as bounces for this flow.
+    pub bounced_packets: u64,
+    /// Egress packets seen.
+    pub egress_packets: u64,
+    /// When the flow was punched (first ingress after egress); 0 until then.
+    pub punched_ns: u64,
+}
+
+/// Why a packet counts as bounced. The discriminant indexes [`PunchStats::bounced`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BounceReason {
+    /// An ingress packet of a punch flow before any egress on it: a stateful NAT or
+    /// firewall at this point would have dropped it.
+    BeforeEgress = 0,
+    /// ICMP/ICMPv6 port unreachable quoting a punch flow.
+    IcmpPortUnreachable = 1,
+    /// ICMP host unreachable (codes 1, 7, 12) / ICMPv6 address unreachable.
+    IcmpHostUnreachable = 2,
+    /// ICMP communication administratively prohibited (codes 9, 10, 13) / ICMPv6
+    /// administratively prohibited, source address failed policy, reject route.
+    IcmpAdminProhibited = 3,
+    /// ICMP/ICMPv6 time exceeded (a low-TTL opener expiring, a routing loop).
+    IcmpTimeExceeded = 4,
+    /// A TCP RST answering a punch flow's SYN (before the flow was punched).
+    TcpRst = 5,
+    /// ICMP network unreachable (codes 0, 6, 11) / ICMPv6 no route: typically a probe
+    /// to a peer's private host candidate that the Internet cannot route.
+    IcmpNetUnreachable = 6,
+}
+
+impl BounceReason {
+    /// Every reason, in index order.
+    pub const ALL: [BounceReason; 7] = [
+        BounceReason::BeforeEgress,
+        BounceReason::IcmpPortUnreachable,
+        BounceReason::IcmpHostUnreachable,
+        BounceReason::IcmpAdminProhibited,
+        BounceReason::IcmpTimeExceeded,
+        BounceReason::TcpRst,
+        BounceReason::IcmpNetUnreachable,
+    ];
+
+    /// The `reason` label value of `gateway_bounced_packets_total`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            BounceReason::BeforeEgress => "before_egress",
+            BounceReason::IcmpPortUnreachable => "icmp_port_unreachable",
+            BounceReason::IcmpHostUnreachable => "icmp_host_unreachable",
+            BounceReason::IcmpAdminProhibited => "icmp_admin_prohibited",
+            BounceReason::IcmpTimeExceeded => "icmp_time_exceeded",
+            BounceReason::TcpRst => "tcp_rst",
+            BounceReason::IcmpNetUnreachable => "icmp_net_unreachable",
+        }
+    }
+}
+
+/// Slots of [`PunchStats::bounced`] (one per [`BounceReason`], one spare).
+pub const BOUNCE_SLOTS: usize = 8;
+
+/// Upper bounds (inclusive, nanoseconds) of the punch-time histogram buckets, from
+/// 1 ms to 10 s; [`PunchStats::punch_time_buckets`] has one more slot for the rest.
+pub const PUNCH_TIME_BOUNDS_NS: [u64; 13] = [
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// Slots of [`PunchStats::punch_time_buckets`].
+pub const PUNCH_TIME_SLOTS: usize = PUNCH_TIME_BOUNDS_NS.len() + 1;
+
+/// Punch outcomes counted on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PunchStats {
+    /// Bounced packets, indexed by [`BounceReason`].
+    pub bounced: [u64; BOUNCE_SLOTS],
+    /// Punched flows by time from first egress to first ingress: slot `i` counts times
+    /// in `(PUNCH_TIME_BOUNDS_NS[i-1], PUNCH_TIME_BOUNDS_NS[i]]`, the last slot the rest.
+    /// Their sum is the number of punched flows.
+    pub punch_time_buckets: [u64; PUNCH_TIME_SLOTS],
+    /// Sum of those times in nanoseconds.
+    pub punch_time_sum_ns: u64,
+}
+
+/// The histogram slot of a punch time: the first bucket whose bound is not below it.
+/// Written as a ladder of comparisons so the verifier sees no loop.
+#[inline(always)]
+pub const fn punch_time_slot(ns: u64) -> usize {
+    let b = &PUNCH_TIME_BOUNDS_NS;
+    if ns <= b[6] {
+        if ns <= b[2] {
+            if ns <= b[0] {
+                0
+            } else if ns <= b[1] {
+                1
+            } else {
+                2
+            }
+        } else if ns <= b[3] {
+            3
+        } else if ns <= b[4] {
+            4
+        } else if ns <= b[5] {
+            5
+        } else {
+            6
+        }
+    } else if ns <= b[9] {
+        if ns <= b[7] {
+            7
+        } else if ns <= b[8] {
+            8
+        } else {
+            9
+        }
+    } else if ns <= b[10] {
+        10
+    } else if ns <= b[11] {
+        11
+    } else if ns <= b[12] {
+        12
+    } else {
+        13
+    }
+}
+
 #[cfg(feature = "user")]
-// SAFETY: `UdpCounters` is `#[repr(C)]`, made only of integers, and has no padding.
-unsafe impl aya::Pod for UdpCounters {}
+mod pod {
+    // SAFETY (all of them): `#[repr(C)]`, made only of integers and integer arrays,
+    // no padding (explicit `pad` fields keep every byte initialised).
+    unsafe impl aya::Pod for super::UdpCounters {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::PunchStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Endpoint>(), 20);
+        assert_eq!(core::mem::size_of::<FlowKey>(), 44);
+        assert_eq!(core::mem::size_of::<FlowState>(), 56);
+        assert_eq!(
+            core::mem::size_of::<PunchStats>(),
+            8 * (BOUNCE_SLOTS + PUNCH_TIME_SLOTS + 1)
+        );
+    }
+
+    #[test]
+    fn punch_time_slot_matches_a_linear_search() {
+        let mut probes = [0u64; 64];
+        let mut n = 0;
+        for bound in PUNCH_TIME_BOUNDS_NS {
+            for v in [bound - 1, bound, bound + 1] {
+                probes[n] = v;
+                n += 1;
+            }
+        }
+        probes[n] = 0;
+        probes[n + 1] = u64::MAX;
+        for &ns in &probes[..n + 2] {
+            let expected = PUNCH_TIME_BOUNDS_NS
+                .iter()
+                .position(|&b| ns <= b)
+                .unwrap_or(PUNCH_TIME_BOUNDS_NS.len());
+            assert_eq!(punch_time_slot(ns), expected, "{ns} ns");
+        }
+    }
+
+    #[test]
+    fn reasons_index_their_slots() {
+        for (i, reason) in BounceReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+            assert!((*reason as usize) < BOUNCE_SLOTS);
+        }
+    }
+}

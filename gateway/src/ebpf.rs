@@ -1,27 +1,37 @@
 //! Loads the kernel programs (built by `cargo xtask build-ebpf` and embedded at build
-//! time), attaches them with tc (TCX on kernels >= 6.6, netlink clsact before), tells
-//! them which ports to count, and reads their per-CPU counters back.
+//! time), attaches them with tc (TCX on kernels >= 6.6, a clsact qdisc and netlink
+//! filter otherwise or on request), tells them what to watch, and reads their maps
+//! back: UDP counters, punch outcomes, the punch flow table.
 //!
-//! Everything here may fail on a host without root, BTF or tc support; the daemon
-//! then runs without eBPF and says so in its log and in `gateway_ebpf_loaded`.
+//! Everything here may fail on a host without root, BTF or tc support; callers then
+//! run without eBPF and say so in their log and in `gateway_ebpf_loaded`.
 use std::{
+    collections::HashMap as StdHashMap,
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, tc, tc::SchedClassifierLinkId},
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+    },
 };
 use gateway_ebpf::{
-    Direction, MAX_WATCHED_UDP_PORTS, UDP_COUNTERS_MAP, UDP_EGRESS_PROGRAM, UDP_INGRESS_PROGRAM,
-    UdpCounters, WATCHED_UDP_PORTS_MAP,
+    BOUNCE_SLOTS, BounceReason, Direction, EGRESS_PROGRAM, Endpoint, FAMILY_IPV4, FAMILY_IPV6,
+    FLOW_PUNCHED, FlowKey, FlowState, IGNORED_REMOTES_MAP, INGRESS_PROGRAM, MAX_IGNORED_REMOTES,
+    PASS_THROUGH_PROGRAM, PORTS_PER_ENTRY, PUNCH_FLOWS_MAP, PUNCH_STATS_MAP, PUNCH_TIME_BOUNDS_NS,
+    PUNCH_TIME_SLOTS, PunchStats, SETTINGS_MAP, UDP_COUNTERS_MAP, UdpCounters, WATCHED_PORTS_MAP,
+    settings, watch,
 };
 use prometheus::{
-    IntCounterVec, Opts,
+    IntCounter, IntCounterVec, IntGauge, Opts,
     core::{Collector, Desc},
-    proto::MetricFamily,
+    proto::{Bucket, Histogram, Metric, MetricFamily, MetricType},
 };
 
 /// The eBPF object embedded at build time; empty when it was built without one.
@@ -43,30 +53,42 @@ pub enum EbpfError {
     /// Loading needs CAP_BPF/CAP_NET_ADMIN (in practice: root).
     #[error("loading eBPF programs needs root (CAP_BPF and CAP_NET_ADMIN)")]
     NotPermitted,
-    /// No interface to attach to.
-    #[error("no network interface to attach to")]
-    NoInterfaces,
-    /// Too many ports to watch.
-    #[error("at most {MAX_WATCHED_UDP_PORTS} ports can be watched, {0} asked")]
-    TooManyPorts(usize),
-    /// The object or a program failed to load or attach.
-    #[error("{what}: {source}")]
+    /// Too many ports or remotes to watch.
+    #[error("at most {max} {what} fit the map, {asked} asked")]
+    TooMany {
+        /// What there are too many of.
+        what: &'static str,
+        /// The capacity.
+        max: u32,
+        /// How many were asked for.
+        asked: usize,
+    },
+    /// The object or a program failed to load or attach; the kernel lacks support
+    /// (BPF, BTF, tc/TCX, the verifier refused) or the interface does not exist.
+    #[error("{what}: {cause}")]
     Aya {
         /// What was being done.
         what: String,
-        /// aya's error, whose chain names the kernel's complaint.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// aya's error, naming the kernel's complaint (shown in this error's message,
+        /// so it is not also reported as its source).
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A map is missing from the object (a build mismatch).
+    /// The interface to attach to does not exist (in this network namespace).
+    #[error("no network interface named {0:?}")]
+    NoSuchInterface(String),
+    /// A map or program is missing from the object (a build mismatch).
     #[error("eBPF object lacks map or program {0}")]
     Missing(&'static str),
 }
 
-fn aya_err(
+fn aya_err<E: std::error::Error + Send + Sync + 'static>(
     what: impl Into<String>,
-) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> EbpfError {
+) -> impl FnOnce(E) -> EbpfError {
     let what = what.into();
-    move |source| EbpfError::Aya { what, source }
+    move |cause| EbpfError::Aya {
+        what,
+        cause: Box::new(cause),
+    }
 }
 
 /// Every interface that is administratively up, loopback included.
@@ -87,152 +109,559 @@ pub fn interfaces_up() -> Vec<String> {
     names
 }
 
-/// The loaded and attached UDP counting programs.
-pub struct UdpCounterProbe {
-    ebpf: Ebpf,
-    links: Vec<(String, TcAttachType, SchedClassifierLinkId)>,
-    counters: Arc<Mutex<PerCpuArray<MapData, UdpCounters>>>,
+/// What the programs watch: which local ports are counted or carry punch flows, and
+/// whether STUN traffic on any port counts as punching.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchSpec {
+    /// UDP ports whose datagrams are counted (`gateway_ebpf_udp_*`): a server's ports.
+    pub counted_udp_ports: Vec<u16>,
+    /// UDP ports whose flows are punch flows (an agent's punch socket). Also counted.
+    pub punch_udp_ports: Vec<u16>,
+    /// TCP ports whose flows are punch flows (TCP punching from a known port).
+    pub punch_tcp_ports: Vec<u16>,
+    /// Treat any UDP datagram with the STUN magic cookie at payload offset 4 as a
+    /// punch packet, whatever its port (a NAT router, which runs no agent).
+    pub stun_cookie: bool,
+    /// Remote endpoints that are never punch flows: the rendezvous server and its
+    /// discovery endpoints, which an agent talks to before any punching. Port 0 stands
+    /// for every port of the address (the gateway's relay ports).
+    pub ignored_remotes: Vec<SocketAddr>,
 }
 
-impl std::fmt::Debug for UdpCounterProbe {
+impl WatchSpec {
+    /// The watched ports with their [`watch`] flags.
+    fn port_flags(&self) -> StdHashMap<u16, u8> {
+        let mut flags = StdHashMap::new();
+        for &port in &self.counted_udp_ports {
+            *flags.entry(port).or_insert(0) |= watch::COUNT_UDP;
+        }
+        for &port in &self.punch_udp_ports {
+            *flags.entry(port).or_insert(0) |= watch::COUNT_UDP | watch::PUNCH_UDP;
+        }
+        for &port in &self.punch_tcp_ports {
+            *flags.entry(port).or_insert(0) |= watch::PUNCH_TCP;
+        }
+        flags
+    }
+}
+
+/// How the classifiers are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links where the kernel has them (>= 6.6), falling back to a clsact qdisc
+    /// with netlink filters when TCX is missing or refused.
+    #[default]
+    Auto,
+    /// TCX links only.
+    Tcx,
+    /// A clsact qdisc with netlink (cls_bpf) filters only.
+    Netlink,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tcx" => Ok(Self::Tcx),
+            "netlink" => Ok(Self::Netlink),
+            other => Err(format!("{other:?}: expected auto, tcx or netlink")),
+        }
+    }
+}
+
+/// How one program got attached to one interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedVia {
+    /// A TCX link.
+    Tcx,
+    /// A netlink tc filter on a clsact qdisc.
+    Netlink,
+}
+
+impl AttachedVia {
+    /// For logs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AttachedVia::Tcx => "tcx",
+            AttachedVia::Netlink => "netlink",
+        }
+    }
+}
+
+/// Which of the object's classifiers a test run exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramRole {
+    /// The ingress classifier.
+    Ingress,
+    /// The egress classifier.
+    Egress,
+    /// The pass-through baseline (returns `TC_ACT_UNSPEC`, reads nothing).
+    PassThrough,
+}
+
+impl ProgramRole {
+    const fn program_name(self) -> &'static str {
+        match self {
+            ProgramRole::Ingress => INGRESS_PROGRAM,
+            ProgramRole::Egress => EGRESS_PROGRAM,
+            ProgramRole::PassThrough => PASS_THROUGH_PROGRAM,
+        }
+    }
+}
+
+/// What `BPF_PROG_TEST_RUN` reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRunOutcome {
+    /// The program's return value ([`gateway_ebpf::TC_ACT_UNSPEC`] as `u32` for ours).
+    pub return_value: u32,
+    /// The kernel's mean time per run.
+    pub duration: Duration,
+}
+
+struct Link {
+    interface: String,
+    program: &'static str,
+    via: AttachedVia,
+    id: SchedClassifierLinkId,
+}
+
+/// The kernel maps userspace reads while the programs run.
+struct KernelMaps {
+    udp_counters: Mutex<PerCpuArray<MapData, UdpCounters>>,
+    punch_stats: Mutex<PerCpuArray<MapData, PunchStats>>,
+    flows: Mutex<HashMap<MapData, FlowKey, FlowState>>,
+}
+
+/// The loaded (and usually attached) gateway programs.
+pub struct EbpfProbe {
+    ebpf: Ebpf,
+    links: Vec<Link>,
+    maps: Arc<KernelMaps>,
+    watch: WatchSpec,
+}
+
+impl std::fmt::Debug for EbpfProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UdpCounterProbe")
+        f.debug_struct("EbpfProbe")
             .field("interfaces", &self.interfaces())
+            .field("watch", &self.watch)
             .finish()
     }
 }
 
-impl UdpCounterProbe {
-    /// Loads the embedded object, watches `ports` and attaches on ingress and egress
-    /// of each interface (every interface that is up when `interfaces` is empty).
-    pub fn load(ports: &[u16], interfaces: &[String]) -> Result<Self, EbpfError> {
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl EbpfProbe {
+    /// Loads the embedded object, applies `watch` and attaches on ingress and egress of
+    /// each of `interfaces` (none: loaded only, for [`EbpfProbe::test_run`]).
+    pub fn load(
+        watch: &WatchSpec,
+        interfaces: &[String],
+        mode: AttachMode,
+    ) -> Result<Self, EbpfError> {
         let object = embedded_object().ok_or(EbpfError::NotEmbedded)?;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc_geteuid() } != 0 {
-            return Err(EbpfError::NotPermitted);
-        }
-        if ports.len() > MAX_WATCHED_UDP_PORTS as usize {
-            return Err(EbpfError::TooManyPorts(ports.len()));
-        }
-        let interfaces = if interfaces.is_empty() {
-            interfaces_up()
-        } else {
-            interfaces.to_vec()
-        };
-        if interfaces.is_empty() {
-            return Err(EbpfError::NoInterfaces);
-        }
-        let mut ebpf =
-            Ebpf::load(object).map_err(|e| aya_err("loading the eBPF object")(Box::new(e)))?;
-        {
-            let map = ebpf
-                .map_mut(WATCHED_UDP_PORTS_MAP)
-                .ok_or(EbpfError::Missing(WATCHED_UDP_PORTS_MAP))?;
-            let mut watched: HashMap<_, u16, u8> =
-                HashMap::try_from(map).map_err(|e| aya_err("opening the port map")(Box::new(e)))?;
-            for &port in ports {
-                watched
-                    .insert(port, 1, 0)
-                    .map_err(|e| aya_err(format!("watching port {port}"))(Box::new(e)))?;
-            }
-        }
-        let mut links = Vec::new();
-        for (program_name, attach_type) in [
-            (UDP_INGRESS_PROGRAM, TcAttachType::Ingress),
-            (UDP_EGRESS_PROGRAM, TcAttachType::Egress),
-        ] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(program_name)
-                .ok_or(EbpfError::Missing("a classifier program"))?
-                .try_into()
-                .map_err(|e| aya_err(format!("program {program_name}"))(Box::new(e)))?;
-            program.load().map_err(|e| {
-                aya_err(format!("loading {program_name} into the kernel"))(Box::new(e))
-            })?;
-            for iface in &interfaces {
-                // Only needed for the netlink fallback on kernels without TCX; an
-                // existing clsact qdisc is fine.
-                let _ = tc::qdisc_add_clsact(iface);
-                let link = program.attach(iface, attach_type).map_err(|e| {
-                    aya_err(format!("attaching {program_name} to {iface}"))(Box::new(e))
-                })?;
-                links.push((iface.clone(), attach_type, link));
-            }
-        }
-        let counters = ebpf
-            .take_map(UDP_COUNTERS_MAP)
-            .ok_or(EbpfError::Missing(UDP_COUNTERS_MAP))?;
-        let counters = PerCpuArray::try_from(counters)
-            .map_err(|e| aya_err("opening the counter map")(Box::new(e)))?;
-        Ok(Self {
-            ebpf,
-            links,
-            counters: Arc::new(Mutex::new(counters)),
-        })
+        Self::load_object(object, watch, interfaces, mode)
     }
 
-    /// The interfaces the programs are attached to.
+    /// As [`EbpfProbe::load`], from an object file's bytes (benchmarks load the one
+    /// just built).
+    pub fn load_object(
+        object: &[u8],
+        watch: &WatchSpec,
+        interfaces: &[String],
+        mode: AttachMode,
+    ) -> Result<Self, EbpfError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(EbpfError::NotPermitted);
+        }
+        let ebpf = Ebpf::load(object).map_err(|e| match e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { ref io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                EbpfError::NotPermitted
+            }
+            e => aya_err("loading the eBPF object (does the kernel have BPF and BTF?)")(e),
+        })?;
+        let mut ebpf = ebpf;
+        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(EbpfError::Missing("a classifier program"))?
+                .try_into()
+                .map_err(aya_err(format!("program {name}")))?;
+            program
+                .load()
+                .map_err(aya_err(format!("loading {name} into the kernel")))?;
+        }
+        let maps = Arc::new(KernelMaps {
+            udp_counters: Mutex::new(take_map(&mut ebpf, UDP_COUNTERS_MAP)?),
+            punch_stats: Mutex::new(take_map(&mut ebpf, PUNCH_STATS_MAP)?),
+            flows: Mutex::new(take_map(&mut ebpf, PUNCH_FLOWS_MAP)?),
+        });
+        let mut probe = Self {
+            ebpf,
+            links: Vec::new(),
+            maps,
+            watch: WatchSpec::default(),
+        };
+        probe.apply(watch)?;
+        for interface in interfaces {
+            probe.attach(interface, mode)?;
+        }
+        Ok(probe)
+    }
+
+    /// Adds `watch` to what the programs watch (ports, STUN cookie, ignored remotes).
+    pub fn apply(&mut self, watch: &WatchSpec) -> Result<(), EbpfError> {
+        let mut wanted = self.watch.clone();
+        wanted.counted_udp_ports.extend(&watch.counted_udp_ports);
+        wanted.punch_udp_ports.extend(&watch.punch_udp_ports);
+        wanted.punch_tcp_ports.extend(&watch.punch_tcp_ports);
+        wanted.stun_cookie |= watch.stun_cookie;
+        for remote in &watch.ignored_remotes {
+            if !wanted.ignored_remotes.contains(remote) {
+                wanted.ignored_remotes.push(remote.to_owned());
+            }
+        }
+        let ports = wanted.port_flags();
+        if wanted.ignored_remotes.len() > MAX_IGNORED_REMOTES as usize {
+            return Err(EbpfError::TooMany {
+                what: "ignored remotes",
+                max: MAX_IGNORED_REMOTES,
+                asked: wanted.ignored_remotes.len(),
+            });
+        }
+        {
+            let map = self
+                .ebpf
+                .map_mut(WATCHED_PORTS_MAP)
+                .ok_or(EbpfError::Missing(WATCHED_PORTS_MAP))?;
+            let mut map: Array<_, [u8; PORTS_PER_ENTRY]> =
+                Array::try_from(map).map_err(aya_err("opening the port map"))?;
+            for (&port, &flags) in &ports {
+                let index = u32::from(port) / PORTS_PER_ENTRY as u32;
+                let mut entry = map
+                    .get(&index, 0)
+                    .map_err(aya_err(format!("reading port entry {index}")))?;
+                if let Some(slot) = entry.get_mut(usize::from(port) % PORTS_PER_ENTRY) {
+                    *slot = flags;
+                }
+                map.set(index, entry, 0)
+                    .map_err(aya_err(format!("watching port {port}")))?;
+            }
+        }
+        {
+            let map = self
+                .ebpf
+                .map_mut(IGNORED_REMOTES_MAP)
+                .ok_or(EbpfError::Missing(IGNORED_REMOTES_MAP))?;
+            let mut map: HashMap<_, Endpoint, u8> =
+                HashMap::try_from(map).map_err(aya_err("opening the ignored-remotes map"))?;
+            for remote in &wanted.ignored_remotes {
+                map.insert(endpoint(*remote), 1, 0)
+                    .map_err(aya_err(format!("ignoring remote {remote}")))?;
+            }
+        }
+        let mut flags = 0;
+        if wanted.stun_cookie {
+            flags |= settings::STUN_COOKIE;
+        }
+        if !wanted.ignored_remotes.is_empty() {
+            flags |= settings::HAS_IGNORED_REMOTES;
+        }
+        let map = self
+            .ebpf
+            .map_mut(SETTINGS_MAP)
+            .ok_or(EbpfError::Missing(SETTINGS_MAP))?;
+        let mut map: Array<_, u32> =
+            Array::try_from(map).map_err(aya_err("opening the settings map"))?;
+        map.set(0, flags, 0)
+            .map_err(aya_err("writing the settings"))?;
+        self.watch = wanted;
+        Ok(())
+    }
+
+    /// What the programs watch now.
+    pub fn watching(&self) -> &WatchSpec {
+        &self.watch
+    }
+
+    /// Attaches both classifiers to `interface`.
+    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<(), EbpfError> {
+        self.attach_programs(
+            interface,
+            mode,
+            [
+                (INGRESS_PROGRAM, TcAttachType::Ingress),
+                (EGRESS_PROGRAM, TcAttachType::Egress),
+            ],
+        )
+    }
+
+    /// Attaches the pass-through baseline on ingress and egress of `interface`
+    /// instead of the real programs: the throughput benchmark's control, which pays
+    /// for the attachment but runs no code.
+    pub fn attach_baseline(&mut self, interface: &str, mode: AttachMode) -> Result<(), EbpfError> {
+        self.attach_programs(
+            interface,
+            mode,
+            [
+                (PASS_THROUGH_PROGRAM, TcAttachType::Ingress),
+                (PASS_THROUGH_PROGRAM, TcAttachType::Egress),
+            ],
+        )
+    }
+
+    fn program(&mut self, name: &'static str) -> Result<&mut SchedClassifier, EbpfError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(EbpfError::Missing("a classifier program"))?
+            .try_into()
+            .map_err(aya_err(format!("program {name}")))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(aya_err(format!("loading {name} into the kernel")))?;
+        }
+        Ok(program)
+    }
+
+    fn attach_programs(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        programs: [(&'static str, TcAttachType); 2],
+    ) -> Result<(), EbpfError> {
+        let name = std::ffi::CString::new(interface)
+            .map_err(|_| EbpfError::NoSuchInterface(interface.to_owned()))?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string and nothing else.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(EbpfError::NoSuchInterface(interface.to_owned()));
+        }
+        for (name, attach_type) in programs {
+            let program = self.program(name)?;
+            let what = format!("attaching {name} to {interface}");
+            let tcx = |program: &mut SchedClassifier| {
+                program.attach_with_options(
+                    interface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+            };
+            let netlink = |program: &mut SchedClassifier| {
+                // An existing clsact qdisc is fine.
+                let _ = tc::qdisc_add_clsact(interface);
+                program.attach_with_options(
+                    interface,
+                    attach_type,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
+            };
+            let (id, via) = match mode {
+                AttachMode::Tcx => (tcx(program).map_err(aya_err(what))?, AttachedVia::Tcx),
+                AttachMode::Netlink => (
+                    netlink(program).map_err(aya_err(what))?,
+                    AttachedVia::Netlink,
+                ),
+                AttachMode::Auto => match tcx(program) {
+                    Ok(id) => (id, AttachedVia::Tcx),
+                    Err(tcx_error) => {
+                        tracing::info!(%interface, error = %tcx_error, "TCX attach failed; trying a clsact qdisc with netlink filters");
+                        (
+                            netlink(program).map_err(aya_err(what))?,
+                            AttachedVia::Netlink,
+                        )
+                    }
+                },
+            };
+            self.links.push(Link {
+                interface: interface.to_owned(),
+                program: name,
+                via,
+                id,
+            });
+        }
+        Ok(())
+    }
+
+    /// The interfaces the programs are attached to, in attach order.
     pub fn interfaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.links.iter().map(|(i, _, _)| i.clone()).collect();
-        names.dedup();
+        let mut names: Vec<String> = Vec::new();
+        for link in &self.links {
+            if !names.contains(&link.interface) {
+                names.push(link.interface.clone());
+            }
+        }
         names
     }
 
-    /// Current totals per direction, summed over CPUs.
-    pub fn read(&self) -> Result<[UdpCounters; 2], EbpfError> {
-        read_counters(&self.counters)
+    /// Each attachment: interface, program name and how it is attached.
+    pub fn attachments(&self) -> Vec<(String, &'static str, AttachedVia)> {
+        self.links
+            .iter()
+            .map(|l| (l.interface.clone(), l.program, l.via))
+            .collect()
     }
 
-    /// A Prometheus collector that reads the counters at scrape time.
-    pub fn collector(&self) -> Result<UdpCounterCollector, prometheus::Error> {
-        UdpCounterCollector::new(self.counters.clone())
+    /// Current UDP totals per direction ([`Direction`] order), summed over CPUs.
+    pub fn read_udp_counters(&self) -> Result<[UdpCounters; 2], EbpfError> {
+        read_udp_counters(&self.maps)
     }
 
-    /// Detaches every program from every interface (dropping does it too; this
-    /// reports failures).
+    /// Current punch outcome totals, summed over CPUs.
+    pub fn read_punch_totals(&self) -> Result<PunchTotals, EbpfError> {
+        read_punch_totals(&self.maps)
+    }
+
+    /// A handle on the flow table, for expiry and listing from another task.
+    pub fn flow_table(&self) -> FlowTable {
+        FlowTable {
+            maps: self.maps.clone(),
+        }
+    }
+
+    /// A Prometheus collector that reads every kernel map at scrape time.
+    pub fn collector(&self) -> Result<EbpfCollector, prometheus::Error> {
+        EbpfCollector::new(self.maps.clone())
+    }
+
+    /// Runs one of the classifiers on `frame` (an Ethernet frame) `repeat` times with
+    /// `BPF_PROG_TEST_RUN`, against this probe's maps: for tests and the overhead
+    /// benchmark. The pass-through baseline is loaded on first use.
+    pub fn test_run(
+        &mut self,
+        role: ProgramRole,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, EbpfError> {
+        let name = role.program_name();
+        let program = self.program(name)?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(aya_err(format!("BPF_PROG_TEST_RUN of {name}")))?;
+        Ok(TestRunOutcome {
+            return_value: result.return_value,
+            duration: result.duration,
+        })
+    }
+
+    /// Detaches every program from every interface, logging each (dropping the probe
+    /// detaches too, silently).
     pub fn detach(mut self) {
-        for (program_name, attach_type) in [
-            (UDP_INGRESS_PROGRAM, TcAttachType::Ingress),
-            (UDP_EGRESS_PROGRAM, TcAttachType::Egress),
-        ] {
-            let Some(program) = self.ebpf.program_mut(program_name) else {
+        for link in std::mem::take(&mut self.links) {
+            let Some(program) = self.ebpf.program_mut(link.program) else {
                 continue;
             };
             let Ok(program): Result<&mut SchedClassifier, _> = program.try_into() else {
                 continue;
             };
-            let mut rest = Vec::new();
-            for (iface, ty, link) in self.links.drain(..) {
-                if ty == attach_type {
-                    match program.detach(link) {
-                        Ok(()) => {
-                            tracing::info!(interface = %iface, program = program_name, "eBPF program detached")
-                        }
-                        Err(e) => {
-                            tracing::warn!(interface = %iface, error = %e, "eBPF detach failed")
-                        }
-                    }
-                } else {
-                    rest.push((iface, ty, link));
+            match program.detach(link.id) {
+                Ok(()) => tracing::info!(
+                    interface = %link.interface,
+                    program = link.program,
+                    via = link.via.as_str(),
+                    "eBPF program detached"
+                ),
+                Err(e) => {
+                    tracing::warn!(interface = %link.interface, error = %e, "eBPF detach failed")
                 }
             }
-            self.links = rest;
         }
     }
 }
 
-fn read_counters(
-    counters: &Mutex<PerCpuArray<MapData, UdpCounters>>,
-) -> Result<[UdpCounters; 2], EbpfError> {
-    let counters = counters
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, EbpfError> {
+    let map = ebpf.take_map(name).ok_or(EbpfError::Missing(name))?;
+    T::try_from(map).map_err(aya_err(format!("opening map {name}")))
+}
+
+/// The key form of a socket address.
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    let (bytes, family) = match addr.ip() {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            (bytes, FAMILY_IPV4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_IPV6),
+    };
+    let mut words = [0u32; 4];
+    for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+        let mut four = [0u8; 4];
+        four.copy_from_slice(chunk);
+        // The kernel loads the words from the packet in native byte order.
+        *word = u32::from_ne_bytes(four);
+    }
+    Endpoint {
+        addr: words,
+        port: addr.port(),
+        family,
+        pad: 0,
+    }
+}
+
+/// The socket address of a key's endpoint.
+fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
+    let mut bytes = [0u8; 16];
+    for (chunk, word) in bytes.chunks_exact_mut(4).zip(endpoint.addr) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let ip = if endpoint.family == FAMILY_IPV4 {
+        let [a, b, c, d, ..] = bytes;
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    };
+    SocketAddr::new(ip, endpoint.port)
+}
+
+/// Punch outcomes summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PunchTotals {
+    /// Bounced packets by [`BounceReason`] index.
+    pub bounced: [u64; BOUNCE_SLOTS],
+    /// Punched flows per punch-time bucket (see [`gateway_ebpf::PUNCH_TIME_BOUNDS_NS`]).
+    pub punch_time_buckets: [u64; PUNCH_TIME_SLOTS],
+    /// Sum of the punch times, nanoseconds.
+    pub punch_time_sum_ns: u64,
+}
+
+impl PunchTotals {
+    /// Flows punched (each counted once).
+    pub fn punched(&self) -> u64 {
+        self.punch_time_buckets
+            .iter()
+            .fold(0u64, |a, b| a.wrapping_add(*b))
+    }
+
+    /// Bounced packets for one reason.
+    pub fn bounced(&self, reason: BounceReason) -> u64 {
+        self.bounced.get(reason as usize).copied().unwrap_or(0)
+    }
+}
+
+fn read_udp_counters(maps: &KernelMaps) -> Result<[UdpCounters; 2], EbpfError> {
+    let counters = lock(&maps.udp_counters);
     let mut totals = [UdpCounters::default(); 2];
-    for direction in Direction::ALL {
+    for (direction, total) in Direction::ALL.into_iter().zip(totals.iter_mut()) {
         let per_cpu = counters
             .get(&(direction as u32), 0)
-            .map_err(|e| aya_err("reading the counter map")(Box::new(e)))?;
-        let total = &mut totals[direction as usize];
+            .map_err(aya_err("reading the counter map"))?;
         for value in per_cpu.iter() {
             total.packets = total.packets.wrapping_add(value.packets);
             total.bytes = total.bytes.wrapping_add(value.bytes);
@@ -241,27 +670,158 @@ fn read_counters(
     Ok(totals)
 }
 
-unsafe extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+fn read_punch_totals(maps: &KernelMaps) -> Result<PunchTotals, EbpfError> {
+    let stats = lock(&maps.punch_stats);
+    let per_cpu = stats
+        .get(&0, 0)
+        .map_err(aya_err("reading the punch statistics"))?;
+    let mut totals = PunchTotals::default();
+    for value in per_cpu.iter() {
+        for (total, v) in totals.bounced.iter_mut().zip(value.bounced) {
+            *total = total.wrapping_add(v);
+        }
+        for (total, v) in totals
+            .punch_time_buckets
+            .iter_mut()
+            .zip(value.punch_time_buckets)
+        {
+            *total = total.wrapping_add(v);
+        }
+        totals.punch_time_sum_ns = totals
+            .punch_time_sum_ns
+            .wrapping_add(value.punch_time_sum_ns);
+    }
+    Ok(totals)
 }
 
-/// Exports the kernel's UDP counters as `gateway_ebpf_udp_packets_total` and
-/// `gateway_ebpf_udp_bytes_total`, labelled by direction, read at scrape time.
-pub struct UdpCounterCollector {
-    counters: Arc<Mutex<PerCpuArray<MapData, UdpCounters>>>,
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the pointer it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return 0;
+    }
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
+}
+
+/// One punch flow as the kernel sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// This side (the source of its egress packets).
+    pub local: SocketAddr,
+    /// The other side.
+    pub remote: SocketAddr,
+    /// IP protocol number (17 UDP, 6 TCP).
+    pub protocol: u8,
+    /// The kernel's record.
+    pub state: FlowState,
+}
+
+impl Flow {
+    /// Whether ingress followed egress on this flow.
+    pub fn punched(&self) -> bool {
+        self.state.flags & FLOW_PUNCHED != 0
+    }
+
+    /// Time from the first egress to the first ingress packet, once punched.
+    pub fn punch_time(&self) -> Option<Duration> {
+        self.punched().then(|| {
+            Duration::from_nanos(
+                self.state
+                    .punched_ns
+                    .saturating_sub(self.state.first_egress_ns),
+            )
+        })
+    }
+}
+
+/// A handle on the kernel's punch flow table (shared with the probe).
+#[derive(Clone)]
+pub struct FlowTable {
+    maps: Arc<KernelMaps>,
+}
+
+impl std::fmt::Debug for FlowTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlowTable").finish_non_exhaustive()
+    }
+}
+
+impl FlowTable {
+    /// Every flow in the table (at most [`gateway_ebpf::FLOW_TABLE_CAPACITY`]).
+    pub fn flows(&self) -> Result<Vec<Flow>, EbpfError> {
+        let flows = lock(&self.maps.flows);
+        let mut out = Vec::new();
+        for entry in flows.iter() {
+            // A flow evicted or expired between the key walk and the lookup is gone.
+            let Ok((key, state)) = entry else { continue };
+            out.push(Flow {
+                local: socket_addr(&key.local),
+                remote: socket_addr(&key.remote),
+                protocol: u8::try_from(key.protocol).unwrap_or(u8::MAX),
+                state,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of flows in the table.
+    pub fn len(&self) -> usize {
+        lock(&self.maps.flows).keys().filter(Result::is_ok).count()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes flows on which this side has sent nothing for longer than `idle` (so a
+    /// flow that comes back after its NAT mapping would have expired is judged afresh:
+    /// a NAT refreshes a mapping on outbound traffic); returns how many.
+    pub fn expire(&self, idle: Duration) -> usize {
+        let now = monotonic_ns();
+        let idle_ns = u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX);
+        let mut flows = lock(&self.maps.flows);
+        let stale: Vec<FlowKey> = flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, state)| now.saturating_sub(state.last_seen_ns) > idle_ns)
+            .map(|(key, _)| key)
+            .collect();
+        stale.iter().filter(|key| flows.remove(key).is_ok()).count()
+    }
+}
+
+/// Exports the kernel's maps at scrape time:
+/// `gateway_ebpf_udp_packets_total{direction}`, `gateway_ebpf_udp_bytes_total{direction}`,
+/// `gateway_punched_flows_total`, `gateway_bounced_packets_total{reason}`,
+/// `gateway_ebpf_punch_time_seconds` (histogram) and `gateway_ebpf_flow_table_entries`.
+pub struct EbpfCollector {
+    maps: Arc<KernelMaps>,
     packets: IntCounterVec,
     bytes: IntCounterVec,
+    punched: IntCounter,
+    bounced: IntCounterVec,
+    flow_entries: IntGauge,
+    punch_time: Desc,
 }
 
-impl UdpCounterCollector {
-    fn new(
-        counters: Arc<Mutex<PerCpuArray<MapData, UdpCounters>>>,
-    ) -> Result<Self, prometheus::Error> {
+/// Name of the punch-time histogram.
+const PUNCH_TIME_METRIC: &str = "gateway_ebpf_punch_time_seconds";
+const PUNCH_TIME_HELP: &str = "Time from a punch flow's first egress packet to its first ingress packet, as seen by the tc eBPF programs";
+
+impl EbpfCollector {
+    fn new(maps: Arc<KernelMaps>) -> Result<Self, prometheus::Error> {
         let packets = IntCounterVec::new(
             Opts::new(
                 "gateway_ebpf_udp_packets_total",
-                "UDP packets on the gateway's ports seen by the tc eBPF programs, by direction",
+                "UDP packets on the watched ports seen by the tc eBPF programs, by direction",
             ),
             &["direction"],
         )?;
@@ -276,37 +836,180 @@ impl UdpCounterCollector {
             packets.with_label_values(&[direction.as_str()]);
             bytes.with_label_values(&[direction.as_str()]);
         }
+        let punched = IntCounter::new(
+            "gateway_punched_flows_total",
+            "Punch flows whose first ingress packet followed an egress packet (each flow counted once), seen by the tc eBPF programs",
+        )?;
+        let bounced = IntCounterVec::new(
+            Opts::new(
+                "gateway_bounced_packets_total",
+                "Packets of punch flows that bounced, by reason: ingress before any egress, ICMP errors quoting the flow, TCP RSTs answering its SYN",
+            ),
+            &["reason"],
+        )?;
+        for reason in BounceReason::ALL {
+            bounced.with_label_values(&[reason.as_str()]);
+        }
+        let flow_entries = IntGauge::new(
+            "gateway_ebpf_flow_table_entries",
+            "Punch flows currently in the kernel's flow table",
+        )?;
+        let punch_time = Desc::new(
+            PUNCH_TIME_METRIC.to_owned(),
+            PUNCH_TIME_HELP.to_owned(),
+            Vec::new(),
+            StdHashMap::new(),
+        )?;
         Ok(Self {
-            counters,
+            maps,
             packets,
             bytes,
+            punched,
+            bounced,
+            flow_entries,
+            punch_time,
         })
+    }
+
+    fn punch_time_family(totals: &PunchTotals) -> MetricFamily {
+        let mut cumulative = 0u64;
+        let buckets = PUNCH_TIME_BOUNDS_NS
+            .iter()
+            .zip(totals.punch_time_buckets)
+            .map(|(&bound, count)| {
+                cumulative = cumulative.wrapping_add(count);
+                let mut bucket = Bucket::default();
+                bucket.set_upper_bound(bound as f64 / 1e9);
+                bucket.set_cumulative_count(cumulative);
+                bucket
+            })
+            .collect();
+        let mut histogram = Histogram::default();
+        histogram.set_bucket(buckets);
+        histogram.set_sample_count(totals.punched());
+        histogram.set_sample_sum(totals.punch_time_sum_ns as f64 / 1e9);
+        let mut metric = Metric::default();
+        metric.set_histogram(histogram);
+        let mut family = MetricFamily::default();
+        family.set_name(PUNCH_TIME_METRIC.to_owned());
+        family.set_help(PUNCH_TIME_HELP.to_owned());
+        family.set_field_type(MetricType::HISTOGRAM);
+        family.set_metric(vec![metric]);
+        family
     }
 }
 
-impl Collector for UdpCounterCollector {
+/// Moves a counter up to `total` (kernel counters only grow).
+fn catch_up(counter: &IntCounter, total: u64) {
+    counter.inc_by(total.saturating_sub(counter.get()));
+}
+
+impl Collector for EbpfCollector {
     fn desc(&self) -> Vec<&Desc> {
         let mut descs = self.packets.desc();
         descs.extend(self.bytes.desc());
+        descs.extend(self.punched.desc());
+        descs.extend(self.bounced.desc());
+        descs.extend(self.flow_entries.desc());
+        descs.push(&self.punch_time);
         descs
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        match read_counters(&self.counters) {
+        match read_udp_counters(&self.maps) {
             Ok(totals) => {
-                for direction in Direction::ALL {
-                    let total = totals[direction as usize];
+                for (direction, total) in Direction::ALL.into_iter().zip(totals) {
                     let label = [direction.as_str()];
-                    let packets = self.packets.with_label_values(&label);
-                    packets.inc_by(total.packets.saturating_sub(packets.get()));
-                    let bytes = self.bytes.with_label_values(&label);
-                    bytes.inc_by(total.bytes.saturating_sub(bytes.get()));
+                    catch_up(&self.packets.with_label_values(&label), total.packets);
+                    catch_up(&self.bytes.with_label_values(&label), total.bytes);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read eBPF counters"),
         }
+        let totals = match read_punch_totals(&self.maps) {
+            Ok(totals) => {
+                catch_up(&self.punched, totals.punched());
+                for reason in BounceReason::ALL {
+                    catch_up(
+                        &self.bounced.with_label_values(&[reason.as_str()]),
+                        totals.bounced(reason),
+                    );
+                }
+                totals
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read eBPF punch statistics");
+                PunchTotals::default()
+            }
+        };
+        let table = FlowTable {
+            maps: self.maps.clone(),
+        };
+        self.flow_entries
+            .set(i64::try_from(table.len()).unwrap_or(i64::MAX));
         let mut families = self.packets.collect();
         families.extend(self.bytes.collect());
+        families.extend(self.punched.collect());
+        families.extend(self.bounced.collect());
+        families.extend(self.flow_entries.collect());
+        families.push(Self::punch_time_family(&totals));
         families
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_round_trip_both_families() {
+        for addr in ["192.0.2.10:3478", "[2001:db8::1]:40000"] {
+            let addr: SocketAddr = addr.parse().expect("address");
+            assert_eq!(socket_addr(&endpoint(addr)), addr);
+        }
+        let v4 = endpoint("198.51.100.2:5".parse().expect("address"));
+        assert_eq!(v4.family, FAMILY_IPV4);
+        assert_eq!(&v4.addr[1..], &[0u32; 3], "the kernel writes zeros there");
+        assert_eq!(v4.addr[0].to_ne_bytes(), [198, 51, 100, 2], "wire order");
+    }
+
+    #[test]
+    fn watched_port_flags_combine_roles() {
+        let spec = WatchSpec {
+            counted_udp_ports: vec![3478],
+            punch_udp_ports: vec![3478, 4000],
+            punch_tcp_ports: vec![4000],
+            ..WatchSpec::default()
+        };
+        let flags = spec.port_flags();
+        assert_eq!(flags[&3478], watch::COUNT_UDP | watch::PUNCH_UDP);
+        assert_eq!(
+            flags[&4000],
+            watch::COUNT_UDP | watch::PUNCH_UDP | watch::PUNCH_TCP
+        );
+    }
+
+    #[test]
+    fn punch_time_histogram_is_cumulative_in_seconds() {
+        let mut totals = PunchTotals::default();
+        totals.punch_time_buckets[0] = 2; // <= 1 ms
+        totals.punch_time_buckets[3] = 1; // <= 10 ms
+        totals.punch_time_buckets[PUNCH_TIME_SLOTS - 1] = 1; // > 10 s
+        totals.punch_time_sum_ns = 12_000_000_000;
+        let family = EbpfCollector::punch_time_family(&totals);
+        let histogram = family.get_metric()[0].get_histogram();
+        assert_eq!(histogram.get_sample_count(), 4);
+        assert!((histogram.get_sample_sum() - 12.0).abs() < 1e-9);
+        let buckets = histogram.get_bucket();
+        assert_eq!(buckets.len(), PUNCH_TIME_BOUNDS_NS.len());
+        assert!((buckets[0].upper_bound() - 0.001).abs() < 1e-12);
+        assert_eq!(buckets[0].cumulative_count(), 2);
+        assert_eq!(buckets[2].cumulative_count(), 2);
+        assert_eq!(buckets[3].cumulative_count(), 3);
+        assert_eq!(
+            buckets[12].cumulative_count(),
+            3,
+            "the 11 s one is only in +Inf"
+        );
     }
 }

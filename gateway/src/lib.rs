@@ -8,10 +8,13 @@
 //! - [`metrics`]: the Prometheus registry and the `/metrics` HTTP endpoint;
 //! - [`peer`]: the peer agent's driver (`gateway peer`);
 //! - [`relay`]: the TURN relay's sockets and per-allocation forwarding tasks;
+//! - [`observe`]: eBPF punch observability with its own `/metrics`, for the agent and
+//!   for `gateway watch` (NAT routers);
 //! - [`config`]: the TOML configuration and its defaults.
 pub mod config;
 pub mod ebpf;
 pub mod metrics;
+pub mod observe;
 pub mod peer;
 pub mod proto;
 pub mod relay;

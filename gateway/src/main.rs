@@ -5,8 +5,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use gateway::{
     config::Config,
-    ebpf::{EbpfError, UdpCounterProbe},
+    ebpf::{AttachMode, EbpfError, EbpfProbe, WatchSpec},
     metrics::{self, Metrics},
+    observe::{ObserveOptions, Observer},
     proto::{
         credentials::SharedSecret,
         rendezvous::{RendezvousConfig, RendezvousServer},
@@ -25,10 +26,11 @@ use tracing_subscriber::EnvFilter;
         `gateway serve` runs on a public Linux host: it answers STUN Binding requests, \
         registers peers and introduces them so both punch a hole at the same instant, \
         exports Prometheus metrics, and counts its UDP traffic in the kernel with eBPF. \
-        `gateway peer` is the agent on each NATed host.",
+        `gateway peer` is the agent on each NATed host; with --ebpf-interface it also \
+        watches its punches in the kernel. `gateway watch` does that watching alone, \
+        for hosts that run no agent, such as a Linux NAT router.",
     after_help = "Not built yet (planned, see the project's issues): birthday punching for \
-        random-port symmetric NATs, the TURN relay and relay fallback, TCP splicing, \
-        eBPF punch-flow tracking."
+        random-port symmetric NATs, the TURN relay and relay fallback, TCP splicing."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
@@ -53,6 +55,54 @@ enum Command {
     /// event (registered, introduced, path-up, punch-failed, path-down). No relay
     /// fallback yet.
     Peer(PeerArgs),
+    /// Watch punch flows in the kernel on a host that runs no agent, typically a
+    /// Linux NAT router's WAN interface, and serve the counts on /metrics. Punch
+    /// flows are those on the given local ports and, with --stun-cookie, any UDP flow
+    /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root; stops
+    /// on SIGINT/SIGTERM and detaches.
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "On a NAT router, attach to the WAN interface with --stun-cookie: \
+    the programs run after SNAT on egress and before conntrack on ingress, so flows are \
+    keyed by the router's external address and mapped port, and a peer's probe that \
+    reaches the WAN before the inside host's first packet counts as a bounce \
+    (before_egress). Add --ignore-remote for the rendezvous server's endpoints so \
+    registrations are not counted as punches. See docs/operations.md."
+)]
+struct WatchArgs {
+    /// Interface to attach to (repeatable).
+    #[arg(long = "interface", value_name = "IFACE", required = true)]
+    interfaces: Vec<String>,
+    /// HTTP address of the Prometheus endpoint.
+    #[arg(long, default_value = "127.0.0.1:9479")]
+    metrics_listen: SocketAddr,
+    /// Local UDP port whose flows are punch flows (repeatable); its datagrams are also
+    /// counted in gateway_ebpf_udp_*.
+    #[arg(long = "udp-port", value_name = "PORT")]
+    udp_ports: Vec<u16>,
+    /// Local TCP port whose flows are punch flows (repeatable): SYNs answered by a RST
+    /// count as bounces (tcp_rst).
+    #[arg(long = "tcp-port", value_name = "PORT")]
+    tcp_ports: Vec<u16>,
+    /// Any UDP datagram carrying the STUN magic cookie is a punch packet, on any port.
+    #[arg(long)]
+    stun_cookie: bool,
+    /// Remote endpoint whose flows are never punch flows (repeatable): the rendezvous
+    /// server and its discovery endpoints. Port 0 means every port of that address
+    /// (e.g. GW:0 for the gateway's TURN relay ports).
+    #[arg(long = "ignore-remote", value_name = "ADDR")]
+    ignored_remotes: Vec<SocketAddr>,
+    /// Seconds without an outbound packet after which a flow leaves the flow table
+    /// (and is judged afresh if it comes back), as a NAT mapping would expire.
+    #[arg(long, default_value_t = 120)]
+    flow_idle_timeout: u64,
+    /// How to attach: tcx (kernel >= 6.6), netlink (clsact qdisc + filter), or auto
+    /// (TCX, falling back to netlink).
+    #[arg(long, default_value = "auto")]
+    attach: AttachMode,
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +160,18 @@ struct PeerArgs {
     /// Seconds between attempts to upgrade a relayed path to a direct one.
     #[arg(long, default_value_t = 30)]
     upgrade_interval: u64,
+    /// Attach the eBPF punch observers to this interface (repeatable): the kernel
+    /// then counts this agent's punched flows and bounced packets (its socket's port
+    /// is watched, the gateway's endpoints are not). Needs root; without it the agent
+    /// runs on and says so.
+    #[arg(long = "ebpf-interface", value_name = "IFACE")]
+    ebpf_interfaces: Vec<String>,
+    /// Serve this agent's Prometheus metrics (the eBPF counts) on this HTTP address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Refuse to start when the eBPF programs cannot be loaded and attached.
+    #[arg(long, requires = "ebpf_interfaces")]
+    require_ebpf: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -198,6 +260,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Credentials(args) => credentials(args),
         Command::Peer(args) => peer(args),
+        Command::Watch(args) => watch(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -237,11 +300,20 @@ fn peer(args: PeerArgs) -> Result<()> {
         (None, Some(addr)) => Some(Forward::To(addr)),
         (None, None) => None,
     };
+    let observe = (!args.ebpf_interfaces.is_empty() || args.metrics_listen.is_some()).then(|| {
+        ObserveOptions {
+            interfaces: args.ebpf_interfaces,
+            metrics_listen: args.metrics_listen,
+            require_ebpf: args.require_ebpf,
+            ..ObserveOptions::default()
+        }
+    });
     let options = PeerOptions {
         bind: args.bind,
         agent,
         connect: args.connect,
         forward,
+        observe,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -249,6 +321,42 @@ fn peer(args: PeerArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(gateway::peer::run(options, shutdown_signal()))?;
     Ok(())
+}
+
+fn watch(args: WatchArgs) -> Result<()> {
+    if args.udp_ports.is_empty() && args.tcp_ports.is_empty() && !args.stun_cookie {
+        anyhow::bail!(
+            "nothing to watch: give --udp-port, --tcp-port or --stun-cookie (see --help)"
+        );
+    }
+    if args.flow_idle_timeout == 0 {
+        anyhow::bail!("--flow-idle-timeout must be at least 1 second");
+    }
+    let options = ObserveOptions {
+        interfaces: args.interfaces,
+        attach: args.attach,
+        watch: WatchSpec {
+            punch_udp_ports: args.udp_ports,
+            punch_tcp_ports: args.tcp_ports,
+            stun_cookie: args.stun_cookie,
+            ignored_remotes: args.ignored_remotes,
+            ..WatchSpec::default()
+        },
+        metrics_listen: Some(args.metrics_listen),
+        require_ebpf: true,
+        flow_idle_timeout: std::time::Duration::from_secs(args.flow_idle_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let observer = Observer::start(options).await?;
+        shutdown_signal().await;
+        drop(observer);
+        tracing::info!("stopped");
+        Ok(())
+    })
 }
 
 fn credentials(args: CredentialsArgs) -> Result<()> {
@@ -367,7 +475,26 @@ async fn serve_async(config: Config) -> Result<()> {
         if let Some(addr) = config.server.discovery_listen {
             ports.push(addr.port());
         }
-        match UdpCounterProbe::load(&ports, &config.ebpf.interfaces) {
+        let interfaces = if config.ebpf.interfaces.is_empty() {
+            gateway::ebpf::interfaces_up()
+        } else {
+            config.ebpf.interfaces.clone()
+        };
+        // The server counts its own ports; its flows start with the peer's packet, so
+        // they are not punch flows (every one would read as a bounce).
+        let watch = WatchSpec {
+            counted_udp_ports: ports,
+            ..WatchSpec::default()
+        };
+        let loaded = if interfaces.is_empty() {
+            Err(EbpfError::Aya {
+                what: "no interface is up".into(),
+                cause: "nothing to attach to".into(),
+            })
+        } else {
+            EbpfProbe::load(&watch, &interfaces, AttachMode::Auto)
+        };
+        match loaded {
             Ok(probe) => {
                 metrics.registry.register(Box::new(probe.collector()?))?;
                 metrics.ebpf_loaded.set(1);
@@ -396,7 +523,7 @@ async fn serve_async(config: Config) -> Result<()> {
 
     let metrics_task = metrics_listener.map(|listener| {
         tracing::info!(url = %format!("http://{}/metrics", config.metrics.listen), "metrics listening");
-        tokio::spawn(metrics::serve(listener, metrics.clone()))
+        tokio::spawn(metrics::serve(listener, metrics.registry.clone()))
     });
     let secret = match &config.auth.secret_file {
         Some(path) => {

@@ -130,15 +130,7 @@ impl Metrics {
                 }
             }
         }
-        let build_info = IntGauge::with_opts(
-            Opts::new(
-                "gateway_build_info",
-                "Always 1; labels carry the build's version",
-            )
-            .const_label("version", env!("CARGO_PKG_VERSION")),
-        )?;
-        build_info.set(1);
-        registry.register(Box::new(build_info))?;
+        register_build_info(&registry)?;
         Ok(Self {
             udp_received_datagrams: counter(
                 "gateway_udp_received_datagrams_total",
@@ -214,12 +206,31 @@ impl Metrics {
 
     /// Renders the registry in the Prometheus text format.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4096);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::error!(error = %e, "cannot encode metrics");
-        }
-        out
+        render(&self.registry)
     }
+}
+
+/// Registers `gateway_build_info{version}` (always 1) in `registry`.
+pub fn register_build_info(registry: &Registry) -> Result<(), MetricsError> {
+    let build_info = IntGauge::with_opts(
+        Opts::new(
+            "gateway_build_info",
+            "Always 1; labels carry the build's version",
+        )
+        .const_label("version", env!("CARGO_PKG_VERSION")),
+    )?;
+    build_info.set(1);
+    registry.register(Box::new(build_info))?;
+    Ok(())
+}
+
+/// Renders any registry in the Prometheus text format.
+pub fn render(registry: &Registry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+        tracing::error!(error = %e, "cannot encode metrics");
+    }
+    out
 }
 
 /// Largest HTTP request head accepted on the metrics endpoint.
@@ -236,11 +247,13 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Serves `GET /metrics` (and a small index at `/`) until the task is dropped.
+/// Serves `GET /metrics` from `registry` (and a small index at `/`) until the task is
+/// dropped. The daemon passes its [`Metrics::registry`]; the peer agent and `gateway
+/// watch` pass their own.
 ///
 /// A deliberately small HTTP/1.x responder: one request per connection, bounded head
 /// size and time, a bounded number of connections.
-pub async fn serve(listener: TcpListener, metrics: Metrics) {
+pub async fn serve(listener: TcpListener, registry: Registry) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -254,17 +267,17 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
                 continue;
             }
         };
-        let metrics = metrics.clone();
+        let registry = registry.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = respond(stream, &metrics).await {
+            if let Err(e) = respond(stream, &registry).await {
                 tracing::debug!(error = %e, "metrics request failed");
             }
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn respond(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
         let mut chunk = [0u8; 1024];
@@ -296,7 +309,7 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
             (b"GET", b"/metrics") => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                metrics.render(),
+                render(registry),
             ),
             (b"GET", b"/") => (
                 "200 OK",
@@ -354,7 +367,7 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(serve(listener, metrics));
+        let server = tokio::spawn(serve(listener, metrics.registry.clone()));
         let get = |request: &'static str| async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             stream.write_all(request.as_bytes()).await.expect("write");

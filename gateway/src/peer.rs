@@ -45,6 +45,9 @@ pub enum PeerError {
     /// The agent task has stopped.
     #[error("the peer agent has stopped")]
     Stopped,
+    /// The eBPF observers or the agent's metrics endpoint could not start.
+    #[error(transparent)]
+    Observe(#[from] crate::observe::ObserveError),
 }
 
 /// How a path carries datagrams.
@@ -350,6 +353,8 @@ pub struct PeerOptions {
     pub connect: Option<String>,
     /// Forwarding, if any.
     pub forward: Option<Forward>,
+    /// eBPF punch observers on this host and the agent's own `/metrics`, if asked.
+    pub observe: Option<crate::observe::ObserveOptions>,
 }
 
 fn status(line: std::fmt::Arguments<'_>) {
@@ -385,11 +390,15 @@ pub async fn run(
         None => None,
     };
     let server = options.agent.server;
+    let rendezvous = crate::observe::rendezvous_endpoints(&options.agent);
     let mut client = PeerClient::start(options.bind, options.agent).await?;
     status(format_args!(
         "local {} server {server}",
         client.local_addr()
     ));
+    // Detaches the programs when `run` returns.
+    let _observer =
+        crate::observe::start_for_agent(options.observe, client.local_addr(), rendezvous).await?;
     if let Some(peer) = &options.connect {
         // Start asking now; the path is picked up from the PathUp event below.
         let (reply, _) = oneshot::channel();

@@ -55,7 +55,8 @@ pub fn gateway_binary() -> PathBuf {
     );
 }
 
-/// A `gateway serve` process running in a lab host's namespace; killed on drop.
+/// A `gateway serve` (or `gateway watch`) process running in a lab host's namespace;
+/// killed on drop.
 #[derive(Debug)]
 pub struct GatewayProcess {
     child: Option<Child>,
@@ -72,6 +73,26 @@ impl GatewayProcess {
         metrics_addr: SocketAddr,
         args: &[&str],
     ) -> Result<Self, DaemonError> {
+        Self::launch(host, metrics_addr, "serve", args)
+    }
+
+    /// Starts `gateway watch` (the eBPF punch observers of a host that runs no agent,
+    /// e.g. a NAT router) in `host`'s namespace with `args` added, serving metrics on
+    /// `metrics_addr`, and waits until /metrics answers.
+    pub fn start_watch(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        args: &[&str],
+    ) -> Result<Self, DaemonError> {
+        Self::launch(host, metrics_addr, "watch", args)
+    }
+
+    fn launch(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        subcommand: &str,
+        args: &[&str],
+    ) -> Result<Self, DaemonError> {
         let log = std::env::temp_dir().join(format!(
             "gateway-{}-{}.log",
             std::process::id(),
@@ -80,7 +101,7 @@ impl GatewayProcess {
         let log_file = std::fs::File::create(&log).map_err(io("creating the daemon log"))?;
         let mut command = host.command(&gateway_binary().to_string_lossy());
         command
-            .args(["serve", "--metrics-listen", &metrics_addr.to_string()])
+            .args([subcommand, "--metrics-listen", &metrics_addr.to_string()])
             .args(args)
             .env("GATEWAY_LOG", "info")
             .stdout(Stdio::null())

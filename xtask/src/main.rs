@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>` (see `cargo xtask --help`).
 mod bench;
 mod demo;
+mod ebpf_bench;
 mod toolchain;
 
 use std::process::ExitCode;
@@ -41,6 +42,10 @@ enum Command {
     /// Measure time from introduction to a direct path per NAT pair in the lab
     /// (median and p95), printing a markdown table.
     PunchBench(bench::PunchBenchArgs),
+    /// Measure what the eBPF programs cost per packet: BPF_PROG_TEST_RUN of each path
+    /// beside a pass-through program, and UDP throughput over a veth pair with nothing,
+    /// the pass-through, or the programs attached. Needs root; prints markdown tables.
+    BenchEbpf(ebpf_bench::BenchEbpfArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
         Command::Fuzz { seconds } => toolchain::fuzz(seconds),
         Command::Demo(args) => demo::demo(args),
         Command::PunchBench(args) => bench::punch_bench(args),
+        Command::BenchEbpf(args) => ebpf_bench::bench_ebpf(args),
         Command::Lab(command) => demo::lab(command),
     };
     match result {
