@@ -397,8 +397,16 @@ pub async fn run(
         client.local_addr()
     ));
     // Detaches the programs when `run` returns.
-    let _observer =
+    let observer =
         crate::observe::start_for_agent(options.observe, client.local_addr(), rendezvous).await?;
+    let path_metrics = match &observer {
+        Some(observer) => Some(PathMetrics::new(observer.registry()).map_err(|e| {
+            PeerError::Observe(crate::observe::ObserveError::Metrics(
+                crate::metrics::MetricsError::Registry(e),
+            ))
+        })?),
+        None => None,
+    };
     if let Some(peer) = &options.connect {
         // Start asking now; the path is picked up from the PathUp event below.
         let (reply, _) = oneshot::channel();
@@ -438,6 +446,9 @@ pub async fn run(
                 let Some(event) = event else { return Err(PeerError::Stopped) };
                 report(&event);
                 if let AgentEvent::PathUp { peer_id, remote, relayed, .. } = &event {
+                    if let Some(m) = &path_metrics {
+                        m.sessions(*relayed).inc();
+                    }
                     let ours = options.connect.as_deref().is_none_or(|p| p == peer_id);
                     let current = path.as_ref().map(|p| p.peer().to_owned());
                     if ours && current.as_deref().is_none_or(|p| p == peer_id) {
@@ -451,7 +462,12 @@ pub async fn run(
                         app_addr = Some(from);
                     }
                     match &path {
-                        Some(p) => p.send(&app_buf[..len])?,
+                        Some(p) => {
+                            p.send(&app_buf[..len])?;
+                            if let Some(m) = &path_metrics {
+                                m.bytes(p.kind(), "sent").inc_by(len as u64);
+                            }
+                        }
                         None => tracing::debug!("no path yet; dropped {len} bytes from {from}"),
                     }
                 }
@@ -459,6 +475,9 @@ pub async fn run(
             },
             data = path_recv => match data {
                 Some(payload) => {
+                    if let (Some(m), Some(p)) = (&path_metrics, &path) {
+                        m.bytes(p.kind(), "received").inc_by(payload.len() as u64);
+                    }
                     if let (Some(forward), Some(to)) = (&forward_socket, app_addr)
                         && let Err(e) = forward.send_to(&payload, to).await
                     {
@@ -468,6 +487,54 @@ pub async fn run(
                 None => return Err(PeerError::Stopped),
             },
         }
+    }
+}
+
+/// The agent's own view of its paths, for `/metrics` (`--metrics-listen`): sessions
+/// and forwarded bytes by path kind, so direct and relayed traffic can be compared.
+struct PathMetrics {
+    sessions: prometheus::IntCounterVec,
+    bytes: prometheus::IntCounterVec,
+}
+
+impl PathMetrics {
+    fn new(registry: &prometheus::Registry) -> Result<Self, prometheus::Error> {
+        let sessions = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "gateway_peer_sessions_total",
+                "Paths this agent brought up, by path (direct = punched, relayed = through the TURN relay); an upgrade counts as a new direct session",
+            ),
+            &["path"],
+        )?;
+        let bytes = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "gateway_peer_path_bytes_total",
+                "Forwarded application bytes by path and direction (sent, received)",
+            ),
+            &["path", "direction"],
+        )?;
+        registry.register(Box::new(sessions.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        for path in ["direct", "relayed"] {
+            sessions.with_label_values(&[path]);
+            for direction in ["sent", "received"] {
+                bytes.with_label_values(&[path, direction]);
+            }
+        }
+        Ok(Self { sessions, bytes })
+    }
+
+    fn sessions(&self, relayed: bool) -> prometheus::IntCounter {
+        self.sessions
+            .with_label_values(&[if relayed { "relayed" } else { "direct" }])
+    }
+
+    fn bytes(&self, kind: PathKind, direction: &str) -> prometheus::IntCounter {
+        let path = match kind {
+            PathKind::Direct { .. } => "direct",
+            PathKind::Relayed { .. } => "relayed",
+        };
+        self.bytes.with_label_values(&[path, direction])
     }
 }
 

@@ -43,22 +43,13 @@ const DASHBOARDS: &[(&str, Scenario)] = &[
 ///   agents' `gateway_peer_sessions_total{path}` and `gateway_peer_path_bytes_total`
 ///   also need [`AGENTS_SERVE_METRICS`], and the failing pair of the scenario must
 ///   then be relayed.
-const PENDING_PANELS: &[(&str, &str)] = &[
-    ("punching.json", "Punched flows"),
-    ("punching.json", "Flow table entries"),
-    ("punching.json", "Bounced packets by reason"),
-    ("punching.json", "Kernel-measured punch time"),
-    ("relay.json", "Relayed share of new sessions"),
-    ("relay.json", "New sessions by path"),
-    ("relay.json", "Relayed share of bytes"),
-    ("relay.json", "Session bytes by path"),
-];
+const PENDING_PANELS: &[(&str, &str)] = &[];
 
 /// Whether `gateway peer` serves its own /metrics (`--metrics-listen`, with the eBPF
 /// observer on `--ebpf-interface`). When set, every agent runs with
 /// [`AGENT_METRICS_ARGS`] and Prometheus scrapes it (job `gateway-agents`) through a
 /// [`TcpBridge`] from the server's namespace.
-const AGENTS_SERVE_METRICS: bool = false;
+const AGENTS_SERVE_METRICS: bool = true;
 /// The agents' flags when [`AGENTS_SERVE_METRICS`] is set.
 const AGENT_METRICS_ARGS: &[&str] = &[
     "--metrics-listen",
@@ -69,6 +60,11 @@ const AGENT_METRICS_ARGS: &[&str] = &[
 /// Where an agent serves /metrics in its own namespace (as in [`AGENT_METRICS_ARGS`]).
 const AGENT_METRICS_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9479);
+
+/// Where an initiator's forwarder listens for its local application, and where a
+/// responder's forwarder delivers (nothing needs to listen: the bytes are counted).
+const APP_LISTEN: &str = "127.0.0.1:5000";
+const APP_TARGET: &str = "127.0.0.1:6000";
 
 /// The gateway's /metrics in the server's namespace (loopback, its default).
 const GATEWAY_METRICS_ADDR: SocketAddr =
@@ -161,6 +157,14 @@ fn direct_and_failed_punch() -> Run {
             "--require-ebpf",
             "--secret-file",
             &secret_path,
+            // The lab's "public" ranges (RFC 5737) are reserved: allow them, or the
+            // failing pair could not be relayed.
+            "--allow-peer",
+            "198.51.100.0/24",
+            "--allow-peer",
+            "203.0.113.0/24",
+            "--allow-peer",
+            "192.0.2.0/24",
         ],
     )
     .expect("gateway starts with eBPF (is the object embedded? run `cargo xtask build-ebpf`)");
@@ -211,8 +215,11 @@ fn direct_and_failed_punch() -> Run {
     for (peer, host, connect) in &agents {
         let creds = credentials(peer);
         let mut args: Vec<&str> = DISCOVER.to_vec();
-        if let Some(other) = connect {
-            args.extend(["--connect", other]);
+        // Initiators carry a local UDP port to the responders' (so the path byte
+        // panels have traffic, direct and relayed).
+        match connect {
+            Some(other) => args.extend(["--connect", other, "--forward-listen", APP_LISTEN]),
+            None => args.extend(["--forward-to", APP_TARGET]),
         }
         if AGENTS_SERVE_METRICS {
             args.extend_from_slice(AGENT_METRICS_ARGS);
@@ -240,6 +247,9 @@ fn direct_and_failed_punch() -> Run {
         ("alice", "path-up"),
         ("bob", "path-up"),
         ("carol", "punch-failed"),
+        // ...after which carol and dave are relayed.
+        ("carol", "path-up peer dave relayed"),
+        ("dave", "path-up peer carol relayed"),
     ] {
         let agent = started
             .iter_mut()
@@ -251,6 +261,19 @@ fn direct_and_failed_punch() -> Run {
             "{peer} never printed {line}: {:?}",
             agent.seen()
         );
+    }
+    // Application traffic over both paths: alice to bob (direct), carol to dave
+    // (relayed).
+    for initiator in [site_host(&lab, "a", 0), site_host(&lab, "a", 1)] {
+        let app = initiator
+            .run(|| std::net::UdpSocket::bind("127.0.0.1:0"))
+            .expect("namespace")
+            .expect("app socket");
+        for i in 0..20 {
+            app.send_to(format!("app datagram {i}").as_bytes(), APP_LISTEN)
+                .expect("send");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     Run {
         prometheus,

@@ -8,7 +8,7 @@ use std::{
 };
 
 use gateway_tests::{
-    daemon::metric_value,
+    daemon::{http_get, metric_value},
     lab::{NatPreset, lab_available},
     punch::{self, PunchLab, Topology},
 };
@@ -295,11 +295,18 @@ fn pair_that_cannot_punch_falls_back_to_the_relay_and_forwards_traffic() {
     }
     // A port-restricted cone against a random-port symmetric NAT: no direct path
     // (docs/nat-matrix.md), so the agents fall back to the gateway's TURN relay.
+    // Both agents also serve their metrics and watch their interface in the kernel.
+    let observe = [
+        "--metrics-listen",
+        "127.0.0.1:9479",
+        "--ebpf-interface",
+        "eth0",
+    ];
     let mut pair = start_pair(
         NatPreset::port_restricted_cone(),
         NatPreset::symmetric(),
-        &["--forward-listen", "127.0.0.1:5000"],
-        &["--forward-to", "127.0.0.1:6000"],
+        &[&["--forward-listen", "127.0.0.1:5000"][..], &observe].concat(),
+        &[&["--forward-to", "127.0.0.1:6000"][..], &observe].concat(),
     );
     let up_a = pair
         .alice
@@ -400,5 +407,40 @@ fn pair_that_cannot_punch_falls_back_to_the_relay_and_forwards_traffic() {
     assert!(
         relayed("client_to_peer") >= 2.0 && relayed("peer_to_client") >= 2.0,
         "data and probes crossed the relay both ways:\n{text}"
+    );
+    // The agents' own metrics: one relayed session each, bytes counted on the relayed
+    // path; and their kernels count no punched flow (the relay is not a punch).
+    let agent_metrics = |site: &str| {
+        let host = pair.lab.site(site).expect("site").host(0).expect("host");
+        http_get(host, "127.0.0.1:9479".parse().expect("addr"), "/metrics").expect("agent metrics")
+    };
+    for site in ["a", "b"] {
+        let text = agent_metrics(site);
+        assert_eq!(
+            metric_value(&text, "gateway_peer_sessions_total", "path=\"relayed\""),
+            Some(1.0),
+            "site {site}:\n{text}"
+        );
+        assert_eq!(
+            metric_value(&text, "gateway_peer_sessions_total", "path=\"direct\""),
+            Some(0.0)
+        );
+        assert_eq!(metric_value(&text, "gateway_ebpf_loaded", ""), Some(1.0));
+        assert_eq!(
+            metric_value(&text, "gateway_punched_flows_total", ""),
+            Some(0.0),
+            "site {site}: a relayed path is not a punched flow\n{text}"
+        );
+    }
+    let alice = agent_metrics("a");
+    assert!(
+        metric_value(
+            &alice,
+            "gateway_peer_path_bytes_total",
+            "direction=\"sent\",path=\"relayed\""
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{alice}"
     );
 }
