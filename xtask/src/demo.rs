@@ -8,11 +8,14 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use gateway_tests::{
-    daemon::{GatewayProcess, PeerProcess, metric_value, stun_binding},
+    daemon::{GatewayProcess, PeerProcess, http_get, metric_value, stun_binding},
     lab::{self, Lab, LabAvailability, NatPreset},
 };
 
 use crate::toolchain;
+
+/// Where the demo's agents serve /metrics inside their namespaces.
+const AGENT_METRICS: &str = "127.0.0.1:9479";
 
 /// Options of `cargo xtask demo`.
 #[derive(Debug, clap::Args)]
@@ -152,6 +155,14 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "--require-ebpf",
             "--secret-file",
             &secret_arg,
+            // The lab's "public" addresses are RFC 5737 ranges, which the relay's
+            // default peer policy denies as reserved.
+            "--allow-peer",
+            "198.51.100.0/24",
+            "--allow-peer",
+            "203.0.113.0/24",
+            "--allow-peer",
+            "192.0.2.0/24",
         ],
     )
     .context("starting the gateway in the lab")?;
@@ -223,6 +234,10 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             &discover_port,
             "--discover",
             &discover_ip,
+            "--metrics-listen",
+            AGENT_METRICS,
+            "--ebpf-interface",
+            "eth0",
         ],
     )?;
     bob.wait_for("nat mapping", Duration::from_secs(5));
@@ -240,10 +255,18 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             &discover_port,
             "--discover",
             &discover_ip,
+            "--metrics-listen",
+            AGENT_METRICS,
+            "--ebpf-interface",
+            "eth0",
         ],
     )?;
-    let alice_up = alice.wait_for("path-up", Duration::from_secs(8)).is_some();
-    let bob_up = bob.wait_for("path-up", Duration::from_secs(2)).is_some();
+    // Direct within a few round trips; a pair that cannot punch is relayed after the
+    // 5 s punch window.
+    let alice_up = alice.wait_for("path-up", Duration::from_secs(14));
+    let bob_up = bob.wait_for("path-up", Duration::from_secs(3)).is_some();
+    let relayed = alice_up.as_deref().is_some_and(|l| l.contains(" relayed "));
+    let alice_up = alice_up.is_some();
     for line in alice.seen() {
         println!("   alice: {line}");
     }
@@ -257,10 +280,15 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         let mut buf = [0u8; 1500];
         let mut delivered = false;
         for _ in 0..5 {
-            app_a.send_to(b"hello bob, straight through both NATs", "127.0.0.1:5000")?;
+            app_a.send_to(b"hello bob", "127.0.0.1:5000")?;
             if let Ok((len, _)) = app_b.recv_from(&mut buf) {
                 println!(
-                    "   forwarded: alice's app -> 127.0.0.1:5000 ~~ direct path ~~> bob's app got {:?}",
+                    "   forwarded: alice's app -> 127.0.0.1:5000 ~~ {} ~~> bob's app got {:?}",
+                    if relayed {
+                        "through the gateway's TURN relay"
+                    } else {
+                        "direct path"
+                    },
                     String::from_utf8_lossy(&buf[..len])
                 );
                 delivered = true;
@@ -272,7 +300,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         }
     } else {
         println!(
-            "   => no direct path for this NAT pair (see docs/nat-matrix.md); the relay fallback is not built yet"
+            "   => no path for this NAT pair (see docs/nat-matrix.md: UDP blocked on a side?)"
         );
     }
     std::thread::sleep(Duration::from_millis(300));
@@ -304,10 +332,33 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
     for line in text.lines().filter(|l| {
         (l.starts_with("gateway_punch_attempts_total")
-            || l.starts_with("gateway_punch_outcomes_total"))
+            || l.starts_with("gateway_punch_outcomes_total")
+            || l.starts_with("gateway_turn_allocations")
+            || l.starts_with("gateway_relay_packets_total"))
             && !l.ends_with(" 0")
     }) {
         println!("   {line}");
+    }
+    for (name, host) in [("alice", host_a), ("bob", host_b)] {
+        println!("== {name}'s kernel view of the punch (eBPF, from the agent's /metrics)");
+        let agent_addr: SocketAddr = AGENT_METRICS.parse()?;
+        match http_get(host, agent_addr, "/metrics") {
+            Ok(text) => {
+                for line in text.lines().filter(|l| {
+                    (l.starts_with("gateway_punched_flows_total")
+                        || l.starts_with("gateway_bounced_packets_total")
+                        || l.starts_with("gateway_ebpf_punch_time_seconds_count")
+                        || l.starts_with("gateway_ebpf_punch_time_seconds_sum")
+                        || l.starts_with("gateway_ebpf_flow_table_entries")
+                        || l.starts_with("gateway_ebpf_loaded")
+                        || l.starts_with("gateway_peer_sessions_total"))
+                        && !l.ends_with(" 0")
+                }) {
+                    println!("   {line}");
+                }
+            }
+            Err(e) => println!("   (no agent metrics: {e})"),
+        }
     }
     println!(
         "== metrics URL (inside the lab): ip netns exec {} curl -s http://{metrics_addr}/metrics",
