@@ -25,12 +25,14 @@ use tracing_subscriber::EnvFilter;
     long_about = "Rendezvous and relay gateway for peer-to-peer NAT traversal.\n\n\
         `gateway serve` runs on a public Linux host: it answers STUN Binding requests, \
         registers peers and introduces them so both punch a hole at the same instant, \
-        exports Prometheus metrics, and counts its UDP traffic in the kernel with eBPF. \
-        `gateway peer` is the agent on each NATed host; with --ebpf-interface it also \
-        watches its punches in the kernel. `gateway watch` does that watching alone, \
-        for hosts that run no agent, such as a Linux NAT router.",
+        relays for those who cannot (standard TURN over UDP and TCP), exports Prometheus \
+        metrics, and counts its UDP traffic in the kernel with eBPF. `gateway peer` is \
+        the agent on each NATed host: it punches, falls back to the relay when punching \
+        fails, and with --ebpf-interface watches its punches in the kernel. `gateway \
+        watch` does that watching alone, for hosts that run no agent, such as a Linux NAT \
+        router.",
     after_help = "Not built yet (planned, see the project's issues): birthday punching for \
-        random-port symmetric NATs, the TURN relay and relay fallback, TCP splicing."
+        random-port symmetric NATs, TCP hole punching and splicing, TURN over TLS."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
@@ -42,8 +44,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the gateway daemon: the UDP service (STUN Binding), /metrics over HTTP,
-    /// and the eBPF traffic counters when it can load them. Stops on SIGINT/SIGTERM.
+    /// Run the gateway daemon: the UDP service (STUN Binding; with --secret-file also
+    /// the rendezvous and the TURN relay, UDP and TCP), /metrics over HTTP, and the
+    /// eBPF traffic counters when it can load them. Stops on SIGINT/SIGTERM.
     Serve(ServeArgs),
     /// Issue credentials for a peer (TURN REST convention: username `expiry:peer-id`,
     /// password = base64 HMAC-SHA1 of it under the shared secret). Prints shell
@@ -52,8 +55,9 @@ enum Command {
     /// Run the peer agent: register with a gateway, get introduced to another peer,
     /// punch a direct UDP path through both NATs, keep it alive and re-punch when it
     /// dies, and optionally carry a local UDP port over it. Prints one status line per
-    /// event (registered, introduced, path-up, punch-failed, path-down). No relay
-    /// fallback yet.
+    /// event (registered, introduced, path-up direct|relayed, punch-failed,
+    /// relay-fallback, path-down). Pairs that cannot punch are relayed through the
+    /// gateway's TURN relay and upgraded to direct when a later attempt works.
     Peer(PeerArgs),
     /// Watch punch flows in the kernel on a host that runs no agent, typically a
     /// Linux NAT router's WAN interface, and serve the counts on /metrics. Punch
