@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 
 use super::stun::{self, MessageWriter};
 
+pub mod client;
+
 /// TURN method numbers (RFC 8656 §17).
 pub mod method {
     /// Allocate (request/response only).
