@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>` (see `cargo xtask --help`).
 mod bench;
 mod demo;
+mod relay_bench;
 mod toolchain;
 
 use std::process::ExitCode;
@@ -41,6 +42,14 @@ enum Command {
     /// Measure time from introduction to a direct path per NAT pair in the lab
     /// (median and p95), printing a markdown table.
     PunchBench(bench::PunchBenchArgs),
+    /// Relay benchmark: start coturn (and with --gateway the gateway's relay) on
+    /// loopback, drive both alternately with the same standard-TURN load (relayed
+    /// messages/s client to client, loss, server CPU per message, allocations/s,
+    /// Bindings/s, memory per allocation) and print medians and ratios. Runs from a
+    /// release build (it rebuilds one first).
+    BenchRelay(relay_bench::BenchRelayArgs),
+    /// The relay benchmark's load against one running TURN server (loopback only).
+    TurnLoad(relay_bench::TurnLoadArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -56,6 +65,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::PunchBench(args) => bench::punch_bench(args),
         Command::Lab(command) => demo::lab(command),
+        Command::BenchRelay(args) => relay_bench::bench_relay(args),
+        Command::TurnLoad(args) => relay_bench::turn_load(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -375,6 +375,11 @@ impl Client {
         self.mapped
     }
 
+    /// The realm the server announced in its challenge, once known.
+    pub fn realm(&self) -> Option<&str> {
+        self.auth.as_ref().map(|auth| auth.realm.as_str())
+    }
+
     /// The lifetime last granted.
     pub fn lifetime(&self) -> Duration {
         self.lifetime

@@ -1,0 +1,167 @@
+//! The load generator's control plane: many sans-IO TURN clients, each with its own
+//! non-blocking UDP socket connected to the server, driven together with poll(2).
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use gateway::proto::{
+    credentials::SharedSecret,
+    turn::client::{Client, ClientConfig, Event},
+};
+
+use super::mmsg;
+
+/// A TURN server to load: where it is and the REST secret its users' passwords derive
+/// from.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Its UDP address.
+    pub server: SocketAddr,
+    /// The shared secret (TURN REST credentials).
+    pub secret: String,
+    /// Its process, for CPU time and RSS from /proc.
+    pub pid: Option<u32>,
+}
+
+/// One client: the state machine and its socket.
+pub struct Member {
+    /// The TURN client.
+    pub client: Client,
+    /// Its socket, connected to the server, non-blocking.
+    pub socket: UdpSocket,
+}
+
+impl Member {
+    /// A fresh socket and a client with credentials for peer id `load{id}`.
+    pub fn new(target: &Target, id: usize) -> io::Result<Self> {
+        let bind = if target.server.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let socket = UdpSocket::bind(bind)?;
+        socket.connect(target.server)?;
+        socket.set_nonblocking(true)?;
+        let expiry = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            + 3600;
+        let credentials = SharedSecret::new(target.secret.as_bytes())
+            .issue(&format!("load{id}"), expiry)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let config = ClientConfig::new(target.server, credentials.username, credentials.password);
+        Ok(Self {
+            client: Client::new(config, id as u64 ^ 0x5EED),
+            socket,
+        })
+    }
+
+    /// Sends every queued control datagram (a full socket buffer drops it: the
+    /// client's retransmission covers that).
+    pub fn flush(&mut self) -> io::Result<()> {
+        while let Some(transmit) = self.client.poll_transmit() {
+            match self.socket.send(&transmit.payload) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds everything queued on the socket to the client; returns how many
+    /// datagrams were read.
+    pub fn receive(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut count = 0;
+        loop {
+            match self.socket.recv(buf) {
+                Ok(len) => {
+                    count += 1;
+                    let server = self.client.server();
+                    let datagram = buf.get(..len).unwrap_or_default();
+                    let _ = self
+                        .client
+                        .handle_datagram(Instant::now(), server, datagram);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    return Ok(count);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Runs the client's timers if due, then sends what they queued.
+    pub fn tick(&mut self, now: Instant) -> io::Result<()> {
+        if self.client.poll_timeout().is_some_and(|t| t <= now) {
+            self.client.handle_timeout(now);
+        }
+        self.flush()
+    }
+}
+
+/// Reusable buffers for [`step`].
+#[derive(Default)]
+pub struct Stepper {
+    pollfds: Vec<libc::pollfd>,
+    buf: Vec<u8>,
+}
+
+impl Stepper {
+    /// One round of control-plane I/O for `members`: sends queued requests, waits up
+    /// to `max_wait` (or the earliest timer) for datagrams, feeds them and due timers
+    /// in, and appends each member's events with its index.
+    pub fn step(
+        &mut self,
+        members: &mut [Member],
+        max_wait: Duration,
+        events: &mut Vec<(usize, Event)>,
+    ) -> io::Result<()> {
+        if self.buf.len() < 65_536 {
+            self.buf = vec![0; 65_536];
+        }
+        for member in members.iter_mut() {
+            member.flush()?;
+        }
+        let now = Instant::now();
+        let wake = members
+            .iter()
+            .filter_map(|m| m.client.poll_timeout())
+            .min()
+            .map_or(max_wait, |t| t.saturating_duration_since(now).min(max_wait));
+        self.pollfds.clear();
+        self.pollfds.extend(members.iter().map(|m| libc::pollfd {
+            fd: m.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        let wait_ms = i32::try_from(wake.as_millis()).unwrap_or(i32::MAX);
+        mmsg::poll_readable(&mut self.pollfds, wait_ms)?;
+        for (member, pollfd) in members.iter_mut().zip(&self.pollfds) {
+            if pollfd.revents != 0 {
+                member.receive(&mut self.buf)?;
+            }
+        }
+        let now = Instant::now();
+        for (index, member) in members.iter_mut().enumerate() {
+            member.tick(now)?;
+            while let Some(event) = member.client.poll_event() {
+                events.push((index, event));
+            }
+        }
+        Ok(())
+    }
+}

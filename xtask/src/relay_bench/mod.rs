@@ -1,0 +1,683 @@
+//! `cargo xtask bench-relay` and `cargo xtask turn-load`: a TURN load generator that
+//! speaks standard TURN (the gateway's sans-IO client for the control plane,
+//! `sendmmsg`/`recvmmsg` for the data plane), so the same tool drives coturn and the
+//! gateway's relay side by side on this machine.
+//!
+//! `turn-load` runs the scenarios against one server that is already running.
+//! `bench-relay` starts coturn (and with `--gateway` the gateway) on loopback,
+//! alternates the same scenarios between them, and prints medians and ratios.
+mod fleet;
+mod load;
+mod mmsg;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use gateway_tests::coturn::{self, Coturn, CoturnConfig};
+
+use self::{
+    fleet::Target,
+    load::{Memory, Rate, Throughput, ThroughputOptions},
+};
+use crate::toolchain;
+
+/// The benchmark's shared secret and realm (loopback only, never a real secret).
+const SECRET: &str = "bench-relay-secret";
+const REALM: &str = "bench.relay";
+/// Relay port ranges: disjoint, below Linux's ephemeral range, wide enough for the
+/// held allocations.
+const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 19_999);
+const GATEWAY_RELAY_PORTS: (u16, u16) = (20_000, 29_999);
+
+/// Scenario options shared by `turn-load` and `bench-relay`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Clients relaying to each other in pairs in the throughput runs.
+    #[arg(long, default_value_t = 20)]
+    clients: usize,
+    /// Seconds each throughput run sends.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Payload sizes of the throughput runs (bytes, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "120,1200")]
+    payloads: Vec<usize>,
+    /// Messages each client may have in flight (0: send as fast as the socket takes,
+    /// like `turnutils_uclient -z 0`).
+    #[arg(long, default_value_t = 64)]
+    window: u64,
+    /// Upper bound on the messages of one throughput run.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_messages: u64,
+    /// Allocations (each deallocated at once) in the allocation-rate run.
+    #[arg(long, default_value_t = 2000)]
+    allocations: usize,
+    /// Allocations in progress at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Allocations held at once for memory per allocation (0 skips it).
+    #[arg(long, default_value_t = 5000)]
+    held: usize,
+    /// Seconds of the Binding-rate run.
+    #[arg(long, default_value_t = 5)]
+    binding_seconds: u64,
+    /// Sockets of the Binding-rate run (each keeps `--window` requests in flight).
+    #[arg(long, default_value_t = 4)]
+    binding_sockets: usize,
+}
+
+/// Options of `cargo xtask turn-load`.
+#[derive(Debug, clap::Args)]
+pub struct TurnLoadArgs {
+    /// The TURN server's UDP address (loopback).
+    #[arg(long)]
+    server: SocketAddr,
+    /// Its REST shared secret (coturn's --static-auth-secret).
+    #[arg(long)]
+    secret: String,
+    /// Its realm (checked against the one it announces).
+    #[arg(long)]
+    realm: Option<String>,
+    /// Its process id, for CPU per message and memory per allocation.
+    #[arg(long)]
+    pid: Option<u32>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+/// Options of `cargo xtask bench-relay`.
+#[derive(Debug, clap::Args)]
+pub struct BenchRelayArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Alternating rounds (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also start `gateway serve` as a relay and compare it with coturn.
+    #[arg(long)]
+    gateway: bool,
+    /// Also run coturn's own load tool (turnutils_uclient -y) against coturn once,
+    /// as a sanity check of the figures.
+    #[arg(long)]
+    uclient: bool,
+}
+
+/// Re-runs this xtask command from a release build when running from a debug one (a
+/// debug load generator would measure itself). Returns false when it did not.
+pub fn run_in_release() -> Result<bool> {
+    if !cfg!(debug_assertions) {
+        return Ok(false);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    eprintln!("bench: rebuilding xtask and gateway in release mode first");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .current_dir(toolchain::workspace_root())
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "xtask",
+            "-p",
+            "gateway",
+        ])
+        .status()
+        .context("running cargo build --release")?;
+    if !status.success() {
+        bail!("release build failed: {status}");
+    }
+    let xtask = toolchain::workspace_root().join("target/release/xtask");
+    let status = Command::new(xtask)
+        .args(args)
+        .status()
+        .context("running the release xtask")?;
+    if !status.success() {
+        bail!("release run failed: {status}");
+    }
+    Ok(true)
+}
+
+/// All figures of one server in one round.
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    throughput: Vec<Throughput>,
+    allocations: Option<Rate>,
+    bindings: Option<Rate>,
+}
+
+fn run_round(target: &Target, load: &LoadArgs, name: &str) -> Result<Figures> {
+    let mut figures = Figures::default();
+    for &payload in &load.payloads {
+        let result = load::throughput(
+            target,
+            ThroughputOptions {
+                clients: load.clients,
+                payload,
+                duration: Duration::from_secs(load.seconds),
+                window: load.window,
+                max_messages: load.max_messages,
+            },
+        )
+        .with_context(|| format!("{name}: throughput at {payload} bytes"))?;
+        eprintln!(
+            "{name}: {} B: {:.0} msg/s, sent {} received {} ({:.2}% lost), unexpected {}, server CPU {:?} ({}), generator CPU {:.2} s",
+            result.payload,
+            result.rate(),
+            result.sent,
+            result.received,
+            result.loss_percent(),
+            result.unexpected,
+            result.server_cpu,
+            result
+                .server_us_per_message()
+                .map_or("-".to_owned(), |us| format!("{us:.2} µs/msg")),
+            result.generator_cpu.as_secs_f64(),
+        );
+        figures.throughput.push(result);
+    }
+    let bindings = load::bindings(
+        target,
+        load.binding_sockets,
+        load.window.max(1),
+        Duration::from_secs(load.binding_seconds),
+        50_000_000,
+    )
+    .with_context(|| format!("{name}: bindings"))?;
+    eprintln!(
+        "{name}: Bindings: {:.0}/s ({} answered, {} unanswered, {:.1} s)",
+        bindings.per_second(),
+        bindings.count,
+        bindings.failures,
+        bindings.seconds
+    );
+    figures.bindings = Some(bindings);
+    let allocations = load::allocations(target, load.allocations, load.concurrency)
+        .with_context(|| format!("{name}: allocations"))?;
+    eprintln!(
+        "{name}: allocations: {:.0}/s ({} done, {} failed, {:.1} s)",
+        allocations.per_second(),
+        allocations.count,
+        allocations.failures,
+        allocations.seconds
+    );
+    figures.allocations = Some(allocations);
+    Ok(figures)
+}
+
+fn run_memory(target: &Target, load: &LoadArgs, name: &str) -> Result<Option<Memory>> {
+    if load.held == 0 || target.pid.is_none() {
+        return Ok(None);
+    }
+    let memory = load::memory(target, load.held, load.concurrency)
+        .with_context(|| format!("{name}: memory"))?;
+    eprintln!(
+        "{name}: {} allocations held: RSS {} -> {} KiB, {:.0} bytes each",
+        memory.allocations,
+        memory.rss_before_kib,
+        memory.rss_after_kib,
+        memory.bytes_per_allocation()
+    );
+    Ok(Some(memory))
+}
+
+/// `cargo xtask turn-load`.
+pub fn turn_load(args: TurnLoadArgs) -> Result<()> {
+    if !args.server.ip().is_loopback() {
+        bail!("turn-load only targets loopback addresses");
+    }
+    if run_in_release()? {
+        return Ok(());
+    }
+    raise_fd_limit();
+    let target = Target {
+        server: args.server,
+        secret: args.secret,
+        pid: args.pid,
+    };
+    if let Some(realm) = &args.realm {
+        check_realm(&target, realm)?;
+    }
+    let memory = run_memory(&target, &args.load, "target")?;
+    let figures = run_round(&target, &args.load, "target")?;
+    let columns = [Column {
+        name: "target".into(),
+        rounds: vec![figures],
+        memory,
+    }];
+    print_table(&args.load, &columns);
+    Ok(())
+}
+
+/// Allocates once and compares the realm the server announced with `realm`.
+fn check_realm(target: &Target, realm: &str) -> Result<()> {
+    let mut member = fleet::Member::new(target, 999_999)?;
+    member.client.allocate(Instant::now())?;
+    let mut stepper = fleet::Stepper::default();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while member.client.realm().is_none() && Instant::now() < deadline {
+        stepper.step(
+            std::slice::from_mut(&mut member),
+            Duration::from_millis(50),
+            &mut events,
+        )?;
+    }
+    match member.client.realm() {
+        Some(announced) if announced == realm => {}
+        Some(announced) => bail!("the server announces realm {announced:?}, not {realm:?}"),
+        None => bail!("the server never challenged an Allocate (no realm announced)"),
+    }
+    member.client.close(Instant::now());
+    member.flush()?;
+    Ok(())
+}
+
+/// A running `gateway serve`; killed on drop.
+struct GatewayServer {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+    command_line: String,
+}
+
+impl Drop for GatewayServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How the benchmark launches `gateway serve` as a TURN relay equivalent to the coturn
+/// instance (same secret, realm, loopback relay address, its own port range, loopback
+/// peers allowed). This is the one place that knows the relay's flags: adjust it when
+/// they settle.
+pub fn gateway_relay_command(
+    binary: &Path,
+    listen: SocketAddr,
+    secret_file: &Path,
+    realm: &str,
+    relay_ports: (u16, u16),
+) -> Command {
+    let mut command = Command::new(binary);
+    command.args([
+        "serve",
+        "--listen",
+        &listen.to_string(),
+        "--secret-file",
+        &secret_file.display().to_string(),
+        "--no-metrics",
+        "--no-ebpf",
+        "--realm",
+        realm,
+        "--relay-ip",
+        &listen.ip().to_string(),
+        "--relay-ports",
+        &format!("{}-{}", relay_ports.0, relay_ports.1),
+        "--allow-loopback-peers",
+    ]);
+    command
+}
+
+fn start_gateway() -> Result<GatewayServer> {
+    let binary = toolchain::workspace_root().join("target/release/gateway");
+    if !binary.is_file() {
+        bail!(
+            "{} is missing (cargo build --release -p gateway)",
+            binary.display()
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("bench-relay-gateway-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, SECRET)?;
+    let port = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let mut command =
+        gateway_relay_command(&binary, addr, &secret_file, REALM, GATEWAY_RELAY_PORTS);
+    let command_line = format!("{command:?}");
+    let log = std::fs::File::create(dir.join("gateway.log"))?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {command_line}"))?;
+    let server = GatewayServer {
+        child,
+        addr,
+        dir,
+        command_line,
+    };
+    if !coturn::wait_for_binding(addr, Duration::from_secs(10)) {
+        let log = std::fs::read_to_string(server.dir.join("gateway.log")).unwrap_or_default();
+        bail!(
+            "the gateway did not answer a Binding on {addr}; started as {}; log:\n{log}",
+            server.command_line
+        );
+    }
+    Ok(server)
+}
+
+struct Column {
+    name: String,
+    rounds: Vec<Figures>,
+    memory: Option<Memory>,
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 0 {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+/// One table row: a label, how to read the figure from a column, and whether more is
+/// better (for the ratio's reading).
+type Metric = (String, Box<dyn Fn(&Column) -> Option<f64>>, &'static str);
+
+fn metrics(load: &LoadArgs) -> Vec<Metric> {
+    let mut rows: Vec<Metric> = Vec::new();
+    for (i, &payload) in load.payloads.iter().enumerate() {
+        rows.push((
+            format!("relayed msg/s, {payload} B, {} clients", load.clients),
+            Box::new(move |c: &Column| {
+                median(
+                    c.rounds
+                        .iter()
+                        .filter_map(|r| r.throughput.get(i).map(Throughput::rate))
+                        .collect(),
+                )
+            }),
+            "%.0f",
+        ));
+        rows.push((
+            format!("loss %, {payload} B"),
+            Box::new(move |c: &Column| {
+                median(
+                    c.rounds
+                        .iter()
+                        .filter_map(|r| r.throughput.get(i).map(Throughput::loss_percent))
+                        .collect(),
+                )
+            }),
+            "%.2f",
+        ));
+        rows.push((
+            format!("server CPU µs per relayed msg, {payload} B"),
+            Box::new(move |c: &Column| {
+                median(
+                    c.rounds
+                        .iter()
+                        .filter_map(|r| {
+                            r.throughput
+                                .get(i)
+                                .and_then(Throughput::server_us_per_message)
+                        })
+                        .collect(),
+                )
+            }),
+            "%.2f",
+        ));
+    }
+    rows.push((
+        format!("allocations/s ({} with deallocation)", load.allocations),
+        Box::new(|c: &Column| {
+            median(
+                c.rounds
+                    .iter()
+                    .filter_map(|r| r.allocations.map(|a| a.per_second()))
+                    .collect(),
+            )
+        }),
+        "%.0f",
+    ));
+    rows.push((
+        "STUN Bindings/s".to_owned(),
+        Box::new(|c: &Column| {
+            median(
+                c.rounds
+                    .iter()
+                    .filter_map(|r| r.bindings.map(|b| b.per_second()))
+                    .collect(),
+            )
+        }),
+        "%.0f",
+    ));
+    rows.push((
+        format!("server RSS bytes per allocation ({} held)", load.held),
+        Box::new(|c: &Column| c.memory.map(|m| m.bytes_per_allocation())),
+        "%.0f",
+    ));
+    rows
+}
+
+fn format_value(value: Option<f64>, format: &str) -> String {
+    match (value, format) {
+        (None, _) => "—".to_owned(),
+        (Some(v), "%.2f") => format!("{v:.2}"),
+        (Some(v), _) => format!("{v:.0}"),
+    }
+}
+
+fn print_table(load: &LoadArgs, columns: &[Column]) {
+    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+    let ratio_header = if columns.len() == 2 {
+        format!(" {} / {} |", names[1], names[0])
+    } else {
+        String::new()
+    };
+    println!("| metric | {} |{ratio_header}", names.join(" | "));
+    println!(
+        "|---|{}{}",
+        "---|".repeat(columns.len()),
+        if columns.len() == 2 { "---|" } else { "" }
+    );
+    for (label, read, format) in metrics(load) {
+        let values: Vec<Option<f64>> = columns.iter().map(|c| read(c)).collect();
+        let cells: Vec<String> = values.iter().map(|v| format_value(*v, format)).collect();
+        let ratio = match (columns.len(), values.first(), values.get(1)) {
+            (2, Some(Some(base)), Some(Some(other))) if *base != 0.0 => {
+                format!(" {:.2}x |", other / base)
+            }
+            (2, _, _) => " — |".to_owned(),
+            _ => String::new(),
+        };
+        println!("| {label} | {} |{ratio}", cells.join(" | "));
+    }
+}
+
+/// Runs coturn's own load tool against `coturn` once and prints what it reports.
+fn run_uclient(coturn: &Coturn, load: &LoadArgs) -> Result<()> {
+    let payload = load.payloads.first().copied().unwrap_or(120);
+    let messages = 10_000;
+    let args = [
+        "-y".to_owned(),
+        "-c".to_owned(),
+        "-m".to_owned(),
+        load.clients.to_string(),
+        "-n".to_owned(),
+        messages.to_string(),
+        "-l".to_owned(),
+        payload.to_string(),
+        "-z".to_owned(),
+        "0".to_owned(),
+        "-u".to_owned(),
+        "bench".to_owned(),
+        "-W".to_owned(),
+        SECRET.to_owned(),
+        "-p".to_owned(),
+        coturn.addr().port().to_string(),
+        coturn.addr().ip().to_string(),
+    ];
+    eprintln!("uclient: turnutils_uclient {}", args.join(" "));
+    let cpu_before = load::process_cpu(coturn.pid());
+    let started = Instant::now();
+    let mut child = Command::new("turnutils_uclient")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting turnutils_uclient (Debian's coturn package)")?;
+    let stdout = child.stdout.take().context("uclient's stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stdout), &mut text);
+        text
+    });
+    let limit = Duration::from_secs(120);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("turnutils_uclient ran longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, load::process_cpu(coturn.pid())) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let text = reader.join().unwrap_or_default();
+    let summary = uclient_summary(&text);
+    match summary {
+        Some((sent, received, seconds)) => {
+            let rate = received as f64 / seconds.max(1) as f64;
+            let loss = 100.0 * sent.saturating_sub(received) as f64 / sent.max(1) as f64;
+            println!(
+                "turnutils_uclient ({} clients, {payload} B): sent {sent}, received {received} in {seconds} s (its own whole-second timer; {wall:.1} s wall with setup): {rate:.0} msg/s, {loss:.2}% lost; coturn CPU {}",
+                load.clients,
+                cpu.map_or("-".to_owned(), |c| format!(
+                    "{:.2} s = {:.2} µs/msg",
+                    c.as_secs_f64(),
+                    c.as_secs_f64() * 1e6 / received.max(1) as f64
+                )),
+            );
+        }
+        None => bail!("could not read turnutils_uclient's summary:\n{text}"),
+    }
+    Ok(())
+}
+
+/// (sent, received, transmit seconds) from uclient's closing lines.
+fn uclient_summary(text: &str) -> Option<(u64, u64, u64)> {
+    let mut totals = None;
+    let mut seconds = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("start_mclient: tot_send_msgs=").nth(1) {
+            let (sent, rest) = rest.split_once(", tot_recv_msgs=")?;
+            totals = Some((sent.trim().parse().ok()?, rest.trim().parse().ok()?));
+        }
+        if let Some(rest) = line.split("Total transmit time is ").nth(1) {
+            seconds = rest.trim().parse().ok();
+        }
+    }
+    let (sent, received) = totals?;
+    Some((sent, received, seconds?))
+}
+
+/// `cargo xtask bench-relay`.
+pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
+    if run_in_release()? {
+        return Ok(());
+    }
+    raise_fd_limit();
+    let mut config = CoturnConfig::loopback(SECRET, REALM);
+    config.relay_ports = COTURN_RELAY_PORTS;
+    let coturn = Coturn::start(&config).context("starting coturn")?;
+    eprintln!("coturn: {}", coturn.command_line());
+    let coturn_target = Target {
+        server: coturn.addr(),
+        secret: SECRET.to_owned(),
+        pid: Some(coturn.pid()),
+    };
+    check_realm(&coturn_target, REALM)?;
+    let gateway = if args.gateway {
+        let gateway = start_gateway()?;
+        eprintln!("gateway: {}", gateway.command_line);
+        Some(gateway)
+    } else {
+        None
+    };
+    let gateway_target = gateway.as_ref().map(|g| Target {
+        server: g.addr,
+        secret: SECRET.to_owned(),
+        pid: Some(g.child.id()),
+    });
+    if let Some(target) = &gateway_target {
+        check_realm(target, REALM)?;
+    }
+    if args.uclient {
+        run_uclient(&coturn, &args.load)?;
+    }
+
+    let mut columns = vec![Column {
+        name: "coturn".into(),
+        rounds: Vec::new(),
+        memory: None,
+    }];
+    if gateway_target.is_some() {
+        columns.push(Column {
+            name: "gateway".into(),
+            rounds: Vec::new(),
+            memory: None,
+        });
+    }
+    let targets: Vec<(&str, &Target)> = std::iter::once(("coturn", &coturn_target))
+        .chain(gateway_target.as_ref().map(|t| ("gateway", t)))
+        .collect();
+    // Memory first, on fresh servers.
+    for (column, (name, target)) in columns.iter_mut().zip(&targets) {
+        column.memory = run_memory(target, &args.load, name)?;
+    }
+    for round in 0..args.rounds.max(1) {
+        // Alternate who goes first, so neither always runs on a warmer machine.
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for index in order {
+            let (name, target) = targets[index];
+            eprintln!("round {}: {name}", round + 1);
+            let figures = run_round(target, &args.load, name)?;
+            columns[index].rounds.push(figures);
+        }
+    }
+    print_table(&args.load, &columns);
+    drop(gateway);
+    drop(coturn);
+    Ok(())
+}
+
+/// Holding thousands of allocations needs thousands of sockets here and in the
+/// servers (which inherit the limit): raise the soft descriptor limit to the hard one.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a zeroed rlimit.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
