@@ -2,8 +2,9 @@
 //! non-blocking UDP socket connected to the server, driven together with poll(2).
 use std::{
     io,
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd,
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -34,15 +35,35 @@ pub struct Member {
     pub socket: UdpSocket,
 }
 
+/// A local address no other socket of this process has used: for an IPv4 server,
+/// the next address of 127.1.0.1..127.254.255.254 (all of 127/8 is local on Linux),
+/// port chosen by the kernel; for IPv6, `[::1]:0`.
+///
+/// Servers may keep state for a 5-tuple after its allocation is released (coturn
+/// answers a new Allocate from a reused 5-tuple with 437 for a while), so a benchmark
+/// that opens thousands of sockets must never repeat one.
+pub fn fresh_local_addr(server: SocketAddr) -> SocketAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    if server.is_ipv6() {
+        return SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
+    }
+    // 254 * 256 * 254 addresses, skipping .0 and .255 in the last octet.
+    let n = NEXT.fetch_add(1, Ordering::Relaxed) % (254 * 256 * 254);
+    let last = (n % 254) + 1;
+    let third = (n / 254) % 256;
+    let second = n / (254 * 256) + 1;
+    let octet = |v: u32| u8::try_from(v).unwrap_or(1);
+    SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(127, octet(second), octet(third), octet(last))),
+        0,
+    )
+}
+
 impl Member {
-    /// A fresh socket and a client with credentials for peer id `load{id}`.
+    /// A fresh socket (see [`fresh_local_addr`]) and a client with credentials for
+    /// peer id `load{id}`.
     pub fn new(target: &Target, id: usize) -> io::Result<Self> {
-        let bind = if target.server.is_ipv4() {
-            "127.0.0.1:0"
-        } else {
-            "[::1]:0"
-        };
-        let socket = UdpSocket::bind(bind)?;
+        let socket = UdpSocket::bind(fresh_local_addr(target.server))?;
         socket.connect(target.server)?;
         socket.set_nonblocking(true)?;
         let expiry = SystemTime::now()

@@ -63,6 +63,11 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// The target's CPU time since `before`.
+fn cpu_used(target: &Target, before: Option<Duration>) -> Option<Duration> {
+    Some(target.pid.and_then(process_cpu)?.saturating_sub(before?))
+}
+
 /// CPU time this process has used.
 fn own_cpu() -> Duration {
     // SAFETY: getrusage writes into the zeroed struct we pass.
@@ -80,7 +85,7 @@ fn own_cpu() -> Duration {
 
 /// Allocates on `count` fresh members at once (up to `concurrency` in flight at a
 /// time) and returns them allocated; fails on any refusal.
-fn allocate_many(
+pub fn allocate_many(
     target: &Target,
     first_id: usize,
     count: usize,
@@ -127,7 +132,7 @@ fn allocate_many(
 
 /// Deallocates every member (up to `concurrency` in flight) and waits for the
 /// answers; members that fail or time out are counted, not fatal.
-fn deallocate_all(members: Vec<Member>, concurrency: usize) -> Result<usize> {
+pub fn deallocate_all(members: Vec<Member>, concurrency: usize) -> Result<usize> {
     let deadline = Instant::now() + PHASE_LIMIT;
     let mut waiting = members;
     let mut active: Vec<Member> = Vec::new();
@@ -364,10 +369,7 @@ pub fn throughput(target: &Target, options: ThroughputOptions) -> Result<Through
         .saturating_duration_since(started)
         .as_secs_f64()
         .max(1e-3);
-    let server_cpu = match (server_cpu_before, target.pid.and_then(process_cpu)) {
-        (Some(before), Some(after)) => Some(after.saturating_sub(before)),
-        _ => None,
-    };
+    let server_cpu = cpu_used(target, server_cpu_before);
     let generator_cpu = own_cpu().saturating_sub(generator_cpu_before);
     let result = Throughput {
         payload: options.payload,
@@ -392,6 +394,8 @@ pub struct Rate {
     pub failures: u64,
     /// How long they took.
     pub seconds: f64,
+    /// The server's CPU time meanwhile, if its PID was given.
+    pub server_cpu: Option<Duration>,
 }
 
 impl Rate {
@@ -399,11 +403,18 @@ impl Rate {
     pub fn per_second(&self) -> f64 {
         self.count as f64 / self.seconds.max(1e-9)
     }
+
+    /// Server CPU microseconds per success.
+    pub fn server_us_each(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.count > 0).then(|| cpu.as_secs_f64() * 1e6 / self.count as f64)
+    }
 }
 
 /// Allocation rate: `total` allocations, each deallocated right after it succeeds,
 /// with up to `concurrency` clients at work at a time (each on a fresh socket).
 pub fn allocations(target: &Target, total: usize, concurrency: usize) -> Result<Rate> {
+    let cpu_before = target.pid.and_then(process_cpu);
     let started = Instant::now();
     let deadline = started + PHASE_LIMIT;
     let mut active: Vec<Member> = Vec::new();
@@ -446,6 +457,7 @@ pub fn allocations(target: &Target, total: usize, concurrency: usize) -> Result<
         count: allocated,
         failures,
         seconds: started.elapsed().as_secs_f64(),
+        server_cpu: cpu_used(target, cpu_before),
     })
 }
 
@@ -458,14 +470,9 @@ pub fn bindings(
     duration: Duration,
     max: u64,
 ) -> Result<Rate> {
-    let bind = if target.server.is_ipv4() {
-        "127.0.0.1:0"
-    } else {
-        "[::1]:0"
-    };
     let mut endpoints = Vec::with_capacity(sockets);
     for i in 0..sockets.max(1) {
-        let socket = UdpSocket::bind(bind)?;
+        let socket = UdpSocket::bind(super::fleet::fresh_local_addr(target.server))?;
         socket.connect(target.server)?;
         socket.set_nonblocking(true)?;
         let mut tid = [0u8; 12];
@@ -488,6 +495,7 @@ pub fn bindings(
             revents: 0,
         })
         .collect();
+    let cpu_before = target.pid.and_then(process_cpu);
     let started = Instant::now();
     let until = started + duration;
     let mut total = 0u64;
@@ -535,6 +543,7 @@ pub fn bindings(
         count: total,
         failures: sent_total.saturating_sub(total),
         seconds,
+        server_cpu: cpu_used(target, cpu_before),
     })
 }
 

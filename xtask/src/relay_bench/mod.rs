@@ -34,9 +34,30 @@ const REALM: &str = "bench.relay";
 const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 19_999);
 const GATEWAY_RELAY_PORTS: (u16, u16) = (20_000, 29_999);
 
+/// The measurements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Relayed messages per second client to client, loss, server CPU per message.
+    Throughput,
+    /// STUN Binding requests answered per second.
+    Bindings,
+    /// Allocations (with deallocation) per second.
+    Allocations,
+    /// Server RSS per held allocation.
+    Memory,
+}
+
 /// Scenario options shared by `turn-load` and `bench-relay`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoadArgs {
+    /// Which measurements to run (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "throughput,bindings,allocations,memory"
+    )]
+    scenarios: Vec<Scenario>,
     /// Clients relaying to each other in pairs in the throughput runs.
     #[arg(long, default_value_t = 20)]
     clients: usize,
@@ -53,8 +74,9 @@ pub struct LoadArgs {
     /// Upper bound on the messages of one throughput run.
     #[arg(long, default_value_t = 10_000_000)]
     max_messages: u64,
-    /// Allocations (each deallocated at once) in the allocation-rate run.
-    #[arg(long, default_value_t = 2000)]
+    /// Allocations (each deallocated at once) in the allocation-rate run (coturn
+    /// does 2000 in about 0.3 s here, too short to time well, hence more).
+    #[arg(long, default_value_t = 5000)]
     allocations: usize,
     /// Allocations in progress at once.
     #[arg(long, default_value_t = 32)]
@@ -148,11 +170,18 @@ struct Figures {
     throughput: Vec<Throughput>,
     allocations: Option<Rate>,
     bindings: Option<Rate>,
+    /// Measured once per server, first, on the fresh process.
+    memory: Option<Memory>,
 }
 
 fn run_round(target: &Target, load: &LoadArgs, name: &str) -> Result<Figures> {
     let mut figures = Figures::default();
-    for &payload in &load.payloads {
+    let payloads: &[usize] = if load.scenarios.contains(&Scenario::Throughput) {
+        &load.payloads
+    } else {
+        &[]
+    };
+    for &payload in payloads {
         let result = load::throughput(
             target,
             ThroughputOptions {
@@ -180,6 +209,16 @@ fn run_round(target: &Target, load: &LoadArgs, name: &str) -> Result<Figures> {
         );
         figures.throughput.push(result);
     }
+    if load.scenarios.contains(&Scenario::Bindings) {
+        run_bindings(target, load, name, &mut figures)?;
+    }
+    if load.scenarios.contains(&Scenario::Allocations) {
+        run_allocations(target, load, name, &mut figures)?;
+    }
+    Ok(figures)
+}
+
+fn run_bindings(target: &Target, load: &LoadArgs, name: &str, figures: &mut Figures) -> Result<()> {
     let bindings = load::bindings(
         target,
         load.binding_sockets,
@@ -196,6 +235,15 @@ fn run_round(target: &Target, load: &LoadArgs, name: &str) -> Result<Figures> {
         bindings.seconds
     );
     figures.bindings = Some(bindings);
+    Ok(())
+}
+
+fn run_allocations(
+    target: &Target,
+    load: &LoadArgs,
+    name: &str,
+    figures: &mut Figures,
+) -> Result<()> {
     let allocations = load::allocations(target, load.allocations, load.concurrency)
         .with_context(|| format!("{name}: allocations"))?;
     eprintln!(
@@ -206,11 +254,11 @@ fn run_round(target: &Target, load: &LoadArgs, name: &str) -> Result<Figures> {
         allocations.seconds
     );
     figures.allocations = Some(allocations);
-    Ok(figures)
+    Ok(())
 }
 
 fn run_memory(target: &Target, load: &LoadArgs, name: &str) -> Result<Option<Memory>> {
-    if load.held == 0 || target.pid.is_none() {
+    if load.held == 0 || target.pid.is_none() || !load.scenarios.contains(&Scenario::Memory) {
         return Ok(None);
     }
     let memory = load::memory(target, load.held, load.concurrency)
@@ -243,38 +291,30 @@ pub fn turn_load(args: TurnLoadArgs) -> Result<()> {
         check_realm(&target, realm)?;
     }
     let memory = run_memory(&target, &args.load, "target")?;
-    let figures = run_round(&target, &args.load, "target")?;
+    let mut figures = run_round(&target, &args.load, "target")?;
+    figures.memory = memory;
     let columns = [Column {
         name: "target".into(),
         rounds: vec![figures],
-        memory,
     }];
     print_table(&args.load, &columns);
     Ok(())
 }
 
-/// Allocates once and compares the realm the server announced with `realm`.
+/// Allocates once, compares the realm the server announced with `realm`, and
+/// releases the allocation.
 fn check_realm(target: &Target, realm: &str) -> Result<()> {
-    let mut member = fleet::Member::new(target, 999_999)?;
-    member.client.allocate(Instant::now())?;
-    let mut stepper = fleet::Stepper::default();
-    let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while member.client.realm().is_none() && Instant::now() < deadline {
-        stepper.step(
-            std::slice::from_mut(&mut member),
-            Duration::from_millis(50),
-            &mut events,
-        )?;
-    }
-    match member.client.realm() {
-        Some(announced) if announced == realm => {}
+    let members = load::allocate_many(target, 999_000, 1, 1)?;
+    let announced = members
+        .first()
+        .and_then(|m| m.client.realm())
+        .map(str::to_owned);
+    load::deallocate_all(members, 1)?;
+    match announced {
+        Some(announced) if announced == realm => Ok(()),
         Some(announced) => bail!("the server announces realm {announced:?}, not {realm:?}"),
-        None => bail!("the server never challenged an Allocate (no realm announced)"),
+        None => bail!("the server allocated without a challenge (no realm announced)"),
     }
-    member.client.close(Instant::now());
-    member.flush()?;
-    Ok(())
 }
 
 /// A running `gateway serve`; killed on drop.
@@ -356,7 +396,16 @@ fn start_gateway() -> Result<GatewayServer> {
         dir,
         command_line,
     };
-    if !coturn::wait_for_binding(addr, Duration::from_secs(10)) {
+    let mut server = server;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ready = false;
+    while Instant::now() < deadline && server.child.try_wait()?.is_none() {
+        if coturn::wait_for_binding(addr, Duration::from_millis(200)) {
+            ready = true;
+            break;
+        }
+    }
+    if !ready {
         let log = std::fs::read_to_string(server.dir.join("gateway.log")).unwrap_or_default();
         bail!(
             "the gateway did not answer a Binding on {addr}; started as {}; log:\n{log}",
@@ -368,8 +417,8 @@ fn start_gateway() -> Result<GatewayServer> {
 
 struct Column {
     name: String,
+    /// One entry per round, plus one holding the memory figure.
     rounds: Vec<Figures>,
-    memory: Option<Memory>,
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -386,97 +435,82 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     })
 }
 
-/// One table row: a label, how to read the figure from a column, and whether more is
-/// better (for the ratio's reading).
-type Metric = (String, Box<dyn Fn(&Column) -> Option<f64>>, &'static str);
+/// How many decimals a row shows.
+#[derive(Clone, Copy)]
+enum Precision {
+    Whole,
+    Hundredths,
+}
+
+/// One table row: a label, how to read the figure from one round, and its precision.
+type Metric = (String, Box<dyn Fn(&Figures) -> Option<f64>>, Precision);
+
+/// The median over a column's rounds of one row's figure.
+fn column_value(column: &Column, read: &dyn Fn(&Figures) -> Option<f64>) -> Option<f64> {
+    median(column.rounds.iter().filter_map(read).collect())
+}
 
 fn metrics(load: &LoadArgs) -> Vec<Metric> {
+    use Precision::{Hundredths, Whole};
     let mut rows: Vec<Metric> = Vec::new();
     for (i, &payload) in load.payloads.iter().enumerate() {
+        let at = move |r: &Figures| r.throughput.get(i).copied();
         rows.push((
             format!("relayed msg/s, {payload} B, {} clients", load.clients),
-            Box::new(move |c: &Column| {
-                median(
-                    c.rounds
-                        .iter()
-                        .filter_map(|r| r.throughput.get(i).map(Throughput::rate))
-                        .collect(),
-                )
-            }),
-            "%.0f",
+            Box::new(move |r| at(r).map(|t| t.rate())),
+            Whole,
         ));
         rows.push((
             format!("loss %, {payload} B"),
-            Box::new(move |c: &Column| {
-                median(
-                    c.rounds
-                        .iter()
-                        .filter_map(|r| r.throughput.get(i).map(Throughput::loss_percent))
-                        .collect(),
-                )
-            }),
-            "%.2f",
+            Box::new(move |r| at(r).map(|t| t.loss_percent())),
+            Hundredths,
         ));
         rows.push((
             format!("server CPU µs per relayed msg, {payload} B"),
-            Box::new(move |c: &Column| {
-                median(
-                    c.rounds
-                        .iter()
-                        .filter_map(|r| {
-                            r.throughput
-                                .get(i)
-                                .and_then(Throughput::server_us_per_message)
-                        })
-                        .collect(),
-                )
-            }),
-            "%.2f",
+            Box::new(move |r| at(r).and_then(|t| t.server_us_per_message())),
+            Hundredths,
         ));
     }
     rows.push((
         format!("allocations/s ({} with deallocation)", load.allocations),
-        Box::new(|c: &Column| {
-            median(
-                c.rounds
-                    .iter()
-                    .filter_map(|r| r.allocations.map(|a| a.per_second()))
-                    .collect(),
-            )
-        }),
-        "%.0f",
+        Box::new(|r| r.allocations.map(|a| a.per_second())),
+        Whole,
+    ));
+    rows.push((
+        "server CPU µs per allocation (401 round and deallocation included)".to_owned(),
+        Box::new(|r| r.allocations.and_then(|a| a.server_us_each())),
+        Hundredths,
     ));
     rows.push((
         "STUN Bindings/s".to_owned(),
-        Box::new(|c: &Column| {
-            median(
-                c.rounds
-                    .iter()
-                    .filter_map(|r| r.bindings.map(|b| b.per_second()))
-                    .collect(),
-            )
-        }),
-        "%.0f",
+        Box::new(|r| r.bindings.map(|b| b.per_second())),
+        Whole,
+    ));
+    rows.push((
+        "server CPU µs per Binding".to_owned(),
+        Box::new(|r| r.bindings.and_then(|b| b.server_us_each())),
+        Hundredths,
     ));
     rows.push((
         format!("server RSS bytes per allocation ({} held)", load.held),
-        Box::new(|c: &Column| c.memory.map(|m| m.bytes_per_allocation())),
-        "%.0f",
+        Box::new(|r| r.memory.map(|m| m.bytes_per_allocation())),
+        Whole,
     ));
     rows
 }
 
-fn format_value(value: Option<f64>, format: &str) -> String {
-    match (value, format) {
+fn format_value(value: Option<f64>, precision: Precision) -> String {
+    match (value, precision) {
         (None, _) => "—".to_owned(),
-        (Some(v), "%.2f") => format!("{v:.2}"),
-        (Some(v), _) => format!("{v:.0}"),
+        (Some(v), Precision::Hundredths) => format!("{v:.2}"),
+        (Some(v), Precision::Whole) => format!("{v:.0}"),
     }
 }
 
 fn print_table(load: &LoadArgs, columns: &[Column]) {
     let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    let ratio_header = if columns.len() == 2 {
+    let pair = columns.len() == 2;
+    let ratio_header = if pair {
         format!(" {} / {} |", names[1], names[0])
     } else {
         String::new()
@@ -485,19 +519,26 @@ fn print_table(load: &LoadArgs, columns: &[Column]) {
     println!(
         "|---|{}{}",
         "---|".repeat(columns.len()),
-        if columns.len() == 2 { "---|" } else { "" }
+        if pair { "---|" } else { "" }
     );
-    for (label, read, format) in metrics(load) {
-        let values: Vec<Option<f64>> = columns.iter().map(|c| read(c)).collect();
-        let cells: Vec<String> = values.iter().map(|v| format_value(*v, format)).collect();
-        let ratio = match (columns.len(), values.first(), values.get(1)) {
-            (2, Some(Some(base)), Some(Some(other))) if *base != 0.0 => {
-                format!(" {:.2}x |", other / base)
-            }
-            (2, _, _) => " — |".to_owned(),
-            _ => String::new(),
-        };
-        println!("| {label} | {} |{ratio}", cells.join(" | "));
+    let ratio = |values: &[Option<f64>]| match values {
+        [Some(base), Some(other)] if *base != 0.0 => format!(" {:.2}x |", other / base),
+        [_, _] => " — |".to_owned(),
+        _ => String::new(),
+    };
+    for (label, read, precision) in metrics(load) {
+        let values: Vec<Option<f64>> = columns
+            .iter()
+            .map(|c| column_value(c, read.as_ref()))
+            .collect();
+        if values.iter().all(Option::is_none) {
+            continue;
+        }
+        let cells: Vec<String> = values
+            .iter()
+            .map(|v| format_value(*v, precision))
+            .collect();
+        println!("| {label} | {} |{}", cells.join(" | "), ratio(&values));
     }
 }
 
@@ -633,13 +674,11 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
     let mut columns = vec![Column {
         name: "coturn".into(),
         rounds: Vec::new(),
-        memory: None,
     }];
     if gateway_target.is_some() {
         columns.push(Column {
             name: "gateway".into(),
             rounds: Vec::new(),
-            memory: None,
         });
     }
     let targets: Vec<(&str, &Target)> = std::iter::once(("coturn", &coturn_target))
@@ -647,7 +686,11 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         .collect();
     // Memory first, on fresh servers.
     for (column, (name, target)) in columns.iter_mut().zip(&targets) {
-        column.memory = run_memory(target, &args.load, name)?;
+        let memory = run_memory(target, &args.load, name)?;
+        column.rounds.push(Figures {
+            memory,
+            ..Figures::default()
+        });
     }
     for round in 0..args.rounds.max(1) {
         // Alternate who goes first, so neither always runs on a warmer machine.
