@@ -186,3 +186,26 @@ impl Stepper {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_local_addresses_never_repeat_and_are_bindable() {
+        let server: SocketAddr = "127.0.0.1:3478".parse().expect("literal");
+        let addrs: Vec<SocketAddr> = (0..600).map(|_| fresh_local_addr(server)).collect();
+        let unique: std::collections::HashSet<_> = addrs.iter().collect();
+        assert_eq!(unique.len(), addrs.len());
+        for addr in &addrs {
+            let IpAddr::V4(ip) = addr.ip() else {
+                panic!("IPv4 server, IPv6 address {addr}");
+            };
+            assert!(ip.is_loopback() && ip.octets()[1] >= 1, "{ip}");
+            assert!(!matches!(ip.octets()[3], 0 | 255), "{ip}");
+        }
+        UdpSocket::bind(addrs[599]).expect("any 127/8 address binds on Linux");
+        let v6: SocketAddr = "[::1]:3478".parse().expect("literal");
+        assert_eq!(fresh_local_addr(v6), "[::1]:0".parse().expect("literal"));
+    }
+}

@@ -152,3 +152,35 @@ pub fn poll_readable(fds: &mut Vec<libc::pollfd>, timeout_ms: i32) -> io::Result
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+
+    #[test]
+    fn copies_sent_in_one_call_arrive_as_separate_datagrams() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sender
+            .connect(receiver.local_addr().expect("addr"))
+            .expect("connect");
+        let sent = send_copies(&sender, b"twelve bytes", 10).expect("send");
+        assert_eq!(sent, 10);
+        let mut batch = RecvBatch::new(4);
+        let mut lengths = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while lengths.len() < 10 && std::time::Instant::now() < deadline {
+            let n = batch.recv(&receiver).expect("recv");
+            assert!(n <= 4, "never more than the batch size");
+            for i in 0..n {
+                assert_eq!(batch.get(i), b"twelve bytes");
+                lengths.push(batch.get(i).len());
+            }
+        }
+        assert_eq!(lengths, vec![12; 10]);
+        assert_eq!(batch.recv(&receiver).expect("recv"), 0, "nothing left");
+        assert_eq!(batch.get(99), b"");
+    }
+}

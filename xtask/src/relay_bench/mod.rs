@@ -428,7 +428,7 @@ fn median(mut values: Vec<f64>) -> Option<f64> {
     }
     values.sort_by(f64::total_cmp);
     let mid = values.len() / 2;
-    Some(if values.len() % 2 == 0 {
+    Some(if values.len().is_multiple_of(2) {
         (values[mid - 1] + values[mid]) / 2.0
     } else {
         values[mid]
@@ -534,10 +534,7 @@ fn print_table(load: &LoadArgs, columns: &[Column]) {
         if values.iter().all(Option::is_none) {
             continue;
         }
-        let cells: Vec<String> = values
-            .iter()
-            .map(|v| format_value(*v, precision))
-            .collect();
+        let cells: Vec<String> = values.iter().map(|v| format_value(*v, precision)).collect();
         println!("| {label} | {} |{}", cells.join(" | "), ratio(&values));
     }
 }
@@ -722,5 +719,33 @@ fn raise_fd_limit() {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The closing lines of a real `turnutils_uclient -y` run (coturn 4.6.1).
+    const UCLIENT_TAIL: &str = "\
+16: : start_mclient: msz=6, tot_send_msgs=200000, tot_recv_msgs=183974, tot_send_bytes ~ 24000000, tot_recv_bytes ~ 22076880
+17: : start_mclient: tot_send_msgs=200000, tot_recv_msgs=183974
+17: : start_mclient: tot_send_bytes ~ 24000000, tot_recv_bytes ~ 22076880
+17: : Total transmit time is 17
+17: : Total lost packets 16026 (8.013000%), total send dropped 0 (0.000000%)
+";
+
+    #[test]
+    fn uclient_summary_reads_the_final_totals() {
+        assert_eq!(uclient_summary(UCLIENT_TAIL), Some((200_000, 183_974, 17)));
+        assert_eq!(uclient_summary("0: : Total transmit time is 3"), None);
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![f64::NAN]), None);
+        assert_eq!(median(Vec::new()), None);
     }
 }
