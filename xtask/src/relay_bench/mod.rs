@@ -122,6 +122,10 @@ pub struct BenchRelayArgs {
     /// Also start `gateway serve` as a relay and compare it with coturn.
     #[arg(long)]
     gateway: bool,
+    /// Also start today's `gateway serve` (no relay flags: it answers STUN Binding
+    /// only) and compare Bindings/s with coturn; the gateway runs no other scenario.
+    #[arg(long, conflicts_with = "gateway")]
+    gateway_binding_only: bool,
     /// Also run coturn's own load tool (turnutils_uclient -y) against coturn once,
     /// as a sanity check of the figures.
     #[arg(long)]
@@ -228,11 +232,12 @@ fn run_bindings(target: &Target, load: &LoadArgs, name: &str, figures: &mut Figu
     )
     .with_context(|| format!("{name}: bindings"))?;
     eprintln!(
-        "{name}: Bindings: {:.0}/s ({} answered, {} unanswered, {:.1} s)",
+        "{name}: Bindings: {:.0}/s ({} answered, {} unanswered, {:.1} s), server {} µs each",
         bindings.per_second(),
         bindings.count,
         bindings.failures,
-        bindings.seconds
+        bindings.seconds,
+        micros(bindings.server_us_each()),
     );
     figures.bindings = Some(bindings);
     Ok(())
@@ -247,14 +252,19 @@ fn run_allocations(
     let allocations = load::allocations(target, load.allocations, load.concurrency)
         .with_context(|| format!("{name}: allocations"))?;
     eprintln!(
-        "{name}: allocations: {:.0}/s ({} done, {} failed, {:.1} s)",
+        "{name}: allocations: {:.0}/s ({} done, {} failed, {:.1} s), server {} µs each",
         allocations.per_second(),
         allocations.count,
         allocations.failures,
-        allocations.seconds
+        allocations.seconds,
+        micros(allocations.server_us_each()),
     );
     figures.allocations = Some(allocations);
     Ok(())
+}
+
+fn micros(value: Option<f64>) -> String {
+    value.map_or("-".to_owned(), |us| format!("{us:.2}"))
 }
 
 fn run_memory(target: &Target, load: &LoadArgs, name: &str) -> Result<Option<Memory>> {
@@ -364,7 +374,7 @@ pub fn gateway_relay_command(
     command
 }
 
-fn start_gateway() -> Result<GatewayServer> {
+fn start_gateway(relay: bool) -> Result<GatewayServer> {
     let binary = toolchain::workspace_root().join("target/release/gateway");
     if !binary.is_file() {
         bail!(
@@ -380,8 +390,19 @@ fn start_gateway() -> Result<GatewayServer> {
         .local_addr()?
         .port();
     let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-    let mut command =
-        gateway_relay_command(&binary, addr, &secret_file, REALM, GATEWAY_RELAY_PORTS);
+    let mut command = if relay {
+        gateway_relay_command(&binary, addr, &secret_file, REALM, GATEWAY_RELAY_PORTS)
+    } else {
+        let mut command = Command::new(&binary);
+        command.args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--no-metrics",
+            "--no-ebpf",
+        ]);
+        command
+    };
     let command_line = format!("{command:?}");
     let log = std::fs::File::create(dir.join("gateway.log"))?;
     let child = command
@@ -649,8 +670,8 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         pid: Some(coturn.pid()),
     };
     check_realm(&coturn_target, REALM)?;
-    let gateway = if args.gateway {
-        let gateway = start_gateway()?;
+    let gateway = if args.gateway || args.gateway_binding_only {
+        let gateway = start_gateway(args.gateway)?;
         eprintln!("gateway: {}", gateway.command_line);
         Some(gateway)
     } else {
@@ -661,8 +682,12 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         secret: SECRET.to_owned(),
         pid: Some(g.child.id()),
     });
-    if let Some(target) = &gateway_target {
+    if let (Some(target), true) = (&gateway_target, args.gateway) {
         check_realm(target, REALM)?;
+    }
+    let mut gateway_load = args.load.clone();
+    if args.gateway_binding_only {
+        gateway_load.scenarios = vec![Scenario::Bindings];
     }
     if args.uclient {
         run_uclient(&coturn, &args.load)?;
@@ -683,7 +708,12 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         .collect();
     // Memory first, on fresh servers.
     for (column, (name, target)) in columns.iter_mut().zip(&targets) {
-        let memory = run_memory(target, &args.load, name)?;
+        let load = if *name == "coturn" {
+            &args.load
+        } else {
+            &gateway_load
+        };
+        let memory = run_memory(target, load, name)?;
         column.rounds.push(Figures {
             memory,
             ..Figures::default()
@@ -698,7 +728,12 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         for index in order {
             let (name, target) = targets[index];
             eprintln!("round {}: {name}", round + 1);
-            let figures = run_round(target, &args.load, name)?;
+            let load = if index == 0 {
+                &args.load
+            } else {
+                &gateway_load
+            };
+            let figures = run_round(target, load, name)?;
             columns[index].rounds.push(figures);
         }
     }
