@@ -178,48 +178,75 @@ struct Figures {
     memory: Option<Memory>,
 }
 
-fn run_round(target: &Target, load: &LoadArgs, name: &str) -> Result<Figures> {
-    let mut figures = Figures::default();
-    let payloads: &[usize] = if load.scenarios.contains(&Scenario::Throughput) {
-        &load.payloads
-    } else {
-        &[]
-    };
-    for &payload in payloads {
-        let result = load::throughput(
-            target,
-            ThroughputOptions {
-                clients: load.clients,
-                payload,
-                duration: Duration::from_secs(load.seconds),
-                window: load.window,
-                max_messages: load.max_messages,
-            },
-        )
-        .with_context(|| format!("{name}: throughput at {payload} bytes"))?;
-        eprintln!(
-            "{name}: {} B: {:.0} msg/s, sent {} received {} ({:.2}% lost), unexpected {}, server CPU {:?} ({}), generator CPU {:.2} s",
-            result.payload,
-            result.rate(),
-            result.sent,
-            result.received,
-            result.loss_percent(),
-            result.unexpected,
-            result.server_cpu,
-            result
-                .server_us_per_message()
-                .map_or("-".to_owned(), |us| format!("{us:.2} µs/msg")),
-            result.generator_cpu.as_secs_f64(),
-        );
-        figures.throughput.push(result);
+/// One measurement of one round.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Throughput(usize),
+    Bindings,
+    Allocations,
+}
+
+/// The steps `load` selects, in the order they run.
+fn steps(load: &LoadArgs) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if load.scenarios.contains(&Scenario::Throughput) {
+        steps.extend(load.payloads.iter().map(|&p| Step::Throughput(p)));
     }
     if load.scenarios.contains(&Scenario::Bindings) {
-        run_bindings(target, load, name, &mut figures)?;
+        steps.push(Step::Bindings);
     }
     if load.scenarios.contains(&Scenario::Allocations) {
-        run_allocations(target, load, name, &mut figures)?;
+        steps.push(Step::Allocations);
     }
-    Ok(figures)
+    steps
+}
+
+fn run_step(
+    target: &Target,
+    load: &LoadArgs,
+    name: &str,
+    step: Step,
+    figures: &mut Figures,
+) -> Result<()> {
+    match step {
+        Step::Throughput(payload) => run_throughput(target, load, name, payload, figures),
+        Step::Bindings => run_bindings(target, load, name, figures),
+        Step::Allocations => run_allocations(target, load, name, figures),
+    }
+}
+
+fn run_throughput(
+    target: &Target,
+    load: &LoadArgs,
+    name: &str,
+    payload: usize,
+    figures: &mut Figures,
+) -> Result<()> {
+    let result = load::throughput(
+        target,
+        ThroughputOptions {
+            clients: load.clients,
+            payload,
+            duration: Duration::from_secs(load.seconds),
+            window: load.window,
+            max_messages: load.max_messages,
+        },
+    )
+    .with_context(|| format!("{name}: throughput at {payload} bytes"))?;
+    eprintln!(
+        "{name}: {} B: {:.0} msg/s, sent {} received {} ({:.2}% lost), unexpected {}, server CPU {:?} ({} µs/msg), generator CPU {:.2} s",
+        result.payload,
+        result.rate(),
+        result.sent,
+        result.received,
+        result.loss_percent(),
+        result.unexpected,
+        result.server_cpu,
+        micros(result.server_us_per_message()),
+        result.generator_cpu.as_secs_f64(),
+    );
+    figures.throughput.push(result);
+    Ok(())
 }
 
 fn run_bindings(target: &Target, load: &LoadArgs, name: &str, figures: &mut Figures) -> Result<()> {
@@ -300,9 +327,13 @@ pub fn turn_load(args: TurnLoadArgs) -> Result<()> {
     if let Some(realm) = &args.realm {
         check_realm(&target, realm)?;
     }
-    let memory = run_memory(&target, &args.load, "target")?;
-    let mut figures = run_round(&target, &args.load, "target")?;
-    figures.memory = memory;
+    let mut figures = Figures {
+        memory: run_memory(&target, &args.load, "target")?,
+        ..Figures::default()
+    };
+    for step in steps(&args.load) {
+        run_step(&target, &args.load, "target", step, &mut figures)?;
+    }
     let columns = [Column {
         name: "target".into(),
         rounds: vec![figures],
@@ -542,10 +573,22 @@ fn print_table(load: &LoadArgs, columns: &[Column]) {
         "---|".repeat(columns.len()),
         if pair { "---|" } else { "" }
     );
-    let ratio = |values: &[Option<f64>]| match values {
-        [Some(base), Some(other)] if *base != 0.0 => format!(" {:.2}x |", other / base),
-        [_, _] => " — |".to_owned(),
-        _ => String::new(),
+    // The ratio is the median of the per-round ratios (both servers measured back to
+    // back), not the ratio of the medians.
+    let ratio = |read: &dyn Fn(&Figures) -> Option<f64>| {
+        if !pair {
+            return String::new();
+        }
+        let ratios: Vec<f64> = columns[0]
+            .rounds
+            .iter()
+            .zip(&columns[1].rounds)
+            .filter_map(|(base, other)| match (read(base), read(other)) {
+                (Some(base), Some(other)) if base != 0.0 => Some(other / base),
+                _ => None,
+            })
+            .collect();
+        median(ratios).map_or(" — |".to_owned(), |r| format!(" {r:.2}x |"))
     };
     for (label, read, precision) in metrics(load) {
         let values: Vec<Option<f64>> = columns
@@ -556,7 +599,11 @@ fn print_table(load: &LoadArgs, columns: &[Column]) {
             continue;
         }
         let cells: Vec<String> = values.iter().map(|v| format_value(*v, precision)).collect();
-        println!("| {label} | {} |{}", cells.join(" | "), ratio(&values));
+        println!(
+            "| {label} | {} |{}",
+            cells.join(" | "),
+            ratio(read.as_ref())
+        );
     }
 }
 
@@ -719,22 +766,37 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
             ..Figures::default()
         });
     }
+    // Each step runs on every server back to back, in an order that alternates from
+    // round to round, so the servers are compared under the same machine load (other
+    // work on a shared machine drifts over minutes, not seconds).
+    let all_steps = steps(&args.load);
     for round in 0..args.rounds.max(1) {
-        // Alternate who goes first, so neither always runs on a warmer machine.
         let mut order: Vec<usize> = (0..targets.len()).collect();
         if round % 2 == 1 {
             order.reverse();
         }
-        for index in order {
-            let (name, target) = targets[index];
-            eprintln!("round {}: {name}", round + 1);
-            let load = if index == 0 {
-                &args.load
-            } else {
-                &gateway_load
-            };
-            let figures = run_round(target, load, name)?;
-            columns[index].rounds.push(figures);
+        let mut figures = vec![Figures::default(); targets.len()];
+        for &step in &all_steps {
+            for &index in &order {
+                let (name, target) = targets[index];
+                let load = if index == 0 {
+                    &args.load
+                } else {
+                    &gateway_load
+                };
+                let wanted = match step {
+                    Step::Throughput(_) => Scenario::Throughput,
+                    Step::Bindings => Scenario::Bindings,
+                    Step::Allocations => Scenario::Allocations,
+                };
+                if load.scenarios.contains(&wanted) {
+                    eprintln!("round {}: {name}: {step:?}", round + 1);
+                    run_step(target, load, name, step, &mut figures[index])?;
+                }
+            }
+        }
+        for (column, figures) in columns.iter_mut().zip(figures) {
+            column.rounds.push(figures);
         }
     }
     print_table(&args.load, &columns);
