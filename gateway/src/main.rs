@@ -232,6 +232,9 @@ struct ServeArgs {
     /// Serve TURN over UDP only (by default also over TCP on the same port).
     #[arg(long)]
     no_relay_tcp: bool,
+    /// REALM of the relay's long-term credentials [default: gateway].
+    #[arg(long)]
+    realm: Option<String>,
     /// Relay address (repeatable: one IPv4, one IPv6) [default: the gateway address
     /// each client reached].
     #[arg(long = "relay-address", value_name = "IP")]
@@ -416,6 +419,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     }
     if !args.relay_addresses.is_empty() {
         config.relay.addresses = args.relay_addresses.clone();
+    }
+    if let Some(realm) = &args.realm {
+        config.relay.realm = realm.clone();
     }
     if let Some(range) = &args.relay_port_range {
         config.relay.port_range = range.clone();

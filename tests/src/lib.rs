@@ -4,8 +4,10 @@
 //! The lab builds network topologies out of Linux network namespaces, veth pairs and
 //! nftables NAT rules, so that hole punching and relaying are tested against real
 //! kernels and real NAT behaviour. See `docs/lab.md`.
+pub mod coturn;
 pub mod daemon;
 pub mod dashboards;
 pub mod lab;
 pub mod prometheus;
 pub mod punch;
+pub mod turn;

@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod ebpf_bench;
+mod relay_bench;
 mod toolchain;
 
 use std::process::ExitCode;
@@ -46,6 +47,14 @@ enum Command {
     /// beside a pass-through program, and UDP throughput over a veth pair with nothing,
     /// the pass-through, or the programs attached. Needs root; prints markdown tables.
     BenchEbpf(ebpf_bench::BenchEbpfArgs),
+    /// Relay benchmark: start coturn (and with --gateway the gateway's relay) on
+    /// loopback, drive both alternately with the same standard-TURN load (relayed
+    /// messages/s client to client, loss, server CPU per message, allocations/s,
+    /// Bindings/s, memory per allocation) and print medians and ratios. Runs from a
+    /// release build (it rebuilds one first).
+    BenchRelay(relay_bench::BenchRelayArgs),
+    /// The relay benchmark's load against one running TURN server (loopback only).
+    TurnLoad(relay_bench::TurnLoadArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -62,6 +71,8 @@ fn main() -> ExitCode {
         Command::PunchBench(args) => bench::punch_bench(args),
         Command::BenchEbpf(args) => ebpf_bench::bench_ebpf(args),
         Command::Lab(command) => demo::lab(command),
+        Command::BenchRelay(args) => relay_bench::bench_relay(args),
+        Command::TurnLoad(args) => relay_bench::turn_load(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,8 @@ use anyhow::{Context, Result, bail};
 /// its library source, so `-Z build-std=core` works for the BPF target; llvm-22-dev:
 /// what bpf-linker links against; nftables/iproute2/conntrack: the NAT lab; curl: the
 /// demo's hints; coturn: real TURN clients (turnutils_*) for interop tests and the
-/// server the relay benchmark compares against; python3-venv: a venv for aioice;
+/// server `cargo xtask bench-relay` compares against (its service must not run: see
+/// [`keep_coturn_service_off`]); python3-venv: a venv for aioice;
 /// prometheus: the dashboards test runs a real Prometheus (its own instance inside a
 /// lab namespace; the package's service is not used).
 const DEBIAN_PACKAGES: &[&str] = &[
@@ -29,6 +30,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "prometheus",
 ];
+/// Debian's policy hook that tells maintainer scripts not to start services.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 /// aioice (PyPI), an independent ICE/TURN implementation the interop tests drive.
 const AIOICE_VERSION: &str = "0.13.0";
 
@@ -168,6 +171,55 @@ pub fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// Holds a `policy-rc.d` that forbids starting services while packages install, and
+/// removes it afterwards (only if it was ours: images that ship one keep theirs).
+struct ServicesHeldOff {
+    created: bool,
+}
+
+impl ServicesHeldOff {
+    fn new() -> Result<Self> {
+        if Path::new(POLICY_RC_D).exists() {
+            return Ok(Self { created: false });
+        }
+        std::fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# written by cargo xtask setup for the install only\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(Self { created: true })
+    }
+}
+
+impl Drop for ServicesHeldOff {
+    fn drop(&mut self) {
+        if self.created {
+            let _ = std::fs::remove_file(POLICY_RC_D);
+        }
+    }
+}
+
+/// Makes sure Debian's coturn service is neither running nor enabled: the tests and
+/// the benchmark start `turnserver` with explicit flags on ports of their own. On a
+/// systemd host the unit is disabled and stopped; elsewhere the init script only
+/// starts with TURNSERVER_ENABLED=1 in /etc/default/coturn, which is left commented.
+fn keep_coturn_service_off() {
+    if !Path::new("/usr/bin/turnserver").exists() {
+        return;
+    }
+    if Path::new("/run/systemd/system").exists() {
+        let stopped = Command::new("systemctl")
+            .args(["disable", "--now", "coturn.service"])
+            .output();
+        if !matches!(stopped, Ok(ref o) if o.status.success()) {
+            eprintln!("setup: warning: could not disable coturn.service: {stopped:?}");
+        }
+    }
+}
+
 /// `cargo xtask setup`.
 pub fn setup() -> Result<()> {
     let started = Instant::now();
@@ -180,11 +232,17 @@ pub fn setup() -> Result<()> {
         }
         eprintln!("setup: installing {missing:?}");
         run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
+        // No package's service may start on install (coturn's would take port 3478
+        // and the tests run `turnserver` themselves).
+        let policy = ServicesHeldOff::new()?;
+        let installed = run(Command::new("apt-get")
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+        drop(policy);
+        installed?;
     }
+    keep_coturn_service_off();
     if !bpf_linker_ok() {
         eprintln!(
             "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about 2 minutes)"

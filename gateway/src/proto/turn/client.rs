@@ -375,6 +375,11 @@ impl Client {
         self.mapped
     }
 
+    /// The realm the server announced in its challenge, once known.
+    pub fn realm(&self) -> Option<&str> {
+        self.auth.as_ref().map(|auth| auth.realm.as_str())
+    }
+
     /// The lifetime last granted.
     pub fn lifetime(&self) -> Duration {
         self.lifetime
@@ -496,6 +501,9 @@ impl Client {
     /// Releases the allocation (Refresh with LIFETIME 0) and stops every refresh.
     /// Before an allocation exists this just stops.
     pub fn close(&mut self, now: Instant) {
+        // Requests not yet sent are moot (an unsent authenticated Allocate would
+        // otherwise create an allocation nobody releases).
+        self.outgoing.clear();
         self.transactions.clear();
         self.permissions.clear();
         self.channels.clear();

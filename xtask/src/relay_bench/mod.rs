@@ -1,0 +1,851 @@
+//! `cargo xtask bench-relay` and `cargo xtask turn-load`: a TURN load generator that
+//! speaks standard TURN (the gateway's sans-IO client for the control plane,
+//! `sendmmsg`/`recvmmsg` for the data plane), so the same tool drives coturn and the
+//! gateway's relay side by side on this machine.
+//!
+//! `turn-load` runs the scenarios against one server that is already running.
+//! `bench-relay` starts coturn (and with `--gateway` the gateway) on loopback,
+//! alternates the same scenarios between them, and prints medians and ratios.
+mod fleet;
+mod load;
+mod mmsg;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use gateway_tests::coturn::{self, Coturn, CoturnConfig};
+
+use self::{
+    fleet::Target,
+    load::{Memory, Rate, Throughput, ThroughputOptions},
+};
+use crate::toolchain;
+
+/// The benchmark's shared secret and realm (loopback only, never a real secret).
+const SECRET: &str = "bench-relay-secret";
+const REALM: &str = "bench.relay";
+/// Relay port ranges: disjoint, below Linux's ephemeral range, wide enough for the
+/// held allocations.
+const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 19_999);
+const GATEWAY_RELAY_PORTS: (u16, u16) = (20_000, 29_999);
+
+/// The measurements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Relayed messages per second client to client, loss, server CPU per message.
+    Throughput,
+    /// STUN Binding requests answered per second.
+    Bindings,
+    /// Allocations (with deallocation) per second.
+    Allocations,
+    /// Server RSS per held allocation.
+    Memory,
+}
+
+/// Scenario options shared by `turn-load` and `bench-relay`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadArgs {
+    /// Which measurements to run (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "throughput,bindings,allocations,memory"
+    )]
+    scenarios: Vec<Scenario>,
+    /// Clients relaying to each other in pairs in the throughput runs.
+    #[arg(long, default_value_t = 20)]
+    clients: usize,
+    /// Seconds each throughput run sends.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Payload sizes of the throughput runs (bytes, comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "120,1200")]
+    payloads: Vec<usize>,
+    /// Messages each client may have in flight (0: send as fast as the socket takes,
+    /// like `turnutils_uclient -z 0`).
+    #[arg(long, default_value_t = 64)]
+    window: u64,
+    /// Upper bound on the messages of one throughput run.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_messages: u64,
+    /// Allocations (each deallocated at once) in the allocation-rate run (coturn
+    /// does 2000 in about 0.3 s here, too short to time well, hence more).
+    #[arg(long, default_value_t = 5000)]
+    allocations: usize,
+    /// Allocations in progress at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Allocations held at once for memory per allocation (0 skips it).
+    #[arg(long, default_value_t = 5000)]
+    held: usize,
+    /// Seconds of the Binding-rate run.
+    #[arg(long, default_value_t = 5)]
+    binding_seconds: u64,
+    /// Sockets of the Binding-rate run (each keeps `--window` requests in flight).
+    #[arg(long, default_value_t = 4)]
+    binding_sockets: usize,
+}
+
+/// Options of `cargo xtask turn-load`.
+#[derive(Debug, clap::Args)]
+pub struct TurnLoadArgs {
+    /// The TURN server's UDP address (loopback).
+    #[arg(long)]
+    server: SocketAddr,
+    /// Its REST shared secret (coturn's --static-auth-secret).
+    #[arg(long)]
+    secret: String,
+    /// Its realm (checked against the one it announces).
+    #[arg(long)]
+    realm: Option<String>,
+    /// Its process id, for CPU per message and memory per allocation.
+    #[arg(long)]
+    pid: Option<u32>,
+    #[command(flatten)]
+    load: LoadArgs,
+}
+
+/// Options of `cargo xtask bench-relay`.
+#[derive(Debug, clap::Args)]
+pub struct BenchRelayArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Alternating rounds (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Also start `gateway serve` as a relay and compare it with coturn.
+    #[arg(long)]
+    gateway: bool,
+    /// Also start today's `gateway serve` (no relay flags: it answers STUN Binding
+    /// only) and compare Bindings/s with coturn; the gateway runs no other scenario.
+    #[arg(long, conflicts_with = "gateway")]
+    gateway_binding_only: bool,
+    /// Also run coturn's own load tool (turnutils_uclient -y) against coturn once,
+    /// as a sanity check of the figures.
+    #[arg(long)]
+    uclient: bool,
+}
+
+/// Re-runs this xtask command from a release build when running from a debug one (a
+/// debug load generator would measure itself). Returns false when it did not.
+pub fn run_in_release() -> Result<bool> {
+    if !cfg!(debug_assertions) {
+        return Ok(false);
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    eprintln!("bench: rebuilding xtask and gateway in release mode first");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .current_dir(toolchain::workspace_root())
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "xtask",
+            "-p",
+            "gateway",
+        ])
+        .status()
+        .context("running cargo build --release")?;
+    if !status.success() {
+        bail!("release build failed: {status}");
+    }
+    let xtask = toolchain::workspace_root().join("target/release/xtask");
+    let status = Command::new(xtask)
+        .args(args)
+        .status()
+        .context("running the release xtask")?;
+    if !status.success() {
+        bail!("release run failed: {status}");
+    }
+    Ok(true)
+}
+
+/// All figures of one server in one round.
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    throughput: Vec<Throughput>,
+    allocations: Option<Rate>,
+    bindings: Option<Rate>,
+    /// Measured once per server, first, on the fresh process.
+    memory: Option<Memory>,
+}
+
+/// One measurement of one round.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Throughput(usize),
+    Bindings,
+    Allocations,
+}
+
+/// The steps `load` selects, in the order they run.
+fn steps(load: &LoadArgs) -> Vec<Step> {
+    let mut steps = Vec::new();
+    if load.scenarios.contains(&Scenario::Throughput) {
+        steps.extend(load.payloads.iter().map(|&p| Step::Throughput(p)));
+    }
+    if load.scenarios.contains(&Scenario::Bindings) {
+        steps.push(Step::Bindings);
+    }
+    if load.scenarios.contains(&Scenario::Allocations) {
+        steps.push(Step::Allocations);
+    }
+    steps
+}
+
+fn run_step(
+    target: &Target,
+    load: &LoadArgs,
+    name: &str,
+    step: Step,
+    figures: &mut Figures,
+) -> Result<()> {
+    match step {
+        Step::Throughput(payload) => run_throughput(target, load, name, payload, figures),
+        Step::Bindings => run_bindings(target, load, name, figures),
+        Step::Allocations => run_allocations(target, load, name, figures),
+    }
+}
+
+fn run_throughput(
+    target: &Target,
+    load: &LoadArgs,
+    name: &str,
+    payload: usize,
+    figures: &mut Figures,
+) -> Result<()> {
+    let result = load::throughput(
+        target,
+        ThroughputOptions {
+            clients: load.clients,
+            payload,
+            duration: Duration::from_secs(load.seconds),
+            window: load.window,
+            max_messages: load.max_messages,
+        },
+    )
+    .with_context(|| format!("{name}: throughput at {payload} bytes"))?;
+    eprintln!(
+        "{name}: {} B: {:.0} msg/s, sent {} received {} ({:.2}% lost), unexpected {}, server CPU {:?} ({} µs/msg), generator CPU {:.2} s",
+        result.payload,
+        result.rate(),
+        result.sent,
+        result.received,
+        result.loss_percent(),
+        result.unexpected,
+        result.server_cpu,
+        micros(result.server_us_per_message()),
+        result.generator_cpu.as_secs_f64(),
+    );
+    figures.throughput.push(result);
+    Ok(())
+}
+
+fn run_bindings(target: &Target, load: &LoadArgs, name: &str, figures: &mut Figures) -> Result<()> {
+    let bindings = load::bindings(
+        target,
+        load.binding_sockets,
+        load.window.max(1),
+        Duration::from_secs(load.binding_seconds),
+        50_000_000,
+    )
+    .with_context(|| format!("{name}: bindings"))?;
+    eprintln!(
+        "{name}: Bindings: {:.0}/s ({} answered, {} unanswered, {:.1} s), server {} µs each",
+        bindings.per_second(),
+        bindings.count,
+        bindings.failures,
+        bindings.seconds,
+        micros(bindings.server_us_each()),
+    );
+    figures.bindings = Some(bindings);
+    Ok(())
+}
+
+fn run_allocations(
+    target: &Target,
+    load: &LoadArgs,
+    name: &str,
+    figures: &mut Figures,
+) -> Result<()> {
+    let allocations = load::allocations(target, load.allocations, load.concurrency)
+        .with_context(|| format!("{name}: allocations"))?;
+    eprintln!(
+        "{name}: allocations: {:.0}/s ({} done, {} failed, {:.1} s), server {} µs each",
+        allocations.per_second(),
+        allocations.count,
+        allocations.failures,
+        allocations.seconds,
+        micros(allocations.server_us_each()),
+    );
+    figures.allocations = Some(allocations);
+    Ok(())
+}
+
+fn micros(value: Option<f64>) -> String {
+    value.map_or("-".to_owned(), |us| format!("{us:.2}"))
+}
+
+fn run_memory(target: &Target, load: &LoadArgs, name: &str) -> Result<Option<Memory>> {
+    if load.held == 0 || target.pid.is_none() || !load.scenarios.contains(&Scenario::Memory) {
+        return Ok(None);
+    }
+    let memory = load::memory(target, load.held, load.concurrency)
+        .with_context(|| format!("{name}: memory"))?;
+    eprintln!(
+        "{name}: {} allocations held: RSS {} -> {} KiB, {:.0} bytes each",
+        memory.allocations,
+        memory.rss_before_kib,
+        memory.rss_after_kib,
+        memory.bytes_per_allocation()
+    );
+    Ok(Some(memory))
+}
+
+/// `cargo xtask turn-load`.
+pub fn turn_load(args: TurnLoadArgs) -> Result<()> {
+    if !args.server.ip().is_loopback() {
+        bail!("turn-load only targets loopback addresses");
+    }
+    if run_in_release()? {
+        return Ok(());
+    }
+    raise_fd_limit();
+    let target = Target {
+        server: args.server,
+        secret: args.secret,
+        pid: args.pid,
+    };
+    if let Some(realm) = &args.realm {
+        check_realm(&target, realm)?;
+    }
+    let mut figures = Figures {
+        memory: run_memory(&target, &args.load, "target")?,
+        ..Figures::default()
+    };
+    for step in steps(&args.load) {
+        run_step(&target, &args.load, "target", step, &mut figures)?;
+    }
+    let columns = [Column {
+        name: "target".into(),
+        rounds: vec![figures],
+    }];
+    print_table(&args.load, &columns);
+    Ok(())
+}
+
+/// Allocates once, compares the realm the server announced with `realm`, and
+/// releases the allocation.
+fn check_realm(target: &Target, realm: &str) -> Result<()> {
+    let members = load::allocate_many(target, 999_000, 1, 1)?;
+    let announced = members
+        .first()
+        .and_then(|m| m.client.realm())
+        .map(str::to_owned);
+    load::deallocate_all(members, 1)?;
+    match announced {
+        Some(announced) if announced == realm => Ok(()),
+        Some(announced) => bail!("the server announces realm {announced:?}, not {realm:?}"),
+        None => bail!("the server allocated without a challenge (no realm announced)"),
+    }
+}
+
+/// A running `gateway serve`; killed on drop.
+struct GatewayServer {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+    command_line: String,
+}
+
+impl Drop for GatewayServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How the benchmark launches `gateway serve` as a TURN relay equivalent to the coturn
+/// instance (same secret, realm, loopback relay address, its own port range, loopback
+/// peers allowed). This is the one place that knows the relay's flags: adjust it when
+/// they settle.
+pub fn gateway_relay_command(
+    binary: &Path,
+    listen: SocketAddr,
+    secret_file: &Path,
+    realm: &str,
+    relay_ports: (u16, u16),
+) -> Command {
+    let mut command = Command::new(binary);
+    command.args([
+        "serve",
+        "--listen",
+        &listen.to_string(),
+        "--secret-file",
+        &secret_file.display().to_string(),
+        "--no-metrics",
+        "--no-ebpf",
+        "--no-relay-tcp",
+        "--realm",
+        realm,
+        "--relay-address",
+        &listen.ip().to_string(),
+        "--relay-port-range",
+        &format!("{}-{}", relay_ports.0, relay_ports.1),
+        // Like coturn's --allow-loopback-peers: client-to-client on loopback.
+        "--allow-peer",
+        "127.0.0.0/8",
+    ]);
+    command
+}
+
+fn start_gateway(relay: bool) -> Result<GatewayServer> {
+    let binary = toolchain::workspace_root().join("target/release/gateway");
+    if !binary.is_file() {
+        bail!(
+            "{} is missing (cargo build --release -p gateway)",
+            binary.display()
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("bench-relay-gateway-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, SECRET)?;
+    let port = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let mut command = if relay {
+        gateway_relay_command(&binary, addr, &secret_file, REALM, GATEWAY_RELAY_PORTS)
+    } else {
+        let mut command = Command::new(&binary);
+        command.args([
+            "serve",
+            "--listen",
+            &addr.to_string(),
+            "--no-metrics",
+            "--no-ebpf",
+        ]);
+        command
+    };
+    let command_line = format!("{command:?}");
+    let log = std::fs::File::create(dir.join("gateway.log"))?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {command_line}"))?;
+    let server = GatewayServer {
+        child,
+        addr,
+        dir,
+        command_line,
+    };
+    let mut server = server;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut ready = false;
+    while Instant::now() < deadline && server.child.try_wait()?.is_none() {
+        if coturn::wait_for_binding(addr, Duration::from_millis(200)) {
+            ready = true;
+            break;
+        }
+    }
+    if !ready {
+        let log = std::fs::read_to_string(server.dir.join("gateway.log")).unwrap_or_default();
+        bail!(
+            "the gateway did not answer a Binding on {addr}; started as {}; log:\n{log}",
+            server.command_line
+        );
+    }
+    Ok(server)
+}
+
+struct Column {
+    name: String,
+    /// One entry per round, plus one holding the memory figure.
+    rounds: Vec<Figures>,
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+/// How many decimals a row shows.
+#[derive(Clone, Copy)]
+enum Precision {
+    Whole,
+    Hundredths,
+}
+
+/// One table row: a label, how to read the figure from one round, and its precision.
+type Metric = (String, Box<dyn Fn(&Figures) -> Option<f64>>, Precision);
+
+/// The median over a column's rounds of one row's figure.
+fn column_value(column: &Column, read: &dyn Fn(&Figures) -> Option<f64>) -> Option<f64> {
+    median(column.rounds.iter().filter_map(read).collect())
+}
+
+fn metrics(load: &LoadArgs) -> Vec<Metric> {
+    use Precision::{Hundredths, Whole};
+    let mut rows: Vec<Metric> = Vec::new();
+    for (i, &payload) in load.payloads.iter().enumerate() {
+        let at = move |r: &Figures| r.throughput.get(i).copied();
+        rows.push((
+            format!("relayed msg/s, {payload} B, {} clients", load.clients),
+            Box::new(move |r| at(r).map(|t| t.rate())),
+            Whole,
+        ));
+        rows.push((
+            format!("loss %, {payload} B"),
+            Box::new(move |r| at(r).map(|t| t.loss_percent())),
+            Hundredths,
+        ));
+        rows.push((
+            format!("server CPU µs per relayed msg, {payload} B"),
+            Box::new(move |r| at(r).and_then(|t| t.server_us_per_message())),
+            Hundredths,
+        ));
+    }
+    rows.push((
+        format!("allocations/s ({} with deallocation)", load.allocations),
+        Box::new(|r| r.allocations.map(|a| a.per_second())),
+        Whole,
+    ));
+    rows.push((
+        "server CPU µs per allocation (401 round and deallocation included)".to_owned(),
+        Box::new(|r| r.allocations.and_then(|a| a.server_us_each())),
+        Hundredths,
+    ));
+    rows.push((
+        "STUN Bindings/s".to_owned(),
+        Box::new(|r| r.bindings.map(|b| b.per_second())),
+        Whole,
+    ));
+    rows.push((
+        "server CPU µs per Binding".to_owned(),
+        Box::new(|r| r.bindings.and_then(|b| b.server_us_each())),
+        Hundredths,
+    ));
+    rows.push((
+        format!("server RSS bytes per allocation ({} held)", load.held),
+        Box::new(|r| r.memory.map(|m| m.bytes_per_allocation())),
+        Whole,
+    ));
+    rows
+}
+
+fn format_value(value: Option<f64>, precision: Precision) -> String {
+    match (value, precision) {
+        (None, _) => "—".to_owned(),
+        (Some(v), Precision::Hundredths) => format!("{v:.2}"),
+        (Some(v), Precision::Whole) => format!("{v:.0}"),
+    }
+}
+
+fn print_table(load: &LoadArgs, columns: &[Column]) {
+    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+    let pair = columns.len() == 2;
+    let ratio_header = if pair {
+        format!(" {} / {} |", names[1], names[0])
+    } else {
+        String::new()
+    };
+    println!("| metric | {} |{ratio_header}", names.join(" | "));
+    println!(
+        "|---|{}{}",
+        "---|".repeat(columns.len()),
+        if pair { "---|" } else { "" }
+    );
+    // The ratio is the median of the per-round ratios (both servers measured back to
+    // back), not the ratio of the medians.
+    let ratio = |read: &dyn Fn(&Figures) -> Option<f64>| {
+        if !pair {
+            return String::new();
+        }
+        let ratios: Vec<f64> = columns[0]
+            .rounds
+            .iter()
+            .zip(&columns[1].rounds)
+            .filter_map(|(base, other)| match (read(base), read(other)) {
+                (Some(base), Some(other)) if base != 0.0 => Some(other / base),
+                _ => None,
+            })
+            .collect();
+        median(ratios).map_or(" — |".to_owned(), |r| format!(" {r:.2}x |"))
+    };
+    for (label, read, precision) in metrics(load) {
+        let values: Vec<Option<f64>> = columns
+            .iter()
+            .map(|c| column_value(c, read.as_ref()))
+            .collect();
+        if values.iter().all(Option::is_none) {
+            continue;
+        }
+        let cells: Vec<String> = values.iter().map(|v| format_value(*v, precision)).collect();
+        println!(
+            "| {label} | {} |{}",
+            cells.join(" | "),
+            ratio(read.as_ref())
+        );
+    }
+}
+
+/// Runs coturn's own load tool against `coturn` once and prints what it reports.
+fn run_uclient(coturn: &Coturn, load: &LoadArgs) -> Result<()> {
+    let payload = load.payloads.first().copied().unwrap_or(120);
+    let messages = 10_000;
+    let args = [
+        "-y".to_owned(),
+        "-c".to_owned(),
+        "-m".to_owned(),
+        load.clients.to_string(),
+        "-n".to_owned(),
+        messages.to_string(),
+        "-l".to_owned(),
+        payload.to_string(),
+        "-z".to_owned(),
+        "0".to_owned(),
+        "-u".to_owned(),
+        "bench".to_owned(),
+        "-W".to_owned(),
+        SECRET.to_owned(),
+        "-p".to_owned(),
+        coturn.addr().port().to_string(),
+        coturn.addr().ip().to_string(),
+    ];
+    eprintln!("uclient: turnutils_uclient {}", args.join(" "));
+    let cpu_before = load::process_cpu(coturn.pid());
+    let started = Instant::now();
+    let mut child = Command::new("turnutils_uclient")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting turnutils_uclient (Debian's coturn package)")?;
+    let stdout = child.stdout.take().context("uclient's stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stdout), &mut text);
+        text
+    });
+    let limit = Duration::from_secs(120);
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("turnutils_uclient ran longer than {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, load::process_cpu(coturn.pid())) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let text = reader.join().unwrap_or_default();
+    let summary = uclient_summary(&text);
+    match summary {
+        Some((sent, received, seconds)) => {
+            let rate = received as f64 / seconds.max(1) as f64;
+            let loss = 100.0 * sent.saturating_sub(received) as f64 / sent.max(1) as f64;
+            println!(
+                "turnutils_uclient ({} clients, {payload} B): sent {sent}, received {received} in {seconds} s (its own whole-second timer; {wall:.1} s wall with setup): {rate:.0} msg/s, {loss:.2}% lost; coturn CPU {}",
+                load.clients,
+                cpu.map_or("-".to_owned(), |c| format!(
+                    "{:.2} s = {:.2} µs/msg",
+                    c.as_secs_f64(),
+                    c.as_secs_f64() * 1e6 / received.max(1) as f64
+                )),
+            );
+        }
+        None => bail!("could not read turnutils_uclient's summary:\n{text}"),
+    }
+    Ok(())
+}
+
+/// (sent, received, transmit seconds) from uclient's closing lines.
+fn uclient_summary(text: &str) -> Option<(u64, u64, u64)> {
+    let mut totals = None;
+    let mut seconds = None;
+    for line in text.lines() {
+        if let Some(rest) = line.split("start_mclient: tot_send_msgs=").nth(1) {
+            let (sent, rest) = rest.split_once(", tot_recv_msgs=")?;
+            totals = Some((sent.trim().parse().ok()?, rest.trim().parse().ok()?));
+        }
+        if let Some(rest) = line.split("Total transmit time is ").nth(1) {
+            seconds = rest.trim().parse().ok();
+        }
+    }
+    let (sent, received) = totals?;
+    Some((sent, received, seconds?))
+}
+
+/// `cargo xtask bench-relay`.
+pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
+    if run_in_release()? {
+        return Ok(());
+    }
+    raise_fd_limit();
+    let mut config = CoturnConfig::loopback(SECRET, REALM);
+    config.relay_ports = COTURN_RELAY_PORTS;
+    let coturn = Coturn::start(&config).context("starting coturn")?;
+    eprintln!("coturn: {}", coturn.command_line());
+    let coturn_target = Target {
+        server: coturn.addr(),
+        secret: SECRET.to_owned(),
+        pid: Some(coturn.pid()),
+    };
+    check_realm(&coturn_target, REALM)?;
+    let gateway = if args.gateway || args.gateway_binding_only {
+        let gateway = start_gateway(args.gateway)?;
+        eprintln!("gateway: {}", gateway.command_line);
+        Some(gateway)
+    } else {
+        None
+    };
+    let gateway_target = gateway.as_ref().map(|g| Target {
+        server: g.addr,
+        secret: SECRET.to_owned(),
+        pid: Some(g.child.id()),
+    });
+    if let (Some(target), true) = (&gateway_target, args.gateway) {
+        check_realm(target, REALM)?;
+    }
+    let mut gateway_load = args.load.clone();
+    if args.gateway_binding_only {
+        gateway_load.scenarios = vec![Scenario::Bindings];
+    }
+    if args.uclient {
+        run_uclient(&coturn, &args.load)?;
+    }
+
+    let mut columns = vec![Column {
+        name: "coturn".into(),
+        rounds: Vec::new(),
+    }];
+    if gateway_target.is_some() {
+        columns.push(Column {
+            name: "gateway".into(),
+            rounds: Vec::new(),
+        });
+    }
+    let targets: Vec<(&str, &Target)> = std::iter::once(("coturn", &coturn_target))
+        .chain(gateway_target.as_ref().map(|t| ("gateway", t)))
+        .collect();
+    // Memory first, on fresh servers.
+    for (column, (name, target)) in columns.iter_mut().zip(&targets) {
+        let load = if *name == "coturn" {
+            &args.load
+        } else {
+            &gateway_load
+        };
+        let memory = run_memory(target, load, name)?;
+        column.rounds.push(Figures {
+            memory,
+            ..Figures::default()
+        });
+    }
+    // Each step runs on every server back to back, in an order that alternates from
+    // round to round, so the servers are compared under the same machine load (other
+    // work on a shared machine drifts over minutes, not seconds).
+    let all_steps = steps(&args.load);
+    for round in 0..args.rounds.max(1) {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut figures = vec![Figures::default(); targets.len()];
+        for &step in &all_steps {
+            for &index in &order {
+                let (name, target) = targets[index];
+                let load = if index == 0 {
+                    &args.load
+                } else {
+                    &gateway_load
+                };
+                let wanted = match step {
+                    Step::Throughput(_) => Scenario::Throughput,
+                    Step::Bindings => Scenario::Bindings,
+                    Step::Allocations => Scenario::Allocations,
+                };
+                if load.scenarios.contains(&wanted) {
+                    eprintln!("round {}: {name}: {step:?}", round + 1);
+                    run_step(target, load, name, step, &mut figures[index])?;
+                }
+            }
+        }
+        for (column, figures) in columns.iter_mut().zip(figures) {
+            column.rounds.push(figures);
+        }
+    }
+    print_table(&args.load, &columns);
+    drop(gateway);
+    drop(coturn);
+    Ok(())
+}
+
+/// Holding thousands of allocations needs thousands of sockets here and in the
+/// servers (which inherit the limit): raise the soft descriptor limit to the hard one.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a zeroed rlimit.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The closing lines of a real `turnutils_uclient -y` run (coturn 4.6.1).
+    const UCLIENT_TAIL: &str = "\
+16: : start_mclient: msz=6, tot_send_msgs=200000, tot_recv_msgs=183974, tot_send_bytes ~ 24000000, tot_recv_bytes ~ 22076880
+17: : start_mclient: tot_send_msgs=200000, tot_recv_msgs=183974
+17: : start_mclient: tot_send_bytes ~ 24000000, tot_recv_bytes ~ 22076880
+17: : Total transmit time is 17
+17: : Total lost packets 16026 (8.013000%), total send dropped 0 (0.000000%)
+";
+
+    #[test]
+    fn uclient_summary_reads_the_final_totals() {
+        assert_eq!(uclient_summary(UCLIENT_TAIL), Some((200_000, 183_974, 17)));
+        assert_eq!(uclient_summary("0: : Total transmit time is 3"), None);
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![f64::NAN]), None);
+        assert_eq!(median(Vec::new()), None);
+    }
+}
