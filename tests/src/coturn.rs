@@ -121,9 +121,12 @@ pub fn wait_for_binding(addr: SocketAddr, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let mut request = Vec::new();
     let mut reply = [0u8; 512];
+    // One transaction id for every retry: an answer slower than the read timeout
+    // still counts when it arrives (with a fresh id per retry, a server that is
+    // consistently late would always be answering the previous one).
+    let tid: [u8; 12] = rand::random();
+    binding::binding_request(tid, &mut request);
     while Instant::now() < deadline {
-        let tid: [u8; 12] = rand::random();
-        binding::binding_request(tid, &mut request);
         if socket.send_to(&request, addr).is_err() {
             std::thread::sleep(Duration::from_millis(100));
             continue;
