@@ -418,7 +418,9 @@ impl RelaySocketTable {
     fn bind_port(&mut self, ip: IpAddr, even: bool) -> Result<std::net::UdpSocket, OpenError> {
         let (start, end) = (*self.config.ports.start(), *self.config.ports.end());
         let span = u32::from(end - start) + 1;
-        for _ in 0..span {
+        // Bounded: this runs under the relay's lock, and a nearly full range must not
+        // stall every other allocation while thousands of binds fail.
+        for _ in 0..span.min(MAX_BIND_ATTEMPTS) {
             self.cursor = self.cursor.wrapping_add(1);
             let port = start + (u32::from(self.cursor) % span) as u16;
             if even && port % 2 == 1 {
@@ -447,6 +449,9 @@ impl RelaySocketTable {
         Err(OpenError::NoPort)
     }
 }
+
+/// Most ports one Allocate tries before answering 508.
+const MAX_BIND_ATTEMPTS: u32 = 2048;
 
 impl RelaySockets for RelaySocketTable {
     fn open(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
