@@ -284,7 +284,8 @@ pub struct Agent {
     discovery: Discovery,
     /// Our TURN allocation on the gateway, made on the first fallback.
     turn: Option<TurnClient>,
-    turn_failed: bool,
+    /// When our allocation last failed: no fallback is tried for a minute after.
+    turn_failed_at: Option<Instant>,
 }
 
 /// State of NAT mapping discovery.
@@ -371,6 +372,8 @@ pub fn predict_ports(allocated: &[SocketAddr], window: u16) -> Vec<SocketAddr> {
 const FIRST_REGISTER_RETRY: Duration = Duration::from_millis(500);
 
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
+/// After a failed allocation, the relay fallback waits this long before trying again.
+const RELAY_RETRY_AFTER: Duration = Duration::from_secs(60);
 const MAX_PROBE_TIDS: usize = 4096;
 
 impl Agent {
@@ -391,7 +394,7 @@ impl Agent {
             events: VecDeque::new(),
             discovery: Discovery::default(),
             turn: None,
-            turn_failed: false,
+            turn_failed_at: None,
         }
     }
 
@@ -700,7 +703,7 @@ impl Agent {
                             peer_id: peer_id.clone(),
                             probes,
                         });
-                        if config.relay && !self.turn_failed {
+                        if config.relay && self.relay_usable(now) {
                             if let Some(session) = self.sessions.get_mut(&id) {
                                 session.state = SessionState::Relaying;
                                 session.next_probe = now;
@@ -760,6 +763,13 @@ impl Agent {
             }
             _ => {}
         }
+    }
+
+    /// Whether a relay fallback may be tried: not within a minute of a failed
+    /// allocation (the gateway may have no relay, or refuse us).
+    fn relay_usable(&self, now: Instant) -> bool {
+        self.turn_failed_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= RELAY_RETRY_AFTER)
     }
 
     /// Starts a session's relay leg: the initiator relays through its own allocation
@@ -883,7 +893,7 @@ impl Agent {
         }
         if failed {
             self.turn = None;
-            self.turn_failed = true;
+            self.turn_failed_at = Some(now);
         }
         if allocated {
             self.offer_relays(now);
@@ -1312,7 +1322,7 @@ impl Agent {
                 .candidates
                 .iter()
                 .any(|c| c.kind == super::rendezvous::CandidateKind::Predicted);
-        if self.config.relay && hopeless && !self.turn_failed {
+        if self.config.relay && hopeless && self.relay_usable(now) {
             self.start_relay(now, intro.intro_id);
         }
     }

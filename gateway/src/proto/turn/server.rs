@@ -19,7 +19,7 @@ use super::{
 use crate::proto::{
     credentials::SharedSecret,
     nonce::{NonceCheck, NonceIssuer},
-    peer_policy::{DenyReason, PeerPolicy},
+    peer_policy::PeerPolicy,
     stun::{self, Class, Message, MessageType, MessageWriter, attr as stun_attr},
 };
 
@@ -960,7 +960,9 @@ impl TurnServer {
         if peer_ip.is_ipv4() != relay.is_ipv4() {
             return Err(PeerRefusal::Family);
         }
-        self.policy.check(peer.ip()).map_err(PeerRefusal::Denied)
+        self.policy
+            .check(peer.ip())
+            .map_err(|_| PeerRefusal::Denied)
     }
 
     fn create_permission(
@@ -996,7 +998,7 @@ impl TurnServer {
                     reply.error(out, 443, "Peer Address Family Mismatch");
                     return RequestOutcome::Family;
                 }
-                Err(PeerRefusal::Denied(_)) => {
+                Err(PeerRefusal::Denied) => {
                     reply.error(out, 403, "Forbidden");
                     return RequestOutcome::Forbidden;
                 }
@@ -1087,7 +1089,7 @@ impl TurnServer {
                 reply.error(out, 443, "Peer Address Family Mismatch");
                 return RequestOutcome::Family;
             }
-            Err(PeerRefusal::Denied(_)) => {
+            Err(PeerRefusal::Denied) => {
                 reply.error(out, 403, "Forbidden");
                 return RequestOutcome::Forbidden;
             }
@@ -1258,7 +1260,7 @@ impl TurnServer {
 
 enum PeerRefusal {
     Family,
-    Denied(#[allow(dead_code)] DenyReason),
+    Denied,
 }
 
 fn install_permission(allocation: &mut Allocation, ip: IpAddr, expires: Instant) {
