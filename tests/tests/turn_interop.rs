@@ -41,15 +41,19 @@ fn relay_lab(extra: &[&str]) -> RelayLab {
     ));
     std::fs::write(&secret_path, SECRET).expect("secret file");
     let secret_arg = secret_path.to_string_lossy().into_owned();
-    let mut args = vec![
-        "--listen",
-        "0.0.0.0:3478",
+    let listen = if extra.contains(&"--listen") {
+        Vec::new()
+    } else {
+        vec!["--listen", "0.0.0.0:3478"]
+    };
+    let mut args = listen;
+    args.extend_from_slice(&[
         "--no-ebpf",
         "--secret-file",
         &secret_arg,
         "--relay-port-range",
         RELAY_PORTS,
-    ];
+    ]);
     args.extend_from_slice(extra);
     let gateway =
         GatewayProcess::start(lab.server(), SocketAddr::from((SERVICE.ip(), 9478)), &args)
@@ -437,4 +441,74 @@ fn spoofed_allocate_flood_creates_nothing_and_leaves_memory_flat() {
         after.saturating_sub(before) < 512,
         "RSS grew from {before} KiB to {after} KiB over {sent} spoofed Allocates"
     );
+}
+
+#[test]
+fn ipv6_clients_get_ipv6_relayed_addresses() {
+    use gateway::proto::turn::client::{AddressFamily, ClientConfig, Event};
+    use gateway_tests::turn::BlockingClient;
+    if !lab_available() {
+        return;
+    }
+    // Dual-stack service socket; the client and its peer on the server's own IPv6
+    // loopback (the lab's links are IPv4), which the operator allows.
+    let relay = relay_lab(&["--listen", "[::]:3478", "--allow-peer", "::1/128"]);
+    let server = relay.lab.server().clone();
+    let alice = gateway_tests::punch::credentials("alice");
+    let mut config = ClientConfig::new(
+        "[::1]:3478".parse().expect("literal"),
+        alice.username,
+        alice.password,
+    );
+    config.family = AddressFamily::V6;
+    let mut client = server
+        .run(move || BlockingClient::new("[::1]:0".parse().expect("literal"), config))
+        .expect("namespace")
+        .expect("client socket");
+    let peer = server
+        .run(|| std::net::UdpSocket::bind("[::1]:0"))
+        .expect("namespace")
+        .expect("peer socket");
+    peer.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("timeout");
+    let wait = std::time::Duration::from_secs(5);
+    client
+        .client
+        .allocate(std::time::Instant::now())
+        .expect("idle");
+    let relayed = match client.wait_event(wait, |e| {
+        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+    }) {
+        Ok(Event::Allocated { relayed, .. }) => relayed,
+        other => panic!(
+            "no IPv6 allocation: {other:?}\n{}",
+            relay.gateway.log_text()
+        ),
+    };
+    assert_eq!(
+        relayed.ip(),
+        "::1".parse::<std::net::IpAddr>().expect("literal")
+    );
+    let peer_addr = peer.local_addr().expect("bound");
+    client
+        .client
+        .bind_channel(std::time::Instant::now(), peer_addr)
+        .expect("allocated");
+    let bound = client
+        .wait_event(wait, |e| {
+            matches!(e, Event::ChannelBound { .. } | Event::Failed { .. })
+        })
+        .expect("channel answer");
+    assert!(matches!(bound, Event::ChannelBound { .. }), "{bound:?}");
+    client.send(peer_addr, b"over IPv6").expect("send");
+    let mut buf = [0u8; 64];
+    let (len, from) = peer.recv_from(&mut buf).expect("the peer gets it");
+    assert_eq!((&buf[..len], from), (&b"over IPv6"[..], relayed));
+    peer.send_to(b"and back", relayed).expect("peer sends");
+    assert_eq!(client.recv(wait).expect("data").data, b"and back");
+    // An IPv4 peer on an IPv6 allocation is a family mismatch (443), not a relay.
+    client
+        .client
+        .create_permission(std::time::Instant::now(), "127.0.0.1".parse().expect("ip"))
+        .expect_err("the client itself refuses a family mismatch");
 }
