@@ -1,6 +1,7 @@
 //! Project automation, run as `cargo xtask <command>` (see `cargo xtask --help`).
 mod bench;
 mod demo;
+mod rendezvous_bench;
 mod toolchain;
 
 use std::process::ExitCode;
@@ -41,6 +42,10 @@ enum Command {
     /// Measure time from introduction to a direct path per NAT pair in the lab
     /// (median and p95), printing a markdown table.
     PunchBench(bench::PunchBenchArgs),
+    /// Measure introductions per second end to end through the real `gateway serve`
+    /// on loopback (release build), next to STUN Binding requests per second through
+    /// the same server as the baseline; also the server's CPU per request and memory.
+    BenchRendezvous(rendezvous_bench::RendezvousBenchArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
         Command::Fuzz { seconds } => toolchain::fuzz(seconds),
         Command::Demo(args) => demo::demo(args),
         Command::PunchBench(args) => bench::punch_bench(args),
+        Command::BenchRendezvous(args) => rendezvous_bench::bench_rendezvous(args),
         Command::Lab(command) => demo::lab(command),
     };
     match result {
