@@ -24,8 +24,9 @@ use gateway::proto::{
     binding::binding_request,
     credentials::SharedSecret,
     rendezvous::{
-        NatClass, method,
+        NatClass,
         client::{self, PeerCredentials},
+        method,
     },
     stun::{self, Class, Message, MessageType},
 };
@@ -60,6 +61,10 @@ struct Args {
     /// answers are classified by their header, to leave the CPU to the server.
     #[arg(long)]
     sign_each: bool,
+    /// Poll the sockets without sleeping (the generator then uses a whole core, and
+    /// the server's sends no longer have to wake it).
+    #[arg(long)]
+    busy_poll: bool,
 }
 
 /// Seconds a request may stay unanswered before it counts as lost.
@@ -108,6 +113,8 @@ struct Load {
     outstanding: usize,
     window: usize,
     sign_each: bool,
+    /// epoll_wait timeout while waiting for answers (0 with --busy-poll).
+    wait_ms: i32,
     buffers: Vec<[u8; RECV_BUFFER]>,
     tid_counter: u64,
     registered: usize,
@@ -189,12 +196,7 @@ impl Load {
             };
             // SAFETY: both descriptors are valid; the event lives across the call.
             if unsafe {
-                libc::epoll_ctl(
-                    epoll,
-                    libc::EPOLL_CTL_ADD,
-                    socket.as_raw_fd(),
-                    &mut event,
-                )
+                libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, socket.as_raw_fd(), &mut event)
             } != 0
             {
                 return Err(std::io::Error::last_os_error());
@@ -222,6 +224,7 @@ impl Load {
             outstanding: 0,
             window: args.window,
             sign_each: args.sign_each,
+            wait_ms: if args.busy_poll { 0 } else { 1 },
             buffers: vec![[0; RECV_BUFFER]; RECV_BATCH],
             tid_counter: 0,
             registered: 0,
@@ -368,7 +371,11 @@ impl Load {
             )
         };
         let mut lengths = [None; RECV_BATCH];
-        for (length, header) in lengths.iter_mut().zip(headers.iter()).take(got.max(0) as usize) {
+        for (length, header) in lengths
+            .iter_mut()
+            .zip(headers.iter())
+            .take(got.max(0) as usize)
+        {
             *length = Some(header.msg_len as usize);
         }
         lengths
@@ -385,8 +392,7 @@ impl Load {
             return;
         };
         if ty.method == method::INTRODUCTION && ty.class == Class::Indication {
-            if verify
-                && client::parse_introduction(datagram, &peer.credentials.password).is_none()
+            if verify && client::parse_introduction(datagram, &peer.credentials.password).is_none()
             {
                 counts.unexpected += 1;
                 return;
@@ -458,7 +464,7 @@ impl Load {
                 break;
             }
             self.fill(phase, now, &mut counts);
-            self.poll(phase, 1, &mut counts);
+            self.poll(phase, self.wait_ms, &mut counts);
             if now >= next_expiry {
                 self.expire(now, &mut counts);
                 next_expiry = now + LOST_AFTER / 2;
@@ -580,7 +586,9 @@ fn main() -> std::io::Result<()> {
             .iter()
             .filter(|(p, _, _)| *p == phase)
             .map(|&(_, rate, cpu)| (rate, cpu))
-            .fold((0.0f64, f64::MAX), |(r, c), (rate, cpu)| (r.max(rate), c.min(cpu)))
+            .fold((0.0f64, f64::MAX), |(r, c), (rate, cpu)| {
+                (r.max(rate), c.min(cpu))
+            })
     };
     let (binding_rate, binding_cpu) = best(Phase::Binding);
     let (connect_rate, connect_cpu) = best(Phase::Connect);

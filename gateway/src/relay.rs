@@ -18,7 +18,7 @@ use std::{
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use quinn_udp::UdpSocketState;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::{net::UdpSocket, task::AbortHandle};
+use tokio::{io::unix::AsyncFd, net::UdpSocket, task::AbortHandle};
 
 use crate::proto::turn::{
     CHANNEL_DATA_HEADER, channel_data_header,
@@ -128,16 +128,27 @@ pub struct RelaySocketConfig {
 }
 
 /// The main socket, shared so relay tasks can send to clients from it.
+///
+/// It is registered with the runtime for readability only: every datagram sent on a
+/// socket registered for writability too makes the kernel signal EPOLLOUT, which
+/// wakes a parked runtime thread for nothing (measured: a fifth of the server's CPU
+/// at high request rates, see docs/benchmarks.md). Sends are plain non-blocking
+/// system calls; the rare full send buffer is waited out by the service loop
+/// ([`ClientSocket::writable`]) and drops relayed datagrams ([`ClientSocket::try_send`]).
 #[derive(Clone)]
 pub struct ClientSocket {
-    pub(crate) socket: Arc<UdpSocket>,
+    pub(crate) socket: Arc<AsyncFd<std::net::UdpSocket>>,
     pub(crate) state: Arc<UdpSocketState>,
     pub(crate) dual_stack: bool,
 }
 
 impl ClientSocket {
-    /// Wraps the service socket and its quinn-udp state.
-    pub fn new(socket: Arc<UdpSocket>, state: Arc<UdpSocketState>, dual_stack: bool) -> Self {
+    /// Wraps the service socket (registered for readability) and its quinn-udp state.
+    pub fn new(
+        socket: Arc<AsyncFd<std::net::UdpSocket>>,
+        state: Arc<UdpSocketState>,
+        dual_stack: bool,
+    ) -> Self {
         Self {
             socket,
             state,
@@ -164,11 +175,22 @@ impl ClientSocket {
             segment_size: None,
             src_ip,
         };
-        self.socket
-            .try_io(tokio::io::Interest::WRITABLE, || {
-                self.state.send((&*self.socket).into(), &transmit)
-            })
+        self.state
+            .send(self.socket.get_ref().into(), &transmit)
             .is_ok()
+    }
+
+    /// Waits until the socket can take a datagram again (after a send hit a full
+    /// buffer). A second descriptor of the socket is registered for writability for
+    /// the wait only, so sends in the common case wake nobody.
+    pub async fn writable(&self) -> std::io::Result<()> {
+        let descriptor = self.socket.get_ref().try_clone()?;
+        // SAFETY: the std socket owns its descriptor and keeps it open, unchanged,
+        // for as long as the AsyncFd holding it lives.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(descriptor, tokio::io::Interest::WRITABLE)? };
+        let _ready = registered.writable().await?;
+        Ok(())
     }
 }
 

@@ -37,9 +37,16 @@ pub struct RendezvousBenchArgs {
     /// real agent does (costs the generator CPU the server then lacks).
     #[arg(long)]
     sign_each: bool,
+    /// Let the generator poll without sleeping (it then takes a whole core).
+    #[arg(long)]
+    busy_poll: bool,
     /// Also run the `registry_memory` example with this many peers (0: skip).
     #[arg(long, default_value_t = 1_000_000)]
     memory_peers: usize,
+    /// Benchmark this `gateway` binary instead of target/release/gateway (to compare
+    /// builds under the same load).
+    #[arg(long)]
+    server_binary: Option<PathBuf>,
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when dropped.
@@ -184,15 +191,19 @@ pub fn bench_rendezvous(args: RendezvousBenchArgs) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    println!("server: target/release/gateway {}", serve_args.join(" "));
+    let binary = args
+        .server_binary
+        .clone()
+        .unwrap_or_else(|| release.join("gateway"));
+    println!("server: {} {}", binary.display(), serve_args.join(" "));
     let mut server = Server {
-        child: Command::new(release.join("gateway"))
+        child: Command::new(&binary)
             .args(&serve_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("cannot start target/release/gateway")?,
+            .with_context(|| format!("cannot start {}", binary.display()))?,
     };
     wait_ready(&mut server, udp)?;
     let pid = server.child.id().to_string();
@@ -214,6 +225,9 @@ pub fn bench_rendezvous(args: RendezvousBenchArgs) -> Result<()> {
     ];
     if args.sign_each {
         load_args.push("--sign-each".into());
+    }
+    if args.busy_poll {
+        load_args.push("--busy-poll".into());
     }
     println!(
         "load: target/release/examples/rendezvous_load {}",
