@@ -10,7 +10,10 @@ use std::{
 use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::{io::IoSliceMut, net::IpAddr};
-use tokio::{io::Interest, net::UdpSocket};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    net::UdpSocket,
+};
 
 use crate::{
     metrics::Metrics,
@@ -70,10 +73,16 @@ const RECV_BATCH: usize = 8;
 
 /// Prepares a bound service socket for [`run`]: its quinn-udp state (batched
 /// receives, IP_PKTINFO), shared so relay tasks can send to clients from it too.
+/// The socket is re-registered with the runtime for readability only (see
+/// [`ClientSocket`] for why). Must be called inside a tokio runtime.
 pub fn client_socket(socket: UdpSocket) -> std::io::Result<ClientSocket> {
+    let socket = socket.into_std()?;
     let state = UdpSocketState::new((&socket).into())?;
     // An IPv6 socket is dual-stack (see `bind`) and needs v4-mapped peers.
     let dual_stack = socket.local_addr()?.is_ipv6();
+    // SAFETY: the std socket owns its descriptor and keeps it open, unchanged, for
+    // as long as the AsyncFd holding it lives.
+    let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE)? };
     Ok(ClientSocket::new(
         Arc::new(socket),
         Arc::new(state),
@@ -106,12 +115,12 @@ pub async fn run(
 ) {
     let socket = &*client.socket;
     let state = &*client.state;
-    let dual_stack = client.dual_stack;
     let binding = BindingService;
     let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
     let mut metas = [RecvMeta::default(); RECV_BATCH];
     let mut reply = Vec::with_capacity(512);
     let mut transmits: Vec<Transmit> = Vec::new();
+    let mut gso_buffer = Vec::new();
     tokio::pin!(shutdown);
     loop {
         let timeout = rendezvous.as_ref().and_then(RendezvousServer::poll_timeout);
@@ -138,17 +147,23 @@ pub async fn run(
                 }
                 continue;
             }
-            received = socket.async_io(Interest::READABLE, || {
+            ready = socket.readable() => ready,
+        };
+        let received = match received {
+            Ok(mut ready) => ready.try_io(|socket| {
                 // Views into the one preallocated buffer: no allocation per batch.
                 let mut chunks = storage.chunks_mut(MAX_DATAGRAM);
                 let mut bufs: [IoSliceMut<'_>; RECV_BATCH] =
                     std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                state.recv((&socket).into(), &mut bufs, &mut metas)
-            }) => received,
+                state.recv(socket.get_ref().into(), &mut bufs, &mut metas)
+            }),
+            Err(e) => Ok(Err(e)),
         };
         let count = match received {
-            Ok(count) => count,
-            Err(e) => {
+            Ok(Ok(count)) => count,
+            // Readiness was stale: wait again.
+            Err(_would_block) => continue,
+            Ok(Err(e)) => {
                 // ICMP errors from earlier sends surface here (ECONNREFUSED); keep going.
                 tracing::debug!(error = %e, "receive failed");
                 continue;
@@ -218,27 +233,64 @@ pub async fn run(
                 metrics.stun_datagrams.with_label_values(&[label]).inc();
             }
         }
-        for transmit in &transmits {
-            let destination = if dual_stack {
-                to_v6_mapped(transmit.to)
-            } else {
-                transmit.to
-            };
-            let src_ip = transmit.from_local.map(|ip| match (dual_stack, ip) {
-                (true, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
-                _ => ip,
-            });
-            let outgoing = quinn_udp::Transmit {
-                destination,
-                ecn: None,
-                contents: &transmit.payload,
-                segment_size: None,
-                src_ip,
-            };
-            match socket
-                .async_io(Interest::WRITABLE, || state.send(socket.into(), &outgoing))
-                .await
-            {
+        send_transmits(&client, &transmits, &metrics, &mut gso_buffer).await;
+    }
+}
+
+/// Largest UDP payload one GSO send may carry in all.
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// Sends a batch's datagrams in order. Consecutive datagrams to the same destination
+/// with the same length (an introduction's two copies) leave in one system call with
+/// UDP segmentation offload where the kernel has it: the recipient still gets them as
+/// separate datagrams, and the kernel's send path runs once for all of them. Should
+/// such a send fail (a device without segmentation support), the copies go out one
+/// by one instead.
+async fn send_transmits(
+    client: &ClientSocket,
+    transmits: &[Transmit],
+    metrics: &Metrics,
+    gso_buffer: &mut Vec<u8>,
+) {
+    let max_segments = client.state.max_gso_segments();
+    let mut rest = transmits;
+    while let Some(first) = rest.first() {
+        let len = first.payload.len();
+        let limit = if len == 0 || len > usize::from(u16::MAX) {
+            1
+        } else {
+            max_segments.min(MAX_GSO_BYTES / len).max(1)
+        };
+        let run = rest
+            .iter()
+            .take(limit)
+            .take_while(|t| {
+                t.to == first.to && t.from_local == first.from_local && t.payload.len() == len
+            })
+            .count()
+            .max(1);
+        let Some((group, tail)) = rest.split_at_checked(run) else {
+            break;
+        };
+        rest = tail;
+        if let [_, _, ..] = group {
+            gso_buffer.clear();
+            for transmit in group {
+                gso_buffer.extend_from_slice(&transmit.payload);
+            }
+            match send_one(client, first, gso_buffer, Some(len)).await {
+                Ok(()) => {
+                    metrics.udp_sent_datagrams.inc_by(group.len() as u64);
+                    metrics.udp_sent_bytes.inc_by(gso_buffer.len() as u64);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, to = %first.to, "segmented send failed; sending one by one");
+                }
+            }
+        }
+        for transmit in group {
+            match send_one(client, transmit, &transmit.payload, None).await {
                 Ok(()) => {
                     metrics.udp_sent_datagrams.inc();
                     metrics.udp_sent_bytes.inc_by(transmit.payload.len() as u64);
@@ -249,7 +301,109 @@ pub async fn run(
     }
 }
 
+/// Sends `contents` (one datagram, or several of `segment_size` bytes each) to
+/// `transmit`'s destination from its local address, waiting while the socket's send
+/// buffer is full.
+async fn send_one(
+    client: &ClientSocket,
+    transmit: &Transmit,
+    contents: &[u8],
+    segment_size: Option<usize>,
+) -> std::io::Result<()> {
+    let dual_stack = client.dual_stack;
+    let destination = if dual_stack {
+        to_v6_mapped(transmit.to)
+    } else {
+        transmit.to
+    };
+    let src_ip = transmit.from_local.map(|ip| match (dual_stack, ip) {
+        (true, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
+        _ => ip,
+    });
+    let outgoing = quinn_udp::Transmit {
+        destination,
+        ecn: None,
+        contents,
+        segment_size,
+        src_ip,
+    };
+    let socket = client.socket.get_ref();
+    loop {
+        // A segmented send reports its failure so the caller can fall back; a plain
+        // one is quinn-udp's `send`, which logs failures other than a full buffer.
+        let sent = if segment_size.is_some() {
+            client.state.try_send(socket.into(), &outgoing)
+        } else {
+            client.state.send(socket.into(), &outgoing)
+        };
+        match sent {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The send buffer is full: wait until it drains, then retry.
+                if let Err(e) = client.writable().await {
+                    tracing::debug!(error = %e, "cannot wait for the socket to drain");
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            result => return result,
+        }
+    }
+}
+
 /// IPv4-mapped IPv6 sources (from a dual-stack socket) as plain IPv4.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn grouped_datagrams_arrive_one_by_one_in_order() {
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let client = client_socket(socket).expect("client socket");
+        let metrics = Metrics::new().expect("metrics");
+        let first = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
+        let second = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
+        for receiver in [&first, &second] {
+            receiver
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+        }
+        let to = |receiver: &std::net::UdpSocket, payload: &[u8]| Transmit {
+            to: receiver.local_addr().expect("address"),
+            from_local: None,
+            payload: payload.to_vec(),
+        };
+        // Same destination and length: one segmented send of four; then a shorter
+        // one; then another destination.
+        let transmits = [
+            to(&first, b"intro-a"),
+            to(&first, b"intro-a"),
+            to(&first, b"intro-b"),
+            to(&first, b"intro-b"),
+            to(&first, b"reply"),
+            to(&second, b"other"),
+            to(&second, b"other"),
+        ];
+        let mut buffer = Vec::new();
+        send_transmits(&client, &transmits, &metrics, &mut buffer).await;
+        let mut received = Vec::new();
+        let mut datagram = [0u8; 64];
+        for (receiver, count) in [(&first, 5), (&second, 2)] {
+            for _ in 0..count {
+                let len = receiver.recv(&mut datagram).expect("a datagram");
+                received.push(datagram.get(..len).unwrap_or_default().to_vec());
+            }
+        }
+        let expected: Vec<Vec<u8>> = transmits.iter().map(|t| t.payload.clone()).collect();
+        assert_eq!(received, expected);
+        assert_eq!(metrics.udp_sent_datagrams.get(), 7);
+        assert_eq!(
+            metrics.udp_sent_bytes.get(),
+            expected.iter().map(|p| p.len() as u64).sum::<u64>()
+        );
+    }
 }

@@ -502,7 +502,12 @@ fn ipv6_clients_get_ipv6_relayed_addresses() {
     assert!(matches!(bound, Event::ChannelBound { .. }), "{bound:?}");
     client.send(peer_addr, b"over IPv6").expect("send");
     let mut buf = [0u8; 64];
-    let (len, from) = peer.recv_from(&mut buf).expect("the peer gets it");
+    let (len, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "the peer gets nothing ({e}):\n{}",
+            relay.gateway.scrape().unwrap_or_default()
+        )
+    });
     assert_eq!((&buf[..len], from), (&b"over IPv6"[..], relayed));
     peer.send_to(b"and back", relayed).expect("peer sends");
     assert_eq!(client.recv(wait).expect("data").data, b"and back");

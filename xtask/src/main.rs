@@ -3,6 +3,7 @@ mod bench;
 mod demo;
 mod ebpf_bench;
 mod relay_bench;
+mod rendezvous_bench;
 mod toolchain;
 
 use std::process::ExitCode;
@@ -55,6 +56,10 @@ enum Command {
     BenchRelay(relay_bench::BenchRelayArgs),
     /// The relay benchmark's load against one running TURN server (loopback only).
     TurnLoad(relay_bench::TurnLoadArgs),
+    /// Measure introductions per second end to end through the real `gateway serve`
+    /// on loopback (release build), next to STUN Binding requests per second through
+    /// the same server as the baseline; also the server's CPU per request and memory.
+    BenchRendezvous(rendezvous_bench::RendezvousBenchArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::demo(args),
         Command::PunchBench(args) => bench::punch_bench(args),
         Command::BenchEbpf(args) => ebpf_bench::bench_ebpf(args),
+        Command::BenchRendezvous(args) => rendezvous_bench::bench_rendezvous(args),
         Command::Lab(command) => demo::lab(command),
         Command::BenchRelay(args) => relay_bench::bench_relay(args),
         Command::TurnLoad(args) => relay_bench::turn_load(args),
