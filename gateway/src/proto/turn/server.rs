@@ -371,6 +371,8 @@ struct Authenticated {
     username: String,
     user: String,
     key: [u8; 16],
+    /// The request was protected with MESSAGE-INTEGRITY-SHA256 only: answer in kind.
+    sha256: bool,
 }
 
 /// The TURN server state.
@@ -569,6 +571,7 @@ impl TurnServer {
             method: request_method.number(),
             tid: message.transaction_id(),
             key: auth.key,
+            sha256: auth.sha256,
         };
         // Attributes this server must understand (RFC 8489 §7.3.1: after auth).
         let mut unknown = [0u16; MAX_UNKNOWN_LISTED];
@@ -701,15 +704,16 @@ impl TurnServer {
         };
         let user = user.to_owned();
         let key = super::long_term_key(username, &self.config.realm, &password);
-        let verified =
-            message.verify_integrity(&key).is_ok() || message.verify_integrity_sha256(&key).is_ok();
-        if !verified {
+        let sha1 = message.verify_integrity(&key).is_ok();
+        let sha256 = !sha1 && message.verify_integrity_sha256(&key).is_ok();
+        if !sha1 && !sha256 {
             return Err(challenge_401(self, out));
         }
         Ok(Authenticated {
             username: username.to_owned(),
             user,
             key,
+            sha256,
         })
     }
 
@@ -1344,9 +1348,20 @@ struct Reply {
     method: u16,
     tid: [u8; 12],
     key: [u8; 16],
+    /// Protect answers with MESSAGE-INTEGRITY-SHA256 (as the request was) rather than
+    /// MESSAGE-INTEGRITY (RFC 8489 §9.2.4: the response uses the request's algorithm).
+    sha256: bool,
 }
 
 impl Reply {
+    fn protect(&self, writer: &mut MessageWriter<'_>) {
+        if self.sha256 {
+            writer.message_integrity_sha256(&self.key);
+        } else {
+            writer.message_integrity(&self.key);
+        }
+    }
+
     fn error(&self, out: &mut Vec<u8>, code: u16, reason: &str) {
         self.error_with(out, code, reason, |_| {});
     }
@@ -1369,7 +1384,7 @@ impl Reply {
         );
         writer.error_code(code, reason);
         extra(&mut writer);
-        writer.message_integrity(&self.key);
+        self.protect(&mut writer);
         writer.finish_with_fingerprint();
     }
 
@@ -1384,7 +1399,7 @@ impl Reply {
             self.tid,
         );
         body(&mut writer);
-        writer.message_integrity(&self.key);
+        self.protect(&mut writer);
         writer.finish_with_fingerprint();
     }
 }

@@ -352,6 +352,54 @@ fn authenticated_allocate_returns_relayed_and_mapped_addresses_with_integrity() 
 }
 
 #[test]
+fn a_request_signed_with_sha256_only_is_answered_with_sha256() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let tid = h.next_tid();
+    let nonce = h
+        .send(
+            addr(CLIENT),
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    let key = long_term_key(&alice.username, REALM, &alice.password);
+    let tid = h.next_tid();
+    let mut datagram = Vec::new();
+    let mut writer = MessageWriter::new(
+        &mut datagram,
+        MessageType {
+            method: method::ALLOCATE,
+            class: Class::Request,
+        },
+        tid,
+    );
+    transport_udp(&mut writer);
+    writer
+        .attribute(stun_attr::USERNAME, alice.username.as_bytes())
+        .attribute(stun_attr::REALM, REALM.as_bytes())
+        .attribute(stun_attr::NONCE, nonce.as_bytes());
+    writer.message_integrity_sha256(&key);
+    writer.finish_with_fingerprint();
+    let (handled, reply) = h.send(addr(CLIENT), &datagram);
+    assert!(matches!(
+        handled,
+        Handled::Request {
+            outcome: RequestOutcome::Ok,
+            ..
+        }
+    ));
+    let reply = reply.expect("success");
+    let message = Message::parse(&reply.bytes).expect("parses");
+    assert_eq!(message.verify_integrity_sha256(&key), Ok(()));
+    assert!(reply.attr(stun_attr::MESSAGE_INTEGRITY).is_none());
+    // A wrong key fails either way.
+    let wrong = long_term_key(&alice.username, REALM, "guess");
+    assert!(message.verify_integrity_sha256(&wrong).is_err());
+}
+
+#[test]
 fn bad_credentials_and_foreign_or_stale_nonces_are_refused() {
     let mut h = Harness::new(server());
     let alice = user("alice");
