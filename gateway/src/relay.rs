@@ -483,15 +483,19 @@ impl RelaySocketTable {
 /// Most ports one Allocate tries before answering 508.
 const MAX_BIND_ATTEMPTS: u32 = 2048;
 
-impl RelaySockets for RelaySocketTable {
-    fn open(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
+impl RelaySocketTable {
+    /// The relay IP for `family`: configured, or the gateway address the client reached.
+    fn relay_ip(&self, family: Family) -> Result<IpAddr, OpenError> {
         let local = self.current_local.map(|ip| ip.to_canonical());
-        let ip = match family {
+        match family {
             Family::V4 => self.config.v4.or(local.filter(IpAddr::is_ipv4)),
             Family::V6 => self.config.v6.or(local.filter(IpAddr::is_ipv6)),
         }
-        .ok_or(OpenError::FamilyUnavailable)?;
-        let std_socket = self.bind_port(ip, even_port)?;
+        .ok_or(OpenError::FamilyUnavailable)
+    }
+
+    /// Registers a bound relay socket with the runtime and starts its task.
+    fn adopt(&mut self, std_socket: std::net::UdpSocket) -> Result<SocketAddr, OpenError> {
         let addr = std_socket.local_addr().map_err(|_| OpenError::NoPort)?;
         let _guard = self.runtime.enter();
         // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is
@@ -507,6 +511,55 @@ impl RelaySockets for RelaySocketTable {
             .abort_handle();
         self.open.insert(addr, OpenRelay { socket, task });
         Ok(addr)
+    }
+
+    /// Binds `port` on `ip` exactly (the odd half of a reserved pair).
+    fn bind_exact(&self, ip: IpAddr, port: u16) -> Option<std::net::UdpSocket> {
+        let addr = SocketAddr::new(ip, port);
+        if self.open.contains_key(&addr) || !self.config.ports.contains(&port) {
+            return None;
+        }
+        let socket =
+            Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).ok()?;
+        if addr.is_ipv6() {
+            let _ = socket.set_only_v6(true);
+        }
+        let _ = socket.set_recv_buffer_size(256 * 1024);
+        socket.set_nonblocking(true).ok()?;
+        socket.bind(&addr.into()).ok()?;
+        Some(socket.into())
+    }
+}
+
+/// Attempts at finding an even port whose successor is free too.
+const MAX_PAIR_ATTEMPTS: usize = 64;
+
+impl RelaySockets for RelaySocketTable {
+    fn open(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
+        let ip = self.relay_ip(family)?;
+        let std_socket = self.bind_port(ip, even_port)?;
+        self.adopt(std_socket)
+    }
+
+    fn open_pair(&mut self, family: Family) -> Result<(SocketAddr, SocketAddr), OpenError> {
+        let ip = self.relay_ip(family)?;
+        for _ in 0..MAX_PAIR_ATTEMPTS {
+            let even = self.bind_port(ip, true)?;
+            let port = even.local_addr().map_err(|_| OpenError::NoPort)?.port();
+            let Some(odd) = port.checked_add(1).and_then(|p| self.bind_exact(ip, p)) else {
+                continue;
+            };
+            let first = self.adopt(even)?;
+            let second = match self.adopt(odd) {
+                Ok(second) => second,
+                Err(e) => {
+                    self.close(first);
+                    return Err(e);
+                }
+            };
+            return Ok((first, second));
+        }
+        Err(OpenError::NoPort)
     }
 
     fn close(&mut self, relay: SocketAddr) {

@@ -107,7 +107,7 @@ fn uclient(host: &Host, mode: &[&str], clients: u32, messages: u32, length: u32)
             "gateway",
         ])
         .args([
-            "-u", "uclient", "-c", "-m", &clients, "-n", &messages, "-l", &length,
+            "-u", "uclient", "-m", &clients, "-n", &messages, "-l", &length,
         ])
         .args(mode)
         .arg(SERVICE.ip().to_string());
@@ -178,10 +178,12 @@ fn coturn_uclient_relays_every_message_over_channels_and_send_indications() {
     let host = client_host(&relay.lab);
     // Client to client through the relay (-y): each client's allocation sends to the
     // other's relayed address; 4 clients x 200 messages of 120 bytes.
+    // Default mode: each client allocates an RTP/RTCP pair (EVEN-PORT with the R
+    // bit, then RESERVATION-TOKEN for the odd port).
     let channels = uclient(&host, &["-y"], 4, 200, 120);
     assert_all_delivered(&channels, 800);
     // The same with Send and Data indications instead of channels (-s), 1200 bytes.
-    let indications = uclient(&host, &["-y", "-s"], 2, 100, 1200);
+    let indications = uclient(&host, &["-y", "-s", "-c"], 2, 100, 1200);
     assert_all_delivered(&indications, 200);
     let metrics = relay.gateway.scrape().expect("metrics");
     let to_peer = metric_value(
@@ -226,7 +228,7 @@ fn default_policy_refuses_peers_in_reserved_ranges_with_403() {
     // gateway's own) are not reachable through the relay.
     let relay = relay_lab(&[]);
     let host = client_host(&relay.lab);
-    let output = uclient(&host, &["-y"], 1, 10, 100);
+    let output = uclient(&host, &["-y", "-c"], 1, 10, 100);
     assert!(
         output.contains("403"),
         "uclient should report 403 Forbidden:\n{output}"
@@ -325,9 +327,9 @@ fn coturn_uclient_relays_over_tcp_and_allocations_end_with_the_connection() {
     let relay = relay_lab(&["--allow-peer", "192.0.2.0/24"]);
     let host = client_host(&relay.lab);
     // TURN over TCP between client and gateway (-t), UDP on the relayed side.
-    let channels = uclient(&host, &["-t", "-y"], 2, 200, 120);
+    let channels = uclient(&host, &["-t", "-y", "-c"], 2, 200, 120);
     assert_all_delivered(&channels, 400);
-    let indications = uclient(&host, &["-t", "-y", "-s"], 2, 50, 1200);
+    let indications = uclient(&host, &["-t", "-y", "-s", "-c"], 2, 50, 1200);
     assert_all_delivered(&indications, 100);
     let metrics = relay.gateway.scrape().expect("metrics");
     let created = metric_value(&metrics, "gateway_turn_allocations_total", "").expect("created");

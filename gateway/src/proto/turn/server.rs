@@ -95,6 +95,12 @@ pub trait RelaySockets {
     /// Opens a UDP socket on a free port of the relay range (an even one when asked)
     /// for `family`, and returns its address as clients and peers see it.
     fn open(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, OpenError>;
+    /// Opens two sockets on an even port and the next one (EVEN-PORT with the R bit:
+    /// the second is reserved for a later Allocate). Layers that cannot do it say
+    /// [`OpenError::NoPort`].
+    fn open_pair(&mut self, _family: Family) -> Result<(SocketAddr, SocketAddr), OpenError> {
+        Err(OpenError::NoPort)
+    }
     /// Closes the relay socket at `relay` (its allocation is gone).
     fn close(&mut self, relay: SocketAddr);
 }
@@ -392,8 +398,14 @@ pub struct TurnServer {
     next_sweep: Option<Instant>,
     created: u64,
     tid_counter: u64,
+    /// Relay sockets reserved by EVEN-PORT's R bit: token → (address, expiry).
+    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    token_key: [u8; 32],
 }
 
+/// How long a port reserved by EVEN-PORT's R bit waits for its Allocate (RFC 8656
+/// §7.2 suggests about 30 s).
+const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// How often expired allocations, permissions and channels are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// UNKNOWN-ATTRIBUTES lists at most this many types.
@@ -424,6 +436,8 @@ impl TurnServer {
             next_sweep: None,
             created: 0,
             tid_counter: u64::from_be_bytes(nonce_key[..8].try_into().unwrap_or([0; 8])),
+            reservations: HashMap::new(),
+            token_key: nonce_key,
         }
     }
 
@@ -470,7 +484,19 @@ impl TurnServer {
             allocation.permissions.retain(|p| p.expires > now);
             allocation.channels.retain(|c| c.expires > now);
         }
-        self.next_sweep = (!self.by_client.is_empty()).then(|| now + SWEEP_INTERVAL);
+        let lapsed: Vec<[u8; 8]> = self
+            .reservations
+            .iter()
+            .filter(|(_, (_, expires))| *expires <= now)
+            .map(|(token, _)| *token)
+            .collect();
+        for token in lapsed {
+            if let Some((relay, _)) = self.reservations.remove(&token) {
+                sockets.close(relay);
+            }
+        }
+        self.next_sweep = (!self.by_client.is_empty() || !self.reservations.is_empty())
+            .then(|| now + SWEEP_INTERVAL);
     }
 
     fn remove(&mut self, index: usize, sockets: &mut dyn RelaySockets) {
@@ -811,7 +837,8 @@ impl TurnServer {
         let mut transport = None;
         let mut requested_family = None;
         let mut even_port = false;
-        let mut reservation = false;
+        let mut reserve_next = false;
+        let mut reservation: Option<[u8; 8]> = None;
         let mut lifetime = None;
         for attribute in message.attributes().flatten() {
             match attribute.ty {
@@ -819,8 +846,14 @@ impl TurnServer {
                 turn_attr::REQUESTED_ADDRESS_FAMILY => {
                     requested_family = Some(attribute.value.first().copied().unwrap_or(0));
                 }
-                turn_attr::EVEN_PORT => even_port = true,
-                turn_attr::RESERVATION_TOKEN => reservation = true,
+                turn_attr::EVEN_PORT => {
+                    even_port = true;
+                    reserve_next = attribute.value.first().is_some_and(|b| b & 0x80 != 0);
+                }
+                turn_attr::RESERVATION_TOKEN => {
+                    // A token of the wrong size matches nothing (508 below).
+                    reservation = Some(attribute.value.try_into().unwrap_or([0xFF; 8]));
+                }
                 turn_attr::LIFETIME => lifetime = read_u32(attribute.value),
                 _ => {}
             }
@@ -833,14 +866,9 @@ impl TurnServer {
             reply.error(out, 442, "Unsupported Transport Protocol");
             return RequestOutcome::Transport;
         }
-        if reservation && requested_family.is_some() {
+        if reservation.is_some() && (requested_family.is_some() || even_port) {
             reply.error(out, 400, "Bad Request");
             return RequestOutcome::BadRequest;
-        }
-        if reservation {
-            // Reservations (EVEN-PORT's R bit) are not kept, so no token is valid.
-            reply.error(out, 508, "Insufficient Capacity");
-            return RequestOutcome::Capacity;
         }
         let family = match requested_family {
             None | Some(family::IPV4) => Family::V4,
@@ -857,7 +885,31 @@ impl TurnServer {
             reply.error(out, 486, "Allocation Quota Reached");
             return RequestOutcome::Quota;
         }
-        let relay = match sockets.open(family, even_port) {
+        let mut new_token = None;
+        let opened = match reservation {
+            // The port reserved by an earlier Allocate (RFC 8656 §7.2): its socket is
+            // open already; an unknown or lapsed token gets 508.
+            Some(token) => match self.reservations.remove(&token) {
+                Some((relay, expires)) if expires > now => Ok(relay),
+                Some((relay, _)) => {
+                    sockets.close(relay);
+                    Err(OpenError::NoPort)
+                }
+                None => Err(OpenError::NoPort),
+            },
+            None if reserve_next && self.reservations.len() < self.config.max_allocations => {
+                sockets.open_pair(family).map(|(relay, reserved)| {
+                    let token = self.next_token();
+                    self.reservations
+                        .insert(token, (reserved, now + RESERVATION_LIFETIME));
+                    new_token = Some(token);
+                    relay
+                })
+            }
+            None if reserve_next => Err(OpenError::NoPort),
+            None => sockets.open(family, even_port),
+        };
+        let relay = match opened {
             Ok(relay) => relay,
             Err(OpenError::FamilyUnavailable) => {
                 reply.error(out, 440, "Address Family not Supported");
@@ -905,9 +957,25 @@ impl TurnServer {
                 turn_attr::LIFETIME,
                 &(lifetime.as_secs() as u32).to_be_bytes(),
             );
+            if let Some(token) = new_token {
+                w.attribute(turn_attr::RESERVATION_TOKEN, &token);
+            }
             w.xor_mapped_address(client.addr);
         });
         RequestOutcome::Ok
+    }
+
+    /// A reservation token nobody can guess from the ones before it.
+    fn next_token(&mut self) -> [u8; 8] {
+        use hmac::{Hmac, Mac};
+        self.tid_counter = self.tid_counter.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.token_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(&self.tid_counter.to_be_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut token = [0u8; 8];
+        token.copy_from_slice(&tag[..8]);
+        token
     }
 
     fn grant_lifetime(&self, requested: Option<u32>) -> Duration {

@@ -37,6 +37,15 @@ impl RelaySockets for FakeSockets {
         self.open.retain(|a| *a != relay);
         self.closed.push(relay);
     }
+
+    fn open_pair(&mut self, family: Family) -> Result<(SocketAddr, SocketAddr), OpenError> {
+        let even = self.open(family, true)?;
+        let even = SocketAddr::new(even.ip(), even.port() & !1);
+        let odd = SocketAddr::new(even.ip(), even.port() + 1);
+        self.open.retain(|a| a.port() != even.port());
+        self.open.extend([even, odd]);
+        Ok((even, odd))
+    }
 }
 
 fn addr(text: &str) -> SocketAddr {
@@ -898,6 +907,107 @@ fn tcp_and_udp_clients_are_different_five_tuples_and_tcp_allocations_end_with_th
     h.server.remove_client(tcp, &mut h.sockets);
     assert_eq!(h.server.allocation_count(), 1);
     assert_eq!(h.sockets.open, vec![udp_relay]);
+}
+
+#[test]
+fn even_port_with_r_bit_reserves_the_next_port_for_a_token() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let tid = h.next_tid();
+    let nonce = h
+        .send(
+            addr(CLIENT),
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    let token = reply.attr(turn_attr::RESERVATION_TOKEN).expect("a token");
+    assert_eq!(token.len(), 8);
+    let tid = Message::parse(&reply.bytes)
+        .expect("parses")
+        .transaction_id();
+    let relayed = stun::decode_xor_address(
+        &reply.attr(turn_attr::XOR_RELAYED_ADDRESS).expect("relayed"),
+        tid,
+    )
+    .expect("address");
+    assert_eq!(relayed.port() % 2, 0, "an even port");
+    // Another client allocates with the token and gets the next port.
+    let other = addr("198.51.100.21:40001");
+    let tid = h.next_tid();
+    let nonce2 = h
+        .send(
+            other,
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    let (outcome, reply) = h.authed(other, &alice, &nonce2, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    let tid = Message::parse(&reply.bytes)
+        .expect("parses")
+        .transaction_id();
+    let second = stun::decode_xor_address(
+        &reply.attr(turn_attr::XOR_RELAYED_ADDRESS).expect("relayed"),
+        tid,
+    )
+    .expect("address");
+    assert_eq!(second, SocketAddr::new(relayed.ip(), relayed.port() + 1));
+    // A token works once; unknown tokens and tokens with a family get refused.
+    let third = addr("198.51.100.22:40002");
+    let tid = h.next_tid();
+    let nonce3 = h
+        .send(
+            third,
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    let (outcome, reply) = h.authed(third, &alice, &nonce3, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Capacity, Some(508)));
+    let (outcome, _) = h.authed(third, &alice, &nonce3, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::RESERVATION_TOKEN, &token);
+        w.attribute(
+            turn_attr::REQUESTED_ADDRESS_FAMILY,
+            &[family::IPV4, 0, 0, 0],
+        );
+    });
+    assert_eq!(outcome, RequestOutcome::BadRequest);
+    // An unused reservation lapses after 30 s and its socket closes.
+    let (outcome, reply) = h.authed(third, &alice, &nonce3, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    let tid = Message::parse(&reply.bytes)
+        .expect("parses")
+        .transaction_id();
+    let even = stun::decode_xor_address(
+        &reply.attr(turn_attr::XOR_RELAYED_ADDRESS).expect("relayed"),
+        tid,
+    )
+    .expect("address");
+    let reserved = SocketAddr::new(even.ip(), even.port() + 1);
+    assert!(h.sockets.open.contains(&reserved));
+    h.now += Duration::from_secs(31);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert!(h.sockets.closed.contains(&reserved));
+    assert!(!h.sockets.open.contains(&reserved));
 }
 
 #[test]
