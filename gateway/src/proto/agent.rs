@@ -607,10 +607,10 @@ impl Agent {
         for peer in due {
             let probing = self.sessions.values().any(|s| {
                 s.peer_id == peer
-                    && matches!(
-                        s.state,
-                        SessionState::Waiting | SessionState::Probing | SessionState::Relaying
-                    )
+                    && (matches!(s.state, SessionState::Waiting | SessionState::Probing)
+                        // A relay leg waits, unless the other side never answered at
+                        // all: then it likely lost the introduction, so ask again.
+                        || (s.state == SessionState::Relaying && s.last_heard > s.introduced_at))
             });
             if !probing {
                 let tid = self.tid();
