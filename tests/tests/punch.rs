@@ -26,6 +26,26 @@ fn direct_remote(line: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no address in {line:?}"))
 }
 
+/// The two "applications" of a forwarding test: alice's talks to her forwarder on
+/// 127.0.0.1:5000, bob's listens on 127.0.0.1:6000 where his forwarder delivers.
+fn forwarded_apps(pair: &PunchLab) -> (UdpSocket, UdpSocket) {
+    let app = |site: &str, bind: &'static str| -> UdpSocket {
+        let app: UdpSocket = pair
+            .lab
+            .site(site)
+            .expect("site")
+            .host(0)
+            .expect("host")
+            .run(move || UdpSocket::bind(bind))
+            .expect("namespace")
+            .expect("bind");
+        app.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        app
+    };
+    (app("a", "127.0.0.1:0"), app("b", "127.0.0.1:6000"))
+}
+
 #[test]
 fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
     if !lab_available() {
@@ -53,30 +73,7 @@ fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
 
     // A UDP "application" on each side: alice's talks to 127.0.0.1:5000, bob's
     // listens on 127.0.0.1:6000.
-    let app_a: UdpSocket = pair
-        .lab
-        .site("a")
-        .expect("a")
-        .host(0)
-        .expect("h")
-        .run(|| UdpSocket::bind("127.0.0.1:0"))
-        .expect("ns")
-        .expect("bind");
-    let app_b: UdpSocket = pair
-        .lab
-        .site("b")
-        .expect("b")
-        .host(0)
-        .expect("h")
-        .run(|| UdpSocket::bind("127.0.0.1:6000"))
-        .expect("ns")
-        .expect("bind");
-    app_a
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout");
-    app_b
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout");
+    let (app_a, app_b) = forwarded_apps(&pair);
     let mut buf = [0u8; 1500];
     let mut delivered = None;
     for attempt in 0..10 {
@@ -339,28 +336,7 @@ fn pair_that_cannot_punch_falls_back_to_the_relay_and_forwards_traffic() {
     assert_eq!(relayed_remote(&up_a).ip(), wan_b);
     assert_eq!(relayed_remote(&up_b).ip(), punch::SERVICE.ip());
 
-    let app_a: UdpSocket = pair
-        .lab
-        .site("a")
-        .expect("a")
-        .host(0)
-        .expect("h")
-        .run(|| UdpSocket::bind("127.0.0.1:0"))
-        .expect("ns")
-        .expect("bind");
-    let app_b: UdpSocket = pair
-        .lab
-        .site("b")
-        .expect("b")
-        .host(0)
-        .expect("h")
-        .run(|| UdpSocket::bind("127.0.0.1:6000"))
-        .expect("ns")
-        .expect("bind");
-    for app in [&app_a, &app_b] {
-        app.set_read_timeout(Some(Duration::from_millis(500)))
-            .expect("timeout");
-    }
+    let (app_a, app_b) = forwarded_apps(&pair);
     let mut buf = [0u8; 1500];
     let mut from_forwarder = None;
     for attempt in 0..10 {

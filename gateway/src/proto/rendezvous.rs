@@ -1150,6 +1150,22 @@ pub mod client {
         })
     }
 
+    /// An indication of `wanted` method from the gateway, integrity-checked with
+    /// `password` (introductions and relay offers are signed for their recipient).
+    fn signed_indication<'a>(
+        datagram: &'a [u8],
+        wanted: u16,
+        password: &str,
+    ) -> Option<Message<'a>> {
+        let message = Message::parse(datagram).ok()?;
+        let ty = message.message_type();
+        if ty.method != wanted || ty.class != Class::Indication {
+            return None;
+        }
+        message.verify_integrity_sha256(password.as_bytes()).ok()?;
+        Some(message)
+    }
+
     /// A relay offer forwarded by the gateway.
     #[derive(Clone, Debug, PartialEq, Eq)]
     pub struct RelayOffer {
@@ -1163,12 +1179,7 @@ pub mod client {
 
     /// Parses and verifies a forwarded relay offer signed with `password`.
     pub fn parse_relay_offer(datagram: &[u8], password: &str) -> Option<RelayOffer> {
-        let message = Message::parse(datagram).ok()?;
-        let ty = message.message_type();
-        if ty.method != method::RELAY_OFFER || ty.class != Class::Indication {
-            return None;
-        }
-        message.verify_integrity_sha256(password.as_bytes()).ok()?;
+        let message = signed_indication(datagram, method::RELAY_OFFER, password)?;
         let tid = message.transaction_id();
         let (mut intro_id, mut peer_id, mut relayed) = (None, None, None);
         for a in message.attributes().filter_map(Result::ok) {
@@ -1291,12 +1302,7 @@ pub mod client {
 
     /// Parses and verifies an Introduction indication signed with `password`.
     pub fn parse_introduction(datagram: &[u8], password: &str) -> Option<Introduction> {
-        let message = Message::parse(datagram).ok()?;
-        let ty = message.message_type();
-        if ty.method != method::INTRODUCTION || ty.class != Class::Indication {
-            return None;
-        }
-        message.verify_integrity_sha256(password.as_bytes()).ok()?;
+        let message = signed_indication(datagram, method::INTRODUCTION, password)?;
         let tid = message.transaction_id();
         let mut intro_id = None;
         let mut peer_id = None;

@@ -1037,6 +1037,12 @@ impl TurnServer {
             .map_err(|_| PeerRefusal::Denied)
     }
 
+    /// The slot and relay address of an existing allocation.
+    fn relay_of(&self, existing: Option<usize>) -> Option<(usize, SocketAddr)> {
+        let index = existing?;
+        Some((index, self.slots.get(index)?.as_ref()?.relay))
+    }
+
     fn create_permission(
         &mut self,
         now: Instant,
@@ -1045,11 +1051,7 @@ impl TurnServer {
         message: &Message<'_>,
         out: &mut Vec<u8>,
     ) -> RequestOutcome {
-        let Some(index) = existing else {
-            reply.error(out, 437, "Allocation Mismatch");
-            return RequestOutcome::Mismatch;
-        };
-        let Some(relay) = self.slots[index].as_ref().map(|a| a.relay) else {
+        let Some((index, relay)) = self.relay_of(existing) else {
             reply.error(out, 437, "Allocation Mismatch");
             return RequestOutcome::Mismatch;
         };
@@ -1064,16 +1066,8 @@ impl TurnServer {
                 reply.error(out, 400, "Bad Request");
                 return RequestOutcome::BadRequest;
             };
-            match self.check_peer(relay, peer) {
-                Ok(()) => {}
-                Err(PeerRefusal::Family) => {
-                    reply.error(out, 443, "Peer Address Family Mismatch");
-                    return RequestOutcome::Family;
-                }
-                Err(PeerRefusal::Denied) => {
-                    reply.error(out, 403, "Forbidden");
-                    return RequestOutcome::Forbidden;
-                }
+            if let Err(refusal) = self.check_peer(relay, peer) {
+                return refusal.answer(reply, out);
             }
             if count == peers.len() {
                 reply.error(out, 508, "Insufficient Capacity");
@@ -1122,11 +1116,7 @@ impl TurnServer {
         message: &Message<'_>,
         out: &mut Vec<u8>,
     ) -> RequestOutcome {
-        let Some(index) = existing else {
-            reply.error(out, 437, "Allocation Mismatch");
-            return RequestOutcome::Mismatch;
-        };
-        let Some(relay) = self.slots[index].as_ref().map(|a| a.relay) else {
+        let Some((index, relay)) = self.relay_of(existing) else {
             reply.error(out, 437, "Allocation Mismatch");
             return RequestOutcome::Mismatch;
         };
@@ -1155,16 +1145,8 @@ impl TurnServer {
             return RequestOutcome::BadRequest;
         }
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        match self.check_peer(relay, peer) {
-            Ok(()) => {}
-            Err(PeerRefusal::Family) => {
-                reply.error(out, 443, "Peer Address Family Mismatch");
-                return RequestOutcome::Family;
-            }
-            Err(PeerRefusal::Denied) => {
-                reply.error(out, 403, "Forbidden");
-                return RequestOutcome::Forbidden;
-            }
+        if let Err(refusal) = self.check_peer(relay, peer) {
+            return refusal.answer(reply, out);
         }
         let channel_lifetime = self.config.channel_lifetime;
         let permission_lifetime = self.config.permission_lifetime;
@@ -1333,6 +1315,22 @@ impl TurnServer {
 enum PeerRefusal {
     Family,
     Denied,
+}
+
+impl PeerRefusal {
+    /// The error answer for a refused peer: 443 for a family mismatch, 403 for policy.
+    fn answer(self, reply: &Reply, out: &mut Vec<u8>) -> RequestOutcome {
+        match self {
+            Self::Family => {
+                reply.error(out, 443, "Peer Address Family Mismatch");
+                RequestOutcome::Family
+            }
+            Self::Denied => {
+                reply.error(out, 403, "Forbidden");
+                RequestOutcome::Forbidden
+            }
+        }
+    }
 }
 
 fn install_permission(allocation: &mut Allocation, ip: IpAddr, expires: Instant) {
