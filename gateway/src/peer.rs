@@ -238,6 +238,7 @@ async fn drive(
     let mut buf = vec![0u8; 65_535];
     let mut waiting: HashMap<String, Vec<oneshot::Sender<PathKind>>> = HashMap::new();
     let mut attached: HashMap<String, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    let mut extra = ExtraSockets::new(socket.local_addr().ok());
     loop {
         let deadline = agent.poll_timeout();
         tokio::select! {
@@ -246,6 +247,9 @@ async fn drive(
                 Ok((len, from)) => agent.handle_datagram(Instant::now(), from, &buf[..len]),
                 Err(e) => tracing::debug!(error = %e, "receive failed"),
             },
+            Some((slot, from, datagram)) = extra.received.recv() => {
+                agent.handle_datagram_on(Instant::now(), slot, from, &datagram);
+            }
             command = commands.recv() => match command {
                 // Every client handle is gone: stop.
                 None => return,
@@ -270,6 +274,13 @@ async fn drive(
             },
         }
         while let Some(transmit) = agent.poll_transmit() {
+            let socket = match transmit.socket {
+                0 => &socket,
+                slot => match extra.get_or_open(slot) {
+                    Some(s) => s,
+                    None => continue,
+                },
+            };
             let default_ttl = match transmit.ttl {
                 Some(ttl) => match socket.ttl() {
                     Ok(default) => socket.set_ttl(u32::from(ttl)).ok().map(|()| default),
@@ -285,6 +296,9 @@ async fn drive(
             {
                 tracing::warn!(error = %e, "cannot restore the socket's TTL");
             }
+        }
+        while let Some(slot) = agent.poll_released_socket() {
+            extra.close(slot);
         }
         while let Some(event) = agent.poll_event() {
             match &event {
@@ -316,6 +330,66 @@ async fn drive(
             if events.send(event).is_err() {
                 // Nobody reads events any more; keep serving the paths.
             }
+        }
+    }
+}
+
+/// The agent's extra sockets (birthday punching), opened on first use: each has a
+/// task that hands what it receives to the driver's loop.
+struct ExtraSockets {
+    /// Where the agent's own socket is bound (extra sockets take its address).
+    local: Option<SocketAddr>,
+    open: HashMap<u32, (std::sync::Arc<UdpSocket>, tokio::task::JoinHandle<()>)>,
+    sender: mpsc::Sender<(u32, SocketAddr, Vec<u8>)>,
+    received: mpsc::Receiver<(u32, SocketAddr, Vec<u8>)>,
+}
+
+impl ExtraSockets {
+    fn new(local: Option<SocketAddr>) -> Self {
+        let (sender, received) = mpsc::channel(1024);
+        Self {
+            local,
+            open: HashMap::new(),
+            sender,
+            received,
+        }
+    }
+
+    /// The socket for `slot`, opened now if needed (None if it cannot be: the
+    /// datagram is dropped and the attempt goes on with the others).
+    fn get_or_open(&mut self, slot: u32) -> Option<&UdpSocket> {
+        if !self.open.contains_key(&slot) {
+            let local = self.local?;
+            let bind = SocketAddr::new(local.ip(), 0);
+            let socket = match std::net::UdpSocket::bind(bind)
+                .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                .and_then(UdpSocket::from_std)
+            {
+                Ok(s) => std::sync::Arc::new(s),
+                Err(e) => {
+                    tracing::debug!(error = %e, %bind, "cannot open an extra socket");
+                    return None;
+                }
+            };
+            let reader = socket.clone();
+            let sender = self.sender.clone();
+            let task = tokio::spawn(async move {
+                let mut buf = vec![0u8; 65_535];
+                while let Ok((len, from)) = reader.recv_from(&mut buf).await {
+                    let datagram = buf.get(..len).unwrap_or_default().to_vec();
+                    if sender.send((slot, from, datagram)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            self.open.insert(slot, (socket, task));
+        }
+        self.open.get(&slot).map(|(s, _)| &**s)
+    }
+
+    fn close(&mut self, slot: u32) {
+        if let Some((_, task)) = self.open.remove(&slot) {
+            task.abort();
         }
     }
 }
@@ -575,6 +649,14 @@ fn report(event: &AgentEvent) {
         AgentEvent::PunchFailed { peer_id, probes } => {
             status(format_args!("punch-failed peer {peer_id} probes {probes}"))
         }
+        AgentEvent::Birthday {
+            peer_id,
+            role,
+            budget,
+        } => status(format_args!(
+            "birthday peer {peer_id} role {} budget {budget}",
+            role.as_str()
+        )),
         AgentEvent::RelayFallback { peer_id } => {
             status(format_args!("relay-fallback peer {peer_id}"))
         }

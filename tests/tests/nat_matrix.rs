@@ -76,8 +76,8 @@ fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
             )
         }
         (x, y) if fixed(x) || fixed(y) => (
-            false,
-            "the endpoint-dependent side's probes leave from a port nobody can predict, and the other side's filter admits only the exact address:port it probed",
+            true,
+            "birthday punching: the endpoint-dependent side opens 256 mappings toward the other's reflexive address (random ports, each admitting that address), the other side probes up to 2048 random ports of its public address; one hit makes the path (a miss has probability about e^-8)",
         ),
         _ => (
             false,

@@ -16,6 +16,10 @@ pub struct PunchBenchArgs {
     /// Punches per NAT pair.
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Only this pair of presets, as `ALICE,BOB` (repeatable) [default: the pairs of
+    /// docs/benchmarks.md, including the birthday-punching ones].
+    #[arg(long = "pair", value_name = "ALICE,BOB")]
+    pairs: Vec<String>,
 }
 
 const PAIRS: &[(&str, &str)] = &[
@@ -25,6 +29,14 @@ const PAIRS: &[(&str, &str)] = &[
     ("port-restricted-cone", "symmetric-sequential"),
     ("port-restricted-cone", "router-accepts-unsolicited"),
     ("lossy-5", "port-restricted-cone"),
+    // Birthday punching: one side endpoint-independent, the other random-port
+    // symmetric.
+    ("port-restricted-cone", "symmetric"),
+    ("eim-random-port", "symmetric"),
+    // Both endpoint-dependent: what prediction and birthday punching cannot do
+    // (expected 0 direct; the relay carries these).
+    ("symmetric-sequential", "symmetric-sequential"),
+    ("symmetric", "symmetric"),
 ];
 
 fn percentile(sorted: &[Duration], p: f64) -> u128 {
@@ -41,7 +53,25 @@ pub fn punch_bench(args: PunchBenchArgs) -> Result<()> {
     require_lab()?;
     println!("| alice's NAT | bob's NAT | direct | median ms | p95 ms |");
     println!("|---|---|---|---|---|");
-    for &(a, b) in PAIRS {
+    let chosen: Vec<(String, String)> = if args.pairs.is_empty() {
+        PAIRS
+            .iter()
+            .map(|&(a, b)| (a.to_owned(), b.to_owned()))
+            .collect()
+    } else {
+        args.pairs
+            .iter()
+            .map(|pair| {
+                pair.split_once(',')
+                    .map(|(a, b)| (a.trim().to_owned(), b.trim().to_owned()))
+                    .ok_or_else(|| {
+                        anyhow!("--pair wants ALICE,BOB (two preset names), got {pair:?}")
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
+    for (a, b) in &chosen {
+        let (a, b) = (a.as_str(), b.as_str());
         let preset = |name: &str| name.parse::<NatPreset>().map_err(|e| anyhow!("{e}"));
         let mut times = Vec::new();
         for _ in 0..args.runs {

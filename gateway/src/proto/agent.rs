@@ -5,9 +5,12 @@
 //!
 //! Sans-IO like the server: the driver passes the time and datagrams in, and polls
 //! datagrams to send, the next timer, and events. One UDP socket carries everything
-//! (rendezvous, probes and data), so the mapping the gateway saw is the one punched.
+//! (rendezvous, probes and data), so the mapping the gateway saw is the one punched;
+//! the exception is birthday punching toward a random-port endpoint-dependent NAT,
+//! where the agent asks the driver for many short-lived extra sockets ([`Transmit`]'s
+//! `socket`), and a path found on one of them stays on it.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -77,7 +80,30 @@ pub struct AgentConfig {
     pub relay_timeout: Duration,
     /// While relayed, try a direct path again this often.
     pub upgrade_interval: Duration,
+    /// Birthday punching, when this side maps address-and-port-dependently with
+    /// unpredictable ports and the other endpoint-independently: how many extra
+    /// sockets (each gets its own random public port) to open toward the other side;
+    /// 0 turns birthday punching off on this side.
+    pub birthday_sockets: u16,
+    /// Birthday punching, when the other side is the random-port one: how many
+    /// probes to random ports of its public address to send at most.
+    pub birthday_probes: u32,
+    /// Birthday probes per second at most (the sweep's pace).
+    pub birthday_rate: u32,
+    /// How long after the scheduled start an attempt that has no path yet begins
+    /// birthday punching (the cheap direct probes go first).
+    pub birthday_after: Duration,
 }
+
+/// Most extra sockets one birthday attempt may use (file descriptors are finite).
+pub const MAX_BIRTHDAY_SOCKETS: u16 = 512;
+/// Most birthday probes one attempt may send.
+pub const MAX_BIRTHDAY_PROBES: u32 = 8192;
+/// The ports an endpoint-dependent NAT picks random mappings from (Linux's default
+/// for sources above 1023, and what most NATs use).
+const BIRTHDAY_PORTS: std::ops::RangeInclusive<u16> = 1024..=65_535;
+/// The random-port side refreshes its extra sockets' mappings this often.
+const BIRTHDAY_REFRESH: Duration = Duration::from_secs(1);
 
 impl AgentConfig {
     /// Defaults for everything but the server and the credentials.
@@ -100,6 +126,10 @@ impl AgentConfig {
             relay: true,
             relay_timeout: Duration::from_secs(10),
             upgrade_interval: Duration::from_secs(30),
+            birthday_sockets: 256,
+            birthday_probes: 2048,
+            birthday_rate: 1000,
+            birthday_after: Duration::from_millis(500),
         }
     }
 }
@@ -150,6 +180,17 @@ pub enum AgentEvent {
         /// Round trip of the probe that proved the path.
         rtt: Duration,
     },
+    /// Birthday punching starts: the other side's NAT picks a random port per
+    /// destination (or ours does), so one side opens many mappings and the other
+    /// probes many random ports until one pair meets.
+    Birthday {
+        /// The other side.
+        peer_id: String,
+        /// Which half this side plays.
+        role: BirthdayRole,
+        /// Extra sockets (role `Sockets`) or probes (role `Probes`) at most.
+        budget: u32,
+    },
     /// The relay fallback starts (punching failed or cannot work).
     RelayFallback {
         /// The other side.
@@ -181,9 +222,56 @@ pub enum AgentEvent {
     },
 }
 
+/// Which half of birthday punching a side plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BirthdayRole {
+    /// Behind a random-port endpoint-dependent NAT: many extra sockets, each sending
+    /// toward the other side's public endpoint, so the NAT holds many mappings (each
+    /// admitting that endpoint) on random ports.
+    Sockets,
+    /// Behind an endpoint-independent NAT (or none): probes from the one mapping to
+    /// random ports of the other side's public address, until one hits a mapping.
+    Probes,
+}
+
+impl BirthdayRole {
+    /// Name for status lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sockets => "sockets",
+            Self::Probes => "probes",
+        }
+    }
+}
+
+/// The birthday half this side plays for a NAT pair, if any: only when one side
+/// maps address-and-port-dependently without predictable ports and the other maps
+/// endpoint-independently (or not at all). Both sides compute it from the same
+/// classes, so they agree.
+pub fn birthday_role(
+    own: NatClass,
+    own_predicted: bool,
+    peer: NatClass,
+    peer_predicted: bool,
+) -> Option<BirthdayRole> {
+    let independent = |c: NatClass| matches!(c, NatClass::EndpointIndependent | NatClass::None);
+    if own == NatClass::AddressAndPortDependent && !own_predicted && independent(peer) {
+        Some(BirthdayRole::Sockets)
+    } else if independent(own) && peer == NatClass::AddressAndPortDependent && !peer_predicted {
+        Some(BirthdayRole::Probes)
+    } else {
+        None
+    }
+}
+
 /// A datagram for the driver to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
+    /// The socket to send from: 0 is the agent's own; any other number names an
+    /// extra socket (birthday punching) that the driver opens on first use, bound to
+    /// the same address with an ephemeral port, and closes when
+    /// [`Agent::poll_released_socket`] says so.
+    pub socket: u32,
     /// Destination.
     pub to: SocketAddr,
     /// Bytes.
@@ -242,6 +330,29 @@ struct Session {
     upgrade_at: Instant,
     /// The outcome report is sent once per session.
     reported: bool,
+    /// The other side's server-reflexive endpoint, from the introduction.
+    peer_reflexive: Option<SocketAddr>,
+    /// Birthday punching of this attempt.
+    birthday: Birthday,
+    /// The socket the path uses (0: the agent's own).
+    path_socket: u32,
+}
+
+/// Birthday punching state of one attempt.
+#[derive(Debug, Default)]
+struct Birthday {
+    /// Our half, if the NAT pair calls for it.
+    role: Option<BirthdayRole>,
+    /// When it began.
+    started: Option<Instant>,
+    /// Extra sockets this attempt holds.
+    sockets: Vec<u32>,
+    /// Next refresh of the extra sockets' mappings (role `Sockets`).
+    next_refresh: Option<Instant>,
+    /// Ports probed so far (role `Probes`).
+    probed: HashSet<u16>,
+    /// Birthday datagrams sent.
+    sent: u32,
 }
 
 #[derive(Debug)]
@@ -286,6 +397,10 @@ pub struct Agent {
     turn: Option<TurnClient>,
     /// When our allocation last failed: no fallback is tried for a minute after.
     turn_failed_at: Option<Instant>,
+    /// Next extra socket number (birthday punching).
+    next_socket: u32,
+    /// Extra sockets the driver may close.
+    released_sockets: VecDeque<u32>,
 }
 
 /// State of NAT mapping discovery.
@@ -374,7 +489,7 @@ const FIRST_REGISTER_RETRY: Duration = Duration::from_millis(500);
 const CONNECT_RETRY: Duration = Duration::from_secs(1);
 /// After a failed allocation, the relay fallback waits this long before trying again.
 const RELAY_RETRY_AFTER: Duration = Duration::from_secs(60);
-const MAX_PROBE_TIDS: usize = 4096;
+const MAX_PROBE_TIDS: usize = 16_384;
 
 impl Agent {
     /// Creates an agent that registers at once.
@@ -395,6 +510,8 @@ impl Agent {
             discovery: Discovery::default(),
             turn: None,
             turn_failed_at: None,
+            next_socket: 1,
+            released_sockets: VecDeque::new(),
         }
     }
 
@@ -440,17 +557,31 @@ impl Agent {
             return false;
         };
         let via_turn = session.path_relayed && matches!(session.relay, RelayLeg::Local { .. });
+        let socket = session.path_socket;
         let mut datagram = Vec::with_capacity(payload.len() + 1);
         datagram.push(DATA_MARKER);
         datagram.extend_from_slice(payload);
-        self.emit(path, datagram, None, via_turn);
+        self.emit_on(socket, path, datagram, None, via_turn);
         true
     }
 
-    /// Queues a datagram to a peer: plain, or through our TURN allocation.
-    fn emit(&mut self, to: SocketAddr, payload: Vec<u8>, ttl: Option<u8>, via_turn: bool) {
+    /// Queues a datagram to a peer from one of our sockets (plain), or through our
+    /// TURN allocation (always from our own socket).
+    fn emit_on(
+        &mut self,
+        socket: u32,
+        to: SocketAddr,
+        payload: Vec<u8>,
+        ttl: Option<u8>,
+        via_turn: bool,
+    ) {
         if !via_turn {
-            self.outgoing.push_back(Transmit { to, payload, ttl });
+            self.outgoing.push_back(Transmit {
+                socket,
+                to,
+                payload,
+                ttl,
+            });
             return;
         }
         let Some(turn) = self.turn.as_mut() else {
@@ -459,6 +590,7 @@ impl Agent {
         let mut wrapped = Vec::with_capacity(payload.len() + 48);
         match turn.encode_send(to, &payload, &mut wrapped) {
             Ok(_) => self.outgoing.push_back(Transmit {
+                socket: 0,
                 to: self.config.server,
                 payload: wrapped,
                 ttl: None,
@@ -550,6 +682,7 @@ impl Agent {
             },
         );
         self.outgoing.push_back(Transmit {
+            socket: 0,
             to: self.config.server,
             payload,
             ttl: None,
@@ -626,6 +759,7 @@ impl Agent {
                     },
                 );
                 self.outgoing.push_back(Transmit {
+                    socket: 0,
                     to: self.config.server,
                     payload,
                     ttl: None,
@@ -637,6 +771,7 @@ impl Agent {
         for id in ids {
             self.session_timeout(id, now);
         }
+        self.release_idle_sockets();
         // Forget failed sessions after a while so memory stays bounded.
         self.sessions.retain(|_, s| {
             s.state != SessionState::Failed
@@ -648,6 +783,7 @@ impl Agent {
     }
 
     fn session_timeout(&mut self, id: u64, now: Instant) {
+        self.birthday_step(now, id);
         let config = self.config.clone();
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
@@ -696,7 +832,7 @@ impl Agent {
                     if now >= session.start_at + config.punch_timeout {
                         let (peer_id, probes, intro_id) = (
                             session.peer_id.clone(),
-                            session.probes_sent,
+                            session.probes_sent + session.birthday.sent,
                             session.intro_id,
                         );
                         self.events.push_back(AgentEvent::PunchFailed {
@@ -721,6 +857,10 @@ impl Agent {
                                 probes,
                             );
                         }
+                    } else {
+                        // Out of probes: wait for the deadline (birthday punching, if
+                        // any, goes on at its own pace) without spinning.
+                        session.next_probe = now + config.probe_interval;
                     }
                     return;
                 }
@@ -738,7 +878,10 @@ impl Agent {
                 let started = session.relay_started.unwrap_or(now);
                 if now >= started + config.relay_timeout {
                     session.state = SessionState::Failed;
-                    let (intro_id, probes) = (session.intro_id, session.probes_sent);
+                    let (intro_id, probes) = (
+                        session.intro_id,
+                        session.probes_sent + session.birthday.sent,
+                    );
                     self.report(
                         now,
                         intro_id,
@@ -757,8 +900,9 @@ impl Agent {
                 session.next_probe = now + config.path_keepalive;
                 let via_turn =
                     session.path_relayed && matches!(session.relay, RelayLeg::Local { .. });
+                let socket = session.path_socket;
                 if let Some(to) = session.path {
-                    self.send_probe_via(now, id, to, None, via_turn);
+                    self.send_probe_on(now, id, socket, to, None, via_turn);
                 }
             }
             _ => {}
@@ -853,6 +997,7 @@ impl Agent {
                 },
             );
             self.outgoing.push_back(Transmit {
+                socket: 0,
                 to: self.config.server,
                 payload,
                 ttl: None,
@@ -868,6 +1013,7 @@ impl Agent {
         if let Some(turn) = self.turn.as_mut() {
             while let Some(transmit) = turn.poll_transmit() {
                 self.outgoing.push_back(Transmit {
+                    socket: 0,
                     to: transmit.to,
                     payload: transmit.payload,
                     ttl: None,
@@ -926,6 +1072,7 @@ impl Agent {
             super::binding::binding_request(tid, &mut request);
             self.discovery.pending.insert(tid, (endpoint, order));
             self.outgoing.push_back(Transmit {
+                socket: 0,
                 to: endpoint,
                 payload: request,
                 ttl: None,
@@ -990,6 +1137,19 @@ impl Agent {
         ttl: Option<u8>,
         via_turn: bool,
     ) {
+        self.send_probe_on(now, id, 0, to, ttl, via_turn);
+    }
+
+    /// One probe request from one of our sockets (counted against the probe budget).
+    fn send_probe_on(
+        &mut self,
+        now: Instant,
+        id: u64,
+        socket: u32,
+        to: SocketAddr,
+        ttl: Option<u8>,
+        via_turn: bool,
+    ) {
         let tid = self.tid();
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
@@ -997,7 +1157,132 @@ impl Agent {
         session.probes_sent += 1;
         let payload = client::probe_request(tid, id, &session.key);
         self.probe_tids.insert(tid, (id, now));
-        self.emit(to, payload, ttl, via_turn);
+        self.emit_on(socket, to, payload, ttl, via_turn);
+    }
+
+    /// One birthday probe request (counted against the birthday budget instead).
+    fn send_birthday_probe(
+        &mut self,
+        now: Instant,
+        id: u64,
+        socket: u32,
+        to: SocketAddr,
+        ttl: Option<u8>,
+    ) {
+        let tid = self.tid();
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        session.birthday.sent += 1;
+        let payload = client::probe_request(tid, id, &session.key);
+        self.probe_tids.insert(tid, (id, now));
+        self.emit_on(socket, to, payload, ttl, false);
+    }
+
+    /// One step of birthday punching for a session still probing: start it once the
+    /// cheap probes had their chance, then (role `Sockets`) refresh every extra
+    /// socket's mapping, or (role `Probes`) send the next slice of the sweep.
+    fn birthday_step(&mut self, now: Instant, id: u64) {
+        let config = &self.config;
+        let (sockets_budget, probes_budget, rate, after, interval, open_ttl) = (
+            config.birthday_sockets.min(MAX_BIRTHDAY_SOCKETS),
+            config.birthday_probes.min(MAX_BIRTHDAY_PROBES),
+            config.birthday_rate.max(1),
+            config.birthday_after,
+            config.probe_interval,
+            config.open_ttl,
+        );
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let (Some(role), Some(target)) = (session.birthday.role, session.peer_reflexive) else {
+            return;
+        };
+        // The sockets side goes first, so its mappings exist when the sweep arrives.
+        let begin = match role {
+            BirthdayRole::Sockets => session.start_at + after / 2,
+            BirthdayRole::Probes => session.start_at + after,
+        };
+        if now < begin || session.state != SessionState::Probing {
+            return;
+        }
+        if session.birthday.started.is_none() {
+            session.birthday.started = Some(now);
+            let budget = match role {
+                BirthdayRole::Sockets => u32::from(sockets_budget),
+                BirthdayRole::Probes => probes_budget,
+            };
+            self.events.push_back(AgentEvent::Birthday {
+                peer_id: session.peer_id.clone(),
+                role,
+                budget,
+            });
+            if role == BirthdayRole::Sockets {
+                let first = self.next_socket;
+                self.next_socket = self.next_socket.saturating_add(u32::from(sockets_budget));
+                session.birthday.sockets = (first..first + u32::from(sockets_budget)).collect();
+            }
+        }
+        match role {
+            BirthdayRole::Sockets => {
+                if session.birthday.next_refresh.is_some_and(|at| now < at) {
+                    return;
+                }
+                session.birthday.next_refresh = Some(now + BIRTHDAY_REFRESH);
+                // With the opener's TTL the probes create the mappings and die before
+                // the other side's NAT, which could otherwise answer them (RST, ICMP)
+                // or claim the ports for itself.
+                let ttl = (open_ttl > 0).then_some(open_ttl);
+                for socket in session.birthday.sockets.clone() {
+                    self.send_birthday_probe(now, id, socket, target, ttl);
+                }
+            }
+            BirthdayRole::Probes => {
+                let per_round = u64::from(rate) * interval.as_millis().max(1) as u64 / 1000;
+                let remaining = probes_budget.saturating_sub(session.birthday.probed.len() as u32);
+                let count = u32::try_from(per_round.max(1))
+                    .unwrap_or(u32::MAX)
+                    .min(remaining);
+                let mut ports = Vec::with_capacity(count as usize);
+                while (ports.len() as u32) < count {
+                    let port = self.rng.random_range(BIRTHDAY_PORTS);
+                    if port != target.port() && session.birthday.probed.insert(port) {
+                        ports.push(port);
+                    }
+                }
+                for port in ports {
+                    self.send_birthday_probe(now, id, 0, SocketAddr::new(target.ip(), port), None);
+                }
+            }
+        }
+    }
+
+    /// Hands back extra sockets no attempt needs any more: all of an attempt's once
+    /// it is over, all but the path's once it is up.
+    fn release_idle_sockets(&mut self) {
+        for session in self.sessions.values_mut() {
+            if session.birthday.sockets.is_empty()
+                || matches!(session.state, SessionState::Waiting | SessionState::Probing)
+            {
+                continue;
+            }
+            let keep = (session.state == SessionState::Up).then_some(session.path_socket);
+            for socket in session.birthday.sockets.drain(..) {
+                if Some(socket) == keep {
+                    continue;
+                }
+                self.released_sockets.push_back(socket);
+            }
+            if let Some(socket) = keep.filter(|&s| s != 0) {
+                session.birthday.sockets.push(socket);
+            }
+        }
+    }
+
+    /// The next extra socket the driver may close (its attempt is over, or its path
+    /// moved elsewhere).
+    pub fn poll_released_socket(&mut self) -> Option<u32> {
+        self.released_sockets.pop_front()
     }
 
     fn report(
@@ -1056,19 +1341,45 @@ impl Agent {
             },
         );
         self.outgoing.push_back(Transmit {
+            socket: 0,
             to: self.config.server,
             payload,
             ttl: None,
         });
     }
 
-    /// Handles one received datagram.
+    /// Handles one datagram received on the agent's own socket.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         if from == self.config.server && self.is_turn_datagram(datagram) {
             self.handle_turn_datagram(now, from, datagram);
+        } else {
+            self.handle_peer_datagram(now, 0, from, datagram, false);
+        }
+        self.release_idle_sockets();
+    }
+
+    /// Handles one datagram received on socket `socket` (0: the agent's own; other
+    /// numbers: the extra sockets of [`Transmit::socket`], which carry only peer
+    /// probes and data).
+    pub fn handle_datagram_on(
+        &mut self,
+        now: Instant,
+        socket: u32,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) {
+        if socket == 0 {
+            self.handle_datagram(now, from, datagram);
             return;
         }
-        self.handle_peer_datagram(now, from, datagram, false);
+        let ours = self
+            .sessions
+            .values()
+            .any(|s| s.birthday.sockets.contains(&socket));
+        if ours && from != self.config.server {
+            self.handle_peer_datagram(now, socket, from, datagram, false);
+            self.release_idle_sockets();
+        }
     }
 
     /// Whether a datagram from the gateway belongs to our TURN client (ChannelData,
@@ -1108,7 +1419,7 @@ impl Agent {
                 tracing::debug!(error = %e, %peer, "cannot bind a channel");
             }
             self.drain_turn(now);
-            self.handle_peer_datagram(now, peer, &data, true);
+            self.handle_peer_datagram(now, 0, peer, &data, true);
         }
     }
 
@@ -1116,6 +1427,7 @@ impl Agent {
     fn handle_peer_datagram(
         &mut self,
         now: Instant,
+        socket: u32,
         from: SocketAddr,
         datagram: &[u8],
         via_turn: bool,
@@ -1124,6 +1436,7 @@ impl Agent {
             let peer = self.sessions.values_mut().find(|s| {
                 s.state == SessionState::Up
                     && s.path == Some(from)
+                    && s.path_socket == socket
                     && (s.path_relayed && matches!(s.relay, RelayLeg::Local { .. })) == via_turn
             });
             if let Some(session) = peer {
@@ -1141,7 +1454,9 @@ impl Agent {
         };
         let ty = message.message_type();
         if from == self.config.server && !via_turn {
-            self.handle_server_message(now, &message, datagram);
+            if socket == 0 {
+                self.handle_server_message(now, &message, datagram);
+            }
             return;
         }
         if ty.method == stun::method::BINDING
@@ -1161,7 +1476,7 @@ impl Agent {
             return;
         }
         if ty.method == stun::method::BINDING {
-            self.handle_peer_message(now, from, &message, datagram, via_turn);
+            self.handle_peer_message(now, socket, from, &message, datagram, via_turn);
         }
     }
 
@@ -1273,11 +1588,39 @@ impl Agent {
         }
         // A newer introduction to the same peer replaces older attempts (but not a
         // path in use, nor a relay leg still being set up).
+        let released = &mut self.released_sockets;
         self.sessions.retain(|_, s| {
-            s.peer_id != intro.peer_id
-                || matches!(s.state, SessionState::Up | SessionState::Relaying)
+            let keep = s.peer_id != intro.peer_id
+                || matches!(s.state, SessionState::Up | SessionState::Relaying);
+            if !keep {
+                released.extend(s.birthday.sockets.drain(..));
+            }
+            keep
         });
         let start_at = now + intro.start_delay;
+        let peer_reflexive = intro
+            .candidates
+            .iter()
+            .find(|c| c.kind == CandidateKind::ServerReflexive)
+            .map(|c| c.addr);
+        let peer_predicted = intro
+            .candidates
+            .iter()
+            .any(|c| c.kind == CandidateKind::Predicted);
+        let birthday = Birthday {
+            role: birthday_role(
+                self.config.nat,
+                !self.discovery.predicted.is_empty(),
+                intro.peer_nat,
+                peer_predicted,
+            )
+            .filter(|role| match role {
+                BirthdayRole::Sockets => self.config.birthday_sockets > 0,
+                BirthdayRole::Probes => self.config.birthday_probes > 0,
+            })
+            .filter(|_| peer_reflexive.is_some()),
+            ..Birthday::default()
+        };
         self.events.push_back(AgentEvent::Introduced {
             peer_id: intro.peer_id.clone(),
             role: intro.role,
@@ -1304,6 +1647,9 @@ impl Agent {
                 path_relayed: false,
                 upgrade_at: now,
                 reported: false,
+                peer_reflexive,
+                birthday,
+                path_socket: 0,
             },
         );
         // Both sides map per destination: punching cannot work (without prediction,
@@ -1352,6 +1698,7 @@ impl Agent {
     fn handle_peer_message(
         &mut self,
         now: Instant,
+        socket: u32,
         from: SocketAddr,
         message: &Message<'_>,
         datagram: &[u8],
@@ -1399,12 +1746,12 @@ impl Agent {
                     session.start_at = session.start_at.min(now);
                 }
                 let state = session.state;
-                self.emit(from, response, None, via_turn);
+                self.emit_on(socket, from, response, None, via_turn);
                 // A triggered check (as in ICE): the other side's probe just got
                 // through, so a probe back to where it came from will too; do not wait
                 // for the next round. Bounded by the probes the other side sends.
                 if matches!(state, SessionState::Probing | SessionState::Relaying) {
-                    self.send_probe_via(now, id, from, None, via_turn);
+                    self.send_probe_on(now, id, socket, from, None, via_turn);
                 }
             }
             Some(Probe::Response { transaction_id, .. }) => {
@@ -1427,11 +1774,15 @@ impl Agent {
                 session.last_heard = now;
                 session.state = SessionState::Up;
                 session.path = Some(from);
+                session.path_socket = socket;
                 session.path_relayed = relayed;
                 session.upgrade_at = now + self.config.upgrade_interval;
                 session.next_probe = now + self.config.path_keepalive;
                 let elapsed = now.saturating_duration_since(session.introduced_at);
-                let (peer_id, probes) = (session.peer_id.clone(), session.probes_sent);
+                let (peer_id, probes) = (
+                    session.peer_id.clone(),
+                    session.probes_sent + session.birthday.sent,
+                );
                 // A newer path to the same peer retires older ones (silently: the
                 // data moves over, nothing went down).
                 let introduced_at = session.introduced_at;
