@@ -27,6 +27,7 @@ fuzz_target!(|data: &[u8]| {
     let mut agent = Agent::new(AgentConfig::new(server_addr, credentials), now, 1);
     agent.handle_datagram(now, from, data);
     agent.handle_datagram(now, server_addr, data);
+    agent.handle_datagram_on(now, 1, from, data);
     agent.handle_timeout(now);
     while agent.poll_transmit().is_some() {}
     while agent.poll_event().is_some() {}

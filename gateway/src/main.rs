@@ -27,12 +27,13 @@ use tracing_subscriber::EnvFilter;
         registers peers and introduces them so both punch a hole at the same instant, \
         relays for those who cannot (standard TURN over UDP and TCP), exports Prometheus \
         metrics, and counts its UDP traffic in the kernel with eBPF. `gateway peer` is \
-        the agent on each NATed host: it punches, falls back to the relay when punching \
+        the agent on each NATed host: it punches (with port prediction, and birthday \
+        punching toward random-port symmetric NATs), falls back to the relay when punching \
         fails, and with --ebpf-interface watches its punches in the kernel. `gateway \
         watch` does that watching alone, for hosts that run no agent, such as a Linux NAT \
         router.",
-    after_help = "Not built yet (planned, see the project's issues): birthday punching for \
-        random-port symmetric NATs, TCP hole punching and splicing, TURN over TLS."
+    after_help = "Not built yet (planned, see the project's issues): TCP hole punching and \
+        splicing, TURN over TLS."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
@@ -154,9 +155,24 @@ struct PeerArgs {
     /// host's own NAT(s), too few to reach the other side's; 0 disables the opener.
     #[arg(long, default_value_t = 2)]
     open_ttl: u8,
-    /// Most probes one punch attempt may send.
+    /// Most probes one punch attempt may send (birthday punching has its own budget).
     #[arg(long, default_value_t = 200)]
     probe_budget: u32,
+    /// Birthday punching when this host's NAT maps each destination to a random
+    /// port and the other side's maps endpoint-independently: extra sockets to open
+    /// toward the other side (each a new random mapping, held only during the
+    /// attempt; 0 turns it off on this side; at most 512).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(0..=512))]
+    birthday_sockets: u16,
+    /// Birthday punching when the other side is the random-port one: most probes to
+    /// random ports of its public address (0 turns it off on this side; at most
+    /// 8192). With 256 sockets on the other side, 2048 probes miss with probability
+    /// about e^-8.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(0..=8192))]
+    birthday_probes: u32,
+    /// Birthday probes per second at most.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    birthday_rate: u32,
     /// Never fall back to the gateway's TURN relay (by default a peer pair that
     /// cannot punch is relayed, and upgraded to direct when a later attempt works).
     #[arg(long)]
@@ -293,6 +309,9 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.discovery = args.discover;
     agent.prediction_window = args.prediction_window;
     agent.open_ttl = args.open_ttl;
+    agent.birthday_sockets = args.birthday_sockets;
+    agent.birthday_probes = args.birthday_probes;
+    agent.birthday_rate = args.birthday_rate;
     agent.relay = !args.no_relay;
     if args.upgrade_interval == 0 {
         anyhow::bail!("--upgrade-interval must be at least 1 second");

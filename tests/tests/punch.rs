@@ -71,9 +71,27 @@ fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
     assert_eq!(direct_remote(&up_a).ip(), wan_b);
     assert_eq!(direct_remote(&up_b).ip(), wan_a);
 
-    // A UDP "application" on each side: alice's talks to 127.0.0.1:5000, bob's
-    // listens on 127.0.0.1:6000.
-    let (app_a, app_b) = forwarded_apps(&pair);
+    forward_both_ways(&pair);
+
+    // Both sides report; the gateway counts one direct outcome for the pair.
+    std::thread::sleep(Duration::from_millis(300));
+    let text = pair.gateway.scrape().expect("scrape");
+    assert_eq!(
+        metric_value(
+            &text,
+            "gateway_punch_outcomes_total",
+            "initiator_nat=\"endpoint_independent\",outcome=\"direct\",responder_nat=\"endpoint_independent\""
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+/// A UDP "application" on each side (alice's talks to 127.0.0.1:5000, bob's listens
+/// on 127.0.0.1:6000): alice's datagram reaches bob's app through the forwarders,
+/// and bob's answer comes back.
+fn forward_both_ways(pair: &PunchLab) {
+    let (app_a, app_b) = forwarded_apps(pair);
     let mut buf = [0u8; 1500];
     let mut delivered = None;
     for attempt in 0..10 {
@@ -98,15 +116,67 @@ fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
         .recv_from(&mut buf)
         .expect("reply reaches alice's app");
     assert_eq!(&buf[..len], b"pong");
+}
 
-    // Both sides report; the gateway counts one direct outcome for the pair.
+#[test]
+fn birthday_punch_through_a_random_port_symmetric_nat_and_forward_a_udp_port() {
+    if !lab_available() {
+        return;
+    }
+    // Alice behind a symmetric NAT with random ports: no probe of hers leaves from a
+    // port bob could know, and bob's port-restricted cone admits only what he probed.
+    let mut pair = start_pair(
+        NatPreset::symmetric(),
+        NatPreset::port_restricted_cone(),
+        &["--forward-listen", "127.0.0.1:5000", "--no-relay"],
+        &["--forward-to", "127.0.0.1:6000", "--no-relay"],
+    );
+    let up_a = pair
+        .alice
+        .wait_for("path-up", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    let up_b = pair
+        .bob
+        .wait_for("path-up", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    let seen = format!("alice {:?} bob {:?}", pair.alice.seen(), pair.bob.seen());
+    assert!(
+        pair.alice
+            .seen()
+            .iter()
+            .any(|l| l.starts_with("birthday peer bob role sockets budget 256")),
+        "{seen}"
+    );
+    assert!(
+        pair.bob
+            .seen()
+            .iter()
+            .any(|l| l.starts_with("birthday peer alice role probes budget 2048")),
+        "{seen}"
+    );
+    let wan_a = pair.lab.site("a").expect("a").wan_addr();
+    let wan_b = pair.lab.site("b").expect("b").wan_addr();
+    assert_eq!(direct_remote(&up_a).ip(), wan_b);
+    assert_eq!(direct_remote(&up_b).ip(), wan_a);
+    // Alice's end of the path is one of her extra sockets: bob sees a port other than
+    // the one the gateway registered for her.
+    let registered_a: SocketAddr = pair
+        .alice
+        .seen()
+        .iter()
+        .find_map(|l| l.strip_prefix("registered public ")?.parse().ok())
+        .unwrap_or_else(|| panic!("{seen}"));
+    assert_ne!(direct_remote(&up_b), registered_a, "{seen}");
+
+    forward_both_ways(&pair);
+
     std::thread::sleep(Duration::from_millis(300));
     let text = pair.gateway.scrape().expect("scrape");
     assert_eq!(
         metric_value(
             &text,
             "gateway_punch_outcomes_total",
-            "initiator_nat=\"endpoint_independent\",outcome=\"direct\",responder_nat=\"endpoint_independent\""
+            "initiator_nat=\"address_and_port_dependent\",outcome=\"direct\",responder_nat=\"endpoint_independent\""
         ),
         Some(1.0),
         "{text}"

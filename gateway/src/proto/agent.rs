@@ -2329,6 +2329,261 @@ mod tests {
     }
 
     #[test]
+    fn birthday_roles_follow_the_nat_pair() {
+        use NatClass::{AddressAndPortDependent as Apdm, EndpointIndependent as Eim};
+        assert_eq!(
+            birthday_role(Apdm, false, Eim, false),
+            Some(BirthdayRole::Sockets)
+        );
+        assert_eq!(
+            birthday_role(Eim, false, Apdm, false),
+            Some(BirthdayRole::Probes)
+        );
+        assert_eq!(
+            birthday_role(NatClass::None, false, Apdm, false),
+            Some(BirthdayRole::Probes)
+        );
+        assert_eq!(
+            birthday_role(Apdm, false, Apdm, false),
+            None,
+            "both dependent"
+        );
+        assert_eq!(
+            birthday_role(Eim, false, Eim, false),
+            None,
+            "plain punching"
+        );
+        assert_eq!(
+            birthday_role(Apdm, true, Eim, false),
+            None,
+            "predicted ports"
+        );
+        assert_eq!(
+            birthday_role(Eim, false, Apdm, true),
+            None,
+            "predicted ports"
+        );
+        assert_eq!(birthday_role(NatClass::Unknown, false, Apdm, false), None);
+    }
+
+    /// A NAT for the birthday simulation: endpoint-independent with preserved ports, or
+    /// a random port per (socket, destination); both filter by address and port.
+    struct SimNat {
+        public: IpAddr,
+        independent: bool,
+        mappings: HashMap<(u32, Option<SocketAddr>), u16>,
+        sockets: HashMap<u16, u32>,
+        sent_to: HashSet<(u16, SocketAddr)>,
+        rng: StdRng,
+    }
+
+    impl SimNat {
+        fn new(public: &str, independent: bool) -> Self {
+            Self {
+                public: public.parse().expect("ip"),
+                independent,
+                mappings: HashMap::new(),
+                sockets: HashMap::new(),
+                sent_to: HashSet::new(),
+                rng: StdRng::seed_from_u64(7),
+            }
+        }
+
+        fn outbound(&mut self, socket: u32, to: SocketAddr) -> SocketAddr {
+            let key = (socket, (!self.independent).then_some(to));
+            let port = match self.mappings.get(&key) {
+                Some(&port) => port,
+                None => {
+                    let port = if self.independent {
+                        4000 + u16::try_from(socket).expect("few sockets")
+                    } else {
+                        loop {
+                            let port = self.rng.random_range(1024..=65_535);
+                            if !self.sockets.contains_key(&port) {
+                                break port;
+                            }
+                        }
+                    };
+                    self.mappings.insert(key, port);
+                    self.sockets.insert(port, socket);
+                    port
+                }
+            };
+            self.sent_to.insert((port, to));
+            SocketAddr::new(self.public, port)
+        }
+
+        fn inbound(&self, to: SocketAddr, from: SocketAddr) -> Option<u32> {
+            if !self.sent_to.contains(&(to.port(), from)) {
+                return None;
+            }
+            self.sockets.get(&to.port()).copied()
+        }
+    }
+
+    /// Alice behind an endpoint-independent NAT, bob behind a random-port symmetric
+    /// one (both filtering by address and port), the real rendezvous core between
+    /// them; returns each side's events and the sockets bob sent data from and
+    /// released.
+    fn birthday_run(bob_sockets: u16) -> (Vec<(usize, AgentEvent)>, Vec<u32>, usize, u32) {
+        let secret = SharedSecret::new(b"sim secret");
+        let mut now = Instant::now();
+        let server_addr = addr("192.0.2.10:3478");
+        let mut server = RendezvousServer::new(secret.clone(), RendezvousConfig::default(), 3);
+        let mut nats = [
+            SimNat::new("198.51.100.2", true),
+            SimNat::new("198.51.100.6", false),
+        ];
+        let mut agents: Vec<Agent> = [
+            ("alice", NatClass::EndpointIndependent),
+            ("bob", NatClass::AddressAndPortDependent),
+        ]
+        .into_iter()
+        .map(|(name, nat)| {
+            let issued = secret.issue(name, NOW_UNIX + 3600).expect("issue");
+            let creds = PeerCredentials {
+                username: issued.username,
+                password: issued.password,
+            };
+            let mut config = AgentConfig::new(server_addr, creds);
+            config.relay = false;
+            config.nat = nat;
+            config.birthday_sockets = bob_sockets;
+            Agent::new(config, now, 11)
+        })
+        .collect();
+        agents[0].connect("bob", now);
+        let mut in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)> = Vec::new();
+        let mut events = Vec::new();
+        let mut data_sockets = Vec::new();
+        let mut released = 0;
+        let mut sweep_round_max = 0;
+        let end = now + Duration::from_secs(8);
+        let mut sent_data = false;
+        while now < end {
+            for (i, agent) in agents.iter_mut().enumerate() {
+                if agent.poll_timeout() <= now {
+                    agent.handle_timeout(now);
+                }
+                let mut sweep_round = 0;
+                while let Some(t) = agent.poll_transmit() {
+                    if i == 1 && t.payload.first() == Some(&DATA_MARKER) {
+                        data_sockets.push(t.socket);
+                    }
+                    if i == 0 && t.to.ip() == nats[1].public && t.to.port() != 0 {
+                        sweep_round += 1;
+                    }
+                    let from = nats[i].outbound(t.socket, t.to);
+                    if t.ttl.is_none() {
+                        in_flight.push((now + LATENCY, from, t.to, t.payload));
+                    }
+                }
+                sweep_round_max = sweep_round_max.max(sweep_round);
+                while let Some(e) = agent.poll_event() {
+                    events.push((i, e));
+                }
+                if i == 1 {
+                    while agent.poll_released_socket().is_some() {
+                        released += 1;
+                    }
+                }
+            }
+            let both_up = agents[0].path("bob").is_some() && agents[1].path("alice").is_some();
+            if both_up && !sent_data {
+                sent_data = true;
+                assert!(agents[0].send_data("bob", b"to bob"));
+                assert!(agents[1].send_data("alice", b"to alice"));
+            }
+            let (due, later): (Vec<_>, Vec<_>) =
+                in_flight.drain(..).partition(|(at, ..)| *at <= now);
+            in_flight = later;
+            for (_, from, to, payload) in due {
+                if to == server_addr {
+                    let mut out = Vec::new();
+                    server.handle(now, NOW_UNIX, from, None, &payload, &mut out);
+                    for t in out {
+                        in_flight.push((now + LATENCY, server_addr, t.to, t.payload));
+                    }
+                    continue;
+                }
+                for (i, nat) in nats.iter().enumerate() {
+                    if to.ip() == nat.public
+                        && let Some(socket) = nat.inbound(to, from)
+                    {
+                        agents[i].handle_datagram_on(now, socket, from, &payload);
+                    }
+                }
+            }
+            now += Duration::from_millis(1);
+        }
+        (events, data_sockets, released, sweep_round_max)
+    }
+
+    #[test]
+    fn birthday_punching_meets_a_random_port_nat_and_keeps_the_path_on_its_socket() {
+        let (events, data_sockets, released, sweep_round_max) = birthday_run(256);
+        let has = |agent: usize, f: &dyn Fn(&AgentEvent) -> bool| {
+            events.iter().any(|(i, e)| *i == agent && f(e))
+        };
+        assert!(has(1, &|e| matches!(
+            e,
+            AgentEvent::Birthday {
+                role: BirthdayRole::Sockets,
+                budget: 256,
+                ..
+            }
+        )));
+        assert!(has(0, &|e| matches!(
+            e,
+            AgentEvent::Birthday {
+                role: BirthdayRole::Probes,
+                budget: 2048,
+                ..
+            }
+        )));
+        for agent in 0..2 {
+            assert!(
+                has(agent, &|e| matches!(
+                    e,
+                    AgentEvent::PathUp { relayed: false, .. }
+                )),
+                "agent {agent}: {events:?}"
+            );
+        }
+        // The data went both ways, bob's from the extra socket that met a probe.
+        assert!(has(
+            1,
+            &|e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"to bob")
+        ));
+        assert!(has(
+            0,
+            &|e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"to alice")
+        ));
+        assert_eq!(data_sockets.len(), 1);
+        assert!(data_sockets[0] >= 1, "bob's path is on an extra socket");
+        // Every other extra socket went back to the driver.
+        assert_eq!(released, 255);
+        // The sweep kept its pace: 1000/s in 50 ms rounds, plus the few plain probes.
+        assert!(sweep_round_max <= 50 + 5, "{sweep_round_max}");
+    }
+
+    #[test]
+    fn without_birthday_sockets_the_random_port_pair_gets_no_path() {
+        let (events, ..) = birthday_run(0);
+        assert!(
+            !events
+                .iter()
+                .any(|(_, e)| matches!(e, AgentEvent::PathUp { .. })),
+            "{events:?}"
+        );
+        assert!(
+            events.iter().any(|(i, e)| *i == 0
+                && matches!(e, AgentEvent::PunchFailed { probes, .. } if *probes <= 200 + 2048)),
+            "{events:?}"
+        );
+    }
+
+    #[test]
     fn garbage_from_anyone_changes_nothing() {
         let mut sim = Sim::new(false);
         sim.run_for(Duration::from_millis(50));
