@@ -1853,7 +1853,9 @@ mod tests {
         assert_eq!(handled, Handled::Unauthorized);
         assert_eq!(world.server.drain_redirected().count(), 0);
         assert_eq!(out.len(), 1);
-        assert!(out[0].payload.len() <= 40, "{} bytes", out[0].payload.len());
+        // Header, ERROR-CODE 401 "Unauthorized", FINGERPRINT (and within the global
+        // budget of unauthenticated replies).
+        assert!(out[0].payload.len() <= 48, "{} bytes", out[0].payload.len());
         assert_eq!(
             parse_response(&out[0].payload, "").map(|r| r.result),
             Some(Err(401))
