@@ -140,7 +140,10 @@ struct PeerArgs {
     #[arg(long = "host-candidate")]
     host_candidates: Vec<SocketAddr>,
     /// Another endpoint of the gateway that answers Binding (its discovery port, its
-    /// second address; repeatable): used to classify this host's NAT mapping.
+    /// second address; repeatable): used to classify this host's NAT mapping. With any
+    /// given, the agent first measures its NAT's filtering with signed RFC 5780
+    /// CHANGE-REQUEST tests to the --server port, and prints `nat mapping M filtering F
+    /// port_preserved B`.
     #[arg(long = "discover", value_name = "ADDR")]
     discover: Vec<SocketAddr>,
     /// Ports to predict (and announce) when discovery finds sequential port allocation
