@@ -186,7 +186,7 @@ pub struct AuthConfig {
 pub struct ServerConfig {
     /// Address and port of the UDP socket (3478 is STUN's registered port).
     pub listen: SocketAddr,
-    /// Up to two more UDP sockets answering STUN Binding only, for NAT behaviour
+    /// Up to three more UDP sockets answering STUN Binding only, for NAT behaviour
     /// discovery: typically one on `listen`'s address and another port, one on
     /// another address (and port) of the host. They also send the answers to
     /// CHANGE-REQUEST (RFC 5780) that arrive on `listen`. One address or a list; none
@@ -210,7 +210,7 @@ impl Default for ServerConfig {
 }
 
 /// The most discovery sockets.
-pub const MAX_DISCOVERY_LISTEN: usize = 2;
+pub const MAX_DISCOVERY_LISTEN: usize = 3;
 
 /// Reads one address or a list of them.
 fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
@@ -422,7 +422,7 @@ mod tests {
         assert_eq!(two.server.discovery_listen.len(), 2);
         assert!(!two.server.discovery_unauthenticated, "off by default");
         for bad in [
-            "[server]\ndiscovery_listen = [\"192.0.2.10:1\", \"192.0.2.10:2\", \"192.0.2.10:3\"]\n",
+            "[server]\ndiscovery_listen = [\"192.0.2.10:1\", \"192.0.2.10:2\", \"192.0.2.10:3\", \"192.0.2.10:4\"]\n",
             "[server]\ndiscovery_listen = [\"192.0.2.10:1\", \"192.0.2.10:1\"]\n",
             "[server]\ndiscovery_listen = \"0.0.0.0:3478\"\n",
             "[server]\ndiscovery_listen = \"0.0.0.0:0\"\n",

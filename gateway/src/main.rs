@@ -140,12 +140,18 @@ struct PeerArgs {
     #[arg(long = "host-candidate")]
     host_candidates: Vec<SocketAddr>,
     /// Another endpoint of the gateway that answers Binding (its discovery port, its
-    /// second address; repeatable): used to classify this host's NAT mapping. With any
-    /// given, the agent first measures its NAT's filtering with signed RFC 5780
-    /// CHANGE-REQUEST tests to the --server port, and prints `nat mapping M filtering F
-    /// port_preserved B`.
+    /// second address; repeatable): used to classify this host's NAT mapping; prints
+    /// `nat mapping M filtering F port_preserved B` (filtering with
+    /// --discover-filtering, else unknown).
     #[arg(long = "discover", value_name = "ADDR")]
     discover: Vec<SocketAddr>,
+    /// Also measure the NAT's filtering (signed RFC 5780 CHANGE-REQUEST tests to the
+    /// --server port, before the mapping tests; needs --discover). Give the gateway
+    /// discovery sockets that are not among the --discover endpoints: a router that
+    /// accepts unsolicited packets itself can otherwise make the mapping look
+    /// address-and-port-dependent.
+    #[arg(long, requires = "discover")]
+    discover_filtering: bool,
     /// Ports to predict (and announce) when discovery finds sequential port allocation
     /// behind an endpoint-dependent NAT; 0 turns prediction off.
     #[arg(long, default_value_t = 6)]
@@ -224,7 +230,7 @@ struct ServeArgs {
     #[arg(long)]
     require_ebpf: bool,
     /// Another UDP address answering STUN Binding only, so peers can classify their
-    /// NAT (repeatable, at most twice: another port of --listen's address, and another
+    /// NAT (repeatable, at most three times: another port of --listen's address, and another
     /// address and port of this host). With --secret-file these sockets also send the
     /// answers to RFC 5780 CHANGE-REQUEST (filtering discovery) that arrive on
     /// --listen: "change port" from the first kind, "change IP and port" from the
@@ -305,6 +311,7 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.host_candidates = args.host_candidates;
     agent.probe_budget = args.probe_budget;
     agent.discovery = args.discover;
+    agent.filtering = args.discover_filtering;
     agent.prediction_window = args.prediction_window;
     agent.open_ttl = args.open_ttl;
     agent.relay = !args.no_relay;

@@ -20,15 +20,19 @@ use gateway_tests::{
     punch::{self, SECRET},
 };
 
-/// The service port and the two discovery sockets: another port of the first
-/// address, another address and port.
+/// The service port and the discovery sockets: CHANGE-REQUEST answers from another
+/// port of the first address and from another address and port (the first matching
+/// socket in this order answers), and a socket for the agents' mapping tests that
+/// never sends an unsolicited answer.
 const SERVE_ARGS: &[&str] = &[
     "--listen",
     "0.0.0.0:3478",
     "--discovery-listen",
-    "192.0.2.10:3479",
+    "192.0.2.10:3480",
     "--discovery-listen",
-    "192.0.2.11:3479",
+    "192.0.2.11:3480",
+    "--discovery-listen",
+    "192.0.2.10:3479",
     "--no-ebpf",
     "--no-relay",
 ];
@@ -104,6 +108,9 @@ fn agents_report_the_filtering_and_port_preservation_of_each_preset() {
         "address-dependent",
         "symmetric",
         "symmetric-sequential",
+        // Swallows unsolicited answers itself: the filtering tests must not hold a
+        // port that the mapping tests need.
+        "router-accepts-unsolicited",
     ];
     let presets: Vec<NatPreset> = names.iter().map(|n| n.parse().expect("preset")).collect();
     let mut builder = Lab::builder();
@@ -140,6 +147,7 @@ fn agents_report_the_filtering_and_port_preservation_of_each_preset() {
                 "192.0.2.10:3479",
                 "--discover",
                 "192.0.2.11:3478",
+                "--discover-filtering",
             ],
         )
         .expect("agent");

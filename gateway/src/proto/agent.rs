@@ -50,6 +50,14 @@ pub struct AgentConfig {
     /// Other endpoints of the gateway answering Binding (its discovery port, its second
     /// address) used to classify this peer's NAT mapping (RFC 5780 ideas).
     pub discovery: Vec<SocketAddr>,
+    /// Before the mapping tests, measure the NAT's filtering with RFC 5780
+    /// CHANGE-REQUEST tests to `server` (needs `discovery`). Off by default: behind a
+    /// router that accepts unsolicited packets itself, an answer it swallowed from a
+    /// discovery endpoint holds that endpoint's port in its connection table, and the
+    /// mapping test to the same endpoint then gets another port (a false
+    /// address-and-port-dependent mapping). Use it with a gateway whose CHANGE-REQUEST
+    /// answers leave from endpoints that are not in `discovery`.
+    pub filtering: bool,
     /// How many next ports to predict (and announce) when discovery finds a NAT that
     /// allocates ports sequentially per destination; 0 turns prediction off.
     pub prediction_window: u16,
@@ -89,6 +97,7 @@ impl AgentConfig {
             host_candidates: Vec::new(),
             nat: NatClass::Unknown,
             discovery: Vec::new(),
+            filtering: false,
             prediction_window: 6,
             keepalive: Duration::from_secs(15),
             probe_interval: Duration::from_millis(50),
@@ -981,7 +990,11 @@ impl Agent {
         let tests = [(self.tid(), None), (self.tid(), None)];
         self.discovery.filter.tests = tests;
         self.discovery.filter.started = Some(now);
-        self.send_filter_tests(None);
+        if self.config.filtering {
+            self.send_filter_tests(None);
+        } else {
+            self.finish_filter_tests(now);
+        }
     }
 
     /// Sends the filtering tests still without an outcome (or only test `only`).
@@ -1080,6 +1093,11 @@ impl Agent {
     fn finish_filter_tests(&mut self, now: Instant) {
         let filter = &mut self.discovery.filter;
         filter.done = true;
+        if !self.config.filtering {
+            // Not asked for: the mapping tests at once, filtering unknown.
+            self.send_mapping_tests(now);
+            return;
+        }
         let [port, address] = filter
             .tests
             .map(|(_, outcome)| outcome.unwrap_or(FilterTest::Unanswered));
@@ -1090,6 +1108,10 @@ impl Agent {
             class = filter.class.as_str(),
             "NAT filtering"
         );
+        self.send_mapping_tests(now);
+    }
+
+    fn send_mapping_tests(&mut self, now: Instant) {
         self.discovery.sent_at = Some(now);
         for (order, endpoint) in self.config.discovery.clone().into_iter().enumerate() {
             let tid = self.tid();
@@ -2181,6 +2203,7 @@ mod tests {
             },
         );
         config.discovery = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3478")];
+        config.filtering = true;
         let local = addr("10.0.0.2:4000");
         config.host_candidates = vec![local];
         let public = if preserve {
