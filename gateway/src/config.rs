@@ -186,18 +186,44 @@ pub struct AuthConfig {
 pub struct ServerConfig {
     /// Address and port of the UDP socket (3478 is STUN's registered port).
     pub listen: SocketAddr,
-    /// A second UDP socket answering STUN Binding only, for NAT mapping discovery
-    /// (another port than `listen`). Off by default.
-    pub discovery_listen: Option<SocketAddr>,
+    /// Up to three more UDP sockets answering STUN Binding only, for NAT behaviour
+    /// discovery: typically one on `listen`'s address and another port, one on
+    /// another address (and port) of the host. They also send the answers to
+    /// CHANGE-REQUEST (RFC 5780) that arrive on `listen`. One address or a list; none
+    /// by default.
+    #[serde(deserialize_with = "one_or_more")]
+    pub discovery_listen: Vec<SocketAddr>,
+    /// Answer CHANGE-REQUEST from requests without valid peer credentials too. Off by
+    /// default: an answer from another endpoint is a reflection and amplification
+    /// tool, so only authenticated peers get one.
+    pub discovery_unauthenticated: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
-            discovery_listen: None,
+            discovery_listen: Vec::new(),
+            discovery_unauthenticated: false,
         }
     }
+}
+
+/// The most discovery sockets.
+pub const MAX_DISCOVERY_LISTEN: usize = 3;
+
+/// Reads one address or a list of them.
+fn one_or_more<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(SocketAddr),
+        More(Vec<SocketAddr>),
+    }
+    Ok(match OneOrMore::deserialize(d)? {
+        OneOrMore::One(addr) => vec![addr],
+        OneOrMore::More(addrs) => addrs,
+    })
 }
 
 /// The Prometheus endpoint.
@@ -271,11 +297,24 @@ impl Config {
                     .into(),
             ));
         }
-        if let Some(discovery) = self.server.discovery_listen
-            && (discovery.port() == 0 || discovery == self.server.listen)
-        {
+        let discovery = &self.server.discovery_listen;
+        if discovery.len() > MAX_DISCOVERY_LISTEN {
+            return Err(ConfigError::Invalid(format!(
+                "server.discovery_listen takes at most {MAX_DISCOVERY_LISTEN} addresses"
+            )));
+        }
+        for (i, addr) in discovery.iter().enumerate() {
+            if addr.port() == 0 || *addr == self.server.listen || discovery[..i].contains(addr) {
+                return Err(ConfigError::Invalid(
+                    "server.discovery_listen needs fixed ports, other than server.listen and each other's"
+                        .into(),
+                ));
+            }
+        }
+        if self.server.discovery_unauthenticated && self.auth.secret_file.is_none() {
             return Err(ConfigError::Invalid(
-                "server.discovery_listen needs its own fixed port, other than server.listen".into(),
+                "server.discovery_unauthenticated needs auth.secret_file: CHANGE-REQUEST is served by the rendezvous"
+                    .into(),
             ));
         }
         if self.ebpf.required && !self.ebpf.enabled {
@@ -368,9 +407,42 @@ mod tests {
     }
 
     #[test]
+    fn discovery_listen_takes_one_or_two_addresses() {
+        let one = Config::from_toml("[server]\ndiscovery_listen = \"192.0.2.10:3479\"\n", "t")
+            .expect("one address");
+        assert_eq!(
+            one.server.discovery_listen,
+            vec!["192.0.2.10:3479".parse::<SocketAddr>().expect("addr")]
+        );
+        let two = Config::from_toml(
+            "[server]\ndiscovery_listen = [\"192.0.2.10:3479\", \"192.0.2.11:3479\"]\n",
+            "t",
+        )
+        .expect("two addresses");
+        assert_eq!(two.server.discovery_listen.len(), 2);
+        assert!(!two.server.discovery_unauthenticated, "off by default");
+        for bad in [
+            "[server]\ndiscovery_listen = [\"192.0.2.10:1\", \"192.0.2.10:2\", \"192.0.2.10:3\", \"192.0.2.10:4\"]\n",
+            "[server]\ndiscovery_listen = [\"192.0.2.10:1\", \"192.0.2.10:1\"]\n",
+            "[server]\ndiscovery_listen = \"0.0.0.0:3478\"\n",
+            "[server]\ndiscovery_listen = \"0.0.0.0:0\"\n",
+            "[server]\ndiscovery_unauthenticated = true\n",
+        ] {
+            let err = Config::from_toml(bad, "t").expect_err(bad);
+            assert!(err.to_string().contains("server.discovery"), "{bad}: {err}");
+        }
+        Config::from_toml(
+            "[server]\ndiscovery_unauthenticated = true\n[auth]\nsecret_file = \"/s\"\n",
+            "t",
+        )
+        .expect("with a secret");
+    }
+
+    #[test]
     fn printed_config_parses_back() {
         let mut config = Config::default();
         config.ebpf.interfaces = vec!["lo".into()];
+        config.server.discovery_listen = vec!["192.0.2.10:3479".parse().expect("addr")];
         let again = Config::from_toml(&config.to_toml(), "printed").expect("round trip");
         assert_eq!(again, config);
     }

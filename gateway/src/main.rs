@@ -9,6 +9,7 @@ use gateway::{
     metrics::{self, Metrics},
     observe::{ObserveOptions, Observer},
     proto::{
+        binding::Alternates,
         credentials::SharedSecret,
         rendezvous::{RendezvousConfig, RendezvousServer},
     },
@@ -140,9 +141,18 @@ struct PeerArgs {
     #[arg(long = "host-candidate")]
     host_candidates: Vec<SocketAddr>,
     /// Another endpoint of the gateway that answers Binding (its discovery port, its
-    /// second address; repeatable): used to classify this host's NAT mapping.
+    /// second address; repeatable): used to classify this host's NAT mapping; prints
+    /// `nat mapping M filtering F port_preserved B` (filtering with
+    /// --discover-filtering, else unknown).
     #[arg(long = "discover", value_name = "ADDR")]
     discover: Vec<SocketAddr>,
+    /// Also measure the NAT's filtering (signed RFC 5780 CHANGE-REQUEST tests to the
+    /// --server port, before the mapping tests; needs --discover). Give the gateway
+    /// discovery sockets that are not among the --discover endpoints: a router that
+    /// accepts unsolicited packets itself can otherwise make the mapping look
+    /// address-and-port-dependent.
+    #[arg(long, requires = "discover")]
+    discover_filtering: bool,
     /// Ports to predict (and announce) when discovery finds sequential port allocation
     /// behind an endpoint-dependent NAT; 0 turns prediction off.
     #[arg(long, default_value_t = 6)]
@@ -235,10 +245,20 @@ struct ServeArgs {
     /// Refuse to start when the eBPF programs cannot be loaded and attached.
     #[arg(long)]
     require_ebpf: bool,
-    /// Second UDP address answering STUN Binding only, so peers can classify their
-    /// NAT mapping (another port, and another address where the host has one).
+    /// Another UDP address answering STUN Binding only, so peers can classify their
+    /// NAT (repeatable, at most three times: another port of --listen's address, and another
+    /// address and port of this host). With --secret-file these sockets also send the
+    /// answers to RFC 5780 CHANGE-REQUEST (filtering discovery) that arrive on
+    /// --listen: "change port" from the first kind, "change IP and port" from the
+    /// second.
+    #[arg(long = "discovery-listen", value_name = "ADDR")]
+    discovery_listen: Vec<SocketAddr>,
+    /// Answer CHANGE-REQUEST without peer credentials too. AMPLIFIES: anyone can then
+    /// make the gateway send from another endpoint to a spoofed address (answers
+    /// share the 1000/s budget of unauthenticated errors). Off by default: requests
+    /// without valid credentials get 401.
     #[arg(long)]
-    discovery_listen: Option<SocketAddr>,
+    discovery_unauthenticated: bool,
     /// Shared-secret file for peer credentials; enables the rendezvous.
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -307,6 +327,7 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.host_candidates = args.host_candidates;
     agent.probe_budget = args.probe_budget;
     agent.discovery = args.discover;
+    agent.filtering = args.discover_filtering;
     agent.prediction_window = args.prediction_window;
     agent.open_ttl = args.open_ttl;
     agent.birthday_sockets = args.birthday_sockets;
@@ -421,8 +442,11 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if let Some(listen) = args.metrics_listen {
         config.metrics.listen = listen;
     }
-    if let Some(addr) = args.discovery_listen {
-        config.server.discovery_listen = Some(addr);
+    if !args.discovery_listen.is_empty() {
+        config.server.discovery_listen = args.discovery_listen.clone();
+    }
+    if args.discovery_unauthenticated {
+        config.server.discovery_unauthenticated = true;
     }
     if let Some(path) = &args.secret_file {
         config.auth.secret_file = Some(path.clone());
@@ -482,14 +506,11 @@ async fn serve_async(config: Config) -> Result<()> {
     let socket = server::bind(config.server.listen)?;
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening");
-    let discovery_socket = match config.server.discovery_listen {
-        Some(addr) => {
-            let socket = server::bind(addr)?;
-            tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
-            Some(socket)
-        }
-        None => None,
-    };
+    let mut discovery_sockets = Vec::new();
+    for &addr in &config.server.discovery_listen {
+        discovery_sockets.push(server::bind(addr)?);
+        tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
+    }
 
     // Bind now so a taken port stops start-up; serve only once everything else is
     // up, so a successful scrape means the daemon is ready.
@@ -501,9 +522,7 @@ async fn serve_async(config: Config) -> Result<()> {
 
     let probe = if config.ebpf.enabled {
         let mut ports = vec![local.port()];
-        if let Some(addr) = config.server.discovery_listen {
-            ports.push(addr.port());
-        }
+        ports.extend(config.server.discovery_listen.iter().map(SocketAddr::port));
         let interfaces = if config.ebpf.interfaces.is_empty() {
             gateway::ebpf::interfaces_up()
         } else {
@@ -568,11 +587,18 @@ async fn serve_async(config: Config) -> Result<()> {
     let rendezvous = match &secret {
         Some(secret) => {
             tracing::info!("rendezvous enabled (register, connect, introductions)");
-            Some(RendezvousServer::new(
-                secret.clone(),
-                RendezvousConfig::default(),
-                rand::random(),
-            ))
+            let mut server =
+                RendezvousServer::new(secret.clone(), RendezvousConfig::default(), rand::random());
+            server.set_alternates(
+                Alternates::new(local, config.server.discovery_listen.clone()),
+                config.server.discovery_unauthenticated,
+            );
+            if config.server.discovery_unauthenticated {
+                tracing::warn!(
+                    "CHANGE-REQUEST is answered without credentials (server.discovery_unauthenticated): the gateway can be used for reflection"
+                );
+            }
+            Some(server)
         }
         None => {
             tracing::info!(
@@ -603,20 +629,20 @@ async fn serve_async(config: Config) -> Result<()> {
     let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
-    let discovery_task = match discovery_socket {
-        Some(socket) => {
-            let socket =
-                server::client_socket(socket).context("cannot configure the discovery socket")?;
-            Some(tokio::spawn(server::run(
-                socket,
-                metrics.clone(),
-                None,
-                None,
-                wait(stopped.clone()),
-            )))
-        }
-        None => None,
-    };
+    let mut alternates = Vec::new();
+    let mut discovery_tasks = Vec::new();
+    for socket in discovery_sockets {
+        let socket =
+            server::client_socket(socket).context("cannot configure the discovery socket")?;
+        alternates.push(socket.clone());
+        discovery_tasks.push(tokio::spawn(server::run(
+            socket,
+            metrics.clone(),
+            None,
+            None,
+            wait(stopped.clone()),
+        )));
+    }
     let tcp_task = match &relay {
         Some(relay) if config.relay.tcp => {
             let listener = tokio::net::TcpListener::bind(local)
@@ -630,8 +656,9 @@ async fn serve_async(config: Config) -> Result<()> {
         }
         _ => None,
     };
-    let main_loop = tokio::spawn(server::run(
+    let main_loop = tokio::spawn(server::run_with_alternates(
         client_socket,
+        alternates,
         metrics,
         rendezvous,
         relay,
@@ -640,7 +667,7 @@ async fn serve_async(config: Config) -> Result<()> {
     shutdown_signal().await;
     let _ = stop.send(true);
     let _ = main_loop.await;
-    if let Some(task) = discovery_task {
+    for task in discovery_tasks {
         let _ = task.await;
     }
     tracing::info!("shutting down");

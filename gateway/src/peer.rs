@@ -618,10 +618,12 @@ fn report(event: &AgentEvent) {
         AgentEvent::Registered { mapped } => status(format_args!("registered public {mapped}")),
         AgentEvent::NatClassified {
             class,
+            filtering,
             port_preserved,
         } => status(format_args!(
-            "nat mapping {} port_preserved {port_preserved}",
-            class.as_str()
+            "nat mapping {} filtering {} port_preserved {port_preserved}",
+            class.as_str(),
+            filtering.as_str()
         )),
         AgentEvent::Refused { method, code } => {
             status(format_args!("refused method 0x{method:03x} code {code}"))

@@ -109,10 +109,24 @@ fn is_turn_message(datagram: &[u8]) -> bool {
 pub async fn run(
     client: ClientSocket,
     metrics: Metrics,
+    rendezvous: Option<RendezvousServer>,
+    relay: Option<Arc<RelayShared>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    run_with_alternates(client, Vec::new(), metrics, rendezvous, relay, shutdown).await;
+}
+
+/// [`run`], with the discovery sockets (numbered as in the rendezvous core's
+/// `Alternates`) that answers to CHANGE-REQUEST leave from.
+pub async fn run_with_alternates(
+    client: ClientSocket,
+    alternates: Vec<ClientSocket>,
+    metrics: Metrics,
     mut rendezvous: Option<RendezvousServer>,
     relay: Option<Arc<RelayShared>>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let mut redirected: Vec<(usize, Transmit)> = Vec::new();
     let socket = &*client.socket;
     let state = &*client.state;
     let binding = BindingService;
@@ -213,6 +227,8 @@ pub async fn run(
                         for event in server.drain_events() {
                             metrics.record(&event);
                         }
+                        redirected
+                            .extend(server.drain_redirected().map(|r| (r.endpoint, r.transmit)));
                         if matches!(handled, Handled::Registered) {
                             metrics.registered_peers.set(server.peer_count() as i64);
                         }
@@ -234,6 +250,12 @@ pub async fn run(
             }
         }
         send_transmits(&client, &transmits, &metrics, &mut gso_buffer).await;
+        for (endpoint, transmit) in redirected.drain(..) {
+            if let Some(alternate) = alternates.get(endpoint) {
+                let one = std::slice::from_ref(&transmit);
+                send_transmits(alternate, one, &metrics, &mut gso_buffer).await;
+            }
+        }
     }
 }
 

@@ -18,8 +18,9 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
+    binding::ChangeRequest,
     rendezvous::{
-        Candidate, CandidateKind, NatClass, SessionOutcome,
+        Candidate, CandidateKind, FilteringClass, NatClass, SessionOutcome,
         client::{self, PeerCredentials, Probe, Role},
         method,
     },
@@ -52,6 +53,14 @@ pub struct AgentConfig {
     /// Other endpoints of the gateway answering Binding (its discovery port, its second
     /// address) used to classify this peer's NAT mapping (RFC 5780 ideas).
     pub discovery: Vec<SocketAddr>,
+    /// Before the mapping tests, measure the NAT's filtering with RFC 5780
+    /// CHANGE-REQUEST tests to `server` (needs `discovery`). Off by default: behind a
+    /// router that accepts unsolicited packets itself, an answer it swallowed from a
+    /// discovery endpoint holds that endpoint's port in its connection table, and the
+    /// mapping test to the same endpoint then gets another port (a false
+    /// address-and-port-dependent mapping). Use it with a gateway whose CHANGE-REQUEST
+    /// answers leave from endpoints that are not in `discovery`.
+    pub filtering: bool,
     /// How many next ports to predict (and announce) when discovery finds a NAT that
     /// allocates ports sequentially per destination; 0 turns prediction off.
     pub prediction_window: u16,
@@ -114,6 +123,7 @@ impl AgentConfig {
             host_candidates: Vec::new(),
             nat: NatClass::Unknown,
             discovery: Vec::new(),
+            filtering: false,
             prediction_window: 6,
             keepalive: Duration::from_secs(15),
             probe_interval: Duration::from_millis(50),
@@ -142,10 +152,12 @@ pub enum AgentEvent {
         /// The server-reflexive address.
         mapped: SocketAddr,
     },
-    /// Discovery classified this peer's NAT mapping.
+    /// Discovery classified this peer's NAT mapping and filtering.
     NatClassified {
-        /// The class, as reported to the gateway from now on.
+        /// The mapping class, as reported to the gateway from now on.
         class: NatClass,
+        /// The filtering class (RFC 5780 CHANGE-REQUEST tests; not sent to the gateway).
+        filtering: FilteringClass,
         /// Whether the NAT kept the local port.
         port_preserved: bool,
     },
@@ -415,10 +427,58 @@ struct Discovery {
     predicted: Vec<SocketAddr>,
     sent_at: Option<Instant>,
     done: bool,
+    /// The filtering tests, run before the mapping tests: their answers must meet a
+    /// NAT that has seen this socket talk to nothing but the gateway's service port
+    /// (a Binding to a discovery endpoint would open the very filter under test).
+    filter: FilterTests,
+}
+
+/// State of the RFC 5780 filtering tests.
+#[derive(Debug, Default)]
+struct FilterTests {
+    /// Change port, then change IP and port: (transaction, outcome so far).
+    tests: [([u8; 12], Option<FilterTest>); 2],
+    started: Option<Instant>,
+    transmissions: u32,
+    done: bool,
+    class: FilteringClass,
 }
 
 /// How long discovery waits for answers before classifying with what it has.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(1);
+/// How long the filtering tests wait for answers from the other endpoints.
+const FILTER_WAIT: Duration = Duration::from_secs(1);
+/// Transmissions of each unanswered filtering test (spread over [`FILTER_WAIT`]).
+const FILTER_TRANSMISSIONS: u32 = 3;
+
+/// What came of one RFC 5780 filtering test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterTest {
+    /// The answer from the other endpoint got through.
+    Answered,
+    /// Nothing got through in time.
+    Unanswered,
+    /// The gateway cannot serve this change (420) or refused the request.
+    Unsupported,
+}
+
+/// Classifies a NAT's filtering behaviour (RFC 4787 §5, tests of RFC 5780 §4.4) from
+/// the two CHANGE-REQUEST tests sent to the gateway's service endpoint: an answer
+/// from another port of the same address (`change_port`) and from another address
+/// and port (`change_address`). Where a test could not run and the other leaves two
+/// classes possible, the stricter is assumed (what punching must plan for).
+pub fn classify_filtering(change_port: FilterTest, change_address: FilterTest) -> FilteringClass {
+    use FilterTest::{Answered, Unanswered, Unsupported};
+    match (change_address, change_port) {
+        (Answered, _) => FilteringClass::EndpointIndependent,
+        // Endpoint-independent or address-dependent: the stricter.
+        (Unsupported, Answered) | (Unanswered, Answered) => FilteringClass::AddressDependent,
+        (Unanswered | Unsupported, Unanswered) | (Unanswered, Unsupported) => {
+            FilteringClass::AddressAndPortDependent
+        }
+        (Unsupported, Unsupported) => FilteringClass::Unknown,
+    }
+}
 
 /// Classifies a NAT's mapping behaviour from the public addresses one socket was seen
 /// with: `primary` by the gateway's main endpoint `server`, and `others` as
@@ -642,6 +702,9 @@ impl Agent {
         if let (Some(sent), false) = (self.discovery.sent_at, self.discovery.done) {
             at = at.min(sent + DISCOVERY_WAIT);
         }
+        if let Some(t) = self.filter_timer() {
+            at = at.min(t);
+        }
         at
     }
 
@@ -695,6 +758,9 @@ impl Agent {
 
     /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.filter_timer().is_some_and(|t| now >= t) {
+            self.filter_timeout(now);
+        }
         if let (Some(sent), false) = (self.discovery.sent_at, self.discovery.done)
             && now >= sent + DISCOVERY_WAIT
         {
@@ -1063,8 +1129,136 @@ impl Agent {
         }
     }
 
+    /// Starts discovery: the filtering tests first, then (see
+    /// [`Self::finish_filter_tests`]) the mapping tests.
     fn start_discovery(&mut self, now: Instant, primary: SocketAddr) {
         self.discovery.primary = Some(primary);
+        let tests = [(self.tid(), None), (self.tid(), None)];
+        self.discovery.filter.tests = tests;
+        self.discovery.filter.started = Some(now);
+        if self.config.filtering {
+            self.send_filter_tests(None);
+        } else {
+            self.finish_filter_tests(now);
+        }
+    }
+
+    /// Sends the filtering tests still without an outcome (or only test `only`).
+    fn send_filter_tests(&mut self, only: Option<usize>) {
+        if only.is_none() {
+            self.discovery.filter.transmissions += 1;
+        }
+        for (i, (tid, outcome)) in self.discovery.filter.tests.into_iter().enumerate() {
+            if outcome.is_some() || only.is_some_and(|o| o != i) {
+                continue;
+            }
+            let change = ChangeRequest {
+                change_ip: i == 1,
+                change_port: true,
+            };
+            let payload = client::change_request(
+                tid,
+                &self.config.credentials,
+                self.nonce.as_deref(),
+                change,
+            );
+            self.outgoing.push_back(Transmit {
+                socket: 0,
+                to: self.config.server,
+                payload,
+                ttl: None,
+            });
+        }
+    }
+
+    /// When the filtering tests next need attention (a retransmission or the end).
+    fn filter_timer(&self) -> Option<Instant> {
+        let filter = &self.discovery.filter;
+        let started = filter.started.filter(|_| !filter.done)?;
+        let sent = filter.transmissions.min(FILTER_TRANSMISSIONS);
+        Some(started + FILTER_WAIT * sent / FILTER_TRANSMISSIONS)
+    }
+
+    fn filter_timeout(&mut self, now: Instant) {
+        if self.discovery.filter.transmissions < FILTER_TRANSMISSIONS {
+            self.send_filter_tests(None);
+        } else {
+            self.finish_filter_tests(now);
+        }
+    }
+
+    /// An answer to a filtering test, from the gateway (an error) or from the endpoint
+    /// the test asked for. Returns false when `message` belongs to no filtering test.
+    fn filter_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        message: &Message<'_>,
+        datagram: &[u8],
+    ) -> bool {
+        let filter = &self.discovery.filter;
+        let tid = message.transaction_id();
+        let Some(index) = filter
+            .tests
+            .iter()
+            .position(|(t, outcome)| *t == tid && outcome.is_none())
+            .filter(|_| filter.started.is_some() && !filter.done)
+        else {
+            return false;
+        };
+        let Some(response) = client::parse_response(datagram, &self.config.credentials.password)
+        else {
+            return true;
+        };
+        let server = self.config.server;
+        let outcome = match response.result {
+            Ok(()) => {
+                // Only an answer from the endpoint asked for tells anything.
+                let other_address = from.ip() != server.ip();
+                if from.port() == server.port() || other_address != (index == 1) {
+                    return true;
+                }
+                FilterTest::Answered
+            }
+            Err(_) if from != server => return true,
+            Err(401 | 438) if response.nonce.is_some() && response.nonce != self.nonce => {
+                // A fresh nonce to echo: ask again at once.
+                self.nonce = response.nonce;
+                self.send_filter_tests(Some(index));
+                return true;
+            }
+            Err(_) => FilterTest::Unsupported,
+        };
+        self.discovery.filter.tests[index].1 = Some(outcome);
+        if self.discovery.filter.tests.iter().all(|(_, o)| o.is_some()) {
+            self.finish_filter_tests(now);
+        }
+        true
+    }
+
+    /// Classifies the filtering, then sends the mapping tests.
+    fn finish_filter_tests(&mut self, now: Instant) {
+        let filter = &mut self.discovery.filter;
+        filter.done = true;
+        if !self.config.filtering {
+            // Not asked for: the mapping tests at once, filtering unknown.
+            self.send_mapping_tests(now);
+            return;
+        }
+        let [port, address] = filter
+            .tests
+            .map(|(_, outcome)| outcome.unwrap_or(FilterTest::Unanswered));
+        filter.class = classify_filtering(port, address);
+        tracing::debug!(
+            ?port,
+            ?address,
+            class = filter.class.as_str(),
+            "NAT filtering"
+        );
+        self.send_mapping_tests(now);
+    }
+
+    fn send_mapping_tests(&mut self, now: Instant) {
         self.discovery.sent_at = Some(now);
         for (order, endpoint) in self.config.discovery.clone().into_iter().enumerate() {
             let tid = self.tid();
@@ -1112,6 +1306,7 @@ impl Agent {
         let port_preserved = local.is_some_and(|l| l.port() == primary.port());
         self.events.push_back(AgentEvent::NatClassified {
             class,
+            filtering: self.discovery.filter.class,
             port_preserved,
         });
         if class != self.config.nat {
@@ -1453,6 +1648,12 @@ impl Agent {
             return;
         };
         let ty = message.message_type();
+        if ty.method == stun::method::BINDING
+            && !via_turn
+            && self.filter_response(now, from, &message, datagram)
+        {
+            return;
+        }
         if from == self.config.server && !via_turn {
             if socket == 0 {
                 self.handle_server_message(now, &message, datagram);
@@ -1554,7 +1755,7 @@ impl Agent {
                             self.discovery.primary = Some(mapped);
                         }
                     }
-                    if self.discovery.sent_at.is_none() {
+                    if self.discovery.filter.started.is_none() {
                         self.discovery.primary = Some(mapped);
                         if !self.config.discovery.is_empty() {
                             self.start_discovery(now, mapped);
@@ -2278,6 +2479,210 @@ mod tests {
         }
         // 0, 0.5 s, then 1 s later, then 2 s later: RFC 8489-style doubling.
         assert_eq!(sent_at, vec![0, 500, 1_500, 3_500]);
+    }
+
+    #[test]
+    fn filtering_classes() {
+        use FilterTest::{Answered, Unanswered, Unsupported};
+        let cases = [
+            (Answered, Answered, FilteringClass::EndpointIndependent),
+            // A lost change-port answer does not hide an answer from another address.
+            (Unanswered, Answered, FilteringClass::EndpointIndependent),
+            (Answered, Unanswered, FilteringClass::AddressDependent),
+            (
+                Unanswered,
+                Unanswered,
+                FilteringClass::AddressAndPortDependent,
+            ),
+            // Without an endpoint on another address: EIF or ADF, the stricter.
+            (Answered, Unsupported, FilteringClass::AddressDependent),
+            // The change-port answer was filtered: port-dependent, whatever else.
+            (
+                Unanswered,
+                Unsupported,
+                FilteringClass::AddressAndPortDependent,
+            ),
+            // ADF or APDF: the stricter.
+            (
+                Unsupported,
+                Unanswered,
+                FilteringClass::AddressAndPortDependent,
+            ),
+            (Unsupported, Answered, FilteringClass::EndpointIndependent),
+            (Unsupported, Unsupported, FilteringClass::Unknown),
+        ];
+        for (port, address, class) in cases {
+            assert_eq!(
+                classify_filtering(port, address),
+                class,
+                "port {port:?} address {address:?}"
+            );
+        }
+    }
+
+    /// How a simulated NAT in front of the agent filters inbound datagrams.
+    #[derive(Clone, Copy, Debug)]
+    enum SimFilter {
+        Independent,
+        Address,
+        AddressAndPort,
+    }
+
+    /// One agent behind an endpoint-independent-mapping NAT with `filter` (port
+    /// preserved or not), a gateway with a discovery socket on another port and one on
+    /// another address; runs discovery and returns the classification event and the
+    /// time it took.
+    fn discover_behind(
+        filter: SimFilter,
+        preserve: bool,
+        unauthenticated_gateway: bool,
+        alternates: Vec<SocketAddr>,
+    ) -> (Option<AgentEvent>, Duration) {
+        use crate::proto::binding::{Alternates, BindingService};
+        let secret = SharedSecret::new(b"sim secret");
+        let issued = secret.issue("alice", NOW_UNIX + 3600).expect("issue");
+        let server_addr = addr("192.0.2.10:3478");
+        let mut server = RendezvousServer::new(secret, RendezvousConfig::default(), 3);
+        server.set_alternates(
+            Alternates::new(addr("0.0.0.0:3478"), alternates.clone()),
+            unauthenticated_gateway,
+        );
+        let mut config = AgentConfig::new(
+            server_addr,
+            PeerCredentials {
+                username: issued.username,
+                password: issued.password,
+            },
+        );
+        config.discovery = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3478")];
+        config.filtering = true;
+        let local = addr("10.0.0.2:4000");
+        config.host_candidates = vec![local];
+        let public = if preserve {
+            addr("198.51.100.2:4000")
+        } else {
+            addr("198.51.100.2:61000")
+        };
+        let start = Instant::now();
+        let mut agent = Agent::new(config, start, 1);
+        let mut contacted: Vec<SocketAddr> = Vec::new();
+        for ms in (0..5_000).step_by(5) {
+            let now = start + Duration::from_millis(ms);
+            if agent.poll_timeout() <= now {
+                agent.handle_timeout(now);
+            }
+            // Deliver instantly, until nobody has anything more to say.
+            while let Some(transmit) = agent.poll_transmit() {
+                contacted.push(transmit.to);
+                let mut inbound: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+                if transmit.to == server_addr || transmit.to == addr("192.0.2.11:3478") {
+                    let mut out = Vec::new();
+                    server.handle(
+                        now,
+                        NOW_UNIX,
+                        public,
+                        Some(transmit.to.ip()),
+                        &transmit.payload,
+                        &mut out,
+                    );
+                    inbound.extend(out.into_iter().map(|t| (transmit.to, t.payload)));
+                    for r in server.drain_redirected() {
+                        inbound.push((alternates[r.endpoint], r.transmit.payload));
+                    }
+                } else if alternates.contains(&transmit.to) || transmit.to.port() == 3479 {
+                    let mut reply = Vec::new();
+                    BindingService.handle(public, &transmit.payload, &mut reply);
+                    inbound.push((transmit.to, reply));
+                }
+                for (from, payload) in inbound {
+                    let admitted = match filter {
+                        SimFilter::Independent => true,
+                        SimFilter::Address => contacted.iter().any(|c| c.ip() == from.ip()),
+                        SimFilter::AddressAndPort => contacted.contains(&from),
+                    };
+                    if admitted && !payload.is_empty() {
+                        agent.handle_datagram(now, from, &payload);
+                    }
+                }
+            }
+            while let Some(event) = agent.poll_event() {
+                if matches!(event, AgentEvent::NatClassified { .. }) {
+                    return (Some(event), now - start);
+                }
+            }
+        }
+        (None, Duration::from_secs(5))
+    }
+
+    #[test]
+    fn discovery_classifies_filtering_before_opening_other_filters() {
+        let both = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3479")];
+        for (filter, preserve, expected) in [
+            (
+                SimFilter::Independent,
+                true,
+                FilteringClass::EndpointIndependent,
+            ),
+            (SimFilter::Address, false, FilteringClass::AddressDependent),
+            (
+                SimFilter::AddressAndPort,
+                true,
+                FilteringClass::AddressAndPortDependent,
+            ),
+        ] {
+            let (event, took) = discover_behind(filter, preserve, false, both.clone());
+            assert_eq!(
+                event,
+                Some(AgentEvent::NatClassified {
+                    class: NatClass::EndpointIndependent,
+                    filtering: expected,
+                    port_preserved: preserve,
+                }),
+                "{filter:?}"
+            );
+            // Answered at once when both answers get in; otherwise after the wait
+            // (three transmissions), then the mapping tests.
+            let bound = if matches!(filter, SimFilter::Independent) {
+                Duration::from_millis(50)
+            } else {
+                FILTER_WAIT + Duration::from_millis(50)
+            };
+            assert!(took <= bound, "{filter:?} took {took:?}");
+        }
+    }
+
+    #[test]
+    fn filtering_without_the_gateway_support_is_unknown_or_the_stricter_class() {
+        // A gateway with no discovery sockets: every test gets 420 at once.
+        let (event, took) = discover_behind(SimFilter::Independent, true, false, Vec::new());
+        assert!(
+            matches!(
+                event,
+                Some(AgentEvent::NatClassified {
+                    filtering: FilteringClass::Unknown,
+                    ..
+                })
+            ),
+            "{event:?}"
+        );
+        assert!(took < Duration::from_millis(50), "{took:?}");
+        // Only another port: a full cone reads as the stricter address-dependent.
+        let (event, _) = discover_behind(
+            SimFilter::Independent,
+            true,
+            false,
+            vec![addr("192.0.2.10:3479")],
+        );
+        assert!(
+            matches!(
+                event,
+                Some(AgentEvent::NatClassified {
+                    filtering: FilteringClass::AddressDependent,
+                    ..
+                })
+            ),
+            "{event:?}"
+        );
     }
 
     #[test]

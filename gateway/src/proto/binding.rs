@@ -3,7 +3,13 @@
 //!
 //! Sans-IO: [`BindingService::handle`] takes the datagram and its source and writes the
 //! reply into a caller-owned buffer.
-use std::net::SocketAddr;
+//!
+//! Also the pieces of RFC 5780 (NAT behaviour discovery) the gateway uses: the
+//! CHANGE-REQUEST attribute, the choice of the endpoint a changed answer leaves from
+//! ([`Alternates`]), and the answer itself ([`change_response`]). The rendezvous core
+//! decides who may ask (see `docs/protocol.md`); a plain [`BindingService`] answers
+//! CHANGE-REQUEST with 420, as RFC 5780 has a server without alternate endpoints do.
+use std::net::{IpAddr, SocketAddr};
 
 use super::stun::{Class, DecodeError, Message, MessageType, MessageWriter, attr, method};
 
@@ -130,6 +136,258 @@ fn understood(ty: u16) -> bool {
     )
 }
 
+/// RFC 5780 attribute types.
+pub mod attr5780 {
+    /// CHANGE-REQUEST (comprehension-required): answer from another address and/or port.
+    pub const CHANGE_REQUEST: u16 = 0x0003;
+    /// RESPONSE-ORIGIN: the address and port the response was sent from.
+    pub const RESPONSE_ORIGIN: u16 = 0x802B;
+    /// OTHER-ADDRESS: where a "change IP and port" answer would come from.
+    pub const OTHER_ADDRESS: u16 = 0x802C;
+}
+
+/// Largest answer to a CHANGE-REQUEST: header, XOR-MAPPED-ADDRESS, RESPONSE-ORIGIN and
+/// OTHER-ADDRESS (IPv6 sizes), MESSAGE-INTEGRITY-SHA256, FINGERPRINT.
+pub const MAX_CHANGE_RESPONSE: usize = 20 + 3 * 24 + 36 + 8;
+
+/// The flags of a CHANGE-REQUEST attribute (RFC 5780 §7.2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ChangeRequest {
+    /// "Change IP" (flag 0x04): answer from another address.
+    pub change_ip: bool,
+    /// "Change port" (flag 0x02): answer from another port.
+    pub change_port: bool,
+}
+
+impl ChangeRequest {
+    /// Flag bit for "change IP".
+    pub const CHANGE_IP: u32 = 0x04;
+    /// Flag bit for "change port".
+    pub const CHANGE_PORT: u32 = 0x02;
+
+    /// Decodes the 4-byte attribute value; other bits are ignored, other lengths refused.
+    pub fn from_value(value: &[u8]) -> Option<Self> {
+        let bits = u32::from_be_bytes(value.try_into().ok()?);
+        Some(Self {
+            change_ip: bits & Self::CHANGE_IP != 0,
+            change_port: bits & Self::CHANGE_PORT != 0,
+        })
+    }
+
+    /// The attribute value.
+    pub fn to_value(self) -> [u8; 4] {
+        let mut bits = 0;
+        if self.change_ip {
+            bits |= Self::CHANGE_IP;
+        }
+        if self.change_port {
+            bits |= Self::CHANGE_PORT;
+        }
+        bits.to_be_bytes()
+    }
+
+    /// Finds a CHANGE-REQUEST in `message`: `None` without one, `Some(None)` when its
+    /// value is malformed.
+    pub fn find(message: &Message<'_>) -> Option<Option<Self>> {
+        message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == attr5780::CHANGE_REQUEST)
+            .map(|a| Self::from_value(a.value))
+    }
+}
+
+/// Where a changed answer leaves from, as chosen by [`Alternates::select`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Selected {
+    /// Index of the alternate endpoint in [`Alternates`]' list; `None` for the service
+    /// socket itself (a CHANGE-REQUEST with no flag set).
+    pub endpoint: Option<usize>,
+    /// The address and port the answer leaves from (RESPONSE-ORIGIN), when known.
+    pub origin: Option<SocketAddr>,
+    /// Local address to send from (for a wildcard-bound socket).
+    pub from_local: Option<IpAddr>,
+}
+
+/// The gateway's service endpoint and its other Binding endpoints (its discovery
+/// sockets), for answering CHANGE-REQUEST.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Alternates {
+    service: Option<SocketAddr>,
+    endpoints: Vec<SocketAddr>,
+}
+
+impl Alternates {
+    /// `service` is the address the service socket is bound to (it may be a wildcard);
+    /// `endpoints` are the discovery sockets' addresses, in the order the driver
+    /// numbers them.
+    pub fn new(service: SocketAddr, endpoints: Vec<SocketAddr>) -> Self {
+        Self {
+            service: Some(service),
+            endpoints,
+        }
+    }
+
+    /// Picks the endpoint that answers a request for `change` which `requester` sent to
+    /// the service port on local address `local` (when known). A wildcard-bound
+    /// endpoint sends from the request's own address, so it only serves "change
+    /// port"; "change IP" needs an endpoint bound to another address of the same
+    /// family. `None` when no endpoint fits (the caller answers 420).
+    pub fn select(
+        &self,
+        local: Option<IpAddr>,
+        requester: SocketAddr,
+        change: ChangeRequest,
+    ) -> Option<Selected> {
+        let service = self.service?;
+        let local = local
+            .map(|ip| ip.to_canonical())
+            .or_else(|| (!service.ip().is_unspecified()).then(|| service.ip().to_canonical()));
+        if !change.change_ip && !change.change_port {
+            return Some(Selected {
+                endpoint: None,
+                origin: local.map(|ip| SocketAddr::new(ip, service.port())),
+                from_local: local,
+            });
+        }
+        let requester_v4 = requester.ip().to_canonical().is_ipv4();
+        self.endpoints.iter().enumerate().find_map(|(i, e)| {
+            let ip = e.ip().to_canonical();
+            let wildcard = ip.is_unspecified();
+            // A wildcard IPv6 socket is dual-stack (see server::bind); others serve
+            // their own family only.
+            let family_ok = if wildcard {
+                e.is_ipv6() || requester_v4
+            } else {
+                ip.is_ipv4() == requester_v4
+            };
+            let ip_ok = if change.change_ip {
+                !wildcard && local.is_some_and(|l| l != ip)
+            } else {
+                wildcard || local == Some(ip)
+            };
+            let port_ok = (e.port() != service.port()) == change.change_port;
+            (family_ok && ip_ok && port_ok).then(|| {
+                let origin_ip = if wildcard { local } else { Some(ip) };
+                Selected {
+                    endpoint: Some(i),
+                    origin: origin_ip.map(|ip| SocketAddr::new(ip, e.port())),
+                    from_local: if wildcard { local } else { None },
+                }
+            })
+        })
+    }
+
+    /// The OTHER-ADDRESS to announce: where a "change IP and port" answer would come
+    /// from, when one can be served.
+    pub fn other_address(
+        &self,
+        local: Option<IpAddr>,
+        requester: SocketAddr,
+    ) -> Option<SocketAddr> {
+        let change = ChangeRequest {
+            change_ip: true,
+            change_port: true,
+        };
+        self.select(local, requester, change)?.origin
+    }
+}
+
+/// Encodes an address in the MAPPED-ADDRESS format (RESPONSE-ORIGIN, OTHER-ADDRESS).
+fn address_value(addr: SocketAddr) -> ([u8; 20], usize) {
+    let mut value = [0u8; 20];
+    value[2..4].copy_from_slice(&addr.port().to_be_bytes());
+    match addr.ip().to_canonical() {
+        IpAddr::V4(v4) => {
+            value[1] = 1;
+            value[4..8].copy_from_slice(&v4.octets());
+            (value, 8)
+        }
+        IpAddr::V6(v6) => {
+            value[1] = 2;
+            value[4..20].copy_from_slice(&v6.octets());
+            (value, 20)
+        }
+    }
+}
+
+/// Decodes a MAPPED-ADDRESS-format value.
+pub fn decode_address(value: &[u8]) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes(value.get(2..4)?.try_into().ok()?);
+    let ip = match (value.get(1)?, value.len()) {
+        (1, 8) => IpAddr::from(<[u8; 4]>::try_from(value.get(4..8)?).ok()?),
+        (2, 20) => IpAddr::from(<[u8; 16]>::try_from(value.get(4..20)?).ok()?),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// Writes the answer to a CHANGE-REQUEST into `out`: XOR-MAPPED-ADDRESS (`requester`),
+/// RESPONSE-ORIGIN and OTHER-ADDRESS when known, integrity under `password` when the
+/// request was authenticated, FINGERPRINT. Never longer than [`MAX_CHANGE_RESPONSE`].
+pub fn change_response(
+    transaction_id: [u8; 12],
+    requester: SocketAddr,
+    origin: Option<SocketAddr>,
+    other: Option<SocketAddr>,
+    password: Option<&str>,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let mut writer = MessageWriter::new(
+        out,
+        MessageType {
+            method: method::BINDING,
+            class: Class::Success,
+        },
+        transaction_id,
+    );
+    writer.xor_mapped_address(requester);
+    for (ty, addr) in [
+        (attr5780::RESPONSE_ORIGIN, origin),
+        (attr5780::OTHER_ADDRESS, other),
+    ] {
+        if let Some(addr) = addr {
+            let (value, len) = address_value(addr);
+            writer.attribute(ty, &value[..len]);
+        }
+    }
+    if let Some(password) = password {
+        writer.message_integrity_sha256(password.as_bytes());
+    }
+    writer.finish_with_fingerprint();
+}
+
+/// Writes the 420 answer to a CHANGE-REQUEST the gateway cannot serve (RFC 5780: a
+/// server without the alternate endpoint asked for), listing CHANGE-REQUEST as the
+/// unknown attribute; with `authenticated` (password, nonce) it is signed and carries
+/// the nonce.
+pub fn change_unsupported(
+    transaction_id: [u8; 12],
+    authenticated: Option<(&str, &str)>,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let mut writer = MessageWriter::new(
+        out,
+        MessageType {
+            method: method::BINDING,
+            class: Class::Error,
+        },
+        transaction_id,
+    );
+    writer.error_code(420, "Unknown Attribute").attribute(
+        attr::UNKNOWN_ATTRIBUTES,
+        &attr5780::CHANGE_REQUEST.to_be_bytes(),
+    );
+    if let Some((password, nonce)) = authenticated {
+        writer
+            .attribute(attr::NONCE, nonce.as_bytes())
+            .message_integrity_sha256(password.as_bytes());
+    }
+    writer.finish_with_fingerprint();
+}
+
 /// Writes a Binding request with a FINGERPRINT (used by clients, tests and the demo).
 pub fn binding_request(transaction_id: [u8; 12], out: &mut Vec<u8>) {
     out.clear();
@@ -250,6 +508,128 @@ mod tests {
             Outcome::Unhandled
         );
         assert!(out.is_empty(), "never answer a response (reflection loops)");
+    }
+
+    #[test]
+    fn change_request_values_round_trip() {
+        for (ip, port, bits) in [
+            (false, false, 0),
+            (false, true, 2),
+            (true, false, 4),
+            (true, true, 6),
+        ] {
+            let change = ChangeRequest {
+                change_ip: ip,
+                change_port: port,
+            };
+            assert_eq!(change.to_value(), [0, 0, 0, bits]);
+            assert_eq!(ChangeRequest::from_value(&change.to_value()), Some(change));
+        }
+        assert_eq!(ChangeRequest::from_value(&[0, 0, 6]), None);
+        assert_eq!(ChangeRequest::from_value(&[0, 0, 0, 6, 0]), None);
+    }
+
+    #[test]
+    fn plain_binding_service_refuses_change_requests_with_420() {
+        let mut request = Vec::new();
+        let mut writer = MessageWriter::new(
+            &mut request,
+            MessageType {
+                method: method::BINDING,
+                class: Class::Request,
+            },
+            [1; 12],
+        );
+        writer.attribute(attr5780::CHANGE_REQUEST, &[0, 0, 0, 2]);
+        writer.finish_with_fingerprint();
+        let mut out = Vec::new();
+        assert_eq!(
+            BindingService.handle(from(), &request, &mut out),
+            Outcome::UnknownAttribute
+        );
+    }
+
+    fn sel(endpoint: Option<usize>, origin: &str, from_local: Option<&str>) -> Option<Selected> {
+        Some(Selected {
+            endpoint,
+            origin: Some(origin.parse().expect("addr")),
+            from_local: from_local.map(|ip| ip.parse().expect("ip")),
+        })
+    }
+
+    #[test]
+    fn alternates_pick_the_endpoint_that_changes_what_was_asked() {
+        let alternates = Alternates::new(
+            "0.0.0.0:3478".parse().expect("addr"),
+            vec![
+                "0.0.0.0:3479".parse().expect("addr"),
+                "192.0.2.11:3480".parse().expect("addr"),
+            ],
+        );
+        let primary = Some("192.0.2.10".parse().expect("ip"));
+        let change = |change_ip, change_port| ChangeRequest {
+            change_ip,
+            change_port,
+        };
+        assert_eq!(
+            alternates.select(primary, from(), change(false, false)),
+            sel(None, "192.0.2.10:3478", Some("192.0.2.10"))
+        );
+        assert_eq!(
+            alternates.select(primary, from(), change(false, true)),
+            sel(Some(0), "192.0.2.10:3479", Some("192.0.2.10"))
+        );
+        assert_eq!(
+            alternates.select(primary, from(), change(true, true)),
+            sel(Some(1), "192.0.2.11:3480", None)
+        );
+        assert_eq!(
+            alternates.other_address(primary, from()),
+            Some("192.0.2.11:3480".parse().expect("addr"))
+        );
+        // Another address on the same port: nobody here.
+        assert_eq!(
+            alternates.select(primary, from(), change(true, false)),
+            None
+        );
+        // A request that reached the second address cannot be answered from another
+        // address by that same address's socket.
+        let second = Some("192.0.2.11".parse().expect("ip"));
+        assert_eq!(alternates.select(second, from(), change(true, true)), None);
+        // Nor can an IPv4 endpoint answer an IPv6 requester.
+        let v6: SocketAddr = "[2001:db8::7]:5000".parse().expect("addr");
+        let local_v6 = Some("2001:db8::10".parse().expect("ip"));
+        assert_eq!(alternates.select(local_v6, v6, change(true, true)), None);
+        // Unknown local address on a wildcard service: "change IP" cannot be judged.
+        assert_eq!(alternates.select(None, from(), change(true, true)), None);
+        // No discovery sockets at all.
+        let none = Alternates::new("192.0.2.10:3478".parse().expect("addr"), Vec::new());
+        assert_eq!(none.select(None, from(), change(false, true)), None);
+        assert_eq!(none.other_address(None, from()), None);
+    }
+
+    #[test]
+    fn change_responses_carry_origins_and_stay_bounded() {
+        let v6: SocketAddr = "[2001:db8::7]:5000".parse().expect("addr");
+        let origin: SocketAddr = "[2001:db8::10]:3479".parse().expect("addr");
+        let other: SocketAddr = "[2001:db8::11]:3480".parse().expect("addr");
+        let mut out = Vec::new();
+        change_response([2; 12], v6, Some(origin), Some(other), Some("pw"), &mut out);
+        assert_eq!(out.len(), MAX_CHANGE_RESPONSE, "the largest case");
+        let message = Message::parse(&out).expect("valid");
+        message.verify_integrity_sha256(b"pw").expect("signed");
+        let find = |ty| {
+            message
+                .attributes()
+                .filter_map(Result::ok)
+                .find(|a| a.ty == ty)
+                .and_then(|a| decode_address(a.value))
+        };
+        assert_eq!(find(attr5780::RESPONSE_ORIGIN), Some(origin));
+        assert_eq!(find(attr5780::OTHER_ADDRESS), Some(other));
+        assert_eq!(parse_binding_success(&out, [2; 12]), Some(v6));
+        change_response([2; 12], from(), None, None, None, &mut out);
+        assert_eq!(out.len(), 20 + 12 + 8);
     }
 
     proptest! {

@@ -166,6 +166,44 @@ impl NatClass {
     }
 }
 
+/// The NAT filtering behaviour a peer measured (RFC 4787 terms) with RFC 5780's
+/// CHANGE-REQUEST tests; a bounded label. Measured, not announced: the wire format of
+/// Register does not carry it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum FilteringClass {
+    /// Not measured (no discovery endpoints, or the gateway cannot answer from
+    /// another endpoint).
+    #[default]
+    Unknown,
+    /// Endpoint-independent filtering: an answer from another address and port got in.
+    EndpointIndependent,
+    /// Address-dependent filtering: only an answer from the same address (another port)
+    /// got in.
+    AddressDependent,
+    /// Address-and-port-dependent filtering: neither got in.
+    AddressAndPortDependent,
+}
+
+impl FilteringClass {
+    /// Every class, for pre-registering label values.
+    pub const ALL: [FilteringClass; 4] = [
+        FilteringClass::Unknown,
+        FilteringClass::EndpointIndependent,
+        FilteringClass::AddressDependent,
+        FilteringClass::AddressAndPortDependent,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FilteringClass::Unknown => "unknown",
+            FilteringClass::EndpointIndependent => "endpoint_independent",
+            FilteringClass::AddressDependent => "address_dependent",
+            FilteringClass::AddressAndPortDependent => "address_and_port_dependent",
+        }
+    }
+}
+
 /// Encodes a CANDIDATE value: kind, reserved, then an XOR-MAPPED-ADDRESS value.
 pub fn encode_candidate(candidate: Candidate, transaction_id: [u8; 12]) -> ([u8; 22], usize) {
     let mut out = [0u8; 22];
@@ -217,6 +255,8 @@ pub enum Handled {
     RateLimited,
     /// The registry is full.
     Full,
+    /// A CHANGE-REQUEST was answered (from the endpoint it asked for).
+    ChangeAnswered,
 }
 
 impl Handled {
@@ -235,11 +275,12 @@ impl Handled {
             Handled::NotFound => "not_found",
             Handled::RateLimited => "rate_limited",
             Handled::Full => "full",
+            Handled::ChangeAnswered => "change_request_answered",
         }
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 16] = [
+    pub const ALL_LABELS: [&'static str; 17] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -256,6 +297,7 @@ impl Handled {
         "not_found",
         "rate_limited",
         "full",
+        "change_request_answered",
     ];
 }
 
@@ -296,6 +338,15 @@ pub struct Transmit {
     pub from_local: Option<IpAddr>,
     /// Bytes.
     pub payload: Vec<u8>,
+}
+
+/// An answer to send from another of the gateway's sockets (a CHANGE-REQUEST answer).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Redirected {
+    /// Index of the discovery socket (as given to [`RendezvousServer::set_alternates`]).
+    pub endpoint: usize,
+    /// The datagram.
+    pub transmit: Transmit,
 }
 
 /// Tunables of the rendezvous server.
@@ -371,6 +422,12 @@ pub struct RendezvousServer {
     /// Origin of the records' 32-bit millisecond clock: the first `now` seen (the
     /// core never reads a clock itself).
     epoch: Option<Instant>,
+    /// The service and discovery endpoints, for CHANGE-REQUEST.
+    alternates: binding::Alternates,
+    /// Serve CHANGE-REQUEST without credentials (amplifies; off by default).
+    change_unauthenticated: bool,
+    /// CHANGE-REQUEST answers to send from a discovery socket.
+    redirected: Vec<Redirected>,
 }
 
 /// What an authenticated request carried.
@@ -403,7 +460,25 @@ impl RendezvousServer {
             error_budget: 0,
             error_window: None,
             epoch: None,
+            alternates: binding::Alternates::default(),
+            change_unauthenticated: false,
+            redirected: Vec::new(),
         }
+    }
+
+    /// Enables CHANGE-REQUEST (RFC 5780) answers from the given endpoints; by default
+    /// none exist and CHANGE-REQUEST gets 420. With `unauthenticated`, requests without
+    /// credentials are served too (a reflection and amplification risk: see
+    /// `docs/operations.md`); otherwise they get 401.
+    pub fn set_alternates(&mut self, alternates: binding::Alternates, unauthenticated: bool) {
+        self.alternates = alternates;
+        self.change_unauthenticated = unauthenticated;
+    }
+
+    /// Takes the answers gathered since the last call that must leave from a
+    /// discovery socket rather than the one the request came in on.
+    pub fn drain_redirected(&mut self) -> std::vec::Drain<'_, Redirected> {
+        self.redirected.drain(..)
     }
 
     /// Registered peers.
@@ -452,6 +527,12 @@ impl RendezvousServer {
             Err(_) => return Handled::Binding(binding::Outcome::Malformed),
         };
         let ty = message.message_type();
+        if ty.class == Class::Request
+            && ty.method == stun_method::BINDING
+            && let Some(change) = binding::ChangeRequest::find(&message)
+        {
+            return self.change_request(now, now_unix, from, local, message, change, out);
+        }
         if ty.class != Class::Request
             || !matches!(
                 ty.method,
@@ -537,6 +618,116 @@ impl RendezvousServer {
                 handled
             }
         }
+    }
+
+    /// A Binding request with CHANGE-REQUEST (RFC 5780): answered from the endpoint it
+    /// asks for, when the sender authenticated like any rendezvous request (REST
+    /// credentials, MESSAGE-INTEGRITY-SHA256, a nonce issued to its address) or the
+    /// operator allowed unauthenticated ones; otherwise a small 401 and nothing from
+    /// another endpoint. 420 when no endpoint can serve the change.
+    #[allow(clippy::too_many_arguments)]
+    fn change_request(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        message: Message<'_>,
+        change: Option<binding::ChangeRequest>,
+        out: &mut Vec<Transmit>,
+    ) -> Handled {
+        let Some(change) = change else {
+            if self.take_error_budget(now) {
+                out.push(error_reply(&message, 400, "Bad Request", None, from, local));
+            }
+            return Handled::BadRequest;
+        };
+        let signed = message
+            .attributes()
+            .filter_map(Result::ok)
+            .any(|a| a.ty == stun_attr::USERNAME);
+        let auth = if signed || !self.change_unauthenticated {
+            match self.authenticate(message, from, now_unix) {
+                Ok(auth) => Some(auth),
+                Err(_) => {
+                    if self.take_error_budget(now) {
+                        out.push(error_reply(
+                            &message,
+                            401,
+                            "Unauthorized",
+                            None,
+                            from,
+                            local,
+                        ));
+                    }
+                    return Handled::Unauthorized;
+                }
+            }
+        } else if self.take_error_budget(now) {
+            // Unauthenticated answers share the budget of unauthenticated errors: a
+            // global cap on what spoofed requests can make the gateway send.
+            None
+        } else {
+            return Handled::RateLimited;
+        };
+        if let Some(auth) = &auth {
+            let nonce = auth
+                .message
+                .attributes()
+                .filter_map(Result::ok)
+                .find(|a| a.ty == stun_attr::NONCE)
+                .map(|a| self.nonces.check(a.value, from, now_unix));
+            if nonce != Some(NonceCheck::Valid) {
+                let (code, reason) = if nonce.is_none() {
+                    (401, "Nonce Required")
+                } else {
+                    (438, "Stale Nonce")
+                };
+                out.push(error_reply(
+                    &message,
+                    code,
+                    reason,
+                    Some((&auth.password, &auth.next_nonce)),
+                    from,
+                    local,
+                ));
+                return Handled::StaleNonce;
+            }
+        }
+        let tid = message.transaction_id();
+        let mut payload = Vec::with_capacity(binding::MAX_CHANGE_RESPONSE);
+        let Some(selected) = self.alternates.select(local, from, change) else {
+            binding::change_unsupported(
+                tid,
+                auth.as_ref()
+                    .map(|a| (a.password.as_str(), a.next_nonce.as_str())),
+                &mut payload,
+            );
+            out.push(Transmit {
+                to: from,
+                from_local: local,
+                payload,
+            });
+            return Handled::Binding(binding::Outcome::UnknownAttribute);
+        };
+        binding::change_response(
+            tid,
+            from,
+            selected.origin,
+            self.alternates.other_address(local, from),
+            auth.as_ref().map(|a| a.password.as_str()),
+            &mut payload,
+        );
+        let transmit = Transmit {
+            to: from,
+            from_local: selected.from_local,
+            payload,
+        };
+        match selected.endpoint {
+            Some(endpoint) => self.redirected.push(Redirected { endpoint, transmit }),
+            None => out.push(transmit),
+        }
+        Handled::ChangeAnswered
     }
 
     /// `now` on the records' wrapping 32-bit millisecond clock.
@@ -1150,6 +1341,19 @@ pub mod client {
         })
     }
 
+    /// A Binding request with CHANGE-REQUEST (RFC 5780 filtering tests), signed like
+    /// the rendezvous requests so the gateway will answer it from another endpoint.
+    pub fn change_request(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        nonce: Option<&str>,
+        change: binding::ChangeRequest,
+    ) -> Vec<u8> {
+        request(stun_method::BINDING, tid, credentials, nonce, |w| {
+            w.attribute(binding::attr5780::CHANGE_REQUEST, &change.to_value());
+        })
+    }
+
     /// An indication of `wanted` method from the gateway, integrity-checked with
     /// `password` (introductions and relay offers are signed for their recipient).
     fn signed_indication<'a>(
@@ -1504,6 +1708,269 @@ mod tests {
             let response = parse_response(&out[0].payload, &c.password).expect("signed response");
             assert_eq!(response.result, Ok(()));
             assert_eq!(response.mapped, Some(from));
+        }
+    }
+
+    /// The lab's layout: service on every address, a discovery socket on another port
+    /// of every address, one on another address and port.
+    fn discovery_world(unauthenticated: bool) -> World {
+        let mut world = World::new();
+        world.server.set_alternates(
+            binding::Alternates::new(
+                addr("0.0.0.0:3478"),
+                vec![addr("0.0.0.0:3479"), addr("192.0.2.11:3480")],
+            ),
+            unauthenticated,
+        );
+        world
+    }
+
+    fn change(change_ip: bool, change_port: bool) -> binding::ChangeRequest {
+        binding::ChangeRequest {
+            change_ip,
+            change_port,
+        }
+    }
+
+    fn address_attr(datagram: &[u8], ty: u16) -> Option<SocketAddr> {
+        Message::parse(datagram)
+            .ok()?
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == ty)
+            .and_then(|a| binding::decode_address(a.value))
+    }
+
+    #[test]
+    fn change_requests_are_answered_from_the_endpoint_asked_for() {
+        let mut world = discovery_world(false);
+        let alice = creds("alice");
+        let home = addr("198.51.100.2:4000");
+        let nonce = world.nonce(home);
+        for (ip, port, endpoint, origin) in [
+            (false, true, 0, "192.0.2.10:3479"),
+            (true, true, 1, "192.0.2.11:3480"),
+        ] {
+            let request = change_request([4; 12], &alice, Some(&nonce), change(ip, port));
+            let (handled, out) = world.send(home, &request);
+            assert_eq!(handled, Handled::ChangeAnswered);
+            assert!(out.is_empty(), "nothing leaves from the service socket");
+            let redirected: Vec<Redirected> = world.server.drain_redirected().collect();
+            assert_eq!(redirected.len(), 1);
+            let answer = &redirected[0];
+            assert_eq!(answer.endpoint, endpoint);
+            assert_eq!(answer.transmit.to, home);
+            let response =
+                parse_response(&answer.transmit.payload, &alice.password).expect("signed");
+            assert_eq!((response.result, response.mapped), (Ok(()), Some(home)));
+            let payload = &answer.transmit.payload;
+            assert_eq!(
+                address_attr(payload, binding::attr5780::RESPONSE_ORIGIN),
+                Some(addr(origin))
+            );
+            assert_eq!(
+                address_attr(payload, binding::attr5780::OTHER_ADDRESS),
+                Some(addr("192.0.2.11:3480"))
+            );
+            assert!(payload.len() <= request.len(), "no amplification");
+            assert!(payload.len() <= binding::MAX_CHANGE_RESPONSE);
+        }
+        // The wildcard endpoint sends from the address the request reached.
+        let request = change_request([5; 12], &alice, Some(&nonce), change(false, true));
+        world.send(home, &request);
+        let redirected: Vec<Redirected> = world.server.drain_redirected().collect();
+        assert_eq!(
+            redirected[0].transmit.from_local,
+            Some(IpAddr::from([192, 0, 2, 10]))
+        );
+        // No flag: answered from the service socket itself.
+        let request = change_request([6; 12], &alice, Some(&nonce), change(false, false));
+        let (handled, out) = world.send(home, &request);
+        assert_eq!(handled, Handled::ChangeAnswered);
+        assert_eq!(out.len(), 1);
+        assert_eq!(world.server.drain_redirected().count(), 0);
+        // "Change IP" alone (same port, another address) has no endpoint here: 420,
+        // signed, listing CHANGE-REQUEST.
+        let request = change_request([7; 12], &alice, Some(&nonce), change(true, false));
+        let (handled, out) = world.send(home, &request);
+        assert_eq!(
+            handled,
+            Handled::Binding(binding::Outcome::UnknownAttribute)
+        );
+        assert_eq!(world.server.drain_redirected().count(), 0);
+        let response = parse_response(&out[0].payload, &alice.password).expect("signed");
+        assert_eq!(response.result, Err(420));
+        let unknown = Message::parse(&out[0].payload)
+            .expect("reply")
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == stun_attr::UNKNOWN_ATTRIBUTES)
+            .map(|a| a.value.to_vec());
+        assert_eq!(unknown, Some(vec![0x00, 0x03]));
+    }
+
+    #[test]
+    fn a_gateway_without_discovery_endpoints_answers_change_requests_with_420() {
+        let mut world = World::new();
+        let alice = creds("alice");
+        let home = addr("198.51.100.2:4000");
+        let nonce = world.nonce(home);
+        let request = change_request([4; 12], &alice, Some(&nonce), change(false, true));
+        let (handled, out) = world.send(home, &request);
+        assert_eq!(
+            handled,
+            Handled::Binding(binding::Outcome::UnknownAttribute)
+        );
+        assert_eq!(
+            parse_response(&out[0].payload, &alice.password).map(|r| r.result),
+            Some(Err(420))
+        );
+        assert_eq!(world.server.drain_redirected().count(), 0);
+    }
+
+    fn unauthenticated_change_request(tid: [u8; 12], flags: binding::ChangeRequest) -> Vec<u8> {
+        let mut request = Vec::new();
+        let mut writer = MessageWriter::new(
+            &mut request,
+            MessageType {
+                method: stun_method::BINDING,
+                class: Class::Request,
+            },
+            tid,
+        );
+        writer.attribute(binding::attr5780::CHANGE_REQUEST, &flags.to_value());
+        writer.finish_with_fingerprint();
+        request
+    }
+
+    #[test]
+    fn change_requests_need_credentials_and_a_nonce_by_default() {
+        let mut world = discovery_world(false);
+        let victim = addr("198.51.100.99:53");
+        // No credentials: a small 401 from the service socket, nothing redirected.
+        let request = unauthenticated_change_request([1; 12], change(true, true));
+        let (handled, out) = world.send(victim, &request);
+        assert_eq!(handled, Handled::Unauthorized);
+        assert_eq!(world.server.drain_redirected().count(), 0);
+        assert_eq!(out.len(), 1);
+        // Header, ERROR-CODE 401 "Unauthorized", FINGERPRINT (and within the global
+        // budget of unauthenticated replies).
+        assert!(out[0].payload.len() <= 48, "{} bytes", out[0].payload.len());
+        assert_eq!(
+            parse_response(&out[0].payload, "").map(|r| r.result),
+            Some(Err(401))
+        );
+        // A wrong password: the same.
+        let mut forged = creds("alice");
+        forged.password = "guess".into();
+        let nonce = world.nonce(victim);
+        let (handled, _) = world.send(
+            victim,
+            &change_request([2; 12], &forged, Some(&nonce), change(true, true)),
+        );
+        assert_eq!(handled, Handled::Unauthorized);
+        assert_eq!(world.server.drain_redirected().count(), 0);
+        // Valid credentials but a nonce issued to another address (a replayed or
+        // spoofed request): challenged, nothing redirected.
+        let alice = creds("alice");
+        let nonce = world.nonce(addr("198.51.100.2:4000"));
+        let (handled, out) = world.send(
+            victim,
+            &change_request([3; 12], &alice, Some(&nonce), change(true, true)),
+        );
+        assert_eq!(handled, Handled::StaleNonce);
+        assert_eq!(world.server.drain_redirected().count(), 0);
+        assert_eq!(
+            parse_response(&out[0].payload, &alice.password).map(|r| r.result),
+            Some(Err(438))
+        );
+        // A malformed CHANGE-REQUEST value: 400.
+        let mut request = Vec::new();
+        let mut writer = MessageWriter::new(
+            &mut request,
+            MessageType {
+                method: stun_method::BINDING,
+                class: Class::Request,
+            },
+            [4; 12],
+        );
+        writer.attribute(binding::attr5780::CHANGE_REQUEST, &[6]);
+        writer.finish_with_fingerprint();
+        assert_eq!(world.send(victim, &request).0, Handled::BadRequest);
+        assert_eq!(world.server.drain_redirected().count(), 0);
+    }
+
+    #[test]
+    fn unauthenticated_change_requests_only_when_the_operator_allows_them() {
+        let mut world = discovery_world(true);
+        let from = addr("198.51.100.2:4000");
+        let request = unauthenticated_change_request([1; 12], change(true, true));
+        let (handled, out) = world.send(from, &request);
+        assert_eq!(handled, Handled::ChangeAnswered);
+        assert!(out.is_empty());
+        let redirected: Vec<Redirected> = world.server.drain_redirected().collect();
+        assert_eq!(redirected[0].endpoint, 1);
+        let payload = &redirected[0].transmit.payload;
+        assert_eq!(binding::parse_binding_success(payload, [1; 12]), Some(from));
+        // Unsigned, and bounded: header, three IPv4 addresses, FINGERPRINT.
+        assert_eq!(payload.len(), 20 + 3 * 12 + 8);
+        // A request that carries credentials must still prove them.
+        let mut forged = creds("alice");
+        forged.password = "guess".into();
+        let (handled, _) = world.send(
+            from,
+            &change_request([2; 12], &forged, None, change(true, true)),
+        );
+        assert_eq!(handled, Handled::Unauthorized);
+        // The unauthenticated answers share the global budget of unauthenticated
+        // replies: a flood gets at most that many per second.
+        let budget = RendezvousConfig::default().max_error_replies_per_second;
+        let mut answered = 0;
+        for _ in 0..budget + 50 {
+            let (handled, _) = world.send(from, &request);
+            answered += u32::from(handled == Handled::ChangeAnswered);
+        }
+        assert!(answered < budget, "{answered} answered");
+        assert_eq!(
+            world.server.drain_redirected().count(),
+            usize::try_from(answered).expect("count")
+        );
+    }
+
+    proptest! {
+        /// Whatever the flags and credentials, an answer to a CHANGE-REQUEST stays
+        /// within the bound, and nothing is redirected without valid credentials.
+        #[test]
+        fn change_answers_are_bounded(
+            ip in any::<bool>(),
+            port in any::<bool>(),
+            v6 in any::<bool>(),
+            signed in any::<bool>(),
+            peer in "[a-z]{1,12}",
+        ) {
+            let mut world = World::new();
+            world.server.set_alternates(
+                binding::Alternates::new(
+                    addr("[::]:3478"),
+                    vec![addr("[::]:3479"), addr("[2001:db8::11]:3480")],
+                ),
+                false,
+            );
+            let from = if v6 { addr("[2001:db8:1::2]:4000") } else { addr("198.51.100.2:4000") };
+            let c = creds(&peer);
+            let request = if signed {
+                change_request([1; 12], &c, Some(&world.nonce(from)), change(ip, port))
+            } else {
+                unauthenticated_change_request([1; 12], change(ip, port))
+            };
+            let mut out = Vec::new();
+            let local = Some(if v6 { "2001:db8::10".parse().expect("ip") } else { IpAddr::from([192, 0, 2, 10]) });
+            world.server.handle(world.now, NOW_UNIX, from, local, &request, &mut out);
+            let redirected: Vec<Redirected> = world.server.drain_redirected().collect();
+            prop_assert!(signed || redirected.is_empty());
+            for payload in out.iter().map(|t| &t.payload).chain(redirected.iter().map(|r| &r.transmit.payload)) {
+                prop_assert!(payload.len() <= binding::MAX_CHANGE_RESPONSE, "{} bytes", payload.len());
+            }
         }
     }
 
