@@ -1,5 +1,10 @@
 //! The `gateway` command line: the daemon and its tools.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -223,6 +228,10 @@ struct ServeArgs {
     /// NAT mapping (another port, and another address where the host has one).
     #[arg(long)]
     discovery_listen: Option<SocketAddr>,
+    /// Driver loops serving the UDP socket at once, sharing it and the rendezvous
+    /// core; 0: one per CPU, at most 4 [default: 1].
+    #[arg(long)]
+    threads: Option<usize>,
     /// Shared-secret file for peer credentials; enables the rendezvous.
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -405,6 +414,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if let Some(addr) = args.discovery_listen {
         config.server.discovery_listen = Some(addr);
     }
+    if let Some(threads) = args.threads {
+        config.server.threads = threads;
+    }
     if let Some(path) = &args.secret_file {
         config.auth.secret_file = Some(path.clone());
     }
@@ -451,7 +463,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    // One runtime thread per driver loop at least, so the loops run in parallel.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus.max(config.server.effective_threads()))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -549,11 +564,11 @@ async fn serve_async(config: Config) -> Result<()> {
     let rendezvous = match &secret {
         Some(secret) => {
             tracing::info!("rendezvous enabled (register, connect, introductions)");
-            Some(RendezvousServer::new(
+            Some(Arc::new(Mutex::new(RendezvousServer::new(
                 secret.clone(),
                 RendezvousConfig::default(),
                 rand::random(),
-            ))
+            ))))
         }
         None => {
             tracing::info!(
@@ -611,16 +626,24 @@ async fn serve_async(config: Config) -> Result<()> {
         }
         _ => None,
     };
-    let main_loop = tokio::spawn(server::run(
-        client_socket,
-        metrics,
-        rendezvous,
-        relay,
-        wait(stopped),
-    ));
+    let threads = config.server.effective_threads();
+    tracing::info!(threads, "UDP driver loops");
+    let main_loops: Vec<_> = (0..threads)
+        .map(|_| {
+            tokio::spawn(server::run(
+                client_socket.clone(),
+                metrics.clone(),
+                rendezvous.clone(),
+                relay.clone(),
+                wait(stopped.clone()),
+            ))
+        })
+        .collect();
     shutdown_signal().await;
     let _ = stop.send(true);
-    let _ = main_loop.await;
+    for main_loop in main_loops {
+        let _ = main_loop.await;
+    }
     if let Some(task) = discovery_task {
         let _ = task.await;
     }

@@ -3,7 +3,7 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -99,9 +99,26 @@ fn is_turn_message(datagram: &[u8]) -> bool {
         )
 }
 
+/// The rendezvous core as the driver loops share it: each loop holds the lock only
+/// while the core handles one received batch (sans-IO, no I/O under the lock);
+/// receiving and sending run outside it, in parallel.
+pub type SharedRendezvous = Arc<Mutex<RendezvousServer>>;
+
+/// Locks the shared core (a loop that panicked while holding it left the core
+/// consistent between calls, so its state is used as is).
+fn lock(core: &SharedRendezvous) -> MutexGuard<'_, RendezvousServer> {
+    core.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Serves the socket until `shutdown` completes. With a rendezvous core every
 /// non-TURN datagram goes through it (it answers Binding too); without one, only
 /// Binding. With a relay, TURN messages and ChannelData go to it.
+///
+/// Several loops may serve the same socket and core at once (one task each, see
+/// `server.threads`): each receives its own batches, so the kernel's send and
+/// receive paths of one batch run beside the core's work on another. Every loop
+/// also runs the timers that fall due (checked again under the lock, so one sweep
+/// runs per deadline).
 ///
 /// I/O goes through `quinn-udp`: batched receives, and the destination address of
 /// each datagram (IP_PKTINFO) so replies leave from the address the client sent to,
@@ -109,21 +126,19 @@ fn is_turn_message(datagram: &[u8]) -> bool {
 pub async fn run(
     client: ClientSocket,
     metrics: Metrics,
-    mut rendezvous: Option<RendezvousServer>,
+    rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let socket = &*client.socket;
     let state = &*client.state;
-    let binding = BindingService;
     let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
     let mut metas = [RecvMeta::default(); RECV_BATCH];
-    let mut reply = Vec::with_capacity(512);
     let mut transmits: Vec<Transmit> = Vec::new();
     let mut scratch = SendScratch::default();
     tokio::pin!(shutdown);
     loop {
-        let timeout = rendezvous.as_ref().and_then(RendezvousServer::poll_timeout);
+        let timeout = rendezvous.as_ref().and_then(|r| lock(r).poll_timeout());
         let relay_timeout = relay.as_ref().and_then(|r| r.poll_timeout());
         let timeout = match (timeout, relay_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -138,12 +153,18 @@ pub async fn run(
         let received = tokio::select! {
             () = &mut shutdown => return,
             () = sleep => {
-                if let Some(relay) = &relay {
-                    relay.handle_timeout(Instant::now());
+                let now = Instant::now();
+                if let Some(relay) = &relay
+                    && relay.poll_timeout().is_some_and(|at| at <= now)
+                {
+                    relay.handle_timeout(now);
                 }
-                if let Some(server) = rendezvous.as_mut() {
-                    server.handle_timeout(Instant::now(), unix_now());
-                    metrics.registered_peers.set(server.peer_count() as i64);
+                if let Some(core) = &rendezvous {
+                    let mut server = lock(core);
+                    if server.poll_timeout().is_some_and(|at| at <= now) {
+                        server.handle_timeout(now, unix_now());
+                        metrics.registered_peers.set(server.peer_count() as i64);
+                    }
                 }
                 continue;
             }
@@ -170,70 +191,92 @@ pub async fn run(
             }
         };
         transmits.clear();
-        for (meta, buffer) in metas[..count].iter().zip(storage.chunks(MAX_DATAGRAM)) {
-            let stride = meta.stride.max(1);
-            // With GRO one buffer may hold several datagrams of `stride` bytes.
-            for datagram in buffer[..meta.len].chunks(stride) {
-                metrics.udp_received_datagrams.inc();
-                metrics.udp_received_bytes.inc_by(datagram.len() as u64);
-                let from = canonical(meta.addr);
-                let local = meta.dst_ip.map(|ip| ip.to_canonical());
-                if let Some(relay) = &relay {
-                    if turn::is_channel_data(datagram) {
-                        relay.channel_data(from.into(), datagram);
-                        metrics
-                            .stun_datagrams
-                            .with_label_values(&["channel_data"])
-                            .inc();
-                        continue;
-                    }
-                    if is_turn_message(datagram) {
-                        let label = relay.turn_message(from.into(), local, datagram, &mut reply);
-                        if !reply.is_empty() {
-                            transmits.push(Transmit {
-                                to: from,
-                                from_local: local,
-                                payload: std::mem::take(&mut reply),
-                            });
-                        }
-                        metrics.stun_datagrams.with_label_values(&[label]).inc();
-                        continue;
-                    }
-                }
-                let label = match rendezvous.as_mut() {
-                    Some(server) => {
-                        let handled = server.handle(
-                            Instant::now(),
-                            unix_now(),
-                            from,
-                            local,
-                            datagram,
-                            &mut transmits,
-                        );
-                        for event in server.drain_events() {
-                            metrics.record(&event);
-                        }
-                        if matches!(handled, Handled::Registered) {
-                            metrics.registered_peers.set(server.peer_count() as i64);
-                        }
-                        handled.as_str()
-                    }
-                    None => {
-                        let outcome = binding.handle(from, datagram, &mut reply);
-                        if !reply.is_empty() {
-                            transmits.push(Transmit {
-                                to: from,
-                                from_local: local,
-                                payload: std::mem::take(&mut reply),
-                            });
-                        }
-                        outcome.as_str()
-                    }
-                };
-                metrics.stun_datagrams.with_label_values(&[label]).inc();
-            }
-        }
+        handle_batch(
+            metas.get(..count).unwrap_or_default(),
+            &storage,
+            &metrics,
+            rendezvous.as_ref(),
+            relay.as_deref(),
+            &mut transmits,
+        );
         send_transmits(&client, &transmits, &metrics, &mut scratch).await;
+    }
+}
+
+/// Hands every datagram of one received batch to the relay or the core, collecting
+/// the replies. The core's lock is taken at most once per batch, and released
+/// before anything is sent.
+fn handle_batch(
+    metas: &[RecvMeta],
+    storage: &[u8],
+    metrics: &Metrics,
+    rendezvous: Option<&SharedRendezvous>,
+    relay: Option<&RelayShared>,
+    transmits: &mut Vec<Transmit>,
+) {
+    let binding = BindingService;
+    let mut reply = Vec::new();
+    let mut core: Option<MutexGuard<'_, RendezvousServer>> = None;
+    for (meta, buffer) in metas.iter().zip(storage.chunks(MAX_DATAGRAM)) {
+        let stride = meta.stride.max(1);
+        // With GRO one buffer may hold several datagrams of `stride` bytes.
+        for datagram in buffer.get(..meta.len).unwrap_or_default().chunks(stride) {
+            metrics.udp_received_datagrams.inc();
+            metrics.udp_received_bytes.inc_by(datagram.len() as u64);
+            let from = canonical(meta.addr);
+            let local = meta.dst_ip.map(|ip| ip.to_canonical());
+            if let Some(relay) = relay {
+                if turn::is_channel_data(datagram) {
+                    // Never hold the core's lock while taking the relay's.
+                    core = None;
+                    relay.channel_data(from.into(), datagram);
+                    metrics
+                        .stun_datagrams
+                        .with_label_values(&["channel_data"])
+                        .inc();
+                    continue;
+                }
+                if is_turn_message(datagram) {
+                    core = None;
+                    let label = relay.turn_message(from.into(), local, datagram, &mut reply);
+                    if !reply.is_empty() {
+                        transmits.push(Transmit {
+                            to: from,
+                            from_local: local,
+                            payload: std::mem::take(&mut reply),
+                        });
+                    }
+                    metrics.stun_datagrams.with_label_values(&[label]).inc();
+                    continue;
+                }
+            }
+            let label = match rendezvous {
+                Some(shared) => {
+                    let server = core.get_or_insert_with(|| lock(shared));
+                    let handled =
+                        server.handle(Instant::now(), unix_now(), from, local, datagram, transmits);
+                    for event in server.drain_events() {
+                        metrics.record(&event);
+                    }
+                    if matches!(handled, Handled::Registered) {
+                        metrics.registered_peers.set(server.peer_count() as i64);
+                    }
+                    handled.as_str()
+                }
+                None => {
+                    let outcome = binding.handle(from, datagram, &mut reply);
+                    if !reply.is_empty() {
+                        transmits.push(Transmit {
+                            to: from,
+                            from_local: local,
+                            payload: std::mem::take(&mut reply),
+                        });
+                    }
+                    outcome.as_str()
+                }
+            };
+            metrics.stun_datagrams.with_label_values(&[label]).inc();
+        }
     }
 }
 
