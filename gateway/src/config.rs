@@ -191,8 +191,8 @@ pub struct ServerConfig {
     pub discovery_listen: Option<SocketAddr>,
     /// Driver loops serving `listen` at once (each a task on its own runtime thread,
     /// sharing the socket and the rendezvous core); 0 means one per CPU, at most 4.
-    /// One by default: a second loop did not raise the measured rate on a 2-core
-    /// host (see docs/benchmarks.md).
+    /// One by default: more loops help only where cores are idle, and cost CPU per
+    /// request (see docs/benchmarks.md).
     pub threads: usize,
 }
 
