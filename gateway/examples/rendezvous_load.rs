@@ -1,9 +1,11 @@
-//! Load generator for a running `gateway serve`: registers N peers over real UDP
-//! sockets on loopback (one socket per peer, spread over 127.77.0.0/16 source
-//! addresses), then alternates timed phases of STUN Binding requests (the baseline)
-//! and Connect requests (each one an introduction), with a bounded window of
-//! requests outstanding. Reports requests answered per second, the server's CPU per
-//! request (from /proc/PID/stat) and its RSS before and after registering.
+//! Load generator for a running `gateway serve`: registers N peers over UDP on
+//! loopback (each its own source address in 127.77.0.0/16, all sharing one socket:
+//! requests leave with sendmmsg and IP_PKTINFO picking each peer's source address,
+//! answers come back with recvmmsg, their destination address naming the peer),
+//! then alternates timed phases of STUN Binding requests (the baseline) and Connect
+//! requests (each one an introduction), with a bounded window of requests
+//! outstanding. Reports requests answered per second, the server's CPU per request
+//! (from /proc/PID/stat) and its RSS before and after registering.
 //!
 //! `cargo xtask bench-rendezvous` builds this in release mode, starts the server and
 //! runs it; see docs/benchmarks.md. It is an example rather than part of xtask so it
@@ -13,7 +15,7 @@
 //! [--peers 16000] [--seconds 5] [--rounds 2] [--window 256] [--sign-each]`
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -69,16 +71,53 @@ struct Args {
 
 /// Seconds a request may stay unanswered before it counts as lost.
 const LOST_AFTER: Duration = Duration::from_millis(300);
-/// Datagrams read per recvmmsg.
-const RECV_BATCH: usize = 8;
+/// Datagrams read per recvmmsg, and requests sent per sendmmsg.
+const BATCH: usize = 64;
 /// Bytes per receive buffer (the gateway's answers stay far below).
 const RECV_BUFFER: usize = 1_500;
-/// Peers per source address.
-const PEERS_PER_ADDRESS: usize = 200;
+/// Peers per /24 of source addresses (host parts 1..=250).
+const PEERS_PER_BLOCK: usize = 250;
+/// Most peers the 127.77.0.0/16 addresses hold, one address each.
+const MAX_PEERS: usize = 256 * PEERS_PER_BLOCK;
+/// Receive and send buffer asked of the kernel (a full window of answers and
+/// introductions, five datagrams per Connect, must fit).
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Control-message space per datagram (one `in_pktinfo`), in u64s for alignment.
+const CMSG_WORDS: usize = 8;
 
-/// One simulated peer.
+/// Source address of peer `i`: 127.77.(i / 250).(i % 250 + 1).
+fn peer_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        127,
+        77,
+        (i / PEERS_PER_BLOCK) as u8,
+        (i % PEERS_PER_BLOCK) as u8 + 1,
+    )
+}
+
+/// The peer whose address `ip` is, if any.
+fn peer_index(ip: Ipv4Addr) -> Option<usize> {
+    match ip.octets() {
+        [127, 77, block, host @ 1..=250] => {
+            Some(usize::from(block) * PEERS_PER_BLOCK + usize::from(host) - 1)
+        }
+        _ => None,
+    }
+}
+
+fn sockaddr_v4(addr: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// One simulated peer. Peers share one socket; each is its own source address.
 struct Peer {
-    socket: UdpSocket,
     credentials: PeerCredentials,
     target: String,
     nonce: Option<String>,
@@ -106,16 +145,27 @@ struct Counts {
     unexpected: u64,
 }
 
+/// Buffers of one recvmmsg: datagrams, their sources and control messages.
+struct RecvBatch {
+    buffers: Vec<[u8; RECV_BUFFER]>,
+    sources: Vec<libc::sockaddr_in>,
+    control: Vec<[u64; CMSG_WORDS]>,
+}
+
 struct Load {
     peers: Vec<Peer>,
-    epoll: i32,
+    /// The one socket all peers share: bound to 0.0.0.0:PORT, so every peer address
+    /// 127.77.x.y:PORT arrives here; sends pick their source with IP_PKTINFO.
+    socket: UdpSocket,
+    server: libc::sockaddr_in,
     next: usize,
     outstanding: usize,
     window: usize,
     sign_each: bool,
-    /// epoll_wait timeout while waiting for answers (0 with --busy-poll).
-    wait_ms: i32,
-    buffers: Vec<[u8; RECV_BUFFER]>,
+    busy_poll: bool,
+    receive: RecvBatch,
+    /// Peers whose request goes out in the next sendmmsg.
+    to_send: Vec<usize>,
     tid_counter: u64,
     registered: usize,
 }
@@ -155,57 +205,54 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-fn raise_fd_limit(wanted: u64) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+/// Sets an integer socket option.
+fn set_option(fd: i32, level: i32, name: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: the option value is a live i32 of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
     };
-    // SAFETY: plain syscalls on a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
-            limit.rlim_cur = wanted;
-            limit.rlim_max = limit.rlim_max.max(wanted);
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                eprintln!("cannot raise the open-file limit to {wanted}; fewer peers may fit");
-            }
-        }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
 impl Load {
     fn new(args: &Args) -> std::io::Result<Self> {
-        raise_fd_limit(args.peers as u64 + 256);
+        let SocketAddr::V4(server) = args.server else {
+            return Err(std::io::Error::other("the server address must be IPv4"));
+        };
+        if args.peers > MAX_PEERS {
+            return Err(std::io::Error::other(format!(
+                "at most {MAX_PEERS} peers (one 127.77.x.y address each)"
+            )));
+        }
         let secret = std::fs::read(&args.secret_file)?;
         let secret = SharedSecret::new(&secret);
-        // SAFETY: epoll_create1 has no preconditions.
-        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if epoll < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let fd = socket.as_raw_fd();
+        // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+        let buffer = SOCKET_BUFFER_BYTES as i32;
+        let _ = set_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, buffer);
+        let _ = set_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, buffer);
+        // Each datagram's destination address says which peer it is for.
+        set_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?;
+        // A blocking receive waits at most this long (then expiry and refills run).
+        socket.set_read_timeout(Some(Duration::from_millis(1)))?;
         let expiry = unix_now() + 3_600;
         let mut peers = Vec::with_capacity(args.peers);
         for i in 0..args.peers {
-            let block = i / PEERS_PER_ADDRESS;
-            let source = Ipv4Addr::new(127, 77, (block >> 8) as u8, (block & 0xff) as u8 + 1);
-            let socket = UdpSocket::bind((source, 0))?;
-            socket.connect(args.server)?;
-            socket.set_nonblocking(true)?;
-            let mut event = libc::epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: i as u64,
-            };
-            // SAFETY: both descriptors are valid; the event lives across the call.
-            if unsafe {
-                libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, socket.as_raw_fd(), &mut event)
-            } != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
             let issued = secret
                 .issue(&format!("load-{i}"), expiry)
                 .map_err(std::io::Error::other)?;
             peers.push(Peer {
-                socket,
                 credentials: PeerCredentials {
                     username: issued.username,
                     password: issued.password,
@@ -219,13 +266,19 @@ impl Load {
         }
         Ok(Self {
             peers,
-            epoll,
+            socket,
+            server: sockaddr_v4(server),
             next: 0,
             outstanding: 0,
             window: args.window,
             sign_each: args.sign_each,
-            wait_ms: if args.busy_poll { 0 } else { 1 },
-            buffers: vec![[0; RECV_BUFFER]; RECV_BATCH],
+            busy_poll: args.busy_poll,
+            receive: RecvBatch {
+                buffers: vec![[0; RECV_BUFFER]; BATCH],
+                sources: vec![sockaddr_v4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)); BATCH],
+                control: vec![[0; CMSG_WORDS]; BATCH],
+            },
+            to_send: Vec::with_capacity(BATCH),
             tid_counter: 0,
             registered: 0,
         })
@@ -264,23 +317,93 @@ impl Load {
         }
     }
 
-    fn send(&mut self, i: usize, now: Instant, counts: &mut Counts) {
-        let Some(peer) = self.peers.get_mut(i) else {
-            return;
-        };
-        match peer.socket.send(&peer.request) {
-            Ok(_) => {
-                peer.in_flight = Some(now);
-                self.outstanding += 1;
-                counts.sent += 1;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => eprintln!("send from peer {i}: {e}"),
+    /// Sends the queued peers' requests with one sendmmsg (each from its peer's
+    /// address). Peers whose request did not go out are free again. False when
+    /// the socket would block.
+    fn flush(&mut self, counts: &mut Counts) -> bool {
+        if self.to_send.is_empty() {
+            return true;
         }
+        let mut control = [[0u64; CMSG_WORDS]; BATCH];
+        // SAFETY: all-zero iovecs and headers are valid empty values.
+        let mut iovecs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+        let (space, len) = unsafe {
+            (
+                libc::CMSG_SPACE(std::mem::size_of::<libc::in_pktinfo>() as u32),
+                libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32),
+            )
+        };
+        let count = self.to_send.len();
+        for (((&i, iovec), header), control) in self
+            .to_send
+            .iter()
+            .zip(iovecs.iter_mut())
+            .zip(headers.iter_mut())
+            .zip(control.iter_mut())
+        {
+            let Some(peer) = self.peers.get(i) else {
+                continue;
+            };
+            *iovec = libc::iovec {
+                iov_base: peer.request.as_ptr().cast_mut().cast(),
+                iov_len: peer.request.len(),
+            };
+            let msg = &mut header.msg_hdr;
+            msg.msg_name = (&raw mut self.server).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = iovec;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = space as usize;
+            // SAFETY: the control buffer is aligned and holds CMSG_SPACE(in_pktinfo).
+            unsafe {
+                let cmsg = libc::CMSG_FIRSTHDR(msg);
+                (*cmsg).cmsg_level = libc::IPPROTO_IP;
+                (*cmsg).cmsg_type = libc::IP_PKTINFO;
+                (*cmsg).cmsg_len = len as usize;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from(peer_ip(i)).to_be(),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast(), info);
+            }
+        }
+        // SAFETY: every header points at live buffers set up above.
+        let sent = unsafe {
+            libc::sendmmsg(
+                self.socket.as_raw_fd(),
+                headers.as_mut_ptr(),
+                count as u32,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let sent = if sent < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                eprintln!("sendmmsg: {e}");
+            }
+            0
+        } else {
+            sent as usize
+        };
+        counts.sent += sent as u64;
+        for &i in self.to_send.get(sent..).unwrap_or_default() {
+            if let Some(peer) = self.peers.get_mut(i) {
+                peer.in_flight = None;
+                self.outstanding -= 1;
+            }
+        }
+        self.to_send.clear();
+        sent == count
     }
 
     /// Fills the window from peers in turn (those with nothing outstanding and,
-    /// when registering, not yet registered).
+    /// when registering, not yet registered), BATCH requests per system call.
     fn fill(&mut self, phase: Phase, now: Instant, counts: &mut Counts) {
         let n = self.peers.len();
         let mut skipped = 0;
@@ -297,8 +420,16 @@ impl Load {
             if phase == Phase::Register || (phase == Phase::Connect && self.sign_each) {
                 self.build(i, phase);
             }
-            self.send(i, now, counts);
+            if let Some(peer) = self.peers.get_mut(i) {
+                peer.in_flight = Some(now);
+                self.outstanding += 1;
+                self.to_send.push(i);
+            }
+            if self.to_send.len() == BATCH && !self.flush(counts) {
+                return;
+            }
         }
+        self.flush(counts);
     }
 
     /// Requests unanswered for too long free their slot and count as lost.
@@ -315,70 +446,72 @@ impl Load {
         }
     }
 
-    /// Waits up to `timeout` for answers and handles every datagram that arrived.
-    fn poll(&mut self, phase: Phase, timeout_ms: i32, counts: &mut Counts) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 512];
-        // SAFETY: the buffer is valid for `events.len()` entries.
-        let ready = unsafe {
-            libc::epoll_wait(
-                self.epoll,
-                events.as_mut_ptr(),
-                events.len() as i32,
-                timeout_ms,
-            )
-        };
-        for event in events.iter().take(ready.max(0) as usize) {
-            let i = event.u64 as usize;
-            let Some(fd) = self.peers.get(i).map(|p| p.socket.as_raw_fd()) else {
-                continue;
-            };
-            let lengths = self.receive(fd);
-            let buffers = std::mem::take(&mut self.buffers);
-            for (buffer, len) in buffers.iter().zip(lengths) {
-                let Some(datagram) = len.and_then(|len| buffer.get(..len)) else {
-                    break;
-                };
-                self.handle(i, phase, datagram, counts);
-            }
-            self.buffers = buffers;
-        }
-    }
-
-    /// One recvmmsg on `fd`: the length of each datagram read.
-    fn receive(&mut self, fd: i32) -> [Option<usize>; RECV_BATCH] {
-        let mut iovecs: Vec<libc::iovec> = self
+    /// Reads up to BATCH datagrams with one recvmmsg (waiting up to 1 ms for the
+    /// first when `wait`, unless busy-polling) and handles them.
+    fn poll(&mut self, phase: Phase, wait: bool, counts: &mut Counts) {
+        let mut batch = std::mem::replace(
+            &mut self.receive,
+            RecvBatch {
+                buffers: Vec::new(),
+                sources: Vec::new(),
+                control: Vec::new(),
+            },
+        );
+        // SAFETY: all-zero iovecs and headers are valid empty values.
+        let mut iovecs: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        let mut headers: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for ((((buffer, source), control), iovec), header) in batch
             .buffers
             .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        // SAFETY: an all-zero mmsghdr is a valid empty header.
-        let mut headers: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
-        for (header, iovec) in headers.iter_mut().zip(iovecs.iter_mut()) {
-            header.msg_hdr.msg_iov = iovec;
-            header.msg_hdr.msg_iovlen = 1;
+            .zip(batch.sources.iter_mut())
+            .zip(batch.control.iter_mut())
+            .zip(iovecs.iter_mut())
+            .zip(headers.iter_mut())
+        {
+            *iovec = libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: buffer.len(),
+            };
+            let msg = &mut header.msg_hdr;
+            msg.msg_name = (source as *mut libc::sockaddr_in).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = iovec;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(control);
         }
-        // SAFETY: every header points at one live iovec over a live buffer.
+        let flags = if wait && !self.busy_poll {
+            libc::MSG_WAITFORONE
+        } else {
+            libc::MSG_DONTWAIT
+        };
+        // SAFETY: every header points at live buffers set up above.
         let got = unsafe {
             libc::recvmmsg(
-                fd,
+                self.socket.as_raw_fd(),
                 headers.as_mut_ptr(),
-                RECV_BATCH as u32,
-                libc::MSG_DONTWAIT,
+                BATCH as u32,
+                flags,
                 std::ptr::null_mut(),
             )
         };
-        let mut lengths = [None; RECV_BATCH];
-        for (length, header) in lengths
-            .iter_mut()
-            .zip(headers.iter())
+        for ((header, buffer), source) in headers
+            .iter()
+            .zip(batch.buffers.iter())
+            .zip(batch.sources.iter())
             .take(got.max(0) as usize)
         {
-            *length = Some(header.msg_len as usize);
+            let from_server = source.sin_port == self.server.sin_port
+                && source.sin_addr.s_addr == self.server.sin_addr.s_addr;
+            let peer = destination(&header.msg_hdr).and_then(peer_index);
+            match (from_server, peer, buffer.get(..header.msg_len as usize)) {
+                (true, Some(i), Some(datagram)) if i < self.peers.len() => {
+                    self.handle(i, phase, datagram, counts);
+                }
+                _ => counts.unexpected += 1,
+            }
         }
-        lengths
+        self.receive = batch;
     }
 
     fn handle(&mut self, i: usize, phase: Phase, datagram: &[u8], counts: &mut Counts) {
@@ -464,7 +597,7 @@ impl Load {
                 break;
             }
             self.fill(phase, now, &mut counts);
-            self.poll(phase, self.wait_ms, &mut counts);
+            self.poll(phase, true, &mut counts);
             if now >= next_expiry {
                 self.expire(now, &mut counts);
                 next_expiry = now + LOST_AFTER / 2;
@@ -475,10 +608,11 @@ impl Load {
         let drain_end = Instant::now() + LOST_AFTER;
         let mut ignored = Counts::default();
         while self.outstanding > 0 && Instant::now() < drain_end {
-            self.poll(phase, 1, &mut ignored);
+            self.poll(phase, true, &mut ignored);
         }
-        for _ in 0..3 {
-            self.poll(phase, 5, &mut ignored);
+        let quiet_end = Instant::now() + Duration::from_millis(15);
+        while Instant::now() < quiet_end {
+            self.poll(phase, true, &mut ignored);
         }
         for peer in &mut self.peers {
             peer.in_flight = None;
@@ -486,6 +620,23 @@ impl Load {
         self.outstanding = 0;
         (counts, elapsed)
     }
+}
+
+/// The destination address of a received datagram (its IP_PKTINFO).
+fn destination(msg: &libc::msghdr) -> Option<Ipv4Addr> {
+    // SAFETY: the kernel filled msg_control/msg_controllen; the CMSG macros stay
+    // within them and the payload is read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_PKTINFO {
+                let info: libc::in_pktinfo = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                return Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)));
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    None
 }
 
 fn error_code(datagram: &[u8]) -> u16 {

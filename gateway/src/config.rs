@@ -197,6 +197,11 @@ pub struct ServerConfig {
     /// default: an answer from another endpoint is a reflection and amplification
     /// tool, so only authenticated peers get one.
     pub discovery_unauthenticated: bool,
+    /// Driver loops serving `listen` at once (each a task on its own runtime thread,
+    /// sharing the socket and the rendezvous core); 0 means one per CPU, at most 4.
+    /// One by default: more loops help only where cores are idle, and cost CPU per
+    /// request (see docs/benchmarks.md).
+    pub threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -205,6 +210,24 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
             discovery_listen: Vec::new(),
             discovery_unauthenticated: false,
+            threads: 1,
+        }
+    }
+}
+
+/// Most driver loops `server.threads = 0` picks.
+const MAX_AUTO_THREADS: usize = 4;
+/// Most driver loops `server.threads` may ask for.
+pub const MAX_THREADS: usize = 64;
+
+impl ServerConfig {
+    /// Driver loops to run: `threads`, or with 0 one per CPU, at most 4.
+    pub fn effective_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_AUTO_THREADS),
+            n => n,
         }
     }
 }
@@ -317,6 +340,12 @@ impl Config {
                     .into(),
             ));
         }
+        if self.server.threads > MAX_THREADS {
+            return Err(ConfigError::Invalid(format!(
+                "server.threads = {} is more than {MAX_THREADS}",
+                self.server.threads
+            )));
+        }
         if self.ebpf.required && !self.ebpf.enabled {
             return Err(ConfigError::Invalid(
                 "ebpf.required = true contradicts ebpf.enabled = false".into(),
@@ -380,6 +409,17 @@ mod tests {
         assert!(Config::from_toml("[ebpf]\nenabled = false\nrequired = true\n", "t").is_err());
         assert!(Config::from_toml("[server]\nlisten = \"0.0.0.0:0\"\n", "t").is_err());
         assert!(Config::from_toml("[ebpf]\ninterfaces = [\"a/b\"]\n", "t").is_err());
+        assert!(Config::from_toml("[server]\nthreads = 65\n", "t").is_err());
+    }
+
+    #[test]
+    fn threads_default_to_one_and_zero_means_the_cpus_at_most_four() {
+        assert_eq!(Config::default().server.effective_threads(), 1);
+        let auto = Config::from_toml("[server]\nthreads = 0\n", "t").expect("valid");
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(auto.server.effective_threads(), cpus.clamp(1, 4));
+        let config = Config::from_toml("[server]\nthreads = 3\n", "t").expect("valid");
+        assert_eq!(config.server.effective_threads(), 3);
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! The `gateway` command line: the daemon and its tools.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -259,6 +264,10 @@ struct ServeArgs {
     /// without valid credentials get 401.
     #[arg(long)]
     discovery_unauthenticated: bool,
+    /// Driver loops serving the UDP socket at once, sharing it and the rendezvous
+    /// core; 0: one per CPU, at most 4 [default: 1].
+    #[arg(long)]
+    threads: Option<usize>,
     /// Shared-secret file for peer credentials; enables the rendezvous.
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -448,6 +457,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if args.discovery_unauthenticated {
         config.server.discovery_unauthenticated = true;
     }
+    if let Some(threads) = args.threads {
+        config.server.threads = threads;
+    }
     if let Some(path) = &args.secret_file {
         config.auth.secret_file = Some(path.clone());
     }
@@ -494,7 +506,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    // One runtime thread per driver loop at least, so the loops run in parallel.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus.max(config.server.effective_threads()))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -598,7 +613,7 @@ async fn serve_async(config: Config) -> Result<()> {
                     "CHANGE-REQUEST is answered without credentials (server.discovery_unauthenticated): the gateway can be used for reflection"
                 );
             }
-            Some(server)
+            Some(Arc::new(Mutex::new(server)))
         }
         None => {
             tracing::info!(
@@ -656,17 +671,25 @@ async fn serve_async(config: Config) -> Result<()> {
         }
         _ => None,
     };
-    let main_loop = tokio::spawn(server::run_with_alternates(
-        client_socket,
-        alternates,
-        metrics,
-        rendezvous,
-        relay,
-        wait(stopped),
-    ));
+    let threads = config.server.effective_threads();
+    tracing::info!(threads, "UDP driver loops");
+    let main_loops: Vec<_> = (0..threads)
+        .map(|_| {
+            tokio::spawn(server::run_with_alternates(
+                client_socket.clone(),
+                alternates.clone(),
+                metrics.clone(),
+                rendezvous.clone(),
+                relay.clone(),
+                wait(stopped.clone()),
+            ))
+        })
+        .collect();
     shutdown_signal().await;
     let _ = stop.send(true);
-    let _ = main_loop.await;
+    for main_loop in main_loops {
+        let _ = main_loop.await;
+    }
     for task in discovery_tasks {
         let _ = task.await;
     }

@@ -3,13 +3,13 @@
 use std::{
     future::Future,
     net::SocketAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::{io::IoSliceMut, net::IpAddr};
+use std::{io::IoSliceMut, net::IpAddr, os::fd::AsRawFd};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::UdpSocket,
@@ -69,7 +69,7 @@ fn unix_now() -> u64 {
 }
 
 /// Datagram buffers read per system call (recvmmsg).
-const RECV_BATCH: usize = 8;
+const RECV_BATCH: usize = 32;
 
 /// Prepares a bound service socket for [`run`]: its quinn-udp state (batched
 /// receives, IP_PKTINFO), shared so relay tasks can send to clients from it too.
@@ -99,9 +99,26 @@ fn is_turn_message(datagram: &[u8]) -> bool {
         )
 }
 
+/// The rendezvous core as the driver loops share it: each loop holds the lock only
+/// while the core handles one received batch (sans-IO, no I/O under the lock);
+/// receiving and sending run outside it, in parallel.
+pub type SharedRendezvous = Arc<Mutex<RendezvousServer>>;
+
+/// Locks the shared core (a loop that panicked while holding it left the core
+/// consistent between calls, so its state is used as is).
+fn lock(core: &SharedRendezvous) -> MutexGuard<'_, RendezvousServer> {
+    core.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Serves the socket until `shutdown` completes. With a rendezvous core every
 /// non-TURN datagram goes through it (it answers Binding too); without one, only
 /// Binding. With a relay, TURN messages and ChannelData go to it.
+///
+/// Several loops may serve the same socket and core at once (one task each, see
+/// `server.threads`): each receives its own batches, so the kernel's send and
+/// receive paths of one batch run beside the core's work on another. Every loop
+/// also runs the timers that fall due (checked again under the lock, so one sweep
+/// runs per deadline).
 ///
 /// I/O goes through `quinn-udp`: batched receives, and the destination address of
 /// each datagram (IP_PKTINFO) so replies leave from the address the client sent to,
@@ -109,7 +126,7 @@ fn is_turn_message(datagram: &[u8]) -> bool {
 pub async fn run(
     client: ClientSocket,
     metrics: Metrics,
-    rendezvous: Option<RendezvousServer>,
+    rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -122,22 +139,20 @@ pub async fn run_with_alternates(
     client: ClientSocket,
     alternates: Vec<ClientSocket>,
     metrics: Metrics,
-    mut rendezvous: Option<RendezvousServer>,
+    rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut redirected: Vec<(usize, Transmit)> = Vec::new();
     let socket = &*client.socket;
     let state = &*client.state;
-    let binding = BindingService;
     let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
     let mut metas = [RecvMeta::default(); RECV_BATCH];
-    let mut reply = Vec::with_capacity(512);
     let mut transmits: Vec<Transmit> = Vec::new();
-    let mut gso_buffer = Vec::new();
+    let mut scratch = SendScratch::default();
     tokio::pin!(shutdown);
     loop {
-        let timeout = rendezvous.as_ref().and_then(RendezvousServer::poll_timeout);
+        let timeout = rendezvous.as_ref().and_then(|r| lock(r).poll_timeout());
         let relay_timeout = relay.as_ref().and_then(|r| r.poll_timeout());
         let timeout = match (timeout, relay_timeout) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -152,12 +167,18 @@ pub async fn run_with_alternates(
         let received = tokio::select! {
             () = &mut shutdown => return,
             () = sleep => {
-                if let Some(relay) = &relay {
-                    relay.handle_timeout(Instant::now());
+                let now = Instant::now();
+                if let Some(relay) = &relay
+                    && relay.poll_timeout().is_some_and(|at| at <= now)
+                {
+                    relay.handle_timeout(now);
                 }
-                if let Some(server) = rendezvous.as_mut() {
-                    server.handle_timeout(Instant::now(), unix_now());
-                    metrics.registered_peers.set(server.peer_count() as i64);
+                if let Some(core) = &rendezvous {
+                    let mut server = lock(core);
+                    if server.poll_timeout().is_some_and(|at| at <= now) {
+                        server.handle_timeout(now, unix_now());
+                        metrics.registered_peers.set(server.peer_count() as i64);
+                    }
                 }
                 continue;
             }
@@ -184,142 +205,358 @@ pub async fn run_with_alternates(
             }
         };
         transmits.clear();
-        for (meta, buffer) in metas[..count].iter().zip(storage.chunks(MAX_DATAGRAM)) {
-            let stride = meta.stride.max(1);
-            // With GRO one buffer may hold several datagrams of `stride` bytes.
-            for datagram in buffer[..meta.len].chunks(stride) {
-                metrics.udp_received_datagrams.inc();
-                metrics.udp_received_bytes.inc_by(datagram.len() as u64);
-                let from = canonical(meta.addr);
-                let local = meta.dst_ip.map(|ip| ip.to_canonical());
-                if let Some(relay) = &relay {
-                    if turn::is_channel_data(datagram) {
-                        relay.channel_data(from.into(), datagram);
-                        metrics
-                            .stun_datagrams
-                            .with_label_values(&["channel_data"])
-                            .inc();
-                        continue;
-                    }
-                    if is_turn_message(datagram) {
-                        let label = relay.turn_message(from.into(), local, datagram, &mut reply);
-                        if !reply.is_empty() {
-                            transmits.push(Transmit {
-                                to: from,
-                                from_local: local,
-                                payload: std::mem::take(&mut reply),
-                            });
-                        }
-                        metrics.stun_datagrams.with_label_values(&[label]).inc();
-                        continue;
-                    }
-                }
-                let label = match rendezvous.as_mut() {
-                    Some(server) => {
-                        let handled = server.handle(
-                            Instant::now(),
-                            unix_now(),
-                            from,
-                            local,
-                            datagram,
-                            &mut transmits,
-                        );
-                        for event in server.drain_events() {
-                            metrics.record(&event);
-                        }
-                        redirected
-                            .extend(server.drain_redirected().map(|r| (r.endpoint, r.transmit)));
-                        if matches!(handled, Handled::Registered) {
-                            metrics.registered_peers.set(server.peer_count() as i64);
-                        }
-                        handled.as_str()
-                    }
-                    None => {
-                        let outcome = binding.handle(from, datagram, &mut reply);
-                        if !reply.is_empty() {
-                            transmits.push(Transmit {
-                                to: from,
-                                from_local: local,
-                                payload: std::mem::take(&mut reply),
-                            });
-                        }
-                        outcome.as_str()
-                    }
-                };
-                metrics.stun_datagrams.with_label_values(&[label]).inc();
-            }
-        }
-        send_transmits(&client, &transmits, &metrics, &mut gso_buffer).await;
+        handle_batch(
+            metas.get(..count).unwrap_or_default(),
+            &storage,
+            &metrics,
+            rendezvous.as_ref(),
+            relay.as_deref(),
+            &mut transmits,
+            &mut redirected,
+        );
+        send_transmits(&client, &transmits, &metrics, &mut scratch).await;
         for (endpoint, transmit) in redirected.drain(..) {
             if let Some(alternate) = alternates.get(endpoint) {
                 let one = std::slice::from_ref(&transmit);
-                send_transmits(alternate, one, &metrics, &mut gso_buffer).await;
+                send_transmits(alternate, one, &metrics, &mut scratch).await;
             }
+        }
+    }
+}
+
+/// Hands every datagram of one received batch to the relay or the core, collecting
+/// the replies. The core's lock is taken at most once per batch, and released
+/// before anything is sent.
+fn handle_batch(
+    metas: &[RecvMeta],
+    storage: &[u8],
+    metrics: &Metrics,
+    rendezvous: Option<&SharedRendezvous>,
+    relay: Option<&RelayShared>,
+    transmits: &mut Vec<Transmit>,
+    redirected: &mut Vec<(usize, Transmit)>,
+) {
+    let binding = BindingService;
+    let mut reply = Vec::new();
+    let mut core: Option<MutexGuard<'_, RendezvousServer>> = None;
+    for (meta, buffer) in metas.iter().zip(storage.chunks(MAX_DATAGRAM)) {
+        let stride = meta.stride.max(1);
+        // With GRO one buffer may hold several datagrams of `stride` bytes.
+        for datagram in buffer.get(..meta.len).unwrap_or_default().chunks(stride) {
+            metrics.udp_received_datagrams.inc();
+            metrics.udp_received_bytes.inc_by(datagram.len() as u64);
+            let from = canonical(meta.addr);
+            let local = meta.dst_ip.map(|ip| ip.to_canonical());
+            if let Some(relay) = relay {
+                if turn::is_channel_data(datagram) {
+                    // Never hold the core's lock while taking the relay's.
+                    core = None;
+                    relay.channel_data(from.into(), datagram);
+                    metrics
+                        .stun_datagrams
+                        .with_label_values(&["channel_data"])
+                        .inc();
+                    continue;
+                }
+                if is_turn_message(datagram) {
+                    core = None;
+                    let label = relay.turn_message(from.into(), local, datagram, &mut reply);
+                    if !reply.is_empty() {
+                        transmits.push(Transmit {
+                            to: from,
+                            from_local: local,
+                            payload: std::mem::take(&mut reply),
+                        });
+                    }
+                    metrics.stun_datagrams.with_label_values(&[label]).inc();
+                    continue;
+                }
+            }
+            let label = match rendezvous {
+                Some(shared) => {
+                    let server = core.get_or_insert_with(|| lock(shared));
+                    let handled =
+                        server.handle(Instant::now(), unix_now(), from, local, datagram, transmits);
+                    for event in server.drain_events() {
+                        metrics.record(&event);
+                    }
+                    redirected.extend(server.drain_redirected().map(|r| (r.endpoint, r.transmit)));
+                    if matches!(handled, Handled::Registered) {
+                        metrics.registered_peers.set(server.peer_count() as i64);
+                    }
+                    handled.as_str()
+                }
+                None => {
+                    let outcome = binding.handle(from, datagram, &mut reply);
+                    if !reply.is_empty() {
+                        transmits.push(Transmit {
+                            to: from,
+                            from_local: local,
+                            payload: std::mem::take(&mut reply),
+                        });
+                    }
+                    outcome.as_str()
+                }
+            };
+            metrics.stun_datagrams.with_label_values(&[label]).inc();
         }
     }
 }
 
 /// Largest UDP payload one GSO send may carry in all.
 const MAX_GSO_BYTES: usize = 65_000;
+/// Most messages one sendmmsg takes (the kernel's UIO_MAXIOV).
+const MAX_SEND_BATCH: usize = 1024;
+/// Control-message space per outgoing message, in u64s (for alignment): room for an
+/// IPV6_PKTINFO and a UDP_SEGMENT header with their padding.
+const SEND_CONTROL_WORDS: usize = 12;
 
-/// Sends a batch's datagrams in order. Consecutive datagrams to the same destination
-/// with the same length (an introduction's two copies) leave in one system call with
-/// UDP segmentation offload where the kernel has it: the recipient still gets them as
-/// separate datagrams, and the kernel's send path runs once for all of them. Should
-/// such a send fail (a device without segmentation support), the copies go out one
-/// by one instead.
+/// One message of a batched send: `count` consecutive transmits from `first`, sent
+/// as one datagram, or with `count` > 1 as one segmented (GSO) send of equal-length
+/// datagrams.
+#[derive(Clone, Copy, Debug)]
+struct Group {
+    first: usize,
+    count: usize,
+}
+
+/// Reused buffers of [`send_transmits`], so a batch allocates nothing once warm.
+#[derive(Default)]
+pub(crate) struct SendScratch {
+    groups: Vec<Group>,
+    destinations: Vec<socket2::SockAddr>,
+}
+
+/// Sends a batch's datagrams in order, all of them with one `sendmmsg` where
+/// possible. Consecutive datagrams to the same destination with the same length (an
+/// introduction's two copies) go out as one message with UDP segmentation offload
+/// where the kernel has it: the recipient still gets them as separate datagrams, and
+/// the kernel's send path runs once for all of them. Each message carries its own
+/// source address (IP_PKTINFO / IPV6_PKTINFO) and segment size. Should a segmented
+/// message fail (a device without segmentation support), its copies go out one by
+/// one instead; a full send buffer is waited out.
 async fn send_transmits(
     client: &ClientSocket,
     transmits: &[Transmit],
     metrics: &Metrics,
-    gso_buffer: &mut Vec<u8>,
+    scratch: &mut SendScratch,
 ) {
     let max_segments = client.state.max_gso_segments();
-    let mut rest = transmits;
-    while let Some(first) = rest.first() {
-        let len = first.payload.len();
+    scratch.groups.clear();
+    scratch.destinations.clear();
+    let mut first = 0;
+    while let Some(head) = transmits.get(first) {
+        let len = head.payload.len();
         let limit = if len == 0 || len > usize::from(u16::MAX) {
             1
         } else {
             max_segments.min(MAX_GSO_BYTES / len).max(1)
         };
-        let run = rest
+        let count = transmits
+            .get(first..)
+            .unwrap_or_default()
             .iter()
             .take(limit)
             .take_while(|t| {
-                t.to == first.to && t.from_local == first.from_local && t.payload.len() == len
+                t.to == head.to && t.from_local == head.from_local && t.payload.len() == len
             })
             .count()
             .max(1);
-        let Some((group, tail)) = rest.split_at_checked(run) else {
-            break;
+        scratch.groups.push(Group { first, count });
+        let to = if client.dual_stack {
+            to_v6_mapped(head.to)
+        } else {
+            head.to
         };
-        rest = tail;
-        if let [_, _, ..] = group {
-            gso_buffer.clear();
-            for transmit in group {
-                gso_buffer.extend_from_slice(&transmit.payload);
+        scratch.destinations.push(to.into());
+        first += count;
+    }
+    let mut done = 0;
+    while done < scratch.groups.len() {
+        match send_groups(client, transmits, scratch, done) {
+            Ok(sent) => {
+                for group in scratch.groups.get(done..done + sent).unwrap_or_default() {
+                    let bytes: usize = transmits
+                        .get(group.first..group.first + group.count)
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|t| t.payload.len())
+                        .sum();
+                    metrics.udp_sent_datagrams.inc_by(group.count as u64);
+                    metrics.udp_sent_bytes.inc_by(bytes as u64);
+                }
+                done += sent.max(1).min(scratch.groups.len() - done);
+                if sent == 0 {
+                    tracing::debug!("sendmmsg sent nothing; dropping one message");
+                }
             }
-            match send_one(client, first, gso_buffer, Some(len)).await {
-                Ok(()) => {
-                    metrics.udp_sent_datagrams.inc_by(group.len() as u64);
-                    metrics.udp_sent_bytes.inc_by(gso_buffer.len() as u64);
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The send buffer is full: wait until it drains, then retry.
+                if let Err(e) = client.writable().await {
+                    tracing::debug!(error = %e, "cannot wait for the socket to drain");
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            Err(e) => {
+                // The first unsent message failed: a segmented one goes out one by one
+                // instead; a plain one is dropped, as quinn-udp's send would.
+                let Some(&group) = scratch.groups.get(done) else {
+                    break;
+                };
+                done += 1;
+                let group_transmits = transmits
+                    .get(group.first..group.first + group.count)
+                    .unwrap_or_default();
+                if group.count == 1 {
+                    if let Some(t) = group_transmits.first() {
+                        tracing::debug!(error = %e, to = %t.to, "send failed");
+                    }
                     continue;
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, to = %first.to, "segmented send failed; sending one by one");
+                if let Some(t) = group_transmits.first() {
+                    tracing::debug!(error = %e, to = %t.to, "segmented send failed; sending one by one");
+                }
+                for transmit in group_transmits {
+                    match send_one(client, transmit, &transmit.payload, None).await {
+                        Ok(()) => {
+                            metrics.udp_sent_datagrams.inc();
+                            metrics.udp_sent_bytes.inc_by(transmit.payload.len() as u64);
+                        }
+                        Err(e) => tracing::debug!(error = %e, to = %transmit.to, "send failed"),
+                    }
                 }
             }
         }
-        for transmit in group {
-            match send_one(client, transmit, &transmit.payload, None).await {
-                Ok(()) => {
-                    metrics.udp_sent_datagrams.inc();
-                    metrics.udp_sent_bytes.inc_by(transmit.payload.len() as u64);
+    }
+}
+
+/// One non-blocking `sendmmsg` of the groups from index `from` on (at most
+/// [`MAX_SEND_BATCH`]): how many messages the kernel took, or the error of the first.
+fn send_groups(
+    client: &ClientSocket,
+    transmits: &[Transmit],
+    scratch: &SendScratch,
+    from: usize,
+) -> std::io::Result<usize> {
+    let groups = scratch.groups.get(from..).unwrap_or_default();
+    let groups = groups.get(..MAX_SEND_BATCH).unwrap_or(groups);
+    let destinations = scratch.destinations.get(from..).unwrap_or_default();
+    if groups.is_empty() {
+        return Ok(0);
+    }
+    // The payloads themselves are not copied: one iovec per datagram, a segmented
+    // message gathering its copies.
+    let mut iovecs: Vec<libc::iovec> = Vec::with_capacity(groups.iter().map(|g| g.count).sum());
+    for group in groups {
+        for transmit in transmits
+            .get(group.first..group.first + group.count)
+            .unwrap_or_default()
+        {
+            iovecs.push(libc::iovec {
+                iov_base: transmit.payload.as_ptr().cast_mut().cast(),
+                iov_len: transmit.payload.len(),
+            });
+        }
+    }
+    let mut control = vec![[0u64; SEND_CONTROL_WORDS]; groups.len()];
+    // SAFETY: an all-zero mmsghdr is a valid empty header.
+    let mut headers: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; groups.len()];
+    let mut iov_at = 0;
+    for (((group, destination), header), control) in groups
+        .iter()
+        .zip(destinations)
+        .zip(headers.iter_mut())
+        .zip(control.iter_mut())
+    {
+        let msg = &mut header.msg_hdr;
+        msg.msg_name = destination.as_ptr().cast_mut().cast();
+        msg.msg_namelen = destination.len();
+        msg.msg_iov = iovecs.get_mut(iov_at..).unwrap_or_default().as_mut_ptr();
+        msg.msg_iovlen = group.count;
+        iov_at += group.count;
+        let head = transmits.get(group.first);
+        let src_ip = head
+            .and_then(|t| t.from_local)
+            .map(|ip| match (client.dual_stack, ip) {
+                (true, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
+                _ => ip,
+            });
+        let segment = (group.count > 1)
+            .then(|| head.map(|t| t.payload.len()))
+            .flatten()
+            .and_then(|len| u16::try_from(len).ok());
+        if src_ip.is_none() && segment.is_none() {
+            continue;
+        }
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(control);
+        let mut used = 0;
+        // SAFETY: the control buffer is 8-byte aligned and large enough for both
+        // headers (SEND_CONTROL_WORDS); the CMSG macros stay within msg_controllen,
+        // and every header written is followed by its payload of the stated size.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+            match src_ip {
+                Some(IpAddr::V4(ip)) if !cmsg.is_null() => {
+                    let info = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(ip).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    used += write_cmsg(cmsg, libc::IPPROTO_IP, libc::IP_PKTINFO, info);
+                    cmsg = libc::CMSG_NXTHDR(msg, cmsg);
                 }
-                Err(e) => tracing::debug!(error = %e, to = %transmit.to, "send failed"),
+                Some(IpAddr::V6(ip)) if !cmsg.is_null() => {
+                    let info = libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: ip.octets(),
+                        },
+                        ipi6_ifindex: 0,
+                    };
+                    used += write_cmsg(cmsg, libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, info);
+                    cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+                }
+                _ => {}
+            }
+            if let Some(segment) = segment
+                && !cmsg.is_null()
+            {
+                used += write_cmsg(cmsg, libc::SOL_UDP, libc::UDP_SEGMENT, segment);
             }
         }
+        msg.msg_controllen = used;
+    }
+    let fd = client.socket.get_ref().as_raw_fd();
+    // SAFETY: every header points at live buffers (destinations, iovecs over the
+    // transmits' payloads, control) that outlive the call.
+    let sent = unsafe {
+        libc::sendmmsg(
+            fd,
+            headers.as_mut_ptr(),
+            headers.len() as u32,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(sent).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// Writes one control message (`level`, `ty`, `value`) at `cmsg`; returns the space
+/// it takes.
+///
+/// # Safety
+/// `cmsg` must point at a control-message header inside a buffer with room for
+/// `CMSG_SPACE(size_of::<T>())` bytes from it.
+unsafe fn write_cmsg<T>(cmsg: *mut libc::cmsghdr, level: i32, ty: i32, value: T) -> usize {
+    let size = std::mem::size_of::<T>() as u32;
+    // SAFETY: guaranteed by the caller; the payload may be unaligned.
+    unsafe {
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = ty;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<T>(), value);
+        libc::CMSG_SPACE(size) as usize
     }
 }
 
@@ -410,8 +647,8 @@ mod tests {
             to(&second, b"other"),
             to(&second, b"other"),
         ];
-        let mut buffer = Vec::new();
-        send_transmits(&client, &transmits, &metrics, &mut buffer).await;
+        let mut scratch = SendScratch::default();
+        send_transmits(&client, &transmits, &metrics, &mut scratch).await;
         let mut received = Vec::new();
         let mut datagram = [0u8; 64];
         for (receiver, count) in [(&first, 5), (&second, 2)] {
@@ -427,5 +664,40 @@ mod tests {
             metrics.udp_sent_bytes.get(),
             expected.iter().map(|p| p.len() as u64).sum::<u64>()
         );
+    }
+
+    #[tokio::test]
+    async fn each_message_leaves_from_its_own_local_address() {
+        // A wildcard-bound socket: the source address comes from each message's
+        // IP_PKTINFO (127.0.0.2 and 127.0.0.3 are local on loopback).
+        let socket = bind(SocketAddr::from(([0, 0, 0, 0], 0))).expect("bind");
+        let client = client_socket(socket).expect("client socket");
+        let metrics = Metrics::new().expect("metrics");
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let to = receiver.local_addr().expect("address");
+        let from = |last: u8, payload: &[u8]| Transmit {
+            to,
+            from_local: Some(IpAddr::from([127, 0, 0, last])),
+            payload: payload.to_vec(),
+        };
+        // Two copies (one segmented message) from .2, then one from .3, then .2.
+        let transmits = [
+            from(2, b"copy"),
+            from(2, b"copy"),
+            from(3, b"copy"),
+            from(2, b"last"),
+        ];
+        let mut scratch = SendScratch::default();
+        send_transmits(&client, &transmits, &metrics, &mut scratch).await;
+        let mut datagram = [0u8; 64];
+        for transmit in &transmits {
+            let (len, source) = receiver.recv_from(&mut datagram).expect("a datagram");
+            assert_eq!(datagram.get(..len), Some(&transmit.payload[..]));
+            assert_eq!(Some(source.ip()), transmit.from_local);
+        }
+        assert_eq!(metrics.udp_sent_datagrams.get(), 4);
     }
 }

@@ -47,6 +47,10 @@ pub struct RendezvousBenchArgs {
     /// builds under the same load).
     #[arg(long)]
     server_binary: Option<PathBuf>,
+    /// Pass `--threads N` to `gateway serve` (driver loops; builds before the option
+    /// existed refuse it).
+    #[arg(long)]
+    server_threads: Option<usize>,
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) when dropped.
@@ -169,7 +173,7 @@ pub fn bench_rendezvous(args: RendezvousBenchArgs) -> Result<()> {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_tcp_port()?).into();
     let log_path = dir.join("gateway.log");
     let log = std::fs::File::create(&log_path)?;
-    let serve_args = [
+    let mut serve_args = vec![
         "serve".to_owned(),
         "--listen".into(),
         udp.to_string(),
@@ -181,6 +185,9 @@ pub fn bench_rendezvous(args: RendezvousBenchArgs) -> Result<()> {
         "--log-level".into(),
         "warn".into(),
     ];
+    if let Some(threads) = args.server_threads {
+        serve_args.extend(["--threads".to_owned(), threads.to_string()]);
+    }
     println!(
         "machine: {} CPUs, load average {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),

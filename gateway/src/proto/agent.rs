@@ -348,6 +348,9 @@ struct Session {
     birthday: Birthday,
     /// The socket the path uses (0: the agent's own).
     path_socket: u32,
+    /// Peer-reflexive addresses learnt on extra sockets (a birthday hit), probed from
+    /// that socket every round like the candidates are from ours.
+    socket_candidates: Vec<(u32, SocketAddr)>,
 }
 
 /// Birthday punching state of one attempt.
@@ -933,9 +936,13 @@ impl Agent {
                 if now >= session.next_probe {
                     // One round: every candidate once, and the relay leg if any.
                     let targets = session.candidates.clone();
+                    let on_sockets = session.socket_candidates.clone();
                     session.next_probe = now + config.probe_interval;
                     for to in targets {
                         self.send_probe(now, id, to);
+                    }
+                    for (socket, to) in on_sockets {
+                        self.send_probe_on(now, id, socket, to, None, false);
                     }
                     self.probe_relay_leg(now, id);
                 }
@@ -1851,6 +1858,7 @@ impl Agent {
                 peer_reflexive,
                 birthday,
                 path_socket: 0,
+                socket_candidates: Vec::new(),
             },
         );
         // Both sides map per destination: punching cannot work (without prediction,
@@ -1938,6 +1946,10 @@ impl Agent {
                         && !session.relay_peers.contains(&from)
                     {
                         session.relay_peers.push(from);
+                    }
+                } else if socket != 0 {
+                    if !session.socket_candidates.contains(&(socket, from)) {
+                        session.socket_candidates.push((socket, from));
                     }
                 } else if !relayed && !session.candidates.contains(&from) {
                     session.candidates.insert(0, from);
