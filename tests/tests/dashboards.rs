@@ -224,6 +224,11 @@ fn direct_and_failed_punch() -> Run {
         if AGENTS_SERVE_METRICS {
             args.extend_from_slice(AGENT_METRICS_ARGS);
         }
+        if *peer == "dave" {
+            // Behind the random-port symmetric NAT: without birthday punching the
+            // carol-dave pair cannot punch, which the failed-punch and relay panels need.
+            args.extend(["--birthday-sockets", "0"]);
+        }
         let mut agent = PeerProcess::start(host, SERVICE, &creds.username, &creds.password, &args)
             .expect("agent starts");
         if connect.is_none() {

@@ -360,8 +360,9 @@ fn pair_that_cannot_punch_falls_back_to_the_relay_and_forwards_traffic() {
     if !lab_available() {
         return;
     }
-    // A port-restricted cone against a random-port symmetric NAT: no direct path
-    // (docs/nat-matrix.md), so the agents fall back to the gateway's TURN relay.
+    // A port-restricted cone against a random-port symmetric NAT whose agent does no
+    // birthday punching: no direct path (docs/nat-matrix.md, rule 5 without its
+    // technique), so the agents fall back to the gateway's TURN relay.
     // Both agents also serve their metrics and watch their interface in the kernel.
     let observe = [
         "--metrics-listen",
@@ -373,7 +374,11 @@ fn pair_that_cannot_punch_falls_back_to_the_relay_and_forwards_traffic() {
         NatPreset::port_restricted_cone(),
         NatPreset::symmetric(),
         &[&["--forward-listen", "127.0.0.1:5000"][..], &observe].concat(),
-        &[&["--forward-to", "127.0.0.1:6000"][..], &observe].concat(),
+        &[
+            &["--forward-to", "127.0.0.1:6000", "--birthday-sockets", "0"][..],
+            &observe,
+        ]
+        .concat(),
     );
     let up_a = pair
         .alice
