@@ -412,6 +412,11 @@ pub struct Agent {
     turn: Option<TurnClient>,
     /// When our allocation last failed: no fallback is tried for a minute after.
     turn_failed_at: Option<Instant>,
+    /// When discovery classified our NAT, and whether a Register sent since then (so
+    /// carrying the class and any predicted ports) was answered: connects wait for
+    /// that, or a lost Register would leave introductions with a stale class.
+    classified_at: Option<Instant>,
+    class_registered: bool,
     /// Next extra socket number (birthday punching).
     next_socket: u32,
     /// Extra sockets the driver may close.
@@ -430,6 +435,8 @@ struct Discovery {
     predicted: Vec<SocketAddr>,
     sent_at: Option<Instant>,
     done: bool,
+    /// How many times the unanswered mapping tests were sent again.
+    mapping_resends: u32,
     /// The filtering tests, run before the mapping tests: their answers must meet a
     /// NAT that has seen this socket talk to nothing but the gateway's service port
     /// (a Binding to a discovery endpoint would open the very filter under test).
@@ -449,6 +456,10 @@ struct FilterTests {
 
 /// How long discovery waits for answers before classifying with what it has.
 const DISCOVERY_WAIT: Duration = Duration::from_secs(1);
+/// Unanswered mapping tests are sent again this long after the last sending...
+const MAPPING_RESEND_AFTER: Duration = Duration::from_millis(250);
+/// ...this many times (within `DISCOVERY_WAIT`).
+const MAPPING_RESENDS: u32 = 2;
 /// How long the filtering tests wait for answers from the other endpoints.
 const FILTER_WAIT: Duration = Duration::from_secs(1);
 /// Transmissions of each unanswered filtering test (spread over [`FILTER_WAIT`]).
@@ -573,6 +584,8 @@ impl Agent {
             discovery: Discovery::default(),
             turn: None,
             turn_failed_at: None,
+            classified_at: None,
+            class_registered: false,
             next_socket: 1,
             released_sockets: VecDeque::new(),
         }
@@ -704,6 +717,9 @@ impl Agent {
         }
         if let (Some(sent), false) = (self.discovery.sent_at, self.discovery.done) {
             at = at.min(sent + DISCOVERY_WAIT);
+            if let Some(resend) = self.mapping_resend_at() {
+                at = at.min(resend);
+            }
         }
         if let Some(t) = self.filter_timer() {
             at = at.min(t);
@@ -764,6 +780,9 @@ impl Agent {
         if self.filter_timer().is_some_and(|t| now >= t) {
             self.filter_timeout(now);
         }
+        if self.mapping_resend_at().is_some_and(|at| now >= at) {
+            self.resend_mapping_tests();
+        }
         if let (Some(sent), false) = (self.discovery.sent_at, self.discovery.done)
             && now >= sent + DISCOVERY_WAIT
         {
@@ -776,7 +795,8 @@ impl Agent {
             .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
         // Connect only once discovery has classified our NAT, so the introduction
         // (and the gateway's metrics) carry the right class.
-        let discovering = !self.config.discovery.is_empty() && !self.discovery.done;
+        let discovering =
+            !self.config.discovery.is_empty() && !(self.discovery.done && self.class_registered);
         if let Some(turn) = self.turn.as_mut() {
             turn.handle_timeout(now);
         }
@@ -1265,6 +1285,36 @@ impl Agent {
         self.send_mapping_tests(now);
     }
 
+    /// When the unanswered mapping tests are next sent again (a lost Binding would
+    /// otherwise leave the class unknown, or wrong).
+    fn mapping_resend_at(&self) -> Option<Instant> {
+        let discovery = &self.discovery;
+        let sent = discovery.sent_at.filter(|_| !discovery.done)?;
+        (discovery.mapping_resends < MAPPING_RESENDS && !discovery.pending.is_empty())
+            .then(|| sent + MAPPING_RESEND_AFTER * (discovery.mapping_resends + 1))
+    }
+
+    /// Sends every unanswered mapping test again, with its transaction id.
+    fn resend_mapping_tests(&mut self) {
+        self.discovery.mapping_resends += 1;
+        let pending: Vec<([u8; 12], SocketAddr)> = self
+            .discovery
+            .pending
+            .iter()
+            .map(|(tid, (endpoint, _))| (*tid, *endpoint))
+            .collect();
+        for (tid, endpoint) in pending {
+            let mut request = Vec::new();
+            super::binding::binding_request(tid, &mut request);
+            self.outgoing.push_back(Transmit {
+                socket: 0,
+                to: endpoint,
+                payload: request,
+                ttl: None,
+            });
+        }
+    }
+
     fn send_mapping_tests(&mut self, now: Instant) {
         self.discovery.sent_at = Some(now);
         for (order, endpoint) in self.config.discovery.clone().into_iter().enumerate() {
@@ -1285,6 +1335,8 @@ impl Agent {
         self.discovery.done = true;
         self.discovery.pending.clear();
         let Some(primary) = self.discovery.primary else {
+            // Nothing classified: nothing to wait for before connecting.
+            self.class_registered = true;
             return;
         };
         let local = self.config.host_candidates.first().copied();
@@ -1316,11 +1368,12 @@ impl Agent {
             filtering: self.discovery.filter.class,
             port_preserved,
         });
-        if class != self.config.nat {
-            self.config.nat = class;
-            // Tell the gateway at once, so introductions carry the class.
-            self.next_register = now;
-        }
+        self.config.nat = class;
+        // Tell the gateway at once, so introductions carry the class (and any
+        // predicted ports); connects wait until it confirmed.
+        self.next_register = now;
+        self.classified_at = Some(now);
+        self.class_registered = false;
     }
 
     fn send_probe(&mut self, now: Instant, id: u64, to: SocketAddr) {
@@ -1750,6 +1803,12 @@ impl Agent {
                     None => self.config.keepalive,
                 };
                 self.register_retry = FIRST_REGISTER_RETRY;
+                if self
+                    .classified_at
+                    .is_some_and(|classified| request.sent_at >= classified)
+                {
+                    self.class_registered = true;
+                }
                 // Keep an earlier deliberate re-register (e.g. after discovery).
                 if self.next_register > now {
                     self.next_register = request.sent_at + interval;
@@ -2997,6 +3056,74 @@ mod tests {
             events.iter().any(|(i, e)| *i == 0
                 && matches!(e, AgentEvent::PunchFailed { probes, .. } if *probes <= 200 + 2048)),
             "{events:?}"
+        );
+    }
+
+    #[test]
+    fn lost_mapping_tests_are_sent_again_and_connects_wait_for_the_class_register() {
+        let secret = SharedSecret::new(b"sim secret");
+        let server_addr = addr("192.0.2.10:3478");
+        let discovery = addr("192.0.2.10:3479");
+        let me = addr("198.51.100.2:4000");
+        let mut server = RendezvousServer::new(secret.clone(), RendezvousConfig::default(), 3);
+        let issued = secret.issue("alice", NOW_UNIX + 3600).expect("issue");
+        let mut config = AgentConfig::new(
+            server_addr,
+            PeerCredentials {
+                username: issued.username,
+                password: issued.password,
+            },
+        );
+        config.discovery = vec![discovery];
+        let start = Instant::now();
+        let mut agent = Agent::new(config, start, 5);
+        agent.connect("bob", start);
+        let mut now = start;
+        let mut tests_sent = Vec::new();
+        let mut drop_next_register_after_classified = true;
+        let mut connect_before_class_ack = false;
+        let mut connects = 0;
+        while now < start + Duration::from_secs(3) {
+            if agent.poll_timeout() <= now {
+                agent.handle_timeout(now);
+            }
+            while let Some(t) = agent.poll_transmit() {
+                if t.to == discovery {
+                    // The discovery endpoint is unreachable: every test is lost.
+                    tests_sent.push(now);
+                    continue;
+                }
+                let method = Message::parse(&t.payload)
+                    .map(|m| m.message_type().method)
+                    .ok();
+                if method == Some(method::CONNECT) {
+                    connects += 1;
+                    connect_before_class_ack |= !agent.class_registered;
+                }
+                if method == Some(method::REGISTER)
+                    && agent.classified_at.is_some()
+                    && std::mem::take(&mut drop_next_register_after_classified)
+                {
+                    // The Register carrying the class is lost too.
+                    continue;
+                }
+                let mut out = Vec::new();
+                server.handle(now, NOW_UNIX, me, None, &t.payload, &mut out);
+                for answer in out {
+                    agent.handle_datagram(now, server_addr, &answer.payload);
+                }
+            }
+            now += Duration::from_millis(5);
+        }
+        // One sending and two more, 250 ms apart, then classification without them.
+        assert_eq!(tests_sent.len(), 3, "{tests_sent:?}");
+        assert!(tests_sent[1] - tests_sent[0] >= MAPPING_RESEND_AFTER);
+        assert!(agent.discovery.done);
+        assert!(agent.class_registered, "the resent Register was answered");
+        assert!(connects > 0, "connects start once the class is registered");
+        assert!(
+            !connect_before_class_ack,
+            "a connect went out before the class was registered"
         );
     }
 
