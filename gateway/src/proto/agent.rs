@@ -795,8 +795,8 @@ impl Agent {
             .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
         // Connect only once discovery has classified our NAT, so the introduction
         // (and the gateway's metrics) carry the right class.
-        let discovering =
-            !self.config.discovery.is_empty() && !(self.discovery.done && self.class_registered);
+        let classified = self.discovery.done && self.class_registered;
+        let discovering = !self.config.discovery.is_empty() && !classified;
         if let Some(turn) = self.turn.as_mut() {
             turn.handle_timeout(now);
         }
