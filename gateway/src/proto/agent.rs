@@ -362,7 +362,8 @@ struct Birthday {
     started: Option<Instant>,
     /// Extra sockets this attempt holds.
     sockets: Vec<u32>,
-    /// Next refresh of the extra sockets' mappings (role `Sockets`).
+    /// Next refresh of the extra sockets' mappings (role `Sockets`), or next slice of
+    /// the sweep (role `Probes`): the pace does not depend on how often timers run.
     next_refresh: Option<Instant>,
     /// Ports probed so far (role `Probes`).
     probed: HashSet<u16>,
@@ -693,7 +694,8 @@ impl Agent {
                 SessionState::Waiting => session.start_at,
                 SessionState::Probing => session
                     .next_probe
-                    .min(session.start_at + self.config.punch_timeout),
+                    .min(session.start_at + self.config.punch_timeout)
+                    .min(session.birthday.next_refresh.unwrap_or(session.next_probe)),
                 SessionState::Relaying => session.next_probe.min(
                     session.relay_started.unwrap_or(session.start_at) + self.config.relay_timeout,
                 ),
@@ -1493,6 +1495,10 @@ impl Agent {
                 }
             }
             BirthdayRole::Probes => {
+                if session.birthday.next_refresh.is_some_and(|at| now < at) {
+                    return;
+                }
+                session.birthday.next_refresh = Some(now + interval);
                 let per_round = u64::from(rate) * interval.as_millis().max(1) as u64 / 1000;
                 let remaining = probes_budget.saturating_sub(session.birthday.probed.len() as u32);
                 let count = u32::try_from(per_round.max(1))
