@@ -675,9 +675,10 @@ impl Injector {
         Ok(())
     }
 
-    /// Sends `segment` up to `attempts` times, `interval` apart, until `done()` says
-    /// it worked (checked before each send and after the last). Returns the number of
-    /// sends made, or `None` when all were made and `done()` never held.
+    /// Sends `segment` at least once and up to `attempts` times, `interval` apart,
+    /// until `done()` says it worked (checked every few milliseconds after each
+    /// send). Returns the number of sends made, or `None` when all were made and
+    /// `done()` never held.
     pub fn send_until(
         &mut self,
         segment: &Segment,
@@ -685,20 +686,20 @@ impl Injector {
         interval: Duration,
         mut done: impl FnMut() -> bool,
     ) -> Result<Option<u32>, RawError> {
-        for sent in 0..attempts {
-            if done() {
-                return Ok(Some(sent));
-            }
+        for sent in 1..=attempts.max(1) {
             self.send(segment)?;
             let until = Instant::now() + interval;
-            while Instant::now() < until {
+            loop {
                 if done() {
-                    return Ok(Some(sent + 1));
+                    return Ok(Some(sent));
+                }
+                if Instant::now() >= until {
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(5).min(interval));
             }
         }
-        Ok(done().then_some(attempts))
+        Ok(None)
     }
 }
 
@@ -711,12 +712,58 @@ pub enum TcpState {
     SynSent,
     /// SYN_RECV: a SYN came in (simultaneous open), our SYN-ACK is out.
     SynRecv,
+    /// FIN_WAIT1.
+    FinWait1,
+    /// FIN_WAIT2.
+    FinWait2,
+    /// TIME_WAIT.
+    TimeWait,
     /// CLOSE: not connected (e.g. the attempt was reset or gave up).
     Close,
+    /// CLOSE_WAIT: the peer sent its FIN.
+    CloseWait,
+    /// LAST_ACK.
+    LastAck,
     /// LISTEN.
     Listen,
-    /// Any other state, by its kernel number.
+    /// CLOSING.
+    Closing,
+    /// A state this type does not know, by its kernel number.
     Other(u8),
+}
+
+impl TcpState {
+    fn from_kernel(n: u8) -> Self {
+        match n {
+            1 => Self::Established,
+            2 => Self::SynSent,
+            3 => Self::SynRecv,
+            4 => Self::FinWait1,
+            5 => Self::FinWait2,
+            6 => Self::TimeWait,
+            7 => Self::Close,
+            8 => Self::CloseWait,
+            9 => Self::LastAck,
+            10 => Self::Listen,
+            11 => Self::Closing,
+            n => Self::Other(n),
+        }
+    }
+
+    /// Whether the handshake completed: ESTABLISHED or any state a connection can
+    /// only reach from it (a fast peer may already have sent its FIN).
+    pub fn is_synchronized(self) -> bool {
+        matches!(
+            self,
+            Self::Established
+                | Self::FinWait1
+                | Self::FinWait2
+                | Self::TimeWait
+                | Self::CloseWait
+                | Self::LastAck
+                | Self::Closing
+        )
+    }
 }
 
 /// The TCP state of a kernel socket.
@@ -737,26 +784,20 @@ pub fn tcp_state(socket: BorrowedFd<'_>) -> io::Result<TcpState> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(match info[0] {
-        1 => TcpState::Established,
-        2 => TcpState::SynSent,
-        3 => TcpState::SynRecv,
-        7 => TcpState::Close,
-        10 => TcpState::Listen,
-        n => TcpState::Other(n),
-    })
+    Ok(TcpState::from_kernel(info[0]))
 }
 
-/// Waits up to `timeout` for `socket` to reach `state`; returns the last state seen.
+/// Polls `socket`'s state every few milliseconds for up to `timeout` until `done`
+/// holds for it; returns the last state seen either way.
 pub fn wait_for_state(
     socket: &impl AsFd,
-    state: TcpState,
     timeout: Duration,
+    mut done: impl FnMut(TcpState) -> bool,
 ) -> io::Result<TcpState> {
     let deadline = Instant::now() + timeout;
     loop {
         let now = tcp_state(socket.as_fd())?;
-        if now == state || Instant::now() >= deadline {
+        if done(now) || Instant::now() >= deadline {
             return Ok(now);
         }
         std::thread::sleep(Duration::from_millis(5));
