@@ -825,15 +825,15 @@ impl SuppressionRules {
         let mut s = format!("table inet {table} {{\n");
         s.push_str("  chain input {\n    type filter hook input priority -150; policy accept;\n");
         if self.icmp_time_exceeded {
-            s.push_str("    icmp type time-exceeded drop\n");
-            s.push_str("    icmpv6 type time-exceeded drop\n");
+            s.push_str("    icmp type time-exceeded counter drop\n");
+            s.push_str("    icmpv6 type time-exceeded counter drop\n");
         }
         s.push_str("  }\n");
         s.push_str("  chain output {\n    type filter hook output priority -150; policy accept;\n");
         for to in &self.rst_to {
             let family = if to.is_ipv4() { "ip" } else { "ip6" };
             s.push_str(&format!(
-                "    {family} daddr {} tcp dport {} tcp flags & rst == rst drop\n",
+                "    {family} daddr {} tcp dport {} tcp flags & rst == rst counter drop\n",
                 to.ip(),
                 to.port()
             ));
@@ -1153,9 +1153,11 @@ mod tests {
             icmp_time_exceeded: true,
         };
         let script = rules.script("t");
-        assert!(script.contains("ip daddr 192.0.2.1 tcp dport 80 tcp flags & rst == rst drop"));
+        assert!(
+            script.contains("ip daddr 192.0.2.1 tcp dport 80 tcp flags & rst == rst counter drop")
+        );
         assert!(script.contains("ip6 daddr 2001:db8::1 tcp dport 443"));
-        assert!(script.contains("icmpv6 type time-exceeded drop"));
+        assert!(script.contains("icmpv6 type time-exceeded counter drop"));
         let quiet = SuppressionRules::default().script("t");
         assert!(!quiet.contains("drop"));
     }

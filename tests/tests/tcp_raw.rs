@@ -411,3 +411,63 @@ fn suppression_rules_are_removed_after_failing_runs() {
     drop(guard);
     assert!(!Topology::tables(&topo.a).contains(&table));
 }
+
+/// The RST rule drops the reset a kernel sends for a stray SYN-ACK (as one arriving
+/// before its socket is ready would be): its counter shows the drop, and a reset to a
+/// port the rules do not name is not counted.
+#[test]
+fn rst_rule_drops_the_kernels_reset() {
+    if !lab_available() {
+        return;
+    }
+    let topo = Topology::build();
+    let a = SocketAddr::new(A4.parse().unwrap(), 40007);
+    let b = SocketAddr::new(B4.parse().unwrap(), 40008);
+    let other = SocketAddr::new(B4.parse().unwrap(), 40009);
+    let guard = run_in(&topo.a, move || {
+        SuppressionRules {
+            rst_to: vec![b],
+            icmp_time_exceeded: false,
+        }
+        .install()
+        .expect("install")
+    });
+    let counted = |topo: &Topology, table: &str| {
+        let listing = run(
+            "ip",
+            &[
+                "netns", "exec", &topo.a, "nft", "list", "table", "inet", table,
+            ],
+        );
+        listing
+            .lines()
+            .find(|l| l.contains("rst"))
+            .and_then(|l| l.split("counter packets ").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no RST counter in {listing}"))
+    };
+    assert_eq!(counted(&topo, guard.table()), 0);
+    // No socket on a:40007, so a's kernel answers each stray SYN-ACK with a RST.
+    run_in(&topo.b, move || {
+        let mut injector = Injector::new();
+        injector
+            .send(&Segment::syn_ack(b, a, 1000, 2000))
+            .expect("inject");
+        injector
+            .send(&Segment::syn_ack(other, a, 1000, 2000))
+            .expect("inject");
+    });
+    let mut dropped = 0;
+    for _ in 0..100 {
+        dropped = counted(&topo, guard.table());
+        if dropped > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(dropped, 1, "exactly the RST to {b} is dropped");
+    let table = guard.table().to_owned();
+    guard.remove().expect("remove");
+    assert!(!Topology::tables(&topo.a).contains(&table));
+}
