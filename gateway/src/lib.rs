@@ -10,6 +10,8 @@
 //! - [`relay`]: the TURN relay's sockets and per-allocation forwarding tasks;
 //! - [`observe`]: eBPF punch observability with its own `/metrics`, for the agent and
 //!   for `gateway watch` (NAT routers);
+//! - [`tcp_raw`]: raw TCP packet crafting, capture and injection (pnet) for
+//!   sequence-number-exchange TCP splicing;
 //! - [`config`]: the TOML configuration and its defaults.
 pub mod config;
 pub mod ebpf;
@@ -19,3 +21,4 @@ pub mod peer;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod tcp_raw;
