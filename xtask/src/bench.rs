@@ -33,6 +33,8 @@ const PAIRS: &[(&str, &str)] = &[
     // symmetric.
     ("port-restricted-cone", "symmetric"),
     ("eim-random-port", "symmetric"),
+    ("lossy-5", "symmetric"),
+    ("symmetric", "router-accepts-unsolicited"),
     // Both endpoint-dependent: what prediction and birthday punching cannot do
     // (expected 0 direct; the relay carries these).
     ("symmetric-sequential", "symmetric-sequential"),
