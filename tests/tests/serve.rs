@@ -113,6 +113,10 @@ fn peers_behind_nats_register_and_are_introduced() {
             "--listen",
             "0.0.0.0:3478",
             "--no-ebpf",
+            // Two driver loops share the socket and the core (server.threads): every
+            // other lab test runs the default single loop.
+            "--threads",
+            "2",
             "--secret-file",
             &secret_path.to_string_lossy(),
         ],
