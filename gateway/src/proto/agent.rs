@@ -1306,30 +1306,28 @@ impl Agent {
             .map(|(tid, (endpoint, _))| (*tid, *endpoint))
             .collect();
         for (tid, endpoint) in pending {
-            let mut request = Vec::new();
-            super::binding::binding_request(tid, &mut request);
-            self.outgoing.push_back(Transmit {
-                socket: 0,
-                to: endpoint,
-                payload: request,
-                ttl: None,
-            });
+            self.send_binding_request(tid, endpoint);
         }
+    }
+
+    /// A plain Binding request (a mapping test) from our own socket.
+    fn send_binding_request(&mut self, tid: [u8; 12], to: SocketAddr) {
+        let mut request = Vec::new();
+        super::binding::binding_request(tid, &mut request);
+        self.outgoing.push_back(Transmit {
+            socket: 0,
+            to,
+            payload: request,
+            ttl: None,
+        });
     }
 
     fn send_mapping_tests(&mut self, now: Instant) {
         self.discovery.sent_at = Some(now);
         for (order, endpoint) in self.config.discovery.clone().into_iter().enumerate() {
             let tid = self.tid();
-            let mut request = Vec::new();
-            super::binding::binding_request(tid, &mut request);
             self.discovery.pending.insert(tid, (endpoint, order));
-            self.outgoing.push_back(Transmit {
-                socket: 0,
-                to: endpoint,
-                payload: request,
-                ttl: None,
-            });
+            self.send_binding_request(tid, endpoint);
         }
     }
 

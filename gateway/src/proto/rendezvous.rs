@@ -566,30 +566,8 @@ impl RendezvousServer {
         // Signed requests must echo a nonce issued to this address: a captured
         // request replayed from elsewhere (or later) changes nothing. The answer is
         // authenticated and carries the nonce to use.
-        let nonce = auth
-            .message
-            .attributes()
-            .filter_map(Result::ok)
-            .find(|a| a.ty == stun_attr::NONCE)
-            .map(|a| self.nonces.check(a.value, from, now_unix));
-        match nonce {
-            Some(NonceCheck::Valid) => {}
-            missing_or_stale => {
-                let (code, reason) = if missing_or_stale.is_none() {
-                    (401, "Nonce Required")
-                } else {
-                    (438, "Stale Nonce")
-                };
-                out.push(error_reply(
-                    &message,
-                    code,
-                    reason,
-                    Some((&auth.password, &auth.next_nonce)),
-                    from,
-                    local,
-                ));
-                return Handled::StaleNonce;
-            }
+        if !self.nonce_echoed(&auth, from, local, now_unix, out) {
+            return Handled::StaleNonce;
         }
         let result = match ty.method {
             method::REGISTER => self.register(now, from, local, &auth),
@@ -670,29 +648,10 @@ impl RendezvousServer {
         } else {
             return Handled::RateLimited;
         };
-        if let Some(auth) = &auth {
-            let nonce = auth
-                .message
-                .attributes()
-                .filter_map(Result::ok)
-                .find(|a| a.ty == stun_attr::NONCE)
-                .map(|a| self.nonces.check(a.value, from, now_unix));
-            if nonce != Some(NonceCheck::Valid) {
-                let (code, reason) = if nonce.is_none() {
-                    (401, "Nonce Required")
-                } else {
-                    (438, "Stale Nonce")
-                };
-                out.push(error_reply(
-                    &message,
-                    code,
-                    reason,
-                    Some((&auth.password, &auth.next_nonce)),
-                    from,
-                    local,
-                ));
-                return Handled::StaleNonce;
-            }
+        if let Some(auth) = &auth
+            && !self.nonce_echoed(auth, from, local, now_unix, out)
+        {
+            return Handled::StaleNonce;
         }
         let tid = message.transaction_id();
         let mut payload = Vec::with_capacity(binding::MAX_CHANGE_RESPONSE);
@@ -738,6 +697,42 @@ impl RendezvousServer {
     }
 
     /// Spends one unauthenticated error reply from this second's budget.
+    /// Whether a signed request echoes a nonce issued to `from`; if not, answers 401
+    /// (missing) or 438 (expired, or issued to another address), authenticated and
+    /// with the nonce to use.
+    fn nonce_echoed(
+        &self,
+        auth: &Authenticated<'_>,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        now_unix: u64,
+        out: &mut Vec<Transmit>,
+    ) -> bool {
+        let nonce = auth
+            .message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == stun_attr::NONCE)
+            .map(|a| self.nonces.check(a.value, from, now_unix));
+        if nonce == Some(NonceCheck::Valid) {
+            return true;
+        }
+        let (code, reason) = if nonce.is_none() {
+            (401, "Nonce Required")
+        } else {
+            (438, "Stale Nonce")
+        };
+        out.push(error_reply(
+            &auth.message,
+            code,
+            reason,
+            Some((&auth.password, &auth.next_nonce)),
+            from,
+            local,
+        ));
+        false
+    }
+
     fn take_error_budget(&mut self, now: Instant) -> bool {
         let window_over = self
             .error_window
