@@ -26,6 +26,19 @@ fn direct_remote(line: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no address in {line:?}"))
 }
 
+/// Waits up to 8 s for each agent's `path-up` line.
+fn both_paths_up(pair: &mut PunchLab) -> (String, String) {
+    let up_a = pair
+        .alice
+        .wait_for("path-up", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    let up_b = pair
+        .bob
+        .wait_for("path-up", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    (up_a, up_b)
+}
+
 /// The two "applications" of a forwarding test: alice's talks to her forwarder on
 /// 127.0.0.1:5000, bob's listens on 127.0.0.1:6000 where his forwarder delivers.
 fn forwarded_apps(pair: &PunchLab) -> (UdpSocket, UdpSocket) {
@@ -57,14 +70,7 @@ fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
         &["--forward-listen", "127.0.0.1:5000"],
         &["--forward-to", "127.0.0.1:6000"],
     );
-    let up_a = pair
-        .alice
-        .wait_for("path-up", Duration::from_secs(8))
-        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
-    let up_b = pair
-        .bob
-        .wait_for("path-up", Duration::from_secs(8))
-        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    let (up_a, up_b) = both_paths_up(&mut pair);
     // The path is between the two NATs' public addresses: direct, not via the server.
     let wan_a = pair.lab.site("a").expect("a").wan_addr();
     let wan_b = pair.lab.site("b").expect("b").wan_addr();
@@ -131,14 +137,7 @@ fn birthday_punch_through_a_random_port_symmetric_nat_and_forward_a_udp_port() {
         &["--forward-listen", "127.0.0.1:5000", "--no-relay"],
         &["--forward-to", "127.0.0.1:6000", "--no-relay"],
     );
-    let up_a = pair
-        .alice
-        .wait_for("path-up", Duration::from_secs(8))
-        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
-    let up_b = pair
-        .bob
-        .wait_for("path-up", Duration::from_secs(8))
-        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    let (up_a, up_b) = both_paths_up(&mut pair);
     let seen = format!("alice {:?} bob {:?}", pair.alice.seen(), pair.bob.seen());
     assert!(
         pair.alice
