@@ -8,6 +8,7 @@
 //! - [`metrics`]: the Prometheus registry and the `/metrics` HTTP endpoint;
 //! - [`peer`]: the peer agent's driver (`gateway peer`);
 //! - [`relay`]: the TURN relay's sockets and per-allocation forwarding tasks;
+//! - [`tcp_punch`]: TCP hole punching's sockets (the agent's `--tcp`);
 //! - [`observe`]: eBPF punch observability with its own `/metrics`, for the agent and
 //!   for `gateway watch` (NAT routers);
 //! - [`config`]: the TOML configuration and its defaults.
@@ -19,3 +20,4 @@ pub mod peer;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod tcp_punch;

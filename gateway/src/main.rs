@@ -202,6 +202,29 @@ struct PeerArgs {
     /// Refuse to start when the eBPF programs cannot be loaded and attached.
     #[arg(long, requires = "ebpf_interfaces")]
     require_ebpf: bool,
+    /// TCP hole punching on every introduction, besides the UDP path (both sides
+    /// must give the same value): `simultaneous-open` (both connect() to each
+    /// other's TCP reflexive endpoint from the port the gateway saw, at the
+    /// introduction's start, retried within RFC 5382's 6 s window), `low-ttl` (first
+    /// a SYN with --open-ttl that opens our own NAT's mapping and dies before the
+    /// other's, then the real connect()), or `auto` (each in turn, cheapest first,
+    /// 6 s each). The agent learns its TCP mapping with a STUN Binding over TCP to
+    /// --server's TCP port at start. Prints `tcp-path-up peer P technique T remote A
+    /// elapsed_ms N` or `tcp-punch-failed peer P technique T`.
+    #[arg(long, value_name = "TECHNIQUE", value_parser = parse_tcp_mode)]
+    tcp: Option<gateway::proto::tcp_punch::TcpMode>,
+    /// Carry a local TCP port over the punched connection: accept one local
+    /// connection here and splice it both ways.
+    #[arg(long, requires = "tcp", conflicts_with = "tcp_forward_to")]
+    tcp_forward_listen: Option<SocketAddr>,
+    /// Carry a local TCP port over the punched connection: connect here once it is
+    /// up and splice the two both ways.
+    #[arg(long, requires = "tcp")]
+    tcp_forward_to: Option<SocketAddr>,
+}
+
+fn parse_tcp_mode(s: &str) -> Result<gateway::proto::tcp_punch::TcpMode, String> {
+    s.parse()
 }
 
 #[derive(Debug, clap::Args)]
@@ -316,7 +339,7 @@ fn main() -> ExitCode {
 
 fn peer(args: PeerArgs) -> Result<()> {
     use gateway::{
-        peer::{Forward, PeerOptions},
+        peer::{Forward, PeerOptions, TcpForward, TcpOptions},
         proto::{agent::AgentConfig, rendezvous::client::PeerCredentials},
     };
     let credentials = PeerCredentials {
@@ -355,12 +378,25 @@ fn peer(args: PeerArgs) -> Result<()> {
             ..ObserveOptions::default()
         }
     });
+    let tcp = args.tcp.map(|mode| TcpOptions {
+        mode,
+        config: gateway::proto::tcp_punch::TcpPunchConfig {
+            open_ttl: args.open_ttl,
+            ..Default::default()
+        },
+        forward: match (args.tcp_forward_listen, args.tcp_forward_to) {
+            (Some(addr), _) => Some(TcpForward::Listen(addr)),
+            (None, Some(addr)) => Some(TcpForward::To(addr)),
+            (None, None) => None,
+        },
+    });
     let options = PeerOptions {
         bind: args.bind,
         agent,
         connect: args.connect,
         forward,
         observe,
+        tcp,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

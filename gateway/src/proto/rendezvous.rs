@@ -57,6 +57,8 @@ pub mod attr {
     pub const RTT: u16 = 0x4008;
     /// Outcome report (u8 + u32 + u32).
     pub const OUTCOME: u16 = 0x4009;
+    /// TCP punching technique an Outcome report is about (u8, [`super::TcpTechnique`]).
+    pub const TECHNIQUE: u16 = 0x400A;
 }
 
 /// Most candidates accepted in, or sent out with, one message.
@@ -75,6 +77,57 @@ pub enum CandidateKind {
     Predicted = 2,
     /// A TURN relayed address (a relay offer after punching failed).
     Relayed = 3,
+    /// The peer's TCP endpoint as the gateway's TCP service port saw it (learnt by
+    /// the peer with a STUN Binding over TCP); the target of TCP hole punching.
+    TcpServerReflexive = 4,
+}
+
+impl CandidateKind {
+    /// Whether the candidate is a TCP endpoint (never probed over UDP).
+    pub const fn is_tcp(self) -> bool {
+        matches!(self, Self::TcpServerReflexive)
+    }
+}
+
+/// A TCP hole-punching technique (the TECHNIQUE attribute's value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpTechnique {
+    /// Both sides connect() to each other from their reflexive port at the same
+    /// instant (a simultaneous open), retrying within RFC 5382's 6 s window.
+    SimultaneousOpen = 1,
+    /// Each side first sends a SYN whose TTL expires between the two NATs (opening
+    /// its own mapping), then connects for real.
+    LowTtl = 2,
+}
+
+impl TcpTechnique {
+    /// Every technique, in order of cost (what `auto` tries).
+    pub const ALL: [Self; 2] = [Self::SimultaneousOpen, Self::LowTtl];
+
+    /// Decodes the wire value.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::SimultaneousOpen),
+            2 => Some(Self::LowTtl),
+            _ => None,
+        }
+    }
+
+    /// The metrics label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SimultaneousOpen => "simultaneous_open",
+            Self::LowTtl => "low_ttl",
+        }
+    }
+
+    /// The command-line name.
+    pub const fn cli_name(self) -> &'static str {
+        match self {
+            Self::SimultaneousOpen => "simultaneous-open",
+            Self::LowTtl => "low-ttl",
+        }
+    }
 }
 
 /// How a session between two peers ended up, as its outcome report says.
@@ -221,6 +274,7 @@ pub fn decode_candidate(value: &[u8], transaction_id: [u8; 12]) -> Option<Candid
         1 => CandidateKind::ServerReflexive,
         2 => CandidateKind::Predicted,
         3 => CandidateKind::Relayed,
+        4 => CandidateKind::TcpServerReflexive,
         _ => return None,
     };
     let addr = stun::decode_xor_address(value.get(2..)?, transaction_id)?;
@@ -326,6 +380,17 @@ pub enum Event {
         /// Probes the reporter sent.
         probes: u32,
     },
+    /// The first report of a TCP punching technique's outcome in an introduction.
+    TcpOutcome {
+        /// The initiator's NAT class.
+        initiator_nat: NatClass,
+        /// The responder's NAT class.
+        responder_nat: NatClass,
+        /// The technique.
+        technique: TcpTechnique,
+        /// Whether it produced a connection.
+        success: bool,
+    },
 }
 
 /// A datagram to send.
@@ -403,6 +468,8 @@ struct IntroRecord {
     sides: [Box<str>; 2],
     nats: [NatClass; 2],
     reported: [bool; 2],
+    /// TCP outcome reports seen: bit `2 * (technique - 1) + side`.
+    tcp_reported: u8,
 }
 
 /// The rendezvous server.
@@ -803,8 +870,12 @@ impl RendezvousServer {
                 attr::CANDIDATE if hosts.len() < MAX_CANDIDATES => {
                     // Host and predicted candidates; a peer cannot claim to be
                     // server-reflexive (only the gateway knows that address).
+                    // A TCP reflexive candidate must be on the address the gateway
+                    // sees the peer at (else a peer could aim the other side's SYNs
+                    // at any third party).
                     if let Some(c) = decode_candidate(attribute.value, tid)
                         && c.kind != CandidateKind::ServerReflexive
+                        && (!c.kind.is_tcp() || c.addr.ip().to_canonical() == from.ip().to_canonical())
                     {
                         hosts.push(c);
                     }
@@ -948,8 +1019,14 @@ impl RendezvousServer {
                 kind: CandidateKind::ServerReflexive,
                 addr: other.addr,
             };
-            let hosts = other.host_candidates.iter().copied();
-            for candidate in std::iter::once(reflexive).chain(hosts).take(MAX_CANDIDATES) {
+            // TCP candidates right after the reflexive one, so the cap never drops
+            // them (agents that predate them ignore the unknown kind).
+            let tcp = other.host_candidates.iter().filter(|c| c.kind.is_tcp());
+            let hosts = other.host_candidates.iter().filter(|c| !c.kind.is_tcp());
+            for candidate in std::iter::once(reflexive)
+                .chain(tcp.chain(hosts).copied())
+                .take(MAX_CANDIDATES)
+            {
                 let (value, len) = encode_candidate(candidate, tid);
                 writer.attribute(attr::CANDIDATE, &value[..len]);
             }
@@ -982,6 +1059,7 @@ impl RendezvousServer {
                 ],
                 nats: [initiator.nat, responder.nat],
                 reported: [false; 2],
+                tcp_reported: 0,
             },
         );
         self.events.push(Event::Introduced {
@@ -1113,9 +1191,20 @@ impl RendezvousServer {
     ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
         let mut intro_id = None;
         let mut report = None;
+        let mut technique = None;
         for attribute in auth.message.attributes().filter_map(Result::ok) {
             match attribute.ty {
                 attr::INTRO_ID => intro_id = read_u64(attribute.value),
+                attr::TECHNIQUE => {
+                    technique = Some(
+                        attribute
+                            .value
+                            .first()
+                            .copied()
+                            .and_then(TcpTechnique::from_u8)
+                            .ok_or((Handled::BadRequest, 400, "Bad Request"))?,
+                    );
+                }
                 attr::OUTCOME if attribute.value.len() == 9 => {
                     let outcome = SessionOutcome::from_u8(attribute.value[0]);
                     let ms = read_u32(&attribute.value[1..5]).unwrap_or(0);
@@ -1138,20 +1227,39 @@ impl RendezvousServer {
             .iter()
             .position(|s| **s == *auth.peer_id)
             .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
-        if record.reported[side] {
-            return Err((Handled::NotFound, 404, "Already Reported"));
-        }
-        let first = !record.reported.iter().any(|&r| r);
-        record.reported[side] = true;
-        if first {
-            self.events.push(Event::Outcome {
-                initiator_nat: record.nats[0],
-                responder_nat: record.nats[1],
-                direct: outcome == SessionOutcome::Direct,
-                relayed: outcome == SessionOutcome::Relayed,
-                time_to_direct: Duration::from_millis(u64::from(ms)),
-                probes,
-            });
+        if let Some(technique) = technique {
+            // TCP outcomes: once per side per technique, counted on the first.
+            let shift = 2 * (technique as u8 - 1);
+            let bit = 1u8 << (shift + side as u8);
+            if record.tcp_reported & bit != 0 {
+                return Err((Handled::NotFound, 404, "Already Reported"));
+            }
+            let first = record.tcp_reported & (0b11 << shift) == 0;
+            record.tcp_reported |= bit;
+            if first {
+                self.events.push(Event::TcpOutcome {
+                    initiator_nat: record.nats[0],
+                    responder_nat: record.nats[1],
+                    technique,
+                    success: outcome == SessionOutcome::Direct,
+                });
+            }
+        } else {
+            if record.reported[side] {
+                return Err((Handled::NotFound, 404, "Already Reported"));
+            }
+            let first = !record.reported.iter().any(|&r| r);
+            record.reported[side] = true;
+            if first {
+                self.events.push(Event::Outcome {
+                    initiator_nat: record.nats[0],
+                    responder_nat: record.nats[1],
+                    direct: outcome == SessionOutcome::Direct,
+                    relayed: outcome == SessionOutcome::Relayed,
+                    time_to_direct: Duration::from_millis(u64::from(ms)),
+                    probes,
+                });
+            }
         }
         let mut reply = Vec::with_capacity(64);
         let mut writer = MessageWriter::new(
@@ -1317,6 +1425,34 @@ pub mod client {
             value[1..5].copy_from_slice(&time_to_direct_ms.to_be_bytes());
             value[5..9].copy_from_slice(&probes.to_be_bytes());
             w.attribute(attr::OUTCOME, &value);
+        })
+    }
+
+    /// A TCP punching outcome report: `technique` connected (or not) after
+    /// `elapsed_ms`, with `attempts` connect attempts.
+    pub fn tcp_outcome(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        nonce: Option<&str>,
+        intro_id: u64,
+        technique: TcpTechnique,
+        connected: bool,
+        elapsed_ms: u32,
+        attempts: u32,
+    ) -> Vec<u8> {
+        let outcome = if connected {
+            SessionOutcome::Direct
+        } else {
+            SessionOutcome::Failed
+        };
+        request(method::OUTCOME, tid, credentials, nonce, |w| {
+            w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
+            let mut value = [0u8; 9];
+            value[0] = outcome as u8;
+            value[1..5].copy_from_slice(&elapsed_ms.to_be_bytes());
+            value[5..9].copy_from_slice(&attempts.to_be_bytes());
+            w.attribute(attr::OUTCOME, &value);
+            w.attribute(attr::TECHNIQUE, &[technique as u8]);
         })
     }
 
