@@ -732,7 +732,12 @@ async fn splice(
 ) -> std::io::Result<(u64, u64)> {
     let mut app = match (forward, listener) {
         (Some(TcpForward::Listen(_)), Some(listener)) => listener.accept().await?.0,
-        (Some(TcpForward::To(addr)), _) => tokio::net::TcpStream::connect(addr).await?,
+        (Some(TcpForward::To(addr)), _) => {
+            // Connect to the application when the peer's first bytes (or its close)
+            // arrive, not before: its server need not be up when the path is.
+            punched.peek(&mut [0u8; 1]).await?;
+            tokio::net::TcpStream::connect(addr).await?
+        }
         _ => {
             let received = tokio::io::copy(&mut punched, &mut tokio::io::sink()).await?;
             return Ok((0, received));

@@ -182,7 +182,15 @@ pub async fn punch(
                             // nothing: either way the socket is dropped, and a
                             // socket closed in SYN-SENT sends nothing.
                             Ok(s) => {
-                                let _ = tokio::time::timeout(hold, s.connect(to)).await;
+                                let sent = Instant::now();
+                                let result = tokio::time::timeout(hold, s.connect(to)).await;
+                                tracing::debug!(
+                                    %to,
+                                    ttl,
+                                    after_ms = sent.elapsed().as_secs_f64() * 1000.0,
+                                    result = ?result.as_ref().map(|r| r.as_ref().map(|_| ()).map_err(|e| e.to_string())),
+                                    "low-TTL opener done"
+                                );
                             }
                             Err(e) => tracing::debug!(error = %e, "cannot open a low-TTL socket"),
                         }

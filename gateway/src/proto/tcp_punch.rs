@@ -309,10 +309,12 @@ impl TcpPunch {
             }
             match t.stage {
                 Stage::Open => {
+                    // Dropped well before the real connect(): the two would share
+                    // one 4-tuple.
                     self.actions.push_back(TcpAction::Open {
                         to: t.to,
                         ttl: self.config.open_ttl,
-                        hold: self.config.open_lead,
+                        hold: self.config.open_lead / 2,
                     });
                     t.stage = Stage::Connect;
                     t.due = now + self.config.open_lead;
@@ -482,7 +484,7 @@ mod tests {
             vec![TcpAction::Open {
                 to,
                 ttl: 2,
-                hold: config.open_lead
+                hold: config.open_lead / 2
             }]
         );
         assert_eq!(p.poll_timeout(), Some(t0 + config.open_lead));
