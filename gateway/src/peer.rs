@@ -666,7 +666,7 @@ pub async fn run(
                     let (news, peer, intro_id) = (tcp_news_tx.clone(), peer_id.clone(), *intro_id);
                     tcp_tasks.spawn(async move {
                         let reports = news.clone();
-                        let punched = crate::tcp_punch::punch(local, machine, |report| {
+                        let punched = crate::tcp_punch::punch(local, intro_id, machine, |report| {
                             let _ = reports.send(TcpNews::Report { intro_id, report });
                         })
                         .await;

@@ -38,6 +38,8 @@ pub enum TcpPunchError {
     NoAnswer(SocketAddr),
 }
 
+/// Accepted connections greeted at once at most (the rest are closed).
+const MAX_GREETING: usize = 4;
 /// How long the STUN Binding over TCP to the gateway may take.
 const LEARN_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -144,12 +146,64 @@ pub struct Report {
     pub attempts: u32,
 }
 
-/// Runs one attempt from `local` (the port the gateway saw): a listener there for
-/// the whole attempt plus the machine's openers and connects; calls `report` once
-/// per technique tried. Returns the connection, or None when every technique
+/// First bytes both sides send on a punched connection: "GWTP" and the
+/// introduction id, then one acknowledgement byte once the other's hello arrived;
+/// a connection counts only once both crossed.
+const HELLO_MAGIC: [u8; 4] = *b"GWTP";
+/// Length of the hello.
+const HELLO_LEN: usize = 12;
+/// The byte that acknowledges the other side's hello.
+const HELLO_ACK: u8 = 0x06;
+/// How long the other side's hello may take.
+const HELLO_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Proves a fresh connection carries bytes both ways and belongs to introduction
+/// `intro_id`: sends our hello, reads the other's. A NAT that let the handshake
+/// through but drops what follows (its sequence tracking disagrees with one side's
+/// initial sequence number), or a connection from anyone else, fails here.
+async fn hello(stream: &mut TcpStream, intro_id: u64) -> io::Result<()> {
+    let mut ours = [0u8; HELLO_LEN];
+    ours[..4].copy_from_slice(&HELLO_MAGIC);
+    ours[4..].copy_from_slice(&intro_id.to_be_bytes());
+    let exchange = async {
+        stream.write_all(&ours).await?;
+        let mut theirs = [0u8; HELLO_LEN];
+        stream.read_exact(&mut theirs).await?;
+        if theirs != ours {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not the other side of this introduction",
+            ));
+        }
+        // Then an acknowledgement each way: a side whose hello never arrived sends
+        // none, so a path that carries bytes one way only fails on both sides.
+        stream.write_all(&[HELLO_ACK]).await?;
+        let mut ack = [0u8; 1];
+        stream.read_exact(&mut ack).await?;
+        if ack[0] == HELLO_ACK {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::InvalidData, "bad hello acknowledgement"))
+        }
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no hello from the other side (data does not pass)",
+            ))
+        })
+}
+
+/// Runs one attempt for introduction `intro_id` from `local` (the port the gateway
+/// saw): a listener there for the whole attempt plus the machine's openers and
+/// connects; a connection counts once the hellos crossed ([`hello`]). Calls `report`
+/// once per technique tried. Returns the connection, or None when every technique
 /// failed. Every other socket is closed when this returns.
 pub async fn punch(
     local: SocketAddr,
+    intro_id: u64,
     mut machine: TcpPunch,
     mut report: impl FnMut(Report),
 ) -> Option<Punched> {
@@ -166,6 +220,8 @@ pub async fn punch(
     let ipv4 = local.is_ipv4();
     let mut connects: JoinSet<(u32, io::Result<TcpStream>)> = JoinSet::new();
     let mut openers: JoinSet<()> = JoinSet::new();
+    // Accepted connections whose hello is under way.
+    let mut greeting: JoinSet<(SocketAddr, io::Result<TcpStream>)> = JoinSet::new();
     let mut winner: Option<TcpStream> = None;
     loop {
         while let Some(action) = machine.poll_action() {
@@ -210,12 +266,17 @@ pub async fn punch(
                                 }),
                             Err(e) => Err(e),
                         };
+                        let result = match result {
+                            Ok(mut stream) => hello(&mut stream, intro_id).await.map(|()| stream),
+                            Err(e) => Err(e),
+                        };
                         (attempt, result)
                     });
                 }
                 TcpAction::CancelAll => {
                     connects.abort_all();
                     openers.abort_all();
+                    greeting.abort_all();
                 }
                 TcpAction::Report {
                     technique,
@@ -270,10 +331,26 @@ pub async fn punch(
                 Err(_) => {} // aborted
             },
             Some(_) = openers.join_next() => {}
-            accepted = accept => match accepted {
-                Ok((stream, from)) => {
+            Some(done) = greeting.join_next() => match done {
+                Ok((from, Ok(stream))) => {
                     if machine.accepted(Instant::now(), from) {
                         winner = Some(stream);
+                    }
+                }
+                Ok((from, Err(e))) => {
+                    tracing::debug!(error = %e, %from, "accepted TCP connection failed its hello");
+                }
+                Err(_) => {} // aborted
+            },
+            accepted = accept => match accepted {
+                Ok((mut stream, from)) => {
+                    // Only the other side's candidate addresses are worth a hello
+                    // (checked again, with the result, by `accepted`).
+                    if machine.admits(from) && greeting.len() < MAX_GREETING {
+                        greeting.spawn(async move {
+                            let result = hello(&mut stream, intro_id).await.map(|()| stream);
+                            (from, result)
+                        });
                     } else {
                         tracing::debug!(%from, "TCP connection from a stranger on the punching port; closed");
                     }

@@ -26,6 +26,9 @@ enum Expect {
     Connects,
     /// No connection within the technique's window.
     Fails,
+    /// Either, depending on sub-millisecond timing (measured and printed, not
+    /// asserted; the reason says what decides it).
+    Racy,
 }
 
 struct Cell {
@@ -62,36 +65,36 @@ const CELLS: &[Cell] = &[
         technique: "low-ttl",
         alice: "port-restricted-cone",
         bob: "port-restricted-cone",
-        expect: Expect::Connects,
-        why: "each opener SYN makes its own NAT's mapping and dies at the core; the real SYNs 200 ms later find the other's mapping",
+        expect: Expect::Racy,
+        why: "the opener's ICMP time-exceeded aborts its SYN-SENT socket, so the real SYN comes from a new connect() with a new initial sequence number; the NAT whose entry already saw the other side's real SYN (SYN_SENT2) drops it and its host's answers as out of window: it works only when both real SYNs leave their NATs before the other's arrives (within one one-way delay)",
     },
     Cell {
         technique: "simultaneous-open",
         alice: "reject-icmp",
         bob: "reject-icmp",
-        expect: Expect::Connects,
-        why: "the earlier SYN meets no mapping and is refused with ICMP port unreachable (its connect() fails), but ICMP leaves the earlier NAT's connection entry in SYN-SENT, so the later side's SYN passes it and the earlier host's listener answers",
+        expect: Expect::Racy,
+        why: "the earlier SYN meets no mapping and is refused with ICMP port unreachable (its connect() fails); the later SYN passes the earlier NAT (ICMP left its entry in SYN_SENT) and the earlier host's listener answers with a new initial sequence number, which that NAT's sequence tracking rejects: the hello fails; it works only when a retry's SYNs cross within one one-way delay",
     },
     Cell {
         technique: "low-ttl",
         alice: "reject-icmp",
         bob: "reject-icmp",
-        expect: Expect::Connects,
-        why: "the openers make both mappings before any real SYN arrives: nothing is unsolicited, nothing is refused",
+        expect: Expect::Racy,
+        why: "as with the silent NAT: the ICMP time-exceeded kills the opener's socket, the real SYN's new sequence number is out of the window of an entry that already saw the other side's SYN",
     },
     Cell {
         technique: "simultaneous-open",
         alice: "reject-rst",
         bob: "reject-rst",
-        expect: Expect::Connects,
-        why: "the earlier SYN is answered by the later NAT with RST; retries within the 6 s window (each a new SYN that re-opens the earlier NAT's entry) get through once the later side's mapping exists",
+        expect: Expect::Racy,
+        why: "the earlier SYN is answered by the later NAT with RST, which also closes the earlier NAT's entry (the later SYN is then invalid there and answered with RST too); retries within the 6 s window re-open both entries and get through when a pair of SYNs crosses within one one-way delay",
     },
     Cell {
         technique: "low-ttl",
         alice: "reject-rst",
         bob: "reject-rst",
-        expect: Expect::Connects,
-        why: "the openers make both mappings first: no SYN is unsolicited, so no RST",
+        expect: Expect::Racy,
+        why: "the openers make both mappings (no RST), but as with the silent NAT the real SYN's new sequence number is out of the window of an entry that already saw the other side's SYN",
     },
     Cell {
         technique: "simultaneous-open",
@@ -324,6 +327,16 @@ fn tcp_punch_techniques_per_nat_pair() {
                 "failed but the gateway counted no failure (success {}, failed {})",
                 m.counted.0, m.counted.1
             )),
+            // Whatever the timing: a side that says the path is up has a path that
+            // carries the forwarded port both ways (the hello makes sure), and the
+            // gateway counted the technique's outcome.
+            Expect::Racy if up(&m.alice) && up(&m.bob) && m.forwarded.is_err() => Some(format!(
+                "both up but forwarding failed: {:?}; {}",
+                m.forwarded, m.seen
+            )),
+            Expect::Racy if m.counted.0 + m.counted.1 < 1.0 => {
+                Some("the gateway counted no outcome".to_owned())
+            }
             _ => None,
         };
         if let Some(p) = problem {

@@ -372,16 +372,22 @@ impl TcpPunch {
         true
     }
 
+    /// Whether a connection from `from` may be ours: the attempt is running and
+    /// `from`'s address is one of the other side's candidates' (a NAT may change the
+    /// port; the address is what the gateway vouched for).
+    pub fn admits(&self, from: SocketAddr) -> bool {
+        self.state == TcpPunchState::Running
+            && self
+                .targets
+                .iter()
+                .any(|t| t.to.ip().to_canonical() == from.ip().to_canonical())
+    }
+
     /// The listener accepted a connection from `from`: it counts only when it comes
     /// from one of the other side's candidate addresses (a NAT may change the port;
     /// the address is what the gateway vouched for). Returns whether it counted.
     pub fn accepted(&mut self, now: Instant, from: SocketAddr) -> bool {
-        if self.state != TcpPunchState::Running
-            || !self
-                .targets
-                .iter()
-                .any(|t| t.to.ip().to_canonical() == from.ip().to_canonical())
-        {
+        if !self.admits(from) {
             return false;
         }
         self.succeed(now, from);
