@@ -183,7 +183,10 @@ async fn hello(stream: &mut TcpStream, intro_id: u64) -> io::Result<()> {
         if ack[0] == HELLO_ACK {
             Ok(())
         } else {
-            Err(io::Error::new(io::ErrorKind::InvalidData, "bad hello acknowledgement"))
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad hello acknowledgement",
+            ))
         }
     };
     tokio::time::timeout(HELLO_TIMEOUT, exchange)
@@ -262,7 +265,10 @@ pub async fn punch(
                             Ok(s) => tokio::time::timeout(timeout, s.connect(to))
                                 .await
                                 .unwrap_or_else(|_| {
-                                    Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))
+                                    Err(io::Error::new(
+                                        io::ErrorKind::TimedOut,
+                                        "connect timed out",
+                                    ))
                                 }),
                             Err(e) => Err(e),
                         };

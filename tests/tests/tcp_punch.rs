@@ -201,8 +201,18 @@ struct Measured {
 fn run_cell(cell: &Cell) -> Measured {
     let a: NatPreset = cell.alice.parse().expect("preset");
     let b: NatPreset = cell.bob.parse().expect("preset");
-    let alice_args = ["--tcp", cell.technique, "--tcp-forward-listen", "127.0.0.1:5100"];
-    let bob_args = ["--tcp", cell.technique, "--tcp-forward-to", "127.0.0.1:6100"];
+    let alice_args = [
+        "--tcp",
+        cell.technique,
+        "--tcp-forward-listen",
+        "127.0.0.1:5100",
+    ];
+    let bob_args = [
+        "--tcp",
+        cell.technique,
+        "--tcp-forward-to",
+        "127.0.0.1:6100",
+    ];
     let mut pair =
         punch::start(Topology::TwoSites(a, b), &alice_args, &bob_args).expect("punch lab");
     // Registration, discovery and the introduction take a second or two; the
@@ -217,8 +227,10 @@ fn run_cell(cell: &Cell) -> Measured {
     };
     // Both reports reach the gateway within a round trip of the verdict (and any
     // later status line is worth seeing in a failure message).
-    pair.alice.wait_for("tcp-forward-closed", Duration::from_millis(300));
-    pair.bob.wait_for("tcp-forward-closed", Duration::from_millis(100));
+    pair.alice
+        .wait_for("tcp-forward-closed", Duration::from_millis(300));
+    pair.bob
+        .wait_for("tcp-forward-closed", Duration::from_millis(100));
     let metrics = pair.gateway.scrape().unwrap_or_default();
     if std::env::var_os("GATEWAY_TEST_TCP_CONNTRACK").is_some() {
         for site in ["a", "b"] {
@@ -298,7 +310,7 @@ fn tcp_punch_techniques_per_nat_pair() {
         };
         println!(
             "| {} | {:?} | {:?} | {} |",
-            m.label.replace(" | ", " | "),
+            m.label,
             m.expect,
             measured,
             m.alice.as_deref().unwrap_or("(nothing)")

@@ -1548,10 +1548,12 @@ impl Agent {
                 &self.config.credentials,
                 self.nonce.as_deref(),
                 intro_id,
-                technique,
-                outcome == SessionOutcome::Direct,
-                ms,
-                probes,
+                client::TcpReport {
+                    technique,
+                    connected: outcome == SessionOutcome::Direct,
+                    elapsed_ms: ms,
+                    attempts: probes,
+                },
             ),
             None => client::outcome(
                 tid,
@@ -2480,6 +2482,64 @@ mod tests {
             1,
             |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"direct now")
         ));
+    }
+
+    #[test]
+    fn tcp_candidates_reach_the_other_side_apart_from_the_udp_probes_and_outcomes_are_reported() {
+        let mut sim = Sim::new(false);
+        let tcp = [addr("198.51.100.2:4100"), addr("198.51.100.6:5100")];
+        for (i, candidate) in tcp.iter().enumerate() {
+            sim.agents[i].1.config.tcp_candidates = vec![*candidate];
+        }
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        let introduced = |i: usize| {
+            sim.events.iter().find_map(|(j, e)| match e {
+                AgentEvent::TcpIntroduced {
+                    intro_id,
+                    candidates,
+                    start_at,
+                    ..
+                } if *j == i => Some((*intro_id, candidates.clone(), *start_at)),
+                _ => None,
+            })
+        };
+        let (intro_a, cands_a, start_a) = introduced(0).expect("alice's TCP introduction");
+        let (intro_b, cands_b, start_b) = introduced(1).expect("bob's TCP introduction");
+        assert_eq!(intro_a, intro_b);
+        assert_eq!(cands_a, vec![tcp[1]]);
+        assert_eq!(cands_b, vec![tcp[0]]);
+        let skew = start_a.max(start_b) - start_a.min(start_b);
+        assert!(skew <= Duration::from_millis(2), "{skew:?}");
+        for (i, (_, agent)) in sim.agents.iter().enumerate() {
+            for session in agent.sessions.values() {
+                assert!(
+                    !session.candidates.contains(&tcp[1 - i]),
+                    "a TCP candidate is never probed over UDP"
+                );
+            }
+        }
+        assert!(sim.agents[0].1.path("bob").is_some(), "UDP still punches");
+        let now = sim.now;
+        sim.agents[0].1.report_tcp(
+            now,
+            intro_a,
+            TcpTechnique::LowTtl,
+            true,
+            Duration::from_millis(200),
+            2,
+        );
+        sim.run_for(Duration::from_millis(50));
+        assert!(sim.server_events.iter().any(|e| matches!(
+            e,
+            Event::TcpOutcome {
+                technique: TcpTechnique::LowTtl,
+                success: true,
+                ..
+            }
+        )));
     }
 
     #[test]

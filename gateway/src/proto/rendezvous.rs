@@ -875,7 +875,8 @@ impl RendezvousServer {
                     // at any third party).
                     if let Some(c) = decode_candidate(attribute.value, tid)
                         && c.kind != CandidateKind::ServerReflexive
-                        && (!c.kind.is_tcp() || c.addr.ip().to_canonical() == from.ip().to_canonical())
+                        && (!c.kind.is_tcp()
+                            || c.addr.ip().to_canonical() == from.ip().to_canonical())
                     {
                         hosts.push(c);
                     }
@@ -1331,7 +1332,7 @@ pub mod client {
         pub password: String,
     }
 
-    fn request(
+    pub(super) fn request(
         method: u16,
         tid: [u8; 12],
         credentials: &PeerCredentials,
@@ -1428,18 +1429,33 @@ pub mod client {
         })
     }
 
-    /// A TCP punching outcome report: `technique` connected (or not) after
-    /// `elapsed_ms`, with `attempts` connect attempts.
+    /// What a TCP punching outcome report says.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct TcpReport {
+        /// The technique.
+        pub technique: TcpTechnique,
+        /// Whether it produced a connection.
+        pub connected: bool,
+        /// From the technique's start to the connection (or to giving up).
+        pub elapsed_ms: u32,
+        /// connect() calls made.
+        pub attempts: u32,
+    }
+
+    /// A TCP punching outcome report for introduction `intro_id`.
     pub fn tcp_outcome(
         tid: [u8; 12],
         credentials: &PeerCredentials,
         nonce: Option<&str>,
         intro_id: u64,
-        technique: TcpTechnique,
-        connected: bool,
-        elapsed_ms: u32,
-        attempts: u32,
+        report: TcpReport,
     ) -> Vec<u8> {
+        let TcpReport {
+            technique,
+            connected,
+            elapsed_ms,
+            attempts,
+        } = report;
         let outcome = if connected {
             SessionOutcome::Direct
         } else {
@@ -2409,6 +2425,154 @@ mod tests {
                 .0,
             Handled::Introduced
         );
+    }
+
+    #[test]
+    fn tcp_candidates_pass_on_only_from_the_registering_address_and_first() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        let tcp = |addr| Candidate {
+            kind: CandidateKind::TcpServerReflexive,
+            addr,
+        };
+        let host = |addr| Candidate {
+            kind: CandidateKind::Host,
+            addr,
+        };
+        // Alice announces her TCP mapping (same public address as her UDP one), a
+        // TCP "mapping" on a third party's address, and seven host candidates.
+        let mut candidates = vec![tcp(addr("198.51.100.2:4100")), tcp(addr("203.0.113.99:80"))];
+        candidates.extend((0..5).map(|i| host(addr(&format!("10.0.1.2:{}", 4000 + i)))));
+        let alice = creds("alice");
+        let (handled, _) = world.send(
+            a,
+            &register_with_candidates(
+                [1; 12],
+                &alice,
+                Some(&world.nonce(a)),
+                &candidates,
+                NatClass::EndpointIndependent,
+                0,
+            ),
+        );
+        assert_eq!(handled, Handled::Registered);
+        world.register("bob", b, &[], NatClass::None, 0);
+        let bob = creds("bob");
+        let (_, out) = world.send(b, &connect([2; 12], &bob, Some(&world.nonce(b)), "alice"));
+        let intro = out
+            .iter()
+            .filter(|t| t.to == b)
+            .find_map(|t| parse_introduction(&t.payload, &bob.password))
+            .expect("bob's introduction");
+        let kinds: Vec<CandidateKind> = intro.candidates.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds[0], CandidateKind::ServerReflexive);
+        assert_eq!(
+            intro.candidates[1],
+            tcp(addr("198.51.100.2:4100")),
+            "the TCP candidate comes right after the reflexive one"
+        );
+        assert!(
+            !intro
+                .candidates
+                .iter()
+                .any(|c| c.addr.ip() == addr("203.0.113.99:80").ip()),
+            "a TCP candidate on another address than the sender's is dropped"
+        );
+        assert_eq!(intro.candidates.len(), 7);
+    }
+
+    #[test]
+    fn tcp_outcomes_count_once_per_technique_and_leave_the_udp_outcome_alone() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        let m = addr("203.0.113.5:6000");
+        world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+        world.register("bob", b, &[], NatClass::None, 0);
+        world.register("mallory", m, &[], NatClass::None, 0);
+        let alice = creds("alice");
+        let (_, out) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
+        let intro = out
+            .iter()
+            .find_map(|t| parse_response(&t.payload, &alice.password))
+            .and_then(|r| r.intro_id)
+            .expect("id");
+        world.server.drain_events().for_each(drop);
+        let report = |world: &World, who: &str, from, technique, connected| {
+            tcp_outcome(
+                [4; 12],
+                &creds(who),
+                Some(&world.nonce(from)),
+                intro,
+                TcpReport {
+                    technique,
+                    connected,
+                    elapsed_ms: 200,
+                    attempts: 2,
+                },
+            )
+        };
+        let so = TcpTechnique::SimultaneousOpen;
+        let low = TcpTechnique::LowTtl;
+        // Not a side of the introduction: nothing.
+        let spoofed = report(&world, "mallory", m, so, true);
+        assert_eq!(world.send(m, &spoofed).0, Handled::NotFound);
+        let first = report(&world, "alice", a, so, false);
+        assert_eq!(world.send(a, &first).0, Handled::OutcomeAccepted);
+        let again = report(&world, "alice", a, so, true);
+        assert_eq!(world.send(a, &again).0, Handled::NotFound, "duplicate");
+        let other_side = report(&world, "bob", b, so, false);
+        assert_eq!(world.send(b, &other_side).0, Handled::OutcomeAccepted);
+        let second_technique = report(&world, "bob", b, low, true);
+        assert_eq!(world.send(b, &second_technique).0, Handled::OutcomeAccepted);
+        // The UDP outcome is still open.
+        let udp = outcome(
+            [5; 12],
+            &alice,
+            Some(&world.nonce(a)),
+            intro,
+            SessionOutcome::Direct,
+            20,
+            3,
+        );
+        assert_eq!(world.send(a, &udp).0, Handled::OutcomeAccepted);
+        let events: Vec<Event> = world.server.drain_events().collect();
+        assert_eq!(
+            events,
+            vec![
+                Event::TcpOutcome {
+                    initiator_nat: NatClass::EndpointIndependent,
+                    responder_nat: NatClass::None,
+                    technique: so,
+                    success: false
+                },
+                Event::TcpOutcome {
+                    initiator_nat: NatClass::EndpointIndependent,
+                    responder_nat: NatClass::None,
+                    technique: low,
+                    success: true
+                },
+                Event::Outcome {
+                    initiator_nat: NatClass::EndpointIndependent,
+                    responder_nat: NatClass::None,
+                    direct: true,
+                    relayed: false,
+                    time_to_direct: Duration::from_millis(20),
+                    probes: 3
+                }
+            ]
+        );
+        // An unknown technique is a bad request.
+        let bad = {
+            let c = creds("alice");
+            super::client::request(method::OUTCOME, [6; 12], &c, Some(&world.nonce(a)), |w| {
+                w.attribute(attr::INTRO_ID, &intro.to_be_bytes());
+                w.attribute(attr::OUTCOME, &[0; 9]);
+                w.attribute(attr::TECHNIQUE, &[9]);
+            })
+        };
+        assert_eq!(world.send(a, &bad).0, Handled::BadRequest);
     }
 
     #[test]

@@ -457,7 +457,12 @@ mod tests {
         assert_eq!(p.poll_timeout(), Some(t0 + config.retry_gap));
         p.handle_timeout(t0 + config.retry_gap);
         let actions = drain(&mut p);
-        let [TcpAction::Connect { attempt: second, .. }] = actions[..] else {
+        let [
+            TcpAction::Connect {
+                attempt: second, ..
+            },
+        ] = actions[..]
+        else {
             panic!("{actions:?}");
         };
         assert!(p.connected(t0 + Duration::from_millis(400), second));
