@@ -30,11 +30,12 @@ use tracing_subscriber::EnvFilter;
         metrics, and counts its UDP traffic in the kernel with eBPF. `gateway peer` is \
         the agent on each NATed host: it punches (with port prediction, and birthday \
         punching toward random-port symmetric NATs), falls back to the relay when punching \
-        fails, and with --ebpf-interface watches its punches in the kernel. `gateway \
+        fails, punches TCP too with --tcp (simultaneous open, low-TTL SYN first), and \
+        with --ebpf-interface watches its punches in the kernel. `gateway \
         watch` does that watching alone, for hosts that run no agent, such as a Linux NAT \
         router.",
-    after_help = "Not built yet (planned, see the project's issues): TCP hole punching and \
-        splicing, TURN over TLS."
+    after_help = "Not built yet (planned, see the project's issues): TCP punching with crafted \
+        packets (sequence-number exchange, server-assisted splicing), TURN over TLS."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.

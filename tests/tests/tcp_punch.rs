@@ -97,6 +97,13 @@ const CELLS: &[Cell] = &[
         why: "the openers make both mappings (no RST), but as with the silent NAT the real SYN's new sequence number is out of the window of an entry that already saw the other side's SYN",
     },
     Cell {
+        technique: "auto",
+        alice: "port-restricted-cone",
+        bob: "port-restricted-cone",
+        expect: Expect::Connects,
+        why: "auto tries the cheapest technique first: simultaneous open, which works here (see above), so it wins in the first window",
+    },
+    Cell {
         technique: "simultaneous-open",
         alice: "port-restricted-cone",
         bob: "symmetric",
@@ -177,6 +184,12 @@ fn forward_both_ways(pair: &PunchLab) -> Result<(), String> {
 
 /// Sum of `gateway_tcp_punch_attempts_total` over the NAT labels.
 fn counted(metrics: &str, technique: &str, outcome: &str) -> f64 {
+    // `auto` starts with simultaneous open.
+    let technique = if technique == "auto" {
+        "simultaneous-open"
+    } else {
+        technique
+    };
     let technique = format!("technique=\"{}\"", technique.replace('-', "_"));
     let outcome = format!("outcome=\"{outcome}\"");
     metrics
