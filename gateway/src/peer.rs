@@ -584,6 +584,9 @@ pub async fn run(
     // Punch tasks and splices end with `run`.
     let mut tcp_tasks = tokio::task::JoinSet::new();
     let mut tcp_spliced = false;
+    // Peers with a TCP attempt under way or a punched connection open: a later
+    // introduction (a UDP re-punch, a relay upgrade) starts no second attempt.
+    let mut tcp_busy: std::collections::HashSet<String> = std::collections::HashSet::new();
     tokio::pin!(shutdown);
     loop {
         let forward_recv = async {
@@ -632,6 +635,7 @@ pub async fn run(
                     });
                 }
                 TcpNews::Failed { peer } => {
+                    tcp_busy.remove(&peer);
                     let mode = options.tcp.as_ref().map(|t| match t.mode {
                         crate::proto::tcp_punch::TcpMode::Auto => "auto",
                         crate::proto::tcp_punch::TcpMode::Only(t) => t.cli_name(),
@@ -641,12 +645,15 @@ pub async fn run(
                         mode.unwrap_or("none")
                     ));
                 }
-                TcpNews::Spliced { peer, result } => match result {
-                    Ok((sent, received)) => status(format_args!(
-                        "tcp-forward-closed peer {peer} sent {sent} received {received}"
-                    )),
-                    Err(e) => status(format_args!("tcp-forward-closed peer {peer} error {e}")),
-                },
+                TcpNews::Spliced { peer, result } => {
+                    tcp_busy.remove(&peer);
+                    match result {
+                        Ok((sent, received)) => status(format_args!(
+                            "tcp-forward-closed peer {peer} sent {sent} received {received}"
+                        )),
+                        Err(e) => status(format_args!("tcp-forward-closed peer {peer} error {e}")),
+                    }
+                }
             },
             event = client.next_event() => {
                 let Some(event) = event else { return Err(PeerError::Stopped) };
@@ -656,6 +663,7 @@ pub async fn run(
                     Some(tcp),
                     Some(local),
                 ) = (&event, &options.tcp, tcp_local)
+                    && tcp_busy.insert(peer_id.clone())
                 {
                     let machine = crate::proto::tcp_punch::TcpPunch::new(
                         tcp.mode,

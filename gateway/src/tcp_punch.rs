@@ -201,7 +201,7 @@ async fn hello(stream: &mut TcpStream, intro_id: u64) -> io::Result<()> {
 
 /// Runs one attempt for introduction `intro_id` from `local` (the port the gateway
 /// saw): a listener there for the whole attempt plus the machine's openers and
-/// connects; a connection counts once the hellos crossed ([`hello`]). Calls `report`
+/// connects; a connection counts once the hellos crossed (see `hello`). Calls `report`
 /// once per technique tried. Returns the connection, or None when every technique
 /// failed. Every other socket is closed when this returns.
 pub async fn punch(
