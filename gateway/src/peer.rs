@@ -603,6 +603,8 @@ pub async fn run(
         };
         tokio::select! {
             () = &mut shutdown => return Ok(()),
+            // Reap finished punch and splice tasks (their results come as news).
+            Some(_) = tcp_tasks.join_next() => {}
             Some(news) = tcp_news.recv() => match news {
                 TcpNews::Report { intro_id, report } => {
                     client
