@@ -211,7 +211,10 @@ struct PeerArgs {
     /// other's, then the real connect()), or `auto` (each in turn, cheapest first,
     /// 6 s each). The agent learns its TCP mapping with a STUN Binding over TCP to
     /// --server's TCP port at start. Prints `tcp-path-up peer P technique T remote A
-    /// elapsed_ms N` or `tcp-punch-failed peer P technique T`.
+    /// elapsed_ms N` or `tcp-punch-failed peer P technique T`. Measured per NAT type in
+    /// docs/tcp-splicing.md: simultaneous open works through NATs that silently drop
+    /// unsolicited SYNs; NATs that track sequence numbers (Linux) defeat low-ttl with
+    /// kernel sockets.
     #[arg(long, value_name = "TECHNIQUE", value_parser = parse_tcp_mode)]
     tcp: Option<gateway::proto::tcp_punch::TcpMode>,
     /// Carry a local TCP port over the punched connection: accept one local
