@@ -2748,9 +2748,9 @@ mod tests {
         }
 
         #[test]
-        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..4) {
+        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..5) {
             let addr = SocketAddr::new(addr.ip(), addr.port());
-            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed][kind as usize];
+            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive][kind as usize];
             let (value, len) = encode_candidate(Candidate { kind, addr }, tid);
             prop_assert_eq!(decode_candidate(&value[..len], tid), Some(Candidate { kind, addr }));
         }
