@@ -8,6 +8,7 @@
 //! - [`metrics`]: the Prometheus registry and the `/metrics` HTTP endpoint;
 //! - [`peer`]: the peer agent's driver (`gateway peer`);
 //! - [`relay`]: the TURN relay's sockets and per-allocation forwarding tasks;
+//! - [`tcp_punch`]: TCP hole punching's sockets (the agent's `--tcp`);
 //! - [`observe`]: eBPF punch observability with its own `/metrics`, for the agent and
 //!   for `gateway watch` (NAT routers);
 //! - [`tcp_raw`]: raw TCP packet crafting, capture and injection (pnet) for
@@ -21,4 +22,5 @@ pub mod peer;
 pub mod proto;
 pub mod relay;
 pub mod server;
+pub mod tcp_punch;
 pub mod tcp_raw;

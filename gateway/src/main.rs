@@ -35,11 +35,12 @@ use tracing_subscriber::EnvFilter;
         metrics, and counts its UDP traffic in the kernel with eBPF. `gateway peer` is \
         the agent on each NATed host: it punches (with port prediction, and birthday \
         punching toward random-port symmetric NATs), falls back to the relay when punching \
-        fails, and with --ebpf-interface watches its punches in the kernel. `gateway \
+        fails, punches TCP too with --tcp (simultaneous open, low-TTL SYN first), and \
+        with --ebpf-interface watches its punches in the kernel. `gateway \
         watch` does that watching alone, for hosts that run no agent, such as a Linux NAT \
         router.",
-    after_help = "Not built yet (planned, see the project's issues): TCP hole punching and \
-        splicing, TURN over TLS."
+    after_help = "Not built yet (planned, see the project's issues): TCP punching with crafted \
+        packets (sequence-number exchange, server-assisted splicing), TURN over TLS."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
@@ -207,6 +208,32 @@ struct PeerArgs {
     /// Refuse to start when the eBPF programs cannot be loaded and attached.
     #[arg(long, requires = "ebpf_interfaces")]
     require_ebpf: bool,
+    /// TCP hole punching on every introduction, besides the UDP path (both sides
+    /// must give the same value): `simultaneous-open` (both connect() to each
+    /// other's TCP reflexive endpoint from the port the gateway saw, at the
+    /// introduction's start, retried within RFC 5382's 6 s window), `low-ttl` (first
+    /// a SYN with --open-ttl that opens our own NAT's mapping and dies before the
+    /// other's, then the real connect()), or `auto` (each in turn, cheapest first,
+    /// 6 s each). The agent learns its TCP mapping with a STUN Binding over TCP to
+    /// --server's TCP port at start. Prints `tcp-path-up peer P technique T remote A
+    /// elapsed_ms N` or `tcp-punch-failed peer P technique T`. Measured per NAT type in
+    /// docs/tcp-splicing.md: simultaneous open works through NATs that silently drop
+    /// unsolicited SYNs; NATs that track sequence numbers (Linux) defeat low-ttl with
+    /// kernel sockets.
+    #[arg(long, value_name = "TECHNIQUE", value_parser = parse_tcp_mode)]
+    tcp: Option<gateway::proto::tcp_punch::TcpMode>,
+    /// Carry a local TCP port over the punched connection: accept one local
+    /// connection here and splice it both ways.
+    #[arg(long, requires = "tcp", conflicts_with = "tcp_forward_to")]
+    tcp_forward_listen: Option<SocketAddr>,
+    /// Carry a local TCP port over the punched connection: connect here once it is
+    /// up and splice the two both ways.
+    #[arg(long, requires = "tcp")]
+    tcp_forward_to: Option<SocketAddr>,
+}
+
+fn parse_tcp_mode(s: &str) -> Result<gateway::proto::tcp_punch::TcpMode, String> {
+    s.parse()
 }
 
 #[derive(Debug, clap::Args)]
@@ -325,7 +352,7 @@ fn main() -> ExitCode {
 
 fn peer(args: PeerArgs) -> Result<()> {
     use gateway::{
-        peer::{Forward, PeerOptions},
+        peer::{Forward, PeerOptions, TcpForward, TcpOptions},
         proto::{agent::AgentConfig, rendezvous::client::PeerCredentials},
     };
     let credentials = PeerCredentials {
@@ -364,12 +391,25 @@ fn peer(args: PeerArgs) -> Result<()> {
             ..ObserveOptions::default()
         }
     });
+    let tcp = args.tcp.map(|mode| TcpOptions {
+        mode,
+        config: gateway::proto::tcp_punch::TcpPunchConfig {
+            open_ttl: args.open_ttl,
+            ..Default::default()
+        },
+        forward: match (args.tcp_forward_listen, args.tcp_forward_to) {
+            (Some(addr), _) => Some(TcpForward::Listen(addr)),
+            (None, Some(addr)) => Some(TcpForward::To(addr)),
+            (None, None) => None,
+        },
+    });
     let options = PeerOptions {
         bind: args.bind,
         agent,
         connect: args.connect,
         forward,
         observe,
+        tcp,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

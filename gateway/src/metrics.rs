@@ -14,7 +14,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::proto::rendezvous::{Event, Handled, NatClass};
+use crate::proto::rendezvous::{Event, Handled, NatClass, TcpTechnique};
 
 /// Why the metrics could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,8 @@ pub struct Metrics {
     pub punch_outcomes: IntCounterVec,
     /// Reported time from introduction to a two-way direct path.
     pub punch_time_to_direct: HistogramVec,
+    /// Reported TCP punching outcomes, by technique, outcome and NAT classes.
+    pub tcp_punch_attempts: IntCounterVec,
     /// 1 when the eBPF programs are loaded and attached, else 0.
     pub ebpf_loaded: IntGauge,
     /// Number of interfaces the eBPF programs are attached to.
@@ -119,6 +121,14 @@ impl Metrics {
             &nat_labels,
         )?;
         registry.register(Box::new(punch_time_to_direct.clone()))?;
+        let tcp_punch_attempts = IntCounterVec::new(
+            Opts::new(
+                "gateway_tcp_punch_attempts_total",
+                "TCP hole-punching attempts reported by peers (first report per technique per introduction), by technique, outcome (success, failed) and NAT classes",
+            ),
+            &["technique", "outcome", "initiator_nat", "responder_nat"],
+        )?;
+        registry.register(Box::new(tcp_punch_attempts.clone()))?;
         for a in NatClass::ALL {
             for b in NatClass::ALL {
                 punch_attempts.with_label_values(&[a.as_str(), b.as_str()]);
@@ -127,6 +137,16 @@ impl Metrics {
                 punch_time_to_direct.with_label_values(&[a.as_str(), b.as_str()]);
                 for outcome in ["direct", "failed", "relayed"] {
                     punch_outcomes.with_label_values(&[a.as_str(), b.as_str(), outcome]);
+                }
+                for technique in TcpTechnique::ALL {
+                    for outcome in ["success", "failed"] {
+                        tcp_punch_attempts.with_label_values(&[
+                            technique.as_str(),
+                            outcome,
+                            a.as_str(),
+                            b.as_str(),
+                        ]);
+                    }
                 }
             }
         }
@@ -164,6 +184,7 @@ impl Metrics {
             punch_attempts,
             punch_outcomes,
             punch_time_to_direct,
+            tcp_punch_attempts,
             registry,
         })
     }
@@ -201,6 +222,20 @@ impl Metrics {
                         .observe(time_to_direct.as_secs_f64());
                 }
             }
+            Event::TcpOutcome {
+                initiator_nat,
+                responder_nat,
+                technique,
+                success,
+            } => self
+                .tcp_punch_attempts
+                .with_label_values(&[
+                    technique.as_str(),
+                    if success { "success" } else { "failed" },
+                    initiator_nat.as_str(),
+                    responder_nat.as_str(),
+                ])
+                .inc(),
         }
     }
 

@@ -89,6 +89,10 @@ enum Command {
         peer: String,
         payload: Vec<u8>,
     },
+    TcpReport {
+        intro_id: u64,
+        report: crate::tcp_punch::Report,
+    },
 }
 
 /// A running peer agent: registered with the gateway, ready to connect to peers and
@@ -115,6 +119,9 @@ impl std::fmt::Debug for Command {
             Command::Connect { peer, .. } => write!(f, "Connect({peer})"),
             Command::Attach { peer, .. } => write!(f, "Attach({peer})"),
             Command::Send { peer, payload } => write!(f, "Send({peer}, {} bytes)", payload.len()),
+            Command::TcpReport { intro_id, report } => {
+                write!(f, "TcpReport({intro_id:x}, {report:?})")
+            }
         }
     }
 }
@@ -271,6 +278,14 @@ async fn drive(
                         tracing::debug!(%peer, "no path yet; datagram dropped");
                     }
                 }
+                Some(Command::TcpReport { intro_id, report }) => agent.report_tcp(
+                    Instant::now(),
+                    intro_id,
+                    report.technique,
+                    report.connected,
+                    report.elapsed,
+                    report.attempts,
+                ),
             },
         }
         while let Some(transmit) = agent.poll_transmit() {
@@ -416,6 +431,27 @@ pub enum Forward {
     To(SocketAddr),
 }
 
+/// How `gateway peer --tcp` carries a local TCP port over the punched connection
+/// (one application connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpForward {
+    /// Accept one local connection here and splice it to the punched connection.
+    Listen(SocketAddr),
+    /// Connect here once the punched connection is up and splice the two.
+    To(SocketAddr),
+}
+
+/// TCP hole punching options of `gateway peer` (`--tcp`).
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// The technique(s) to try; the other side must use the same.
+    pub mode: crate::proto::tcp_punch::TcpMode,
+    /// The schedule's tunables.
+    pub config: crate::proto::tcp_punch::TcpPunchConfig,
+    /// The local TCP port to carry, if any.
+    pub forward: Option<TcpForward>,
+}
+
 /// Options of `gateway peer`.
 #[derive(Clone, Debug)]
 pub struct PeerOptions {
@@ -429,6 +465,27 @@ pub struct PeerOptions {
     pub forward: Option<Forward>,
     /// eBPF punch observers on this host and the agent's own `/metrics`, if asked.
     pub observe: Option<crate::observe::ObserveOptions>,
+    /// TCP hole punching on every introduction, if asked.
+    pub tcp: Option<TcpOptions>,
+}
+
+/// What a TCP punching task tells `run`.
+enum TcpNews {
+    Report {
+        intro_id: u64,
+        report: crate::tcp_punch::Report,
+    },
+    Up {
+        peer: String,
+        punched: crate::tcp_punch::Punched,
+    },
+    Failed {
+        peer: String,
+    },
+    Spliced {
+        peer: String,
+        result: std::io::Result<(u64, u64)>,
+    },
 }
 
 fn status(line: std::fmt::Arguments<'_>) {
@@ -440,9 +497,33 @@ fn status(line: std::fmt::Arguments<'_>) {
 
 /// `gateway peer`: runs the agent with status lines on stdout until `shutdown`.
 pub async fn run(
-    options: PeerOptions,
+    mut options: PeerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PeerError> {
+    // TCP punching: learn the TCP mapping first (it goes into every Register), and
+    // keep the connection that made it open (it holds the mapping).
+    let mut tcp_local = None;
+    let mut _tcp_gateway = None;
+    if options.tcp.is_some() {
+        match crate::tcp_punch::learn_reflexive(options.agent.server).await {
+            Ok((stream, local, mapped)) => {
+                status(format_args!("tcp-mapped local {local} public {mapped}"));
+                options.agent.tcp_candidates = vec![mapped];
+                tcp_local = Some(local);
+                _tcp_gateway = Some(stream);
+            }
+            Err(e) => status(format_args!("tcp-unavailable error {e}")),
+        }
+    }
+    let mut tcp_forward_listener = match options.tcp.as_ref().and_then(|t| t.forward) {
+        Some(TcpForward::Listen(addr)) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| PeerError::Bind { addr, source })?,
+        ),
+        _ => None,
+    };
+    let (tcp_news_tx, mut tcp_news) = mpsc::unbounded_channel::<TcpNews>();
     let forward_socket = match options.forward {
         Some(Forward::Listen(addr)) => Some(
             UdpSocket::bind(addr)
@@ -500,6 +581,12 @@ pub async fn run(
         _ => None,
     };
     let mut app_buf = vec![0u8; 65_535];
+    // Punch tasks and splices end with `run`.
+    let mut tcp_tasks = tokio::task::JoinSet::new();
+    let mut tcp_spliced = false;
+    // Peers with a TCP attempt under way or a punched connection open: a later
+    // introduction (a UDP re-punch, a relay upgrade) starts no second attempt.
+    let mut tcp_busy: std::collections::HashSet<String> = std::collections::HashSet::new();
     tokio::pin!(shutdown);
     loop {
         let forward_recv = async {
@@ -516,9 +603,89 @@ pub async fn run(
         };
         tokio::select! {
             () = &mut shutdown => return Ok(()),
+            // Reap finished punch and splice tasks (their results come as news).
+            Some(_) = tcp_tasks.join_next() => {}
+            Some(news) = tcp_news.recv() => match news {
+                TcpNews::Report { intro_id, report } => {
+                    client
+                        .commands
+                        .send(Command::TcpReport { intro_id, report })
+                        .map_err(|_| PeerError::Stopped)?;
+                }
+                TcpNews::Up { peer, punched } => {
+                    status(format_args!(
+                        "tcp-path-up peer {peer} technique {} remote {} elapsed_ms {}",
+                        punched.technique.cli_name(),
+                        punched.remote,
+                        punched.elapsed.as_millis()
+                    ));
+                    // One forwarded connection: the first punched connection gets it.
+                    let forward = if tcp_spliced {
+                        None
+                    } else {
+                        options.tcp.as_ref().and_then(|t| t.forward)
+                    };
+                    let listener = match forward {
+                        Some(TcpForward::Listen(_)) => tcp_forward_listener.take(),
+                        _ => None,
+                    };
+                    tcp_spliced |= forward.is_some();
+                    let news = tcp_news_tx.clone();
+                    tcp_tasks.spawn(async move {
+                        let result = splice(punched.stream, forward, listener).await;
+                        let _ = news.send(TcpNews::Spliced { peer, result });
+                    });
+                }
+                TcpNews::Failed { peer } => {
+                    tcp_busy.remove(&peer);
+                    let mode = options.tcp.as_ref().map(|t| match t.mode {
+                        crate::proto::tcp_punch::TcpMode::Auto => "auto",
+                        crate::proto::tcp_punch::TcpMode::Only(t) => t.cli_name(),
+                    });
+                    status(format_args!(
+                        "tcp-punch-failed peer {peer} technique {}",
+                        mode.unwrap_or("none")
+                    ));
+                }
+                TcpNews::Spliced { peer, result } => {
+                    tcp_busy.remove(&peer);
+                    match result {
+                        Ok((sent, received)) => status(format_args!(
+                            "tcp-forward-closed peer {peer} sent {sent} received {received}"
+                        )),
+                        Err(e) => status(format_args!("tcp-forward-closed peer {peer} error {e}")),
+                    }
+                }
+            },
             event = client.next_event() => {
                 let Some(event) = event else { return Err(PeerError::Stopped) };
                 report(&event);
+                if let (
+                    AgentEvent::TcpIntroduced { peer_id, intro_id, candidates, start_at },
+                    Some(tcp),
+                    Some(local),
+                ) = (&event, &options.tcp, tcp_local)
+                    && tcp_busy.insert(peer_id.clone())
+                {
+                    let machine = crate::proto::tcp_punch::TcpPunch::new(
+                        tcp.mode,
+                        candidates,
+                        *start_at,
+                        tcp.config,
+                    );
+                    let (news, peer, intro_id) = (tcp_news_tx.clone(), peer_id.clone(), *intro_id);
+                    tcp_tasks.spawn(async move {
+                        let reports = news.clone();
+                        let punched = crate::tcp_punch::punch(local, intro_id, machine, |report| {
+                            let _ = reports.send(TcpNews::Report { intro_id, report });
+                        })
+                        .await;
+                        let _ = news.send(match punched {
+                            Some(punched) => TcpNews::Up { peer, punched },
+                            None => TcpNews::Failed { peer },
+                        });
+                    });
+                }
                 if let AgentEvent::PathUp { peer_id, remote, relayed, .. } = &event {
                     if let Some(m) = &path_metrics {
                         m.sessions(*relayed).inc();
@@ -562,6 +729,33 @@ pub async fn run(
             },
         }
     }
+}
+
+/// Carries the punched connection: spliced to one local application connection
+/// (accepted on `listener`, or made to the `To` address), or, without forwarding,
+/// held open and drained until the other side closes it. Bytes (to the peer, from
+/// the peer).
+async fn splice(
+    mut punched: tokio::net::TcpStream,
+    forward: Option<TcpForward>,
+    listener: Option<tokio::net::TcpListener>,
+) -> std::io::Result<(u64, u64)> {
+    let mut app = match (forward, listener) {
+        (Some(TcpForward::Listen(_)), Some(listener)) => listener.accept().await?.0,
+        (Some(TcpForward::To(addr)), _) => {
+            // Connect to the application when the peer's first bytes (or its close)
+            // arrive, not before: its server need not be up when the path is.
+            punched.peek(&mut [0u8; 1]).await?;
+            tokio::net::TcpStream::connect(addr).await?
+        }
+        _ => {
+            let received = tokio::io::copy(&mut punched, &mut tokio::io::sink()).await?;
+            return Ok((0, received));
+        }
+    };
+    let _ = app.set_nodelay(true);
+    let _ = punched.set_nodelay(true);
+    tokio::io::copy_bidirectional(&mut app, &mut punched).await
 }
 
 /// The agent's own view of its paths, for `/metrics` (`--metrics-listen`): sessions
@@ -666,6 +860,14 @@ fn report(event: &AgentEvent) {
             status(format_args!("relay-allocated relayed {relayed}"))
         }
         AgentEvent::PathDown { peer_id } => status(format_args!("path-down peer {peer_id}")),
+        AgentEvent::TcpIntroduced {
+            peer_id,
+            candidates,
+            ..
+        } => status(format_args!(
+            "tcp-introduced peer {peer_id} candidates {}",
+            candidates.len()
+        )),
         AgentEvent::Data { .. } => {}
     }
 }

@@ -146,3 +146,33 @@ fn credentials_are_issued_from_the_secret_file() {
     assert!(stderr.contains("--secret-file"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn peer_help_explains_tcp_punching_and_bad_techniques_are_refused() {
+    let (ok, stdout, _) = gateway(&["peer", "--help"]);
+    assert!(ok);
+    for word in [
+        "--tcp <TECHNIQUE>",
+        "simultaneous-open",
+        "low-ttl",
+        "auto",
+        "--tcp-forward-listen",
+        "--tcp-forward-to",
+        "tcp-path-up",
+    ] {
+        assert!(stdout.contains(word), "{word} missing from:\n{stdout}");
+    }
+    let (ok, _, stderr) = gateway(&[
+        "peer",
+        "--server",
+        "127.0.0.1:3478",
+        "--username",
+        "1:a",
+        "--password",
+        "x",
+        "--tcp",
+        "natblaster",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown TCP technique"), "{stderr}");
+}

@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use super::{
     binding::ChangeRequest,
     rendezvous::{
-        Candidate, CandidateKind, FilteringClass, NatClass, SessionOutcome,
+        Candidate, CandidateKind, FilteringClass, NatClass, SessionOutcome, TcpTechnique,
         client::{self, PeerCredentials, Probe, Role},
         method,
     },
@@ -102,6 +102,11 @@ pub struct AgentConfig {
     /// How long after the scheduled start an attempt that has no path yet begins
     /// birthday punching (the cheap direct probes go first).
     pub birthday_after: Duration,
+    /// This peer's TCP server-reflexive endpoints (learnt by the driver with a STUN
+    /// Binding over TCP to the gateway), announced as TCP candidates. Non-empty turns
+    /// TCP punching on: every introduction then also yields
+    /// [`AgentEvent::TcpIntroduced`].
+    pub tcp_candidates: Vec<SocketAddr>,
 }
 
 /// Most extra sockets one birthday attempt may use (file descriptors are finite).
@@ -140,6 +145,7 @@ impl AgentConfig {
             birthday_probes: 2048,
             birthday_rate: 1000,
             birthday_after: Duration::from_millis(500),
+            tcp_candidates: Vec::new(),
         }
     }
 }
@@ -174,6 +180,18 @@ pub enum AgentEvent {
         peer_id: String,
         /// Our role.
         role: Role,
+    },
+    /// An introduction arrived and TCP punching is on: the driver runs its TCP
+    /// attempt (see `super::tcp_punch`) from `start_at`.
+    TcpIntroduced {
+        /// The other side.
+        peer_id: String,
+        /// The introduction (outcome reports name it).
+        intro_id: u64,
+        /// The other side's TCP candidates (empty: it announced none).
+        candidates: Vec<SocketAddr>,
+        /// The scheduled start, the same instant as the UDP probes'.
+        start_at: Instant,
     },
     /// A path works both ways: direct (punched), or through the relay. A relayed
     /// path that gets upgraded to a direct one is announced again.
@@ -384,6 +402,8 @@ struct PendingRequest {
 #[derive(Clone, Copy, Debug)]
 struct Report {
     intro_id: u64,
+    /// Set for a TCP punching report.
+    technique: Option<TcpTechnique>,
     outcome: SessionOutcome,
     elapsed: Duration,
     probes: u32,
@@ -735,14 +755,19 @@ impl Agent {
 
     fn send_register(&mut self, now: Instant) {
         let tid = self.tid();
+        // TCP candidates first: the Register's cap must not drop them.
         let candidates: Vec<Candidate> = self
             .config
-            .host_candidates
+            .tcp_candidates
             .iter()
             .map(|&addr| Candidate {
-                kind: CandidateKind::Host,
+                kind: CandidateKind::TcpServerReflexive,
                 addr,
             })
+            .chain(self.config.host_candidates.iter().map(|&addr| Candidate {
+                kind: CandidateKind::Host,
+                addr,
+            }))
             .chain(self.discovery.predicted.iter().map(|&addr| Candidate {
                 kind: CandidateKind::Predicted,
                 addr,
@@ -1561,6 +1586,7 @@ impl Agent {
             now,
             Report {
                 intro_id,
+                technique: None,
                 outcome,
                 elapsed,
                 probes,
@@ -1572,6 +1598,7 @@ impl Agent {
     fn send_report(&mut self, now: Instant, report: Report) {
         let Report {
             intro_id,
+            technique,
             outcome,
             elapsed,
             probes,
@@ -1579,15 +1606,29 @@ impl Agent {
         } = report;
         let tid = self.tid();
         let ms = u32::try_from(elapsed.as_millis()).unwrap_or(u32::MAX);
-        let payload = client::outcome(
-            tid,
-            &self.config.credentials,
-            self.nonce.as_deref(),
-            intro_id,
-            outcome,
-            ms,
-            probes,
-        );
+        let payload = match technique {
+            Some(technique) => client::tcp_outcome(
+                tid,
+                &self.config.credentials,
+                self.nonce.as_deref(),
+                intro_id,
+                client::TcpReport {
+                    technique,
+                    connected: outcome == SessionOutcome::Direct,
+                    elapsed_ms: ms,
+                    attempts: probes,
+                },
+            ),
+            None => client::outcome(
+                tid,
+                &self.config.credentials,
+                self.nonce.as_deref(),
+                intro_id,
+                outcome,
+                ms,
+                probes,
+            ),
+        };
         // Pending only so a stale-nonce answer can resend it (once: a report is
         // not worth more than one retry); the clock starts at the last send.
         self.pending.insert(
@@ -1605,6 +1646,35 @@ impl Agent {
             payload,
             ttl: None,
         });
+    }
+
+    /// Reports how a TCP punching technique did in introduction `intro_id` (the
+    /// driver calls this once per technique it tried; the gateway counts the first
+    /// report of each technique).
+    pub fn report_tcp(
+        &mut self,
+        now: Instant,
+        intro_id: u64,
+        technique: TcpTechnique,
+        connected: bool,
+        elapsed: Duration,
+        attempts: u32,
+    ) {
+        self.send_report(
+            now,
+            Report {
+                intro_id,
+                technique: Some(technique),
+                outcome: if connected {
+                    SessionOutcome::Direct
+                } else {
+                    SessionOutcome::Failed
+                },
+                elapsed,
+                probes: attempts,
+                resent: false,
+            },
+        );
     }
 
     /// Handles one datagram received on the agent's own socket.
@@ -1896,13 +1966,31 @@ impl Agent {
             peer_id: intro.peer_id.clone(),
             role: intro.role,
         });
+        if !self.config.tcp_candidates.is_empty() {
+            self.events.push_back(AgentEvent::TcpIntroduced {
+                peer_id: intro.peer_id.clone(),
+                intro_id: intro.intro_id,
+                candidates: intro
+                    .candidates
+                    .iter()
+                    .filter(|c| c.kind.is_tcp())
+                    .map(|c| c.addr)
+                    .collect(),
+                start_at,
+            });
+        }
         self.sessions.insert(
             intro.intro_id,
             Session {
                 intro_id: intro.intro_id,
                 peer_id: intro.peer_id,
                 key: intro.probe_key,
-                candidates: intro.candidates.iter().map(|c| c.addr).collect(),
+                candidates: intro
+                    .candidates
+                    .iter()
+                    .filter(|c| !c.kind.is_tcp())
+                    .map(|c| c.addr)
+                    .collect(),
                 introduced_at: now,
                 start_at,
                 next_probe: start_at,
@@ -2469,6 +2557,64 @@ mod tests {
             1,
             |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"direct now")
         ));
+    }
+
+    #[test]
+    fn tcp_candidates_reach_the_other_side_apart_from_the_udp_probes_and_outcomes_are_reported() {
+        let mut sim = Sim::new(false);
+        let tcp = [addr("198.51.100.2:4100"), addr("198.51.100.6:5100")];
+        for (i, candidate) in tcp.iter().enumerate() {
+            sim.agents[i].1.config.tcp_candidates = vec![*candidate];
+        }
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        let introduced = |i: usize| {
+            sim.events.iter().find_map(|(j, e)| match e {
+                AgentEvent::TcpIntroduced {
+                    intro_id,
+                    candidates,
+                    start_at,
+                    ..
+                } if *j == i => Some((*intro_id, candidates.clone(), *start_at)),
+                _ => None,
+            })
+        };
+        let (intro_a, cands_a, start_a) = introduced(0).expect("alice's TCP introduction");
+        let (intro_b, cands_b, start_b) = introduced(1).expect("bob's TCP introduction");
+        assert_eq!(intro_a, intro_b);
+        assert_eq!(cands_a, vec![tcp[1]]);
+        assert_eq!(cands_b, vec![tcp[0]]);
+        let skew = start_a.max(start_b) - start_a.min(start_b);
+        assert!(skew <= Duration::from_millis(2), "{skew:?}");
+        for (i, (_, agent)) in sim.agents.iter().enumerate() {
+            for session in agent.sessions.values() {
+                assert!(
+                    !session.candidates.contains(&tcp[1 - i]),
+                    "a TCP candidate is never probed over UDP"
+                );
+            }
+        }
+        assert!(sim.agents[0].1.path("bob").is_some(), "UDP still punches");
+        let now = sim.now;
+        sim.agents[0].1.report_tcp(
+            now,
+            intro_a,
+            TcpTechnique::LowTtl,
+            true,
+            Duration::from_millis(200),
+            2,
+        );
+        sim.run_for(Duration::from_millis(50));
+        assert!(sim.server_events.iter().any(|e| matches!(
+            e,
+            Event::TcpOutcome {
+                technique: TcpTechnique::LowTtl,
+                success: true,
+                ..
+            }
+        )));
     }
 
     #[test]

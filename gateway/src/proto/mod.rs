@@ -10,4 +10,5 @@ pub mod nonce;
 pub mod peer_policy;
 pub mod rendezvous;
 pub mod stun;
+pub mod tcp_punch;
 pub mod turn;

@@ -57,6 +57,8 @@ pub mod attr {
     pub const RTT: u16 = 0x4008;
     /// Outcome report (u8 + u32 + u32).
     pub const OUTCOME: u16 = 0x4009;
+    /// TCP punching technique an Outcome report is about (u8, [`super::TcpTechnique`]).
+    pub const TECHNIQUE: u16 = 0x400A;
 }
 
 /// Most candidates accepted in, or sent out with, one message.
@@ -75,6 +77,57 @@ pub enum CandidateKind {
     Predicted = 2,
     /// A TURN relayed address (a relay offer after punching failed).
     Relayed = 3,
+    /// The peer's TCP endpoint as the gateway's TCP service port saw it (learnt by
+    /// the peer with a STUN Binding over TCP); the target of TCP hole punching.
+    TcpServerReflexive = 4,
+}
+
+impl CandidateKind {
+    /// Whether the candidate is a TCP endpoint (never probed over UDP).
+    pub const fn is_tcp(self) -> bool {
+        matches!(self, Self::TcpServerReflexive)
+    }
+}
+
+/// A TCP hole-punching technique (the TECHNIQUE attribute's value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TcpTechnique {
+    /// Both sides connect() to each other from their reflexive port at the same
+    /// instant (a simultaneous open), retrying within RFC 5382's 6 s window.
+    SimultaneousOpen = 1,
+    /// Each side first sends a SYN whose TTL expires between the two NATs (opening
+    /// its own mapping), then connects for real.
+    LowTtl = 2,
+}
+
+impl TcpTechnique {
+    /// Every technique, in order of cost (what `auto` tries).
+    pub const ALL: [Self; 2] = [Self::SimultaneousOpen, Self::LowTtl];
+
+    /// Decodes the wire value.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::SimultaneousOpen),
+            2 => Some(Self::LowTtl),
+            _ => None,
+        }
+    }
+
+    /// The metrics label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SimultaneousOpen => "simultaneous_open",
+            Self::LowTtl => "low_ttl",
+        }
+    }
+
+    /// The command-line name.
+    pub const fn cli_name(self) -> &'static str {
+        match self {
+            Self::SimultaneousOpen => "simultaneous-open",
+            Self::LowTtl => "low-ttl",
+        }
+    }
 }
 
 /// How a session between two peers ended up, as its outcome report says.
@@ -221,6 +274,7 @@ pub fn decode_candidate(value: &[u8], transaction_id: [u8; 12]) -> Option<Candid
         1 => CandidateKind::ServerReflexive,
         2 => CandidateKind::Predicted,
         3 => CandidateKind::Relayed,
+        4 => CandidateKind::TcpServerReflexive,
         _ => return None,
     };
     let addr = stun::decode_xor_address(value.get(2..)?, transaction_id)?;
@@ -326,6 +380,17 @@ pub enum Event {
         /// Probes the reporter sent.
         probes: u32,
     },
+    /// The first report of a TCP punching technique's outcome in an introduction.
+    TcpOutcome {
+        /// The initiator's NAT class.
+        initiator_nat: NatClass,
+        /// The responder's NAT class.
+        responder_nat: NatClass,
+        /// The technique.
+        technique: TcpTechnique,
+        /// Whether it produced a connection.
+        success: bool,
+    },
 }
 
 /// A datagram to send.
@@ -403,6 +468,8 @@ struct IntroRecord {
     sides: [Box<str>; 2],
     nats: [NatClass; 2],
     reported: [bool; 2],
+    /// TCP outcome reports seen: bit `2 * (technique - 1) + side`.
+    tcp_reported: u8,
 }
 
 /// The rendezvous server.
@@ -798,8 +865,13 @@ impl RendezvousServer {
                 attr::CANDIDATE if hosts.len() < MAX_CANDIDATES => {
                     // Host and predicted candidates; a peer cannot claim to be
                     // server-reflexive (only the gateway knows that address).
+                    // A TCP reflexive candidate must be on the address the gateway
+                    // sees the peer at (else a peer could aim the other side's SYNs
+                    // at any third party).
                     if let Some(c) = decode_candidate(attribute.value, tid)
                         && c.kind != CandidateKind::ServerReflexive
+                        && (!c.kind.is_tcp()
+                            || c.addr.ip().to_canonical() == from.ip().to_canonical())
                     {
                         hosts.push(c);
                     }
@@ -943,8 +1015,14 @@ impl RendezvousServer {
                 kind: CandidateKind::ServerReflexive,
                 addr: other.addr,
             };
-            let hosts = other.host_candidates.iter().copied();
-            for candidate in std::iter::once(reflexive).chain(hosts).take(MAX_CANDIDATES) {
+            // TCP candidates right after the reflexive one, so the cap never drops
+            // them (agents that predate them ignore the unknown kind).
+            let tcp = other.host_candidates.iter().filter(|c| c.kind.is_tcp());
+            let hosts = other.host_candidates.iter().filter(|c| !c.kind.is_tcp());
+            for candidate in std::iter::once(reflexive)
+                .chain(tcp.chain(hosts).copied())
+                .take(MAX_CANDIDATES)
+            {
                 let (value, len) = encode_candidate(candidate, tid);
                 writer.attribute(attr::CANDIDATE, &value[..len]);
             }
@@ -977,6 +1055,7 @@ impl RendezvousServer {
                 ],
                 nats: [initiator.nat, responder.nat],
                 reported: [false; 2],
+                tcp_reported: 0,
             },
         );
         self.events.push(Event::Introduced {
@@ -1108,9 +1187,20 @@ impl RendezvousServer {
     ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
         let mut intro_id = None;
         let mut report = None;
+        let mut technique = None;
         for attribute in auth.message.attributes().filter_map(Result::ok) {
             match attribute.ty {
                 attr::INTRO_ID => intro_id = read_u64(attribute.value),
+                attr::TECHNIQUE => {
+                    technique = Some(
+                        attribute
+                            .value
+                            .first()
+                            .copied()
+                            .and_then(TcpTechnique::from_u8)
+                            .ok_or((Handled::BadRequest, 400, "Bad Request"))?,
+                    );
+                }
                 attr::OUTCOME if attribute.value.len() == 9 => {
                     let outcome = SessionOutcome::from_u8(attribute.value[0]);
                     let ms = read_u32(&attribute.value[1..5]).unwrap_or(0);
@@ -1133,20 +1223,39 @@ impl RendezvousServer {
             .iter()
             .position(|s| **s == *auth.peer_id)
             .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
-        if record.reported[side] {
-            return Err((Handled::NotFound, 404, "Already Reported"));
-        }
-        let first = !record.reported.iter().any(|&r| r);
-        record.reported[side] = true;
-        if first {
-            self.events.push(Event::Outcome {
-                initiator_nat: record.nats[0],
-                responder_nat: record.nats[1],
-                direct: outcome == SessionOutcome::Direct,
-                relayed: outcome == SessionOutcome::Relayed,
-                time_to_direct: Duration::from_millis(u64::from(ms)),
-                probes,
-            });
+        if let Some(technique) = technique {
+            // TCP outcomes: once per side per technique, counted on the first.
+            let shift = 2 * (technique as u8 - 1);
+            let bit = 1u8 << (shift + side as u8);
+            if record.tcp_reported & bit != 0 {
+                return Err((Handled::NotFound, 404, "Already Reported"));
+            }
+            let first = record.tcp_reported & (0b11 << shift) == 0;
+            record.tcp_reported |= bit;
+            if first {
+                self.events.push(Event::TcpOutcome {
+                    initiator_nat: record.nats[0],
+                    responder_nat: record.nats[1],
+                    technique,
+                    success: outcome == SessionOutcome::Direct,
+                });
+            }
+        } else {
+            if record.reported[side] {
+                return Err((Handled::NotFound, 404, "Already Reported"));
+            }
+            let first = !record.reported.iter().any(|&r| r);
+            record.reported[side] = true;
+            if first {
+                self.events.push(Event::Outcome {
+                    initiator_nat: record.nats[0],
+                    responder_nat: record.nats[1],
+                    direct: outcome == SessionOutcome::Direct,
+                    relayed: outcome == SessionOutcome::Relayed,
+                    time_to_direct: Duration::from_millis(u64::from(ms)),
+                    probes,
+                });
+            }
         }
         let mut reply = Vec::with_capacity(64);
         let mut writer = MessageWriter::new(
@@ -1218,7 +1327,7 @@ pub mod client {
         pub password: String,
     }
 
-    fn request(
+    pub(super) fn request(
         method: u16,
         tid: [u8; 12],
         credentials: &PeerCredentials,
@@ -1312,6 +1421,49 @@ pub mod client {
             value[1..5].copy_from_slice(&time_to_direct_ms.to_be_bytes());
             value[5..9].copy_from_slice(&probes.to_be_bytes());
             w.attribute(attr::OUTCOME, &value);
+        })
+    }
+
+    /// What a TCP punching outcome report says.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct TcpReport {
+        /// The technique.
+        pub technique: TcpTechnique,
+        /// Whether it produced a connection.
+        pub connected: bool,
+        /// From the technique's start to the connection (or to giving up).
+        pub elapsed_ms: u32,
+        /// connect() calls made.
+        pub attempts: u32,
+    }
+
+    /// A TCP punching outcome report for introduction `intro_id`.
+    pub fn tcp_outcome(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        nonce: Option<&str>,
+        intro_id: u64,
+        report: TcpReport,
+    ) -> Vec<u8> {
+        let TcpReport {
+            technique,
+            connected,
+            elapsed_ms,
+            attempts,
+        } = report;
+        let outcome = if connected {
+            SessionOutcome::Direct
+        } else {
+            SessionOutcome::Failed
+        };
+        request(method::OUTCOME, tid, credentials, nonce, |w| {
+            w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
+            let mut value = [0u8; 9];
+            value[0] = outcome as u8;
+            value[1..5].copy_from_slice(&elapsed_ms.to_be_bytes());
+            value[5..9].copy_from_slice(&attempts.to_be_bytes());
+            w.attribute(attr::OUTCOME, &value);
+            w.attribute(attr::TECHNIQUE, &[technique as u8]);
         })
     }
 
@@ -2271,6 +2423,154 @@ mod tests {
     }
 
     #[test]
+    fn tcp_candidates_pass_on_only_from_the_registering_address_and_first() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        let tcp = |addr| Candidate {
+            kind: CandidateKind::TcpServerReflexive,
+            addr,
+        };
+        let host = |addr| Candidate {
+            kind: CandidateKind::Host,
+            addr,
+        };
+        // Alice announces her TCP mapping (same public address as her UDP one), a
+        // TCP "mapping" on a third party's address, and seven host candidates.
+        let mut candidates = vec![tcp(addr("198.51.100.2:4100")), tcp(addr("203.0.113.99:80"))];
+        candidates.extend((0..5).map(|i| host(addr(&format!("10.0.1.2:{}", 4000 + i)))));
+        let alice = creds("alice");
+        let (handled, _) = world.send(
+            a,
+            &register_with_candidates(
+                [1; 12],
+                &alice,
+                Some(&world.nonce(a)),
+                &candidates,
+                NatClass::EndpointIndependent,
+                0,
+            ),
+        );
+        assert_eq!(handled, Handled::Registered);
+        world.register("bob", b, &[], NatClass::None, 0);
+        let bob = creds("bob");
+        let (_, out) = world.send(b, &connect([2; 12], &bob, Some(&world.nonce(b)), "alice"));
+        let intro = out
+            .iter()
+            .filter(|t| t.to == b)
+            .find_map(|t| parse_introduction(&t.payload, &bob.password))
+            .expect("bob's introduction");
+        let kinds: Vec<CandidateKind> = intro.candidates.iter().map(|c| c.kind).collect();
+        assert_eq!(kinds[0], CandidateKind::ServerReflexive);
+        assert_eq!(
+            intro.candidates[1],
+            tcp(addr("198.51.100.2:4100")),
+            "the TCP candidate comes right after the reflexive one"
+        );
+        assert!(
+            !intro
+                .candidates
+                .iter()
+                .any(|c| c.addr.ip() == addr("203.0.113.99:80").ip()),
+            "a TCP candidate on another address than the sender's is dropped"
+        );
+        assert_eq!(intro.candidates.len(), 7);
+    }
+
+    #[test]
+    fn tcp_outcomes_count_once_per_technique_and_leave_the_udp_outcome_alone() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        let m = addr("203.0.113.5:6000");
+        world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+        world.register("bob", b, &[], NatClass::None, 0);
+        world.register("mallory", m, &[], NatClass::None, 0);
+        let alice = creds("alice");
+        let (_, out) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
+        let intro = out
+            .iter()
+            .find_map(|t| parse_response(&t.payload, &alice.password))
+            .and_then(|r| r.intro_id)
+            .expect("id");
+        world.server.drain_events().for_each(drop);
+        let report = |world: &World, who: &str, from, technique, connected| {
+            tcp_outcome(
+                [4; 12],
+                &creds(who),
+                Some(&world.nonce(from)),
+                intro,
+                TcpReport {
+                    technique,
+                    connected,
+                    elapsed_ms: 200,
+                    attempts: 2,
+                },
+            )
+        };
+        let so = TcpTechnique::SimultaneousOpen;
+        let low = TcpTechnique::LowTtl;
+        // Not a side of the introduction: nothing.
+        let spoofed = report(&world, "mallory", m, so, true);
+        assert_eq!(world.send(m, &spoofed).0, Handled::NotFound);
+        let first = report(&world, "alice", a, so, false);
+        assert_eq!(world.send(a, &first).0, Handled::OutcomeAccepted);
+        let again = report(&world, "alice", a, so, true);
+        assert_eq!(world.send(a, &again).0, Handled::NotFound, "duplicate");
+        let other_side = report(&world, "bob", b, so, false);
+        assert_eq!(world.send(b, &other_side).0, Handled::OutcomeAccepted);
+        let second_technique = report(&world, "bob", b, low, true);
+        assert_eq!(world.send(b, &second_technique).0, Handled::OutcomeAccepted);
+        // The UDP outcome is still open.
+        let udp = outcome(
+            [5; 12],
+            &alice,
+            Some(&world.nonce(a)),
+            intro,
+            SessionOutcome::Direct,
+            20,
+            3,
+        );
+        assert_eq!(world.send(a, &udp).0, Handled::OutcomeAccepted);
+        let events: Vec<Event> = world.server.drain_events().collect();
+        assert_eq!(
+            events,
+            vec![
+                Event::TcpOutcome {
+                    initiator_nat: NatClass::EndpointIndependent,
+                    responder_nat: NatClass::None,
+                    technique: so,
+                    success: false
+                },
+                Event::TcpOutcome {
+                    initiator_nat: NatClass::EndpointIndependent,
+                    responder_nat: NatClass::None,
+                    technique: low,
+                    success: true
+                },
+                Event::Outcome {
+                    initiator_nat: NatClass::EndpointIndependent,
+                    responder_nat: NatClass::None,
+                    direct: true,
+                    relayed: false,
+                    time_to_direct: Duration::from_millis(20),
+                    probes: 3
+                }
+            ]
+        );
+        // An unknown technique is a bad request.
+        let bad = {
+            let c = creds("alice");
+            super::client::request(method::OUTCOME, [6; 12], &c, Some(&world.nonce(a)), |w| {
+                w.attribute(attr::INTRO_ID, &intro.to_be_bytes());
+                w.attribute(attr::OUTCOME, &[0; 9]);
+                w.attribute(attr::TECHNIQUE, &[9]);
+            })
+        };
+        assert_eq!(world.send(a, &bad).0, Handled::BadRequest);
+    }
+
+    #[test]
     fn outcome_reports_count_once_and_only_from_the_sides() {
         let mut world = World::new();
         let a = addr("198.51.100.2:4000");
@@ -2443,9 +2743,9 @@ mod tests {
         }
 
         #[test]
-        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..4) {
+        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..5) {
             let addr = SocketAddr::new(addr.ip(), addr.port());
-            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed][kind as usize];
+            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive][kind as usize];
             let (value, len) = encode_candidate(Candidate { kind, addr }, tid);
             prop_assert_eq!(decode_candidate(&value[..len], tid), Some(Candidate { kind, addr }));
         }

@@ -1,0 +1,593 @@
+//! TCP hole punching, sans-IO: what to send when, for one introduction.
+//!
+//! Both sides run the same schedule from the introduction's start instant (the one
+//! the UDP probes use), so their SYNs cross. Each technique gets a window (RFC 5382
+//! REQ-4: a NAT must hold an unsolicited inbound SYN's fate open for 6 s so that a
+//! simultaneous open can complete); `auto` runs the techniques one after the other
+//! in order of cost, each in its own window, so both sides switch together.
+//!
+//! The driver ([`crate::tcp_punch`]) performs the [`TcpAction`]s with real sockets
+//! bound to the local port whose mapping the gateway saw, keeps a listener on that
+//! port for the whole attempt, and tells the machine what happened
+//! ([`TcpPunch::connected`], [`TcpPunch::failed`], [`TcpPunch::accepted`]).
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+pub use super::rendezvous::TcpTechnique;
+
+/// Which technique(s) `gateway peer --tcp` tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpMode {
+    /// One technique only.
+    Only(TcpTechnique),
+    /// Every technique in order of cost, each in its own window.
+    Auto,
+}
+
+impl TcpMode {
+    /// The techniques in the order they run.
+    pub fn techniques(self) -> Vec<TcpTechnique> {
+        match self {
+            Self::Only(t) => vec![t],
+            Self::Auto => TcpTechnique::ALL.to_vec(),
+        }
+    }
+}
+
+impl std::str::FromStr for TcpMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "simultaneous-open" => Ok(Self::Only(TcpTechnique::SimultaneousOpen)),
+            "low-ttl" => Ok(Self::Only(TcpTechnique::LowTtl)),
+            other => Err(format!(
+                "unknown TCP technique {other:?} (simultaneous-open, low-ttl, auto)"
+            )),
+        }
+    }
+}
+
+/// Tunables of a TCP punching attempt.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpPunchConfig {
+    /// How long each technique is tried (RFC 5382's 6 s).
+    pub window: Duration,
+    /// How long one connect() may stay unanswered before it is abandoned (long
+    /// enough for the kernel's first SYN retransmission, 1 s after the SYN).
+    pub attempt_timeout: Duration,
+    /// Least time between two connect() starts toward one candidate.
+    pub retry_gap: Duration,
+    /// Most connect() calls per candidate per technique.
+    pub max_attempts: u32,
+    /// TTL of the low-TTL opener SYN (passes our NAT(s), dies before theirs).
+    pub open_ttl: u8,
+    /// Low-TTL: time between the opener SYN and the real connect() (covers the two
+    /// sides' start skew: the other's opener must be out before our real SYN lands).
+    pub open_lead: Duration,
+    /// Most candidates of the other side tried.
+    pub max_candidates: usize,
+}
+
+impl Default for TcpPunchConfig {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(6),
+            attempt_timeout: Duration::from_millis(2500),
+            retry_gap: Duration::from_millis(300),
+            max_attempts: 8,
+            open_ttl: 2,
+            open_lead: Duration::from_millis(200),
+            max_candidates: 2,
+        }
+    }
+}
+
+/// Something the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TcpAction {
+    /// Send a SYN toward `to` from the local port with IP TTL `ttl` (a connect() on
+    /// a fresh socket), and drop that socket after `hold` (or when it fails, as it
+    /// will when the ICMP time-exceeded comes back).
+    Open {
+        /// The other side's candidate.
+        to: SocketAddr,
+        /// The TTL.
+        ttl: u8,
+        /// How long to keep the socket.
+        hold: Duration,
+    },
+    /// connect() from the local port to `to` with the normal TTL; report the result
+    /// with [`TcpPunch::connected`] or [`TcpPunch::failed`] naming `attempt`.
+    Connect {
+        /// The other side's candidate.
+        to: SocketAddr,
+        /// Identifies this connect.
+        attempt: u32,
+        /// Give up on it after this long (report it failed).
+        timeout: Duration,
+    },
+    /// A technique's window is over: abandon every connect() in flight.
+    CancelAll,
+    /// Tell the gateway how a technique did.
+    Report {
+        /// The technique.
+        technique: TcpTechnique,
+        /// Whether it produced a connection.
+        connected: bool,
+        /// From the technique's start to the connection (or to giving up).
+        elapsed: Duration,
+        /// connect() calls made.
+        attempts: u32,
+    },
+}
+
+/// Where an attempt stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpPunchState {
+    /// Techniques are still being tried.
+    Running,
+    /// A connection came up.
+    Connected {
+        /// The technique whose window it came up in.
+        technique: TcpTechnique,
+        /// The other side's endpoint.
+        remote: SocketAddr,
+        /// From that technique's start.
+        elapsed: Duration,
+    },
+    /// Every technique failed (or there was nothing to connect to).
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// The opener SYN goes out next (low-TTL only).
+    Open,
+    /// The real connect() goes out next.
+    Connect,
+}
+
+#[derive(Clone, Debug)]
+struct Target {
+    to: SocketAddr,
+    stage: Stage,
+    due: Instant,
+    in_flight: Option<u32>,
+    attempts: u32,
+    last_start: Option<Instant>,
+}
+
+/// One TCP punching attempt.
+#[derive(Debug)]
+pub struct TcpPunch {
+    config: TcpPunchConfig,
+    techniques: Vec<TcpTechnique>,
+    /// Index into `techniques` of the running one.
+    phase: usize,
+    phase_start: Instant,
+    targets: Vec<Target>,
+    next_attempt: u32,
+    state: TcpPunchState,
+    actions: std::collections::VecDeque<TcpAction>,
+}
+
+impl TcpPunch {
+    /// An attempt toward `candidates` starting at `start_at`.
+    pub fn new(
+        mode: TcpMode,
+        candidates: &[SocketAddr],
+        start_at: Instant,
+        config: TcpPunchConfig,
+    ) -> Self {
+        let mut seen = Vec::new();
+        for &c in candidates {
+            if !seen.contains(&c) && seen.len() < config.max_candidates {
+                seen.push(c);
+            }
+        }
+        let mut punch = Self {
+            config,
+            techniques: mode.techniques(),
+            phase: 0,
+            phase_start: start_at,
+            targets: seen
+                .into_iter()
+                .map(|to| Target {
+                    to,
+                    stage: Stage::Connect,
+                    due: start_at,
+                    in_flight: None,
+                    attempts: 0,
+                    last_start: None,
+                })
+                .collect(),
+            next_attempt: 0,
+            state: TcpPunchState::Running,
+            actions: std::collections::VecDeque::new(),
+        };
+        if punch.targets.is_empty() {
+            // Nothing to connect to (the other side announced no TCP candidate):
+            // every technique fails at once.
+            for &technique in &punch.techniques {
+                punch.actions.push_back(TcpAction::Report {
+                    technique,
+                    connected: false,
+                    elapsed: Duration::ZERO,
+                    attempts: 0,
+                });
+            }
+            punch.state = TcpPunchState::Failed;
+        } else {
+            punch.begin_phase(start_at);
+        }
+        punch
+    }
+
+    /// Where the attempt stands.
+    pub fn state(&self) -> TcpPunchState {
+        self.state
+    }
+
+    /// The technique being tried (None once finished).
+    pub fn technique(&self) -> Option<TcpTechnique> {
+        match self.state {
+            TcpPunchState::Running => self.techniques.get(self.phase).copied(),
+            _ => None,
+        }
+    }
+
+    fn begin_phase(&mut self, at: Instant) {
+        self.phase_start = at;
+        let stage = match self.techniques.get(self.phase) {
+            Some(TcpTechnique::LowTtl) if self.config.open_ttl > 0 => Stage::Open,
+            _ => Stage::Connect,
+        };
+        for t in &mut self.targets {
+            t.stage = stage;
+            t.due = at;
+            t.in_flight = None;
+            t.attempts = 0;
+            t.last_start = None;
+        }
+    }
+
+    fn phase_end(&self) -> Instant {
+        self.phase_start + self.config.window
+    }
+
+    fn attempts(&self) -> u32 {
+        self.targets.iter().map(|t| t.attempts).sum()
+    }
+
+    /// When [`TcpPunch::handle_timeout`] must run next (None once finished).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.state != TcpPunchState::Running {
+            return None;
+        }
+        let mut at = self.phase_end();
+        for t in &self.targets {
+            if t.in_flight.is_none() && t.attempts < self.config.max_attempts {
+                at = at.min(t.due);
+            }
+        }
+        Some(at)
+    }
+
+    /// Runs the schedule: openers, connects, the end of a technique's window.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.state != TcpPunchState::Running {
+            return;
+        }
+        if now >= self.phase_end() {
+            let Some(&technique) = self.techniques.get(self.phase) else {
+                self.state = TcpPunchState::Failed;
+                return;
+            };
+            self.actions.push_back(TcpAction::CancelAll);
+            self.actions.push_back(TcpAction::Report {
+                technique,
+                connected: false,
+                elapsed: self.config.window,
+                attempts: self.attempts(),
+            });
+            let next_start = self.phase_end();
+            self.phase += 1;
+            if self.phase >= self.techniques.len() {
+                self.state = TcpPunchState::Failed;
+                return;
+            }
+            self.begin_phase(next_start);
+        }
+        let end = self.phase_end();
+        for t in &mut self.targets {
+            if t.in_flight.is_some() || t.attempts >= self.config.max_attempts || now < t.due {
+                continue;
+            }
+            match t.stage {
+                Stage::Open => {
+                    // Dropped well before the real connect(): the two would share
+                    // one 4-tuple.
+                    self.actions.push_back(TcpAction::Open {
+                        to: t.to,
+                        ttl: self.config.open_ttl,
+                        hold: self.config.open_lead / 2,
+                    });
+                    t.stage = Stage::Connect;
+                    t.due = now + self.config.open_lead;
+                }
+                Stage::Connect => {
+                    let attempt = self.next_attempt;
+                    self.next_attempt = self.next_attempt.wrapping_add(1);
+                    t.attempts += 1;
+                    t.in_flight = Some(attempt);
+                    t.last_start = Some(now);
+                    self.actions.push_back(TcpAction::Connect {
+                        to: t.to,
+                        attempt,
+                        timeout: self
+                            .config
+                            .attempt_timeout
+                            .min(end.saturating_duration_since(now)),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The connect() named `attempt` failed (refused, unreachable, timed out): the
+    /// next one to that candidate goes out after the retry gap.
+    pub fn failed(&mut self, now: Instant, attempt: u32) {
+        let low_ttl = self.technique() == Some(TcpTechnique::LowTtl) && self.config.open_ttl > 0;
+        if let Some(t) = self
+            .targets
+            .iter_mut()
+            .find(|t| t.in_flight == Some(attempt))
+        {
+            t.in_flight = None;
+            t.due = t
+                .last_start
+                .map_or(now, |s| (s + self.config.retry_gap).max(now));
+            // Every low-TTL retry opens our mapping again first (a RST that passed
+            // our NAT may have closed it).
+            t.stage = if low_ttl { Stage::Open } else { Stage::Connect };
+        }
+    }
+
+    /// The connect() named `attempt` succeeded: the attempt is over. Returns false
+    /// (and changes nothing) for an attempt that is not in flight.
+    pub fn connected(&mut self, now: Instant, attempt: u32) -> bool {
+        let Some(remote) = self
+            .targets
+            .iter()
+            .find(|t| t.in_flight == Some(attempt))
+            .map(|t| t.to)
+        else {
+            return false;
+        };
+        self.succeed(now, remote);
+        true
+    }
+
+    /// Whether a connection from `from` may be ours: the attempt is running and
+    /// `from`'s address is one of the other side's candidates' (a NAT may change the
+    /// port; the address is what the gateway vouched for).
+    pub fn admits(&self, from: SocketAddr) -> bool {
+        self.state == TcpPunchState::Running
+            && self
+                .targets
+                .iter()
+                .any(|t| t.to.ip().to_canonical() == from.ip().to_canonical())
+    }
+
+    /// The listener accepted a connection from `from`: it counts only when it comes
+    /// from one of the other side's candidate addresses (a NAT may change the port;
+    /// the address is what the gateway vouched for). Returns whether it counted.
+    pub fn accepted(&mut self, now: Instant, from: SocketAddr) -> bool {
+        if !self.admits(from) {
+            return false;
+        }
+        self.succeed(now, from);
+        true
+    }
+
+    fn succeed(&mut self, now: Instant, remote: SocketAddr) {
+        let Some(&technique) = self.techniques.get(self.phase) else {
+            return;
+        };
+        if self.state != TcpPunchState::Running {
+            return;
+        }
+        let elapsed = now.saturating_duration_since(self.phase_start);
+        self.actions.push_back(TcpAction::CancelAll);
+        self.actions.push_back(TcpAction::Report {
+            technique,
+            connected: true,
+            elapsed,
+            attempts: self.attempts(),
+        });
+        self.state = TcpPunchState::Connected {
+            technique,
+            remote,
+            elapsed,
+        };
+    }
+
+    /// The next action for the driver.
+    pub fn poll_action(&mut self) -> Option<TcpAction> {
+        self.actions.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    fn drain(p: &mut TcpPunch) -> Vec<TcpAction> {
+        std::iter::from_fn(|| p.poll_action()).collect()
+    }
+
+    #[test]
+    fn simultaneous_open_connects_at_the_start_and_retries_after_the_gap() {
+        let t0 = Instant::now();
+        let to = addr("203.0.113.5:4000");
+        let config = TcpPunchConfig::default();
+        let mut p = TcpPunch::new(
+            TcpMode::Only(TcpTechnique::SimultaneousOpen),
+            &[to, to],
+            t0,
+            config,
+        );
+        assert_eq!(p.poll_timeout(), Some(t0));
+        p.handle_timeout(t0);
+        let actions = drain(&mut p);
+        assert_eq!(actions.len(), 1, "duplicates are tried once: {actions:?}");
+        let TcpAction::Connect { attempt, .. } = actions[0] else {
+            panic!("{actions:?}");
+        };
+        // Refused at once (a RST): the retry waits for the gap.
+        p.failed(t0 + Duration::from_millis(1), attempt);
+        assert_eq!(p.poll_timeout(), Some(t0 + config.retry_gap));
+        p.handle_timeout(t0 + config.retry_gap);
+        let actions = drain(&mut p);
+        let [
+            TcpAction::Connect {
+                attempt: second, ..
+            },
+        ] = actions[..]
+        else {
+            panic!("{actions:?}");
+        };
+        assert!(p.connected(t0 + Duration::from_millis(400), second));
+        let actions = drain(&mut p);
+        assert_eq!(
+            actions,
+            vec![
+                TcpAction::CancelAll,
+                TcpAction::Report {
+                    technique: TcpTechnique::SimultaneousOpen,
+                    connected: true,
+                    elapsed: Duration::from_millis(400),
+                    attempts: 2
+                }
+            ]
+        );
+        assert!(matches!(p.state(), TcpPunchState::Connected { .. }));
+        assert_eq!(p.poll_timeout(), None);
+    }
+
+    #[test]
+    fn low_ttl_opens_first_then_connects_after_the_lead() {
+        let t0 = Instant::now();
+        let to = addr("203.0.113.5:4000");
+        let config = TcpPunchConfig::default();
+        let mut p = TcpPunch::new(TcpMode::Only(TcpTechnique::LowTtl), &[to], t0, config);
+        p.handle_timeout(t0);
+        assert_eq!(
+            drain(&mut p),
+            vec![TcpAction::Open {
+                to,
+                ttl: 2,
+                hold: config.open_lead / 2
+            }]
+        );
+        assert_eq!(p.poll_timeout(), Some(t0 + config.open_lead));
+        p.handle_timeout(t0 + config.open_lead);
+        let actions = drain(&mut p);
+        let [TcpAction::Connect { attempt, .. }] = actions[..] else {
+            panic!("{actions:?}");
+        };
+        // A failed real connect: the retry opens again first.
+        p.failed(t0 + config.open_lead, attempt);
+        p.handle_timeout(t0 + config.open_lead + config.retry_gap);
+        assert!(matches!(drain(&mut p)[..], [TcpAction::Open { .. }]));
+    }
+
+    #[test]
+    fn auto_moves_to_the_next_technique_when_a_window_ends_and_fails_after_the_last() {
+        let t0 = Instant::now();
+        let to = addr("203.0.113.5:4000");
+        let config = TcpPunchConfig::default();
+        let mut p = TcpPunch::new(TcpMode::Auto, &[to], t0, config);
+        p.handle_timeout(t0);
+        drain(&mut p);
+        let t1 = t0 + config.window;
+        assert_eq!(p.poll_timeout(), Some(t1), "a connect is in flight");
+        p.handle_timeout(t1);
+        let actions = drain(&mut p);
+        assert_eq!(actions[0], TcpAction::CancelAll);
+        assert_eq!(
+            actions[1],
+            TcpAction::Report {
+                technique: TcpTechnique::SimultaneousOpen,
+                connected: false,
+                elapsed: config.window,
+                attempts: 1
+            }
+        );
+        assert!(matches!(actions[2], TcpAction::Open { .. }), "{actions:?}");
+        assert_eq!(p.technique(), Some(TcpTechnique::LowTtl));
+        p.handle_timeout(t1 + config.window);
+        let actions = drain(&mut p);
+        assert!(actions.contains(&TcpAction::Report {
+            technique: TcpTechnique::LowTtl,
+            connected: false,
+            elapsed: config.window,
+            attempts: 0
+        }));
+        assert_eq!(p.state(), TcpPunchState::Failed);
+        assert_eq!(p.poll_timeout(), None);
+    }
+
+    #[test]
+    fn attempts_are_bounded_and_unknown_results_change_nothing() {
+        let t0 = Instant::now();
+        let to = addr("203.0.113.5:4000");
+        let config = TcpPunchConfig {
+            max_attempts: 3,
+            ..TcpPunchConfig::default()
+        };
+        let mut p = TcpPunch::new(
+            TcpMode::Only(TcpTechnique::SimultaneousOpen),
+            &[to],
+            t0,
+            config,
+        );
+        assert!(!p.connected(t0, 99), "nothing in flight");
+        let mut now = t0;
+        let mut connects = 0;
+        while now < t0 + config.window {
+            p.handle_timeout(now);
+            for a in drain(&mut p) {
+                if let TcpAction::Connect { attempt, .. } = a {
+                    connects += 1;
+                    p.failed(now, attempt);
+                }
+            }
+            now += Duration::from_millis(50);
+        }
+        assert_eq!(connects, 3);
+        // A connection from an address that is no candidate is not ours.
+        assert!(!p.accepted(now, addr("198.51.100.9:4000")));
+        assert!(p.accepted(now, addr("203.0.113.5:4999")));
+    }
+
+    #[test]
+    fn no_candidate_fails_every_technique_at_once() {
+        let mut p = TcpPunch::new(
+            TcpMode::Auto,
+            &[],
+            Instant::now(),
+            TcpPunchConfig::default(),
+        );
+        assert_eq!(p.state(), TcpPunchState::Failed);
+        assert_eq!(drain(&mut p).len(), 2);
+    }
+}

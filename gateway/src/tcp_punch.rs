@@ -1,0 +1,368 @@
+//! TCP hole punching, the I/O half: learns this host's TCP server-reflexive
+//! endpoint from the gateway ([`learn_reflexive`]) and performs the sans-IO
+//! [`TcpPunch`]'s actions with real sockets ([`punch`]).
+//!
+//! Every socket of an attempt is bound to one local port, the one whose mapping the
+//! gateway saw, with SO_REUSEADDR and SO_REUSEPORT, so the connection to the gateway
+//! (which holds the NAT mapping), a listener and the connect() attempts can share it.
+//! Dropping an attempt drops (closes) all of its sockets; a socket closed in SYN-SENT
+//! sends nothing.
+use std::{
+    io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+    task::JoinSet,
+};
+
+use crate::proto::tcp_punch::{TcpAction, TcpPunch, TcpPunchState, TcpTechnique};
+
+/// Why TCP punching could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TcpPunchError {
+    /// A socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The gateway did not answer the STUN Binding over TCP in time, or answered
+    /// something unusable.
+    #[error("no usable STUN Binding answer over TCP from {0}")]
+    NoAnswer(SocketAddr),
+}
+
+/// Accepted connections greeted at once at most (the rest are closed).
+const MAX_GREETING: usize = 4;
+/// How long the STUN Binding over TCP to the gateway may take.
+const LEARN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A TCP socket bound to `local` with SO_REUSEADDR and SO_REUSEPORT.
+pub fn reusable_socket(local: SocketAddr) -> io::Result<TcpSocket> {
+    let socket = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(local)?;
+    Ok(socket)
+}
+
+fn set_ttl(socket: &TcpSocket, ttl: u32, ipv4: bool) -> io::Result<()> {
+    let s = socket2::SockRef::from(socket);
+    if ipv4 {
+        s.set_ttl_v4(ttl)
+    } else {
+        s.set_unicast_hops_v6(ttl)
+    }
+}
+
+/// This host's TCP endpoint as the gateway's TCP service port (`server`, where the
+/// TURN-over-TCP listener also answers STUN Binding) sees it: connects from a fresh
+/// reusable local port, sends a Binding request and reads XOR-MAPPED-ADDRESS.
+/// Returns the connection (keep it open: it holds the NAT's mapping), the local
+/// endpoint it is bound to, and the mapped endpoint.
+pub async fn learn_reflexive(
+    server: SocketAddr,
+) -> Result<(TcpStream, SocketAddr, SocketAddr), TcpPunchError> {
+    let any: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let io = |what| move |source| TcpPunchError::Io { what, source };
+    let socket = reusable_socket(any).map_err(io("binding the TCP punching port"))?;
+    let local = socket
+        .local_addr()
+        .map_err(io("reading the TCP punching port"))?;
+    let exchange = async {
+        let mut stream = socket
+            .connect(server)
+            .await
+            .map_err(io("connecting to the gateway over TCP"))?;
+        let tid: [u8; 12] = rand::random();
+        let mut request = Vec::with_capacity(28);
+        crate::proto::binding::binding_request(tid, &mut request);
+        stream
+            .write_all(&request)
+            .await
+            .map_err(io("sending a Binding over TCP"))?;
+        let mut head = [0u8; 20];
+        stream
+            .read_exact(&mut head)
+            .await
+            .map_err(io("reading the Binding answer"))?;
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        if len > 1024 {
+            return Err(TcpPunchError::NoAnswer(server));
+        }
+        let mut answer = head.to_vec();
+        answer.resize(20 + len, 0);
+        stream
+            .read_exact(&mut answer[20..])
+            .await
+            .map_err(io("reading the Binding answer"))?;
+        let mapped = crate::proto::binding::parse_binding_success(&answer, tid)
+            .ok_or(TcpPunchError::NoAnswer(server))?;
+        Ok((stream, mapped))
+    };
+    let (stream, mapped) = tokio::time::timeout(LEARN_TIMEOUT, exchange)
+        .await
+        .map_err(|_| TcpPunchError::NoAnswer(server))??;
+    Ok((stream, local, mapped))
+}
+
+/// A punched TCP connection.
+#[derive(Debug)]
+pub struct Punched {
+    /// The connection.
+    pub stream: TcpStream,
+    /// The technique whose window it came up in.
+    pub technique: TcpTechnique,
+    /// The other side's endpoint.
+    pub remote: SocketAddr,
+    /// From that technique's start to the connection.
+    pub elapsed: Duration,
+}
+
+/// A technique's result, for the gateway's outcome report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// The technique.
+    pub technique: TcpTechnique,
+    /// Whether it connected.
+    pub connected: bool,
+    /// From its start to the connection or to giving up.
+    pub elapsed: Duration,
+    /// connect() calls made.
+    pub attempts: u32,
+}
+
+/// First bytes both sides send on a punched connection: "GWTP" and the
+/// introduction id, then one acknowledgement byte once the other's hello arrived;
+/// a connection counts only once both crossed.
+const HELLO_MAGIC: [u8; 4] = *b"GWTP";
+/// Length of the hello.
+const HELLO_LEN: usize = 12;
+/// The byte that acknowledges the other side's hello.
+const HELLO_ACK: u8 = 0x06;
+/// How long the other side's hello may take.
+const HELLO_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Proves a fresh connection carries bytes both ways and belongs to introduction
+/// `intro_id`: sends our hello, reads the other's. A NAT that let the handshake
+/// through but drops what follows (its sequence tracking disagrees with one side's
+/// initial sequence number), or a connection from anyone else, fails here.
+async fn hello(stream: &mut TcpStream, intro_id: u64) -> io::Result<()> {
+    let mut ours = [0u8; HELLO_LEN];
+    ours[..4].copy_from_slice(&HELLO_MAGIC);
+    ours[4..].copy_from_slice(&intro_id.to_be_bytes());
+    let exchange = async {
+        stream.write_all(&ours).await?;
+        let mut theirs = [0u8; HELLO_LEN];
+        stream.read_exact(&mut theirs).await?;
+        if theirs != ours {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not the other side of this introduction",
+            ));
+        }
+        // Then an acknowledgement each way: a side whose hello never arrived sends
+        // none, so a path that carries bytes one way only fails on both sides.
+        stream.write_all(&[HELLO_ACK]).await?;
+        let mut ack = [0u8; 1];
+        stream.read_exact(&mut ack).await?;
+        if ack[0] == HELLO_ACK {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad hello acknowledgement",
+            ))
+        }
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no hello from the other side (data does not pass)",
+            ))
+        })
+}
+
+/// Runs one attempt for introduction `intro_id` from `local` (the port the gateway
+/// saw): a listener there for the whole attempt plus the machine's openers and
+/// connects; a connection counts once the hellos crossed (see `hello`). Calls `report`
+/// once per technique tried. Returns the connection, or None when every technique
+/// failed. Every other socket is closed when this returns.
+pub async fn punch(
+    local: SocketAddr,
+    intro_id: u64,
+    mut machine: TcpPunch,
+    mut report: impl FnMut(Report),
+) -> Option<Punched> {
+    // The listener takes a SYN that reaches this host while no connect() of ours
+    // is in SYN-SENT for it (the other side started a little earlier, or our
+    // attempt was just refused): without it the kernel would answer RST.
+    let listener = match reusable_socket(local).and_then(|s| s.listen(16)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(error = %e, %local, "no TCP listener on the punching port");
+            None
+        }
+    };
+    let ipv4 = local.is_ipv4();
+    let mut connects: JoinSet<(u32, io::Result<TcpStream>)> = JoinSet::new();
+    let mut openers: JoinSet<()> = JoinSet::new();
+    // Accepted connections whose hello is under way.
+    let mut greeting: JoinSet<(SocketAddr, io::Result<TcpStream>)> = JoinSet::new();
+    let mut winner: Option<TcpStream> = None;
+    loop {
+        while let Some(action) = machine.poll_action() {
+            match action {
+                TcpAction::Open { to, ttl, hold } => {
+                    openers.spawn(async move {
+                        let opened = reusable_socket(local).and_then(|s| {
+                            set_ttl(&s, u32::from(ttl), ipv4)?;
+                            Ok(s)
+                        });
+                        match opened {
+                            // The SYN leaves with the low TTL at once; the answer
+                            // is an ICMP time-exceeded (the connect fails) or
+                            // nothing: either way the socket is dropped, and a
+                            // socket closed in SYN-SENT sends nothing.
+                            Ok(s) => {
+                                let sent = Instant::now();
+                                let result = tokio::time::timeout(hold, s.connect(to)).await;
+                                tracing::debug!(
+                                    %to,
+                                    ttl,
+                                    after_ms = sent.elapsed().as_secs_f64() * 1000.0,
+                                    result = ?result.as_ref().map(|r| r.as_ref().map(|_| ()).map_err(|e| e.to_string())),
+                                    "low-TTL opener done"
+                                );
+                            }
+                            Err(e) => tracing::debug!(error = %e, "cannot open a low-TTL socket"),
+                        }
+                    });
+                }
+                TcpAction::Connect {
+                    to,
+                    attempt,
+                    timeout,
+                } => {
+                    connects.spawn(async move {
+                        let result = match reusable_socket(local) {
+                            Ok(s) => tokio::time::timeout(timeout, s.connect(to))
+                                .await
+                                .unwrap_or_else(|_| {
+                                    Err(io::Error::new(
+                                        io::ErrorKind::TimedOut,
+                                        "connect timed out",
+                                    ))
+                                }),
+                            Err(e) => Err(e),
+                        };
+                        let result = match result {
+                            Ok(mut stream) => hello(&mut stream, intro_id).await.map(|()| stream),
+                            Err(e) => Err(e),
+                        };
+                        (attempt, result)
+                    });
+                }
+                TcpAction::CancelAll => {
+                    connects.abort_all();
+                    openers.abort_all();
+                    greeting.abort_all();
+                }
+                TcpAction::Report {
+                    technique,
+                    connected,
+                    elapsed,
+                    attempts,
+                } => report(Report {
+                    technique,
+                    connected,
+                    elapsed,
+                    attempts,
+                }),
+            }
+        }
+        match machine.state() {
+            TcpPunchState::Running => {}
+            TcpPunchState::Failed => return None,
+            TcpPunchState::Connected {
+                technique,
+                remote,
+                elapsed,
+            } => {
+                return winner.map(|stream| Punched {
+                    stream,
+                    technique,
+                    remote,
+                    elapsed,
+                });
+            }
+        }
+        let deadline = machine
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let accept = async {
+            match &listener {
+                Some(l) => l.accept().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline.into()) => machine.handle_timeout(Instant::now()),
+            Some(done) = connects.join_next() => match done {
+                Ok((attempt, Ok(stream))) => {
+                    if machine.connected(Instant::now(), attempt) {
+                        winner = Some(stream);
+                    }
+                }
+                Ok((attempt, Err(e))) => {
+                    tracing::debug!(error = %e, attempt, "TCP punch connect failed");
+                    machine.failed(Instant::now(), attempt);
+                }
+                Err(_) => {} // aborted
+            },
+            Some(_) = openers.join_next() => {}
+            Some(done) = greeting.join_next() => match done {
+                Ok((from, Ok(stream))) => {
+                    if machine.accepted(Instant::now(), from) {
+                        winner = Some(stream);
+                    }
+                }
+                Ok((from, Err(e))) => {
+                    tracing::debug!(error = %e, %from, "accepted TCP connection failed its hello");
+                }
+                Err(_) => {} // aborted
+            },
+            accepted = accept => match accepted {
+                Ok((mut stream, from)) => {
+                    // Only the other side's candidate addresses are worth a hello
+                    // (checked again, with the result, by `accepted`).
+                    if machine.admits(from) && greeting.len() < MAX_GREETING {
+                        greeting.spawn(async move {
+                            let result = hello(&mut stream, intro_id).await.map(|()| stream);
+                            (from, result)
+                        });
+                    } else {
+                        tracing::debug!(%from, "TCP connection from a stranger on the punching port; closed");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "TCP punch accept failed"),
+            },
+        }
+    }
+}
