@@ -32,6 +32,10 @@ pub struct DemoArgs {
     /// Skip `setup` and `build-ebpf` (when they were just run).
     #[arg(long)]
     no_setup: bool,
+    /// Skip the TCP splice (two more hosts behind port-restricted cones, punched with
+    /// `gateway peer --tcp auto`, a TCP connection forwarded over it).
+    #[arg(long)]
+    no_tcp: bool,
 }
 
 /// `cargo xtask lab ...`.
@@ -116,6 +120,116 @@ pub fn lab(command: LabCommand) -> Result<()> {
     }
 }
 
+/// The demo's TCP splice: carol (site c) and dave (site d) punch a TCP connection with
+/// `gateway peer --tcp auto`, and a TCP "application" on each side talks through it.
+/// Returns the agents (they stop when dropped).
+fn tcp_splice(
+    lab: &Lab,
+    service: SocketAddr,
+    discover: &[&str; 2],
+    secret: &gateway::proto::credentials::SharedSecret,
+    expiry: u64,
+) -> Result<(PeerProcess, PeerProcess)> {
+    use std::io::{Read, Write};
+    println!(
+        "== TCP splice: `gateway peer --tcp auto` on two hosts behind port-restricted cones (sites c and d), carol connects to dave"
+    );
+    let host = |name: &str| {
+        lab.site(name)
+            .and_then(|s| s.host(0))
+            .cloned()
+            .ok_or_else(|| anyhow!("no host in site {name}"))
+    };
+    let (host_c, host_d) = (host("c")?, host("d")?);
+    let carol_creds = secret.issue("carol", expiry)?;
+    let dave_creds = secret.issue("dave", expiry)?;
+    let mut dave = PeerProcess::start(
+        &host_d,
+        service,
+        &dave_creds.username,
+        &dave_creds.password,
+        &[
+            "--tcp",
+            "auto",
+            "--tcp-forward-to",
+            "127.0.0.1:6100",
+            "--discover",
+            discover[0],
+            "--discover",
+            discover[1],
+        ],
+    )?;
+    dave.wait_for("tcp-mapped", Duration::from_secs(5));
+    // Dave's application listens where his forwarder delivers.
+    let app_d = host_d.tcp_listen_on("127.0.0.1:6100".parse()?)?;
+    let mut carol = PeerProcess::start(
+        &host_c,
+        service,
+        &carol_creds.username,
+        &carol_creds.password,
+        &[
+            "--connect",
+            "dave",
+            "--tcp",
+            "auto",
+            "--tcp-forward-listen",
+            "127.0.0.1:5100",
+            "--discover",
+            discover[0],
+            "--discover",
+            discover[1],
+        ],
+    )?;
+    let carol_verdict = carol.wait_for("tcp-p", Duration::from_secs(12));
+    let dave_verdict = dave.wait_for("tcp-p", Duration::from_secs(3));
+    for line in carol.seen().iter().filter(|l| l.starts_with("tcp")) {
+        println!("   carol: {line}");
+    }
+    for line in dave.seen().iter().filter(|l| l.starts_with("tcp")) {
+        println!("   dave:  {line}");
+    }
+    let up = |v: &Option<String>| v.as_deref().is_some_and(|l| l.starts_with("tcp-path-up"));
+    if !(up(&carol_verdict) && up(&dave_verdict)) {
+        println!(
+            "   => no TCP path this time (docs/tcp-splicing.md lists what each NAT pair allows)"
+        );
+        return Ok((carol, dave));
+    }
+    let exchange = || -> Result<String> {
+        let mut app_c = host_c.tcp_connect("127.0.0.1:5100".parse()?, Duration::from_secs(2))??;
+        app_c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        app_c.write_all(b"hello dave, over punched TCP")?;
+        app_d.set_nonblocking(true)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut conn = loop {
+            match app_d.accept() {
+                Ok((conn, _)) => break conn,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => bail!("dave's application got no connection: {e}"),
+            }
+        };
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut got = [0u8; 28];
+        conn.read_exact(&mut got)?;
+        conn.write_all(b"hello carol")?;
+        let mut back = [0u8; 11];
+        app_c.read_exact(&mut back)?;
+        Ok(format!(
+            "carol's app -> 127.0.0.1:5100 ~~ punched TCP ~~> dave's app got {:?}, and answered {:?}",
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&back)
+        ))
+    };
+    match exchange() {
+        Ok(line) => println!("   forwarded: {line}"),
+        Err(e) => println!("   forwarded: failed ({e:#})"),
+    }
+    Ok((carol, dave))
+}
+
 /// `cargo xtask demo`.
 pub fn demo(args: DemoArgs) -> Result<()> {
     if !args.no_setup {
@@ -131,10 +245,15 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         preset_a.name(),
         preset_b.name()
     );
-    let lab = Lab::builder()
-        .site("a", preset_a)
-        .site("b", preset_b)
-        .build()?;
+    let mut builder = Lab::builder().site("a", preset_a).site("b", preset_b);
+    if !args.no_tcp {
+        // The TCP splice's pair: NATs that drop unsolicited SYNs silently, through which
+        // simultaneous open works (docs/tcp-splicing.md).
+        builder = builder
+            .site("c", NatPreset::port_restricted_cone())
+            .site("d", NatPreset::port_restricted_cone());
+    }
+    let lab = builder.build()?;
     let server = lab.server();
     let addrs = server.addrs().to_vec();
     let [primary, secondary] = [addrs[0], addrs[1]];
@@ -303,6 +422,17 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "   => no path for this NAT pair (see docs/nat-matrix.md: UDP blocked on a side?)"
         );
     }
+    let tcp_agents = if args.no_tcp {
+        None
+    } else {
+        Some(tcp_splice(
+            &lab,
+            service,
+            &[&discover_port, &discover_ip],
+            &secret,
+            expiry,
+        )?)
+    };
     std::thread::sleep(Duration::from_millis(300));
 
     let text = gateway.scrape()?;
@@ -333,6 +463,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     for line in text.lines().filter(|l| {
         (l.starts_with("gateway_punch_attempts_total")
             || l.starts_with("gateway_punch_outcomes_total")
+            || l.starts_with("gateway_tcp_punch_attempts_total")
             || l.starts_with("gateway_turn_allocations")
             || l.starts_with("gateway_relay_packets_total"))
             && !l.ends_with(" 0")
@@ -373,6 +504,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     println!("== gateway stopped ({status}); eBPF programs detached; removing the lab");
     drop(alice);
     drop(bob);
+    drop(tcp_agents);
     drop(lab);
     std::fs::remove_file(&secret_path).ok();
     Ok(())
