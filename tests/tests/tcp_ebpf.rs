@@ -28,6 +28,7 @@ struct Counts {
     rst_tcp: f64,
     rst_udp: f64,
     rst_all: f64,
+    early_tcp: f64,
     text: String,
 }
 
@@ -70,6 +71,10 @@ fn counts(pair: &PunchLab, site: &str) -> Counts {
         rst_tcp,
         rst_udp,
         rst_all: value("gateway_bounced_packets_total", "reason=\"tcp_rst\""),
+        early_tcp: value(
+            "gateway_bounced_packets_by_protocol_total",
+            "protocol=\"tcp\",reason=\"before_egress\"",
+        ),
         text,
     }
 }
@@ -139,8 +144,32 @@ fn simultaneous_open_through_port_restricted_cones_is_one_punched_tcp_flow_per_s
         // The UDP path is punched too (every introduction punches UDP as well), and
         // counted apart.
         assert!(c.punched_udp >= 1.0, "site {site}:\n{}", c.text);
-        // A silently dropping NAT sends no RST.
+        // A silently dropping NAT sends no RST, and lets no TCP packet reach the host
+        // before the host sent to its source.
         assert_eq!(c.rst_tcp, 0.0, "site {site}:\n{}", c.text);
+        assert_eq!(c.early_tcp, 0.0, "site {site}:\n{}", c.text);
+    }
+    // The agents' TCP connections to the gateway were made before their programs
+    // were attached and have been idle since. Stopping the gateway makes them carry
+    // packets: its FIN comes in, the agent's kernel acknowledges it. Were that
+    // connection a punch flow, the FIN would bounce (ingress before egress) and the
+    // ACK open a flow.
+    let pid = pair.gateway.pid().expect("gateway pid");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -TERM {pid}");
+    std::thread::sleep(Duration::from_secs(1));
+    for site in ["a", "b"] {
+        let c = counts(&pair, site);
+        consistent(site, &c);
+        assert_eq!(
+            (c.punched_tcp, c.early_tcp),
+            (1.0, 0.0),
+            "site {site}: the gateway's TCP connection is not a punch flow:\n{}",
+            c.text
+        );
     }
 }
 
