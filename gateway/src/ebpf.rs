@@ -1060,6 +1060,31 @@ mod tests {
     }
 
     #[test]
+    fn punch_totals_of_two_protocols_add_up() {
+        let mut udp = PunchTotals::default();
+        udp.bounced[BounceReason::BeforeEgress as usize] = 2;
+        udp.punch_time_buckets[0] = 1;
+        udp.punch_time_sum_ns = 5;
+        let mut tcp = PunchTotals::default();
+        tcp.bounced[BounceReason::TcpRst as usize] = 8;
+        tcp.bounced[BounceReason::BeforeEgress as usize] = 1;
+        tcp.punch_time_buckets[3] = 1;
+        tcp.punch_time_sum_ns = 7;
+        let sum = udp.plus(&tcp);
+        assert_eq!(sum.bounced(BounceReason::BeforeEgress), 3);
+        assert_eq!(sum.bounced(BounceReason::TcpRst), 8);
+        assert_eq!(sum.punched(), 2);
+        assert_eq!(sum.punch_time_sum_ns, 12);
+        assert_eq!(
+            PunchProtocol::ALL.map(|p| p as u32),
+            [0, 1],
+            "slot order of the kernel map"
+        );
+        assert_eq!(PunchProtocol::from_ip(6), PunchProtocol::Tcp);
+        assert_eq!(PunchProtocol::from_ip(17), PunchProtocol::Udp);
+    }
+
+    #[test]
     fn punch_time_histogram_is_cumulative_in_seconds() {
         let mut totals = PunchTotals::default();
         totals.punch_time_buckets[0] = 2; // <= 1 ms
