@@ -21,7 +21,7 @@ pub const SETTINGS_MAP: &str = "SETTINGS";
 pub const IGNORED_REMOTES_MAP: &str = "IGNORED_REMOTES";
 /// Name of the LRU hash map from [`FlowKey`] to [`FlowState`]: the punch flow table.
 pub const PUNCH_FLOWS_MAP: &str = "PUNCH_FLOWS";
-/// Name of the one-slot per-CPU array holding [`PunchStats`].
+/// Name of the per-CPU array holding one [`PunchStats`] per [`PunchProtocol`].
 pub const PUNCH_STATS_MAP: &str = "PUNCH_STATS";
 /// Name of the tc classifier attached on ingress.
 pub const INGRESS_PROGRAM: &str = "observe_ingress";
@@ -238,7 +238,39 @@ pub const PUNCH_TIME_BOUNDS_NS: [u64; 13] = [
 /// Slots of [`PunchStats::punch_time_buckets`].
 pub const PUNCH_TIME_SLOTS: usize = PUNCH_TIME_BOUNDS_NS.len() + 1;
 
-/// Punch outcomes counted on one CPU.
+/// The transport protocol of a punch flow; the discriminant is its slot in
+/// [`PUNCH_STATS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PunchProtocol {
+    /// UDP flows (and every flow of a protocol other than TCP).
+    Udp = 0,
+    /// TCP flows.
+    Tcp = 1,
+}
+
+impl PunchProtocol {
+    /// Every protocol, in slot order.
+    pub const ALL: [PunchProtocol; 2] = [PunchProtocol::Udp, PunchProtocol::Tcp];
+    /// Number of slots in [`PUNCH_STATS_MAP`].
+    pub const COUNT: u32 = 2;
+
+    /// The protocol of an IP protocol number (6: TCP; anything else counts as UDP).
+    #[inline(always)]
+    pub const fn from_ip(protocol: u32) -> Self {
+        if protocol == 6 { Self::Tcp } else { Self::Udp }
+    }
+
+    /// The metric label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// Punch outcomes of one [`PunchProtocol`] counted on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PunchStats {

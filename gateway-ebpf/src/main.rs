@@ -9,6 +9,9 @@
 //! * ICMP/ICMPv6 errors quoting a punch flow, and TCP RSTs on a punch flow that is not
 //!   punched yet: bounced, with the reason.
 //!
+//! Outcomes are counted per protocol: UDP and TCP flows have a slot each in
+//! `PUNCH_STATS`.
+//!
 //! Both programs always return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never change
 //! the packet's fate, and let any later tc program on the interface run. Parsing is fixed-size, at constant offsets, with a bounds check
 //! before every read (direct packet access); there are no loops. Only Ethernet-framed
@@ -33,8 +36,9 @@ use aya_ebpf::{
 };
 use gateway_ebpf::{
     BounceReason, Direction, Endpoint, FAMILY_IPV4, FAMILY_IPV6, FLOW_PUNCHED, FLOW_TABLE_CAPACITY,
-    FlowKey, FlowState, MAX_IGNORED_REMOTES, PORTS_PER_ENTRY, PunchStats, STUN_MAGIC_COOKIE,
-    TC_ACT_UNSPEC, UdpCounters, WATCHED_PORTS_ENTRIES, punch_time_slot, settings, watch,
+    FlowKey, FlowState, MAX_IGNORED_REMOTES, PORTS_PER_ENTRY, PunchProtocol, PunchStats,
+    STUN_MAGIC_COOKIE, TC_ACT_UNSPEC, UdpCounters, WATCHED_PORTS_ENTRIES, punch_time_slot,
+    settings, watch,
 };
 
 #[map(name = "UDP_COUNTERS")]
@@ -55,7 +59,8 @@ static PUNCH_FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(FLOW_TABLE_CAPACITY, 0);
 
 #[map(name = "PUNCH_STATS")]
-static PUNCH_STATS: PerCpuArray<PunchStats> = PerCpuArray::with_max_entries(1, 0);
+static PUNCH_STATS: PerCpuArray<PunchStats> =
+    PerCpuArray::with_max_entries(PunchProtocol::COUNT, 0);
 
 const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -440,7 +445,7 @@ fn track(direction: Direction, key: &FlowKey, rst: bool, config: u32) {
         (Direction::Ingress, None) => {
             // No egress yet. The flow is not created here, so unsolicited traffic
             // cannot fill the table.
-            bounce(BounceReason::BeforeEgress);
+            bounce(key, BounceReason::BeforeEgress);
         }
         (Direction::Ingress, Some(flow)) => {
             // SAFETY: a live map value (see `increment`).
@@ -450,7 +455,7 @@ fn track(direction: Direction, key: &FlowKey, rst: bool, config: u32) {
                 if rst {
                     if !punched {
                         increment(&raw mut (*flow).bounced_packets);
-                        bounce(BounceReason::TcpRst);
+                        bounce(key, BounceReason::TcpRst);
                     }
                     return;
                 }
@@ -460,16 +465,22 @@ fn track(direction: Direction, key: &FlowKey, rst: bool, config: u32) {
                 if !punched && fetch_or(&raw mut (*flow).flags, FLOW_PUNCHED) & FLOW_PUNCHED == 0 {
                     let now = now_ns();
                     (*flow).punched_ns = now;
-                    punched_after(now.saturating_sub((*flow).first_egress_ns));
+                    punched_after(key, now.saturating_sub((*flow).first_egress_ns));
                 }
             }
         }
     }
 }
 
+/// The statistics slot of `key`'s protocol.
 #[inline(always)]
-fn bounce(reason: BounceReason) {
-    if let Some(stats) = PUNCH_STATS.get_ptr_mut(0) {
+fn stats_slot(key: &FlowKey) -> u32 {
+    PunchProtocol::from_ip(key.protocol) as u32
+}
+
+#[inline(always)]
+fn bounce(key: &FlowKey, reason: BounceReason) {
+    if let Some(stats) = PUNCH_STATS.get_ptr_mut(stats_slot(key)) {
         // SAFETY: per-CPU slot; no other program instance runs on this CPU meanwhile.
         unsafe {
             if let Some(slot) = (*stats).bounced.get_mut(reason as usize) {
@@ -480,8 +491,8 @@ fn bounce(reason: BounceReason) {
 }
 
 #[inline(always)]
-fn punched_after(elapsed_ns: u64) {
-    if let Some(stats) = PUNCH_STATS.get_ptr_mut(0) {
+fn punched_after(key: &FlowKey, elapsed_ns: u64) {
+    if let Some(stats) = PUNCH_STATS.get_ptr_mut(stats_slot(key)) {
         // SAFETY: per-CPU slot, as in `bounce`.
         unsafe {
             if let Some(slot) = (*stats)
@@ -503,7 +514,7 @@ fn quoted_bounce(key: &FlowKey, reason: BounceReason) {
         unsafe {
             increment(&raw mut (*flow).bounced_packets);
         }
-        bounce(reason);
+        bounce(key, reason);
     }
 }
 

@@ -25,8 +25,8 @@ use gateway_ebpf::{
     BOUNCE_SLOTS, BounceReason, Direction, EGRESS_PROGRAM, Endpoint, FAMILY_IPV4, FAMILY_IPV6,
     FLOW_PUNCHED, FlowKey, FlowState, IGNORED_REMOTES_MAP, INGRESS_PROGRAM, MAX_IGNORED_REMOTES,
     PASS_THROUGH_PROGRAM, PORTS_PER_ENTRY, PUNCH_FLOWS_MAP, PUNCH_STATS_MAP, PUNCH_TIME_BOUNDS_NS,
-    PUNCH_TIME_SLOTS, PunchStats, SETTINGS_MAP, UDP_COUNTERS_MAP, UdpCounters, WATCHED_PORTS_MAP,
-    settings, watch,
+    PUNCH_TIME_SLOTS, PunchProtocol, PunchStats, SETTINGS_MAP, UDP_COUNTERS_MAP, UdpCounters,
+    WATCHED_PORTS_MAP, settings, watch,
 };
 use prometheus::{
     IntCounter, IntCounterVec, IntGauge, Opts,
@@ -516,9 +516,16 @@ impl EbpfProbe {
         read_udp_counters(&self.maps)
     }
 
-    /// Current punch outcome totals, summed over CPUs.
+    /// Current punch outcome totals, summed over CPUs and protocols.
     pub fn read_punch_totals(&self) -> Result<PunchTotals, EbpfError> {
-        read_punch_totals(&self.maps)
+        let [udp, tcp] = read_punch_totals(&self.maps)?;
+        Ok(udp.plus(&tcp))
+    }
+
+    /// Current punch outcome totals of one protocol's flows, summed over CPUs.
+    pub fn read_punch_totals_of(&self, protocol: PunchProtocol) -> Result<PunchTotals, EbpfError> {
+        let totals = read_punch_totals(&self.maps)?;
+        Ok(totals[protocol as usize])
     }
 
     /// A handle on the flow table, for expiry and listing from another task.
@@ -653,6 +660,23 @@ impl PunchTotals {
     pub fn bounced(&self, reason: BounceReason) -> u64 {
         self.bounced.get(reason as usize).copied().unwrap_or(0)
     }
+
+    /// Both totals added up.
+    pub fn plus(&self, other: &PunchTotals) -> PunchTotals {
+        let mut sum = *self;
+        for (a, b) in sum.bounced.iter_mut().zip(other.bounced) {
+            *a = a.wrapping_add(b);
+        }
+        for (a, b) in sum
+            .punch_time_buckets
+            .iter_mut()
+            .zip(other.punch_time_buckets)
+        {
+            *a = a.wrapping_add(b);
+        }
+        sum.punch_time_sum_ns = sum.punch_time_sum_ns.wrapping_add(other.punch_time_sum_ns);
+        sum
+    }
 }
 
 fn read_udp_counters(maps: &KernelMaps) -> Result<[UdpCounters; 2], EbpfError> {
@@ -670,28 +694,25 @@ fn read_udp_counters(maps: &KernelMaps) -> Result<[UdpCounters; 2], EbpfError> {
     Ok(totals)
 }
 
-fn read_punch_totals(maps: &KernelMaps) -> Result<PunchTotals, EbpfError> {
+/// Punch totals per [`PunchProtocol`] (in its slot order), summed over CPUs.
+fn read_punch_totals(maps: &KernelMaps) -> Result<[PunchTotals; 2], EbpfError> {
     let stats = lock(&maps.punch_stats);
-    let per_cpu = stats
-        .get(&0, 0)
-        .map_err(aya_err("reading the punch statistics"))?;
-    let mut totals = PunchTotals::default();
-    for value in per_cpu.iter() {
-        for (total, v) in totals.bounced.iter_mut().zip(value.bounced) {
-            *total = total.wrapping_add(v);
+    let mut all = [PunchTotals::default(); 2];
+    for (protocol, totals) in PunchProtocol::ALL.into_iter().zip(all.iter_mut()) {
+        let per_cpu = stats
+            .get(&(protocol as u32), 0)
+            .map_err(aya_err("reading the punch statistics"))?;
+        for value in per_cpu.iter() {
+            let mut one = PunchTotals {
+                bounced: value.bounced,
+                punch_time_buckets: value.punch_time_buckets,
+                punch_time_sum_ns: value.punch_time_sum_ns,
+            };
+            one = totals.plus(&one);
+            *totals = one;
         }
-        for (total, v) in totals
-            .punch_time_buckets
-            .iter_mut()
-            .zip(value.punch_time_buckets)
-        {
-            *total = total.wrapping_add(v);
-        }
-        totals.punch_time_sum_ns = totals
-            .punch_time_sum_ns
-            .wrapping_add(value.punch_time_sum_ns);
     }
-    Ok(totals)
+    Ok(all)
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
@@ -800,7 +821,10 @@ impl FlowTable {
 
 /// Exports the kernel's maps at scrape time:
 /// `gateway_ebpf_udp_packets_total{direction}`, `gateway_ebpf_udp_bytes_total{direction}`,
-/// `gateway_punched_flows_total`, `gateway_bounced_packets_total{reason}`,
+/// `gateway_punched_flows_total`, `gateway_bounced_packets_total{reason}` (both over
+/// all protocols), the same split by protocol in
+/// `gateway_punched_flows_by_protocol_total{protocol}` and
+/// `gateway_bounced_packets_by_protocol_total{protocol,reason}`,
 /// `gateway_ebpf_punch_time_seconds` (histogram) and `gateway_ebpf_flow_table_entries`.
 pub struct EbpfCollector {
     maps: Arc<KernelMaps>,
@@ -808,6 +832,8 @@ pub struct EbpfCollector {
     bytes: IntCounterVec,
     punched: IntCounter,
     bounced: IntCounterVec,
+    punched_by_protocol: IntCounterVec,
+    bounced_by_protocol: IntCounterVec,
     flow_entries: IntGauge,
     punch_time: Desc,
 }
@@ -850,6 +876,26 @@ impl EbpfCollector {
         for reason in BounceReason::ALL {
             bounced.with_label_values(&[reason.as_str()]);
         }
+        let punched_by_protocol = IntCounterVec::new(
+            Opts::new(
+                "gateway_punched_flows_by_protocol_total",
+                "gateway_punched_flows_total split by the flow's transport protocol (udp, tcp)",
+            ),
+            &["protocol"],
+        )?;
+        let bounced_by_protocol = IntCounterVec::new(
+            Opts::new(
+                "gateway_bounced_packets_by_protocol_total",
+                "gateway_bounced_packets_total split by the flow's transport protocol (udp, tcp)",
+            ),
+            &["protocol", "reason"],
+        )?;
+        for protocol in PunchProtocol::ALL {
+            punched_by_protocol.with_label_values(&[protocol.as_str()]);
+            for reason in BounceReason::ALL {
+                bounced_by_protocol.with_label_values(&[protocol.as_str(), reason.as_str()]);
+            }
+        }
         let flow_entries = IntGauge::new(
             "gateway_ebpf_flow_table_entries",
             "Punch flows currently in the kernel's flow table",
@@ -866,6 +912,8 @@ impl EbpfCollector {
             bytes,
             punched,
             bounced,
+            punched_by_protocol,
+            bounced_by_protocol,
             flow_entries,
             punch_time,
         })
@@ -910,6 +958,8 @@ impl Collector for EbpfCollector {
         descs.extend(self.bytes.desc());
         descs.extend(self.punched.desc());
         descs.extend(self.bounced.desc());
+        descs.extend(self.punched_by_protocol.desc());
+        descs.extend(self.bounced_by_protocol.desc());
         descs.extend(self.flow_entries.desc());
         descs.push(&self.punch_time);
         descs
@@ -927,7 +977,25 @@ impl Collector for EbpfCollector {
             Err(e) => tracing::warn!(error = %e, "cannot read eBPF counters"),
         }
         let totals = match read_punch_totals(&self.maps) {
-            Ok(totals) => {
+            Ok(per_protocol) => {
+                for (protocol, totals) in PunchProtocol::ALL.into_iter().zip(&per_protocol) {
+                    catch_up(
+                        &self
+                            .punched_by_protocol
+                            .with_label_values(&[protocol.as_str()]),
+                        totals.punched(),
+                    );
+                    for reason in BounceReason::ALL {
+                        catch_up(
+                            &self
+                                .bounced_by_protocol
+                                .with_label_values(&[protocol.as_str(), reason.as_str()]),
+                            totals.bounced(reason),
+                        );
+                    }
+                }
+                let [udp, tcp] = per_protocol;
+                let totals = udp.plus(&tcp);
                 catch_up(&self.punched, totals.punched());
                 for reason in BounceReason::ALL {
                     catch_up(
@@ -951,6 +1019,8 @@ impl Collector for EbpfCollector {
         families.extend(self.bytes.collect());
         families.extend(self.punched.collect());
         families.extend(self.bounced.collect());
+        families.extend(self.punched_by_protocol.collect());
+        families.extend(self.bounced_by_protocol.collect());
         families.extend(self.flow_entries.collect());
         families.push(Self::punch_time_family(&totals));
         families
@@ -987,6 +1057,31 @@ mod tests {
             flags[&4000],
             watch::COUNT_UDP | watch::PUNCH_UDP | watch::PUNCH_TCP
         );
+    }
+
+    #[test]
+    fn punch_totals_of_two_protocols_add_up() {
+        let mut udp = PunchTotals::default();
+        udp.bounced[BounceReason::BeforeEgress as usize] = 2;
+        udp.punch_time_buckets[0] = 1;
+        udp.punch_time_sum_ns = 5;
+        let mut tcp = PunchTotals::default();
+        tcp.bounced[BounceReason::TcpRst as usize] = 8;
+        tcp.bounced[BounceReason::BeforeEgress as usize] = 1;
+        tcp.punch_time_buckets[3] = 1;
+        tcp.punch_time_sum_ns = 7;
+        let sum = udp.plus(&tcp);
+        assert_eq!(sum.bounced(BounceReason::BeforeEgress), 3);
+        assert_eq!(sum.bounced(BounceReason::TcpRst), 8);
+        assert_eq!(sum.punched(), 2);
+        assert_eq!(sum.punch_time_sum_ns, 12);
+        assert_eq!(
+            PunchProtocol::ALL.map(|p| p as u32),
+            [0, 1],
+            "slot order of the kernel map"
+        );
+        assert_eq!(PunchProtocol::from_ip(6), PunchProtocol::Tcp);
+        assert_eq!(PunchProtocol::from_ip(17), PunchProtocol::Udp);
     }
 
     #[test]

@@ -192,7 +192,10 @@ impl Drop for Observer {
 /// The gateway endpoints an agent talks to besides its peers: its rendezvous
 /// server, its discovery endpoints, and every port of the gateway's address (port 0:
 /// the TURN relay's relayed addresses, whose ports are only known at run time). Their
-/// flows are not punch flows; a relayed path is not counted as punched.
+/// flows are not punch flows; a relayed path is not counted as punched. The kernel
+/// matches ignored endpoints whatever the protocol, so the server's entry also covers
+/// the TCP connection `--tcp` keeps open to the gateway's TCP service (same address
+/// and port) from the TCP punch port.
 pub fn rendezvous_endpoints(agent: &AgentConfig) -> Vec<SocketAddr> {
     let mut endpoints = vec![agent.server, SocketAddr::new(agent.server.ip(), 0)];
     endpoints.extend(agent.discovery.iter().copied());
@@ -200,16 +203,71 @@ pub fn rendezvous_endpoints(agent: &AgentConfig) -> Vec<SocketAddr> {
 }
 
 /// Starts observation for an agent whose punch socket is `local`: its port becomes a
-/// punch port and `rendezvous` endpoints are ignored. `None` in, `None` out.
+/// UDP punch port, `tcp_local`'s port (the `--tcp` punch port, when TCP punching
+/// runs) a TCP punch port, and `rendezvous` endpoints are ignored. `None` in, `None`
+/// out.
 pub async fn start_for_agent(
     options: Option<ObserveOptions>,
     local: SocketAddr,
+    tcp_local: Option<SocketAddr>,
     rendezvous: Vec<SocketAddr>,
 ) -> Result<Option<Observer>, ObserveError> {
-    let Some(mut options) = options else {
+    let Some(options) = options else {
         return Ok(None);
     };
+    Observer::start(agent_options(options, local, tcp_local, rendezvous))
+        .await
+        .map(Some)
+}
+
+/// `options` with an agent's ports watched and its gateway endpoints ignored.
+fn agent_options(
+    mut options: ObserveOptions,
+    local: SocketAddr,
+    tcp_local: Option<SocketAddr>,
+    rendezvous: Vec<SocketAddr>,
+) -> ObserveOptions {
     options.watch.punch_udp_ports.push(local.port());
+    options
+        .watch
+        .punch_tcp_ports
+        .extend(tcp_local.map(|a| a.port()));
     options.watch.ignored_remotes.extend(rendezvous);
-    Observer::start(options).await.map(Some)
+    options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_watches_its_udp_and_tcp_punch_ports_and_ignores_the_gateway() {
+        let agent = AgentConfig::new(
+            "192.0.2.1:3478".parse().expect("address"),
+            crate::proto::rendezvous::client::PeerCredentials {
+                username: "0:alice".into(),
+                password: "secret".into(),
+            },
+        );
+        let udp: SocketAddr = "0.0.0.0:40000".parse().expect("address");
+        let tcp: SocketAddr = "0.0.0.0:40001".parse().expect("address");
+        let options = agent_options(
+            ObserveOptions::default(),
+            udp,
+            Some(tcp),
+            rendezvous_endpoints(&agent),
+        );
+        assert_eq!(options.watch.punch_udp_ports, vec![40000]);
+        assert_eq!(options.watch.punch_tcp_ports, vec![40001]);
+        // The TCP mapping connection goes to the server's address and port.
+        assert!(options.watch.ignored_remotes.contains(&agent.server));
+
+        let without_tcp = agent_options(
+            ObserveOptions::default(),
+            udp,
+            None,
+            rendezvous_endpoints(&agent),
+        );
+        assert!(without_tcp.watch.punch_tcp_ports.is_empty());
+    }
 }

@@ -552,8 +552,13 @@ pub async fn run(
         client.local_addr()
     ));
     // Detaches the programs when `run` returns.
-    let observer =
-        crate::observe::start_for_agent(options.observe, client.local_addr(), rendezvous).await?;
+    let observer = crate::observe::start_for_agent(
+        options.observe,
+        client.local_addr(),
+        tcp_local,
+        rendezvous,
+    )
+    .await?;
     let path_metrics = match &observer {
         Some(observer) => Some(PathMetrics::new(observer.registry()).map_err(|e| {
             PeerError::Observe(crate::observe::ObserveError::Metrics(

@@ -57,6 +57,8 @@ const AGENT_METRICS_ARGS: &[&str] = &[
     "--ebpf-interface",
     "eth0",
 ];
+/// The flags of the pair that also punches TCP (alice and bob).
+const TCP_PUNCH_ARGS: &[&str] = &["--tcp", "simultaneous-open"];
 /// Where an agent serves /metrics in its own namespace (as in [`AGENT_METRICS_ARGS`]).
 const AGENT_METRICS_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9479);
@@ -86,7 +88,10 @@ enum Scenario {
     /// port-restricted cone) punches bob (site b, port-restricted cone answering with
     /// ICMP rejects) directly; carol (site a's second host) cannot punch dave (site c,
     /// symmetric NAT with random ports; see docs/nat-matrix.md) and reports a failure.
-    /// A client also sends datagrams that are not STUN.
+    /// Alice and bob also punch TCP (`--tcp simultaneous-open`; whether it connects
+    /// through bob's ICMP-rejecting NAT is a race, docs/tcp-splicing.md, but either
+    /// way an outcome is reported and counted). A client also sends datagrams that are
+    /// not STUN.
     DirectAndFailedPunch,
 }
 
@@ -224,6 +229,10 @@ fn direct_and_failed_punch() -> Run {
         if AGENTS_SERVE_METRICS {
             args.extend_from_slice(AGENT_METRICS_ARGS);
         }
+        if *peer == "alice" || *peer == "bob" {
+            // For the TCP punching panels: both sides run the same technique.
+            args.extend(TCP_PUNCH_ARGS);
+        }
         if *peer == "dave" {
             // Behind the random-port symmetric NAT: without birthday punching the
             // carol-dave pair cannot punch, which the failed-punch and relay panels need.
@@ -255,6 +264,10 @@ fn direct_and_failed_punch() -> Run {
         // ...after which carol and dave are relayed.
         ("carol", "path-up peer dave relayed"),
         ("dave", "path-up peer carol relayed"),
+        // The TCP verdict (tcp-path-up or tcp-punch-failed), after which the outcome
+        // is reported.
+        ("alice", "tcp-p"),
+        ("bob", "tcp-p"),
     ] {
         let agent = started
             .iter_mut()
