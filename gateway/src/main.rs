@@ -182,8 +182,8 @@ struct PeerArgs {
     birthday_sockets: u16,
     /// Birthday punching when the other side is the random-port one: most probes to
     /// random ports of its public address (0 turns it off on this side; at most
-    /// 8192). With 256 sockets on the other side, 2048 probes miss with probability
-    /// about e^-8.
+    /// 8192), then once more over the same ports if nothing answered. With 256 sockets
+    /// on the other side, 2048 probes miss with probability about e^-8.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(0..=8192))]
     birthday_probes: u32,
     /// Birthday probes per second at most.

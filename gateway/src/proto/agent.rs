@@ -385,6 +385,11 @@ struct Birthday {
     next_refresh: Option<Instant>,
     /// Ports probed so far (role `Probes`).
     probed: HashSet<u16>,
+    /// The same ports in the order probed, and how far a second pass over them got
+    /// (mappings the other side opened late, e.g. on a loaded host, were passed over
+    /// by the first pass).
+    order: Vec<u16>,
+    repeated: usize,
     /// Birthday datagrams sent.
     sent: u32,
 }
@@ -1523,17 +1528,27 @@ impl Agent {
                 }
                 session.birthday.next_refresh = Some(now + interval);
                 let per_round = u64::from(rate) * interval.as_millis().max(1) as u64 / 1000;
-                let remaining = probes_budget.saturating_sub(session.birthday.probed.len() as u32);
-                let count = u32::try_from(per_round.max(1))
-                    .unwrap_or(u32::MAX)
-                    .min(remaining);
-                let mut ports = Vec::with_capacity(count as usize);
-                while (ports.len() as u32) < count {
-                    let port = self.rng.random_range(BIRTHDAY_PORTS);
-                    if port != target.port() && session.birthday.probed.insert(port) {
-                        ports.push(port);
+                let per_round = usize::try_from(per_round.max(1)).unwrap_or(usize::MAX);
+                let birthday = &mut session.birthday;
+                let remaining = (probes_budget as usize).saturating_sub(birthday.order.len());
+                let ports: Vec<u16> = if remaining > 0 {
+                    let count = per_round.min(remaining);
+                    let first = birthday.order.len();
+                    while birthday.order.len() < first + count {
+                        let port = self.rng.random_range(BIRTHDAY_PORTS);
+                        if port != target.port() && birthday.probed.insert(port) {
+                            birthday.order.push(port);
+                        }
                     }
-                }
+                    birthday.order[first..].to_vec()
+                } else {
+                    // The first pass is over without a path: once more over the same
+                    // ports, in the same order (at most twice the budget in all).
+                    let from = birthday.repeated;
+                    let to = (from + per_round).min(birthday.order.len());
+                    birthday.repeated = to;
+                    birthday.order[from..to].to_vec()
+                };
                 for port in ports {
                     self.send_birthday_probe(now, id, 0, SocketAddr::new(target.ip(), port), None);
                 }
@@ -3051,7 +3066,7 @@ mod tests {
     /// one (both filtering by address and port), the real rendezvous core between
     /// them; returns each side's events and the sockets bob sent data from and
     /// released.
-    fn birthday_run(bob_sockets: u16) -> (Vec<(usize, AgentEvent)>, Vec<u32>, usize, u32) {
+    fn birthday_run(bob_sockets: u16) -> BirthdayRun {
         let secret = SharedSecret::new(b"sim secret");
         let mut now = Instant::now();
         let server_addr = addr("192.0.2.10:3478");
@@ -3084,6 +3099,8 @@ mod tests {
         let mut data_sockets = Vec::new();
         let mut released = 0;
         let mut sweep_round_max = 0;
+        let mut swept = Vec::new();
+        let mut alice_failed_at = None;
         let end = now + Duration::from_secs(8);
         let mut sent_data = false;
         while now < end {
@@ -3092,7 +3109,12 @@ mod tests {
                     agent.handle_timeout(now);
                 }
                 let mut sweep_round = 0;
+                let bob_registered = nats[1].mappings.get(&(0, Some(server_addr))).copied();
                 while let Some(t) = agent.poll_transmit() {
+                    if i == 0 && t.to.ip() == nats[1].public && Some(t.to.port()) != bob_registered
+                    {
+                        swept.push((now, t.to.port()));
+                    }
                     if i == 1 && t.payload.first() == Some(&DATA_MARKER) {
                         data_sockets.push(t.socket);
                     }
@@ -3106,6 +3128,9 @@ mod tests {
                 }
                 sweep_round_max = sweep_round_max.max(sweep_round);
                 while let Some(e) = agent.poll_event() {
+                    if i == 0 && matches!(e, AgentEvent::PunchFailed { .. }) {
+                        alice_failed_at.get_or_insert(now);
+                    }
                     events.push((i, e));
                 }
                 if i == 1 {
@@ -3142,12 +3167,40 @@ mod tests {
             }
             now += Duration::from_millis(1);
         }
-        (events, data_sockets, released, sweep_round_max)
+        BirthdayRun {
+            events,
+            data_sockets,
+            released,
+            sweep_round_max,
+            swept,
+            alice_failed_at,
+        }
+    }
+
+    /// What [`birthday_run`] saw.
+    struct BirthdayRun {
+        events: Vec<(usize, AgentEvent)>,
+        /// The sockets bob's data left from.
+        data_sockets: Vec<u32>,
+        /// Extra sockets bob released.
+        released: usize,
+        /// Most datagrams alice sent toward bob's address in one timer run.
+        sweep_round_max: u32,
+        /// The ports alice probed on bob's address, other than his registered one.
+        swept: Vec<(Instant, u16)>,
+        /// When alice's first punch attempt gave up.
+        alice_failed_at: Option<Instant>,
     }
 
     #[test]
     fn birthday_punching_meets_a_random_port_nat_and_keeps_the_path_on_its_socket() {
-        let (events, data_sockets, released, sweep_round_max) = birthday_run(256);
+        let BirthdayRun {
+            events,
+            data_sockets,
+            released,
+            sweep_round_max,
+            ..
+        } = birthday_run(256);
         let has = |agent: usize, f: &dyn Fn(&AgentEvent) -> bool| {
             events.iter().any(|(i, e)| *i == agent && f(e))
         };
@@ -3195,7 +3248,33 @@ mod tests {
 
     #[test]
     fn without_birthday_sockets_the_random_port_pair_gets_no_path() {
-        let (events, ..) = birthday_run(0);
+        let BirthdayRun {
+            events,
+            swept,
+            alice_failed_at,
+            ..
+        } = birthday_run(0);
+        // The first attempt's probes to bob's address: plain ones to his candidates
+        // every round, and the sweep, which probes each port twice at most: 2048
+        // distinct ports, then the same once more in order.
+        let failed_at = alice_failed_at.expect("the first attempt gave up");
+        let first_attempt: Vec<u16> = swept
+            .iter()
+            .filter(|(at, _)| *at < failed_at)
+            .map(|&(_, port)| port)
+            .collect();
+        let mut times: HashMap<u16, usize> = HashMap::new();
+        for port in &first_attempt {
+            *times.entry(*port).or_default() += 1;
+        }
+        let swept: Vec<u16> = first_attempt
+            .into_iter()
+            .filter(|port| times[port] <= 2)
+            .collect();
+        assert_eq!(swept.len(), 2 * 2048, "{}", swept.len());
+        let (first, second) = swept.split_at(2048);
+        assert_eq!(first, second);
+        assert_eq!(first.iter().collect::<HashSet<_>>().len(), 2048);
         assert!(
             !events
                 .iter()
@@ -3204,7 +3283,7 @@ mod tests {
         );
         assert!(
             events.iter().any(|(i, e)| *i == 0
-                && matches!(e, AgentEvent::PunchFailed { probes, .. } if *probes <= 200 + 2048)),
+                && matches!(e, AgentEvent::PunchFailed { probes, .. } if *probes <= 200 + 2 * 2048)),
             "{events:?}"
         );
     }
