@@ -86,6 +86,16 @@ fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
     }
 }
 
+/// What a cell must show: direct, relayed (the fallback column), or nothing where UDP
+/// is blocked (there is no relay over UDP either; TURN over TCP is not used by agents).
+fn expected_path(direct: bool, udp_blocked: bool) -> Option<PathSeen> {
+    match (direct, udp_blocked) {
+        (true, _) => Some(PathSeen::Direct),
+        (false, true) => None,
+        (false, false) => Some(PathSeen::Relayed),
+    }
+}
+
 fn extra_flags(p: &NatPreset) -> Vec<&'static str> {
     // A keepalive shorter than the NAT's mapping timeout, as a deployment must use.
     if p.udp_mapping_timeout.is_some() {
@@ -144,15 +154,29 @@ fn nat_matrix() {
                         Topology::TwoSites(_, b) => extra_flags(b),
                         Topology::SameSite(p) => extra_flags(p),
                     };
-                    let mut scenario = punch::start(topology, &flags, &flags).expect("punch lab");
-                    // Direct within 8 s; otherwise the fallback: punching gives up
-                    // after 5 s, then the relay path (or at once for a hopeless pair).
-                    let path = scenario.wait_path(Duration::from_secs(if direct { 8 } else { 14 }));
-                    let seen = format!(
-                        "alice {:?} bob {:?}",
-                        scenario.alice.seen(),
-                        scenario.bob.seen()
-                    );
+                    let expected = expected_path(direct, udp_blocked);
+                    // A cell that misses runs once more in a fresh lab (a birthday cell
+                    // misses now and then on a loaded host, see docs/nat-matrix.md);
+                    // the table says so, and the second run must match.
+                    let mut missed = None;
+                    let (path, seen) = loop {
+                        let mut scenario =
+                            punch::start(topology.clone(), &flags, &flags).expect("punch lab");
+                        // Direct within 8 s; otherwise the fallback: punching gives up
+                        // after 5 s, then the relay path (or at once for a hopeless pair).
+                        let path =
+                            scenario.wait_path(Duration::from_secs(if direct { 8 } else { 14 }));
+                        let seen = format!(
+                            "alice {:?} bob {:?}",
+                            scenario.alice.seen(),
+                            scenario.bob.seen()
+                        );
+                        if path.map(|(kind, _)| kind) == expected || missed.is_some() {
+                            break (path, seen);
+                        }
+                        eprintln!("{label}: missed on the first run, running it again: {seen}");
+                        missed = Some(seen);
+                    };
                     results.lock().expect("results").push((
                         label,
                         direct,
@@ -160,6 +184,7 @@ fn nat_matrix() {
                         path,
                         why,
                         seen,
+                        missed,
                     ));
                 }
             })
@@ -176,13 +201,12 @@ fn nat_matrix() {
     println!("| alice's NAT | bob's NAT | expected | measured | time to path |");
     println!("|---|---|---|---|---|");
     let mut failures = Vec::new();
-    for (label, direct, udp_blocked, path, why, seen) in &results {
-        // Without UDP there is no relay over UDP either (TURN over TCP is not built).
-        let expected = match (direct, udp_blocked) {
-            (true, _) => Some(PathSeen::Direct),
-            (false, true) => None,
-            (false, false) => Some(PathSeen::Relayed),
-        };
+    let mut retried = Vec::new();
+    for (label, direct, udp_blocked, path, why, seen, missed) in &results {
+        let expected = expected_path(*direct, *udp_blocked);
+        if let Some(first) = missed {
+            retried.push(format!("{label}: {first}"));
+        }
         let show = |p: Option<PathSeen>| match p {
             Some(PathSeen::Direct) => "direct",
             Some(PathSeen::Relayed) => "relayed",
@@ -190,9 +214,14 @@ fn nat_matrix() {
         };
         let measured = path.map(|(kind, _)| kind);
         println!(
-            "| {label} | {} | {} | {} |",
+            "| {label} | {} | {}{} | {} |",
             show(expected),
             show(measured),
+            if missed.is_some() {
+                " (second run)"
+            } else {
+                ""
+            },
             path.map(|(_, e)| format!("{} ms", e.as_millis()))
                 .unwrap_or_default()
         );
@@ -202,6 +231,12 @@ fn nat_matrix() {
                 show(expected)
             ));
         }
+    }
+    if !retried.is_empty() {
+        println!(
+            "\ncells that missed on their first run:\n{}",
+            retried.join("\n")
+        );
     }
     assert!(
         failures.is_empty(),
