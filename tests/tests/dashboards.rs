@@ -233,10 +233,11 @@ fn direct_and_failed_punch() -> Run {
             // For the TCP punching panels: both sides run the same technique.
             args.extend(TCP_PUNCH_ARGS);
         }
-        if *peer == "dave" {
-            // Behind the random-port symmetric NAT: without birthday punching the
-            // carol-dave pair cannot punch, which the failed-punch and relay panels need.
-            args.extend(["--birthday-sockets", "0"]);
+        if matches!(*peer, "carol" | "dave") {
+            // Without birthday punching (both halves: a sweep alone still hits dave's
+            // one mapping toward carol now and then) the carol-dave pair cannot punch,
+            // which the failed-punch and relay panels need.
+            args.extend(["--birthday-sockets", "0", "--birthday-probes", "0"]);
         }
         let mut agent = PeerProcess::start(host, SERVICE, &creds.username, &creds.password, &args)
             .expect("agent starts");
