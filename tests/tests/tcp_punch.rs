@@ -117,6 +117,41 @@ const CELLS: &[Cell] = &[
         expect: Expect::Fails,
         why: "the opener cannot help: bob's mapping toward alice is on an unknown random port, so neither side's real SYN matches the other's entry",
     },
+    Cell {
+        technique: "natblaster",
+        alice: "no-nat",
+        bob: "no-nat",
+        expect: Expect::Racy,
+        why: "TODO",
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "port-restricted-cone",
+        bob: "port-restricted-cone",
+        expect: Expect::Racy,
+        why: "TODO",
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "reject-icmp",
+        bob: "reject-icmp",
+        expect: Expect::Racy,
+        why: "TODO",
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "reject-rst",
+        bob: "reject-rst",
+        expect: Expect::Racy,
+        why: "TODO",
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "port-restricted-cone",
+        bob: "symmetric",
+        expect: Expect::Racy,
+        why: "TODO",
+    },
 ];
 
 /// Waits for alice's or bob's TCP verdict line (`tcp-path-up` or `tcp-punch-failed`).
