@@ -56,6 +56,52 @@ pub fn reusable_socket(local: SocketAddr) -> io::Result<TcpSocket> {
     Ok(socket)
 }
 
+/// A punching socket (or one accepted from the punching listener, which inherits
+/// it) that is dropped before it wins closes with RST rather than FIN, so no
+/// TIME_WAIT blocks the 4-tuple for a later technique of the same attempt (`auto`);
+/// the winner gets the normal close back ([`graceful`]).
+fn abortive(socket: &TcpSocket) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO))
+}
+
+/// SYN-ACK retransmissions of the punching listener's half-open connections: one,
+/// so one that the other side's NAT never lets through (a SYN that crossed the
+/// listener while that NAT had no entry, answered by RST or ICMP) is dropped after
+/// about 3 s instead of the default 5 retries (63 s). Until then it holds the very
+/// 4-tuple later techniques connect() on (EADDRNOTAVAIL, measured in `auto`).
+const LISTENER_SYNACK_RETRIES: libc::c_int = 1;
+
+/// Bounds the SYN-ACK retransmissions of `listener`'s half-open connections
+/// (Linux uses a listener's TCP_SYNCNT for them).
+fn bound_synack_retries(listener: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = LISTENER_SYNACK_RETRIES;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: setsockopt(2) reads `len` bytes from `value`, a live c_int of that size,
+    // on a descriptor `listener` owns for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            std::ptr::from_ref(&value).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Undoes [`abortive`] on the connection that won.
+fn graceful(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(None) {
+        tracing::debug!(error = %e, "cannot restore SO_LINGER on the punched connection");
+    }
+}
+
 fn set_ttl(socket: &TcpSocket, ttl: u32, ipv4: bool) -> io::Result<()> {
     let s = socket2::SockRef::from(socket);
     if ipv4 {
@@ -134,6 +180,9 @@ pub struct Punched {
     /// NATBlaster: which step brought the connection up (see [`SpliceStep`]).
     pub step: Option<SpliceStep>,
 }
+
+/// A connection whose hello crossed, and the NATBlaster step that made it (if any).
+type Connected = (TcpStream, Option<SpliceStep>);
 
 /// Which NATBlaster step brought a spliced connection up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,6 +292,9 @@ pub fn splice(
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Closed with RST if the splice fails after all (see `abortive`); the winner
+    // gets the normal close back in `punch`.
+    socket.set_linger(Some(Duration::ZERO))?;
     socket.bind(&local.into())?;
     set_socket_ttl(&socket, v6, ttl)?;
     socket.set_nonblocking(true)?;
@@ -389,7 +441,11 @@ pub async fn punch(
     // The listener takes a SYN that reaches this host while no connect() of ours
     // is in SYN-SENT for it (the other side started a little earlier, or our
     // attempt was just refused): without it the kernel would answer RST.
-    let listener = match reusable_socket(local).and_then(|s| s.listen(16)) {
+    let listener = match reusable_socket(local).and_then(|s| {
+        abortive(&s)?;
+        bound_synack_retries(&s)?;
+        s.listen(16)
+    }) {
         Ok(l) => Some(l),
         Err(e) => {
             tracing::debug!(error = %e, %local, "no TCP listener on the punching port");
@@ -397,7 +453,7 @@ pub async fn punch(
         }
     };
     let ipv4 = local.is_ipv4();
-    let mut connects: JoinSet<(u32, io::Result<(TcpStream, Option<SpliceStep>)>)> = JoinSet::new();
+    let mut connects: JoinSet<(u32, io::Result<Connected>)> = JoinSet::new();
     let mut openers: JoinSet<()> = JoinSet::new();
     // Accepted connections whose hello is under way.
     let mut greeting: JoinSet<(SocketAddr, io::Result<TcpStream>)> = JoinSet::new();
@@ -437,7 +493,10 @@ pub async fn punch(
                     timeout,
                 } => {
                     connects.spawn(async move {
-                        let result = match reusable_socket(local) {
+                        let result = match reusable_socket(local).and_then(|s| {
+                            abortive(&s)?;
+                            Ok(s)
+                        }) {
                             Ok(s) => tokio::time::timeout(timeout, s.connect(to))
                                 .await
                                 .unwrap_or_else(|_| {
@@ -524,6 +583,9 @@ pub async fn punch(
                 remote,
                 elapsed,
             } => {
+                if let Some((stream, _)) = &winner {
+                    graceful(stream);
+                }
                 return winner.map(|(stream, step)| Punched {
                     stream,
                     technique,
