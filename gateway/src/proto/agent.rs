@@ -348,6 +348,8 @@ enum RelayLeg {
 
 #[derive(Debug)]
 struct Session {
+    /// A TCP-Seq from the other side was passed on (the gateway sends each twice).
+    tcp_seq_seen: bool,
     intro_id: u64,
     peer_id: String,
     key: [u8; 16],
@@ -1893,10 +1895,9 @@ impl Agent {
         }
         if ty.method == method::TCP_SEQ && ty.class == Class::Indication {
             if let Some(seq) = client::parse_tcp_seq(datagram, &self.config.credentials.password)
-                && self
-                    .sessions
-                    .get(&seq.intro_id)
-                    .is_some_and(|s| s.peer_id == seq.peer_id)
+                && let Some(session) = self.sessions.get_mut(&seq.intro_id)
+                && session.peer_id == seq.peer_id
+                && !std::mem::replace(&mut session.tcp_seq_seen, true)
             {
                 self.events.push_back(AgentEvent::TcpSeq {
                     peer_id: seq.peer_id,
@@ -2069,6 +2070,7 @@ impl Agent {
         self.sessions.insert(
             intro.intro_id,
             Session {
+                tcp_seq_seen: false,
                 intro_id: intro.intro_id,
                 peer_id: intro.peer_id,
                 key: intro.probe_key,

@@ -596,6 +596,21 @@ mod tests {
             elapsed: config.window,
             attempts: 0
         }));
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, TcpAction::Splice { to: t, .. } if *t == to)),
+            "{actions:?}"
+        );
+        assert_eq!(p.technique(), Some(TcpTechnique::NatBlaster));
+        p.handle_timeout(t1 + config.window * 2);
+        let actions = drain(&mut p);
+        assert!(actions.contains(&TcpAction::Report {
+            technique: TcpTechnique::NatBlaster,
+            connected: false,
+            elapsed: config.window,
+            attempts: 1
+        }));
         assert_eq!(p.state(), TcpPunchState::Failed);
         assert_eq!(p.poll_timeout(), None);
     }
