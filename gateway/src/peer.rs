@@ -486,6 +486,7 @@ enum TcpNews {
     },
     Up {
         peer: String,
+        intro_id: u64,
         punched: crate::tcp_punch::Punched,
     },
     Failed {
@@ -636,7 +637,8 @@ pub async fn run(
                         .send(Command::TcpSeq { intro_id, isn, to })
                         .map_err(|_| PeerError::Stopped)?;
                 }
-                TcpNews::Up { peer, punched } => {
+                TcpNews::Up { peer, intro_id, punched } => {
+                    tcp_seq_waiting.remove(&intro_id);
                     status(format_args!(
                         "tcp-path-up peer {peer} technique {} remote {} elapsed_ms {}{}",
                         punched.technique.cli_name(),
@@ -726,7 +728,7 @@ pub async fn run(
                         )
                         .await;
                         let _ = news.send(match punched {
-                            Some(punched) => TcpNews::Up { peer, punched },
+                            Some(punched) => TcpNews::Up { peer, intro_id, punched },
                             None => TcpNews::Failed { peer, intro_id },
                         });
                     });
