@@ -213,8 +213,10 @@ struct PeerArgs {
     /// other's TCP reflexive endpoint from the port the gateway saw, at the
     /// introduction's start, retried within RFC 5382's 6 s window), `low-ttl` (first
     /// a SYN with --open-ttl that opens our own NAT's mapping and dies before the
-    /// other's, then the real connect()), or `auto` (each in turn, cheapest first,
-    /// 6 s each). The agent learns its TCP mapping with a STUN Binding over TCP to
+    /// other's, then the real connect()), `natblaster` (a low-TTL connect() whose
+    /// SYN's sequence number is captured and swapped through the gateway, then
+    /// crafted SYN-ACK / SYN packets; needs root: raw sockets and nftables), or
+    /// `auto` (each in turn, cheapest first, 6 s each). The agent learns its TCP mapping with a STUN Binding over TCP to
     /// --server's TCP port at start. Prints `tcp-path-up peer P technique T remote A
     /// elapsed_ms N` or `tcp-punch-failed peer P technique T`. Measured per NAT type in
     /// docs/tcp-splicing.md: simultaneous open works through NATs that silently drop

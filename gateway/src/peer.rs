@@ -93,6 +93,11 @@ enum Command {
         intro_id: u64,
         report: crate::tcp_punch::Report,
     },
+    TcpSeq {
+        intro_id: u64,
+        isn: u32,
+        to: SocketAddr,
+    },
 }
 
 /// A running peer agent: registered with the gateway, ready to connect to peers and
@@ -122,6 +127,7 @@ impl std::fmt::Debug for Command {
             Command::TcpReport { intro_id, report } => {
                 write!(f, "TcpReport({intro_id:x}, {report:?})")
             }
+            Command::TcpSeq { intro_id, to, .. } => write!(f, "TcpSeq({intro_id:x}, {to})"),
         }
     }
 }
@@ -286,6 +292,9 @@ async fn drive(
                     report.elapsed,
                     report.attempts,
                 ),
+                Some(Command::TcpSeq { intro_id, isn, to }) => {
+                    agent.send_tcp_seq(Instant::now(), intro_id, isn, Some(to));
+                }
             },
         }
         while let Some(transmit) = agent.poll_transmit() {
@@ -477,10 +486,18 @@ enum TcpNews {
     },
     Up {
         peer: String,
+        intro_id: u64,
         punched: crate::tcp_punch::Punched,
     },
     Failed {
         peer: String,
+        intro_id: u64,
+    },
+    /// NATBlaster: our ISN, to send to the other side through the gateway.
+    SeqOut {
+        intro_id: u64,
+        isn: u32,
+        to: SocketAddr,
     },
     Spliced {
         peer: String,
@@ -592,6 +609,8 @@ pub async fn run(
     // Peers with a TCP attempt under way or a punched connection open: a later
     // introduction (a UDP re-punch, a relay upgrade) starts no second attempt.
     let mut tcp_busy: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // NATBlaster attempts waiting for the other side's ISN, by introduction.
+    let mut tcp_seq_waiting: HashMap<u64, std::sync::mpsc::Sender<u32>> = HashMap::new();
     tokio::pin!(shutdown);
     loop {
         let forward_recv = async {
@@ -617,12 +636,20 @@ pub async fn run(
                         .send(Command::TcpReport { intro_id, report })
                         .map_err(|_| PeerError::Stopped)?;
                 }
-                TcpNews::Up { peer, punched } => {
+                TcpNews::SeqOut { intro_id, isn, to } => {
+                    client
+                        .commands
+                        .send(Command::TcpSeq { intro_id, isn, to })
+                        .map_err(|_| PeerError::Stopped)?;
+                }
+                TcpNews::Up { peer, intro_id, punched } => {
+                    tcp_seq_waiting.remove(&intro_id);
                     status(format_args!(
-                        "tcp-path-up peer {peer} technique {} remote {} elapsed_ms {}",
+                        "tcp-path-up peer {peer} technique {} remote {} elapsed_ms {}{}",
                         punched.technique.cli_name(),
                         punched.remote,
-                        punched.elapsed.as_millis()
+                        punched.elapsed.as_millis(),
+                        punched.step.map(|s| format!(" step {}", s.as_str())).unwrap_or_default()
                     ));
                     // One forwarded connection: the first punched connection gets it.
                     let forward = if tcp_spliced {
@@ -641,8 +668,9 @@ pub async fn run(
                         let _ = news.send(TcpNews::Spliced { peer, result });
                     });
                 }
-                TcpNews::Failed { peer } => {
+                TcpNews::Failed { peer, intro_id } => {
                     tcp_busy.remove(&peer);
+                    tcp_seq_waiting.remove(&intro_id);
                     let mode = options.tcp.as_ref().map(|t| match t.mode {
                         crate::proto::tcp_punch::TcpMode::Auto => "auto",
                         crate::proto::tcp_punch::TcpMode::Only(t) => t.cli_name(),
@@ -679,17 +707,41 @@ pub async fn run(
                         tcp.config,
                     );
                     let (news, peer, intro_id) = (tcp_news_tx.clone(), peer_id.clone(), *intro_id);
+                    let exchange = tcp.mode.techniques().contains(&crate::proto::tcp_punch::TcpTechnique::NatBlaster).then(|| {
+                        let (tx, rx) = std::sync::mpsc::channel();
+                        tcp_seq_waiting.insert(intro_id, tx);
+                        let out = news.clone();
+                        crate::tcp_punch::SeqExchange {
+                            send: Box::new(move |isn, to| {
+                                let _ = out.send(TcpNews::SeqOut { intro_id, isn, to });
+                            }),
+                            recv: rx,
+                        }
+                    });
+                    let seq_wait = tcp.config.seq_wait;
                     tcp_tasks.spawn(async move {
                         let reports = news.clone();
-                        let punched = crate::tcp_punch::punch(local, intro_id, machine, |report| {
-                            let _ = reports.send(TcpNews::Report { intro_id, report });
-                        })
+                        let punched = crate::tcp_punch::punch(
+                            local,
+                            intro_id,
+                            machine,
+                            seq_wait,
+                            exchange,
+                            |report| {
+                                let _ = reports.send(TcpNews::Report { intro_id, report });
+                            },
+                        )
                         .await;
                         let _ = news.send(match punched {
-                            Some(punched) => TcpNews::Up { peer, punched },
-                            None => TcpNews::Failed { peer },
+                            Some(punched) => TcpNews::Up { peer, intro_id, punched },
+                            None => TcpNews::Failed { peer, intro_id },
                         });
                     });
+                }
+                if let AgentEvent::TcpSeq { intro_id, isn, .. } = &event
+                    && let Some(waiting) = tcp_seq_waiting.remove(intro_id)
+                {
+                    let _ = waiting.send(*isn);
                 }
                 if let AgentEvent::PathUp { peer_id, remote, relayed, .. } = &event {
                     if let Some(m) = &path_metrics {
@@ -872,6 +924,11 @@ fn report(event: &AgentEvent) {
         } => status(format_args!(
             "tcp-introduced peer {peer_id} candidates {}",
             candidates.len()
+        )),
+        AgentEvent::TcpSeq {
+            peer_id, intro_id, ..
+        } => status(format_args!(
+            "tcp-seq-received peer {peer_id} intro {intro_id:016x}"
         )),
         AgentEvent::Data { .. } => {}
     }

@@ -56,6 +56,52 @@ pub fn reusable_socket(local: SocketAddr) -> io::Result<TcpSocket> {
     Ok(socket)
 }
 
+/// A punching socket (or one accepted from the punching listener, which inherits
+/// it) that is dropped before it wins closes with RST rather than FIN, so no
+/// TIME_WAIT blocks the 4-tuple for a later technique of the same attempt (`auto`);
+/// the winner gets the normal close back ([`graceful`]).
+fn abortive(socket: &TcpSocket) -> io::Result<()> {
+    socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO))
+}
+
+/// SYN-ACK retransmissions of the punching listener's half-open connections: one,
+/// so one that the other side's NAT never lets through (a SYN that crossed the
+/// listener while that NAT had no entry, answered by RST or ICMP) is dropped after
+/// about 3 s instead of the default 5 retries (63 s). Until then it holds the very
+/// 4-tuple later techniques connect() on (EADDRNOTAVAIL, measured in `auto`).
+const LISTENER_SYNACK_RETRIES: libc::c_int = 1;
+
+/// Bounds the SYN-ACK retransmissions of `listener`'s half-open connections
+/// (Linux uses a listener's TCP_SYNCNT for them).
+fn bound_synack_retries(listener: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = LISTENER_SYNACK_RETRIES;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: setsockopt(2) reads `len` bytes from `value`, a live c_int of that size,
+    // on a descriptor `listener` owns for the duration of the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_SYNCNT,
+            std::ptr::from_ref(&value).cast(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Undoes [`abortive`] on the connection that won.
+fn graceful(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(None) {
+        tracing::debug!(error = %e, "cannot restore SO_LINGER on the punched connection");
+    }
+}
+
 fn set_ttl(socket: &TcpSocket, ttl: u32, ipv4: bool) -> io::Result<()> {
     let s = socket2::SockRef::from(socket);
     if ipv4 {
@@ -131,6 +177,186 @@ pub struct Punched {
     pub remote: SocketAddr,
     /// From that technique's start to the connection.
     pub elapsed: Duration,
+    /// NATBlaster: which step brought the connection up (see [`SpliceStep`]).
+    pub step: Option<SpliceStep>,
+}
+
+/// A connection whose hello crossed, and the NATBlaster step that made it (if any).
+type Connected = (TcpStream, Option<SpliceStep>);
+
+/// Which NATBlaster step brought a spliced connection up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpliceStep {
+    /// The crafted SYN-ACK alone (seq = our ISN, ack = the other's ISN + 1, sent
+    /// through our NAT to the other side's endpoint).
+    SynAck,
+    /// The crafted SYN-ACK did not do it; our own SYN sent again past the core (the
+    /// captured ISN, full TTL) made the NATs' entries and the kernels meet in a
+    /// simultaneous open.
+    Resyn,
+}
+
+impl SpliceStep {
+    /// The status-line word.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::SynAck => "synack",
+            Self::Resyn => "resyn",
+        }
+    }
+}
+
+/// How a NATBlaster splice swaps initial sequence numbers with the other side:
+/// through the gateway (the agent's TCP-Seq request and indication).
+pub struct SeqExchange {
+    /// Sends our ISN and the endpoint our SYN went to.
+    pub send: Box<dyn Fn(u32, SocketAddr) + Send + Sync>,
+    /// The other side's ISN, when it arrives.
+    pub recv: std::sync::mpsc::Receiver<u32>,
+}
+
+impl std::fmt::Debug for SeqExchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqExchange").finish_non_exhaustive()
+    }
+}
+
+/// The TTL crafted packets and the established connection use.
+const NORMAL_TTL: u8 = 64;
+/// How long our own low-TTL SYN may take to show up on the capture.
+const CAPTURE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Crafted SYN-ACKs sent (and the wait after each) before the re-SYN step.
+const SYN_ACK_SENDS: u32 = 3;
+/// Wait after each crafted packet for the socket to synchronize.
+const SPLICE_INTERVAL: Duration = Duration::from_millis(150);
+/// Re-SYN step: crafted SYNs (each followed by the SYN-ACK) at most.
+const RESYN_SENDS: u32 = 5;
+
+fn raw_io(e: crate::tcp_raw::RawError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// The local address this host sends from toward `to` (the kernel's route choice).
+fn source_toward(to: SocketAddr) -> io::Result<std::net::IpAddr> {
+    let any: SocketAddr = if to.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let probe = std::net::UdpSocket::bind(any)?;
+    probe.connect(to)?;
+    Ok(probe.local_addr()?.ip())
+}
+
+/// NATBlaster (technique 3), one side, blocking: from port `port` toward `to`.
+///
+/// 1. Suppression rules for the attempt (our RSTs to `to`, incoming ICMP
+///    time-exceeded): removed on every exit path by the guard.
+/// 2. A kernel connect() with TTL `ttl` (passes our NAT, which creates its mapping
+///    and connection-tracking entry; dies at the core); its SYN is captured on
+///    the interface that routes to `to`, and the ISN sent to the other side.
+/// 3. The other side's ISN arrives (within `seq_wait`): both SYNs are out, so both
+///    NATs hold an entry for the pair of endpoints.
+/// 4. Step "synack": the SYN-ACK the other side's kernel expects (seq = our ISN,
+///    ack = its ISN + 1) goes out through our NAT, the socket's TTL still low.
+/// 5. Step "resyn", if that did not synchronize our socket: our own SYN again with
+///    the captured ISN and the full TTL (the retransmission the kernel cannot make
+///    after the ICMP), the socket's TTL raised, the SYN-ACK after each.
+///
+/// Returns the established socket (normal TTL) and the step that made it.
+pub fn splice(
+    port: u16,
+    to: SocketAddr,
+    ttl: u8,
+    seq_wait: Duration,
+    exchange: &SeqExchange,
+) -> io::Result<(std::net::TcpStream, SpliceStep)> {
+    use crate::tcp_raw::{
+        Injector, Segment, SuppressionRules, SynCapture, TcpState, set_socket_ttl, tcp_state,
+    };
+    use std::os::fd::AsFd;
+    let v6 = to.is_ipv6();
+    let local = SocketAddr::new(source_toward(to)?, port);
+    let guard = SuppressionRules {
+        rst_to: vec![to],
+        icmp_time_exceeded: true,
+    }
+    .install()
+    .map_err(raw_io)?;
+    let mut capture = SynCapture::for_local(local, Some(to)).map_err(raw_io)?;
+    let domain = if v6 {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Closed with RST if the splice fails after all (see `abortive`); the winner
+    // gets the normal close back in `punch`.
+    socket.set_linger(Some(Duration::ZERO))?;
+    socket.bind(&local.into())?;
+    set_socket_ttl(&socket, v6, ttl)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&to.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Ok(()) => {}
+        Err(e) => return Err(e),
+    }
+    let syn = capture.wait(CAPTURE_TIMEOUT).map_err(raw_io)?;
+    drop(capture);
+    (exchange.send)(syn.seq, to);
+    let their_isn = exchange.recv.recv_timeout(seq_wait).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no initial sequence number from the other side",
+        )
+    })?;
+    let synchronized = || tcp_state(socket.as_fd()).is_ok_and(TcpState::is_synchronized);
+    let before = tcp_state(socket.as_fd())?;
+    tracing::debug!(isn = syn.seq, their_isn, ?before, %local, %to, "natblaster: sequence numbers swapped");
+    if before == TcpState::Close {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "the low-TTL connect() was aborted before the splice",
+        ));
+    }
+    let syn_ack =
+        Segment::syn_ack(local, to, syn.seq, their_isn.wrapping_add(1)).with_ttl(NORMAL_TTL);
+    let mut injector = Injector::new();
+    let mut step = SpliceStep::SynAck;
+    let mut done = injector
+        .send_until(&syn_ack, SYN_ACK_SENDS, SPLICE_INTERVAL, synchronized)
+        .map_err(raw_io)?
+        .is_some();
+    if !done {
+        step = SpliceStep::Resyn;
+        set_socket_ttl(&socket, v6, NORMAL_TTL)?;
+        let resyn = syn.with_ttl(NORMAL_TTL);
+        for _ in 0..RESYN_SENDS {
+            injector.send(&resyn).map_err(raw_io)?;
+            if injector
+                .send_until(&syn_ack, 1, SPLICE_INTERVAL, synchronized)
+                .map_err(raw_io)?
+                .is_some()
+            {
+                done = true;
+                break;
+            }
+        }
+    }
+    if !done {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "not synchronized after the crafted SYN-ACK and re-SYN (state {:?})",
+                tcp_state(socket.as_fd())?
+            ),
+        ));
+    }
+    set_socket_ttl(&socket, v6, NORMAL_TTL)?;
+    guard.remove().map_err(raw_io)?;
+    Ok((socket.into(), step))
 }
 
 /// A technique's result, for the gateway's outcome report.
@@ -208,12 +434,18 @@ pub async fn punch(
     local: SocketAddr,
     intro_id: u64,
     mut machine: TcpPunch,
+    seq_wait: Duration,
+    mut exchange: Option<SeqExchange>,
     mut report: impl FnMut(Report),
 ) -> Option<Punched> {
     // The listener takes a SYN that reaches this host while no connect() of ours
     // is in SYN-SENT for it (the other side started a little earlier, or our
     // attempt was just refused): without it the kernel would answer RST.
-    let listener = match reusable_socket(local).and_then(|s| s.listen(16)) {
+    let listener = match reusable_socket(local).and_then(|s| {
+        abortive(&s)?;
+        bound_synack_retries(&s)?;
+        s.listen(16)
+    }) {
         Ok(l) => Some(l),
         Err(e) => {
             tracing::debug!(error = %e, %local, "no TCP listener on the punching port");
@@ -221,11 +453,11 @@ pub async fn punch(
         }
     };
     let ipv4 = local.is_ipv4();
-    let mut connects: JoinSet<(u32, io::Result<TcpStream>)> = JoinSet::new();
+    let mut connects: JoinSet<(u32, io::Result<Connected>)> = JoinSet::new();
     let mut openers: JoinSet<()> = JoinSet::new();
     // Accepted connections whose hello is under way.
     let mut greeting: JoinSet<(SocketAddr, io::Result<TcpStream>)> = JoinSet::new();
-    let mut winner: Option<TcpStream> = None;
+    let mut winner: Option<(TcpStream, Option<SpliceStep>)> = None;
     loop {
         while let Some(action) = machine.poll_action() {
             match action {
@@ -261,7 +493,10 @@ pub async fn punch(
                     timeout,
                 } => {
                     connects.spawn(async move {
-                        let result = match reusable_socket(local) {
+                        let result = match reusable_socket(local).and_then(|s| {
+                            abortive(&s)?;
+                            Ok(s)
+                        }) {
                             Ok(s) => tokio::time::timeout(timeout, s.connect(to))
                                 .await
                                 .unwrap_or_else(|_| {
@@ -273,8 +508,51 @@ pub async fn punch(
                             Err(e) => Err(e),
                         };
                         let result = match result {
-                            Ok(mut stream) => hello(&mut stream, intro_id).await.map(|()| stream),
+                            Ok(mut stream) => {
+                                hello(&mut stream, intro_id).await.map(|()| (stream, None))
+                            }
                             Err(e) => Err(e),
+                        };
+                        (attempt, result)
+                    });
+                }
+                TcpAction::Splice {
+                    to,
+                    attempt,
+                    ttl,
+                    timeout,
+                } => {
+                    let Some(exchange) = exchange.take() else {
+                        connects.spawn(async move {
+                            (
+                                attempt,
+                                Err(io::Error::other("no sequence-number exchange")),
+                            )
+                        });
+                        continue;
+                    };
+                    let port = local.port();
+                    connects.spawn(async move {
+                        let spliced = tokio::task::spawn_blocking(move || {
+                            splice(port, to, ttl, seq_wait, &exchange)
+                        });
+                        let result = match tokio::time::timeout(timeout, spliced).await {
+                            Ok(Ok(Ok((std, step)))) => {
+                                match std
+                                    .set_nonblocking(true)
+                                    .and_then(|()| TcpStream::from_std(std))
+                                {
+                                    Ok(mut stream) => hello(&mut stream, intro_id)
+                                        .await
+                                        .map(|()| (stream, Some(step))),
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            Ok(Ok(Err(e))) => Err(e),
+                            Ok(Err(e)) => Err(io::Error::other(e.to_string())),
+                            Err(_) => {
+                                Err(io::Error::new(io::ErrorKind::TimedOut, "splice timed out"))
+                            }
                         };
                         (attempt, result)
                     });
@@ -305,11 +583,15 @@ pub async fn punch(
                 remote,
                 elapsed,
             } => {
-                return winner.map(|stream| Punched {
+                if let Some((stream, _)) = &winner {
+                    graceful(stream);
+                }
+                return winner.map(|(stream, step)| Punched {
                     stream,
                     technique,
                     remote,
                     elapsed,
+                    step,
                 });
             }
         }
@@ -340,7 +622,7 @@ pub async fn punch(
             Some(done) = greeting.join_next() => match done {
                 Ok((from, Ok(stream))) => {
                     if machine.accepted(Instant::now(), from) {
-                        winner = Some(stream);
+                        winner = Some((stream, None));
                     }
                 }
                 Ok((from, Err(e))) => {

@@ -1,5 +1,6 @@
-//! TCP hole punching in the lab: techniques 1 (simultaneous open) and 2 (low-TTL SYN
-//! first) against NAT pairs chosen to show the behaviours that decide them (a NAT
+//! TCP hole punching in the lab: techniques 1 (simultaneous open), 2 (low-TTL SYN
+//! first) and 3 (NATBlaster: sequence numbers swapped through the gateway, crafted
+//! packets; needs root) against NAT pairs chosen to show the behaviours that decide them (a NAT
 //! that silently drops an unsolicited SYN, one that answers it with RST, one that
 //! answers with ICMP, a random-port symmetric NAT, no NAT). Each cell's expected
 //! outcome and its reason are below (and in docs/tcp-splicing.md); the test
@@ -37,6 +38,8 @@ struct Cell {
     bob: &'static str,
     expect: Expect,
     why: &'static str,
+    /// NATBlaster: the step both sides must name on their `tcp-path-up` line.
+    step: Option<&'static str>,
 }
 
 const CELLS: &[Cell] = &[
@@ -46,6 +49,7 @@ const CELLS: &[Cell] = &[
         bob: "no-nat",
         expect: Expect::Connects,
         why: "no NAT, no filter: the first SYN reaches the other host, whose connect() in SYN-SENT (or listener) answers it",
+        step: None,
     },
     Cell {
         technique: "low-ttl",
@@ -53,6 +57,7 @@ const CELLS: &[Cell] = &[
         bob: "no-nat",
         expect: Expect::Connects,
         why: "the opener dies at the core router and changes nothing; the real connect() then works as without NAT",
+        step: None,
     },
     Cell {
         technique: "simultaneous-open",
@@ -60,6 +65,7 @@ const CELLS: &[Cell] = &[
         bob: "port-restricted-cone",
         expect: Expect::Connects,
         why: "the earlier SYN is silently dropped by the other NAT (no mapping yet); the later side's SYN finds the earlier side's mapping, and the earlier host's SYN-SENT socket (or listener) completes a simultaneous open",
+        step: None,
     },
     Cell {
         technique: "low-ttl",
@@ -67,6 +73,7 @@ const CELLS: &[Cell] = &[
         bob: "port-restricted-cone",
         expect: Expect::Racy,
         why: "the opener's ICMP time-exceeded aborts its SYN-SENT socket, so the real SYN comes from a new connect() with a new initial sequence number; the NAT whose entry already saw the other side's real SYN (SYN_SENT2) drops it and its host's answers as out of window: it works only when both real SYNs leave their NATs before the other's arrives (within one one-way delay)",
+        step: None,
     },
     Cell {
         technique: "simultaneous-open",
@@ -74,6 +81,7 @@ const CELLS: &[Cell] = &[
         bob: "reject-icmp",
         expect: Expect::Racy,
         why: "the earlier SYN meets no mapping and is refused with ICMP port unreachable (its connect() fails); the later SYN passes the earlier NAT (ICMP left its entry in SYN_SENT) and the earlier host's listener answers with a new initial sequence number, which that NAT's sequence tracking rejects: the hello fails; it works only when a retry's SYNs cross within one one-way delay",
+        step: None,
     },
     Cell {
         technique: "low-ttl",
@@ -81,6 +89,7 @@ const CELLS: &[Cell] = &[
         bob: "reject-icmp",
         expect: Expect::Racy,
         why: "as with the silent NAT: the ICMP time-exceeded kills the opener's socket, the real SYN's new sequence number is out of the window of an entry that already saw the other side's SYN",
+        step: None,
     },
     Cell {
         technique: "simultaneous-open",
@@ -88,6 +97,7 @@ const CELLS: &[Cell] = &[
         bob: "reject-rst",
         expect: Expect::Racy,
         why: "the earlier SYN is answered by the later NAT with RST, which also closes the earlier NAT's entry (the later SYN is then invalid there and answered with RST too); retries within the 6 s window re-open both entries and get through when a pair of SYNs crosses within one one-way delay",
+        step: None,
     },
     Cell {
         technique: "low-ttl",
@@ -95,6 +105,7 @@ const CELLS: &[Cell] = &[
         bob: "reject-rst",
         expect: Expect::Racy,
         why: "the openers make both mappings (no RST), but as with the silent NAT the real SYN's new sequence number is out of the window of an entry that already saw the other side's SYN",
+        step: None,
     },
     Cell {
         technique: "auto",
@@ -102,6 +113,7 @@ const CELLS: &[Cell] = &[
         bob: "port-restricted-cone",
         expect: Expect::Connects,
         why: "auto tries the cheapest technique first: simultaneous open, which works here (see above), so it wins in the first window",
+        step: None,
     },
     Cell {
         technique: "simultaneous-open",
@@ -109,6 +121,7 @@ const CELLS: &[Cell] = &[
         bob: "symmetric",
         expect: Expect::Fails,
         why: "the random-port NAT gives the connection to alice a new random public port: alice's SYNs go to the port the gateway saw (no mapping there), bob's come from a port alice's filter never sent to",
+        step: None,
     },
     Cell {
         technique: "low-ttl",
@@ -116,6 +129,55 @@ const CELLS: &[Cell] = &[
         bob: "symmetric",
         expect: Expect::Fails,
         why: "the opener cannot help: bob's mapping toward alice is on an unknown random port, so neither side's real SYN matches the other's entry",
+        step: None,
+    },
+    Cell {
+        technique: "auto",
+        alice: "reject-rst",
+        bob: "reject-rst",
+        expect: Expect::Racy,
+        why: "simultaneous open wins when a retry's SYNs cross in time; otherwise natblaster comes last on the same 4-tuple, whose NAT entries the earlier windows left behind with other sequence numbers (and, measured, one side's low-TTL socket reset in SYN-SENT): on a fresh attempt natblaster always connects here, after the two other windows it failed in the runs measured",
+        step: None,
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "no-nat",
+        bob: "no-nat",
+        expect: Expect::Connects,
+        why: "no NAT: both low-TTL SYNs die at the core (ICMP suppressed, sockets stay in SYN-SENT); the crafted SYN-ACK (seq = own ISN, ack = the other ISN + 1) reaches the other kernel directly, which takes it as the answer to its SYN",
+        step: Some("synack"),
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "port-restricted-cone",
+        bob: "port-restricted-cone",
+        expect: Expect::Connects,
+        why: "the crafted SYN-ACK leaves in the original direction of its NAT entry still in SYN_SENT, which Linux conntrack holds invalid (not translated, never arrives); the re-SYN (captured ISN, full TTL) then reaches the other NAT, whose entry from the low-TTL SYN makes it an answer (SYN_SENT2): both kernels in SYN-SENT complete a simultaneous open with the ISNs the entries learnt",
+        step: Some("resyn"),
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "reject-icmp",
+        bob: "reject-icmp",
+        expect: Expect::Connects,
+        why: "as with the silent NAT: no SYN is ever unsolicited (both entries exist before any full-TTL SYN leaves), so the NAT never answers ICMP; the SYN-ACK step fails, the re-SYN step works",
+        step: Some("resyn"),
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "reject-rst",
+        bob: "reject-rst",
+        expect: Expect::Connects,
+        why: "as with the silent NAT: no SYN is ever unsolicited, so the NAT never answers RST; the SYN-ACK step fails, the re-SYN step works",
+        step: Some("resyn"),
+    },
+    Cell {
+        technique: "natblaster",
+        alice: "port-restricted-cone",
+        bob: "symmetric",
+        expect: Expect::Fails,
+        why: "bob's NAT maps his low-TTL SYN toward alice to a new random port: alice's SYN-ACK and re-SYN go to the port the gateway saw (no entry there), and bob's come from a port alice's NAT never sent to",
+        step: None,
     },
 ];
 
@@ -182,15 +244,14 @@ fn forward_both_ways(pair: &PunchLab) -> Result<(), String> {
     Ok(())
 }
 
-/// Sum of `gateway_tcp_punch_attempts_total` over the NAT labels.
+/// Sum of `gateway_tcp_punch_attempts_total` over the NAT labels (and, for `auto`,
+/// over the techniques).
 fn counted(metrics: &str, technique: &str, outcome: &str) -> f64 {
-    // `auto` starts with simultaneous open.
     let technique = if technique == "auto" {
-        "simultaneous-open"
+        "technique=".to_owned()
     } else {
-        technique
+        format!("technique=\"{}\"", technique.replace('-', "_"))
     };
-    let technique = format!("technique=\"{}\"", technique.replace('-', "_"));
     let outcome = format!("outcome=\"{outcome}\"");
     metrics
         .lines()
@@ -209,6 +270,7 @@ struct Measured {
     forwarded: Result<(), String>,
     counted: (f64, f64),
     seen: String,
+    step: Option<&'static str>,
 }
 
 fn run_cell(cell: &Cell) -> Measured {
@@ -228,9 +290,10 @@ fn run_cell(cell: &Cell) -> Measured {
     ];
     let mut pair =
         punch::start(Topology::TwoSites(a, b), &alice_args, &bob_args).expect("punch lab");
-    // Registration, discovery and the introduction take a second or two; the
-    // technique's window is 6 s.
-    let alice = verdict(&mut pair.alice, Duration::from_secs(15));
+    // Registration, discovery and the introduction take a second or two; each
+    // technique's window is 6 s (auto: three of them).
+    let wait = if cell.technique == "auto" { 25 } else { 15 };
+    let alice = verdict(&mut pair.alice, Duration::from_secs(wait));
     let bob = verdict(&mut pair.bob, Duration::from_secs(5));
     let forwarded = match (&alice, &bob) {
         (Some(a), Some(b)) if a.starts_with("tcp-path-up") && b.starts_with("tcp-path-up") => {
@@ -264,6 +327,7 @@ fn run_cell(cell: &Cell) -> Measured {
         bob,
         seen: format!("alice {:?} bob {:?}", pair.alice.seen(), pair.bob.seen()),
         forwarded,
+        step: cell.step,
         counted: (
             counted(&metrics, cell.technique, "success"),
             counted(&metrics, cell.technique, "failed"),
@@ -333,6 +397,19 @@ fn tcp_punch_techniques_per_nat_pair() {
                 "expected a connection ({}); forwarding {:?}; {}",
                 m.why, m.forwarded, m.seen
             )),
+            Expect::Connects
+                if m.step.is_some_and(|step| {
+                    let suffix = format!(" step {step}");
+                    ![&m.alice, &m.bob]
+                        .iter()
+                        .all(|l| l.as_deref().is_some_and(|l| l.ends_with(&suffix)))
+                }) =>
+            {
+                Some(format!(
+                    "expected both sides up by step {:?} ({}); alice {:?} bob {:?}",
+                    m.step, m.why, m.alice, m.bob
+                ))
+            }
             Expect::Connects if m.counted.0 < 1.0 => Some(format!(
                 "connected but the gateway counted no success (success {}, failed {})",
                 m.counted.0, m.counted.1

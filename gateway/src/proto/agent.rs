@@ -193,6 +193,18 @@ pub enum AgentEvent {
         /// The scheduled start, the same instant as the UDP probes'.
         start_at: Instant,
     },
+    /// The other side of an introduction sent, through the gateway, the initial
+    /// sequence number of its low-TTL SYN (TCP technique 3).
+    TcpSeq {
+        /// The other side.
+        peer_id: String,
+        /// The introduction.
+        intro_id: u64,
+        /// The initial sequence number of its SYN.
+        isn: u32,
+        /// The endpoint of ours it sent that SYN to, if it said.
+        expected: Option<SocketAddr>,
+    },
     /// A path works both ways: direct (punched), or through the relay. A relayed
     /// path that gets upgraded to a direct one is announced again.
     PathUp {
@@ -336,6 +348,8 @@ enum RelayLeg {
 
 #[derive(Debug)]
 struct Session {
+    /// A TCP-Seq from the other side was passed on (the gateway sends each twice).
+    tcp_seq_seen: bool,
     intro_id: u64,
     peer_id: String,
     key: [u8; 16],
@@ -401,6 +415,9 @@ struct PendingRequest {
     target: Option<String>,
     /// For an outcome report: what it reported, to resend with a fresh nonce.
     report: Option<Report>,
+    /// For a TCP-Seq: (introduction, ISN, expected endpoint, resent), to resend
+    /// once with a fresh nonce.
+    tcp_seq: Option<(u64, u32, Option<SocketAddr>, bool)>,
 }
 
 /// An outcome report as sent, kept to resend it once with a fresh nonce.
@@ -793,6 +810,7 @@ impl Agent {
                 sent_at: now,
                 target: None,
                 report: None,
+                tcp_seq: None,
             },
         );
         self.outgoing.push_back(Transmit {
@@ -877,6 +895,7 @@ impl Agent {
                         sent_at: now,
                         target: Some(peer.clone()),
                         report: None,
+                        tcp_seq: None,
                     },
                 );
                 self.outgoing.push_back(Transmit {
@@ -1119,6 +1138,7 @@ impl Agent {
                     sent_at: now,
                     target: None,
                     report: None,
+                    tcp_seq: None,
                 },
             );
             self.outgoing.push_back(Transmit {
@@ -1653,6 +1673,7 @@ impl Agent {
                 sent_at: now,
                 target: None,
                 report: Some(report),
+                tcp_seq: None,
             },
         );
         self.outgoing.push_back(Transmit {
@@ -1690,6 +1711,53 @@ impl Agent {
                 resent: false,
             },
         );
+    }
+
+    /// Sends the initial sequence number `isn` of our low-TTL SYN toward `expected`
+    /// (the other side's TCP candidate) to the other side of introduction
+    /// `intro_id`, through the gateway (TCP-Seq; TCP technique 3). The gateway
+    /// forwards it once per side per introduction.
+    pub fn send_tcp_seq(
+        &mut self,
+        now: Instant,
+        intro_id: u64,
+        isn: u32,
+        expected: Option<SocketAddr>,
+    ) {
+        self.send_tcp_seq_request(now, (intro_id, isn, expected, false));
+    }
+
+    fn send_tcp_seq_request(
+        &mut self,
+        now: Instant,
+        request: (u64, u32, Option<SocketAddr>, bool),
+    ) {
+        let (intro_id, isn, expected, _) = request;
+        let tid = self.tid();
+        let payload = client::tcp_seq(
+            tid,
+            &self.config.credentials,
+            self.nonce.as_deref(),
+            intro_id,
+            isn,
+            expected,
+        );
+        self.pending.insert(
+            tid,
+            PendingRequest {
+                method: method::TCP_SEQ,
+                sent_at: now,
+                target: None,
+                report: None,
+                tcp_seq: Some(request),
+            },
+        );
+        self.outgoing.push_back(Transmit {
+            socket: 0,
+            to: self.config.server,
+            payload,
+            ttl: None,
+        });
     }
 
     /// Handles one datagram received on the agent's own socket.
@@ -1840,6 +1908,21 @@ impl Agent {
             }
             return;
         }
+        if ty.method == method::TCP_SEQ && ty.class == Class::Indication {
+            if let Some(seq) = client::parse_tcp_seq(datagram, &self.config.credentials.password)
+                && let Some(session) = self.sessions.get_mut(&seq.intro_id)
+                && session.peer_id == seq.peer_id
+                && !std::mem::replace(&mut session.tcp_seq_seen, true)
+            {
+                self.events.push_back(AgentEvent::TcpSeq {
+                    peer_id: seq.peer_id,
+                    intro_id: seq.intro_id,
+                    isn: seq.isn,
+                    expected: seq.expected,
+                });
+            }
+            return;
+        }
         if ty.method == method::INTRODUCTION && ty.class == Class::Indication {
             if let Some(intro) =
                 client::parse_introduction(datagram, &self.config.credentials.password)
@@ -1865,6 +1948,11 @@ impl Agent {
                     method::CONNECT => {
                         if let Some(target) = request.target {
                             self.wanted.insert(target, now);
+                        }
+                    }
+                    method::TCP_SEQ => {
+                        if let Some(seq) = request.tcp_seq.filter(|s| !s.3) {
+                            self.send_tcp_seq_request(now, (seq.0, seq.1, seq.2, true));
                         }
                     }
                     method::OUTCOME => {
@@ -1997,6 +2085,7 @@ impl Agent {
         self.sessions.insert(
             intro.intro_id,
             Session {
+                tcp_seq_seen: false,
                 intro_id: intro.intro_id,
                 peer_id: intro.peer_id,
                 key: intro.probe_key,
@@ -2630,6 +2719,47 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    #[test]
+    fn tcp_seq_reaches_the_other_side_through_the_gateway_once() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        let intro = sim.agents[0]
+            .1
+            .sessions
+            .keys()
+            .next()
+            .copied()
+            .expect("an introduction");
+        let expected = addr("198.51.100.6:5100");
+        let now = sim.now;
+        sim.agents[0]
+            .1
+            .send_tcp_seq(now, intro, 0x1234_5678, Some(expected));
+        // A second one is refused by the gateway and never reaches bob.
+        sim.agents[0].1.send_tcp_seq(now, intro, 99, Some(expected));
+        sim.run_for(Duration::from_millis(50));
+        let received: Vec<_> = sim
+            .events
+            .iter()
+            .filter_map(|(i, e)| match e {
+                AgentEvent::TcpSeq {
+                    peer_id,
+                    intro_id,
+                    isn,
+                    expected,
+                } => Some((*i, peer_id.clone(), *intro_id, *isn, *expected)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            received,
+            vec![(1, "alice".to_string(), intro, 0x1234_5678, Some(expected))]
+        );
     }
 
     #[test]

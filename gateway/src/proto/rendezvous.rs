@@ -33,6 +33,10 @@ pub mod method {
     /// Relay offer: "reach me at this TURN relayed address" (request from a side of an
     /// introduction; forwarded as an indication to the other side).
     pub const RELAY_OFFER: u16 = 0xC05;
+    /// TCP-Seq: "my low-TTL SYN toward you left with this initial sequence number"
+    /// (request from a side of an introduction; forwarded as an indication to the
+    /// other side), for TCP technique 3 (NATBlaster-style).
+    pub const TCP_SEQ: u16 = 0xC06;
 }
 
 /// Attribute types of the rendezvous.
@@ -59,6 +63,8 @@ pub mod attr {
     pub const OUTCOME: u16 = 0x4009;
     /// TCP punching technique an Outcome report is about (u8, [`super::TcpTechnique`]).
     pub const TECHNIQUE: u16 = 0x400A;
+    /// Initial sequence number of the sender's SYN (u32), in TCP-Seq.
+    pub const TCP_SEQ: u16 = 0x400B;
 }
 
 /// Most candidates accepted in, or sent out with, one message.
@@ -98,17 +104,22 @@ pub enum TcpTechnique {
     /// Each side first sends a SYN whose TTL expires between the two NATs (opening
     /// its own mapping), then connects for real.
     LowTtl = 2,
+    /// Each side sends a low-TTL SYN, captures its initial sequence number and
+    /// sends it to the other side through the gateway (TCP-Seq); then both send
+    /// crafted packets that complete the handshake (NATBlaster-style).
+    NatBlaster = 3,
 }
 
 impl TcpTechnique {
     /// Every technique, in order of cost (what `auto` tries).
-    pub const ALL: [Self; 2] = [Self::SimultaneousOpen, Self::LowTtl];
+    pub const ALL: [Self; 3] = [Self::SimultaneousOpen, Self::LowTtl, Self::NatBlaster];
 
     /// Decodes the wire value.
     pub fn from_u8(value: u8) -> Option<Self> {
         match value {
             1 => Some(Self::SimultaneousOpen),
             2 => Some(Self::LowTtl),
+            3 => Some(Self::NatBlaster),
             _ => None,
         }
     }
@@ -118,6 +129,7 @@ impl TcpTechnique {
         match self {
             Self::SimultaneousOpen => "simultaneous_open",
             Self::LowTtl => "low_ttl",
+            Self::NatBlaster => "natblaster",
         }
     }
 
@@ -126,6 +138,7 @@ impl TcpTechnique {
         match self {
             Self::SimultaneousOpen => "simultaneous-open",
             Self::LowTtl => "low-ttl",
+            Self::NatBlaster => "natblaster",
         }
     }
 }
@@ -294,6 +307,8 @@ pub enum Handled {
     OutcomeAccepted,
     /// A relay offer was forwarded to the other side.
     RelayOffered,
+    /// A TCP-Seq (initial sequence number) was forwarded to the other side.
+    TcpSeqForwarded,
     /// 400: a required attribute missing or malformed.
     BadRequest,
     /// 401: bad credentials or integrity.
@@ -322,6 +337,7 @@ impl Handled {
             Handled::Introduced => "introduced",
             Handled::OutcomeAccepted => "outcome_accepted",
             Handled::RelayOffered => "relay_offered",
+            Handled::TcpSeqForwarded => "tcp_seq_forwarded",
             Handled::BadRequest => "bad_request",
             Handled::Unauthorized => "unauthorized",
             Handled::StaleNonce => "stale_nonce",
@@ -334,7 +350,7 @@ impl Handled {
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 17] = [
+    pub const ALL_LABELS: [&'static str; 18] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -344,6 +360,7 @@ impl Handled {
         "introduced",
         "outcome_accepted",
         "relay_offered",
+        "tcp_seq_forwarded",
         "bad_request",
         "unauthorized",
         "stale_nonce",
@@ -470,6 +487,8 @@ struct IntroRecord {
     reported: [bool; 2],
     /// TCP outcome reports seen: bit `2 * (technique - 1) + side`.
     tcp_reported: u8,
+    /// TCP-Seq messages forwarded, per side (at most one each).
+    tcp_seq_sent: [bool; 2],
 }
 
 /// The rendezvous server.
@@ -603,7 +622,11 @@ impl RendezvousServer {
         if ty.class != Class::Request
             || !matches!(
                 ty.method,
-                method::REGISTER | method::CONNECT | method::OUTCOME | method::RELAY_OFFER
+                method::REGISTER
+                    | method::CONNECT
+                    | method::OUTCOME
+                    | method::RELAY_OFFER
+                    | method::TCP_SEQ
             )
         {
             let mut reply = Vec::new();
@@ -640,6 +663,7 @@ impl RendezvousServer {
             method::REGISTER => self.register(now, from, local, &auth),
             method::CONNECT => self.connect(now, from, &auth, out),
             method::RELAY_OFFER => self.relay_offer(from, &auth, out),
+            method::TCP_SEQ => self.tcp_seq(from, &auth, out),
             _ => self.outcome(&auth),
         };
         match result {
@@ -1056,6 +1080,7 @@ impl RendezvousServer {
                 nats: [initiator.nat, responder.nat],
                 reported: [false; 2],
                 tcp_reported: 0,
+                tcp_seq_sent: [false; 2],
             },
         );
         self.events.push(Event::Introduced {
@@ -1179,6 +1204,107 @@ impl RendezvousServer {
             .message_integrity_sha256(auth.password.as_bytes());
         writer.finish_with_fingerprint();
         Ok((Handled::RelayOffered, reply))
+    }
+
+    /// Forwards a side's initial sequence number (and the endpoint it expects the
+    /// other side at) to the other side of an introduction, signed for the
+    /// recipient. Only a registered side of a remembered introduction may send it,
+    /// once per introduction; nothing else is kept.
+    fn tcp_seq(
+        &mut self,
+        from: SocketAddr,
+        auth: &Authenticated<'_>,
+        out: &mut Vec<Transmit>,
+    ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
+        let tid = auth.message.transaction_id();
+        let (mut intro_id, mut isn, mut expected) = (None, None, None);
+        for attribute in auth.message.attributes().filter_map(Result::ok) {
+            match attribute.ty {
+                attr::INTRO_ID => intro_id = read_u64(attribute.value),
+                attr::TCP_SEQ if attribute.value.len() == 4 => isn = read_u32(attribute.value),
+                attr::CANDIDATE => {
+                    expected = decode_candidate(attribute.value, tid)
+                        .filter(|c| c.kind == CandidateKind::TcpServerReflexive)
+                }
+                _ => {}
+            }
+        }
+        let (Some(intro_id), Some(isn)) = (intro_id, isn) else {
+            return Err((Handled::BadRequest, 400, "Bad Request"));
+        };
+        if self
+            .peers
+            .get(auth.peer_id.as_str())
+            .is_none_or(|p| p.addr != from)
+        {
+            return Err((Handled::Forbidden, 403, "Not Registered Here"));
+        }
+        let record = self.intros.get_mut(&intro_id).ok_or((
+            Handled::NotFound,
+            404,
+            "Unknown Introduction",
+        ))?;
+        let side = record
+            .sides
+            .iter()
+            .position(|s| **s == *auth.peer_id)
+            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        if record.tcp_seq_sent[side] {
+            return Err((Handled::NotFound, 404, "Already Sent"));
+        }
+        let other_id = record.sides[1 - side].clone();
+        let other = self
+            .peers
+            .get(&*other_id)
+            .ok_or((Handled::NotFound, 404, "Peer Not Found"))?;
+        record.tcp_seq_sent[side] = true;
+        let username = format!("{}:{other_id}", other.expiry_unix);
+        let password = self.secret.password(&username);
+        let indication_tid: [u8; 12] = self.rng.random();
+        let mut payload = Vec::with_capacity(128);
+        let mut writer = MessageWriter::new(
+            &mut payload,
+            MessageType {
+                method: method::TCP_SEQ,
+                class: Class::Indication,
+            },
+            indication_tid,
+        );
+        writer
+            .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
+            .attribute(attr::PEER_ID, auth.peer_id.as_bytes())
+            .attribute(attr::TCP_SEQ, &isn.to_be_bytes());
+        if let Some(expected) = expected {
+            let (value, len) = encode_candidate(expected, indication_tid);
+            writer.attribute(attr::CANDIDATE, &value[..len]);
+        }
+        writer.message_integrity_sha256(password.as_bytes());
+        writer.finish_with_fingerprint();
+        // Twice, like relay offers: losing it costs the whole technique.
+        out.push(Transmit {
+            to: other.addr,
+            from_local: other.local,
+            payload: payload.clone(),
+        });
+        out.push(Transmit {
+            to: other.addr,
+            from_local: other.local,
+            payload,
+        });
+        let mut reply = Vec::with_capacity(64);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::TCP_SEQ,
+                class: Class::Success,
+            },
+            tid,
+        );
+        writer
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((Handled::TcpSeqForwarded, reply))
     }
 
     fn outcome(
@@ -1485,6 +1611,71 @@ pub mod client {
                 tid,
             );
             w.attribute(attr::CANDIDATE, &value[..len]);
+        })
+    }
+
+    /// A TCP-Seq request: the initial sequence number of our low-TTL SYN for
+    /// introduction `intro_id`, and the other side's endpoint we sent it to.
+    pub fn tcp_seq(
+        tid: [u8; 12],
+        credentials: &PeerCredentials,
+        nonce: Option<&str>,
+        intro_id: u64,
+        isn: u32,
+        expected: Option<SocketAddr>,
+    ) -> Vec<u8> {
+        request(method::TCP_SEQ, tid, credentials, nonce, |w| {
+            w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
+            w.attribute(attr::TCP_SEQ, &isn.to_be_bytes());
+            if let Some(addr) = expected {
+                let (value, len) = encode_candidate(
+                    Candidate {
+                        kind: CandidateKind::TcpServerReflexive,
+                        addr,
+                    },
+                    tid,
+                );
+                w.attribute(attr::CANDIDATE, &value[..len]);
+            }
+        })
+    }
+
+    /// A TCP-Seq forwarded by the gateway.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub struct TcpSeq {
+        /// The introduction it belongs to.
+        pub intro_id: u64,
+        /// Who sent it.
+        pub peer_id: String,
+        /// The initial sequence number of their SYN.
+        pub isn: u32,
+        /// The endpoint of ours they sent that SYN to, if they said.
+        pub expected: Option<SocketAddr>,
+    }
+
+    /// Parses and verifies a forwarded TCP-Seq signed with `password`.
+    pub fn parse_tcp_seq(datagram: &[u8], password: &str) -> Option<TcpSeq> {
+        let message = signed_indication(datagram, method::TCP_SEQ, password)?;
+        let tid = message.transaction_id();
+        let (mut intro_id, mut peer_id, mut isn, mut expected) = (None, None, None, None);
+        for a in message.attributes().filter_map(Result::ok) {
+            match a.ty {
+                attr::INTRO_ID => intro_id = read_u64(a.value),
+                attr::PEER_ID => peer_id = std::str::from_utf8(a.value).ok().map(str::to_owned),
+                attr::TCP_SEQ if a.value.len() == 4 => isn = read_u32(a.value),
+                attr::CANDIDATE => {
+                    expected = decode_candidate(a.value, tid)
+                        .filter(|c| c.kind == CandidateKind::TcpServerReflexive)
+                        .map(|c| c.addr)
+                }
+                _ => {}
+            }
+        }
+        Some(TcpSeq {
+            intro_id: intro_id?,
+            peer_id: peer_id?,
+            isn: isn?,
+            expected,
         })
     }
 
@@ -2568,6 +2759,83 @@ mod tests {
             })
         };
         assert_eq!(world.send(a, &bad).0, Handled::BadRequest);
+    }
+
+    #[test]
+    fn tcp_seq_is_forwarded_once_per_side_signed_for_the_other_side_only() {
+        let mut world = World::new();
+        let a = addr("198.51.100.2:4000");
+        let b = addr("198.51.100.6:5000");
+        let m = addr("203.0.113.5:6000");
+        world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+        world.register("bob", b, &[], NatClass::None, 0);
+        world.register("mallory", m, &[], NatClass::None, 0);
+        let alice = creds("alice");
+        let bob = creds("bob");
+        let (_, out) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
+        let intro = out
+            .iter()
+            .find_map(|t| parse_response(&t.payload, &alice.password))
+            .and_then(|r| r.intro_id)
+            .expect("id");
+        let expected = addr("198.51.100.6:5100");
+        let seq = |world: &World, who: &str, from, intro_id, isn| {
+            tcp_seq(
+                [7; 12],
+                &creds(who),
+                Some(&world.nonce(from)),
+                intro_id,
+                isn,
+                Some(expected),
+            )
+        };
+        // Not a side, or an unknown introduction: refused, nothing forwarded.
+        let (handled, out) = world.send(m, &seq(&world, "mallory", m, intro, 1));
+        assert_eq!(handled, Handled::NotFound);
+        assert!(out.iter().all(|t| t.to == m));
+        let (handled, out) = world.send(a, &seq(&world, "alice", a, intro ^ 1, 1));
+        assert_eq!(handled, Handled::NotFound);
+        assert!(out.iter().all(|t| t.to == a));
+        // From another address than the registration: forbidden.
+        let elsewhere = addr("198.51.100.2:4001");
+        let (handled, _) = world.send(elsewhere, &seq(&world, "alice", elsewhere, intro, 1));
+        assert_eq!(handled, Handled::Forbidden);
+        // Alice's ISN reaches bob, signed for him (not for alice).
+        let (handled, out) = world.send(a, &seq(&world, "alice", a, intro, 0xDEAD_BEEF));
+        assert_eq!(handled, Handled::TcpSeqForwarded);
+        let to_bob: Vec<_> = out.iter().filter(|t| t.to == b).collect();
+        assert_eq!(to_bob.len(), 2, "sent twice");
+        let forwarded = parse_tcp_seq(&to_bob[0].payload, &bob.password).expect("signed for bob");
+        assert_eq!(
+            forwarded,
+            TcpSeq {
+                intro_id: intro,
+                peer_id: "alice".into(),
+                isn: 0xDEAD_BEEF,
+                expected: Some(expected),
+            }
+        );
+        assert!(parse_tcp_seq(&to_bob[0].payload, &alice.password).is_none());
+        assert!(out.iter().filter(|t| t.to == a).any(|t| {
+            parse_response(&t.payload, &alice.password).is_some_and(|r| r.result.is_ok())
+        }));
+        // Once per side.
+        let (handled, out) = world.send(a, &seq(&world, "alice", a, intro, 2));
+        assert_eq!(handled, Handled::NotFound);
+        assert!(out.iter().all(|t| t.to == a));
+        // Bob's own goes to alice.
+        let (handled, out) = world.send(b, &seq(&world, "bob", b, intro, 7));
+        assert_eq!(handled, Handled::TcpSeqForwarded);
+        assert!(out.iter().filter(|t| t.to == a).any(|t| {
+            parse_tcp_seq(&t.payload, &alice.password)
+                .is_some_and(|s| s.isn == 7 && s.peer_id == "bob")
+        }));
+        // Without an ISN: a bad request.
+        let bad =
+            super::client::request(method::TCP_SEQ, [8; 12], &bob, Some(&world.nonce(b)), |w| {
+                w.attribute(attr::INTRO_ID, &intro.to_be_bytes());
+            });
+        assert_eq!(world.send(b, &bad).0, Handled::BadRequest);
     }
 
     #[test]

@@ -44,8 +44,9 @@ impl std::str::FromStr for TcpMode {
             "auto" => Ok(Self::Auto),
             "simultaneous-open" => Ok(Self::Only(TcpTechnique::SimultaneousOpen)),
             "low-ttl" => Ok(Self::Only(TcpTechnique::LowTtl)),
+            "natblaster" => Ok(Self::Only(TcpTechnique::NatBlaster)),
             other => Err(format!(
-                "unknown TCP technique {other:?} (simultaneous-open, low-ttl, auto)"
+                "unknown TCP technique {other:?} (simultaneous-open, low-ttl, natblaster, auto)"
             )),
         }
     }
@@ -70,6 +71,9 @@ pub struct TcpPunchConfig {
     pub open_lead: Duration,
     /// Most candidates of the other side tried.
     pub max_candidates: usize,
+    /// NATBlaster: how long to wait for the other side's initial sequence number
+    /// (through the gateway) after ours went out.
+    pub seq_wait: Duration,
 }
 
 impl Default for TcpPunchConfig {
@@ -82,6 +86,7 @@ impl Default for TcpPunchConfig {
             open_ttl: 2,
             open_lead: Duration::from_millis(200),
             max_candidates: 2,
+            seq_wait: Duration::from_secs(3),
         }
     }
 }
@@ -108,6 +113,21 @@ pub enum TcpAction {
         /// Identifies this connect.
         attempt: u32,
         /// Give up on it after this long (report it failed).
+        timeout: Duration,
+    },
+    /// NATBlaster (technique 3), once per attempt toward the first candidate: a
+    /// low-TTL connect() from the local port whose SYN's initial sequence number is
+    /// captured and sent to the other side through the gateway; once the other
+    /// side's arrives, crafted packets complete the handshake (the driver's
+    /// `tcp_punch::splice`). Report the result like a connect, naming `attempt`.
+    Splice {
+        /// The other side's candidate.
+        to: SocketAddr,
+        /// Identifies this attempt.
+        attempt: u32,
+        /// TTL of the low-TTL SYN.
+        ttl: u8,
+        /// Give up after this long.
         timeout: Duration,
     },
     /// A technique's window is over: abandon every connect() in flight.
@@ -149,6 +169,10 @@ enum Stage {
     Open,
     /// The real connect() goes out next.
     Connect,
+    /// The NATBlaster splice goes out next (once; other candidates wait).
+    Splice,
+    /// Nothing more in this technique's window.
+    Idle,
 }
 
 #[derive(Clone, Debug)]
@@ -244,10 +268,17 @@ impl TcpPunch {
         self.phase_start = at;
         let stage = match self.techniques.get(self.phase) {
             Some(TcpTechnique::LowTtl) if self.config.open_ttl > 0 => Stage::Open,
+            Some(TcpTechnique::NatBlaster) => Stage::Splice,
             _ => Stage::Connect,
         };
-        for t in &mut self.targets {
-            t.stage = stage;
+        for (i, t) in self.targets.iter_mut().enumerate() {
+            // One splice per introduction: the gateway forwards one sequence
+            // number per side.
+            t.stage = if stage == Stage::Splice && i > 0 {
+                Stage::Idle
+            } else {
+                stage
+            };
             t.due = at;
             t.in_flight = None;
             t.attempts = 0;
@@ -270,7 +301,10 @@ impl TcpPunch {
         }
         let mut at = self.phase_end();
         for t in &self.targets {
-            if t.in_flight.is_none() && t.attempts < self.config.max_attempts {
+            if t.in_flight.is_none()
+                && t.attempts < self.config.max_attempts
+                && t.stage != Stage::Idle
+            {
                 at = at.min(t.due);
             }
         }
@@ -308,6 +342,21 @@ impl TcpPunch {
                 continue;
             }
             match t.stage {
+                Stage::Idle => {}
+                Stage::Splice => {
+                    let attempt = self.next_attempt;
+                    self.next_attempt = self.next_attempt.wrapping_add(1);
+                    t.attempts += 1;
+                    t.in_flight = Some(attempt);
+                    t.last_start = Some(now);
+                    t.stage = Stage::Idle;
+                    self.actions.push_back(TcpAction::Splice {
+                        to: t.to,
+                        attempt,
+                        ttl: self.config.open_ttl.max(1),
+                        timeout: end.saturating_duration_since(now),
+                    });
+                }
                 Stage::Open => {
                     // Dropped well before the real connect(): the two would share
                     // one 4-tuple.
@@ -353,7 +402,12 @@ impl TcpPunch {
                 .map_or(now, |s| (s + self.config.retry_gap).max(now));
             // Every low-TTL retry opens our mapping again first (a RST that passed
             // our NAT may have closed it).
-            t.stage = if low_ttl { Stage::Open } else { Stage::Connect };
+            t.stage = match t.stage {
+                // A splice is never repeated (one sequence number per side).
+                Stage::Idle | Stage::Splice => Stage::Idle,
+                _ if low_ttl => Stage::Open,
+                _ => Stage::Connect,
+            };
         }
     }
 
@@ -542,6 +596,21 @@ mod tests {
             elapsed: config.window,
             attempts: 0
         }));
+        assert!(
+            actions
+                .iter()
+                .any(|a| matches!(a, TcpAction::Splice { to: t, .. } if *t == to)),
+            "{actions:?}"
+        );
+        assert_eq!(p.technique(), Some(TcpTechnique::NatBlaster));
+        p.handle_timeout(t1 + config.window * 2);
+        let actions = drain(&mut p);
+        assert!(actions.contains(&TcpAction::Report {
+            technique: TcpTechnique::NatBlaster,
+            connected: false,
+            elapsed: config.window,
+            attempts: 1
+        }));
         assert_eq!(p.state(), TcpPunchState::Failed);
         assert_eq!(p.poll_timeout(), None);
     }
@@ -588,6 +657,91 @@ mod tests {
             TcpPunchConfig::default(),
         );
         assert_eq!(p.state(), TcpPunchState::Failed);
-        assert_eq!(drain(&mut p).len(), 2);
+        assert_eq!(drain(&mut p).len(), TcpTechnique::ALL.len());
+    }
+
+    #[test]
+    fn natblaster_splices_once_toward_the_first_candidate_and_never_retries() {
+        let t0 = Instant::now();
+        let (first, second) = (addr("203.0.113.5:4000"), addr("203.0.113.6:4000"));
+        let config = TcpPunchConfig::default();
+        let mut p = TcpPunch::new(
+            TcpMode::Only(TcpTechnique::NatBlaster),
+            &[first, second],
+            t0,
+            config,
+        );
+        p.handle_timeout(t0);
+        let actions = drain(&mut p);
+        let [
+            TcpAction::Splice {
+                to,
+                attempt,
+                ttl,
+                timeout,
+            },
+        ] = actions.as_slice()
+        else {
+            panic!("one splice expected: {actions:?}");
+        };
+        assert_eq!(
+            (*to, *ttl, *timeout),
+            (first, config.open_ttl, config.window)
+        );
+        // It fails: nothing more until the window ends, then the report.
+        p.failed(t0 + Duration::from_millis(10), *attempt);
+        assert_eq!(p.poll_timeout(), Some(t0 + config.window));
+        p.handle_timeout(t0 + Duration::from_secs(1));
+        assert!(drain(&mut p).is_empty());
+        p.handle_timeout(t0 + config.window);
+        assert_eq!(
+            drain(&mut p),
+            vec![
+                TcpAction::CancelAll,
+                TcpAction::Report {
+                    technique: TcpTechnique::NatBlaster,
+                    connected: false,
+                    elapsed: config.window,
+                    attempts: 1
+                }
+            ]
+        );
+        assert_eq!(p.state(), TcpPunchState::Failed);
+    }
+
+    #[test]
+    fn auto_ends_with_natblaster() {
+        let t0 = Instant::now();
+        let to = addr("203.0.113.5:4000");
+        let config = TcpPunchConfig::default();
+        let mut p = TcpPunch::new(TcpMode::Auto, &[to], t0, config);
+        let end = t0 + config.window * 2;
+        let mut now = t0;
+        while now < end {
+            p.handle_timeout(now);
+            for a in drain(&mut p) {
+                if let TcpAction::Connect { attempt, .. } = a {
+                    p.failed(now, attempt);
+                }
+            }
+            now += Duration::from_millis(100);
+        }
+        p.handle_timeout(end);
+        assert_eq!(p.technique(), Some(TcpTechnique::NatBlaster));
+        let splice = drain(&mut p)
+            .into_iter()
+            .find_map(|a| match a {
+                TcpAction::Splice { attempt, .. } => Some(attempt),
+                _ => None,
+            })
+            .expect("a splice");
+        assert!(p.connected(end + Duration::from_millis(30), splice));
+        assert!(matches!(
+            p.state(),
+            TcpPunchState::Connected {
+                technique: TcpTechnique::NatBlaster,
+                ..
+            }
+        ));
     }
 }
