@@ -155,6 +155,7 @@ fn peer_help_explains_tcp_punching_and_bad_techniques_are_refused() {
         "--tcp <TECHNIQUE>",
         "simultaneous-open",
         "low-ttl",
+        "natblaster",
         "auto",
         "--tcp-forward-listen",
         "--tcp-forward-to",
@@ -171,7 +172,7 @@ fn peer_help_explains_tcp_punching_and_bad_techniques_are_refused() {
         "--password",
         "x",
         "--tcp",
-        "natblaster",
+        "teleport",
     ]);
     assert!(!ok);
     assert!(stderr.contains("unknown TCP technique"), "{stderr}");
