@@ -39,8 +39,8 @@ use tracing_subscriber::EnvFilter;
         with --ebpf-interface watches its punches in the kernel. `gateway \
         watch` does that watching alone, for hosts that run no agent, such as a Linux NAT \
         router.",
-    after_help = "Not built yet (planned, see the project's issues): TCP punching with crafted \
-        packets (sequence-number exchange, server-assisted splicing), TURN over TLS."
+    after_help = "Not built yet (planned, see the project's issues): server-assisted TCP \
+        splicing (the gateway forging SYN-ACKs), TURN over TLS."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
