@@ -1180,30 +1180,11 @@ impl RendezvousServer {
             .message_integrity_sha256(password.as_bytes());
         writer.finish_with_fingerprint();
         // Twice, like introductions: losing it costs the whole fallback.
-        out.push(Transmit {
-            to: other.addr,
-            from_local: other.local,
-            payload: payload.clone(),
-        });
-        out.push(Transmit {
-            to: other.addr,
-            from_local: other.local,
-            payload,
-        });
-        let mut reply = Vec::with_capacity(64);
-        let mut writer = MessageWriter::new(
-            &mut reply,
-            MessageType {
-                method: method::RELAY_OFFER,
-                class: Class::Success,
-            },
-            tid,
-        );
-        writer
-            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
-            .message_integrity_sha256(auth.password.as_bytes());
-        writer.finish_with_fingerprint();
-        Ok((Handled::RelayOffered, reply))
+        push_twice(out, other.addr, other.local, payload);
+        Ok((
+            Handled::RelayOffered,
+            signed_success(method::RELAY_OFFER, tid, auth),
+        ))
     }
 
     /// Forwards a side's initial sequence number (and the endpoint it expects the
@@ -1281,30 +1262,11 @@ impl RendezvousServer {
         writer.message_integrity_sha256(password.as_bytes());
         writer.finish_with_fingerprint();
         // Twice, like relay offers: losing it costs the whole technique.
-        out.push(Transmit {
-            to: other.addr,
-            from_local: other.local,
-            payload: payload.clone(),
-        });
-        out.push(Transmit {
-            to: other.addr,
-            from_local: other.local,
-            payload,
-        });
-        let mut reply = Vec::with_capacity(64);
-        let mut writer = MessageWriter::new(
-            &mut reply,
-            MessageType {
-                method: method::TCP_SEQ,
-                class: Class::Success,
-            },
-            tid,
-        );
-        writer
-            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
-            .message_integrity_sha256(auth.password.as_bytes());
-        writer.finish_with_fingerprint();
-        Ok((Handled::TcpSeqForwarded, reply))
+        push_twice(out, other.addr, other.local, payload);
+        Ok((
+            Handled::TcpSeqForwarded,
+            signed_success(method::TCP_SEQ, tid, auth),
+        ))
     }
 
     fn outcome(
@@ -1409,6 +1371,43 @@ fn read_u64(value: &[u8]) -> Option<u64> {
 }
 
 /// An error response; integrity-protected only when the requester authenticated.
+/// Queues `payload` to `to` twice (a signed indication whose loss costs a technique).
+fn push_twice(
+    out: &mut Vec<Transmit>,
+    to: SocketAddr,
+    from_local: Option<IpAddr>,
+    payload: Vec<u8>,
+) {
+    out.push(Transmit {
+        to,
+        from_local,
+        payload: payload.clone(),
+    });
+    out.push(Transmit {
+        to,
+        from_local,
+        payload,
+    });
+}
+
+/// A success answer carrying only the sender's next nonce, signed with its key.
+fn signed_success(method: u16, tid: [u8; 12], auth: &Authenticated<'_>) -> Vec<u8> {
+    let mut reply = Vec::with_capacity(64);
+    let mut writer = MessageWriter::new(
+        &mut reply,
+        MessageType {
+            method,
+            class: Class::Success,
+        },
+        tid,
+    );
+    writer
+        .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
+        .message_integrity_sha256(auth.password.as_bytes());
+    writer.finish_with_fingerprint();
+    reply
+}
+
 fn error_reply(
     request: &Message<'_>,
     code: u16,
