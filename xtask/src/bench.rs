@@ -20,6 +20,11 @@ pub struct PunchBenchArgs {
     /// docs/benchmarks.md, including the birthday-punching ones].
     #[arg(long = "pair", value_name = "ALICE,BOB")]
     pairs: Vec<String>,
+    /// When a run does not go direct, write both agents' status lines, the gateway's
+    /// log and both NAT routers' conntrack tables into this directory (one file per
+    /// miss), to find out why.
+    #[arg(long, value_name = "DIR")]
+    dump_misses: Option<std::path::PathBuf>,
 }
 
 const PAIRS: &[(&str, &str)] = &[
@@ -47,6 +52,42 @@ fn percentile(sorted: &[Duration], p: f64) -> u128 {
     }
     let rank = ((p / 100.0) * (sorted.len() as f64)).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1].as_millis()
+}
+
+/// Writes what a missed run leaves behind: both agents' lines (after a short wait for
+/// the relay fallback's lines), the gateway's log and the routers' conntrack tables.
+fn dump_miss(
+    dir: &std::path::Path,
+    a: &str,
+    b: &str,
+    scenario: &mut punch::PunchLab,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    // Let the agents settle (relay fallback, late path-up lines) before the snapshot.
+    scenario
+        .alice
+        .wait_for("no-such-line", Duration::from_secs(2));
+    let mut text = String::new();
+    for (who, peer) in [("alice", &scenario.alice), ("bob", &scenario.bob)] {
+        text.push_str(&format!("== {who}\n{}\n", peer.seen().join("\n")));
+    }
+    for site in scenario.lab.sites() {
+        let table = site
+            .conntrack()
+            .unwrap_or_else(|e| format!("conntrack failed: {e}"));
+        text.push_str(&format!("== conntrack of site {}\n{table}\n", site.name()));
+    }
+    text.push_str(&format!("== gateway\n{}\n", scenario.gateway.log_text()));
+    let path = dir.join(format!(
+        "{a}--{b}-{}.txt",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or_default()
+    ));
+    std::fs::write(&path, text)?;
+    println!("(miss written to {})", path.display());
+    Ok(())
 }
 
 /// Runs the benchmark and prints a markdown table.
@@ -79,7 +120,14 @@ pub fn punch_bench(args: PunchBenchArgs) -> Result<()> {
         for _ in 0..args.runs {
             // A fresh lab each run: new NAT state, new agents, a new introduction.
             let mut scenario = punch::start(Topology::TwoSites(preset(a)?, preset(b)?), &[], &[])?;
-            times.extend(scenario.wait_direct(Duration::from_secs(6)));
+            match scenario.wait_direct(Duration::from_secs(6)) {
+                Some(elapsed) => times.push(elapsed),
+                None => {
+                    if let Some(dir) = &args.dump_misses {
+                        dump_miss(dir, a, b, &mut scenario)?;
+                    }
+                }
+            }
         }
         times.sort_unstable();
         println!(

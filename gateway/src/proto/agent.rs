@@ -406,6 +406,14 @@ struct Birthday {
     repeated: usize,
     /// Birthday datagrams sent.
     sent: u32,
+    /// The other side's reflexive address when our own socket must probe it only with
+    /// the opener's TTL (role `Sockets` toward a NAT): a full-TTL datagram from a port
+    /// the other side has not sent to is dropped by a port-dependent filter anyway,
+    /// and a router that accepts unsolicited packets to itself keeps a conntrack
+    /// entry for it; when the sweep later reaches that port, the other NAT must give
+    /// the sweep's flow another public port, and Linux NATs then reuse that port for
+    /// every later flow of the socket, so the rest of the sweep misses every mapping.
+    quiet_toward: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -1008,9 +1016,14 @@ impl Agent {
                     // One round: every candidate once, and the relay leg if any.
                     let targets = session.candidates.clone();
                     let on_sockets = session.socket_candidates.clone();
+                    let quiet_toward = session.birthday.quiet_toward;
                     session.next_probe = now + config.probe_interval;
                     for to in targets {
-                        self.send_probe(now, id, to);
+                        if Some(to) == quiet_toward {
+                            self.send_probe_with_ttl(now, id, to, Some(config.open_ttl));
+                        } else {
+                            self.send_probe(now, id, to);
+                        }
                     }
                     for (socket, to) in on_sockets {
                         self.send_probe_on(now, id, socket, to, None, false);
@@ -2051,7 +2064,7 @@ impl Agent {
             .candidates
             .iter()
             .any(|c| c.kind == CandidateKind::Predicted);
-        let birthday = Birthday {
+        let mut birthday = Birthday {
             role: birthday_role(
                 self.config.nat,
                 !self.discovery.predicted.is_empty(),
@@ -2065,6 +2078,12 @@ impl Agent {
             .filter(|_| peer_reflexive.is_some()),
             ..Birthday::default()
         };
+        if birthday.role == Some(BirthdayRole::Sockets)
+            && intro.peer_nat != NatClass::None
+            && self.config.open_ttl > 0
+        {
+            birthday.quiet_toward = peer_reflexive;
+        }
         self.events.push_back(AgentEvent::Introduced {
             peer_id: intro.peer_id.clone(),
             role: intro.role,
@@ -2296,6 +2315,7 @@ mod tests {
     };
 
     const NOW_UNIX: u64 = 1_800_000_000;
+    use std::cell::RefCell;
 
     /// Relay addresses handed out by the simulated gateway.
     #[derive(Default)]
@@ -3142,9 +3162,14 @@ mod tests {
     struct SimNat {
         public: IpAddr,
         independent: bool,
+        /// No NAT at all: a public host that takes any datagram.
+        open: bool,
         mappings: HashMap<(u32, Option<SocketAddr>), u16>,
         sockets: HashMap<u16, u32>,
         sent_to: HashSet<(u16, SocketAddr)>,
+        /// Unsolicited datagrams that reached one of its mapped ports: a router that
+        /// accepts them keeps a conntrack entry that later makes it remap the port.
+        unsolicited: RefCell<Vec<(u16, SocketAddr)>>,
         rng: StdRng,
     }
 
@@ -3153,9 +3178,11 @@ mod tests {
             Self {
                 public: public.parse().expect("ip"),
                 independent,
+                open: false,
                 mappings: HashMap::new(),
                 sockets: HashMap::new(),
                 sent_to: HashSet::new(),
+                unsolicited: RefCell::new(Vec::new()),
                 rng: StdRng::seed_from_u64(7),
             }
         }
@@ -3186,7 +3213,12 @@ mod tests {
 
         fn inbound(&self, to: SocketAddr, from: SocketAddr) -> Option<u32> {
             if !self.sent_to.contains(&(to.port(), from)) {
-                return None;
+                if self.sockets.contains_key(&to.port()) {
+                    self.unsolicited.borrow_mut().push((to.port(), from));
+                }
+                if !self.open {
+                    return None;
+                }
             }
             self.sockets.get(&to.port()).copied()
         }
@@ -3197,6 +3229,12 @@ mod tests {
     /// them; returns each side's events and the sockets bob sent data from and
     /// released.
     fn birthday_run(bob_sockets: u16) -> BirthdayRun {
+        birthday_run_with(bob_sockets, NatClass::EndpointIndependent)
+    }
+
+    /// [`birthday_run`] with alice's side of class `alice_nat`: endpoint-independent,
+    /// or `None` (a public host).
+    fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> BirthdayRun {
         let secret = SharedSecret::new(b"sim secret");
         let mut now = Instant::now();
         let server_addr = addr("192.0.2.10:3478");
@@ -3205,8 +3243,9 @@ mod tests {
             SimNat::new("198.51.100.2", true),
             SimNat::new("198.51.100.6", false),
         ];
+        nats[0].open = alice_nat == NatClass::None;
         let mut agents: Vec<Agent> = [
-            ("alice", NatClass::EndpointIndependent),
+            ("alice", alice_nat),
             ("bob", NatClass::AddressAndPortDependent),
         ]
         .into_iter()
@@ -3233,6 +3272,7 @@ mod tests {
         let mut alice_failed_at = None;
         let end = now + Duration::from_secs(8);
         let mut sent_data = false;
+        let mut unsolicited_at_alice = None;
         while now < end {
             for (i, agent) in agents.iter_mut().enumerate() {
                 if agent.poll_timeout() <= now {
@@ -3272,6 +3312,7 @@ mod tests {
             let both_up = agents[0].path("bob").is_some() && agents[1].path("alice").is_some();
             if both_up && !sent_data {
                 sent_data = true;
+                unsolicited_at_alice = Some(nats[0].unsolicited.borrow().len());
                 assert!(agents[0].send_data("bob", b"to bob"));
                 assert!(agents[1].send_data("alice", b"to alice"));
             }
@@ -3304,6 +3345,8 @@ mod tests {
             sweep_round_max,
             swept,
             alice_failed_at,
+            unsolicited_at_alice: unsolicited_at_alice
+                .unwrap_or_else(|| nats[0].unsolicited.borrow().len()),
         }
     }
 
@@ -3320,6 +3363,9 @@ mod tests {
         swept: Vec<(Instant, u16)>,
         /// When alice's first punch attempt gave up.
         alice_failed_at: Option<Instant>,
+        /// Unsolicited datagrams from bob that reached alice's mapped ports before the
+        /// path was up.
+        unsolicited_at_alice: usize,
     }
 
     #[test]
@@ -3374,6 +3420,48 @@ mod tests {
         assert_eq!(released, 255);
         // The sweep kept its pace: 1000/s in 50 ms rounds, plus the few plain probes.
         assert!(sweep_round_max <= 50 + 5, "{sweep_round_max}");
+    }
+
+    #[test]
+    fn the_sockets_side_sends_nothing_unsolicited_toward_a_nat() {
+        // Bob's own socket probes alice's reflexive address only with the opener's
+        // TTL: nothing of his reaches her NAT before she has sent to that port, so a
+        // router there that accepts unsolicited packets keeps no entry that would
+        // remap her sweep.
+        let run = birthday_run(256);
+        assert!(
+            run.events
+                .iter()
+                .any(|(i, e)| *i == 0 && matches!(e, AgentEvent::PathUp { relayed: false, .. })),
+            "{:?}",
+            run.events
+        );
+        assert_eq!(run.unsolicited_at_alice, 0);
+    }
+
+    #[test]
+    fn toward_a_public_host_the_sockets_side_keeps_its_quick_full_ttl_probes() {
+        // A peer without NAT takes any datagram: bob's first full-TTL probe meets her
+        // before any birthday half starts, as plain punching does.
+        let run = birthday_run_with(256, NatClass::None);
+        assert!(run.unsolicited_at_alice > 0);
+        let started = run
+            .events
+            .iter()
+            .position(|(_, e)| matches!(e, AgentEvent::Introduced { .. }))
+            .expect("introduced");
+        let up = run
+            .events
+            .iter()
+            .position(|(i, e)| *i == 0 && matches!(e, AgentEvent::PathUp { relayed: false, .. }))
+            .expect("path up");
+        assert!(
+            !run.events[started..up]
+                .iter()
+                .any(|(_, e)| matches!(e, AgentEvent::Birthday { .. })),
+            "the path came before either birthday half: {:?}",
+            run.events
+        );
     }
 
     #[test]
