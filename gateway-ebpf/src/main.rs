@@ -25,6 +25,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod relay;
+
 use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
 use aya_ebpf::{
@@ -99,7 +101,7 @@ pub fn pass_through(_ctx: TcContext) -> i32 {
 /// simple: with variable offsets LLVM recombines the pointer arithmetic and the
 /// verifier loses the checked range.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
