@@ -16,7 +16,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
+        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
     },
 };
@@ -360,6 +360,27 @@ impl RelayFastPath {
                 .saturating_sub(before.to_client_packets),
             to_client_bytes: now.to_client_bytes.saturating_sub(before.to_client_bytes),
         })
+    }
+
+    /// Runs the program once on `frame` (an Ethernet frame) with `BPF_PROG_TEST_RUN`,
+    /// against this fast path's maps: its return value and the frame as it left.
+    pub fn test_run(&mut self, frame: &[u8]) -> Result<(i32, Vec<u8>), EbpfError> {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(RELAY_PROGRAM)
+            .ok_or(EbpfError::Missing("the relay fast-path program"))?
+            .try_into()
+            .map_err(aya_err(format!("program {RELAY_PROGRAM}")))?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .map_err(aya_err(format!("BPF_PROG_TEST_RUN of {RELAY_PROGRAM}")))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value as i32, out))
     }
 
     /// Detaches the program from every interface (dropping does it too, silently);

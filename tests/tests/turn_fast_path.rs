@@ -314,3 +314,165 @@ fn fast_path_that_cannot_attach_stops_start_up() {
         "the error names the fast path and the interface:\n{stderr}"
     );
 }
+
+/// An Ethernet frame carrying IPv4 + UDP `payload` from `src` to `dst`, with valid IP
+/// and UDP checksums (or a zero UDP checksum with `no_udp_checksum`).
+fn frame(src: SocketAddr, dst: SocketAddr, payload: &[u8], no_udp_checksum: bool) -> Vec<u8> {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 only")
+    };
+    let udp_len = 8 + payload.len();
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[0x08, 0x00]);
+    f.extend_from_slice(&[0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0]);
+    f[16..18].copy_from_slice(&((20 + udp_len) as u16).to_be_bytes());
+    f.extend_from_slice(&src.ip().octets());
+    f.extend_from_slice(&dst.ip().octets());
+    f.extend_from_slice(&src.port().to_be_bytes());
+    f.extend_from_slice(&dst.port().to_be_bytes());
+    f.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    let ip_check = checksum(&[&f[14..34]]);
+    f[24..26].copy_from_slice(&ip_check.to_be_bytes());
+    if !no_udp_checksum {
+        let udp_check = udp_checksum(&f);
+        f[40..42].copy_from_slice(&udp_check.to_be_bytes());
+    }
+    f
+}
+
+/// The Internet checksum of `parts` concatenated (each part of even length but the last).
+fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    let bytes: Vec<u8> = parts.concat();
+    for pair in bytes.chunks(2) {
+        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// The UDP checksum of a frame from [`frame`] (its checksum field taken as zero).
+fn udp_checksum(f: &[u8]) -> u16 {
+    let udp_len = u16::from_be_bytes([f[38], f[39]]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&udp_len.to_be_bytes());
+    let mut udp = f[34..34 + usize::from(udp_len)].to_vec();
+    udp[6] = 0;
+    udp[7] = 0;
+    match checksum(&[&pseudo, &udp]) {
+        0 => 0xFFFF,
+        c => c,
+    }
+}
+
+#[test]
+fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums() {
+    use gateway::{
+        ebpf::AttachMode,
+        fast_path::{FastPathConfig, RelayFastPath},
+        proto::turn::server::{FastChannel, FastPath},
+    };
+    require_root();
+    let addr = |s: &str| -> SocketAddr { s.parse().expect("address") };
+    let mut fast = RelayFastPath::load(FastPathConfig {
+        service_port: 3478,
+        relay_ports: 50_000..=50_100,
+        interfaces: Vec::new(),
+        mode: AttachMode::Auto,
+        local_addresses: Vec::new(),
+    })
+    .expect("load the relay program (root, gateway built after `cargo xtask build-ebpf`)");
+    let (service, client_a, client_b) = (
+        addr("127.0.0.1:3478"),
+        addr("127.9.0.1:40001"),
+        addr("127.9.0.2:40002"),
+    );
+    let (relay_a, relay_b) = (addr("127.0.0.1:50000"), addr("127.0.0.1:50002"));
+    let a = FastChannel {
+        allocation: 0,
+        client: client_a,
+        service: service.ip(),
+        channel: 0x4001,
+        relay: relay_a,
+        peer: relay_b,
+        expires: Instant::now() + Duration::from_secs(60),
+    };
+    let b = FastChannel {
+        allocation: 1,
+        client: client_b,
+        channel: 0x4009,
+        relay: relay_b,
+        peer: relay_a,
+        ..a
+    };
+    // ChannelData with 17 bytes of data and 3 bytes of padding.
+    let mut message = vec![0x40, 0x01, 0, 17];
+    message.extend_from_slice(b"hello, fast path!");
+    message.extend_from_slice(&[0xEE; 3]);
+    let input = frame(client_a, service, &message, false);
+
+    // Only A's half installed: no way back to a client, so untouched.
+    fast.apply(&FastPath::Install(a)).expect("install A");
+    assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
+
+    fast.apply(&FastPath::Install(b)).expect("install B");
+    let (verdict, output) = fast.test_run(&input).expect("run");
+    assert_eq!(verdict, 0, "TC_ACT_OK: delivered up the local stack");
+    let mut expected_message = vec![0x40, 0x09, 0, 17];
+    expected_message.extend_from_slice(&message[4..]);
+    let expected = frame(service, client_b, &expected_message, false);
+    assert_eq!(
+        output, expected,
+        "the ChannelData B would have got, checksums valid"
+    );
+    let counters_a = fast.allocation_counters(0).expect("read");
+    let counters_b = fast.allocation_counters(1).expect("read");
+    assert_eq!(
+        (counters_a.to_peer_packets, counters_a.to_peer_bytes),
+        (1, 17)
+    );
+    assert_eq!(counters_a.to_client_packets, 0);
+    assert_eq!(
+        (counters_b.to_client_packets, counters_b.to_client_bytes),
+        (1, 17)
+    );
+    let totals = fast.totals().expect("read");
+    assert_eq!((totals.to_peer_packets, totals.to_client_packets), (1, 1));
+
+    // A zero UDP checksum (none computed) stays zero.
+    let bare = frame(client_a, service, &message, true);
+    let (verdict, output) = fast.test_run(&bare).expect("run");
+    assert_eq!(verdict, 0);
+    assert_eq!(output, frame(service, client_b, &expected_message, true));
+
+    // Truncated ChannelData (length beyond the datagram) is left to userspace.
+    let mut truncated = message.clone();
+    truncated[3] = 40;
+    let input_truncated = frame(client_a, service, &truncated, false);
+    assert_eq!(fast.test_run(&input_truncated).expect("run").0, -1);
+
+    // B's entry lapses (its deadline passed): untouched, even before userspace
+    // removes it.
+    let lapsed = FastChannel {
+        expires: Instant::now(),
+        ..b
+    };
+    fast.apply(&FastPath::Install(lapsed)).expect("update B");
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
+    // Back, then removed: untouched again.
+    fast.apply(&FastPath::Install(b)).expect("renew B");
+    assert_eq!(fast.test_run(&input).expect("run").0, 0);
+    fast.apply(&FastPath::Remove(b)).expect("remove B");
+    assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
+    assert_eq!(fast.installed(), 1);
+    fast.apply(&FastPath::Remove(a)).expect("remove A");
+    assert_eq!(fast.installed(), 0);
+}
