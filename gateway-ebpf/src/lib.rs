@@ -326,6 +326,147 @@ pub const fn punch_time_slot(ns: u64) -> usize {
     }
 }
 
+/// Name of the relay fast path's tc ingress classifier.
+pub const RELAY_PROGRAM: &str = "relay_fast_path";
+/// Name of the hash map from [`RelayChannelKey`] to [`RelayChannel`]: ChannelData from
+/// a client on a bound channel.
+pub const RELAY_CHANNELS_MAP: &str = "RELAY_CHANNELS";
+/// Name of the hash map from [`RelayPeerKey`] to [`RelayPeer`]: UDP from a permitted
+/// peer to a relay address whose allocation has a channel bound to it.
+pub const RELAY_PEERS_MAP: &str = "RELAY_PEERS";
+/// Name of the per-CPU array of [`RelayCounters`], one per allocation id.
+pub const RELAY_ALLOCATION_COUNTERS_MAP: &str = "RELAY_ALLOCATION_COUNTERS";
+/// Name of the one-slot per-CPU array of [`RelayCounters`]: all allocations together.
+pub const RELAY_TOTALS_MAP: &str = "RELAY_TOTALS";
+/// Name of the one-slot array holding [`RelaySettings`].
+pub const RELAY_SETTINGS_MAP: &str = "RELAY_SETTINGS";
+/// Capacity of the channel and peer maps (entries beyond it stay in userspace).
+pub const RELAY_MAX_ENTRIES: u32 = 65_536;
+/// Allocation ids the kernel counts (allocations with larger ids stay in userspace).
+pub const RELAY_MAX_ALLOCATIONS: u32 = 16_384;
+/// What the relay program returns for a packet it rewrote for local delivery:
+/// `TC_ACT_OK` (`TCX_PASS`), up the stack with its new addresses.
+pub const TC_ACT_OK: i32 = 0;
+/// `TC_ACT_REDIRECT`, after `bpf_redirect_neigh`.
+pub const TC_ACT_REDIRECT: i32 = 7;
+
+/// [`RelayPeer::flags`] / [`RelayChannel::flags`]: the destination (the client, or
+/// the peer) is an address of this host, so a rewritten packet is delivered up the
+/// local stack rather than routed out.
+pub const RELAY_DESTINATION_LOCAL: u32 = 1;
+
+/// Which traffic the relay program looks at, in the single slot of
+/// [`RELAY_SETTINGS_MAP`]. Ports are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// The TURN service port (ChannelData arrives there); 0 disables the program.
+    pub service_port: u16,
+    /// First relay port.
+    pub relay_port_min: u16,
+    /// Last relay port.
+    pub relay_port_max: u16,
+    /// Always zero.
+    pub pad: u16,
+}
+
+/// A client's bound channel, as ChannelData from it arrives: IPv4 addresses as
+/// native-endian words of their wire bytes (what a 32-bit load from the packet gives),
+/// ports and channel in wire (big-endian) order, as loaded from the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RelayChannelKey {
+    /// The client's address (the packet's source).
+    pub client_ip: u32,
+    /// The gateway address it sent to (the packet's destination).
+    pub service_ip: u32,
+    /// The client's port.
+    pub client_port: u16,
+    /// The service port.
+    pub service_port: u16,
+    /// The channel number.
+    pub channel: u16,
+    /// Always zero.
+    pub pad: u16,
+}
+
+/// Where a client's channel goes: from `relay` to `peer` (encoding as in
+/// [`RelayChannelKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayChannel {
+    /// The allocation's relay address.
+    pub relay_ip: u32,
+    /// The peer's address.
+    pub peer_ip: u32,
+    /// The relay port.
+    pub relay_port: u16,
+    /// The peer's port.
+    pub peer_port: u16,
+    /// The allocation id: the slot of [`RELAY_ALLOCATION_COUNTERS_MAP`].
+    pub allocation: u32,
+    /// [`RELAY_DESTINATION_LOCAL`] when the peer is an address of this host.
+    pub flags: u32,
+    /// Always zero.
+    pub pad: u32,
+    /// When the entry lapses (CLOCK_MONOTONIC ns, compared with the coarse clock).
+    pub expires_ns: u64,
+}
+
+/// A peer sending to a relay address (encoding as in [`RelayChannelKey`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RelayPeerKey {
+    /// The peer's address (the packet's source).
+    pub peer_ip: u32,
+    /// The relay address (the packet's destination).
+    pub relay_ip: u32,
+    /// The peer's port.
+    pub peer_port: u16,
+    /// The relay port.
+    pub relay_port: u16,
+}
+
+/// Where a peer's datagrams to a relay address go: to the client as ChannelData on
+/// `channel`, from the service address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayPeer {
+    /// The client's address.
+    pub client_ip: u32,
+    /// The gateway address the client talks to.
+    pub service_ip: u32,
+    /// The client's port.
+    pub client_port: u16,
+    /// The service port.
+    pub service_port: u16,
+    /// The channel number bound to this peer.
+    pub channel: u16,
+    /// Always zero.
+    pub pad: u16,
+    /// The allocation id.
+    pub allocation: u32,
+    /// [`RELAY_DESTINATION_LOCAL`] when the client is an address of this host.
+    pub flags: u32,
+    /// When the entry lapses (CLOCK_MONOTONIC ns).
+    pub expires_ns: u64,
+}
+
+/// Datagrams and application bytes (TURN framing excluded) the fast path relayed, on
+/// one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayCounters {
+    /// Client to peer: datagrams.
+    pub to_peer_packets: u64,
+    /// Client to peer: bytes.
+    pub to_peer_bytes: u64,
+    /// Peer to client: datagrams.
+    pub to_client_packets: u64,
+    /// Peer to client: bytes.
+    pub to_client_bytes: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all of them): `#[repr(C)]`, made only of integers and integer arrays,
@@ -335,6 +476,12 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::PunchStats {}
+    unsafe impl aya::Pod for super::RelaySettings {}
+    unsafe impl aya::Pod for super::RelayChannelKey {}
+    unsafe impl aya::Pod for super::RelayChannel {}
+    unsafe impl aya::Pod for super::RelayPeerKey {}
+    unsafe impl aya::Pod for super::RelayPeer {}
+    unsafe impl aya::Pod for super::RelayCounters {}
 }
 
 #[cfg(test)]
@@ -346,6 +493,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
         assert_eq!(core::mem::size_of::<FlowKey>(), 44);
         assert_eq!(core::mem::size_of::<FlowState>(), 56);
+        assert_eq!(core::mem::size_of::<RelaySettings>(), 8);
+        assert_eq!(core::mem::size_of::<RelayChannelKey>(), 16);
+        assert_eq!(core::mem::size_of::<RelayChannel>(), 32);
+        assert_eq!(core::mem::size_of::<RelayPeerKey>(), 12);
+        assert_eq!(core::mem::size_of::<RelayPeer>(), 32);
+        assert_eq!(core::mem::size_of::<RelayCounters>(), 32);
         assert_eq!(
             core::mem::size_of::<PunchStats>(),
             8 * (BOUNCE_SLOTS + PUNCH_TIME_SLOTS + 1)

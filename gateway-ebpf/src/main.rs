@@ -12,7 +12,10 @@
 //! Outcomes are counted per protocol: UDP and TCP flows have a slot each in
 //! `PUNCH_STATS`.
 //!
-//! Both programs always return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never change
+//! The relay's kernel fast path, `relay_fast_path`, is in [`relay`]: unlike the
+//! observers it rewrites and redirects the packets it handles.
+//!
+//! Both observers always return `TC_ACT_UNSPEC` (`TCX_NEXT`): they observe, never change
 //! the packet's fate, and let any later tc program on the interface run. Parsing is fixed-size, at constant offsets, with a bounds check
 //! before every read (direct packet access); there are no loops. Only Ethernet-framed
 //! devices (veth, physical NICs, loopback) are understood; IPv4 headers with options,
@@ -24,6 +27,8 @@
 // the BPF instruction set (v3) has atomic add, or and fetch.
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
+
+mod relay;
 
 use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
@@ -99,7 +104,7 @@ pub fn pass_through(_ctx: TcContext) -> i32 {
 /// simple: with variable offsets LLVM recombines the pointer arithmetic and the
 /// verifier loses the checked range.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+pub(crate) fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {

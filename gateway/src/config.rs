@@ -84,6 +84,36 @@ pub struct RelayConfig {
     pub allowed_peer_ranges: Vec<String>,
     /// Further peer ranges to deny.
     pub denied_peer_ranges: Vec<String>,
+    /// The kernel fast path for bound channels: "off" (default) or "ebpf" (start-up
+    /// fails when it cannot be loaded).
+    pub fast_path: FastPathMode,
+    /// Interfaces the fast path attaches to (ingress). Empty: those carrying the
+    /// listen and relay addresses (every interface that is up for an unspecified
+    /// listen address).
+    pub fast_path_interfaces: Vec<String>,
+}
+
+/// Whether the relay forwards bound channels in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FastPathMode {
+    /// Every relayed datagram goes through the userspace relay.
+    #[default]
+    Off,
+    /// An eBPF tc program relays bound channels between this gateway's clients.
+    Ebpf,
+}
+
+impl std::str::FromStr for FastPathMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "ebpf" => Ok(Self::Ebpf),
+            other => Err(format!("{other:?}: expected ebpf or off")),
+        }
+    }
 }
 
 impl Default for RelayConfig {
@@ -102,6 +132,8 @@ impl Default for RelayConfig {
             bandwidth_bytes_per_second: 0,
             allowed_peer_ranges: Vec::new(),
             denied_peer_ranges: Vec::new(),
+            fast_path: FastPathMode::Off,
+            fast_path_interfaces: Vec::new(),
         }
     }
 }

@@ -81,7 +81,7 @@ pub enum EbpfError {
     Missing(&'static str),
 }
 
-fn aya_err<E: std::error::Error + Send + Sync + 'static>(
+pub(crate) fn aya_err<E: std::error::Error + Send + Sync + 'static>(
     what: impl Into<String>,
 ) -> impl FnOnce(E) -> EbpfError {
     let what = what.into();
@@ -589,7 +589,7 @@ impl EbpfProbe {
     }
 }
 
-fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+pub(crate) fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<T, EbpfError> {
@@ -716,7 +716,7 @@ fn read_punch_totals(maps: &KernelMaps) -> Result<[PunchTotals; 2], EbpfError> {
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -16,6 +16,7 @@
 //! - [`config`]: the TOML configuration and its defaults.
 pub mod config;
 pub mod ebpf;
+pub mod fast_path;
 pub mod metrics;
 pub mod observe;
 pub mod peer;

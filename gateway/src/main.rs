@@ -321,6 +321,15 @@ struct ServeArgs {
     /// the gateway's own addresses are denied otherwise.
     #[arg(long = "allow-peer", value_name = "CIDR")]
     allowed_peer_ranges: Vec<String>,
+    /// Relay bound channels between this gateway's clients in the kernel (an eBPF tc
+    /// program; IPv4; needs root and the eBPF object): ebpf or off [default: off].
+    /// With ebpf, start-up fails if the program cannot be loaded and attached.
+    #[arg(long, value_name = "ebpf|off")]
+    relay_fast_path: Option<gateway::config::FastPathMode>,
+    /// Interface for the relay fast path (repeatable) [default: the interfaces of the
+    /// listen and relay addresses].
+    #[arg(long = "relay-fast-path-interface", value_name = "IFACE")]
+    relay_fast_path_interfaces: Vec<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -522,6 +531,12 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(range) = &args.relay_port_range {
         config.relay.port_range = range.clone();
+    }
+    if let Some(mode) = args.relay_fast_path {
+        config.relay.fast_path = mode;
+    }
+    if !args.relay_fast_path_interfaces.is_empty() {
+        config.relay.fast_path_interfaces = args.relay_fast_path_interfaces.clone();
     }
     config
         .relay
@@ -744,6 +759,9 @@ async fn serve_async(config: Config) -> Result<()> {
     }
     if let Some(probe) = probe {
         probe.detach();
+    }
+    if let Some(relay) = &relay {
+        relay.stop_fast_path();
     }
     tracing::info!("stopped");
     Ok(())

@@ -28,6 +28,7 @@ use tokio::{
 /// (and never wait for the runtime to have seen the socket writable first).
 type RelaySocket = AsyncFd<std::net::UdpSocket>;
 
+use crate::fast_path::{FastPathConfig, RelayFastPath};
 use crate::proto::{
     binding::BindingService,
     stun::Message,
@@ -59,6 +60,14 @@ pub struct RelayMetrics {
     pub bytes_to_client: IntCounter,
     /// Datagrams not relayed, by reason.
     pub dropped: IntCounterVec,
+    /// Datagrams the kernel fast path relayed client → peer (also in
+    /// `packets_to_peer`).
+    pub fast_path_to_peer: IntCounter,
+    /// Datagrams the kernel fast path relayed peer → client (also in
+    /// `packets_to_client`).
+    pub fast_path_to_client: IntCounter,
+    /// Channels installed in the kernel fast path now.
+    pub fast_path_entries: IntGauge,
 }
 
 impl RelayMetrics {
@@ -109,7 +118,23 @@ impl RelayMetrics {
         for reason in DropReason::ALL {
             dropped.with_label_values(&[reason.as_str()]);
         }
+        let fast_path = IntCounterVec::new(
+            Opts::new(
+                "gateway_relay_fast_path_packets_total",
+                "Datagrams the kernel fast path relayed (included in gateway_relay_packets_total), by direction",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(fast_path.clone()))?;
+        let fast_path_entries = IntGauge::new(
+            "gateway_relay_fast_path_entries",
+            "Bound channels installed in the kernel fast path",
+        )?;
+        registry.register(Box::new(fast_path_entries.clone()))?;
         Ok(Self {
+            fast_path_entries,
+            fast_path_to_peer: fast_path.with_label_values(&["client_to_peer"]),
+            fast_path_to_client: fast_path.with_label_values(&["peer_to_client"]),
             allocations,
             allocations_created,
             requests,
@@ -237,6 +262,8 @@ pub struct RelayState {
     pub core: TurnServer,
     /// The sockets it has opened.
     pub sockets: RelaySocketTable,
+    /// The kernel fast path, when loaded.
+    pub fast: Option<RelayFastPath>,
 }
 
 impl RelayState {
@@ -251,6 +278,38 @@ impl RelayState {
         let result = f(&mut self.core, &mut self.sockets);
         self.sockets.current_local = None;
         result
+    }
+
+    /// Applies the core's fast-path instructions to the kernel maps (an entry that
+    /// cannot be installed leaves its traffic to userspace, which stays correct).
+    pub fn apply_fast_path(&mut self, metrics: &RelayMetrics) {
+        let Some(fast) = self.fast.as_mut() else {
+            return;
+        };
+        for instruction in self.core.drain_fast_path() {
+            if let Err(e) = fast.apply(&instruction) {
+                tracing::warn!(error = %e, ?instruction, "relay fast path: map update failed");
+            }
+        }
+        metrics.fast_path_entries.set(fast.installed() as i64);
+    }
+
+    /// Adds what the kernel relayed since the last call to `metrics`.
+    pub fn fold_fast_path(&mut self, metrics: &RelayMetrics) {
+        let Some(fast) = self.fast.as_mut() else {
+            return;
+        };
+        match fast.take_new() {
+            Ok(new) => {
+                metrics.packets_to_peer.inc_by(new.to_peer_packets);
+                metrics.bytes_to_peer.inc_by(new.to_peer_bytes);
+                metrics.packets_to_client.inc_by(new.to_client_packets);
+                metrics.bytes_to_client.inc_by(new.to_client_bytes);
+                metrics.fast_path_to_peer.inc_by(new.to_peer_packets);
+                metrics.fast_path_to_client.inc_by(new.to_client_packets);
+            }
+            Err(e) => tracing::warn!(error = %e, "relay fast path: reading counters failed"),
+        }
     }
 
     /// The socket of the relay address `relay`.
@@ -277,6 +336,7 @@ impl RelayShared {
         config: RelaySocketConfig,
         client_socket: ClientSocket,
         metrics: RelayMetrics,
+        fast: Option<RelayFastPath>,
     ) -> Arc<Self> {
         let cursor = rand::random::<u16>();
         Arc::new_cyclic(|weak| Self {
@@ -290,6 +350,7 @@ impl RelayShared {
                     runtime: tokio::runtime::Handle::current(),
                     current_local: None,
                 },
+                fast,
             }),
             metrics,
             client_socket,
@@ -312,9 +373,21 @@ impl RelayShared {
     /// Runs the core's timers: expiries close sockets.
     pub fn handle_timeout(&self, now: Instant) {
         let mut state = self.lock();
-        let RelayState { core, sockets } = &mut *state;
+        let RelayState { core, sockets, .. } = &mut *state;
         core.handle_timeout(now, sockets);
         self.metrics.allocations.set(core.allocation_count() as i64);
+        state.apply_fast_path(&self.metrics);
+        state.fold_fast_path(&self.metrics);
+    }
+
+    /// Folds the fast path's counters into the metrics, detaches it and drops its
+    /// maps (at shutdown; dropping the relay detaches too, silently).
+    pub fn stop_fast_path(&self) {
+        let mut state = self.lock();
+        state.fold_fast_path(&self.metrics);
+        if let Some(fast) = state.fast.take() {
+            fast.detach();
+        }
     }
 
     /// When the core next needs [`RelayShared::handle_timeout`].
@@ -405,6 +478,7 @@ impl RelayShared {
                     .requests
                     .with_label_values(&[method.as_str(), outcome.as_str()])
                     .inc();
+                state.apply_fast_path(metrics);
                 "turn_request"
             }
             TurnHandled::Relay {
@@ -719,12 +793,13 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShare
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&addr);
             let mut state = shared.lock();
-            let RelayState { core, sockets } = &mut *state;
+            let RelayState { core, sockets, .. } = &mut *state;
             core.remove_client(client, sockets);
             shared
                 .metrics
                 .allocations
                 .set(core.allocation_count() as i64);
+            state.apply_fast_path(&shared.metrics);
         });
     }
 }
@@ -814,6 +889,9 @@ pub enum RelayStartError {
     /// The relay metrics could not be registered.
     #[error("relay metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// `relay.fast_path = "ebpf"` was asked for and cannot be had.
+    #[error("the relay fast path (relay.fast_path = \"ebpf\") cannot start: {0}")]
+    FastPath(#[from] crate::ebpf::EbpfError),
 }
 
 /// Builds the relay from the configuration: the core with its policy (the
@@ -838,7 +916,7 @@ pub fn start(
     if !listen.ip().is_unspecified() {
         own.push(listen.ip());
     }
-    let policy = PeerPolicy::new(allowed, denied, own);
+    let policy = PeerPolicy::new(allowed, denied, own.clone());
     let turn_config = TurnConfig {
         realm: relay.realm.clone(),
         max_lifetime: std::time::Duration::from_secs(relay.max_lifetime_seconds),
@@ -847,6 +925,7 @@ pub fn start(
         max_permissions: relay.max_permissions,
         max_channels: relay.max_channels,
         bandwidth_bytes_per_second: relay.bandwidth_bytes_per_second,
+        fast_path: relay.fast_path == crate::config::FastPathMode::Ebpf,
         ..TurnConfig::default()
     };
     let core = TurnServer::new(turn_config, secret, rand::random(), 600, policy);
@@ -856,6 +935,37 @@ pub fn start(
         ports: ports.clone(),
     };
     let relay_metrics = RelayMetrics::new(&metrics.registry)?;
+    let fast = match relay.fast_path {
+        crate::config::FastPathMode::Off => None,
+        crate::config::FastPathMode::Ebpf => {
+            let interfaces = if relay.fast_path_interfaces.is_empty() {
+                let mut served = relay.addresses.clone();
+                served.push(listen.ip());
+                crate::fast_path::interfaces_of(&served)
+            } else {
+                relay.fast_path_interfaces.clone()
+            };
+            if interfaces.is_empty() {
+                return Err(RelayStartError::Config(crate::config::ConfigError::Invalid(
+                    "relay.fast_path: no interface carries the listen or relay addresses; set relay.fast_path_interfaces".into(),
+                )));
+            }
+            if relay.bandwidth_bytes_per_second > 0 {
+                tracing::warn!(
+                    "relay.fast_path is on but relay.bandwidth_bytes_per_second caps every allocation: nothing will take the fast path"
+                );
+            }
+            let fast = RelayFastPath::load(FastPathConfig {
+                service_port: listen.port(),
+                relay_ports: ports.clone(),
+                interfaces,
+                mode: crate::ebpf::AttachMode::Auto,
+                local_addresses: own.clone(),
+            })?;
+            tracing::info!(interfaces = ?fast.interfaces(), "relay fast path (eBPF) attached");
+            Some(fast)
+        }
+    };
     tracing::info!(
         realm = %relay.realm,
         ports = %format!("{}-{}", ports.start(), ports.end()),
@@ -868,6 +978,7 @@ pub fn start(
         socket_config,
         client_socket,
         relay_metrics,
+        fast,
     ))
 }
 

@@ -199,6 +199,13 @@ impl Throughput {
         let cpu = self.server_cpu?;
         (self.received > 0).then(|| cpu.as_secs_f64() * 1e6 / self.received as f64)
     }
+
+    /// The load generator's CPU microseconds per relayed message. On loopback this
+    /// includes the receive path of what it sends (softirq work runs in the sender's
+    /// context), hence the kernel fast path's own cost when a server has one.
+    pub fn generator_us_per_message(&self) -> Option<f64> {
+        (self.received > 0).then(|| self.generator_cpu.as_secs_f64() * 1e6 / self.received as f64)
+    }
 }
 
 /// Options of a throughput run.

@@ -32,7 +32,9 @@ const REALM: &str = "bench.relay";
 /// Relay port ranges: disjoint, below Linux's ephemeral range, wide enough for the
 /// held allocations.
 const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 19_999);
-const GATEWAY_RELAY_PORTS: (u16, u16) = (20_000, 29_999);
+const GATEWAY_RELAY_PORTS: (u16, u16) = (20_000, 25_999);
+/// The second gateway's (with the kernel fast path).
+const FAST_GATEWAY_RELAY_PORTS: (u16, u16) = (26_000, 31_999);
 
 /// The measurements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -122,6 +124,11 @@ pub struct BenchRelayArgs {
     /// Also start `gateway serve` as a relay and compare it with coturn.
     #[arg(long)]
     gateway: bool,
+    /// With --gateway, also start a second `gateway serve` with the kernel fast path
+    /// (`--relay-fast-path ebpf` on lo; needs root and a gateway built with its eBPF
+    /// object) and measure it in the same rounds ("gateway-ebpf").
+    #[arg(long, requires = "gateway")]
+    fast_path: bool,
     /// Also start today's `gateway serve` (no relay flags: it answers STUN Binding
     /// only) and compare Bindings/s with coturn; the gateway runs no other scenario.
     #[arg(long, conflicts_with = "gateway")]
@@ -384,6 +391,7 @@ pub fn gateway_relay_command(
     secret_file: &Path,
     realm: &str,
     relay_ports: (u16, u16),
+    fast_path: bool,
 ) -> Command {
     let mut command = Command::new(binary);
     command.args([
@@ -405,10 +413,25 @@ pub fn gateway_relay_command(
         "--allow-peer",
         "127.0.0.0/8",
     ]);
+    if fast_path {
+        // Attached to the interface of the listen address: lo.
+        command.args(["--relay-fast-path", "ebpf"]);
+    }
     command
 }
 
-fn start_gateway(relay: bool) -> Result<GatewayServer> {
+/// How a benchmarked gateway runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GatewayKind {
+    /// Answers STUN Binding only.
+    BindingOnly,
+    /// The relay, every datagram in userspace.
+    Relay,
+    /// The relay with the kernel fast path.
+    FastPath,
+}
+
+fn start_gateway(kind: GatewayKind) -> Result<GatewayServer> {
     let binary = toolchain::workspace_root().join("target/release/gateway");
     if !binary.is_file() {
         bail!(
@@ -416,7 +439,10 @@ fn start_gateway(relay: bool) -> Result<GatewayServer> {
             binary.display()
         );
     }
-    let dir = std::env::temp_dir().join(format!("bench-relay-gateway-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "bench-relay-gateway-{}-{kind:?}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir)?;
     let secret_file = dir.join("secret");
     std::fs::write(&secret_file, SECRET)?;
@@ -424,8 +450,14 @@ fn start_gateway(relay: bool) -> Result<GatewayServer> {
         .local_addr()?
         .port();
     let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-    let mut command = if relay {
-        gateway_relay_command(&binary, addr, &secret_file, REALM, GATEWAY_RELAY_PORTS)
+    let mut command = if kind != GatewayKind::BindingOnly {
+        let fast = kind == GatewayKind::FastPath;
+        let ports = if fast {
+            FAST_GATEWAY_RELAY_PORTS
+        } else {
+            GATEWAY_RELAY_PORTS
+        };
+        gateway_relay_command(&binary, addr, &secret_file, REALM, ports, fast)
     } else {
         let mut command = Command::new(&binary);
         command.args([
@@ -525,6 +557,18 @@ fn metrics(load: &LoadArgs) -> Vec<Metric> {
             Box::new(move |r| at(r).and_then(|t| t.server_us_per_message())),
             Hundredths,
         ));
+        rows.push((
+            format!("load generator CPU µs per relayed msg, {payload} B"),
+            Box::new(move |r| at(r).and_then(|t| t.generator_us_per_message())),
+            Hundredths,
+        ));
+        rows.push((
+            format!("server + generator CPU µs per relayed msg, {payload} B"),
+            Box::new(move |r| {
+                at(r).and_then(|t| Some(t.server_us_per_message()? + t.generator_us_per_message()?))
+            }),
+            Hundredths,
+        ));
     }
     rows.push((
         format!("allocations/s ({} with deallocation)", load.allocations),
@@ -564,34 +608,35 @@ fn format_value(value: Option<f64>, precision: Precision) -> String {
 
 fn print_table(load: &LoadArgs, columns: &[Column]) {
     let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    let pair = columns.len() == 2;
-    let ratio_header = if pair {
-        format!(" {} / {} |", names[1], names[0])
-    } else {
-        String::new()
-    };
+    // One ratio column per server against the first (coturn).
+    let ratio_header: String = names
+        .iter()
+        .skip(1)
+        .map(|name| format!(" {name} / {} |", names[0]))
+        .collect();
     println!("| metric | {} |{ratio_header}", names.join(" | "));
     println!(
         "|---|{}{}",
         "---|".repeat(columns.len()),
-        if pair { "---|" } else { "" }
+        "---|".repeat(columns.len().saturating_sub(1))
     );
-    // The ratio is the median of the per-round ratios (both servers measured back to
+    // The ratio is the median of the per-round ratios (the servers measured back to
     // back), not the ratio of the medians.
     let ratio = |read: &dyn Fn(&Figures) -> Option<f64>| {
-        if !pair {
-            return String::new();
+        let mut cells = String::new();
+        for other in columns.iter().skip(1) {
+            let ratios: Vec<f64> = columns[0]
+                .rounds
+                .iter()
+                .zip(&other.rounds)
+                .filter_map(|(base, other)| match (read(base), read(other)) {
+                    (Some(base), Some(other)) if base != 0.0 => Some(other / base),
+                    _ => None,
+                })
+                .collect();
+            cells.push_str(&median(ratios).map_or(" — |".to_owned(), |r| format!(" {r:.2}x |")));
         }
-        let ratios: Vec<f64> = columns[0]
-            .rounds
-            .iter()
-            .zip(&columns[1].rounds)
-            .filter_map(|(base, other)| match (read(base), read(other)) {
-                (Some(base), Some(other)) if base != 0.0 => Some(other / base),
-                _ => None,
-            })
-            .collect();
-        median(ratios).map_or(" — |".to_owned(), |r| format!(" {r:.2}x |"))
+        cells
     };
     for (label, read, precision) in metrics(load) {
         let values: Vec<Option<f64>> = columns
@@ -721,19 +766,35 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
     };
     check_realm(&coturn_target, REALM)?;
     let gateway = if args.gateway || args.gateway_binding_only {
-        let gateway = start_gateway(args.gateway)?;
+        let kind = if args.gateway {
+            GatewayKind::Relay
+        } else {
+            GatewayKind::BindingOnly
+        };
+        let gateway = start_gateway(kind)?;
         eprintln!("gateway: {}", gateway.command_line);
         Some(gateway)
     } else {
         None
     };
-    let gateway_target = gateway.as_ref().map(|g| Target {
+    let fast_gateway = if args.fast_path {
+        let gateway = start_gateway(GatewayKind::FastPath)?;
+        eprintln!("gateway-ebpf: {}", gateway.command_line);
+        Some(gateway)
+    } else {
+        None
+    };
+    let target_of = |g: &GatewayServer| Target {
         server: g.addr,
         secret: SECRET.to_owned(),
         pid: Some(g.child.id()),
-    });
-    if let (Some(target), true) = (&gateway_target, args.gateway) {
-        check_realm(target, REALM)?;
+    };
+    let gateway_target = gateway.as_ref().map(target_of);
+    let fast_target = fast_gateway.as_ref().map(target_of);
+    if args.gateway {
+        for target in gateway_target.iter().chain(&fast_target) {
+            check_realm(target, REALM)?;
+        }
     }
     let mut gateway_load = args.load.clone();
     if args.gateway_binding_only {
@@ -747,15 +808,16 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         name: "coturn".into(),
         rounds: Vec::new(),
     }];
-    if gateway_target.is_some() {
+    let targets: Vec<(&str, &Target)> = std::iter::once(("coturn", &coturn_target))
+        .chain(gateway_target.as_ref().map(|t| ("gateway", t)))
+        .chain(fast_target.as_ref().map(|t| ("gateway-ebpf", t)))
+        .collect();
+    for (name, _) in targets.iter().skip(1) {
         columns.push(Column {
-            name: "gateway".into(),
+            name: (*name).into(),
             rounds: Vec::new(),
         });
     }
-    let targets: Vec<(&str, &Target)> = std::iter::once(("coturn", &coturn_target))
-        .chain(gateway_target.as_ref().map(|t| ("gateway", t)))
-        .collect();
     // Memory first, on fresh servers.
     for (column, (name, target)) in columns.iter_mut().zip(&targets) {
         let load = if *name == "coturn" {
@@ -803,6 +865,7 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         }
     }
     print_table(&args.load, &columns);
+    drop(fast_gateway);
     drop(gateway);
     drop(coturn);
     Ok(())

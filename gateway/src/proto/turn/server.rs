@@ -50,6 +50,9 @@ pub struct TurnConfig {
     /// Replies to unauthenticated requests (401 challenges, 438) per second, in total:
     /// bounds how much a spoofed-source flood can reflect.
     pub challenges_per_second: u32,
+    /// Emit [`FastPath`] instructions for a kernel fast path (see
+    /// [`TurnServer::drain_fast_path`]); off, the core emits none.
+    pub fast_path: bool,
 }
 
 impl Default for TurnConfig {
@@ -66,6 +69,7 @@ impl Default for TurnConfig {
             max_channels: 64,
             bandwidth_bytes_per_second: 0,
             challenges_per_second: 10_000,
+            fast_path: false,
         }
     }
 }
@@ -334,6 +338,45 @@ struct Channel {
     number: u16,
     peer: SocketAddr,
     expires: Instant,
+    /// The deadline of the fast-path entry installed for this channel, if any.
+    fast: Option<Instant>,
+}
+
+/// One bound channel as a kernel fast path sees it: ChannelData from `client` to
+/// `service` on `channel` goes from `relay` to `peer`, and UDP from `peer` to
+/// `relay` goes back to `client` as ChannelData on `channel`, until `expires`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastChannel {
+    /// The allocation's id (stable while any of its channels is installed; reused
+    /// only after every one of them was removed): the key of its counters.
+    pub allocation: u32,
+    /// The client's address (always UDP).
+    pub client: SocketAddr,
+    /// The gateway address the client talks to (its port is the driver's).
+    pub service: IpAddr,
+    /// The channel number.
+    pub channel: u16,
+    /// The allocation's relay address.
+    pub relay: SocketAddr,
+    /// The peer the channel is bound to (canonical form).
+    pub peer: SocketAddr,
+    /// When the entry stops being valid: the earliest of the channel's, the peer
+    /// permission's and the allocation's expiry.
+    pub expires: Instant,
+}
+
+/// An instruction to a kernel fast path, emitted only when [`TurnConfig::fast_path`]
+/// is on. Entries exist only for channels that are bound, whose peer has a live
+/// permission and passes the peer policy, of UDP clients whose allocation has no
+/// bandwidth cap (the kernel applies no per-packet policy). Everything else, and
+/// anything the kernel declines, goes through the core as before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FastPath {
+    /// Install (or update: same client, channel and allocation) an entry.
+    Install(FastChannel),
+    /// Remove the entry installed for this channel (expired, unbound, permission
+    /// lapsed, allocation deleted).
+    Remove(FastChannel),
 }
 
 #[derive(Debug)]
@@ -401,6 +444,8 @@ pub struct TurnServer {
     /// Relay sockets reserved by EVEN-PORT's R bit: token → (address, expiry).
     reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
     token_key: [u8; 32],
+    /// Fast-path instructions not yet drained by the driver.
+    fast_path: Vec<FastPath>,
 }
 
 /// How long a port reserved by EVEN-PORT's R bit waits for its Allocate (RFC 8656
@@ -438,6 +483,7 @@ impl TurnServer {
             tid_counter: u64::from_be_bytes(nonce_key[..8].try_into().unwrap_or([0; 8])),
             reservations: HashMap::new(),
             token_key: nonce_key,
+            fast_path: Vec::new(),
         }
     }
 
@@ -480,7 +526,19 @@ impl TurnServer {
         for index in expired {
             self.remove(index, sockets);
         }
-        for allocation in self.slots.iter_mut().flatten() {
+        let fast = self.fast_path_allowed();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let Some(allocation) = slot else { continue };
+            if fast || allocation.channels.iter().any(|c| c.fast.is_some()) {
+                sync_fast_path(
+                    allocation,
+                    index,
+                    now,
+                    fast,
+                    &self.policy,
+                    &mut self.fast_path,
+                );
+            }
             allocation.permissions.retain(|p| p.expires > now);
             allocation.channels.retain(|c| c.expires > now);
         }
@@ -503,6 +561,12 @@ impl TurnServer {
         let Some(allocation) = self.slots.get_mut(index).and_then(Option::take) else {
             return;
         };
+        for channel in &allocation.channels {
+            if channel.fast.is_some() {
+                self.fast_path
+                    .push(FastPath::Remove(fast_channel(&allocation, index, channel)));
+            }
+        }
         self.by_client.remove(&allocation.client);
         self.by_relay.remove(&allocation.relay);
         if let Some(count) = self.per_user.get_mut(&allocation.user) {
@@ -513,6 +577,33 @@ impl TurnServer {
         }
         sockets.close(allocation.relay);
         self.free.push(index);
+    }
+
+    /// Whether the fast path may hold entries at all: asked for, and no per-packet
+    /// policy (a bandwidth cap) that only the core can apply.
+    fn fast_path_allowed(&self) -> bool {
+        self.config.fast_path && self.config.bandwidth_bytes_per_second == 0
+    }
+
+    /// Brings allocation `index`'s fast-path entries in line with its state.
+    fn sync_fast_path_of(&mut self, index: usize, now: Instant) {
+        let fast = self.fast_path_allowed();
+        if let Some(allocation) = self.slots.get_mut(index).and_then(Option::as_mut) {
+            sync_fast_path(
+                allocation,
+                index,
+                now,
+                fast,
+                &self.policy,
+                &mut self.fast_path,
+            );
+        }
+    }
+
+    /// The fast-path instructions emitted since the last call, in order (the driver
+    /// applies them before it next hands the core a datagram or a timeout).
+    pub fn drain_fast_path(&mut self) -> std::vec::Drain<'_, FastPath> {
+        self.fast_path.drain(..)
     }
 
     /// True for the methods this core serves (the driver's demultiplexer).
@@ -1017,6 +1108,7 @@ impl TurnServer {
         if let Some(allocation) = self.slots[index].as_mut() {
             allocation.expires = now + lifetime;
         }
+        self.sync_fast_path_of(index, now);
         reply.success_with(out, |w| {
             w.attribute(
                 turn_attr::LIFETIME,
@@ -1104,6 +1196,7 @@ impl TurnServer {
         for ip in peers.iter().flatten() {
             install_permission(allocation, *ip, now + lifetime);
         }
+        self.sync_fast_path_of(index, now);
         reply.success_with(out, |_| {});
         RequestOutcome::Ok
     }
@@ -1179,9 +1272,11 @@ impl TurnServer {
                 number,
                 peer,
                 expires: now + channel_lifetime,
+                fast: None,
             }),
         }
         install_permission(allocation, peer.ip(), now + permission_lifetime);
+        self.sync_fast_path_of(index, now);
         reply.success_with(out, |_| {});
         RequestOutcome::Ok
     }
@@ -1329,6 +1424,69 @@ impl PeerRefusal {
                 reply.error(out, 403, "Forbidden");
                 RequestOutcome::Forbidden
             }
+        }
+    }
+}
+
+/// The fast-path view of `channel` of the allocation in slot `index`.
+fn fast_channel(allocation: &Allocation, index: usize, channel: &Channel) -> FastChannel {
+    FastChannel {
+        allocation: index as u32,
+        client: allocation.client.addr,
+        service: allocation
+            .local
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+        channel: channel.number,
+        relay: allocation.relay,
+        peer: channel.peer,
+        expires: channel.fast.unwrap_or(channel.expires),
+    }
+}
+
+/// Emits the Install and Remove instructions that make the fast-path entries of
+/// `allocation` (in slot `index`) match its channels and permissions at `now`.
+/// `allowed`: the relay allows the fast path at all (see
+/// [`TurnServer::fast_path_allowed`]).
+fn sync_fast_path(
+    allocation: &mut Allocation,
+    index: usize,
+    now: Instant,
+    allowed: bool,
+    policy: &PeerPolicy,
+    out: &mut Vec<FastPath>,
+) {
+    // Only UDP clients whose gateway address is known, and allocation ids that fit.
+    let eligible = allowed
+        && allocation.client.transport == Transport::Udp
+        && allocation.local.is_some()
+        && u32::try_from(index).is_ok()
+        && allocation.expires > now;
+    for i in 0..allocation.channels.len() {
+        let channel = &allocation.channels[i];
+        let permission = allocation
+            .permissions
+            .iter()
+            .find(|p| p.ip == channel.peer.ip().to_canonical() && p.expires > now)
+            .map(|p| p.expires);
+        let wanted = match permission {
+            Some(permission)
+                if eligible && channel.expires > now && policy.check(channel.peer.ip()).is_ok() =>
+            {
+                Some(channel.expires.min(permission).min(allocation.expires))
+            }
+            _ => None,
+        };
+        if wanted == channel.fast {
+            continue;
+        }
+        let removed = channel.fast.is_some() && wanted.is_none();
+        if removed {
+            out.push(FastPath::Remove(fast_channel(allocation, index, channel)));
+        }
+        allocation.channels[i].fast = wanted;
+        if wanted.is_some() {
+            let channel = &allocation.channels[i];
+            out.push(FastPath::Install(fast_channel(allocation, index, channel)));
         }
     }
 }

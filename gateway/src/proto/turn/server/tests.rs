@@ -111,6 +111,8 @@ struct Harness {
     now: Instant,
     out: Vec<u8>,
     tid: u8,
+    /// The gateway address clients reach (what the driver learns from IP_PKTINFO).
+    local: Option<IpAddr>,
 }
 
 struct Reply {
@@ -142,6 +144,7 @@ impl Harness {
             now: Instant::now(),
             out: Vec::new(),
             tid: 0,
+            local: None,
         }
     }
 
@@ -156,7 +159,7 @@ impl Harness {
             self.now,
             NOW_UNIX,
             client,
-            None,
+            self.local,
             &message,
             &mut self.sockets,
             &mut self.out,
@@ -1150,4 +1153,219 @@ proptest! {
         let _ = h.server.handle_stun(h.now, NOW_UNIX, addr(CLIENT), None, &message, &mut h.sockets, &mut h.out);
         prop_assert!(h.server.allocation_count() <= 1);
     }
+}
+
+// The fast-path instructions.
+
+const SERVICE: &str = "192.0.2.10";
+
+fn fast_harness(config: TurnConfig) -> Harness {
+    let mut h = Harness::new(server_with(TurnConfig {
+        fast_path: true,
+        ..config
+    }));
+    h.local = Some(SERVICE.parse().expect("ip"));
+    h
+}
+
+fn drained(h: &mut Harness) -> Vec<FastPath> {
+    h.server.drain_fast_path().collect()
+}
+
+#[test]
+fn fast_path_installs_a_bound_channel_with_its_earliest_deadline() {
+    let mut h = fast_harness(TurnConfig::default());
+    let alice = user("alice");
+    let (relay, nonce) = h.allocate(addr(CLIENT), &alice);
+    // Allocating and permitting alone install nothing: no channel yet.
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr(PEER)),
+        RequestOutcome::Ok
+    );
+    assert_eq!(drained(&mut h), vec![]);
+    let bound_at = h.now;
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER)),
+        RequestOutcome::Ok
+    );
+    let expected = FastChannel {
+        allocation: 0,
+        client: addr(CLIENT),
+        service: SERVICE.parse().expect("ip"),
+        channel: 0x4001,
+        relay,
+        peer: addr(PEER),
+        // The permission (300 s) lapses before the channel (600 s).
+        expires: bound_at + Duration::from_secs(300),
+    };
+    assert_eq!(drained(&mut h), vec![FastPath::Install(expected)]);
+    // Nothing changes in a sweep: no instruction.
+    h.now += Duration::from_secs(10);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert_eq!(drained(&mut h), vec![]);
+    // Refreshing the permission moves the deadline: the entry is updated.
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr(PEER)),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        drained(&mut h),
+        vec![FastPath::Install(FastChannel {
+            expires: h.now + Duration::from_secs(300),
+            ..expected
+        })]
+    );
+}
+
+#[test]
+fn fast_path_entry_is_removed_when_the_permission_lapses_and_back_when_renewed() {
+    let mut h = fast_harness(TurnConfig::default());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER));
+    let installed = drained(&mut h);
+    assert!(matches!(installed[..], [FastPath::Install(_)]));
+    h.now += Duration::from_secs(299);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert_eq!(drained(&mut h), vec![]);
+    h.now += Duration::from_secs(2);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    let removed = drained(&mut h);
+    assert!(
+        matches!(removed[..], [FastPath::Remove(c)] if c.channel == 0x4001 && c.peer == addr(PEER)),
+        "{removed:?}"
+    );
+    // The channel is still bound (600 s): a new permission brings the entry back.
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr(PEER)),
+        RequestOutcome::Ok
+    );
+    assert!(matches!(drained(&mut h)[..], [FastPath::Install(c)] if c.channel == 0x4001));
+}
+
+#[test]
+fn fast_path_entry_is_removed_when_the_channel_expires() {
+    let mut h = fast_harness(TurnConfig::default());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER));
+    drained(&mut h);
+    // Keep the permission alive past the channel's 600 s.
+    h.now += Duration::from_secs(290);
+    h.permit(addr(CLIENT), &alice, &nonce, addr(PEER));
+    h.now += Duration::from_secs(290);
+    h.permit(addr(CLIENT), &alice, &nonce, addr(PEER));
+    let updates = drained(&mut h);
+    assert!(
+        updates.iter().all(|i| matches!(i, FastPath::Install(_))),
+        "{updates:?}"
+    );
+    // The last update's deadline is the channel's own (600 s after binding).
+    let FastPath::Install(last) = updates[updates.len() - 1] else {
+        unreachable!()
+    };
+    assert_eq!(last.expires, h.now + Duration::from_secs(20));
+    h.now += Duration::from_secs(21);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert!(matches!(drained(&mut h)[..], [FastPath::Remove(c)] if c.channel == 0x4001));
+}
+
+#[test]
+fn fast_path_entries_go_with_a_deleted_or_expired_allocation() {
+    let mut h = fast_harness(TurnConfig::default());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER));
+    h.bind(addr(CLIENT), &alice, &nonce, 0x4002, addr("8.8.4.4:7001"));
+    assert_eq!(drained(&mut h).len(), 2);
+    // Refresh with LIFETIME 0 deletes the allocation: both entries go.
+    let (outcome, _) = h.authed(addr(CLIENT), &alice, &nonce, method::REFRESH, |w, _| {
+        w.attribute(turn_attr::LIFETIME, &0u32.to_be_bytes());
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    let removed = drained(&mut h);
+    assert_eq!(removed.len(), 2);
+    assert!(removed.iter().all(|i| matches!(i, FastPath::Remove(_))));
+
+    // An allocation that simply expires (the client keeps its channel and
+    // permission fresh but not the allocation) loses its entries too.
+    let bob = user("bob");
+    let client = addr("198.51.100.21:40000");
+    let (_, nonce) = h.allocate(client, &bob);
+    h.bind(client, &bob, &nonce, 0x4001, addr(PEER));
+    let FastPath::Install(first) = drained(&mut h)[0] else {
+        panic!("expected an install")
+    };
+    for _ in 0..2 {
+        h.now += Duration::from_secs(250);
+        h.bind(client, &bob, &nonce, 0x4001, addr(PEER));
+    }
+    // 500 s in: the allocation's 600 s are the earliest deadline now.
+    let updates = drained(&mut h);
+    let Some(FastPath::Install(last)) = updates.last() else {
+        panic!("expected updates: {updates:?}")
+    };
+    assert_eq!(last.expires, h.now + Duration::from_secs(100));
+    assert_eq!(last.allocation, first.allocation);
+    h.now += Duration::from_secs(101);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert!(matches!(drained(&mut h)[..], [FastPath::Remove(c)] if c.client == client));
+}
+
+#[test]
+fn fast_path_never_serves_capped_allocations_or_denied_peers() {
+    let mut h = fast_harness(TurnConfig {
+        bandwidth_bytes_per_second: 1_000_000,
+        ..TurnConfig::default()
+    });
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER)),
+        RequestOutcome::Ok
+    );
+    h.now += Duration::from_secs(400);
+    h.server.handle_timeout(h.now, &mut h.sockets);
+    assert_eq!(
+        drained(&mut h),
+        vec![],
+        "capped: the core must see every packet"
+    );
+
+    let mut h = fast_harness(TurnConfig::default());
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    // Loopback, private and the gateway's own address are denied by policy.
+    for denied in [
+        "127.0.0.1:9",
+        "10.0.0.1:9",
+        "192.0.2.10:9",
+        "[::ffff:127.0.0.1]:9",
+    ] {
+        assert_eq!(
+            h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(denied)),
+            RequestOutcome::Forbidden,
+            "{denied}"
+        );
+        assert_eq!(
+            h.permit(addr(CLIENT), &alice, &nonce, addr(denied)),
+            RequestOutcome::Forbidden
+        );
+    }
+    assert_eq!(drained(&mut h), vec![]);
+}
+
+#[test]
+fn fast_path_is_silent_when_off_or_when_the_gateway_address_is_unknown() {
+    let mut h = Harness::new(server());
+    h.local = Some(SERVICE.parse().expect("ip"));
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER));
+    assert_eq!(drained(&mut h), vec![]);
+
+    let mut h = fast_harness(TurnConfig::default());
+    h.local = None;
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER));
+    assert_eq!(drained(&mut h), vec![]);
 }
