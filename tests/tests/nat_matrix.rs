@@ -55,6 +55,18 @@ fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
     let (Some(ma), Some(mb)) = (map(a), map(b)) else {
         return (false, "UDP is blocked on one side: it cannot even register");
     };
+    let random_port = |p: &NatPreset| {
+        p.kind == RouterKind::Nat
+            && p.mapping == Mapping::AddressAndPortDependent
+            && p.ports != PortAllocation::Sequential
+    };
+    let independent_nat = |p: &NatPreset| map(p) == Some(Map::Independent);
+    if (random_port(a) && independent_nat(b)) || (random_port(b) && independent_nat(a)) {
+        return (
+            true,
+            "birthday punching: the random-port side opens 256 mappings toward the other's reflexive address (random ports, each admitting that address; its probes toward a NAT keep a TTL that dies before it, so even a cone's filter never sees them), the other side probes up to 2048 random ports of its public address; one hit makes the path (a miss has probability about e^-8)",
+        );
+    }
     if admits_other_ports(a) || admits_other_ports(b) {
         return (
             true,
