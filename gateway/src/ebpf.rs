@@ -388,6 +388,42 @@ impl EbpfProbe {
         Ok(())
     }
 
+    /// Starts or stops treating these UDP ports as punch ports, writing only their
+    /// entries (birthday punching opens and closes hundreds of sockets at once; a
+    /// full [`EbpfProbe::apply`] per socket would rewrite every watched port).
+    pub fn update_punch_udp_ports(&mut self, add: &[u16], remove: &[u16]) -> Result<(), EbpfError> {
+        let mut wanted = self.watch.clone();
+        wanted.punch_udp_ports.retain(|p| !remove.contains(p));
+        for &port in add {
+            if !wanted.punch_udp_ports.contains(&port) {
+                wanted.punch_udp_ports.push(port);
+            }
+        }
+        let flags = wanted.port_flags();
+        let map = self
+            .ebpf
+            .map_mut(WATCHED_PORTS_MAP)
+            .ok_or(EbpfError::Missing(WATCHED_PORTS_MAP))?;
+        let mut map: Array<_, [u8; PORTS_PER_ENTRY]> =
+            Array::try_from(map).map_err(aya_err("opening the port map"))?;
+        let mut touched: Vec<u16> = add.iter().chain(remove).copied().collect();
+        touched.sort_unstable();
+        touched.dedup();
+        for port in touched {
+            let index = u32::from(port) / PORTS_PER_ENTRY as u32;
+            let mut entry = map
+                .get(&index, 0)
+                .map_err(aya_err(format!("reading port entry {index}")))?;
+            if let Some(slot) = entry.get_mut(usize::from(port) % PORTS_PER_ENTRY) {
+                *slot = flags.get(&port).copied().unwrap_or(0);
+            }
+            map.set(index, entry, 0)
+                .map_err(aya_err(format!("watching port {port}")))?;
+        }
+        self.watch = wanted;
+        Ok(())
+    }
+
     /// What the programs watch now.
     pub fn watching(&self) -> &WatchSpec {
         &self.watch

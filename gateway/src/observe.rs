@@ -176,6 +176,11 @@ impl Observer {
     pub fn probe(&self) -> Option<&EbpfProbe> {
         self.probe.as_ref()
     }
+
+    /// The loaded programs, to change what they watch (an agent's extra sockets).
+    pub fn probe_mut(&mut self) -> Option<&mut EbpfProbe> {
+        self.probe.as_mut()
+    }
 }
 
 impl Drop for Observer {

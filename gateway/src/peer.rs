@@ -107,6 +107,9 @@ pub struct PeerClient {
     commands: mpsc::UnboundedSender<Command>,
     events: mpsc::UnboundedReceiver<AgentEvent>,
     local: SocketAddr,
+    /// Local ports of extra sockets the driver opened (`true`) or closed (`false`),
+    /// for the eBPF observers to watch; bounded, excess changes are dropped.
+    socket_ports: mpsc::Receiver<(u16, bool)>,
 }
 
 /// A socket-like path to one peer.
@@ -157,12 +160,14 @@ impl PeerClient {
         }
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
+        let (ports_tx, socket_ports) = mpsc::channel(SOCKET_PORT_CHANGES);
         let agent = Agent::new(config, Instant::now(), rand::random());
-        tokio::spawn(drive(socket, agent, commands_rx, events_tx));
+        tokio::spawn(drive(socket, agent, commands_rx, events_tx, ports_tx));
         Ok(Self {
             commands,
             events,
             local,
+            socket_ports,
         })
     }
 
@@ -242,16 +247,21 @@ impl PeerPath {
 }
 
 /// The task owning the socket and the agent.
+/// How many extra-socket port changes wait for the observer (two birthday attempts'
+/// worth); more are dropped (a port then goes unwatched).
+const SOCKET_PORT_CHANGES: usize = 2 * 1024;
+
 async fn drive(
     socket: UdpSocket,
     mut agent: Agent,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<AgentEvent>,
+    socket_ports: mpsc::Sender<(u16, bool)>,
 ) {
     let mut buf = vec![0u8; 65_535];
     let mut waiting: HashMap<String, Vec<oneshot::Sender<PathKind>>> = HashMap::new();
     let mut attached: HashMap<String, mpsc::Sender<Vec<u8>>> = HashMap::new();
-    let mut extra = ExtraSockets::new(socket.local_addr().ok());
+    let mut extra = ExtraSockets::new(socket.local_addr().ok(), socket_ports);
     loop {
         let deadline = agent.poll_timeout();
         tokio::select! {
@@ -366,16 +376,19 @@ struct ExtraSockets {
     open: HashMap<u32, (std::sync::Arc<UdpSocket>, tokio::task::JoinHandle<()>)>,
     sender: mpsc::Sender<(u32, SocketAddr, Vec<u8>)>,
     received: mpsc::Receiver<(u32, SocketAddr, Vec<u8>)>,
+    /// Where opened and closed local ports are announced (see `PeerClient`).
+    ports: mpsc::Sender<(u16, bool)>,
 }
 
 impl ExtraSockets {
-    fn new(local: Option<SocketAddr>) -> Self {
+    fn new(local: Option<SocketAddr>, ports: mpsc::Sender<(u16, bool)>) -> Self {
         let (sender, received) = mpsc::channel(1024);
         Self {
             local,
             open: HashMap::new(),
             sender,
             received,
+            ports,
         }
     }
 
@@ -395,6 +408,9 @@ impl ExtraSockets {
                     return None;
                 }
             };
+            if let Ok(addr) = socket.local_addr() {
+                let _ = self.ports.try_send((addr.port(), true));
+            }
             let reader = socket.clone();
             let sender = self.sender.clone();
             let task = tokio::spawn(async move {
@@ -412,8 +428,11 @@ impl ExtraSockets {
     }
 
     fn close(&mut self, slot: u32) {
-        if let Some((_, task)) = self.open.remove(&slot) {
+        if let Some((socket, task)) = self.open.remove(&slot) {
             task.abort();
+            if let Ok(addr) = socket.local_addr() {
+                let _ = self.ports.try_send((addr.port(), false));
+            }
         }
     }
 }
@@ -569,7 +588,7 @@ pub async fn run(
         client.local_addr()
     ));
     // Detaches the programs when `run` returns.
-    let observer = crate::observe::start_for_agent(
+    let mut observer = crate::observe::start_for_agent(
         options.observe,
         client.local_addr(),
         tcp_local,
@@ -611,6 +630,9 @@ pub async fn run(
     let mut tcp_busy: std::collections::HashSet<String> = std::collections::HashSet::new();
     // NATBlaster attempts waiting for the other side's ISN, by introduction.
     let mut tcp_seq_waiting: HashMap<u64, std::sync::mpsc::Sender<u32>> = HashMap::new();
+    // The extra sockets' ports, for the observers (taken out of the client, which the
+    // loop below also borrows).
+    let mut socket_ports = std::mem::replace(&mut client.socket_ports, mpsc::channel(1).1);
     tokio::pin!(shutdown);
     loop {
         let forward_recv = async {
@@ -627,6 +649,21 @@ pub async fn run(
         };
         tokio::select! {
             () = &mut shutdown => return Ok(()),
+            Some(first) = socket_ports.recv() => {
+                // Birthday punching's extra sockets are punch sockets too: watch their
+                // ports while they are open (all changes waiting, in one update).
+                let mut changes = vec![first];
+                while let Ok(change) = socket_ports.try_recv() {
+                    changes.push(change);
+                }
+                if let Some(probe) = observer.as_mut().and_then(crate::observe::Observer::probe_mut) {
+                    let add: Vec<u16> = changes.iter().filter(|c| c.1).map(|c| c.0).collect();
+                    let remove: Vec<u16> = changes.iter().filter(|c| !c.1).map(|c| c.0).collect();
+                    if let Err(e) = probe.update_punch_udp_ports(&add, &remove) {
+                        tracing::warn!(error = %e, "cannot watch the extra sockets' ports");
+                    }
+                }
+            }
             // Reap finished punch and splice tasks (their results come as news).
             Some(_) = tcp_tasks.join_next() => {}
             Some(news) = tcp_news.recv() => match news {

@@ -724,6 +724,57 @@ fn two_agents_punching_agree_with_their_kernels() {
 }
 
 #[test]
+fn birthday_punching_is_seen_by_the_random_port_sides_kernel_on_its_extra_socket() {
+    if !lab_available() {
+        return;
+    }
+    let observe = [
+        "--ebpf-interface",
+        "eth0",
+        "--metrics-listen",
+        "127.0.0.1:9479",
+        "--require-ebpf",
+    ];
+    // Alice endpoint-independent, bob random-port: bob opens 256 extra sockets, and
+    // the path ends up on one of them, not on his agent socket.
+    let mut scenario = punch::start(
+        Topology::TwoSites(NatPreset::port_restricted_cone(), NatPreset::symmetric()),
+        &observe,
+        &observe,
+    )
+    .expect("lab");
+    let bob_line = scenario
+        .bob
+        .wait_for("path-up", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("bob: no path-up: {:?}", scenario.bob.seen()));
+    assert!(bob_line.contains(" direct "), "{bob_line}");
+    assert!(
+        scenario
+            .bob
+            .seen()
+            .iter()
+            .any(|l| l.starts_with("birthday ")),
+        "{:?}",
+        scenario.bob.seen()
+    );
+    std::thread::sleep(SETTLE);
+    let host = scenario
+        .lab
+        .site("b")
+        .and_then(|s| s.host(0))
+        .expect("host");
+    let (seen, text) = Seen::scrape(host);
+    eprintln!("bob's kernel: {seen:?}; agent: {bob_line}");
+    // The extra sockets' ports were watched while open: their flows toward alice were
+    // tracked, and the one that met her sweep punched.
+    assert!(seen.punched >= 1, "bob:\n{text}");
+    assert!(
+        seen.entries >= 200,
+        "bob's extra sockets' flows tracked:\n{text}"
+    );
+}
+
+#[test]
 fn reject_mode_nat_answers_with_icmp_errors_that_bounce_with_their_reason() {
     if !lab_available() {
         return;

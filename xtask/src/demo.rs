@@ -317,7 +317,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
                 "same public endpoint for both: endpoint-independent mapping, hole punching will work"
             }
             (Some(_), Some(_)) => {
-                "a new public port per destination: endpoint-dependent (\"symmetric\") mapping, punching needs port prediction or a relay"
+                "a new public port per destination: endpoint-dependent (\"symmetric\") mapping, punching needs port prediction, birthday punching (against an endpoint-independent peer) or a relay"
             }
             _ => "no answer: UDP blocked or lost",
         };
@@ -380,8 +380,8 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "eth0",
         ],
     )?;
-    // Direct within a few round trips; a pair that cannot punch is relayed after the
-    // 5 s punch window.
+    // Direct within a few round trips (birthday punching: about a second); a pair
+    // that cannot punch is relayed after the 5 s punch window.
     let alice_up = alice.wait_for("path-up", Duration::from_secs(14));
     let bob_up = bob.wait_for("path-up", Duration::from_secs(3)).is_some();
     let relayed = alice_up.as_deref().is_some_and(|l| l.contains(" relayed "));
