@@ -102,6 +102,16 @@ pub fn start(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
+    start_with_gateway(topology, &[], alice_args, bob_args)
+}
+
+/// [`start`], with extra `gateway serve` flags (e.g. `--tcp-forge-synack`).
+pub fn start_with_gateway(
+    topology: Topology,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
     let lab = match &topology {
         Topology::TwoSites(a, b) => Lab::builder()
             .site("a", a.clone())
@@ -119,26 +129,28 @@ pub fn start(
         source,
     })?;
     let secret_arg = secret_path.to_string_lossy().into_owned();
+    let mut serve_args = vec![
+        "--listen",
+        "0.0.0.0:3478",
+        "--discovery-listen",
+        "0.0.0.0:3479",
+        "--no-ebpf",
+        "--secret-file",
+        &secret_arg,
+        // The lab's "public" addresses are RFC 5737 documentation ranges, which
+        // the relay's default policy denies as reserved.
+        "--allow-peer",
+        "198.51.100.0/24",
+        "--allow-peer",
+        "203.0.113.0/24",
+        "--allow-peer",
+        "192.0.2.0/24",
+    ];
+    serve_args.extend_from_slice(gateway_args);
     let gateway = GatewayProcess::start(
         lab.server(),
         SocketAddr::from((SERVICE.ip(), 9478)),
-        &[
-            "--listen",
-            "0.0.0.0:3478",
-            "--discovery-listen",
-            "0.0.0.0:3479",
-            "--no-ebpf",
-            "--secret-file",
-            &secret_arg,
-            // The lab's "public" addresses are RFC 5737 documentation ranges, which
-            // the relay's default policy denies as reserved.
-            "--allow-peer",
-            "198.51.100.0/24",
-            "--allow-peer",
-            "203.0.113.0/24",
-            "--allow-peer",
-            "192.0.2.0/24",
-        ],
+        &serve_args,
     )?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
     let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
