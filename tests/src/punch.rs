@@ -119,6 +119,45 @@ pub fn start_with_gateway(
             .build()?,
         Topology::SameSite(p) => Lab::builder().site_with_hosts("a", p.clone(), 2).build()?,
     };
+    let (gateway, secret_path) = start_gateway(&lab, gateway_args)?;
+    let (host_a, host_b) = hosts(&lab, &topology)?;
+    let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
+    let mut args = DISCOVER.to_vec();
+    args.extend_from_slice(bob_args);
+    let mut bob = PeerProcess::start(
+        &host_b,
+        SERVICE,
+        &bob_creds.username,
+        &bob_creds.password,
+        &args,
+    )?;
+    bob.wait_for("nat mapping", Duration::from_secs(5));
+    let mut args = vec!["--connect", "bob"];
+    args.extend_from_slice(DISCOVER);
+    args.extend_from_slice(alice_args);
+    let alice = PeerProcess::start(
+        &host_a,
+        SERVICE,
+        &alice_creds.username,
+        &alice_creds.password,
+        &args,
+    )?;
+    Ok(PunchLab {
+        lab,
+        gateway,
+        alice,
+        bob,
+        secret_path,
+    })
+}
+
+/// Starts `gateway serve` on the lab's server (rendezvous with [`SECRET`], discovery
+/// socket, relay, metrics on port 9478) with extra flags; returns it and the secret
+/// file to delete afterwards.
+pub fn start_gateway(
+    lab: &Lab,
+    gateway_args: &[&str],
+) -> Result<(GatewayProcess, PathBuf), DaemonError> {
     let secret_path = std::env::temp_dir().join(format!(
         "gw-punch-{}-{}",
         std::process::id(),
@@ -152,35 +191,7 @@ pub fn start_with_gateway(
         SocketAddr::from((SERVICE.ip(), 9478)),
         &serve_args,
     )?;
-    let (host_a, host_b) = hosts(&lab, &topology)?;
-    let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
-    let mut args = DISCOVER.to_vec();
-    args.extend_from_slice(bob_args);
-    let mut bob = PeerProcess::start(
-        &host_b,
-        SERVICE,
-        &bob_creds.username,
-        &bob_creds.password,
-        &args,
-    )?;
-    bob.wait_for("nat mapping", Duration::from_secs(5));
-    let mut args = vec!["--connect", "bob"];
-    args.extend_from_slice(DISCOVER);
-    args.extend_from_slice(alice_args);
-    let alice = PeerProcess::start(
-        &host_a,
-        SERVICE,
-        &alice_creds.username,
-        &alice_creds.password,
-        &args,
-    )?;
-    Ok(PunchLab {
-        lab,
-        gateway,
-        alice,
-        bob,
-        secret_path,
-    })
+    Ok((gateway, secret_path))
 }
 
 /// Which way two agents reached each other.
