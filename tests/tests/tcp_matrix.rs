@@ -47,6 +47,12 @@ enum Expect {
     NoIntroduction,
     /// Either, by timing; both sides must agree.
     Racy,
+    /// A side's router loses 5 % of packets: any technique may lose a control
+    /// message, a SYN or a crafted packet at the wrong moment (measured: every
+    /// technique, NATBlaster and server-assisted included, failed now and then).
+    /// Held only to: a path both call up carries the port both ways, and the gateway
+    /// counted a report.
+    Lossy,
 }
 
 /// Which endpoint a side's SYN to the other leaves from.
@@ -170,6 +176,12 @@ fn expect(technique: &str, a: &NatPreset, b: &NatPreset) -> (Expect, &'static st
             "UDP is blocked on one side: it cannot register (the rendezvous is UDP), so there is no introduction and no TCP attempt, although its TCP mapping is learnt",
         );
     };
+    if a.loss_percent > 0 || b.loss_percent > 0 {
+        return (
+            Expect::Lossy,
+            "5 % loss each way on every packet: the introduction, TCP-Seq, the SYNs, the crafted or forged packets and the hello can each be lost at the wrong moment (a lost UDP punch makes the agent take a newer introduction and drop the older one's TCP-Seq); otherwise as without loss",
+        );
+    }
     if x.map == Map::PerDestination || y.map == Map::PerDestination {
         if technique == "server-assisted" {
             return (
@@ -388,6 +400,18 @@ impl Measured {
                     None
                 }
             }
+            Expect::Lossy => {
+                if up(&self.alice) && up(&self.bob) && !self.connected {
+                    Some(format!(
+                        "both up but forwarding failed: {:?}",
+                        self.forwarded
+                    ))
+                } else if self.introduced && success + fail < 1.0 {
+                    Some("the gateway counted no report".to_owned())
+                } else {
+                    None
+                }
+            }
             _ => None,
         }
     }
@@ -555,7 +579,7 @@ fn tcp_table_every_technique_every_nat_pair() {
                     let cells = run_pair(&a, &b);
                     let missed = TECHNIQUES.iter().zip(&cells).any(|(t, m)| {
                         let (e, _) = expect(t, &a, &b);
-                        e != Expect::Racy && m.problem(e).is_some()
+                        !matches!(e, Expect::Racy | Expect::Lossy) && m.problem(e).is_some()
                     });
                     let row = if missed {
                         eprintln!(
@@ -596,6 +620,7 @@ fn tcp_table_every_technique_every_nat_pair() {
     let mut failures = Vec::new();
     let mut retried = Vec::new();
     let mut racy = (0, 0);
+    let mut lossy = (0, 0);
     for row in &rows {
         if let Some(first) = &row.first {
             let firsts: Vec<String> = TECHNIQUES
@@ -621,6 +646,10 @@ fn tcp_table_every_technique_every_nat_pair() {
                 racy.0 += 1;
                 racy.1 += usize::from(m.connected);
             }
+            if e == Expect::Lossy {
+                lossy.0 += 1;
+                lossy.1 += usize::from(m.connected);
+            }
             println!(
                 "| {} | {} | {t} | {e:?} | {shown}{} | {} |",
                 row.a.name(),
@@ -645,11 +674,13 @@ fn tcp_table_every_technique_every_nat_pair() {
         }
     }
     println!(
-        "\n{} cells in {:.0} s; racy cells connected {}/{}",
+        "\n{} cells in {:.0} s; racy cells connected {}/{}, lossy cells {}/{}",
         rows.len() * TECHNIQUES.len(),
         started.elapsed().as_secs_f64(),
         racy.1,
-        racy.0
+        racy.0,
+        lossy.1,
+        lossy.0
     );
     if !retried.is_empty() {
         println!("pairs run twice (first run):\n{}", retried.join("\n"));
