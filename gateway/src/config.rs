@@ -229,6 +229,14 @@ pub struct ServerConfig {
     /// default: an answer from another endpoint is a reflection and amplification
     /// tool, so only authenticated peers get one.
     pub discovery_unauthenticated: bool,
+    /// LAB ONLY. Forge TCP SYN-ACKs for server-assisted TCP splicing (technique 4 of
+    /// docs/tcp-splicing.md): when both sides of an introduction send their initial
+    /// sequence number with TCP-FORGE, the gateway sends each side's NAT a raw TCP
+    /// SYN-ACK whose source address is SPOOFED as the other side's. That needs
+    /// CAP_NET_RAW, is dropped by any network that filters spoofed sources (BCP 38),
+    /// and lets the gateway inject packets into third parties' TCP flows. Off by
+    /// default: such requests then get error 501.
+    pub tcp_forge_synack: bool,
     /// Driver loops serving `listen` at once (each a task on its own runtime thread,
     /// sharing the socket and the rendezvous core); 0 means one per CPU, at most 4.
     /// One by default: more loops help only where cores are idle, and cost CPU per
@@ -242,6 +250,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
             discovery_listen: Vec::new(),
             discovery_unauthenticated: false,
+            tcp_forge_synack: false,
             threads: 1,
         }
     }
@@ -369,6 +378,12 @@ impl Config {
         if self.server.discovery_unauthenticated && self.auth.secret_file.is_none() {
             return Err(ConfigError::Invalid(
                 "server.discovery_unauthenticated needs auth.secret_file: CHANGE-REQUEST is served by the rendezvous"
+                    .into(),
+            ));
+        }
+        if self.server.tcp_forge_synack && self.auth.secret_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "server.tcp_forge_synack needs auth.secret_file: TCP-Seq is served by the rendezvous"
                     .into(),
             ));
         }
@@ -508,6 +523,20 @@ mod tests {
             "t",
         )
         .expect("with a secret");
+    }
+
+    #[test]
+    fn tcp_forging_is_off_by_default_and_needs_the_rendezvous() {
+        assert!(!Config::default().server.tcp_forge_synack);
+        let err =
+            Config::from_toml("[server]\ntcp_forge_synack = true\n", "t").expect_err("no secret");
+        assert!(err.to_string().contains("tcp_forge_synack"), "{err}");
+        let on = Config::from_toml(
+            "[server]\ntcp_forge_synack = true\n[auth]\nsecret_file = \"/s\"\n",
+            "t",
+        )
+        .expect("with a secret");
+        assert!(on.server.tcp_forge_synack);
     }
 
     #[test]

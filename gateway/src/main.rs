@@ -35,12 +35,12 @@ use tracing_subscriber::EnvFilter;
         metrics, and counts its UDP traffic in the kernel with eBPF. `gateway peer` is \
         the agent on each NATed host: it punches (with port prediction, and birthday \
         punching toward random-port symmetric NATs), falls back to the relay when punching \
-        fails, punches TCP too with --tcp (simultaneous open, low-TTL SYN first), and \
+        fails, punches TCP too with --tcp (simultaneous open, low-TTL SYN first, \
+        NATBlaster, and lab-only server-assisted splicing), and \
         with --ebpf-interface watches its punches in the kernel. `gateway \
         watch` does that watching alone, for hosts that run no agent, such as a Linux NAT \
         router.",
-    after_help = "Not built yet (planned, see the project's issues): server-assisted TCP \
-        splicing (the gateway forging SYN-ACKs), TURN over TLS."
+    after_help = "Not built yet (planned, see the project's issues): TURN over TLS."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
@@ -215,8 +215,12 @@ struct PeerArgs {
     /// a SYN with --open-ttl that opens our own NAT's mapping and dies before the
     /// other's, then the real connect()), `natblaster` (a low-TTL connect() whose
     /// SYN's sequence number is captured and swapped through the gateway, then
-    /// crafted SYN-ACK / SYN packets; needs root: raw sockets and nftables), or
-    /// `auto` (each in turn, cheapest first, 6 s each). The agent learns its TCP mapping with a STUN Binding over TCP to
+    /// crafted SYN-ACK / SYN packets; needs root: raw sockets and nftables),
+    /// `server-assisted` (LAB ONLY: the same low-TTL SYN, but the gateway forges the
+    /// SYN-ACKs into both NATs with SPOOFED source addresses; needs root here and a
+    /// gateway run with --tcp-forge-synack, otherwise refused with error 501), or
+    /// `auto` (the first three in turn, cheapest first, 6 s each; never
+    /// server-assisted). The agent learns its TCP mapping with a STUN Binding over TCP to
     /// --server's TCP port at start. Prints `tcp-path-up peer P technique T remote A
     /// elapsed_ms N` or `tcp-punch-failed peer P technique T`. Measured per NAT type in
     /// docs/tcp-splicing.md: simultaneous open works through NATs that silently drop
@@ -293,6 +297,15 @@ struct ServeArgs {
     /// without valid credentials get 401.
     #[arg(long)]
     discovery_unauthenticated: bool,
+    /// LAB ONLY, SPOOFS SOURCE ADDRESSES. Forge TCP SYN-ACKs for server-assisted TCP
+    /// splicing (`gateway peer --tcp server-assisted`): once both sides of an
+    /// introduction gave their SYN's sequence number, send each side's NAT the SYN-ACK
+    /// it expects, with the OTHER side's address as source (raw socket, needs
+    /// CAP_NET_RAW). Networks that filter spoofed sources (BCP 38) drop it, and it lets
+    /// the gateway inject packets into third parties' TCP flows: never on a shared
+    /// network. Off by default (requests get error 501) [config: server.tcp_forge_synack].
+    #[arg(long)]
+    tcp_forge_synack: bool,
     /// Driver loops serving the UDP socket at once, sharing it and the rendezvous
     /// core; 0: one per CPU, at most 4 [default: 1].
     #[arg(long)]
@@ -508,6 +521,9 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if args.discovery_unauthenticated {
         config.server.discovery_unauthenticated = true;
     }
+    if args.tcp_forge_synack {
+        config.server.tcp_forge_synack = true;
+    }
     if let Some(threads) = args.threads {
         config.server.threads = threads;
     }
@@ -665,6 +681,12 @@ async fn serve_async(config: Config) -> Result<()> {
                 Alternates::new(local, config.server.discovery_listen.clone()),
                 config.server.discovery_unauthenticated,
             );
+            server.set_tcp_forge(config.server.tcp_forge_synack);
+            if config.server.tcp_forge_synack {
+                tracing::warn!(
+                    "server.tcp_forge_synack is on: the gateway forges TCP SYN-ACKs with spoofed source addresses into peers' NATs (server-assisted splicing). LAB ONLY: BCP 38 networks drop them, and it lets the gateway inject packets into third parties' TCP flows"
+                );
+            }
             if config.server.discovery_unauthenticated {
                 tracing::warn!(
                     "CHANGE-REQUEST is answered without credentials (server.discovery_unauthenticated): the gateway can be used for reflection"

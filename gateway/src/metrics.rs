@@ -57,6 +57,8 @@ pub struct Metrics {
     pub punch_time_to_direct: HistogramVec,
     /// Reported TCP punching outcomes, by technique, outcome and NAT classes.
     pub tcp_punch_attempts: IntCounterVec,
+    /// SYN-ACKs forged and sent for server-assisted TCP splicing.
+    pub tcp_forged_synacks: IntCounter,
     /// 1 when the eBPF programs are loaded and attached, else 0.
     pub ebpf_loaded: IntGauge,
     /// Number of interfaces the eBPF programs are attached to.
@@ -175,6 +177,10 @@ impl Metrics {
             ebpf_attached_interfaces: gauge(
                 "gateway_ebpf_attached_interfaces",
                 "Interfaces the eBPF programs are attached to",
+            )?,
+            tcp_forged_synacks: counter(
+                "gateway_tcp_forged_synacks_total",
+                "TCP SYN-ACKs with spoofed source addresses the gateway sent for server-assisted splicing (server.tcp_forge_synack; lab only)",
             )?,
             registered_peers: gauge(
                 "gateway_registered_peers",

@@ -97,6 +97,7 @@ enum Command {
         intro_id: u64,
         isn: u32,
         to: SocketAddr,
+        forge: bool,
     },
 }
 
@@ -302,8 +303,8 @@ async fn drive(
                     report.elapsed,
                     report.attempts,
                 ),
-                Some(Command::TcpSeq { intro_id, isn, to }) => {
-                    agent.send_tcp_seq(Instant::now(), intro_id, isn, Some(to));
+                Some(Command::TcpSeq { intro_id, isn, to, forge }) => {
+                    agent.send_tcp_seq(Instant::now(), intro_id, isn, Some(to), forge);
                 }
             },
         }
@@ -512,11 +513,13 @@ enum TcpNews {
         peer: String,
         intro_id: u64,
     },
-    /// NATBlaster: our ISN, to send to the other side through the gateway.
+    /// NATBlaster: our ISN, to send to the other side through the gateway
+    /// (server-assisted, `forge`: for the gateway to forge the SYN-ACKs).
     SeqOut {
         intro_id: u64,
         isn: u32,
         to: SocketAddr,
+        forge: bool,
     },
     Spliced {
         peer: String,
@@ -629,7 +632,8 @@ pub async fn run(
     // introduction (a UDP re-punch, a relay upgrade) starts no second attempt.
     let mut tcp_busy: std::collections::HashSet<String> = std::collections::HashSet::new();
     // NATBlaster attempts waiting for the other side's ISN, by introduction.
-    let mut tcp_seq_waiting: HashMap<u64, std::sync::mpsc::Sender<u32>> = HashMap::new();
+    let mut tcp_seq_waiting: HashMap<u64, std::sync::mpsc::Sender<crate::tcp_punch::SeqNews>> =
+        HashMap::new();
     // The extra sockets' ports, for the observers (taken out of the client, which the
     // loop below also borrows).
     let mut socket_ports = std::mem::replace(&mut client.socket_ports, mpsc::channel(1).1);
@@ -673,10 +677,10 @@ pub async fn run(
                         .send(Command::TcpReport { intro_id, report })
                         .map_err(|_| PeerError::Stopped)?;
                 }
-                TcpNews::SeqOut { intro_id, isn, to } => {
+                TcpNews::SeqOut { intro_id, isn, to, forge } => {
                     client
                         .commands
-                        .send(Command::TcpSeq { intro_id, isn, to })
+                        .send(Command::TcpSeq { intro_id, isn, to, forge })
                         .map_err(|_| PeerError::Stopped)?;
                 }
                 TcpNews::Up { peer, intro_id, punched } => {
@@ -744,13 +748,13 @@ pub async fn run(
                         tcp.config,
                     );
                     let (news, peer, intro_id) = (tcp_news_tx.clone(), peer_id.clone(), *intro_id);
-                    let exchange = tcp.mode.techniques().contains(&crate::proto::tcp_punch::TcpTechnique::NatBlaster).then(|| {
+                    let exchange = tcp.mode.techniques().iter().any(|t| matches!(t, crate::proto::tcp_punch::TcpTechnique::NatBlaster | crate::proto::tcp_punch::TcpTechnique::ServerAssisted)).then(|| {
                         let (tx, rx) = std::sync::mpsc::channel();
                         tcp_seq_waiting.insert(intro_id, tx);
                         let out = news.clone();
                         crate::tcp_punch::SeqExchange {
-                            send: Box::new(move |isn, to| {
-                                let _ = out.send(TcpNews::SeqOut { intro_id, isn, to });
+                            send: Box::new(move |isn, to, forge| {
+                                let _ = out.send(TcpNews::SeqOut { intro_id, isn, to, forge });
                             }),
                             recv: rx,
                         }
@@ -778,7 +782,12 @@ pub async fn run(
                 if let AgentEvent::TcpSeq { intro_id, isn, .. } = &event
                     && let Some(waiting) = tcp_seq_waiting.remove(intro_id)
                 {
-                    let _ = waiting.send(*isn);
+                    let _ = waiting.send(crate::tcp_punch::SeqNews::Isn(*isn));
+                }
+                if let AgentEvent::TcpSeqRefused { intro_id, code } = &event
+                    && let Some(waiting) = tcp_seq_waiting.remove(intro_id)
+                {
+                    let _ = waiting.send(crate::tcp_punch::SeqNews::Refused(*code));
                 }
                 if let AgentEvent::PathUp { peer_id, remote, relayed, .. } = &event {
                     if let Some(m) = &path_metrics {
@@ -966,6 +975,9 @@ fn report(event: &AgentEvent) {
             peer_id, intro_id, ..
         } => status(format_args!(
             "tcp-seq-received peer {peer_id} intro {intro_id:016x}"
+        )),
+        AgentEvent::TcpSeqRefused { intro_id, code } => status(format_args!(
+            "tcp-seq-refused intro {intro_id:016x} code {code}"
         )),
         AgentEvent::Data { .. } => {}
     }

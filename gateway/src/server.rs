@@ -19,7 +19,7 @@ use crate::{
     metrics::Metrics,
     proto::{
         binding::BindingService,
-        rendezvous::{Handled, RendezvousServer, Transmit},
+        rendezvous::{ForgedSynAck, Handled, RendezvousServer, Transmit},
         stun::{Message, MessageType},
         turn::{self, server::TurnServer},
     },
@@ -150,6 +150,10 @@ pub async fn run_with_alternates(
     let mut metas = [RecvMeta::default(); RECV_BATCH];
     let mut transmits: Vec<Transmit> = Vec::new();
     let mut scratch = SendScratch::default();
+    // Server-assisted TCP splicing (only when the core was told to forge): the raw
+    // sockets open on first use.
+    let mut forged: Vec<ForgedSynAck> = Vec::new();
+    let mut injector = crate::tcp_raw::Injector::new();
     tokio::pin!(shutdown);
     loop {
         let timeout = rendezvous.as_ref().and_then(|r| lock(r).poll_timeout());
@@ -213,8 +217,12 @@ pub async fn run_with_alternates(
             relay.as_deref(),
             &mut transmits,
             &mut redirected,
+            &mut forged,
         );
         send_transmits(&client, &transmits, &metrics, &mut scratch).await;
+        for synack in forged.drain(..) {
+            inject_forged(&mut injector, &synack, &metrics);
+        }
         for (endpoint, transmit) in redirected.drain(..) {
             if let Some(alternate) = alternates.get(endpoint) {
                 let one = std::slice::from_ref(&transmit);
@@ -226,7 +234,9 @@ pub async fn run_with_alternates(
 
 /// Hands every datagram of one received batch to the relay or the core, collecting
 /// the replies. The core's lock is taken at most once per batch, and released
-/// before anything is sent.
+/// before anything is sent. SYN-ACKs the core wants forged (server-assisted TCP
+/// splicing) go to `forged`, CHANGE-REQUEST answers for other sockets to `redirected`.
+#[allow(clippy::too_many_arguments)]
 fn handle_batch(
     metas: &[RecvMeta],
     storage: &[u8],
@@ -235,6 +245,7 @@ fn handle_batch(
     relay: Option<&RelayShared>,
     transmits: &mut Vec<Transmit>,
     redirected: &mut Vec<(usize, Transmit)>,
+    forged: &mut Vec<ForgedSynAck>,
 ) {
     let binding = BindingService;
     let mut reply = Vec::new();
@@ -281,6 +292,7 @@ fn handle_batch(
                         metrics.record(&event);
                     }
                     redirected.extend(server.drain_redirected().map(|r| (r.endpoint, r.transmit)));
+                    forged.extend(server.drain_forged());
                     if matches!(handled, Handled::Registered) {
                         metrics.registered_peers.set(server.peer_count() as i64);
                     }
@@ -300,6 +312,30 @@ fn handle_batch(
             };
             metrics.stun_datagrams.with_label_values(&[label]).inc();
         }
+    }
+}
+
+/// Crafts and sends one SYN-ACK the core asked for (server-assisted TCP splicing):
+/// a raw IPv4 or IPv6 packet whose source is the other peer's public TCP endpoint,
+/// counted in `gateway_tcp_forged_synacks_total` once the kernel took it.
+fn inject_forged(
+    injector: &mut crate::tcp_raw::Injector,
+    synack: &ForgedSynAck,
+    metrics: &Metrics,
+) {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let segment = crate::tcp_raw::Segment::syn_ack(
+        canonical(synack.src),
+        canonical(synack.dst),
+        synack.seq,
+        synack.ack,
+    );
+    match injector.send(&segment) {
+        Ok(()) => {
+            metrics.tcp_forged_synacks.inc();
+            tracing::debug!(src = %segment.src, dst = %segment.dst, seq = synack.seq, ack = synack.ack, "forged SYN-ACK sent");
+        }
+        Err(e) => tracing::warn!(dst = %segment.dst, "cannot send a forged SYN-ACK: {e}"),
     }
 }
 

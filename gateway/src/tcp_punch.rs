@@ -194,6 +194,9 @@ pub enum SpliceStep {
     /// captured ISN, full TTL) made the NATs' entries and the kernels meet in a
     /// simultaneous open.
     Resyn,
+    /// Server-assisted (technique 4): the SYN-ACK the gateway forged (nothing was
+    /// crafted here).
+    Forged,
 }
 
 impl SpliceStep {
@@ -202,17 +205,30 @@ impl SpliceStep {
         match self {
             Self::SynAck => "synack",
             Self::Resyn => "resyn",
+            Self::Forged => "forged",
         }
     }
 }
 
 /// How a NATBlaster splice swaps initial sequence numbers with the other side:
-/// through the gateway (the agent's TCP-Seq request and indication).
+/// through the gateway (the agent's TCP-Seq request and indication); a
+/// server-assisted one only gives the gateway ours.
 pub struct SeqExchange {
-    /// Sends our ISN and the endpoint our SYN went to.
-    pub send: Box<dyn Fn(u32, SocketAddr) + Send + Sync>,
-    /// The other side's ISN, when it arrives.
-    pub recv: std::sync::mpsc::Receiver<u32>,
+    /// Sends our ISN and the endpoint our SYN went to; with `forge` (server-assisted)
+    /// the gateway keeps it and forges the SYN-ACKs.
+    pub send: Box<dyn Fn(u32, SocketAddr, bool) + Send + Sync>,
+    /// What the gateway said: the other side's ISN, or a refusal.
+    pub recv: std::sync::mpsc::Receiver<SeqNews>,
+}
+
+/// News for a splice waiting on the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqNews {
+    /// The other side's initial sequence number (NATBlaster).
+    Isn(u32),
+    /// The gateway refused our TCP-Seq with this error code (e.g. 501: it does not
+    /// forge SYN-ACKs).
+    Refused(u16),
 }
 
 impl std::fmt::Debug for SeqExchange {
@@ -231,6 +247,9 @@ const SYN_ACK_SENDS: u32 = 3;
 const SPLICE_INTERVAL: Duration = Duration::from_millis(150);
 /// Re-SYN step: crafted SYNs (each followed by the SYN-ACK) at most.
 const RESYN_SENDS: u32 = 5;
+/// Server-assisted: how long after our ISN went to the gateway the forged SYN-ACK
+/// may take, beyond the wait for the other side's ISN.
+const FORGE_GRACE: Duration = Duration::from_secs(1);
 
 fn raw_io(e: crate::tcp_raw::RawError) -> io::Error {
     io::Error::other(e.to_string())
@@ -271,47 +290,30 @@ pub fn splice(
     seq_wait: Duration,
     exchange: &SeqExchange,
 ) -> io::Result<(std::net::TcpStream, SpliceStep)> {
-    use crate::tcp_raw::{
-        Injector, Segment, SuppressionRules, SynCapture, TcpState, set_socket_ttl, tcp_state,
-    };
+    use crate::tcp_raw::{Injector, Segment, TcpState, set_socket_ttl, tcp_state};
     use std::os::fd::AsFd;
     let v6 = to.is_ipv6();
-    let local = SocketAddr::new(source_toward(to)?, port);
-    let guard = SuppressionRules {
-        rst_to: vec![to],
-        icmp_time_exceeded: true,
-    }
-    .install()
-    .map_err(raw_io)?;
-    let mut capture = SynCapture::for_local(local, Some(to)).map_err(raw_io)?;
-    let domain = if v6 {
-        socket2::Domain::IPV6
-    } else {
-        socket2::Domain::IPV4
+    let Opened {
+        guard,
+        socket,
+        syn,
+        local,
+    } = open_captured(port, to, ttl)?;
+    (exchange.send)(syn.seq, to, false);
+    let their_isn = match exchange.recv.recv_timeout(seq_wait) {
+        Ok(SeqNews::Isn(isn)) => isn,
+        Ok(SeqNews::Refused(code)) => {
+            return Err(io::Error::other(format!(
+                "the gateway refused our sequence number (code {code})"
+            )));
+        }
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no initial sequence number from the other side",
+            ));
+        }
     };
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    // Closed with RST if the splice fails after all (see `abortive`); the winner
-    // gets the normal close back in `punch`.
-    socket.set_linger(Some(Duration::ZERO))?;
-    socket.bind(&local.into())?;
-    set_socket_ttl(&socket, v6, ttl)?;
-    socket.set_nonblocking(true)?;
-    match socket.connect(&to.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Ok(()) => {}
-        Err(e) => return Err(e),
-    }
-    let syn = capture.wait(CAPTURE_TIMEOUT).map_err(raw_io)?;
-    drop(capture);
-    (exchange.send)(syn.seq, to);
-    let their_isn = exchange.recv.recv_timeout(seq_wait).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no initial sequence number from the other side",
-        )
-    })?;
     let synchronized = || tcp_state(socket.as_fd()).is_ok_and(TcpState::is_synchronized);
     let before = tcp_state(socket.as_fd())?;
     tracing::debug!(isn = syn.seq, their_isn, ?before, %local, %to, "natblaster: sequence numbers swapped");
@@ -357,6 +359,117 @@ pub fn splice(
     set_socket_ttl(&socket, v6, NORMAL_TTL)?;
     guard.remove().map_err(raw_io)?;
     Ok((socket.into(), step))
+}
+
+/// A low-TTL connect() in SYN-SENT whose SYN was captured, under suppression rules.
+struct Opened {
+    /// Removes the rules (on drop too).
+    guard: crate::tcp_raw::NftGuard,
+    /// The kernel socket, still in SYN-SENT with the low TTL.
+    socket: socket2::Socket,
+    /// Its SYN as captured: `seq` is our ISN.
+    syn: crate::tcp_raw::Segment,
+    /// The local endpoint (the TCP punching port on the address toward `to`).
+    local: SocketAddr,
+}
+
+/// Steps 1 and 2 of techniques 3 and 4: suppression rules (our RSTs to `to`, incoming
+/// ICMP time-exceeded), then a kernel connect() from `port` toward `to` with TTL
+/// `ttl` (passes our NAT, which creates its mapping and connection-tracking entry;
+/// dies at the core), its SYN captured on the interface that routes to `to`.
+fn open_captured(port: u16, to: SocketAddr, ttl: u8) -> io::Result<Opened> {
+    use crate::tcp_raw::{SuppressionRules, SynCapture, set_socket_ttl};
+    let v6 = to.is_ipv6();
+    let local = SocketAddr::new(source_toward(to)?, port);
+    let guard = SuppressionRules {
+        rst_to: vec![to],
+        icmp_time_exceeded: true,
+    }
+    .install()
+    .map_err(raw_io)?;
+    let mut capture = SynCapture::for_local(local, Some(to)).map_err(raw_io)?;
+    let domain = if v6 {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Closed with RST if the splice fails after all (see `abortive`); the winner
+    // gets the normal close back in `punch`.
+    socket.set_linger(Some(Duration::ZERO))?;
+    socket.bind(&local.into())?;
+    set_socket_ttl(&socket, v6, ttl)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&to.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Ok(()) => {}
+        Err(e) => return Err(e),
+    }
+    let syn = capture.wait(CAPTURE_TIMEOUT).map_err(raw_io)?;
+    Ok(Opened {
+        guard,
+        socket,
+        syn,
+        local,
+    })
+}
+
+/// Server-assisted splicing (technique 4), one side, blocking: the low-TTL SYN as
+/// in [`splice`] (rules, capture), our ISN to the gateway with TCP-FORGE, then
+/// nothing but waiting: once both sides' ISNs are in, the gateway forges into our
+/// NAT the SYN-ACK its entry expects (from the other side's public endpoint, seq =
+/// its ISN, ack = ours + 1), which our socket in SYN-SENT takes as the answer. The
+/// kernel's ACK leaves with the low TTL and dies at the core (harmless: the first
+/// data segment carries the same acknowledgement); the TTL goes back to normal as
+/// soon as the socket is synchronized. Gives up at once when the gateway refuses
+/// (it does not forge), or `seq_wait` + 1 s after our ISN went out.
+pub fn splice_assisted(
+    port: u16,
+    to: SocketAddr,
+    ttl: u8,
+    seq_wait: Duration,
+    exchange: &SeqExchange,
+) -> io::Result<(std::net::TcpStream, SpliceStep)> {
+    use crate::tcp_raw::{TcpState, set_socket_ttl, tcp_state};
+    use std::os::fd::AsFd;
+    let Opened {
+        guard,
+        socket,
+        syn,
+        local,
+    } = open_captured(port, to, ttl)?;
+    (exchange.send)(syn.seq, to, true);
+    let deadline = Instant::now() + seq_wait + FORGE_GRACE;
+    loop {
+        let state = tcp_state(socket.as_fd())?;
+        if state.is_synchronized() {
+            break;
+        }
+        if state == TcpState::Close {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the low-TTL connect() was aborted before a forged SYN-ACK arrived",
+            ));
+        }
+        if let Ok(SeqNews::Refused(code)) = exchange.recv.try_recv() {
+            return Err(io::Error::other(format!(
+                "the gateway refused to forge the SYN-ACKs (code {code})"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no forged SYN-ACK synchronized the socket (state {state:?})"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::debug!(isn = syn.seq, %local, %to, "server-assisted: synchronized by the forged SYN-ACK");
+    set_socket_ttl(&socket, to.is_ipv6(), NORMAL_TTL)?;
+    guard.remove().map_err(raw_io)?;
+    Ok((socket.into(), SpliceStep::Forged))
 }
 
 /// A technique's result, for the gateway's outcome report.
@@ -518,6 +631,7 @@ pub async fn punch(
                 }
                 TcpAction::Splice {
                     to,
+                    forge,
                     attempt,
                     ttl,
                     timeout,
@@ -534,7 +648,11 @@ pub async fn punch(
                     let port = local.port();
                     connects.spawn(async move {
                         let spliced = tokio::task::spawn_blocking(move || {
-                            splice(port, to, ttl, seq_wait, &exchange)
+                            if forge {
+                                splice_assisted(port, to, ttl, seq_wait, &exchange)
+                            } else {
+                                splice(port, to, ttl, seq_wait, &exchange)
+                            }
                         });
                         let result = match tokio::time::timeout(timeout, spliced).await {
                             Ok(Ok(Ok((std, step)))) => {

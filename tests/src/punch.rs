@@ -102,6 +102,16 @@ pub fn start(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
+    start_with_gateway(topology, &[], alice_args, bob_args)
+}
+
+/// [`start`], with extra `gateway serve` flags (e.g. `--tcp-forge-synack`).
+pub fn start_with_gateway(
+    topology: Topology,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
     let lab = match &topology {
         Topology::TwoSites(a, b) => Lab::builder()
             .site("a", a.clone())
@@ -109,37 +119,7 @@ pub fn start(
             .build()?,
         Topology::SameSite(p) => Lab::builder().site_with_hosts("a", p.clone(), 2).build()?,
     };
-    let secret_path = std::env::temp_dir().join(format!(
-        "gw-punch-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::write(&secret_path, SECRET).map_err(|source| DaemonError::Io {
-        what: "writing the secret".into(),
-        source,
-    })?;
-    let secret_arg = secret_path.to_string_lossy().into_owned();
-    let gateway = GatewayProcess::start(
-        lab.server(),
-        SocketAddr::from((SERVICE.ip(), 9478)),
-        &[
-            "--listen",
-            "0.0.0.0:3478",
-            "--discovery-listen",
-            "0.0.0.0:3479",
-            "--no-ebpf",
-            "--secret-file",
-            &secret_arg,
-            // The lab's "public" addresses are RFC 5737 documentation ranges, which
-            // the relay's default policy denies as reserved.
-            "--allow-peer",
-            "198.51.100.0/24",
-            "--allow-peer",
-            "203.0.113.0/24",
-            "--allow-peer",
-            "192.0.2.0/24",
-        ],
-    )?;
+    let (gateway, secret_path) = start_gateway(&lab, gateway_args)?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
     let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
     let mut args = DISCOVER.to_vec();
@@ -169,6 +149,49 @@ pub fn start(
         bob,
         secret_path,
     })
+}
+
+/// Starts `gateway serve` on the lab's server (rendezvous with [`SECRET`], discovery
+/// socket, relay, metrics on port 9478) with extra flags; returns it and the secret
+/// file to delete afterwards.
+pub fn start_gateway(
+    lab: &Lab,
+    gateway_args: &[&str],
+) -> Result<(GatewayProcess, PathBuf), DaemonError> {
+    let secret_path = std::env::temp_dir().join(format!(
+        "gw-punch-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::write(&secret_path, SECRET).map_err(|source| DaemonError::Io {
+        what: "writing the secret".into(),
+        source,
+    })?;
+    let secret_arg = secret_path.to_string_lossy().into_owned();
+    let mut serve_args = vec![
+        "--listen",
+        "0.0.0.0:3478",
+        "--discovery-listen",
+        "0.0.0.0:3479",
+        "--no-ebpf",
+        "--secret-file",
+        &secret_arg,
+        // The lab's "public" addresses are RFC 5737 documentation ranges, which
+        // the relay's default policy denies as reserved.
+        "--allow-peer",
+        "198.51.100.0/24",
+        "--allow-peer",
+        "203.0.113.0/24",
+        "--allow-peer",
+        "192.0.2.0/24",
+    ];
+    serve_args.extend_from_slice(gateway_args);
+    let gateway = GatewayProcess::start(
+        lab.server(),
+        SocketAddr::from((SERVICE.ip(), 9478)),
+        &serve_args,
+    )?;
+    Ok((gateway, secret_path))
 }
 
 /// Which way two agents reached each other.

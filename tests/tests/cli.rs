@@ -30,6 +30,7 @@ fn help_lists_serve_and_is_honest_about_what_is_not_built() {
         "--metrics-listen",
         "--ebpf-interface",
         "--no-ebpf",
+        "--tcp-forge-synack",
     ] {
         assert!(stdout.contains(flag), "{flag} missing from:\n{stdout}");
     }
@@ -156,6 +157,7 @@ fn peer_help_explains_tcp_punching_and_bad_techniques_are_refused() {
         "simultaneous-open",
         "low-ttl",
         "natblaster",
+        "server-assisted",
         "auto",
         "--tcp-forward-listen",
         "--tcp-forward-to",

@@ -1,6 +1,7 @@
 //! TCP hole punching in the lab: techniques 1 (simultaneous open), 2 (low-TTL SYN
-//! first) and 3 (NATBlaster: sequence numbers swapped through the gateway, crafted
-//! packets; needs root) against NAT pairs chosen to show the behaviours that decide them (a NAT
+//! first), 3 (NATBlaster: sequence numbers swapped through the gateway, crafted
+//! packets; needs root) and 4 (server-assisted: the gateway, run with
+//! `--tcp-forge-synack`, forges the SYN-ACKs) against NAT pairs chosen to show the behaviours that decide them (a NAT
 //! that silently drops an unsolicited SYN, one that answers it with RST, one that
 //! answers with ICMP, a random-port symmetric NAT, no NAT). Each cell's expected
 //! outcome and its reason are below (and in docs/tcp-splicing.md); the test
@@ -179,7 +180,96 @@ const CELLS: &[Cell] = &[
         why: "bob's NAT maps his low-TTL SYN toward alice to a new random port: alice's SYN-ACK and re-SYN go to the port the gateway saw (no entry there), and bob's come from a port alice's NAT never sent to",
         step: None,
     },
+    Cell {
+        technique: "server-assisted",
+        alice: "no-nat",
+        bob: "no-nat",
+        expect: Expect::Connects,
+        why: "no NAT: both low-TTL SYNs die at the core (ICMP suppressed, sockets stay in SYN-SENT); the gateway's forged SYN-ACK (from the other host, seq = its ISN, ack = ours + 1) reaches each kernel directly",
+        step: Some("forged"),
+    },
+    Cell {
+        technique: "server-assisted",
+        alice: "port-restricted-cone",
+        bob: "port-restricted-cone",
+        expect: Expect::Connects,
+        why: "each NAT's entry from its host's low-TTL SYN is in SYN_SENT; the forged SYN-ACK arrives in its reply direction from the very endpoint the SYN went to, acknowledging the SYN's ISN + 1, so conntrack takes it as the answer (SYN_RECV), translates it and the host's socket in SYN-SENT is established; the data that follows carries sequence numbers both entries learnt",
+        step: Some("forged"),
+    },
+    Cell {
+        technique: "server-assisted",
+        alice: "reject-icmp",
+        bob: "reject-icmp",
+        expect: Expect::Connects,
+        why: "as with the silent NAT: nothing unsolicited ever reaches a NAT (the forged SYN-ACK is the reply its entry waits for), so the NAT never answers ICMP",
+        step: Some("forged"),
+    },
+    Cell {
+        technique: "server-assisted",
+        alice: "reject-rst",
+        bob: "reject-rst",
+        expect: Expect::Connects,
+        why: "as with the silent NAT: nothing unsolicited ever reaches a NAT, so the NAT never answers RST",
+        step: Some("forged"),
+    },
+    Cell {
+        technique: "server-assisted",
+        alice: "port-restricted-cone",
+        bob: "symmetric",
+        expect: Expect::Fails,
+        why: "bob's low-TTL SYN toward alice leaves his NAT on a new random port: the SYN-ACK forged into bob's NAT goes to the port the gateway saw (no entry), and alice's socket, established by hers, sends to a port of bob's NAT that has no entry toward her; the hello fails on both sides",
+        step: None,
+    },
 ];
+
+/// A gateway that does not forge (no `--tcp-forge-synack`, the default) refuses
+/// server-assisted splicing with error 501: both agents say so (the splice gives up
+/// on the refusal), fail the technique and report it failed; nothing is forged.
+#[test]
+fn server_assisted_is_refused_by_a_gateway_that_does_not_forge() {
+    if !lab_available() {
+        return;
+    }
+    let preset: NatPreset = "port-restricted-cone".parse().expect("preset");
+    let args = ["--tcp", "server-assisted"];
+    let mut pair =
+        punch::start(Topology::TwoSites(preset.clone(), preset), &args, &args).expect("punch lab");
+    let refused = pair
+        .alice
+        .wait_for("tcp-seq-refused", Duration::from_secs(10));
+    assert!(
+        refused.as_deref().is_some_and(|l| l.ends_with("code 501")),
+        "alice: {:?}",
+        pair.alice.seen()
+    );
+    let alice = verdict(&mut pair.alice, Duration::from_secs(8));
+    let bob = verdict(&mut pair.bob, Duration::from_secs(3));
+    for line in [&alice, &bob] {
+        assert!(
+            line.as_deref().is_some_and(
+                |l| l.starts_with("tcp-punch-failed") && l.ends_with("server-assisted")
+            ),
+            "alice {:?} bob {:?}",
+            pair.alice.seen(),
+            pair.bob.seen()
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let metrics = pair.gateway.scrape().expect("metrics");
+    let value = |name: &str, labels: &str| {
+        gateway_tests::daemon::metric_value(&metrics, name, labels).unwrap_or(-1.0)
+    };
+    assert_eq!(value("gateway_tcp_forged_synacks_total", ""), 0.0);
+    assert_eq!(
+        value(
+            "gateway_stun_datagrams_total",
+            "outcome=\"tcp_forge_disabled\""
+        ),
+        2.0,
+        "one refused TCP-Seq per side"
+    );
+    assert!(counted(&metrics, "server-assisted", "failed") >= 1.0);
+}
 
 /// Waits for alice's or bob's TCP verdict line (`tcp-path-up` or `tcp-punch-failed`).
 fn verdict(peer: &mut PeerProcess, timeout: Duration) -> Option<String> {
@@ -271,6 +361,9 @@ struct Measured {
     counted: (f64, f64),
     seen: String,
     step: Option<&'static str>,
+    /// `gateway_tcp_forged_synacks_total`.
+    forged: f64,
+    server_assisted: bool,
 }
 
 fn run_cell(cell: &Cell) -> Measured {
@@ -288,8 +381,15 @@ fn run_cell(cell: &Cell) -> Measured {
         "--tcp-forward-to",
         "127.0.0.1:6100",
     ];
-    let mut pair =
-        punch::start(Topology::TwoSites(a, b), &alice_args, &bob_args).expect("punch lab");
+    // The gateway forges SYN-ACKs when asked (server-assisted cells); the other
+    // techniques never ask.
+    let mut pair = punch::start_with_gateway(
+        Topology::TwoSites(a, b),
+        &["--tcp-forge-synack"],
+        &alice_args,
+        &bob_args,
+    )
+    .expect("punch lab");
     // Registration, discovery and the introduction take a second or two; each
     // technique's window is 6 s (auto: three of them).
     let wait = if cell.technique == "auto" { 25 } else { 15 };
@@ -328,6 +428,13 @@ fn run_cell(cell: &Cell) -> Measured {
         seen: format!("alice {:?} bob {:?}", pair.alice.seen(), pair.bob.seen()),
         forwarded,
         step: cell.step,
+        forged: gateway_tests::daemon::metric_value(
+            &metrics,
+            "gateway_tcp_forged_synacks_total",
+            "",
+        )
+        .unwrap_or(-1.0),
+        server_assisted: cell.technique == "server-assisted",
         counted: (
             counted(&metrics, cell.technique, "success"),
             counted(&metrics, cell.technique, "failed"),
@@ -392,7 +499,18 @@ fn tcp_punch_techniques_per_nat_pair() {
             measured,
             m.alice.as_deref().unwrap_or("(nothing)")
         );
+        // The gateway forges only for server-assisted, and then all four SYN-ACKs (each
+        // side's twice) as soon as both sequence numbers are in, whatever happens next.
+        let forged_ok = if m.server_assisted {
+            m.forged == 4.0
+        } else {
+            m.forged == 0.0
+        };
         let problem = match m.expect {
+            _ if !forged_ok => Some(format!(
+                "the gateway forged {} SYN-ACKs; {}",
+                m.forged, m.seen
+            )),
             Expect::Connects if measured != Expect::Connects => Some(format!(
                 "expected a connection ({}); forwarding {:?}; {}",
                 m.why, m.forwarded, m.seen

@@ -205,6 +205,15 @@ pub enum AgentEvent {
         /// The endpoint of ours it sent that SYN to, if it said.
         expected: Option<SocketAddr>,
     },
+    /// The gateway refused our TCP-Seq for an introduction (e.g.
+    /// [`super::rendezvous::TCP_FORGE_DISABLED`]: it does not forge SYN-ACKs); a
+    /// technique waiting on it can give up at once.
+    TcpSeqRefused {
+        /// The introduction.
+        intro_id: u64,
+        /// The error code.
+        code: u16,
+    },
     /// A path works both ways: direct (punched), or through the relay. A relayed
     /// path that gets upgraded to a direct one is announced again.
     PathUp {
@@ -423,9 +432,19 @@ struct PendingRequest {
     target: Option<String>,
     /// For an outcome report: what it reported, to resend with a fresh nonce.
     report: Option<Report>,
-    /// For a TCP-Seq: (introduction, ISN, expected endpoint, resent), to resend
-    /// once with a fresh nonce.
-    tcp_seq: Option<(u64, u32, Option<SocketAddr>, bool)>,
+    /// For a TCP-Seq: what it said, to resend once with a fresh nonce.
+    tcp_seq: Option<TcpSeqRequest>,
+}
+
+/// A TCP-Seq as sent, kept to resend it once with a fresh nonce.
+#[derive(Clone, Copy, Debug)]
+struct TcpSeqRequest {
+    intro_id: u64,
+    isn: u32,
+    expected: Option<SocketAddr>,
+    /// Ask the gateway to forge the SYN-ACKs (technique 4) instead of forwarding.
+    forge: bool,
+    resent: bool,
 }
 
 /// An outcome report as sent, kept to resend it once with a fresh nonce.
@@ -1729,31 +1748,40 @@ impl Agent {
     /// Sends the initial sequence number `isn` of our low-TTL SYN toward `expected`
     /// (the other side's TCP candidate) to the other side of introduction
     /// `intro_id`, through the gateway (TCP-Seq; TCP technique 3). The gateway
-    /// forwards it once per side per introduction.
+    /// forwards it once per side per introduction. With `forge` (technique 4) the
+    /// gateway forwards nothing and forges the SYN-ACKs into both NATs once both
+    /// sides' numbers are in; a gateway that does not forge refuses it
+    /// ([`AgentEvent::TcpSeqRefused`]).
     pub fn send_tcp_seq(
         &mut self,
         now: Instant,
         intro_id: u64,
         isn: u32,
         expected: Option<SocketAddr>,
+        forge: bool,
     ) {
-        self.send_tcp_seq_request(now, (intro_id, isn, expected, false));
+        self.send_tcp_seq_request(
+            now,
+            TcpSeqRequest {
+                intro_id,
+                isn,
+                expected,
+                forge,
+                resent: false,
+            },
+        );
     }
 
-    fn send_tcp_seq_request(
-        &mut self,
-        now: Instant,
-        request: (u64, u32, Option<SocketAddr>, bool),
-    ) {
-        let (intro_id, isn, expected, _) = request;
+    fn send_tcp_seq_request(&mut self, now: Instant, request: TcpSeqRequest) {
         let tid = self.tid();
         let payload = client::tcp_seq(
             tid,
             &self.config.credentials,
             self.nonce.as_deref(),
-            intro_id,
-            isn,
-            expected,
+            request.intro_id,
+            request.isn,
+            request.expected,
+            request.forge,
         );
         self.pending.insert(
             tid,
@@ -1964,8 +1992,14 @@ impl Agent {
                         }
                     }
                     method::TCP_SEQ => {
-                        if let Some(seq) = request.tcp_seq.filter(|s| !s.3) {
-                            self.send_tcp_seq_request(now, (seq.0, seq.1, seq.2, true));
+                        if let Some(seq) = request.tcp_seq.filter(|s| !s.resent) {
+                            self.send_tcp_seq_request(
+                                now,
+                                TcpSeqRequest {
+                                    resent: true,
+                                    ..seq
+                                },
+                            );
                         }
                     }
                     method::OUTCOME => {
@@ -2030,6 +2064,12 @@ impl Agent {
                 {
                     // The other side is not registered yet: keep asking.
                     self.wanted.insert(target, now + CONNECT_RETRY);
+                }
+                if let Some(seq) = request.tcp_seq {
+                    self.events.push_back(AgentEvent::TcpSeqRefused {
+                        intro_id: seq.intro_id,
+                        code,
+                    });
                 }
                 self.events.push_back(AgentEvent::Refused {
                     method: request.method,
@@ -2759,9 +2799,11 @@ mod tests {
         let now = sim.now;
         sim.agents[0]
             .1
-            .send_tcp_seq(now, intro, 0x1234_5678, Some(expected));
+            .send_tcp_seq(now, intro, 0x1234_5678, Some(expected), false);
         // A second one is refused by the gateway and never reaches bob.
-        sim.agents[0].1.send_tcp_seq(now, intro, 99, Some(expected));
+        sim.agents[0]
+            .1
+            .send_tcp_seq(now, intro, 99, Some(expected), false);
         sim.run_for(Duration::from_millis(50));
         let received: Vec<_> = sim
             .events
@@ -2779,6 +2821,40 @@ mod tests {
         assert_eq!(
             received,
             vec![(1, "alice".to_string(), intro, 0x1234_5678, Some(expected))]
+        );
+    }
+
+    #[test]
+    fn a_forge_request_to_a_gateway_that_does_not_forge_is_reported_refused() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        let intro = sim.agents[0]
+            .1
+            .sessions
+            .keys()
+            .next()
+            .copied()
+            .expect("an introduction");
+        let now = sim.now;
+        sim.agents[0]
+            .1
+            .send_tcp_seq(now, intro, 7, Some(addr("198.51.100.6:5100")), true);
+        sim.run_for(Duration::from_millis(50));
+        let refused: Vec<_> = sim
+            .events
+            .iter()
+            .filter_map(|(i, e)| match e {
+                AgentEvent::TcpSeqRefused { intro_id, code } => Some((*i, *intro_id, *code)),
+                AgentEvent::TcpSeq { .. } => panic!("nothing may be forwarded: {e:?}"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            refused,
+            vec![(0, intro, super::super::rendezvous::TCP_FORGE_DISABLED)]
         );
     }
 

@@ -65,7 +65,19 @@ pub mod attr {
     pub const TECHNIQUE: u16 = 0x400A;
     /// Initial sequence number of the sender's SYN (u32), in TCP-Seq.
     pub const TCP_SEQ: u16 = 0x400B;
+    /// In TCP-Seq: "do not forward my sequence number; forge the SYN-ACKs into both
+    /// NATs once both sides' are in" (TCP technique 4, server-assisted; u8, 1).
+    pub const TCP_FORGE: u16 = 0x400C;
 }
+
+/// Error code of a TCP-Seq that asks for forged SYN-ACKs (technique 4) from a
+/// gateway that does not forge (`server.tcp_forge_synack` is off, the default).
+pub const TCP_FORGE_DISABLED: u16 = 501;
+/// SYN-ACKs the gateway forges per introduction at most: each side's twice.
+pub const MAX_FORGED_PER_INTRODUCTION: usize = 4;
+/// Copies of each forged SYN-ACK (one lost copy must not cost the technique).
+const FORGED_COPIES: usize = 2;
+const _: () = assert!(2 * FORGED_COPIES == MAX_FORGED_PER_INTRODUCTION);
 
 /// Most candidates accepted in, or sent out with, one message.
 pub const MAX_CANDIDATES: usize = 8;
@@ -108,11 +120,25 @@ pub enum TcpTechnique {
     /// sends it to the other side through the gateway (TCP-Seq); then both send
     /// crafted packets that complete the handshake (NATBlaster-style).
     NatBlaster = 3,
+    /// Each side sends a low-TTL SYN and gives its initial sequence number to the
+    /// gateway (TCP-Seq with TCP-FORGE), which forges into each NAT the SYN-ACK that
+    /// NAT expects as the answer to its host's SYN (server-assisted splicing; needs
+    /// source-address spoofing at the gateway, lab only, off by default).
+    ServerAssisted = 4,
 }
 
 impl TcpTechnique {
-    /// Every technique, in order of cost (what `auto` tries).
-    pub const ALL: [Self; 3] = [Self::SimultaneousOpen, Self::LowTtl, Self::NatBlaster];
+    /// Every technique, in order of cost.
+    pub const ALL: [Self; 4] = [
+        Self::SimultaneousOpen,
+        Self::LowTtl,
+        Self::NatBlaster,
+        Self::ServerAssisted,
+    ];
+    /// What `auto` tries, in this order: not server-assisted, which needs a gateway
+    /// that forges (an operator's explicit, lab-only choice) and, in the lab, never
+    /// connects a pair that NATBlaster does not (see docs/tcp-splicing.md).
+    pub const AUTO: [Self; 3] = [Self::SimultaneousOpen, Self::LowTtl, Self::NatBlaster];
 
     /// Decodes the wire value.
     pub fn from_u8(value: u8) -> Option<Self> {
@@ -120,6 +146,7 @@ impl TcpTechnique {
             1 => Some(Self::SimultaneousOpen),
             2 => Some(Self::LowTtl),
             3 => Some(Self::NatBlaster),
+            4 => Some(Self::ServerAssisted),
             _ => None,
         }
     }
@@ -130,6 +157,7 @@ impl TcpTechnique {
             Self::SimultaneousOpen => "simultaneous_open",
             Self::LowTtl => "low_ttl",
             Self::NatBlaster => "natblaster",
+            Self::ServerAssisted => "server_assisted",
         }
     }
 
@@ -139,6 +167,7 @@ impl TcpTechnique {
             Self::SimultaneousOpen => "simultaneous-open",
             Self::LowTtl => "low-ttl",
             Self::NatBlaster => "natblaster",
+            Self::ServerAssisted => "server-assisted",
         }
     }
 }
@@ -309,6 +338,12 @@ pub enum Handled {
     RelayOffered,
     /// A TCP-Seq (initial sequence number) was forwarded to the other side.
     TcpSeqForwarded,
+    /// A TCP-Seq asking for forged SYN-ACKs was kept until the other side's arrives.
+    TcpForgeQueued,
+    /// A TCP-Seq completed a pair: the SYN-ACKs for both NATs were forged.
+    TcpSynAckForged,
+    /// A TCP-Seq asked for forged SYN-ACKs, which this gateway does not do.
+    TcpForgeDisabled,
     /// 400: a required attribute missing or malformed.
     BadRequest,
     /// 401: bad credentials or integrity.
@@ -338,6 +373,9 @@ impl Handled {
             Handled::OutcomeAccepted => "outcome_accepted",
             Handled::RelayOffered => "relay_offered",
             Handled::TcpSeqForwarded => "tcp_seq_forwarded",
+            Handled::TcpForgeQueued => "tcp_forge_queued",
+            Handled::TcpSynAckForged => "tcp_synack_forged",
+            Handled::TcpForgeDisabled => "tcp_forge_disabled",
             Handled::BadRequest => "bad_request",
             Handled::Unauthorized => "unauthorized",
             Handled::StaleNonce => "stale_nonce",
@@ -350,7 +388,7 @@ impl Handled {
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 18] = [
+    pub const ALL_LABELS: [&'static str; 21] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -361,6 +399,9 @@ impl Handled {
         "outcome_accepted",
         "relay_offered",
         "tcp_seq_forwarded",
+        "tcp_forge_queued",
+        "tcp_synack_forged",
+        "tcp_forge_disabled",
         "bad_request",
         "unauthorized",
         "stale_nonce",
@@ -420,6 +461,22 @@ pub struct Transmit {
     pub from_local: Option<IpAddr>,
     /// Bytes.
     pub payload: Vec<u8>,
+}
+
+/// A SYN-ACK the gateway must forge (TCP technique 4): a raw TCP segment from `src`
+/// (spoofed: the other side's public TCP endpoint) to `dst` (this side's public TCP
+/// endpoint), sequence number `seq` (the other side's ISN) acknowledging `ack` (this
+/// side's ISN + 1). The driver crafts and injects it; the core never does I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForgedSynAck {
+    /// Source (the other side's public TCP endpoint).
+    pub src: SocketAddr,
+    /// Destination (this side's public TCP endpoint).
+    pub dst: SocketAddr,
+    /// Sequence number: the other side's initial sequence number.
+    pub seq: u32,
+    /// Acknowledgement number: this side's initial sequence number + 1.
+    pub ack: u32,
 }
 
 /// An answer to send from another of the gateway's sockets (a CHANGE-REQUEST answer).
@@ -489,6 +546,19 @@ struct IntroRecord {
     tcp_reported: u8,
     /// TCP-Seq messages forwarded, per side (at most one each).
     tcp_seq_sent: [bool; 2],
+    /// Server-assisted splicing: a side's half, kept until the other's arrives.
+    tcp_forge: [Option<ForgeHalf>; 2],
+}
+
+/// One side's part of a server-assisted splice.
+#[derive(Clone, Copy, Debug)]
+struct ForgeHalf {
+    /// The initial sequence number of its low-TTL SYN.
+    isn: u32,
+    /// Its public TCP endpoint (its registered TCP candidate).
+    own: SocketAddr,
+    /// Where its SYN went (the other side's registered TCP candidate).
+    target: SocketAddr,
 }
 
 /// The rendezvous server.
@@ -514,6 +584,10 @@ pub struct RendezvousServer {
     change_unauthenticated: bool,
     /// CHANGE-REQUEST answers to send from a discovery socket.
     redirected: Vec<Redirected>,
+    /// Forge SYN-ACKs for server-assisted TCP splicing (off by default).
+    tcp_forge: bool,
+    /// SYN-ACKs to forge, for the driver.
+    forged: Vec<ForgedSynAck>,
 }
 
 /// What an authenticated request carried.
@@ -549,6 +623,8 @@ impl RendezvousServer {
             alternates: binding::Alternates::default(),
             change_unauthenticated: false,
             redirected: Vec::new(),
+            tcp_forge: false,
+            forged: Vec::new(),
         }
     }
 
@@ -559,6 +635,20 @@ impl RendezvousServer {
     pub fn set_alternates(&mut self, alternates: binding::Alternates, unauthenticated: bool) {
         self.alternates = alternates;
         self.change_unauthenticated = unauthenticated;
+    }
+
+    /// Enables server-assisted TCP splicing (technique 4): for a TCP-Seq with
+    /// TCP-FORGE from both sides of an introduction, the core asks the driver to forge
+    /// the SYN-ACK each side's NAT expects ([`Self::drain_forged`]). That needs
+    /// source-address spoofing and injects packets into the peers' flows: lab only.
+    /// Off by default; such requests then get [`TCP_FORGE_DISABLED`].
+    pub fn set_tcp_forge(&mut self, enabled: bool) {
+        self.tcp_forge = enabled;
+    }
+
+    /// Takes the SYN-ACKs to forge gathered since the last call.
+    pub fn drain_forged(&mut self) -> std::vec::Drain<'_, ForgedSynAck> {
+        self.forged.drain(..)
     }
 
     /// Takes the answers gathered since the last call that must leave from a
@@ -1081,6 +1171,7 @@ impl RendezvousServer {
                 reported: [false; 2],
                 tcp_reported: 0,
                 tcp_seq_sent: [false; 2],
+                tcp_forge: [None; 2],
             },
         );
         self.events.push(Event::Introduced {
@@ -1198,11 +1289,12 @@ impl RendezvousServer {
         out: &mut Vec<Transmit>,
     ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
         let tid = auth.message.transaction_id();
-        let (mut intro_id, mut isn, mut expected) = (None, None, None);
+        let (mut intro_id, mut isn, mut expected, mut forge) = (None, None, None, false);
         for attribute in auth.message.attributes().filter_map(Result::ok) {
             match attribute.ty {
                 attr::INTRO_ID => intro_id = read_u64(attribute.value),
                 attr::TCP_SEQ if attribute.value.len() == 4 => isn = read_u32(attribute.value),
+                attr::TCP_FORGE => forge = true,
                 attr::CANDIDATE => {
                     expected = decode_candidate(attribute.value, tid)
                         .filter(|c| c.kind == CandidateKind::TcpServerReflexive)
@@ -1213,6 +1305,12 @@ impl RendezvousServer {
         let (Some(intro_id), Some(isn)) = (intro_id, isn) else {
             return Err((Handled::BadRequest, 400, "Bad Request"));
         };
+        if forge {
+            let Some(target) = expected else {
+                return Err((Handled::BadRequest, 400, "Bad Request"));
+            };
+            return self.tcp_forge(from, auth, intro_id, isn, target.addr);
+        }
         if self
             .peers
             .get(auth.peer_id.as_str())
@@ -1266,6 +1364,95 @@ impl RendezvousServer {
         Ok((
             Handled::TcpSeqForwarded,
             signed_success(method::TCP_SEQ, tid, auth),
+        ))
+    }
+
+    /// Server-assisted splicing (technique 4): keeps a side's initial sequence number
+    /// (nothing is forwarded) and, once the other side's is in, queues the two forged
+    /// SYN-ACKs. Refused (no state, nothing forged) when forging is off, the sender is
+    /// not registered from here or not a side of a remembered introduction, already
+    /// sent one, has no TCP candidate, or names another target than the other side's
+    /// TCP candidate.
+    fn tcp_forge(
+        &mut self,
+        from: SocketAddr,
+        auth: &Authenticated<'_>,
+        intro_id: u64,
+        isn: u32,
+        target: SocketAddr,
+    ) -> Result<(Handled, Vec<u8>), (Handled, u16, &'static str)> {
+        if !self.tcp_forge {
+            return Err((
+                Handled::TcpForgeDisabled,
+                TCP_FORGE_DISABLED,
+                "SYN-ACK Forging Disabled",
+            ));
+        }
+        let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+        let target = canonical(target);
+        let tcp_candidate = |peer: &PeerRecord| {
+            peer.host_candidates
+                .iter()
+                .find(|c| c.kind.is_tcp())
+                .map(|c| canonical(c.addr))
+        };
+        let own = match self.peers.get(auth.peer_id.as_str()) {
+            Some(p) if p.addr == from => tcp_candidate(p),
+            _ => return Err((Handled::Forbidden, 403, "Not Registered Here")),
+        };
+        let record = self.intros.get_mut(&intro_id).ok_or((
+            Handled::NotFound,
+            404,
+            "Unknown Introduction",
+        ))?;
+        let side = record
+            .sides
+            .iter()
+            .position(|s| **s == *auth.peer_id)
+            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        if record.tcp_seq_sent[side] {
+            return Err((Handled::NotFound, 404, "Already Sent"));
+        }
+        let other_tcp = self
+            .peers
+            .get(&*record.sides[1 - side])
+            .and_then(tcp_candidate)
+            .ok_or((Handled::NotFound, 404, "Peer Not Found"))?;
+        let Some(own) = own else {
+            return Err((Handled::BadRequest, 400, "No TCP Candidate"));
+        };
+        if target != other_tcp || own.is_ipv4() != target.is_ipv4() {
+            return Err((Handled::BadRequest, 400, "Wrong Target"));
+        }
+        record.tcp_seq_sent[side] = true;
+        let half = ForgeHalf { isn, own, target };
+        let handled = match record.tcp_forge[1 - side].take() {
+            // The other side's half names our endpoint as its target (both sides'
+            // candidates are what they were when each half arrived).
+            Some(theirs) if theirs.target == own && theirs.own == target => {
+                for (to, by) in [(half, theirs), (theirs, half)] {
+                    let forged = ForgedSynAck {
+                        src: by.own,
+                        dst: to.own,
+                        seq: by.isn,
+                        ack: to.isn.wrapping_add(1),
+                    };
+                    for _ in 0..FORGED_COPIES {
+                        self.forged.push(forged);
+                    }
+                }
+                Handled::TcpSynAckForged
+            }
+            // A candidate moved in between: nothing is forged, nothing kept.
+            Some(_) => Handled::TcpForgeQueued,
+            None => {
+                record.tcp_forge[side] = Some(half);
+                Handled::TcpForgeQueued
+            }
+        };
+        Ok((
+            handled,
+            signed_success(method::TCP_SEQ, auth.message.transaction_id(), auth),
         ))
     }
 
@@ -1614,7 +1801,9 @@ pub mod client {
     }
 
     /// A TCP-Seq request: the initial sequence number of our low-TTL SYN for
-    /// introduction `intro_id`, and the other side's endpoint we sent it to.
+    /// introduction `intro_id`, and the other side's endpoint we sent it to. With
+    /// `forge`, the gateway keeps it and forges the SYN-ACKs itself (technique 4)
+    /// instead of forwarding it.
     pub fn tcp_seq(
         tid: [u8; 12],
         credentials: &PeerCredentials,
@@ -1622,10 +1811,14 @@ pub mod client {
         intro_id: u64,
         isn: u32,
         expected: Option<SocketAddr>,
+        forge: bool,
     ) -> Vec<u8> {
         request(method::TCP_SEQ, tid, credentials, nonce, |w| {
             w.attribute(attr::INTRO_ID, &intro_id.to_be_bytes());
             w.attribute(attr::TCP_SEQ, &isn.to_be_bytes());
+            if forge {
+                w.attribute(attr::TCP_FORGE, &[1]);
+            }
             if let Some(addr) = expected {
                 let (value, len) = encode_candidate(
                     Candidate {
@@ -2786,6 +2979,7 @@ mod tests {
                 intro_id,
                 isn,
                 Some(expected),
+                false,
             )
         };
         // Not a side, or an unknown introduction: refused, nothing forwarded.
@@ -2835,6 +3029,224 @@ mod tests {
                 w.attribute(attr::INTRO_ID, &intro.to_be_bytes());
             });
         assert_eq!(world.send(b, &bad).0, Handled::BadRequest);
+    }
+
+    /// Alice at `a` and bob at `b` registered with TCP candidates `ta` and `tb`, and
+    /// introduced; mallory registered elsewhere. Returns the introduction id.
+    fn forge_world(forge: bool) -> (World, u64) {
+        let mut world = World::new();
+        world.server.set_tcp_forge(forge);
+        let tcp = |addr| Candidate {
+            kind: CandidateKind::TcpServerReflexive,
+            addr,
+        };
+        for (who, from, tcp_at) in [
+            (
+                "alice",
+                addr("198.51.100.2:4000"),
+                addr("198.51.100.2:4100"),
+            ),
+            ("bob", addr("198.51.100.6:5000"), addr("198.51.100.6:5100")),
+            (
+                "mallory",
+                addr("203.0.113.5:6000"),
+                addr("203.0.113.5:6100"),
+            ),
+        ] {
+            let (handled, _) = world.send(
+                from,
+                &register_with_candidates(
+                    [1; 12],
+                    &creds(who),
+                    Some(&world.nonce(from)),
+                    &[tcp(tcp_at)],
+                    NatClass::EndpointIndependent,
+                    0,
+                ),
+            );
+            assert_eq!(handled, Handled::Registered);
+        }
+        let a = addr("198.51.100.2:4000");
+        let alice = creds("alice");
+        let (_, out) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
+        let intro = out
+            .iter()
+            .find_map(|t| parse_response(&t.payload, &alice.password))
+            .and_then(|r| r.intro_id)
+            .expect("id");
+        (world, intro)
+    }
+
+    fn forge_request(
+        world: &World,
+        who: &str,
+        from: SocketAddr,
+        intro: u64,
+        isn: u32,
+        target: &str,
+    ) -> Vec<u8> {
+        tcp_seq(
+            [9; 12],
+            &creds(who),
+            Some(&world.nonce(from)),
+            intro,
+            isn,
+            Some(addr(target)),
+            true,
+        )
+    }
+
+    #[test]
+    fn forged_synacks_answer_each_side_s_syn_once_both_isns_are_in() {
+        let (mut world, intro) = forge_world(true);
+        let (a, b) = (addr("198.51.100.2:4000"), addr("198.51.100.6:5000"));
+        let (ta, tb) = (addr("198.51.100.2:4100"), addr("198.51.100.6:5100"));
+        // Alice's half alone: kept, acknowledged, nothing forwarded or forged.
+        let (handled, out) = world.send(
+            a,
+            &forge_request(&world, "alice", a, intro, 1000, "198.51.100.6:5100"),
+        );
+        assert_eq!(handled, Handled::TcpForgeQueued);
+        assert!(
+            out.iter().all(|t| t.to == a),
+            "nothing goes to bob: {out:?}"
+        );
+        assert!(
+            parse_response(&out[0].payload, &creds("alice").password)
+                .is_some_and(|r| r.result.is_ok())
+        );
+        assert_eq!(world.server.drain_forged().count(), 0);
+        // Bob's completes it: into alice's NAT the SYN-ACK answering her SYN (from
+        // bob's endpoint, seq = bob's ISN, ack = hers + 1), and the mirror image,
+        // each twice; bob's ISN is not forwarded to alice either.
+        let (handled, out) = world.send(
+            b,
+            &forge_request(&world, "bob", b, intro, u32::MAX, "198.51.100.2:4100"),
+        );
+        assert_eq!(handled, Handled::TcpSynAckForged);
+        assert!(out.iter().all(|t| t.to == b));
+        let forged: Vec<ForgedSynAck> = world.server.drain_forged().collect();
+        let to_alice = ForgedSynAck {
+            src: tb,
+            dst: ta,
+            seq: u32::MAX,
+            ack: 1001,
+        };
+        let to_bob = ForgedSynAck {
+            src: ta,
+            dst: tb,
+            seq: 1000,
+            ack: 0,
+        };
+        assert_eq!(forged.len(), MAX_FORGED_PER_INTRODUCTION);
+        assert_eq!(forged.iter().filter(|f| **f == to_alice).count(), 2);
+        assert_eq!(forged.iter().filter(|f| **f == to_bob).count(), 2);
+        // Once per side per introduction: a second round forges nothing.
+        for (who, from, target) in [
+            ("alice", a, "198.51.100.6:5100"),
+            ("bob", b, "198.51.100.2:4100"),
+        ] {
+            let (handled, _) =
+                world.send(from, &forge_request(&world, who, from, intro, 5, target));
+            assert_eq!(handled, Handled::NotFound);
+        }
+        assert_eq!(world.server.drain_forged().count(), 0);
+    }
+
+    #[test]
+    fn bad_forge_requests_forge_nothing_and_leave_no_state() {
+        let (mut world, intro) = forge_world(true);
+        let (a, b, m) = (
+            addr("198.51.100.2:4000"),
+            addr("198.51.100.6:5000"),
+            addr("203.0.113.5:6000"),
+        );
+        let cases: [(&str, SocketAddr, u64, &str, Handled); 5] = [
+            // A foreign sender (not a side of the introduction).
+            ("mallory", m, intro, "198.51.100.6:5100", Handled::NotFound),
+            // An introduction the gateway does not know.
+            (
+                "alice",
+                a,
+                intro ^ 1,
+                "198.51.100.6:5100",
+                Handled::NotFound,
+            ),
+            // A target that is not the other side's TCP endpoint (a third party's).
+            ("alice", a, intro, "203.0.113.5:6100", Handled::BadRequest),
+            ("alice", a, intro, "198.51.100.6:5101", Handled::BadRequest),
+            // From another address than the registration.
+            (
+                "alice",
+                addr("198.51.100.2:4001"),
+                intro,
+                "198.51.100.6:5100",
+                Handled::Forbidden,
+            ),
+        ];
+        for (who, from, id, target, expected) in cases {
+            let (handled, _) = world.send(from, &forge_request(&world, who, from, id, 7, target));
+            assert_eq!(handled, expected, "{who} from {from} for {target}");
+        }
+        // Without the target: a bad request.
+        let bare = super::client::request(
+            method::TCP_SEQ,
+            [8; 12],
+            &creds("bob"),
+            Some(&world.nonce(b)),
+            |w| {
+                w.attribute(attr::INTRO_ID, &intro.to_be_bytes());
+                w.attribute(attr::TCP_SEQ, &7u32.to_be_bytes());
+                w.attribute(attr::TCP_FORGE, &[1]);
+            },
+        );
+        assert_eq!(world.send(b, &bare).0, Handled::BadRequest);
+        // None of that left state: the two real halves still pair up.
+        let (handled, _) = world.send(
+            a,
+            &forge_request(&world, "alice", a, intro, 1, "198.51.100.6:5100"),
+        );
+        assert_eq!(handled, Handled::TcpForgeQueued);
+        assert_eq!(world.server.drain_forged().count(), 0);
+        let (handled, _) = world.send(
+            b,
+            &forge_request(&world, "bob", b, intro, 2, "198.51.100.2:4100"),
+        );
+        assert_eq!(handled, Handled::TcpSynAckForged);
+        assert!(
+            world
+                .server
+                .drain_forged()
+                .all(|f| f.seq == 1 || f.seq == 2)
+        );
+    }
+
+    #[test]
+    fn forging_is_refused_with_its_own_code_unless_enabled() {
+        let (mut world, intro) = forge_world(false);
+        let (a, b) = (addr("198.51.100.2:4000"), addr("198.51.100.6:5000"));
+        for (who, from, target) in [
+            ("alice", a, "198.51.100.6:5100"),
+            ("bob", b, "198.51.100.2:4100"),
+        ] {
+            let (handled, out) =
+                world.send(from, &forge_request(&world, who, from, intro, 3, target));
+            assert_eq!(handled, Handled::TcpForgeDisabled);
+            let response = parse_response(&out[0].payload, &creds(who).password).expect("signed");
+            assert_eq!(response.result, Err(TCP_FORGE_DISABLED));
+        }
+        assert_eq!(world.server.drain_forged().count(), 0);
+        // The refusal kept nothing: a NATBlaster TCP-Seq of the same side still passes.
+        let plain = tcp_seq(
+            [7; 12],
+            &creds("alice"),
+            Some(&world.nonce(a)),
+            intro,
+            3,
+            Some(addr("198.51.100.6:5100")),
+            false,
+        );
+        assert_eq!(world.send(a, &plain).0, Handled::TcpSeqForwarded);
     }
 
     #[test]

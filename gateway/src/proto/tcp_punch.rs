@@ -31,7 +31,7 @@ impl TcpMode {
     pub fn techniques(self) -> Vec<TcpTechnique> {
         match self {
             Self::Only(t) => vec![t],
-            Self::Auto => TcpTechnique::ALL.to_vec(),
+            Self::Auto => TcpTechnique::AUTO.to_vec(),
         }
     }
 }
@@ -45,8 +45,9 @@ impl std::str::FromStr for TcpMode {
             "simultaneous-open" => Ok(Self::Only(TcpTechnique::SimultaneousOpen)),
             "low-ttl" => Ok(Self::Only(TcpTechnique::LowTtl)),
             "natblaster" => Ok(Self::Only(TcpTechnique::NatBlaster)),
+            "server-assisted" => Ok(Self::Only(TcpTechnique::ServerAssisted)),
             other => Err(format!(
-                "unknown TCP technique {other:?} (simultaneous-open, low-ttl, natblaster, auto)"
+                "unknown TCP technique {other:?} (simultaneous-open, low-ttl, natblaster, server-assisted, auto)"
             )),
         }
     }
@@ -120,9 +121,15 @@ pub enum TcpAction {
     /// captured and sent to the other side through the gateway; once the other
     /// side's arrives, crafted packets complete the handshake (the driver's
     /// `tcp_punch::splice`). Report the result like a connect, naming `attempt`.
+    ///
+    /// Server-assisted (technique 4, `forge`): the same low-TTL connect() and
+    /// capture, but the ISN goes to the gateway with TCP-FORGE; the gateway forges
+    /// the SYN-ACKs, and the driver only waits for its socket to synchronize.
     Splice {
         /// The other side's candidate.
         to: SocketAddr,
+        /// Server-assisted: the gateway forges the SYN-ACKs (nothing is crafted here).
+        forge: bool,
         /// Identifies this attempt.
         attempt: u32,
         /// TTL of the low-TTL SYN.
@@ -268,7 +275,7 @@ impl TcpPunch {
         self.phase_start = at;
         let stage = match self.techniques.get(self.phase) {
             Some(TcpTechnique::LowTtl) if self.config.open_ttl > 0 => Stage::Open,
-            Some(TcpTechnique::NatBlaster) => Stage::Splice,
+            Some(TcpTechnique::NatBlaster | TcpTechnique::ServerAssisted) => Stage::Splice,
             _ => Stage::Connect,
         };
         for (i, t) in self.targets.iter_mut().enumerate() {
@@ -344,6 +351,8 @@ impl TcpPunch {
             match t.stage {
                 Stage::Idle => {}
                 Stage::Splice => {
+                    let forge =
+                        self.techniques.get(self.phase) == Some(&TcpTechnique::ServerAssisted);
                     let attempt = self.next_attempt;
                     self.next_attempt = self.next_attempt.wrapping_add(1);
                     t.attempts += 1;
@@ -352,6 +361,7 @@ impl TcpPunch {
                     t.stage = Stage::Idle;
                     self.actions.push_back(TcpAction::Splice {
                         to: t.to,
+                        forge,
                         attempt,
                         ttl: self.config.open_ttl.max(1),
                         timeout: end.saturating_duration_since(now),
@@ -657,7 +667,7 @@ mod tests {
             TcpPunchConfig::default(),
         );
         assert_eq!(p.state(), TcpPunchState::Failed);
-        assert_eq!(drain(&mut p).len(), TcpTechnique::ALL.len());
+        assert_eq!(drain(&mut p).len(), TcpTechnique::AUTO.len());
     }
 
     #[test]
@@ -676,6 +686,7 @@ mod tests {
         let [
             TcpAction::Splice {
                 to,
+                forge,
                 attempt,
                 ttl,
                 timeout,
@@ -685,8 +696,8 @@ mod tests {
             panic!("one splice expected: {actions:?}");
         };
         assert_eq!(
-            (*to, *ttl, *timeout),
-            (first, config.open_ttl, config.window)
+            (*to, *forge, *ttl, *timeout),
+            (first, false, config.open_ttl, config.window)
         );
         // It fails: nothing more until the window ends, then the report.
         p.failed(t0 + Duration::from_millis(10), *attempt);
@@ -707,6 +718,49 @@ mod tests {
             ]
         );
         assert_eq!(p.state(), TcpPunchState::Failed);
+    }
+
+    #[test]
+    fn server_assisted_is_one_forged_splice_and_never_part_of_auto() {
+        let t0 = Instant::now();
+        let (first, second) = (addr("203.0.113.5:4000"), addr("203.0.113.6:4000"));
+        let config = TcpPunchConfig::default();
+        let mut p = TcpPunch::new(
+            TcpMode::Only(TcpTechnique::ServerAssisted),
+            &[first, second],
+            t0,
+            config,
+        );
+        p.handle_timeout(t0);
+        let actions = drain(&mut p);
+        let [
+            TcpAction::Splice {
+                to,
+                forge: true,
+                attempt,
+                ..
+            },
+        ] = actions.as_slice()
+        else {
+            panic!("one forged splice expected: {actions:?}");
+        };
+        assert_eq!(*to, first);
+        assert!(p.connected(t0 + Duration::from_millis(40), *attempt));
+        assert!(drain(&mut p).contains(&TcpAction::Report {
+            technique: TcpTechnique::ServerAssisted,
+            connected: true,
+            elapsed: Duration::from_millis(40),
+            attempts: 1
+        }));
+        assert!(
+            !TcpMode::Auto
+                .techniques()
+                .contains(&TcpTechnique::ServerAssisted)
+        );
+        assert_eq!(
+            "server-assisted".parse::<TcpMode>(),
+            Ok(TcpMode::Only(TcpTechnique::ServerAssisted))
+        );
     }
 
     #[test]
