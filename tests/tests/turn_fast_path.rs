@@ -373,7 +373,7 @@ fn udp_checksum(f: &[u8]) -> u16 {
 }
 
 #[test]
-fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums() {
+fn the_kernel_program_rewrites_channel_data_and_peer_udp_with_valid_checksums() {
     use gateway::{
         ebpf::AttachMode,
         fast_path::{FastPathConfig, RelayFastPath},
@@ -412,16 +412,90 @@ fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums(
         peer: relay_a,
         ..a
     };
-    // ChannelData with 17 bytes of data and 3 bytes of padding.
+    // ChannelData with 17 bytes of data and 3 bytes of (non-zero) padding.
+    let data = b"hello, fast path!";
     let mut message = vec![0x40, 0x01, 0, 17];
-    message.extend_from_slice(b"hello, fast path!");
+    message.extend_from_slice(data);
     message.extend_from_slice(&[0xEE; 3]);
     let input = frame(client_a, service, &message, false);
 
-    // Only A's half installed: no way back to a client, so untouched.
-    fast.apply(&FastPath::Install(a)).expect("install A");
+    // Nothing installed: untouched.
     assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
 
+    // Only A's half installed: A's channel goes to a peer (here B's relay address)
+    // with no channel bound back, so its ChannelData becomes the plain UDP datagram
+    // A's relay address sends to that peer: header and padding stripped.
+    fast.apply(&FastPath::Install(a)).expect("install A");
+    let (verdict, output) = fast.test_run(&input).expect("run");
+    assert_eq!(verdict, 0, "TC_ACT_OK: delivered up the local stack");
+    assert_eq!(
+        output,
+        frame(relay_a, relay_b, data, false),
+        "the datagram A's relay would have sent, checksums valid"
+    );
+    let bare = frame(client_a, service, &message, true);
+    assert_eq!(
+        fast.test_run(&bare).expect("run"),
+        (0, frame(relay_a, relay_b, data, true)),
+        "a zero UDP checksum stays zero"
+    );
+    // Odd and even lengths across the program's 128-byte chunks, padded or not.
+    for len in [1usize, 2, 3, 4, 127, 128, 129, 255, 1001, 1200, 1468, 2048] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        let pad = (4 - len % 4) % 4;
+        for padded in [false, true] {
+            let mut message = vec![0x40, 0x01];
+            message.extend_from_slice(&(len as u16).to_be_bytes());
+            message.extend_from_slice(&data);
+            if padded {
+                message.extend(std::iter::repeat_n(0xA5, pad));
+            }
+            let input = frame(client_a, service, &message, false);
+            assert_eq!(
+                fast.test_run(&input).expect("run"),
+                (0, frame(relay_a, relay_b, &data, false)),
+                "ChannelData of {len} bytes (padded: {padded}) to plain UDP"
+            );
+        }
+        // And back: UDP from that peer to A's relay address is ChannelData to A.
+        let input = frame(relay_b, relay_a, &data, false);
+        let mut expected = vec![0x40, 0x01];
+        expected.extend_from_slice(&(len as u16).to_be_bytes());
+        expected.extend_from_slice(&data);
+        assert_eq!(
+            fast.test_run(&input).expect("run"),
+            (0, frame(service, client_a, &expected, false)),
+            "UDP of {len} bytes from the peer to ChannelData"
+        );
+    }
+    // Beyond what the program shifts, odd padding, another peer port: untouched.
+    let big = vec![7u8; 2049];
+    let input_big = frame(relay_b, relay_a, &big, false);
+    assert_eq!(fast.test_run(&input_big).expect("run"), (-1, input_big));
+    let mut odd_pad = message[..4 + 17].to_vec();
+    odd_pad.push(0);
+    let input_odd = frame(client_a, service, &odd_pad, false);
+    assert_eq!(fast.test_run(&input_odd).expect("run"), (-1, input_odd));
+    let stranger = frame(addr("127.0.0.1:50003"), relay_a, data, false);
+    assert_eq!(fast.test_run(&stranger).expect("run"), (-1, stranger));
+    let from_peer = frame(relay_b, relay_a, data, true);
+    let mut to_a = vec![0x40, 0x01, 0, 17];
+    to_a.extend_from_slice(data);
+    assert_eq!(
+        fast.test_run(&from_peer).expect("run"),
+        (0, frame(service, client_a, &to_a, true)),
+        "a zero UDP checksum from the peer stays zero"
+    );
+    let before = fast.allocation_counters(0).expect("read");
+    fast.apply(&FastPath::Remove(a)).expect("remove A");
+    fast.apply(&FastPath::Install(a)).expect("reinstall A");
+    assert_eq!(
+        fast.allocation_counters(0).expect("read"),
+        Default::default(),
+        "a fresh allocation id starts at zero (it had {before:?})"
+    );
+
+    let totals_before = fast.totals().expect("read");
     fast.apply(&FastPath::Install(b)).expect("install B");
     let (verdict, output) = fast.test_run(&input).expect("run");
     assert_eq!(verdict, 0, "TC_ACT_OK: delivered up the local stack");
@@ -444,7 +518,14 @@ fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums(
         (1, 17)
     );
     let totals = fast.totals().expect("read");
-    assert_eq!((totals.to_peer_packets, totals.to_client_packets), (1, 1));
+    assert_eq!(
+        (
+            totals.to_peer_packets - totals_before.to_peer_packets,
+            totals.to_client_packets - totals_before.to_client_packets
+        ),
+        (1, 1),
+        "relay to relay: once each way"
+    );
 
     // A zero UDP checksum (none computed) stays zero.
     let bare = frame(client_a, service, &message, true);
@@ -458,19 +539,29 @@ fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums(
     let input_truncated = frame(client_a, service, &truncated, false);
     assert_eq!(fast.test_run(&input_truncated).expect("run").0, -1);
 
-    // B's entry lapses (its deadline passed): untouched, even before userspace
-    // removes it.
+    // B's entry lapses (its deadline passed): no way back, so A's ChannelData goes
+    // to B's relay address as plain UDP (for B's userspace relay), even before
+    // userspace removes the entry.
+    let to_relay_b = (0, frame(relay_a, relay_b, data, false));
     let lapsed = FastChannel {
         expires: Instant::now(),
         ..b
     };
     fast.apply(&FastPath::Install(lapsed)).expect("update B");
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
-    // Back, then removed: untouched again.
+    assert_eq!(fast.test_run(&input).expect("run"), to_relay_b);
+    // Back, then removed: the same.
     fast.apply(&FastPath::Install(b)).expect("renew B");
-    assert_eq!(fast.test_run(&input).expect("run").0, 0);
+    assert_eq!(fast.test_run(&input).expect("run").1, expected);
     fast.apply(&FastPath::Remove(b)).expect("remove B");
+    assert_eq!(fast.test_run(&input).expect("run"), to_relay_b);
+    // A's own entry lapses: untouched.
+    fast.apply(&FastPath::Install(FastChannel {
+        expires: Instant::now(),
+        ..a
+    }))
+    .expect("update A");
+    std::thread::sleep(Duration::from_millis(20));
     assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
     assert_eq!(fast.installed(), 1);
     fast.apply(&FastPath::Remove(a)).expect("remove A");
