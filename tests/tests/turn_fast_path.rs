@@ -1,6 +1,8 @@
 //! The relay's kernel fast path (`--relay-fast-path ebpf`) with real TURN clients (the
 //! project's own sans-IO client over UDP sockets) on loopback, the benchmark's
-//! topology: two clients whose channels point at each other's relayed address.
+//! topology (two clients whose channels point at each other's relayed address), and a
+//! client with a channel to a plain UDP peer socket (ChannelData shrunk to UDP, UDP
+//! grown to ChannelData).
 //!
 //! Proves that data flows both ways through the kernel (its counters grow while the
 //! userspace service loop sees no ChannelData at all), that a deleted allocation's
@@ -263,8 +265,9 @@ fn bound_channels_between_two_clients_are_relayed_in_the_kernel_both_ways() {
     .expect("close answer");
     assert_eq!(gateway.metric("gateway_relay_fast_path_entries", ""), 1.0);
     // A's channel still points at B's old relayed address: the kernel no longer
-    // finds the way back, so A's ChannelData falls back to the userspace relay, which
-    // sends it to a closed port. B (its socket still open) receives nothing.
+    // finds the way back, so it sends A's ChannelData on as plain UDP from A's relay
+    // address (what the userspace relay would do), to a closed port. B (its socket
+    // still open) receives nothing, and the userspace relay sees none of it.
     for i in 0..5u8 {
         a.send(relayed_b, &[i; 64]).expect("send");
     }
@@ -275,16 +278,122 @@ fn bound_channels_between_two_clients_are_relayed_in_the_kernel_both_ways() {
     settle();
     assert_eq!(
         gateway.metric("gateway_stun_datagrams_total", "outcome=\"channel_data\""),
-        5.0,
-        "the userspace relay handles what the kernel no longer does"
+        0.0,
+        "ChannelData reached the userspace service loop"
     );
     assert_eq!(
         gateway.metric(
             "gateway_relay_fast_path_packets_total",
             "direction=\"client_to_peer\""
         ),
+        messages + 5.0,
+        "the kernel relayed A's datagrams to the closed port"
+    );
+    assert_eq!(
+        gateway.metric(
+            "gateway_relay_fast_path_packets_total",
+            "direction=\"peer_to_client\""
+        ),
         messages,
-        "the kernel relayed nothing more"
+        "and delivered nothing more"
+    );
+}
+
+#[test]
+fn a_bound_channel_to_a_plain_udp_peer_is_relayed_in_the_kernel_both_ways() {
+    require_root();
+    let gateway = Gateway::start(&[]);
+    let mut a = gateway.client("a", 1);
+    // A peer that is no TURN client: a plain UDP socket on a loopback address.
+    let peer_socket = UdpSocket::bind((Ipv4Addr::new(127, 78, 0, 1), 0)).expect("peer socket");
+    peer_socket
+        .set_read_timeout(Some(WAIT))
+        .expect("read timeout");
+    let peer = peer_socket.local_addr().expect("peer address");
+    let relayed_a = allocate(&mut a);
+    let channel = bind(&mut a, peer).expect("A binds toward the peer");
+    assert_eq!(gateway.metric("gateway_relay_fast_path_entries", ""), 1.0);
+
+    // Every size class of the program's shifting: odd and even, across its chunks.
+    let sizes = [1usize, 3, 4, 17, 127, 128, 129, 600, 1001, 1200, 1468];
+    let mut bytes = 0usize;
+    let mut buf = vec![0u8; 4096];
+    for (round, &len) in sizes.iter().enumerate() {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 13 + round) as u8).collect();
+        assert_eq!(
+            a.send(peer, &payload).expect("send"),
+            Framing::ChannelData(channel)
+        );
+        let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
+        assert_eq!(from, relayed_a, "from the relayed address");
+        assert_eq!(&buf[..n], payload.as_slice(), "{len} bytes to the peer");
+        let echo: Vec<u8> = payload.iter().map(|x| x ^ 0x5A).collect();
+        peer_socket.send_to(&echo, relayed_a).expect("peer sends");
+        assert_eq!(
+            a.recv(WAIT).expect("A receives"),
+            Received {
+                peer,
+                data: echo,
+                channel: Some(channel)
+            },
+            "{len} bytes back to the client"
+        );
+        bytes += len;
+    }
+    settle();
+    let messages = sizes.len() as f64;
+    for direction in ["client_to_peer", "peer_to_client"] {
+        assert_eq!(
+            gateway.metric(
+                "gateway_relay_fast_path_packets_total",
+                &format!("direction=\"{direction}\"")
+            ),
+            messages,
+            "{direction}: every datagram went through the kernel"
+        );
+        assert_eq!(
+            gateway.metric(
+                "gateway_relay_bytes_total",
+                &format!("direction=\"{direction}\"")
+            ),
+            bytes as f64,
+            "{direction}: application bytes, as the kernel counted them"
+        );
+        assert_eq!(
+            gateway.metric(
+                "gateway_relay_packets_total",
+                &format!("direction=\"{direction}\"")
+            ),
+            messages,
+            "{direction}: the relay's totals are the kernel's alone: userspace relayed none"
+        );
+    }
+    assert_eq!(
+        gateway.metric("gateway_stun_datagrams_total", "outcome=\"channel_data\""),
+        0.0,
+        "ChannelData reached the userspace service loop"
+    );
+
+    // Larger than the program shifts: the userspace relay carries it, both ways.
+    let big = vec![0xC3u8; 3000];
+    a.send(peer, &big).expect("send");
+    let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
+    assert_eq!((from, &buf[..n]), (relayed_a, big.as_slice()));
+    peer_socket.send_to(&big, relayed_a).expect("peer sends");
+    assert_eq!(a.recv(WAIT).expect("A receives").data, big);
+    settle();
+    assert_eq!(
+        gateway.metric("gateway_stun_datagrams_total", "outcome=\"channel_data\""),
+        1.0,
+        "the big ChannelData went through userspace"
+    );
+    assert_eq!(
+        gateway.metric(
+            "gateway_relay_fast_path_packets_total",
+            "direction=\"peer_to_client\""
+        ),
+        messages,
+        "and so did the big reply"
     );
 }
 
