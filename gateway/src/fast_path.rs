@@ -3,8 +3,9 @@
 //! maps in line with the TURN core's [`FastPath`] instructions. Also reads back what
 //! the kernel relayed, per allocation and in total, for the relay's metrics.
 //!
-//! The kernel handles bound channels between two clients of this gateway (relay to
-//! relay, IPv4); everything else stays with the userspace relay (see
+//! The kernel handles bound channels (IPv4): between two clients of this gateway
+//! (relay to relay), and between a client and any other peer (ChannelData to plain UDP
+//! and back); everything else stays with the userspace relay (see
 //! `gateway-ebpf/src/relay.rs` and docs/architecture.md).
 use std::{
     collections::HashMap as StdHashMap,

@@ -1,6 +1,8 @@
 //! The relay's kernel fast path (`--relay-fast-path ebpf`) with real TURN clients (the
 //! project's own sans-IO client over UDP sockets) on loopback, the benchmark's
-//! topology: two clients whose channels point at each other's relayed address.
+//! topology (two clients whose channels point at each other's relayed address), and a
+//! client with a channel to a plain UDP peer socket (ChannelData shrunk to UDP, UDP
+//! grown to ChannelData).
 //!
 //! Proves that data flows both ways through the kernel (its counters grow while the
 //! userspace service loop sees no ChannelData at all), that a deleted allocation's
@@ -263,8 +265,9 @@ fn bound_channels_between_two_clients_are_relayed_in_the_kernel_both_ways() {
     .expect("close answer");
     assert_eq!(gateway.metric("gateway_relay_fast_path_entries", ""), 1.0);
     // A's channel still points at B's old relayed address: the kernel no longer
-    // finds the way back, so A's ChannelData falls back to the userspace relay, which
-    // sends it to a closed port. B (its socket still open) receives nothing.
+    // finds the way back, so it sends A's ChannelData on as plain UDP from A's relay
+    // address (what the userspace relay would do), to a closed port. B (its socket
+    // still open) receives nothing, and the userspace relay sees none of it.
     for i in 0..5u8 {
         a.send(relayed_b, &[i; 64]).expect("send");
     }
@@ -275,16 +278,122 @@ fn bound_channels_between_two_clients_are_relayed_in_the_kernel_both_ways() {
     settle();
     assert_eq!(
         gateway.metric("gateway_stun_datagrams_total", "outcome=\"channel_data\""),
-        5.0,
-        "the userspace relay handles what the kernel no longer does"
+        0.0,
+        "ChannelData reached the userspace service loop"
     );
     assert_eq!(
         gateway.metric(
             "gateway_relay_fast_path_packets_total",
             "direction=\"client_to_peer\""
         ),
+        messages + 5.0,
+        "the kernel relayed A's datagrams to the closed port"
+    );
+    assert_eq!(
+        gateway.metric(
+            "gateway_relay_fast_path_packets_total",
+            "direction=\"peer_to_client\""
+        ),
         messages,
-        "the kernel relayed nothing more"
+        "and delivered nothing more"
+    );
+}
+
+#[test]
+fn a_bound_channel_to_a_plain_udp_peer_is_relayed_in_the_kernel_both_ways() {
+    require_root();
+    let gateway = Gateway::start(&[]);
+    let mut a = gateway.client("a", 1);
+    // A peer that is no TURN client: a plain UDP socket on a loopback address.
+    let peer_socket = UdpSocket::bind((Ipv4Addr::new(127, 78, 0, 1), 0)).expect("peer socket");
+    peer_socket
+        .set_read_timeout(Some(WAIT))
+        .expect("read timeout");
+    let peer = peer_socket.local_addr().expect("peer address");
+    let relayed_a = allocate(&mut a);
+    let channel = bind(&mut a, peer).expect("A binds toward the peer");
+    assert_eq!(gateway.metric("gateway_relay_fast_path_entries", ""), 1.0);
+
+    // Every size class of the program's shifting: odd and even, across its chunks.
+    let sizes = [1usize, 3, 4, 17, 127, 128, 129, 600, 1001, 1200, 1468];
+    let mut bytes = 0usize;
+    let mut buf = vec![0u8; 4096];
+    for (round, &len) in sizes.iter().enumerate() {
+        let payload: Vec<u8> = (0..len).map(|i| (i * 13 + round) as u8).collect();
+        assert_eq!(
+            a.send(peer, &payload).expect("send"),
+            Framing::ChannelData(channel)
+        );
+        let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
+        assert_eq!(from, relayed_a, "from the relayed address");
+        assert_eq!(&buf[..n], payload.as_slice(), "{len} bytes to the peer");
+        let echo: Vec<u8> = payload.iter().map(|x| x ^ 0x5A).collect();
+        peer_socket.send_to(&echo, relayed_a).expect("peer sends");
+        assert_eq!(
+            a.recv(WAIT).expect("A receives"),
+            Received {
+                peer,
+                data: echo,
+                channel: Some(channel)
+            },
+            "{len} bytes back to the client"
+        );
+        bytes += len;
+    }
+    settle();
+    let messages = sizes.len() as f64;
+    for direction in ["client_to_peer", "peer_to_client"] {
+        assert_eq!(
+            gateway.metric(
+                "gateway_relay_fast_path_packets_total",
+                &format!("direction=\"{direction}\"")
+            ),
+            messages,
+            "{direction}: every datagram went through the kernel"
+        );
+        assert_eq!(
+            gateway.metric(
+                "gateway_relay_bytes_total",
+                &format!("direction=\"{direction}\"")
+            ),
+            bytes as f64,
+            "{direction}: application bytes, as the kernel counted them"
+        );
+        assert_eq!(
+            gateway.metric(
+                "gateway_relay_packets_total",
+                &format!("direction=\"{direction}\"")
+            ),
+            messages,
+            "{direction}: the relay's totals are the kernel's alone: userspace relayed none"
+        );
+    }
+    assert_eq!(
+        gateway.metric("gateway_stun_datagrams_total", "outcome=\"channel_data\""),
+        0.0,
+        "ChannelData reached the userspace service loop"
+    );
+
+    // Larger than the program shifts: the userspace relay carries it, both ways.
+    let big = vec![0xC3u8; 3000];
+    a.send(peer, &big).expect("send");
+    let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
+    assert_eq!((from, &buf[..n]), (relayed_a, big.as_slice()));
+    peer_socket.send_to(&big, relayed_a).expect("peer sends");
+    assert_eq!(a.recv(WAIT).expect("A receives").data, big);
+    settle();
+    assert_eq!(
+        gateway.metric("gateway_stun_datagrams_total", "outcome=\"channel_data\""),
+        1.0,
+        "the big ChannelData went through userspace"
+    );
+    assert_eq!(
+        gateway.metric(
+            "gateway_relay_fast_path_packets_total",
+            "direction=\"peer_to_client\""
+        ),
+        messages,
+        "and so did the big reply"
     );
 }
 
@@ -373,7 +482,7 @@ fn udp_checksum(f: &[u8]) -> u16 {
 }
 
 #[test]
-fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums() {
+fn the_kernel_program_rewrites_channel_data_and_peer_udp_with_valid_checksums() {
     use gateway::{
         ebpf::AttachMode,
         fast_path::{FastPathConfig, RelayFastPath},
@@ -412,16 +521,90 @@ fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums(
         peer: relay_a,
         ..a
     };
-    // ChannelData with 17 bytes of data and 3 bytes of padding.
+    // ChannelData with 17 bytes of data and 3 bytes of (non-zero) padding.
+    let data = b"hello, fast path!";
     let mut message = vec![0x40, 0x01, 0, 17];
-    message.extend_from_slice(b"hello, fast path!");
+    message.extend_from_slice(data);
     message.extend_from_slice(&[0xEE; 3]);
     let input = frame(client_a, service, &message, false);
 
-    // Only A's half installed: no way back to a client, so untouched.
-    fast.apply(&FastPath::Install(a)).expect("install A");
+    // Nothing installed: untouched.
     assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
 
+    // Only A's half installed: A's channel goes to a peer (here B's relay address)
+    // with no channel bound back, so its ChannelData becomes the plain UDP datagram
+    // A's relay address sends to that peer: header and padding stripped.
+    fast.apply(&FastPath::Install(a)).expect("install A");
+    let (verdict, output) = fast.test_run(&input).expect("run");
+    assert_eq!(verdict, 0, "TC_ACT_OK: delivered up the local stack");
+    assert_eq!(
+        output,
+        frame(relay_a, relay_b, data, false),
+        "the datagram A's relay would have sent, checksums valid"
+    );
+    let bare = frame(client_a, service, &message, true);
+    assert_eq!(
+        fast.test_run(&bare).expect("run"),
+        (0, frame(relay_a, relay_b, data, true)),
+        "a zero UDP checksum stays zero"
+    );
+    // Odd and even lengths across the program's 128-byte chunks, padded or not.
+    for len in [1usize, 2, 3, 4, 127, 128, 129, 255, 1001, 1200, 1468, 2048] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        let pad = (4 - len % 4) % 4;
+        for padded in [false, true] {
+            let mut message = vec![0x40, 0x01];
+            message.extend_from_slice(&(len as u16).to_be_bytes());
+            message.extend_from_slice(&data);
+            if padded {
+                message.extend(std::iter::repeat_n(0xA5, pad));
+            }
+            let input = frame(client_a, service, &message, false);
+            assert_eq!(
+                fast.test_run(&input).expect("run"),
+                (0, frame(relay_a, relay_b, &data, false)),
+                "ChannelData of {len} bytes (padded: {padded}) to plain UDP"
+            );
+        }
+        // And back: UDP from that peer to A's relay address is ChannelData to A.
+        let input = frame(relay_b, relay_a, &data, false);
+        let mut expected = vec![0x40, 0x01];
+        expected.extend_from_slice(&(len as u16).to_be_bytes());
+        expected.extend_from_slice(&data);
+        assert_eq!(
+            fast.test_run(&input).expect("run"),
+            (0, frame(service, client_a, &expected, false)),
+            "UDP of {len} bytes from the peer to ChannelData"
+        );
+    }
+    // Beyond what the program shifts, odd padding, another peer port: untouched.
+    let big = vec![7u8; 2049];
+    let input_big = frame(relay_b, relay_a, &big, false);
+    assert_eq!(fast.test_run(&input_big).expect("run"), (-1, input_big));
+    let mut odd_pad = message[..4 + 17].to_vec();
+    odd_pad.push(0);
+    let input_odd = frame(client_a, service, &odd_pad, false);
+    assert_eq!(fast.test_run(&input_odd).expect("run"), (-1, input_odd));
+    let stranger = frame(addr("127.0.0.1:50003"), relay_a, data, false);
+    assert_eq!(fast.test_run(&stranger).expect("run"), (-1, stranger));
+    let from_peer = frame(relay_b, relay_a, data, true);
+    let mut to_a = vec![0x40, 0x01, 0, 17];
+    to_a.extend_from_slice(data);
+    assert_eq!(
+        fast.test_run(&from_peer).expect("run"),
+        (0, frame(service, client_a, &to_a, true)),
+        "a zero UDP checksum from the peer stays zero"
+    );
+    let before = fast.allocation_counters(0).expect("read");
+    fast.apply(&FastPath::Remove(a)).expect("remove A");
+    fast.apply(&FastPath::Install(a)).expect("reinstall A");
+    assert_eq!(
+        fast.allocation_counters(0).expect("read"),
+        Default::default(),
+        "a fresh allocation id starts at zero (it had {before:?})"
+    );
+
+    let totals_before = fast.totals().expect("read");
     fast.apply(&FastPath::Install(b)).expect("install B");
     let (verdict, output) = fast.test_run(&input).expect("run");
     assert_eq!(verdict, 0, "TC_ACT_OK: delivered up the local stack");
@@ -444,7 +627,14 @@ fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums(
         (1, 17)
     );
     let totals = fast.totals().expect("read");
-    assert_eq!((totals.to_peer_packets, totals.to_client_packets), (1, 1));
+    assert_eq!(
+        (
+            totals.to_peer_packets - totals_before.to_peer_packets,
+            totals.to_client_packets - totals_before.to_client_packets
+        ),
+        (1, 1),
+        "relay to relay: once each way"
+    );
 
     // A zero UDP checksum (none computed) stays zero.
     let bare = frame(client_a, service, &message, true);
@@ -458,19 +648,29 @@ fn the_kernel_program_rewrites_relay_to_relay_channel_data_with_valid_checksums(
     let input_truncated = frame(client_a, service, &truncated, false);
     assert_eq!(fast.test_run(&input_truncated).expect("run").0, -1);
 
-    // B's entry lapses (its deadline passed): untouched, even before userspace
-    // removes it.
+    // B's entry lapses (its deadline passed): no way back, so A's ChannelData goes
+    // to B's relay address as plain UDP (for B's userspace relay), even before
+    // userspace removes the entry.
+    let to_relay_b = (0, frame(relay_a, relay_b, data, false));
     let lapsed = FastChannel {
         expires: Instant::now(),
         ..b
     };
     fast.apply(&FastPath::Install(lapsed)).expect("update B");
     std::thread::sleep(Duration::from_millis(20));
-    assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
-    // Back, then removed: untouched again.
+    assert_eq!(fast.test_run(&input).expect("run"), to_relay_b);
+    // Back, then removed: the same.
     fast.apply(&FastPath::Install(b)).expect("renew B");
-    assert_eq!(fast.test_run(&input).expect("run").0, 0);
+    assert_eq!(fast.test_run(&input).expect("run").1, expected);
     fast.apply(&FastPath::Remove(b)).expect("remove B");
+    assert_eq!(fast.test_run(&input).expect("run"), to_relay_b);
+    // A's own entry lapses: untouched.
+    fast.apply(&FastPath::Install(FastChannel {
+        expires: Instant::now(),
+        ..a
+    }))
+    .expect("update A");
+    std::thread::sleep(Duration::from_millis(20));
     assert_eq!(fast.test_run(&input).expect("run"), (-1, input.clone()));
     assert_eq!(fast.installed(), 1);
     fast.apply(&FastPath::Remove(a)).expect("remove A");

@@ -176,8 +176,10 @@ pub struct Throughput {
     pub unexpected: u64,
     /// The server's CPU time over the run, if its PID was given.
     pub server_cpu: Option<Duration>,
-    /// The load generator's own CPU time over the run.
+    /// The load generator's own CPU time over the run (all its threads).
     pub generator_cpu: Duration,
+    /// Threads the generator's data phase ran on.
+    pub generator_threads: usize,
 }
 
 impl Throughput {
@@ -221,12 +223,136 @@ pub struct ThroughputOptions {
     pub window: u64,
     /// Stop after this many messages in all.
     pub max_messages: u64,
+    /// Threads the client pairs are split over (at least 1, at most one per pair).
+    pub generator_threads: usize,
+}
+
+/// What one generator thread sent and received.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pumped {
+    sent: u64,
+    received: u64,
+    received_in_time: u64,
+    unexpected: u64,
+    sending_stopped: Option<Instant>,
+}
+
+/// The data phase for one share of the clients (whole pairs: member 2k relays to
+/// 2k + 1 and back), until `send_until` (or `max_messages`) and then [`DRAIN`].
+fn pump(
+    members: &mut [Member],
+    datagrams: &[Vec<u8>],
+    payload: &[u8],
+    window: u64,
+    started: Instant,
+    send_until: Instant,
+    max_messages: u64,
+) -> Result<Pumped> {
+    let clients = members.len();
+    let partner = |i: usize| i ^ 1;
+    let mut sent = vec![0u64; clients];
+    let mut received = vec![0u64; clients];
+    let mut presumed_lost = vec![0u64; clients];
+    let mut last_delivery = vec![started; clients];
+    let mut unexpected = 0u64;
+    let mut batch = RecvBatch::new(RECV_BATCH);
+    let mut pollfds: Vec<libc::pollfd> = members
+        .iter()
+        .map(|m| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&m.socket),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let window = if window == 0 { u64::MAX } else { window };
+    let mut sending_stopped: Option<Instant> = None;
+    let mut received_in_time = 0;
+    let mut total_sent = 0u64;
+    let mut next_tick = started;
+    loop {
+        let now = Instant::now();
+        let sending = now < send_until && total_sent < max_messages;
+        if !sending {
+            let stopped = *sending_stopped.get_or_insert_with(|| {
+                received_in_time = received.iter().sum();
+                now
+            });
+            if now >= stopped + DRAIN {
+                break;
+            }
+        }
+        let mut progress = false;
+        if sending {
+            for i in 0..clients {
+                let in_flight = sent[i].saturating_sub(received[partner(i)] + presumed_lost[i]);
+                let room = window.saturating_sub(in_flight);
+                if room == 0 {
+                    if now.duration_since(last_delivery[partner(i)]) > STALL {
+                        presumed_lost[i] += in_flight;
+                        last_delivery[partner(i)] = now;
+                    }
+                    continue;
+                }
+                let count = usize::try_from(room.min(SEND_BATCH as u64)).unwrap_or(SEND_BATCH);
+                let n = mmsg::send_copies(&members[i].socket, &datagrams[i], count)?;
+                sent[i] += n as u64;
+                total_sent += n as u64;
+                progress |= n > 0;
+            }
+        }
+        for i in 0..clients {
+            loop {
+                let n = batch.recv(&members[i].socket)?;
+                for k in 0..n {
+                    let datagram = batch.get(k);
+                    if is_channel_data(datagram) {
+                        match ChannelData::parse(datagram) {
+                            Ok(cd) if cd.data == payload => received[i] += 1,
+                            _ => unexpected += 1,
+                        }
+                    } else if Message::looks_like_stun(datagram) {
+                        let server = members[i].client.server();
+                        let _ = members[i]
+                            .client
+                            .handle_datagram(Instant::now(), server, datagram);
+                    } else {
+                        unexpected += 1;
+                    }
+                }
+                if n > 0 {
+                    last_delivery[i] = Instant::now();
+                    progress = true;
+                }
+                if n < RECV_BATCH {
+                    break;
+                }
+            }
+        }
+        if now >= next_tick {
+            // Control-plane timers (refreshes) keep running during the data phase.
+            for member in members.iter_mut() {
+                member.tick(now)?;
+            }
+            next_tick = now + Duration::from_millis(100);
+        }
+        if !progress {
+            mmsg::poll_readable(&mut pollfds, 1)?;
+        }
+    }
+    Ok(Pumped {
+        sent: sent.iter().sum(),
+        received: received.iter().sum(),
+        received_in_time,
+        unexpected,
+        sending_stopped,
+    })
 }
 
 /// Client-to-client relaying: client 2k and 2k+1 allocate, each binds a channel to
 /// the other's relayed address, and each sends ChannelData to the other through both
 /// allocations (like `turnutils_uclient -y`): every message enters and leaves the
-/// server twice.
+/// server twice. The pairs are split over `generator_threads` threads, each with its
+/// own send/receive loop, so that the generator is not what limits a fast server.
 pub fn throughput(target: &Target, options: ThroughputOptions) -> Result<Throughput> {
     let clients = options.clients.max(2) & !1;
     let mut members = allocate_many(target, 0, clients, clients)?;
@@ -274,104 +400,58 @@ pub fn throughput(target: &Target, options: ThroughputOptions) -> Result<Through
         }
     }
 
-    let mut sent = vec![0u64; clients];
-    let mut received = vec![0u64; clients];
-    let mut presumed_lost = vec![0u64; clients];
-    let mut last_delivery = vec![Instant::now(); clients];
-    let mut unexpected = 0u64;
-    let mut batch = RecvBatch::new(RECV_BATCH);
-    let mut pollfds: Vec<libc::pollfd> = members
-        .iter()
-        .map(|m| libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&m.socket),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let window = if options.window == 0 {
-        u64::MAX
-    } else {
-        options.window
-    };
+    let threads = options.generator_threads.clamp(1, clients / 2);
+    // Pairs stay together: thread t drives pairs t, t + threads, ... (as even-sized
+    // contiguous chunks of whole pairs).
+    let pairs = clients / 2;
     let server_cpu_before = target.pid.and_then(process_cpu);
     let generator_cpu_before = own_cpu();
     let started = Instant::now();
     let send_until = started + options.duration;
-    let mut sending_stopped: Option<Instant> = None;
-    let mut received_in_time = 0;
-    let mut total_sent = 0u64;
-    let mut next_tick = started;
-    loop {
-        let now = Instant::now();
-        let sending = now < send_until && total_sent < options.max_messages;
-        if !sending {
-            let stopped = *sending_stopped.get_or_insert_with(|| {
-                received_in_time = received.iter().sum();
-                now
-            });
-            if now >= stopped + DRAIN {
-                break;
-            }
+    let max_per_thread = options.max_messages / threads as u64;
+    let mut outcomes: Vec<Result<Pumped>> = Vec::with_capacity(threads);
+    std::thread::scope(|scope| {
+        let mut rest: &mut [Member] = &mut members;
+        let mut rest_datagrams: &[Vec<u8>] = &datagrams;
+        let mut handles = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let share = 2 * (pairs / threads + usize::from(t < pairs % threads));
+            let (mine, others) = std::mem::take(&mut rest).split_at_mut(share);
+            let (my_datagrams, other_datagrams) = rest_datagrams.split_at(share);
+            rest = others;
+            rest_datagrams = other_datagrams;
+            let payload = payload.as_slice();
+            handles.push(scope.spawn(move || {
+                pump(
+                    mine,
+                    my_datagrams,
+                    payload,
+                    options.window,
+                    started,
+                    send_until,
+                    max_per_thread,
+                )
+            }));
         }
-        let mut progress = false;
-        if sending {
-            for i in 0..clients {
-                let in_flight = sent[i].saturating_sub(received[partner(i)] + presumed_lost[i]);
-                let room = window.saturating_sub(in_flight);
-                if room == 0 {
-                    if now.duration_since(last_delivery[partner(i)]) > STALL {
-                        presumed_lost[i] += in_flight;
-                        last_delivery[partner(i)] = now;
-                    }
-                    continue;
-                }
-                let count = usize::try_from(room.min(SEND_BATCH as u64)).unwrap_or(SEND_BATCH);
-                let n = mmsg::send_copies(&members[i].socket, &datagrams[i], count)?;
-                sent[i] += n as u64;
-                total_sent += n as u64;
-                progress |= n > 0;
-            }
+        for handle in handles {
+            outcomes.push(
+                handle
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("generator thread panicked"))),
+            );
         }
-        for i in 0..clients {
-            loop {
-                let n = batch.recv(&members[i].socket)?;
-                for k in 0..n {
-                    let datagram = batch.get(k);
-                    if is_channel_data(datagram) {
-                        match ChannelData::parse(datagram) {
-                            Ok(cd) if cd.data == payload.as_slice() => received[i] += 1,
-                            _ => unexpected += 1,
-                        }
-                    } else if Message::looks_like_stun(datagram) {
-                        let server = members[i].client.server();
-                        let _ = members[i]
-                            .client
-                            .handle_datagram(Instant::now(), server, datagram);
-                    } else {
-                        unexpected += 1;
-                    }
-                }
-                if n > 0 {
-                    last_delivery[i] = Instant::now();
-                    progress = true;
-                }
-                if n < RECV_BATCH {
-                    break;
-                }
-            }
-        }
-        if now >= next_tick {
-            // Control-plane timers (refreshes) keep running during the data phase.
-            for member in members.iter_mut() {
-                member.tick(now)?;
-            }
-            next_tick = now + Duration::from_millis(100);
-        }
-        if !progress {
-            mmsg::poll_readable(&mut pollfds, 1)?;
-        }
+    });
+    let mut total = Pumped::default();
+    for outcome in outcomes {
+        let pumped = outcome?;
+        total.sent += pumped.sent;
+        total.received += pumped.received;
+        total.received_in_time += pumped.received_in_time;
+        total.unexpected += pumped.unexpected;
+        total.sending_stopped = total.sending_stopped.max(pumped.sending_stopped);
     }
-    let seconds = sending_stopped
+    let seconds = total
+        .sending_stopped
         .unwrap_or(send_until)
         .saturating_duration_since(started)
         .as_secs_f64()
@@ -381,12 +461,13 @@ pub fn throughput(target: &Target, options: ThroughputOptions) -> Result<Through
     let result = Throughput {
         payload: options.payload,
         seconds,
-        sent: sent.iter().sum(),
-        received_in_time,
-        received: received.iter().sum(),
-        unexpected,
+        sent: total.sent,
+        received_in_time: total.received_in_time,
+        received: total.received,
+        unexpected: total.unexpected,
         server_cpu,
         generator_cpu,
+        generator_threads: threads,
     };
     deallocate_all(members, clients)?;
     Ok(result)

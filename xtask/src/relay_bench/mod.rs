@@ -76,6 +76,10 @@ pub struct LoadArgs {
     /// Upper bound on the messages of one throughput run.
     #[arg(long, default_value_t = 10_000_000)]
     max_messages: u64,
+    /// Threads the throughput runs' client pairs are split over, each with its own
+    /// send/receive loop (default: the available cores; at most one per pair).
+    #[arg(long)]
+    generator_threads: Option<usize>,
     /// Allocations (each deallocated at once) in the allocation-rate run (coturn
     /// does 2000 in about 0.3 s here, too short to time well, hence more).
     #[arg(long, default_value_t = 5000)]
@@ -92,6 +96,15 @@ pub struct LoadArgs {
     /// Sockets of the Binding-rate run (each keeps `--window` requests in flight).
     #[arg(long, default_value_t = 4)]
     binding_sockets: usize,
+}
+
+impl LoadArgs {
+    /// `--generator-threads`, or the cores available to this process.
+    fn generator_threads(&self) -> usize {
+        self.generator_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+            .max(1)
+    }
 }
 
 /// Options of `cargo xtask turn-load`.
@@ -237,11 +250,12 @@ fn run_throughput(
             duration: Duration::from_secs(load.seconds),
             window: load.window,
             max_messages: load.max_messages,
+            generator_threads: load.generator_threads(),
         },
     )
     .with_context(|| format!("{name}: throughput at {payload} bytes"))?;
     eprintln!(
-        "{name}: {} B: {:.0} msg/s, sent {} received {} ({:.2}% lost), unexpected {}, server CPU {:?} ({} µs/msg), generator CPU {:.2} s",
+        "{name}: {} B: {:.0} msg/s, sent {} received {} ({:.2}% lost), unexpected {}, server CPU {:?} ({} µs/msg), generator CPU {:.2} s ({} threads)",
         result.payload,
         result.rate(),
         result.sent,
@@ -251,6 +265,7 @@ fn run_throughput(
         result.server_cpu,
         micros(result.server_us_per_message()),
         result.generator_cpu.as_secs_f64(),
+        result.generator_threads,
     );
     figures.throughput.push(result);
     Ok(())
