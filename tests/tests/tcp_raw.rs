@@ -198,33 +198,14 @@ fn splice_side(
     message: &'static [u8],
     both_checked: Arc<Barrier>,
 ) -> Result<SideReport, RawError> {
-    // Linux aborts a SYN_SENT connect() on the ICMP time-exceeded the low-TTL SYN
-    // provokes, so that is suppressed while the attempt runs.
-    let rules = SuppressionRules {
-        rst_to: vec![peer],
-        icmp_time_exceeded: true,
-    }
-    .install()?;
-    let table = rules.table().to_owned();
-    let mut capture = SynCapture::for_local(local, Some(peer))?;
-    let socket = low_ttl_connect(local, peer);
-    let captured = capture.wait(Duration::from_secs(2))?;
-    drop(capture);
-    my_isn.send(captured.seq).expect("peer side gone");
-    let their_isn = peer_isn
-        .recv_timeout(Duration::from_secs(5))
-        .expect("no ISN from the peer side");
-    // Both SYNs are out now. Had ours crossed the router, the peer would be in
-    // SYN_RECV and answer with a SYN-ACK that moves us on: give that time to happen.
-    std::thread::sleep(Duration::from_millis(300));
-    let state_before_injection = tcp_state(socket.as_fd()).expect("state");
-    both_checked.wait();
-
-    let syn_ack = Segment::syn_ack(local, peer, captured.seq, their_isn.wrapping_add(1));
-    let mut injector = Injector::new();
-    let sends = injector.send_until(&syn_ack, 5, Duration::from_millis(200), || {
-        tcp_state(socket.as_fd()).is_ok_and(TcpState::is_synchronized)
-    })?;
+    let Injected {
+        socket,
+        rules,
+        captured,
+        state_before_injection,
+        sends,
+        table,
+    } = inject_side(local, peer, my_isn, peer_isn, both_checked, 0)?;
     let state_after =
         wait_for_state(&socket, Duration::from_secs(2), TcpState::is_synchronized).expect("state");
     // Established: an ordinary kernel socket from here on.
@@ -253,6 +234,131 @@ fn splice_side(
         received,
         table,
     })
+}
+
+/// The first half of a side: everything up to the crafted SYN-ACK's injection.
+struct Injected {
+    socket: Socket,
+    rules: gateway::tcp_raw::NftGuard,
+    captured: Segment,
+    state_before_injection: TcpState,
+    sends: Option<u32>,
+    table: String,
+}
+
+/// Low-TTL connect(), capture, ISN swap (our ISN plus `lie` is what the other side
+/// gets: a lying peer or gateway when non-zero), then the crafted SYN-ACK injected.
+fn inject_side(
+    local: SocketAddr,
+    peer: SocketAddr,
+    my_isn: mpsc::Sender<u32>,
+    peer_isn: mpsc::Receiver<u32>,
+    both_checked: Arc<Barrier>,
+    lie: u32,
+) -> Result<Injected, RawError> {
+    // Linux aborts a SYN_SENT connect() on the ICMP time-exceeded the low-TTL SYN
+    // provokes, so that is suppressed while the attempt runs.
+    let rules = SuppressionRules {
+        rst_to: vec![peer],
+        icmp_time_exceeded: true,
+    }
+    .install()?;
+    let table = rules.table().to_owned();
+    let mut capture = SynCapture::for_local(local, Some(peer))?;
+    let socket = low_ttl_connect(local, peer);
+    let captured = capture.wait(Duration::from_secs(2))?;
+    drop(capture);
+    my_isn
+        .send(captured.seq.wrapping_add(lie))
+        .expect("peer side gone");
+    let their_isn = peer_isn
+        .recv_timeout(Duration::from_secs(5))
+        .expect("no ISN from the peer side");
+    // Both SYNs are out now. Had ours crossed the router, the peer would be in
+    // SYN_RECV and answer with a SYN-ACK that moves us on: give that time to happen.
+    std::thread::sleep(Duration::from_millis(300));
+    let state_before_injection = tcp_state(socket.as_fd()).expect("state");
+    both_checked.wait();
+
+    let syn_ack = Segment::syn_ack(local, peer, captured.seq, their_isn.wrapping_add(1));
+    let mut injector = Injector::new();
+    let sends = injector.send_until(&syn_ack, 5, Duration::from_millis(200), || {
+        tcp_state(socket.as_fd()).is_ok_and(TcpState::is_synchronized)
+    })?;
+    Ok(Injected {
+        socket,
+        rules,
+        captured,
+        state_before_injection,
+        sends,
+        table,
+    })
+}
+
+/// Both sides are told wrong ISNs (a gateway that lies, or two lying peers): each
+/// crafted SYN-ACK acknowledges a sequence number the other kernel never sent, so
+/// neither kernel synchronizes; the attempt ends with its socket and rules gone.
+fn wrong_isns_connect_nothing(v6: bool) {
+    let topo = Topology::build();
+    let (a_ip, b_ip): (IpAddr, IpAddr) = if v6 {
+        (A6.parse().unwrap(), B6.parse().unwrap())
+    } else {
+        (A4.parse().unwrap(), B4.parse().unwrap())
+    };
+    let a = SocketAddr::new(a_ip, 40011);
+    let b = SocketAddr::new(b_ip, 40012);
+    let (a_tx, b_rx) = mpsc::channel();
+    let (b_tx, a_rx) = mpsc::channel();
+    let barrier = Arc::new(Barrier::new(2));
+    let side = |local, peer, tx, rx, barrier| {
+        move || -> Result<(TcpState, Option<u32>, String), RawError> {
+            let injected = inject_side(local, peer, tx, rx, barrier, 0x4000_0000)?;
+            // Well past the injections: still not synchronized.
+            let state = wait_for_state(
+                &injected.socket,
+                Duration::from_secs(1),
+                TcpState::is_synchronized,
+            )
+            .expect("state");
+            drop(injected.socket);
+            injected.rules.remove()?;
+            Ok((state, injected.sends, injected.table))
+        }
+    };
+    let side_a = spawn_in(&topo.a, side(a, b, a_tx, a_rx, Arc::clone(&barrier)));
+    let side_b = spawn_in(&topo.b, side(b, a, b_tx, b_rx, barrier));
+    for (ns, result) in [
+        (&topo.a, side_a.join().expect("side a panicked")),
+        (&topo.b, side_b.join().expect("side b panicked")),
+    ] {
+        let (state, sends, table) = result.unwrap_or_else(|e| panic!("{ns}: {e}"));
+        assert_eq!(
+            state,
+            TcpState::SynSent,
+            "{ns}: a wrong ISN synchronized a kernel"
+        );
+        assert_eq!(sends, None, "{ns}: every injection went unanswered");
+        assert!(
+            !Topology::tables(ns).contains(&table),
+            "rules left behind in {ns}"
+        );
+    }
+}
+
+#[test]
+fn wrong_isns_connect_nothing_ipv4() {
+    if !lab_available() {
+        return;
+    }
+    wrong_isns_connect_nothing(false);
+}
+
+#[test]
+fn wrong_isns_connect_nothing_ipv6() {
+    if !lab_available() {
+        return;
+    }
+    wrong_isns_connect_nothing(true);
 }
 
 fn two_sided_splice(v6: bool) {
