@@ -10,4 +10,5 @@ pub mod dashboards;
 pub mod lab;
 pub mod prometheus;
 pub mod punch;
+pub mod tcp;
 pub mod turn;

@@ -16,8 +16,6 @@
 //! counted what they saw. A pair with an asserted cell that differs runs once more in a
 //! fresh lab (the table says so); the second run must match.
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -26,6 +24,7 @@ use gateway_tests::{
     daemon::PeerProcess,
     lab::{Filtering, Lab, Mapping, NatPreset, RouterKind, Unsolicited, lab_available},
     punch::{self, SERVICE},
+    tcp::{counted, forward_both_ways},
 };
 
 const TECHNIQUES: [&str; 4] = [
@@ -272,70 +271,6 @@ fn verdict(peer: &mut PeerProcess, until: Instant) -> Option<String> {
     peer.wait_for("tcp-p", until.saturating_duration_since(Instant::now()))
 }
 
-/// Sum of `gateway_tcp_punch_attempts_total` for a technique and outcome.
-fn counted(metrics: &str, technique: &str, outcome: &str) -> f64 {
-    let technique = format!("technique=\"{}\"", technique.replace('-', "_"));
-    let outcome = format!("outcome=\"{outcome}\"");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("gateway_tcp_punch_attempts_total{"))
-        .filter(|l| l.contains(&technique) && l.contains(&outcome))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// A message each way between alice-i's forwarder (127.0.0.1:5100 on her host) and
-/// an application at bob-i's forward target (127.0.0.1:6100 on his).
-fn forward_both_ways(lab: &Lab, i: usize) -> Result<(), String> {
-    let host = |site: &str| {
-        lab.site(site)
-            .and_then(|s| s.host(i))
-            .cloned()
-            .ok_or("no host")
-    };
-    let (a, b) = (host("a")?, host("b")?);
-    let app_b = b
-        .tcp_listen_on(([127, 0, 0, 1], 6100).into())
-        .map_err(|e| e.to_string())?;
-    let mut app_a: TcpStream = a
-        .tcp_connect(([127, 0, 0, 1], 5100).into(), Duration::from_secs(2))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("connect to alice's forwarder: {e}"))?;
-    app_a
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    app_a
-        .write_all(b"over punched TCP")
-        .map_err(|e| e.to_string())?;
-    app_b.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut conn = loop {
-        match app_b.accept() {
-            Ok((c, _)) => break c,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("bob's app got no connection: {e}")),
-        }
-    };
-    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 16];
-    conn.read_exact(&mut buf)
-        .map_err(|e| format!("bob's app reads: {e}"))?;
-    if &buf != b"over punched TCP" {
-        return Err(format!("bob's app got {buf:?}"));
-    }
-    conn.write_all(b"back").map_err(|e| e.to_string())?;
-    let mut back = [0u8; 4];
-    app_a
-        .read_exact(&mut back)
-        .map_err(|e| format!("alice's app reads: {e}"))?;
-    if &back != b"back" {
-        return Err(format!("alice's app got {back:?}"));
-    }
-    Ok(())
-}
-
 /// What one cell showed.
 #[derive(Clone, Debug)]
 struct Measured {
@@ -503,7 +438,7 @@ fn run_pair(a: &NatPreset, b: &NatPreset) -> Vec<Measured> {
     for (i, (alice_line, bob_line)) in lines.into_iter().enumerate() {
         let up = |l: &Option<String>| l.as_deref().is_some_and(|l| l.starts_with("tcp-path-up"));
         let forwarded = if up(&alice_line) && up(&bob_line) {
-            forward_both_ways(&lab, i)
+            forward_both_ways(&lab, i, b"over punched TCP", b"back")
         } else {
             Err("no connection".into())
         };

@@ -9,8 +9,6 @@
 //! wherever a connection came up, and that the gateway counted the outcome in
 //! `gateway_tcp_punch_attempts_total`. Cells run three at a time.
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -18,7 +16,8 @@ use std::{
 use gateway_tests::{
     daemon::PeerProcess,
     lab::{NatPreset, lab_available},
-    punch::{self, PunchLab, Topology},
+    punch::{self, Topology},
+    tcp::{counted, forward_both_ways},
 };
 
 /// What a cell must show.
@@ -276,81 +275,7 @@ fn verdict(peer: &mut PeerProcess, timeout: Duration) -> Option<String> {
     peer.wait_for("tcp-p", timeout)
 }
 
-/// Alice's application connects to her forwarder (127.0.0.1:5100), bob's listens
-/// where his forwarder delivers (127.0.0.1:6100): a message goes each way.
-fn forward_both_ways(pair: &PunchLab) -> Result<(), String> {
-    let host = |site: &str| {
-        pair.lab
-            .site(site)
-            .and_then(|s| s.host(0))
-            .cloned()
-            .ok_or("no host")
-    };
-    let (a, b) = (host("a")?, host("b")?);
-    let app_b = b
-        .tcp_listen_on("127.0.0.1:6100".parse().map_err(|_| "addr")?)
-        .map_err(|e| e.to_string())?;
-    let mut app_a: TcpStream = a
-        .tcp_connect(
-            "127.0.0.1:5100".parse().map_err(|_| "addr")?,
-            Duration::from_secs(2),
-        )
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("connect to alice's forwarder: {e}"))?;
-    app_a
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    app_a
-        .write_all(b"hello over punched TCP")
-        .map_err(|e| e.to_string())?;
-    app_b.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut conn = loop {
-        match app_b.accept() {
-            Ok((c, _)) => break c,
-            Err(_) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            Err(e) => return Err(format!("bob's app got no connection: {e}")),
-        }
-    };
-    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 22];
-    conn.read_exact(&mut buf)
-        .map_err(|e| format!("bob's app reads: {e}"))?;
-    if &buf != b"hello over punched TCP" {
-        return Err(format!("bob's app got {buf:?}"));
-    }
-    conn.write_all(b"and back").map_err(|e| e.to_string())?;
-    let mut back = [0u8; 8];
-    app_a
-        .read_exact(&mut back)
-        .map_err(|e| format!("alice's app reads: {e}"))?;
-    if &back != b"and back" {
-        return Err(format!("alice's app got {back:?}"));
-    }
-    Ok(())
-}
-
-/// Sum of `gateway_tcp_punch_attempts_total` over the NAT labels (and, for `auto`,
-/// over the techniques).
-fn counted(metrics: &str, technique: &str, outcome: &str) -> f64 {
-    let technique = if technique == "auto" {
-        "technique=".to_owned()
-    } else {
-        format!("technique=\"{}\"", technique.replace('-', "_"))
-    };
-    let outcome = format!("outcome=\"{outcome}\"");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("gateway_tcp_punch_attempts_total{"))
-        .filter(|l| l.contains(&technique) && l.contains(&outcome))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
+/// What one cell showed.
 struct Measured {
     label: String,
     expect: Expect,
@@ -397,7 +322,7 @@ fn run_cell(cell: &Cell) -> Measured {
     let bob = verdict(&mut pair.bob, Duration::from_secs(5));
     let forwarded = match (&alice, &bob) {
         (Some(a), Some(b)) if a.starts_with("tcp-path-up") && b.starts_with("tcp-path-up") => {
-            forward_both_ways(&pair)
+            forward_both_ways(&pair.lab, 0, b"hello over punched TCP", b"and back")
         }
         _ => Err("no connection".into()),
     };
