@@ -251,6 +251,63 @@ impl std::fmt::Debug for EbpfProbe {
     }
 }
 
+/// Fails with [`EbpfError::NoSuchInterface`] unless `interface` exists here.
+pub(crate) fn require_interface(interface: &str) -> Result<(), EbpfError> {
+    let name = std::ffi::CString::new(interface)
+        .map_err(|_| EbpfError::NoSuchInterface(interface.to_owned()))?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string and nothing else.
+    if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        return Err(EbpfError::NoSuchInterface(interface.to_owned()));
+    }
+    Ok(())
+}
+
+/// Attaches one loaded classifier to `interface` as `mode` says: TCX, a clsact qdisc
+/// with a netlink filter, or TCX falling back to netlink (shared by the punch
+/// observers and the relay fast path).
+pub(crate) fn attach_classifier(
+    program: &mut SchedClassifier,
+    interface: &str,
+    attach_type: TcAttachType,
+    mode: AttachMode,
+    name: &str,
+) -> Result<(SchedClassifierLinkId, AttachedVia), EbpfError> {
+    let what = format!("attaching {name} to {interface}");
+    let tcx = |program: &mut SchedClassifier| {
+        program.attach_with_options(
+            interface,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+    };
+    let netlink = |program: &mut SchedClassifier| {
+        // An existing clsact qdisc is fine.
+        let _ = tc::qdisc_add_clsact(interface);
+        program.attach_with_options(
+            interface,
+            attach_type,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+    };
+    Ok(match mode {
+        AttachMode::Tcx => (tcx(program).map_err(aya_err(what))?, AttachedVia::Tcx),
+        AttachMode::Netlink => (
+            netlink(program).map_err(aya_err(what))?,
+            AttachedVia::Netlink,
+        ),
+        AttachMode::Auto => match tcx(program) {
+            Ok(id) => (id, AttachedVia::Tcx),
+            Err(tcx_error) => {
+                tracing::info!(%interface, error = %tcx_error, "TCX attach failed; trying a clsact qdisc with netlink filters");
+                (
+                    netlink(program).map_err(aya_err(what))?,
+                    AttachedVia::Netlink,
+                )
+            }
+        },
+    })
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -476,48 +533,10 @@ impl EbpfProbe {
         mode: AttachMode,
         programs: [(&'static str, TcAttachType); 2],
     ) -> Result<(), EbpfError> {
-        let name = std::ffi::CString::new(interface)
-            .map_err(|_| EbpfError::NoSuchInterface(interface.to_owned()))?;
-        // SAFETY: if_nametoindex reads a NUL-terminated string and nothing else.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            return Err(EbpfError::NoSuchInterface(interface.to_owned()));
-        }
+        require_interface(interface)?;
         for (name, attach_type) in programs {
             let program = self.program(name)?;
-            let what = format!("attaching {name} to {interface}");
-            let tcx = |program: &mut SchedClassifier| {
-                program.attach_with_options(
-                    interface,
-                    attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-            };
-            let netlink = |program: &mut SchedClassifier| {
-                // An existing clsact qdisc is fine.
-                let _ = tc::qdisc_add_clsact(interface);
-                program.attach_with_options(
-                    interface,
-                    attach_type,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-            };
-            let (id, via) = match mode {
-                AttachMode::Tcx => (tcx(program).map_err(aya_err(what))?, AttachedVia::Tcx),
-                AttachMode::Netlink => (
-                    netlink(program).map_err(aya_err(what))?,
-                    AttachedVia::Netlink,
-                ),
-                AttachMode::Auto => match tcx(program) {
-                    Ok(id) => (id, AttachedVia::Tcx),
-                    Err(tcx_error) => {
-                        tracing::info!(%interface, error = %tcx_error, "TCX attach failed; trying a clsact qdisc with netlink filters");
-                        (
-                            netlink(program).map_err(aya_err(what))?,
-                            AttachedVia::Netlink,
-                        )
-                    }
-                },
-            };
+            let (id, via) = attach_classifier(program, interface, attach_type, mode, name)?;
             self.links.push(Link {
                 interface: interface.to_owned(),
                 program: name,

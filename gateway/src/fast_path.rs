@@ -16,10 +16,7 @@ use std::{
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues},
-    programs::{
-        LinkOrder, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
-    },
+    programs::{SchedClassifier, TcAttachType, TestRun, TestRunOptions, tc::SchedClassifierLinkId},
 };
 use gateway_ebpf::{
     RELAY_ALLOCATION_COUNTERS_MAP, RELAY_CHANNELS_MAP, RELAY_DESTINATION_LOCAL,
@@ -138,12 +135,7 @@ impl RelayFastPath {
     }
 
     fn attach(&mut self, interface: &str) -> Result<(), EbpfError> {
-        let name = std::ffi::CString::new(interface)
-            .map_err(|_| EbpfError::NoSuchInterface(interface.to_owned()))?;
-        // SAFETY: if_nametoindex reads a NUL-terminated string and nothing else.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            return Err(EbpfError::NoSuchInterface(interface.to_owned()));
-        }
+        crate::ebpf::require_interface(interface)?;
         let mode = self.config.mode;
         let program: &mut SchedClassifier = self
             .ebpf
@@ -151,40 +143,13 @@ impl RelayFastPath {
             .ok_or(EbpfError::Missing("the relay fast-path program"))?
             .try_into()
             .map_err(aya_err(format!("program {RELAY_PROGRAM}")))?;
-        let what = format!("attaching {RELAY_PROGRAM} to {interface}");
-        let tcx = |program: &mut SchedClassifier| {
-            program.attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-        };
-        let netlink = |program: &mut SchedClassifier| {
-            // An existing clsact qdisc is fine.
-            let _ = tc::qdisc_add_clsact(interface);
-            program.attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::Netlink(NlOptions::default()),
-            )
-        };
-        let (id, via) = match mode {
-            AttachMode::Tcx => (tcx(program).map_err(aya_err(what))?, AttachedVia::Tcx),
-            AttachMode::Netlink => (
-                netlink(program).map_err(aya_err(what))?,
-                AttachedVia::Netlink,
-            ),
-            AttachMode::Auto => match tcx(program) {
-                Ok(id) => (id, AttachedVia::Tcx),
-                Err(e) => {
-                    tracing::info!(%interface, error = %e, "TCX attach failed; trying netlink");
-                    (
-                        netlink(program).map_err(aya_err(what))?,
-                        AttachedVia::Netlink,
-                    )
-                }
-            },
-        };
+        let (id, via) = crate::ebpf::attach_classifier(
+            program,
+            interface,
+            TcAttachType::Ingress,
+            mode,
+            RELAY_PROGRAM,
+        )?;
         tracing::info!(%interface, via = via.as_str(), "relay fast path attached");
         self.links.push((interface.to_owned(), id, via));
         Ok(())
