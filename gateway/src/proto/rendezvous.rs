@@ -550,6 +550,23 @@ struct IntroRecord {
     tcp_forge: [Option<ForgeHalf>; 2],
 }
 
+/// The remembered introduction `intro_id` and which of its two sides `peer_id` is;
+/// 404 when the introduction is unknown (forgotten) or the peer is not a side of it.
+fn intro_side<'a>(
+    intros: &'a mut HashMap<u64, IntroRecord>,
+    intro_id: u64,
+    peer_id: &str,
+) -> Result<(&'a mut IntroRecord, usize), (Handled, u16, &'static str)> {
+    let unknown = (Handled::NotFound, 404, "Unknown Introduction");
+    let record = intros.get_mut(&intro_id).ok_or(unknown)?;
+    let side = record
+        .sides
+        .iter()
+        .position(|s| **s == *peer_id)
+        .ok_or(unknown)?;
+    Ok((record, side))
+}
+
 /// One side's part of a server-assisted splice.
 #[derive(Clone, Copy, Debug)]
 struct ForgeHalf {
@@ -1237,15 +1254,7 @@ impl RendezvousServer {
         {
             return Err((Handled::Forbidden, 403, "Not Registered Here"));
         }
-        let record =
-            self.intros
-                .get(&intro_id)
-                .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
-        let side = record
-            .sides
-            .iter()
-            .position(|s| **s == *auth.peer_id)
-            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
         let other_id = record.sides[1 - side].clone();
         let other = self
             .peers
@@ -1318,16 +1327,7 @@ impl RendezvousServer {
         {
             return Err((Handled::Forbidden, 403, "Not Registered Here"));
         }
-        let record = self.intros.get_mut(&intro_id).ok_or((
-            Handled::NotFound,
-            404,
-            "Unknown Introduction",
-        ))?;
-        let side = record
-            .sides
-            .iter()
-            .position(|s| **s == *auth.peer_id)
-            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
         if record.tcp_seq_sent[side] {
             return Err((Handled::NotFound, 404, "Already Sent"));
         }
@@ -1400,16 +1400,7 @@ impl RendezvousServer {
             Some(p) if p.addr == from => tcp_candidate(p),
             _ => return Err((Handled::Forbidden, 403, "Not Registered Here")),
         };
-        let record = self.intros.get_mut(&intro_id).ok_or((
-            Handled::NotFound,
-            404,
-            "Unknown Introduction",
-        ))?;
-        let side = record
-            .sides
-            .iter()
-            .position(|s| **s == *auth.peer_id)
-            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
         if record.tcp_seq_sent[side] {
             return Err((Handled::NotFound, 404, "Already Sent"));
         }
@@ -1488,16 +1479,7 @@ impl RendezvousServer {
         let (Some(intro_id), Some((outcome, ms, probes))) = (intro_id, report) else {
             return Err((Handled::BadRequest, 400, "Bad Request"));
         };
-        let record = self.intros.get_mut(&intro_id).ok_or((
-            Handled::NotFound,
-            404,
-            "Unknown Introduction",
-        ))?;
-        let side = record
-            .sides
-            .iter()
-            .position(|s| **s == *auth.peer_id)
-            .ok_or((Handled::NotFound, 404, "Unknown Introduction"))?;
+        let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
         if let Some(technique) = technique {
             // TCP outcomes: once per side per technique, counted on the first.
             let shift = 2 * (technique as u8 - 1);
