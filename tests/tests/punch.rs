@@ -146,26 +146,37 @@ fn birthday_punch_through_a_random_port_symmetric_nat_and_forward_a_udp_port() {
             .any(|l| l.starts_with("birthday peer bob role sockets budget 256")),
         "{seen}"
     );
-    assert!(
-        pair.bob
-            .seen()
-            .iter()
-            .any(|l| l.starts_with("birthday peer alice role probes budget 2048")),
-        "{seen}"
-    );
     let wan_a = pair.lab.site("a").expect("a").wan_addr();
     let wan_b = pair.lab.site("b").expect("b").wan_addr();
     assert_eq!(direct_remote(&up_a).ip(), wan_b);
     assert_eq!(direct_remote(&up_b).ip(), wan_a);
-    // Alice's end of the path is one of her extra sockets: bob sees a port other than
-    // the one the gateway registered for her.
     let registered_a: SocketAddr = pair
         .alice
         .seen()
         .iter()
         .find_map(|l| l.strip_prefix("registered public ")?.parse().ok())
         .unwrap_or_else(|| panic!("{seen}"));
-    assert_ne!(direct_remote(&up_b), registered_a, "{seen}");
+    // Alice's end of the path is one of her extra sockets, met by bob's sweep: bob
+    // sees a port other than the one the gateway registered for her. The one other way
+    // (about 0.4% of runs): one of her 257 random mappings toward bob took the same
+    // public port number as her registered one, which bob probes from the start as her
+    // reflexive candidate, so the path is up before his sweep (500 ms) begins.
+    let bob_swept = pair
+        .bob
+        .seen()
+        .iter()
+        .any(|l| l.starts_with("birthday peer alice role probes budget 2048"));
+    let bob_elapsed_ms: u64 = up_b
+        .split_whitespace()
+        .skip_while(|w| *w != "elapsed_ms")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{seen}"));
+    if direct_remote(&up_b) == registered_a {
+        assert!(!bob_swept && bob_elapsed_ms < 600, "{seen}");
+    } else {
+        assert!(bob_swept, "{seen}");
+    }
 
     forward_both_ways(&pair);
 
