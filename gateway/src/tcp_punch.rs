@@ -485,14 +485,20 @@ pub struct Report {
     pub attempts: u32,
 }
 
-/// First bytes both sides send on a punched connection: "GWTP" and the
-/// introduction id, then one acknowledgement byte once the other's hello arrived;
-/// a connection counts only once both crossed.
+/// First bytes both sides send on a punched connection: "GWTP", the introduction id
+/// and the side's random tie-breaker, then one acknowledgement byte once the other's
+/// hello arrived; a connection counts only once both crossed. Two connections can
+/// both pass (each side's SYN through a different mapping), so the side with the
+/// larger tie-breaker picks one and says so with [`HELLO_CHOSEN`] on it; the other
+/// side takes the connection that carries that byte (as ICE's controlling agent
+/// nominates a pair).
 const HELLO_MAGIC: [u8; 4] = *b"GWTP";
-/// Length of the hello.
+/// Length of the hello: magic, introduction id.
 const HELLO_LEN: usize = 12;
 /// The byte that acknowledges the other side's hello.
 const HELLO_ACK: u8 = 0x06;
+/// The byte the choosing side sends on the one connection it keeps.
+const HELLO_CHOSEN: u8 = 0x07;
 /// How long the other side's hello may take.
 const HELLO_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -500,31 +506,57 @@ const HELLO_TIMEOUT: Duration = Duration::from_millis(1500);
 /// `intro_id`: sends our hello, reads the other's. A NAT that let the handshake
 /// through but drops what follows (its sequence tracking disagrees with one side's
 /// initial sequence number), or a connection from anyone else, fails here.
-async fn hello(stream: &mut TcpStream, intro_id: u64) -> io::Result<()> {
-    let mut ours = [0u8; HELLO_LEN];
+/// Returns whether this side chooses (it must then send [`HELLO_CHOSEN`] on the
+/// connection it keeps); the other side returns only once that byte arrived.
+async fn hello(stream: &mut TcpStream, intro_id: u64, tiebreak: u64) -> io::Result<bool> {
+    let mut ours = [0u8; HELLO_LEN + 8];
     ours[..4].copy_from_slice(&HELLO_MAGIC);
-    ours[4..].copy_from_slice(&intro_id.to_be_bytes());
+    ours[4..HELLO_LEN].copy_from_slice(&intro_id.to_be_bytes());
+    ours[HELLO_LEN..].copy_from_slice(&tiebreak.to_be_bytes());
     let exchange = async {
         stream.write_all(&ours).await?;
-        let mut theirs = [0u8; HELLO_LEN];
+        let mut theirs = [0u8; HELLO_LEN + 8];
         stream.read_exact(&mut theirs).await?;
-        if theirs != ours {
+        if theirs[..HELLO_LEN] != ours[..HELLO_LEN] {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "not the other side of this introduction",
             ));
         }
+        let mut their_tiebreak = [0u8; 8];
+        their_tiebreak.copy_from_slice(&theirs[HELLO_LEN..]);
+        let their_tiebreak = u64::from_be_bytes(their_tiebreak);
+        if their_tiebreak == tiebreak {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "equal tie-breakers (or our own hello reflected)",
+            ));
+        }
+        let we_choose = tiebreak > their_tiebreak;
         // Then an acknowledgement each way: a side whose hello never arrived sends
         // none, so a path that carries bytes one way only fails on both sides.
         stream.write_all(&[HELLO_ACK]).await?;
         let mut ack = [0u8; 1];
         stream.read_exact(&mut ack).await?;
-        if ack[0] == HELLO_ACK {
-            Ok(())
+        if ack[0] != HELLO_ACK {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad hello acknowledgement",
+            ));
+        }
+        if we_choose {
+            return Ok(true);
+        }
+        // The other side chooses: this connection is the one only if it says so
+        // (it closes the ones it does not keep).
+        let mut chosen = [0u8; 1];
+        stream.read_exact(&mut chosen).await?;
+        if chosen[0] == HELLO_CHOSEN {
+            Ok(false)
         } else {
             Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "bad hello acknowledgement",
+                "bad choice byte",
             ))
         }
     };
@@ -551,6 +583,8 @@ pub async fn punch(
     mut exchange: Option<SeqExchange>,
     mut report: impl FnMut(Report),
 ) -> Option<Punched> {
+    // This attempt's tie-breaker for choosing between connections (see `hello`).
+    let tiebreak: u64 = rand::random();
     // The listener takes a SYN that reaches this host while no connect() of ours
     // is in SYN-SENT for it (the other side started a little earlier, or our
     // attempt was just refused): without it the kernel would answer RST.
@@ -566,10 +600,11 @@ pub async fn punch(
         }
     };
     let ipv4 = local.is_ipv4();
-    let mut connects: JoinSet<(u32, io::Result<Connected>)> = JoinSet::new();
+    // Each with whether we choose (see `hello`).
+    let mut connects: JoinSet<(u32, io::Result<(Connected, bool)>)> = JoinSet::new();
     let mut openers: JoinSet<()> = JoinSet::new();
     // Accepted connections whose hello is under way.
-    let mut greeting: JoinSet<(SocketAddr, io::Result<TcpStream>)> = JoinSet::new();
+    let mut greeting: JoinSet<(SocketAddr, io::Result<(TcpStream, bool)>)> = JoinSet::new();
     let mut winner: Option<(TcpStream, Option<SpliceStep>)> = None;
     loop {
         while let Some(action) = machine.poll_action() {
@@ -621,9 +656,9 @@ pub async fn punch(
                             Err(e) => Err(e),
                         };
                         let result = match result {
-                            Ok(mut stream) => {
-                                hello(&mut stream, intro_id).await.map(|()| (stream, None))
-                            }
+                            Ok(mut stream) => hello(&mut stream, intro_id, tiebreak)
+                                .await
+                                .map(|choose| ((stream, None), choose)),
                             Err(e) => Err(e),
                         };
                         (attempt, result)
@@ -660,9 +695,9 @@ pub async fn punch(
                                     .set_nonblocking(true)
                                     .and_then(|()| TcpStream::from_std(std))
                                 {
-                                    Ok(mut stream) => hello(&mut stream, intro_id)
+                                    Ok(mut stream) => hello(&mut stream, intro_id, tiebreak)
                                         .await
-                                        .map(|()| (stream, Some(step))),
+                                        .map(|choose| ((stream, Some(step)), choose)),
                                     Err(e) => Err(e),
                                 }
                             }
@@ -725,9 +760,12 @@ pub async fn punch(
         tokio::select! {
             () = tokio::time::sleep_until(deadline.into()) => machine.handle_timeout(Instant::now()),
             Some(done) = connects.join_next() => match done {
-                Ok((attempt, Ok(stream))) => {
+                Ok((attempt, Ok(((mut stream, step), choose)))) => {
                     if machine.connected(Instant::now(), attempt) {
-                        winner = Some(stream);
+                        if choose && let Err(e) = stream.write_all(&[HELLO_CHOSEN]).await {
+                            tracing::debug!(error = %e, "cannot name the chosen TCP connection");
+                        }
+                        winner = Some((stream, step));
                     }
                 }
                 Ok((attempt, Err(e))) => {
@@ -738,8 +776,11 @@ pub async fn punch(
             },
             Some(_) = openers.join_next() => {}
             Some(done) = greeting.join_next() => match done {
-                Ok((from, Ok(stream))) => {
+                Ok((from, Ok((mut stream, choose)))) => {
                     if machine.accepted(Instant::now(), from) {
+                        if choose && let Err(e) = stream.write_all(&[HELLO_CHOSEN]).await {
+                            tracing::debug!(error = %e, "cannot name the chosen TCP connection");
+                        }
                         winner = Some((stream, None));
                     }
                 }
@@ -754,7 +795,9 @@ pub async fn punch(
                     // (checked again, with the result, by `accepted`).
                     if machine.admits(from) && greeting.len() < MAX_GREETING {
                         greeting.spawn(async move {
-                            let result = hello(&mut stream, intro_id).await.map(|()| stream);
+                            let result = hello(&mut stream, intro_id, tiebreak)
+                                .await
+                                .map(|choose| (stream, choose));
                             (from, result)
                         });
                     } else {
@@ -764,5 +807,64 @@ pub async fn punch(
                 Err(e) => tracing::debug!(error = %e, "TCP punch accept failed"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two connected loopback streams.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("listen");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn the_larger_tie_breaker_chooses_and_the_other_side_waits_for_its_word() {
+        let (mut a, mut b) = pair().await;
+        let other = tokio::spawn(async move {
+            let result = hello(&mut b, 7, 1).await;
+            (result.map_err(|e| e.kind()), b)
+        });
+        assert!(hello(&mut a, 7, 2).await.expect("hello"), "a chooses");
+        a.write_all(&[HELLO_CHOSEN]).await.expect("choose");
+        let (result, _b) = other.await.expect("task");
+        assert_eq!(result, Ok(false), "b takes the connection a named");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_chooser_drops_is_not_taken() {
+        let (mut a, mut b) = pair().await;
+        let other = tokio::spawn(async move { hello(&mut b, 7, 1).await.map_err(|e| e.kind()) });
+        assert!(hello(&mut a, 7, 2).await.expect("hello"));
+        // Another connection won on a's side: this one is closed without a word.
+        drop(a);
+        assert_eq!(
+            other.await.expect("task"),
+            Err(io::ErrorKind::UnexpectedEof)
+        );
+    }
+
+    #[tokio::test]
+    async fn another_introduction_or_a_reflected_hello_is_refused() {
+        let (mut a, mut b) = pair().await;
+        let other = tokio::spawn(async move { hello(&mut b, 8, 1).await.map_err(|e| e.kind()) });
+        assert_eq!(
+            hello(&mut a, 7, 2).await.map_err(|e| e.kind()),
+            Err(io::ErrorKind::InvalidData)
+        );
+        assert!(other.await.expect("task").is_err());
+        let (mut a, mut b) = pair().await;
+        let other = tokio::spawn(async move { hello(&mut b, 7, 5).await.map_err(|e| e.kind()) });
+        assert_eq!(
+            hello(&mut a, 7, 5).await.map_err(|e| e.kind()),
+            Err(io::ErrorKind::InvalidData)
+        );
+        assert!(other.await.expect("task").is_err());
     }
 }
