@@ -395,25 +395,7 @@ impl EbpfProbe {
                 asked: wanted.ignored_remotes.len(),
             });
         }
-        {
-            let map = self
-                .ebpf
-                .map_mut(WATCHED_PORTS_MAP)
-                .ok_or(EbpfError::Missing(WATCHED_PORTS_MAP))?;
-            let mut map: Array<_, [u8; PORTS_PER_ENTRY]> =
-                Array::try_from(map).map_err(aya_err("opening the port map"))?;
-            for (&port, &flags) in &ports {
-                let index = u32::from(port) / PORTS_PER_ENTRY as u32;
-                let mut entry = map
-                    .get(&index, 0)
-                    .map_err(aya_err(format!("reading port entry {index}")))?;
-                if let Some(slot) = entry.get_mut(usize::from(port) % PORTS_PER_ENTRY) {
-                    *slot = flags;
-                }
-                map.set(index, entry, 0)
-                    .map_err(aya_err(format!("watching port {port}")))?;
-            }
-        }
+        self.write_port_flags(ports)?;
         {
             let map = self
                 .ebpf
@@ -457,27 +439,38 @@ impl EbpfProbe {
             }
         }
         let flags = wanted.port_flags();
+        let touched: std::collections::BTreeSet<u16> = add.iter().chain(remove).copied().collect();
+        self.write_port_flags(
+            touched
+                .into_iter()
+                .map(|port| (port, flags.get(&port).copied().unwrap_or(0))),
+        )?;
+        self.watch = wanted;
+        Ok(())
+    }
+
+    /// Writes each port's watch flags into the port map (0: not watched).
+    fn write_port_flags(
+        &mut self,
+        ports: impl IntoIterator<Item = (u16, u8)>,
+    ) -> Result<(), EbpfError> {
         let map = self
             .ebpf
             .map_mut(WATCHED_PORTS_MAP)
             .ok_or(EbpfError::Missing(WATCHED_PORTS_MAP))?;
         let mut map: Array<_, [u8; PORTS_PER_ENTRY]> =
             Array::try_from(map).map_err(aya_err("opening the port map"))?;
-        let mut touched: Vec<u16> = add.iter().chain(remove).copied().collect();
-        touched.sort_unstable();
-        touched.dedup();
-        for port in touched {
+        for (port, flags) in ports {
             let index = u32::from(port) / PORTS_PER_ENTRY as u32;
             let mut entry = map
                 .get(&index, 0)
                 .map_err(aya_err(format!("reading port entry {index}")))?;
             if let Some(slot) = entry.get_mut(usize::from(port) % PORTS_PER_ENTRY) {
-                *slot = flags.get(&port).copied().unwrap_or(0);
+                *slot = flags;
             }
             map.set(index, entry, 0)
                 .map_err(aya_err(format!("watching port {port}")))?;
         }
-        self.watch = wanted;
         Ok(())
     }
 

@@ -160,3 +160,39 @@ impl BlockingClient {
         Ok(())
     }
 }
+
+/// One round trip over a bound channel: `client` sends `len` patterned bytes to
+/// `peer` (they must arrive at `peer_socket` intact, from `relayed`), the peer echoes
+/// them XOR 0x5A and the client must receive that on `channel`. Panics otherwise.
+pub fn channel_round_trip(
+    client: &mut BlockingClient,
+    peer_socket: &UdpSocket,
+    peer: SocketAddr,
+    relayed: SocketAddr,
+    channel: u16,
+    len: usize,
+    round: usize,
+) {
+    let mut buf = vec![0u8; 4096];
+    let payload: Vec<u8> = (0..len).map(|i| (i * 13 + round) as u8).collect();
+    assert_eq!(
+        client.send(peer, &payload).expect("send"),
+        Framing::ChannelData(channel)
+    );
+    let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
+    assert_eq!(from, relayed, "from the relayed address");
+    assert_eq!(&buf[..n], payload.as_slice(), "{len} bytes to the peer");
+    let echo: Vec<u8> = payload.iter().map(|x| x ^ 0x5A).collect();
+    peer_socket.send_to(&echo, relayed).expect("peer sends");
+    assert_eq!(
+        client
+            .recv(Duration::from_secs(5))
+            .expect("the client receives"),
+        Received {
+            peer,
+            data: echo,
+            channel: Some(channel)
+        },
+        "{len} bytes back to the client"
+    );
+}

@@ -24,7 +24,7 @@ use gateway::proto::{
 use gateway_tests::{
     daemon::{gateway_binary, metric_value},
     lab::require_root,
-    turn::{BlockingClient, Received},
+    turn::{BlockingClient, Received, channel_round_trip},
 };
 
 const SECRET: &str = "fast-path-test-secret";
@@ -317,27 +317,8 @@ fn a_bound_channel_to_a_plain_udp_peer_is_relayed_in_the_kernel_both_ways() {
     // Every size class of the program's shifting: odd and even, across its chunks.
     let sizes = [1usize, 3, 4, 17, 127, 128, 129, 600, 1001, 1200, 1468];
     let mut bytes = 0usize;
-    let mut buf = vec![0u8; 4096];
     for (round, &len) in sizes.iter().enumerate() {
-        let payload: Vec<u8> = (0..len).map(|i| (i * 13 + round) as u8).collect();
-        assert_eq!(
-            a.send(peer, &payload).expect("send"),
-            Framing::ChannelData(channel)
-        );
-        let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
-        assert_eq!(from, relayed_a, "from the relayed address");
-        assert_eq!(&buf[..n], payload.as_slice(), "{len} bytes to the peer");
-        let echo: Vec<u8> = payload.iter().map(|x| x ^ 0x5A).collect();
-        peer_socket.send_to(&echo, relayed_a).expect("peer sends");
-        assert_eq!(
-            a.recv(WAIT).expect("A receives"),
-            Received {
-                peer,
-                data: echo,
-                channel: Some(channel)
-            },
-            "{len} bytes back to the client"
-        );
+        channel_round_trip(&mut a, &peer_socket, peer, relayed_a, channel, len, round);
         bytes += len;
     }
     settle();
@@ -377,6 +358,7 @@ fn a_bound_channel_to_a_plain_udp_peer_is_relayed_in_the_kernel_both_ways() {
     // Larger than the program shifts: the userspace relay carries it, both ways.
     let big = vec![0xC3u8; 3000];
     a.send(peer, &big).expect("send");
+    let mut buf = vec![0u8; 4096];
     let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
     assert_eq!((from, &buf[..n]), (relayed_a, big.as_slice()));
     peer_socket.send_to(&big, relayed_a).expect("peer sends");

@@ -20,12 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::proto::turn::client::{ClientConfig, Event, Framing};
+use gateway::proto::turn::client::{ClientConfig, Event};
 use gateway_tests::{
     daemon::{GatewayProcess, metric_value},
     lab::{Lab, NatPreset, require_root},
     punch::{SERVICE, credentials, start_gateway},
-    turn::{BlockingClient, Received},
+    turn::{BlockingClient, channel_round_trip},
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -122,27 +122,8 @@ fn a_bound_channel_across_hosts_is_routed_out_by_the_kernel_once_forwarding_is_o
         "one entry for the bound channel"
     );
 
-    let mut buf = vec![0u8; 4096];
-    let mut round_trip = |client: &mut BlockingClient, len: usize, round: usize| {
-        let payload: Vec<u8> = (0..len).map(|i| (i * 13 + round) as u8).collect();
-        assert_eq!(
-            client.send(peer, &payload).expect("send"),
-            Framing::ChannelData(channel)
-        );
-        let (n, from) = peer_socket.recv_from(&mut buf).expect("the peer receives");
-        assert_eq!(from, relayed, "from the relayed address");
-        assert_eq!(&buf[..n], payload.as_slice(), "{len} bytes to the peer");
-        let echo: Vec<u8> = payload.iter().map(|x| x ^ 0x5A).collect();
-        peer_socket.send_to(&echo, relayed).expect("peer sends");
-        assert_eq!(
-            client.recv(WAIT).expect("the client receives"),
-            Received {
-                peer,
-                data: echo,
-                channel: Some(channel)
-            },
-            "{len} bytes back to the client"
-        );
+    let round_trip = |client: &mut BlockingClient, len: usize, round: usize| {
+        channel_round_trip(client, &peer_socket, peer, relayed, channel, len, round);
     };
 
     // Forwarding off on eth0: the FIB lookup answers nothing, the program leaves the
