@@ -20,7 +20,8 @@ pub mod fast_path;
 pub mod metrics;
 pub mod observe;
 pub mod peer;
-pub mod proto;
+/// The sans-IO protocol core, re-exported so `gateway::proto::...` paths keep working.
+pub use gateway_proto as proto;
 pub mod relay;
 pub mod server;
 pub mod tcp_punch;

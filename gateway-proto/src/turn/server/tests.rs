@@ -1,6 +1,6 @@
 //! Tests of the relay core, in virtual time with a fake socket layer.
 use super::*;
-use crate::proto::{
+use crate::{
     peer_policy::IpRange,
     turn::{long_term_key, xor_address_attribute},
 };

@@ -2345,7 +2345,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{
+    use crate::{
         credentials::SharedSecret,
         peer_policy::PeerPolicy,
         rendezvous::{Event, RendezvousConfig, RendezvousServer},
@@ -2476,9 +2476,9 @@ mod tests {
                         {
                             let mut out = Vec::new();
                             match target.channel {
-                                Some(channel) => crate::proto::turn::encode_channel_data(
-                                    channel, &payload, &mut out,
-                                ),
+                                Some(channel) => {
+                                    crate::turn::encode_channel_data(channel, &payload, &mut out)
+                                }
                                 None => self.turn.data_indication(from, &payload, &mut out),
                             }
                             self.in_flight.push((
@@ -2518,8 +2518,8 @@ mod tests {
 
         /// The gateway's TURN side: true when it took the datagram.
         fn relay_input(&mut self, from: SocketAddr, payload: &[u8]) -> bool {
-            if crate::proto::turn::is_channel_data(payload) {
-                if let Ok(message) = crate::proto::turn::ChannelData::parse(payload)
+            if crate::turn::is_channel_data(payload) {
+                if let Ok(message) = crate::turn::ChannelData::parse(payload)
                     && let Ok((relay, peer)) = self.turn.channel_data_from_client(
                         self.now,
                         from,
@@ -3000,7 +3000,7 @@ mod tests {
         unauthenticated_gateway: bool,
         alternates: Vec<SocketAddr>,
     ) -> (Option<AgentEvent>, Duration) {
-        use crate::proto::binding::{Alternates, BindingService};
+        use crate::binding::{Alternates, BindingService};
         let secret = SharedSecret::new(b"sim secret");
         let issued = secret.issue("alice", NOW_UNIX + 3600).expect("issue");
         let server_addr = addr("192.0.2.10:3478");

@@ -16,7 +16,7 @@ use super::{
     CHANNEL_MAX, CHANNEL_MIN, TRANSPORT_UDP, attr as turn_attr, family, method,
     xor_address_attribute,
 };
-use crate::proto::{
+use crate::{
     credentials::SharedSecret,
     nonce::{NonceCheck, NonceIssuer},
     peer_policy::PeerPolicy,

@@ -29,7 +29,7 @@ use super::{
     CHANNEL_DATA_HEADER, CHANNEL_MAX, CHANNEL_MIN, ChannelData, TRANSPORT_UDP, attr, family,
     is_channel_data, long_term_key, method, xor_address_attribute,
 };
-use crate::proto::stun::{
+use crate::stun::{
     Class, Message, MessageType, MessageWriter, attr as stun_attr, decode_xor_address,
 };
 
@@ -1028,7 +1028,7 @@ fn data_indication<'a>(message: &Message<'a>) -> Option<PeerData<'a>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::stun::{self, DecodeError, encode_xor_address};
+    use crate::stun::{self, DecodeError, encode_xor_address};
     use proptest::prelude::*;
 
     const USERNAME: &str = "1900000000:alice";
