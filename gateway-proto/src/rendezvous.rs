@@ -451,17 +451,8 @@ pub enum Event {
     },
 }
 
-/// A datagram to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    /// Destination.
-    pub to: SocketAddr,
-    /// Local address to send from (on a wildcard-bound socket), so the datagram
-    /// leaves from the address the recipient's NAT mapping points at.
-    pub from_local: Option<IpAddr>,
-    /// Bytes.
-    pub payload: Vec<u8>,
-}
+/// The core's one datagram type (see [`crate::Transmit`]).
+pub use crate::Transmit;
 
 /// A SYN-ACK the gateway must forge (TCP technique 4): a raw TCP segment from `src`
 /// (spoofed: the other side's public TCP endpoint) to `dst` (this side's public TCP
@@ -739,11 +730,7 @@ impl RendezvousServer {
             let mut reply = Vec::new();
             let outcome = BindingService.handle(from, datagram, &mut reply);
             if !reply.is_empty() {
-                out.push(Transmit {
-                    to: from,
-                    from_local: local,
-                    payload: reply,
-                });
+                out.push(Transmit::udp(from, reply).from_local(local));
             }
             return Handled::Binding(outcome);
         }
@@ -775,11 +762,7 @@ impl RendezvousServer {
         };
         match result {
             Ok((handled, reply)) => {
-                out.push(Transmit {
-                    to: from,
-                    from_local: local,
-                    payload: reply,
-                });
+                out.push(Transmit::udp(from, reply).from_local(local));
                 handled
             }
             Err((handled, code, reason)) => {
@@ -860,11 +843,7 @@ impl RendezvousServer {
                     .map(|a| (a.password.as_str(), a.next_nonce.as_str())),
                 &mut payload,
             );
-            out.push(Transmit {
-                to: from,
-                from_local: local,
-                payload,
-            });
+            out.push(Transmit::udp(from, payload).from_local(local));
             return Handled::Binding(binding::Outcome::UnknownAttribute);
         };
         binding::change_response(
@@ -875,11 +854,7 @@ impl RendezvousServer {
             auth.as_ref().map(|a| a.password.as_str()),
             &mut payload,
         );
-        let transmit = Transmit {
-            to: from,
-            from_local: selected.from_local,
-            payload,
-        };
+        let transmit = Transmit::udp(from, payload).from_local(selected.from_local);
         match selected.endpoint {
             Some(endpoint) => self.redirected.push(Redirected { endpoint, transmit }),
             None => out.push(transmit),
@@ -1166,16 +1141,8 @@ impl RendezvousServer {
             writer.finish_with_fingerprint();
             // Sent twice: a lost introduction costs a whole punch attempt, a duplicate
             // costs one datagram (the agent ignores an introduction it already has).
-            out.push(Transmit {
-                to: recipient.addr,
-                from_local: recipient.local,
-                payload: payload.clone(),
-            });
-            out.push(Transmit {
-                to: recipient.addr,
-                from_local: recipient.local,
-                payload,
-            });
+            out.push(Transmit::udp(recipient.addr, payload.clone()).from_local(recipient.local));
+            out.push(Transmit::udp(recipient.addr, payload).from_local(recipient.local));
         }
         self.remember_intro(
             intro_id,
@@ -1547,16 +1514,8 @@ fn push_twice(
     from_local: Option<IpAddr>,
     payload: Vec<u8>,
 ) {
-    out.push(Transmit {
-        to,
-        from_local,
-        payload: payload.clone(),
-    });
-    out.push(Transmit {
-        to,
-        from_local,
-        payload,
-    });
+    out.push(Transmit::udp(to, payload.clone()).from_local(from_local));
+    out.push(Transmit::udp(to, payload).from_local(from_local));
 }
 
 /// A success answer carrying only the sender's next nonce, signed with its key.
@@ -1601,11 +1560,7 @@ fn error_reply(
             .message_integrity_sha256(password.as_bytes());
     }
     writer.finish_with_fingerprint();
-    Transmit {
-        to,
-        from_local,
-        payload,
-    }
+    Transmit::udp(to, payload).from_local(from_local)
 }
 
 /// Builders and parsers for the peer's side of the protocol.

@@ -18,7 +18,7 @@ use gateway::{
         credentials::SharedSecret,
         rendezvous::{RendezvousConfig, RendezvousServer},
     },
-    server,
+    service, udp,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -591,12 +591,12 @@ fn serve(args: ServeArgs) -> Result<()> {
 
 async fn serve_async(config: Config) -> Result<()> {
     let metrics = Metrics::new()?;
-    let socket = server::bind(config.server.listen)?;
+    let socket = udp::bind(config.server.listen)?;
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening");
     let mut discovery_sockets = Vec::new();
     for &addr in &config.server.discovery_listen {
-        discovery_sockets.push(server::bind(addr)?);
+        discovery_sockets.push(udp::bind(addr)?);
         tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
     }
 
@@ -701,10 +701,10 @@ async fn serve_async(config: Config) -> Result<()> {
             None
         }
     };
-    let client_socket = server::client_socket(socket).context("cannot configure the UDP socket")?;
+    let client_socket = udp::service_socket(socket).context("cannot configure the UDP socket")?;
     let relay = match &secret {
         Some(secret) if config.relay.enabled => Some(
-            gateway::relay::start(
+            gateway::turn::start(
                 &config,
                 local,
                 secret.clone(),
@@ -727,9 +727,9 @@ async fn serve_async(config: Config) -> Result<()> {
     let mut discovery_tasks = Vec::new();
     for socket in discovery_sockets {
         let socket =
-            server::client_socket(socket).context("cannot configure the discovery socket")?;
+            udp::service_socket(socket).context("cannot configure the discovery socket")?;
         alternates.push(socket.clone());
-        discovery_tasks.push(tokio::spawn(server::run(
+        discovery_tasks.push(tokio::spawn(service::run(
             socket,
             metrics.clone(),
             None,
@@ -743,7 +743,7 @@ async fn serve_async(config: Config) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen for TURN over TCP on {local}"))?;
             tracing::info!(tcp = %local, "TURN over TCP listening");
-            Some(tokio::spawn(gateway::relay::serve_tcp(
+            Some(tokio::spawn(gateway::turn::serve_tcp(
                 listener,
                 relay.clone(),
             )))
@@ -754,7 +754,7 @@ async fn serve_async(config: Config) -> Result<()> {
     tracing::info!(threads, "UDP driver loops");
     let main_loops: Vec<_> = (0..threads)
         .map(|_| {
-            tokio::spawn(server::run_with_alternates(
+            tokio::spawn(service::run_with_alternates(
                 client_socket.clone(),
                 alternates.clone(),
                 metrics.clone(),

@@ -1,34 +1,27 @@
-//! The UDP driver: owns the service socket and feeds each datagram to the sans-IO
-//! core, sending back whatever it returns. Nothing protocol-specific lives here.
+//! Batched UDP I/O for the service sockets: the shared [`ServiceSocket`], binding with
+//! the options the gateway needs, and sending many datagrams with one `sendmmsg`
+//! (per-message source address through IP_PKTINFO / IPV6_PKTINFO, UDP GSO for
+//! repeated datagrams). The only module with the control-message `unsafe` code; the
+//! protocol drivers call it and know nothing of cmsg layouts.
 use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    io::IoSliceMut,
+    net::{IpAddr, SocketAddr},
+    os::fd::AsRawFd,
+    sync::Arc,
 };
 
 use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::{io::IoSliceMut, net::IpAddr, os::fd::AsRawFd};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     net::UdpSocket,
 };
 
-use crate::{
-    metrics::Metrics,
-    proto::{
-        binding::BindingService,
-        rendezvous::{ForgedSynAck, Handled, RendezvousServer, Transmit},
-        stun::{Message, MessageType},
-        turn::{self, server::TurnServer},
-    },
-    relay::{ClientSocket, RelayShared, to_v6_mapped},
-};
+use crate::{metrics::Metrics, proto::Transmit};
 
 /// Largest datagram read; anything longer is truncated by the kernel and then fails
 /// to parse (STUN over UDP stays well under this).
-const MAX_DATAGRAM: usize = 65_535;
+pub(crate) const MAX_DATAGRAM: usize = 65_535;
 /// Receive buffer asked of the kernel, so bursts are not dropped while we work.
 const RECV_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -61,21 +54,14 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
     UdpSocket::from_std(socket.into()).map_err(err)
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Datagram buffers read per system call (recvmmsg).
 const RECV_BATCH: usize = 32;
 
-/// Prepares a bound service socket for [`run`]: its quinn-udp state (batched
+/// Prepares a bound service socket for the service loop (`service::run`): its quinn-udp state (batched
 /// receives, IP_PKTINFO), shared so relay tasks can send to clients from it too.
 /// The socket is re-registered with the runtime for readability only (see
-/// [`ClientSocket`] for why). Must be called inside a tokio runtime.
-pub fn client_socket(socket: UdpSocket) -> std::io::Result<ClientSocket> {
+/// [`ServiceSocket`] for why). Must be called inside a tokio runtime.
+pub fn service_socket(socket: UdpSocket) -> std::io::Result<ServiceSocket> {
     let socket = socket.into_std()?;
     let state = UdpSocketState::new((&socket).into())?;
     // An IPv6 socket is dual-stack (see `bind`) and needs v4-mapped peers.
@@ -83,259 +69,85 @@ pub fn client_socket(socket: UdpSocket) -> std::io::Result<ClientSocket> {
     // SAFETY: the std socket owns its descriptor and keeps it open, unchanged, for
     // as long as the AsyncFd holding it lives.
     let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE)? };
-    Ok(ClientSocket::new(
+    Ok(ServiceSocket::new(
         Arc::new(socket),
         Arc::new(state),
         dual_stack,
     ))
 }
 
-/// True when a STUN-looking datagram carries a TURN method (cheap header peek, so
-/// the relay's messages skip the rendezvous).
-fn is_turn_message(datagram: &[u8]) -> bool {
-    Message::looks_like_stun(datagram)
-        && TurnServer::is_turn_method(
-            MessageType::from_bits(u16::from_be_bytes([datagram[0], datagram[1]])).method,
-        )
-}
-
-/// The rendezvous core as the driver loops share it: each loop holds the lock only
-/// while the core handles one received batch (sans-IO, no I/O under the lock);
-/// receiving and sending run outside it, in parallel.
-pub type SharedRendezvous = Arc<Mutex<RendezvousServer>>;
-
-/// Locks the shared core (a loop that panicked while holding it left the core
-/// consistent between calls, so its state is used as is).
-fn lock(core: &SharedRendezvous) -> MutexGuard<'_, RendezvousServer> {
-    core.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Serves the socket until `shutdown` completes. With a rendezvous core every
-/// non-TURN datagram goes through it (it answers Binding too); without one, only
-/// Binding. With a relay, TURN messages and ChannelData go to it.
+/// The main socket, shared so relay tasks can send to clients from it.
 ///
-/// Several loops may serve the same socket and core at once (one task each, see
-/// `server.threads`): each receives its own batches, so the kernel's send and
-/// receive paths of one batch run beside the core's work on another. Every loop
-/// also runs the timers that fall due (checked again under the lock, so one sweep
-/// runs per deadline).
-///
-/// I/O goes through `quinn-udp`: batched receives, and the destination address of
-/// each datagram (IP_PKTINFO) so replies leave from the address the client sent to,
-/// even when the socket is bound to a wildcard address on a multi-homed host.
-pub async fn run(
-    client: ClientSocket,
-    metrics: Metrics,
-    rendezvous: Option<SharedRendezvous>,
-    relay: Option<Arc<RelayShared>>,
-    shutdown: impl Future<Output = ()>,
-) {
-    run_with_alternates(client, Vec::new(), metrics, rendezvous, relay, shutdown).await;
+/// It is registered with the runtime for readability only: every datagram sent on a
+/// socket registered for writability too makes the kernel signal EPOLLOUT, which
+/// wakes a parked runtime thread for nothing (measured: a fifth of the server's CPU
+/// at high request rates, see docs/benchmarks.md). Sends are plain non-blocking
+/// system calls; the rare full send buffer is waited out by the service loop
+/// ([`ServiceSocket::writable`]) and drops relayed datagrams ([`ServiceSocket::try_send`]).
+#[derive(Clone)]
+pub struct ServiceSocket {
+    pub(crate) socket: Arc<AsyncFd<std::net::UdpSocket>>,
+    pub(crate) state: Arc<UdpSocketState>,
+    pub(crate) dual_stack: bool,
 }
 
-/// [`run`], with the discovery sockets (numbered as in the rendezvous core's
-/// `Alternates`) that answers to CHANGE-REQUEST leave from.
-pub async fn run_with_alternates(
-    client: ClientSocket,
-    alternates: Vec<ClientSocket>,
-    metrics: Metrics,
-    rendezvous: Option<SharedRendezvous>,
-    relay: Option<Arc<RelayShared>>,
-    shutdown: impl Future<Output = ()>,
-) {
-    let mut redirected: Vec<(usize, Transmit)> = Vec::new();
-    let socket = &*client.socket;
-    let state = &*client.state;
-    let mut storage = vec![0u8; MAX_DATAGRAM * RECV_BATCH];
-    let mut metas = [RecvMeta::default(); RECV_BATCH];
-    let mut transmits: Vec<Transmit> = Vec::new();
-    let mut scratch = SendScratch::default();
-    // Server-assisted TCP splicing (only when the core was told to forge): the raw
-    // sockets open on first use.
-    let mut forged: Vec<ForgedSynAck> = Vec::new();
-    let mut injector = crate::tcp_raw::Injector::new();
-    tokio::pin!(shutdown);
-    loop {
-        let timeout = rendezvous.as_ref().and_then(|r| lock(r).poll_timeout());
-        let relay_timeout = relay.as_ref().and_then(|r| r.poll_timeout());
-        let timeout = match (timeout, relay_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let sleep = async {
-            match timeout {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        let received = tokio::select! {
-            () = &mut shutdown => return,
-            () = sleep => {
-                let now = Instant::now();
-                if let Some(relay) = &relay
-                    && relay.poll_timeout().is_some_and(|at| at <= now)
-                {
-                    relay.handle_timeout(now);
-                }
-                if let Some(core) = &rendezvous {
-                    let mut server = lock(core);
-                    if server.poll_timeout().is_some_and(|at| at <= now) {
-                        server.handle_timeout(now, unix_now());
-                        metrics.registered_peers.set(server.peer_count() as i64);
-                    }
-                }
-                continue;
-            }
-            ready = socket.readable() => ready,
-        };
-        let received = match received {
-            Ok(mut ready) => ready.try_io(|socket| {
-                // Views into the one preallocated buffer: no allocation per batch.
-                let mut chunks = storage.chunks_mut(MAX_DATAGRAM);
-                let mut bufs: [IoSliceMut<'_>; RECV_BATCH] =
-                    std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
-                state.recv(socket.get_ref().into(), &mut bufs, &mut metas)
-            }),
-            Err(e) => Ok(Err(e)),
-        };
-        let count = match received {
-            Ok(Ok(count)) => count,
-            // Readiness was stale: wait again.
-            Err(_would_block) => continue,
-            Ok(Err(e)) => {
-                // ICMP errors from earlier sends surface here (ECONNREFUSED); keep going.
-                tracing::debug!(error = %e, "receive failed");
-                continue;
-            }
-        };
-        transmits.clear();
-        handle_batch(
-            metas.get(..count).unwrap_or_default(),
-            &storage,
-            &metrics,
-            rendezvous.as_ref(),
-            relay.as_deref(),
-            &mut transmits,
-            &mut redirected,
-            &mut forged,
-        );
-        send_transmits(&client, &transmits, &metrics, &mut scratch).await;
-        for synack in forged.drain(..) {
-            inject_forged(&mut injector, &synack, &metrics);
+impl ServiceSocket {
+    /// Wraps the service socket (registered for readability) and its quinn-udp state.
+    pub fn new(
+        socket: Arc<AsyncFd<std::net::UdpSocket>>,
+        state: Arc<UdpSocketState>,
+        dual_stack: bool,
+    ) -> Self {
+        Self {
+            socket,
+            state,
+            dual_stack,
         }
-        for (endpoint, transmit) in redirected.drain(..) {
-            if let Some(alternate) = alternates.get(endpoint) {
-                let one = std::slice::from_ref(&transmit);
-                send_transmits(alternate, one, &metrics, &mut scratch).await;
-            }
-        }
+    }
+
+    /// Sends `payload` to `to` from the gateway address `local` (when known), without
+    /// waiting: a full socket buffer drops the datagram, as the network would.
+    pub fn try_send(&self, to: SocketAddr, local: Option<IpAddr>, payload: &[u8]) -> bool {
+        let destination = if self.dual_stack {
+            to_v6_mapped(to)
+        } else {
+            to
+        };
+        let src_ip = local.map(|ip| match (self.dual_stack, ip) {
+            (true, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
+            _ => ip,
+        });
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents: payload,
+            segment_size: None,
+            src_ip,
+        };
+        self.state
+            .send(self.socket.get_ref().into(), &transmit)
+            .is_ok()
+    }
+
+    /// Waits until the socket can take a datagram again (after a send hit a full
+    /// buffer). A second descriptor of the socket is registered for writability for
+    /// the wait only, so sends in the common case wake nobody.
+    pub async fn writable(&self) -> std::io::Result<()> {
+        let descriptor = self.socket.get_ref().try_clone()?;
+        // SAFETY: the std socket owns its descriptor and keeps it open, unchanged,
+        // for as long as the AsyncFd holding it lives.
+        let registered =
+            unsafe { AsyncFd::register_with_interest(descriptor, tokio::io::Interest::WRITABLE)? };
+        let _ready = registered.writable().await?;
+        Ok(())
     }
 }
 
-/// Hands every datagram of one received batch to the relay or the core, collecting
-/// the replies. The core's lock is taken at most once per batch, and released
-/// before anything is sent. SYN-ACKs the core wants forged (server-assisted TCP
-/// splicing) go to `forged`, CHANGE-REQUEST answers for other sockets to `redirected`.
-#[allow(clippy::too_many_arguments)]
-fn handle_batch(
-    metas: &[RecvMeta],
-    storage: &[u8],
-    metrics: &Metrics,
-    rendezvous: Option<&SharedRendezvous>,
-    relay: Option<&RelayShared>,
-    transmits: &mut Vec<Transmit>,
-    redirected: &mut Vec<(usize, Transmit)>,
-    forged: &mut Vec<ForgedSynAck>,
-) {
-    let binding = BindingService;
-    let mut reply = Vec::new();
-    let mut core: Option<MutexGuard<'_, RendezvousServer>> = None;
-    for (meta, buffer) in metas.iter().zip(storage.chunks(MAX_DATAGRAM)) {
-        let stride = meta.stride.max(1);
-        // With GRO one buffer may hold several datagrams of `stride` bytes.
-        for datagram in buffer.get(..meta.len).unwrap_or_default().chunks(stride) {
-            metrics.udp_received_datagrams.inc();
-            metrics.udp_received_bytes.inc_by(datagram.len() as u64);
-            let from = canonical(meta.addr);
-            let local = meta.dst_ip.map(|ip| ip.to_canonical());
-            if let Some(relay) = relay {
-                if turn::is_channel_data(datagram) {
-                    // Never hold the core's lock while taking the relay's.
-                    core = None;
-                    relay.channel_data(from.into(), datagram);
-                    metrics
-                        .stun_datagrams
-                        .with_label_values(&["channel_data"])
-                        .inc();
-                    continue;
-                }
-                if is_turn_message(datagram) {
-                    core = None;
-                    let label = relay.turn_message(from.into(), local, datagram, &mut reply);
-                    if !reply.is_empty() {
-                        transmits.push(Transmit {
-                            to: from,
-                            from_local: local,
-                            payload: std::mem::take(&mut reply),
-                        });
-                    }
-                    metrics.stun_datagrams.with_label_values(&[label]).inc();
-                    continue;
-                }
-            }
-            let label = match rendezvous {
-                Some(shared) => {
-                    let server = core.get_or_insert_with(|| lock(shared));
-                    let handled =
-                        server.handle(Instant::now(), unix_now(), from, local, datagram, transmits);
-                    for event in server.drain_events() {
-                        metrics.record(&event);
-                    }
-                    redirected.extend(server.drain_redirected().map(|r| (r.endpoint, r.transmit)));
-                    forged.extend(server.drain_forged());
-                    if matches!(handled, Handled::Registered) {
-                        metrics.registered_peers.set(server.peer_count() as i64);
-                    }
-                    handled.as_str()
-                }
-                None => {
-                    let outcome = binding.handle(from, datagram, &mut reply);
-                    if !reply.is_empty() {
-                        transmits.push(Transmit {
-                            to: from,
-                            from_local: local,
-                            payload: std::mem::take(&mut reply),
-                        });
-                    }
-                    outcome.as_str()
-                }
-            };
-            metrics.stun_datagrams.with_label_values(&[label]).inc();
-        }
-    }
-}
-
-/// Crafts and sends one SYN-ACK the core asked for (server-assisted TCP splicing):
-/// a raw IPv4 or IPv6 packet whose source is the other peer's public TCP endpoint,
-/// counted in `gateway_tcp_forged_synacks_total` once the kernel took it.
-fn inject_forged(
-    injector: &mut crate::tcp_raw::Injector,
-    synack: &ForgedSynAck,
-    metrics: &Metrics,
-) {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let segment = crate::tcp_raw::Segment::syn_ack(
-        canonical(synack.src),
-        canonical(synack.dst),
-        synack.seq,
-        synack.ack,
-    );
-    match injector.send(&segment) {
-        Ok(()) => {
-            metrics.tcp_forged_synacks.inc();
-            tracing::debug!(src = %segment.src, dst = %segment.dst, seq = synack.seq, ack = synack.ack, "forged SYN-ACK sent");
-        }
-        Err(e) => tracing::warn!(dst = %segment.dst, "cannot send a forged SYN-ACK: {e}"),
+/// IPv4 addresses as IPv4-mapped IPv6 (for sending from a dual-stack socket).
+pub fn to_v6_mapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+        v6 => v6,
     }
 }
 
@@ -371,8 +183,8 @@ pub(crate) struct SendScratch {
 /// source address (IP_PKTINFO / IPV6_PKTINFO) and segment size. Should a segmented
 /// message fail (a device without segmentation support), its copies go out one by
 /// one instead; a full send buffer is waited out.
-async fn send_transmits(
-    client: &ClientSocket,
+pub(crate) async fn send_transmits(
+    client: &ServiceSocket,
     transmits: &[Transmit],
     metrics: &Metrics,
     scratch: &mut SendScratch,
@@ -469,7 +281,7 @@ async fn send_transmits(
 /// One non-blocking `sendmmsg` of the groups from index `from` on (at most
 /// [`MAX_SEND_BATCH`]): how many messages the kernel took, or the error of the first.
 fn send_groups(
-    client: &ClientSocket,
+    client: &ServiceSocket,
     transmits: &[Transmit],
     scratch: &SendScratch,
     from: usize,
@@ -600,7 +412,7 @@ unsafe fn write_cmsg<T>(cmsg: *mut libc::cmsghdr, level: i32, ty: i32, value: T)
 /// `transmit`'s destination from its local address, waiting while the socket's send
 /// buffer is full.
 async fn send_one(
-    client: &ClientSocket,
+    client: &ServiceSocket,
     transmit: &Transmit,
     contents: &[u8],
     segment_size: Option<usize>,
@@ -645,8 +457,82 @@ async fn send_one(
 }
 
 /// IPv4-mapped IPv6 sources (from a dual-stack socket) as plain IPv4.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// One received datagram of a batch, with the addresses the driver needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Datagram<'a> {
+    /// The sender (IPv4-mapped IPv6 from a dual-stack socket shown as IPv4).
+    pub from: SocketAddr,
+    /// The local address it was sent to (IP_PKTINFO), when known.
+    pub local: Option<IpAddr>,
+    /// The bytes.
+    pub bytes: &'a [u8],
+}
+
+/// The preallocated buffers of batched receives (recvmmsg through quinn-udp, with
+/// GRO where the kernel coalesces): nothing is allocated per batch.
+pub(crate) struct RecvBatch {
+    storage: Vec<u8>,
+    metas: [RecvMeta; RECV_BATCH],
+    count: usize,
+}
+
+impl RecvBatch {
+    /// Buffers for [`RECV_BATCH`] datagrams of up to [`MAX_DATAGRAM`] bytes.
+    pub fn new() -> Self {
+        Self {
+            storage: vec![0u8; MAX_DATAGRAM * RECV_BATCH],
+            metas: [RecvMeta::default(); RECV_BATCH],
+            count: 0,
+        }
+    }
+
+    /// Waits until `socket` is readable and reads one batch; returns how many
+    /// buffers were filled (0 when readiness was stale or the read failed: ICMP
+    /// errors from earlier sends surface here as ECONNREFUSED). Cancel-safe.
+    pub async fn recv(&mut self, socket: &ServiceSocket) -> usize {
+        self.count = 0;
+        let received = match socket.socket.readable().await {
+            Ok(mut ready) => ready.try_io(|fd| {
+                // Views into the one preallocated buffer: no allocation per batch.
+                let mut chunks = self.storage.chunks_mut(MAX_DATAGRAM);
+                let mut bufs: [IoSliceMut<'_>; RECV_BATCH] =
+                    std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+                socket
+                    .state
+                    .recv(fd.get_ref().into(), &mut bufs, &mut self.metas)
+            }),
+            Err(e) => Ok(Err(e)),
+        };
+        match received {
+            Ok(Ok(count)) => self.count = count,
+            // Readiness was stale: wait again.
+            Err(_would_block) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "receive failed"),
+        }
+        self.count
+    }
+
+    /// The datagrams of the last batch, in order (a GRO buffer split into its
+    /// datagrams of `stride` bytes).
+    pub fn datagrams(&self) -> impl Iterator<Item = Datagram<'_>> {
+        let metas = self.metas.get(..self.count).unwrap_or_default();
+        metas
+            .iter()
+            .zip(self.storage.chunks(MAX_DATAGRAM))
+            .flat_map(|(meta, buffer)| {
+                let from = canonical(meta.addr);
+                let local = meta.dst_ip.map(|ip| ip.to_canonical());
+                buffer
+                    .get(..meta.len)
+                    .unwrap_or_default()
+                    .chunks(meta.stride.max(1))
+                    .map(move |bytes| Datagram { from, local, bytes })
+            })
+    }
 }
 
 #[cfg(test)]
@@ -658,7 +544,7 @@ mod tests {
     #[tokio::test]
     async fn grouped_datagrams_arrive_one_by_one_in_order() {
         let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
-        let client = client_socket(socket).expect("client socket");
+        let client = service_socket(socket).expect("client socket");
         let metrics = Metrics::new().expect("metrics");
         let first = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
         let second = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
@@ -667,10 +553,9 @@ mod tests {
                 .set_read_timeout(Some(Duration::from_secs(2)))
                 .expect("timeout");
         }
-        let to = |receiver: &std::net::UdpSocket, payload: &[u8]| Transmit {
-            to: receiver.local_addr().expect("address"),
-            from_local: None,
-            payload: payload.to_vec(),
+        let to = |receiver: &std::net::UdpSocket, payload: &[u8]| {
+            Transmit::udp(receiver.local_addr().expect("address"), payload.to_vec())
+                .from_local(None)
         };
         // Same destination and length: one segmented send of four; then a shorter
         // one; then another destination.
@@ -707,17 +592,15 @@ mod tests {
         // A wildcard-bound socket: the source address comes from each message's
         // IP_PKTINFO (127.0.0.2 and 127.0.0.3 are local on loopback).
         let socket = bind(SocketAddr::from(([0, 0, 0, 0], 0))).expect("bind");
-        let client = client_socket(socket).expect("client socket");
+        let client = service_socket(socket).expect("client socket");
         let metrics = Metrics::new().expect("metrics");
         let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("receiver");
         receiver
             .set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
         let to = receiver.local_addr().expect("address");
-        let from = |last: u8, payload: &[u8]| Transmit {
-            to,
-            from_local: Some(IpAddr::from([127, 0, 0, last])),
-            payload: payload.to_vec(),
+        let from = |last: u8, payload: &[u8]| {
+            Transmit::udp(to, payload.to_vec()).from_local(Some(IpAddr::from([127, 0, 0, last])))
         };
         // Two copies (one segmented message) from .2, then one from .3, then .2.
         let transmits = [

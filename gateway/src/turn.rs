@@ -16,7 +16,6 @@ use std::{
 };
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
-use quinn_udp::UdpSocketState;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -40,6 +39,7 @@ use crate::proto::{
         },
     },
 };
+use crate::udp::{ServiceSocket, to_v6_mapped};
 
 /// The relay's Prometheus metrics (registered in the daemon's registry).
 #[derive(Clone)]
@@ -165,81 +165,6 @@ pub struct RelaySocketConfig {
     pub ports: RangeInclusive<u16>,
 }
 
-/// The main socket, shared so relay tasks can send to clients from it.
-///
-/// It is registered with the runtime for readability only: every datagram sent on a
-/// socket registered for writability too makes the kernel signal EPOLLOUT, which
-/// wakes a parked runtime thread for nothing (measured: a fifth of the server's CPU
-/// at high request rates, see docs/benchmarks.md). Sends are plain non-blocking
-/// system calls; the rare full send buffer is waited out by the service loop
-/// ([`ClientSocket::writable`]) and drops relayed datagrams ([`ClientSocket::try_send`]).
-#[derive(Clone)]
-pub struct ClientSocket {
-    pub(crate) socket: Arc<AsyncFd<std::net::UdpSocket>>,
-    pub(crate) state: Arc<UdpSocketState>,
-    pub(crate) dual_stack: bool,
-}
-
-impl ClientSocket {
-    /// Wraps the service socket (registered for readability) and its quinn-udp state.
-    pub fn new(
-        socket: Arc<AsyncFd<std::net::UdpSocket>>,
-        state: Arc<UdpSocketState>,
-        dual_stack: bool,
-    ) -> Self {
-        Self {
-            socket,
-            state,
-            dual_stack,
-        }
-    }
-
-    /// Sends `payload` to `to` from the gateway address `local` (when known), without
-    /// waiting: a full socket buffer drops the datagram, as the network would.
-    pub fn try_send(&self, to: SocketAddr, local: Option<IpAddr>, payload: &[u8]) -> bool {
-        let destination = if self.dual_stack {
-            to_v6_mapped(to)
-        } else {
-            to
-        };
-        let src_ip = local.map(|ip| match (self.dual_stack, ip) {
-            (true, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
-            _ => ip,
-        });
-        let transmit = quinn_udp::Transmit {
-            destination,
-            ecn: None,
-            contents: payload,
-            segment_size: None,
-            src_ip,
-        };
-        self.state
-            .send(self.socket.get_ref().into(), &transmit)
-            .is_ok()
-    }
-
-    /// Waits until the socket can take a datagram again (after a send hit a full
-    /// buffer). A second descriptor of the socket is registered for writability for
-    /// the wait only, so sends in the common case wake nobody.
-    pub async fn writable(&self) -> std::io::Result<()> {
-        let descriptor = self.socket.get_ref().try_clone()?;
-        // SAFETY: the std socket owns its descriptor and keeps it open, unchanged,
-        // for as long as the AsyncFd holding it lives.
-        let registered =
-            unsafe { AsyncFd::register_with_interest(descriptor, tokio::io::Interest::WRITABLE)? };
-        let _ready = registered.writable().await?;
-        Ok(())
-    }
-}
-
-/// IPv4 addresses as IPv4-mapped IPv6 (for sending from a dual-stack socket).
-pub fn to_v6_mapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-        v6 => v6,
-    }
-}
-
 struct OpenRelay {
     socket: Arc<RelaySocket>,
     task: AbortHandle,
@@ -322,7 +247,7 @@ impl RelayState {
 pub struct RelayShared {
     state: Mutex<RelayState>,
     metrics: RelayMetrics,
-    client_socket: ClientSocket,
+    client_socket: ServiceSocket,
     tid_counter: AtomicU64,
     /// Writers of the TCP clients' connections, by client address.
     tcp_clients: Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>,
@@ -334,7 +259,7 @@ impl RelayShared {
     pub fn new(
         core: TurnServer,
         config: RelaySocketConfig,
-        client_socket: ClientSocket,
+        client_socket: ServiceSocket,
         metrics: RelayMetrics,
         fast: Option<RelayFastPath>,
     ) -> Arc<Self> {
@@ -901,7 +826,7 @@ pub fn start(
     config: &crate::config::Config,
     listen: SocketAddr,
     secret: crate::proto::credentials::SharedSecret,
-    client_socket: ClientSocket,
+    client_socket: ServiceSocket,
     metrics: &crate::metrics::Metrics,
 ) -> Result<Arc<RelayShared>, RelayStartError> {
     use crate::proto::{
