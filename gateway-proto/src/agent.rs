@@ -18,6 +18,7 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
+    Transmit,
     binding::ChangeRequest,
     rendezvous::{
         Candidate, CandidateKind, FilteringClass, NatClass, SessionOutcome, TcpTechnique,
@@ -313,22 +314,6 @@ pub fn birthday_role(
     } else {
         None
     }
-}
-
-/// A datagram for the driver to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    /// The socket to send from: 0 is the agent's own; any other number names an
-    /// extra socket (birthday punching) that the driver opens on first use, bound to
-    /// the same address with an ephemeral port, and closes when
-    /// [`Agent::poll_released_socket`] says so.
-    pub socket: u32,
-    /// Destination.
-    pub to: SocketAddr,
-    /// Bytes.
-    pub payload: Vec<u8>,
-    /// IP TTL for this datagram only (the low-TTL opener); `None` = the socket's.
-    pub ttl: Option<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -722,12 +707,8 @@ impl Agent {
         via_turn: bool,
     ) {
         if !via_turn {
-            self.outgoing.push_back(Transmit {
-                socket,
-                to,
-                payload,
-                ttl,
-            });
+            self.outgoing
+                .push_back(Transmit::udp(to, payload).on_socket(socket).with_ttl(ttl));
             return;
         }
         let Some(turn) = self.turn.as_mut() else {
@@ -735,17 +716,17 @@ impl Agent {
         };
         let mut wrapped = Vec::with_capacity(payload.len() + 48);
         match turn.encode_send(to, &payload, &mut wrapped) {
-            Ok(_) => self.outgoing.push_back(Transmit {
-                socket: 0,
-                to: self.config.server,
-                payload: wrapped,
-                ttl: None,
-            }),
+            Ok(_) => self
+                .outgoing
+                .push_back(Transmit::udp(self.config.server, wrapped)),
             Err(e) => tracing::debug!(error = %e, %to, "cannot relay to peer"),
         }
     }
 
-    /// The next datagram to send.
+    /// The next datagram to send. Its `socket` is 0 for the agent's own socket; any
+    /// other number names an extra socket (birthday punching) that the driver opens on
+    /// first use, bound to the same address with an ephemeral port, and closes when
+    /// [`Self::poll_released_socket`] says so.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.outgoing.pop_front()
     }
@@ -755,8 +736,8 @@ impl Agent {
         self.events.pop_front()
     }
 
-    /// When [`Self::handle_timeout`] must next run.
-    pub fn poll_timeout(&self) -> Instant {
+    /// When [`Self::handle_timeout`] must next run (`None`: no timer is pending).
+    pub fn poll_timeout(&self) -> Option<Instant> {
         let mut at = self.next_register;
         for session in self.sessions.values() {
             let t = match session.state {
@@ -795,7 +776,7 @@ impl Agent {
         if let Some(t) = self.filter_timer() {
             at = at.min(t);
         }
-        at
+        Some(at)
     }
 
     fn tid(&mut self) -> [u8; 12] {
@@ -840,12 +821,8 @@ impl Agent {
                 tcp_seq: None,
             },
         );
-        self.outgoing.push_back(Transmit {
-            socket: 0,
-            to: self.config.server,
-            payload,
-            ttl: None,
-        });
+        self.outgoing
+            .push_back(Transmit::udp(self.config.server, payload));
         // Until answered, resend with backoff (a lost Register must not wait for the
         // next keepalive); the answer moves this to the keepalive schedule.
         self.next_register = now + self.register_retry.min(self.config.keepalive);
@@ -925,12 +902,8 @@ impl Agent {
                         tcp_seq: None,
                     },
                 );
-                self.outgoing.push_back(Transmit {
-                    socket: 0,
-                    to: self.config.server,
-                    payload,
-                    ttl: None,
-                });
+                self.outgoing
+                    .push_back(Transmit::udp(self.config.server, payload));
             }
             self.wanted.insert(peer, now + CONNECT_RETRY);
         }
@@ -1173,12 +1146,8 @@ impl Agent {
                     tcp_seq: None,
                 },
             );
-            self.outgoing.push_back(Transmit {
-                socket: 0,
-                to: self.config.server,
-                payload,
-                ttl: None,
-            });
+            self.outgoing
+                .push_back(Transmit::udp(self.config.server, payload));
         }
         self.drain_turn(now);
     }
@@ -1189,12 +1158,8 @@ impl Agent {
         let mut failed = false;
         if let Some(turn) = self.turn.as_mut() {
             while let Some(transmit) = turn.poll_transmit() {
-                self.outgoing.push_back(Transmit {
-                    socket: 0,
-                    to: transmit.to,
-                    payload: transmit.payload,
-                    ttl: None,
-                });
+                self.outgoing
+                    .push_back(Transmit::udp(transmit.to, transmit.payload));
             }
             while let Some(event) = turn.poll_event() {
                 match event {
@@ -1273,12 +1238,8 @@ impl Agent {
                 self.nonce.as_deref(),
                 change,
             );
-            self.outgoing.push_back(Transmit {
-                socket: 0,
-                to: self.config.server,
-                payload,
-                ttl: None,
-            });
+            self.outgoing
+                .push_back(Transmit::udp(self.config.server, payload));
         }
     }
 
@@ -1396,12 +1357,7 @@ impl Agent {
     fn send_binding_request(&mut self, tid: [u8; 12], to: SocketAddr) {
         let mut request = Vec::new();
         super::binding::binding_request(tid, &mut request);
-        self.outgoing.push_back(Transmit {
-            socket: 0,
-            to,
-            payload: request,
-            ttl: None,
-        });
+        self.outgoing.push_back(Transmit::udp(to, request));
     }
 
     fn send_mapping_tests(&mut self, now: Instant) {
@@ -1708,12 +1664,8 @@ impl Agent {
                 tcp_seq: None,
             },
         );
-        self.outgoing.push_back(Transmit {
-            socket: 0,
-            to: self.config.server,
-            payload,
-            ttl: None,
-        });
+        self.outgoing
+            .push_back(Transmit::udp(self.config.server, payload));
     }
 
     /// Reports how a TCP punching technique did in introduction `intro_id` (the
@@ -1793,12 +1745,8 @@ impl Agent {
                 tcp_seq: Some(request),
             },
         );
-        self.outgoing.push_back(Transmit {
-            socket: 0,
-            to: self.config.server,
-            payload,
-            ttl: None,
-        });
+        self.outgoing
+            .push_back(Transmit::udp(self.config.server, payload));
     }
 
     /// Handles one datagram received on the agent's own socket.
@@ -2445,7 +2393,7 @@ mod tests {
             while self.now < end {
                 for i in 0..self.agents.len() {
                     let (from, agent) = &mut self.agents[i];
-                    if agent.poll_timeout() <= self.now {
+                    if agent.poll_timeout().is_some_and(|at| at <= self.now) {
                         agent.handle_timeout(self.now);
                     }
                     while let Some(t) = agent.poll_transmit() {
@@ -2932,7 +2880,7 @@ mod tests {
         let mut sent_at = Vec::new();
         for ms in (0..4_000).step_by(10) {
             let t = now + Duration::from_millis(ms);
-            if agent.poll_timeout() <= t {
+            if agent.poll_timeout().is_some_and(|at| at <= t) {
                 agent.handle_timeout(t);
             }
             while agent.poll_transmit().is_some() {
@@ -3030,7 +2978,7 @@ mod tests {
         let mut contacted: Vec<SocketAddr> = Vec::new();
         for ms in (0..5_000).step_by(5) {
             let now = start + Duration::from_millis(ms);
-            if agent.poll_timeout() <= now {
+            if agent.poll_timeout().is_some_and(|at| at <= now) {
                 agent.handle_timeout(now);
             }
             // Deliver instantly, until nobody has anything more to say.
@@ -3351,7 +3299,7 @@ mod tests {
         let mut unsolicited_at_alice = None;
         while now < end {
             for (i, agent) in agents.iter_mut().enumerate() {
-                if agent.poll_timeout() <= now {
+                if agent.poll_timeout().is_some_and(|at| at <= now) {
                     agent.handle_timeout(now);
                 }
                 let mut sweep_round = 0;
@@ -3607,7 +3555,7 @@ mod tests {
         let mut connect_before_class_ack = false;
         let mut connects = 0;
         while now < start + Duration::from_secs(3) {
-            if agent.poll_timeout() <= now {
+            if agent.poll_timeout().is_some_and(|at| at <= now) {
                 agent.handle_timeout(now);
             }
             while let Some(t) = agent.poll_transmit() {
