@@ -314,6 +314,8 @@ async fn drive(
                 }
             },
         }
+        // The agent sends UDP only, from the socket's own address: `transport` and
+        // `from_local` keep their defaults.
         while let Some(transmit) = agent.poll_transmit() {
             let socket = match transmit.socket {
                 0 => &socket,
