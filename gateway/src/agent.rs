@@ -265,8 +265,14 @@ async fn drive(
     let mut extra = ExtraSockets::new(socket.local_addr().ok(), socket_ports);
     loop {
         let deadline = agent.poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = tokio::time::sleep_until(deadline.into()) => agent.handle_timeout(Instant::now()),
+            () = sleep => agent.handle_timeout(Instant::now()),
             received = socket.recv_from(&mut buf) => match received {
                 Ok((len, from)) => agent.handle_datagram(Instant::now(), from, &buf[..len]),
                 Err(e) => tracing::debug!(error = %e, "receive failed"),
@@ -308,6 +314,8 @@ async fn drive(
                 }
             },
         }
+        // The agent sends UDP only, from the socket's own address: `transport` and
+        // `from_local` keep their defaults.
         while let Some(transmit) = agent.poll_transmit() {
             let socket = match transmit.socket {
                 0 => &socket,

@@ -1,0 +1,503 @@
+//! Birthday punching, for a NAT pair where one side maps address-and-port-dependently
+//! with random ports and the other endpoint-independently: the random-port side opens
+//! many extra sockets (each a mapping toward the other side), the other sweeps random
+//! ports of its public address until one probe meets a mapping.
+use std::{
+    collections::{HashSet, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use rand::{Rng, rngs::StdRng};
+
+use super::{Agent, AgentConfig, AgentEvent, session::SessionState};
+use crate::rendezvous::{NatClass, client};
+
+/// Most extra sockets one birthday attempt may use (file descriptors are finite).
+pub const MAX_BIRTHDAY_SOCKETS: u16 = 512;
+/// Most birthday probes one attempt may send.
+pub const MAX_BIRTHDAY_PROBES: u32 = 8192;
+/// The ports an endpoint-dependent NAT picks random mappings from (Linux's default
+/// for sources above 1023, and what most NATs use).
+const BIRTHDAY_PORTS: std::ops::RangeInclusive<u16> = 1024..=65_535;
+/// The random-port side refreshes its extra sockets' mappings this often.
+const BIRTHDAY_REFRESH: Duration = Duration::from_secs(1);
+
+/// Which half of birthday punching a side plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BirthdayRole {
+    /// Behind a random-port endpoint-dependent NAT: many extra sockets, each sending
+    /// toward the other side's public endpoint, so the NAT holds many mappings (each
+    /// admitting that endpoint) on random ports.
+    Sockets,
+    /// Behind an endpoint-independent NAT (or none): probes from the one mapping to
+    /// random ports of the other side's public address, until one hits a mapping.
+    Probes,
+}
+
+impl BirthdayRole {
+    /// Name for status lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sockets => "sockets",
+            Self::Probes => "probes",
+        }
+    }
+}
+
+/// The birthday half this side plays for a NAT pair, if any: only when one side
+/// maps address-and-port-dependently without predictable ports and the other maps
+/// endpoint-independently (or not at all). Both sides compute it from the same
+/// classes, so they agree.
+pub fn birthday_role(
+    own: NatClass,
+    own_predicted: bool,
+    peer: NatClass,
+    peer_predicted: bool,
+) -> Option<BirthdayRole> {
+    let independent = |c: NatClass| matches!(c, NatClass::EndpointIndependent | NatClass::None);
+    if own == NatClass::AddressAndPortDependent && !own_predicted && independent(peer) {
+        Some(BirthdayRole::Sockets)
+    } else if independent(own) && peer == NatClass::AddressAndPortDependent && !peer_predicted {
+        Some(BirthdayRole::Probes)
+    } else {
+        None
+    }
+}
+
+/// Birthday punching state of one attempt.
+#[derive(Debug, Default)]
+pub(super) struct Birthday {
+    /// Our half, if the NAT pair calls for it.
+    role: Option<BirthdayRole>,
+    /// When it began.
+    started: Option<Instant>,
+    /// Extra sockets this attempt holds.
+    pub(super) sockets: Vec<u32>,
+    /// Next refresh of the extra sockets' mappings (role `Sockets`), or next slice of
+    /// the sweep (role `Probes`): the pace does not depend on how often timers run.
+    next_refresh: Option<Instant>,
+    /// Ports probed so far (role `Probes`).
+    probed: HashSet<u16>,
+    /// The same ports in the order probed, and how far a second pass over them got
+    /// (mappings the other side opened late, e.g. on a loaded host, were passed over
+    /// by the first pass).
+    order: Vec<u16>,
+    repeated: usize,
+    /// Birthday datagrams sent.
+    pub(super) sent: u32,
+    /// The other side's reflexive address when our own socket must probe it only with
+    /// the opener's TTL (role `Sockets` toward a NAT): a full-TTL datagram from a port
+    /// the other side has not sent to is dropped by a port-dependent filter anyway,
+    /// and a router that accepts unsolicited packets to itself keeps a conntrack
+    /// entry for it; when the sweep later reaches that port, the other NAT must give
+    /// the sweep's flow another public port, and Linux NATs then reuse that port for
+    /// every later flow of the socket, so the rest of the sweep misses every mapping.
+    pub(super) quiet_toward: Option<SocketAddr>,
+}
+
+impl Birthday {
+    /// The plan for a new attempt: our half if the NAT pair calls for it, this side
+    /// allows it and the other side's reflexive address is known, and whether our own
+    /// socket must stay quiet toward that address.
+    pub(super) fn plan(
+        config: &AgentConfig,
+        own_predicted: bool,
+        peer_nat: NatClass,
+        peer_predicted: bool,
+        peer_reflexive: Option<SocketAddr>,
+    ) -> Self {
+        let mut birthday = Self {
+            role: birthday_role(config.nat, own_predicted, peer_nat, peer_predicted)
+                .filter(|role| match role {
+                    BirthdayRole::Sockets => config.birthday_sockets > 0,
+                    BirthdayRole::Probes => config.birthday_probes > 0,
+                })
+                .filter(|_| peer_reflexive.is_some()),
+            ..Self::default()
+        };
+        if birthday.role == Some(BirthdayRole::Sockets)
+            && peer_nat != NatClass::None
+            && config.open_ttl > 0
+        {
+            birthday.quiet_toward = peer_reflexive;
+        }
+        birthday
+    }
+
+    /// When the next refresh or sweep slice is due, once started.
+    pub(super) fn next_timeout(&self) -> Option<Instant> {
+        self.next_refresh
+    }
+
+    /// The ports of the next slice of the sweep (role `Probes`): `per_round` new
+    /// random ports (never `skip`, the other side's registered port) until `budget`
+    /// were probed, then once more over the same ports in the same order.
+    fn next_sweep(
+        &mut self,
+        rng: &mut StdRng,
+        per_round: usize,
+        budget: u32,
+        skip: u16,
+    ) -> Vec<u16> {
+        let remaining = (budget as usize).saturating_sub(self.order.len());
+        if remaining > 0 {
+            let count = per_round.min(remaining);
+            let first = self.order.len();
+            while self.order.len() < first + count {
+                let port = rng.random_range(BIRTHDAY_PORTS);
+                if port != skip && self.probed.insert(port) {
+                    self.order.push(port);
+                }
+            }
+            self.order[first..].to_vec()
+        } else {
+            // The first pass is over without a path: once more over the same
+            // ports, in the same order (at most twice the budget in all).
+            let from = self.repeated;
+            let to = (from + per_round).min(self.order.len());
+            self.repeated = to;
+            self.order[from..to].to_vec()
+        }
+    }
+}
+
+/// The extra sockets of birthday punching, as the driver sees them: each number is
+/// handed out once (the driver opens the socket on first use), and given back through
+/// [`Agent::poll_released_socket`] when no attempt needs it any more.
+#[derive(Debug)]
+pub(super) struct ExtraSockets {
+    /// Next extra socket number (0 is the agent's own socket).
+    next: u32,
+    /// Extra sockets the driver may close.
+    released: VecDeque<u32>,
+}
+
+impl ExtraSockets {
+    /// No extra socket yet.
+    pub(super) fn new() -> Self {
+        Self {
+            next: 1,
+            released: VecDeque::new(),
+        }
+    }
+
+    /// `count` fresh socket numbers.
+    fn take(&mut self, count: u16) -> Vec<u32> {
+        let first = self.next;
+        self.next = self.next.saturating_add(u32::from(count));
+        (first..first + u32::from(count)).collect()
+    }
+
+    /// Gives sockets back to the driver.
+    pub(super) fn release(&mut self, sockets: impl IntoIterator<Item = u32>) {
+        self.released.extend(sockets);
+    }
+
+    /// The next socket the driver may close.
+    pub(super) fn poll_released(&mut self) -> Option<u32> {
+        self.released.pop_front()
+    }
+}
+
+impl Agent {
+    /// One birthday probe request (counted against the birthday budget instead).
+    fn send_birthday_probe(
+        &mut self,
+        now: Instant,
+        id: u64,
+        socket: u32,
+        to: SocketAddr,
+        ttl: Option<u8>,
+    ) {
+        let tid = self.tid();
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        session.birthday.sent += 1;
+        let payload = client::probe_request(tid, id, &session.key);
+        self.probe_tids.insert(tid, (id, now));
+        self.emit_on(socket, to, payload, ttl, false);
+    }
+
+    /// One step of birthday punching for a session still probing: start it once the
+    /// cheap probes had their chance, then (role `Sockets`) refresh every extra
+    /// socket's mapping, or (role `Probes`) send the next slice of the sweep.
+    pub(super) fn birthday_step(&mut self, now: Instant, id: u64) {
+        let config = &self.config;
+        let (sockets_budget, probes_budget, rate, after, interval, open_ttl) = (
+            config.birthday_sockets.min(MAX_BIRTHDAY_SOCKETS),
+            config.birthday_probes.min(MAX_BIRTHDAY_PROBES),
+            config.birthday_rate.max(1),
+            config.birthday_after,
+            config.probe_interval,
+            config.open_ttl,
+        );
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let (Some(role), Some(target)) = (session.birthday.role, session.peer_reflexive) else {
+            return;
+        };
+        // The sockets side goes first, so its mappings exist when the sweep arrives.
+        let begin = match role {
+            BirthdayRole::Sockets => session.start_at + after / 2,
+            BirthdayRole::Probes => session.start_at + after,
+        };
+        if now < begin || session.state != SessionState::Probing {
+            return;
+        }
+        if session.birthday.started.is_none() {
+            session.birthday.started = Some(now);
+            let budget = match role {
+                BirthdayRole::Sockets => u32::from(sockets_budget),
+                BirthdayRole::Probes => probes_budget,
+            };
+            self.events.push_back(AgentEvent::Birthday {
+                peer_id: session.peer_id.clone(),
+                role,
+                budget,
+            });
+            if role == BirthdayRole::Sockets {
+                session.birthday.sockets = self.sockets.take(sockets_budget);
+            }
+        }
+        match role {
+            BirthdayRole::Sockets => {
+                if session.birthday.next_refresh.is_some_and(|at| now < at) {
+                    return;
+                }
+                session.birthday.next_refresh = Some(now + BIRTHDAY_REFRESH);
+                // With the opener's TTL the probes create the mappings and die before
+                // the other side's NAT, which could otherwise answer them (RST, ICMP)
+                // or claim the ports for itself.
+                let ttl = (open_ttl > 0).then_some(open_ttl);
+                for socket in session.birthday.sockets.clone() {
+                    self.send_birthday_probe(now, id, socket, target, ttl);
+                }
+            }
+            BirthdayRole::Probes => {
+                if session.birthday.next_refresh.is_some_and(|at| now < at) {
+                    return;
+                }
+                session.birthday.next_refresh = Some(now + interval);
+                let per_round = u64::from(rate) * interval.as_millis().max(1) as u64 / 1000;
+                let per_round = usize::try_from(per_round.max(1)).unwrap_or(usize::MAX);
+                let ports = session.birthday.next_sweep(
+                    &mut self.rng,
+                    per_round,
+                    probes_budget,
+                    target.port(),
+                );
+                for port in ports {
+                    self.send_birthday_probe(now, id, 0, SocketAddr::new(target.ip(), port), None);
+                }
+            }
+        }
+    }
+
+    /// Hands back extra sockets no attempt needs any more: all of an attempt's once
+    /// it is over, all but the path's once it is up.
+    pub(super) fn release_idle_sockets(&mut self) {
+        for session in self.sessions.values_mut() {
+            if session.birthday.sockets.is_empty()
+                || matches!(session.state, SessionState::Waiting | SessionState::Probing)
+            {
+                continue;
+            }
+            let keep = (session.state == SessionState::Up).then_some(session.path_socket);
+            for socket in session.birthday.sockets.drain(..) {
+                if Some(socket) == keep {
+                    continue;
+                }
+                self.sockets.release([socket]);
+            }
+            if let Some(socket) = keep.filter(|&s| s != 0) {
+                session.birthday.sockets.push(socket);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::sim::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn birthday_roles_follow_the_nat_pair() {
+        use NatClass::{AddressAndPortDependent as Apdm, EndpointIndependent as Eim};
+        assert_eq!(
+            birthday_role(Apdm, false, Eim, false),
+            Some(BirthdayRole::Sockets)
+        );
+        assert_eq!(
+            birthday_role(Eim, false, Apdm, false),
+            Some(BirthdayRole::Probes)
+        );
+        assert_eq!(
+            birthday_role(NatClass::None, false, Apdm, false),
+            Some(BirthdayRole::Probes)
+        );
+        assert_eq!(
+            birthday_role(Apdm, false, Apdm, false),
+            None,
+            "both dependent"
+        );
+        assert_eq!(
+            birthday_role(Eim, false, Eim, false),
+            None,
+            "plain punching"
+        );
+        assert_eq!(
+            birthday_role(Apdm, true, Eim, false),
+            None,
+            "predicted ports"
+        );
+        assert_eq!(
+            birthday_role(Eim, false, Apdm, true),
+            None,
+            "predicted ports"
+        );
+        assert_eq!(birthday_role(NatClass::Unknown, false, Apdm, false), None);
+    }
+
+    #[test]
+    fn birthday_punching_meets_a_random_port_nat_and_keeps_the_path_on_its_socket() {
+        let BirthdayRun {
+            events,
+            data_sockets,
+            released,
+            sweep_round_max,
+            ..
+        } = birthday_run(256);
+        let has = |agent: usize, f: &dyn Fn(&AgentEvent) -> bool| {
+            events.iter().any(|(i, e)| *i == agent && f(e))
+        };
+        assert!(has(1, &|e| matches!(
+            e,
+            AgentEvent::Birthday {
+                role: BirthdayRole::Sockets,
+                budget: 256,
+                ..
+            }
+        )));
+        assert!(has(0, &|e| matches!(
+            e,
+            AgentEvent::Birthday {
+                role: BirthdayRole::Probes,
+                budget: 2048,
+                ..
+            }
+        )));
+        for agent in 0..2 {
+            assert!(
+                has(agent, &|e| matches!(
+                    e,
+                    AgentEvent::PathUp { relayed: false, .. }
+                )),
+                "agent {agent}: {events:?}"
+            );
+        }
+        // The data went both ways, bob's from the extra socket that met a probe.
+        assert!(has(
+            1,
+            &|e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"to bob")
+        ));
+        assert!(has(
+            0,
+            &|e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"to alice")
+        ));
+        assert_eq!(data_sockets.len(), 1);
+        assert!(data_sockets[0] >= 1, "bob's path is on an extra socket");
+        // Every other extra socket went back to the driver.
+        assert_eq!(released, 255);
+        // The sweep kept its pace: 1000/s in 50 ms rounds, plus the few plain probes.
+        assert!(sweep_round_max <= 50 + 5, "{sweep_round_max}");
+    }
+
+    #[test]
+    fn the_sockets_side_sends_nothing_unsolicited_toward_a_nat() {
+        // Bob's own socket probes alice's reflexive address only with the opener's
+        // TTL: nothing of his reaches her NAT before she has sent to that port, so a
+        // router there that accepts unsolicited packets keeps no entry that would
+        // remap her sweep.
+        let run = birthday_run(256);
+        assert!(
+            run.events
+                .iter()
+                .any(|(i, e)| *i == 0 && matches!(e, AgentEvent::PathUp { relayed: false, .. })),
+            "{:?}",
+            run.events
+        );
+        assert_eq!(run.unsolicited_at_alice, 0);
+    }
+
+    #[test]
+    fn toward_a_public_host_the_sockets_side_keeps_its_quick_full_ttl_probes() {
+        // A peer without NAT takes any datagram: bob's first full-TTL probe meets her
+        // before any birthday half starts, as plain punching does.
+        let run = birthday_run_with(256, NatClass::None);
+        assert!(run.unsolicited_at_alice > 0);
+        let started = run
+            .events
+            .iter()
+            .position(|(_, e)| matches!(e, AgentEvent::Introduced { .. }))
+            .expect("introduced");
+        let up = run
+            .events
+            .iter()
+            .position(|(i, e)| *i == 0 && matches!(e, AgentEvent::PathUp { relayed: false, .. }))
+            .expect("path up");
+        assert!(
+            !run.events[started..up]
+                .iter()
+                .any(|(_, e)| matches!(e, AgentEvent::Birthday { .. })),
+            "the path came before either birthday half: {:?}",
+            run.events
+        );
+    }
+
+    #[test]
+    fn without_birthday_sockets_the_random_port_pair_gets_no_path() {
+        let BirthdayRun {
+            events,
+            swept,
+            alice_failed_at,
+            ..
+        } = birthday_run(0);
+        // The first attempt's probes to bob's address: plain ones to his candidates
+        // every round, and the sweep, which probes each port twice at most: 2048
+        // distinct ports, then the same once more in order.
+        let failed_at = alice_failed_at.expect("the first attempt gave up");
+        let first_attempt: Vec<u16> = swept
+            .iter()
+            .filter(|(at, _)| *at < failed_at)
+            .map(|&(_, port)| port)
+            .collect();
+        let mut times: HashMap<u16, usize> = HashMap::new();
+        for port in &first_attempt {
+            *times.entry(*port).or_default() += 1;
+        }
+        let swept: Vec<u16> = first_attempt
+            .into_iter()
+            .filter(|port| times[port] <= 2)
+            .collect();
+        assert_eq!(swept.len(), 2 * 2048, "{}", swept.len());
+        let (first, second) = swept.split_at(2048);
+        assert_eq!(first, second);
+        assert_eq!(first.iter().collect::<HashSet<_>>().len(), 2048);
+        assert!(
+            !events
+                .iter()
+                .any(|(_, e)| matches!(e, AgentEvent::PathUp { .. })),
+            "{events:?}"
+        );
+        assert!(
+            events.iter().any(|(i, e)| *i == 0
+                && matches!(e, AgentEvent::PunchFailed { probes, .. } if *probes <= 200 + 2 * 2048)),
+            "{events:?}"
+        );
+    }
+}

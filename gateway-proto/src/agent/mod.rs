@@ -1,0 +1,823 @@
+//! The peer agent's state machine: registers with the gateway and keeps the NAT
+//! mapping alive, asks for and accepts introductions, probes every candidate pair at
+//! the scheduled instant, holds the first path that works both ways, keeps it alive,
+//! re-punches when it dies, and reports outcomes.
+//!
+//! Sans-IO like the server: the driver passes the time and datagrams in, and polls
+//! datagrams to send, the next timer, and events. One UDP socket carries everything
+//! (rendezvous, probes and data), so the mapping the gateway saw is the one punched;
+//! the exception is birthday punching toward a random-port endpoint-dependent NAT,
+//! where the agent asks the driver for many short-lived extra sockets ([`Transmit`]'s
+//! `socket`), and a path found on one of them stays on it.
+//!
+//! This module holds the [`Agent`] itself: its configuration, events, public API,
+//! registration and connects, and the demultiplexing of incoming datagrams. The
+//! sub-machines, each with its own state and its own next deadline, live apart:
+//! - `discovery`: NAT mapping and filtering discovery (RFC 5780 ideas), port
+//!   prediction;
+//! - `session`: one punch session per introduction: probes, path up and down;
+//! - `birthday`: birthday punching toward a random-port NAT, and the extra sockets;
+//! - `relay_leg`: the TURN fallback through our allocation, relay offers, upgrades;
+//! - `report`: outcome reports, TCP reports and TCP-Seq requests to the gateway;
+//! - `sim` (tests only): the simulated networks every agent test runs on.
+mod birthday;
+mod discovery;
+mod relay_leg;
+mod report;
+mod session;
+#[cfg(test)]
+mod sim;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use self::{
+    birthday::ExtraSockets,
+    discovery::Discovery,
+    relay_leg::{RelayLeg, TurnAllocation},
+    report::{Report, TcpSeqRequest},
+    session::{Session, SessionState},
+};
+pub use self::{
+    birthday::{BirthdayRole, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_SOCKETS, birthday_role},
+    discovery::{FilterTest, classify_filtering, classify_mapping, predict_ports},
+};
+use crate::{
+    Transmit, earliest,
+    rendezvous::{
+        Candidate, CandidateKind, FilteringClass, NatClass,
+        client::{self, PeerCredentials, Role},
+        method,
+    },
+    stun::{self, Class, Message},
+};
+
+/// First byte of a data datagram on a punched path (outside STUN's 0x00..=0x3F and
+/// TURN ChannelData's 0x40..=0x7F, so the three never collide).
+pub const DATA_MARKER: u8 = 0xD7;
+
+/// Tunables of the agent.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The gateway's UDP address.
+    pub server: SocketAddr,
+    /// This peer's credentials.
+    pub credentials: PeerCredentials,
+    /// Host candidates to announce (the local socket's addresses).
+    pub host_candidates: Vec<SocketAddr>,
+    /// The NAT class this peer believes it is behind (reported for metrics); replaced
+    /// by what discovery measures when `discovery` is set.
+    pub nat: NatClass,
+    /// Other endpoints of the gateway answering Binding (its discovery port, its second
+    /// address) used to classify this peer's NAT mapping (RFC 5780 ideas).
+    pub discovery: Vec<SocketAddr>,
+    /// Before the mapping tests, measure the NAT's filtering with RFC 5780
+    /// CHANGE-REQUEST tests to `server` (needs `discovery`). Off by default: behind a
+    /// router that accepts unsolicited packets itself, an answer it swallowed from a
+    /// discovery endpoint holds that endpoint's port in its connection table, and the
+    /// mapping test to the same endpoint then gets another port (a false
+    /// address-and-port-dependent mapping). Use it with a gateway whose CHANGE-REQUEST
+    /// answers leave from endpoints that are not in `discovery`.
+    pub filtering: bool,
+    /// How many next ports to predict (and announce) when discovery finds a NAT that
+    /// allocates ports sequentially per destination; 0 turns prediction off.
+    pub prediction_window: u16,
+    /// How often to refresh the registration (NAT mappings must not expire).
+    pub keepalive: Duration,
+    /// Gap between two probe rounds.
+    pub probe_interval: Duration,
+    /// TTL of the opener probes sent at the scheduled start (enough hops to pass this
+    /// host's own NAT, too few to reach the other's); 0 disables the opener.
+    pub open_ttl: u8,
+    /// Delay between the opener and the first real probes.
+    pub open_lead: Duration,
+    /// Most probes one introduction may cause from this side.
+    pub probe_budget: u32,
+    /// Give up punching this long after the scheduled start.
+    pub punch_timeout: Duration,
+    /// Keepalive probe interval on an established path.
+    pub path_keepalive: Duration,
+    /// A path silent this long is down.
+    pub path_timeout: Duration,
+    /// Fall back to the gateway's TURN relay when punching fails (or cannot work:
+    /// both sides behind address-and-port-dependent mapping), transparently to the
+    /// data, and keep trying to upgrade to a direct path.
+    pub relay: bool,
+    /// Give up on the relay path this long after the fallback started.
+    pub relay_timeout: Duration,
+    /// While relayed, try a direct path again this often.
+    pub upgrade_interval: Duration,
+    /// Birthday punching, when this side maps address-and-port-dependently with
+    /// unpredictable ports and the other endpoint-independently: how many extra
+    /// sockets (each gets its own random public port) to open toward the other side;
+    /// 0 turns birthday punching off on this side.
+    pub birthday_sockets: u16,
+    /// Birthday punching, when the other side is the random-port one: how many
+    /// probes to random ports of its public address to send at most.
+    pub birthday_probes: u32,
+    /// Birthday probes per second at most (the sweep's pace).
+    pub birthday_rate: u32,
+    /// How long after the scheduled start an attempt that has no path yet begins
+    /// birthday punching (the cheap direct probes go first).
+    pub birthday_after: Duration,
+    /// This peer's TCP server-reflexive endpoints (learnt by the driver with a STUN
+    /// Binding over TCP to the gateway), announced as TCP candidates. Non-empty turns
+    /// TCP punching on: every introduction then also yields
+    /// [`AgentEvent::TcpIntroduced`].
+    pub tcp_candidates: Vec<SocketAddr>,
+}
+
+impl AgentConfig {
+    /// Defaults for everything but the server and the credentials.
+    pub fn new(server: SocketAddr, credentials: PeerCredentials) -> Self {
+        Self {
+            server,
+            credentials,
+            host_candidates: Vec::new(),
+            nat: NatClass::Unknown,
+            discovery: Vec::new(),
+            filtering: false,
+            prediction_window: 6,
+            keepalive: Duration::from_secs(15),
+            probe_interval: Duration::from_millis(50),
+            open_ttl: 2,
+            open_lead: Duration::from_millis(10),
+            probe_budget: 200,
+            punch_timeout: Duration::from_secs(5),
+            path_keepalive: Duration::from_secs(2),
+            path_timeout: Duration::from_secs(8),
+            relay: true,
+            relay_timeout: Duration::from_secs(10),
+            upgrade_interval: Duration::from_secs(30),
+            birthday_sockets: 256,
+            birthday_probes: 2048,
+            birthday_rate: 1000,
+            birthday_after: Duration::from_millis(500),
+            tcp_candidates: Vec::new(),
+        }
+    }
+}
+
+/// What happened, for the driver's status output and for library users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// The gateway confirmed the registration; `mapped` is our public endpoint.
+    Registered {
+        /// The server-reflexive address.
+        mapped: SocketAddr,
+    },
+    /// Discovery classified this peer's NAT mapping and filtering.
+    NatClassified {
+        /// The mapping class, as reported to the gateway from now on.
+        class: NatClass,
+        /// The filtering class (RFC 5780 CHANGE-REQUEST tests; not sent to the gateway).
+        filtering: FilteringClass,
+        /// Whether the NAT kept the local port.
+        port_preserved: bool,
+    },
+    /// The gateway refused a request.
+    Refused {
+        /// The method refused.
+        method: u16,
+        /// The STUN error code.
+        code: u16,
+    },
+    /// An introduction arrived; probing starts after its delay.
+    Introduced {
+        /// The other side.
+        peer_id: String,
+        /// Our role.
+        role: Role,
+    },
+    /// An introduction arrived and TCP punching is on: the driver runs its TCP
+    /// attempt (see `super::tcp_punch`) from `start_at`.
+    TcpIntroduced {
+        /// The other side.
+        peer_id: String,
+        /// The introduction (outcome reports name it).
+        intro_id: u64,
+        /// The other side's TCP candidates (empty: it announced none).
+        candidates: Vec<SocketAddr>,
+        /// The scheduled start, the same instant as the UDP probes'.
+        start_at: Instant,
+    },
+    /// The other side of an introduction sent, through the gateway, the initial
+    /// sequence number of its low-TTL SYN (TCP technique 3).
+    TcpSeq {
+        /// The other side.
+        peer_id: String,
+        /// The introduction.
+        intro_id: u64,
+        /// The initial sequence number of its SYN.
+        isn: u32,
+        /// The endpoint of ours it sent that SYN to, if it said.
+        expected: Option<SocketAddr>,
+    },
+    /// The gateway refused our TCP-Seq for an introduction (e.g.
+    /// [`super::rendezvous::TCP_FORGE_DISABLED`]: it does not forge SYN-ACKs); a
+    /// technique waiting on it can give up at once.
+    TcpSeqRefused {
+        /// The introduction.
+        intro_id: u64,
+        /// The error code.
+        code: u16,
+    },
+    /// A path works both ways: direct (punched), or through the relay. A relayed
+    /// path that gets upgraded to a direct one is announced again.
+    PathUp {
+        /// The other side.
+        peer_id: String,
+        /// Its address as seen from here (through the relay: the address the relay
+        /// sees it at, or the other side's relayed address).
+        remote: SocketAddr,
+        /// Whether the path goes through the TURN relay.
+        relayed: bool,
+        /// From introduction to the first valid probe response.
+        elapsed: Duration,
+        /// Probes sent.
+        probes: u32,
+        /// Round trip of the probe that proved the path.
+        rtt: Duration,
+    },
+    /// Birthday punching starts: the other side's NAT picks a random port per
+    /// destination (or ours does), so one side opens many mappings and the other
+    /// probes many random ports until one pair meets.
+    Birthday {
+        /// The other side.
+        peer_id: String,
+        /// Which half this side plays.
+        role: BirthdayRole,
+        /// Extra sockets (role `Sockets`) or probes (role `Probes`) at most.
+        budget: u32,
+    },
+    /// The relay fallback starts (punching failed or cannot work).
+    RelayFallback {
+        /// The other side.
+        peer_id: String,
+    },
+    /// Our TURN allocation exists (we relay for the sessions that need it).
+    RelayAllocated {
+        /// The relayed address the other side sends to.
+        relayed: SocketAddr,
+    },
+    /// Punching gave up.
+    PunchFailed {
+        /// The other side.
+        peer_id: String,
+        /// Probes sent.
+        probes: u32,
+    },
+    /// An established path went silent.
+    PathDown {
+        /// The other side.
+        peer_id: String,
+    },
+    /// Application data from a peer.
+    Data {
+        /// The sender.
+        peer_id: String,
+        /// The payload, without the marker byte.
+        payload: Vec<u8>,
+    },
+}
+
+/// A request to the gateway awaiting its answer, kept to act on the answer (or to
+/// resend it with a fresh nonce).
+#[derive(Debug)]
+struct PendingRequest {
+    method: u16,
+    sent_at: Instant,
+    target: Option<String>,
+    /// For an outcome report: what it reported, to resend with a fresh nonce.
+    report: Option<Report>,
+    /// For a TCP-Seq: what it said, to resend once with a fresh nonce.
+    tcp_seq: Option<TcpSeqRequest>,
+}
+
+impl PendingRequest {
+    /// A request of `method` sent at `sent_at`, with nothing to resend.
+    fn new(method: u16, sent_at: Instant) -> Self {
+        Self {
+            method,
+            sent_at,
+            target: None,
+            report: None,
+            tcp_seq: None,
+        }
+    }
+}
+
+/// The peer agent: one per punch socket, driven by the caller's I/O loop, so the
+/// punching logic runs (and is tested) without sockets or clocks.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    rng: StdRng,
+    next_register: Instant,
+    /// Wait before resending an unanswered Register (doubles up to the keepalive).
+    register_retry: Duration,
+    /// The gateway's latest nonce (every authenticated answer brings a fresh one).
+    nonce: Option<String>,
+    rtt_ms: u32,
+    pending: HashMap<[u8; 12], PendingRequest>,
+    /// Our outstanding probes: transaction → (introduction, when sent).
+    probe_tids: HashMap<[u8; 12], (u64, Instant)>,
+    sessions: HashMap<u64, Session>,
+    wanted: HashMap<String, Instant>,
+    outgoing: VecDeque<Transmit>,
+    events: VecDeque<AgentEvent>,
+    discovery: Discovery,
+    /// Our TURN allocation on the gateway, made on the first fallback.
+    turn: TurnAllocation,
+    /// When discovery classified our NAT, and whether a Register sent since then (so
+    /// carrying the class and any predicted ports) was answered: connects wait for
+    /// that, or a lost Register would leave introductions with a stale class.
+    classified_at: Option<Instant>,
+    class_registered: bool,
+    /// The extra sockets of birthday punching: numbering and release.
+    sockets: ExtraSockets,
+}
+
+/// First retransmission of an unanswered Register (RFC 8489's RTO default).
+const FIRST_REGISTER_RETRY: Duration = Duration::from_millis(500);
+
+const CONNECT_RETRY: Duration = Duration::from_secs(1);
+const MAX_PROBE_TIDS: usize = 16_384;
+
+impl Agent {
+    /// Creates an agent that registers at once.
+    pub fn new(config: AgentConfig, now: Instant, seed: u64) -> Self {
+        Self {
+            config,
+            rng: StdRng::seed_from_u64(seed),
+            next_register: now,
+            register_retry: FIRST_REGISTER_RETRY,
+            nonce: None,
+            rtt_ms: 0,
+            pending: HashMap::new(),
+            probe_tids: HashMap::new(),
+            sessions: HashMap::new(),
+            wanted: HashMap::new(),
+            outgoing: VecDeque::new(),
+            events: VecDeque::new(),
+            discovery: Discovery::default(),
+            turn: TurnAllocation::default(),
+            classified_at: None,
+            class_registered: false,
+            sockets: ExtraSockets::new(),
+        }
+    }
+
+    /// Asks the gateway to introduce us to `peer_id`, and keeps asking (re-punching)
+    /// whenever no path to it is up.
+    pub fn connect(&mut self, peer_id: &str, now: Instant) {
+        self.wanted.insert(peer_id.to_owned(), now);
+    }
+
+    /// The established path to `peer_id`, if any.
+    pub fn path(&self, peer_id: &str) -> Option<SocketAddr> {
+        self.up_session(peer_id).and_then(|s| s.path)
+    }
+
+    /// Whether the established path to `peer_id` goes through the relay.
+    pub fn path_relayed(&self, peer_id: &str) -> Option<bool> {
+        self.up_session(peer_id).map(|s| s.path_relayed)
+    }
+
+    /// Our TURN relayed address, once allocated.
+    pub fn relayed_address(&self) -> Option<SocketAddr> {
+        self.turn.relayed_address()
+    }
+
+    /// Round trip on the established path to `peer_id` (from keepalive probes).
+    pub fn path_rtt(&self, peer_id: &str) -> Option<Duration> {
+        self.up_session(peer_id).map(|s| s.rtt)
+    }
+
+    /// Queues application data for `peer_id`; false when no path is up.
+    pub fn send_data(&mut self, peer_id: &str, payload: &[u8]) -> bool {
+        let Some(session) = self.up_session(peer_id) else {
+            return false;
+        };
+        let Some(path) = session.path else {
+            return false;
+        };
+        let via_turn = session.path_relayed && matches!(session.relay, RelayLeg::Local { .. });
+        let socket = session.path_socket;
+        let mut datagram = Vec::with_capacity(payload.len() + 1);
+        datagram.push(DATA_MARKER);
+        datagram.extend_from_slice(payload);
+        self.emit_on(socket, path, datagram, None, via_turn);
+        true
+    }
+
+    /// Queues a datagram to a peer from one of our sockets (plain), or through our
+    /// TURN allocation (always from our own socket).
+    fn emit_on(
+        &mut self,
+        socket: u32,
+        to: SocketAddr,
+        payload: Vec<u8>,
+        ttl: Option<u8>,
+        via_turn: bool,
+    ) {
+        if !via_turn {
+            self.outgoing
+                .push_back(Transmit::udp(to, payload).on_socket(socket).with_ttl(ttl));
+            return;
+        }
+        if let Some(wrapped) = self.turn.wrap(to, &payload) {
+            self.send_to_server(wrapped);
+        }
+    }
+
+    /// Queues a datagram to the gateway's service endpoint from our own socket.
+    fn send_to_server(&mut self, payload: Vec<u8>) {
+        self.outgoing
+            .push_back(Transmit::udp(self.config.server, payload));
+    }
+
+    /// The next datagram to send. Its `socket` is 0 for the agent's own socket; any
+    /// other number names an extra socket (birthday punching) that the driver opens on
+    /// first use, bound to the same address with an ephemeral port, and closes when
+    /// [`Self::poll_released_socket`] says so.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.outgoing.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next extra socket the driver may close (its attempt is over, or its path
+    /// moved elsewhere).
+    pub fn poll_released_socket(&mut self) -> Option<u32> {
+        self.sockets.poll_released()
+    }
+
+    /// When [`Self::handle_timeout`] must next run (`None`: no timer is pending): the
+    /// earliest deadline of the registration, the connect retries and the
+    /// sub-machines.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        earliest(
+            [
+                Some(self.next_register),
+                self.wanted.values().min().copied(),
+                self.discovery.next_timeout(),
+                self.turn.next_timeout(),
+            ]
+            .into_iter()
+            .chain(self.sessions.values().map(|s| s.next_timeout(&self.config))),
+        )
+    }
+
+    /// A fresh STUN transaction id.
+    fn tid(&mut self) -> [u8; 12] {
+        self.rng.random()
+    }
+
+    fn send_register(&mut self, now: Instant) {
+        let tid = self.tid();
+        // TCP candidates first: the Register's cap must not drop them.
+        let candidates: Vec<Candidate> = self
+            .config
+            .tcp_candidates
+            .iter()
+            .map(|&addr| Candidate {
+                kind: CandidateKind::TcpServerReflexive,
+                addr,
+            })
+            .chain(self.config.host_candidates.iter().map(|&addr| Candidate {
+                kind: CandidateKind::Host,
+                addr,
+            }))
+            .chain(self.discovery.predicted.iter().map(|&addr| Candidate {
+                kind: CandidateKind::Predicted,
+                addr,
+            }))
+            .collect();
+        let payload = client::register_with_candidates(
+            tid,
+            &self.config.credentials,
+            self.nonce.as_deref(),
+            &candidates,
+            self.config.nat,
+            self.rtt_ms,
+        );
+        self.pending
+            .insert(tid, PendingRequest::new(method::REGISTER, now));
+        self.send_to_server(payload);
+        // Until answered, resend with backoff (a lost Register must not wait for the
+        // next keepalive); the answer moves this to the keepalive schedule.
+        self.next_register = now + self.register_retry.min(self.config.keepalive);
+        self.register_retry = (self.register_retry * 2).min(self.config.keepalive);
+    }
+
+    /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.discovery_timeout(now);
+        if now >= self.next_register {
+            self.send_register(now);
+        }
+        self.pending
+            .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
+        // Connect only once discovery has classified our NAT, so the introduction
+        // (and the gateway's metrics) carry the right class.
+        let classified = self.discovery.done && self.class_registered;
+        let discovering = !self.config.discovery.is_empty() && !classified;
+        self.turn.handle_timeout(now);
+        self.drain_turn(now);
+        if !discovering {
+            self.connect_due(now);
+        }
+        let ids: Vec<u64> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.session_timeout(id, now);
+        }
+        self.release_idle_sockets();
+        // Forget failed sessions after a while so memory stays bounded.
+        self.sessions.retain(|_, s| {
+            s.state != SessionState::Failed
+                || now.saturating_duration_since(s.start_at) < Duration::from_secs(60)
+        });
+        if self.probe_tids.len() > MAX_PROBE_TIDS {
+            self.probe_tids.clear();
+        }
+    }
+
+    /// Asks for an introduction to every wanted peer that is due: no path is up, or
+    /// (upgrade) the path is relayed and due for another try at a direct one.
+    fn connect_due(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .wanted
+            .iter()
+            .filter(|(peer, at)| {
+                **at <= now
+                    && self
+                        .up_session(peer)
+                        .is_none_or(|s| s.path_relayed && now >= s.upgrade_at)
+            })
+            .map(|(peer, _)| peer.clone())
+            .collect();
+        for peer in &due {
+            let interval = self.config.upgrade_interval;
+            if let Some(session) = self
+                .sessions
+                .values_mut()
+                .filter(|s| s.peer_id == *peer && s.state == SessionState::Up)
+                .max_by_key(|s| s.introduced_at)
+            {
+                session.upgrade_at = now + interval;
+            }
+        }
+        for peer in due {
+            let probing = self.sessions.values().any(|s| {
+                s.peer_id == peer
+                    && (matches!(s.state, SessionState::Waiting | SessionState::Probing)
+                        // A relay leg waits, unless the other side never answered at
+                        // all: then it likely lost the introduction, so ask again.
+                        || (s.state == SessionState::Relaying && s.last_heard > s.introduced_at))
+            });
+            if !probing {
+                let tid = self.tid();
+                let payload =
+                    client::connect(tid, &self.config.credentials, self.nonce.as_deref(), &peer);
+                self.pending.insert(
+                    tid,
+                    PendingRequest {
+                        target: Some(peer.clone()),
+                        ..PendingRequest::new(method::CONNECT, now)
+                    },
+                );
+                self.send_to_server(payload);
+            }
+            self.wanted.insert(peer, now + CONNECT_RETRY);
+        }
+    }
+
+    /// Handles one datagram received on the agent's own socket.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if from == self.config.server && self.turn.is_turn_datagram(datagram) {
+            self.handle_turn_datagram(now, from, datagram);
+        } else {
+            self.handle_peer_datagram(now, 0, from, datagram, false);
+        }
+        self.release_idle_sockets();
+    }
+
+    /// Handles one datagram received on socket `socket` (0: the agent's own; other
+    /// numbers: the extra sockets of [`Transmit::socket`], which carry only peer
+    /// probes and data).
+    pub fn handle_datagram_on(
+        &mut self,
+        now: Instant,
+        socket: u32,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) {
+        if socket == 0 {
+            self.handle_datagram(now, from, datagram);
+            return;
+        }
+        let ours = self
+            .sessions
+            .values()
+            .any(|s| s.birthday.sockets.contains(&socket));
+        if ours && from != self.config.server {
+            self.handle_peer_datagram(now, socket, from, datagram, false);
+            self.release_idle_sockets();
+        }
+    }
+
+    /// A datagram from a peer, directly or (`via_turn`) through our allocation, or
+    /// from the gateway: data, discovery answers, the gateway's messages, probes.
+    fn handle_peer_datagram(
+        &mut self,
+        now: Instant,
+        socket: u32,
+        from: SocketAddr,
+        datagram: &[u8],
+        via_turn: bool,
+    ) {
+        if datagram.first() == Some(&DATA_MARKER) {
+            self.handle_data(now, socket, from, datagram, via_turn);
+            return;
+        }
+        let Ok(message) = Message::parse(datagram) else {
+            return;
+        };
+        let ty = message.message_type();
+        if ty.method == stun::method::BINDING
+            && !via_turn
+            && self.filter_response(now, from, &message, datagram)
+        {
+            return;
+        }
+        if from == self.config.server && !via_turn {
+            if socket == 0 {
+                self.handle_server_message(now, &message, datagram);
+            }
+            return;
+        }
+        if self.mapping_response(now, from, &message, datagram) {
+            return;
+        }
+        if ty.method == stun::method::BINDING {
+            self.handle_peer_message(now, socket, from, &message, datagram, via_turn);
+        }
+    }
+
+    fn handle_server_message(&mut self, now: Instant, message: &Message<'_>, datagram: &[u8]) {
+        let ty = message.message_type();
+        if ty.method == method::RELAY_OFFER && ty.class == Class::Indication {
+            if let Some(offer) =
+                client::parse_relay_offer(datagram, &self.config.credentials.password)
+            {
+                self.relay_offered(now, offer);
+            }
+            return;
+        }
+        if ty.method == method::TCP_SEQ && ty.class == Class::Indication {
+            if let Some(seq) = client::parse_tcp_seq(datagram, &self.config.credentials.password) {
+                self.tcp_seq_received(seq);
+            }
+            return;
+        }
+        if ty.method == method::INTRODUCTION && ty.class == Class::Indication {
+            if let Some(intro) =
+                client::parse_introduction(datagram, &self.config.credentials.password)
+            {
+                self.introduced(now, intro);
+            }
+            return;
+        }
+        let Some(response) = client::parse_response(datagram, &self.config.credentials.password)
+        else {
+            return;
+        };
+        let Some(request) = self.pending.remove(&response.transaction_id) else {
+            return;
+        };
+        if let Some(nonce) = response.nonce {
+            let fresh_challenge = matches!(response.result, Err(401 | 438));
+            self.nonce = Some(nonce);
+            if fresh_challenge {
+                // Not a refusal: the gateway wants its nonce echoed. Resend now.
+                match request.method {
+                    method::REGISTER => self.send_register(now),
+                    method::CONNECT => {
+                        if let Some(target) = request.target {
+                            self.wanted.insert(target, now);
+                        }
+                    }
+                    method::TCP_SEQ => self.resend_tcp_seq(now, request.tcp_seq),
+                    method::OUTCOME => self.resend_report(now, request.report),
+                    _ => {}
+                }
+                return;
+            }
+        }
+        match response.result {
+            Ok(()) if request.method == method::REGISTER => {
+                let rtt = now.saturating_duration_since(request.sent_at);
+                self.rtt_ms = u32::try_from(rtt.as_millis()).unwrap_or(u32::MAX);
+                let interval = match response.lifetime {
+                    Some(lifetime) => self.config.keepalive.min(lifetime / 3),
+                    None => self.config.keepalive,
+                };
+                self.register_retry = FIRST_REGISTER_RETRY;
+                if self
+                    .classified_at
+                    .is_some_and(|classified| request.sent_at >= classified)
+                {
+                    self.class_registered = true;
+                }
+                // Keep an earlier deliberate re-register (e.g. after discovery).
+                if self.next_register > now {
+                    self.next_register = request.sent_at + interval;
+                }
+                if let Some(mapped) = response.mapped {
+                    self.registered(now, mapped);
+                }
+            }
+            Ok(()) => {}
+            Err(code) => {
+                if code == 403 {
+                    // Not registered (e.g. the gateway restarted): register now.
+                    self.next_register = now;
+                }
+                if let Some(target) = request.target
+                    && code == 404
+                {
+                    // The other side is not registered yet: keep asking.
+                    self.wanted.insert(target, now + CONNECT_RETRY);
+                }
+                if let Some(seq) = request.tcp_seq {
+                    self.events.push_back(AgentEvent::TcpSeqRefused {
+                        intro_id: seq.intro_id,
+                        code,
+                    });
+                }
+                self.events.push_back(AgentEvent::Refused {
+                    method: request.method,
+                    code,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::sim::*;
+
+    #[test]
+    fn unanswered_registers_are_resent_with_backoff() {
+        let now = Instant::now();
+        let creds = PeerCredentials {
+            username: "1900000000:alice".into(),
+            password: "pw".into(),
+        };
+        let mut agent = Agent::new(AgentConfig::new(addr("192.0.2.10:3478"), creds), now, 1);
+        let mut sent_at = Vec::new();
+        for ms in (0..4_000).step_by(10) {
+            let t = now + Duration::from_millis(ms);
+            if agent.poll_timeout().is_some_and(|at| at <= t) {
+                agent.handle_timeout(t);
+            }
+            while agent.poll_transmit().is_some() {
+                sent_at.push(ms);
+            }
+        }
+        // 0, 0.5 s, then 1 s later, then 2 s later: RFC 8489-style doubling.
+        assert_eq!(sent_at, vec![0, 500, 1_500, 3_500]);
+    }
+
+    #[test]
+    fn garbage_from_anyone_changes_nothing() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(50));
+        let agent = &mut sim.agents[0].1;
+        for bytes in [
+            &b""[..],
+            b"\xd7data from a stranger",
+            &[0u8; 20],
+            &[0xff; 100],
+        ] {
+            agent.handle_datagram(sim.now, addr("203.0.113.66:1"), bytes);
+        }
+        assert!(
+            agent
+                .poll_event()
+                .is_none_or(|e| matches!(e, AgentEvent::Registered { .. }))
+        );
+        assert!(agent.sessions.is_empty());
+    }
+}

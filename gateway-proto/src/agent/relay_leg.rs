@@ -1,0 +1,365 @@
+//! The TURN fallback: when punching fails (or cannot work), the initiator relays
+//! through its own allocation on the gateway (`turn::client`) and offers the relayed
+//! address to the other side, which probes it with plain datagrams; the relayed path
+//! carries the data transparently, and a later introduction upgrades it to a direct
+//! one.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+
+use super::{Agent, AgentEvent, PendingRequest, session::SessionState};
+use crate::{
+    Transmit,
+    rendezvous::{
+        client::{self, Role},
+        method,
+    },
+    stun::{self, Message},
+    turn::{
+        self,
+        client::{
+            Client as TurnClient, ClientConfig as TurnClientConfig, Event as TurnEvent,
+            Request as TurnRequest,
+        },
+    },
+};
+
+/// After a failed allocation, the relay fallback waits this long before trying again.
+const RELAY_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// A session's relay leg.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum RelayLeg {
+    /// No fallback (yet).
+    None,
+    /// We (the initiator) relay through our own allocation; `offered` once the other
+    /// side was told our relayed address.
+    Local { offered: bool },
+    /// The other side relays: we wait for its offer.
+    AwaitingOffer,
+    /// The other side's relayed address: we reach it with plain datagrams.
+    Remote(SocketAddr),
+}
+
+/// Our TURN allocation on the gateway, shared by every session relaying through us.
+#[derive(Debug, Default)]
+pub(super) struct TurnAllocation {
+    /// The TURN client, made on the first fallback (dropped when the allocation
+    /// failed).
+    client: Option<TurnClient>,
+    /// When our allocation last failed: no fallback is tried for a minute after.
+    failed_at: Option<Instant>,
+}
+
+impl TurnAllocation {
+    /// When the TURN client next needs its timers run (refreshes, retransmissions).
+    pub(super) fn next_timeout(&self) -> Option<Instant> {
+        self.client.as_ref().and_then(TurnClient::poll_timeout)
+    }
+
+    /// Runs the TURN client's timers.
+    pub(super) fn handle_timeout(&mut self, now: Instant) {
+        if let Some(turn) = self.client.as_mut() {
+            turn.handle_timeout(now);
+        }
+    }
+
+    /// Whether a relay fallback may be tried: not within a minute of a failed
+    /// allocation (the gateway may have no relay, or refuse us).
+    pub(super) fn usable(&self, now: Instant) -> bool {
+        self.failed_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= RELAY_RETRY_AFTER)
+    }
+
+    /// Our relayed address, once allocated.
+    pub(super) fn relayed_address(&self) -> Option<SocketAddr> {
+        self.client.as_ref().and_then(TurnClient::relayed_address)
+    }
+
+    /// `payload` for peer `to`, wrapped to go through our allocation (a Send
+    /// indication or ChannelData to the gateway); `None` without an allocation or
+    /// permission.
+    pub(super) fn wrap(&mut self, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+        let turn = self.client.as_mut()?;
+        let mut wrapped = Vec::with_capacity(payload.len() + 48);
+        match turn.encode_send(to, payload, &mut wrapped) {
+            Ok(_) => Some(wrapped),
+            Err(e) => {
+                tracing::debug!(error = %e, %to, "cannot relay to peer");
+                None
+            }
+        }
+    }
+
+    /// Whether a datagram from the gateway belongs to our TURN client (ChannelData,
+    /// Data indications and TURN responses) rather than to the rendezvous.
+    pub(super) fn is_turn_datagram(&self, datagram: &[u8]) -> bool {
+        self.client.is_some()
+            && (turn::is_channel_data(datagram)
+                || (Message::looks_like_stun(datagram)
+                    && matches!(
+                        stun::MessageType::from_bits(u16::from_be_bytes([
+                            datagram[0],
+                            datagram[1]
+                        ]))
+                        .method,
+                        turn::method::ALLOCATE
+                            | turn::method::REFRESH
+                            | turn::method::DATA
+                            | turn::method::CREATE_PERMISSION
+                            | turn::method::CHANNEL_BIND
+                    )))
+    }
+}
+
+impl Agent {
+    /// Starts a session's relay leg: the initiator relays through its own allocation
+    /// (made now if needed) and offers the relayed address; the responder waits for
+    /// that offer.
+    pub(super) fn start_relay(&mut self, now: Instant, id: u64) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if session.relay != RelayLeg::None {
+            return;
+        }
+        session.relay_started = Some(now);
+        self.events.push_back(AgentEvent::RelayFallback {
+            peer_id: session.peer_id.clone(),
+        });
+        if session.role == Role::Responder {
+            session.relay = RelayLeg::AwaitingOffer;
+            return;
+        }
+        session.relay = RelayLeg::Local { offered: false };
+        if self.turn.client.is_none() {
+            let credentials = &self.config.credentials;
+            let mut client = TurnClient::new(
+                TurnClientConfig::new(
+                    self.config.server,
+                    credentials.username.clone(),
+                    credentials.password.clone(),
+                ),
+                self.rng.random(),
+            );
+            if client.allocate(now).is_ok() {
+                self.turn.client = Some(client);
+            }
+            self.drain_turn(now);
+        } else {
+            self.offer_relays(now);
+        }
+    }
+
+    /// Once allocated: permissions for every candidate IP of the sessions relaying
+    /// through us, and the offer of our relayed address to the other side.
+    fn offer_relays(&mut self, now: Instant) {
+        let Some(relayed) = self.turn.relayed_address() else {
+            return;
+        };
+        let waiting: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| s.relay == (RelayLeg::Local { offered: false }))
+            .map(|s| s.intro_id)
+            .collect();
+        for id in waiting {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            session.relay = RelayLeg::Local { offered: true };
+            let ips: Vec<IpAddr> = session.candidates.iter().map(SocketAddr::ip).collect();
+            if let Some(turn) = self.turn.client.as_mut() {
+                for ip in ips {
+                    if let Err(e) = turn.create_permission(now, ip) {
+                        tracing::debug!(error = %e, %ip, "no relay permission");
+                    }
+                }
+            }
+            let tid = self.tid();
+            let payload = client::relay_offer(
+                tid,
+                &self.config.credentials,
+                self.nonce.as_deref(),
+                id,
+                relayed,
+            );
+            self.pending
+                .insert(tid, PendingRequest::new(method::RELAY_OFFER, now));
+            self.send_to_server(payload);
+        }
+        self.drain_turn(now);
+    }
+
+    /// Moves the TURN client's control datagrams out and acts on its events.
+    pub(super) fn drain_turn(&mut self, now: Instant) {
+        let mut allocated = false;
+        let mut failed = false;
+        if let Some(turn) = self.turn.client.as_mut() {
+            while let Some(transmit) = turn.poll_transmit() {
+                self.outgoing
+                    .push_back(Transmit::udp(transmit.to, transmit.payload));
+            }
+            while let Some(event) = turn.poll_event() {
+                match event {
+                    TurnEvent::Allocated { relayed, .. } => {
+                        allocated = true;
+                        self.events
+                            .push_back(AgentEvent::RelayAllocated { relayed });
+                    }
+                    TurnEvent::Failed {
+                        request: TurnRequest::Allocate | TurnRequest::Refresh,
+                        failure,
+                    } => {
+                        tracing::warn!(%failure, "TURN allocation failed; no relay fallback");
+                        failed = true;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if failed {
+            self.turn.client = None;
+            self.turn.failed_at = Some(now);
+        }
+        if allocated {
+            self.offer_relays(now);
+        }
+    }
+
+    /// One probe on the relay leg: to the other side's relayed address, or through
+    /// our allocation to the peers seen there.
+    pub(super) fn probe_relay_leg(&mut self, now: Instant, id: u64) {
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
+        match session.relay {
+            RelayLeg::Remote(relayed) => self.send_probe_via(now, id, relayed, None, false),
+            RelayLeg::Local { offered: true } => {
+                for to in session.relay_peers.clone() {
+                    self.send_probe_via(now, id, to, None, true);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The other side offers its relayed address for a session: probe it.
+    pub(super) fn relay_offered(&mut self, now: Instant, offer: client::RelayOffer) {
+        let Some(session) = self.sessions.get_mut(&offer.intro_id) else {
+            return;
+        };
+        if session.peer_id != offer.peer_id || matches!(session.relay, RelayLeg::Local { .. }) {
+            return;
+        }
+        if session.relay == RelayLeg::None {
+            session.relay_started = Some(now);
+            self.events.push_back(AgentEvent::RelayFallback {
+                peer_id: session.peer_id.clone(),
+            });
+        }
+        session.relay = RelayLeg::Remote(offer.relayed);
+        if session.state == SessionState::Failed {
+            session.state = SessionState::Relaying;
+        }
+        session.next_probe = now;
+        self.probe_relay_leg(now, offer.intro_id);
+    }
+
+    /// A datagram from the gateway for our TURN client: its own answers, or a peer's
+    /// datagram relayed to us (then handled as from that peer, and answered on a
+    /// channel).
+    pub(super) fn handle_turn_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        let Some(turn) = self.turn.client.as_mut() else {
+            return;
+        };
+        let peer_data = turn
+            .handle_datagram(now, from, datagram)
+            .map(|d| (d.peer, d.data.to_vec()));
+        self.drain_turn(now);
+        if let Some((peer, data)) = peer_data {
+            // A peer reached us through our allocation: talk back on a channel.
+            if let Some(turn) = self.turn.client.as_mut()
+                && turn.channel(peer).is_none()
+                && let Err(e) = turn.bind_channel(now, peer)
+            {
+                tracing::debug!(error = %e, %peer, "cannot bind a channel");
+            }
+            self.drain_turn(now);
+            self.handle_peer_datagram(now, 0, peer, &data, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::sim::*;
+    use crate::rendezvous::Event;
+
+    #[test]
+    fn blocked_pair_falls_back_to_the_relay_then_upgrades_to_direct() {
+        let mut sim = Sim::new(true);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        // Punching gives up after 5 s; the relay leg then comes up.
+        sim.run_for(Duration::from_secs(7));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PunchFailed { .. })));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::RelayAllocated { .. })));
+        // Alice relays through her allocation and sees bob at his own address; bob
+        // talks to alice's relayed address.
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PathUp { relayed: true, remote, .. } if *remote == addr("198.51.100.6:5000"))));
+        let relayed = sim.agents[0].1.relayed_address().expect("allocated");
+        assert!(sim.has(
+            1,
+            |e| matches!(e, AgentEvent::PathUp { relayed: true, remote, .. } if *remote == relayed)
+        ));
+        assert_eq!(sim.agents[0].1.path_relayed("bob"), Some(true));
+        // Data both ways through the relay.
+        assert!(sim.agents[0].1.send_data("bob", b"via relay"));
+        assert!(sim.agents[1].1.send_data("alice", b"and back"));
+        sim.run_for(Duration::from_millis(100));
+        assert!(sim.has(
+            1,
+            |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"via relay")
+        ));
+        assert!(sim.has(
+            0,
+            |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"and back")
+        ));
+        // The gateway hears one outcome for the introduction: relayed.
+        assert!(
+            sim.server_events.iter().any(|e| matches!(
+                e,
+                Event::Outcome {
+                    direct: false,
+                    relayed: true,
+                    ..
+                }
+            )),
+            "{:?}",
+            sim.server_events
+        );
+        // The relayed path stays up (keepalives through the relay)...
+        sim.run_for(Duration::from_secs(10));
+        assert!(!sim.has(0, |e| matches!(e, AgentEvent::PathDown { .. })));
+        // ...and once the peers can reach each other, a background attempt upgrades it.
+        sim.drop_p2p = false;
+        sim.run_for(Duration::from_secs(25));
+        assert!(sim.has(0, |e| matches!(
+            e,
+            AgentEvent::PathUp { relayed: false, .. }
+        )));
+        assert_eq!(sim.agents[0].1.path_relayed("bob"), Some(false));
+        assert!(sim.agents[0].1.send_data("bob", b"direct now"));
+        sim.run_for(Duration::from_millis(100));
+        assert!(sim.has(
+            1,
+            |e| matches!(e, AgentEvent::Data { payload, .. } if payload == b"direct now")
+        ));
+    }
+}

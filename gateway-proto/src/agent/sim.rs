@@ -1,0 +1,536 @@
+//! The simulated networks every agent test runs on: a gateway (the real rendezvous
+//! and TURN cores) and agents on a virtual network with fixed latency ([`Sim`]); NATs
+//! with configurable mapping and filtering ([`SimNat`], [`SimFilter`]); and the runs
+//! built on them for discovery ([`discover_behind`]) and birthday punching
+//! ([`birthday_run`]).
+use std::{
+    cell::RefCell,
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use super::{Agent, AgentConfig, AgentEvent, DATA_MARKER};
+use crate::{
+    credentials::SharedSecret,
+    peer_policy::PeerPolicy,
+    rendezvous::{Event, NatClass, RendezvousConfig, RendezvousServer, client::PeerCredentials},
+    stun::Message,
+    turn::server::{
+        Family, Handled as TurnHandled, OpenError, RelaySockets, TurnConfig, TurnServer,
+    },
+};
+
+pub(super) const NOW_UNIX: u64 = 1_800_000_000;
+
+/// Relay addresses handed out by the simulated gateway.
+#[derive(Default)]
+struct SimRelaySockets {
+    open: Vec<SocketAddr>,
+    next: u16,
+}
+
+impl RelaySockets for SimRelaySockets {
+    fn open(&mut self, _family: Family, _even: bool) -> Result<SocketAddr, OpenError> {
+        self.next += 1;
+        let relay = SocketAddr::from(([192, 0, 2, 10], 50_000 + self.next));
+        self.open.push(relay);
+        Ok(relay)
+    }
+
+    fn close(&mut self, relay: SocketAddr) {
+        self.open.retain(|r| *r != relay);
+    }
+}
+
+pub(super) const LATENCY: Duration = Duration::from_millis(10);
+
+pub(super) fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+/// Two agents and a server (rendezvous and TURN relay) on a virtual network with
+/// fixed latency; `drop_p2p` drops everything between the peers (as two symmetric
+/// NATs would), never what goes through the relay.
+pub(super) struct Sim {
+    pub(super) now: Instant,
+    server: RendezvousServer,
+    turn: TurnServer,
+    relays: SimRelaySockets,
+    pub(super) server_addr: SocketAddr,
+    pub(super) agents: Vec<(SocketAddr, Agent)>,
+    in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
+    pub(super) drop_p2p: bool,
+    pub(super) events: Vec<(usize, AgentEvent)>,
+    pub(super) server_events: Vec<Event>,
+    /// Low-TTL openers sent (they expire in the network: never delivered).
+    pub(super) openers: Vec<(usize, SocketAddr, u8)>,
+}
+
+impl Sim {
+    pub(super) fn new(drop_p2p: bool) -> Self {
+        Self::with_relay(drop_p2p, true)
+    }
+
+    pub(super) fn with_relay(drop_p2p: bool, relay: bool) -> Self {
+        let secret = SharedSecret::new(b"sim secret");
+        let now = Instant::now();
+        let server_addr = addr("192.0.2.10:3478");
+        let mut agents = Vec::new();
+        for (name, at) in [("alice", "198.51.100.2:4000"), ("bob", "198.51.100.6:5000")] {
+            let issued = secret.issue(name, NOW_UNIX + 3600).expect("issue");
+            let creds = PeerCredentials {
+                username: issued.username,
+                password: issued.password,
+            };
+            let mut config = AgentConfig::new(server_addr, creds);
+            config.relay = relay;
+            agents.push((addr(at), Agent::new(config, now, 1)));
+        }
+        let policy = PeerPolicy::new(
+            vec!["198.51.100.0/24".parse().expect("range")],
+            Vec::new(),
+            Vec::new(),
+        );
+        Self {
+            now,
+            turn: TurnServer::new(TurnConfig::default(), secret.clone(), [5; 32], 600, policy),
+            relays: SimRelaySockets::default(),
+            server: RendezvousServer::new(secret, RendezvousConfig::default(), 3),
+            server_addr,
+            agents,
+            in_flight: Vec::new(),
+            drop_p2p,
+            events: Vec::new(),
+            server_events: Vec::new(),
+            openers: Vec::new(),
+        }
+    }
+
+    pub(super) fn run_for(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        while self.now < end {
+            for i in 0..self.agents.len() {
+                let (from, agent) = &mut self.agents[i];
+                if agent.poll_timeout().is_some_and(|at| at <= self.now) {
+                    agent.handle_timeout(self.now);
+                }
+                while let Some(t) = agent.poll_transmit() {
+                    if let Some(ttl) = t.ttl {
+                        self.openers.push((i, t.to, ttl));
+                        continue;
+                    }
+                    self.in_flight
+                        .push((self.now + LATENCY, *from, t.to, t.payload));
+                }
+                while let Some(e) = agent.poll_event() {
+                    self.events.push((i, e));
+                }
+            }
+            let (due, later): (Vec<_>, Vec<_>) = self
+                .in_flight
+                .drain(..)
+                .partition(|(at, ..)| *at <= self.now);
+            self.in_flight = later;
+            for (_, from, to, payload) in due {
+                if to == self.server_addr && self.relay_input(from, &payload) {
+                    continue;
+                }
+                if self.relays.open.contains(&to) {
+                    // A peer sent to a relayed address: up to the allocation's client.
+                    if let Ok(target) = self.turn.data_from_peer(self.now, to, from, payload.len())
+                    {
+                        let mut out = Vec::new();
+                        match target.channel {
+                            Some(channel) => {
+                                crate::turn::encode_channel_data(channel, &payload, &mut out)
+                            }
+                            None => self.turn.data_indication(from, &payload, &mut out),
+                        }
+                        self.in_flight.push((
+                            self.now + LATENCY,
+                            self.server_addr,
+                            target.client.addr,
+                            out,
+                        ));
+                    }
+                    continue;
+                }
+                if to == self.server_addr {
+                    let mut out = Vec::new();
+                    self.server
+                        .handle(self.now, NOW_UNIX, from, None, &payload, &mut out);
+                    self.server_events.extend(self.server.drain_events());
+                    for t in out {
+                        self.in_flight.push((
+                            self.now + LATENCY,
+                            self.server_addr,
+                            t.to,
+                            t.payload,
+                        ));
+                    }
+                } else if let from_peer = self.agents.iter().any(|(a, _)| *a == from)
+                    && let Some((_, agent)) = self.agents.iter_mut().find(|(a, _)| *a == to)
+                {
+                    if self.drop_p2p && from_peer {
+                        continue;
+                    }
+                    agent.handle_datagram(self.now, from, &payload);
+                }
+            }
+            self.now += Duration::from_millis(1);
+        }
+    }
+
+    /// The gateway's TURN side: true when it took the datagram.
+    fn relay_input(&mut self, from: SocketAddr, payload: &[u8]) -> bool {
+        if crate::turn::is_channel_data(payload) {
+            if let Ok(message) = crate::turn::ChannelData::parse(payload)
+                && let Ok((relay, peer)) = self.turn.channel_data_from_client(
+                    self.now,
+                    from,
+                    message.channel,
+                    message.data.len(),
+                )
+            {
+                self.in_flight
+                    .push((self.now + LATENCY, relay, peer, message.data.to_vec()));
+            }
+            return true;
+        }
+        let Ok(message) = Message::parse(payload) else {
+            return false;
+        };
+        if !TurnServer::is_turn_method(message.message_type().method) {
+            return false;
+        }
+        let mut out = Vec::new();
+        let handled = self.turn.handle_stun(
+            self.now,
+            NOW_UNIX,
+            from,
+            None,
+            &message,
+            &mut self.relays,
+            &mut out,
+        );
+        if let TurnHandled::Relay { relay, peer, data } = handled {
+            self.in_flight
+                .push((self.now + LATENCY, relay, peer, data.to_vec()));
+        }
+        if !out.is_empty() {
+            self.in_flight
+                .push((self.now + LATENCY, self.server_addr, from, out));
+        }
+        true
+    }
+
+    pub(super) fn has(&self, agent: usize, f: impl Fn(&AgentEvent) -> bool) -> bool {
+        self.events.iter().any(|(i, e)| *i == agent && f(e))
+    }
+}
+
+/// How a simulated NAT in front of the agent filters inbound datagrams.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum SimFilter {
+    Independent,
+    Address,
+    AddressAndPort,
+}
+
+/// One agent behind an endpoint-independent-mapping NAT with `filter` (port
+/// preserved or not), a gateway with a discovery socket on another port and one on
+/// another address; runs discovery and returns the classification event and the
+/// time it took.
+pub(super) fn discover_behind(
+    filter: SimFilter,
+    preserve: bool,
+    unauthenticated_gateway: bool,
+    alternates: Vec<SocketAddr>,
+) -> (Option<AgentEvent>, Duration) {
+    use crate::binding::{Alternates, BindingService};
+    let secret = SharedSecret::new(b"sim secret");
+    let issued = secret.issue("alice", NOW_UNIX + 3600).expect("issue");
+    let server_addr = addr("192.0.2.10:3478");
+    let mut server = RendezvousServer::new(secret, RendezvousConfig::default(), 3);
+    server.set_alternates(
+        Alternates::new(addr("0.0.0.0:3478"), alternates.clone()),
+        unauthenticated_gateway,
+    );
+    let mut config = AgentConfig::new(
+        server_addr,
+        PeerCredentials {
+            username: issued.username,
+            password: issued.password,
+        },
+    );
+    config.discovery = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3478")];
+    config.filtering = true;
+    let local = addr("10.0.0.2:4000");
+    config.host_candidates = vec![local];
+    let public = if preserve {
+        addr("198.51.100.2:4000")
+    } else {
+        addr("198.51.100.2:61000")
+    };
+    let start = Instant::now();
+    let mut agent = Agent::new(config, start, 1);
+    let mut contacted: Vec<SocketAddr> = Vec::new();
+    for ms in (0..5_000).step_by(5) {
+        let now = start + Duration::from_millis(ms);
+        if agent.poll_timeout().is_some_and(|at| at <= now) {
+            agent.handle_timeout(now);
+        }
+        // Deliver instantly, until nobody has anything more to say.
+        while let Some(transmit) = agent.poll_transmit() {
+            contacted.push(transmit.to);
+            let mut inbound: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+            if transmit.to == server_addr || transmit.to == addr("192.0.2.11:3478") {
+                let mut out = Vec::new();
+                server.handle(
+                    now,
+                    NOW_UNIX,
+                    public,
+                    Some(transmit.to.ip()),
+                    &transmit.payload,
+                    &mut out,
+                );
+                inbound.extend(out.into_iter().map(|t| (transmit.to, t.payload)));
+                for r in server.drain_redirected() {
+                    inbound.push((alternates[r.endpoint], r.transmit.payload));
+                }
+            } else if alternates.contains(&transmit.to) || transmit.to.port() == 3479 {
+                let mut reply = Vec::new();
+                BindingService.handle(public, &transmit.payload, &mut reply);
+                inbound.push((transmit.to, reply));
+            }
+            for (from, payload) in inbound {
+                let admitted = match filter {
+                    SimFilter::Independent => true,
+                    SimFilter::Address => contacted.iter().any(|c| c.ip() == from.ip()),
+                    SimFilter::AddressAndPort => contacted.contains(&from),
+                };
+                if admitted && !payload.is_empty() {
+                    agent.handle_datagram(now, from, &payload);
+                }
+            }
+        }
+        while let Some(event) = agent.poll_event() {
+            if matches!(event, AgentEvent::NatClassified { .. }) {
+                return (Some(event), now - start);
+            }
+        }
+    }
+    (None, Duration::from_secs(5))
+}
+
+/// A NAT for the birthday simulation: endpoint-independent with preserved ports, or
+/// a random port per (socket, destination); both filter by address and port.
+pub(super) struct SimNat {
+    public: IpAddr,
+    independent: bool,
+    /// No NAT at all: a public host that takes any datagram.
+    open: bool,
+    mappings: HashMap<(u32, Option<SocketAddr>), u16>,
+    sockets: HashMap<u16, u32>,
+    sent_to: HashSet<(u16, SocketAddr)>,
+    /// Unsolicited datagrams that reached one of its mapped ports: a router that
+    /// accepts them keeps a conntrack entry that later makes it remap the port.
+    unsolicited: RefCell<Vec<(u16, SocketAddr)>>,
+    rng: StdRng,
+}
+
+impl SimNat {
+    fn new(public: &str, independent: bool) -> Self {
+        Self {
+            public: public.parse().expect("ip"),
+            independent,
+            open: false,
+            mappings: HashMap::new(),
+            sockets: HashMap::new(),
+            sent_to: HashSet::new(),
+            unsolicited: RefCell::new(Vec::new()),
+            rng: StdRng::seed_from_u64(7),
+        }
+    }
+
+    fn outbound(&mut self, socket: u32, to: SocketAddr) -> SocketAddr {
+        let key = (socket, (!self.independent).then_some(to));
+        let port = match self.mappings.get(&key) {
+            Some(&port) => port,
+            None => {
+                let port = if self.independent {
+                    4000 + u16::try_from(socket).expect("few sockets")
+                } else {
+                    loop {
+                        let port = self.rng.random_range(1024..=65_535);
+                        if !self.sockets.contains_key(&port) {
+                            break port;
+                        }
+                    }
+                };
+                self.mappings.insert(key, port);
+                self.sockets.insert(port, socket);
+                port
+            }
+        };
+        self.sent_to.insert((port, to));
+        SocketAddr::new(self.public, port)
+    }
+
+    fn inbound(&self, to: SocketAddr, from: SocketAddr) -> Option<u32> {
+        if !self.sent_to.contains(&(to.port(), from)) {
+            if self.sockets.contains_key(&to.port()) {
+                self.unsolicited.borrow_mut().push((to.port(), from));
+            }
+            if !self.open {
+                return None;
+            }
+        }
+        self.sockets.get(&to.port()).copied()
+    }
+}
+
+/// Alice behind an endpoint-independent NAT, bob behind a random-port symmetric
+/// one (both filtering by address and port), the real rendezvous core between
+/// them; returns each side's events and the sockets bob sent data from and
+/// released.
+pub(super) fn birthday_run(bob_sockets: u16) -> BirthdayRun {
+    birthday_run_with(bob_sockets, NatClass::EndpointIndependent)
+}
+
+/// [`birthday_run`] with alice's side of class `alice_nat`: endpoint-independent,
+/// or `None` (a public host).
+pub(super) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> BirthdayRun {
+    let secret = SharedSecret::new(b"sim secret");
+    let mut now = Instant::now();
+    let server_addr = addr("192.0.2.10:3478");
+    let mut server = RendezvousServer::new(secret.clone(), RendezvousConfig::default(), 3);
+    let mut nats = [
+        SimNat::new("198.51.100.2", true),
+        SimNat::new("198.51.100.6", false),
+    ];
+    nats[0].open = alice_nat == NatClass::None;
+    let mut agents: Vec<Agent> = [
+        ("alice", alice_nat),
+        ("bob", NatClass::AddressAndPortDependent),
+    ]
+    .into_iter()
+    .map(|(name, nat)| {
+        let issued = secret.issue(name, NOW_UNIX + 3600).expect("issue");
+        let creds = PeerCredentials {
+            username: issued.username,
+            password: issued.password,
+        };
+        let mut config = AgentConfig::new(server_addr, creds);
+        config.relay = false;
+        config.nat = nat;
+        config.birthday_sockets = bob_sockets;
+        Agent::new(config, now, 11)
+    })
+    .collect();
+    agents[0].connect("bob", now);
+    let mut in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)> = Vec::new();
+    let mut events = Vec::new();
+    let mut data_sockets = Vec::new();
+    let mut released = 0;
+    let mut sweep_round_max = 0;
+    let mut swept = Vec::new();
+    let mut alice_failed_at = None;
+    let end = now + Duration::from_secs(8);
+    let mut sent_data = false;
+    let mut unsolicited_at_alice = None;
+    while now < end {
+        for (i, agent) in agents.iter_mut().enumerate() {
+            if agent.poll_timeout().is_some_and(|at| at <= now) {
+                agent.handle_timeout(now);
+            }
+            let mut sweep_round = 0;
+            let bob_registered = nats[1].mappings.get(&(0, Some(server_addr))).copied();
+            while let Some(t) = agent.poll_transmit() {
+                if i == 0 && t.to.ip() == nats[1].public && Some(t.to.port()) != bob_registered {
+                    swept.push((now, t.to.port()));
+                }
+                if i == 1 && t.payload.first() == Some(&DATA_MARKER) {
+                    data_sockets.push(t.socket);
+                }
+                if i == 0 && t.to.ip() == nats[1].public && t.to.port() != 0 {
+                    sweep_round += 1;
+                }
+                let from = nats[i].outbound(t.socket, t.to);
+                if t.ttl.is_none() {
+                    in_flight.push((now + LATENCY, from, t.to, t.payload));
+                }
+            }
+            sweep_round_max = sweep_round_max.max(sweep_round);
+            while let Some(e) = agent.poll_event() {
+                if i == 0 && matches!(e, AgentEvent::PunchFailed { .. }) {
+                    alice_failed_at.get_or_insert(now);
+                }
+                events.push((i, e));
+            }
+            if i == 1 {
+                while agent.poll_released_socket().is_some() {
+                    released += 1;
+                }
+            }
+        }
+        let both_up = agents[0].path("bob").is_some() && agents[1].path("alice").is_some();
+        if both_up && !sent_data {
+            sent_data = true;
+            unsolicited_at_alice = Some(nats[0].unsolicited.borrow().len());
+            assert!(agents[0].send_data("bob", b"to bob"));
+            assert!(agents[1].send_data("alice", b"to alice"));
+        }
+        let (due, later): (Vec<_>, Vec<_>) = in_flight.drain(..).partition(|(at, ..)| *at <= now);
+        in_flight = later;
+        for (_, from, to, payload) in due {
+            if to == server_addr {
+                let mut out = Vec::new();
+                server.handle(now, NOW_UNIX, from, None, &payload, &mut out);
+                for t in out {
+                    in_flight.push((now + LATENCY, server_addr, t.to, t.payload));
+                }
+                continue;
+            }
+            for (i, nat) in nats.iter().enumerate() {
+                if to.ip() == nat.public
+                    && let Some(socket) = nat.inbound(to, from)
+                {
+                    agents[i].handle_datagram_on(now, socket, from, &payload);
+                }
+            }
+        }
+        now += Duration::from_millis(1);
+    }
+    BirthdayRun {
+        events,
+        data_sockets,
+        released,
+        sweep_round_max,
+        swept,
+        alice_failed_at,
+        unsolicited_at_alice: unsolicited_at_alice
+            .unwrap_or_else(|| nats[0].unsolicited.borrow().len()),
+    }
+}
+
+/// What [`birthday_run`] saw.
+pub(super) struct BirthdayRun {
+    pub(super) events: Vec<(usize, AgentEvent)>,
+    /// The sockets bob's data left from.
+    pub(super) data_sockets: Vec<u32>,
+    /// Extra sockets bob released.
+    pub(super) released: usize,
+    /// Most datagrams alice sent toward bob's address in one timer run.
+    pub(super) sweep_round_max: u32,
+    /// The ports alice probed on bob's address, other than his registered one.
+    pub(super) swept: Vec<(Instant, u16)>,
+    /// When alice's first punch attempt gave up.
+    pub(super) alice_failed_at: Option<Instant>,
+    /// Unsolicited datagrams from bob that reached alice's mapped ports before the
+    /// path was up.
+    pub(super) unsolicited_at_alice: usize,
+}
