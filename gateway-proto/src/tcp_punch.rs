@@ -6,10 +6,10 @@
 //! simultaneous open can complete); `auto` runs the techniques one after the other
 //! in order of cost, each in its own window, so both sides switch together.
 //!
-//! The driver ([`crate::tcp_punch`]) performs the [`TcpAction`]s with real sockets
+//! The driver ([`crate::tcp_punch`]) performs the [`TcpPunchEvent`]s with real sockets
 //! bound to the local port whose mapping the gateway saw, keeps a listener on that
 //! port for the whole attempt, and tells the machine what happened
-//! ([`TcpPunch::connected`], [`TcpPunch::failed`], [`TcpPunch::accepted`]).
+//! ([`TcpPunch::handle_connected`], [`TcpPunch::handle_connect_failed`], [`TcpPunch::accepted`]).
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
@@ -92,9 +92,10 @@ impl Default for TcpPunchConfig {
     }
 }
 
-/// Something the driver must do.
+/// Something the driver must do: the TCP punch machine's output (it sends no
+/// datagrams itself; every packet comes from a kernel socket the driver opens).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TcpAction {
+pub enum TcpPunchEvent {
     /// Send a SYN toward `to` from the local port with IP TTL `ttl` (a connect() on
     /// a fresh socket), and drop that socket after `hold` (or when it fails, as it
     /// will when the ICMP time-exceeded comes back).
@@ -107,7 +108,7 @@ pub enum TcpAction {
         hold: Duration,
     },
     /// connect() from the local port to `to` with the normal TTL; report the result
-    /// with [`TcpPunch::connected`] or [`TcpPunch::failed`] naming `attempt`.
+    /// with [`TcpPunch::handle_connected`] or [`TcpPunch::handle_connect_failed`] naming `attempt`.
     Connect {
         /// The other side's candidate.
         to: SocketAddr,
@@ -203,7 +204,7 @@ pub struct TcpPunch {
     targets: Vec<Target>,
     next_attempt: u32,
     state: TcpPunchState,
-    actions: std::collections::VecDeque<TcpAction>,
+    events: std::collections::VecDeque<TcpPunchEvent>,
 }
 
 impl TcpPunch {
@@ -238,13 +239,13 @@ impl TcpPunch {
                 .collect(),
             next_attempt: 0,
             state: TcpPunchState::Running,
-            actions: std::collections::VecDeque::new(),
+            events: std::collections::VecDeque::new(),
         };
         if punch.targets.is_empty() {
             // Nothing to connect to (the other side announced no TCP candidate):
             // every technique fails at once.
             for &technique in &punch.techniques {
-                punch.actions.push_back(TcpAction::Report {
+                punch.events.push_back(TcpPunchEvent::Report {
                     technique,
                     connected: false,
                     elapsed: Duration::ZERO,
@@ -328,8 +329,8 @@ impl TcpPunch {
                 self.state = TcpPunchState::Failed;
                 return;
             };
-            self.actions.push_back(TcpAction::CancelAll);
-            self.actions.push_back(TcpAction::Report {
+            self.events.push_back(TcpPunchEvent::CancelAll);
+            self.events.push_back(TcpPunchEvent::Report {
                 technique,
                 connected: false,
                 elapsed: self.config.window,
@@ -359,7 +360,7 @@ impl TcpPunch {
                     t.in_flight = Some(attempt);
                     t.last_start = Some(now);
                     t.stage = Stage::Idle;
-                    self.actions.push_back(TcpAction::Splice {
+                    self.events.push_back(TcpPunchEvent::Splice {
                         to: t.to,
                         forge,
                         attempt,
@@ -370,7 +371,7 @@ impl TcpPunch {
                 Stage::Open => {
                     // Dropped well before the real connect(): the two would share
                     // one 4-tuple.
-                    self.actions.push_back(TcpAction::Open {
+                    self.events.push_back(TcpPunchEvent::Open {
                         to: t.to,
                         ttl: self.config.open_ttl,
                         hold: self.config.open_lead / 2,
@@ -384,7 +385,7 @@ impl TcpPunch {
                     t.attempts += 1;
                     t.in_flight = Some(attempt);
                     t.last_start = Some(now);
-                    self.actions.push_back(TcpAction::Connect {
+                    self.events.push_back(TcpPunchEvent::Connect {
                         to: t.to,
                         attempt,
                         timeout: self
@@ -399,7 +400,7 @@ impl TcpPunch {
 
     /// The connect() named `attempt` failed (refused, unreachable, timed out): the
     /// next one to that candidate goes out after the retry gap.
-    pub fn failed(&mut self, now: Instant, attempt: u32) {
+    pub fn handle_connect_failed(&mut self, now: Instant, attempt: u32) {
         let low_ttl = self.technique() == Some(TcpTechnique::LowTtl) && self.config.open_ttl > 0;
         if let Some(t) = self
             .targets
@@ -423,7 +424,7 @@ impl TcpPunch {
 
     /// The connect() named `attempt` succeeded: the attempt is over. Returns false
     /// (and changes nothing) for an attempt that is not in flight.
-    pub fn connected(&mut self, now: Instant, attempt: u32) -> bool {
+    pub fn handle_connected(&mut self, now: Instant, attempt: u32) -> bool {
         let Some(remote) = self
             .targets
             .iter()
@@ -450,7 +451,7 @@ impl TcpPunch {
     /// The listener accepted a connection from `from`: it counts only when it comes
     /// from one of the other side's candidate addresses (a NAT may change the port;
     /// the address is what the gateway vouched for). Returns whether it counted.
-    pub fn accepted(&mut self, now: Instant, from: SocketAddr) -> bool {
+    pub fn handle_accepted(&mut self, now: Instant, from: SocketAddr) -> bool {
         if !self.admits(from) {
             return false;
         }
@@ -466,8 +467,8 @@ impl TcpPunch {
             return;
         }
         let elapsed = now.saturating_duration_since(self.phase_start);
-        self.actions.push_back(TcpAction::CancelAll);
-        self.actions.push_back(TcpAction::Report {
+        self.events.push_back(TcpPunchEvent::CancelAll);
+        self.events.push_back(TcpPunchEvent::Report {
             technique,
             connected: true,
             elapsed,
@@ -480,9 +481,9 @@ impl TcpPunch {
         };
     }
 
-    /// The next action for the driver.
-    pub fn poll_action(&mut self) -> Option<TcpAction> {
-        self.actions.pop_front()
+    /// The next thing the driver must do (sockets to open, connects, reports).
+    pub fn poll_event(&mut self) -> Option<TcpPunchEvent> {
+        self.events.pop_front()
     }
 }
 
@@ -494,8 +495,8 @@ mod tests {
         s.parse().expect("address")
     }
 
-    fn drain(p: &mut TcpPunch) -> Vec<TcpAction> {
-        std::iter::from_fn(|| p.poll_action()).collect()
+    fn drain(p: &mut TcpPunch) -> Vec<TcpPunchEvent> {
+        std::iter::from_fn(|| p.poll_event()).collect()
     }
 
     #[test]
@@ -513,29 +514,29 @@ mod tests {
         p.handle_timeout(t0);
         let actions = drain(&mut p);
         assert_eq!(actions.len(), 1, "duplicates are tried once: {actions:?}");
-        let TcpAction::Connect { attempt, .. } = actions[0] else {
+        let TcpPunchEvent::Connect { attempt, .. } = actions[0] else {
             panic!("{actions:?}");
         };
         // Refused at once (a RST): the retry waits for the gap.
-        p.failed(t0 + Duration::from_millis(1), attempt);
+        p.handle_connect_failed(t0 + Duration::from_millis(1), attempt);
         assert_eq!(p.poll_timeout(), Some(t0 + config.retry_gap));
         p.handle_timeout(t0 + config.retry_gap);
         let actions = drain(&mut p);
         let [
-            TcpAction::Connect {
+            TcpPunchEvent::Connect {
                 attempt: second, ..
             },
         ] = actions[..]
         else {
             panic!("{actions:?}");
         };
-        assert!(p.connected(t0 + Duration::from_millis(400), second));
+        assert!(p.handle_connected(t0 + Duration::from_millis(400), second));
         let actions = drain(&mut p);
         assert_eq!(
             actions,
             vec![
-                TcpAction::CancelAll,
-                TcpAction::Report {
+                TcpPunchEvent::CancelAll,
+                TcpPunchEvent::Report {
                     technique: TcpTechnique::SimultaneousOpen,
                     connected: true,
                     elapsed: Duration::from_millis(400),
@@ -556,7 +557,7 @@ mod tests {
         p.handle_timeout(t0);
         assert_eq!(
             drain(&mut p),
-            vec![TcpAction::Open {
+            vec![TcpPunchEvent::Open {
                 to,
                 ttl: 2,
                 hold: config.open_lead / 2
@@ -565,13 +566,13 @@ mod tests {
         assert_eq!(p.poll_timeout(), Some(t0 + config.open_lead));
         p.handle_timeout(t0 + config.open_lead);
         let actions = drain(&mut p);
-        let [TcpAction::Connect { attempt, .. }] = actions[..] else {
+        let [TcpPunchEvent::Connect { attempt, .. }] = actions[..] else {
             panic!("{actions:?}");
         };
         // A failed real connect: the retry opens again first.
-        p.failed(t0 + config.open_lead, attempt);
+        p.handle_connect_failed(t0 + config.open_lead, attempt);
         p.handle_timeout(t0 + config.open_lead + config.retry_gap);
-        assert!(matches!(drain(&mut p)[..], [TcpAction::Open { .. }]));
+        assert!(matches!(drain(&mut p)[..], [TcpPunchEvent::Open { .. }]));
     }
 
     #[test]
@@ -586,21 +587,24 @@ mod tests {
         assert_eq!(p.poll_timeout(), Some(t1), "a connect is in flight");
         p.handle_timeout(t1);
         let actions = drain(&mut p);
-        assert_eq!(actions[0], TcpAction::CancelAll);
+        assert_eq!(actions[0], TcpPunchEvent::CancelAll);
         assert_eq!(
             actions[1],
-            TcpAction::Report {
+            TcpPunchEvent::Report {
                 technique: TcpTechnique::SimultaneousOpen,
                 connected: false,
                 elapsed: config.window,
                 attempts: 1
             }
         );
-        assert!(matches!(actions[2], TcpAction::Open { .. }), "{actions:?}");
+        assert!(
+            matches!(actions[2], TcpPunchEvent::Open { .. }),
+            "{actions:?}"
+        );
         assert_eq!(p.technique(), Some(TcpTechnique::LowTtl));
         p.handle_timeout(t1 + config.window);
         let actions = drain(&mut p);
-        assert!(actions.contains(&TcpAction::Report {
+        assert!(actions.contains(&TcpPunchEvent::Report {
             technique: TcpTechnique::LowTtl,
             connected: false,
             elapsed: config.window,
@@ -609,13 +613,13 @@ mod tests {
         assert!(
             actions
                 .iter()
-                .any(|a| matches!(a, TcpAction::Splice { to: t, .. } if *t == to)),
+                .any(|a| matches!(a, TcpPunchEvent::Splice { to: t, .. } if *t == to)),
             "{actions:?}"
         );
         assert_eq!(p.technique(), Some(TcpTechnique::NatBlaster));
         p.handle_timeout(t1 + config.window * 2);
         let actions = drain(&mut p);
-        assert!(actions.contains(&TcpAction::Report {
+        assert!(actions.contains(&TcpPunchEvent::Report {
             technique: TcpTechnique::NatBlaster,
             connected: false,
             elapsed: config.window,
@@ -639,23 +643,23 @@ mod tests {
             t0,
             config,
         );
-        assert!(!p.connected(t0, 99), "nothing in flight");
+        assert!(!p.handle_connected(t0, 99), "nothing in flight");
         let mut now = t0;
         let mut connects = 0;
         while now < t0 + config.window {
             p.handle_timeout(now);
             for a in drain(&mut p) {
-                if let TcpAction::Connect { attempt, .. } = a {
+                if let TcpPunchEvent::Connect { attempt, .. } = a {
                     connects += 1;
-                    p.failed(now, attempt);
+                    p.handle_connect_failed(now, attempt);
                 }
             }
             now += Duration::from_millis(50);
         }
         assert_eq!(connects, 3);
         // A connection from an address that is no candidate is not ours.
-        assert!(!p.accepted(now, addr("198.51.100.9:4000")));
-        assert!(p.accepted(now, addr("203.0.113.5:4999")));
+        assert!(!p.handle_accepted(now, addr("198.51.100.9:4000")));
+        assert!(p.handle_accepted(now, addr("203.0.113.5:4999")));
     }
 
     #[test]
@@ -684,7 +688,7 @@ mod tests {
         p.handle_timeout(t0);
         let actions = drain(&mut p);
         let [
-            TcpAction::Splice {
+            TcpPunchEvent::Splice {
                 to,
                 forge,
                 attempt,
@@ -700,7 +704,7 @@ mod tests {
             (first, false, config.open_ttl, config.window)
         );
         // It fails: nothing more until the window ends, then the report.
-        p.failed(t0 + Duration::from_millis(10), *attempt);
+        p.handle_connect_failed(t0 + Duration::from_millis(10), *attempt);
         assert_eq!(p.poll_timeout(), Some(t0 + config.window));
         p.handle_timeout(t0 + Duration::from_secs(1));
         assert!(drain(&mut p).is_empty());
@@ -708,8 +712,8 @@ mod tests {
         assert_eq!(
             drain(&mut p),
             vec![
-                TcpAction::CancelAll,
-                TcpAction::Report {
+                TcpPunchEvent::CancelAll,
+                TcpPunchEvent::Report {
                     technique: TcpTechnique::NatBlaster,
                     connected: false,
                     elapsed: config.window,
@@ -734,7 +738,7 @@ mod tests {
         p.handle_timeout(t0);
         let actions = drain(&mut p);
         let [
-            TcpAction::Splice {
+            TcpPunchEvent::Splice {
                 to,
                 forge: true,
                 attempt,
@@ -745,8 +749,8 @@ mod tests {
             panic!("one forged splice expected: {actions:?}");
         };
         assert_eq!(*to, first);
-        assert!(p.connected(t0 + Duration::from_millis(40), *attempt));
-        assert!(drain(&mut p).contains(&TcpAction::Report {
+        assert!(p.handle_connected(t0 + Duration::from_millis(40), *attempt));
+        assert!(drain(&mut p).contains(&TcpPunchEvent::Report {
             technique: TcpTechnique::ServerAssisted,
             connected: true,
             elapsed: Duration::from_millis(40),
@@ -774,8 +778,8 @@ mod tests {
         while now < end {
             p.handle_timeout(now);
             for a in drain(&mut p) {
-                if let TcpAction::Connect { attempt, .. } = a {
-                    p.failed(now, attempt);
+                if let TcpPunchEvent::Connect { attempt, .. } = a {
+                    p.handle_connect_failed(now, attempt);
                 }
             }
             now += Duration::from_millis(100);
@@ -785,11 +789,11 @@ mod tests {
         let splice = drain(&mut p)
             .into_iter()
             .find_map(|a| match a {
-                TcpAction::Splice { attempt, .. } => Some(attempt),
+                TcpPunchEvent::Splice { attempt, .. } => Some(attempt),
                 _ => None,
             })
             .expect("a splice");
-        assert!(p.connected(end + Duration::from_millis(30), splice));
+        assert!(p.handle_connected(end + Duration::from_millis(30), splice));
         assert!(matches!(
             p.state(),
             TcpPunchState::Connected {

@@ -19,7 +19,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::proto::tcp_punch::{TcpAction, TcpPunch, TcpPunchState, TcpTechnique};
+use crate::proto::tcp_punch::{TcpPunch, TcpPunchEvent, TcpPunchState, TcpTechnique};
 
 /// Why TCP punching could not start.
 #[derive(Debug, thiserror::Error)]
@@ -607,9 +607,9 @@ pub async fn punch(
     let mut greeting: JoinSet<(SocketAddr, io::Result<(TcpStream, bool)>)> = JoinSet::new();
     let mut winner: Option<(TcpStream, Option<SpliceStep>)> = None;
     loop {
-        while let Some(action) = machine.poll_action() {
+        while let Some(action) = machine.poll_event() {
             match action {
-                TcpAction::Open { to, ttl, hold } => {
+                TcpPunchEvent::Open { to, ttl, hold } => {
                     openers.spawn(async move {
                         let opened = reusable_socket(local).and_then(|s| {
                             set_ttl(&s, u32::from(ttl), ipv4)?;
@@ -635,7 +635,7 @@ pub async fn punch(
                         }
                     });
                 }
-                TcpAction::Connect {
+                TcpPunchEvent::Connect {
                     to,
                     attempt,
                     timeout,
@@ -664,7 +664,7 @@ pub async fn punch(
                         (attempt, result)
                     });
                 }
-                TcpAction::Splice {
+                TcpPunchEvent::Splice {
                     to,
                     forge,
                     attempt,
@@ -710,12 +710,12 @@ pub async fn punch(
                         (attempt, result)
                     });
                 }
-                TcpAction::CancelAll => {
+                TcpPunchEvent::CancelAll => {
                     connects.abort_all();
                     openers.abort_all();
                     greeting.abort_all();
                 }
-                TcpAction::Report {
+                TcpPunchEvent::Report {
                     technique,
                     connected,
                     elapsed,
@@ -761,7 +761,7 @@ pub async fn punch(
             () = tokio::time::sleep_until(deadline.into()) => machine.handle_timeout(Instant::now()),
             Some(done) = connects.join_next() => match done {
                 Ok((attempt, Ok(((mut stream, step), choose)))) => {
-                    if machine.connected(Instant::now(), attempt) {
+                    if machine.handle_connected(Instant::now(), attempt) {
                         if choose && let Err(e) = stream.write_all(&[HELLO_CHOSEN]).await {
                             tracing::debug!(error = %e, "cannot name the chosen TCP connection");
                         }
@@ -770,14 +770,14 @@ pub async fn punch(
                 }
                 Ok((attempt, Err(e))) => {
                     tracing::debug!(error = %e, attempt, "TCP punch connect failed");
-                    machine.failed(Instant::now(), attempt);
+                    machine.handle_connect_failed(Instant::now(), attempt);
                 }
                 Err(_) => {} // aborted
             },
             Some(_) = openers.join_next() => {}
             Some(done) = greeting.join_next() => match done {
                 Ok((from, Ok((mut stream, choose)))) => {
-                    if machine.accepted(Instant::now(), from) {
+                    if machine.handle_accepted(Instant::now(), from) {
                         if choose && let Err(e) = stream.write_all(&[HELLO_CHOSEN]).await {
                             tracing::debug!(error = %e, "cannot name the chosen TCP connection");
                         }
