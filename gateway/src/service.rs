@@ -14,7 +14,9 @@ use crate::{
     proto::{
         Transmit,
         binding::BindingService,
-        rendezvous::{ForgedSynAck, Handled, RendezvousServer},
+        rendezvous::{
+            ForgedSynAck, RendezvousEvent, RendezvousHandled, RendezvousServer, discovery_index,
+        },
         stun::{Message, MessageType},
         turn::{self, server::TurnServer},
     },
@@ -201,13 +203,20 @@ fn handle_batch(
             Some(shared) => {
                 let server = core.get_or_insert_with(|| lock(shared));
                 let handled =
-                    server.handle(Instant::now(), unix_now(), from, local, datagram, transmits);
-                for event in server.drain_events() {
-                    metrics.record(&event);
+                    server.handle_datagram(Instant::now(), unix_now(), from, local, datagram);
+                while let Some(transmit) = server.poll_transmit() {
+                    match discovery_index(transmit.socket) {
+                        Some(endpoint) => redirected.push((endpoint, transmit)),
+                        None => transmits.push(transmit),
+                    }
                 }
-                redirected.extend(server.drain_redirected().map(|r| (r.endpoint, r.transmit)));
-                forged.extend(server.drain_forged());
-                if matches!(handled, Handled::Registered) {
+                while let Some(event) = server.poll_event() {
+                    match event {
+                        RendezvousEvent::ForgeSynAck(synack) => forged.push(synack),
+                        event => metrics.record(&event),
+                    }
+                }
+                if matches!(handled, RendezvousHandled::Registered) {
                     metrics.registered_peers.set(server.peer_count() as i64);
                 }
                 handled.as_str()

@@ -19,7 +19,10 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::proto::tcp_punch::{TcpAction, TcpPunch, TcpPunchState, TcpTechnique};
+use crate::proto::{
+    rendezvous::wire::TcpTechnique,
+    tcp_punch::{TcpAction, TcpPunch, TcpPunchState},
+};
 
 /// Why TCP punching could not start.
 #[derive(Debug, thiserror::Error)]
