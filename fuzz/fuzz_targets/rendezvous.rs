@@ -15,12 +15,12 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let from = "203.0.113.9:4000".parse().expect("literal");
     let mut server = RendezvousServer::new(SharedSecret::new(b"fuzz"), RendezvousConfig::default(), 1);
-    let mut out = Vec::new();
-    server.handle(now, 1_800_000_000, from, None, data, &mut out);
+    server.handle_datagram(now, 1_800_000_000, from, None, data);
     assert_eq!(server.peer_count(), 0);
-    for transmit in &out {
+    while let Some(transmit) = server.poll_transmit() {
         assert!(transmit.payload.len() <= 96);
     }
+    while server.poll_event().is_some() {}
 
     let server_addr = "192.0.2.10:3478".parse().expect("literal");
     let credentials = PeerCredentials { username: "1900000000:alice".into(), password: "pw".into() };

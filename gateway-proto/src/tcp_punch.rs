@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use super::rendezvous::TcpTechnique;
+pub use super::rendezvous::wire::TcpTechnique;
 
 /// Which technique(s) `gateway peer --tcp` tries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

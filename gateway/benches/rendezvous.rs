@@ -11,8 +11,9 @@ use gateway::proto::{
     binding::{BindingService, binding_request},
     credentials::SharedSecret,
     rendezvous::{
-        NatClass, RendezvousConfig, RendezvousServer,
+        RendezvousConfig, RendezvousHandled, RendezvousServer,
         client::{self, PeerCredentials},
+        wire::NatClass,
     },
 };
 
@@ -34,6 +35,28 @@ fn addr(i: usize) -> SocketAddr {
     ))
 }
 
+/// Takes everything the server queued, as the driver does after each batch.
+fn drain(server: &mut RendezvousServer) {
+    while let Some(transmit) = server.poll_transmit() {
+        black_box(transmit);
+    }
+    while let Some(event) = server.poll_event() {
+        black_box(event);
+    }
+}
+
+/// Handles one datagram at `now` and takes what it produced.
+fn handle(
+    server: &mut RendezvousServer,
+    now: Instant,
+    from: SocketAddr,
+    datagram: &[u8],
+) -> RendezvousHandled {
+    let handled = server.handle_datagram(now, NOW_UNIX, from, None, datagram);
+    drain(server);
+    handled
+}
+
 fn bench(c: &mut Criterion) {
     let secret = SharedSecret::new(b"bench secret");
     let config = RendezvousConfig {
@@ -42,17 +65,15 @@ fn bench(c: &mut Criterion) {
     };
     let mut server = RendezvousServer::new(secret.clone(), config, 1);
     let now = Instant::now();
-    let mut out = Vec::new();
     let mut registers = Vec::new();
     let mut connects = Vec::new();
     for i in 0..2 * PAIRS {
         let c = creds(&secret, &format!("peer{i}"));
         // First contact brings the nonce bound to this address; then register.
         let hello = client::register([1; 12], &c, None, &[], NatClass::EndpointIndependent, 20);
-        out.clear();
-        server.handle(now, NOW_UNIX, addr(i), None, &hello, &mut out);
-        let nonce = out
-            .first()
+        server.handle_datagram(now, NOW_UNIX, addr(i), None, &hello);
+        let nonce = server
+            .poll_transmit()
             .and_then(|t| client::parse_response(&t.payload, &c.password))
             .and_then(|r| r.nonce)
             .expect("a nonce on first contact");
@@ -64,7 +85,7 @@ fn bench(c: &mut Criterion) {
             NatClass::EndpointIndependent,
             20,
         );
-        server.handle(now, NOW_UNIX, addr(i), None, &register, &mut out);
+        handle(&mut server, now, addr(i), &register);
         registers.push((addr(i), register));
         if i % 2 == 0 {
             connects.push((
@@ -89,8 +110,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % registers.len();
             let (from, datagram) = &registers[i];
-            out.clear();
-            server.handle(now, NOW_UNIX, *from, None, black_box(datagram), &mut out)
+            handle(&mut server, now, *from, black_box(datagram))
         })
     });
     let mut j = 0;
@@ -98,10 +118,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             j = (j + 1) % connects.len();
             let (from, datagram) = &connects[j];
-            out.clear();
-            let handled = server.handle(now, NOW_UNIX, *from, None, black_box(datagram), &mut out);
-            server.drain_events().for_each(drop);
-            handled
+            handle(&mut server, now, *from, black_box(datagram))
         })
     });
     group.finish();

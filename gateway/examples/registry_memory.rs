@@ -6,8 +6,9 @@ use std::{net::SocketAddr, time::Instant};
 use gateway::proto::{
     credentials::SharedSecret,
     rendezvous::{
-        NatClass, RendezvousConfig, RendezvousServer,
+        RendezvousConfig, RendezvousServer,
         client::{self, PeerCredentials},
+        wire::NatClass,
     },
 };
 
@@ -33,7 +34,6 @@ fn main() {
     let before = rss_kib();
     let started = Instant::now();
     let now = Instant::now();
-    let mut out = Vec::new();
     for i in 0..n {
         let issued = secret
             .issue(&format!("peer-{i:08}"), now_unix + 3600)
@@ -53,10 +53,9 @@ fn main() {
             NatClass::EndpointIndependent,
             30,
         );
-        out.clear();
-        server.handle(now, now_unix, from, None, &hello, &mut out);
-        let nonce = out
-            .first()
+        server.handle_datagram(now, now_unix, from, None, &hello);
+        let nonce = server
+            .poll_transmit()
             .and_then(|t| client::parse_response(&t.payload, &creds.password))
             .and_then(|r| r.nonce)
             .expect("a nonce on first contact");
@@ -68,8 +67,8 @@ fn main() {
             NatClass::EndpointIndependent,
             30,
         );
-        out.clear();
-        server.handle(now, now_unix, from, None, &request, &mut out);
+        server.handle_datagram(now, now_unix, from, None, &request);
+        while server.poll_transmit().is_some() {}
     }
     let after = rss_kib();
     assert_eq!(server.peer_count(), n);

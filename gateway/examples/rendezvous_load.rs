@@ -26,9 +26,8 @@ use gateway::proto::{
     binding::binding_request,
     credentials::SharedSecret,
     rendezvous::{
-        NatClass,
         client::{self, PeerCredentials},
-        method,
+        wire::{NatClass, method},
     },
     stun::{self, Class, Message, MessageType},
 };

@@ -14,7 +14,10 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::proto::rendezvous::{Event, Handled, NatClass, TcpTechnique};
+use crate::proto::rendezvous::{
+    RendezvousEvent, RendezvousHandled,
+    wire::{NatClass, TcpTechnique},
+};
 
 /// Why the metrics could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +48,7 @@ pub struct Metrics {
     pub udp_sent_datagrams: IntCounter,
     /// Bytes (UDP payload) sent from the service port.
     pub udp_sent_bytes: IntCounter,
-    /// What became of each received datagram, by [`Handled`] label.
+    /// What became of each received datagram, by [`RendezvousHandled`] label.
     pub stun_datagrams: IntCounterVec,
     /// Peers registered with the rendezvous.
     pub registered_peers: IntGauge,
@@ -88,11 +91,11 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(stun_datagrams.clone()))?;
-        for label in
-            Handled::ALL_LABELS
-                .iter()
-                .chain(&["channel_data", "turn_request", "turn_indication"])
-        {
+        for label in RendezvousHandled::ALL_LABELS.iter().chain(&[
+            "channel_data",
+            "turn_request",
+            "turn_indication",
+        ]) {
             stun_datagrams.with_label_values(&[label]);
         }
         let nat_labels = ["initiator_nat", "responder_nat"];
@@ -195,17 +198,18 @@ impl Metrics {
         })
     }
 
-    /// Records one event of the rendezvous core.
-    pub fn record(&self, event: &Event) {
+    /// Records one event of the rendezvous core. A SYN-ACK to forge counts only once
+    /// the driver injected it (`gateway_tcp_forged_synacks_total`), not here.
+    pub fn record(&self, event: &RendezvousEvent) {
         match *event {
-            Event::Introduced {
+            RendezvousEvent::Introduced {
                 initiator_nat,
                 responder_nat,
             } => self
                 .punch_attempts
                 .with_label_values(&[initiator_nat.as_str(), responder_nat.as_str()])
                 .inc(),
-            Event::Outcome {
+            RendezvousEvent::Outcome {
                 initiator_nat,
                 responder_nat,
                 direct,
@@ -228,7 +232,7 @@ impl Metrics {
                         .observe(time_to_direct.as_secs_f64());
                 }
             }
-            Event::TcpOutcome {
+            RendezvousEvent::TcpOutcome {
                 initiator_nat,
                 responder_nat,
                 technique,
@@ -242,6 +246,7 @@ impl Metrics {
                     responder_nat.as_str(),
                 ])
                 .inc(),
+            RendezvousEvent::ForgeSynAck(_) => {}
         }
     }
 

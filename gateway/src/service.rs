@@ -2,6 +2,16 @@
 //! datagram (TURN methods and ChannelData to the TURN driver, everything else to the
 //! rendezvous core or, without one, the Binding service), runs the cores' timers and
 //! sends what they return. The batched socket I/O itself is in [`crate::udp`].
+//!
+//! Lock order by structure: a batch is handled in two passes. [`relay_pass`] hands
+//! the TURN messages and ChannelData to the relay, whose methods take and release
+//! its lock inside and never return a guard. [`core_pass`] then handles every other
+//! datagram under one lock of the rendezvous core; it is given no relay. The core's
+//! guard exists only in the functions below that take a [`SharedRendezvous`] and no
+//! relay, so the two locks can never be held together. The passes' replies are
+//! merged back into the order of the datagrams they answer ([`merge_replies`]), so
+//! every client gets its replies in the order of its requests, as when the batch was
+//! handled in one pass.
 use std::{
     future::Future,
     net::SocketAddr,
@@ -12,9 +22,12 @@ use std::{
 use crate::{
     metrics::Metrics,
     proto::{
-        Transmit,
+        MAIN_SOCKET, Transmit,
         binding::BindingService,
-        rendezvous::{ForgedSynAck, Handled, RendezvousServer},
+        earliest,
+        rendezvous::{
+            ForgedSynAck, RendezvousEvent, RendezvousHandled, RendezvousServer, discovery_index,
+        },
         stun::{Message, MessageType},
         turn::{self, server::TurnServer},
     },
@@ -44,7 +57,8 @@ fn is_turn_message(datagram: &[u8]) -> bool {
 pub type SharedRendezvous = Arc<Mutex<RendezvousServer>>;
 
 /// Locks the shared core (a loop that panicked while holding it left the core
-/// consistent between calls, so its state is used as is).
+/// consistent between calls, so its state is used as is). Called only where no relay
+/// is in reach (see the module's doc).
 fn lock(core: &SharedRendezvous) -> MutexGuard<'_, RendezvousServer> {
     core.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -82,22 +96,18 @@ pub async fn run_with_alternates(
     relay: Option<Arc<RelayShared>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut redirected: Vec<(usize, Transmit)> = Vec::new();
     let mut batch = RecvBatch::new();
-    let mut transmits: Vec<Transmit> = Vec::new();
+    let mut out = BatchOutput::default();
     let mut scratch = SendScratch::default();
     // Server-assisted TCP splicing (only when the core was told to forge): the raw
     // sockets open on first use.
-    let mut forged: Vec<ForgedSynAck> = Vec::new();
     let mut injector = crate::tcp_raw::Injector::new();
     tokio::pin!(shutdown);
     loop {
-        let timeout = rendezvous.as_ref().and_then(|r| lock(r).poll_timeout());
-        let relay_timeout = relay.as_ref().and_then(|r| r.poll_timeout());
-        let timeout = match (timeout, relay_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let timeout = earliest([
+            rendezvous.as_ref().and_then(core_deadline),
+            relay.as_ref().and_then(|r| r.poll_timeout()),
+        ]);
         let sleep = async {
             match timeout {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -114,11 +124,7 @@ pub async fn run_with_alternates(
                     relay.handle_timeout(now);
                 }
                 if let Some(core) = &rendezvous {
-                    let mut server = lock(core);
-                    if server.poll_timeout().is_some_and(|at| at <= now) {
-                        server.handle_timeout(now, unix_now());
-                        metrics.registered_peers.set(server.peer_count() as i64);
-                    }
+                    core_timeout(core, now, &metrics);
                 }
                 continue;
             }
@@ -127,22 +133,20 @@ pub async fn run_with_alternates(
         if count == 0 {
             continue;
         }
-        transmits.clear();
         handle_batch(
             &batch,
             &metrics,
             rendezvous.as_ref(),
             relay.as_deref(),
-            &mut transmits,
-            &mut redirected,
-            &mut forged,
+            &mut out,
         );
-        send_transmits(&client, &transmits, &metrics, &mut scratch).await;
-        for synack in forged.drain(..) {
+        send_transmits(&client, &out.transmits, &metrics, &mut scratch).await;
+        for synack in out.forged.drain(..) {
             inject_forged(&mut injector, &synack, &metrics);
         }
-        for (endpoint, transmit) in redirected.drain(..) {
-            if let Some(alternate) = alternates.get(endpoint) {
+        for transmit in out.redirected.drain(..) {
+            let alternate = discovery_index(transmit.socket).and_then(|i| alternates.get(i));
+            if let Some(alternate) = alternate {
                 let one = std::slice::from_ref(&transmit);
                 send_transmits(alternate, one, &metrics, &mut scratch).await;
             }
@@ -150,78 +154,184 @@ pub async fn run_with_alternates(
     }
 }
 
-/// Hands every datagram of one received batch to the relay or the core, collecting
-/// the replies. The core's lock is taken at most once per batch, and released
-/// before anything is sent. SYN-ACKs the core wants forged (server-assisted TCP
-/// splicing) go to `forged`, CHANGE-REQUEST answers for other sockets to `redirected`.
-#[allow(clippy::too_many_arguments)]
+/// When the rendezvous core's timer falls due (its lock held for the read only).
+fn core_deadline(core: &SharedRendezvous) -> Option<Instant> {
+    lock(core).poll_timeout()
+}
+
+/// Runs the rendezvous core's timer if it is still due under the lock (another loop
+/// may have run it since the deadline was read).
+fn core_timeout(core: &SharedRendezvous, now: Instant, metrics: &Metrics) {
+    let mut server = lock(core);
+    if server.poll_timeout().is_some_and(|at| at <= now) {
+        server.handle_timeout(now, unix_now());
+        metrics.registered_peers.set(server.peer_count() as i64);
+    }
+}
+
+/// What one batch produced, in buffers kept across batches (cleared, never shrunk,
+/// so the buffers themselves are not reallocated per batch).
+#[derive(Default)]
+struct BatchOutput {
+    /// Per datagram of the batch, in order: whether the relay took it.
+    relay_took: Vec<bool>,
+    /// The relay's replies, each with the index of the datagram it answers.
+    relay_replies: Vec<(usize, Transmit)>,
+    /// The core's (or the Binding service's) replies from the service socket, each
+    /// with the index of the datagram it answers.
+    core_replies: Vec<(usize, Transmit)>,
+    /// What the service socket sends: both passes' replies in the order of the
+    /// datagrams they answer.
+    transmits: Vec<Transmit>,
+    /// CHANGE-REQUEST answers for the discovery sockets (socket numbers as the core
+    /// set them, see [`discovery_index`]).
+    redirected: Vec<Transmit>,
+    /// SYN-ACKs the core wants forged (server-assisted TCP splicing).
+    forged: Vec<ForgedSynAck>,
+}
+
+impl BatchOutput {
+    /// Empties every buffer, keeping their capacity.
+    fn clear(&mut self) {
+        self.relay_took.clear();
+        self.relay_replies.clear();
+        self.core_replies.clear();
+        self.transmits.clear();
+        self.redirected.clear();
+        self.forged.clear();
+    }
+}
+
+/// Hands every datagram of one received batch to the relay or the core, in two
+/// passes (see the module's doc), and collects what to send in `out`. The core's
+/// lock is taken at most once per batch and released before anything is sent.
 fn handle_batch(
     batch: &RecvBatch,
     metrics: &Metrics,
     rendezvous: Option<&SharedRendezvous>,
     relay: Option<&RelayShared>,
-    transmits: &mut Vec<Transmit>,
-    redirected: &mut Vec<(usize, Transmit)>,
-    forged: &mut Vec<ForgedSynAck>,
+    out: &mut BatchOutput,
 ) {
-    let binding = BindingService;
+    out.clear();
+    relay_pass(batch, metrics, relay, out);
+    match rendezvous {
+        Some(core) => core_pass(batch, metrics, core, out),
+        None => binding_pass(batch, metrics, out),
+    }
+    merge_replies(
+        &mut out.relay_replies,
+        &mut out.core_replies,
+        &mut out.transmits,
+    );
+}
+
+/// Pass 1: counts every datagram and hands the TURN messages and ChannelData to the
+/// relay (each call takes and releases the relay's own lock); marks in
+/// `out.relay_took` which datagrams it took. Never touches the rendezvous core.
+fn relay_pass(
+    batch: &RecvBatch,
+    metrics: &Metrics,
+    relay: Option<&RelayShared>,
+    out: &mut BatchOutput,
+) {
     let mut reply = Vec::new();
-    let mut core: Option<MutexGuard<'_, RendezvousServer>> = None;
-    for Datagram {
-        from,
-        local,
-        bytes: datagram,
-    } in batch.datagrams()
-    {
+    for (index, datagram) in batch.datagrams().enumerate() {
+        let Datagram { from, local, bytes } = datagram;
         metrics.udp_received_datagrams.inc();
-        metrics.udp_received_bytes.inc_by(datagram.len() as u64);
-        if let Some(relay) = relay {
-            if turn::is_channel_data(datagram) {
-                // Never hold the core's lock while taking the relay's.
-                core = None;
-                relay.channel_data(from.into(), datagram);
-                metrics
-                    .stun_datagrams
-                    .with_label_values(&["channel_data"])
-                    .inc();
-                continue;
+        metrics.udp_received_bytes.inc_by(bytes.len() as u64);
+        let label = match relay {
+            Some(relay) if turn::is_channel_data(bytes) => {
+                relay.channel_data(from.into(), bytes);
+                "channel_data"
             }
-            if is_turn_message(datagram) {
-                core = None;
-                let label = relay.turn_message(from.into(), local, datagram, &mut reply);
+            Some(relay) if is_turn_message(bytes) => {
+                let label = relay.turn_message(from.into(), local, bytes, &mut reply);
                 if !reply.is_empty() {
-                    transmits
-                        .push(Transmit::udp(from, std::mem::take(&mut reply)).from_local(local));
+                    let transmit = Transmit::udp(from, std::mem::take(&mut reply));
+                    out.relay_replies.push((index, transmit.from_local(local)));
                 }
-                metrics.stun_datagrams.with_label_values(&[label]).inc();
+                label
+            }
+            _ => {
+                out.relay_took.push(false);
                 continue;
-            }
-        }
-        let label = match rendezvous {
-            Some(shared) => {
-                let server = core.get_or_insert_with(|| lock(shared));
-                let handled =
-                    server.handle(Instant::now(), unix_now(), from, local, datagram, transmits);
-                for event in server.drain_events() {
-                    metrics.record(&event);
-                }
-                redirected.extend(server.drain_redirected().map(|r| (r.endpoint, r.transmit)));
-                forged.extend(server.drain_forged());
-                if matches!(handled, Handled::Registered) {
-                    metrics.registered_peers.set(server.peer_count() as i64);
-                }
-                handled.as_str()
-            }
-            None => {
-                let outcome = binding.handle(from, datagram, &mut reply);
-                if !reply.is_empty() {
-                    transmits
-                        .push(Transmit::udp(from, std::mem::take(&mut reply)).from_local(local));
-                }
-                outcome.as_str()
             }
         };
+        out.relay_took.push(true);
         metrics.stun_datagrams.with_label_values(&[label]).inc();
+    }
+}
+
+/// Pass 2: every datagram the relay did not take, through the rendezvous core under
+/// one lock, taken here and released on return. Given no relay, so the relay's lock
+/// cannot be taken while the core's is held. The core's queues are drained after
+/// each datagram, so they never hold more than one datagram's output.
+fn core_pass(batch: &RecvBatch, metrics: &Metrics, core: &SharedRendezvous, out: &mut BatchOutput) {
+    let mut server = lock(core);
+    let datagrams = batch.datagrams().enumerate().zip(&out.relay_took);
+    for ((index, datagram), _) in datagrams.filter(|(_, took)| !**took) {
+        let Datagram { from, local, bytes } = datagram;
+        let handled = server.handle_datagram(Instant::now(), unix_now(), from, local, bytes);
+        while let Some(transmit) = server.poll_transmit() {
+            if transmit.socket == MAIN_SOCKET {
+                out.core_replies.push((index, transmit));
+            } else {
+                out.redirected.push(transmit);
+            }
+        }
+        while let Some(event) = server.poll_event() {
+            match event {
+                RendezvousEvent::ForgeSynAck(synack) => out.forged.push(synack),
+                event => metrics.record(&event),
+            }
+        }
+        if matches!(handled, RendezvousHandled::Registered) {
+            metrics.registered_peers.set(server.peer_count() as i64);
+        }
+        metrics
+            .stun_datagrams
+            .with_label_values(&[handled.as_str()])
+            .inc();
+    }
+}
+
+/// Pass 2 without a rendezvous core: the plain Binding service answers.
+fn binding_pass(batch: &RecvBatch, metrics: &Metrics, out: &mut BatchOutput) {
+    let mut reply = Vec::new();
+    let datagrams = batch.datagrams().enumerate().zip(&out.relay_took);
+    for ((index, datagram), _) in datagrams.filter(|(_, took)| !**took) {
+        let Datagram { from, local, bytes } = datagram;
+        let outcome = BindingService.handle(from, bytes, &mut reply);
+        if !reply.is_empty() {
+            let transmit = Transmit::udp(from, std::mem::take(&mut reply));
+            out.core_replies.push((index, transmit.from_local(local)));
+        }
+        metrics
+            .stun_datagrams
+            .with_label_values(&[outcome.as_str()])
+            .inc();
+    }
+}
+
+/// Merges the two passes' replies (each in datagram order, and no datagram answered
+/// by both) into `out` in the order of the datagrams they answer.
+fn merge_replies(
+    relay: &mut Vec<(usize, Transmit)>,
+    core: &mut Vec<(usize, Transmit)>,
+    out: &mut Vec<Transmit>,
+) {
+    let mut relay = relay.drain(..).peekable();
+    let mut core = core.drain(..).peekable();
+    loop {
+        let next = match (relay.peek(), core.peek()) {
+            (Some((r, _)), Some((c, _))) if c < r => core.next(),
+            (Some(_), _) => relay.next(),
+            (None, _) => core.next(),
+        };
+        match next {
+            Some((_, transmit)) => out.push(transmit),
+            None => break,
+        }
     }
 }
 
@@ -246,5 +356,24 @@ fn inject_forged(
             tracing::debug!(src = %segment.src, dst = %segment.dst, seq = synack.seq, ack = synack.ack, "forged SYN-ACK sent");
         }
         Err(e) => tracing::warn!(dst = %segment.dst, "cannot send a forged SYN-ACK: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_keep_the_order_of_the_datagrams_they_answer() {
+        let to: SocketAddr = "192.0.2.1:9".parse().expect("address");
+        let reply = |n: u8| Transmit::udp(to, vec![n]);
+        // Datagrams 0 and 3 went to the relay, 1, 2 and 5 to the core (4 got nothing).
+        let mut relay = vec![(0, reply(0)), (3, reply(3)), (3, reply(4))];
+        let mut core = vec![(1, reply(1)), (2, reply(2)), (5, reply(5)), (5, reply(6))];
+        let mut out = Vec::new();
+        merge_replies(&mut relay, &mut core, &mut out);
+        let order: Vec<u8> = out.iter().map(|t| t.payload[0]).collect();
+        assert_eq!(order, [0, 1, 2, 3, 4, 5, 6]);
+        assert!(relay.is_empty() && core.is_empty());
     }
 }

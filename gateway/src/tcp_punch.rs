@@ -19,7 +19,10 @@ use tokio::{
     task::JoinSet,
 };
 
-use crate::proto::tcp_punch::{TcpPunch, TcpPunchEvent, TcpPunchState, TcpTechnique};
+use crate::proto::{
+    rendezvous::wire::TcpTechnique,
+    tcp_punch::{TcpPunch, TcpPunchEvent, TcpPunchState},
+};
 
 /// Why TCP punching could not start.
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,8 @@ use std::{
 use gateway::proto::{
     credentials::SharedSecret,
     rendezvous::{
-        CandidateKind, NatClass, SessionOutcome,
         client::{self, PeerCredentials, Role},
+        wire::{CandidateKind, NatClass, SessionOutcome},
     },
 };
 use gateway_tests::{

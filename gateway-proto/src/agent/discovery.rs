@@ -699,9 +699,8 @@ mod tests {
                     // The Register carrying the class is lost too.
                     continue;
                 }
-                let mut out = Vec::new();
-                server.handle(now, NOW_UNIX, me, None, &t.payload, &mut out);
-                for answer in out {
+                server.handle_datagram(now, NOW_UNIX, me, None, &t.payload);
+                while let Some(answer) = server.poll_transmit() {
                     agent.handle_datagram(now, server_addr, &answer.payload);
                 }
             }

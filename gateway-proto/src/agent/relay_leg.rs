@@ -298,7 +298,7 @@ impl Agent {
 mod tests {
     use super::*;
     use crate::agent::sim::*;
-    use crate::rendezvous::Event;
+    use crate::rendezvous::RendezvousEvent as Event;
 
     #[test]
     fn blocked_pair_falls_back_to_the_relay_then_upgrades_to_direct() {

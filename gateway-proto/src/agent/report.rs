@@ -233,7 +233,7 @@ impl Agent {
 mod tests {
     use super::*;
     use crate::agent::sim::*;
-    use crate::rendezvous::Event;
+    use crate::rendezvous::RendezvousEvent as Event;
 
     #[test]
     fn tcp_candidates_reach_the_other_side_apart_from_the_udp_probes_and_outcomes_are_reported() {

@@ -548,7 +548,7 @@ impl Agent {
 mod tests {
     use super::*;
     use crate::agent::sim::*;
-    use crate::rendezvous::{Event, client::PeerCredentials};
+    use crate::rendezvous::{RendezvousEvent as Event, client::PeerCredentials};
 
     #[test]
     fn two_agents_punch_exchange_data_and_report() {

@@ -16,7 +16,10 @@ use super::{Agent, AgentConfig, AgentEvent, DATA_MARKER};
 use crate::{
     credentials::SharedSecret,
     peer_policy::PeerPolicy,
-    rendezvous::{Event, NatClass, RendezvousConfig, RendezvousServer, client::PeerCredentials},
+    rendezvous::{
+        NatClass, RendezvousConfig, RendezvousEvent as Event, RendezvousServer,
+        client::PeerCredentials, discovery_index,
+    },
     stun::Message,
     turn::server::{
         Family, Handled as TurnHandled, OpenError, RelaySockets, TurnConfig, TurnServer,
@@ -159,11 +162,11 @@ impl Sim {
                     continue;
                 }
                 if to == self.server_addr {
-                    let mut out = Vec::new();
                     self.server
-                        .handle(self.now, NOW_UNIX, from, None, &payload, &mut out);
-                    self.server_events.extend(self.server.drain_events());
-                    for t in out {
+                        .handle_datagram(self.now, NOW_UNIX, from, None, &payload);
+                    self.server_events
+                        .extend(std::iter::from_fn(|| self.server.poll_event()));
+                    while let Some(t) = self.server.poll_transmit() {
                         self.in_flight.push((
                             self.now + LATENCY,
                             self.server_addr,
@@ -288,18 +291,19 @@ pub(super) fn discover_behind(
             contacted.push(transmit.to);
             let mut inbound: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
             if transmit.to == server_addr || transmit.to == addr("192.0.2.11:3478") {
-                let mut out = Vec::new();
-                server.handle(
+                server.handle_datagram(
                     now,
                     NOW_UNIX,
                     public,
                     Some(transmit.to.ip()),
                     &transmit.payload,
-                    &mut out,
                 );
-                inbound.extend(out.into_iter().map(|t| (transmit.to, t.payload)));
-                for r in server.drain_redirected() {
-                    inbound.push((alternates[r.endpoint], r.transmit.payload));
+                while let Some(t) = server.poll_transmit() {
+                    // Socket 0 is the service socket; others are discovery sockets.
+                    match discovery_index(t.socket) {
+                        None => inbound.push((transmit.to, t.payload)),
+                        Some(endpoint) => inbound.push((alternates[endpoint], t.payload)),
+                    }
                 }
             } else if alternates.contains(&transmit.to) || transmit.to.port() == 3479 {
                 let mut reply = Vec::new();
@@ -488,9 +492,8 @@ pub(super) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
         in_flight = later;
         for (_, from, to, payload) in due {
             if to == server_addr {
-                let mut out = Vec::new();
-                server.handle(now, NOW_UNIX, from, None, &payload, &mut out);
-                for t in out {
+                server.handle_datagram(now, NOW_UNIX, from, None, &payload);
+                while let Some(t) = server.poll_transmit() {
                     in_flight.push((now + LATENCY, server_addr, t.to, t.payload));
                 }
                 continue;

@@ -1,0 +1,31 @@
+//! The rendezvous (see `docs/protocol.md`): peers register with the gateway, ask it
+//! to be introduced to each other, punch, and report how it went.
+//!
+//! - [`wire`]: the vocabulary server and peers share (methods, attributes, error
+//!   codes, candidates, NAT classes, TCP techniques), re-exported here;
+//! - [`server`]: the gateway's state machine, [`RendezvousServer`] (with its
+//!   authentication, CHANGE-REQUEST answers and what it forwards between the two
+//!   sides of an introduction in submodules);
+//! - [`client`]: the peer's builders and parsers (the agent keeps the state);
+//! - [`forge`]: the lab-only server-assisted TCP splicing (pairing TCP-Seq halves,
+//!   the SYN-ACKs to forge).
+//!
+//! Peer-side code imports the vocabulary from [`wire`]; the re-exports below keep
+//! the older paths (`rendezvous::NatClass`, `rendezvous::RendezvousServer`, ...)
+//! working.
+pub mod client;
+pub mod forge;
+pub mod server;
+pub mod wire;
+
+#[cfg(test)]
+mod sim;
+
+/// The core's one datagram type (see [`crate::Transmit`]).
+pub use crate::Transmit;
+pub use forge::{ForgedSynAck, MAX_FORGED_PER_INTRODUCTION};
+pub use server::{
+    MAX_REMEMBERED_INTRODUCTIONS, RendezvousConfig, RendezvousEvent, RendezvousHandled,
+    RendezvousServer, discovery_index, discovery_socket,
+};
+pub use wire::*;

@@ -1,0 +1,808 @@
+//! The rendezvous server's state machine (see `docs/protocol.md`): registration,
+//! connect requests, introductions with synchronised start times, outcome reports,
+//! relay offers, TCP-Seq forwarding and CHANGE-REQUEST answers. Sans-IO: the caller
+//! passes the time, the datagram and its source to [`RendezvousServer::handle_datagram`]
+//! and takes datagrams to send with [`RendezvousServer::poll_transmit`] and events
+//! (metrics, SYN-ACKs to forge) with [`RendezvousServer::poll_event`].
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use self::auth::{Authenticated, error_reply};
+use super::{
+    forge::{ForgePair, ForgedSynAck},
+    wire::{
+        Candidate, CandidateKind, MAX_CANDIDATES, NatClass, SessionOutcome, TcpTechnique, attr,
+        decode_candidate, encode_candidate, method, read_u32, read_u64,
+    },
+};
+use crate::{
+    Transmit,
+    binding::{self, BindingService},
+    credentials::SharedSecret,
+    nonce::NonceIssuer,
+    stun::{
+        Class, DecodeError, Message, MessageType, MessageWriter, attr as stun_attr,
+        method as stun_method,
+    },
+};
+
+mod auth;
+mod discovery;
+mod forward;
+
+pub use discovery::{discovery_index, discovery_socket};
+
+/// Introductions remembered for outcome reports, relay offers and TCP-Seq (the
+/// oldest is forgotten first): bounds the memory they take.
+pub const MAX_REMEMBERED_INTRODUCTIONS: usize = 65_536;
+
+/// What became of one datagram: a bounded metrics label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RendezvousHandled {
+    /// Handled by the plain Binding service.
+    Binding(binding::Outcome),
+    /// A registration was created or refreshed.
+    Registered,
+    /// An introduction was made.
+    Introduced,
+    /// An outcome report was accepted.
+    OutcomeAccepted,
+    /// A relay offer was forwarded to the other side.
+    RelayOffered,
+    /// A TCP-Seq (initial sequence number) was forwarded to the other side.
+    TcpSeqForwarded,
+    /// A TCP-Seq asking for forged SYN-ACKs was kept until the other side's arrives.
+    TcpForgeQueued,
+    /// A TCP-Seq completed a pair: the SYN-ACKs for both NATs were forged.
+    TcpSynAckForged,
+    /// A TCP-Seq asked for forged SYN-ACKs, which this gateway does not do.
+    TcpForgeDisabled,
+    /// 400: a required attribute missing or malformed.
+    BadRequest,
+    /// 401: bad credentials or integrity.
+    Unauthorized,
+    /// 401/438 with a fresh NONCE: authenticated, but without a nonce valid for the
+    /// sender's address (first contact, an expired nonce, or a replay from elsewhere).
+    StaleNonce,
+    /// 403: the sender is not registered from this address.
+    Forbidden,
+    /// 404: unknown peer or introduction.
+    NotFound,
+    /// 429: too many connects.
+    RateLimited,
+    /// The registry is full.
+    Full,
+    /// A CHANGE-REQUEST was answered (from the endpoint it asked for).
+    ChangeAnswered,
+}
+
+impl RendezvousHandled {
+    /// The metrics label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RendezvousHandled::Binding(outcome) => outcome.as_str(),
+            RendezvousHandled::Registered => "registered",
+            RendezvousHandled::Introduced => "introduced",
+            RendezvousHandled::OutcomeAccepted => "outcome_accepted",
+            RendezvousHandled::RelayOffered => "relay_offered",
+            RendezvousHandled::TcpSeqForwarded => "tcp_seq_forwarded",
+            RendezvousHandled::TcpForgeQueued => "tcp_forge_queued",
+            RendezvousHandled::TcpSynAckForged => "tcp_synack_forged",
+            RendezvousHandled::TcpForgeDisabled => "tcp_forge_disabled",
+            RendezvousHandled::BadRequest => "bad_request",
+            RendezvousHandled::Unauthorized => "unauthorized",
+            RendezvousHandled::StaleNonce => "stale_nonce",
+            RendezvousHandled::Forbidden => "forbidden",
+            RendezvousHandled::NotFound => "not_found",
+            RendezvousHandled::RateLimited => "rate_limited",
+            RendezvousHandled::Full => "full",
+            RendezvousHandled::ChangeAnswered => "change_request_answered",
+        }
+    }
+
+    /// Every label value.
+    pub const ALL_LABELS: [&'static str; 21] = [
+        "binding_success",
+        "unknown_attribute",
+        "not_stun",
+        "malformed",
+        "unhandled",
+        "registered",
+        "introduced",
+        "outcome_accepted",
+        "relay_offered",
+        "tcp_seq_forwarded",
+        "tcp_forge_queued",
+        "tcp_synack_forged",
+        "tcp_forge_disabled",
+        "bad_request",
+        "unauthorized",
+        "stale_nonce",
+        "forbidden",
+        "not_found",
+        "rate_limited",
+        "full",
+        "change_request_answered",
+    ];
+}
+
+/// What the driver should know about besides the datagrams to send: what metrics
+/// count, and the SYN-ACKs to forge.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RendezvousEvent {
+    /// An introduction was sent to both sides.
+    Introduced {
+        /// The initiator's NAT class.
+        initiator_nat: NatClass,
+        /// The responder's NAT class.
+        responder_nat: NatClass,
+    },
+    /// The first outcome report of an introduction.
+    Outcome {
+        /// The initiator's NAT class.
+        initiator_nat: NatClass,
+        /// The responder's NAT class.
+        responder_nat: NatClass,
+        /// Whether a direct path was established.
+        direct: bool,
+        /// Punching failed but the sides reached each other through the relay.
+        relayed: bool,
+        /// Time from introduction to first two-way exchange, as reported.
+        time_to_direct: Duration,
+        /// Probes the reporter sent.
+        probes: u32,
+    },
+    /// The first report of a TCP punching technique's outcome in an introduction.
+    TcpOutcome {
+        /// The initiator's NAT class.
+        initiator_nat: NatClass,
+        /// The responder's NAT class.
+        responder_nat: NatClass,
+        /// The technique.
+        technique: TcpTechnique,
+        /// Whether it produced a connection.
+        success: bool,
+    },
+    /// A SYN-ACK to craft and inject (server-assisted TCP splicing, only when
+    /// [`RendezvousServer::set_tcp_forge`] enabled it).
+    ForgeSynAck(ForgedSynAck),
+}
+
+/// Tunables of the rendezvous server: the limits that bound its memory, its work per
+/// peer and what unauthenticated traffic can make it send.
+#[derive(Clone, Copy, Debug)]
+pub struct RendezvousConfig {
+    /// A registration not refreshed for this long is forgotten.
+    pub lifetime: Duration,
+    /// Most registrations held at once.
+    pub max_peers: usize,
+    /// Most Connect requests one peer may make per second.
+    pub max_connects_per_second: u32,
+    /// Added to the slower side's one-way delay when scheduling the start.
+    pub start_margin: Duration,
+    /// Most error replies to unauthenticated requests per second, all sources
+    /// together (a global budget: keeping per-source state for unauthenticated
+    /// traffic would be the memory attack itself).
+    pub max_error_replies_per_second: u32,
+    /// Lifetime of the nonces that bind signed requests to the sender's address.
+    /// Every success response carries a fresh one, so a peer that keeps its
+    /// registration alive never sees one expire.
+    pub nonce_lifetime: Duration,
+}
+
+impl Default for RendezvousConfig {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(60),
+            max_peers: 2_000_000,
+            max_connects_per_second: 20,
+            start_margin: Duration::from_millis(5),
+            max_error_replies_per_second: 1_000,
+            nonce_lifetime: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct PeerRecord {
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+    expiry_unix: u64,
+    host_candidates: Box<[Candidate]>,
+    nat: NatClass,
+    rtt_ms: u32,
+    /// Milliseconds since the server's epoch (wrapping; 32 bits keep records small).
+    last_seen_ms: u32,
+    /// Start of the current connect-rate window, same clock.
+    window_start_ms: u32,
+    connects_in_window: u32,
+}
+
+#[derive(Clone, Debug)]
+struct IntroRecord {
+    sides: [Box<str>; 2],
+    nats: [NatClass; 2],
+    reported: [bool; 2],
+    /// TCP outcome reports seen: bit `2 * (technique - 1) + side`.
+    tcp_reported: u8,
+    /// TCP-Seq messages forwarded, per side (at most one each).
+    tcp_seq_sent: [bool; 2],
+    /// Server-assisted splicing: a side's half, kept until the other's arrives.
+    forge: ForgePair,
+}
+
+/// Why a request was refused: its metrics label, error code and reason phrase.
+pub(super) type Refusal = (RendezvousHandled, u16, &'static str);
+
+/// The remembered introduction `intro_id` and which of its two sides `peer_id` is;
+/// 404 when the introduction is unknown (forgotten) or the peer is not a side of it.
+fn intro_side<'a>(
+    intros: &'a mut HashMap<u64, IntroRecord>,
+    intro_id: u64,
+    peer_id: &str,
+) -> Result<(&'a mut IntroRecord, usize), Refusal> {
+    let unknown = (RendezvousHandled::NotFound, 404, "Unknown Introduction");
+    let record = intros.get_mut(&intro_id).ok_or(unknown)?;
+    let side = record
+        .sides
+        .iter()
+        .position(|s| **s == *peer_id)
+        .ok_or(unknown)?;
+    Ok((record, side))
+}
+
+/// The rendezvous server: registers peers and introduces them to each other so
+/// they can punch a direct path (one instance serves every peer of a gateway).
+#[derive(Debug)]
+pub struct RendezvousServer {
+    secret: SharedSecret,
+    config: RendezvousConfig,
+    peers: HashMap<Box<str>, PeerRecord>,
+    intros: HashMap<u64, IntroRecord>,
+    intro_order: VecDeque<u64>,
+    rng: StdRng,
+    /// Datagrams for the driver ([`RendezvousServer::poll_transmit`]).
+    transmits: VecDeque<Transmit>,
+    /// Events for the driver ([`RendezvousServer::poll_event`]).
+    events: VecDeque<RendezvousEvent>,
+    next_sweep: Option<Instant>,
+    nonces: NonceIssuer,
+    error_budget: u32,
+    error_window: Option<Instant>,
+    /// Origin of the records' 32-bit millisecond clock: the first `now` seen (the
+    /// core never reads a clock itself).
+    epoch: Option<Instant>,
+    /// The service and discovery endpoints, for CHANGE-REQUEST.
+    alternates: binding::Alternates,
+    /// Serve CHANGE-REQUEST without credentials (amplifies; off by default).
+    change_unauthenticated: bool,
+    /// Forge SYN-ACKs for server-assisted TCP splicing (off by default).
+    tcp_forge: bool,
+}
+
+impl RendezvousServer {
+    /// Creates a server; `seed` feeds the generator of introduction ids and probe keys
+    /// (the daemon passes OS randomness; tests pass a constant).
+    pub fn new(secret: SharedSecret, config: RendezvousConfig, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let nonce_key: [u8; 32] = rng.random();
+        let nonce_lifetime = u32::try_from(config.nonce_lifetime.as_secs()).unwrap_or(u32::MAX);
+        Self {
+            nonces: NonceIssuer::new(nonce_key, nonce_lifetime),
+            secret,
+            config,
+            peers: HashMap::new(),
+            intros: HashMap::new(),
+            intro_order: VecDeque::new(),
+            rng,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            next_sweep: None,
+            error_budget: 0,
+            error_window: None,
+            epoch: None,
+            alternates: binding::Alternates::default(),
+            change_unauthenticated: false,
+            tcp_forge: false,
+        }
+    }
+
+    /// Enables CHANGE-REQUEST (RFC 5780) answers from the given endpoints; by default
+    /// none exist and CHANGE-REQUEST gets 420. With `unauthenticated`, requests without
+    /// credentials are served too (a reflection and amplification risk: see
+    /// `docs/operations.md`); otherwise they get 401. An answer that must leave from
+    /// discovery endpoint `i` (its index in `alternates`) comes out of
+    /// [`Self::poll_transmit`] with socket number [`discovery_socket`]`(i)`.
+    pub fn set_alternates(&mut self, alternates: binding::Alternates, unauthenticated: bool) {
+        self.alternates = alternates;
+        self.change_unauthenticated = unauthenticated;
+    }
+
+    /// Enables server-assisted TCP splicing (technique 4): for a TCP-Seq with
+    /// TCP-FORGE from both sides of an introduction, the core asks the driver to forge
+    /// the SYN-ACK each side's NAT expects ([`RendezvousEvent::ForgeSynAck`]). That
+    /// needs source-address spoofing and injects packets into the peers' flows: lab
+    /// only. Off by default; such requests then get [`TCP_FORGE_DISABLED`].
+    pub fn set_tcp_forge(&mut self, enabled: bool) {
+        self.tcp_forge = enabled;
+    }
+
+    /// Registered peers, for the gauge of registered peers.
+    pub fn peer_count(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The next datagram to send, in the order the core made them. Socket
+    /// [`MAIN_SOCKET`] (0) is the service socket the requests came in on; a
+    /// CHANGE-REQUEST answer that must leave from discovery endpoint `i` has socket
+    /// [`discovery_socket`]`(i)` = `i + 1`. The queue grows only while datagrams are
+    /// handled: a driver that drains it after each received batch bounds it by the
+    /// batch.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event (introductions and outcomes for metrics, SYN-ACKs to forge), in
+    /// the order they happened; bounded like [`Self::poll_transmit`].
+    pub fn poll_event(&mut self) -> Option<RendezvousEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_sweep
+    }
+
+    /// Forgets registrations that were not refreshed in time or whose credentials
+    /// expired.
+    pub fn handle_timeout(&mut self, now: Instant, now_unix: u64) {
+        let lifetime_ms = u32::try_from(self.config.lifetime.as_millis()).unwrap_or(u32::MAX);
+        let now_ms = self.clock_ms(now);
+        self.peers.retain(|_, peer| {
+            now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms && peer.expiry_unix > now_unix
+        });
+        self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
+    }
+
+    /// Handles one datagram from `from`, received on local address `local` (when
+    /// known): queues the replies ([`Self::poll_transmit`]) and events
+    /// ([`Self::poll_event`]) and returns what became of it, a bounded metrics label.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+    ) -> RendezvousHandled {
+        let message = match Message::parse(datagram) {
+            Ok(message) => message,
+            Err(DecodeError::NotStun | DecodeError::TooShort) => {
+                return RendezvousHandled::Binding(binding::Outcome::NotStun);
+            }
+            Err(_) => return RendezvousHandled::Binding(binding::Outcome::Malformed),
+        };
+        let ty = message.message_type();
+        if ty.class == Class::Request
+            && ty.method == stun_method::BINDING
+            && let Some(change) = binding::ChangeRequest::find(&message)
+        {
+            return self.change_request(now, now_unix, from, local, message, change);
+        }
+        if ty.class != Class::Request
+            || !matches!(
+                ty.method,
+                method::REGISTER
+                    | method::CONNECT
+                    | method::OUTCOME
+                    | method::RELAY_OFFER
+                    | method::TCP_SEQ
+            )
+        {
+            let mut reply = Vec::new();
+            let outcome = BindingService.handle(from, datagram, &mut reply);
+            if !reply.is_empty() {
+                self.transmits
+                    .push_back(Transmit::udp(from, reply).from_local(local));
+            }
+            return RendezvousHandled::Binding(outcome);
+        }
+        let auth = match self.authenticate(message, from, now_unix) {
+            Ok(auth) => auth,
+            Err(handled) => {
+                let (code, reason) = match handled {
+                    RendezvousHandled::BadRequest => (400, "Bad Request"),
+                    _ => (401, "Unauthorized"),
+                };
+                if self.take_error_budget(now) {
+                    self.transmits
+                        .push_back(error_reply(&message, code, reason, None, from, local));
+                }
+                return handled;
+            }
+        };
+        // Signed requests must echo a nonce issued to this address: a captured
+        // request replayed from elsewhere (or later) changes nothing. The answer is
+        // authenticated and carries the nonce to use.
+        if !self.nonce_echoed(&auth, from, local, now_unix) {
+            return RendezvousHandled::StaleNonce;
+        }
+        let result = match ty.method {
+            method::REGISTER => self.register(now, from, local, &auth),
+            method::CONNECT => self.connect(now, from, &auth),
+            method::RELAY_OFFER => self.relay_offer(from, &auth),
+            method::TCP_SEQ => self.tcp_seq(from, &auth),
+            _ => self.outcome(&auth),
+        };
+        match result {
+            Ok((handled, reply)) => {
+                self.transmits
+                    .push_back(Transmit::udp(from, reply).from_local(local));
+                handled
+            }
+            Err((handled, code, reason)) => {
+                self.transmits.push_back(error_reply(
+                    &message,
+                    code,
+                    reason,
+                    Some((&auth.password, &auth.next_nonce)),
+                    from,
+                    local,
+                ));
+                handled
+            }
+        }
+    }
+
+    /// `now` on the records' wrapping 32-bit millisecond clock.
+    fn clock_ms(&mut self, now: Instant) -> u32 {
+        let epoch = *self.epoch.get_or_insert(now);
+        // Truncation is the point: differences are taken with wrapping_sub.
+        now.saturating_duration_since(epoch).as_millis() as u32
+    }
+
+    /// Creates or refreshes the sender's registration (address, host candidates, NAT
+    /// class, RTT); answers with its reflexive address, the lifetime and the next nonce.
+    fn register(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        auth: &Authenticated<'_>,
+    ) -> Result<(RendezvousHandled, Vec<u8>), Refusal> {
+        let tid = auth.message.transaction_id();
+        let now_ms = self.clock_ms(now);
+        let mut hosts = Vec::new();
+        let mut nat = NatClass::Unknown;
+        let mut rtt_ms = 0;
+        for attribute in auth.message.attributes().filter_map(Result::ok) {
+            match attribute.ty {
+                attr::CANDIDATE if hosts.len() < MAX_CANDIDATES => {
+                    // Host and predicted candidates; a peer cannot claim to be
+                    // server-reflexive (only the gateway knows that address).
+                    // A TCP reflexive candidate must be on the address the gateway
+                    // sees the peer at (else a peer could aim the other side's SYNs
+                    // at any third party).
+                    if let Some(c) = decode_candidate(attribute.value, tid)
+                        && c.kind != CandidateKind::ServerReflexive
+                        && (!c.kind.is_tcp()
+                            || c.addr.ip().to_canonical() == from.ip().to_canonical())
+                    {
+                        hosts.push(c);
+                    }
+                }
+                attr::NAT_CLASS => {
+                    nat = NatClass::from_u8(attribute.value.first().copied().unwrap_or(0))
+                }
+                attr::RTT => rtt_ms = read_u32(attribute.value).unwrap_or(0).min(10_000),
+                _ => {}
+            }
+        }
+        if !self.peers.contains_key(auth.peer_id.as_str())
+            && self.peers.len() >= self.config.max_peers
+        {
+            return Err((RendezvousHandled::Full, 503, "Registry Full"));
+        }
+        let record = self
+            .peers
+            .entry(auth.peer_id.clone().into_boxed_str())
+            .or_insert_with(|| PeerRecord {
+                addr: from,
+                local,
+                expiry_unix: auth.expiry_unix,
+                host_candidates: Box::new([]),
+                nat,
+                rtt_ms,
+                last_seen_ms: now_ms,
+                window_start_ms: now_ms,
+                connects_in_window: 0,
+            });
+        record.addr = from;
+        record.local = local;
+        record.expiry_unix = auth.expiry_unix;
+        record.host_candidates = hosts.into_boxed_slice();
+        record.nat = nat;
+        record.rtt_ms = rtt_ms;
+        record.last_seen_ms = now_ms;
+        if self.next_sweep.is_none() {
+            self.next_sweep = Some(now + Duration::from_secs(1));
+        }
+        let mut reply = Vec::with_capacity(128);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::REGISTER,
+                class: Class::Success,
+            },
+            tid,
+        );
+        let lifetime = u32::try_from(self.config.lifetime.as_secs()).unwrap_or(u32::MAX);
+        writer
+            .xor_mapped_address(from)
+            .attribute(attr::LIFETIME, &lifetime.to_be_bytes())
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((RendezvousHandled::Registered, reply))
+    }
+
+    /// Introduces the sender to the peer it names: an Introduction to each side (twice)
+    /// timed so both start probing together; answers with the introduction id.
+    /// Rate-limited per peer.
+    fn connect(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        auth: &Authenticated<'_>,
+    ) -> Result<(RendezvousHandled, Vec<u8>), Refusal> {
+        let target = auth
+            .message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == attr::PEER_ID)
+            .and_then(|a| std::str::from_utf8(a.value).ok())
+            .ok_or((RendezvousHandled::BadRequest, 400, "Bad Request"))?
+            .to_owned();
+        let max_connects = self.config.max_connects_per_second;
+        let now_ms = self.clock_ms(now);
+        let initiator = self
+            .peers
+            .get_mut(auth.peer_id.as_str())
+            .filter(|p| p.addr == from)
+            .ok_or((RendezvousHandled::Forbidden, 403, "Not Registered Here"))?;
+        if now_ms.wrapping_sub(initiator.window_start_ms) >= 1_000 {
+            initiator.window_start_ms = now_ms;
+            initiator.connects_in_window = 0;
+        }
+        if initiator.connects_in_window >= max_connects {
+            return Err((RendezvousHandled::RateLimited, 429, "Too Many Connects"));
+        }
+        initiator.connects_in_window += 1;
+        initiator.last_seen_ms = now_ms;
+        let initiator = initiator.clone();
+        let responder = self
+            .peers
+            .get(target.as_str())
+            .filter(|_| target != auth.peer_id)
+            .cloned()
+            .ok_or((RendezvousHandled::NotFound, 404, "Peer Not Found"))?;
+
+        let intro_id: u64 = self.rng.random();
+        let probe_key: [u8; 16] = self.rng.random();
+        let slower_one_way = initiator.rtt_ms.max(responder.rtt_ms) / 2;
+        let margin = u32::try_from(self.config.start_margin.as_millis()).unwrap_or(5);
+        let delay = |own_rtt: u32| {
+            slower_one_way
+                .saturating_add(margin)
+                .saturating_sub(own_rtt / 2)
+        };
+        let sides = [
+            (
+                &initiator,
+                auth.peer_id.as_str(),
+                &responder,
+                target.as_str(),
+                0u8,
+            ),
+            (
+                &responder,
+                target.as_str(),
+                &initiator,
+                auth.peer_id.as_str(),
+                1u8,
+            ),
+        ];
+        for (recipient, recipient_id, other, other_id, role) in sides {
+            let username = format!("{}:{recipient_id}", recipient.expiry_unix);
+            let password = self.secret.password(&username);
+            let tid: [u8; 12] = self.rng.random();
+            let mut payload = Vec::with_capacity(256);
+            let mut writer = MessageWriter::new(
+                &mut payload,
+                MessageType {
+                    method: method::INTRODUCTION,
+                    class: Class::Indication,
+                },
+                tid,
+            );
+            writer
+                .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
+                .attribute(attr::PEER_ID, other_id.as_bytes());
+            let reflexive = Candidate {
+                kind: CandidateKind::ServerReflexive,
+                addr: other.addr,
+            };
+            // TCP candidates right after the reflexive one, so the cap never drops
+            // them (agents that predate them ignore the unknown kind).
+            let tcp = other.host_candidates.iter().filter(|c| c.kind.is_tcp());
+            let hosts = other.host_candidates.iter().filter(|c| !c.kind.is_tcp());
+            for candidate in std::iter::once(reflexive)
+                .chain(tcp.chain(hosts).copied())
+                .take(MAX_CANDIDATES)
+            {
+                let (value, len) = encode_candidate(candidate, tid);
+                writer.attribute(attr::CANDIDATE, &value[..len]);
+            }
+            writer
+                .attribute(attr::PROBE_KEY, &probe_key)
+                .attribute(attr::START_DELAY, &delay(recipient.rtt_ms).to_be_bytes())
+                .attribute(attr::ROLE, &[role])
+                .attribute(attr::NAT_CLASS, &[other.nat as u8])
+                .message_integrity_sha256(password.as_bytes());
+            writer.finish_with_fingerprint();
+            // Sent twice: a lost introduction costs a whole punch attempt, a duplicate
+            // costs one datagram (the agent ignores an introduction it already has).
+            self.transmits.push_back(
+                Transmit::udp(recipient.addr, payload.clone()).from_local(recipient.local),
+            );
+            self.transmits
+                .push_back(Transmit::udp(recipient.addr, payload).from_local(recipient.local));
+        }
+        self.remember_intro(
+            intro_id,
+            IntroRecord {
+                sides: [
+                    auth.peer_id.clone().into_boxed_str(),
+                    target.into_boxed_str(),
+                ],
+                nats: [initiator.nat, responder.nat],
+                reported: [false; 2],
+                tcp_reported: 0,
+                tcp_seq_sent: [false; 2],
+                forge: ForgePair::default(),
+            },
+        );
+        self.events.push_back(RendezvousEvent::Introduced {
+            initiator_nat: initiator.nat,
+            responder_nat: responder.nat,
+        });
+        let mut reply = Vec::with_capacity(96);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::CONNECT,
+                class: Class::Success,
+            },
+            auth.message.transaction_id(),
+        );
+        writer
+            .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((RendezvousHandled::Introduced, reply))
+    }
+
+    /// Remembers an introduction, forgetting the oldest beyond
+    /// [`MAX_REMEMBERED_INTRODUCTIONS`].
+    fn remember_intro(&mut self, id: u64, record: IntroRecord) {
+        if self.intro_order.len() >= MAX_REMEMBERED_INTRODUCTIONS
+            && let Some(oldest) = self.intro_order.pop_front()
+        {
+            self.intros.remove(&oldest);
+        }
+        self.intros.insert(id, record);
+        self.intro_order.push_back(id);
+    }
+
+    /// Accepts each side's first outcome report of an introduction (per technique for
+    /// TCP reports); the first of the two sides' is the one counted.
+    fn outcome(
+        &mut self,
+        auth: &Authenticated<'_>,
+    ) -> Result<(RendezvousHandled, Vec<u8>), Refusal> {
+        let mut intro_id = None;
+        let mut report = None;
+        let mut technique = None;
+        for attribute in auth.message.attributes().filter_map(Result::ok) {
+            match attribute.ty {
+                attr::INTRO_ID => intro_id = read_u64(attribute.value),
+                attr::TECHNIQUE => {
+                    technique = Some(
+                        attribute
+                            .value
+                            .first()
+                            .copied()
+                            .and_then(TcpTechnique::from_u8)
+                            .ok_or((RendezvousHandled::BadRequest, 400, "Bad Request"))?,
+                    );
+                }
+                attr::OUTCOME if attribute.value.len() == 9 => {
+                    let outcome = SessionOutcome::from_u8(attribute.value[0]);
+                    let ms = read_u32(&attribute.value[1..5]).unwrap_or(0);
+                    let probes = read_u32(&attribute.value[5..9]).unwrap_or(0);
+                    report = Some((outcome, ms, probes));
+                }
+                _ => {}
+            }
+        }
+        let (Some(intro_id), Some((outcome, ms, probes))) = (intro_id, report) else {
+            return Err((RendezvousHandled::BadRequest, 400, "Bad Request"));
+        };
+        let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
+        if let Some(technique) = technique {
+            // TCP outcomes: once per side per technique, counted on the first.
+            let shift = 2 * (technique as u8 - 1);
+            let bit = 1u8 << (shift + side as u8);
+            if record.tcp_reported & bit != 0 {
+                return Err((RendezvousHandled::NotFound, 404, "Already Reported"));
+            }
+            let first = record.tcp_reported & (0b11 << shift) == 0;
+            record.tcp_reported |= bit;
+            if first {
+                self.events.push_back(RendezvousEvent::TcpOutcome {
+                    initiator_nat: record.nats[0],
+                    responder_nat: record.nats[1],
+                    technique,
+                    success: outcome == SessionOutcome::Direct,
+                });
+            }
+        } else {
+            if record.reported[side] {
+                return Err((RendezvousHandled::NotFound, 404, "Already Reported"));
+            }
+            let first = !record.reported.iter().any(|&r| r);
+            record.reported[side] = true;
+            if first {
+                self.events.push_back(RendezvousEvent::Outcome {
+                    initiator_nat: record.nats[0],
+                    responder_nat: record.nats[1],
+                    direct: outcome == SessionOutcome::Direct,
+                    relayed: outcome == SessionOutcome::Relayed,
+                    time_to_direct: Duration::from_millis(u64::from(ms)),
+                    probes,
+                });
+            }
+        }
+        let mut reply = Vec::with_capacity(64);
+        let mut writer = MessageWriter::new(
+            &mut reply,
+            MessageType {
+                method: method::OUTCOME,
+                class: Class::Success,
+            },
+            auth.message.transaction_id(),
+        );
+        writer
+            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
+            .message_integrity_sha256(auth.password.as_bytes());
+        writer.finish_with_fingerprint();
+        Ok((RendezvousHandled::OutcomeAccepted, reply))
+    }
+}
+
+#[cfg(test)]
+impl RendezvousServer {
+    /// The nonce the server would give `from` (what an agent learns on first contact).
+    pub(super) fn issue_nonce(&self, from: SocketAddr, now_unix: u64) -> String {
+        self.nonces.issue(from, now_unix)
+    }
+}
+
+#[cfg(test)]
+mod tests;
