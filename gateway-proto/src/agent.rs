@@ -28,8 +28,8 @@ use super::{
     turn::{
         self,
         client::{
-            Client as TurnClient, ClientConfig as TurnClientConfig, Event as TurnEvent,
-            Request as TurnRequest,
+            Client as TurnClient, ClientConfig as TurnClientConfig, Request as TurnRequest,
+            TurnClientEvent as TurnEvent,
         },
     },
 };
