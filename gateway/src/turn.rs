@@ -1,7 +1,16 @@
 //! The TURN relay's I/O: one UDP socket per allocation on a port of the relay range,
 //! a task per socket forwarding what peers send back to the client, and the relay's
 //! metrics. The protocol decisions are all in [`crate::proto::turn::server`]; this
-//! module only moves datagrams.
+//! module only moves datagrams and carries out the core's events.
+//!
+//! Locking: the core and its socket table share one mutex, taken once per relayed
+//! datagram and once per control message. Whoever feeds the core an input drains
+//! its outputs under that lock, then releases it before any socket is bound,
+//! registered with epoll, given a task or sent on; a new socket's report back to the
+//! core takes the lock again. Only the kernel fast path's map updates (and counter
+//! reads) stay under it, as the maps must follow the core's instructions in order.
+//! The TCP clients' writers have a leaf lock of their own (`TcpClients`), never held
+//! while the state lock is taken.
 use std::{
     cell::RefCell,
     collections::HashMap,
@@ -9,8 +18,8 @@ use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicU16, AtomicU64, Ordering},
     },
     time::Instant,
 };
@@ -29,13 +38,14 @@ type RelaySocket = AsyncFd<std::net::UdpSocket>;
 
 use crate::fast_path::{FastPathConfig, RelayFastPath};
 use crate::proto::{
+    Transmit, Transport,
     binding::BindingService,
     stun::Message,
     turn::{
-        CHANNEL_DATA_HEADER, ChannelData, channel_data_header,
+        AddressFamily, CHANNEL_DATA_HEADER, ChannelData, channel_data_header,
         server::{
-            ClientAddr, DropReason, Family, Handled as TurnHandled, OpenError, RelaySockets,
-            RequestMethod, RequestOutcome, Transport, TurnServer,
+            ClientAddr, DropReason, EvenPort, OpenError, RelayRequestId, RequestMethod,
+            RequestOutcome, TurnHandled, TurnServer, TurnServerEvent,
         },
     },
 };
@@ -165,62 +175,94 @@ pub struct RelaySocketConfig {
     pub ports: RangeInclusive<u16>,
 }
 
-struct OpenRelay {
+/// An open relay socket and its task; dropping it stops the task (the socket closes
+/// when the task has let go of it).
+struct RelaySocketHandle {
     socket: Arc<RelaySocket>,
     task: AbortHandle,
 }
 
-/// The relay sockets, implementing the core's [`RelaySockets`].
-pub struct RelaySocketTable {
-    config: RelaySocketConfig,
-    open: HashMap<SocketAddr, OpenRelay>,
-    cursor: u16,
-    shared: Option<std::sync::Weak<RelayShared>>,
-    runtime: tokio::runtime::Handle,
-    /// The gateway address of the Allocate being served (set around each call).
-    current_local: Option<IpAddr>,
+impl Drop for RelaySocketHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
-/// The core and its sockets behind one lock: one acquisition per relayed datagram.
-pub struct RelayState {
+/// The core and its open sockets behind one lock: one acquisition per relayed
+/// datagram finds both the route and the socket. Whoever feeds the core an input
+/// drains its outputs ([`RelayState::drain`]) before releasing the lock, so each
+/// caller carries out exactly what its own input caused.
+struct RelayState {
     /// The protocol core.
-    pub core: TurnServer,
-    /// The sockets it has opened.
-    pub sockets: RelaySocketTable,
+    core: TurnServer,
+    /// The relay sockets open, by address.
+    sockets: HashMap<SocketAddr, RelaySocketHandle>,
     /// The kernel fast path, when loaded.
-    pub fast: Option<RelayFastPath>,
+    fast: Option<RelayFastPath>,
+}
+
+/// A socket request of the core, taken out from under the lock.
+struct OpenRequest {
+    request: RelayRequestId,
+    family: AddressFamily,
+    even_port: EvenPort,
+    local: Option<IpAddr>,
+}
+
+/// What one drain of the core leaves to do once the lock is released.
+#[derive(Default)]
+struct Outputs {
+    /// Replies to send.
+    transmits: Vec<Transmit>,
+    /// Relay sockets to open (and report back).
+    open: Vec<OpenRequest>,
+    /// Relay sockets taken out of the table: dropped (tasks stopped) unlocked.
+    closed: Vec<RelaySocketHandle>,
 }
 
 impl RelayState {
-    /// Runs the core's request handling with the gateway address the client reached,
-    /// so relay sockets open on that address when none is configured.
-    pub fn with_local<R>(
-        &mut self,
-        local: Option<IpAddr>,
-        f: impl FnOnce(&mut TurnServer, &mut RelaySocketTable) -> R,
-    ) -> R {
-        self.sockets.current_local = local;
-        let result = f(&mut self.core, &mut self.sockets);
-        self.sockets.current_local = None;
-        result
-    }
-
-    /// Applies the core's fast-path instructions to the kernel maps (an entry that
-    /// cannot be installed leaves its traffic to userspace, which stays correct).
-    pub fn apply_fast_path(&mut self, metrics: &RelayMetrics) {
-        let Some(fast) = self.fast.as_mut() else {
-            return;
-        };
-        for instruction in self.core.drain_fast_path() {
-            if let Err(e) = fast.apply(&instruction) {
-                tracing::warn!(error = %e, ?instruction, "relay fast path: map update failed");
+    /// Takes everything the core queued: fast-path instructions are applied here
+    /// (in order, as the kernel maps must follow the core), counters updated, closed
+    /// sockets taken out of the table, and socket requests and replies handed back
+    /// for the caller to carry out without the lock.
+    fn drain(&mut self, metrics: &RelayMetrics, outputs: &mut Outputs) {
+        while let Some(event) = self.core.poll_event() {
+            match event {
+                TurnServerEvent::OpenRelay {
+                    request,
+                    family,
+                    even_port,
+                    local,
+                } => outputs.open.push(OpenRequest {
+                    request,
+                    family,
+                    even_port,
+                    local,
+                }),
+                TurnServerEvent::CloseRelay(relay) => {
+                    outputs.closed.extend(self.sockets.remove(&relay));
+                }
+                TurnServerEvent::FastPath(instruction) => {
+                    if let Some(fast) = self.fast.as_mut()
+                        && let Err(e) = fast.apply(&instruction)
+                    {
+                        tracing::warn!(error = %e, ?instruction, "relay fast path: map update failed");
+                    }
+                }
+                TurnServerEvent::AllocationCreated { .. } => metrics.allocations_created.inc(),
             }
         }
-        metrics.fast_path_entries.set(fast.installed() as i64);
+        if let Some(fast) = self.fast.as_ref() {
+            metrics.fast_path_entries.set(fast.installed() as i64);
+        }
+        outputs
+            .transmits
+            .extend(std::iter::from_fn(|| self.core.poll_transmit()));
+        metrics.allocations.set(self.core.allocation_count() as i64);
     }
 
     /// Adds what the kernel relayed since the last call to `metrics`.
-    pub fn fold_fast_path(&mut self, metrics: &RelayMetrics) {
+    fn fold_fast_path(&mut self, metrics: &RelayMetrics) {
         let Some(fast) = self.fast.as_mut() else {
             return;
         };
@@ -238,19 +280,46 @@ impl RelayState {
     }
 
     /// The socket of the relay address `relay`.
-    pub fn relay_socket(&self, relay: SocketAddr) -> Option<Arc<RelaySocket>> {
-        self.sockets.open.get(&relay).map(|r| r.socket.clone())
+    fn relay_socket(&self, relay: SocketAddr) -> Option<Arc<RelaySocket>> {
+        self.sockets.get(&relay).map(|r| r.socket.clone())
+    }
+}
+
+/// The writers of the TCP clients' connections, by client address. A leaf lock:
+/// each method takes and releases it without calling anything else, so it is never
+/// held while the state lock is taken, and taking it under the state lock cannot
+/// deadlock.
+#[derive(Default)]
+struct TcpClients(Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>);
+
+impl TcpClients {
+    fn map(&self) -> MutexGuard<'_, HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn insert(&self, addr: SocketAddr, writer: tokio::sync::mpsc::Sender<Vec<u8>>) {
+        self.map().insert(addr, writer);
+    }
+
+    fn remove(&self, addr: SocketAddr) {
+        self.map().remove(&addr);
+    }
+
+    fn writer(&self, addr: SocketAddr) -> Option<tokio::sync::mpsc::Sender<Vec<u8>>> {
+        self.map().get(&addr).cloned()
     }
 }
 
 /// What relay tasks share.
 pub struct RelayShared {
     state: Mutex<RelayState>,
+    opener: RelayOpener,
     metrics: RelayMetrics,
     client_socket: ServiceSocket,
     tid_counter: AtomicU64,
-    /// Writers of the TCP clients' connections, by client address.
-    tcp_clients: Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>,
+    tcp_clients: TcpClients,
+    /// This relay, for the tasks of the sockets it opens.
+    this: Weak<RelayShared>,
 }
 
 impl RelayShared {
@@ -263,30 +332,28 @@ impl RelayShared {
         metrics: RelayMetrics,
         fast: Option<RelayFastPath>,
     ) -> Arc<Self> {
-        let cursor = rand::random::<u16>();
         Arc::new_cyclic(|weak| Self {
             state: Mutex::new(RelayState {
                 core,
-                sockets: RelaySocketTable {
-                    config,
-                    open: HashMap::new(),
-                    cursor,
-                    shared: Some(weak.clone()),
-                    runtime: tokio::runtime::Handle::current(),
-                    current_local: None,
-                },
+                sockets: HashMap::new(),
                 fast,
             }),
+            opener: RelayOpener {
+                config,
+                cursor: AtomicU16::new(rand::random()),
+                runtime: tokio::runtime::Handle::current(),
+            },
             metrics,
             client_socket,
             tid_counter: AtomicU64::new(rand::random()),
-            tcp_clients: Mutex::new(HashMap::new()),
+            tcp_clients: TcpClients::default(),
+            this: weak.clone(),
         })
     }
 
     /// Locks the core and its sockets (a poisoned lock is taken over: the state is
     /// plain data and every update leaves it consistent).
-    pub fn lock(&self) -> MutexGuard<'_, RelayState> {
+    fn lock(&self) -> MutexGuard<'_, RelayState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -298,11 +365,12 @@ impl RelayShared {
     /// Runs the core's timers: expiries close sockets.
     pub fn handle_timeout(&self, now: Instant) {
         let mut state = self.lock();
-        let RelayState { core, sockets, .. } = &mut *state;
-        core.handle_timeout(now, sockets);
-        self.metrics.allocations.set(core.allocation_count() as i64);
-        state.apply_fast_path(&self.metrics);
+        state.core.handle_timeout(now);
+        let mut outputs = Outputs::default();
+        state.drain(&self.metrics, &mut outputs);
         state.fold_fast_path(&self.metrics);
+        drop(state);
+        self.carry_out(outputs, None, &mut Vec::new());
     }
 
     /// Folds the fast path's counters into the metrics, detaches it and drops its
@@ -320,19 +388,75 @@ impl RelayShared {
         self.lock().core.poll_timeout()
     }
 
+    /// Does, with the lock released, what a drain left: stops the tasks of closed
+    /// sockets, sends the replies (the one to `asker`, if any, into `reply`), and
+    /// opens the sockets the core asked for, reporting each back (which drains
+    /// again, until nothing is left to open).
+    fn carry_out(&self, mut outputs: Outputs, asker: Option<ClientAddr>, reply: &mut Vec<u8>) {
+        loop {
+            drop(std::mem::take(&mut outputs.closed));
+            for transmit in outputs.transmits.drain(..) {
+                self.deliver(transmit, asker, reply);
+            }
+            if outputs.open.is_empty() {
+                return;
+            }
+            // Binding (up to MAX_BIND_ATTEMPTS ports), epoll registration and task
+            // spawning all happen here, with no lock held.
+            let opened: Vec<_> = outputs
+                .open
+                .drain(..)
+                .map(|open| {
+                    let opened =
+                        self.opener
+                            .open(open.family, open.even_port, open.local, &self.this);
+                    (open.request, opened)
+                })
+                .collect();
+            let mut state = self.lock();
+            let now = Instant::now();
+            for (request, result) in opened {
+                let report = result.map(|opened| {
+                    let (relay, handle) = opened.relay;
+                    state.sockets.insert(relay, handle);
+                    let reserved = opened.reserved.map(|(reserved, handle)| {
+                        state.sockets.insert(reserved, handle);
+                        reserved
+                    });
+                    (relay, reserved)
+                });
+                if let Some(outcome) = state.core.handle_relay_opened(now, request, report) {
+                    self.metrics
+                        .requests
+                        .with_label_values(&[RequestMethod::Allocate.as_str(), outcome.as_str()])
+                        .inc();
+                }
+            }
+            state.drain(&self.metrics, &mut outputs);
+        }
+    }
+
+    /// Sends one reply of the core: into `reply` when it answers `asker` (the caller
+    /// sends it, batched or on its connection), otherwise straight to its client.
+    fn deliver(&self, transmit: Transmit, asker: Option<ClientAddr>, reply: &mut Vec<u8>) {
+        let client = ClientAddr {
+            addr: transmit.to,
+            transport: transmit.transport,
+        };
+        if asker == Some(client) && reply.is_empty() {
+            *reply = transmit.payload;
+        } else {
+            self.send_to_client(client, transmit.from_local, &transmit.payload);
+        }
+    }
+
     /// Sends to a client over its transport without waiting: the service socket
     /// for UDP, the connection's writer for TCP (a full queue drops, as UDP would).
     fn send_to_client(&self, client: ClientAddr, local: Option<IpAddr>, payload: &[u8]) -> bool {
         match client.transport {
             Transport::Udp => self.client_socket.try_send(client.addr, local, payload),
             Transport::Tcp => {
-                let writer = self
-                    .tcp_clients
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&client.addr)
-                    .cloned();
-                let Some(writer) = writer else {
+                let Some(writer) = self.tcp_clients.writer(client.addr) else {
                     return false;
                 };
                 // Over a stream, ChannelData is padded to a multiple of four bytes.
@@ -386,53 +510,56 @@ impl RelayShared {
         };
         let metrics = &self.metrics;
         let mut state = self.lock();
-        let handled = state.with_local(local, |core, sockets| {
-            core.handle_stun(
-                Instant::now(),
-                unix_now(),
-                client,
-                local,
-                &message,
-                sockets,
-                reply,
-            )
-        });
-        let label = match handled {
+        let handled = state
+            .core
+            .handle_stun(Instant::now(), unix_now(), client, local, &message);
+        let mut outputs = Outputs::default();
+        state.drain(metrics, &mut outputs);
+        let (label, relay) = match handled {
             TurnHandled::Request { method, outcome } => {
                 metrics
                     .requests
                     .with_label_values(&[method.as_str(), outcome.as_str()])
                     .inc();
-                state.apply_fast_path(metrics);
-                "turn_request"
+                ("turn_request", None)
             }
-            TurnHandled::Relay {
-                relay: relay_addr,
-                peer,
-                data,
-            } => {
-                if state
-                    .relay_socket(relay_addr)
-                    .is_some_and(|s| send_from(&s, relay_addr, peer, data))
-                {
-                    metrics.packets_to_peer.inc();
-                    metrics.bytes_to_peer.inc_by(data.len() as u64);
-                }
-                "turn_indication"
-            }
+            // Counted when the socket is reported (in `carry_out`).
+            TurnHandled::AwaitingRelay => ("turn_request", None),
+            TurnHandled::Relay { relay, peer, data } => (
+                "turn_indication",
+                state
+                    .relay_socket(relay)
+                    .map(|socket| (socket, relay, peer, data)),
+            ),
             TurnHandled::Dropped(reason) => {
                 metrics.drop_one(reason);
-                "turn_indication"
+                ("turn_indication", None)
             }
-            TurnHandled::NotTurn => "unhandled",
+            TurnHandled::NotTurn => ("unhandled", None),
         };
-        metrics
-            .allocations
-            .set(state.core.allocation_count() as i64);
-        metrics
-            .allocations_created
-            .inc_by(state.core.take_created());
+        drop(state);
+        if let Some((socket, relay, peer, data)) = relay
+            && send_from(&socket, relay, peer, data)
+        {
+            metrics.packets_to_peer.inc();
+            metrics.bytes_to_peer.inc_by(data.len() as u64);
+        }
+        self.carry_out(outputs, Some(client), reply);
         label
+    }
+
+    /// A TCP client's connection is gone: its allocation (or pending Allocate) ends.
+    fn remove_tcp_client(&self, addr: SocketAddr) {
+        self.tcp_clients.remove(addr);
+        let mut state = self.lock();
+        state.core.remove_client(ClientAddr {
+            addr,
+            transport: Transport::Tcp,
+        });
+        let mut outputs = Outputs::default();
+        state.drain(&self.metrics, &mut outputs);
+        drop(state);
+        self.carry_out(outputs, None, &mut Vec::new());
     }
 }
 
@@ -443,22 +570,73 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-impl RelaySocketTable {
-    fn bind_port(&mut self, ip: IpAddr, even: bool) -> Result<std::net::UdpSocket, OpenError> {
+/// Binds relay sockets and starts their tasks, for the core's
+/// [`TurnServerEvent::OpenRelay`]s. Needs no lock: the port cursor is atomic, and
+/// the kernel refuses ports in use.
+struct RelayOpener {
+    config: RelaySocketConfig,
+    cursor: AtomicU16,
+    runtime: tokio::runtime::Handle,
+}
+
+/// The socket(s) opened for one request: the relay's, and the reserved one's when a
+/// pair was asked for.
+struct Opened {
+    relay: (SocketAddr, RelaySocketHandle),
+    reserved: Option<(SocketAddr, RelaySocketHandle)>,
+}
+
+/// Most ports one Allocate tries before answering 508.
+const MAX_BIND_ATTEMPTS: u32 = 2048;
+/// Attempts at finding an even port whose successor is free too.
+const MAX_PAIR_ATTEMPTS: usize = 64;
+
+impl RelayOpener {
+    /// Opens the socket(s) of one [`TurnServerEvent::OpenRelay`]; their tasks
+    /// forward to `shared`.
+    fn open(
+        &self,
+        family: AddressFamily,
+        even_port: EvenPort,
+        local: Option<IpAddr>,
+        shared: &Weak<RelayShared>,
+    ) -> Result<Opened, OpenError> {
+        let ip = self.relay_ip(family, local)?;
+        match even_port {
+            EvenPort::Any | EvenPort::Even => {
+                let socket = self.bind_port(ip, even_port == EvenPort::Even)?;
+                Ok(Opened {
+                    relay: self.adopt(socket, shared)?,
+                    reserved: None,
+                })
+            }
+            EvenPort::EvenReserveNext => self.open_pair(ip, shared),
+        }
+    }
+
+    /// The relay IP for `family`: configured, or the gateway address the client
+    /// reached (`local`).
+    fn relay_ip(&self, family: AddressFamily, local: Option<IpAddr>) -> Result<IpAddr, OpenError> {
+        let local = local.map(|ip| ip.to_canonical());
+        match family {
+            AddressFamily::V4 => self.config.v4.or(local.filter(IpAddr::is_ipv4)),
+            AddressFamily::V6 => self.config.v6.or(local.filter(IpAddr::is_ipv6)),
+        }
+        .ok_or(OpenError::FamilyUnavailable)
+    }
+
+    fn bind_port(&self, ip: IpAddr, even: bool) -> Result<std::net::UdpSocket, OpenError> {
         let (start, end) = (*self.config.ports.start(), *self.config.ports.end());
         let span = u32::from(end - start) + 1;
-        // Bounded: this runs under the relay's lock, and a nearly full range must not
-        // stall every other allocation while thousands of binds fail.
+        // Bounded, so a nearly full range answers 508 soon rather than trying
+        // thousands of binds.
         for _ in 0..span.min(MAX_BIND_ATTEMPTS) {
-            self.cursor = self.cursor.wrapping_add(1);
-            let port = start + (u32::from(self.cursor) % span) as u16;
+            let cursor = self.cursor.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+            let port = start + (u32::from(cursor) % span) as u16;
             if even && port % 2 == 1 {
                 continue;
             }
             let addr = SocketAddr::new(ip, port);
-            if self.open.contains_key(&addr) {
-                continue;
-            }
             let Ok(socket) =
                 Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
             else {
@@ -471,51 +649,18 @@ impl RelaySocketTable {
             if socket.set_nonblocking(true).is_err() {
                 continue;
             }
+            // A port in use (ours or anyone's) fails here: no address reuse is set.
             if socket.bind(&addr.into()).is_ok() {
                 return Ok(socket.into());
             }
         }
         Err(OpenError::NoPort)
     }
-}
-
-/// Most ports one Allocate tries before answering 508.
-const MAX_BIND_ATTEMPTS: u32 = 2048;
-
-impl RelaySocketTable {
-    /// The relay IP for `family`: configured, or the gateway address the client reached.
-    fn relay_ip(&self, family: Family) -> Result<IpAddr, OpenError> {
-        let local = self.current_local.map(|ip| ip.to_canonical());
-        match family {
-            Family::V4 => self.config.v4.or(local.filter(IpAddr::is_ipv4)),
-            Family::V6 => self.config.v6.or(local.filter(IpAddr::is_ipv6)),
-        }
-        .ok_or(OpenError::FamilyUnavailable)
-    }
-
-    /// Registers a bound relay socket with the runtime and starts its task.
-    fn adopt(&mut self, std_socket: std::net::UdpSocket) -> Result<SocketAddr, OpenError> {
-        let addr = std_socket.local_addr().map_err(|_| OpenError::NoPort)?;
-        let _guard = self.runtime.enter();
-        // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is
-        // not reused) for as long as it is registered.
-        let socket = Arc::new(
-            unsafe { AsyncFd::register_with_interest(std_socket, Interest::READABLE) }
-                .map_err(|_| OpenError::NoPort)?,
-        );
-        let shared = self.shared.clone();
-        let task = self
-            .runtime
-            .spawn(relay_task(socket.clone(), addr, shared))
-            .abort_handle();
-        self.open.insert(addr, OpenRelay { socket, task });
-        Ok(addr)
-    }
 
     /// Binds `port` on `ip` exactly (the odd half of a reserved pair).
     fn bind_exact(&self, ip: IpAddr, port: u16) -> Option<std::net::UdpSocket> {
         let addr = SocketAddr::new(ip, port);
-        if self.open.contains_key(&addr) || !self.config.ports.contains(&port) {
+        if !self.config.ports.contains(&port) {
             return None;
         }
         let socket =
@@ -528,51 +673,45 @@ impl RelaySocketTable {
         socket.bind(&addr.into()).ok()?;
         Some(socket.into())
     }
-}
 
-/// Attempts at finding an even port whose successor is free too.
-const MAX_PAIR_ATTEMPTS: usize = 64;
-
-impl RelaySockets for RelaySocketTable {
-    fn open(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
-        let ip = self.relay_ip(family)?;
-        let std_socket = self.bind_port(ip, even_port)?;
-        self.adopt(std_socket)
-    }
-
-    fn open_pair(&mut self, family: Family) -> Result<(SocketAddr, SocketAddr), OpenError> {
-        let ip = self.relay_ip(family)?;
+    /// An even port and the next one (EVEN-PORT with the R bit).
+    fn open_pair(&self, ip: IpAddr, shared: &Weak<RelayShared>) -> Result<Opened, OpenError> {
         for _ in 0..MAX_PAIR_ATTEMPTS {
             let even = self.bind_port(ip, true)?;
             let port = even.local_addr().map_err(|_| OpenError::NoPort)?.port();
             let Some(odd) = port.checked_add(1).and_then(|p| self.bind_exact(ip, p)) else {
                 continue;
             };
-            let first = self.adopt(even)?;
-            let second = match self.adopt(odd) {
-                Ok(second) => second,
-                Err(e) => {
-                    self.close(first);
-                    return Err(e);
-                }
-            };
-            return Ok((first, second));
+            // Should the second fail, the first's handle drops: its task stops.
+            let relay = self.adopt(even, shared)?;
+            let reserved = self.adopt(odd, shared)?;
+            return Ok(Opened {
+                relay,
+                reserved: Some(reserved),
+            });
         }
         Err(OpenError::NoPort)
     }
 
-    fn close(&mut self, relay: SocketAddr) {
-        if let Some(open) = self.open.remove(&relay) {
-            open.task.abort();
-        }
-    }
-}
-
-impl Drop for RelaySocketTable {
-    fn drop(&mut self) {
-        for (_, open) in self.open.drain() {
-            open.task.abort();
-        }
+    /// Registers a bound relay socket with the runtime and starts its task.
+    fn adopt(
+        &self,
+        std_socket: std::net::UdpSocket,
+        shared: &Weak<RelayShared>,
+    ) -> Result<(SocketAddr, RelaySocketHandle), OpenError> {
+        let addr = std_socket.local_addr().map_err(|_| OpenError::NoPort)?;
+        let _guard = self.runtime.enter();
+        // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is
+        // not reused) for as long as it is registered.
+        let socket = Arc::new(
+            unsafe { AsyncFd::register_with_interest(std_socket, Interest::READABLE) }
+                .map_err(|_| OpenError::NoPort)?,
+        );
+        let task = self
+            .runtime
+            .spawn(relay_task(socket.clone(), addr, shared.clone()))
+            .abort_handle();
+        Ok((addr, RelaySocketHandle { socket, task }))
     }
 }
 
@@ -587,12 +726,7 @@ thread_local! {
 }
 
 /// Forwards what peers send to one relay address back to its client.
-async fn relay_task(
-    socket: Arc<RelaySocket>,
-    relay: SocketAddr,
-    shared: Option<std::sync::Weak<RelayShared>>,
-) {
-    let Some(shared) = shared else { return };
+async fn relay_task(socket: Arc<RelaySocket>, relay: SocketAddr, shared: Weak<RelayShared>) {
     loop {
         let Ok(mut ready) = socket.readable().await else {
             return;
@@ -708,23 +842,7 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShare
             let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
             let _ = stream.set_nodelay(true);
             serve_tcp_client(stream, addr, local, &shared).await;
-            let client = ClientAddr {
-                addr,
-                transport: Transport::Tcp,
-            };
-            shared
-                .tcp_clients
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&addr);
-            let mut state = shared.lock();
-            let RelayState { core, sockets, .. } = &mut *state;
-            core.remove_client(client, sockets);
-            shared
-                .metrics
-                .allocations
-                .set(core.allocation_count() as i64);
-            state.apply_fast_path(&shared.metrics);
+            shared.remove_tcp_client(addr);
         });
     }
 }
@@ -749,11 +867,7 @@ async fn serve_tcp_client(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut reader, mut writer) = stream.into_split();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
-    shared
-        .tcp_clients
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(addr, tx.clone());
+    shared.tcp_clients.insert(addr, tx.clone());
     let writer_task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             if writer.write_all(&frame).await.is_err() {
@@ -957,6 +1071,64 @@ mod tests {
         // Neither (first bits 10 or 11): the connection is closed.
         assert_eq!(tcp_frame_len([0x80, 0x00, 0x00, 0x00]), None);
         assert_eq!(tcp_frame_len([0xC0, 0x00, 0x00, 0x00]), None);
+    }
+
+    fn loopback_opener(ports: RangeInclusive<u16>) -> RelayOpener {
+        RelayOpener {
+            config: RelaySocketConfig {
+                v4: None,
+                v6: None,
+                ports,
+            },
+            cursor: AtomicU16::new(0),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_opener_binds_in_the_range_on_the_address_reached() {
+        let opener = loopback_opener(47_100..=47_199);
+        let loopback = Some(IpAddr::from([127, 0, 0, 1]));
+        let none = Weak::new();
+        let opened = opener
+            .open(AddressFamily::V4, EvenPort::Any, loopback, &none)
+            .expect("a port");
+        assert_eq!(opened.relay.0.ip(), IpAddr::from([127, 0, 0, 1]));
+        assert!((47_100..=47_199).contains(&opened.relay.0.port()));
+        assert!(opened.reserved.is_none());
+        let pair = opener
+            .open(
+                AddressFamily::V4,
+                EvenPort::EvenReserveNext,
+                loopback,
+                &none,
+            )
+            .expect("a pair");
+        let (relay, reserved) = (pair.relay.0, pair.reserved.expect("reserved").0);
+        assert_eq!(relay.port() % 2, 0);
+        assert_eq!(reserved.port(), relay.port() + 1);
+        // No IPv6 relay address configured and none reached: 440's error.
+        assert!(matches!(
+            opener.open(AddressFamily::V6, EvenPort::Any, loopback, &none),
+            Err(OpenError::FamilyUnavailable)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_full_range_reports_no_port() {
+        let opener = loopback_opener(47_200..=47_200);
+        let loopback = Some(IpAddr::from([127, 0, 0, 1]));
+        let none = Weak::new();
+        let first = opener
+            .open(AddressFamily::V4, EvenPort::Any, loopback, &none)
+            .expect("the one port");
+        assert_eq!(first.relay.0.port(), 47_200);
+        // The port is ours and bound: the kernel refuses it again.
+        assert!(matches!(
+            opener.open(AddressFamily::V4, EvenPort::Any, loopback, &none),
+            Err(OpenError::NoPort)
+        ));
+        drop(first);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::proto::turn::client::{Client, ClientConfig, ClientError, Event, Framing};
+use gateway::proto::turn::client::{Client, ClientConfig, ClientError, Framing, TurnClientEvent};
 
 /// Why driving the client failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +39,7 @@ pub struct BlockingClient {
     /// The state machine (public so tests can call it directly).
     pub client: Client,
     socket: UdpSocket,
-    events: VecDeque<Event>,
+    events: VecDeque<TurnClientEvent>,
     received: VecDeque<Received>,
 }
 
@@ -112,8 +112,8 @@ impl BlockingClient {
     pub fn wait_event(
         &mut self,
         timeout: Duration,
-        wanted: impl Fn(&Event) -> bool,
-    ) -> Result<Event, DriveError> {
+        wanted: impl Fn(&TurnClientEvent) -> bool,
+    ) -> Result<TurnClientEvent, DriveError> {
         let deadline = Instant::now() + timeout;
         loop {
             while let Some(event) = self.events.pop_front() {

@@ -8,7 +8,10 @@ use std::{
 
 use gateway::proto::{
     credentials::SharedSecret,
-    turn::client::{AddressFamily, AllocationState, ClientConfig, Event, Framing, Request},
+    turn::{
+        AddressFamily,
+        client::{AllocationState, ClientConfig, Framing, Request, TurnClientEvent},
+    },
 };
 use gateway_tests::{
     coturn::{Coturn, CoturnConfig},
@@ -45,9 +48,12 @@ fn allocate(client: &mut BlockingClient) -> SocketAddr {
         .allocate(std::time::Instant::now())
         .expect("idle");
     match client.wait_event(WAIT, |e| {
-        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+        matches!(
+            e,
+            TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
+        )
     }) {
-        Ok(Event::Allocated {
+        Ok(TurnClientEvent::Allocated {
             relayed,
             mapped,
             lifetime,
@@ -83,11 +89,11 @@ fn allocates_and_relays_both_ways_through_send_indications_and_channels() {
         .create_permission(std::time::Instant::now(), peer_addr.ip())
         .expect("allocated");
     let event = client
-        .wait_event(WAIT, |e| !matches!(e, Event::Refreshed { .. }))
+        .wait_event(WAIT, |e| !matches!(e, TurnClientEvent::Refreshed { .. }))
         .expect("permission answer");
     assert_eq!(
         event,
-        Event::PermissionCreated {
+        TurnClientEvent::PermissionCreated {
             peer: peer_addr.ip()
         }
     );
@@ -118,12 +124,15 @@ fn allocates_and_relays_both_ways_through_send_indications_and_channels() {
         .expect("allocated");
     let event = client
         .wait_event(WAIT, |e| {
-            matches!(e, Event::ChannelBound { .. } | Event::Failed { .. })
+            matches!(
+                e,
+                TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
+            )
         })
         .expect("channel answer");
     assert_eq!(
         event,
-        Event::ChannelBound {
+        TurnClientEvent::ChannelBound {
             peer: peer_addr,
             channel
         }
@@ -148,10 +157,13 @@ fn allocates_and_relays_both_ways_through_send_indications_and_channels() {
     client.client.close(std::time::Instant::now());
     let event = client
         .wait_event(WAIT, |e| {
-            matches!(e, Event::Deallocated | Event::Failed { .. })
+            matches!(
+                e,
+                TurnClientEvent::Deallocated | TurnClientEvent::Failed { .. }
+            )
         })
         .expect("close answer");
-    assert_eq!(event, Event::Deallocated);
+    assert_eq!(event, TurnClientEvent::Deallocated);
     assert_eq!(client.client.state(), AllocationState::Closed);
     peer.send_to(b"after close", relayed).expect("peer sends");
     client.run_for(Duration::from_millis(300)).expect("drive");
@@ -174,11 +186,14 @@ fn two_clients_relay_to_each_other_through_their_channels() {
     for (client, relayed) in [(&mut a, relayed_b), (&mut b, relayed_a)] {
         let event = client
             .wait_event(WAIT, |e| {
-                matches!(e, Event::ChannelBound { .. } | Event::Failed { .. })
+                matches!(
+                    e,
+                    TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
+                )
             })
             .expect("channel answer");
         assert!(
-            matches!(event, Event::ChannelBound { peer, .. } if peer == relayed),
+            matches!(event, TurnClientEvent::ChannelBound { peer, .. } if peer == relayed),
             "{event:?}"
         );
     }
@@ -223,7 +238,7 @@ fn wrong_secret_fails_with_401() {
         .expect("idle");
     let event = client.wait_event(WAIT, |_| true).expect("an answer");
     match event {
-        Event::Failed {
+        TurnClientEvent::Failed {
             request: Request::Allocate,
             failure,
         } => assert_eq!(failure.code(), Some(401), "{failure}"),
@@ -250,7 +265,7 @@ fn stale_nonce_is_renewed_transparently() {
         .create_permission(std::time::Instant::now(), peer)
         .expect("allocated");
     let event = client.wait_event(WAIT, |_| true).expect("an answer");
-    assert_eq!(event, Event::PermissionCreated { peer });
+    assert_eq!(event, TurnClientEvent::PermissionCreated { peer });
 }
 
 #[test]
@@ -272,10 +287,16 @@ fn ipv6_relayed_address_on_request() {
         .expect("allocated");
     let event = client
         .wait_event(WAIT, |e| {
-            matches!(e, Event::ChannelBound { .. } | Event::Failed { .. })
+            matches!(
+                e,
+                TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
+            )
         })
         .expect("channel answer");
-    assert!(matches!(event, Event::ChannelBound { .. }), "{event:?}");
+    assert!(
+        matches!(event, TurnClientEvent::ChannelBound { .. }),
+        "{event:?}"
+    );
     client.send(peer_addr, b"over v6").expect("send");
     assert_eq!(peer_recv(&peer), (b"over v6".to_vec(), relayed));
     peer.send_to(b"back over v6", relayed).expect("peer sends");

@@ -19,7 +19,7 @@ use std::{
 
 use gateway::proto::{
     credentials::SharedSecret,
-    turn::client::{ClientConfig, Event, Framing},
+    turn::client::{ClientConfig, Framing, TurnClientEvent},
 };
 use gateway_tests::{
     daemon::{gateway_binary, metric_value},
@@ -149,22 +149,28 @@ impl Gateway {
 fn allocate(client: &mut BlockingClient) -> SocketAddr {
     client.client.allocate(Instant::now()).expect("idle");
     match client.wait_event(WAIT, |e| {
-        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+        matches!(
+            e,
+            TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
+        )
     }) {
-        Ok(Event::Allocated { relayed, .. }) => relayed,
+        Ok(TurnClientEvent::Allocated { relayed, .. }) => relayed,
         other => panic!("allocation failed: {other:?}"),
     }
 }
 
-fn bind(client: &mut BlockingClient, peer: SocketAddr) -> Result<u16, Event> {
+fn bind(client: &mut BlockingClient, peer: SocketAddr) -> Result<u16, TurnClientEvent> {
     let channel = client
         .client
         .bind_channel(Instant::now(), peer)
         .expect("allocated");
     match client.wait_event(WAIT, |e| {
-        matches!(e, Event::ChannelBound { .. } | Event::Failed { .. })
+        matches!(
+            e,
+            TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
+        )
     }) {
-        Ok(Event::ChannelBound { peer: bound, .. }) if bound == peer => Ok(channel),
+        Ok(TurnClientEvent::ChannelBound { peer: bound, .. }) if bound == peer => Ok(channel),
         Ok(other) => Err(other),
         Err(e) => panic!("no answer to ChannelBind: {e}"),
     }
@@ -260,7 +266,10 @@ fn bound_channels_between_two_clients_are_relayed_in_the_kernel_both_ways() {
     // B deletes its allocation: its entry goes at once.
     b.client.close(Instant::now());
     b.wait_event(WAIT, |e| {
-        matches!(e, Event::Deallocated | Event::Failed { .. })
+        matches!(
+            e,
+            TurnClientEvent::Deallocated | TurnClientEvent::Failed { .. }
+        )
     })
     .expect("close answer");
     assert_eq!(gateway.metric("gateway_relay_fast_path_entries", ""), 1.0);

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::proto::turn::client::{ClientConfig, Event};
+use gateway::proto::turn::client::{ClientConfig, TurnClientEvent};
 use gateway_tests::{
     daemon::{GatewayProcess, metric_value},
     lab::{Lab, NatPreset, require_root},
@@ -96,9 +96,12 @@ fn a_bound_channel_across_hosts_is_routed_out_by_the_kernel_once_forwarding_is_o
 
     client.client.allocate(Instant::now()).expect("idle");
     let relayed = match client.wait_event(WAIT, |e| {
-        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+        matches!(
+            e,
+            TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
+        )
     }) {
-        Ok(Event::Allocated { relayed, .. }) => relayed,
+        Ok(TurnClientEvent::Allocated { relayed, .. }) => relayed,
         other => panic!("allocation failed: {other:?}\n{}", gateway.log_text()),
     };
     assert_eq!(
@@ -111,9 +114,12 @@ fn a_bound_channel_across_hosts_is_routed_out_by_the_kernel_once_forwarding_is_o
         .bind_channel(Instant::now(), peer)
         .expect("allocated");
     match client.wait_event(WAIT, |e| {
-        matches!(e, Event::ChannelBound { .. } | Event::Failed { .. })
+        matches!(
+            e,
+            TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
+        )
     }) {
-        Ok(Event::ChannelBound { peer: bound, .. }) if bound == peer => {}
+        Ok(TurnClientEvent::ChannelBound { peer: bound, .. }) if bound == peer => {}
         other => panic!("ChannelBind failed: {other:?}\n{}", gateway.log_text()),
     }
     assert_eq!(

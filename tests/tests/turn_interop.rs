@@ -447,7 +447,10 @@ fn spoofed_allocate_flood_creates_nothing_and_leaves_memory_flat() {
 
 #[test]
 fn ipv6_clients_get_ipv6_relayed_addresses() {
-    use gateway::proto::turn::client::{AddressFamily, ClientConfig, Event};
+    use gateway::proto::turn::{
+        AddressFamily,
+        client::{ClientConfig, TurnClientEvent},
+    };
     use gateway_tests::turn::BlockingClient;
     if !lab_available() {
         return;
@@ -479,9 +482,12 @@ fn ipv6_clients_get_ipv6_relayed_addresses() {
         .allocate(std::time::Instant::now())
         .expect("idle");
     let relayed = match client.wait_event(wait, |e| {
-        matches!(e, Event::Allocated { .. } | Event::Failed { .. })
+        matches!(
+            e,
+            TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
+        )
     }) {
-        Ok(Event::Allocated { relayed, .. }) => relayed,
+        Ok(TurnClientEvent::Allocated { relayed, .. }) => relayed,
         other => panic!(
             "no IPv6 allocation: {other:?}\n{}",
             relay.gateway.log_text()
@@ -498,10 +504,16 @@ fn ipv6_clients_get_ipv6_relayed_addresses() {
         .expect("allocated");
     let bound = client
         .wait_event(wait, |e| {
-            matches!(e, Event::ChannelBound { .. } | Event::Failed { .. })
+            matches!(
+                e,
+                TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
+            )
         })
         .expect("channel answer");
-    assert!(matches!(bound, Event::ChannelBound { .. }), "{bound:?}");
+    assert!(
+        matches!(bound, TurnClientEvent::ChannelBound { .. }),
+        "{bound:?}"
+    );
     client.send(peer_addr, b"over IPv6").expect("send");
     let mut buf = [0u8; 64];
     let (len, from) = peer.recv_from(&mut buf).unwrap_or_else(|e| {

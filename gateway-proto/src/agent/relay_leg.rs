@@ -21,8 +21,8 @@ use crate::{
     turn::{
         self,
         client::{
-            Client as TurnClient, ClientConfig as TurnClientConfig, Event as TurnEvent,
-            Request as TurnRequest,
+            Client as TurnClient, ClientConfig as TurnClientConfig, Request as TurnRequest,
+            TurnClientEvent as TurnEvent,
         },
     },
 };

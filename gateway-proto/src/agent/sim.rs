@@ -21,9 +21,7 @@ use crate::{
         client::PeerCredentials, discovery_index,
     },
     stun::Message,
-    turn::server::{
-        Family, Handled as TurnHandled, OpenError, RelaySockets, TurnConfig, TurnServer,
-    },
+    turn::server::{TurnConfig, TurnHandled, TurnServer, TurnServerEvent},
 };
 
 pub(super) const NOW_UNIX: u64 = 1_800_000_000;
@@ -35,16 +33,21 @@ struct SimRelaySockets {
     next: u16,
 }
 
-impl RelaySockets for SimRelaySockets {
-    fn open(&mut self, _family: Family, _even: bool) -> Result<SocketAddr, OpenError> {
-        self.next += 1;
-        let relay = SocketAddr::from(([192, 0, 2, 10], 50_000 + self.next));
-        self.open.push(relay);
-        Ok(relay)
-    }
-
-    fn close(&mut self, relay: SocketAddr) {
-        self.open.retain(|r| *r != relay);
+impl SimRelaySockets {
+    /// Opens and closes relay sockets as the relay core asks, as a driver would.
+    fn serve(&mut self, now: Instant, turn: &mut TurnServer) {
+        while let Some(event) = turn.poll_event() {
+            match event {
+                TurnServerEvent::OpenRelay { request, .. } => {
+                    self.next += 1;
+                    let relay = SocketAddr::from(([192, 0, 2, 10], 50_000 + self.next));
+                    self.open.push(relay);
+                    turn.handle_relay_opened(now, request, Ok((relay, None)));
+                }
+                TurnServerEvent::CloseRelay(relay) => self.open.retain(|r| *r != relay),
+                _ => {}
+            }
+        }
     }
 }
 
@@ -209,23 +212,21 @@ impl Sim {
         if !TurnServer::is_turn_method(message.message_type().method) {
             return false;
         }
-        let mut out = Vec::new();
-        let handled = self.turn.handle_stun(
-            self.now,
-            NOW_UNIX,
-            from,
-            None,
-            &message,
-            &mut self.relays,
-            &mut out,
-        );
+        let handled = self
+            .turn
+            .handle_stun(self.now, NOW_UNIX, from, None, &message);
+        self.relays.serve(self.now, &mut self.turn);
         if let TurnHandled::Relay { relay, peer, data } = handled {
             self.in_flight
                 .push((self.now + LATENCY, relay, peer, data.to_vec()));
         }
-        if !out.is_empty() {
-            self.in_flight
-                .push((self.now + LATENCY, self.server_addr, from, out));
+        while let Some(reply) = self.turn.poll_transmit() {
+            self.in_flight.push((
+                self.now + LATENCY,
+                self.server_addr,
+                reply.to,
+                reply.payload,
+            ));
         }
         true
     }

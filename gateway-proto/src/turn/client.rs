@@ -26,11 +26,12 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use super::{
-    CHANNEL_DATA_HEADER, CHANNEL_MAX, CHANNEL_MIN, ChannelData, TRANSPORT_UDP, attr, family,
-    is_channel_data, long_term_key, method, xor_address_attribute,
+    AddressFamily, CHANNEL_DATA_HEADER, CHANNEL_MAX, CHANNEL_MIN, ChannelData, TRANSPORT_UDP, attr,
+    family, is_channel_data, long_term_key, method, xor_address_attribute,
 };
-use crate::stun::{
-    Class, Message, MessageType, MessageWriter, attr as stun_attr, decode_xor_address,
+use crate::{
+    stun::{Class, Message, MessageType, MessageWriter, attr as stun_attr, decode_xor_address},
+    transmit::Transmit,
 };
 
 /// How long a permission lasts on the server (RFC 8656 §9); fixed by the RFC.
@@ -55,25 +56,6 @@ const MAX_REASON_LEN: usize = 128;
 /// Shortest refresh interval, so a server granting tiny lifetimes cannot make the
 /// client spin.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The address family of the relayed address to ask for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AddressFamily {
-    /// IPv4 (what a server gives when none is asked for).
-    #[default]
-    V4,
-    /// IPv6 (REQUESTED-ADDRESS-FAMILY 0x02).
-    V6,
-}
-
-impl AddressFamily {
-    fn matches(self, ip: IpAddr) -> bool {
-        matches!(
-            (self, ip),
-            (AddressFamily::V4, IpAddr::V4(_)) | (AddressFamily::V6, IpAddr::V6(_))
-        )
-    }
-}
 
 /// What the client needs to know and may tune.
 #[derive(Clone, Debug)]
@@ -188,7 +170,7 @@ impl Failure {
 
 /// What happened, for the driver (and its user) to act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
+pub enum TurnClientEvent {
     /// The allocation exists.
     Allocated {
         /// The relayed transport address peers send to.
@@ -226,15 +208,6 @@ pub enum Event {
     },
     /// The allocation was released (Refresh with LIFETIME 0 succeeded).
     Deallocated,
-}
-
-/// A control datagram for the driver to send.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    /// Destination: always the server.
-    pub to: SocketAddr,
-    /// The datagram.
-    pub payload: Vec<u8>,
 }
 
 /// Application data that came from a peer through the relay.
@@ -330,7 +303,7 @@ pub struct Client {
     channel_by_peer: HashMap<SocketAddr, u16>,
     next_channel: u16,
     outgoing: VecDeque<Transmit>,
-    events: VecDeque<Event>,
+    events: VecDeque<TurnClientEvent>,
 }
 
 impl Client {
@@ -432,7 +405,7 @@ impl Client {
 
     /// Binds a channel to `peer` (which also installs a permission for its IP, kept
     /// refreshed from then on) and returns its number. Until
-    /// [`Event::ChannelBound`], data to the peer goes in Send indications. Calling it
+    /// [`TurnClientEvent::ChannelBound`], data to the peer goes in Send indications. Calling it
     /// again for the same peer returns the same channel.
     pub fn bind_channel(&mut self, now: Instant, peer: SocketAddr) -> Result<u16, ClientError> {
         self.check_peer(peer.ip())?;
@@ -527,7 +500,7 @@ impl Client {
     }
 
     /// The next event.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_event(&mut self) -> Option<TurnClientEvent> {
         self.events.pop_front()
     }
 
@@ -569,10 +542,8 @@ impl Client {
             } else {
                 now + transaction.rto
             };
-            self.outgoing.push_back(Transmit {
-                to: self.config.server,
-                payload: transaction.bytes.clone(),
-            });
+            self.outgoing
+                .push_back(Transmit::udp(self.config.server, transaction.bytes.clone()));
         }
         if self.state != AllocationState::Allocated {
             return;
@@ -660,10 +631,8 @@ impl Client {
     fn start_with_retries(&mut self, now: Instant, request: Request, auth_retries: u8) {
         let tid: [u8; 12] = self.rng.random();
         let bytes = self.build_request(request, tid);
-        self.outgoing.push_back(Transmit {
-            to: self.config.server,
-            payload: bytes.clone(),
-        });
+        self.outgoing
+            .push_back(Transmit::udp(self.config.server, bytes.clone()));
         self.transactions.insert(
             tid,
             Transaction {
@@ -832,11 +801,12 @@ impl Client {
                 if self.state == AllocationState::Allocated {
                     self.refresh_at = Some(now + refresh_interval(lifetime));
                 }
-                self.events.push_back(Event::Refreshed { lifetime });
+                self.events
+                    .push_back(TurnClientEvent::Refreshed { lifetime });
             }
             Request::Deallocate => {
                 self.state = AllocationState::Closed;
-                self.events.push_back(Event::Deallocated);
+                self.events.push_back(TurnClientEvent::Deallocated);
             }
             Request::CreatePermission { peer } => {
                 let Some(permission) = self.permissions.get_mut(&peer) else {
@@ -845,7 +815,8 @@ impl Client {
                 permission.refresh_at = Some(now + PERMISSION_REFRESH);
                 if !permission.installed {
                     permission.installed = true;
-                    self.events.push_back(Event::PermissionCreated { peer });
+                    self.events
+                        .push_back(TurnClientEvent::PermissionCreated { peer });
                 }
             }
             Request::ChannelBind { peer, channel } => {
@@ -868,11 +839,12 @@ impl Client {
                     if !permission.installed {
                         permission.installed = true;
                         self.events
-                            .push_back(Event::PermissionCreated { peer: peer.ip() });
+                            .push_back(TurnClientEvent::PermissionCreated { peer: peer.ip() });
                     }
                 }
                 if newly_bound {
-                    self.events.push_back(Event::ChannelBound { peer, channel });
+                    self.events
+                        .push_back(TurnClientEvent::ChannelBound { peer, channel });
                 }
             }
         }
@@ -915,7 +887,7 @@ impl Client {
         self.mapped = mapped;
         self.lifetime = lifetime;
         self.refresh_at = Some(now + refresh_interval(lifetime));
-        self.events.push_back(Event::Allocated {
+        self.events.push_back(TurnClientEvent::Allocated {
             relayed,
             mapped,
             lifetime,
@@ -961,7 +933,8 @@ impl Client {
                 }
             }
         }
-        self.events.push_back(Event::Failed { request, failure });
+        self.events
+            .push_back(TurnClientEvent::Failed { request, failure });
     }
 }
 
@@ -1165,7 +1138,7 @@ mod tests {
         client.handle_datagram(now, server(), &allocate_success(&second, 1200));
         assert_eq!(
             client.poll_event(),
-            Some(Event::Allocated {
+            Some(TurnClientEvent::Allocated {
                 relayed: relayed(),
                 mapped: Some(mapped()),
                 lifetime: Duration::from_secs(1200),
@@ -1205,7 +1178,7 @@ mod tests {
         );
         assert_eq!(
             client.poll_event(),
-            Some(Event::PermissionCreated { peer: peer().ip() })
+            Some(TurnClientEvent::PermissionCreated { peer: peer().ip() })
         );
         assert!(client.has_permission(peer().ip()));
     }
@@ -1227,7 +1200,7 @@ mod tests {
         assert!(client.poll_transmit().is_none());
         assert!(matches!(
             client.poll_event(),
-            Some(Event::Failed {
+            Some(TurnClientEvent::Failed {
                 request: Request::CreatePermission { .. },
                 failure: Failure::Error { code: 438, .. }
             })
@@ -1247,7 +1220,7 @@ mod tests {
         assert!(client.poll_transmit().is_none());
         assert_eq!(
             client.poll_event(),
-            Some(Event::Failed {
+            Some(TurnClientEvent::Failed {
                 request: Request::Allocate,
                 failure: Failure::Error {
                     code: 401,
@@ -1282,7 +1255,7 @@ mod tests {
         assert!(client.poll_transmit().is_none());
         assert_eq!(
             client.poll_event(),
-            Some(Event::Failed {
+            Some(TurnClientEvent::Failed {
                 request: Request::Allocate,
                 failure: Failure::Timeout
             })
@@ -1342,7 +1315,7 @@ mod tests {
         );
         assert_eq!(
             client.poll_event(),
-            Some(Event::Refreshed {
+            Some(TurnClientEvent::Refreshed {
                 lifetime: Duration::from_secs(100)
             })
         );
@@ -1361,7 +1334,7 @@ mod tests {
                 w.attribute(attr::LIFETIME, &0u32.to_be_bytes());
             }),
         );
-        assert_eq!(client.poll_event(), Some(Event::Deallocated));
+        assert_eq!(client.poll_event(), Some(TurnClientEvent::Deallocated));
         assert_eq!(client.state(), AllocationState::Closed);
         assert_eq!(client.poll_timeout(), None);
     }
@@ -1378,7 +1351,7 @@ mod tests {
         client.handle_datagram(start, server(), &error);
         assert_eq!(
             client.poll_event(),
-            Some(Event::Failed {
+            Some(TurnClientEvent::Failed {
                 request: Request::Refresh,
                 failure: Failure::Error {
                     code: 437,
@@ -1414,7 +1387,7 @@ mod tests {
         client.handle_datagram(start, server(), &ok);
         assert_eq!(
             client.poll_event(),
-            Some(Event::PermissionCreated { peer: peer().ip() })
+            Some(TurnClientEvent::PermissionCreated { peer: peer().ip() })
         );
         let refresh_at = start + PERMISSION_REFRESH;
         client.handle_timeout(refresh_at);
@@ -1441,7 +1414,7 @@ mod tests {
         client.handle_datagram(now, server(), &error);
         assert_eq!(
             client.poll_event(),
-            Some(Event::Failed {
+            Some(TurnClientEvent::Failed {
                 request: Request::CreatePermission { peer: peer().ip() },
                 failure: Failure::Error {
                     code: 403,
@@ -1498,11 +1471,11 @@ mod tests {
         client.handle_datagram(now, server(), &ok);
         assert_eq!(
             client.poll_event(),
-            Some(Event::PermissionCreated { peer: peer().ip() })
+            Some(TurnClientEvent::PermissionCreated { peer: peer().ip() })
         );
         assert_eq!(
             client.poll_event(),
-            Some(Event::ChannelBound {
+            Some(TurnClientEvent::ChannelBound {
                 peer: peer(),
                 channel
             })
@@ -1611,7 +1584,7 @@ mod tests {
         client.handle_datagram(now, server(), &ok);
         assert_eq!(
             client.poll_event(),
-            Some(Event::Allocated {
+            Some(TurnClientEvent::Allocated {
                 relayed: relayed_v6,
                 mapped: None,
                 lifetime: DEFAULT_LIFETIME,
@@ -1637,7 +1610,7 @@ mod tests {
         client.handle_datagram(now, server(), &ok);
         assert_eq!(
             client.poll_event(),
-            Some(Event::Failed {
+            Some(TurnClientEvent::Failed {
                 request: Request::Allocate,
                 failure: Failure::BadResponse("no XOR-RELAYED-ADDRESS")
             })

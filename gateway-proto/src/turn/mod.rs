@@ -3,7 +3,7 @@
 //! and the long-term credential key.
 //!
 //! The server state machine is in [`server`]; the sans-IO client in [`client`].
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::stun::{self, MessageWriter};
 
@@ -62,6 +62,33 @@ pub mod family {
     pub const IPV4: u8 = 0x01;
     /// IPv6.
     pub const IPV6: u8 = 0x02;
+}
+
+/// The address family of a relayed address: what a client asks for
+/// (REQUESTED-ADDRESS-FAMILY) and what the server opens a relay socket in; one type
+/// for both ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AddressFamily {
+    /// IPv4 (what a server gives when none is asked for).
+    #[default]
+    V4,
+    /// IPv6 (REQUESTED-ADDRESS-FAMILY 0x02).
+    V6,
+}
+
+impl AddressFamily {
+    /// The family of `ip` (an IPv4-mapped IPv6 address counts as IPv6).
+    pub fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::V4,
+            IpAddr::V6(_) => Self::V6,
+        }
+    }
+
+    /// True when `ip` is of this family.
+    pub fn matches(self, ip: IpAddr) -> bool {
+        Self::of(ip) == self
+    }
 }
 
 /// The IANA protocol number of UDP, the only REQUESTED-TRANSPORT served.

@@ -10,7 +10,7 @@ use std::{
 
 use gateway::proto::{
     credentials::SharedSecret,
-    turn::client::{Client, ClientConfig, Event},
+    turn::client::{Client, ClientConfig, TurnClientEvent},
 };
 
 use super::mmsg;
@@ -149,7 +149,7 @@ impl Stepper {
         &mut self,
         members: &mut [Member],
         max_wait: Duration,
-        events: &mut Vec<(usize, Event)>,
+        events: &mut Vec<(usize, TurnClientEvent)>,
     ) -> io::Result<()> {
         if self.buf.len() < 65_536 {
             self.buf = vec![0; 65_536];

@@ -12,7 +12,7 @@ use gateway::proto::{
     stun::{Class, Message, method as stun_method},
     turn::{
         ChannelData,
-        client::{AllocationState, Event, Framing},
+        client::{AllocationState, Framing, TurnClientEvent},
         is_channel_data,
     },
 };
@@ -115,8 +115,8 @@ pub fn allocate_many(
         let mut finished: Vec<usize> = Vec::new();
         for (index, event) in events.drain(..) {
             match event {
-                Event::Allocated { .. } => finished.push(index),
-                Event::Failed { request, failure } => {
+                TurnClientEvent::Allocated { .. } => finished.push(index),
+                TurnClientEvent::Failed { request, failure } => {
                     bail!("allocation refused: {request:?}: {failure}")
                 }
                 _ => {}
@@ -150,7 +150,7 @@ pub fn deallocate_all(members: Vec<Member>, concurrency: usize) -> Result<usize>
         events.clear();
         stepper.step(&mut active, Duration::from_millis(20), &mut events)?;
         for (_, event) in events.drain(..) {
-            if matches!(event, Event::Failed { .. }) {
+            if matches!(event, TurnClientEvent::Failed { .. }) {
                 failures += 1;
             }
         }
@@ -381,8 +381,10 @@ pub fn throughput(target: &Target, options: ThroughputOptions) -> Result<Through
         stepper.step(&mut members, Duration::from_millis(20), &mut events)?;
         for (_, event) in events.drain(..) {
             match event {
-                Event::ChannelBound { .. } => bound += 1,
-                Event::Failed { request, failure } => bail!("{request:?} failed: {failure}"),
+                TurnClientEvent::ChannelBound { .. } => bound += 1,
+                TurnClientEvent::Failed { request, failure } => {
+                    bail!("{request:?} failed: {failure}")
+                }
                 _ => {}
             }
         }
@@ -522,13 +524,13 @@ pub fn allocations(target: &Target, total: usize, concurrency: usize) -> Result<
         stepper.step(&mut active, Duration::from_millis(20), &mut events)?;
         for (index, event) in events.drain(..) {
             match event {
-                Event::Allocated { .. } => {
+                TurnClientEvent::Allocated { .. } => {
                     allocated += 1;
                     if let Some(member) = active.get_mut(index) {
                         member.client.close(Instant::now());
                     }
                 }
-                Event::Failed { .. } => failures += 1,
+                TurnClientEvent::Failed { .. } => failures += 1,
                 _ => {}
             }
         }

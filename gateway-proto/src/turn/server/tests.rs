@@ -1,8 +1,12 @@
-//! Tests of the relay core, in virtual time with a fake socket layer.
+//! Tests of the relay core, in virtual time, with a fake socket layer that carries
+//! out the core's socket events as the driver would.
 use super::*;
 use crate::{
     peer_policy::IpRange,
-    turn::{long_term_key, xor_address_attribute},
+    stun::{self, MessageWriter},
+    turn::{
+        TRANSPORT_UDP, attr as turn_attr, family, long_term_key, method, xor_address_attribute,
+    },
 };
 use proptest::prelude::*;
 
@@ -16,16 +20,18 @@ struct FakeSockets {
     open: Vec<SocketAddr>,
     closed: Vec<SocketAddr>,
     no_ports: bool,
+    /// Leave [`TurnServerEvent::OpenRelay`]s unanswered (in [`Harness::held`]).
+    hold: bool,
 }
 
-impl RelaySockets for FakeSockets {
-    fn open(&mut self, family: Family, even_port: bool) -> Result<SocketAddr, OpenError> {
+impl FakeSockets {
+    fn open(&mut self, family: AddressFamily, even_port: bool) -> Result<SocketAddr, OpenError> {
         if self.no_ports {
             return Err(OpenError::NoPort);
         }
         let ip: IpAddr = match family {
-            Family::V4 => "192.0.2.10".parse().expect("ip"),
-            Family::V6 => return Err(OpenError::FamilyUnavailable),
+            AddressFamily::V4 => "192.0.2.10".parse().expect("ip"),
+            AddressFamily::V6 => return Err(OpenError::FamilyUnavailable),
         };
         self.next_port += if even_port { 2 } else { 1 };
         let addr = SocketAddr::new(ip, 50_000 + self.next_port * 2);
@@ -38,13 +44,28 @@ impl RelaySockets for FakeSockets {
         self.closed.push(relay);
     }
 
-    fn open_pair(&mut self, family: Family) -> Result<(SocketAddr, SocketAddr), OpenError> {
+    fn open_pair(&mut self, family: AddressFamily) -> Result<(SocketAddr, SocketAddr), OpenError> {
         let even = self.open(family, true)?;
         let even = SocketAddr::new(even.ip(), even.port() & !1);
         let odd = SocketAddr::new(even.ip(), even.port() + 1);
         self.open.retain(|a| a.port() != even.port());
         self.open.extend([even, odd]);
         Ok((even, odd))
+    }
+
+    /// What a driver reports for an [`TurnServerEvent::OpenRelay`].
+    fn open_for(
+        &mut self,
+        family: AddressFamily,
+        even_port: EvenPort,
+    ) -> Result<(SocketAddr, Option<SocketAddr>), OpenError> {
+        match even_port {
+            EvenPort::Any => self.open(family, false).map(|relay| (relay, None)),
+            EvenPort::Even => self.open(family, true).map(|relay| (relay, None)),
+            EvenPort::EvenReserveNext => self
+                .open_pair(family)
+                .map(|(relay, reserved)| (relay, Some(reserved))),
+        }
     }
 }
 
@@ -109,16 +130,24 @@ struct Harness {
     server: TurnServer,
     sockets: FakeSockets,
     now: Instant,
-    out: Vec<u8>,
     tid: u8,
     /// The gateway address clients reach (what the driver learns from IP_PKTINFO).
     local: Option<IpAddr>,
+    /// Fast-path instructions polled, not yet looked at ([`drained`]).
+    fast: Vec<FastPath>,
+    /// [`TurnServerEvent::AllocationCreated`]s polled, not yet taken.
+    created: u64,
+    /// Open requests left unanswered while [`FakeSockets::hold`] is set.
+    held: Vec<(RelayRequestId, AddressFamily, EvenPort, Option<IpAddr>)>,
+    /// The outcome of the last report the harness made.
+    reported: Option<RequestOutcome>,
 }
 
 struct Reply {
     class: Class,
     code: Option<u16>,
     bytes: Vec<u8>,
+    transport: Transport,
 }
 
 impl Reply {
@@ -142,9 +171,12 @@ impl Harness {
             server,
             sockets: FakeSockets::default(),
             now: Instant::now(),
-            out: Vec::new(),
             tid: 0,
             local: None,
+            fast: Vec::new(),
+            created: 0,
+            held: Vec::new(),
+            reported: None,
         }
     }
 
@@ -153,41 +185,113 @@ impl Harness {
         [self.tid; 12]
     }
 
-    fn send(&mut self, client: SocketAddr, datagram: &[u8]) -> (Handled<'static>, Option<Reply>) {
-        let message = Message::parse(datagram).expect("test request parses");
-        let handled = self.server.handle_stun(
-            self.now,
-            NOW_UNIX,
-            client,
-            self.local,
-            &message,
-            &mut self.sockets,
-            &mut self.out,
-        );
+    /// Carries out the core's events as the driver does: opens (unless holding) and
+    /// closes sockets, and keeps fast-path instructions and creations to look at.
+    fn service(&mut self) {
+        while let Some(event) = self.server.poll_event() {
+            match event {
+                TurnServerEvent::OpenRelay {
+                    request,
+                    family,
+                    even_port,
+                    local,
+                } => {
+                    if self.sockets.hold {
+                        self.held.push((request, family, even_port, local));
+                        continue;
+                    }
+                    let result = self.sockets.open_for(family, even_port);
+                    self.reported = self.server.handle_relay_opened(self.now, request, result);
+                }
+                TurnServerEvent::CloseRelay(relay) => self.sockets.close(relay),
+                TurnServerEvent::FastPath(instruction) => self.fast.push(instruction),
+                TurnServerEvent::AllocationCreated { .. } => self.created += 1,
+            }
+        }
+    }
+
+    /// Runs the core's timers and carries out what they ask.
+    fn timeout(&mut self) {
+        self.server.handle_timeout(self.now);
+        self.service();
+    }
+
+    /// Allocations created since the last call (what feeds the `_total` counter).
+    fn take_created(&mut self) -> u64 {
+        std::mem::take(&mut self.created)
+    }
+
+    /// The one reply queued, if any.
+    fn reply(&mut self) -> Option<Reply> {
+        let transmit = self.server.poll_transmit()?;
+        assert_eq!(self.server.poll_transmit(), None, "one reply per request");
+        let parsed = Message::parse(&transmit.payload).expect("reply parses");
+        let code = parsed
+            .attributes()
+            .flatten()
+            .find(|a| a.ty == stun_attr::ERROR_CODE)
+            .map(|a| u16::from(a.value[2]) * 100 + u16::from(a.value[3]));
+        Some(Reply {
+            class: parsed.message_type().class,
+            code,
+            bytes: transmit.payload.clone(),
+            transport: transmit.transport,
+        })
+    }
+
+    /// Hands `message` from `client` to the core, carries out its events and takes
+    /// its reply. An Allocate answered after its socket opened reads as answered
+    /// at once, with the outcome the report returned.
+    fn handle(
+        &mut self,
+        client: impl Into<ClientAddr>,
+        now_unix: u64,
+        message: &Message<'_>,
+    ) -> (TurnHandled<'static>, Option<Reply>) {
+        let handled = self
+            .server
+            .handle_stun(self.now, now_unix, client, self.local, message);
         let handled = match handled {
-            Handled::NotTurn => Handled::NotTurn,
-            Handled::Request { method, outcome } => Handled::Request { method, outcome },
-            Handled::Relay { relay, peer, data } => Handled::Relay {
+            TurnHandled::NotTurn => TurnHandled::NotTurn,
+            TurnHandled::Request { method, outcome } => TurnHandled::Request { method, outcome },
+            TurnHandled::AwaitingRelay => TurnHandled::AwaitingRelay,
+            TurnHandled::Relay { relay, peer, data } => TurnHandled::Relay {
                 relay,
                 peer,
                 data: Box::leak(data.to_vec().into_boxed_slice()),
             },
-            Handled::Dropped(reason) => Handled::Dropped(reason),
+            TurnHandled::Dropped(reason) => TurnHandled::Dropped(reason),
         };
-        let reply = (!self.out.is_empty()).then(|| {
-            let parsed = Message::parse(&self.out).expect("reply parses");
-            let code = parsed
-                .attributes()
-                .flatten()
-                .find(|a| a.ty == stun_attr::ERROR_CODE)
-                .map(|a| u16::from(a.value[2]) * 100 + u16::from(a.value[3]));
-            Reply {
-                class: parsed.message_type().class,
-                code,
-                bytes: self.out.clone(),
-            }
-        });
-        (handled, reply)
+        self.reported = None;
+        self.service();
+        let handled = match (handled, self.reported.take()) {
+            (TurnHandled::AwaitingRelay, Some(outcome)) => TurnHandled::Request {
+                method: RequestMethod::Allocate,
+                outcome,
+            },
+            (handled, _) => handled,
+        };
+        (handled, self.reply())
+    }
+
+    /// [`Harness::handle`] for bytes that parse, at [`NOW_UNIX`].
+    fn send(
+        &mut self,
+        client: impl Into<ClientAddr>,
+        datagram: &[u8],
+    ) -> (TurnHandled<'static>, Option<Reply>) {
+        self.stun(client, NOW_UNIX, datagram)
+    }
+
+    /// [`Harness::handle`] for bytes that parse.
+    fn stun(
+        &mut self,
+        client: impl Into<ClientAddr>,
+        now_unix: u64,
+        datagram: &[u8],
+    ) -> (TurnHandled<'static>, Option<Reply>) {
+        let message = Message::parse(datagram).expect("test request parses");
+        self.handle(client, now_unix, &message)
     }
 
     /// Challenge then authenticated Allocate; returns the relayed address and nonce.
@@ -207,7 +311,7 @@ impl Harness {
         let (handled, reply) = self.send(client, &second);
         assert_eq!(
             handled,
-            Handled::Request {
+            TurnHandled::Request {
                 method: RequestMethod::Allocate,
                 outcome: RequestOutcome::Ok
             }
@@ -239,7 +343,7 @@ impl Harness {
             Some((who, nonce)),
         );
         let (handled, reply) = self.send(client, &datagram);
-        let Handled::Request { outcome, .. } = handled else {
+        let TurnHandled::Request { outcome, .. } = handled else {
             panic!("expected a request outcome, got {handled:?}");
         };
         (outcome, reply.expect("authenticated requests are answered"))
@@ -292,7 +396,7 @@ fn unauthenticated_allocate_is_challenged_and_creates_nothing() {
     let (handled, reply) = h.send(addr(CLIENT), &datagram);
     assert_eq!(
         handled,
-        Handled::Request {
+        TurnHandled::Request {
             method: RequestMethod::Allocate,
             outcome: RequestOutcome::Unauthorized
         }
@@ -352,7 +456,7 @@ fn authenticated_allocate_returns_relayed_and_mapped_addresses_with_integrity() 
         Some(600u32.to_be_bytes().to_vec())
     );
     assert_eq!(h.server.allocation_count(), 1);
-    assert_eq!(h.server.take_created(), 1);
+    assert_eq!(h.take_created(), 1);
     // A retransmission of the same Allocate gets the same success; a new one 437.
     let (_, again) = h.send(addr(CLIENT), &second);
     assert_eq!(again.expect("reply").class, Class::Success);
@@ -397,7 +501,7 @@ fn a_request_signed_with_sha256_only_is_answered_with_sha256() {
     let (handled, reply) = h.send(addr(CLIENT), &datagram);
     assert!(matches!(
         handled,
-        Handled::Request {
+        TurnHandled::Request {
             outcome: RequestOutcome::Ok,
             ..
         }
@@ -470,19 +574,10 @@ fn bad_credentials_and_foreign_or_stale_nonces_are_refused() {
         transport_udp,
         Some((&alice, &nonce)),
     );
-    let message = Message::parse(&datagram).expect("parses");
-    let handled = h.server.handle_stun(
-        h.now,
-        NOW_UNIX + 601,
-        addr(CLIENT),
-        None,
-        &message,
-        &mut h.sockets,
-        &mut h.out,
-    );
+    let (handled, _) = h.stun(addr(CLIENT), NOW_UNIX + 601, &datagram);
     assert_eq!(
         handled,
-        Handled::Request {
+        TurnHandled::Request {
             method: RequestMethod::Allocate,
             outcome: RequestOutcome::StaleNonce
         }
@@ -555,7 +650,7 @@ fn denied_peers_get_403_on_every_path_including_ipv4_in_ipv6_forms() {
     );
     assert_eq!(
         h.send(addr(CLIENT), &send).0,
-        Handled::Dropped(DropReason::DeniedPeer)
+        TurnHandled::Dropped(DropReason::DeniedPeer)
     );
 }
 
@@ -600,7 +695,7 @@ fn send_indications_and_peer_data_need_a_live_permission() {
     );
     assert_eq!(
         h.send(addr(CLIENT), &send).0,
-        Handled::Dropped(DropReason::NoPermission)
+        TurnHandled::Dropped(DropReason::NoPermission)
     );
     assert_eq!(
         h.server.data_from_peer(h.now, relay, peer, 5),
@@ -612,7 +707,7 @@ fn send_indications_and_peer_data_need_a_live_permission() {
     );
     assert_eq!(
         h.send(addr(CLIENT), &send).0,
-        Handled::Relay {
+        TurnHandled::Relay {
             relay,
             peer,
             data: b"hello"
@@ -831,10 +926,10 @@ fn allocations_expire_and_their_sockets_close() {
         Some(3600u32.to_be_bytes().to_vec())
     );
     h.now += Duration::from_secs(3599);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert_eq!(h.server.allocation_count(), 1);
     h.now += Duration::from_secs(2);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert_eq!(h.server.allocation_count(), 0);
     assert_eq!(h.sockets.closed, vec![relay]);
     assert_eq!(h.server.poll_timeout(), None);
@@ -856,30 +951,21 @@ fn tcp_and_udp_clients_are_different_five_tuples_and_tcp_allocations_end_with_th
     };
     let tid = h.next_tid();
     let hello = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
-    let message = Message::parse(&hello).expect("parses");
-    let handled = h.server.handle_stun(
-        h.now,
-        NOW_UNIX,
-        tcp,
-        None,
-        &message,
-        &mut h.sockets,
-        &mut h.out,
-    );
+    let (handled, challenge) = h.send(tcp, &hello);
     assert!(matches!(
         handled,
-        Handled::Request {
+        TurnHandled::Request {
             outcome: RequestOutcome::Unauthorized,
             ..
         }
     ));
-    let nonce = Message::parse(&h.out)
-        .expect("401")
-        .attributes()
-        .flatten()
-        .find(|a| a.ty == stun_attr::NONCE)
-        .map(|a| String::from_utf8_lossy(a.value).into_owned())
-        .expect("nonce");
+    let challenge = challenge.expect("401");
+    assert_eq!(
+        challenge.transport,
+        Transport::Tcp,
+        "answered on the connection"
+    );
+    let nonce = challenge.nonce();
     let tid = h.next_tid();
     let signed = request(
         method::ALLOCATE,
@@ -888,26 +974,19 @@ fn tcp_and_udp_clients_are_different_five_tuples_and_tcp_allocations_end_with_th
         transport_udp,
         Some((&alice, &nonce)),
     );
-    let message = Message::parse(&signed).expect("parses");
-    let handled = h.server.handle_stun(
-        h.now,
-        NOW_UNIX,
-        tcp,
-        None,
-        &message,
-        &mut h.sockets,
-        &mut h.out,
-    );
+    let (handled, reply) = h.send(tcp, &signed);
+    assert_eq!(reply.expect("success").transport, Transport::Tcp);
     assert!(matches!(
         handled,
-        Handled::Request {
+        TurnHandled::Request {
             outcome: RequestOutcome::Ok,
             ..
         }
     ));
     assert_eq!(h.server.allocation_count(), 2);
     // The connection closes: only the TCP allocation goes, its socket closed.
-    h.server.remove_client(tcp, &mut h.sockets);
+    h.server.remove_client(tcp);
+    h.service();
     assert_eq!(h.server.allocation_count(), 1);
     assert_eq!(h.sockets.open, vec![udp_relay]);
 }
@@ -1008,7 +1087,7 @@ fn even_port_with_r_bit_reserves_the_next_port_for_a_token() {
     let reserved = SocketAddr::new(even.ip(), even.port() + 1);
     assert!(h.sockets.open.contains(&reserved));
     h.now += Duration::from_secs(31);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert!(h.sockets.closed.contains(&reserved));
     assert!(!h.sockets.open.contains(&reserved));
 }
@@ -1129,7 +1208,7 @@ proptest! {
     fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
         let mut h = Harness::new(server());
         if let Ok(message) = Message::parse(&bytes) {
-            let _ = h.server.handle_stun(h.now, NOW_UNIX, addr(CLIENT), None, &message, &mut h.sockets, &mut h.out);
+            let _ = h.handle(addr(CLIENT), NOW_UNIX, &message);
         }
         let _ = h.server.channel_data_from_client(h.now, addr(CLIENT), 0x4000, bytes.len());
     }
@@ -1150,9 +1229,324 @@ proptest! {
             }
         }, Some((&alice, &nonce)));
         let message = Message::parse(&datagram).expect("well-formed");
-        let _ = h.server.handle_stun(h.now, NOW_UNIX, addr(CLIENT), None, &message, &mut h.sockets, &mut h.out);
+        let _ = h.handle(addr(CLIENT), NOW_UNIX, &message);
         prop_assert!(h.server.allocation_count() <= 1);
     }
+}
+
+// Allocates waiting for their relay socket (the driver opens it between the request
+// and the answer).
+
+/// Challenge, then an authenticated Allocate (with `extra` attributes) that must
+/// wait for its socket; returns the signed request, to retransmit.
+fn allocate_pending(
+    h: &mut Harness,
+    client: SocketAddr,
+    who: &User,
+    extra: impl Fn(&mut MessageWriter<'_>),
+) -> Vec<u8> {
+    let tid = h.next_tid();
+    let hello = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let nonce = h.send(client, &hello).1.expect("401").nonce();
+    let tid = h.next_tid();
+    let signed = request(
+        method::ALLOCATE,
+        Class::Request,
+        tid,
+        |w| {
+            transport_udp(w);
+            extra(w);
+        },
+        Some((who, &nonce)),
+    );
+    let (handled, reply) = h.send(client, &signed);
+    assert_eq!(handled, TurnHandled::AwaitingRelay);
+    assert!(reply.is_none(), "no answer before the socket is there");
+    signed
+}
+
+#[test]
+fn a_pending_allocate_is_answered_when_its_socket_is_reported() {
+    let mut h = Harness::new(server());
+    h.local = Some(SERVICE.parse().expect("ip"));
+    h.sockets.hold = true;
+    let alice = user("alice");
+    let signed = allocate_pending(&mut h, addr(CLIENT), &alice, |_| {});
+    // The driver is asked for an IPv4 socket on any port, on the address reached.
+    let [(request, family, even_port, local)] = h.held[..] else {
+        panic!("one open request: {:?}", h.held)
+    };
+    assert_eq!((family, even_port), (AddressFamily::V4, EvenPort::Any));
+    assert_eq!(local, h.local);
+    assert_eq!(h.server.allocation_count(), 0);
+    assert_eq!(h.take_created(), 0);
+    let relay = addr("192.0.2.10:50002");
+    assert_eq!(
+        h.server
+            .handle_relay_opened(h.now, request, Ok((relay, None))),
+        Some(RequestOutcome::Ok)
+    );
+    h.service();
+    let reply = h.reply().expect("the success, now");
+    assert_eq!(reply.class, Class::Success);
+    let tid = Message::parse(&signed).expect("parses").transaction_id();
+    let relayed = stun::decode_xor_address(
+        &reply.attr(turn_attr::XOR_RELAYED_ADDRESS).expect("relayed"),
+        tid,
+    );
+    assert_eq!(relayed, Some(relay));
+    let message = Message::parse(&reply.bytes).expect("parses");
+    let key = long_term_key(&alice.username, REALM, &alice.password);
+    assert_eq!(message.verify_integrity(&key), Ok(()));
+    assert_eq!(h.server.allocation_count(), 1);
+    assert_eq!(h.take_created(), 1);
+    // The reply leaves from the gateway address the client reached.
+    assert_eq!(h.server.poll_transmit(), None);
+    // A report for a request that is not pending (again) changes nothing and closes
+    // what it reports.
+    let stray = addr("192.0.2.10:50004");
+    assert_eq!(
+        h.server
+            .handle_relay_opened(h.now, request, Ok((stray, None))),
+        None
+    );
+    h.service();
+    assert_eq!(h.sockets.closed, vec![stray]);
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn the_open_request_carries_the_family_parity_and_the_address_reached() {
+    let mut h = Harness::new(server());
+    let reached: IpAddr = "2001:db8::1".parse().expect("ip");
+    h.local = Some(reached);
+    h.sockets.hold = true;
+    let alice = user("alice");
+    allocate_pending(&mut h, addr(CLIENT), &alice, |w| {
+        w.attribute(
+            turn_attr::REQUESTED_ADDRESS_FAMILY,
+            &[family::IPV6, 0, 0, 0],
+        );
+        w.attribute(turn_attr::EVEN_PORT, &[0x00]);
+    });
+    allocate_pending(&mut h, addr("198.51.100.21:1"), &alice, |w| {
+        w.attribute(turn_attr::EVEN_PORT, &[0x80]);
+    });
+    let asked: Vec<_> = h.held.iter().map(|(_, f, e, l)| (*f, *e, *l)).collect();
+    assert_eq!(
+        asked,
+        vec![
+            (AddressFamily::V6, EvenPort::Even, Some(reached)),
+            (AddressFamily::V4, EvenPort::EvenReserveNext, Some(reached)),
+        ]
+    );
+}
+
+#[test]
+fn a_failed_open_gets_the_error_a_failed_open_always_got() {
+    let alice = user("alice");
+    // No free port: 508, as when the socket layer said so synchronously.
+    let mut h = Harness::new(server());
+    h.sockets.no_ports = true;
+    let tid = h.next_tid();
+    let hello = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let nonce = h.send(addr(CLIENT), &hello).1.expect("401").nonce();
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Capacity, Some(508)));
+    assert_eq!(reply.class, Class::Error);
+    let key = long_term_key(&alice.username, REALM, &alice.password);
+    let message = Message::parse(&reply.bytes).expect("parses");
+    assert_eq!(message.verify_integrity(&key), Ok(()));
+    // No relay address of the family: 440.
+    h.sockets.hold = true;
+    allocate_pending(&mut h, addr(CLIENT), &alice, |_| {});
+    let (request, ..) = h.held.pop().expect("an open request");
+    assert_eq!(
+        h.server
+            .handle_relay_opened(h.now, request, Err(OpenError::FamilyUnavailable)),
+        Some(RequestOutcome::Family)
+    );
+    assert_eq!(h.reply().expect("an answer").code, Some(440));
+    // A pair asked for and a single socket reported: 508, and the socket closes.
+    allocate_pending(&mut h, addr(CLIENT), &alice, |w| {
+        w.attribute(turn_attr::EVEN_PORT, &[0x80]);
+    });
+    let (request, ..) = h.held.pop().expect("an open request");
+    let lone = addr("192.0.2.10:50010");
+    assert_eq!(
+        h.server
+            .handle_relay_opened(h.now, request, Ok((lone, None))),
+        Some(RequestOutcome::Capacity)
+    );
+    assert_eq!(h.reply().expect("an answer").code, Some(508));
+    h.service();
+    assert_eq!(h.sockets.closed, vec![lone]);
+    // Nothing was kept: no allocation, no pending entry, no quota used.
+    assert_eq!(h.server.allocation_count(), 0);
+    assert!(h.server.pending.is_empty() && h.server.pending_by_client.is_empty());
+    assert!(h.server.per_user.is_empty());
+    h.sockets = FakeSockets::default();
+    h.allocate(addr(CLIENT), &alice);
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn a_retransmitted_allocate_while_pending_opens_nothing_more_and_is_answered_once() {
+    let mut h = Harness::new(server());
+    h.sockets.hold = true;
+    let alice = user("alice");
+    let signed = allocate_pending(&mut h, addr(CLIENT), &alice, |_| {});
+    // The retransmission: no second socket, no answer yet.
+    let (handled, reply) = h.send(addr(CLIENT), &signed);
+    assert_eq!(handled, TurnHandled::AwaitingRelay);
+    assert!(reply.is_none());
+    assert_eq!(h.held.len(), 1, "one socket for one Allocate");
+    // Another transaction on the 5-tuple is a mismatch, as once allocated; another
+    // user's is refused; other methods find no allocation yet.
+    let tid = h.next_tid();
+    let hello = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let nonce = h.send(addr(CLIENT), &hello).1.expect("401").nonce();
+    let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Mismatch, Some(437)));
+    let bob = user("bob");
+    let (outcome, reply) = h.authed(addr(CLIENT), &bob, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::WrongCredentials, Some(441))
+    );
+    let (outcome, _) = h.authed(addr(CLIENT), &alice, &nonce, method::REFRESH, |_, _| {});
+    assert_eq!(outcome, RequestOutcome::Mismatch);
+    assert_eq!(h.held.len(), 1);
+    // The socket is there: one answer, the success.
+    let (request, ..) = h.held.pop().expect("an open request");
+    let relay = addr("192.0.2.10:50002");
+    assert_eq!(
+        h.server
+            .handle_relay_opened(h.now, request, Ok((relay, None))),
+        Some(RequestOutcome::Ok)
+    );
+    assert_eq!(h.reply().expect("the success").class, Class::Success);
+    // Later retransmissions get the same success from the allocation.
+    let (handled, reply) = h.send(addr(CLIENT), &signed);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Allocate,
+            outcome: RequestOutcome::Ok
+        }
+    );
+    assert_eq!(reply.expect("success").class, Class::Success);
+    assert_eq!(h.take_created(), 1);
+    assert!(h.held.is_empty());
+}
+
+#[test]
+fn pending_allocates_count_toward_the_quotas() {
+    let config = TurnConfig {
+        max_allocations: 1,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    h.sockets.hold = true;
+    let alice = user("alice");
+    allocate_pending(&mut h, addr(CLIENT), &alice, |_| {});
+    let other = addr("198.51.100.21:1");
+    let tid = h.next_tid();
+    let hello = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let nonce = h.send(other, &hello).1.expect("401").nonce();
+    let (outcome, reply) = h.authed(other, &alice, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Quota, Some(486)));
+    assert_eq!(h.held.len(), 1);
+}
+
+#[test]
+fn a_pending_allocate_whose_report_never_comes_expires_and_a_late_socket_closes() {
+    let mut h = Harness::new(server());
+    h.sockets.hold = true;
+    let alice = user("alice");
+    let signed = allocate_pending(&mut h, addr(CLIENT), &alice, |_| {});
+    let (request, ..) = h.held.pop().expect("an open request");
+    // The core keeps a timer while anything is pending.
+    assert!(h.server.poll_timeout().is_some());
+    h.now += allocate::PENDING_LIFETIME - Duration::from_millis(1);
+    h.timeout();
+    assert_eq!(h.server.pending.len(), 1, "not yet");
+    h.now += Duration::from_millis(1);
+    h.timeout();
+    assert!(h.server.pending.is_empty() && h.server.pending_by_client.is_empty());
+    assert!(h.server.per_user.is_empty(), "its quota is given back");
+    assert!(h.reply().is_none(), "no answer: the client retransmits");
+    // The timer stops once nothing is left.
+    h.now += Duration::from_secs(1);
+    h.timeout();
+    assert_eq!(h.server.poll_timeout(), None);
+    // The late report finds nothing pending: its socket(s) close, nothing answers.
+    let late = addr("192.0.2.10:50002");
+    let reserved = addr("192.0.2.10:50003");
+    assert_eq!(
+        h.server
+            .handle_relay_opened(h.now, request, Ok((late, Some(reserved)))),
+        None
+    );
+    h.service();
+    assert_eq!(h.sockets.closed, vec![late, reserved]);
+    assert!(h.reply().is_none());
+    assert_eq!(h.server.allocation_count(), 0);
+    // The client's next retransmission starts afresh.
+    h.sockets.hold = false;
+    let (handled, reply) = h.send(addr(CLIENT), &signed);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Allocate,
+            outcome: RequestOutcome::Ok
+        }
+    );
+    assert_eq!(reply.expect("success").class, Class::Success);
+    assert_eq!(h.server.allocation_count(), 1);
+}
+
+#[test]
+fn a_tcp_client_gone_while_pending_leaves_nothing_behind() {
+    let mut h = Harness::new(server());
+    h.sockets.hold = true;
+    let alice = user("alice");
+    let tcp = ClientAddr {
+        addr: addr(CLIENT),
+        transport: Transport::Tcp,
+    };
+    let tid = h.next_tid();
+    let hello = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let nonce = h.send(tcp, &hello).1.expect("401").nonce();
+    let tid = h.next_tid();
+    let signed = request(
+        method::ALLOCATE,
+        Class::Request,
+        tid,
+        transport_udp,
+        Some((&alice, &nonce)),
+    );
+    assert_eq!(h.send(tcp, &signed).0, TurnHandled::AwaitingRelay);
+    let (request, ..) = h.held.pop().expect("an open request");
+    h.server.remove_client(tcp);
+    assert!(h.server.pending.is_empty() && h.server.per_user.is_empty());
+    let relay = addr("192.0.2.10:50002");
+    assert_eq!(
+        h.server
+            .handle_relay_opened(h.now, request, Ok((relay, None))),
+        None
+    );
+    h.service();
+    assert_eq!(h.sockets.closed, vec![relay]);
+    assert_eq!(h.server.allocation_count(), 0);
 }
 
 // The fast-path instructions.
@@ -1169,7 +1563,7 @@ fn fast_harness(config: TurnConfig) -> Harness {
 }
 
 fn drained(h: &mut Harness) -> Vec<FastPath> {
-    h.server.drain_fast_path().collect()
+    std::mem::take(&mut h.fast)
 }
 
 #[test]
@@ -1201,7 +1595,7 @@ fn fast_path_installs_a_bound_channel_with_its_earliest_deadline() {
     assert_eq!(drained(&mut h), vec![FastPath::Install(expected)]);
     // Nothing changes in a sweep: no instruction.
     h.now += Duration::from_secs(10);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert_eq!(drained(&mut h), vec![]);
     // Refreshing the permission moves the deadline: the entry is updated.
     assert_eq!(
@@ -1226,10 +1620,10 @@ fn fast_path_entry_is_removed_when_the_permission_lapses_and_back_when_renewed()
     let installed = drained(&mut h);
     assert!(matches!(installed[..], [FastPath::Install(_)]));
     h.now += Duration::from_secs(299);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert_eq!(drained(&mut h), vec![]);
     h.now += Duration::from_secs(2);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     let removed = drained(&mut h);
     assert!(
         matches!(removed[..], [FastPath::Remove(c)] if c.channel == 0x4001 && c.peer == addr(PEER)),
@@ -1266,7 +1660,7 @@ fn fast_path_entry_is_removed_when_the_channel_expires() {
     };
     assert_eq!(last.expires, h.now + Duration::from_secs(20));
     h.now += Duration::from_secs(21);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert!(matches!(drained(&mut h)[..], [FastPath::Remove(c)] if c.channel == 0x4001));
 }
 
@@ -1308,7 +1702,7 @@ fn fast_path_entries_go_with_a_deleted_or_expired_allocation() {
     assert_eq!(last.expires, h.now + Duration::from_secs(100));
     assert_eq!(last.allocation, first.allocation);
     h.now += Duration::from_secs(101);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert!(matches!(drained(&mut h)[..], [FastPath::Remove(c)] if c.client == client));
 }
 
@@ -1325,7 +1719,7 @@ fn fast_path_never_serves_capped_allocations_or_denied_peers() {
         RequestOutcome::Ok
     );
     h.now += Duration::from_secs(400);
-    h.server.handle_timeout(h.now, &mut h.sockets);
+    h.timeout();
     assert_eq!(
         drained(&mut h),
         vec![],
