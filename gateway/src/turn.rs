@@ -44,7 +44,7 @@ use crate::proto::{
     turn::{
         AddressFamily, CHANNEL_DATA_HEADER, ChannelData, channel_data_header,
         server::{
-            ClientAddr, DropReason, EvenPort, OpenError, RelayRequestId, RequestMethod,
+            ClientAddr, DropReason, EvenPort, FastPath, OpenError, RelayRequestId, RequestMethod,
             RequestOutcome, TurnHandled, TurnServer, TurnServerEvent,
         },
     },
@@ -191,14 +191,14 @@ impl Drop for RelaySocketHandle {
 /// The core and its open sockets behind one lock: one acquisition per relayed
 /// datagram finds both the route and the socket. Whoever feeds the core an input
 /// drains its outputs ([`RelayState::drain`]) before releasing the lock, so each
-/// caller carries out exactly what its own input caused.
+/// caller carries out exactly what its own input caused. No system call runs under
+/// this lock: sockets are opened, replies sent and the fast path's maps updated
+/// after it is released (see [`RelayShared::unlock`]).
 struct RelayState {
     /// The protocol core.
     core: TurnServer,
     /// The relay sockets open, by address.
     sockets: HashMap<SocketAddr, RelaySocketHandle>,
-    /// The kernel fast path, when loaded.
-    fast: Option<RelayFastPath>,
 }
 
 /// A socket request of the core, taken out from under the lock.
@@ -218,13 +218,14 @@ struct Outputs {
     open: Vec<OpenRequest>,
     /// Relay sockets taken out of the table: dropped (tasks stopped) unlocked.
     closed: Vec<RelaySocketHandle>,
+    /// Fast-path instructions, in the core's order (applied by [`RelayShared::unlock`]).
+    fast_path: Vec<FastPath>,
 }
 
 impl RelayState {
-    /// Takes everything the core queued: fast-path instructions are applied here
-    /// (in order, as the kernel maps must follow the core), counters updated, closed
-    /// sockets taken out of the table, and socket requests and replies handed back
-    /// for the caller to carry out without the lock.
+    /// Takes everything the core queued: counters updated, closed sockets taken out
+    /// of the table, and fast-path instructions (in order), socket requests and
+    /// replies handed back for the caller to carry out without the lock.
     fn drain(&mut self, metrics: &RelayMetrics, outputs: &mut Outputs) {
         while let Some(event) = self.core.poll_event() {
             match event {
@@ -242,18 +243,9 @@ impl RelayState {
                 TurnServerEvent::CloseRelay(relay) => {
                     outputs.closed.extend(self.sockets.remove(&relay));
                 }
-                TurnServerEvent::FastPath(instruction) => {
-                    if let Some(fast) = self.fast.as_mut()
-                        && let Err(e) = fast.apply(&instruction)
-                    {
-                        tracing::warn!(error = %e, ?instruction, "relay fast path: map update failed");
-                    }
-                }
+                TurnServerEvent::FastPath(instruction) => outputs.fast_path.push(instruction),
                 TurnServerEvent::AllocationCreated { .. } => metrics.allocations_created.inc(),
             }
-        }
-        if let Some(fast) = self.fast.as_ref() {
-            metrics.fast_path_entries.set(fast.installed() as i64);
         }
         outputs
             .transmits
@@ -261,27 +253,24 @@ impl RelayState {
         metrics.allocations.set(self.core.allocation_count() as i64);
     }
 
-    /// Adds what the kernel relayed since the last call to `metrics`.
-    fn fold_fast_path(&mut self, metrics: &RelayMetrics) {
-        let Some(fast) = self.fast.as_mut() else {
-            return;
-        };
-        match fast.take_new() {
-            Ok(new) => {
-                metrics.packets_to_peer.inc_by(new.to_peer_packets);
-                metrics.bytes_to_peer.inc_by(new.to_peer_bytes);
-                metrics.packets_to_client.inc_by(new.to_client_packets);
-                metrics.bytes_to_client.inc_by(new.to_client_bytes);
-                metrics.fast_path_to_peer.inc_by(new.to_peer_packets);
-                metrics.fast_path_to_client.inc_by(new.to_client_packets);
-            }
-            Err(e) => tracing::warn!(error = %e, "relay fast path: reading counters failed"),
-        }
-    }
-
     /// The socket of the relay address `relay`.
     fn relay_socket(&self, relay: SocketAddr) -> Option<Arc<RelaySocket>> {
         self.sockets.get(&relay).map(|r| r.socket.clone())
+    }
+}
+
+/// Adds what the kernel relayed since the last call to `metrics`.
+fn fold_fast_path(fast: &mut RelayFastPath, metrics: &RelayMetrics) {
+    match fast.take_new() {
+        Ok(new) => {
+            metrics.packets_to_peer.inc_by(new.to_peer_packets);
+            metrics.bytes_to_peer.inc_by(new.to_peer_bytes);
+            metrics.packets_to_client.inc_by(new.to_client_packets);
+            metrics.bytes_to_client.inc_by(new.to_client_bytes);
+            metrics.fast_path_to_peer.inc_by(new.to_peer_packets);
+            metrics.fast_path_to_client.inc_by(new.to_client_packets);
+        }
+        Err(e) => tracing::warn!(error = %e, "relay fast path: reading counters failed"),
     }
 }
 
@@ -313,6 +302,12 @@ impl TcpClients {
 /// What relay tasks share.
 pub struct RelayShared {
     state: Mutex<RelayState>,
+    /// The kernel fast path, when loaded, behind its own lock. Lock order by
+    /// structure: it is taken only in [`RelayShared::unlock`] (while the state lock
+    /// is still held, which keeps the maps in the core's order of events, and kept
+    /// after the state lock is released for the map updates) or alone, never the
+    /// other way round.
+    fast: Mutex<Option<RelayFastPath>>,
     opener: RelayOpener,
     metrics: RelayMetrics,
     client_socket: ServiceSocket,
@@ -336,8 +331,8 @@ impl RelayShared {
             state: Mutex::new(RelayState {
                 core,
                 sockets: HashMap::new(),
-                fast,
             }),
+            fast: Mutex::new(fast),
             opener: RelayOpener {
                 config,
                 cursor: AtomicU16::new(rand::random()),
@@ -357,6 +352,34 @@ impl RelayShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The fast path's lock, alone (never with the state lock: see [`Self::unlock`]).
+    fn fast_path(&self) -> MutexGuard<'_, Option<RelayFastPath>> {
+        self.fast.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Releases the state lock, then applies the drained fast-path instructions to
+    /// the kernel maps. The fast path's lock is taken before the state lock is let
+    /// go, so two callers' instructions reach the maps in the order the core made
+    /// them, while the `bpf()` system calls run with the core unlocked.
+    fn unlock(&self, state: MutexGuard<'_, RelayState>, outputs: &mut Outputs) {
+        if outputs.fast_path.is_empty() {
+            drop(state);
+            return;
+        }
+        let mut fast = self.fast_path();
+        drop(state);
+        let Some(fast) = fast.as_mut() else {
+            outputs.fast_path.clear();
+            return;
+        };
+        for instruction in outputs.fast_path.drain(..) {
+            if let Err(e) = fast.apply(&instruction) {
+                tracing::warn!(error = %e, ?instruction, "relay fast path: map update failed");
+            }
+        }
+        self.metrics.fast_path_entries.set(fast.installed() as i64);
+    }
+
     /// The relay's metrics.
     pub fn metrics(&self) -> &RelayMetrics {
         &self.metrics
@@ -368,17 +391,19 @@ impl RelayShared {
         state.core.handle_timeout(now);
         let mut outputs = Outputs::default();
         state.drain(&self.metrics, &mut outputs);
-        state.fold_fast_path(&self.metrics);
-        drop(state);
+        self.unlock(state, &mut outputs);
+        if let Some(fast) = self.fast_path().as_mut() {
+            fold_fast_path(fast, &self.metrics);
+        }
         self.carry_out(outputs, None, &mut Vec::new());
     }
 
     /// Folds the fast path's counters into the metrics, detaches it and drops its
     /// maps (at shutdown; dropping the relay detaches too, silently).
     pub fn stop_fast_path(&self) {
-        let mut state = self.lock();
-        state.fold_fast_path(&self.metrics);
-        if let Some(fast) = state.fast.take() {
+        let taken = self.fast_path().take();
+        if let Some(mut fast) = taken {
+            fold_fast_path(&mut fast, &self.metrics);
             fast.detach();
         }
     }
@@ -433,6 +458,7 @@ impl RelayShared {
                 }
             }
             state.drain(&self.metrics, &mut outputs);
+            self.unlock(state, &mut outputs);
         }
     }
 
@@ -537,7 +563,7 @@ impl RelayShared {
             }
             TurnHandled::NotTurn => ("unhandled", None),
         };
-        drop(state);
+        self.unlock(state, &mut outputs);
         if let Some((socket, relay, peer, data)) = relay
             && send_from(&socket, relay, peer, data)
         {
@@ -558,7 +584,7 @@ impl RelayShared {
         });
         let mut outputs = Outputs::default();
         state.drain(&self.metrics, &mut outputs);
-        drop(state);
+        self.unlock(state, &mut outputs);
         self.carry_out(outputs, None, &mut Vec::new());
     }
 }
