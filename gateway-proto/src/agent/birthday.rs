@@ -11,7 +11,7 @@ use std::{
 use rand::{Rng, rngs::StdRng};
 
 use super::{Agent, AgentConfig, AgentEvent, session::SessionState};
-use crate::rendezvous::{NatClass, client};
+use crate::rendezvous::{client, wire::NatClass};
 
 /// Most extra sockets one birthday attempt may use (file descriptors are finite).
 pub const MAX_BIRTHDAY_SOCKETS: u16 = 512;

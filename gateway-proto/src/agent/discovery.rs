@@ -13,7 +13,10 @@ use crate::{
     Transmit,
     binding::ChangeRequest,
     earliest,
-    rendezvous::{FilteringClass, NatClass, client},
+    rendezvous::{
+        client,
+        wire::{FilteringClass, NatClass},
+    },
     stun::{self, Class, Message},
 };
 

@@ -50,9 +50,8 @@ pub use self::{
 use crate::{
     Transmit, earliest,
     rendezvous::{
-        Candidate, CandidateKind, FilteringClass, NatClass,
         client::{self, PeerCredentials, Role},
-        method,
+        wire::{Candidate, CandidateKind, FilteringClass, NatClass, method},
     },
     stun::{self, Class, Message},
 };

@@ -15,7 +15,7 @@ use crate::{
     Transmit,
     rendezvous::{
         client::{self, Role},
-        method,
+        wire::method,
     },
     stun::{self, Message},
     turn::{

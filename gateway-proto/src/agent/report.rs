@@ -8,7 +8,10 @@ use std::{
 };
 
 use super::{Agent, AgentEvent, PendingRequest};
-use crate::rendezvous::{SessionOutcome, TcpTechnique, client, method};
+use crate::rendezvous::{
+    client,
+    wire::{SessionOutcome, TcpTechnique, method},
+};
 
 /// A TCP-Seq as sent, kept to resend it once with a fresh nonce.
 #[derive(Clone, Copy, Debug)]
@@ -366,7 +369,7 @@ mod tests {
             .collect();
         assert_eq!(
             refused,
-            vec![(0, intro, crate::rendezvous::TCP_FORGE_DISABLED)]
+            vec![(0, intro, crate::rendezvous::wire::TCP_FORGE_DISABLED)]
         );
     }
 }

@@ -10,8 +10,8 @@ use super::{Agent, AgentConfig, AgentEvent, birthday::Birthday, relay_leg::Relay
 use crate::{
     earliest,
     rendezvous::{
-        CandidateKind, NatClass, SessionOutcome,
         client::{self, Probe, Role},
+        wire::{CandidateKind, NatClass, SessionOutcome},
     },
     stun::{Class, Message, attr as stun_attr},
 };
