@@ -21,4 +21,7 @@ pub mod tcp_punch;
 pub mod transmit;
 pub mod turn;
 
+#[cfg(test)]
+mod sim;
+
 pub use transmit::{MAIN_SOCKET, Transmit, Transport, earliest};

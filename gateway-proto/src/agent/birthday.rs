@@ -322,7 +322,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::sim::*;
+    use crate::sim::agents::*;
     use std::collections::HashMap;
 
     #[test]

@@ -453,7 +453,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::sim::*;
+    use crate::sim::agents::*;
     use crate::{
         agent::AgentConfig,
         credentials::SharedSecret,

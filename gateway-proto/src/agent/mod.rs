@@ -25,8 +25,6 @@ mod discovery;
 mod relay_leg;
 mod report;
 mod session;
-#[cfg(test)]
-mod sim;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -775,7 +773,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::sim::*;
+    use crate::sim::agents::*;
 
     #[test]
     fn unanswered_registers_are_resent_with_backoff() {

@@ -297,8 +297,8 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::sim::*;
     use crate::rendezvous::RendezvousEvent as Event;
+    use crate::sim::agents::*;
 
     #[test]
     fn blocked_pair_falls_back_to_the_relay_then_upgrades_to_direct() {

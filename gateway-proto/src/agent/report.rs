@@ -235,8 +235,8 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::sim::*;
     use crate::rendezvous::RendezvousEvent as Event;
+    use crate::sim::agents::*;
 
     #[test]
     fn tcp_candidates_reach_the_other_side_apart_from_the_udp_probes_and_outcomes_are_reported() {

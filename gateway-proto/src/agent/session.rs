@@ -547,8 +547,8 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::sim::*;
     use crate::rendezvous::{RendezvousEvent as Event, client::PeerCredentials};
+    use crate::sim::agents::*;
 
     #[test]
     fn two_agents_punch_exchange_data_and_report() {

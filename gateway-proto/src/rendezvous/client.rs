@@ -554,7 +554,7 @@ pub fn parse_probe(datagram: &[u8], key: &[u8; 16]) -> Option<Probe> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rendezvous::sim::addr;
+    use crate::sim::rendezvous::addr;
 
     #[test]
     fn probes_round_trip_and_need_the_key() {

@@ -124,9 +124,9 @@ mod tests {
     use crate::rendezvous::{
         RendezvousHandled,
         client::{self, *},
-        sim::*,
         wire::{CandidateKind, NatClass, TCP_FORGE_DISABLED, attr, method},
     };
+    use crate::sim::rendezvous::*;
 
     /// Alice at `a` and bob at `b` registered with TCP candidates `ta` and `tb`, and
     /// introduced; mallory registered elsewhere. Returns the introduction id.

@@ -18,9 +18,6 @@ pub mod forge;
 pub mod server;
 pub mod wire;
 
-#[cfg(test)]
-mod sim;
-
 /// The core's one datagram type (see [`crate::Transmit`]).
 pub use crate::Transmit;
 pub use forge::{ForgedSynAck, MAX_FORGED_PER_INTRODUCTION};

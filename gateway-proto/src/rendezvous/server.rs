@@ -799,7 +799,7 @@ impl RendezvousServer {
 #[cfg(test)]
 impl RendezvousServer {
     /// The nonce the server would give `from` (what an agent learns on first contact).
-    pub(super) fn issue_nonce(&self, from: SocketAddr, now_unix: u64) -> String {
+    pub(crate) fn issue_nonce(&self, from: SocketAddr, now_unix: u64) -> String {
         self.nonces.issue(from, now_unix)
     }
 }

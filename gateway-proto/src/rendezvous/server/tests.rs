@@ -7,10 +7,8 @@ use std::{
 use proptest::prelude::*;
 
 use super::*;
-use crate::rendezvous::{
-    client::{self, *},
-    sim::*,
-};
+use crate::rendezvous::client::{self, *};
+use crate::sim::rendezvous::*;
 
 /// The lab's layout: service on every address, a discovery socket on another port
 /// of every address, one on another address and port.

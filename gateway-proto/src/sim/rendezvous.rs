@@ -7,23 +7,23 @@ use std::{
     time::Instant,
 };
 
-use super::{
+use crate::credentials::SharedSecret;
+use crate::rendezvous::{
     ForgedSynAck, RendezvousConfig, RendezvousEvent, RendezvousHandled, RendezvousServer, Transmit,
     client::PeerCredentials, client::parse_response, client::register, discovery_index,
     wire::NatClass,
 };
-use crate::credentials::SharedSecret;
 
 /// The wall clock every test runs at.
-pub(super) const NOW_UNIX: u64 = 1_800_000_000;
+pub(crate) const NOW_UNIX: u64 = 1_800_000_000;
 
 /// The operator's secret.
-pub(super) fn secret() -> SharedSecret {
+pub(crate) fn secret() -> SharedSecret {
     SharedSecret::new(b"operator secret")
 }
 
 /// Valid credentials for `peer`.
-pub(super) fn creds(peer: &str) -> PeerCredentials {
+pub(crate) fn creds(peer: &str) -> PeerCredentials {
     let issued = secret().issue(peer, NOW_UNIX + 3600).expect("issue");
     PeerCredentials {
         username: issued.username,
@@ -32,7 +32,7 @@ pub(super) fn creds(peer: &str) -> PeerCredentials {
 }
 
 /// A literal address.
-pub(super) fn addr(s: &str) -> SocketAddr {
+pub(crate) fn addr(s: &str) -> SocketAddr {
     s.parse().expect("addr")
 }
 
@@ -46,7 +46,7 @@ pub(crate) struct Redirected {
 }
 
 /// The server and the driver's side of it.
-pub(super) struct World {
+pub(crate) struct World {
     /// The server under test.
     pub server: RendezvousServer,
     /// Virtual time.

@@ -12,7 +12,7 @@ use std::{
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use super::{Agent, AgentConfig, AgentEvent, DATA_MARKER};
+use crate::agent::{Agent, AgentConfig, AgentEvent, DATA_MARKER};
 use crate::{
     credentials::SharedSecret,
     peer_policy::PeerPolicy,
@@ -24,7 +24,7 @@ use crate::{
     turn::server::{TurnConfig, TurnHandled, TurnServer, TurnServerEvent},
 };
 
-pub(super) const NOW_UNIX: u64 = 1_800_000_000;
+pub(crate) const NOW_UNIX: u64 = 1_800_000_000;
 
 /// Relay addresses handed out by the simulated gateway.
 #[derive(Default)]
@@ -51,36 +51,36 @@ impl SimRelaySockets {
     }
 }
 
-pub(super) const LATENCY: Duration = Duration::from_millis(10);
+pub(crate) const LATENCY: Duration = Duration::from_millis(10);
 
-pub(super) fn addr(s: &str) -> SocketAddr {
+pub(crate) fn addr(s: &str) -> SocketAddr {
     s.parse().expect("addr")
 }
 
 /// Two agents and a server (rendezvous and TURN relay) on a virtual network with
 /// fixed latency; `drop_p2p` drops everything between the peers (as two symmetric
 /// NATs would), never what goes through the relay.
-pub(super) struct Sim {
-    pub(super) now: Instant,
+pub(crate) struct Sim {
+    pub(crate) now: Instant,
     server: RendezvousServer,
     turn: TurnServer,
     relays: SimRelaySockets,
-    pub(super) server_addr: SocketAddr,
-    pub(super) agents: Vec<(SocketAddr, Agent)>,
+    pub(crate) server_addr: SocketAddr,
+    pub(crate) agents: Vec<(SocketAddr, Agent)>,
     in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
-    pub(super) drop_p2p: bool,
-    pub(super) events: Vec<(usize, AgentEvent)>,
-    pub(super) server_events: Vec<Event>,
+    pub(crate) drop_p2p: bool,
+    pub(crate) events: Vec<(usize, AgentEvent)>,
+    pub(crate) server_events: Vec<Event>,
     /// Low-TTL openers sent (they expire in the network: never delivered).
-    pub(super) openers: Vec<(usize, SocketAddr, u8)>,
+    pub(crate) openers: Vec<(usize, SocketAddr, u8)>,
 }
 
 impl Sim {
-    pub(super) fn new(drop_p2p: bool) -> Self {
+    pub(crate) fn new(drop_p2p: bool) -> Self {
         Self::with_relay(drop_p2p, true)
     }
 
-    pub(super) fn with_relay(drop_p2p: bool, relay: bool) -> Self {
+    pub(crate) fn with_relay(drop_p2p: bool, relay: bool) -> Self {
         let secret = SharedSecret::new(b"sim secret");
         let now = Instant::now();
         let server_addr = addr("192.0.2.10:3478");
@@ -115,7 +115,7 @@ impl Sim {
         }
     }
 
-    pub(super) fn run_for(&mut self, duration: Duration) {
+    pub(crate) fn run_for(&mut self, duration: Duration) {
         let end = self.now + duration;
         while self.now < end {
             for i in 0..self.agents.len() {
@@ -231,14 +231,14 @@ impl Sim {
         true
     }
 
-    pub(super) fn has(&self, agent: usize, f: impl Fn(&AgentEvent) -> bool) -> bool {
+    pub(crate) fn has(&self, agent: usize, f: impl Fn(&AgentEvent) -> bool) -> bool {
         self.events.iter().any(|(i, e)| *i == agent && f(e))
     }
 }
 
 /// How a simulated NAT in front of the agent filters inbound datagrams.
 #[derive(Clone, Copy, Debug)]
-pub(super) enum SimFilter {
+pub(crate) enum SimFilter {
     Independent,
     Address,
     AddressAndPort,
@@ -248,7 +248,7 @@ pub(super) enum SimFilter {
 /// preserved or not), a gateway with a discovery socket on another port and one on
 /// another address; runs discovery and returns the classification event and the
 /// time it took.
-pub(super) fn discover_behind(
+pub(crate) fn discover_behind(
     filter: SimFilter,
     preserve: bool,
     unauthenticated_gateway: bool,
@@ -333,7 +333,7 @@ pub(super) fn discover_behind(
 
 /// A NAT for the birthday simulation: endpoint-independent with preserved ports, or
 /// a random port per (socket, destination); both filter by address and port.
-pub(super) struct SimNat {
+pub(crate) struct SimNat {
     public: IpAddr,
     independent: bool,
     /// No NAT at all: a public host that takes any datagram.
@@ -402,13 +402,13 @@ impl SimNat {
 /// one (both filtering by address and port), the real rendezvous core between
 /// them; returns each side's events and the sockets bob sent data from and
 /// released.
-pub(super) fn birthday_run(bob_sockets: u16) -> BirthdayRun {
+pub(crate) fn birthday_run(bob_sockets: u16) -> BirthdayRun {
     birthday_run_with(bob_sockets, NatClass::EndpointIndependent)
 }
 
 /// [`birthday_run`] with alice's side of class `alice_nat`: endpoint-independent,
 /// or `None` (a public host).
-pub(super) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> BirthdayRun {
+pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> BirthdayRun {
     let secret = SharedSecret::new(b"sim secret");
     let mut now = Instant::now();
     let server_addr = addr("192.0.2.10:3478");
@@ -522,19 +522,19 @@ pub(super) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
 }
 
 /// What [`birthday_run`] saw.
-pub(super) struct BirthdayRun {
-    pub(super) events: Vec<(usize, AgentEvent)>,
+pub(crate) struct BirthdayRun {
+    pub(crate) events: Vec<(usize, AgentEvent)>,
     /// The sockets bob's data left from.
-    pub(super) data_sockets: Vec<u32>,
+    pub(crate) data_sockets: Vec<u32>,
     /// Extra sockets bob released.
-    pub(super) released: usize,
+    pub(crate) released: usize,
     /// Most datagrams alice sent toward bob's address in one timer run.
-    pub(super) sweep_round_max: u32,
+    pub(crate) sweep_round_max: u32,
     /// The ports alice probed on bob's address, other than his registered one.
-    pub(super) swept: Vec<(Instant, u16)>,
+    pub(crate) swept: Vec<(Instant, u16)>,
     /// When alice's first punch attempt gave up.
-    pub(super) alice_failed_at: Option<Instant>,
+    pub(crate) alice_failed_at: Option<Instant>,
     /// Unsolicited datagrams from bob that reached alice's mapped ports before the
     /// path was up.
-    pub(super) unsolicited_at_alice: usize,
+    pub(crate) unsolicited_at_alice: usize,
 }

@@ -1,0 +1,6 @@
+//! Test-only simulators every state machine's tests share, in virtual time:
+//! [`rendezvous`] (a rendezvous server and a driver that sorts its outputs as the
+//! gateway's service loop does) and [`agents`] (agents, modelled NATs and a
+//! simulated gateway with the real rendezvous and TURN cores).
+pub(crate) mod agents;
+pub(crate) mod rendezvous;
