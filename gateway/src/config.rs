@@ -47,6 +47,116 @@ pub struct Config {
     pub auth: AuthConfig,
     /// The TURN relay.
     pub relay: RelayConfig,
+    /// Several nodes as one service, sharing the rendezvous through Redis.
+    pub cluster: ClusterConfig,
+}
+
+/// Several gateway nodes as one service: each node writes the peers registered
+/// with it to Redis and routes introductions to other nodes' peers through it.
+/// Without `redis` the gateway runs alone.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Redis URLs (`redis://HOST:PORT`, or `rediss://` for TLS): one for a single
+    /// Redis, or seed nodes of a Redis Cluster. Empty: no cluster.
+    #[serde(deserialize_with = "one_or_many")]
+    pub redis: Vec<String>,
+    /// `single` (one Redis) or `cluster` (Redis Cluster, hash-slot sharding);
+    /// `auto`: `cluster` with several URLs, else `single`.
+    pub mode: ClusterMode,
+    /// File holding the Redis password (AUTH), read at start; keep it readable by
+    /// the gateway only. A password in the URL works too.
+    pub password_file: Option<std::path::PathBuf>,
+    /// This node's name in the cluster (default: the host name); unique per node.
+    pub node_id: Option<String>,
+}
+
+/// How the Redis URLs are used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterMode {
+    /// `cluster` with several URLs, `single` with one.
+    #[default]
+    Auto,
+    /// One Redis server.
+    Single,
+    /// A Redis Cluster: the URLs are seed nodes.
+    Cluster,
+}
+
+impl std::str::FromStr for ClusterMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "single" => Ok(Self::Single),
+            "cluster" => Ok(Self::Cluster),
+            other => Err(format!("{other:?}: expected auto, single or cluster")),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether the node is part of a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.redis.is_empty()
+    }
+
+    /// Whether the URLs name a Redis Cluster's seeds.
+    pub fn is_redis_cluster(&self) -> bool {
+        match self.mode {
+            ClusterMode::Auto => self.redis.len() > 1,
+            ClusterMode::Single => false,
+            ClusterMode::Cluster => true,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for url in &self.redis {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.redis: {url:?} is not a redis:// or rediss:// URL"
+                )));
+            }
+        }
+        if self.mode == ClusterMode::Single && self.redis.len() > 1 {
+            return Err(ConfigError::Invalid(
+                "cluster.mode = \"single\" takes one cluster.redis URL (several are a Redis Cluster's seeds: mode = \"cluster\")".into(),
+            ));
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        {
+            return Err(ConfigError::Invalid(
+                "cluster.node_id must be 1..=64 characters of A-Z a-z 0-9 - _ .".into(),
+            ));
+        }
+        if !self.enabled() && (self.node_id.is_some() || self.password_file.is_some()) {
+            return Err(ConfigError::Invalid(
+                "cluster.node_id and cluster.password_file need cluster.redis".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Accepts `key = "one"` as well as `key = ["one", "two"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(one) => vec![one],
+        OneOrMany::Many(many) => many,
+    })
 }
 
 /// The TURN relay (RFC 8656 over UDP on `server.listen`). It needs
@@ -399,6 +509,7 @@ impl Config {
             ));
         }
         self.relay.validate()?;
+        self.cluster.validate()?;
         for name in &self.ebpf.interfaces {
             if name.is_empty() || name.len() > 15 || name.contains('/') {
                 return Err(ConfigError::Invalid(format!(

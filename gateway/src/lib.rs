@@ -18,6 +18,7 @@
 //!   sequence-number-exchange TCP splicing;
 //! - [`config`]: the TOML configuration and its defaults.
 pub mod agent;
+pub mod cluster;
 pub mod config;
 pub mod ebpf;
 pub mod fast_path;

@@ -313,6 +313,21 @@ struct ServeArgs {
     /// Shared-secret file for peer credentials; enables the rendezvous.
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Join a cluster of gateway nodes sharing the rendezvous through Redis
+    /// (`redis://HOST:PORT`, `rediss://` for TLS). Repeatable: several URLs are the
+    /// seed nodes of a Redis Cluster. Peers registered on any node can then be
+    /// introduced to peers on any other; relays stay node-local. Needs the same
+    /// --secret-file on every node. See docs/cluster.md [config: cluster.redis].
+    #[arg(long = "cluster-redis", value_name = "URL")]
+    cluster_redis: Vec<String>,
+    /// This node's unique name in the cluster [default: the host name]
+    /// [config: cluster.node_id].
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+    /// How --cluster-redis URLs are used: single (one Redis), cluster (Redis Cluster
+    /// seeds), auto (cluster with several URLs) [default: auto] [config: cluster.mode].
+    #[arg(long, value_name = "MODE")]
+    cluster_mode: Option<gateway::config::ClusterMode>,
     /// Do not serve TURN (the relay runs by default when a secret is configured).
     #[arg(long)]
     no_relay: bool,
@@ -569,6 +584,15 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
         config.ebpf.enabled = true;
         config.ebpf.required = true;
     }
+    if !args.cluster_redis.is_empty() {
+        config.cluster.redis = args.cluster_redis.clone();
+    }
+    if let Some(id) = &args.node_id {
+        config.cluster.node_id = Some(id.clone());
+    }
+    if let Some(mode) = args.cluster_mode {
+        config.cluster.mode = mode;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -702,6 +726,27 @@ async fn serve_async(config: Config) -> Result<()> {
         }
     };
     let client_socket = udp::service_socket(socket).context("cannot configure the UDP socket")?;
+    let cluster = match (&rendezvous, config.cluster.enabled()) {
+        (Some(core), true) => {
+            let node = gateway::cluster::node_id(&config.cluster)?;
+            lock_core(core).enable_cluster(node.clone());
+            let link = gateway::cluster::start(
+                &config.cluster,
+                node.clone(),
+                RendezvousConfig::default().lifetime,
+                core.clone(),
+                client_socket.clone(),
+                metrics.clone(),
+            )
+            .context("cannot start the cluster driver")?;
+            tracing::info!(node = %node, redis = ?config.cluster.redis, redis_cluster = config.cluster.is_redis_cluster(), "cluster enabled: sharing the rendezvous through Redis");
+            Some(link)
+        }
+        (None, true) => {
+            anyhow::bail!("cluster.redis needs the rendezvous: set auth.secret_file (--secret-file)")
+        }
+        (_, false) => None,
+    };
     let relay = match &secret {
         Some(secret) if config.relay.enabled => Some(
             gateway::turn::start(
@@ -760,6 +805,7 @@ async fn serve_async(config: Config) -> Result<()> {
                 metrics.clone(),
                 rendezvous.clone(),
                 relay.clone(),
+                cluster.clone(),
                 wait(stopped.clone()),
             ))
         })
@@ -787,6 +833,11 @@ async fn serve_async(config: Config) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Locks the rendezvous core for set-up (no loop runs yet).
+fn lock_core(core: &Mutex<RendezvousServer>) -> std::sync::MutexGuard<'_, RendezvousServer> {
+    core.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn shutdown_signal() {

@@ -20,13 +20,15 @@ use std::{
 };
 
 use crate::{
+    cluster::ClusterLink,
     metrics::Metrics,
     proto::{
         MAIN_SOCKET, Transmit,
         binding::BindingService,
         earliest,
         rendezvous::{
-            ForgedSynAck, RendezvousEvent, RendezvousHandled, RendezvousServer, discovery_index,
+            ForgedSynAck, RendezvousEvent, RendezvousHandled, RendezvousServer,
+            cluster::ClusterRequest, discovery_index,
         },
         stun::{Message, MessageType},
         turn::{self, server::TurnServer},
@@ -83,17 +85,29 @@ pub async fn run(
     relay: Option<Arc<RelayShared>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    run_with_alternates(client, Vec::new(), metrics, rendezvous, relay, shutdown).await;
+    run_with_alternates(
+        client,
+        Vec::new(),
+        metrics,
+        rendezvous,
+        relay,
+        None,
+        shutdown,
+    )
+    .await;
 }
 
 /// [`run`], with the discovery sockets (numbered as in the rendezvous core's
-/// `Alternates`) that answers to CHANGE-REQUEST leave from.
+/// `Alternates`) that answers to CHANGE-REQUEST leave from, and the cluster's
+/// request queue (when the node is part of one) that the core's cluster requests go
+/// to.
 pub async fn run_with_alternates(
     client: ServiceSocket,
     alternates: Vec<ServiceSocket>,
     metrics: Metrics,
     rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
+    cluster: Option<ClusterLink>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut batch = RecvBatch::new();
@@ -124,7 +138,10 @@ pub async fn run_with_alternates(
                     relay.handle_timeout(now);
                 }
                 if let Some(core) = &rendezvous {
-                    core_timeout(core, now, &metrics);
+                    out.clear();
+                    core_timeout(core, now, &metrics, &mut out);
+                    submit(cluster.as_ref(), &mut out.cluster);
+                    send_transmits(&client, &out.transmits, &metrics, &mut scratch).await;
                 }
                 continue;
             }
@@ -140,6 +157,7 @@ pub async fn run_with_alternates(
             relay.as_deref(),
             &mut out,
         );
+        submit(cluster.as_ref(), &mut out.cluster);
         send_transmits(&client, &out.transmits, &metrics, &mut scratch).await;
         for synack in out.forged.drain(..) {
             inject_forged(&mut injector, &synack, &metrics);
@@ -160,12 +178,48 @@ fn core_deadline(core: &SharedRendezvous) -> Option<Instant> {
 }
 
 /// Runs the rendezvous core's timer if it is still due under the lock (another loop
-/// may have run it since the deadline was read).
-fn core_timeout(core: &SharedRendezvous, now: Instant, metrics: &Metrics) {
+/// may have run it since the deadline was read), collecting what it produced (answers
+/// to Connects that waited for the cluster, metrics events, cluster requests).
+fn core_timeout(core: &SharedRendezvous, now: Instant, metrics: &Metrics, out: &mut BatchOutput) {
     let mut server = lock(core);
     if server.poll_timeout().is_some_and(|at| at <= now) {
         server.handle_timeout(now, unix_now());
+        drain_core(&mut server, metrics, out, None);
         metrics.registered_peers.set(server.peer_count() as i64);
+    }
+}
+
+/// Hands the cluster requests one batch produced to the cluster's queue (dropped
+/// when the node is not part of a cluster: the core emits none then).
+fn submit(cluster: Option<&ClusterLink>, requests: &mut Vec<ClusterRequest>) {
+    match cluster {
+        Some(link) => requests.drain(..).for_each(|r| link.submit(r)),
+        None => requests.clear(),
+    }
+}
+
+/// Takes everything the core queued: service-socket replies (tagged with the index
+/// of the datagram they answer, when there is one), CHANGE-REQUEST answers for the
+/// discovery sockets, SYN-ACKs to forge, cluster requests and metrics events.
+fn drain_core(
+    server: &mut RendezvousServer,
+    metrics: &Metrics,
+    out: &mut BatchOutput,
+    index: Option<usize>,
+) {
+    while let Some(transmit) = server.poll_transmit() {
+        match (transmit.socket == MAIN_SOCKET, index) {
+            (true, Some(index)) => out.core_replies.push((index, transmit)),
+            (true, None) => out.transmits.push(transmit),
+            (false, _) => out.redirected.push(transmit),
+        }
+    }
+    while let Some(event) = server.poll_event() {
+        match event {
+            RendezvousEvent::ForgeSynAck(synack) => out.forged.push(synack),
+            RendezvousEvent::Cluster(request) => out.cluster.push(request),
+            event => metrics.record(&event),
+        }
     }
 }
 
@@ -188,6 +242,8 @@ struct BatchOutput {
     redirected: Vec<Transmit>,
     /// SYN-ACKs the core wants forged (server-assisted TCP splicing).
     forged: Vec<ForgedSynAck>,
+    /// What the core asks of the cluster (Redis), in order.
+    cluster: Vec<ClusterRequest>,
 }
 
 impl BatchOutput {
@@ -199,6 +255,7 @@ impl BatchOutput {
         self.transmits.clear();
         self.redirected.clear();
         self.forged.clear();
+        self.cluster.clear();
     }
 }
 
@@ -272,19 +329,7 @@ fn core_pass(batch: &RecvBatch, metrics: &Metrics, core: &SharedRendezvous, out:
     for ((index, datagram), _) in datagrams.filter(|(_, took)| !**took) {
         let Datagram { from, local, bytes } = datagram;
         let handled = server.handle_datagram(Instant::now(), unix_now(), from, local, bytes);
-        while let Some(transmit) = server.poll_transmit() {
-            if transmit.socket == MAIN_SOCKET {
-                out.core_replies.push((index, transmit));
-            } else {
-                out.redirected.push(transmit);
-            }
-        }
-        while let Some(event) = server.poll_event() {
-            match event {
-                RendezvousEvent::ForgeSynAck(synack) => out.forged.push(synack),
-                event => metrics.record(&event),
-            }
-        }
+        drain_core(&mut server, metrics, out, Some(index));
         if matches!(handled, RendezvousHandled::Registered) {
             metrics.registered_peers.set(server.peer_count() as i64);
         }

@@ -1,0 +1,793 @@
+//! The cluster driver: several gateway nodes as one service, sharing the rendezvous
+//! through Redis (see `docs/cluster.md`).
+//!
+//! The rendezvous core decides everything (`proto::rendezvous::cluster`); this
+//! module carries out its [`ClusterRequest`]s against Redis and feeds back what
+//! Redis answers:
+//!
+//! - `Store(entry)`: `SET gw:peer:<id> <entry> EX <lifetime> GET`. When the previous
+//!   value names another node, that node is told `Moved` (latest registration wins).
+//! - `Locate { token, peer }`: `GET gw:peer:<id>`, answered with
+//!   `RendezvousServer::handle_located`.
+//! - `Send { node, message }`: `XADD gw:inbox:<node> MAXLEN ~ 100000 * m <message>`.
+//!   Every node reads its own inbox stream with `XREAD BLOCK` on a connection of its
+//!   own and hands each message to `RendezvousServer::handle_cluster_message`.
+//!
+//! A heartbeat (`ZADD gw:nodes <now ms> <node>` once a second) decides whether the
+//! cluster is up (`gateway_cluster_up`), counts the live nodes
+//! (`gateway_cluster_nodes`), measures the round trip (`set_cluster_transit`), and
+//! notices a Redis that lost its data (our node was missing from `gw:nodes`): the
+//! node then writes its whole registry again. Every key is a plain key, so the same
+//! commands work on one Redis and on a Redis Cluster (each key hashes to its slot;
+//! no command spans two keys).
+//!
+//! Nothing here holds the core's lock across an await or a system call: a lock is
+//! taken to feed one input and drain the outputs, then released before the replies
+//! are sent. The request queue is bounded; a full queue drops (counted).
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, RedisResult, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
+use tokio::sync::mpsc;
+
+use crate::{
+    config::ClusterConfig,
+    metrics::Metrics,
+    proto::{
+        MAIN_SOCKET, Transmit,
+        rendezvous::{
+            RendezvousEvent, RendezvousServer,
+            cluster::{ClusterMessage, ClusterRequest, PeerEntry},
+        },
+    },
+    udp::{SendScratch, ServiceSocket, send_transmits},
+};
+
+/// Requests queued between the service loops and the cluster task at most; more are
+/// dropped (a dropped Locate times out in the core with 503, a dropped Store is
+/// written again at the peer's next registration).
+pub const REQUEST_QUEUE: usize = 65_536;
+/// Requests the writer sends to Redis concurrently (pipelined on its connection).
+const WRITE_BATCH: usize = 512;
+/// Prefix of the registry's keys (one per peer).
+const PEER_KEY_PREFIX: &str = "gw:peer:";
+/// Prefix of the nodes' inbox streams.
+const INBOX_PREFIX: &str = "gw:inbox:";
+/// The sorted set of nodes by last heartbeat (milliseconds since the epoch).
+const NODES_KEY: &str = "gw:nodes";
+/// Entries an inbox keeps at most (approximately: `MAXLEN ~`).
+const INBOX_MAXLEN: usize = 100_000;
+/// How often a node beats.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A node whose last beat is older than this is not counted as live.
+const NODE_ALIVE: Duration = Duration::from_secs(5);
+/// How long one `XREAD` waits for messages.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+/// Messages one `XREAD` takes at most.
+const READ_COUNT: usize = 1024;
+/// Connect and answer deadlines of every Redis command.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longer than [`READ_BLOCK`], so a blocking read is not cut short.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnection backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Why the cluster driver could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The password file could not be read.
+    #[error("cannot read cluster.password_file {path}: {source}")]
+    PasswordFile {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A URL is not one Redis understands.
+    #[error("invalid cluster.redis URL {url}: {source}")]
+    Url {
+        /// The URL.
+        url: String,
+        /// What is wrong with it.
+        source: redis::RedisError,
+    },
+    /// No node id was given and the host name is unusable.
+    #[error("cluster.node_id is not set and the host name cannot be used: {0}")]
+    NodeId(String),
+    /// A metric could not be registered (a programming error).
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// The cluster's own metrics (node-local: every node exports its view).
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// 1 while Redis answers the heartbeat, else 0.
+    pub up: IntGauge,
+    /// Nodes whose heartbeat is recent.
+    pub nodes: IntGauge,
+    /// Round trip of Redis commands.
+    pub redis_round_trip: Histogram,
+    /// Redis commands that failed, by command.
+    pub redis_errors: IntCounterVec,
+    /// Requests dropped because the queue to Redis was full.
+    pub dropped: IntCounter,
+    /// Node-to-node messages, by direction (sent, received) .
+    pub messages: IntCounterVec,
+    /// Registrations moved to another node (this node forgot them).
+    pub moved: IntCounter,
+}
+
+impl ClusterMetrics {
+    /// Creates and registers the cluster metrics in `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let up = IntGauge::new(
+            "gateway_cluster_up",
+            "1 while this node reaches the cluster's Redis (the heartbeat succeeds), else 0",
+        )?;
+        let nodes = IntGauge::new(
+            "gateway_cluster_nodes",
+            "Gateway nodes with a heartbeat in the last 5 s, as this node sees them",
+        )?;
+        let redis_round_trip = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_cluster_redis_round_trip_seconds",
+                "Round trip of this node's Redis commands (one observation per batch)",
+            )
+            .buckets(vec![
+                0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )?;
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "gateway_cluster_redis_errors_total",
+                "Redis commands that failed, by command",
+            ),
+            &["command"],
+        )?;
+        let dropped = IntCounter::new(
+            "gateway_cluster_requests_dropped_total",
+            "Cluster requests dropped because the queue to Redis was full",
+        )?;
+        let messages = IntCounterVec::new(
+            Opts::new(
+                "gateway_cluster_messages_total",
+                "Node-to-node messages through Redis, by direction",
+            ),
+            &["direction"],
+        )?;
+        let moved = IntCounter::new(
+            "gateway_cluster_moved_peers_total",
+            "Peers that registered with another node later and were forgotten here",
+        )?;
+        registry.register(Box::new(up.clone()))?;
+        registry.register(Box::new(nodes.clone()))?;
+        registry.register(Box::new(redis_round_trip.clone()))?;
+        registry.register(Box::new(redis_errors.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(messages.clone()))?;
+        registry.register(Box::new(moved.clone()))?;
+        for command in ["set", "get", "xadd", "xread", "heartbeat"] {
+            redis_errors.with_label_values(&[command]);
+        }
+        for direction in ["sent", "received"] {
+            messages.with_label_values(&[direction]);
+        }
+        Ok(Self {
+            up,
+            nodes,
+            redis_round_trip,
+            redis_errors,
+            dropped,
+            messages,
+            moved,
+        })
+    }
+}
+
+/// Where the service loops hand the core's cluster requests (cheap to clone).
+#[derive(Clone)]
+pub struct ClusterLink {
+    requests: mpsc::Sender<ClusterRequest>,
+    metrics: ClusterMetrics,
+}
+
+impl ClusterLink {
+    /// Queues one request for Redis without waiting; a full queue drops it (counted).
+    pub fn submit(&self, request: ClusterRequest) {
+        if self.requests.try_send(request).is_err() {
+            self.metrics.dropped.inc();
+        }
+    }
+}
+
+/// What the cluster tasks share.
+struct ClusterShared {
+    core: Arc<Mutex<RendezvousServer>>,
+    service: ServiceSocket,
+    metrics: Metrics,
+    cluster_metrics: ClusterMetrics,
+    node_id: String,
+    connector: Connector,
+    /// Registration lifetime: the TTL of every registry key.
+    lifetime: Duration,
+    link: ClusterLink,
+    up: AtomicBool,
+}
+
+/// One node's connection settings.
+struct Connector {
+    urls: Vec<String>,
+    redis_cluster: bool,
+    password: Option<String>,
+}
+
+/// A connection to one Redis or to a Redis Cluster (both multiplexed: concurrent
+/// commands are pipelined on the wire).
+#[derive(Clone)]
+enum Redis {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Redis {
+    async fn query<T: FromRedisValue>(&mut self, cmd: &Cmd) -> RedisResult<T> {
+        match self {
+            Redis::Single(c) => cmd.query_async(c).await,
+            Redis::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+impl Connector {
+    /// Connects (one attempt, bounded by [`CONNECT_TIMEOUT`]).
+    async fn connect(&self) -> RedisResult<Redis> {
+        if self.redis_cluster {
+            let mut builder = ClusterClient::builder(self.urls.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(RESPONSE_TIMEOUT)
+                .retries(1);
+            if let Some(password) = &self.password {
+                builder = builder.password(password.clone());
+            }
+            let client = builder.build()?;
+            return Ok(Redis::Cluster(client.get_async_connection().await?));
+        }
+        let url = self.urls.first().map(String::as_str).unwrap_or_default();
+        let mut info = url.into_connection_info()?;
+        if let Some(password) = &self.password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(BACKOFF_MAX);
+        let manager = tokio::time::timeout(
+            CONNECT_TIMEOUT * 2,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        Ok(Redis::Single(manager))
+    }
+
+    /// Connects, retrying with exponential backoff until it works.
+    async fn connect_with_backoff(&self, what: &str) -> Redis {
+        let mut delay = BACKOFF_MIN;
+        loop {
+            match self.connect().await {
+                Ok(redis) => return redis,
+                Err(e) => {
+                    tracing::debug!(error = %e, task = what, "cannot connect to Redis; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
+
+/// This node's id: the configured one, else the host name.
+pub fn node_id(config: &ClusterConfig) -> Result<String, ClusterError> {
+    if let Some(id) = &config.node_id {
+        return Ok(id.clone());
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_err(|e| ClusterError::NodeId(e.to_string()))?;
+    let host = host.trim();
+    let usable = !host.is_empty()
+        && host.len() <= 64
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if usable {
+        Ok(host.to_owned())
+    } else {
+        Err(ClusterError::NodeId(format!("{host:?}")))
+    }
+}
+
+/// Starts the cluster tasks (writer, inbox reader, heartbeat) for `core`, which must
+/// have had `enable_cluster` called with `node_id`. Replies the cluster causes
+/// (an introduction to a local peer, an answer to a Connect) leave from `service`.
+/// Redis need not be up: the tasks connect in the background and the node serves
+/// its own peers meanwhile. Must be called inside a tokio runtime.
+pub fn start(
+    config: &ClusterConfig,
+    node_id: String,
+    lifetime: Duration,
+    core: Arc<Mutex<RendezvousServer>>,
+    service: ServiceSocket,
+    metrics: Metrics,
+) -> Result<ClusterLink, ClusterError> {
+    let password = match &config.password_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| ClusterError::PasswordFile {
+                    path: path.display().to_string(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    for url in &config.redis {
+        url.as_str()
+            .into_connection_info()
+            .map_err(|source| ClusterError::Url {
+                url: url.clone(),
+                source,
+            })?;
+    }
+    let cluster_metrics = ClusterMetrics::new(&metrics.registry)?;
+    let (requests, queue) = mpsc::channel(REQUEST_QUEUE);
+    let link = ClusterLink {
+        requests,
+        metrics: cluster_metrics.clone(),
+    };
+    let shared = Arc::new(ClusterShared {
+        core,
+        service,
+        metrics,
+        cluster_metrics,
+        node_id,
+        connector: Connector {
+            urls: config.redis.clone(),
+            redis_cluster: config.is_redis_cluster(),
+            password,
+        },
+        lifetime,
+        link: link.clone(),
+        up: AtomicBool::new(false),
+    });
+    lock(&shared.core).set_cluster_up(false);
+    tokio::spawn(writer(shared.clone(), queue));
+    tokio::spawn(reader(shared.clone()));
+    tokio::spawn(heartbeat(shared));
+    Ok(link)
+}
+
+fn lock(core: &Mutex<RendezvousServer>) -> std::sync::MutexGuard<'_, RendezvousServer> {
+    core.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+impl ClusterShared {
+    /// Feeds one input to the core under its lock, drains what it produced, then
+    /// (unlocked) queues its cluster requests and sends its datagrams.
+    async fn feed(
+        &self,
+        scratch: &mut SendScratch,
+        input: impl FnOnce(&mut RendezvousServer, Instant, u64),
+    ) {
+        let mut transmits: Vec<Transmit> = Vec::new();
+        let mut requests = Vec::new();
+        {
+            let mut core = lock(&self.core);
+            input(&mut core, Instant::now(), unix_now().as_secs());
+            while let Some(transmit) = core.poll_transmit() {
+                // Cluster inputs answer peers from the service socket only.
+                if transmit.socket == MAIN_SOCKET {
+                    transmits.push(transmit);
+                }
+            }
+            while let Some(event) = core.poll_event() {
+                match event {
+                    RendezvousEvent::Cluster(request) => requests.push(request),
+                    event => self.metrics.record(&event),
+                }
+            }
+            self.metrics.registered_peers.set(core.peer_count() as i64);
+        }
+        for request in requests {
+            self.link.submit(request);
+        }
+        if !transmits.is_empty() {
+            send_transmits(&self.service, &transmits, &self.metrics, scratch).await;
+        }
+    }
+
+    fn error(&self, command: &str, error: &redis::RedisError) {
+        self.cluster_metrics
+            .redis_errors
+            .with_label_values(&[command])
+            .inc();
+        tracing::debug!(%error, command, "Redis command failed");
+    }
+
+    /// Records the cluster's state; logs only changes.
+    fn set_up(&self, up: bool) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!(node = %self.node_id, "cluster: Redis reachable; cross-node introductions on");
+            } else {
+                tracing::warn!(node = %self.node_id, "cluster: Redis unreachable; serving this node's peers only (cross-node Connects get 503 Cluster Unavailable)");
+            }
+            lock(&self.core).set_cluster_up(up);
+        }
+        self.cluster_metrics.up.set(i64::from(up));
+    }
+}
+
+fn peer_key(peer_id: &str) -> String {
+    format!("{PEER_KEY_PREFIX}{peer_id}")
+}
+
+fn inbox_key(node: &str) -> String {
+    format!("{INBOX_PREFIX}{node}")
+}
+
+/// The Redis command that carries one request.
+fn command_for(request: &ClusterRequest, lifetime: Duration) -> Cmd {
+    match request {
+        ClusterRequest::Store(entry) => {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(peer_key(&entry.peer_id))
+                .arg(entry.encode())
+                .arg("EX")
+                .arg(lifetime.as_secs().max(1))
+                .arg("GET");
+            cmd
+        }
+        ClusterRequest::Locate { peer_id, .. } => {
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(peer_key(peer_id));
+            cmd
+        }
+        ClusterRequest::Send { node, message } => xadd(node, message),
+    }
+}
+
+fn xadd(node: &str, message: &ClusterMessage) -> Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(inbox_key(node))
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(INBOX_MAXLEN)
+        .arg("*")
+        .arg("m")
+        .arg(message.encode());
+    cmd
+}
+
+fn command_name(request: &ClusterRequest) -> &'static str {
+    match request {
+        ClusterRequest::Store(_) => "set",
+        ClusterRequest::Locate { .. } => "get",
+        ClusterRequest::Send { .. } => "xadd",
+    }
+}
+
+/// Carries out the core's requests, up to [`WRITE_BATCH`] at a time concurrently.
+async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterRequest>) {
+    let mut redis = shared.connector.connect_with_backoff("writer").await;
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut scratch = SendScratch::default();
+    loop {
+        if queue.recv_many(&mut batch, WRITE_BATCH).await == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let commands: Vec<Cmd> = batch
+            .iter()
+            .map(|r| command_for(r, shared.lifetime))
+            .collect();
+        let answers = futures_util::future::join_all(commands.iter().map(|cmd| {
+            let mut redis = redis.clone();
+            async move { redis.query::<Value>(cmd).await }
+        }))
+        .await;
+        shared
+            .cluster_metrics
+            .redis_round_trip
+            .observe(started.elapsed().as_secs_f64());
+        for (request, answer) in batch.drain(..).zip(answers) {
+            let answer = match answer {
+                Ok(answer) => Some(answer),
+                Err(e) => {
+                    shared.error(command_name(&request), &e);
+                    None
+                }
+            };
+            match request {
+                ClusterRequest::Store(entry) => {
+                    if let Some(previous) = answer.as_ref().and_then(entry_of) {
+                        tell_moved(&shared, &mut redis, &entry, &previous).await;
+                    }
+                }
+                ClusterRequest::Locate { token, .. } => {
+                    // A failed GET is answered as "not found" only when Redis
+                    // answered; otherwise the core's timer answers 503.
+                    if let Some(answer) = answer {
+                        let entry = entry_of(&answer);
+                        shared
+                            .feed(&mut scratch, |core, now, unix| {
+                                core.handle_located(now, unix, token, entry)
+                            })
+                            .await;
+                    }
+                }
+                ClusterRequest::Send { .. } => {
+                    if answer.is_some() {
+                        shared
+                            .cluster_metrics
+                            .messages
+                            .with_label_values(&["sent"])
+                            .inc();
+                    }
+                }
+            }
+        }
+        // Both connection kinds reconnect by themselves (the manager for one Redis,
+        // the cluster client per node); the heartbeat reports the state.
+    }
+}
+
+/// The entry a GET or SET..GET answered, if any and if it decodes.
+fn entry_of(value: &Value) -> Option<PeerEntry> {
+    match value {
+        Value::BulkString(bytes) => PeerEntry::decode(bytes).ok(),
+        _ => None,
+    }
+}
+
+/// After `entry` replaced `previous` in the registry: when `previous` was another
+/// node's, that node is told to forget the peer.
+async fn tell_moved(
+    shared: &ClusterShared,
+    redis: &mut Redis,
+    entry: &PeerEntry,
+    previous: &PeerEntry,
+) {
+    if previous.node == entry.node {
+        return;
+    }
+    let message = ClusterMessage::Moved {
+        peer_id: entry.peer_id.clone(),
+        registered_unix_ms: entry.registered_unix_ms,
+    };
+    if let Err(e) = redis.query::<Value>(&xadd(&previous.node, &message)).await {
+        shared.error("xadd", &e);
+    }
+}
+
+/// Reads this node's inbox and hands each message to the core.
+async fn reader(shared: Arc<ClusterShared>) {
+    let key = inbox_key(&shared.node_id);
+    let mut scratch = SendScratch::default();
+    // Only messages sent from now on: older ones were for a previous life of this
+    // node and name introductions it no longer knows.
+    let mut last_id = String::from("$");
+    loop {
+        let mut redis = shared.connector.connect_with_backoff("reader").await;
+        loop {
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT")
+                .arg(READ_COUNT)
+                .arg("BLOCK")
+                .arg(READ_BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&key)
+                .arg(&last_id);
+            let answer: Value = match redis.query(&cmd).await {
+                Ok(answer) => answer,
+                Err(e) => {
+                    shared.error("xread", &e);
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                    break;
+                }
+            };
+            for (id, payload) in stream_entries(&answer) {
+                last_id = id;
+                shared
+                    .cluster_metrics
+                    .messages
+                    .with_label_values(&["received"])
+                    .inc();
+                let Ok(message) = ClusterMessage::decode(&payload) else {
+                    tracing::debug!("cluster: undecodable inbox message dropped");
+                    continue;
+                };
+                if let ClusterMessage::Moved { .. } = message {
+                    shared.cluster_metrics.moved.inc();
+                }
+                shared
+                    .feed(&mut scratch, |core, now, unix| {
+                        core.handle_cluster_message(now, unix, message)
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// The (id, payload of field `m`) pairs of an `XREAD` answer for one stream; anything
+/// else in it is skipped.
+fn stream_entries(answer: &Value) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    // RESP2: [[key, [[id, [field, value, ...]], ...]]]; RESP3 may give a map.
+    let streams: Vec<&Value> = match answer {
+        Value::Array(streams) => streams.iter().collect(),
+        Value::Map(pairs) => pairs.iter().map(|(_, entries)| entries).collect(),
+        _ => return out,
+    };
+    for stream in streams {
+        let entries = match stream {
+            Value::Array(pair) if pair.len() == 2 => &pair[1],
+            other => other,
+        };
+        let Value::Array(entries) = entries else {
+            continue;
+        };
+        for entry in entries {
+            let Value::Array(parts) = entry else { continue };
+            let (Some(Value::BulkString(id)), Some(Value::Array(fields))) =
+                (parts.first(), parts.get(1))
+            else {
+                continue;
+            };
+            let Ok(id) = String::from_utf8(id.clone()) else {
+                continue;
+            };
+            let payload = fields.chunks(2).find_map(|kv| match kv {
+                [Value::BulkString(k), Value::BulkString(v)] if k == b"m" => Some(v.clone()),
+                _ => None,
+            });
+            if let Some(payload) = payload {
+                out.push((id, payload));
+            }
+        }
+    }
+    out
+}
+
+/// Beats once a second: decides up/down, counts nodes, measures the transit, and
+/// writes the registry again when Redis came back or lost its data.
+async fn heartbeat(shared: Arc<ClusterShared>) {
+    let mut redis: Option<Redis> = None;
+    let mut ticker = tokio::time::interval(HEARTBEAT);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let connection = match redis.as_mut() {
+            Some(redis) => redis,
+            None => match shared.connector.connect().await {
+                Ok(connected) => redis.insert(connected),
+                Err(e) => {
+                    shared.error("heartbeat", &e);
+                    shared.set_up(false);
+                    continue;
+                }
+            },
+        };
+        let now_ms = unix_now().as_millis() as u64;
+        let started = Instant::now();
+        let mut beat = redis::cmd("ZADD");
+        beat.arg(NODES_KEY).arg(now_ms).arg(&shared.node_id);
+        let added: RedisResult<i64> = connection.query(&beat).await;
+        let round_trip = started.elapsed();
+        let added = match added {
+            Ok(added) => added,
+            Err(e) => {
+                shared.error("heartbeat", &e);
+                shared.set_up(false);
+                redis = None;
+                continue;
+            }
+        };
+        shared
+            .cluster_metrics
+            .redis_round_trip
+            .observe(round_trip.as_secs_f64());
+        let was_up = shared.up.load(Ordering::Relaxed);
+        // Node to Redis to node: a message's one-way trip is about one round trip.
+        lock(&shared.core).set_cluster_transit(round_trip.max(Duration::from_micros(100)));
+        shared.set_up(true);
+        let alive_since = now_ms.saturating_sub(NODE_ALIVE.as_millis() as u64);
+        let mut count = redis::cmd("ZCOUNT");
+        count.arg(NODES_KEY).arg(alive_since).arg("+inf");
+        match connection.query::<i64>(&count).await {
+            Ok(nodes) => shared.cluster_metrics.nodes.set(nodes),
+            Err(e) => shared.error("heartbeat", &e),
+        }
+        let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+        prune
+            .arg(NODES_KEY)
+            .arg("-inf")
+            .arg(now_ms.saturating_sub(60_000));
+        if let Err(e) = connection.query::<i64>(&prune).await {
+            shared.error("heartbeat", &e);
+        }
+        // Our node was missing (a Redis that restarted empty) or Redis was down:
+        // write every local registration again, so the registry is whole now rather
+        // than after each peer's next registration.
+        if added == 1 || !was_up {
+            let entries = lock(&shared.core).local_entries(unix_now().as_secs());
+            if !entries.is_empty() {
+                tracing::info!(peers = entries.len(), "cluster: writing this node's registry to Redis");
+            }
+            for entry in entries {
+                shared.link.submit(ClusterRequest::Store(entry));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xread_answers_yield_ids_and_payloads_in_order() {
+        let entry = |id: &str, payload: &[u8]| {
+            Value::Array(vec![
+                Value::BulkString(id.as_bytes().to_vec()),
+                Value::Array(vec![
+                    Value::BulkString(b"m".to_vec()),
+                    Value::BulkString(payload.to_vec()),
+                ]),
+            ])
+        };
+        let answer = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"gw:inbox:a".to_vec()),
+            Value::Array(vec![entry("1-0", b"one"), entry("2-0", b"two")]),
+        ])]);
+        assert_eq!(
+            stream_entries(&answer),
+            vec![
+                ("1-0".to_owned(), b"one".to_vec()),
+                ("2-0".to_owned(), b"two".to_vec())
+            ]
+        );
+        // A timeout (nil) and garbage give nothing.
+        assert!(stream_entries(&Value::Nil).is_empty());
+        assert!(stream_entries(&Value::Array(vec![Value::Int(3)])).is_empty());
+    }
+
+    #[test]
+    fn keys_name_the_peer_and_the_node() {
+        assert_eq!(peer_key("bob"), "gw:peer:bob");
+        assert_eq!(inbox_key("node-1"), "gw:inbox:node-1");
+    }
+}
