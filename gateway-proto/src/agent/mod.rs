@@ -465,7 +465,7 @@ impl Agent {
         earliest(
             [
                 Some(self.next_register),
-                self.wanted.values().min().copied(),
+                self.next_connect(),
                 self.discovery.next_timeout(),
                 self.turn.next_timeout(),
             ]
@@ -524,13 +524,9 @@ impl Agent {
         }
         self.pending
             .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
-        // Connect only once discovery has classified our NAT, so the introduction
-        // (and the gateway's metrics) carry the right class.
-        let classified = self.discovery.done && self.class_registered;
-        let discovering = !self.config.discovery.is_empty() && !classified;
         self.turn.handle_timeout(now);
         self.drain_turn(now);
-        if !discovering {
+        if !self.connects_held() {
             self.connect_due(now);
         }
         let ids: Vec<u64> = self.sessions.keys().copied().collect();
@@ -546,6 +542,32 @@ impl Agent {
         if self.probe_tids.len() > MAX_PROBE_TIDS {
             self.probe_tids.clear();
         }
+    }
+
+    /// When [`Self::connect_due`] next has something to do: the earliest retry of a
+    /// wanted peer without a path (or with a relayed one due for an upgrade). A
+    /// wanted peer with a direct path up has no timer (its session's path timeout
+    /// brings the retry back), or the agent would be woken again and again for
+    /// nothing.
+    fn next_connect(&self) -> Option<Instant> {
+        if self.connects_held() {
+            return None;
+        }
+        self.wanted
+            .iter()
+            .filter_map(|(peer, &at)| match self.up_session(peer) {
+                None => Some(at),
+                Some(s) if s.path_relayed => Some(at.max(s.upgrade_at)),
+                Some(_) => None,
+            })
+            .min()
+    }
+
+    /// Whether connects wait: until discovery has classified our NAT (so the
+    /// introduction, and the gateway's metrics, carry the right class).
+    fn connects_held(&self) -> bool {
+        let classified = self.discovery.done && self.class_registered;
+        !self.config.discovery.is_empty() && !classified
     }
 
     /// Asks for an introduction to every wanted peer that is due: no path is up, or
@@ -795,6 +817,22 @@ mod tests {
         }
         // 0, 0.5 s, then 1 s later, then 2 s later: RFC 8489-style doubling.
         assert_eq!(sent_at, vec![0, 500, 1_500, 3_500]);
+    }
+
+    #[test]
+    fn an_agent_with_a_path_up_sleeps_until_its_next_deadline() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_secs(3));
+        assert!(sim.agents[0].1.path("bob").is_some());
+        // The connect retry of a peer with a direct path up is no timer: a deadline
+        // in the past would make the driver spin while the path is up.
+        for (_, agent) in &sim.agents {
+            let next = agent.poll_timeout().expect("keepalives");
+            assert!(next > sim.now, "{:?}", sim.now.checked_duration_since(next));
+        }
     }
 
     #[test]
