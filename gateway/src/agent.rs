@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::proto::{
-    agent::{Agent, AgentConfig, AgentEvent},
+    agent::{Agent, AgentConfig, AgentEvent, ServerChangeReason},
     rendezvous::client::Role,
 };
 
@@ -45,6 +45,14 @@ pub enum PeerError {
     /// The agent task has stopped.
     #[error("the peer agent has stopped")]
     Stopped,
+    /// A gateway address (`HOST:PORT`) could not be resolved.
+    #[error("cannot resolve server {server}: {source}")]
+    Resolve {
+        /// The address as given.
+        server: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The eBPF observers or the agent's metrics endpoint could not start.
     #[error(transparent)]
     Observe(#[from] crate::observe::ObserveError),
@@ -170,6 +178,17 @@ impl PeerClient {
             local,
             socket_ports,
         })
+    }
+
+    /// [`Self::start`] with several gateway nodes, in failover order (`servers`
+    /// replaces `config`'s; see [`AgentConfig::with_servers`]): the agent registers
+    /// with the first and moves on when its node falls silent.
+    pub async fn start_with_servers(
+        bind: SocketAddr,
+        servers: &[SocketAddr],
+        config: AgentConfig,
+    ) -> Result<Self, PeerError> {
+        Self::start(bind, config.with_servers(servers.iter().copied())).await
     }
 
     /// The agent socket's local address.
@@ -446,6 +465,39 @@ impl ExtraSockets {
     }
 }
 
+/// Resolves `gateway peer --server` values into gateway nodes, in order: an IP
+/// literal (`192.0.2.10:3478`, `[2001:db8::1]:3478`) is one node, as before; a
+/// `HOST:PORT` whose name resolves to several addresses gives one node per address,
+/// in the resolver's order. An address given twice counts once (its first place).
+pub fn resolve_servers(specs: &[String]) -> Result<Vec<SocketAddr>, PeerError> {
+    use std::net::ToSocketAddrs;
+    let mut servers = Vec::new();
+    for spec in specs {
+        let resolved: Vec<SocketAddr> = match spec.parse::<SocketAddr>() {
+            Ok(addr) => vec![addr],
+            Err(_) => spec
+                .to_socket_addrs()
+                .map_err(|source| PeerError::Resolve {
+                    server: spec.clone(),
+                    source,
+                })?
+                .collect(),
+        };
+        if resolved.is_empty() {
+            return Err(PeerError::Resolve {
+                server: spec.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+            });
+        }
+        for addr in resolved {
+            if !servers.contains(&addr) {
+                servers.push(addr);
+            }
+        }
+    }
+    Ok(servers)
+}
+
 /// The local address the kernel routes from toward `to` (a connected UDP socket sends
 /// nothing).
 async fn source_ip_towards(to: SocketAddr) -> Option<std::net::IpAddr> {
@@ -591,13 +643,21 @@ pub async fn run(
         }
         None => None,
     };
-    let server = options.agent.server;
+    let servers = options.agent.servers();
     let rendezvous = crate::observe::rendezvous_endpoints(&options.agent);
     let mut client = PeerClient::start(options.bind, options.agent).await?;
+    let fallback: Vec<String> = servers[1..].iter().map(ToString::to_string).collect();
     status(format_args!(
-        "local {} server {server}",
-        client.local_addr()
+        "local {} server {}{}",
+        client.local_addr(),
+        servers[0],
+        if fallback.is_empty() {
+            String::new()
+        } else {
+            format!(" fallback {}", fallback.join(","))
+        }
     ));
+    let mut lines = StatusLines::default();
     // Detaches the programs when `run` returns.
     let mut observer = crate::observe::start_for_agent(
         options.observe,
@@ -741,7 +801,9 @@ pub async fn run(
             },
             event = client.next_event() => {
                 let Some(event) = event else { return Err(PeerError::Stopped) };
-                report(&event);
+                if let Some(line) = lines.line(&event) {
+                    status(format_args!("{line}"));
+                }
                 if let (
                     AgentEvent::TcpIntroduced { peer_id, intro_id, candidates, start_at },
                     Some(tcp),
@@ -917,76 +979,173 @@ impl PathMetrics {
     }
 }
 
-/// One status line per event.
-fn report(event: &AgentEvent) {
-    match event {
-        AgentEvent::Registered { mapped } => status(format_args!("registered public {mapped}")),
-        AgentEvent::NatClassified {
-            class,
-            filtering,
-            port_preserved,
-        } => status(format_args!(
-            "nat mapping {} filtering {} port_preserved {port_preserved}",
-            class.as_str(),
-            filtering.as_str()
-        )),
-        AgentEvent::Refused { method, code } => {
-            status(format_args!("refused method 0x{method:03x} code {code}"))
+/// The status lines of `gateway peer`: one per event (none for data), with the
+/// little state a line needs (the node a registration is with after a failover).
+#[derive(Debug, Default)]
+struct StatusLines {
+    /// The node failed over to, until its registration is announced.
+    new_server: Option<SocketAddr>,
+}
+
+impl StatusLines {
+    /// The line for `event`, if it has one.
+    fn line(&mut self, event: &AgentEvent) -> Option<String> {
+        let line = match event {
+            AgentEvent::Registered { mapped } => match self.new_server.take() {
+                Some(server) => format!("registered with {server} public {mapped}"),
+                None => format!("registered public {mapped}"),
+            },
+            AgentEvent::ServerChanged { from, to, reason } => {
+                self.new_server = Some(*to);
+                match reason {
+                    ServerChangeReason::NoAnswer { silent } => format!(
+                        "server {from} no answer for {:.1} s; now using {to}",
+                        silent.as_secs_f64()
+                    ),
+                    _ => format!("server {from} given up; now using {to}"),
+                }
+            }
+            AgentEvent::NatClassified {
+                class,
+                filtering,
+                port_preserved,
+            } => format!(
+                "nat mapping {} filtering {} port_preserved {port_preserved}",
+                class.as_str(),
+                filtering.as_str()
+            ),
+            AgentEvent::Refused { method, code } => {
+                format!("refused method 0x{method:03x} code {code}")
+            }
+            AgentEvent::Introduced { peer_id, role } => {
+                let role = match role {
+                    Role::Initiator => "initiator",
+                    Role::Responder => "responder",
+                };
+                format!("introduced peer {peer_id} role {role}")
+            }
+            AgentEvent::PathUp {
+                peer_id,
+                remote,
+                relayed,
+                elapsed,
+                probes,
+                rtt,
+            } => format!(
+                "path-up peer {peer_id} {} {remote} elapsed_ms {} probes {probes} rtt_ms {:.1}",
+                if *relayed { "relayed" } else { "direct" },
+                elapsed.as_millis(),
+                rtt.as_secs_f64() * 1000.0
+            ),
+            AgentEvent::PunchFailed { peer_id, probes } => {
+                format!("punch-failed peer {peer_id} probes {probes}")
+            }
+            AgentEvent::Birthday {
+                peer_id,
+                role,
+                budget,
+            } => format!(
+                "birthday peer {peer_id} role {} budget {budget}",
+                role.as_str()
+            ),
+            AgentEvent::RelayFallback { peer_id } => format!("relay-fallback peer {peer_id}"),
+            AgentEvent::RelayAllocated { relayed } => {
+                format!("relay-allocated relayed {relayed}")
+            }
+            AgentEvent::PathDown { peer_id } => format!("path-down peer {peer_id}"),
+            AgentEvent::TcpIntroduced {
+                peer_id,
+                candidates,
+                ..
+            } => format!(
+                "tcp-introduced peer {peer_id} candidates {}",
+                candidates.len()
+            ),
+            AgentEvent::TcpSeq {
+                peer_id, intro_id, ..
+            } => format!("tcp-seq-received peer {peer_id} intro {intro_id:016x}"),
+            AgentEvent::TcpSeqRefused { intro_id, code } => {
+                format!("tcp-seq-refused intro {intro_id:016x} code {code}")
+            }
+            AgentEvent::Data { .. } => return None,
+        };
+        Some(line)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_server_change_is_one_line_and_the_next_registration_names_the_node() {
+        let (old, new): (SocketAddr, SocketAddr) = (
+            "192.0.2.10:3478".parse().expect("addr"),
+            "192.0.2.20:3478".parse().expect("addr"),
+        );
+        let mapped: SocketAddr = "198.51.100.2:4000".parse().expect("addr");
+        let mut lines = StatusLines::default();
+        assert_eq!(
+            lines.line(&AgentEvent::Registered { mapped }).as_deref(),
+            Some("registered public 198.51.100.2:4000")
+        );
+        assert_eq!(
+            lines
+                .line(&AgentEvent::ServerChanged {
+                    from: old,
+                    to: new,
+                    reason: ServerChangeReason::NoAnswer {
+                        silent: Duration::from_millis(2_503),
+                    },
+                })
+                .as_deref(),
+            Some("server 192.0.2.10:3478 no answer for 2.5 s; now using 192.0.2.20:3478")
+        );
+        assert_eq!(
+            lines.line(&AgentEvent::Registered { mapped }).as_deref(),
+            Some("registered with 192.0.2.20:3478 public 198.51.100.2:4000")
+        );
+        // Later registrations (the public endpoint moved) are plain again.
+        assert_eq!(
+            lines
+                .line(&AgentEvent::Registered { mapped: old })
+                .as_deref(),
+            Some("registered public 192.0.2.10:3478")
+        );
+    }
+
+    #[test]
+    fn servers_resolve_in_order_one_node_per_address() {
+        let specs = |s: &[&str]| s.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        // IP literals as before, in the order given; a repeat counts once.
+        let servers = resolve_servers(&specs(&[
+            "192.0.2.10:3478",
+            "[2001:db8::1]:3478",
+            "192.0.2.10:3478",
+        ]))
+        .expect("literals");
+        assert_eq!(
+            servers,
+            vec![
+                "192.0.2.10:3478".parse::<SocketAddr>().expect("addr"),
+                "[2001:db8::1]:3478".parse().expect("addr"),
+            ]
+        );
+        // A name: every address it resolves to is a node (localhost: at least the
+        // loopback address, from /etc/hosts).
+        let local = resolve_servers(&specs(&["localhost:3478"])).expect("localhost");
+        assert!(!local.is_empty());
+        assert!(
+            local
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 3478)
+        );
+        // No port, or not a port: a clear error naming the value (no DNS asked).
+        for bad in ["192.0.2.10", "localhost:port"] {
+            let error = resolve_servers(&specs(&[bad])).expect_err(bad).to_string();
+            assert!(error.contains(bad), "{error}");
         }
-        AgentEvent::Introduced { peer_id, role } => {
-            let role = match role {
-                Role::Initiator => "initiator",
-                Role::Responder => "responder",
-            };
-            status(format_args!("introduced peer {peer_id} role {role}"))
-        }
-        AgentEvent::PathUp {
-            peer_id,
-            remote,
-            relayed,
-            elapsed,
-            probes,
-            rtt,
-        } => status(format_args!(
-            "path-up peer {peer_id} {} {remote} elapsed_ms {} probes {probes} rtt_ms {:.1}",
-            if *relayed { "relayed" } else { "direct" },
-            elapsed.as_millis(),
-            rtt.as_secs_f64() * 1000.0
-        )),
-        AgentEvent::PunchFailed { peer_id, probes } => {
-            status(format_args!("punch-failed peer {peer_id} probes {probes}"))
-        }
-        AgentEvent::Birthday {
-            peer_id,
-            role,
-            budget,
-        } => status(format_args!(
-            "birthday peer {peer_id} role {} budget {budget}",
-            role.as_str()
-        )),
-        AgentEvent::RelayFallback { peer_id } => {
-            status(format_args!("relay-fallback peer {peer_id}"))
-        }
-        AgentEvent::RelayAllocated { relayed } => {
-            status(format_args!("relay-allocated relayed {relayed}"))
-        }
-        AgentEvent::PathDown { peer_id } => status(format_args!("path-down peer {peer_id}")),
-        AgentEvent::TcpIntroduced {
-            peer_id,
-            candidates,
-            ..
-        } => status(format_args!(
-            "tcp-introduced peer {peer_id} candidates {}",
-            candidates.len()
-        )),
-        AgentEvent::TcpSeq {
-            peer_id, intro_id, ..
-        } => status(format_args!(
-            "tcp-seq-received peer {peer_id} intro {intro_id:016x}"
-        )),
-        AgentEvent::TcpSeqRefused { intro_id, code } => status(format_args!(
-            "tcp-seq-refused intro {intro_id:016x} code {code}"
-        )),
-        AgentEvent::Data { .. } => {}
     }
 }

@@ -64,8 +64,9 @@ enum Command {
     /// punch a direct UDP path through both NATs, keep it alive and re-punch when it
     /// dies, and optionally carry a local UDP port over it. Prints one status line per
     /// event (registered, introduced, path-up direct|relayed, punch-failed,
-    /// relay-fallback, path-down). Pairs that cannot punch are relayed through the
-    /// gateway's TURN relay and upgraded to direct when a later attempt works.
+    /// relay-fallback, path-down, and with several --server nodes one `server ...
+    /// now using ...` line per failover). Pairs that cannot punch are relayed through
+    /// the gateway's TURN relay and upgraded to direct when a later attempt works.
     Peer(PeerArgs),
     /// Watch punch flows in the kernel on a host that runs no agent, typically a
     /// Linux NAT router's WAN interface, and serve the counts on /metrics. Punch
@@ -119,9 +120,18 @@ struct WatchArgs {
 
 #[derive(Debug, clap::Args)]
 struct PeerArgs {
-    /// The gateway's UDP address.
-    #[arg(long)]
-    server: SocketAddr,
+    /// The gateway's UDP address, `IP:PORT` or `HOST:PORT` (repeatable: the nodes of
+    /// one gateway, in failover order; a HOST resolving to several addresses gives
+    /// one node per address, in order). The agent registers with the first. With two
+    /// or more nodes it sends its current node a STUN Binding every second and, when
+    /// that node has answered nothing for 2.5 s, moves to the next (round-robin) and
+    /// registers there at once (prints `server A no answer for 2.5 s; now using B`,
+    /// then `registered with B public ADDR`): registered on the new node within 5 s
+    /// of the old one's death. Direct paths stay up; relayed ones are set up again
+    /// through the new node's relay; --discover endpoints belong to the first node
+    /// and are not measured again. With one node: no heartbeat at all.
+    #[arg(long, value_name = "HOST:PORT", required = true, action = clap::ArgAction::Append)]
+    server: Vec<String>,
     /// Username from `gateway credentials` (`expiry:peer-id`).
     #[arg(long, env = "GATEWAY_USERNAME")]
     username: String,
@@ -398,7 +408,11 @@ fn peer(args: PeerArgs) -> Result<()> {
         username: args.username,
         password: args.password,
     };
-    let mut agent = AgentConfig::new(args.server, credentials);
+    let servers = gateway::peer::resolve_servers(&args.server)?;
+    let Some(&first) = servers.first() else {
+        anyhow::bail!("--server is required");
+    };
+    let mut agent = AgentConfig::new(first, credentials).with_servers(servers);
     agent.host_candidates = args.host_candidates;
     agent.probe_budget = args.probe_budget;
     agent.discovery = args.discover;

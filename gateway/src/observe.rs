@@ -200,10 +200,18 @@ impl Drop for Observer {
 /// flows are not punch flows; a relayed path is not counted as punched. The kernel
 /// matches ignored endpoints whatever the protocol, so the server's entry also covers
 /// the TCP connection `--tcp` keeps open to the gateway's TCP service (same address
-/// and port) from the TCP punch port.
+/// and port) from the TCP punch port. Fallback gateway nodes (failover) are ignored
+/// by address alone (port 0 covers their service and relay ports in one of the
+/// kernel's few entries).
 pub fn rendezvous_endpoints(agent: &AgentConfig) -> Vec<SocketAddr> {
     let mut endpoints = vec![agent.server, SocketAddr::new(agent.server.ip(), 0)];
     endpoints.extend(agent.discovery.iter().copied());
+    for node in agent.servers().into_iter().skip(1) {
+        let host = SocketAddr::new(node.ip(), 0);
+        if !endpoints.contains(&host) {
+            endpoints.push(host);
+        }
+    }
     endpoints
 }
 
@@ -266,6 +274,21 @@ mod tests {
         assert_eq!(options.watch.punch_tcp_ports, vec![40001]);
         // The TCP mapping connection goes to the server's address and port.
         assert!(options.watch.ignored_remotes.contains(&agent.server));
+
+        // Fallback nodes: every port of their address, once.
+        let nodes = agent.clone().with_servers([
+            "192.0.2.1:3478".parse().expect("address"),
+            "192.0.2.2:3478".parse().expect("address"),
+            "192.0.2.2:3479".parse().expect("address"),
+        ]);
+        let ignored = rendezvous_endpoints(&nodes);
+        assert_eq!(
+            ignored
+                .iter()
+                .filter(|e| e.ip() == "192.0.2.2".parse::<std::net::IpAddr>().expect("ip"))
+                .collect::<Vec<_>>(),
+            vec![&"192.0.2.2:0".parse::<SocketAddr>().expect("address")]
+        );
 
         let without_tcp = agent_options(
             ObserveOptions::default(),

@@ -4,7 +4,7 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
-    process::{Child, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -295,7 +295,22 @@ impl PeerProcess {
         let mut command = host.command(&gateway_binary().to_string_lossy());
         command
             .args(["peer", "--server", &server.to_string()])
-            .args(args)
+            .args(args);
+        Self::spawn(command, username, password)
+    }
+
+    /// Starts `gateway peer ARGS...` in this test's own namespace (loopback tests
+    /// that need no lab; `args` carry the `--server`s) with the given credentials.
+    pub fn start_here(username: &str, password: &str, args: &[&str]) -> Result<Self, DaemonError> {
+        let mut command = Command::new(gateway_binary());
+        command.arg("peer").args(args);
+        Self::spawn(command, username, password)
+    }
+
+    /// Spawns `command` (a `gateway peer` command line) with the credentials in its
+    /// environment and collects its status lines.
+    fn spawn(mut command: Command, username: &str, password: &str) -> Result<Self, DaemonError> {
+        command
             .env("GATEWAY_USERNAME", username)
             .env("GATEWAY_PASSWORD", password)
             .stdout(Stdio::piped());

@@ -179,3 +179,185 @@ fn peer_help_explains_tcp_punching_and_bad_techniques_are_refused() {
     assert!(!ok);
     assert!(stderr.contains("unknown TCP technique"), "{stderr}");
 }
+
+#[test]
+fn peer_help_explains_several_servers_and_failover() {
+    let (ok, stdout, _) = gateway(&["peer", "--help"]);
+    assert!(ok);
+    for word in ["--server <HOST:PORT>", "repeatable", "2.5 s", "now using"] {
+        assert!(stdout.contains(word), "{word} missing from:\n{stdout}");
+    }
+    let (ok, _, stderr) = gateway(&[
+        "peer",
+        "--server",
+        "127.0.0.1:3478",
+        "--server",
+        "localhost:no-port",
+        "--username",
+        "1:a",
+        "--password",
+        "x",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot resolve server localhost:no-port"),
+        "{stderr}"
+    );
+}
+
+/// A `gateway serve` on loopback (no eBPF, no metrics, no TCP relay), killed on drop.
+struct LoopbackGateway {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl LoopbackGateway {
+    /// Starts one on a free loopback port with `secret` and waits until it answers a
+    /// STUN Binding.
+    fn start(secret: &std::path::Path) -> Self {
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free port");
+        let child = Command::new(gateway_binary())
+            .args(["serve", "--listen", &addr.to_string()])
+            .args([
+                "--no-ebpf",
+                "--no-metrics",
+                "--no-relay-tcp",
+                "--secret-file",
+            ])
+            .arg(secret)
+            .env("GATEWAY_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn gateway serve");
+        let gateway = Self { child, addr };
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while gateway_tests::daemon::stun_binding(
+            &socket,
+            addr,
+            std::time::Duration::from_millis(100),
+        )
+        .is_none()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} never answered"
+            );
+        }
+        gateway
+    }
+}
+
+impl Drop for LoopbackGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_peer_moves_to_the_next_gateway_node_when_its_node_dies() {
+    use std::time::{Duration, Instant};
+
+    use gateway_tests::daemon::PeerProcess;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "failover-secret\n").expect("write");
+    let secret = gateway::proto::credentials::SharedSecret::new(b"failover-secret");
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    let first = LoopbackGateway::start(&secret_file);
+    let second = LoopbackGateway::start(&secret_file);
+    let (first_addr, second_addr) = (first.addr.to_string(), second.addr.to_string());
+
+    // Two independent nodes: bob is registered on the second only; alice starts on
+    // the first, where bob is unknown, and wants him.
+    let bob = secret.issue("bob", expiry).expect("issue");
+    let mut bob = PeerProcess::start_here(
+        &bob.username,
+        &bob.password,
+        &["--server", &second_addr, "--bind", "127.0.0.1:0"],
+    )
+    .expect("bob");
+    assert!(
+        bob.wait_for("registered public", Duration::from_secs(5))
+            .is_some()
+    );
+    let alice = secret.issue("alice", expiry).expect("issue");
+    let mut alice = PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &[
+            "--server",
+            &first_addr,
+            "--server",
+            &second_addr,
+            "--bind",
+            "127.0.0.1:0",
+            "--connect",
+            "bob",
+        ],
+    )
+    .expect("alice");
+    let started = alice
+        .wait_for("local ", Duration::from_secs(5))
+        .expect("started");
+    assert!(
+        started.ends_with(&format!("server {first_addr} fallback {second_addr}")),
+        "{started}"
+    );
+    assert!(
+        alice
+            .wait_for("registered public", Duration::from_secs(5))
+            .is_some()
+    );
+
+    drop(first);
+    let died = Instant::now();
+    let changed = alice
+        .wait_for("server ", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no failover line: {:?}", alice.seen()));
+    assert!(
+        changed.starts_with(&format!("server {first_addr} no answer for 2."))
+            && changed.ends_with(&format!("s; now using {second_addr}")),
+        "{changed}"
+    );
+    let registered = alice
+        .wait_for(
+            &format!("registered with {second_addr} public "),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("not registered on the second node: {:?}", alice.seen()));
+    assert!(
+        died.elapsed() < Duration::from_secs(5),
+        "{registered} after {:?}",
+        died.elapsed()
+    );
+    // The wanted peer is connected through the new node.
+    assert!(
+        alice
+            .wait_for("path-up peer bob direct", Duration::from_secs(5))
+            .is_some(),
+        "{:?}",
+        alice.seen()
+    );
+    // One line per change: nothing more while the second node answers.
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(3))
+            .is_none()
+    );
+    let changes = alice
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("server "))
+        .count();
+    assert_eq!(changes, 1, "{:?}", alice.seen());
+}

@@ -208,10 +208,12 @@ impl Agent {
     }
 
     /// The gateway confirmed a Register and saw us at `mapped`: announce it when it
-    /// moved, and start discovery after the first one.
+    /// moved (or it is the first answer of a node failed over to), and start
+    /// discovery after the first one.
     pub(super) fn registered(&mut self, now: Instant, mapped: SocketAddr) {
         // Refreshes are silent unless the public address moved.
-        if self.discovery.primary != Some(mapped) {
+        let new_node = std::mem::take(&mut self.servers.announce_registration);
+        if new_node || self.discovery.primary != Some(mapped) {
             self.events.push_back(AgentEvent::Registered { mapped });
             if self.discovery.done {
                 self.discovery.primary = Some(mapped);
@@ -222,6 +224,26 @@ impl Agent {
             if !self.config.discovery.is_empty() {
                 self.start_discovery(now, mapped);
             }
+        }
+    }
+
+    /// A failover: discovery belongs to the first server (its endpoints are that
+    /// node's), so it is never run against another. Unfinished, it ends with what it
+    /// measured (classified when a mapping test was answered, else the class stays
+    /// as configured); not started yet, it never starts.
+    pub(super) fn abandon_discovery(&mut self, now: Instant) {
+        if self.discovery.done {
+            return;
+        }
+        let started = self.discovery.filter.started.is_some();
+        self.discovery.filter.started.get_or_insert(now);
+        self.discovery.filter.done = true;
+        if started && !self.discovery.results.is_empty() {
+            self.finish_discovery(now);
+        } else {
+            self.discovery.done = true;
+            self.discovery.pending.clear();
+            self.class_registered = true;
         }
     }
 

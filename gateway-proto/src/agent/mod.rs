@@ -19,9 +19,12 @@
 //! - `birthday`: birthday punching toward a random-port NAT, and the extra sockets;
 //! - `relay_leg`: the TURN fallback through our allocation, relay offers, upgrades;
 //! - `report`: outcome reports, TCP reports and TCP-Seq requests to the gateway;
+//! - `failover`: the heartbeat to the current gateway node and the move to the next
+//!   one when it falls silent (only with two or more servers configured);
 //! - `sim` (tests only): the simulated networks every agent test runs on.
 mod birthday;
 mod discovery;
+mod failover;
 mod relay_leg;
 mod report;
 mod session;
@@ -37,6 +40,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use self::{
     birthday::ExtraSockets,
     discovery::Discovery,
+    failover::{FromServer, Servers},
     relay_leg::{RelayLeg, TurnAllocation},
     report::{Report, TcpSeqRequest},
     session::{Session, SessionState},
@@ -44,6 +48,7 @@ use self::{
 pub use self::{
     birthday::{BirthdayRole, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_SOCKETS, birthday_role},
     discovery::{FilterTest, classify_filtering, classify_mapping, predict_ports},
+    failover::ServerChangeReason,
 };
 use crate::{
     Transmit, earliest,
@@ -61,8 +66,20 @@ pub const DATA_MARKER: u8 = 0xD7;
 /// Tunables of the agent.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// The gateway's UDP address.
+    /// The gateway's UDP address: the first server, where the agent registers first
+    /// (and the node the `discovery` endpoints belong to).
     pub server: SocketAddr,
+    /// Further gateway nodes, in order after `server`, to fail over to when the
+    /// current one falls silent (round-robin). Empty (the default): one server, no
+    /// heartbeat, the datagrams of a single-node agent. See [`Self::servers`].
+    pub fallback_servers: Vec<SocketAddr>,
+    /// With two or more servers: how often a STUN Binding heartbeat goes to the
+    /// current server (any datagram from it counts as an answer); at least 10 ms.
+    pub heartbeat: Duration,
+    /// With two or more servers: move to the next one when the current server has
+    /// answered nothing for this long (at least `heartbeat`; keep it a few
+    /// heartbeats long, so one lost answer does not move the agent).
+    pub failover_after: Duration,
     /// This peer's credentials.
     pub credentials: PeerCredentials,
     /// Host candidates to announce (the local socket's addresses).
@@ -134,6 +151,9 @@ impl AgentConfig {
     pub fn new(server: SocketAddr, credentials: PeerCredentials) -> Self {
         Self {
             server,
+            fallback_servers: Vec::new(),
+            heartbeat: Duration::from_secs(1),
+            failover_after: Duration::from_millis(2_500),
             credentials,
             host_candidates: Vec::new(),
             nat: NatClass::Unknown,
@@ -158,12 +178,39 @@ impl AgentConfig {
             tcp_candidates: Vec::new(),
         }
     }
+
+    /// This config with `servers` as its gateway nodes, in failover order: the first
+    /// becomes `server`, the rest `fallback_servers` (unchanged when `servers` is
+    /// empty), so a caller with a list of nodes need not split it.
+    #[must_use]
+    pub fn with_servers(mut self, servers: impl IntoIterator<Item = SocketAddr>) -> Self {
+        let mut servers = servers.into_iter();
+        if let Some(first) = servers.next() {
+            self.server = first;
+            self.fallback_servers = servers.collect();
+        }
+        self
+    }
+
+    /// Every gateway node, in failover order: `server`, then `fallback_servers`, each
+    /// address once (a repeated one keeps its first place).
+    pub fn servers(&self) -> Vec<SocketAddr> {
+        let mut servers = vec![self.server];
+        for &server in &self.fallback_servers {
+            if !servers.contains(&server) {
+                servers.push(server);
+            }
+        }
+        servers
+    }
 }
 
 /// What happened, for the driver's status output and for library users.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AgentEvent {
     /// The gateway confirmed the registration; `mapped` is our public endpoint.
+    /// Announced on the first registration, when the public endpoint moves, and on
+    /// the first registration with a new node after [`AgentEvent::ServerChanged`].
     Registered {
         /// The server-reflexive address.
         mapped: SocketAddr,
@@ -269,6 +316,16 @@ pub enum AgentEvent {
         /// Probes sent.
         probes: u32,
     },
+    /// The agent moved to another gateway node (the current one fell silent) and
+    /// registers there at once; a [`AgentEvent::Registered`] follows once it answers.
+    ServerChanged {
+        /// The node given up.
+        from: SocketAddr,
+        /// The node now used (the next in [`AgentConfig::servers`], round-robin).
+        to: SocketAddr,
+        /// Why.
+        reason: ServerChangeReason,
+    },
     /// An established path went silent.
     PathDown {
         /// The other side.
@@ -338,6 +395,8 @@ pub struct Agent {
     class_registered: bool,
     /// The extra sockets of birthday punching: numbering and release.
     sockets: ExtraSockets,
+    /// The gateway nodes, the current one, its liveness and the heartbeat.
+    servers: Servers,
 }
 
 /// First retransmission of an unanswered Register (RFC 8489's RTO default).
@@ -350,6 +409,7 @@ impl Agent {
     /// Creates an agent that registers at once.
     pub fn new(config: AgentConfig, now: Instant, seed: u64) -> Self {
         Self {
+            servers: Servers::new(&config, now),
             config,
             rng: StdRng::seed_from_u64(seed),
             next_register: now,
@@ -384,6 +444,11 @@ impl Agent {
     /// Whether the established path to `peer_id` goes through the relay.
     pub fn path_relayed(&self, peer_id: &str) -> Option<bool> {
         self.up_session(peer_id).map(|s| s.path_relayed)
+    }
+
+    /// The gateway node the agent uses now (`AgentConfig::server` until a failover).
+    pub fn current_server(&self) -> SocketAddr {
+        self.servers.current()
     }
 
     /// Our TURN relayed address, once allocated.
@@ -436,7 +501,7 @@ impl Agent {
     /// Queues a datagram to the gateway's service endpoint from our own socket.
     fn send_to_server(&mut self, payload: Vec<u8>) {
         self.outgoing
-            .push_back(Transmit::udp(self.config.server, payload));
+            .push_back(Transmit::udp(self.servers.current(), payload));
     }
 
     /// The next datagram to send. Its `socket` is 0 for the agent's own socket; any
@@ -465,9 +530,10 @@ impl Agent {
         earliest(
             [
                 Some(self.next_register),
-                self.wanted.values().min().copied(),
+                self.next_connect(),
                 self.discovery.next_timeout(),
                 self.turn.next_timeout(),
+                self.servers.next_timeout(&self.config),
             ]
             .into_iter()
             .chain(self.sessions.values().map(|s| s.next_timeout(&self.config))),
@@ -519,18 +585,16 @@ impl Agent {
     /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.discovery_timeout(now);
+        // A failover first, so the Register below goes to the new node at once.
+        self.failover_timeout(now);
         if now >= self.next_register {
             self.send_register(now);
         }
         self.pending
             .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
-        // Connect only once discovery has classified our NAT, so the introduction
-        // (and the gateway's metrics) carry the right class.
-        let classified = self.discovery.done && self.class_registered;
-        let discovering = !self.config.discovery.is_empty() && !classified;
         self.turn.handle_timeout(now);
         self.drain_turn(now);
-        if !discovering {
+        if !self.connects_held() {
             self.connect_due(now);
         }
         let ids: Vec<u64> = self.sessions.keys().copied().collect();
@@ -546,6 +610,35 @@ impl Agent {
         if self.probe_tids.len() > MAX_PROBE_TIDS {
             self.probe_tids.clear();
         }
+    }
+
+    /// When [`Self::connect_due`] next has something to do: the earliest retry of a
+    /// wanted peer without a path (or with a relayed one due for an upgrade). A
+    /// wanted peer with a direct path up has no timer (its session's path timeout
+    /// brings the retry back), or the agent would be woken again and again for
+    /// nothing.
+    fn next_connect(&self) -> Option<Instant> {
+        if self.connects_held() {
+            return None;
+        }
+        self.wanted
+            .iter()
+            .filter_map(|(peer, &at)| match self.up_session(peer) {
+                None => Some(at),
+                Some(s) if s.path_relayed => Some(at.max(s.upgrade_at)),
+                Some(_) => None,
+            })
+            .min()
+    }
+
+    /// Whether connects wait: until discovery has classified our NAT (so the
+    /// introduction, and the gateway's metrics, carry the right class), and after a
+    /// failover until the new node confirmed our Register (it would refuse a Connect
+    /// from a peer it does not know).
+    fn connects_held(&self) -> bool {
+        let classified = self.discovery.done && self.class_registered;
+        let discovering = !self.config.discovery.is_empty() && !classified;
+        discovering || self.servers.awaiting_registration
     }
 
     /// Asks for an introduction to every wanted peer that is due: no path is up, or
@@ -600,7 +693,11 @@ impl Agent {
 
     /// Handles one datagram received on the agent's own socket.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
-        if from == self.config.server && self.turn.is_turn_datagram(datagram) {
+        if self.servers.heard(now, from) == FromServer::Former {
+            // A node we left (it may be back): not ours any more, and not a peer.
+            return;
+        }
+        if from == self.servers.current() && self.turn.is_turn_datagram(datagram) {
             self.handle_turn_datagram(now, from, datagram);
         } else {
             self.handle_peer_datagram(now, 0, from, datagram, false);
@@ -626,7 +723,7 @@ impl Agent {
             .sessions
             .values()
             .any(|s| s.birthday.sockets.contains(&socket));
-        if ours && from != self.config.server {
+        if ours && !self.servers.contains(from) {
             self.handle_peer_datagram(now, socket, from, datagram, false);
             self.release_idle_sockets();
         }
@@ -656,7 +753,7 @@ impl Agent {
         {
             return;
         }
-        if from == self.config.server && !via_turn {
+        if from == self.servers.current() && !via_turn {
             if socket == 0 {
                 self.handle_server_message(now, &message, datagram);
             }
@@ -729,6 +826,12 @@ impl Agent {
                     None => self.config.keepalive,
                 };
                 self.register_retry = FIRST_REGISTER_RETRY;
+                if std::mem::take(&mut self.servers.awaiting_registration) {
+                    // Registered with the new node: ask for every wanted peer there.
+                    for at in self.wanted.values_mut() {
+                        *at = now;
+                    }
+                }
                 if self
                     .classified_at
                     .is_some_and(|classified| request.sent_at >= classified)
@@ -795,6 +898,22 @@ mod tests {
         }
         // 0, 0.5 s, then 1 s later, then 2 s later: RFC 8489-style doubling.
         assert_eq!(sent_at, vec![0, 500, 1_500, 3_500]);
+    }
+
+    #[test]
+    fn an_agent_with_a_path_up_sleeps_until_its_next_deadline() {
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_secs(3));
+        assert!(sim.agents[0].1.path("bob").is_some());
+        // The connect retry of a peer with a direct path up is no timer: a deadline
+        // in the past would make the driver spin while the path is up.
+        for (_, agent) in &sim.agents {
+            let next = agent.poll_timeout().expect("keepalives");
+            assert!(next > sim.now, "{:?}", sim.now.checked_duration_since(next));
+        }
     }
 
     #[test]

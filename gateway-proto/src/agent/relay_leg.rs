@@ -116,6 +116,46 @@ impl TurnAllocation {
 }
 
 impl Agent {
+    /// A failover: our allocation lived on the node given up, which is gone, so it is
+    /// dropped (a later fallback allocates on the new node, which may relay even if
+    /// the old one refused). Paths through it are down now, as when a path dies
+    /// (wanted peers are connected again through the new node); attempts still
+    /// punching lose the relay leg and may start a new one.
+    pub(super) fn drop_allocation(&mut self, now: Instant) {
+        self.turn = TurnAllocation::default();
+        // (peer, whether its path was up)
+        let mut lost = Vec::new();
+        for session in self.sessions.values_mut() {
+            if !matches!(session.relay, RelayLeg::Local { .. }) {
+                continue;
+            }
+            match session.state {
+                SessionState::Up if session.path_relayed => {
+                    session.state = SessionState::Failed;
+                    lost.push((session.peer_id.clone(), true));
+                }
+                SessionState::Relaying => {
+                    session.state = SessionState::Failed;
+                    lost.push((session.peer_id.clone(), false));
+                }
+                SessionState::Waiting | SessionState::Probing => {
+                    session.relay = RelayLeg::None;
+                    session.relay_started = None;
+                    session.relay_peers.clear();
+                }
+                _ => {}
+            }
+        }
+        for (peer_id, was_up) in lost {
+            if let Some(at) = self.wanted.get_mut(&peer_id) {
+                *at = now;
+            }
+            if was_up {
+                self.events.push_back(AgentEvent::PathDown { peer_id });
+            }
+        }
+    }
+
     /// Starts a session's relay leg: the initiator relays through its own allocation
     /// (made now if needed) and offers the relayed address; the responder waits for
     /// that offer.
@@ -139,7 +179,7 @@ impl Agent {
             let credentials = &self.config.credentials;
             let mut client = TurnClient::new(
                 TurnClientConfig::new(
-                    self.config.server,
+                    self.servers.current(),
                     credentials.username.clone(),
                     credentials.password.clone(),
                 ),

@@ -1,5 +1,6 @@
 //! The simulated networks every agent test runs on: a gateway (the real rendezvous
-//! and TURN cores) and agents on a virtual network with fixed latency ([`Sim`]); NATs
+//! and TURN cores, on one node or several independent ones that can go silent) and
+//! agents on a virtual network with fixed latency ([`Sim`]); NATs
 //! with configurable mapping and filtering ([`SimNat`], [`SimFilter`]); and the runs
 //! built on them for discovery ([`discover_behind`]) and birthday punching
 //! ([`birthday_run`]).
@@ -17,7 +18,7 @@ use crate::{
     credentials::SharedSecret,
     peer_policy::PeerPolicy,
     rendezvous::{
-        NatClass, RendezvousConfig, RendezvousEvent as Event, RendezvousServer,
+        NatClass, RendezvousConfig, RendezvousEvent as Event, RendezvousHandled, RendezvousServer,
         client::PeerCredentials, discovery_index,
     },
     stun::Message,
@@ -26,9 +27,9 @@ use crate::{
 
 pub(crate) const NOW_UNIX: u64 = 1_800_000_000;
 
-/// Relay addresses handed out by the simulated gateway.
-#[derive(Default)]
+/// Relay addresses handed out by one simulated gateway node (on its own IP).
 struct SimRelaySockets {
+    ip: IpAddr,
     open: Vec<SocketAddr>,
     next: u16,
 }
@@ -40,7 +41,7 @@ impl SimRelaySockets {
             match event {
                 TurnServerEvent::OpenRelay { request, .. } => {
                     self.next += 1;
-                    let relay = SocketAddr::from(([192, 0, 2, 10], 50_000 + self.next));
+                    let relay = SocketAddr::new(self.ip, 50_000 + self.next);
                     self.open.push(relay);
                     turn.handle_relay_opened(now, request, Ok((relay, None)));
                 }
@@ -57,22 +58,93 @@ pub(crate) fn addr(s: &str) -> SocketAddr {
     s.parse().expect("addr")
 }
 
-/// Two agents and a server (rendezvous and TURN relay) on a virtual network with
-/// fixed latency; `drop_p2p` drops everything between the peers (as two symmetric
-/// NATs would), never what goes through the relay.
-pub(crate) struct Sim {
-    pub(crate) now: Instant,
+/// One simulated gateway node: its own rendezvous and TURN cores (own nonce keys, no
+/// shared registry) at `addr`, relay addresses on the same IP. A `silent` node
+/// neither receives nor sends anything (it died, or its network did).
+pub(crate) struct SimNode {
+    pub(crate) addr: SocketAddr,
     server: RendezvousServer,
     turn: TurnServer,
     relays: SimRelaySockets,
+    pub(crate) silent: bool,
+}
+
+impl SimNode {
+    /// Node `index` at 192.0.2.(10 + 10 * index):3478.
+    fn new(index: u8, secret: &SharedSecret) -> Self {
+        let ip = IpAddr::from([192, 0, 2, 10 + 10 * index]);
+        let policy = PeerPolicy::new(
+            vec!["198.51.100.0/24".parse().expect("range")],
+            Vec::new(),
+            Vec::new(),
+        );
+        Self {
+            addr: SocketAddr::new(ip, 3478),
+            server: RendezvousServer::new(
+                secret.clone(),
+                RendezvousConfig::default(),
+                3 + u64::from(index),
+            ),
+            turn: TurnServer::new(
+                TurnConfig::default(),
+                secret.clone(),
+                [5 + index; 32],
+                600,
+                policy,
+            ),
+            relays: SimRelaySockets {
+                ip,
+                open: Vec::new(),
+                next: 0,
+            },
+            silent: false,
+        }
+    }
+}
+
+/// One datagram an agent sent, as the network saw it leave.
+#[derive(Clone, Debug)]
+pub(crate) struct Sent {
+    pub(crate) at: Instant,
+    pub(crate) agent: usize,
+    pub(crate) to: SocketAddr,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl Sent {
+    /// The STUN method and class, if the datagram is STUN.
+    pub(crate) fn stun(&self) -> Option<(u16, crate::stun::Class)> {
+        let message = Message::parse(&self.payload).ok()?;
+        let ty = message.message_type();
+        Some((ty.method, ty.class))
+    }
+}
+
+/// Two agents and a gateway (rendezvous and TURN relay, on one node or several
+/// independent ones) on a virtual network with fixed latency; `drop_p2p` drops
+/// everything between the peers (as two symmetric NATs would), never what goes
+/// through the relay.
+pub(crate) struct Sim {
+    pub(crate) now: Instant,
+    pub(crate) nodes: Vec<SimNode>,
+    /// The first node's address.
     pub(crate) server_addr: SocketAddr,
     pub(crate) agents: Vec<(SocketAddr, Agent)>,
     in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
     pub(crate) drop_p2p: bool,
     pub(crate) events: Vec<(usize, AgentEvent)>,
+    /// Every agent event with its instant (`events` without the instants is kept for
+    /// the tests that need no time).
+    pub(crate) timed_events: Vec<(Instant, usize, AgentEvent)>,
+    /// The rendezvous events of every node.
     pub(crate) server_events: Vec<Event>,
+    /// What each node's rendezvous core made of each datagram: (instant, node,
+    /// sender, outcome).
+    pub(crate) handled: Vec<(Instant, usize, SocketAddr, RendezvousHandled)>,
     /// Low-TTL openers sent (they expire in the network: never delivered).
     pub(crate) openers: Vec<(usize, SocketAddr, u8)>,
+    /// Every other datagram the agents sent.
+    pub(crate) sent: Vec<Sent>,
 }
 
 impl Sim {
@@ -81,38 +153,55 @@ impl Sim {
     }
 
     pub(crate) fn with_relay(drop_p2p: bool, relay: bool) -> Self {
+        Self::cluster(drop_p2p, relay, &[&[0], &[0]])
+    }
+
+    /// Alice and bob with a gateway of as many independent nodes as `servers`
+    /// names: `servers[i]` lists agent i's nodes in its failover order (node n is
+    /// at 192.0.2.(10 + 10 n):3478).
+    pub(crate) fn cluster(drop_p2p: bool, relay: bool, servers: &[&[u8]; 2]) -> Self {
         let secret = SharedSecret::new(b"sim secret");
         let now = Instant::now();
-        let server_addr = addr("192.0.2.10:3478");
+        let count = servers
+            .iter()
+            .flat_map(|s| s.iter())
+            .max()
+            .map_or(1, |&n| n + 1);
+        let nodes: Vec<SimNode> = (0..count).map(|i| SimNode::new(i, &secret)).collect();
         let mut agents = Vec::new();
-        for (name, at) in [("alice", "198.51.100.2:4000"), ("bob", "198.51.100.6:5000")] {
+        for ((name, at), order) in [("alice", "198.51.100.2:4000"), ("bob", "198.51.100.6:5000")]
+            .into_iter()
+            .zip(servers)
+        {
             let issued = secret.issue(name, NOW_UNIX + 3600).expect("issue");
             let creds = PeerCredentials {
                 username: issued.username,
                 password: issued.password,
             };
-            let mut config = AgentConfig::new(server_addr, creds);
+            let mut config = AgentConfig::new(nodes[usize::from(order[0])].addr, creds)
+                .with_servers(order.iter().map(|&n| nodes[usize::from(n)].addr));
             config.relay = relay;
             agents.push((addr(at), Agent::new(config, now, 1)));
         }
-        let policy = PeerPolicy::new(
-            vec!["198.51.100.0/24".parse().expect("range")],
-            Vec::new(),
-            Vec::new(),
-        );
         Self {
             now,
-            turn: TurnServer::new(TurnConfig::default(), secret.clone(), [5; 32], 600, policy),
-            relays: SimRelaySockets::default(),
-            server: RendezvousServer::new(secret, RendezvousConfig::default(), 3),
-            server_addr,
+            server_addr: nodes[0].addr,
+            nodes,
             agents,
             in_flight: Vec::new(),
             drop_p2p,
             events: Vec::new(),
+            timed_events: Vec::new(),
             server_events: Vec::new(),
+            handled: Vec::new(),
             openers: Vec::new(),
+            sent: Vec::new(),
         }
+    }
+
+    /// The index of the node at `addr`, if one is there.
+    pub(crate) fn node_at(&self, addr: SocketAddr) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr == addr)
     }
 
     pub(crate) fn run_for(&mut self, duration: Duration) {
@@ -128,10 +217,17 @@ impl Sim {
                         self.openers.push((i, t.to, ttl));
                         continue;
                     }
+                    self.sent.push(Sent {
+                        at: self.now,
+                        agent: i,
+                        to: t.to,
+                        payload: t.payload.clone(),
+                    });
                     self.in_flight
                         .push((self.now + LATENCY, *from, t.to, t.payload));
                 }
                 while let Some(e) = agent.poll_event() {
+                    self.timed_events.push((self.now, i, e.clone()));
                     self.events.push((i, e));
                 }
             }
@@ -141,43 +237,45 @@ impl Sim {
                 .partition(|(at, ..)| *at <= self.now);
             self.in_flight = later;
             for (_, from, to, payload) in due {
-                if to == self.server_addr && self.relay_input(from, &payload) {
+                if let Some(n) = self.node_at(to) {
+                    if !self.nodes[n].silent && !self.relay_input(n, from, &payload) {
+                        let node = &mut self.nodes[n];
+                        let handled = node
+                            .server
+                            .handle_datagram(self.now, NOW_UNIX, from, None, &payload);
+                        self.handled.push((self.now, n, from, handled));
+                        self.server_events
+                            .extend(std::iter::from_fn(|| node.server.poll_event()));
+                        while let Some(t) = node.server.poll_transmit() {
+                            self.in_flight
+                                .push((self.now + LATENCY, node.addr, t.to, t.payload));
+                        }
+                    }
                     continue;
                 }
-                if self.relays.open.contains(&to) {
+                if let Some(node) = self.nodes.iter_mut().find(|n| n.relays.open.contains(&to)) {
                     // A peer sent to a relayed address: up to the allocation's client.
-                    if let Ok(target) = self.turn.data_from_peer(self.now, to, from, payload.len())
+                    if !node.silent
+                        && let Ok(target) =
+                            node.turn.data_from_peer(self.now, to, from, payload.len())
                     {
                         let mut out = Vec::new();
                         match target.channel {
                             Some(channel) => {
                                 crate::turn::encode_channel_data(channel, &payload, &mut out)
                             }
-                            None => self.turn.data_indication(from, &payload, &mut out),
+                            None => node.turn.data_indication(from, &payload, &mut out),
                         }
                         self.in_flight.push((
                             self.now + LATENCY,
-                            self.server_addr,
+                            node.addr,
                             target.client.addr,
                             out,
                         ));
                     }
                     continue;
                 }
-                if to == self.server_addr {
-                    self.server
-                        .handle_datagram(self.now, NOW_UNIX, from, None, &payload);
-                    self.server_events
-                        .extend(std::iter::from_fn(|| self.server.poll_event()));
-                    while let Some(t) = self.server.poll_transmit() {
-                        self.in_flight.push((
-                            self.now + LATENCY,
-                            self.server_addr,
-                            t.to,
-                            t.payload,
-                        ));
-                    }
-                } else if let from_peer = self.agents.iter().any(|(a, _)| *a == from)
+                if let from_peer = self.agents.iter().any(|(a, _)| *a == from)
                     && let Some((_, agent)) = self.agents.iter_mut().find(|(a, _)| *a == to)
                 {
                     if self.drop_p2p && from_peer {
@@ -190,11 +288,12 @@ impl Sim {
         }
     }
 
-    /// The gateway's TURN side: true when it took the datagram.
-    fn relay_input(&mut self, from: SocketAddr, payload: &[u8]) -> bool {
+    /// Node `n`'s TURN side: true when it took the datagram.
+    fn relay_input(&mut self, n: usize, from: SocketAddr, payload: &[u8]) -> bool {
+        let node = &mut self.nodes[n];
         if crate::turn::is_channel_data(payload) {
             if let Ok(message) = crate::turn::ChannelData::parse(payload)
-                && let Ok((relay, peer)) = self.turn.channel_data_from_client(
+                && let Ok((relay, peer)) = node.turn.channel_data_from_client(
                     self.now,
                     from,
                     message.channel,
@@ -212,21 +311,17 @@ impl Sim {
         if !TurnServer::is_turn_method(message.message_type().method) {
             return false;
         }
-        let handled = self
+        let handled = node
             .turn
             .handle_stun(self.now, NOW_UNIX, from, None, &message);
-        self.relays.serve(self.now, &mut self.turn);
+        node.relays.serve(self.now, &mut node.turn);
         if let TurnHandled::Relay { relay, peer, data } = handled {
             self.in_flight
                 .push((self.now + LATENCY, relay, peer, data.to_vec()));
         }
-        while let Some(reply) = self.turn.poll_transmit() {
-            self.in_flight.push((
-                self.now + LATENCY,
-                self.server_addr,
-                reply.to,
-                reply.payload,
-            ));
+        while let Some(reply) = node.turn.poll_transmit() {
+            self.in_flight
+                .push((self.now + LATENCY, node.addr, reply.to, reply.payload));
         }
         true
     }
