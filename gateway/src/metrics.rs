@@ -247,6 +247,9 @@ impl Metrics {
                 ])
                 .inc(),
             RendezvousEvent::ForgeSynAck(_) => {}
+            // Cluster work and cross-node outcomes: not wired to the driver or
+            // metrics yet.
+            _ => {}
         }
     }
 

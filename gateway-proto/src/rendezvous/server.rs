@@ -3,7 +3,9 @@
 //! relay offers, TCP-Seq forwarding and CHANGE-REQUEST answers. Sans-IO: the caller
 //! passes the time, the datagram and its source to [`RendezvousServer::handle_datagram`]
 //! and takes datagrams to send with [`RendezvousServer::poll_transmit`] and events
-//! (metrics, SYN-ACKs to forge) with [`RendezvousServer::poll_event`].
+//! (metrics, SYN-ACKs to forge, cluster work) with [`RendezvousServer::poll_event`].
+//! Across several nodes (see [`super::cluster`]) the cluster half lives in
+//! `server/cluster.rs`.
 use std::{
     collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
@@ -12,8 +14,12 @@ use std::{
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
-use self::auth::{Authenticated, error_reply};
+use self::{
+    auth::{Authenticated, error_reply},
+    cluster::{ClusterState, RemoteSide, ReplyTo},
+};
 use super::{
+    cluster::{ClusterRequest, CrossNodeOutcome, start_delays},
     forge::{ForgePair, ForgedSynAck},
     wire::{
         Candidate, CandidateKind, MAX_CANDIDATES, NatClass, SessionOutcome, TcpTechnique, attr,
@@ -24,6 +30,7 @@ use crate::{
     Transmit,
     binding::{self, BindingService},
     credentials::SharedSecret,
+    earliest,
     nonce::NonceIssuer,
     stun::{
         Class, DecodeError, Message, MessageType, MessageWriter, attr as stun_attr,
@@ -32,6 +39,7 @@ use crate::{
 };
 
 mod auth;
+mod cluster;
 mod discovery;
 mod forward;
 
@@ -79,6 +87,12 @@ pub enum RendezvousHandled {
     Full,
     /// A CHANGE-REQUEST was answered (from the endpoint it asked for).
     ChangeAnswered,
+    /// A Connect whose target is not registered here waits while the cluster
+    /// locates it (answered later; only with [`RendezvousServer::enable_cluster`]).
+    Locating,
+    /// 503 "Cluster Unavailable": a Connect whose target is not registered here,
+    /// while the cluster is down or too many Connects wait.
+    ClusterUnavailable,
 }
 
 impl RendezvousHandled {
@@ -102,11 +116,13 @@ impl RendezvousHandled {
             RendezvousHandled::RateLimited => "rate_limited",
             RendezvousHandled::Full => "full",
             RendezvousHandled::ChangeAnswered => "change_request_answered",
+            RendezvousHandled::Locating => "locating",
+            RendezvousHandled::ClusterUnavailable => "cluster_unavailable",
         }
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 21] = [
+    pub const ALL_LABELS: [&'static str; 23] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -128,12 +144,14 @@ impl RendezvousHandled {
         "rate_limited",
         "full",
         "change_request_answered",
+        "locating",
+        "cluster_unavailable",
     ];
 }
 
 /// What the driver should know about besides the datagrams to send: what metrics
-/// count, and the SYN-ACKs to forge.
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// count, the SYN-ACKs to forge, and the cluster's work.
+#[derive(Clone, Debug, PartialEq)]
 pub enum RendezvousEvent {
     /// An introduction was sent to both sides.
     Introduced {
@@ -171,6 +189,11 @@ pub enum RendezvousEvent {
     /// A SYN-ACK to craft and inject (server-assisted TCP splicing, only when
     /// [`RendezvousServer::set_tcp_forge`] enabled it).
     ForgeSynAck(ForgedSynAck),
+    /// Work for the cluster driver (only with [`RendezvousServer::enable_cluster`]):
+    /// store a registration, locate a peer, send a message to another node.
+    Cluster(ClusterRequest),
+    /// What became of a cross-node Connect, for metrics (on the initiator's node).
+    CrossNode(CrossNodeOutcome),
 }
 
 /// Tunables of the rendezvous server: the limits that bound its memory, its work per
@@ -218,6 +241,9 @@ struct PeerRecord {
     rtt_ms: u32,
     /// Milliseconds since the server's epoch (wrapping; 32 bits keep records small).
     last_seen_ms: u32,
+    /// When it last registered (Unix seconds; 32 bits last until 2106): the cluster
+    /// shares it so the latest registration of a peer wins.
+    registered_unix: u32,
     /// Start of the current connect-rate window, same clock.
     window_start_ms: u32,
     connects_in_window: u32,
@@ -234,13 +260,92 @@ struct IntroRecord {
     tcp_seq_sent: [bool; 2],
     /// Server-assisted splicing: a side's half, kept until the other's arrives.
     forge: ForgePair,
+    /// The side registered on another node, for an introduction across nodes.
+    remote: Option<Box<RemoteSide>>,
+}
+
+impl IntroRecord {
+    /// A fresh record of an introduction between `sides`.
+    fn new(sides: [Box<str>; 2], nats: [NatClass; 2], remote: Option<RemoteSide>) -> Self {
+        Self {
+            sides,
+            nats,
+            reported: [false; 2],
+            tcp_reported: 0,
+            tcp_seq_sent: [false; 2],
+            forge: ForgePair::default(),
+            remote: remote.map(Box::new),
+        }
+    }
+
+    /// Applies side `side`'s outcome report: refused when that side already
+    /// reported (per technique for TCP reports); the metrics event when it is the
+    /// introduction's first (per technique).
+    fn count(&mut self, side: usize, report: Report) -> Result<Option<RendezvousEvent>, Refusal> {
+        let already = (RendezvousHandled::NotFound, 404, "Already Reported");
+        let Report {
+            outcome,
+            ms,
+            probes,
+            technique,
+        } = report;
+        if let Some(technique) = technique {
+            // TCP outcomes: once per side per technique, counted on the first.
+            let shift = 2 * (technique as u8 - 1);
+            let bit = 1u8 << (shift + side as u8);
+            if self.tcp_reported & bit != 0 {
+                return Err(already);
+            }
+            let first = self.tcp_reported & (0b11 << shift) == 0;
+            self.tcp_reported |= bit;
+            Ok(first.then_some(RendezvousEvent::TcpOutcome {
+                initiator_nat: self.nats[0],
+                responder_nat: self.nats[1],
+                technique,
+                success: outcome == SessionOutcome::Direct,
+            }))
+        } else {
+            if self.reported[side] {
+                return Err(already);
+            }
+            let first = !self.reported.iter().any(|&r| r);
+            self.reported[side] = true;
+            Ok(first.then_some(RendezvousEvent::Outcome {
+                initiator_nat: self.nats[0],
+                responder_nat: self.nats[1],
+                direct: outcome == SessionOutcome::Direct,
+                relayed: outcome == SessionOutcome::Relayed,
+                time_to_direct: Duration::from_millis(u64::from(ms)),
+                probes,
+            }))
+        }
+    }
+}
+
+/// One side's outcome report, as its Outcome request (or another node) says it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Report {
+    outcome: SessionOutcome,
+    ms: u32,
+    probes: u32,
+    technique: Option<TcpTechnique>,
+}
+
+/// The other side of an introduction, as the recipient's Introduction describes it.
+pub(super) struct IntroPeer<'a> {
+    id: &'a str,
+    addr: SocketAddr,
+    candidates: &'a [Candidate],
+    nat: NatClass,
 }
 
 /// Why a request was refused: its metrics label, error code and reason phrase.
 pub(super) type Refusal = (RendezvousHandled, u16, &'static str);
 
 /// The remembered introduction `intro_id` and which of its two sides `peer_id` is;
-/// 404 when the introduction is unknown (forgotten) or the peer is not a side of it.
+/// 404 when the introduction is unknown (forgotten) or the peer is not a side of it
+/// registered here (the side on another node of a cross-node introduction speaks to
+/// its own node).
 fn intro_side<'a>(
     intros: &'a mut HashMap<u64, IntroRecord>,
     intro_id: u64,
@@ -252,6 +357,7 @@ fn intro_side<'a>(
         .sides
         .iter()
         .position(|s| **s == *peer_id)
+        .filter(|&side| record.remote.as_ref().is_none_or(|r| r.side != side))
         .ok_or(unknown)?;
     Ok((record, side))
 }
@@ -283,6 +389,8 @@ pub struct RendezvousServer {
     change_unauthenticated: bool,
     /// Forge SYN-ACKs for server-assisted TCP splicing (off by default).
     tcp_forge: bool,
+    /// This node's part in a cluster ([`Self::enable_cluster`]; none by default).
+    cluster: Option<ClusterState>,
 }
 
 impl RendezvousServer {
@@ -309,6 +417,7 @@ impl RendezvousServer {
             alternates: binding::Alternates::default(),
             change_unauthenticated: false,
             tcp_forge: false,
+            cluster: None,
         }
     }
 
@@ -353,20 +462,30 @@ impl RendezvousServer {
         self.events.pop_front()
     }
 
-    /// When [`Self::handle_timeout`] should next run.
+    /// When [`Self::handle_timeout`] should next run: the registry sweep, and the
+    /// deadline of the oldest Connect waiting for the cluster.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_sweep
+        earliest([
+            self.next_sweep,
+            self.cluster.as_ref().and_then(ClusterState::next_deadline),
+        ])
     }
 
     /// Forgets registrations that were not refreshed in time or whose credentials
-    /// expired.
+    /// expired; answers 503 to Connects that waited [`super::LOCATE_TIMEOUT`] for
+    /// the cluster (replies and events then wait in the queues).
     pub fn handle_timeout(&mut self, now: Instant, now_unix: u64) {
-        let lifetime_ms = u32::try_from(self.config.lifetime.as_millis()).unwrap_or(u32::MAX);
-        let now_ms = self.clock_ms(now);
-        self.peers.retain(|_, peer| {
-            now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms && peer.expiry_unix > now_unix
-        });
-        self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
+        // Without a cluster, every call sweeps (as always); with one, only when the
+        // sweep is due, not on every waiting Connect's deadline.
+        if self.cluster.is_none() || self.next_sweep.is_none_or(|at| at <= now) {
+            let lifetime_ms = u32::try_from(self.config.lifetime.as_millis()).unwrap_or(u32::MAX);
+            let now_ms = self.clock_ms(now);
+            self.peers.retain(|_, peer| {
+                now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms && peer.expiry_unix > now_unix
+            });
+            self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
+        }
+        self.expire_parked(now);
     }
 
     /// Handles one datagram from `from`, received on local address `local` (when
@@ -433,16 +552,19 @@ impl RendezvousServer {
             return RendezvousHandled::StaleNonce;
         }
         let result = match ty.method {
-            method::REGISTER => self.register(now, from, local, &auth),
-            method::CONNECT => self.connect(now, from, &auth),
-            method::RELAY_OFFER => self.relay_offer(from, &auth),
-            method::TCP_SEQ => self.tcp_seq(from, &auth),
+            method::REGISTER => self.register(now, now_unix, from, local, &auth),
+            method::CONNECT => self.connect(now, from, local, &auth),
+            method::RELAY_OFFER => self.relay_offer(from, &auth).map(|(h, r)| (h, Some(r))),
+            method::TCP_SEQ => self.tcp_seq(from, &auth).map(|(h, r)| (h, Some(r))),
             _ => self.outcome(&auth),
         };
         match result {
             Ok((handled, reply)) => {
-                self.transmits
-                    .push_back(Transmit::udp(from, reply).from_local(local));
+                // A Connect waiting for the cluster is answered later.
+                if let Some(reply) = reply {
+                    self.transmits
+                        .push_back(Transmit::udp(from, reply).from_local(local));
+                }
                 handled
             }
             Err((handled, code, reason)) => {
@@ -468,15 +590,18 @@ impl RendezvousServer {
 
     /// Creates or refreshes the sender's registration (address, host candidates, NAT
     /// class, RTT); answers with its reflexive address, the lifetime and the next nonce.
+    /// In a cluster, the registration is also stored for the other nodes.
     fn register(
         &mut self,
         now: Instant,
+        now_unix: u64,
         from: SocketAddr,
         local: Option<IpAddr>,
         auth: &Authenticated<'_>,
-    ) -> Result<(RendezvousHandled, Vec<u8>), Refusal> {
+    ) -> Result<(RendezvousHandled, Option<Vec<u8>>), Refusal> {
         let tid = auth.message.transaction_id();
         let now_ms = self.clock_ms(now);
+        let registered_unix = u32::try_from(now_unix).unwrap_or(u32::MAX);
         let mut hosts = Vec::new();
         let mut nat = NatClass::Unknown;
         let mut rtt_ms = 0;
@@ -519,6 +644,7 @@ impl RendezvousServer {
                 nat,
                 rtt_ms,
                 last_seen_ms: now_ms,
+                registered_unix,
                 window_start_ms: now_ms,
                 connects_in_window: 0,
             });
@@ -529,6 +655,12 @@ impl RendezvousServer {
         record.nat = nat;
         record.rtt_ms = rtt_ms;
         record.last_seen_ms = now_ms;
+        record.registered_unix = registered_unix;
+        if let Some(cluster) = &self.cluster {
+            let entry = cluster.entry(&auth.peer_id, record);
+            self.events
+                .push_back(RendezvousEvent::Cluster(ClusterRequest::Store(entry)));
+        }
         if self.next_sweep.is_none() {
             self.next_sweep = Some(now + Duration::from_secs(1));
         }
@@ -548,18 +680,20 @@ impl RendezvousServer {
             .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
             .message_integrity_sha256(auth.password.as_bytes());
         writer.finish_with_fingerprint();
-        Ok((RendezvousHandled::Registered, reply))
+        Ok((RendezvousHandled::Registered, Some(reply)))
     }
 
     /// Introduces the sender to the peer it names: an Introduction to each side (twice)
     /// timed so both start probing together; answers with the introduction id.
-    /// Rate-limited per peer.
+    /// Rate-limited per peer. In a cluster, a target not registered here is located
+    /// first (the answer waits: see `server/cluster.rs`).
     fn connect(
         &mut self,
         now: Instant,
         from: SocketAddr,
+        local: Option<IpAddr>,
         auth: &Authenticated<'_>,
-    ) -> Result<(RendezvousHandled, Vec<u8>), Refusal> {
+    ) -> Result<(RendezvousHandled, Option<Vec<u8>>), Refusal> {
         let target = auth
             .message
             .attributes()
@@ -585,117 +719,142 @@ impl RendezvousServer {
         initiator.connects_in_window += 1;
         initiator.last_seen_ms = now_ms;
         let initiator = initiator.clone();
-        let responder = self
-            .peers
-            .get(target.as_str())
-            .filter(|_| target != auth.peer_id)
-            .cloned()
-            .ok_or((RendezvousHandled::NotFound, 404, "Peer Not Found"))?;
+        let not_found = (RendezvousHandled::NotFound, 404, "Peer Not Found");
+        if target == auth.peer_id {
+            return Err(not_found);
+        }
+        match self.peers.get(target.as_str()).cloned() {
+            Some(responder) => {
+                let intro_id = self.introduce_local(&auth.peer_id, &initiator, &target, &responder);
+                let tid = auth.message.transaction_id();
+                let reply =
+                    cluster::connect_success(tid, &auth.password, &auth.next_nonce, intro_id);
+                Ok((RendezvousHandled::Introduced, Some(reply)))
+            }
+            None if self.cluster.is_some() => {
+                let reply_to = ReplyTo::new(from, local, auth);
+                self.park_connect(now, &auth.peer_id, target, reply_to)
+            }
+            None => Err(not_found),
+        }
+    }
 
+    /// Introduces two peers both registered here: each gets its Introduction (twice),
+    /// timed so both start probing together; the introduction is remembered and
+    /// counted. Returns its id.
+    fn introduce_local(
+        &mut self,
+        initiator_id: &str,
+        initiator: &PeerRecord,
+        responder_id: &str,
+        responder: &PeerRecord,
+    ) -> u64 {
         let intro_id: u64 = self.rng.random();
         let probe_key: [u8; 16] = self.rng.random();
-        let slower_one_way = initiator.rtt_ms.max(responder.rtt_ms) / 2;
         let margin = u32::try_from(self.config.start_margin.as_millis()).unwrap_or(5);
-        let delay = |own_rtt: u32| {
-            slower_one_way
-                .saturating_add(margin)
-                .saturating_sub(own_rtt / 2)
+        let (initiator_delay, responder_delay) =
+            start_delays(initiator.rtt_ms / 2, responder.rtt_ms / 2, margin);
+        let shared = (intro_id, probe_key);
+        let responder_side = IntroPeer {
+            id: responder_id,
+            addr: responder.addr,
+            candidates: &responder.host_candidates,
+            nat: responder.nat,
         };
-        let sides = [
-            (
-                &initiator,
-                auth.peer_id.as_str(),
-                &responder,
-                target.as_str(),
-                0u8,
-            ),
-            (
-                &responder,
-                target.as_str(),
-                &initiator,
-                auth.peer_id.as_str(),
-                1u8,
-            ),
-        ];
-        for (recipient, recipient_id, other, other_id, role) in sides {
-            let username = format!("{}:{recipient_id}", recipient.expiry_unix);
-            let password = self.secret.password(&username);
-            let tid: [u8; 12] = self.rng.random();
-            let mut payload = Vec::with_capacity(256);
-            let mut writer = MessageWriter::new(
-                &mut payload,
-                MessageType {
-                    method: method::INTRODUCTION,
-                    class: Class::Indication,
-                },
-                tid,
-            );
-            writer
-                .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
-                .attribute(attr::PEER_ID, other_id.as_bytes());
-            let reflexive = Candidate {
-                kind: CandidateKind::ServerReflexive,
-                addr: other.addr,
-            };
-            // TCP candidates right after the reflexive one, so the cap never drops
-            // them (agents that predate them ignore the unknown kind).
-            let tcp = other.host_candidates.iter().filter(|c| c.kind.is_tcp());
-            let hosts = other.host_candidates.iter().filter(|c| !c.kind.is_tcp());
-            for candidate in std::iter::once(reflexive)
-                .chain(tcp.chain(hosts).copied())
-                .take(MAX_CANDIDATES)
-            {
-                let (value, len) = encode_candidate(candidate, tid);
-                writer.attribute(attr::CANDIDATE, &value[..len]);
-            }
-            writer
-                .attribute(attr::PROBE_KEY, &probe_key)
-                .attribute(attr::START_DELAY, &delay(recipient.rtt_ms).to_be_bytes())
-                .attribute(attr::ROLE, &[role])
-                .attribute(attr::NAT_CLASS, &[other.nat as u8])
-                .message_integrity_sha256(password.as_bytes());
-            writer.finish_with_fingerprint();
-            // Sent twice: a lost introduction costs a whole punch attempt, a duplicate
-            // costs one datagram (the agent ignores an introduction it already has).
-            self.transmits.push_back(
-                Transmit::udp(recipient.addr, payload.clone()).from_local(recipient.local),
-            );
-            self.transmits
-                .push_back(Transmit::udp(recipient.addr, payload).from_local(recipient.local));
-        }
-        self.remember_intro(
-            intro_id,
-            IntroRecord {
-                sides: [
-                    auth.peer_id.clone().into_boxed_str(),
-                    target.into_boxed_str(),
-                ],
-                nats: [initiator.nat, responder.nat],
-                reported: [false; 2],
-                tcp_reported: 0,
-                tcp_seq_sent: [false; 2],
-                forge: ForgePair::default(),
-            },
+        self.push_introduction(
+            initiator_id,
+            initiator,
+            &responder_side,
+            shared,
+            initiator_delay,
+            0,
         );
+        let initiator_side = IntroPeer {
+            id: initiator_id,
+            addr: initiator.addr,
+            candidates: &initiator.host_candidates,
+            nat: initiator.nat,
+        };
+        self.push_introduction(
+            responder_id,
+            responder,
+            &initiator_side,
+            shared,
+            responder_delay,
+            1,
+        );
+        let sides = [initiator_id.into(), responder_id.into()];
+        let nats = [initiator.nat, responder.nat];
+        self.remember_intro(intro_id, IntroRecord::new(sides, nats, None));
         self.events.push_back(RendezvousEvent::Introduced {
             initiator_nat: initiator.nat,
             responder_nat: responder.nat,
         });
-        let mut reply = Vec::with_capacity(96);
+        intro_id
+    }
+
+    /// Queues `recipient`'s Introduction to `other` (twice), signed with the
+    /// recipient's password: the other's candidates (server-reflexive first, then
+    /// TCP, then host and predicted), the probe key, the START-DELAY and the role
+    /// (0 initiator, 1 responder).
+    fn push_introduction(
+        &mut self,
+        recipient_id: &str,
+        recipient: &PeerRecord,
+        other: &IntroPeer<'_>,
+        (intro_id, probe_key): (u64, [u8; 16]),
+        delay_ms: u32,
+        role: u8,
+    ) {
+        let username = format!("{}:{recipient_id}", recipient.expiry_unix);
+        let password = self.secret.password(&username);
+        let tid: [u8; 12] = self.rng.random();
+        let mut payload = Vec::with_capacity(256);
         let mut writer = MessageWriter::new(
-            &mut reply,
+            &mut payload,
             MessageType {
-                method: method::CONNECT,
-                class: Class::Success,
+                method: method::INTRODUCTION,
+                class: Class::Indication,
             },
-            auth.message.transaction_id(),
+            tid,
         );
         writer
             .attribute(attr::INTRO_ID, &intro_id.to_be_bytes())
-            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
-            .message_integrity_sha256(auth.password.as_bytes());
+            .attribute(attr::PEER_ID, other.id.as_bytes());
+        let reflexive = Candidate {
+            kind: CandidateKind::ServerReflexive,
+            addr: other.addr,
+        };
+        // TCP candidates right after the reflexive one, so the cap never drops
+        // them (agents that predate them ignore the unknown kind). Only the node a
+        // peer registered on knows its reflexive address: another kind of
+        // candidate never claims it.
+        let announced = other
+            .candidates
+            .iter()
+            .filter(|c| c.kind != CandidateKind::ServerReflexive);
+        let tcp = announced.clone().filter(|c| c.kind.is_tcp());
+        let hosts = announced.filter(|c| !c.kind.is_tcp());
+        for candidate in std::iter::once(reflexive)
+            .chain(tcp.chain(hosts).copied())
+            .take(MAX_CANDIDATES)
+        {
+            let (value, len) = encode_candidate(candidate, tid);
+            writer.attribute(attr::CANDIDATE, &value[..len]);
+        }
+        writer
+            .attribute(attr::PROBE_KEY, &probe_key)
+            .attribute(attr::START_DELAY, &delay_ms.to_be_bytes())
+            .attribute(attr::ROLE, &[role])
+            .attribute(attr::NAT_CLASS, &[other.nat as u8])
+            .message_integrity_sha256(password.as_bytes());
         writer.finish_with_fingerprint();
-        Ok((RendezvousHandled::Introduced, reply))
+        // Sent twice: a lost introduction costs a whole punch attempt, a duplicate
+        // costs one datagram (the agent ignores an introduction it already has).
+        self.transmits
+            .push_back(Transmit::udp(recipient.addr, payload.clone()).from_local(recipient.local));
+        self.transmits
+            .push_back(Transmit::udp(recipient.addr, payload).from_local(recipient.local));
     }
 
     /// Remembers an introduction, forgetting the oldest beyond
@@ -711,11 +870,13 @@ impl RendezvousServer {
     }
 
     /// Accepts each side's first outcome report of an introduction (per technique for
-    /// TCP reports); the first of the two sides' is the one counted.
+    /// TCP reports); the first of the two sides' is the one counted. A report for an
+    /// introduction owned by another node (the initiator's) is answered here and
+    /// counted there.
     fn outcome(
         &mut self,
         auth: &Authenticated<'_>,
-    ) -> Result<(RendezvousHandled, Vec<u8>), Refusal> {
+    ) -> Result<(RendezvousHandled, Option<Vec<u8>>), Refusal> {
         let mut intro_id = None;
         let mut report = None;
         let mut technique = None;
@@ -744,55 +905,30 @@ impl RendezvousServer {
         let (Some(intro_id), Some((outcome, ms, probes))) = (intro_id, report) else {
             return Err((RendezvousHandled::BadRequest, 400, "Bad Request"));
         };
+        let report = Report {
+            outcome,
+            ms,
+            probes,
+            technique,
+        };
         let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
-        if let Some(technique) = technique {
-            // TCP outcomes: once per side per technique, counted on the first.
-            let shift = 2 * (technique as u8 - 1);
-            let bit = 1u8 << (shift + side as u8);
-            if record.tcp_reported & bit != 0 {
-                return Err((RendezvousHandled::NotFound, 404, "Already Reported"));
+        let counted = record.count(side, report)?;
+        match record.remote.as_deref() {
+            // The initiator's node owns the introduction: it counts.
+            Some(remote) if remote.side == 0 => {
+                let send = cluster::outcome_to_owner(remote, intro_id, side, report);
+                self.events.push_back(RendezvousEvent::Cluster(send));
             }
-            let first = record.tcp_reported & (0b11 << shift) == 0;
-            record.tcp_reported |= bit;
-            if first {
-                self.events.push_back(RendezvousEvent::TcpOutcome {
-                    initiator_nat: record.nats[0],
-                    responder_nat: record.nats[1],
-                    technique,
-                    success: outcome == SessionOutcome::Direct,
-                });
-            }
-        } else {
-            if record.reported[side] {
-                return Err((RendezvousHandled::NotFound, 404, "Already Reported"));
-            }
-            let first = !record.reported.iter().any(|&r| r);
-            record.reported[side] = true;
-            if first {
-                self.events.push_back(RendezvousEvent::Outcome {
-                    initiator_nat: record.nats[0],
-                    responder_nat: record.nats[1],
-                    direct: outcome == SessionOutcome::Direct,
-                    relayed: outcome == SessionOutcome::Relayed,
-                    time_to_direct: Duration::from_millis(u64::from(ms)),
-                    probes,
-                });
-            }
+            _ => self.events.extend(counted),
         }
-        let mut reply = Vec::with_capacity(64);
-        let mut writer = MessageWriter::new(
-            &mut reply,
-            MessageType {
-                method: method::OUTCOME,
-                class: Class::Success,
-            },
-            auth.message.transaction_id(),
-        );
-        writer
-            .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
-            .message_integrity_sha256(auth.password.as_bytes());
-        writer.finish_with_fingerprint();
-        Ok((RendezvousHandled::OutcomeAccepted, reply))
+        Ok((
+            RendezvousHandled::OutcomeAccepted,
+            Some(auth::signed_success(
+                method::OUTCOME,
+                auth.message.transaction_id(),
+                auth,
+            )),
+        ))
     }
 }
 

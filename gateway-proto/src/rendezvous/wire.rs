@@ -59,6 +59,15 @@ pub mod attr {
 /// gateway that does not forge (`server.tcp_forge_synack` is off, the default).
 pub const TCP_FORGE_DISABLED: u16 = 501;
 
+/// Error code of a Connect the gateway cannot serve because the target may be on
+/// another node of the cluster and the cluster store is down or did not answer in
+/// time (see "Across nodes" in `docs/protocol.md`).
+pub const CLUSTER_UNAVAILABLE: u16 = 503;
+
+/// Reason phrase of [`CLUSTER_UNAVAILABLE`] (the registry's own 503 says "Registry
+/// Full").
+pub const CLUSTER_UNAVAILABLE_REASON: &str = "Cluster Unavailable";
+
 /// Most candidates accepted in, or sent out with, one message.
 pub const MAX_CANDIDATES: usize = 8;
 
@@ -79,6 +88,18 @@ pub enum CandidateKind {
 }
 
 impl CandidateKind {
+    /// Decodes the wire value; `None` for an unknown kind.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::Host),
+            1 => Some(Self::ServerReflexive),
+            2 => Some(Self::Predicted),
+            3 => Some(Self::Relayed),
+            4 => Some(Self::TcpServerReflexive),
+            _ => None,
+        }
+    }
+
     /// Whether the candidate is a TCP endpoint (never probed over UDP).
     pub const fn is_tcp(self) -> bool {
         matches!(self, Self::TcpServerReflexive)
@@ -291,14 +312,7 @@ pub fn encode_candidate(candidate: Candidate, transaction_id: [u8; 12]) -> ([u8;
 /// Decodes a CANDIDATE value (the inverse of [`encode_candidate`]); `None` for an
 /// unknown kind or a malformed address.
 pub fn decode_candidate(value: &[u8], transaction_id: [u8; 12]) -> Option<Candidate> {
-    let kind = match value.first()? {
-        0 => CandidateKind::Host,
-        1 => CandidateKind::ServerReflexive,
-        2 => CandidateKind::Predicted,
-        3 => CandidateKind::Relayed,
-        4 => CandidateKind::TcpServerReflexive,
-        _ => return None,
-    };
+    let kind = CandidateKind::from_u8(*value.first()?)?;
     let addr = stun::decode_xor_address(value.get(2..)?, transaction_id)?;
     Some(Candidate { kind, addr })
 }

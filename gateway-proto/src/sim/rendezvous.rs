@@ -62,8 +62,14 @@ pub(crate) struct World {
 impl World {
     /// A server with the default configuration.
     pub fn new() -> Self {
+        Self::seeded(7)
+    }
+
+    /// A server with the default configuration whose generator starts from `seed`
+    /// (several servers need different ones, or their introduction ids collide).
+    pub fn seeded(seed: u64) -> Self {
         Self {
-            server: RendezvousServer::new(secret(), RendezvousConfig::default(), 7),
+            server: RendezvousServer::new(secret(), RendezvousConfig::default(), seed),
             now: Instant::now(),
             redirected: Vec::new(),
             events: Vec::new(),
@@ -98,6 +104,13 @@ impl World {
         let handled = self
             .server
             .handle_datagram(self.now, now_unix, from, local, datagram);
+        (handled, self.collect())
+    }
+
+    /// Takes what the server queued (after any input): returns what leaves from the
+    /// service socket and keeps the rest (discovery answers, SYN-ACKs to forge,
+    /// events) for the `drain_*` methods.
+    pub fn collect(&mut self) -> Vec<Transmit> {
         let mut out = Vec::new();
         while let Some(transmit) = self.server.poll_transmit() {
             match discovery_index(transmit.socket) {
@@ -111,7 +124,7 @@ impl World {
                 event => self.events.push(event),
             }
         }
-        (handled, out)
+        out
     }
 
     /// The answers for discovery sockets since the last call.

@@ -146,14 +146,29 @@ pub(super) fn error_reply(
     to: SocketAddr,
     from_local: Option<IpAddr>,
 ) -> Transmit {
+    let (method, tid) = (request.message_type().method, request.transaction_id());
+    error_reply_to(method, tid, code, reason, authenticated, to, from_local)
+}
+
+/// [`error_reply`] to a request known by its method and transaction id only (one
+/// answered after the datagram is gone: a Connect that waited for the cluster).
+pub(super) fn error_reply_to(
+    method: u16,
+    tid: [u8; 12],
+    code: u16,
+    reason: &str,
+    authenticated: Option<(&str, &str)>,
+    to: SocketAddr,
+    from_local: Option<IpAddr>,
+) -> Transmit {
     let mut payload = Vec::with_capacity(96);
     let mut writer = MessageWriter::new(
         &mut payload,
         MessageType {
-            method: request.message_type().method,
+            method,
             class: Class::Error,
         },
-        request.transaction_id(),
+        tid,
     );
     writer.error_code(code, reason);
     if let Some((password, nonce)) = authenticated {

@@ -1,22 +1,26 @@
 //! What the gateway passes between the two sides of an introduction: relay offers
 //! and TCP-Seq (forwarded for NATBlaster, or kept and paired for server-assisted
 //! splicing, see [`crate::rendezvous::forge`]), each only from a registered side of
-//! a remembered introduction and signed for the recipient.
+//! a remembered introduction and signed for the recipient. When the recipient is
+//! registered on another node, the signed datagram goes there
+//! ([`ClusterMessage::Deliver`]).
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, SocketAddr},
 };
 
 use rand::Rng;
 
 use super::{
-    PeerRecord, Refusal, RendezvousEvent, RendezvousHandled, RendezvousServer,
+    IntroRecord, PeerRecord, Refusal, RendezvousEvent, RendezvousHandled, RendezvousServer,
     auth::{Authenticated, signed_success},
     intro_side,
 };
 use crate::{
     Transmit,
+    credentials::SharedSecret,
     rendezvous::{
+        cluster::{ClusterMessage, ClusterRequest},
         forge,
         wire::{
             CandidateKind, TCP_FORGE_DISABLED, attr, decode_candidate, encode_candidate, method,
@@ -59,14 +63,7 @@ impl RendezvousServer {
             return Err((RendezvousHandled::Forbidden, 403, "Not Registered Here"));
         }
         let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
-        let other_id = record.sides[1 - side].clone();
-        let other = self.peers.get(&*other_id).ok_or((
-            RendezvousHandled::NotFound,
-            404,
-            "Peer Not Found",
-        ))?;
-        let username = format!("{}:{other_id}", other.expiry_unix);
-        let password = self.secret.password(&username);
+        let (other_id, password, recipient) = other_side(&self.peers, &self.secret, record, side)?;
         let indication_tid: [u8; 12] = self.rng.random();
         let mut payload = Vec::with_capacity(128);
         let mut writer = MessageWriter::new(
@@ -85,7 +82,7 @@ impl RendezvousServer {
             .message_integrity_sha256(password.as_bytes());
         writer.finish_with_fingerprint();
         // Twice, like introductions: losing it costs the whole fallback.
-        push_twice(&mut self.transmits, other.addr, other.local, payload);
+        self.send_to_side(other_id, recipient, payload);
         Ok((
             RendezvousHandled::RelayOffered,
             signed_success(method::RELAY_OFFER, tid, auth),
@@ -135,15 +132,8 @@ impl RendezvousServer {
         if record.tcp_seq_sent[side] {
             return Err((RendezvousHandled::NotFound, 404, "Already Sent"));
         }
-        let other_id = record.sides[1 - side].clone();
-        let other = self.peers.get(&*other_id).ok_or((
-            RendezvousHandled::NotFound,
-            404,
-            "Peer Not Found",
-        ))?;
+        let (other_id, password, recipient) = other_side(&self.peers, &self.secret, record, side)?;
         record.tcp_seq_sent[side] = true;
-        let username = format!("{}:{other_id}", other.expiry_unix);
-        let password = self.secret.password(&username);
         let indication_tid: [u8; 12] = self.rng.random();
         let mut payload = Vec::with_capacity(128);
         let mut writer = MessageWriter::new(
@@ -165,7 +155,7 @@ impl RendezvousServer {
         writer.message_integrity_sha256(password.as_bytes());
         writer.finish_with_fingerprint();
         // Twice, like relay offers: losing it costs the whole technique.
-        push_twice(&mut self.transmits, other.addr, other.local, payload);
+        self.send_to_side(other_id, recipient, payload);
         Ok((
             RendezvousHandled::TcpSeqForwarded,
             signed_success(method::TCP_SEQ, tid, auth),
@@ -177,7 +167,9 @@ impl RendezvousServer {
     /// SYN-ACKs. Refused (no state, nothing forged) when forging is off, the sender is
     /// not registered from here or not a side of a remembered introduction, already
     /// sent one, has no TCP candidate, or names another target than the other side's
-    /// TCP candidate.
+    /// TCP candidate. Forging needs both halves and both NATs' flows on one node:
+    /// across nodes it is refused like forging switched off
+    /// ([`TCP_FORGE_DISABLED`], 501).
     fn tcp_forge(
         &mut self,
         from: SocketAddr,
@@ -199,6 +191,13 @@ impl RendezvousServer {
             _ => return Err((RendezvousHandled::Forbidden, 403, "Not Registered Here")),
         };
         let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
+        if record.remote.is_some() {
+            return Err((
+                RendezvousHandled::TcpForgeDisabled,
+                TCP_FORGE_DISABLED,
+                "SYN-ACK Forging Disabled",
+            ));
+        }
         if record.tcp_seq_sent[side] {
             return Err((RendezvousHandled::NotFound, 404, "Already Sent"));
         }
@@ -224,8 +223,63 @@ impl RendezvousServer {
     }
 }
 
+/// Where the other side of an introduction gets what its side sends.
+enum Recipient {
+    /// Registered here: sent from here.
+    Here(SocketAddr, Option<IpAddr>),
+    /// Registered on another node: sent through that node.
+    Node(Box<str>),
+}
+
+/// The other side of `record` than `side`: its id, the password its indications
+/// are signed with (its username is `expiry:peer-id`) and where it is. 404 when it
+/// is registered neither here nor, for this introduction, on another node.
+fn other_side(
+    peers: &HashMap<Box<str>, PeerRecord>,
+    secret: &SharedSecret,
+    record: &IntroRecord,
+    side: usize,
+) -> Result<(Box<str>, String, Recipient), Refusal> {
+    let other_id = record.sides[1 - side].clone();
+    let (expiry_unix, recipient) = match record.remote.as_deref() {
+        Some(remote) if remote.side == 1 - side => {
+            (remote.expiry_unix, Recipient::Node(remote.node.clone()))
+        }
+        _ => {
+            let other = peers.get(&*other_id).ok_or((
+                RendezvousHandled::NotFound,
+                404,
+                "Peer Not Found",
+            ))?;
+            (other.expiry_unix, Recipient::Here(other.addr, other.local))
+        }
+    };
+    let password = secret.password(&format!("{expiry_unix}:{other_id}"));
+    Ok((other_id, password, recipient))
+}
+
+impl RendezvousServer {
+    /// Sends a signed indication to the other side of an introduction: twice from
+    /// here, or once to its node, which sends it twice.
+    fn send_to_side(&mut self, other_id: Box<str>, recipient: Recipient, payload: Vec<u8>) {
+        match recipient {
+            Recipient::Here(addr, local) => push_twice(&mut self.transmits, addr, local, payload),
+            Recipient::Node(node) => {
+                self.events
+                    .push_back(RendezvousEvent::Cluster(ClusterRequest::Send {
+                        node: node.into(),
+                        message: ClusterMessage::Deliver {
+                            peer_id: other_id.into(),
+                            payload,
+                        },
+                    }))
+            }
+        }
+    }
+}
+
 /// Queues `payload` to `to` twice (a signed indication whose loss costs a technique).
-fn push_twice(
+pub(super) fn push_twice(
     out: &mut VecDeque<Transmit>,
     to: SocketAddr,
     from_local: Option<IpAddr>,
