@@ -985,6 +985,39 @@ impl PathMetrics {
 struct StatusLines {
     /// The node failed over to, until its registration is announced.
     new_server: Option<SocketAddr>,
+    /// The last refusal printed and when: the same refusal again within
+    /// [`REPEAT_QUIET`] prints nothing (retries must not print a line a second).
+    last_refusal: Option<(String, std::time::Instant)>,
+}
+
+/// How long the same refusal stays quiet after it was printed.
+const REPEAT_QUIET: Duration = Duration::from_secs(30);
+
+/// A refusal in words: the method's name, the code and what it means for the agent.
+fn refusal_line(method: u16, code: u16) -> String {
+    use crate::proto::rendezvous::wire::method as m;
+    let name = match method {
+        m::REGISTER => "register",
+        m::CONNECT => "connect",
+        m::OUTCOME => "outcome",
+        m::RELAY_OFFER => "relay-offer",
+        m::TCP_SEQ => "tcp-seq",
+        _ => "request",
+    };
+    let meaning = match (method, code) {
+        (_, 401) => {
+            "wrong credentials (check GATEWAY_USERNAME/GATEWAY_PASSWORD and the gateway's secret)"
+        }
+        (m::CONNECT, 404) => "peer not registered with the gateway; retrying",
+        (m::CONNECT, 503) => {
+            "cluster unavailable: the gateway cannot reach the node the peer is registered on; retrying"
+        }
+        (m::REGISTER, 503) => "the gateway's registry is full",
+        (_, 403) => "not registered from this address; registering again",
+        (_, 429) => "too many requests; slowing down",
+        _ => "refused",
+    };
+    format!("refused {name} code {code}: {meaning} (method 0x{method:03x})")
 }
 
 impl StatusLines {
@@ -1015,7 +1048,16 @@ impl StatusLines {
                 filtering.as_str()
             ),
             AgentEvent::Refused { method, code } => {
-                format!("refused method 0x{method:03x} code {code}")
+                let line = refusal_line(*method, *code);
+                let now = std::time::Instant::now();
+                let quiet = self.last_refusal.as_ref().is_some_and(|(last, at)| {
+                    *last == line && now.saturating_duration_since(*at) < REPEAT_QUIET
+                });
+                if quiet {
+                    return None;
+                }
+                self.last_refusal = Some((line.clone(), now));
+                line
             }
             AgentEvent::Introduced { peer_id, role } => {
                 let role = match role {

@@ -48,7 +48,7 @@ use crate::{
         MAIN_SOCKET, Transmit,
         rendezvous::{
             RendezvousEvent, RendezvousServer,
-            cluster::{ClusterMessage, ClusterRequest, PeerEntry},
+            cluster::{ClusterMessage, ClusterRequest, PeerEntry, moved_notice},
         },
     },
     udp::{SendScratch, ServiceSocket, send_transmits},
@@ -282,7 +282,9 @@ impl Connector {
             ConnectionManager::new_with_config(client, config),
         )
         .await
-        .map_err(|_| redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+        })??;
         Ok(Redis::Single(manager))
     }
 
@@ -573,21 +575,17 @@ fn entry_of(value: &Value) -> Option<PeerEntry> {
 }
 
 /// After `entry` replaced `previous` in the registry: when `previous` was another
-/// node's, that node is told to forget the peer.
+/// node's, that node is told to forget the peer (latest registration wins).
 async fn tell_moved(
     shared: &ClusterShared,
     redis: &mut Redis,
     entry: &PeerEntry,
     previous: &PeerEntry,
 ) {
-    if previous.node == entry.node {
+    let Some(ClusterRequest::Send { node, message }) = moved_notice(entry, Some(previous)) else {
         return;
-    }
-    let message = ClusterMessage::Moved {
-        peer_id: entry.peer_id.clone(),
-        registered_unix_ms: entry.registered_unix_ms,
     };
-    if let Err(e) = redis.query::<Value>(&xadd(&previous.node, &message)).await {
+    if let Err(e) = redis.query::<Value>(&xadd(&node, &message)).await {
         shared.error("xadd", &e);
     }
 }
@@ -745,7 +743,10 @@ async fn heartbeat(shared: Arc<ClusterShared>) {
         if added == 1 || !was_up {
             let entries = lock(&shared.core).local_entries(unix_now().as_secs());
             if !entries.is_empty() {
-                tracing::info!(peers = entries.len(), "cluster: writing this node's registry to Redis");
+                tracing::info!(
+                    peers = entries.len(),
+                    "cluster: writing this node's registry to Redis"
+                );
             }
             for entry in entries {
                 shared.link.submit(ClusterRequest::Store(entry));

@@ -757,7 +757,9 @@ async fn serve_async(config: Config) -> Result<()> {
             Some(link)
         }
         (None, true) => {
-            anyhow::bail!("cluster.redis needs the rendezvous: set auth.secret_file (--secret-file)")
+            anyhow::bail!(
+                "cluster.redis needs the rendezvous: set auth.secret_file (--secret-file)"
+            )
         }
         (_, false) => None,
     };
@@ -851,7 +853,8 @@ async fn serve_async(config: Config) -> Result<()> {
 
 /// Locks the rendezvous core for set-up (no loop runs yet).
 fn lock_core(core: &Mutex<RendezvousServer>) -> std::sync::MutexGuard<'_, RendezvousServer> {
-    core.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    core.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn shutdown_signal() {

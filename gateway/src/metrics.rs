@@ -15,7 +15,7 @@ use tokio::{
 };
 
 use crate::proto::rendezvous::{
-    RendezvousEvent, RendezvousHandled,
+    CrossNodeOutcome, RendezvousEvent, RendezvousHandled,
     wire::{NatClass, TcpTechnique},
 };
 
@@ -66,6 +66,9 @@ pub struct Metrics {
     pub ebpf_loaded: IntGauge,
     /// Number of interfaces the eBPF programs are attached to.
     pub ebpf_attached_interfaces: IntGauge,
+    /// Connects for a peer registered on another node, by outcome (counted once, on
+    /// the initiator's node).
+    pub cluster_introductions: IntCounterVec,
 }
 
 impl Metrics {
@@ -155,8 +158,20 @@ impl Metrics {
                 }
             }
         }
+        let cluster_introductions = IntCounterVec::new(
+            Opts::new(
+                "gateway_cluster_introductions_total",
+                "Connects for a peer registered on another node, by outcome (counted once, on the initiator's node)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(cluster_introductions.clone()))?;
+        for outcome in CrossNodeOutcome::ALL {
+            cluster_introductions.with_label_values(&[outcome.as_str()]);
+        }
         register_build_info(&registry)?;
         Ok(Self {
+            cluster_introductions,
             udp_received_datagrams: counter(
                 "gateway_udp_received_datagrams_total",
                 "Datagrams received on the service port",
@@ -246,10 +261,12 @@ impl Metrics {
                     responder_nat.as_str(),
                 ])
                 .inc(),
-            RendezvousEvent::ForgeSynAck(_) => {}
-            // Cluster work and cross-node outcomes: not wired to the driver or
-            // metrics yet.
-            _ => {}
+            RendezvousEvent::CrossNode(outcome) => self
+                .cluster_introductions
+                .with_label_values(&[outcome.as_str()])
+                .inc(),
+            // Carried out by the service loop and the cluster driver, not counted here.
+            RendezvousEvent::ForgeSynAck(_) | RendezvousEvent::Cluster(_) => {}
         }
     }
 

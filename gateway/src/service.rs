@@ -325,7 +325,9 @@ fn relay_pass(
 /// each datagram, so they never hold more than one datagram's output.
 fn core_pass(batch: &RecvBatch, metrics: &Metrics, core: &SharedRendezvous, out: &mut BatchOutput) {
     let mut server = lock(core);
-    let datagrams = batch.datagrams().enumerate().zip(&out.relay_took);
+    // Borrowed out of `out` while the loop fills the rest of it; put back below.
+    let relay_took = std::mem::take(&mut out.relay_took);
+    let datagrams = batch.datagrams().enumerate().zip(&relay_took);
     for ((index, datagram), _) in datagrams.filter(|(_, took)| !**took) {
         let Datagram { from, local, bytes } = datagram;
         let handled = server.handle_datagram(Instant::now(), unix_now(), from, local, bytes);
@@ -338,6 +340,7 @@ fn core_pass(batch: &RecvBatch, metrics: &Metrics, core: &SharedRendezvous, out:
             .with_label_values(&[handled.as_str()])
             .inc();
     }
+    out.relay_took = relay_took;
 }
 
 /// Pass 2 without a rendezvous core: the plain Binding service answers.

@@ -10,5 +10,6 @@ pub mod dashboards;
 pub mod lab;
 pub mod prometheus;
 pub mod punch;
+pub mod redis;
 pub mod tcp;
 pub mod turn;

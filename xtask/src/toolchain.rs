@@ -16,7 +16,9 @@ use anyhow::{Context, Result, bail};
 /// server `cargo xtask bench-relay` compares against (its service must not run: see
 /// [`keep_coturn_service_off`]); python3-venv: a venv for aioice;
 /// prometheus: the dashboards test runs a real Prometheus (its own instance inside a
-/// lab namespace; the package's service is not used).
+/// lab namespace; the package's service is not used); redis-server (and its
+/// redis-cli): the cluster tests and demo start their own Redis servers and Redis
+/// Clusters on free ports (the package's own service is not used).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -29,6 +31,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "coturn",
     "python3-venv",
     "prometheus",
+    "redis-server",
 ];
 /// Debian's policy hook that tells maintainer scripts not to start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

@@ -54,7 +54,7 @@ use crate::{
     Transmit, earliest,
     rendezvous::{
         client::{self, PeerCredentials, Role},
-        wire::{Candidate, CandidateKind, FilteringClass, NatClass, method},
+        wire::{CLUSTER_UNAVAILABLE, Candidate, CandidateKind, FilteringClass, NatClass, method},
     },
     stun::{self, Class, Message},
 };
@@ -853,9 +853,10 @@ impl Agent {
                     self.next_register = now;
                 }
                 if let Some(target) = request.target
-                    && code == 404
+                    && matches!(code, 404 | CLUSTER_UNAVAILABLE)
                 {
-                    // The other side is not registered yet: keep asking.
+                    // The other side is not registered yet, or its node cannot be
+                    // reached for now: keep asking.
                     self.wanted.insert(target, now + CONNECT_RETRY);
                 }
                 if let Some(seq) = request.tcp_seq {

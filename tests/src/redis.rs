@@ -1,0 +1,245 @@
+//! Real Redis for the cluster tests: Debian's `redis-server`, one server or a Redis
+//! Cluster of several shards on loopback, with no persistence (a restart starts
+//! empty, as the tests want), stopped and cleaned up on drop.
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Why a Redis could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// `redis-server` or `redis-cli` is not installed.
+    #[error(
+        "{0} not found: the cluster tests need Debian's redis-server (cargo xtask setup installs it)"
+    )]
+    Missing(&'static str),
+    /// It did not start or did not answer in time.
+    #[error("redis: {0}")]
+    Start(String),
+}
+
+/// A free TCP port on loopback (and its cluster bus port, +10000, when asked).
+fn free_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        // Cluster bus ports are port + 10000: keep both in range.
+        if port != 0 && port < 55_000 {
+            return port;
+        }
+    }
+}
+
+fn which(binary: &'static str) -> Result<(), RedisError> {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|p| p.join(binary).is_file()))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        Err(RedisError::Missing(binary))
+    }
+}
+
+/// One `redis-server` process.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    cluster: bool,
+}
+
+impl RedisServer {
+    /// Starts a plain Redis on a free loopback port (no persistence).
+    pub fn start(dir: &Path) -> Result<Self, RedisError> {
+        Self::start_on(dir, free_port(), false)
+    }
+
+    fn start_on(dir: &Path, port: u16, cluster: bool) -> Result<Self, RedisError> {
+        which("redis-server")?;
+        let dir = dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).map_err(|e| RedisError::Start(e.to_string()))?;
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+            cluster,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> Result<(), RedisError> {
+        // A restarted cluster node must not remember its old cluster: start clean.
+        let _ = std::fs::remove_file(self.dir.join("nodes.conf"));
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.cluster {
+            command.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            ]);
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| RedisError::Start(format!("cannot run redis-server: {e}")))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                return Err(RedisError::Start(format!(
+                    "redis-server on port {} did not listen",
+                    self.port
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its address.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Kills it (SIGKILL: nothing is saved).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) -> Result<(), RedisError> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Runs `redis-cli` against it and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Result<String, RedisError> {
+        which("redis-cli")?;
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if self.cluster {
+            command.arg("-c");
+        }
+        let output = command
+            .args(args)
+            .output()
+            .map_err(|e| RedisError::Start(format!("cannot run redis-cli: {e}")))?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of `shards` masters (no replicas) on loopback, slots assigned by
+/// `redis-cli --cluster create`.
+pub struct RedisCluster {
+    /// Its nodes.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `shards` cluster-enabled servers and joins them into one cluster.
+    pub fn start(dir: &Path, shards: usize) -> Result<Self, RedisError> {
+        which("redis-cli")?;
+        let mut nodes = Vec::new();
+        for _ in 0..shards {
+            nodes.push(RedisServer::start_on(dir, free_port(), true)?);
+        }
+        let cluster = Self { nodes };
+        cluster.create()?;
+        Ok(cluster)
+    }
+
+    fn create(&self) -> Result<(), RedisError> {
+        let mut command = Command::new("redis-cli");
+        command.args(["--cluster", "create"]);
+        for node in &self.nodes {
+            command.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let output = command
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .map_err(|e| RedisError::Start(format!("cannot run redis-cli: {e}")))?;
+        if !output.status.success() {
+            return Err(RedisError::Start(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&output.stdout)
+            )));
+        }
+        // Every node must agree that all slots are served.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = self.nodes.iter().all(|n| {
+                n.cli(&["cluster", "info"])
+                    .map(|info| info.contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+            if ok {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(RedisError::Start(
+                    "the Redis Cluster never reached state ok".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Kills every node.
+    pub fn stop(&mut self) {
+        self.nodes.iter_mut().for_each(RedisServer::stop);
+    }
+
+    /// Starts every node again, empty, and forms the cluster anew.
+    pub fn restart(&mut self) -> Result<(), RedisError> {
+        for node in &mut self.nodes {
+            node.restart()?;
+        }
+        self.create()
+    }
+
+    /// Keys in the whole cluster (DBSIZE summed over the masters).
+    pub fn dbsize(&self) -> usize {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.cli(&["dbsize"]).ok()?.parse::<usize>().ok())
+            .sum()
+    }
+}
