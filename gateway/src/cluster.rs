@@ -438,17 +438,20 @@ impl ClusterShared {
         tracing::debug!(%error, command, "Redis command failed");
     }
 
-    /// Records the cluster's state; logs only changes.
-    fn set_up(&self, up: bool) {
-        if self.up.swap(up, Ordering::Relaxed) != up {
-            if up {
-                tracing::info!(node = %self.node_id, "cluster: Redis reachable; cross-node introductions on");
-            } else {
-                tracing::warn!(node = %self.node_id, "cluster: Redis unreachable; serving this node's peers only (cross-node Connects get 503 Cluster Unavailable)");
-            }
-            lock(&self.core).set_cluster_up(up);
-        }
+    /// Records the cluster's state; logs and tells the core only changes (the core
+    /// then answers the Connects waiting for Redis at once).
+    async fn set_up(&self, up: bool, scratch: &mut SendScratch) {
         self.cluster_metrics.up.set(i64::from(up));
+        if self.up.swap(up, Ordering::Relaxed) == up {
+            return;
+        }
+        if up {
+            tracing::info!(node = %self.node_id, "cluster: Redis reachable; cross-node introductions on");
+        } else {
+            tracing::warn!(node = %self.node_id, "cluster: Redis unreachable; serving this node's peers only (cross-node Connects get 503 Cluster Unavailable)");
+        }
+        self.feed(scratch, |core, _, _| core.set_cluster_up(up))
+            .await;
     }
 }
 
@@ -684,6 +687,7 @@ fn stream_entries(answer: &Value) -> Vec<(String, Vec<u8>)> {
 /// writes the registry again when Redis came back or lost its data.
 async fn heartbeat(shared: Arc<ClusterShared>) {
     let mut redis: Option<Redis> = None;
+    let mut scratch = SendScratch::default();
     let mut ticker = tokio::time::interval(HEARTBEAT);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -694,7 +698,7 @@ async fn heartbeat(shared: Arc<ClusterShared>) {
                 Ok(connected) => redis.insert(connected),
                 Err(e) => {
                     shared.error("heartbeat", &e);
-                    shared.set_up(false);
+                    shared.set_up(false, &mut scratch).await;
                     continue;
                 }
             },
@@ -709,7 +713,7 @@ async fn heartbeat(shared: Arc<ClusterShared>) {
             Ok(added) => added,
             Err(e) => {
                 shared.error("heartbeat", &e);
-                shared.set_up(false);
+                shared.set_up(false, &mut scratch).await;
                 redis = None;
                 continue;
             }
@@ -721,7 +725,7 @@ async fn heartbeat(shared: Arc<ClusterShared>) {
         let was_up = shared.up.load(Ordering::Relaxed);
         // Node to Redis to node: a message's one-way trip is about one round trip.
         lock(&shared.core).set_cluster_transit(round_trip.max(Duration::from_micros(100)));
-        shared.set_up(true);
+        shared.set_up(true, &mut scratch).await;
         let alive_since = now_ms.saturating_sub(NODE_ALIVE.as_millis() as u64);
         let mut count = redis::cmd("ZCOUNT");
         count.arg(NODES_KEY).arg(alive_since).arg("+inf");
