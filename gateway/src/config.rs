@@ -651,6 +651,36 @@ mod tests {
     }
 
     #[test]
+    fn cluster_takes_one_url_or_seeds_and_checks_them() {
+        let one = Config::from_toml("[cluster]\nredis = \"redis://10.0.0.5:6379\"\n", "t")
+            .expect("one URL");
+        assert!(one.cluster.enabled() && !one.cluster.is_redis_cluster());
+        let seeds = Config::from_toml(
+            "[cluster]\nredis = [\"redis://a:7000\", \"rediss://b:7000\"]\nnode_id = \"gw-1\"\n",
+            "t",
+        )
+        .expect("seeds");
+        assert!(seeds.cluster.is_redis_cluster());
+        assert!(!Config::default().cluster.enabled());
+        for bad in [
+            "[cluster]\nredis = \"http://a:1\"\n",
+            "[cluster]\nredis = [\"redis://a:1\", \"redis://b:1\"]\nmode = \"single\"\n",
+            "[cluster]\nredis = \"redis://a:1\"\nnode_id = \"has space\"\n",
+            "[cluster]\nnode_id = \"lonely\"\n",
+        ] {
+            assert!(
+                matches!(Config::from_toml(bad, "t"), Err(ConfigError::Invalid(_))),
+                "{bad}"
+            );
+        }
+        let mut printed = Config::default();
+        printed.cluster.redis = vec!["redis://a:1".into()];
+        printed.cluster.node_id = Some("n1".into());
+        let again = Config::from_toml(&printed.to_toml(), "printed").expect("round trip");
+        assert_eq!(again, printed);
+    }
+
+    #[test]
     fn printed_config_parses_back() {
         let mut config = Config::default();
         config.ebpf.interfaces = vec!["lo".into()];

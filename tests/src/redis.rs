@@ -53,9 +53,18 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     cluster: bool,
+    password: Option<String>,
 }
 
 impl RedisServer {
+    /// Starts a plain Redis that requires `password` (AUTH).
+    pub fn start_with_password(dir: &Path, password: &str) -> Result<Self, RedisError> {
+        let mut server = Self::start(dir)?;
+        server.password = Some(password.to_owned());
+        server.restart()?;
+        Ok(server)
+    }
+
     /// Starts a plain Redis on a free loopback port (no persistence).
     pub fn start(dir: &Path) -> Result<Self, RedisError> {
         Self::start_on(dir, free_port(), false)
@@ -70,6 +79,7 @@ impl RedisServer {
             port,
             dir,
             cluster,
+            password: None,
         };
         server.spawn()?;
         Ok(server)
@@ -87,6 +97,9 @@ impl RedisServer {
             .arg(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
         if self.cluster {
             command.args([
                 "--cluster-enabled",
@@ -143,6 +156,9 @@ impl RedisServer {
         which("redis-cli")?;
         let mut command = Command::new("redis-cli");
         command.args(["-p", &self.port.to_string()]);
+        if let Some(password) = &self.password {
+            command.args(["--no-auth-warning", "-a", password]);
+        }
         if self.cluster {
             command.arg("-c");
         }

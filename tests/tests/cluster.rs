@@ -27,6 +27,8 @@ const SECRET: &str = "cluster-test-secret";
 enum Backend {
     Single(RedisServer),
     Cluster(RedisCluster),
+    /// One Redis that requires a password, given to the nodes in a file.
+    Password(RedisServer, std::path::PathBuf),
 }
 
 impl Backend {
@@ -38,9 +40,30 @@ impl Backend {
         Backend::Cluster(RedisCluster::start(dir, 3).expect("redis cluster"))
     }
 
+    fn with_password(dir: &Path) -> Self {
+        let file = dir.join("redis.pass");
+        std::fs::write(&file, "s3cret-redis-pass\n").expect("password file");
+        let redis = RedisServer::start_with_password(dir, "s3cret-redis-pass").expect("redis");
+        Backend::Password(redis, file)
+    }
+
     fn args(&self) -> Vec<String> {
         match self {
             Backend::Single(redis) => vec!["--cluster-redis".into(), redis.url()],
+            Backend::Password(redis, file) => {
+                // The flag has no password option: the file comes through a config.
+                let config = file.with_extension("toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[cluster]\nredis = \"{}\"\npassword_file = \"{}\"\n",
+                        redis.url(),
+                        file.display()
+                    ),
+                )
+                .expect("config");
+                vec!["--config".into(), config.display().to_string()]
+            }
             Backend::Cluster(cluster) => {
                 let mut args = vec!["--cluster-mode".into(), "cluster".into()];
                 for url in cluster.urls() {
@@ -54,21 +77,23 @@ impl Backend {
 
     fn stop(&mut self) {
         match self {
-            Backend::Single(redis) => redis.stop(),
+            Backend::Single(redis) | Backend::Password(redis, _) => redis.stop(),
             Backend::Cluster(cluster) => cluster.stop(),
         }
     }
 
     fn restart(&mut self) {
         match self {
-            Backend::Single(redis) => redis.restart().expect("restart redis"),
+            Backend::Single(redis) | Backend::Password(redis, _) => {
+                redis.restart().expect("restart redis")
+            }
             Backend::Cluster(cluster) => cluster.restart().expect("restart cluster"),
         }
     }
 
     fn keys(&self) -> usize {
         match self {
-            Backend::Single(redis) => redis
+            Backend::Single(redis) | Backend::Password(redis, _) => redis
                 .cli(&["dbsize"])
                 .ok()
                 .and_then(|n| n.parse().ok())
@@ -319,6 +344,12 @@ fn cross_node_punch(backend: Backend) {
 fn peers_on_two_nodes_punch_directly_through_one_redis() {
     let dir = tempfile::tempdir().expect("dir");
     cross_node_punch(Backend::single(dir.path()));
+}
+
+#[test]
+fn nodes_authenticate_to_redis_with_the_password_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    cross_node_punch(Backend::with_password(dir.path()));
 }
 
 #[test]
