@@ -34,7 +34,7 @@ use std::{
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use redis::{
-    Cmd, FromRedisValue, IntoConnectionInfo, RedisResult, Value,
+    Cmd, FromRedisValue, IntoConnectionInfo, RedisResult, TlsCertificates, Value,
     aio::{ConnectionManager, ConnectionManagerConfig},
     cluster::ClusterClient,
     cluster_async::ClusterConnection,
@@ -102,6 +102,14 @@ pub enum ClusterError {
         url: String,
         /// What is wrong with it.
         source: redis::RedisError,
+    },
+    /// The CA file for `rediss://` could not be read.
+    #[error("cannot read cluster.tls_ca_file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
     },
     /// No node id was given and the host name is unusable.
     #[error("cluster.node_id is not set and the host name cannot be used: {0}")]
@@ -232,6 +240,8 @@ struct Connector {
     urls: Vec<String>,
     redis_cluster: bool,
     password: Option<String>,
+    /// The CA to trust for `rediss://` instead of the system's roots (PEM).
+    root_cert: Option<Vec<u8>>,
 }
 
 /// A connection to one Redis or to a Redis Cluster (both multiplexed: concurrent
@@ -262,6 +272,12 @@ impl Connector {
             if let Some(password) = &self.password {
                 builder = builder.password(password.clone());
             }
+            if let Some(root) = &self.root_cert {
+                builder = builder.certs(TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root.clone()),
+                });
+            }
             let client = builder.build()?;
             return Ok(Redis::Cluster(client.get_async_connection().await?));
         }
@@ -271,7 +287,16 @@ impl Connector {
             let settings = info.redis_settings().clone().set_password(password);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info)?;
+        let client = match &self.root_cert {
+            Some(root) => redis::Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root.clone()),
+                },
+            )?,
+            None => redis::Client::open(info)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))
@@ -349,6 +374,13 @@ pub fn start(
         ),
         None => None,
     };
+    let root_cert = match &config.tls_ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|source| ClusterError::CaFile {
+            path: path.display().to_string(),
+            source,
+        })?),
+        None => None,
+    };
     for url in &config.redis {
         url.as_str()
             .into_connection_info()
@@ -373,6 +405,7 @@ pub fn start(
             urls: config.redis.clone(),
             redis_cluster: config.is_redis_cluster(),
             password,
+            root_cert,
         },
         lifetime,
         link: link.clone(),

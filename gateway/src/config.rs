@@ -69,6 +69,9 @@ pub struct ClusterConfig {
     pub password_file: Option<std::path::PathBuf>,
     /// This node's name in the cluster (default: the host name); unique per node.
     pub node_id: Option<String>,
+    /// PEM file of the CA that signed Redis's certificate, for `rediss://` URLs
+    /// (default: the system's trusted roots).
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// How the Redis URLs are used.
@@ -136,9 +139,20 @@ impl ClusterConfig {
                 "cluster.node_id must be 1..=64 characters of A-Z a-z 0-9 - _ .".into(),
             ));
         }
-        if !self.enabled() && (self.node_id.is_some() || self.password_file.is_some()) {
+        if !self.enabled()
+            && (self.node_id.is_some()
+                || self.password_file.is_some()
+                || self.tls_ca_file.is_some())
+        {
             return Err(ConfigError::Invalid(
-                "cluster.node_id and cluster.password_file need cluster.redis".into(),
+                "cluster.node_id, cluster.password_file and cluster.tls_ca_file need cluster.redis"
+                    .into(),
+            ));
+        }
+        if self.tls_ca_file.is_some() && !self.redis.iter().all(|u| u.starts_with("rediss://")) {
+            return Err(ConfigError::Invalid(
+                "cluster.tls_ca_file is for rediss:// URLs: every cluster.redis URL must use TLS then"
+                    .into(),
             ));
         }
         Ok(())
@@ -667,6 +681,7 @@ mod tests {
             "[cluster]\nredis = [\"redis://a:1\", \"redis://b:1\"]\nmode = \"single\"\n",
             "[cluster]\nredis = \"redis://a:1\"\nnode_id = \"has space\"\n",
             "[cluster]\nnode_id = \"lonely\"\n",
+            "[cluster]\nredis = \"redis://a:1\"\ntls_ca_file = \"/ca.pem\"\n",
         ] {
             assert!(
                 matches!(Config::from_toml(bad, "t"), Err(ConfigError::Invalid(_))),

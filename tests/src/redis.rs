@@ -54,9 +54,112 @@ pub struct RedisServer {
     dir: PathBuf,
     cluster: bool,
     password: Option<String>,
+    /// Serve TLS only, with these files (`rediss://`).
+    tls: Option<TlsFiles>,
+}
+
+/// A test CA and a server certificate for 127.0.0.1 it signed (PEM files).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The CA certificate clients must trust.
+    pub ca: PathBuf,
+    /// The server's certificate (SAN IP 127.0.0.1).
+    pub cert: PathBuf,
+    /// The server's key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes a CA and a server certificate in `dir` with the openssl command.
+    pub fn generate(dir: &Path) -> Result<Self, RedisError> {
+        let openssl = |args: &[&str]| -> Result<(), RedisError> {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map_err(|e| RedisError::Start(format!("cannot run openssl: {e}")))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(RedisError::Start(format!("openssl {args:?} failed")))
+            }
+        };
+        std::fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\n")
+            .map_err(|e| RedisError::Start(e.to_string()))?;
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=gateway-test-ca",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "san.cnf",
+        ])?;
+        Ok(Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        })
+    }
 }
 
 impl RedisServer {
+    /// Starts a Redis that speaks TLS only (`rediss://`), with a certificate from
+    /// `tls`.
+    pub fn start_tls(dir: &Path, tls: TlsFiles) -> Result<Self, RedisError> {
+        which("redis-server")?;
+        let port = free_port();
+        let dir = dir.join(format!("redis-{port}"));
+        std::fs::create_dir_all(&dir).map_err(|e| RedisError::Start(e.to_string()))?;
+        let mut server = Self {
+            child: None,
+            port,
+            dir,
+            cluster: false,
+            password: None,
+            tls: Some(tls),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
     /// Starts a plain Redis that requires `password` (AUTH).
     pub fn start_with_password(dir: &Path, password: &str) -> Result<Self, RedisError> {
         let mut server = Self::start(dir)?;
@@ -80,6 +183,7 @@ impl RedisServer {
             dir,
             cluster,
             password: None,
+            tls: None,
         };
         server.spawn()?;
         Ok(server)
@@ -89,8 +193,23 @@ impl RedisServer {
         // A restarted cluster node must not remember its old cluster: start clean.
         let _ = std::fs::remove_file(self.dir.join("nodes.conf"));
         let mut command = Command::new("redis-server");
+        match &self.tls {
+            Some(tls) => {
+                command
+                    .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+            None => {
+                command.args(["--port", &self.port.to_string()]);
+            }
+        }
         command
-            .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "no"])
             .arg("--dir")
@@ -127,9 +246,14 @@ impl RedisServer {
         Ok(())
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// Its address.
@@ -158,6 +282,9 @@ impl RedisServer {
         command.args(["-p", &self.port.to_string()]);
         if let Some(password) = &self.password {
             command.args(["--no-auth-warning", "-a", password]);
+        }
+        if let Some(tls) = &self.tls {
+            command.arg("--tls").arg("--cacert").arg(&tls.ca);
         }
         if self.cluster {
             command.arg("-c");

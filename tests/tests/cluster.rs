@@ -18,7 +18,7 @@ use std::{
 use gateway::proto::credentials::SharedSecret;
 use gateway_tests::{
     daemon::{PeerProcess, gateway_binary, metric_value, stun_binding},
-    redis::{RedisCluster, RedisServer},
+    redis::{RedisCluster, RedisServer, TlsFiles},
 };
 
 const SECRET: &str = "cluster-test-secret";
@@ -29,6 +29,8 @@ enum Backend {
     Cluster(RedisCluster),
     /// One Redis that requires a password, given to the nodes in a file.
     Password(RedisServer, std::path::PathBuf),
+    /// One Redis over TLS only (`rediss://`), its CA given to the nodes.
+    Tls(RedisServer, std::path::PathBuf),
 }
 
 impl Backend {
@@ -45,6 +47,15 @@ impl Backend {
         std::fs::write(&file, "s3cret-redis-pass\n").expect("password file");
         let redis = RedisServer::start_with_password(dir, "s3cret-redis-pass").expect("redis");
         Backend::Password(redis, file)
+    }
+
+    fn tls(dir: &Path) -> Self {
+        let files = TlsFiles::generate(dir).expect("certificates");
+        let ca = files.ca.clone();
+        Backend::Tls(
+            RedisServer::start_tls(dir, files).expect("redis over TLS"),
+            ca,
+        )
     }
 
     fn args(&self) -> Vec<String> {
@@ -64,6 +75,19 @@ impl Backend {
                 .expect("config");
                 vec!["--config".into(), config.display().to_string()]
             }
+            Backend::Tls(redis, ca) => {
+                let config = ca.with_extension("toml");
+                std::fs::write(
+                    &config,
+                    format!(
+                        "[cluster]\nredis = \"{}\"\ntls_ca_file = \"{}\"\n",
+                        redis.url(),
+                        ca.display()
+                    ),
+                )
+                .expect("config");
+                vec!["--config".into(), config.display().to_string()]
+            }
             Backend::Cluster(cluster) => {
                 let mut args = vec!["--cluster-mode".into(), "cluster".into()];
                 for url in cluster.urls() {
@@ -77,14 +101,16 @@ impl Backend {
 
     fn stop(&mut self) {
         match self {
-            Backend::Single(redis) | Backend::Password(redis, _) => redis.stop(),
+            Backend::Single(redis) | Backend::Password(redis, _) | Backend::Tls(redis, _) => {
+                redis.stop()
+            }
             Backend::Cluster(cluster) => cluster.stop(),
         }
     }
 
     fn restart(&mut self) {
         match self {
-            Backend::Single(redis) | Backend::Password(redis, _) => {
+            Backend::Single(redis) | Backend::Password(redis, _) | Backend::Tls(redis, _) => {
                 redis.restart().expect("restart redis")
             }
             Backend::Cluster(cluster) => cluster.restart().expect("restart cluster"),
@@ -93,7 +119,7 @@ impl Backend {
 
     fn keys(&self) -> usize {
         match self {
-            Backend::Single(redis) | Backend::Password(redis, _) => redis
+            Backend::Single(redis) | Backend::Password(redis, _) | Backend::Tls(redis, _) => redis
                 .cli(&["dbsize"])
                 .ok()
                 .and_then(|n| n.parse().ok())
@@ -350,6 +376,12 @@ fn peers_on_two_nodes_punch_directly_through_one_redis() {
 fn nodes_authenticate_to_redis_with_the_password_file() {
     let dir = tempfile::tempdir().expect("dir");
     cross_node_punch(Backend::with_password(dir.path()));
+}
+
+#[test]
+fn nodes_reach_redis_over_tls_with_the_configured_ca() {
+    let dir = tempfile::tempdir().expect("dir");
+    cross_node_punch(Backend::tls(dir.path()));
 }
 
 #[test]
