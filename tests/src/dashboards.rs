@@ -1,7 +1,8 @@
 //! The Grafana dashboards in `dashboards/`, read from their JSON: every panel's PromQL
 //! (so tests evaluate exactly what Grafana would, never a copy) and the structural
 //! rules a portable dashboard must follow (datasource through the `datasource`
-//! variable, no hard-coded datasource uid, unique panel ids).
+//! variable, no hard-coded datasource uid, unique panel ids, and every gateway metric
+//! filtered by the `node` variable).
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -10,6 +11,20 @@ use serde_json::Value;
 pub const DATASOURCE_VARIABLE: &str = "datasource";
 /// The datasource uid every panel and query must carry: the variable, never a uid.
 pub const DATASOURCE_UID: &str = "${datasource}";
+/// The name of the dashboard variable that picks the gateway nodes to show.
+pub const NODE_VARIABLE: &str = "node";
+/// The label the `node` variable lists and filters on: Prometheus' `instance`, one
+/// per scraped gateway (name it after the node's `--node-id` in the scrape config).
+pub const NODE_LABEL: &str = "instance";
+/// The matcher every selector of a gateway metric carries.
+pub const NODE_MATCHER: &str = r#"instance=~"$node""#;
+/// What `$node` stands for when "All" is picked: every instance, agents included.
+pub const NODE_ALL_VALUE: &str = ".*";
+/// Metrics only agents serve (`gateway peer --metrics-listen`): an agent belongs to
+/// no node (it fails over between them), so these are exempt from the node filter.
+pub const AGENT_ONLY_METRIC_PREFIX: &str = "gateway_peer_";
+/// The prefix of every metric the project exports.
+pub const METRIC_PREFIX: &str = "gateway_";
 
 /// Why a dashboard could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -61,13 +76,44 @@ pub struct Panel {
     pub exprs: Vec<String>,
 }
 
-/// A dashboard file: its title and its querying panels (rows left out).
+/// A `label_values(SELECTOR, LABEL)` variable query: Grafana lists the values of
+/// `label` among the series `selector` matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelValues {
+    /// The series selector (e.g. `gateway_registered_peers`).
+    pub selector: String,
+    /// The label whose values are listed.
+    pub label: String,
+}
+
+impl LabelValues {
+    /// Parses `label_values(SELECTOR, LABEL)` (the form with a selector).
+    pub fn parse(query: &str) -> Option<Self> {
+        let inner = query
+            .trim()
+            .strip_prefix("label_values(")?
+            .strip_suffix(')')?;
+        let (selector, label) = inner.rsplit_once(',')?;
+        let (selector, label) = (selector.trim(), label.trim());
+        let is_name =
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        (is_name && !selector.is_empty()).then(|| Self {
+            selector: selector.to_owned(),
+            label: label.to_owned(),
+        })
+    }
+}
+
+/// A dashboard file: its title, its `node` variable's query and its querying panels
+/// (rows left out).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dashboard {
     /// The file name (e.g. `punching.json`).
     pub file: String,
     /// The dashboard's title.
     pub title: String,
+    /// What the `node` variable lists.
+    pub node_values: LabelValues,
     /// Every panel with queries, in file order.
     pub panels: Vec<Panel>,
 }
@@ -132,11 +178,34 @@ pub fn parse(file: &str, text: &str) -> Result<Dashboard, DashboardError> {
                 .collect(),
         })
         .collect();
+    let node_values = node_variable(&json)
+        .and_then(variable_query)
+        .and_then(LabelValues::parse)
+        .ok_or_else(|| DashboardError::Invalid {
+            file: file.to_owned(),
+            problems: vec!["no `node` variable query".into()],
+        })?;
     Ok(Dashboard {
         file: file.to_owned(),
         title: str_field(&json, "title").to_owned(),
+        node_values,
         panels,
     })
+}
+
+fn node_variable(json: &Value) -> Option<&Value> {
+    json.pointer("/templating/list")
+        .and_then(Value::as_array)?
+        .iter()
+        .find(|v| str_field(v, "name") == NODE_VARIABLE)
+}
+
+/// A query variable's query: a string, or (newer Grafana) an object with `query`.
+fn variable_query(variable: &Value) -> Option<&str> {
+    let query = variable.get("query")?;
+    query
+        .as_str()
+        .or_else(|| query.get("query").and_then(Value::as_str))
 }
 
 fn str_field<'a>(value: &'a Value, name: &str) -> &'a str {
@@ -196,6 +265,7 @@ pub fn problems(json: &Value) -> Vec<String> {
             "no `{DATASOURCE_VARIABLE}` variable of type datasource querying prometheus"
         ));
     }
+    problems.extend(node_variable_problems(node_variable(json)));
     let panels = all_panels(json);
     if panels.is_empty() {
         problems.push("no panels".into());
@@ -236,10 +306,18 @@ pub fn problems(json: &Value) -> Vec<String> {
         }
         let mut ref_ids = std::collections::BTreeSet::new();
         for target in targets {
-            if str_field(target, "expr").trim().is_empty() {
+            let expr = str_field(target, "expr");
+            if expr.trim().is_empty() {
                 problems.push(format!("{name}: a query has no expr"));
             }
             let ref_id = str_field(target, "refId");
+            let unfiltered = unfiltered_selectors(expr);
+            if !unfiltered.is_empty() {
+                problems.push(format!(
+                    "{name}: query {ref_id} reads {} without {NODE_MATCHER}",
+                    unfiltered.join(", ")
+                ));
+            }
             if ref_id.is_empty() || !ref_ids.insert(ref_id) {
                 problems.push(format!("{name}: refId {ref_id:?} missing or repeated"));
             }
@@ -254,6 +332,113 @@ pub fn problems(json: &Value) -> Vec<String> {
     }
     find_hard_coded_datasources(json, "", &mut problems);
     problems
+}
+
+/// What is wrong with the `node` variable (`variable`, if any): a query variable on
+/// `${datasource}` listing `label_values(..., instance)`, several values or All
+/// (`.*`) pickable.
+fn node_variable_problems(variable: Option<&Value>) -> Vec<String> {
+    let Some(variable) = variable else {
+        return vec![format!("no `{NODE_VARIABLE}` variable")];
+    };
+    let mut problems = Vec::new();
+    let what = format!("variable `{NODE_VARIABLE}`");
+    if str_field(variable, "type") != "query" {
+        problems.push(format!("{what} must be of type query"));
+    }
+    if !is_variable_datasource(variable.get("datasource")) {
+        problems.push(format!(
+            "{what}: datasource must be {{\"type\": \"prometheus\", \"uid\": \"{DATASOURCE_UID}\"}}"
+        ));
+    }
+    match variable_query(variable).and_then(LabelValues::parse) {
+        Some(query) if query.label == NODE_LABEL => {}
+        _ => problems.push(format!(
+            "{what} must query label_values(SELECTOR, {NODE_LABEL})"
+        )),
+    }
+    let flag = |name: &str| variable.get(name).and_then(Value::as_bool) == Some(true);
+    if !flag("includeAll") || !flag("multi") {
+        problems.push(format!("{what} must allow All and several values"));
+    }
+    if str_field(variable, "allValue") != NODE_ALL_VALUE {
+        problems.push(format!(
+            "{what}: allValue must be {NODE_ALL_VALUE:?} (every instance, even one whose series are gone)"
+        ));
+    }
+    problems
+}
+
+/// The metrics of `expr` (names starting with [`METRIC_PREFIX`], agent-only ones
+/// left out) read by a selector without [`NODE_MATCHER`] in its braces, in order.
+pub fn unfiltered_selectors(expr: &str) -> Vec<String> {
+    let bytes = expr.as_bytes();
+    let is_ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b':';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while let Some(&c) = bytes.get(i) {
+        match c {
+            b'"' | b'\'' | b'`' => i = string_end(bytes, i) + 1,
+            // Matchers without a metric name before them: nothing to check here.
+            b'{' => i = braces_end(bytes, i) + 1,
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while bytes.get(i).copied().is_some_and(is_ident) {
+                    i += 1;
+                }
+                let name = expr.get(start..i).unwrap_or_default();
+                if !name.starts_with(METRIC_PREFIX) || name.starts_with(AGENT_ONLY_METRIC_PREFIX) {
+                    continue;
+                }
+                let mut j = i;
+                while bytes.get(j).is_some_and(u8::is_ascii_whitespace) {
+                    j += 1;
+                }
+                let filtered = bytes.get(j) == Some(&b'{') && {
+                    let end = braces_end(bytes, j);
+                    i = end + 1;
+                    expr.get(j + 1..end)
+                        .unwrap_or_default()
+                        .contains(NODE_MATCHER)
+                };
+                if !filtered {
+                    out.push(name.to_owned());
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
+/// The index of the quote closing the string that opens at `start` (or the end).
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    let quote = bytes.get(start).copied().unwrap_or_default();
+    let mut i = start + 1;
+    while let Some(&c) = bytes.get(i) {
+        if c == b'\\' && quote != b'`' {
+            i += 2;
+            continue;
+        }
+        if c == quote {
+            return i;
+        }
+        i += 1;
+    }
+    bytes.len()
+}
+
+/// The index of the `}` closing the braces that open at `start` (or the end).
+fn braces_end(bytes: &[u8], start: usize) -> usize {
+    let mut i = start + 1;
+    while let Some(&c) = bytes.get(i) {
+        match c {
+            b'}' => return i,
+            b'"' | b'\'' | b'`' => i = string_end(bytes, i) + 1,
+            _ => i += 1,
+        }
+    }
+    bytes.len()
 }
 
 fn is_variable_datasource(datasource: Option<&Value>) -> bool {
@@ -302,9 +487,14 @@ pub const GRAFANA_INTERVAL_VARIABLES: [&str; 3] = ["__rate_interval", "__interva
 
 /// `expr` as Grafana would send it to Prometheus with every interval variable
 /// (`$__rate_interval`, `$__interval`, `$__range`, also as `${...}`) set to `window`
-/// (a PromQL duration such as `1m`); any other variable is an error, since a test
-/// cannot know its value.
-pub fn substitute_variables(expr: &str, window: &str) -> Result<String, DashboardError> {
+/// (a PromQL duration such as `1m`) and `$node` set to `node` (a regex as Grafana
+/// writes it into the query: [`NODE_ALL_VALUE`] for All, else [`node_regex`]); any
+/// other variable is an error, since a test cannot know its value.
+pub fn substitute_variables(
+    expr: &str,
+    window: &str,
+    node: &str,
+) -> Result<String, DashboardError> {
     let unknown = |rest: &str| DashboardError::UnknownVariable {
         expr: expr.to_owned(),
         rest: rest.to_owned(),
@@ -327,14 +517,44 @@ pub fn substitute_variables(expr: &str, window: &str) -> Result<String, Dashboar
                 (name.get(..end).unwrap_or_default(), end + 1)
             }
         };
-        if !GRAFANA_INTERVAL_VARIABLES.contains(&name) {
+        if GRAFANA_INTERVAL_VARIABLES.contains(&name) {
+            out.push_str(window);
+        } else if name == NODE_VARIABLE {
+            out.push_str(node);
+        } else {
             return Err(unknown(variable));
         }
-        out.push_str(window);
         rest = variable.get(len..).unwrap_or_default();
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// `$node` as Grafana writes it into a regex matcher when `instances` are picked:
+/// each value with its regex metacharacters escaped (as it appears inside a PromQL
+/// string, so a `.` becomes `\\.`), several joined as `(a|b)`.
+pub fn node_regex(instances: &[&str]) -> String {
+    let escaped: Vec<String> = instances
+        .iter()
+        .map(|value| {
+            let mut out = String::with_capacity(value.len() * 2);
+            for c in value.chars() {
+                if c == '\\' {
+                    out.push_str("\\\\\\\\");
+                    continue;
+                }
+                if "$^*+?.()|{}[]'".contains(c) {
+                    out.push_str("\\\\");
+                }
+                out.push(c);
+            }
+            out
+        })
+        .collect();
+    match escaped.as_slice() {
+        [one] => one.clone(),
+        _ => format!("({})", escaped.join("|")),
+    }
 }
 
 #[cfg(test)]
@@ -346,7 +566,11 @@ mod tests {
             "uid": "test",
             "title": "Test",
             "templating": {"list": [
-                {"name": "datasource", "type": "datasource", "query": "prometheus"}
+                {"name": "datasource", "type": "datasource", "query": "prometheus"},
+                {"name": "node", "type": "query",
+                 "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                 "query": "label_values(gateway_registered_peers, instance)",
+                 "includeAll": true, "multi": true, "allValue": ".*"}
             ]},
             "panels": [
                 {"id": 1, "type": "row", "title": "Row",
@@ -354,7 +578,7 @@ mod tests {
                 {"id": 2, "type": "timeseries", "title": "Rate",
                  "gridPos": {"x": 0, "y": 1, "w": 12, "h": 8},
                  "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                 "targets": [{"refId": "A", "expr": "sum(rate(x_total[$__rate_interval]))",
+                 "targets": [{"refId": "A", "expr": "sum(rate(gateway_x_total{instance=~\"$node\"}[$__rate_interval]))",
                               "datasource": {"type": "prometheus", "uid": "${datasource}"}}]}
             ]
         })
@@ -372,12 +596,21 @@ mod tests {
         let dashboard = parse("t.json", &minimal().to_string()).expect("valid");
         assert_eq!(dashboard.title, "Test");
         assert_eq!(
+            dashboard.node_values,
+            LabelValues {
+                selector: "gateway_registered_peers".into(),
+                label: "instance".into()
+            }
+        );
+        assert_eq!(
             dashboard.panels,
             vec![Panel {
                 id: 2,
                 title: "Rate".into(),
                 kind: "timeseries".into(),
-                exprs: vec!["sum(rate(x_total[$__rate_interval]))".into()],
+                exprs: vec![
+                    "sum(rate(gateway_x_total{instance=~\"$node\"}[$__rate_interval]))".into()
+                ],
             }]
         );
     }
@@ -457,16 +690,102 @@ mod tests {
     }
 
     #[test]
-    fn interval_variables_are_substituted_and_others_refused() {
+    fn variables_are_substituted_and_unknown_ones_refused() {
         assert_eq!(
-            substitute_variables("increase(x[$__range]) / rate(y[${__rate_interval}])", "1m")
-                .expect("known"),
-            "increase(x[1m]) / rate(y[1m])"
+            substitute_variables(
+                "increase(x{instance=~\"$node\"}[$__range]) / rate(y{instance=~\"${node}\"}[${__rate_interval}])",
+                "1m",
+                ".*"
+            )
+            .expect("known"),
+            "increase(x{instance=~\".*\"}[1m]) / rate(y{instance=~\".*\"}[1m])"
         );
-        let error = substitute_variables("x{instance=\"$instance\"}", "1m").expect_err("unknown");
+        let error =
+            substitute_variables("x{instance=\"$instance\"}", "1m", ".*").expect_err("unknown");
         assert!(error.to_string().contains("$instance"), "{error}");
         // A longer name that starts like a known one is not that one.
-        assert!(substitute_variables("x[$__interval_ms]", "1m").is_err());
-        assert!(substitute_variables("x[${__range", "1m").is_err());
+        assert!(substitute_variables("x[$__interval_ms]", "1m", ".*").is_err());
+        assert!(substitute_variables("x{a=~\"$nodes\"}", "1m", ".*").is_err());
+        assert!(substitute_variables("x[${__range", "1m", ".*").is_err());
+    }
+
+    #[test]
+    fn node_values_are_escaped_as_grafana_escapes_them() {
+        assert_eq!(node_regex(&["node-a"]), "node-a");
+        assert_eq!(node_regex(&["127.0.0.1:9478"]), r"127\\.0\\.0\\.1:9478");
+        assert_eq!(node_regex(&["a", "b(1)"]), r"(a|b\\(1\\))");
+    }
+
+    #[test]
+    fn every_gateway_selector_must_carry_the_node_filter() {
+        let m = NODE_MATCHER;
+        assert_eq!(
+            unfiltered_selectors(&format!(
+                "sum(a_total) + count by (version) (gateway_build_info{{{m}}} and on (job, instance) gateway_registered_peers)"
+            )),
+            vec!["gateway_registered_peers"]
+        );
+        assert_eq!(
+            unfiltered_selectors(&format!(
+                "sum(rate(gateway_s_total{{outcome=~\"a|b}}\", {m}}}[5m])) / sum(gateway_peer_sessions_total) + gateway_t {{job=\"gateway_x\"}}"
+            )),
+            vec!["gateway_t"],
+            "agent-only metrics are exempt; strings and braces are not metric names"
+        );
+        assert_eq!(
+            unfiltered_selectors(&format!(
+                "histogram_quantile(0.5, sum by (le) (rate(gateway_h_bucket{{{m}}}[1m])))"
+            )),
+            Vec::<String>::new()
+        );
+        let found = problems_after(|j| {
+            j["panels"][1]["targets"][0]["expr"] = "sum(rate(gateway_x_total[5m]))".into()
+        });
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("reads gateway_x_total without instance=~")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn the_node_variable_is_required_and_must_allow_all() {
+        let found = problems_after(|j| {
+            j["templating"]["list"]
+                .as_array_mut()
+                .expect("list")
+                .truncate(1)
+        });
+        assert!(found.iter().any(|p| p == "no `node` variable"), "{found:?}");
+        let found = problems_after(|j| j["templating"]["list"][1]["allValue"] = "".into());
+        assert!(found.iter().any(|p| p.contains("allValue")), "{found:?}");
+        let found = problems_after(|j| {
+            j["templating"]["list"][1]["query"] =
+                "label_values(gateway_registered_peers, job)".into()
+        });
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains("label_values(SELECTOR, instance)")),
+            "{found:?}"
+        );
+        // Newer Grafana stores the query as an object.
+        let found = problems_after(|j| {
+            j["templating"]["list"][1]["query"] = serde_json::json!({
+                "query": "label_values(gateway_registered_peers, instance)",
+                "refId": "PrometheusVariableQueryEditor-VariableQuery"
+            })
+        });
+        assert_eq!(found, Vec::<String>::new());
+        assert_eq!(
+            LabelValues::parse("label_values(up{job=\"a,b\"}, instance)"),
+            Some(LabelValues {
+                selector: "up{job=\"a,b\"}".into(),
+                label: "instance".into()
+            })
+        );
+        assert_eq!(LabelValues::parse("label_values(instance)"), None);
+        assert_eq!(LabelValues::parse("query_result(up)"), None);
     }
 }

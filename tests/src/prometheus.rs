@@ -85,6 +85,9 @@ pub struct ScrapeJob {
     pub name: String,
     /// Addresses serving `/metrics`, as reached from Prometheus' namespace.
     pub targets: Vec<SocketAddr>,
+    /// The targets' `instance` labels, in target order (as an operator names each
+    /// gateway node after its `--node-id`); empty: Prometheus' default, the address.
+    pub instances: Vec<String>,
 }
 
 /// The Prometheus configuration scraping `jobs` every `interval`.
@@ -95,13 +98,22 @@ pub fn scrape_config(interval: Duration, jobs: &[ScrapeJob]) -> String {
          evaluation_interval: {interval_ms}ms\nscrape_configs:\n"
     );
     for job in jobs {
-        let targets: Vec<String> = job.targets.iter().map(|t| format!("\"{t}\"")).collect();
         let _ = write!(
             yaml,
-            "  - job_name: \"{}\"\n    static_configs:\n      - targets: [{}]\n",
-            job.name,
-            targets.join(", ")
+            "  - job_name: \"{}\"\n    static_configs:\n",
+            job.name
         );
+        if job.instances.is_empty() {
+            let targets: Vec<String> = job.targets.iter().map(|t| format!("\"{t}\"")).collect();
+            let _ = writeln!(yaml, "      - targets: [{}]", targets.join(", "));
+        } else {
+            for (target, instance) in job.targets.iter().zip(&job.instances) {
+                let _ = write!(
+                    yaml,
+                    "      - targets: [\"{target}\"]\n        labels: {{instance: \"{instance}\"}}\n"
+                );
+            }
+        }
     }
     yaml
 }
@@ -209,6 +221,40 @@ impl PrometheusProcess {
     pub fn query(&self, expr: &str) -> Result<Vec<Sample>, PrometheusError> {
         let (status, body) = self.get(&format!("/api/v1/query?query={}", url_encode(expr)))?;
         parse_query_response(expr, status, &body)
+    }
+
+    /// The values of `label` among the series `selector` matches
+    /// (`/api/v1/label/LABEL/values?match[]=SELECTOR`), sorted: what Grafana lists for
+    /// a `label_values(SELECTOR, LABEL)` variable.
+    pub fn label_values(
+        &self,
+        label: &str,
+        selector: &str,
+    ) -> Result<Vec<String>, PrometheusError> {
+        let what = format!("label_values({selector}, {label})");
+        let fail = |message: String| PrometheusError::Query {
+            expr: what.clone(),
+            message,
+        };
+        let (status, body) = self.get(&format!(
+            "/api/v1/label/{}/values?match%5B%5D={}",
+            url_encode(label),
+            url_encode(selector)
+        ))?;
+        let json: serde_json::Value = serde_json::from_str(&body)
+            .map_err(|e| fail(format!("HTTP {status}, not JSON ({e}): {body}")))?;
+        if json.get("status").and_then(|s| s.as_str()) != Some("success") {
+            return Err(fail(format!("HTTP {status}: {body}")));
+        }
+        let mut values: Vec<String> = json
+            .get("data")
+            .and_then(|d| d.as_array())
+            .ok_or_else(|| fail(format!("no data list: {body}")))?
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        values.sort();
+        Ok(values)
     }
 
     /// The scrape targets' health as Prometheus sees them (`/api/v1/targets`), one line
@@ -514,7 +560,11 @@ mod tests {
             &[
                 ScrapeJob {
                     name: "gateway".into(),
-                    targets: vec!["127.0.0.1:9478".parse().expect("addr")],
+                    targets: vec![
+                        "127.0.0.1:9478".parse().expect("addr"),
+                        "127.0.0.1:9479".parse().expect("addr"),
+                    ],
+                    instances: vec!["node-a".into(), "node-b".into()],
                 },
                 ScrapeJob {
                     name: "gateway-agents".into(),
@@ -522,12 +572,17 @@ mod tests {
                         "127.0.0.1:19001".parse().expect("addr"),
                         "127.0.0.1:19002".parse().expect("addr"),
                     ],
+                    instances: Vec::new(),
                 },
             ],
         );
         assert!(config.contains("scrape_interval: 1000ms"), "{config}");
         assert!(
-            config.contains("job_name: \"gateway-agents\"\n    static_configs:\n      - targets: [\"127.0.0.1:19001\", \"127.0.0.1:19002\"]"),
+            config.contains("job_name: \"gateway-agents\"\n    static_configs:\n      - targets: [\"127.0.0.1:19001\", \"127.0.0.1:19002\"]\n"),
+            "{config}"
+        );
+        assert!(
+            config.contains("      - targets: [\"127.0.0.1:9478\"]\n        labels: {instance: \"node-a\"}\n      - targets: [\"127.0.0.1:9479\"]\n        labels: {instance: \"node-b\"}\n"),
             "{config}"
         );
     }

@@ -1,12 +1,14 @@
 //! The Grafana dashboards against a real Prometheus. A lab run (the gateway and
-//! punching agents in network namespaces) is scraped every second by Prometheus
-//! running in the lab's server namespace; then every PromQL expression of every panel,
-//! read from the dashboards' JSON, is evaluated through Prometheus' HTTP API and must
-//! return data: a panel that would show nothing fails the test. Panels whose metrics
-//! are not built yet are listed in [`PENDING_PANELS`]; their expressions must still be
-//! valid PromQL.
+//! punching agents in network namespaces, or two gateway nodes sharing a real Redis)
+//! is scraped every second by Prometheus running in the lab's server namespace; then
+//! every PromQL expression of every panel, read from the dashboards' JSON, is
+//! evaluated through Prometheus' HTTP API and must return data: a panel that would
+//! show nothing fails the test. The `node` variable is checked the same way: it lists
+//! exactly the run's gateway nodes, and every panel that filters by it shows nothing
+//! for a node that does not exist. Panels whose metrics are not built yet are listed
+//! in [`PENDING_PANELS`]; their expressions must still be valid PromQL.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr},
     path::Path,
@@ -22,10 +24,12 @@ use gateway_tests::{
         scrape_config,
     },
     punch::{DISCOVER, SECRET, SERVICE, credentials},
+    redis::RedisServer,
 };
 
 /// Every dashboard file and the lab scenario that makes its panels show data.
 const DASHBOARDS: &[(&str, Scenario)] = &[
+    ("cluster.json", Scenario::TwoNodeCluster),
     ("punching.json", Scenario::DirectAndFailedPunch),
     ("relay.json", Scenario::DirectAndFailedPunch),
 ];
@@ -80,6 +84,14 @@ const WINDOW: &str = "1m";
 /// How long the panels may take to show data once the scenario's events happened
 /// (a few scrapes).
 const DATA_TIMEOUT: Duration = Duration::from_secs(20);
+/// The shipped alerting rules, in `dashboards/`.
+const ALERTS_FILE: &str = "gateway-alerts.yml";
+/// `$node` when "All" is picked.
+const ALL_NODES: &str = dashboards::NODE_ALL_VALUE;
+/// The cluster's nodes: `--node-id` (also their `instance` label, as
+/// docs/operations.md advises), service address (the server's two addresses) and
+/// /metrics address in the server's namespace.
+const CLUSTER_NODES: [(&str, usize, u16); 2] = [("node-a", 0, 9478), ("node-b", 1, 9479)];
 
 /// A lab run that makes dashboards show data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -93,18 +105,47 @@ enum Scenario {
     /// way an outcome is reported and counted). A client also sends datagrams that are
     /// not STUN.
     DirectAndFailedPunch,
+    /// Two gateway nodes (node-a, node-b, on the server's two addresses, no eBPF)
+    /// sharing the rendezvous through a real redis-server in the server's namespace,
+    /// scraped as instances `node-a` and `node-b`. Bob (site b, port-restricted cone)
+    /// registers with node-b; alice (site a, port-restricted cone) registers with
+    /// node-a and connects to bob: one cross-node introduction, counted `introduced`
+    /// on node-a, with messages between the nodes through Redis.
+    TwoNodeCluster,
 }
 
 /// Everything a scenario runs; torn down in field order (Prometheus first, the lab
 /// last).
 struct Run {
     prometheus: PrometheusProcess,
+    /// The `instance` label of every gateway node Prometheus scrapes, sorted.
+    nodes: Vec<String>,
     _bridges: Vec<TcpBridge>,
     _agents: Vec<PeerProcess>,
-    _gateway: GatewayProcess,
+    _gateways: Vec<GatewayProcess>,
+    redis: Option<RedisServer>,
+    _redis_dir: Option<tempfile::TempDir>,
     _secret: tempfile::NamedTempFile,
     _lab: Lab,
 }
+
+/// The lab gateway's shared secret in a file, for `--secret-file`.
+fn secret_file() -> tempfile::NamedTempFile {
+    let mut secret = tempfile::NamedTempFile::new().expect("secret file");
+    secret.write_all(SECRET).expect("write secret");
+    secret
+}
+
+/// The lab's "public" ranges (RFC 5737) are reserved: allow them, or a pair that
+/// cannot punch could not be relayed.
+const ALLOW_LAB_PEERS: &[&str] = &[
+    "--allow-peer",
+    "198.51.100.0/24",
+    "--allow-peer",
+    "203.0.113.0/24",
+    "--allow-peer",
+    "192.0.2.0/24",
+];
 
 fn site_host(lab: &Lab, site: &str, i: usize) -> Host {
     lab.site(site)
@@ -136,6 +177,7 @@ impl Scenario {
     fn run(self) -> Run {
         match self {
             Scenario::DirectAndFailedPunch => direct_and_failed_punch(),
+            Scenario::TwoNodeCluster => two_node_cluster(),
         }
     }
 }
@@ -148,31 +190,20 @@ fn direct_and_failed_punch() -> Run {
         .build()
         .expect("lab");
     let server = lab.server().clone();
-    let mut secret = tempfile::NamedTempFile::new().expect("secret file");
-    secret.write_all(SECRET).expect("write secret");
+    let secret = secret_file();
     let secret_path = secret.path().to_string_lossy().into_owned();
-    let gateway = GatewayProcess::start(
-        &server,
-        GATEWAY_METRICS_ADDR,
-        &[
-            "--listen",
-            "0.0.0.0:3478",
-            "--discovery-listen",
-            "0.0.0.0:3479",
-            "--require-ebpf",
-            "--secret-file",
-            &secret_path,
-            // The lab's "public" ranges (RFC 5737) are reserved: allow them, or the
-            // failing pair could not be relayed.
-            "--allow-peer",
-            "198.51.100.0/24",
-            "--allow-peer",
-            "203.0.113.0/24",
-            "--allow-peer",
-            "192.0.2.0/24",
-        ],
-    )
-    .expect("gateway starts with eBPF (is the object embedded? run `cargo xtask build-ebpf`)");
+    let mut args = vec![
+        "--listen",
+        "0.0.0.0:3478",
+        "--discovery-listen",
+        "0.0.0.0:3479",
+        "--require-ebpf",
+        "--secret-file",
+        &secret_path,
+    ];
+    args.extend_from_slice(ALLOW_LAB_PEERS);
+    let gateway = GatewayProcess::start(&server, GATEWAY_METRICS_ADDR, &args)
+        .expect("gateway starts with eBPF (is the object embedded? run `cargo xtask build-ebpf`)");
 
     // (peer id, host, peer to connect to); responders first.
     let agents = [
@@ -202,10 +233,12 @@ fn direct_and_failed_punch() -> Run {
             ScrapeJob {
                 name: "gateway".into(),
                 targets: vec![GATEWAY_METRICS_ADDR],
+                instances: Vec::new(),
             },
             ScrapeJob {
                 name: "gateway-agents".into(),
                 targets: agent_targets,
+                instances: Vec::new(),
             },
         ],
     );
@@ -296,9 +329,140 @@ fn direct_and_failed_punch() -> Run {
     }
     Run {
         prometheus,
+        // Prometheus' default instance label: the scrape address.
+        nodes: vec![GATEWAY_METRICS_ADDR.to_string()],
         _bridges: bridges,
         _agents: started.into_iter().map(|(_, agent)| agent).collect(),
-        _gateway: gateway,
+        _gateways: vec![gateway],
+        redis: None,
+        _redis_dir: None,
+        _secret: secret,
+        _lab: lab,
+    }
+}
+
+fn two_node_cluster() -> Run {
+    let lab = Lab::builder()
+        .site("a", NatPreset::port_restricted_cone())
+        .site("b", NatPreset::port_restricted_cone())
+        .build()
+        .expect("lab");
+    let server = lab.server().clone();
+    let secret = secret_file();
+    let secret_path = secret.path().to_string_lossy().into_owned();
+    // A process inherits the network namespace of the thread that spawns it: Redis
+    // listens on the server namespace's loopback, next to the nodes.
+    let redis_dir = tempfile::tempdir().expect("redis directory");
+    let dir = redis_dir.path().to_owned();
+    let redis = server
+        .run(move || RedisServer::start(&dir))
+        .expect("lab")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let redis_url = redis.url();
+
+    let service = |i: usize| SocketAddr::from((server.addrs()[i], 3478));
+    let metrics = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut gateways = Vec::new();
+    for (node, address, port) in CLUSTER_NODES {
+        let listen = service(address).to_string();
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--no-ebpf",
+            "--secret-file",
+            &secret_path,
+            "--cluster-redis",
+            &redis_url,
+            "--node-id",
+            node,
+        ];
+        args.extend_from_slice(ALLOW_LAB_PEERS);
+        let gateway = GatewayProcess::start(&server, metrics(port), &args)
+            .unwrap_or_else(|e| panic!("{node} starts: {e}"));
+        gateways.push(gateway);
+    }
+    let mut config = scrape_config(
+        SCRAPE_INTERVAL,
+        &[ScrapeJob {
+            name: "gateway".into(),
+            targets: CLUSTER_NODES.iter().map(|(_, _, p)| metrics(*p)).collect(),
+            instances: CLUSTER_NODES
+                .iter()
+                .map(|(n, _, _)| (*n).to_owned())
+                .collect(),
+        }],
+    );
+    // The shipped alerting rules, evaluated every second like the scrapes.
+    config.push_str(&format!(
+        "rule_files: [\"{}\"]\n",
+        dashboards::dashboards_dir().join(ALERTS_FILE).display()
+    ));
+    let prometheus =
+        PrometheusProcess::start(&server, PROMETHEUS_ADDR, &config, Duration::from_secs(30))
+            .expect("prometheus starts");
+    // Both nodes scraped, each seeing both through Redis, before any Connect: the
+    // counters need a sample before they grow, and a Connect before the nodes reach
+    // Redis would be refused (503).
+    wait_for_samples(
+        &prometheus,
+        "count(up{job=\"gateway\"} == 1) == 2",
+        DATA_TIMEOUT,
+    );
+    wait_for_samples(
+        &prometheus,
+        "count(gateway_cluster_up == 1 and gateway_cluster_nodes == 2) == 2",
+        DATA_TIMEOUT,
+    );
+
+    // (peer id, host, node, peer to connect to); the responder first.
+    let agents = [
+        ("bob", site_host(&lab, "b", 0), 1, None),
+        ("alice", site_host(&lab, "a", 0), 0, Some("bob")),
+    ];
+    let mut started = Vec::new();
+    for (peer, host, node, connect) in &agents {
+        let creds = credentials(peer);
+        let args: Vec<&str> = connect.iter().flat_map(|c| ["--connect", c]).collect();
+        let mut agent = PeerProcess::start(
+            host,
+            service(*node),
+            &creds.username,
+            &creds.password,
+            &args,
+        )
+        .expect("agent starts");
+        let line = match connect {
+            Some(other) => format!("path-up peer {other}"),
+            None => "registered".to_owned(),
+        };
+        assert!(
+            agent.wait_for(&line, Duration::from_secs(15)).is_some(),
+            "{peer} never printed {line}: {:?}\nnode-a:\n{}\nnode-b:\n{}",
+            agent.seen(),
+            gateways[0].log_text(),
+            gateways[1].log_text()
+        );
+        started.push(agent);
+    }
+    // Until Prometheus has scraped the introduction and the messages it took.
+    for expr in [
+        "gateway_cluster_introductions_total{outcome=\"introduced\", instance=\"node-a\"} == 1",
+        "sum(gateway_cluster_messages_total{direction=\"received\"}) > 0",
+        "sum(gateway_registered_peers) == 2",
+    ] {
+        wait_for_samples(&prometheus, expr, DATA_TIMEOUT);
+    }
+    Run {
+        prometheus,
+        nodes: CLUSTER_NODES
+            .iter()
+            .map(|(n, _, _)| (*n).to_owned())
+            .collect(),
+        _bridges: Vec::new(),
+        _agents: started,
+        _gateways: gateways,
+        redis: Some(redis),
+        _redis_dir: Some(redis_dir),
         _secret: secret,
         _lab: lab,
     }
@@ -310,6 +474,8 @@ struct Query {
     panel: String,
     expr: String,
     pending: bool,
+    /// Whether it filters by `$node` (every query but the agents' own).
+    by_node: bool,
 }
 
 impl Query {
@@ -330,7 +496,9 @@ fn load_dashboards() -> Vec<Dashboard> {
         .collect()
 }
 
-fn queries(dashboard: &Dashboard) -> Vec<Query> {
+/// Every query of `dashboard` with `$node` set to `node` (a regex as Grafana writes
+/// it: [`ALL_NODES`] or [`dashboards::node_regex`]).
+fn queries(dashboard: &Dashboard, node: &str) -> Vec<Query> {
     dashboard
         .panels
         .iter()
@@ -338,9 +506,10 @@ fn queries(dashboard: &Dashboard) -> Vec<Query> {
             panel.exprs.iter().map(|expr| Query {
                 file: dashboard.file.clone(),
                 panel: panel.title.clone(),
-                expr: dashboards::substitute_variables(expr, WINDOW)
+                expr: dashboards::substitute_variables(expr, WINDOW, node)
                     .unwrap_or_else(|e| panic!("{}: {e}", dashboard.file)),
                 pending: is_pending(&dashboard.file, &panel.title),
+                by_node: expr.contains(dashboards::NODE_MATCHER),
             })
         })
         .collect()
@@ -351,11 +520,23 @@ fn shows_data(samples: &[Sample]) -> bool {
     samples.iter().any(|s| s.value.is_finite())
 }
 
-/// A panel's samples for checks of what it shows.
+/// A panel's samples (its first query's) with every node, for checks of what it
+/// shows.
 fn panel_samples(
     prometheus: &PrometheusProcess,
     dashboards: &[Dashboard],
     title: &str,
+) -> Vec<Sample> {
+    query_samples(prometheus, dashboards, title, 0, ALL_NODES)
+}
+
+/// The samples of query `index` of a panel, with `$node` set to `node`.
+fn query_samples(
+    prometheus: &PrometheusProcess,
+    dashboards: &[Dashboard],
+    title: &str,
+    index: usize,
+    node: &str,
 ) -> Vec<Sample> {
     let panel = dashboards
         .iter()
@@ -364,10 +545,18 @@ fn panel_samples(
         .unwrap_or_else(|| panic!("no panel {title:?}"));
     let expr = panel
         .exprs
-        .first()
-        .unwrap_or_else(|| panic!("{title:?} has no query"));
-    let expr = dashboards::substitute_variables(expr, WINDOW).expect("known variables");
+        .get(index)
+        .unwrap_or_else(|| panic!("{title:?} has no query {index}"));
+    let expr = dashboards::substitute_variables(expr, WINDOW, node).expect("known variables");
     prometheus.query(&expr).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Each sample's value by the value of its label `name`.
+fn by_label(samples: &[Sample], name: &str) -> BTreeMap<String, f64> {
+    samples
+        .iter()
+        .map(|s| (label(s, name).to_owned(), s.value))
+        .collect()
 }
 
 fn label<'a>(sample: &'a Sample, name: &str) -> &'a str {
@@ -394,12 +583,15 @@ fn every_dashboard_panel_shows_data_from_a_lab_run() {
             .filter(|(_, s)| *s == scenario)
             .map(|(file, _)| *file)
             .collect();
-        let run = scenario.run();
+        let mut run = scenario.run();
         let prometheus = &run.prometheus;
-        let checks: Vec<Query> = dashboards
+        let scenario_dashboards: Vec<&Dashboard> = dashboards
             .iter()
             .filter(|d| files.contains(&d.file.as_str()))
-            .flat_map(queries)
+            .collect();
+        let checks: Vec<Query> = scenario_dashboards
+            .iter()
+            .flat_map(|d| queries(d, ALL_NODES))
             .collect();
 
         // Every built panel shows data (bounded wait: a few scrapes).
@@ -439,8 +631,14 @@ fn every_dashboard_panel_shows_data_from_a_lab_run() {
             }
         }
 
-        if scenario == Scenario::DirectAndFailedPunch {
-            check_punch_values(prometheus, &dashboards);
+        check_node_variable(&run, &scenario_dashboards);
+        match scenario {
+            Scenario::DirectAndFailedPunch => check_punch_values(prometheus, &dashboards),
+            Scenario::TwoNodeCluster => {
+                check_cluster_values(&run, &dashboards);
+                // Last: it takes Redis away.
+                check_cluster_alerts(&mut run, &dashboards);
+            }
         }
         let verified = checks.iter().filter(|q| !q.pending).count();
         eprintln!(
@@ -449,6 +647,236 @@ fn every_dashboard_panel_shows_data_from_a_lab_run() {
             started.elapsed().as_secs_f64()
         );
     }
+}
+
+/// The `node` variable of every dashboard of the run: its query lists exactly the
+/// run's gateway nodes (as Grafana would ask Prometheus for them: the agents, which
+/// serve no `gateway_registered_peers`, are not offered), and every query that
+/// filters by it shows nothing for a node that does not exist (the filter reaches
+/// Prometheus).
+fn check_node_variable(run: &Run, dashboards: &[&Dashboard]) {
+    let prometheus = &run.prometheus;
+    for dashboard in dashboards {
+        let query = &dashboard.node_values;
+        let values = prometheus
+            .label_values(&query.label, &query.selector)
+            .unwrap_or_else(|e| panic!("{}: {e}", dashboard.file));
+        assert_eq!(
+            values, run.nodes,
+            "{}: the node variable lists the gateway nodes",
+            dashboard.file
+        );
+        for query in queries(dashboard, &dashboards::node_regex(&["no-such-node"])) {
+            if query.pending || !query.by_node {
+                continue;
+            }
+            match prometheus.query(&query.expr) {
+                Ok(samples) => assert!(
+                    !shows_data(&samples),
+                    "{} shows data for a node that does not exist: {samples:?}",
+                    query.name()
+                ),
+                Err(e) => panic!("{}: {e}", query.name()),
+            }
+        }
+    }
+}
+
+/// What the cluster panels show after one cross-node introduction from node-a to
+/// node-b, for all nodes and for each node picked alone.
+fn check_cluster_values(run: &Run, dashboards: &[Dashboard]) {
+    let prometheus = &run.prometheus;
+    let nodes: Vec<&str> = run.nodes.iter().map(String::as_str).collect();
+    let every_node = |value: f64| -> BTreeMap<String, f64> {
+        nodes.iter().map(|n| ((*n).to_owned(), value)).collect()
+    };
+    let up = panel_samples(prometheus, dashboards, "Cluster up per node");
+    assert_eq!(by_label(&up, "instance"), every_node(1.0), "{up:?}");
+    let live = panel_samples(prometheus, dashboards, "Live nodes as each node sees them");
+    assert_eq!(by_label(&live, "instance"), every_node(2.0), "{live:?}");
+    let peers = panel_samples(prometheus, dashboards, "Registered peers per node");
+    assert_eq!(by_label(&peers, "instance"), every_node(1.0), "{peers:?}");
+
+    let outcomes = panel_samples(
+        prometheus,
+        dashboards,
+        "Cross-node introductions by outcome",
+    );
+    let outcomes = by_label(&outcomes, "outcome");
+    assert!(
+        outcomes.get("introduced").is_some_and(|rate| *rate > 0.0),
+        "a cross-node introduction per second: {outcomes:?}"
+    );
+    // Every outcome of CrossNodeOutcome is a series from start-up.
+    for outcome in [
+        "introduced",
+        "not_found",
+        "unavailable",
+        "timed_out",
+        "failed",
+        "responder_gone",
+    ] {
+        assert!(outcomes.contains_key(outcome), "{outcome}: {outcomes:?}");
+    }
+    let success = panel_samples(prometheus, dashboards, "Cross-node introduction success");
+    assert!(
+        success.len() == 1 && (success[0].value - 1.0).abs() < 1e-9,
+        "the one cross-node Connect was introduced: {success:?}"
+    );
+    let messages = panel_samples(prometheus, dashboards, "Node-to-node messages");
+    let messages = by_label(&messages, "direction");
+    for direction in ["sent", "received"] {
+        assert!(
+            messages.get(direction).is_some_and(|rate| *rate > 0.0),
+            "{direction}: {messages:?}"
+        );
+    }
+    let p50 = query_samples(prometheus, dashboards, "Redis round trip", 0, ALL_NODES);
+    let p99 = query_samples(prometheus, dashboards, "Redis round trip", 1, ALL_NODES);
+    let (p50, p99) = (by_label(&p50, "instance"), by_label(&p99, "instance"));
+    assert_eq!(
+        p50.keys().collect::<Vec<_>>(),
+        nodes.iter().collect::<Vec<_>>()
+    );
+    for (node, median) in &p50 {
+        let tail = p99.get(node).copied().unwrap_or(f64::NAN);
+        assert!(
+            *median > 0.0 && *median < 1.0 && tail >= *median && tail <= 1.0,
+            "{node}: p50 {median} s, p99 {tail} s"
+        );
+    }
+
+    // One node picked: only its series, and the introduction only where it is counted
+    // (node-a, the initiator's node).
+    for node in &nodes {
+        let only = dashboards::node_regex(&[node]);
+        let up = query_samples(prometheus, dashboards, "Cluster up per node", 0, &only);
+        assert_eq!(
+            by_label(&up, "instance"),
+            BTreeMap::from([((*node).to_owned(), 1.0)]),
+            "{node}: {up:?}"
+        );
+        let outcomes = query_samples(
+            prometheus,
+            dashboards,
+            "Cross-node introductions by outcome",
+            0,
+            &only,
+        );
+        let introduced = by_label(&outcomes, "outcome")
+            .get("introduced")
+            .copied()
+            .unwrap_or(f64::NAN);
+        if *node == "node-a" {
+            assert!(introduced > 0.0, "{node}: {outcomes:?}");
+        } else {
+            assert_eq!(introduced, 0.0, "{node}: {outcomes:?}");
+        }
+    }
+    // Several picked: Grafana's (a|b).
+    let both = dashboards::node_regex(&nodes);
+    let up = query_samples(prometheus, dashboards, "Cluster up per node", 0, &both);
+    assert_eq!(by_label(&up, "instance"), every_node(1.0), "{up:?}");
+}
+
+/// Each alerting rule Prometheus loaded: its name, health (`ok` once evaluated
+/// without error) and state (`inactive`, `pending`, `firing`).
+fn alert_rules(prometheus: &PrometheusProcess) -> Vec<(String, String, String)> {
+    let (status, body) = prometheus
+        .get("/api/v1/rules?type=alert")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("HTTP {status} {e}: {body}"));
+    let field = |rule: &serde_json::Value, name: &str| {
+        rule.get(name)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    json.pointer("/data/groups")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|group| group.get("rules").and_then(serde_json::Value::as_array))
+        .flatten()
+        .map(|rule| {
+            (
+                field(rule, "name"),
+                field(rule, "health"),
+                field(rule, "state"),
+            )
+        })
+        .collect()
+}
+
+/// The alert names in the shipped rules file, in file order.
+fn shipped_alert_names() -> Vec<String> {
+    let path = dashboards::dashboards_dir().join(ALERTS_FILE);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert:"))
+        .map(|name| name.trim().to_owned())
+        .collect()
+}
+
+/// The shipped alerting rules in the real Prometheus: all evaluated without error
+/// and quiet while the cluster is healthy; once Redis is gone, GatewayClusterDown
+/// and GatewayClusterRedisErrors go pending for every node (their `for` has not
+/// passed yet) while the others stay quiet, and the up panel shows both nodes down.
+fn check_cluster_alerts(run: &mut Run, dashboards: &[Dashboard]) {
+    let names = shipped_alert_names();
+    let deadline = Instant::now() + DATA_TIMEOUT;
+    let rules = loop {
+        let rules = alert_rules(&run.prometheus);
+        if rules.len() == names.len() && rules.iter().all(|(_, health, _)| health != "unknown") {
+            break rules;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rules were not all evaluated: {rules:?}\nlog:\n{}",
+            run.prometheus.log_text()
+        );
+        std::thread::sleep(SCRAPE_INTERVAL);
+    };
+    for (name, health, state) in &rules {
+        assert!(names.contains(name), "{name} is not in {ALERTS_FILE}");
+        assert_eq!(health, "ok", "{name} evaluates without error");
+        assert_eq!(state, "inactive", "{name} is quiet in a healthy cluster");
+    }
+
+    run.redis.as_mut().expect("the cluster's Redis").stop();
+    let prometheus = &run.prometheus;
+    let expected: BTreeSet<(String, String)> = ["GatewayClusterDown", "GatewayClusterRedisErrors"]
+        .iter()
+        .flat_map(|alert| run.nodes.iter().map(|n| ((*alert).to_owned(), n.clone())))
+        .collect();
+    let deadline = Instant::now() + DATA_TIMEOUT;
+    loop {
+        let active: BTreeSet<(String, String)> = prometheus
+            .query("ALERTS")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .iter()
+            .map(|s| {
+                (
+                    label(s, "alertname").to_owned(),
+                    label(s, "instance").to_owned(),
+                )
+            })
+            .collect();
+        if active == expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "with Redis gone, the active alerts are {active:?}, not {expected:?}"
+        );
+        std::thread::sleep(SCRAPE_INTERVAL);
+    }
+    let up = panel_samples(prometheus, dashboards, "Cluster up per node");
+    assert!(
+        up.len() == run.nodes.len() && up.iter().all(|s| s.value == 0.0),
+        "both nodes down: {up:?}"
+    );
 }
 
 /// What some punching panels show after one direct and one failed punch between
@@ -517,8 +945,9 @@ fn dashboards_are_portable_and_every_file_and_pending_panel_is_known() {
                 panel.title
             );
         }
-        // Every query's variables are Grafana's intervals (nothing a test cannot fill).
-        queries(dashboard);
+        // Every query's variables are Grafana's intervals and `$node` (nothing a test
+        // cannot fill).
+        queries(dashboard, ALL_NODES);
     }
 }
 
@@ -538,7 +967,7 @@ fn shipped_prometheus_config_is_valid_and_matches_the_datasource() {
     let dir = dashboards::dashboards_dir();
     let config = dir.join("prometheus.yml");
     let promtool = promtool_binary().unwrap_or_else(|e| panic!("{e}"));
-    let output = std::process::Command::new(promtool)
+    let output = std::process::Command::new(&promtool)
         .args(["check", "config"])
         .arg(&config)
         .output()
@@ -548,6 +977,26 @@ fn shipped_prometheus_config_is_valid_and_matches_the_datasource() {
         "promtool check config: {}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
+    );
+    // The alerting rules it loads, on their own too.
+    let output = std::process::Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(dir.join(ALERTS_FILE))
+        .output()
+        .expect("run promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool check rules: {said}");
+    assert!(
+        said.contains(&format!("{} rules found", shipped_alert_names().len())),
+        "{said}"
+    );
+    assert_eq!(
+        yaml_values(&config, "rule_files"),
+        vec![format!("[\"{ALERTS_FILE}\"]")]
     );
     // Grafana's $__rate_interval is right only when the datasource knows the interval.
     let scrape = yaml_values(&config, "scrape_interval");
