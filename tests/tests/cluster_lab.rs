@@ -257,9 +257,9 @@ fn peers_on_different_nodes_that_cannot_punch_are_relayed_by_the_initiators_node
     }
     // Two random-port symmetric NATs: each probe to a new destination takes a new
     // unpredictable port on the prober's own NAT, so no direct path (docs/nat-matrix.md,
-    // rule 6); the agents go to the relay. Birthday
-    // punching needs an endpoint-independent side and never starts here; it is off on
-    // both sides anyway, so a NAT misclassified under load cannot start a sweep.
+    // rule 6); the agents go to the relay. Birthday punching needs an
+    // endpoint-independent side and never starts here; it is off on both sides anyway,
+    // so a NAT misclassified under load cannot start a sweep.
     let (initiator, responder) = (1, 2);
     let cluster = start(NatPreset::symmetric(), NatPreset::symmetric());
     let no_birthday = ["--birthday-sockets", "0", "--birthday-probes", "0"];
