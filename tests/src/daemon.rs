@@ -27,6 +27,9 @@ pub enum DaemonError {
     /// The daemon did not become ready in time, or exited.
     #[error("gateway not ready: {0}")]
     NotReady(String),
+    /// The Redis a cluster of daemons shares did not start.
+    #[error(transparent)]
+    Redis(#[from] crate::redis::RedisError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {

@@ -4,6 +4,7 @@
 //! The lab builds network topologies out of Linux network namespaces, veth pairs and
 //! nftables NAT rules, so that hole punching and relaying are tested against real
 //! kernels and real NAT behaviour. See `docs/lab.md`.
+pub mod cluster_lab;
 pub mod coturn;
 pub mod daemon;
 pub mod dashboards;

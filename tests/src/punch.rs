@@ -158,6 +158,15 @@ pub fn start_gateway(
     lab: &Lab,
     gateway_args: &[&str],
 ) -> Result<(GatewayProcess, PathBuf), DaemonError> {
+    start_gateway_on(lab.server(), gateway_args)
+}
+
+/// [`start_gateway`] on any public host of the lab (e.g. one of several servers):
+/// the same flags, metrics on its first address, port 9478.
+pub fn start_gateway_on(
+    host: &Host,
+    gateway_args: &[&str],
+) -> Result<(GatewayProcess, PathBuf), DaemonError> {
     let secret_path = std::env::temp_dir().join(format!(
         "gw-punch-{}-{}",
         std::process::id(),
@@ -186,11 +195,7 @@ pub fn start_gateway(
         "192.0.2.0/24",
     ];
     serve_args.extend_from_slice(gateway_args);
-    let gateway = GatewayProcess::start(
-        lab.server(),
-        SocketAddr::from((SERVICE.ip(), 9478)),
-        &serve_args,
-    )?;
+    let gateway = GatewayProcess::start(host, SocketAddr::from((host.addr(), 9478)), &serve_args)?;
     Ok((gateway, secret_path))
 }
 

@@ -1,12 +1,15 @@
 //! Real Redis for the cluster tests: Debian's `redis-server`, one server or a Redis
-//! Cluster of several shards on loopback, with no persistence (a restart starts
-//! empty, as the tests want), stopped and cleaned up on drop.
+//! Cluster of several shards on loopback, or one server inside a NAT lab host (the
+//! lab's Redis host, listening on the public segment), with no persistence (a
+//! restart starts empty, as the tests want), stopped and cleaned up on drop.
 use std::{
-    net::{SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use crate::lab::Host;
 
 /// Why a Redis could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +49,22 @@ fn which(binary: &'static str) -> Result<(), RedisError> {
     }
 }
 
+/// The port Redis listens on inside a lab host (its own namespace: always free).
+pub const LAB_PORT: u16 = 6379;
+
 /// One `redis-server` process.
+#[derive(Debug)]
 pub struct RedisServer {
     child: Option<Child>,
-    /// Its port on 127.0.0.1.
+    /// Its port (on 127.0.0.1, or on the lab host's address).
     pub port: u16,
     dir: PathBuf,
     cluster: bool,
     password: Option<String>,
     /// Serve TLS only, with these files (`rediss://`).
     tls: Option<TlsFiles>,
+    /// The lab host it runs in (`None`: this process's namespace, on loopback).
+    host: Option<Host>,
 }
 
 /// A test CA and a server certificate for 127.0.0.1 it signed (PEM files).
@@ -155,6 +164,7 @@ impl RedisServer {
             cluster: false,
             password: None,
             tls: Some(tls),
+            host: None,
         };
         server.spawn()?;
         Ok(server)
@@ -173,6 +183,27 @@ impl RedisServer {
         Self::start_on(dir, free_port(), false)
     }
 
+    /// Starts a plain Redis inside the lab host `host` (no persistence), listening on
+    /// the host's first address, port [`LAB_PORT`]: reachable from every namespace
+    /// routed to that address (the lab's Redis host is on the servers' segment).
+    /// Dropping the lab kills it too.
+    pub fn start_in(host: &Host, dir: &Path) -> Result<Self, RedisError> {
+        which("redis-server")?;
+        let dir = dir.join(format!("redis-{}-{LAB_PORT}", host.netns()));
+        std::fs::create_dir_all(&dir).map_err(|e| RedisError::Start(e.to_string()))?;
+        let mut server = Self {
+            child: None,
+            port: LAB_PORT,
+            dir,
+            cluster: false,
+            password: None,
+            tls: None,
+            host: Some(host.clone()),
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
     fn start_on(dir: &Path, port: u16, cluster: bool) -> Result<Self, RedisError> {
         which("redis-server")?;
         let dir = dir.join(format!("redis-{port}"));
@@ -184,15 +215,42 @@ impl RedisServer {
             cluster,
             password: None,
             tls: None,
+            host: None,
         };
         server.spawn()?;
         Ok(server)
     }
 
+    /// The address it listens on.
+    fn ip(&self) -> IpAddr {
+        self.host
+            .as_ref()
+            .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |h| IpAddr::V4(h.addr()))
+    }
+
+    /// Whether something accepts TCP connections on its address (from its namespace).
+    fn listening(&self) -> bool {
+        let addr = self.addr();
+        match &self.host {
+            None => TcpStream::connect(addr).is_ok(),
+            Some(host) => host
+                .tcp_connect(addr, Duration::from_millis(200))
+                .is_ok_and(|c| c.is_ok()),
+        }
+    }
+
+    /// `program` in its namespace.
+    fn command(&self, program: &str) -> Command {
+        match &self.host {
+            None => Command::new(program),
+            Some(host) => host.command(program),
+        }
+    }
+
     fn spawn(&mut self) -> Result<(), RedisError> {
         // A restarted cluster node must not remember its old cluster: start clean.
         let _ = std::fs::remove_file(self.dir.join("nodes.conf"));
-        let mut command = Command::new("redis-server");
+        let mut command = self.command("redis-server");
         match &self.tls {
             Some(tls) => {
                 command
@@ -210,7 +268,8 @@ impl RedisServer {
             }
         }
         command
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--bind", &self.ip().to_string()])
+            .args(["--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
@@ -234,11 +293,11 @@ impl RedisServer {
             .map_err(|e| RedisError::Start(format!("cannot run redis-server: {e}")))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while !self.listening() {
             if Instant::now() > deadline {
                 return Err(RedisError::Start(format!(
-                    "redis-server on port {} did not listen",
-                    self.port
+                    "redis-server on {} did not listen",
+                    self.addr()
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -246,19 +305,20 @@ impl RedisServer {
         Ok(())
     }
 
-    /// `redis://127.0.0.1:PORT` (`rediss://` for a TLS server).
+    /// `redis://IP:PORT` (127.0.0.1, or the lab host's address; `rediss://` for a TLS
+    /// server).
     pub fn url(&self) -> String {
         let scheme = if self.tls.is_some() {
             "rediss"
         } else {
             "redis"
         };
-        format!("{scheme}://127.0.0.1:{}", self.port)
+        format!("{scheme}://{}", self.addr())
     }
 
     /// Its address.
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::new(self.ip(), self.port)
     }
 
     /// Kills it (SIGKILL: nothing is saved).
@@ -278,8 +338,10 @@ impl RedisServer {
     /// Runs `redis-cli` against it and returns its output.
     pub fn cli(&self, args: &[&str]) -> Result<String, RedisError> {
         which("redis-cli")?;
-        let mut command = Command::new("redis-cli");
-        command.args(["-p", &self.port.to_string()]);
+        let mut command = self.command("redis-cli");
+        command
+            .args(["-h", &self.ip().to_string()])
+            .args(["-p", &self.port.to_string()]);
         if let Some(password) = &self.password {
             command.args(["--no-auth-warning", "-a", password]);
         }

@@ -14,8 +14,8 @@ use std::{
 };
 
 use gateway_tests::lab::{
-    Host, Lab, LabAvailability, NatPreset, Site, namespace_exists, remove_stale_namespaces,
-    require_root,
+    Host, Lab, LabAvailability, MAX_SERVERS, NatPreset, REDIS_HOST_ADDR, Site, namespace_exists,
+    remove_stale_namespaces, require_root, server_addrs,
 };
 
 /// Longest wait for a packet that must arrive.
@@ -650,6 +650,90 @@ fn namespaces_are_removed_on_drop_and_on_panic() {
     let mut child = sleeper.into_inner().expect("lock").expect("spawned");
     let exit = child.wait().expect("wait");
     assert!(!exit.success(), "the process inside was killed: {exit}");
+}
+
+/// `servers(3).redis_host()`: three servers with two addresses each and a Redis host
+/// share the public segment (a bridge in the core); a NAT host reaches every server
+/// address through the core and is seen at its WAN address; servers reach each other
+/// and the Redis host directly; everything, with a process inside, goes on drop.
+#[test]
+fn several_servers_and_a_redis_host_share_the_public_segment() {
+    require_lab!();
+    for bad in [0, MAX_SERVERS + 1] {
+        assert!(
+            Lab::builder().servers(bad).build().is_err(),
+            "{bad} servers"
+        );
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::port_restricted_cone())
+        .servers(3)
+        .redis_host()
+        .build()
+        .expect("lab");
+    let names = lab.namespaces().to_vec();
+    assert_eq!(
+        names.len(),
+        1 + 3 + 1 + 2,
+        "core, servers, redis, router, host"
+    );
+    assert_eq!(lab.servers().len(), 3);
+    assert_eq!(lab.server(), &lab.servers()[0]);
+    let redis = lab.redis_host().expect("redis host").clone();
+    assert_eq!(redis.addr(), REDIS_HOST_ADDR);
+    let description = lab.describe();
+    assert!(
+        description.contains("192.0.2.30, 192.0.2.31"),
+        "{description}"
+    );
+    assert!(description.contains("redis host"), "{description}");
+
+    let host = host0(&lab);
+    let tx = host.udp_bind(4000).expect("bind");
+    for (k, server) in lab.servers().iter().enumerate() {
+        assert_eq!(server.addrs(), server_addrs(k));
+        for ip in server_addrs(k) {
+            let rx = server
+                .udp_bind_on(SocketAddr::from((ip, 5000)))
+                .expect("bind");
+            tx.send_to(b"hi", (ip, 5000)).expect("send");
+            let (_, from) = recv(&rx, ARRIVES).unwrap_or_else(|| panic!("{ip} got nothing"));
+            assert_eq!(from, SocketAddr::from((site(&lab).wan_addr(), 4000)));
+        }
+    }
+    // Node to node and node to Redis: on the segment, one hop.
+    let listener = redis
+        .tcp_listen_on(SocketAddr::from((REDIS_HOST_ADDR, 6379)))
+        .expect("listen");
+    for server in lab.servers() {
+        let stream = server
+            .tcp_connect(SocketAddr::from((REDIS_HOST_ADDR, 6379)), ARRIVES)
+            .expect("lab");
+        assert!(stream.is_ok(), "{} -> redis: {stream:?}", server.role());
+    }
+    drop(listener);
+    let rx = lab.servers()[2]
+        .udp_bind_on(SocketAddr::from((server_addrs(2)[0], 5001)))
+        .expect("bind");
+    let from = lab.servers()[1].udp_bind(0).expect("bind");
+    from.send_to(b"node", (server_addrs(2)[0], 5001))
+        .expect("send");
+    let (_, seen) = recv(&rx, ARRIVES).expect("server 1 reaches server 2");
+    assert_eq!(seen.ip(), server_addrs(1)[0]);
+
+    let mut child = redis
+        .command("sleep")
+        .arg("30")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    drop(lab);
+    assert!(names.iter().all(|n| !namespace_exists(n)), "after drop");
+    let exit = child.wait().expect("wait");
+    assert!(
+        !exit.success(),
+        "the process on the Redis host was killed: {exit}"
+    );
 }
 
 #[test]

@@ -8,8 +8,10 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 use gateway_tests::{
+    cluster_lab,
     daemon::{GatewayProcess, PeerProcess, http_get, metric_value, stun_binding},
-    lab::{self, Lab, LabAvailability, NatPreset},
+    lab::{self, Lab, LabAvailability, MAX_SERVERS, NatPreset},
+    redis::RedisServer,
 };
 
 use crate::toolchain;
@@ -36,6 +38,12 @@ pub struct DemoArgs {
     /// `gateway peer --tcp auto`, a TCP connection forwarded over it).
     #[arg(long)]
     no_tcp: bool,
+    /// Gateway nodes (1..=8). With 2 or more: Redis on the lab's public side and one
+    /// `gateway serve --cluster-redis` per public server, sharing the rendezvous; the
+    /// two peers of each pair register with different nodes, and each node's cluster
+    /// metrics are printed.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
 }
 
 /// `cargo xtask lab ...`.
@@ -125,14 +133,21 @@ pub fn lab(command: LabCommand) -> Result<()> {
 /// Returns the agents (they stop when dropped).
 fn tcp_splice(
     lab: &Lab,
-    service: SocketAddr,
-    discover: &[&str; 2],
+    [carol_node, dave_node]: [&Node; 2],
     secret: &gateway::proto::credentials::SharedSecret,
     expiry: u64,
 ) -> Result<(PeerProcess, PeerProcess)> {
     use std::io::{Read, Write};
     println!(
-        "== TCP splice: `gateway peer --tcp auto` on two hosts behind port-restricted cones (sites c and d), carol connects to dave"
+        "== TCP splice: `gateway peer --tcp auto` on two hosts behind port-restricted cones (sites c and d), carol connects to dave{}",
+        if carol_node.service == dave_node.service {
+            String::new()
+        } else {
+            format!(
+                " (carol registers with {}, dave with {})",
+                carol_node.name, dave_node.name
+            )
+        }
     );
     let host = |name: &str| {
         lab.site(name)
@@ -145,7 +160,7 @@ fn tcp_splice(
     let dave_creds = secret.issue("dave", expiry)?;
     let mut dave = PeerProcess::start(
         &host_d,
-        service,
+        dave_node.service,
         &dave_creds.username,
         &dave_creds.password,
         &[
@@ -154,9 +169,9 @@ fn tcp_splice(
             "--tcp-forward-to",
             "127.0.0.1:6100",
             "--discover",
-            discover[0],
+            &dave_node.discover[0],
             "--discover",
-            discover[1],
+            &dave_node.discover[1],
         ],
     )?;
     dave.wait_for("tcp-mapped", Duration::from_secs(5));
@@ -164,7 +179,7 @@ fn tcp_splice(
     let app_d = host_d.tcp_listen_on("127.0.0.1:6100".parse()?)?;
     let mut carol = PeerProcess::start(
         &host_c,
-        service,
+        carol_node.service,
         &carol_creds.username,
         &carol_creds.password,
         &[
@@ -175,9 +190,9 @@ fn tcp_splice(
             "--tcp-forward-listen",
             "127.0.0.1:5100",
             "--discover",
-            discover[0],
+            &carol_node.discover[0],
             "--discover",
-            discover[1],
+            &carol_node.discover[1],
         ],
     )?;
     let carol_verdict = carol.wait_for("tcp-p", Duration::from_secs(12));
@@ -230,8 +245,51 @@ fn tcp_splice(
     Ok((carol, dave))
 }
 
+/// One gateway node of the demo (a one-node demo has one: the lab's server).
+struct Node {
+    /// `node-K` (its `--node-id`) in a cluster, `the gateway` alone.
+    name: String,
+    primary: std::net::Ipv4Addr,
+    secondary: std::net::Ipv4Addr,
+    /// Where peers register (primary address, port 3478).
+    service: SocketAddr,
+    /// Its other Binding endpoints, for `gateway peer --discover`.
+    discover: [String; 2],
+    metrics: SocketAddr,
+    netns: String,
+}
+
+impl Node {
+    fn new(k: usize, server: &lab::Host, cluster: bool) -> Self {
+        let (primary, secondary) = (server.addrs()[0], server.addrs()[1]);
+        Self {
+            name: if cluster {
+                cluster_lab::node_id(k)
+            } else {
+                "the gateway".to_owned()
+            },
+            primary,
+            secondary,
+            service: SocketAddr::from((primary, 3478)),
+            discover: [
+                SocketAddr::from((primary, 3479)).to_string(),
+                SocketAddr::from((secondary, 3478)).to_string(),
+            ],
+            metrics: SocketAddr::from((primary, 9478)),
+            netns: server.netns().to_owned(),
+        }
+    }
+}
+
 /// `cargo xtask demo`.
 pub fn demo(args: DemoArgs) -> Result<()> {
+    if !(1..=MAX_SERVERS).contains(&args.nodes) {
+        bail!(
+            "--nodes {}: the lab has room for 1 to {MAX_SERVERS}",
+            args.nodes
+        );
+    }
+    let cluster = args.nodes > 1;
     if !args.no_setup {
         toolchain::setup()?;
         toolchain::build_ebpf()?;
@@ -241,9 +299,17 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let preset_a = parse_preset(&args.site_a)?;
     let preset_b = parse_preset(&args.site_b)?;
     println!(
-        "== building the NAT lab: site a = {}, site b = {}",
+        "== building the NAT lab: site a = {}, site b = {}{}",
         preset_a.name(),
-        preset_b.name()
+        preset_b.name(),
+        if cluster {
+            format!(
+                "; {} public servers and a Redis host beside them",
+                args.nodes
+            )
+        } else {
+            String::new()
+        }
     );
     let mut builder = Lab::builder().site("a", preset_a).site("b", preset_b);
     if !args.no_tcp {
@@ -253,20 +319,39 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             .site("c", NatPreset::port_restricted_cone())
             .site("d", NatPreset::port_restricted_cone());
     }
+    if cluster {
+        builder = builder.servers(args.nodes).redis_host();
+    }
     let lab = builder.build()?;
-    let server = lab.server();
-    let addrs = server.addrs().to_vec();
-    let [primary, secondary] = [addrs[0], addrs[1]];
-    let metrics_addr = SocketAddr::from((primary, 9478));
-    println!("== starting `gateway serve` on the lab's public server {primary} (and {secondary})");
+    let nodes: Vec<Node> = lab
+        .servers()
+        .iter()
+        .enumerate()
+        .map(|(k, server)| Node::new(k, server, cluster))
+        .collect();
     let secret_path =
         std::env::temp_dir().join(format!("gateway-demo-secret-{}", std::process::id()));
     std::fs::write(&secret_path, "demo shared secret")?;
     let secret_arg = secret_path.to_string_lossy().into_owned();
-    let gateway = GatewayProcess::start(
-        server,
-        metrics_addr,
-        &[
+    let redis_dir = std::env::temp_dir().join(format!("gateway-demo-redis-{}", std::process::id()));
+    let redis = if cluster {
+        let host = lab
+            .redis_host()
+            .ok_or_else(|| anyhow!("the lab has no Redis host"))?;
+        std::fs::create_dir_all(&redis_dir)?;
+        let redis = RedisServer::start_in(host, &redis_dir).context("starting Redis in the lab")?;
+        println!(
+            "== starting Redis (redis-server) on the lab's Redis host {}: the nodes share the rendezvous through it",
+            redis.addr()
+        );
+        Some(redis)
+    } else {
+        None
+    };
+    let mut gateways = Vec::new();
+    for (node, server) in nodes.iter().zip(lab.servers()) {
+        let (primary, secondary) = (node.primary, node.secondary);
+        let mut serve_args: Vec<String> = [
             "--listen",
             "0.0.0.0:3478",
             "--discovery-listen",
@@ -282,12 +367,47 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "203.0.113.0/24",
             "--allow-peer",
             "192.0.2.0/24",
-        ],
-    )
-    .context("starting the gateway in the lab")?;
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        if let Some(redis) = &redis {
+            let k = gateways.len();
+            println!(
+                "== starting `gateway serve --cluster-redis {} --node-id {}` on public server {k} {primary} (and {secondary})",
+                redis.url(),
+                node.name
+            );
+            serve_args.extend(cluster_lab::cluster_args(redis, k));
+        } else {
+            println!(
+                "== starting `gateway serve` on the lab's public server {primary} (and {secondary})"
+            );
+        }
+        let serve_args: Vec<&str> = serve_args.iter().map(String::as_str).collect();
+        gateways.push(
+            GatewayProcess::start(server, node.metrics, &serve_args)
+                .with_context(|| format!("starting {} in the lab", node.name))?,
+        );
+    }
+    if cluster {
+        cluster_lab::wait_cluster(&gateways, Duration::from_secs(10))?;
+        println!(
+            "   every node reaches Redis and sees {} nodes (their heartbeats in gw:nodes)",
+            nodes.len()
+        );
+    }
+    // The two peers of a pair register with different nodes when there are several.
+    let alice_node = &nodes[0];
+    let bob_node = &nodes[1 % nodes.len()];
 
-    println!("== each peer asks both server addresses for its public (reflexive) address");
-    for site_name in ["a", "b"] {
+    if cluster {
+        println!(
+            "== each peer asks both addresses of its own node for its public (reflexive) address"
+        );
+    } else {
+        println!("== each peer asks both server addresses for its public (reflexive) address");
+    }
+    for (site_name, node) in [("a", alice_node), ("b", bob_node)] {
         let site = lab
             .site(site_name)
             .ok_or_else(|| anyhow!("no site {site_name}"))?;
@@ -297,7 +417,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         let socket: UdpSocket = host.udp_bind(0)?;
         let local = socket.local_addr()?;
         let mut seen = Vec::new();
-        for server_ip in [primary, secondary] {
+        for server_ip in [node.primary, node.secondary] {
             let to = SocketAddr::from((server_ip, 3478));
             let mapped = stun_binding(&socket, to, Duration::from_millis(500));
             seen.push(mapped);
@@ -325,7 +445,15 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     }
 
     println!(
-        "== hole punching: `gateway peer` on both hosts, alice (site a) connects to bob (site b)"
+        "== hole punching: `gateway peer` on both hosts, alice (site a) connects to bob (site b){}",
+        if cluster {
+            format!(
+                "; alice registers with {} ({}), bob with {} ({})",
+                alice_node.name, alice_node.service, bob_node.name, bob_node.service
+            )
+        } else {
+            String::new()
+        }
     );
     let secret = gateway::proto::credentials::SharedSecret::new(b"demo shared secret");
     let expiry = std::time::SystemTime::now()
@@ -334,25 +462,22 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         + 3600;
     let alice_creds = secret.issue("alice", expiry)?;
     let bob_creds = secret.issue("bob", expiry)?;
-    let service = SocketAddr::from((primary, 3478));
-    let discover_port = SocketAddr::from((primary, 3479)).to_string();
-    let discover_ip = SocketAddr::from((secondary, 3478)).to_string();
     let site_a = lab.site("a").ok_or_else(|| anyhow!("no site a"))?;
     let site_b = lab.site("b").ok_or_else(|| anyhow!("no site b"))?;
     let host_a = site_a.host(0).ok_or_else(|| anyhow!("no host"))?;
     let host_b = site_b.host(0).ok_or_else(|| anyhow!("no host"))?;
     let mut bob = PeerProcess::start(
         host_b,
-        service,
+        bob_node.service,
         &bob_creds.username,
         &bob_creds.password,
         &[
             "--forward-to",
             "127.0.0.1:6000",
             "--discover",
-            &discover_port,
+            &bob_node.discover[0],
             "--discover",
-            &discover_ip,
+            &bob_node.discover[1],
             "--metrics-listen",
             AGENT_METRICS,
             "--ebpf-interface",
@@ -362,7 +487,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     bob.wait_for("nat mapping", Duration::from_secs(5));
     let mut alice = PeerProcess::start(
         host_a,
-        service,
+        alice_node.service,
         &alice_creds.username,
         &alice_creds.password,
         &[
@@ -371,9 +496,9 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "--forward-listen",
             "127.0.0.1:5000",
             "--discover",
-            &discover_port,
+            &alice_node.discover[0],
             "--discover",
-            &discover_ip,
+            &alice_node.discover[1],
             "--metrics-listen",
             AGENT_METRICS,
             "--ebpf-interface",
@@ -425,50 +550,12 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let tcp_agents = if args.no_tcp {
         None
     } else {
-        Some(tcp_splice(
-            &lab,
-            service,
-            &[&discover_port, &discover_ip],
-            &secret,
-            expiry,
-        )?)
+        Some(tcp_splice(&lab, [alice_node, bob_node], &secret, expiry)?)
     };
     std::thread::sleep(Duration::from_millis(300));
 
-    let text = gateway.scrape()?;
-    println!("== the gateway's counters (from /metrics)");
-    for (name, labels) in [
-        ("gateway_ebpf_loaded", ""),
-        ("gateway_ebpf_udp_packets_total", "direction=\"ingress\""),
-        ("gateway_ebpf_udp_packets_total", "direction=\"egress\""),
-        ("gateway_ebpf_udp_bytes_total", "direction=\"ingress\""),
-        ("gateway_ebpf_udp_bytes_total", "direction=\"egress\""),
-        ("gateway_udp_received_datagrams_total", ""),
-        (
-            "gateway_stun_datagrams_total",
-            "outcome=\"binding_success\"",
-        ),
-        ("gateway_registered_peers", ""),
-    ] {
-        let value = metric_value(&text, name, labels)
-            .map(|v| v.to_string())
-            .unwrap_or_else(|| "(absent)".into());
-        let series = if labels.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{name}{{{labels}}}")
-        };
-        println!("   {series} {value}");
-    }
-    for line in text.lines().filter(|l| {
-        (l.starts_with("gateway_punch_attempts_total")
-            || l.starts_with("gateway_punch_outcomes_total")
-            || l.starts_with("gateway_tcp_punch_attempts_total")
-            || l.starts_with("gateway_turn_allocations")
-            || l.starts_with("gateway_relay_packets_total"))
-            && !l.ends_with(" 0")
-    }) {
-        println!("   {line}");
+    for (node, gateway) in nodes.iter().zip(&gateways) {
+        print_gateway_metrics(node, gateway, cluster)?;
     }
     for (name, host) in [("alice", host_a), ("bob", host_b)] {
         println!("== {name}'s kernel view of the punch (eBPF, from the agent's /metrics)");
@@ -491,21 +578,109 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             Err(e) => println!("   (no agent metrics: {e})"),
         }
     }
-    println!(
-        "== metrics URL (inside the lab): ip netns exec {} curl -s http://{metrics_addr}/metrics",
-        server.netns()
-    );
+    for node in &nodes {
+        println!(
+            "== {}metrics URL (inside the lab): ip netns exec {} curl -s http://{}/metrics",
+            if cluster {
+                format!("{}'s ", node.name)
+            } else {
+                String::new()
+            },
+            node.netns,
+            node.metrics
+        );
+    }
     if args.hold {
         println!("{}", lab.describe());
-        println!("Holding the lab and the gateway up; press Ctrl-C to stop.");
+        if cluster {
+            println!("Holding the lab, Redis and the gateway nodes up; press Ctrl-C to stop.");
+        } else {
+            println!("Holding the lab and the gateway up; press Ctrl-C to stop.");
+        }
         wait_for_ctrl_c();
     }
-    let status = gateway.stop()?;
-    println!("== gateway stopped ({status}); eBPF programs detached; removing the lab");
+    for (node, gateway) in nodes.iter().zip(gateways) {
+        let status = gateway.stop()?;
+        if cluster {
+            println!(
+                "== {} stopped ({status}); its eBPF programs detached",
+                node.name
+            );
+        } else {
+            println!("== gateway stopped ({status}); eBPF programs detached; removing the lab");
+        }
+    }
+    if cluster {
+        println!("== stopping Redis; removing the lab");
+    }
     drop(alice);
     drop(bob);
     drop(tcp_agents);
+    drop(redis);
     drop(lab);
     std::fs::remove_file(&secret_path).ok();
+    std::fs::remove_dir_all(&redis_dir).ok();
+    Ok(())
+}
+
+/// Prints a node's counters from its /metrics (and, in a cluster, its view of the
+/// cluster).
+fn print_gateway_metrics(node: &Node, gateway: &GatewayProcess, cluster: bool) -> Result<()> {
+    let text = gateway.scrape()?;
+    if cluster {
+        println!("== {}'s counters (from /metrics)", node.name);
+    } else {
+        println!("== the gateway's counters (from /metrics)");
+    }
+    let mut series = vec![
+        ("gateway_ebpf_loaded", ""),
+        ("gateway_ebpf_udp_packets_total", "direction=\"ingress\""),
+        ("gateway_ebpf_udp_packets_total", "direction=\"egress\""),
+        ("gateway_ebpf_udp_bytes_total", "direction=\"ingress\""),
+        ("gateway_ebpf_udp_bytes_total", "direction=\"egress\""),
+        ("gateway_udp_received_datagrams_total", ""),
+        (
+            "gateway_stun_datagrams_total",
+            "outcome=\"binding_success\"",
+        ),
+        ("gateway_registered_peers", ""),
+    ];
+    if cluster {
+        // Whether it reaches Redis, how many nodes it sees, and the Connects to a
+        // peer of another node it handled (counted on the initiator's node only).
+        series.extend([
+            ("gateway_cluster_up", ""),
+            ("gateway_cluster_nodes", ""),
+            (
+                "gateway_cluster_introductions_total",
+                "outcome=\"introduced\"",
+            ),
+        ]);
+    }
+    for (name, labels) in series {
+        let value = metric_value(&text, name, labels)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "(absent)".into());
+        let series = if labels.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{name}{{{labels}}}")
+        };
+        println!("   {series} {value}");
+    }
+    for line in text.lines().filter(|l| {
+        (l.starts_with("gateway_punch_attempts_total")
+            || l.starts_with("gateway_punch_outcomes_total")
+            || l.starts_with("gateway_tcp_punch_attempts_total")
+            || l.starts_with("gateway_turn_allocations")
+            || l.starts_with("gateway_relay_packets_total")
+            || (cluster
+                && (l.starts_with("gateway_cluster_introductions_total")
+                    && !l.contains("outcome=\"introduced\"")
+                    || l.starts_with("gateway_cluster_messages_total"))))
+            && !l.ends_with(" 0")
+    }) {
+        println!("   {line}");
+    }
     Ok(())
 }

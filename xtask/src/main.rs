@@ -37,9 +37,9 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Set everything up and run the demo: a NAT lab, `gateway serve` on its server,
-    /// STUN traffic from peers behind two kinds of NAT, then the eBPF counters and
-    /// the metrics.
+    /// Set everything up and run the demo: a NAT lab, `gateway serve` on its server
+    /// (with --nodes N: N nodes sharing a Redis in the lab), STUN traffic from peers
+    /// behind two kinds of NAT, then the eBPF counters and the metrics.
     Demo(demo::DemoArgs),
     /// Measure time from introduction to a direct path per NAT pair in the lab
     /// (median and p95), printing a markdown table.

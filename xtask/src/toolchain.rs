@@ -17,8 +17,9 @@ use anyhow::{Context, Result, bail};
 /// [`keep_coturn_service_off`]); python3-venv: a venv for aioice;
 /// prometheus: the dashboards test runs a real Prometheus (its own instance inside a
 /// lab namespace; the package's service is not used); redis-server (and its
-/// redis-cli): the cluster tests, the dashboards test (the cluster dashboard's lab
-/// run) and demo start their own Redis servers and Redis Clusters on free ports (the
+/// redis-cli): the cluster tests start their own Redis servers and Redis Clusters on
+/// free loopback ports, the cluster lab tests, the dashboards test (the cluster
+/// dashboard's lab run) and `demo --nodes N` one inside the lab's Redis host (the
 /// package's own service is not used).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",

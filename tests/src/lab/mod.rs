@@ -36,6 +36,22 @@ pub const SERVER_ADDRS: [Ipv4Addr; 2] =
     [Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(192, 0, 2, 11)];
 /// The core router's address on the server segment.
 pub const CORE_SERVER_SIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The most server hosts one lab can have ([`LabBuilder::servers`]).
+pub const MAX_SERVERS: usize = 8;
+/// The address of the lab's Redis host on the server segment
+/// ([`LabBuilder::redis_host`]).
+pub const REDIS_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+
+/// The two public addresses of server `k` (0-based): 192.0.2.(10k+10) and
+/// 192.0.2.(10k+11); server 0's are [`SERVER_ADDRS`]. `k` must be below
+/// [`MAX_SERVERS`].
+pub fn server_addrs(k: usize) -> [Ipv4Addr; 2] {
+    let base = u8::try_from(10 * k + 10).unwrap_or(u8::MAX - 1);
+    [
+        Ipv4Addr::new(192, 0, 2, base),
+        Ipv4Addr::new(192, 0, 2, base + 1),
+    ]
+}
 /// The most sites one lab can have (the 203.0.113.0/24 plan has 16 /28s).
 pub const MAX_SITES: usize = 16;
 
@@ -356,14 +372,28 @@ impl Site {
 pub struct Lab {
     namespaces: Vec<String>,
     core: Host,
-    server: Host,
+    /// Server 0 first; at least one.
+    servers: Vec<Host>,
+    redis: Option<Host>,
     sites: Vec<Site>,
 }
 
-/// Collects the sites of a [`Lab`] to build.
-#[derive(Debug, Clone, Default)]
+/// Collects the sites (and the public side's hosts) of a [`Lab`] to build.
+#[derive(Debug, Clone)]
 pub struct LabBuilder {
     sites: Vec<(String, NatPreset, usize)>,
+    servers: usize,
+    redis: bool,
+}
+
+impl Default for LabBuilder {
+    fn default() -> Self {
+        Self {
+            sites: Vec::new(),
+            servers: 1,
+            redis: false,
+        }
+    }
 }
 
 impl LabBuilder {
@@ -380,6 +410,24 @@ impl LabBuilder {
         self
     }
 
+    /// Puts `n` server hosts on the public segment instead of one (1..=[`MAX_SERVERS`]),
+    /// e.g. one per gateway node of a cluster. Server `k` has the addresses
+    /// [`server_addrs`]`(k)`: 192.0.2.10 and .11, 192.0.2.20 and .21, ...
+    #[must_use]
+    pub fn servers(mut self, n: usize) -> Self {
+        self.servers = n;
+        self
+    }
+
+    /// Adds a host for Redis on the public segment ([`REDIS_HOST_ADDR`], 192.0.2.100).
+    /// The lab runs nothing there; `gateway_tests::redis::RedisServer::start_in` starts
+    /// a redis-server in it, and dropping the lab kills whatever still runs there.
+    #[must_use]
+    pub fn redis_host(mut self) -> Self {
+        self.redis = true;
+        self
+    }
+
     /// Creates every namespace, link, address, route and rule set. On error everything
     /// created so far is removed.
     pub fn build(self) -> Result<Lab, LabError> {
@@ -393,7 +441,23 @@ impl LabBuilder {
             role: what,
         };
         let core = host("core", vec![CORE_SERVER_SIDE], "core router".to_owned());
-        let server = host("srv", SERVER_ADDRS.to_vec(), "server".to_owned());
+        // Server 0 keeps the names of a one-server lab.
+        let servers = (0..self.servers)
+            .map(|k| {
+                if k == 0 {
+                    host("srv", SERVER_ADDRS.to_vec(), "server".to_owned())
+                } else {
+                    host(
+                        &format!("srv{k}"),
+                        server_addrs(k).to_vec(),
+                        format!("server {k}"),
+                    )
+                }
+            })
+            .collect();
+        let redis = self
+            .redis
+            .then(|| host("redis", vec![REDIS_HOST_ADDR], "redis host".to_owned()));
         let mut sites = Vec::new();
         for (index, (name, preset, n_hosts)) in self.sites.into_iter().enumerate() {
             let plan = AddressPlan::new(index, &preset);
@@ -423,7 +487,8 @@ impl LabBuilder {
         let mut lab = Lab {
             namespaces: Vec::new(),
             core,
-            server,
+            servers,
+            redis,
             sites,
         };
         lab.create()?;
@@ -431,6 +496,12 @@ impl LabBuilder {
     }
 
     fn validate(&self) -> Result<(), LabError> {
+        if self.servers == 0 || self.servers > MAX_SERVERS {
+            return Err(LabError::Invalid(format!(
+                "{} servers; 1..={MAX_SERVERS}",
+                self.servers
+            )));
+        }
         if self.sites.len() > MAX_SITES {
             return Err(LabError::Invalid(format!(
                 "{} sites; at most {MAX_SITES}",
@@ -563,9 +634,27 @@ impl Lab {
         LabBuilder::default()
     }
 
-    /// The server host (addresses 192.0.2.10 and 192.0.2.11).
+    /// The server host (addresses 192.0.2.10 and 192.0.2.11); with several servers,
+    /// server 0.
     pub fn server(&self) -> &Host {
-        &self.server
+        &self.servers[0]
+    }
+
+    /// Every server host, server 0 first ([`LabBuilder::servers`]; server `k` has the
+    /// addresses [`server_addrs`]`(k)`).
+    pub fn servers(&self) -> &[Host] {
+        &self.servers
+    }
+
+    /// The Redis host (192.0.2.100), if the lab was built with
+    /// [`LabBuilder::redis_host`].
+    pub fn redis_host(&self) -> Option<&Host> {
+        self.redis.as_ref()
+    }
+
+    /// The hosts on the public segment: the servers, then the Redis host.
+    fn public_hosts(&self) -> Vec<Host> {
+        self.servers.iter().chain(&self.redis).cloned().collect()
     }
 
     /// The core router joining the server and every site's WAN.
@@ -596,9 +685,11 @@ impl Lab {
 
     fn create(&mut self) -> Result<(), LabError> {
         let core = self.core.netns.clone();
-        let server = self.server.netns.clone();
+        let public = self.public_hosts();
         self.add_ns(&core)?;
-        self.add_ns(&server)?;
+        for host in &public {
+            self.add_ns(&host.netns)?;
+        }
         let sites = self.sites.clone();
         for site in &sites {
             self.add_ns(&site.router.netns)?;
@@ -607,12 +698,28 @@ impl Lab {
             }
         }
 
-        // Core: veths to the server and to every router's WAN, created in place.
+        // Core: veths to the server segment and to every router's WAN, created in
+        // place. One public host: a veth `s0` straight to its eth0. Several (servers,
+        // the Redis host): `s0` is a bridge with one veth port `s0p<k>` per host.
         let mut script = String::from("link set lo up\n");
-        let _ = writeln!(
-            script,
-            "link add s0 type veth peer name eth0 netns {server}"
-        );
+        if let [only] = public.as_slice() {
+            let _ = writeln!(
+                script,
+                "link add s0 type veth peer name eth0 netns {}",
+                only.netns
+            );
+        } else {
+            let _ = writeln!(script, "link add s0 type bridge");
+            for (k, host) in public.iter().enumerate() {
+                let _ = writeln!(
+                    script,
+                    "link add s0p{k} type veth peer name eth0 netns {}",
+                    host.netns
+                );
+                let _ = writeln!(script, "link set s0p{k} master s0");
+                let _ = writeln!(script, "link set s0p{k} up");
+            }
+        }
         let _ = writeln!(script, "addr add {CORE_SERVER_SIDE}/24 dev s0");
         let _ = writeln!(script, "link set s0 up");
         for site in &sites {
@@ -628,15 +735,17 @@ impl Lab {
         }
         netns::ip_batch(&core, &script)?;
 
-        // Server: two addresses on one segment.
-        let mut script = String::from("link set lo up\n");
-        for a in SERVER_ADDRS {
-            let _ = writeln!(script, "addr add {a}/24 dev eth0");
+        // Public hosts: their addresses (a server has two) on one segment.
+        for host in &public {
+            let mut script = String::from("link set lo up\n");
+            for a in &host.addrs {
+                let _ = writeln!(script, "addr add {a}/24 dev eth0");
+            }
+            let _ = writeln!(script, "link set eth0 up");
+            let _ = writeln!(script, "route add default via {CORE_SERVER_SIDE}");
+            netns::ip_batch(&host.netns, &script)?;
+            netns::sysctls(&host.netns, common_sysctls(&host.netns, false)?)?;
         }
-        let _ = writeln!(script, "link set eth0 up");
-        let _ = writeln!(script, "route add default via {CORE_SERVER_SIDE}");
-        netns::ip_batch(&server, &script)?;
-        netns::sysctls(&server, common_sysctls(&server, false)?)?;
 
         for site in &sites {
             let plan = AddressPlan::new(site.index, &site.preset);
@@ -735,7 +844,14 @@ impl Lab {
         if !script.is_empty() {
             netns::ip_batch(&core, &script)?;
         }
-        netns::sysctls(&core, common_sysctls(&core, true)?)?;
+        let mut sysctls = common_sysctls(&core, true)?;
+        if public.len() > 1 {
+            sysctls.push((
+                "net/bridge/bridge-nf-call-iptables".to_owned(),
+                "?0".to_owned(),
+            ));
+        }
+        netns::sysctls(&core, sysctls)?;
         Ok(())
     }
 
@@ -757,7 +873,9 @@ impl Lab {
                 h.netns
             );
         };
-        line(&mut s, &self.server);
+        for host in self.public_hosts() {
+            line(&mut s, &host);
+        }
         line(&mut s, &self.core);
         for site in &self.sites {
             let _ = writeln!(
