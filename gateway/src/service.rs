@@ -150,6 +150,13 @@ pub async fn run_with_alternates(
         if count == 0 {
             continue;
         }
+        // Let the rest of this worker's tasks run between batches: under a flood the
+        // socket is always readable, so this loop would otherwise never return to the
+        // scheduler, and a task spawned from it (a relay socket's, in this worker's
+        // LIFO slot, which other workers cannot steal) would never run: the peer-to-
+        // client direction starved to nothing (issue: the relay's starved return
+        // path).
+        tokio::task::yield_now().await;
         handle_batch(
             &batch,
             &metrics,

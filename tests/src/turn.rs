@@ -151,6 +151,14 @@ impl BlockingClient {
         Ok(framing)
     }
 
+    /// Sends bytes already framed (e.g. ChannelData built once with
+    /// [`Client::encode_send`]) to the server from this client's socket, without
+    /// driving the client: a load generator's inner loop.
+    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), DriveError> {
+        self.socket.send_to(bytes, self.client.server())?;
+        Ok(())
+    }
+
     /// Drives timers and datagrams for `duration` (e.g. to let a close go out).
     pub fn run_for(&mut self, duration: Duration) -> Result<(), DriveError> {
         let deadline = Instant::now() + duration;
