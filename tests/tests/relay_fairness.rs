@@ -229,10 +229,10 @@ fn a_paced_flow_back_loses_under_one_percent_while_another_client_floods() {
         let Ok(received) = receiver.recv(Duration::from_millis(200)) else {
             continue;
         };
-        if let Ok(seq) = <[u8; 4]>::try_from(received.data.as_slice()) {
-            if let Some(slot) = seen.get_mut(u32::from_be_bytes(seq) as usize) {
-                *slot = true;
-            }
+        if let Ok(seq) = <[u8; 4]>::try_from(received.data.as_slice())
+            && let Some(slot) = seen.get_mut(u32::from_be_bytes(seq) as usize)
+        {
+            *slot = true;
         }
     }
     pacer.join().expect("pacer");
