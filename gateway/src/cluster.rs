@@ -26,7 +26,7 @@
 //! are sent. The request queue is bounded; a full queue drops (counted).
 use std::{
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -51,6 +51,7 @@ use crate::{
             cluster::{ClusterMessage, ClusterRequest, PeerEntry, moved_notice},
         },
     },
+    rendezvous::{SharedRendezvous, lock},
     udp::{SendScratch, ServiceSocket, send_transmits},
 };
 
@@ -223,7 +224,7 @@ impl ClusterLink {
 
 /// What the cluster tasks share.
 struct ClusterShared {
-    core: Arc<Mutex<RendezvousServer>>,
+    core: SharedRendezvous,
     service: ServiceSocket,
     metrics: Metrics,
     cluster_metrics: ClusterMetrics,
@@ -358,7 +359,7 @@ pub fn start(
     config: &ClusterConfig,
     node_id: String,
     lifetime: Duration,
-    core: Arc<Mutex<RendezvousServer>>,
+    core: SharedRendezvous,
     service: ServiceSocket,
     metrics: Metrics,
 ) -> Result<ClusterLink, ClusterError> {
@@ -416,10 +417,6 @@ pub fn start(
     tokio::spawn(reader(shared.clone()));
     tokio::spawn(heartbeat(shared));
     Ok(link)
-}
-
-fn lock(core: &Mutex<RendezvousServer>) -> std::sync::MutexGuard<'_, RendezvousServer> {
-    core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn unix_now() -> Duration {

@@ -24,6 +24,7 @@ pub mod ebpf;
 pub mod fast_path;
 pub mod metrics;
 pub mod observe;
+pub mod rendezvous;
 /// The sans-IO protocol core, re-exported so `gateway::proto::...` paths keep working.
 pub use gateway_proto as proto;
 pub mod service;

@@ -743,7 +743,7 @@ async fn serve_async(config: Config) -> Result<()> {
     let cluster = match (&rendezvous, config.cluster.enabled()) {
         (Some(core), true) => {
             let node = gateway::cluster::node_id(&config.cluster)?;
-            lock_core(core).enable_cluster(node.clone());
+            gateway::rendezvous::lock(core).enable_cluster(node.clone());
             let link = gateway::cluster::start(
                 &config.cluster,
                 node.clone(),
@@ -849,12 +849,6 @@ async fn serve_async(config: Config) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Locks the rendezvous core for set-up (no loop runs yet).
-fn lock_core(core: &Mutex<RendezvousServer>) -> std::sync::MutexGuard<'_, RendezvousServer> {
-    core.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn shutdown_signal() {

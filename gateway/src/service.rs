@@ -1,48 +1,34 @@
 //! The service loop: receives batches on a service socket, demultiplexes each
 //! datagram (TURN methods and ChannelData to the TURN driver, everything else to the
 //! rendezvous core or, without one, the Binding service), runs the cores' timers and
-//! sends what they return. The batched socket I/O itself is in [`crate::udp`].
+//! sends what they return. The batched socket I/O itself is in [`crate::udp`], the
+//! rendezvous core's driver in [`crate::rendezvous`].
 //!
 //! Lock order by structure: a batch is handled in two passes. [`relay_pass`] hands
 //! the TURN messages and ChannelData to the relay, whose methods take and release
-//! its lock inside and never return a guard. [`core_pass`] then handles every other
-//! datagram under one lock of the rendezvous core; it is given no relay. The core's
-//! guard exists only in the functions below that take a [`SharedRendezvous`] and no
-//! relay, so the two locks can never be held together. The passes' replies are
+//! its lock inside and never return a guard. [`core_pass`] (in the rendezvous driver,
+//! a module that cannot reach the relay) then handles every other datagram under one
+//! lock of the rendezvous core, so the two locks can never be held together. The passes' replies are
 //! merged back into the order of the datagrams they answer ([`merge_replies`]), so
 //! every client gets its replies in the order of its requests, as when the batch was
 //! handled in one pass.
-use std::{
-    future::Future,
-    net::SocketAddr,
-    sync::{Arc, Mutex, MutexGuard, PoisonError},
-    time::{Instant, SystemTime, UNIX_EPOCH},
-};
+use std::{future::Future, sync::Arc, time::Instant};
 
 use crate::{
     cluster::ClusterLink,
     metrics::Metrics,
     proto::{
-        MAIN_SOCKET, Transmit,
+        Transmit,
         binding::BindingService,
         earliest,
-        rendezvous::{
-            ForgedSynAck, RendezvousEvent, RendezvousHandled, RendezvousServer,
-            cluster::ClusterRequest, discovery_index,
-        },
+        rendezvous::{ForgedSynAck, cluster::ClusterRequest, discovery_index},
         stun::{Message, MessageType},
         turn::{self, server::TurnServer},
     },
+    rendezvous::{SharedRendezvous, core_deadline, core_pass, core_timeout, inject_forged},
     turn::RelayShared,
     udp::{Datagram, RecvBatch, SendScratch, ServiceSocket, send_transmits},
 };
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// True when a STUN-looking datagram carries a TURN method (cheap header peek, so
 /// the relay's messages skip the rendezvous).
@@ -51,18 +37,6 @@ fn is_turn_message(datagram: &[u8]) -> bool {
         && TurnServer::is_turn_method(
             MessageType::from_bits(u16::from_be_bytes([datagram[0], datagram[1]])).method,
         )
-}
-
-/// The rendezvous core as the driver loops share it: each loop holds the lock only
-/// while the core handles one received batch (sans-IO, no I/O under the lock);
-/// receiving and sending run outside it, in parallel.
-pub type SharedRendezvous = Arc<Mutex<RendezvousServer>>;
-
-/// Locks the shared core (a loop that panicked while holding it left the core
-/// consistent between calls, so its state is used as is). Called only where no relay
-/// is in reach (see the module's doc).
-fn lock(core: &SharedRendezvous) -> MutexGuard<'_, RendezvousServer> {
-    core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Serves the socket until `shutdown` completes. With a rendezvous core every
@@ -179,23 +153,6 @@ pub async fn run_with_alternates(
     }
 }
 
-/// When the rendezvous core's timer falls due (its lock held for the read only).
-fn core_deadline(core: &SharedRendezvous) -> Option<Instant> {
-    lock(core).poll_timeout()
-}
-
-/// Runs the rendezvous core's timer if it is still due under the lock (another loop
-/// may have run it since the deadline was read), collecting what it produced (answers
-/// to Connects that waited for the cluster, metrics events, cluster requests).
-fn core_timeout(core: &SharedRendezvous, now: Instant, metrics: &Metrics, out: &mut BatchOutput) {
-    let mut server = lock(core);
-    if server.poll_timeout().is_some_and(|at| at <= now) {
-        server.handle_timeout(now, unix_now());
-        drain_core(&mut server, metrics, out, None);
-        metrics.registered_peers.set(server.peer_count() as i64);
-    }
-}
-
 /// Hands the cluster requests one batch produced to the cluster's queue (dropped
 /// when the node is not part of a cluster: the core emits none then).
 fn submit(cluster: Option<&ClusterLink>, requests: &mut Vec<ClusterRequest>) {
@@ -205,52 +162,27 @@ fn submit(cluster: Option<&ClusterLink>, requests: &mut Vec<ClusterRequest>) {
     }
 }
 
-/// Takes everything the core queued: service-socket replies (tagged with the index
-/// of the datagram they answer, when there is one), CHANGE-REQUEST answers for the
-/// discovery sockets, SYN-ACKs to forge, cluster requests and metrics events.
-fn drain_core(
-    server: &mut RendezvousServer,
-    metrics: &Metrics,
-    out: &mut BatchOutput,
-    index: Option<usize>,
-) {
-    while let Some(transmit) = server.poll_transmit() {
-        match (transmit.socket == MAIN_SOCKET, index) {
-            (true, Some(index)) => out.core_replies.push((index, transmit)),
-            (true, None) => out.transmits.push(transmit),
-            (false, _) => out.redirected.push(transmit),
-        }
-    }
-    while let Some(event) = server.poll_event() {
-        match event {
-            RendezvousEvent::ForgeSynAck(synack) => out.forged.push(synack),
-            RendezvousEvent::Cluster(request) => out.cluster.push(request),
-            event => metrics.record(&event),
-        }
-    }
-}
-
 /// What one batch produced, in buffers kept across batches (cleared, never shrunk,
 /// so the buffers themselves are not reallocated per batch).
 #[derive(Default)]
-struct BatchOutput {
+pub(crate) struct BatchOutput {
     /// Per datagram of the batch, in order: whether the relay took it.
-    relay_took: Vec<bool>,
+    pub(crate) relay_took: Vec<bool>,
     /// The relay's replies, each with the index of the datagram it answers.
-    relay_replies: Vec<(usize, Transmit)>,
+    pub(crate) relay_replies: Vec<(usize, Transmit)>,
     /// The core's (or the Binding service's) replies from the service socket, each
     /// with the index of the datagram it answers.
-    core_replies: Vec<(usize, Transmit)>,
+    pub(crate) core_replies: Vec<(usize, Transmit)>,
     /// What the service socket sends: both passes' replies in the order of the
     /// datagrams they answer.
-    transmits: Vec<Transmit>,
+    pub(crate) transmits: Vec<Transmit>,
     /// CHANGE-REQUEST answers for the discovery sockets (socket numbers as the core
     /// set them, see [`discovery_index`]).
-    redirected: Vec<Transmit>,
+    pub(crate) redirected: Vec<Transmit>,
     /// SYN-ACKs the core wants forged (server-assisted TCP splicing).
-    forged: Vec<ForgedSynAck>,
+    pub(crate) forged: Vec<ForgedSynAck>,
     /// What the core asks of the cluster (Redis), in order.
-    cluster: Vec<ClusterRequest>,
+    pub(crate) cluster: Vec<ClusterRequest>,
 }
 
 impl BatchOutput {
@@ -326,30 +258,6 @@ fn relay_pass(
     }
 }
 
-/// Pass 2: every datagram the relay did not take, through the rendezvous core under
-/// one lock, taken here and released on return. Given no relay, so the relay's lock
-/// cannot be taken while the core's is held. The core's queues are drained after
-/// each datagram, so they never hold more than one datagram's output.
-fn core_pass(batch: &RecvBatch, metrics: &Metrics, core: &SharedRendezvous, out: &mut BatchOutput) {
-    let mut server = lock(core);
-    // Borrowed out of `out` while the loop fills the rest of it; put back below.
-    let relay_took = std::mem::take(&mut out.relay_took);
-    let datagrams = batch.datagrams().enumerate().zip(&relay_took);
-    for ((index, datagram), _) in datagrams.filter(|(_, took)| !**took) {
-        let Datagram { from, local, bytes } = datagram;
-        let handled = server.handle_datagram(Instant::now(), unix_now(), from, local, bytes);
-        drain_core(&mut server, metrics, out, Some(index));
-        if matches!(handled, RendezvousHandled::Registered) {
-            metrics.registered_peers.set(server.peer_count() as i64);
-        }
-        metrics
-            .stun_datagrams
-            .with_label_values(&[handled.as_str()])
-            .inc();
-    }
-    out.relay_took = relay_took;
-}
-
 /// Pass 2 without a rendezvous core: the plain Binding service answers.
 fn binding_pass(batch: &RecvBatch, metrics: &Metrics, out: &mut BatchOutput) {
     let mut reply = Vec::new();
@@ -390,37 +298,13 @@ fn merge_replies(
     }
 }
 
-/// Crafts and sends one SYN-ACK the core asked for (server-assisted TCP splicing):
-/// a raw IPv4 or IPv6 packet whose source is the other peer's public TCP endpoint,
-/// counted in `gateway_tcp_forged_synacks_total` once the kernel took it.
-fn inject_forged(
-    injector: &mut crate::tcp_raw::Injector,
-    synack: &ForgedSynAck,
-    metrics: &Metrics,
-) {
-    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let segment = crate::tcp_raw::Segment::syn_ack(
-        canonical(synack.src),
-        canonical(synack.dst),
-        synack.seq,
-        synack.ack,
-    );
-    match injector.send(&segment) {
-        Ok(()) => {
-            metrics.tcp_forged_synacks.inc();
-            tracing::debug!(src = %segment.src, dst = %segment.dst, seq = synack.seq, ack = synack.ack, "forged SYN-ACK sent");
-        }
-        Err(e) => tracing::warn!(dst = %segment.dst, "cannot send a forged SYN-ACK: {e}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn replies_keep_the_order_of_the_datagrams_they_answer() {
-        let to: SocketAddr = "192.0.2.1:9".parse().expect("address");
+        let to: std::net::SocketAddr = "192.0.2.1:9".parse().expect("address");
         let reply = |n: u8| Transmit::udp(to, vec![n]);
         // Datagrams 0 and 3 went to the relay, 1, 2 and 5 to the core (4 got nothing).
         let mut relay = vec![(0, reply(0)), (3, reply(3)), (3, reply(4))];
