@@ -60,6 +60,8 @@ enum Command {
     /// Measure introductions per second end to end through the real `gateway serve`
     /// on loopback (release build), next to STUN Binding requests per second through
     /// the same server as the baseline; also the server's CPU per request and memory.
+    /// With --nodes N, also N nodes sharing one Redis, every introduction crossing
+    /// nodes, side by side with one node alone (see docs/benchmarks.md, "Cluster").
     BenchRendezvous(rendezvous_bench::RendezvousBenchArgs),
     /// Redis memory per registered peer of a cluster: write N realistic registry
     /// entries (the driver's encoding and keys, `SET gw:peer:<id> .. EX 60`,
