@@ -7,17 +7,28 @@
 //! outstanding. Reports requests answered per second, the server's CPU per request
 //! (from /proc/PID/stat) and its RSS before and after registering.
 //!
-//! `cargo xtask bench-rendezvous` builds this in release mode, starts the server and
-//! runs it; see docs/benchmarks.md. It is an example rather than part of xtask so it
-//! is compiled with optimisations (xtask itself runs as a debug build).
+//! Several nodes of a cluster (`--server` and `--server-pid` repeated): peer *i*
+//! registers with node *i* mod *n* and sends everything there, and each peer's
+//! Connect target is the next peer registered on *another* node (every introduction
+//! crosses nodes). With `--redis-port` the Redis command counts (`INFO
+//! commandstats`) are read before and after each Connect phase and reported per
+//! introduction; per-process CPU covers every node, Redis and the generator.
+//!
+//! `cargo xtask bench-rendezvous` builds this in release mode, starts the server(s)
+//! and runs it; see docs/benchmarks.md. It is an example rather than part of xtask so
+//! it is compiled with optimisations (xtask itself runs as a debug build).
 //!
 //! Usage: `rendezvous_load --server 127.0.0.1:PORT --server-pid PID --secret-file FILE
-//! [--peers 16000] [--seconds 5] [--rounds 2] [--window 256] [--sign-each]`
+//! [--server ADDR2 --server-pid PID2 ...] [--redis-port PORT --redis-pid PID]
+//! [--peers 16000] [--seconds 5] [--rounds 2] [--window 256] [--sign-each]
+//! [--summary FILE]`
 use std::{
     collections::BTreeMap,
+    io::Write,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
     path::PathBuf,
+    process::Command,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -35,12 +46,22 @@ use gateway::proto::{
 /// Options.
 #[derive(Debug, Parser)]
 struct Args {
-    /// The gateway's UDP service address (loopback).
+    /// The gateway's UDP service address (loopback). Repeated for the nodes of a
+    /// cluster: peer i talks to the (i mod n)-th only.
+    #[arg(long, required = true)]
+    server: Vec<SocketAddr>,
+    /// The gateway's process id, for its CPU time and RSS (one per --server).
+    #[arg(long, required = true)]
+    server_pid: Vec<u32>,
+    /// The cluster's Redis (127.0.0.1:PORT): its command counts per introduction.
     #[arg(long)]
-    server: SocketAddr,
-    /// The gateway's process id, for its CPU time and RSS.
+    redis_port: Option<u16>,
+    /// The Redis server's process id, for its CPU time.
     #[arg(long)]
-    server_pid: u32,
+    redis_pid: Option<u32>,
+    /// Append one `key=value` line per measured figure to this file (for xtask).
+    #[arg(long)]
+    summary: Option<PathBuf>,
     /// The gateway's shared-secret file (to issue peer credentials).
     #[arg(long)]
     secret_file: PathBuf,
@@ -142,6 +163,9 @@ struct Counts {
     errors: BTreeMap<u16, u64>,
     lost: u64,
     unexpected: u64,
+    /// Answered while draining after the phase (not in `answered` nor the rate; for
+    /// a Connect, still an introduction made).
+    answered_late: u64,
 }
 
 /// Buffers of one recvmmsg: datagrams, their sources and control messages.
@@ -156,7 +180,8 @@ struct Load {
     /// The one socket all peers share: bound to 0.0.0.0:PORT, so every peer address
     /// 127.77.x.y:PORT arrives here; sends pick their source with IP_PKTINFO.
     socket: UdpSocket,
-    server: libc::sockaddr_in,
+    /// The nodes: peer i talks to `servers[i % servers.len()]`.
+    servers: Vec<libc::sockaddr_in>,
     next: usize,
     outstanding: usize,
     window: usize,
@@ -223,11 +248,29 @@ fn set_option(fd: i32, level: i32, name: i32, value: i32) -> std::io::Result<()>
     }
 }
 
+/// The peer that peer `i` connects to: the next one, or with several nodes the
+/// next one registered on another node than `i`'s.
+fn target_of(i: usize, peers: usize, nodes: usize) -> usize {
+    let next = (i + 1) % peers.max(1);
+    if nodes < 2 {
+        return next;
+    }
+    (1..peers)
+        .map(|k| (i + k) % peers)
+        .find(|j| j % nodes != i % nodes)
+        .unwrap_or(next)
+}
+
 impl Load {
     fn new(args: &Args) -> std::io::Result<Self> {
-        let SocketAddr::V4(server) = args.server else {
-            return Err(std::io::Error::other("the server address must be IPv4"));
-        };
+        let servers = args
+            .server
+            .iter()
+            .map(|server| match server {
+                SocketAddr::V4(server) => Ok(sockaddr_v4(*server)),
+                SocketAddr::V6(_) => Err(std::io::Error::other("server addresses must be IPv4")),
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         if args.peers > MAX_PEERS {
             return Err(std::io::Error::other(format!(
                 "at most {MAX_PEERS} peers (one 127.77.x.y address each)"
@@ -256,7 +299,7 @@ impl Load {
                     username: issued.username,
                     password: issued.password,
                 },
-                target: format!("load-{}", (i + 1) % args.peers),
+                target: format!("load-{}", target_of(i, args.peers, servers.len())),
                 nonce: None,
                 in_flight: None,
                 registered: false,
@@ -266,7 +309,7 @@ impl Load {
         Ok(Self {
             peers,
             socket,
-            server: sockaddr_v4(server),
+            servers,
             next: 0,
             outstanding: 0,
             window: args.window,
@@ -349,8 +392,12 @@ impl Load {
                 iov_base: peer.request.as_ptr().cast_mut().cast(),
                 iov_len: peer.request.len(),
             };
+            let Some(server) = self.servers.get(i % self.servers.len()) else {
+                continue;
+            };
             let msg = &mut header.msg_hdr;
-            msg.msg_name = (&raw mut self.server).cast();
+            // sendmmsg only reads the destination.
+            msg.msg_name = (&raw const *server).cast_mut().cast();
             msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             msg.msg_iov = iovec;
             msg.msg_iovlen = 1;
@@ -500,8 +547,10 @@ impl Load {
             .zip(batch.sources.iter())
             .take(got.max(0) as usize)
         {
-            let from_server = source.sin_port == self.server.sin_port
-                && source.sin_addr.s_addr == self.server.sin_addr.s_addr;
+            let from_server = self.servers.iter().any(|server| {
+                source.sin_port == server.sin_port
+                    && source.sin_addr.s_addr == server.sin_addr.s_addr
+            });
             let peer = destination(&header.msg_hdr).and_then(peer_index);
             match (from_server, peer, buffer.get(..header.msg_len as usize)) {
                 (true, Some(i), Some(datagram)) if i < self.peers.len() => {
@@ -613,6 +662,7 @@ impl Load {
         while Instant::now() < quiet_end {
             self.poll(phase, true, &mut ignored);
         }
+        counts.answered_late = ignored.answered;
         for peer in &mut self.peers {
             peer.in_flight = None;
         }
@@ -652,16 +702,94 @@ fn error_code(datagram: &[u8]) -> u16 {
         .unwrap_or(0)
 }
 
+/// Calls per command (`cmdstat_<name>:calls=N,...`) from `redis-cli INFO
+/// commandstats`; empty when Redis cannot be asked.
+fn commandstats(port: u16) -> BTreeMap<String, u64> {
+    let Ok(output) = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "INFO", "commandstats"])
+        .output()
+    else {
+        return BTreeMap::new();
+    };
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (name, stats) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("calls="))?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// Lines of `key=value` figures for xtask (nothing without `--summary`).
+struct Summary(Option<std::fs::File>);
+
+impl Summary {
+    fn line(&mut self, text: &str) {
+        if let Some(file) = &mut self.0
+            && let Err(e) = writeln!(file, "{text}")
+        {
+            eprintln!("summary: {e}");
+        }
+    }
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Register => "register",
+        Phase::Binding => "binding",
+        Phase::Connect => "connect",
+    }
+}
+
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let pid = args.server_pid.to_string();
+    if args.server.len() != args.server_pid.len() {
+        return Err(std::io::Error::other(
+            "give one --server-pid per --server, in the same order",
+        ));
+    }
+    let nodes = args.server.len();
+    let server_pids: Vec<String> = args.server_pid.iter().map(u32::to_string).collect();
     let own = std::process::id().to_string();
+    // Every process whose CPU is reported, by label.
+    let mut processes: Vec<(String, String)> = server_pids
+        .iter()
+        .enumerate()
+        .map(|(k, pid)| {
+            let label = if nodes == 1 {
+                "gateway".to_owned()
+            } else {
+                format!("node-{}", k + 1)
+            };
+            (label, pid.clone())
+        })
+        .collect();
+    if let Some(pid) = args.redis_pid {
+        processes.push(("redis".into(), pid.to_string()));
+    }
+    processes.push(("generator".into(), own.clone()));
+    let servers_cpu = || server_pids.iter().map(|p| cpu_seconds(p)).sum::<f64>();
+    let servers_rss = || args.server_pid.iter().map(|&p| rss_mib(p)).sum::<f64>();
+    let mut summary = Summary(match &args.summary {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+        None => None,
+    });
     let mut load = Load::new(&args)?;
-    let rss_before = rss_mib(args.server_pid);
+    let rss_before = servers_rss();
 
     // Registration: first contact (401 with a nonce), then Register with the nonce.
     let started = Instant::now();
-    let cpu_before = cpu_seconds(&pid);
+    let cpu_before = servers_cpu();
     let mut register_sent = 0;
     let mut registered = 0;
     let mut register_errors: BTreeMap<u16, u64> = BTreeMap::new();
@@ -677,10 +805,17 @@ fn main() -> std::io::Result<()> {
         }
     }
     let register_elapsed = started.elapsed();
-    let register_cpu = cpu_seconds(&pid) - cpu_before;
-    let rss_after = rss_mib(args.server_pid);
+    let register_cpu = servers_cpu() - cpu_before;
+    let rss_after = servers_rss();
     let peers = load.peers.len();
     let missing = load.peers.iter().filter(|p| !p.registered).count();
+    if nodes > 1 {
+        println!(
+            "{nodes} nodes: peer i registers with node (i mod {nodes}) + 1 and connects to the \
+             next peer registered on another node (every introduction crosses nodes); server \
+             figures are the nodes' sums"
+        );
+    }
     println!(
         "registered {registered}/{peers} peers in {:.2} s ({:.0} peers/s, two requests each: {register_sent} sent, \
          answers other than success: {register_errors:?}); server CPU {:.1} µs per registration",
@@ -704,14 +839,44 @@ fn main() -> std::io::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let duration = Duration::from_secs(args.seconds);
-    let mut summary: Vec<(Phase, f64, f64)> = Vec::new();
+    let mut summary_rows: Vec<(Phase, f64, f64)> = Vec::new();
+    // Per phase: (round, phase, each process's share of one core).
+    let mut utilisation: Vec<(usize, Phase, Vec<f64>)> = Vec::new();
+    // Per Connect phase: (round, introductions, Redis calls by command).
+    let mut redis_calls: Vec<(usize, u64, BTreeMap<String, u64>)> = Vec::new();
     for round in 1..=args.rounds {
         for phase in [Phase::Binding, Phase::Connect] {
-            let server_before = cpu_seconds(&pid);
+            let stats_before = match (phase, args.redis_port) {
+                (Phase::Connect, Some(port)) => Some(commandstats(port)),
+                _ => None,
+            };
+            let cpu_before: Vec<f64> = processes.iter().map(|(_, p)| cpu_seconds(p)).collect();
+            let server_before = servers_cpu();
             let own_before = cpu_seconds(&own);
             let (counts, elapsed) = load.run(phase, duration);
-            let server_cpu = cpu_seconds(&pid) - server_before;
+            let server_cpu = servers_cpu() - server_before;
             let own_cpu = cpu_seconds(&own) - own_before;
+            let shares: Vec<f64> = processes
+                .iter()
+                .zip(&cpu_before)
+                .map(|((_, p), before)| (cpu_seconds(p) - before) / elapsed.as_secs_f64())
+                .collect();
+            if let (Some(before), Some(port)) = (stats_before, args.redis_port) {
+                let after = commandstats(port);
+                let delta: BTreeMap<String, u64> = after
+                    .into_iter()
+                    // Our own INFO is not the cluster's work.
+                    .filter(|(name, _)| name != "info")
+                    .map(|(name, calls)| {
+                        let was = before.get(&name).copied().unwrap_or(0);
+                        (name, calls.saturating_sub(was))
+                    })
+                    .filter(|&(_, calls)| calls > 0)
+                    .collect();
+                // Every introduction made while the counters ran, those answered
+                // during the drain included.
+                redis_calls.push((round, counts.answered + counts.answered_late, delta));
+            }
             let rate = counts.answered as f64 / elapsed.as_secs_f64();
             let per = |cpu: f64| cpu * 1e6 / counts.answered.max(1) as f64;
             println!(
@@ -728,11 +893,95 @@ fn main() -> std::io::Result<()> {
                 counts.lost,
                 counts.introductions_received,
             );
-            summary.push((phase, rate, per(server_cpu)));
+            let error_codes: Vec<String> = counts
+                .errors
+                .iter()
+                .map(|(code, n)| format!("{code}:{n}"))
+                .collect();
+            summary.line(&format!(
+                "phase kind={} round={round} rate={rate:.0} sent={} answered={} errors={} \
+                 error_codes={} lost={} introductions_received={} elapsed={:.3} \
+                 server_cpu_us={:.2} generator_cpu_us={:.2}",
+                phase_name(phase),
+                counts.sent,
+                counts.answered,
+                counts.errors.values().sum::<u64>(),
+                if error_codes.is_empty() {
+                    "-".to_owned()
+                } else {
+                    error_codes.join(",")
+                },
+                counts.lost,
+                counts.introductions_received,
+                elapsed.as_secs_f64(),
+                per(server_cpu),
+                per(own_cpu),
+            ));
+            for ((label, _), share) in processes.iter().zip(&shares) {
+                summary.line(&format!(
+                    "cpu kind={} round={round} process={label} percent={:.1}",
+                    phase_name(phase),
+                    share * 100.0
+                ));
+            }
+            utilisation.push((round, phase, shares));
+            summary_rows.push((phase, rate, per(server_cpu)));
         }
     }
+
+    println!();
+    println!(
+        "CPU of each process during each phase, % of one core (utime + stime over the phase):"
+    );
+    println!();
+    let labels: Vec<&str> = processes.iter().map(|(l, _)| l.as_str()).collect();
+    println!("| round | phase | {} | total |", labels.join(" | "));
+    println!("|---|---|{}---|", "---|".repeat(labels.len()));
+    for (round, phase, shares) in &utilisation {
+        let cells: Vec<String> = shares
+            .iter()
+            .map(|s| format!("{:.0}%", s * 100.0))
+            .collect();
+        println!(
+            "| {round} | {} | {} | {:.0}% |",
+            phase_name(*phase),
+            cells.join(" | "),
+            shares.iter().sum::<f64>() * 100.0
+        );
+    }
+
+    if !redis_calls.is_empty() {
+        println!();
+        println!(
+            "Redis commands during each Connect phase (INFO commandstats before and after, \
+             less the INFO itself), per introduction made (answered in the phase or while \
+             draining after it):"
+        );
+        println!();
+        println!("| round | introductions | command | calls | per introduction |");
+        println!("|---|---|---|---|---|");
+        for (round, introductions, delta) in &redis_calls {
+            let per = |calls: u64| calls as f64 / (*introductions).max(1) as f64;
+            for (name, calls) in delta {
+                println!(
+                    "| {round} | {introductions} | {} | {calls} | {:.3} |",
+                    name.to_uppercase(),
+                    per(*calls)
+                );
+                summary.line(&format!(
+                    "redis round={round} introductions={introductions} command={name} calls={calls}"
+                ));
+            }
+            let total: u64 = delta.values().sum();
+            println!(
+                "| {round} | {introductions} | all | {total} | {:.3} |",
+                per(total)
+            );
+        }
+    }
+
     let best = |phase: Phase| {
-        summary
+        summary_rows
             .iter()
             .filter(|(p, _, _)| *p == phase)
             .map(|&(_, rate, cpu)| (rate, cpu))

@@ -485,7 +485,8 @@ impl ClusterShared {
     }
 }
 
-fn peer_key(peer_id: &str) -> String {
+/// The registry key of `peer_id` (`gw:peer:<id>`).
+pub fn peer_key(peer_id: &str) -> String {
     format!("{PEER_KEY_PREFIX}{peer_id}")
 }
 

@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod ebpf_bench;
+mod redis_memory;
 mod relay_bench;
 mod rendezvous_bench;
 mod toolchain;
@@ -59,7 +60,14 @@ enum Command {
     /// Measure introductions per second end to end through the real `gateway serve`
     /// on loopback (release build), next to STUN Binding requests per second through
     /// the same server as the baseline; also the server's CPU per request and memory.
+    /// With --nodes N, also N nodes sharing one Redis, every introduction crossing
+    /// nodes, side by side with one node alone (see docs/benchmarks.md, "Cluster").
     BenchRendezvous(rendezvous_bench::RendezvousBenchArgs),
+    /// Redis memory per registered peer of a cluster: write N realistic registry
+    /// entries (the driver's encoding and keys, `SET gw:peer:<id> .. EX 60`,
+    /// pipelined) into a fresh redis-server and report used_memory per peer. Needs
+    /// no gateway binary.
+    BenchRedisMemory(redis_memory::RedisMemoryArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -76,6 +84,7 @@ fn main() -> ExitCode {
         Command::PunchBench(args) => bench::punch_bench(args),
         Command::BenchEbpf(args) => ebpf_bench::bench_ebpf(args),
         Command::BenchRendezvous(args) => rendezvous_bench::bench_rendezvous(args),
+        Command::BenchRedisMemory(args) => redis_memory::bench_redis_memory(&args),
         Command::Lab(command) => demo::lab(command),
         Command::BenchRelay(args) => relay_bench::bench_relay(args),
         Command::TurnLoad(args) => relay_bench::turn_load(args),
