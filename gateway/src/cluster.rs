@@ -558,6 +558,9 @@ async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterReq
             .cluster_metrics
             .redis_round_trip
             .observe(started.elapsed().as_secs_f64());
+        // Every Locate answer of the batch goes to the core under one lock, and
+        // what it sends leaves in one batched send.
+        let mut located = Vec::new();
         for (request, answer) in batch.drain(..).zip(answers) {
             let answer = match answer {
                 Ok(answer) => Some(answer),
@@ -576,12 +579,7 @@ async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterReq
                     // A failed GET is answered as "not found" only when Redis
                     // answered; otherwise the core's timer answers 503.
                     if let Some(answer) = answer {
-                        let entry = entry_of(&answer);
-                        shared
-                            .feed(&mut scratch, |core, now, unix| {
-                                core.handle_located(now, unix, token, entry)
-                            })
-                            .await;
+                        located.push((token, entry_of(&answer)));
                     }
                 }
                 ClusterRequest::Send { .. } => {
@@ -594,6 +592,15 @@ async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterReq
                     }
                 }
             }
+        }
+        if !located.is_empty() {
+            shared
+                .feed(&mut scratch, |core, now, unix| {
+                    for (token, entry) in located {
+                        core.handle_located(now, unix, token, entry);
+                    }
+                })
+                .await;
         }
         // Both connection kinds reconnect by themselves (the manager for one Redis,
         // the cluster client per node); the heartbeat reports the state.
@@ -650,6 +657,9 @@ async fn reader(shared: Arc<ClusterShared>) {
                     break;
                 }
             };
+            // One read's messages go to the core under one lock, and what they
+            // make it send leaves in one batched send.
+            let mut messages = Vec::new();
             for (id, payload) in stream_entries(&answer) {
                 last_id = id;
                 shared
@@ -664,9 +674,14 @@ async fn reader(shared: Arc<ClusterShared>) {
                 if let ClusterMessage::Moved { .. } = message {
                     shared.cluster_metrics.moved.inc();
                 }
+                messages.push(message);
+            }
+            if !messages.is_empty() {
                 shared
                     .feed(&mut scratch, |core, now, unix| {
-                        core.handle_cluster_message(now, unix, message)
+                        for message in messages {
+                            core.handle_cluster_message(now, unix, message);
+                        }
                     })
                     .await;
             }
