@@ -622,7 +622,8 @@ fn a_dead_nodes_peer_behind_a_nat_moves_and_is_introduced_again_redis_cluster() 
 /// introduced and punch directly; a Connect to a peer on another node is refused
 /// with `503 cluster unavailable`, printed once; `gateway_cluster_up` is 0 on every
 /// node. Redis starts again, empty: the refused peer's retry is introduced across
-/// nodes and punches directly within one registration interval (15 s).
+/// nodes and punches directly within one registration interval (15 s; in fact
+/// within 5 s, as the nodes write their registries again at once).
 fn redis_outage(backend: Backend) {
     let mut cluster = start_with(
         backend,
@@ -731,9 +732,14 @@ fn redis_outage(backend: Backend) {
     eprintln!("redis outage ({backend:?}): cross-node path up {again:?} after Redis came back");
     assert!(up.starts_with("path-up peer bob direct "), "{up}");
     assert_eq!(remote(&up, "direct").ip(), wan_b, "to bob's NAT");
+    // The issue's target is one registration interval (15 s), which bob's next
+    // Register alone would meet; the nodes do better by writing their registries
+    // again as soon as Redis answers, and that is what this checks.
     assert!(
-        again < Duration::from_secs(15),
-        "within one registration interval (15 s): {again:?}"
+        again < Duration::from_secs(5),
+        "bob's node wrote his entry again at once, not at his next Register (15 s): \
+         {again:?}\n{}",
+        cluster.logs()
     );
     assert_eq!(
         cluster.metric(
