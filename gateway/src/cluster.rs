@@ -561,11 +561,15 @@ async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterReq
         // Every Locate answer of the batch goes to the core under one lock, and
         // what it sends leaves in one batched send.
         let mut located = Vec::new();
+        let mut failed_stores = Vec::new();
         for (request, answer) in batch.drain(..).zip(answers) {
             let answer = match answer {
                 Ok(answer) => Some(answer),
                 Err(e) => {
                     shared.error(command_name(&request), &e);
+                    if let ClusterRequest::Store(_) = &request {
+                        failed_stores.push(command_for(&request, shared.lifetime));
+                    }
                     None
                 }
             };
@@ -603,7 +607,17 @@ async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterReq
                 .await;
         }
         // Both connection kinds reconnect by themselves (the manager for one Redis,
-        // the cluster client per node); the heartbeat reports the state.
+        // the cluster client per node); the heartbeat reports the state. A connection
+        // that broke while idle (Redis restarted) fails its first command and only
+        // then reconnects: that is typically the registry rewrite the heartbeat asks
+        // for when Redis comes back, and a lost Store leaves its peer unreachable
+        // across nodes until the peer's next Register (up to 15 s). Send each failed
+        // Store once more (idempotent: the entry is this node's latest).
+        for cmd in failed_stores {
+            if let Err(e) = redis.query::<Value>(&cmd).await {
+                shared.error("set", &e);
+            }
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::{
     daemon::{DaemonError, GatewayProcess, PeerProcess, metric_value},
     lab::{Host, Lab, LabBuilder, LabError, server_addrs},
     punch,
-    redis::RedisServer,
+    redis::{RedisCluster, RedisError, RedisServer},
 };
 
 /// The UDP port every node serves on (its first address).
@@ -53,6 +53,82 @@ pub fn cluster_args(redis: &RedisServer, k: usize) -> Vec<String> {
         "--node-id".into(),
         node_id(k),
     ]
+}
+
+/// Which Redis the nodes of a [`ClusterLab`] share, on the lab's Redis host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// One `redis-server` on 192.0.2.100:6379.
+    Single,
+    /// A Redis Cluster of three masters on 192.0.2.100:7000-7002 (bus ports
+    /// 17000-17002), the nodes given every shard as a seed and `--cluster-mode
+    /// cluster`.
+    Cluster,
+}
+
+/// The running Redis of a [`ClusterLab`].
+#[derive(Debug)]
+pub enum LabRedis {
+    /// One server.
+    Single(RedisServer),
+    /// A three-shard Redis Cluster.
+    Cluster(RedisCluster),
+}
+
+impl LabRedis {
+    /// Starts `backend` on the lab's Redis host `host`, its files under `dir`.
+    pub fn start(backend: Backend, host: &Host, dir: &std::path::Path) -> Result<Self, RedisError> {
+        Ok(match backend {
+            Backend::Single => Self::Single(RedisServer::start_in(host, dir)?),
+            Backend::Cluster => Self::Cluster(RedisCluster::start_in(host, dir, 3)?),
+        })
+    }
+
+    /// The `gateway serve` flags that make node `k` a member of the cluster sharing
+    /// this Redis.
+    pub fn args(&self, k: usize) -> Vec<String> {
+        match self {
+            Self::Single(redis) => cluster_args(redis, k),
+            Self::Cluster(cluster) => {
+                let mut args = vec!["--cluster-mode".into(), "cluster".into()];
+                for url in cluster.urls() {
+                    args.push("--cluster-redis".into());
+                    args.push(url);
+                }
+                args.push("--node-id".into());
+                args.push(node_id(k));
+                args
+            }
+        }
+    }
+
+    /// Kills it (every shard; nothing is saved).
+    pub fn stop(&mut self) {
+        match self {
+            Self::Single(redis) => redis.stop(),
+            Self::Cluster(cluster) => cluster.stop(),
+        }
+    }
+
+    /// Starts it again on the same addresses, empty (a cluster is formed anew).
+    pub fn restart(&mut self) -> Result<(), RedisError> {
+        match self {
+            Self::Single(redis) => redis.restart(),
+            Self::Cluster(cluster) => cluster.restart(),
+        }
+    }
+
+    /// Keys stored (summed over the shards of a cluster).
+    pub fn keys(&self) -> usize {
+        match self {
+            Self::Single(redis) => redis
+                .cli(&["dbsize"])
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+            Self::Cluster(cluster) => cluster.dbsize(),
+        }
+    }
 }
 
 /// Waits until every node of `nodes` reaches Redis (`gateway_cluster_up` 1) and sees
@@ -102,7 +178,7 @@ pub struct ClusterLab {
     /// 9478).
     pub nodes: Vec<GatewayProcess>,
     /// The Redis they share, on the lab's Redis host.
-    pub redis: RedisServer,
+    pub redis: LabRedis,
     /// The lab (dropped after every process in it).
     pub lab: Lab,
     secret_paths: Vec<PathBuf>,
@@ -127,6 +203,17 @@ impl ClusterLab {
         nodes: usize,
         gateway_args: &[&str],
     ) -> Result<Self, DaemonError> {
+        Self::start_with(builder, nodes, Backend::Single, gateway_args)
+    }
+
+    /// [`Self::start`] with the nodes sharing `backend` (one Redis or a three-shard
+    /// Redis Cluster on the Redis host).
+    pub fn start_with(
+        builder: LabBuilder,
+        nodes: usize,
+        backend: Backend,
+        gateway_args: &[&str],
+    ) -> Result<Self, DaemonError> {
         let lab = builder.servers(nodes).redis_host().build()?;
         let dir = tempfile::tempdir().map_err(|source| DaemonError::Io {
             what: "making a directory for Redis".into(),
@@ -135,11 +222,11 @@ impl ClusterLab {
         let redis_host = lab
             .redis_host()
             .ok_or_else(|| LabError::Invalid("no Redis host".into()))?;
-        let redis = RedisServer::start_in(redis_host, dir.path())?;
+        let redis = LabRedis::start(backend, redis_host, dir.path())?;
         let mut processes = Vec::new();
         let mut secret_paths = Vec::new();
         for (k, server) in lab.servers().iter().enumerate() {
-            let cluster = cluster_args(&redis, k);
+            let cluster = redis.args(k);
             let mut args: Vec<&str> = cluster.iter().map(String::as_str).collect();
             args.extend_from_slice(gateway_args);
             let (process, secret) = punch::start_gateway_on(server, &args)?;
@@ -177,6 +264,14 @@ impl ClusterLab {
             &credentials.password,
             &all,
         )
+    }
+
+    /// Kills node `k` (SIGKILL, as a crash: it says goodbye to nobody). Its metrics
+    /// read empty from then on.
+    pub fn kill_node(&mut self, k: usize) {
+        if let Some(node) = self.nodes.get_mut(k) {
+            node.kill();
+        }
     }
 
     /// Node `k`'s /metrics (empty if it does not answer).

@@ -169,6 +169,14 @@ impl GatewayProcess {
         http_get(&self.host, self.metrics_addr, "/metrics")
     }
 
+    /// Kills the daemon (SIGKILL) and reaps it; scrapes fail from then on.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the daemon with SIGTERM and returns its exit status.
     pub fn stop(mut self) -> Result<ExitStatus, DaemonError> {
         let Some(mut child) = self.child.take() else {

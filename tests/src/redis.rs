@@ -188,14 +188,20 @@ impl RedisServer {
     /// routed to that address (the lab's Redis host is on the servers' segment).
     /// Dropping the lab kills it too.
     pub fn start_in(host: &Host, dir: &Path) -> Result<Self, RedisError> {
+        Self::start_in_on(host, dir, LAB_PORT, false)
+    }
+
+    /// [`Self::start_in`] on `port`, cluster-enabled if `cluster` (its bus on
+    /// `port + 10000`, same address).
+    fn start_in_on(host: &Host, dir: &Path, port: u16, cluster: bool) -> Result<Self, RedisError> {
         which("redis-server")?;
-        let dir = dir.join(format!("redis-{}-{LAB_PORT}", host.netns()));
+        let dir = dir.join(format!("redis-{}-{port}", host.netns()));
         std::fs::create_dir_all(&dir).map_err(|e| RedisError::Start(e.to_string()))?;
         let mut server = Self {
             child: None,
-            port: LAB_PORT,
+            port,
             dir,
-            cluster: false,
+            cluster,
             password: None,
             tls: None,
             host: Some(host.clone()),
@@ -366,8 +372,13 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of `shards` masters (no replicas) on loopback, slots assigned by
-/// `redis-cli --cluster create`.
+/// The first port of a Redis Cluster inside a lab host ([`RedisCluster::start_in`]):
+/// shard `i` listens on `LAB_CLUSTER_PORT + i`, its cluster bus on that plus 10000.
+pub const LAB_CLUSTER_PORT: u16 = 7000;
+
+/// A Redis Cluster of `shards` masters (no replicas) on loopback or inside a lab host,
+/// slots assigned by `redis-cli --cluster create`.
+#[derive(Debug)]
 pub struct RedisCluster {
     /// Its nodes.
     pub nodes: Vec<RedisServer>,
@@ -386,11 +397,34 @@ impl RedisCluster {
         Ok(cluster)
     }
 
+    /// Starts `shards` cluster-enabled servers inside the lab host `host` (the lab's
+    /// Redis host), on the host's first address, ports [`LAB_CLUSTER_PORT`]`..`, and
+    /// joins them into one cluster with `redis-cli --cluster create` run in that
+    /// namespace (the cluster bus, port + 10000, stays inside it). Reachable from every
+    /// namespace routed to that address; dropping the lab kills them too.
+    pub fn start_in(host: &Host, dir: &Path, shards: usize) -> Result<Self, RedisError> {
+        which("redis-cli")?;
+        let mut nodes = Vec::new();
+        for i in 0..shards {
+            let port = LAB_CLUSTER_PORT
+                + u16::try_from(i).map_err(|_| RedisError::Start("too many shards".into()))?;
+            nodes.push(RedisServer::start_in_on(host, dir, port, true)?);
+        }
+        let cluster = Self { nodes };
+        cluster.create()?;
+        Ok(cluster)
+    }
+
     fn create(&self) -> Result<(), RedisError> {
-        let mut command = Command::new("redis-cli");
+        let first = self
+            .nodes
+            .first()
+            .ok_or_else(|| RedisError::Start("a cluster of no shards".into()))?;
+        // In the nodes' namespace (a lab host's, or this one).
+        let mut command = first.command("redis-cli");
         command.args(["--cluster", "create"]);
         for node in &self.nodes {
-            command.arg(format!("127.0.0.1:{}", node.port));
+            command.arg(node.addr().to_string());
         }
         let output = command
             .args(["--cluster-replicas", "0", "--cluster-yes"])
