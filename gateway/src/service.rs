@@ -124,13 +124,13 @@ pub async fn run_with_alternates(
         if count == 0 {
             continue;
         }
-        // Let the rest of this worker's tasks run between batches: under a flood the
-        // socket is always readable, so this loop would otherwise never return to the
-        // scheduler, and a task spawned from it (a relay socket's, in this worker's
-        // LIFO slot, which other workers cannot steal) would never run: the peer-to-
-        // client direction starved to nothing (issue: the relay's starved return
-        // path).
-        tokio::task::yield_now().await;
+        // Count each batch against tokio's cooperative budget, so this loop returns to
+        // the scheduler every so many batches: under a flood the socket is always
+        // readable and the loop would otherwise never yield, and a task spawned from
+        // it (a relay socket's, in this worker's LIFO slot, which other workers cannot
+        // steal) would never run: the peer-to-client direction starved to nothing.
+        // Cheaper than a yield per batch: it yields only when the budget runs out.
+        tokio::task::consume_budget().await;
         handle_batch(
             &batch,
             &metrics,

@@ -151,6 +151,40 @@ impl BlockingClient {
         Ok(framing)
     }
 
+    /// Allocates and waits for the answer (up to `wait`); panics on a failure, as a
+    /// test wants.
+    pub fn allocate_now(&mut self, wait: Duration) -> SocketAddr {
+        self.client.allocate(Instant::now()).expect("idle");
+        match self.wait_event(wait, |e| {
+            matches!(
+                e,
+                TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
+            )
+        }) {
+            Ok(TurnClientEvent::Allocated { relayed, .. }) => relayed,
+            other => panic!("allocation failed: {other:?}"),
+        }
+    }
+
+    /// Binds a channel to `peer` and waits (up to `wait`): its number, or the event
+    /// that refused it; panics when nothing answers.
+    pub fn bind_now(&mut self, peer: SocketAddr, wait: Duration) -> Result<u16, TurnClientEvent> {
+        let channel = self
+            .client
+            .bind_channel(Instant::now(), peer)
+            .expect("allocated");
+        match self.wait_event(wait, |e| {
+            matches!(
+                e,
+                TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
+            )
+        }) {
+            Ok(TurnClientEvent::ChannelBound { peer: bound, .. }) if bound == peer => Ok(channel),
+            Ok(other) => Err(other),
+            Err(e) => panic!("no answer to ChannelBind: {e}"),
+        }
+    }
+
     /// Sends bytes already framed (e.g. ChannelData built once with
     /// [`Client::encode_send`]) to the server from this client's socket, without
     /// driving the client: a load generator's inner loop.

@@ -21,7 +21,7 @@ use std::{
 
 use gateway::proto::{
     credentials::SharedSecret,
-    turn::client::{ClientConfig, Framing, TurnClientEvent},
+    turn::client::{ClientConfig, Framing},
 };
 use gateway_tests::{
     daemon::{gateway_binary, metric_value},
@@ -128,35 +128,6 @@ impl Gateway {
     }
 }
 
-fn allocate(client: &mut BlockingClient) -> SocketAddr {
-    client.client.allocate(Instant::now()).expect("idle");
-    match client.wait_event(WAIT, |e| {
-        matches!(
-            e,
-            TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
-        )
-    }) {
-        Ok(TurnClientEvent::Allocated { relayed, .. }) => relayed,
-        other => panic!("allocation failed: {other:?}"),
-    }
-}
-
-fn bind(client: &mut BlockingClient, peer: SocketAddr) -> u16 {
-    let channel = client
-        .client
-        .bind_channel(Instant::now(), peer)
-        .expect("allocated");
-    match client.wait_event(WAIT, |e| {
-        matches!(
-            e,
-            TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
-        )
-    }) {
-        Ok(TurnClientEvent::ChannelBound { .. }) => channel,
-        other => panic!("no channel: {other:?}"),
-    }
-}
-
 #[test]
 fn a_paced_flow_back_loses_under_one_percent_while_another_client_floods() {
     let dir = tempfile::tempdir().expect("dir");
@@ -165,17 +136,18 @@ fn a_paced_flow_back_loses_under_one_percent_while_another_client_floods() {
     // The flooder: a channel to a sink nobody reads (its drops are the kernel's).
     let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("sink");
     let mut flooder = gateway.client("flooder");
-    allocate(&mut flooder);
-    bind(&mut flooder, sink.local_addr().expect("sink address"));
+    flooder.allocate_now(WAIT);
+    flooder
+        .bind_now(sink.local_addr().expect("sink address"), WAIT)
+        .expect("a channel");
 
     // The receiver: a paced peer sends to its relayed address.
     let paced_peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("peer");
     let mut receiver = gateway.client("receiver");
-    let relayed = allocate(&mut receiver);
-    bind(
-        &mut receiver,
-        paced_peer.local_addr().expect("peer address"),
-    );
+    let relayed = receiver.allocate_now(WAIT);
+    receiver
+        .bind_now(paced_peer.local_addr().expect("peer address"), WAIT)
+        .expect("a channel");
 
     // Flood from another thread with the flooder's own socket and channel frames.
     let frame = {

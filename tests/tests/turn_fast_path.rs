@@ -146,36 +146,6 @@ impl Gateway {
     }
 }
 
-fn allocate(client: &mut BlockingClient) -> SocketAddr {
-    client.client.allocate(Instant::now()).expect("idle");
-    match client.wait_event(WAIT, |e| {
-        matches!(
-            e,
-            TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
-        )
-    }) {
-        Ok(TurnClientEvent::Allocated { relayed, .. }) => relayed,
-        other => panic!("allocation failed: {other:?}"),
-    }
-}
-
-fn bind(client: &mut BlockingClient, peer: SocketAddr) -> Result<u16, TurnClientEvent> {
-    let channel = client
-        .client
-        .bind_channel(Instant::now(), peer)
-        .expect("allocated");
-    match client.wait_event(WAIT, |e| {
-        matches!(
-            e,
-            TurnClientEvent::ChannelBound { .. } | TurnClientEvent::Failed { .. }
-        )
-    }) {
-        Ok(TurnClientEvent::ChannelBound { peer: bound, .. }) if bound == peer => Ok(channel),
-        Ok(other) => Err(other),
-        Err(e) => panic!("no answer to ChannelBind: {e}"),
-    }
-}
-
 /// Waits past the relay's one-second sweep, which folds the kernel's counters.
 fn settle() {
     std::thread::sleep(Duration::from_millis(1300));
@@ -187,10 +157,10 @@ fn bound_channels_between_two_clients_are_relayed_in_the_kernel_both_ways() {
     let gateway = Gateway::start(&[]);
     let mut a = gateway.client("a", 1);
     let mut b = gateway.client("b", 2);
-    let relayed_a = allocate(&mut a);
-    let relayed_b = allocate(&mut b);
-    let channel_a = bind(&mut a, relayed_b).expect("A binds toward B");
-    let channel_b = bind(&mut b, relayed_a).expect("B binds toward A");
+    let relayed_a = a.allocate_now(WAIT);
+    let relayed_b = b.allocate_now(WAIT);
+    let channel_a = a.bind_now(relayed_b, WAIT).expect("A binds toward B");
+    let channel_b = b.bind_now(relayed_a, WAIT).expect("B binds toward A");
     assert_eq!(
         gateway.metric("gateway_relay_fast_path_entries", ""),
         2.0,
@@ -255,10 +225,10 @@ fn bound_channels_between_two_clients_are_relayed_in_the_kernel_both_ways() {
 
     // A denied peer (private address) gets 403 and no entry.
     let mut c = gateway.client("c", 3);
-    allocate(&mut c);
+    c.allocate_now(WAIT);
     let denied = SocketAddr::from(([192, 168, 77, 1], 9));
     assert!(
-        bind(&mut c, denied).is_err(),
+        c.bind_now(denied, WAIT).is_err(),
         "a denied peer must be refused"
     );
     assert_eq!(gateway.metric("gateway_relay_fast_path_entries", ""), 2.0);
@@ -319,8 +289,8 @@ fn a_bound_channel_to_a_plain_udp_peer_is_relayed_in_the_kernel_both_ways() {
         .set_read_timeout(Some(WAIT))
         .expect("read timeout");
     let peer = peer_socket.local_addr().expect("peer address");
-    let relayed_a = allocate(&mut a);
-    let channel = bind(&mut a, peer).expect("A binds toward the peer");
+    let relayed_a = a.allocate_now(WAIT);
+    let channel = a.bind_now(peer, WAIT).expect("A binds toward the peer");
     assert_eq!(gateway.metric("gateway_relay_fast_path_entries", ""), 1.0);
 
     // Every size class of the program's shifting: odd and even, across its chunks.
