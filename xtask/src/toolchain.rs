@@ -20,7 +20,10 @@ use anyhow::{Context, Result, bail};
 /// redis-cli): the cluster tests start their own Redis servers and Redis Clusters on
 /// free loopback ports, the cluster lab tests, the dashboards test (the cluster
 /// dashboard's lab run) and `demo --nodes N` one inside the lab's Redis host (the
-/// package's own service is not used).
+/// package's own service is not used); libevent-dev, libssl-dev and pkg-config: to build
+/// coturn 4.17.1 from `../shared/vendor` (the relay benchmark's baseline and the
+/// relay smoke test's load generator and reflector); ethtool: the relay benchmark's
+/// `--as-on-a-wire` (UDP segmentation offload off on `lo`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -34,6 +37,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "prometheus",
     "redis-server",
+    "libevent-dev",
+    "libssl-dev",
+    "pkg-config",
+    "ethtool",
 ];
 /// Debian's policy hook that tells maintainer scripts not to start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
