@@ -12,5 +12,6 @@ pub mod lab;
 pub mod prometheus;
 pub mod punch;
 pub mod redis;
+pub mod relay_gateway;
 pub mod tcp;
 pub mod turn;
