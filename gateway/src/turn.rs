@@ -8,7 +8,7 @@
 //! service-socket batch is handed over at once ([`RelayShared::channel_data_batch`]);
 //! a batch is routed under one acquisition of the lock, and consecutive datagrams of
 //! the same length going the same way leave in one segmented (GSO) send. Each relay
-//! socket's task relays at most [`RELAY_TURN`] datagrams before the other tasks get
+//! socket's task relays at most `RELAY_TURN` datagrams before the other tasks get
 //! their turn.
 //!
 //! Locking: the core and its socket table share one mutex, taken once per batch of
