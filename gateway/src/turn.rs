@@ -878,7 +878,7 @@ impl RelayOpener {
 /// Largest datagram (or GRO batch) a relay socket reads.
 const RELAY_BUFFER: usize = 65_536;
 /// Buffers one recvmmsg on a relay socket fills.
-const RELAY_BATCH: usize = 8;
+const RELAY_BATCH: usize = 32;
 /// Datagrams one relay socket's task relays before it lets the other tasks run: the
 /// round-robin between allocations (a flooding peer gets its turn, not everyone's).
 const RELAY_TURN: usize = 256;

@@ -126,3 +126,88 @@ fn a_paced_flow_back_loses_under_one_percent_while_another_client_floods() {
         std::fs::read_to_string(&gateway.log).unwrap_or_default()
     );
 }
+
+/// One allocation's fair share of the way back: while a peer floods one client's
+/// relayed address as fast as a thread can send, another peer's paced flow to
+/// another client's relayed address loses under 1%. Each allocation has its own
+/// relay socket (its own kernel queue: the flood overflows only its own), and each
+/// socket's task relays a bounded turn of datagrams before the others get theirs,
+/// so the flooded allocation is held to its share of the relay, not everyone's.
+#[test]
+fn a_flooded_allocation_gets_its_share_of_the_way_back_not_everyones() {
+    let dir = tempfile::tempdir().expect("dir");
+    let gateway = Gateway::start(dir.path());
+
+    let flooding_peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("peer");
+    let mut flooded = gateway.client("flooded");
+    let flooded_relayed = flooded.allocate_now(WAIT);
+    flooded
+        .bind_now(flooding_peer.local_addr().expect("peer address"), WAIT)
+        .expect("a channel");
+
+    let paced_peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("peer");
+    let mut receiver = gateway.client("receiver");
+    let relayed = receiver.allocate_now(WAIT);
+    receiver
+        .bind_now(paced_peer.local_addr().expect("peer address"), WAIT)
+        .expect("a channel");
+
+    let flooding = Arc::new(AtomicBool::new(true));
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = {
+        let flooding = flooding.clone();
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let payload = [0x42u8; 120];
+            while flooding.load(Ordering::Relaxed) && started.elapsed() < FLOOD_FOR {
+                for _ in 0..256 {
+                    if flooding_peer.send_to(&payload, flooded_relayed).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            !flooding.load(Ordering::Relaxed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let pacer = std::thread::spawn(move || {
+        let start = Instant::now();
+        for seq in 0..PACED {
+            let due = start + Duration::from_millis(u64::from(seq));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let _ = paced_peer.send_to(&seq.to_be_bytes(), relayed);
+        }
+    });
+    let mut seen = vec![false; PACED as usize];
+    let deadline =
+        Instant::now() + Duration::from_millis(u64::from(PACED)) + Duration::from_secs(4);
+    while Instant::now() < deadline && seen.iter().any(|s| !s) {
+        let Ok(received) = receiver.recv(Duration::from_millis(200)) else {
+            continue;
+        };
+        if let Ok(seq) = <[u8; 4]>::try_from(received.data.as_slice())
+            && let Some(slot) = seen.get_mut(u32::from_be_bytes(seq) as usize)
+        {
+            *slot = true;
+        }
+    }
+    pacer.join().expect("pacer");
+    flooding.store(false, Ordering::Relaxed);
+    let flood_lasted = flood.join().expect("flood");
+    let received = seen.iter().filter(|s| **s).count();
+    let relayed_back = gateway.relayed("peer_to_client");
+    assert!(flood_lasted, "the flood must last the whole paced flow");
+    assert!(
+        relayed_back > 10_000.0,
+        "the flood was relayed back: {relayed_back} datagrams"
+    );
+    assert!(
+        received * 100 >= PACED as usize * 99,
+        "paced flow to the other allocation: {received}/{PACED} arrived while the flooded one got {relayed_back} of {} sent; log:\n{}",
+        sent.load(Ordering::Relaxed),
+        gateway.log_text()
+    );
+}
