@@ -44,9 +44,12 @@ use tokio::{
 /// that relay traffic through it are plain non-blocking system calls that wake nobody
 /// (and never wait for the runtime to have seen the socket writable first); with its
 /// quinn-udp state for batched reads (recvmmsg, UDP_GRO) and segmented sends (GSO).
+/// The state is the service socket's, shared: what it holds is the kernel's
+/// (GSO support, sendmsg quirks), and building one per socket probes the kernel
+/// with a socket of its own (a third of an allocation's CPU).
 struct RelaySocket {
     fd: AsyncFd<std::net::UdpSocket>,
-    state: UdpSocketState,
+    state: Arc<UdpSocketState>,
 }
 
 impl RelaySocket {
@@ -356,6 +359,7 @@ impl RelayShared {
                 config,
                 cursor: AtomicU16::new(rand::random()),
                 runtime: tokio::runtime::Handle::current(),
+                udp_state: client_socket.state.clone(),
             },
             metrics,
             client_socket,
@@ -736,6 +740,8 @@ struct RelayOpener {
     config: RelaySocketConfig,
     cursor: AtomicU16,
     runtime: tokio::runtime::Handle,
+    /// The quinn-udp state every relay socket uses (the service socket's).
+    udp_state: Arc<UdpSocketState>,
 }
 
 /// The socket(s) opened for one request: the relay's, and the reserved one's when a
@@ -805,6 +811,8 @@ impl RelayOpener {
                 let _ = socket.set_only_v6(true);
             }
             crate::udp::size_recv_buffer(&socket, RELAY_RECV_BUFFER_BYTES);
+            // A peer's GSO batch is read in one go.
+            crate::udp::enable_gro(&socket);
             if socket.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -828,6 +836,7 @@ impl RelayOpener {
             let _ = socket.set_only_v6(true);
         }
         crate::udp::size_recv_buffer(&socket, RELAY_RECV_BUFFER_BYTES);
+        crate::udp::enable_gro(&socket);
         socket.set_nonblocking(true).ok()?;
         socket.bind(&addr.into()).ok()?;
         Some(socket.into())
@@ -860,8 +869,7 @@ impl RelayOpener {
     ) -> Result<(SocketAddr, RelaySocketHandle), OpenError> {
         let addr = std_socket.local_addr().map_err(|_| OpenError::NoPort)?;
         let _guard = self.runtime.enter();
-        // Turns on UDP_GRO (a peer's GSO batch is read in one go) and IP_PKTINFO.
-        let state = UdpSocketState::new((&std_socket).into()).map_err(|_| OpenError::NoPort)?;
+        let state = self.udp_state.clone();
         // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is
         // not reused) for as long as it is registered.
         let fd = unsafe { AsyncFd::register_with_interest(std_socket, Interest::READABLE) }
@@ -1403,6 +1411,12 @@ mod tests {
             },
             cursor: AtomicU16::new(0),
             runtime: tokio::runtime::Handle::current(),
+            udp_state: Arc::new(
+                UdpSocketState::new(
+                    (&std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket")).into(),
+                )
+                .expect("quinn-udp state"),
+            ),
         }
     }
 

@@ -74,6 +74,22 @@ pub(crate) fn size_recv_buffer(socket: &Socket, bytes: usize) {
     }
 }
 
+/// Turns on UDP_GRO: datagrams of one flow arriving back to back (a GSO batch) are
+/// read as one buffer with their segment size. Best effort.
+pub(crate) fn enable_gro(socket: &Socket) {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a live descriptor with a pointer to a c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Datagram buffers read per system call (recvmmsg).
 const RECV_BATCH: usize = 32;
 

@@ -31,14 +31,14 @@ use crate::toolchain;
 /// The benchmark's shared secret and realm (loopback only, never a real secret).
 const SECRET: &str = "bench-relay-secret";
 const REALM: &str = "bench.relay";
-/// Relay port ranges: disjoint, below Linux's ephemeral range, wide enough for the
-/// held allocations. Debian's coturn 4.6.1:
-const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 13_999);
+/// Relay port ranges: disjoint, below Linux's ephemeral range (32768 on), each wide
+/// enough for the 5000 held allocations. Debian's coturn 4.6.1:
+const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 15_999);
 /// coturn 4.17.1 for the windowed method.
-const NEW_COTURN_RELAY_PORTS: (u16, u16) = (14_000, 16_999);
+const NEW_COTURN_RELAY_PORTS: (u16, u16) = (2_000, 7_999);
 /// coturn 4.17.1 for the flood (with --multiplex-peer it relays from the ports at
 /// [`MULTIPLEX_PEER_PORT`] instead).
-const FLOOD_COTURN_RELAY_PORTS: (u16, u16) = (17_000, 19_999);
+const FLOOD_COTURN_RELAY_PORTS: (u16, u16) = (16_000, 19_999);
 /// coturn 4.17.1's --multiplex-peer-port: two ports per relay thread from here.
 const MULTIPLEX_PEER_PORT: u16 = 9_100;
 const GATEWAY_RELAY_PORTS: (u16, u16) = (20_000, 25_999);
