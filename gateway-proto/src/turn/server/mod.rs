@@ -396,6 +396,21 @@ struct Allocation {
     permissions: Vec<Permission>,
     channels: Vec<Channel>,
     bucket: TokenBucket,
+    /// The token of the port this allocation reserved (EVEN-PORT's R bit), while
+    /// that reservation stands: it ends with the allocation.
+    reservation: Option<[u8; 8]>,
+}
+
+/// A relay socket held by EVEN-PORT's R bit for a later Allocate with its token.
+/// It counts against its user's quota like an allocation, only that user may redeem
+/// it, and it ends with the allocation that made it.
+#[derive(Debug)]
+struct Reservation {
+    relay: SocketAddr,
+    expires: Instant,
+    user: Box<str>,
+    /// The slot of the allocation that made it (which ends it when removed).
+    made_by: usize,
 }
 
 impl Allocation {
@@ -425,14 +440,15 @@ pub struct TurnServer {
     free: Vec<usize>,
     by_client: HashMap<ClientAddr, usize>,
     by_relay: HashMap<SocketAddr, usize>,
-    /// Allocations (live and pending) per user, for the per-user quota.
+    /// Allocations (live and pending) and reservations per user, for the per-user
+    /// quota.
     per_user: HashMap<Box<str>, usize>,
     challenge_window: Option<Instant>,
     challenges_in_window: u32,
     next_sweep: Option<Instant>,
     tid_counter: u64,
-    /// Relay sockets reserved by EVEN-PORT's R bit: token → (address, expiry).
-    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    /// Relay sockets reserved by EVEN-PORT's R bit, by token.
+    reservations: HashMap<[u8; 8], Reservation>,
     token_key: [u8; 32],
     /// Allocates waiting for their relay socket, by request.
     pending: HashMap<RelayRequestId, PendingAllocation>,
@@ -546,13 +562,11 @@ impl TurnServer {
         let lapsed: Vec<[u8; 8]> = self
             .reservations
             .iter()
-            .filter(|(_, (_, expires))| *expires <= now)
+            .filter(|(_, reservation)| reservation.expires <= now)
             .map(|(token, _)| *token)
             .collect();
         for token in lapsed {
-            if let Some((relay, _)) = self.reservations.remove(&token) {
-                self.events.push_back(TurnServerEvent::CloseRelay(relay));
-            }
+            self.release_reservation(&token);
         }
         self.expire_pending(now);
         self.next_sweep = (!self.by_client.is_empty()
@@ -576,12 +590,25 @@ impl TurnServer {
         self.by_client.remove(&allocation.client);
         self.by_relay.remove(&allocation.relay);
         self.release_user(&allocation.user);
+        if let Some(token) = allocation.reservation {
+            self.release_reservation(&token);
+        }
         self.events
             .push_back(TurnServerEvent::CloseRelay(allocation.relay));
         self.free.push(index);
     }
 
-    /// One allocation (live or pending) of `user` less.
+    /// Ends the reservation of `token`, if it still stands: its socket closes and
+    /// its user's quota gets the slot back.
+    fn release_reservation(&mut self, token: &[u8; 8]) {
+        if let Some(reservation) = self.reservations.remove(token) {
+            self.events
+                .push_back(TurnServerEvent::CloseRelay(reservation.relay));
+            self.release_user(&reservation.user);
+        }
+    }
+
+    /// One allocation (live or pending) or reservation of `user` less.
     fn release_user(&mut self, user: &str) {
         if let Some(count) = self.per_user.get_mut(user) {
             *count = count.saturating_sub(1);

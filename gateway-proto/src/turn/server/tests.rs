@@ -1092,6 +1092,128 @@ fn even_port_with_r_bit_reserves_the_next_port_for_a_token() {
     assert!(!h.sockets.open.contains(&reserved));
 }
 
+/// A nonce for `client` (from the 401 to an unauthenticated Allocate).
+fn fresh_nonce(h: &mut Harness, client: SocketAddr) -> String {
+    let tid = h.next_tid();
+    h.send(
+        client,
+        &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+    )
+    .1
+    .expect("401")
+    .nonce()
+}
+
+/// An Allocate with EVEN-PORT's R bit; the outcome, and the token when granted.
+fn reserve_pair(
+    h: &mut Harness,
+    client: SocketAddr,
+    who: &User,
+    nonce: &str,
+) -> (RequestOutcome, Option<Vec<u8>>) {
+    let (outcome, reply) = h.authed(client, who, nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::EVEN_PORT, &[0x80]);
+    });
+    (outcome, reply.attr(turn_attr::RESERVATION_TOKEN))
+}
+
+fn redeem(
+    h: &mut Harness,
+    client: SocketAddr,
+    who: &User,
+    nonce: &str,
+    token: &[u8],
+) -> (RequestOutcome, Option<u16>) {
+    let (outcome, reply) = h.authed(client, who, nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::RESERVATION_TOKEN, token);
+    });
+    (outcome, reply.code)
+}
+
+#[test]
+fn even_port_reservations_count_in_the_quota_and_end_with_their_allocation() {
+    let config = TurnConfig {
+        max_allocations_per_user: 4,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let alice = user("alice");
+    let bob = user("bob");
+    let client_ip: IpAddr = "198.51.100.20".parse().expect("ip");
+    // Reserve-and-delete, many more times than the quota: each reservation ends
+    // with the allocation that made it, so nothing piles up.
+    let mut tokens = Vec::new();
+    for i in 0..36u16 {
+        let client = SocketAddr::new(client_ip, 40_000 + i);
+        let nonce = fresh_nonce(&mut h, client);
+        let (outcome, token) = reserve_pair(&mut h, client, &alice, &nonce);
+        assert_eq!(outcome, RequestOutcome::Ok, "cycle {i}");
+        tokens.push(token.expect("a token"));
+        let (outcome, _) = h.authed(client, &alice, &nonce, method::REFRESH, |w, _| {
+            w.attribute(turn_attr::LIFETIME, &0u32.to_be_bytes());
+        });
+        assert_eq!(outcome, RequestOutcome::Ok);
+    }
+    assert!(h.server.reservations.is_empty(), "no reservation outlives its allocation");
+    assert!(h.server.per_user.is_empty());
+    assert!(h.sockets.open.is_empty(), "every reserved socket closed");
+    let late = SocketAddr::new(client_ip, 41_000);
+    let nonce = fresh_nonce(&mut h, late);
+    assert_eq!(
+        redeem(&mut h, late, &alice, &nonce, &tokens[0]),
+        (RequestOutcome::Capacity, Some(508)),
+        "the token of a deleted allocation is dead"
+    );
+
+    // A reservation takes a quota slot: two pairs fill a quota of four.
+    let (one, two, three) = (
+        SocketAddr::new(client_ip, 42_001),
+        SocketAddr::new(client_ip, 42_002),
+        SocketAddr::new(client_ip, 42_003),
+    );
+    let nonce_one = fresh_nonce(&mut h, one);
+    let (outcome, token) = reserve_pair(&mut h, one, &alice, &nonce_one);
+    assert_eq!(outcome, RequestOutcome::Ok);
+    let token = token.expect("a token");
+    let nonce_two = fresh_nonce(&mut h, two);
+    assert_eq!(reserve_pair(&mut h, two, &alice, &nonce_two).0, RequestOutcome::Ok);
+    let nonce_three = fresh_nonce(&mut h, three);
+    assert_eq!(
+        reserve_pair(&mut h, three, &alice, &nonce_three).0,
+        RequestOutcome::Quota
+    );
+    let (outcome, reply) = h.authed(three, &alice, &nonce_three, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Quota, Some(486)));
+
+    // Only the user who reserved may redeem; redeeming moves the slot, it takes
+    // no new one.
+    let nonce_bob = fresh_nonce(&mut h, three);
+    assert_eq!(
+        redeem(&mut h, three, &bob, &nonce_bob, &token),
+        (RequestOutcome::Capacity, Some(508))
+    );
+    assert_eq!(
+        redeem(&mut h, three, &alice, &nonce_three, &token),
+        (RequestOutcome::Ok, None)
+    );
+    assert_eq!(h.server.per_user.get("alice"), Some(&4));
+    // The redeemed socket is an allocation now: deleting its maker leaves it open.
+    let redeemed = h.server.slots[h.server.by_client[&ClientAddr::from(three)]]
+        .as_ref()
+        .expect("allocation")
+        .relay;
+    let (outcome, _) = h.authed(one, &alice, &nonce_one, method::REFRESH, |w, _| {
+        w.attribute(turn_attr::LIFETIME, &0u32.to_be_bytes());
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    assert!(h.sockets.open.contains(&redeemed));
+    assert_eq!(h.server.per_user.get("alice"), Some(&3));
+}
+
 #[test]
 fn bandwidth_cap_drops_the_excess() {
     let config = TurnConfig {
