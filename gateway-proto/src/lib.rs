@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 pub mod agent;
 pub mod binding;
+pub mod budget;
 pub mod credentials;
 pub mod nonce;
 pub mod peer_policy;

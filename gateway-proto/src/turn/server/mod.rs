@@ -30,6 +30,7 @@ use std::{
 
 use super::{AddressFamily, method};
 use crate::{
+    budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
     nonce::NonceIssuer,
     peer_policy::PeerPolicy,
@@ -73,8 +74,11 @@ pub struct TurnConfig {
     /// Relayed bytes per second per allocation, both directions together; 0 means
     /// no cap. Bursts of one second's worth pass.
     pub bandwidth_bytes_per_second: u64,
-    /// Replies to unauthenticated requests (401 challenges, 438) per second, in total:
-    /// bounds how much a spoofed-source flood can reflect.
+    /// Replies to unauthenticated requests (401 challenges, 400) per second, all
+    /// sources together; each source (IPv4 address, IPv6 /64) also gets at most 100
+    /// at once and 50 per second (see [`crate::budget`]). Bounds how much a
+    /// spoofed-source flood can reflect. A 438 to a correctly signed request is not
+    /// counted.
     pub challenges_per_second: u32,
     /// Emit [`FastPath`] instructions for a kernel fast path (as
     /// [`TurnServerEvent::FastPath`]); off, the core emits none.
@@ -443,8 +447,8 @@ pub struct TurnServer {
     /// Allocations (live and pending) and reservations per user, for the per-user
     /// quota.
     per_user: HashMap<Box<str>, usize>,
-    challenge_window: Option<Instant>,
-    challenges_in_window: u32,
+    /// Replies to unauthenticated requests, per source and in total.
+    budget: ReplyBudget,
     next_sweep: Option<Instant>,
     tid_counter: u64,
     /// Relay sockets reserved by EVEN-PORT's R bit, by token.
@@ -477,6 +481,10 @@ impl TurnServer {
         nonce_lifetime_secs: u32,
         policy: PeerPolicy,
     ) -> Self {
+        let budget = ReplyBudget::new(
+            ReplyBudgetConfig::with_total(config.challenges_per_second),
+            nonce_key[16..].try_into().unwrap_or([0; 16]),
+        );
         Self {
             config,
             secret,
@@ -487,8 +495,7 @@ impl TurnServer {
             by_client: HashMap::new(),
             by_relay: HashMap::new(),
             per_user: HashMap::new(),
-            challenge_window: None,
-            challenges_in_window: 0,
+            budget,
             next_sweep: None,
             tid_counter: u64::from_be_bytes(nonce_key[..8].try_into().unwrap_or([0; 8])),
             reservations: HashMap::new(),

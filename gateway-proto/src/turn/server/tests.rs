@@ -1325,6 +1325,106 @@ fn spoofed_allocate_flood_keeps_no_state_and_is_throttled() {
     assert!(h.sockets.open.is_empty());
 }
 
+#[test]
+fn a_flood_from_one_source_leaves_the_challenges_of_others() {
+    let mut h = Harness::new(server());
+    let flooder = addr("203.0.113.66:5000");
+    let mut answered = 0;
+    for _ in 0..10_000 {
+        let tid = h.next_tid();
+        let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+        answered += usize::from(h.send(flooder, &datagram).1.is_some());
+    }
+    assert_eq!(answered, 100, "one source gets its burst, not the budget");
+    let tid = h.next_tid();
+    let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let (handled, reply) = h.send(addr(CLIENT), &datagram);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Allocate,
+            outcome: RequestOutcome::Unauthorized
+        }
+    );
+    assert_eq!(reply.expect("a new client is challenged").code, Some(401));
+}
+
+#[test]
+fn live_allocations_refresh_past_a_stale_nonce_while_forged_sources_drain_the_budget() {
+    let config = TurnConfig {
+        challenges_per_second: 100,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    // The nonce lapses (600 s) while forged sources use up the whole budget.
+    let later = NOW_UNIX + 601;
+    for i in 0..1_000u32 {
+        let from = SocketAddr::new(IpAddr::from((0x0A00_0000 + i).to_be_bytes()), 1000);
+        let tid = h.next_tid();
+        let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+        h.stun(from, later, &datagram);
+    }
+    let tid = h.next_tid();
+    let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let (_, reply) = h.stun(addr("198.51.100.99:1"), later, &datagram);
+    assert!(reply.is_none(), "the unauthenticated budget is spent");
+    // A signed Refresh with the old nonce still gets its 438, and the new nonce works.
+    let tid = h.next_tid();
+    let refresh = request(method::REFRESH, Class::Request, tid, |_| {}, Some((&alice, &nonce)));
+    let (handled, reply) = h.stun(addr(CLIENT), later, &refresh);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Refresh,
+            outcome: RequestOutcome::StaleNonce
+        }
+    );
+    let reply = reply.expect("438 despite the flood");
+    assert_eq!(reply.code, Some(438));
+    let fresh = reply.nonce();
+    let tid = h.next_tid();
+    let refresh = request(method::REFRESH, Class::Request, tid, |_| {}, Some((&alice, &fresh)));
+    let (handled, _) = h.stun(addr(CLIENT), later, &refresh);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Refresh,
+            outcome: RequestOutcome::Ok
+        }
+    );
+    // A forged request with a stale nonce but no valid integrity is still budgeted.
+    let mallory = User {
+        username: alice.username.clone(),
+        password: "not-the-password".into(),
+    };
+    let tid = h.next_tid();
+    let forged = request(method::REFRESH, Class::Request, tid, |_| {}, Some((&mallory, &nonce)));
+    let (handled, reply) = h.stun(addr("198.51.100.98:1"), later, &forged);
+    assert_eq!(
+        (handled, reply.map(|r| r.code)),
+        (
+            TurnHandled::Request {
+                method: RequestMethod::Refresh,
+                outcome: RequestOutcome::Throttled
+            },
+            None
+        )
+    );
+    // The budget refills continuously: 100 ms later, ten new clients get answers.
+    h.now += Duration::from_millis(100);
+    let answered = (0..20u32)
+        .filter(|i| {
+            let from = SocketAddr::new(IpAddr::from((0x0C00_0000 + i).to_be_bytes()), 1000);
+            let tid = h.next_tid();
+            let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+            h.stun(from, later, &datagram).1.is_some()
+        })
+        .count();
+    assert_eq!(answered, 10);
+}
+
 proptest! {
     #[test]
     fn arbitrary_datagrams_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
