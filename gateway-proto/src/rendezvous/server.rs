@@ -29,6 +29,7 @@ use super::{
 use crate::{
     Transmit,
     binding::{self, BindingService},
+    budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
     earliest,
     nonce::NonceIssuer,
@@ -44,6 +45,19 @@ mod discovery;
 mod forward;
 
 pub use discovery::{discovery_index, discovery_socket};
+
+/// Signed error answers per second in all (each source gets at most its own
+/// bucket's worth: see [`crate::budget`]).
+const SIGNED_ERRORS_PER_SECOND: u32 = 20_000;
+
+/// A per-budget key from the nonce key (each budget hashes sources its own way).
+fn budget_key(nonce_key: &[u8; 32], which: u8) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = nonce_key[i] ^ nonce_key[16 + i] ^ which;
+    }
+    key
+}
 
 /// Introductions remembered for outcome reports, relay offers and TCP-Seq (the
 /// oldest is forgotten first): bounds the memory they take.
@@ -209,9 +223,13 @@ pub struct RendezvousConfig {
     /// Added to the slower side's one-way delay when scheduling the start.
     pub start_margin: Duration,
     /// Most error replies to unauthenticated requests per second, all sources
-    /// together (a global budget: keeping per-source state for unauthenticated
-    /// traffic would be the memory attack itself).
+    /// together; each source (IPv4 address, IPv6 /64) also gets at most 100 at once
+    /// and 50 per second, in a table of fixed size (see [`crate::budget`]).
     pub max_error_replies_per_second: u32,
+    /// Most Binding answers per second, all sources together, with the same
+    /// per-source limits: a Binding answer is twice its request, so this bounds
+    /// what spoofed requests can reflect.
+    pub max_binding_replies_per_second: u32,
     /// Lifetime of the nonces that bind signed requests to the sender's address.
     /// Every success response carries a fresh one, so a peer that keeps its
     /// registration alive never sees one expire.
@@ -226,6 +244,7 @@ impl Default for RendezvousConfig {
             max_connects_per_second: 20,
             start_margin: Duration::from_millis(5),
             max_error_replies_per_second: 1_000,
+            max_binding_replies_per_second: 100_000,
             nonce_lifetime: Duration::from_secs(600),
         }
     }
@@ -378,8 +397,13 @@ pub struct RendezvousServer {
     events: VecDeque<RendezvousEvent>,
     next_sweep: Option<Instant>,
     nonces: NonceIssuer,
-    error_budget: u32,
-    error_window: Option<Instant>,
+    /// Error replies to unauthenticated requests.
+    error_budget: ReplyBudget,
+    /// Signed errors to signed requests without a valid nonce (per source only in
+    /// effect: anyone with a credential could otherwise reflect them).
+    signed_error_budget: ReplyBudget,
+    /// Binding answers.
+    binding_budget: ReplyBudget,
     /// Origin of the records' 32-bit millisecond clock: the first `now` seen (the
     /// core never reads a clock itself).
     epoch: Option<Instant>,
@@ -411,8 +435,18 @@ impl RendezvousServer {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_sweep: None,
-            error_budget: 0,
-            error_window: None,
+            error_budget: ReplyBudget::new(
+                ReplyBudgetConfig::with_total(config.max_error_replies_per_second),
+                budget_key(&nonce_key, 1),
+            ),
+            signed_error_budget: ReplyBudget::new(
+                ReplyBudgetConfig::with_total(SIGNED_ERRORS_PER_SECOND),
+                budget_key(&nonce_key, 2),
+            ),
+            binding_budget: ReplyBudget::new(
+                ReplyBudgetConfig::with_total(config.max_binding_replies_per_second),
+                budget_key(&nonce_key, 3),
+            ),
             epoch: None,
             alternates: binding::Alternates::default(),
             change_unauthenticated: false,
@@ -524,7 +558,11 @@ impl RendezvousServer {
             )
         {
             let mut reply = Vec::new();
-            let outcome = BindingService.handle(from, datagram, &mut reply);
+            let mut outcome = BindingService.handle(from, datagram, &mut reply);
+            if !reply.is_empty() && !self.binding_budget.allow(now, from.ip()) {
+                reply.clear();
+                outcome = binding::Outcome::Throttled;
+            }
             if !reply.is_empty() {
                 self.transmits
                     .push_back(Transmit::udp(from, reply).from_local(local));
@@ -538,7 +576,7 @@ impl RendezvousServer {
                     RendezvousHandled::BadRequest => (400, "Bad Request"),
                     _ => (401, "Unauthorized"),
                 };
-                if self.take_error_budget(now) {
+                if self.take_error_budget(now, from) {
                     self.transmits
                         .push_back(error_reply(&message, code, reason, None, from, local));
                 }
@@ -548,7 +586,7 @@ impl RendezvousServer {
         // Signed requests must echo a nonce issued to this address: a captured
         // request replayed from elsewhere (or later) changes nothing. The answer is
         // authenticated and carries the nonce to use.
-        if !self.nonce_echoed(&auth, from, local, now_unix) {
+        if !self.nonce_echoed(now, &auth, from, local, now_unix) {
             return RendezvousHandled::StaleNonce;
         }
         let result = match ty.method {

@@ -4,7 +4,7 @@
 //! produce.
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use super::{RendezvousHandled, RendezvousServer};
@@ -72,6 +72,7 @@ impl RendezvousServer {
     /// with the nonce to use.
     pub(super) fn nonce_echoed(
         &mut self,
+        now: Instant,
         auth: &Authenticated<'_>,
         from: SocketAddr,
         local: Option<IpAddr>,
@@ -85,6 +86,12 @@ impl RendezvousServer {
             .map(|a| self.nonces.check(a.value, from, now_unix));
         if nonce == Some(NonceCheck::Valid) {
             return true;
+        }
+        // Signed, but anyone holding any credential can sign and forge the
+        // source: the answer (larger than a request without a nonce) is budgeted
+        // per source.
+        if !self.signed_error_budget.allow(now, from.ip()) {
+            return false;
         }
         let (code, reason) = if nonce.is_none() {
             (401, "Nonce Required")
@@ -102,20 +109,9 @@ impl RendezvousServer {
         false
     }
 
-    /// Spends one unauthenticated error reply from this second's budget.
-    pub(super) fn take_error_budget(&mut self, now: Instant) -> bool {
-        let window_over = self
-            .error_window
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if window_over {
-            self.error_window = Some(now);
-            self.error_budget = self.config.max_error_replies_per_second;
-        }
-        if self.error_budget == 0 {
-            return false;
-        }
-        self.error_budget -= 1;
-        true
+    /// Spends one unauthenticated error reply to `from` (see [`crate::budget`]).
+    pub(super) fn take_error_budget(&mut self, now: Instant, from: SocketAddr) -> bool {
+        self.error_budget.allow(now, from.ip())
     }
 }
 

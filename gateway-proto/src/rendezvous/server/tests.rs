@@ -467,26 +467,80 @@ fn connect_introduces_both_sides_with_candidates_and_aligned_start() {
 }
 
 #[test]
-fn unauthenticated_error_replies_are_rate_limited() {
+fn unauthenticated_error_replies_are_budgeted_per_source_and_in_total() {
     let mut world = World::new();
     let mut bad = creds("alice");
     bad.password = "wrong".into();
     let request = register([1; 12], &bad, None, &[], NatClass::Unknown, 0);
-    let limit = RendezvousConfig::default().max_error_replies_per_second as usize;
+    // One source: its burst of 100, however many it sends.
     let mut replies = 0;
-    for _ in 0..limit + 500 {
+    for _ in 0..1_500 {
         let (handled, out) = world.send(addr("198.51.100.2:4000"), &request);
         assert_eq!(handled, RendezvousHandled::Unauthorized);
         replies += out.len();
     }
-    assert_eq!(replies, limit);
+    assert_eq!(replies, 100);
+    // Many (forged) sources: the total of 1,000 per second in all.
+    let limit = RendezvousConfig::default().max_error_replies_per_second as usize;
+    let mut replies = 0;
+    for i in 0..5_000u32 {
+        let from = SocketAddr::new(IpAddr::from((0x0A00_0000 + i).to_be_bytes()), 4000);
+        replies += world.send(from, &request).1.len();
+    }
+    assert_eq!(replies, limit - 100);
     world.now += Duration::from_secs(1);
     assert_eq!(
-        world.send(addr("198.51.100.2:4000"), &request).1.len(),
+        world.send(addr("198.51.100.3:4000"), &request).1.len(),
         1,
         "budget refilled"
     );
     assert_eq!(world.server.peer_count(), 0);
+}
+
+#[test]
+fn signed_requests_without_a_nonce_get_their_401_within_a_per_source_budget() {
+    let mut world = World::new();
+    let alice = creds("alice");
+    let victim = addr("198.51.100.77:4000");
+    // Anyone with a credential can sign a nonce-less Register from a forged source:
+    // the (larger) 401 Nonce Required answers are bounded per source.
+    let request = register([1; 12], &alice, None, &[], NatClass::Unknown, 0);
+    let mut replies = 0;
+    for _ in 0..2_500 {
+        let (handled, out) = world.send(victim, &request);
+        assert_eq!(handled, RendezvousHandled::StaleNonce);
+        replies += out.len();
+    }
+    assert_eq!(replies, 100);
+    // Another source is answered, and the victim again once its bucket refills.
+    assert_eq!(world.send(addr("198.51.100.78:4000"), &request).1.len(), 1);
+    world.now += Duration::from_secs(1);
+    let (_, out) = world.send(victim, &request);
+    assert_eq!(out.len(), 1);
+}
+
+#[test]
+fn binding_answers_are_budgeted_per_source() {
+    let mut world = World::new();
+    let mut request = Vec::new();
+    binding::binding_request([9; 12], &mut request);
+    let from = addr("198.51.100.5:4000");
+    let mut answered = 0;
+    for _ in 0..300 {
+        let (handled, out) = world.send(from, &request);
+        if out.is_empty() {
+            assert_eq!(handled, RendezvousHandled::Binding(binding::Outcome::Throttled));
+        } else {
+            assert_eq!(handled, RendezvousHandled::Binding(binding::Outcome::BindingSuccess));
+        }
+        answered += out.len();
+    }
+    assert_eq!(answered, 100, "a burst of 300 from one source");
+    // Others are answered meanwhile; the source again after a second (its rate).
+    assert_eq!(world.send(addr("198.51.100.6:4000"), &request).1.len(), 1);
+    world.now += Duration::from_secs(1);
+    let answered: usize = (0..300).map(|_| world.send(from, &request).1.len()).sum();
+    assert_eq!(answered, 50);
 }
 
 #[test]
