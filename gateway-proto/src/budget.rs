@@ -202,9 +202,7 @@ mod tests {
         let now = Instant::now();
         let granted = (0..200u16)
             .filter(|i| {
-                let source = IpAddr::V6(std::net::Ipv6Addr::new(
-                    0x2001, 0xdb8, 0, 1, *i, 0, 0, 1,
-                ));
+                let source = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, *i, 0, 0, 1));
                 budget.allow(now, source)
             })
             .count();

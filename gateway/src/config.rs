@@ -5,7 +5,18 @@ use std::{
     path::Path,
 };
 
-use crate::proto::peer_policy::IpRange;
+use crate::proto::peer_policy::{IpRange, PeerPolicy, PeerRange, RangeError};
+
+/// The operator's parts of the relay's peer policy (see [`RelayConfig::peer_policy_parts`]).
+#[derive(Clone, Debug)]
+pub struct PeerPolicyParts {
+    /// Ranges (with optional ports) the relay may reach although the defaults deny them.
+    pub allowed: Vec<PeerRange>,
+    /// Further ranges to deny.
+    pub denied: Vec<IpRange>,
+    /// The operator's NAT64 prefixes.
+    pub nat64: Vec<IpRange>,
+}
 
 use serde::{Deserialize, Serialize};
 
@@ -204,10 +215,16 @@ pub struct RelayConfig {
     /// Relayed bytes per second per allocation; 0 means no cap.
     pub bandwidth_bytes_per_second: u64,
     /// Peer ranges the relay may reach even though the default policy denies them
-    /// (CIDR, e.g. "10.20.0.0/16"); they also override the gateway's own addresses.
+    /// (CIDR, e.g. "10.20.0.0/16", optionally with ports: "127.0.0.1:49152-65535",
+    /// "[::1]:5000"); they also override the gateway's own addresses, except its
+    /// service ports (STUN/TURN, discovery, metrics), which stay closed to peers.
     pub allowed_peer_ranges: Vec<String>,
     /// Further peer ranges to deny.
     pub denied_peer_ranges: Vec<String>,
+    /// NAT64 prefixes of the operator's network (RFC 6052 lengths: /32, /40, /48,
+    /// /56, /64, /96): a peer inside one is judged as the IPv4 address it embeds.
+    /// `64:ff9b::/96` and the local-use `64:ff9b:1::/48` are always decoded.
+    pub nat64_prefixes: Vec<String>,
     /// The kernel fast path for bound channels: "off" (default) or "ebpf" (start-up
     /// fails when it cannot be loaded).
     pub fast_path: FastPathMode,
@@ -256,6 +273,7 @@ impl Default for RelayConfig {
             bandwidth_bytes_per_second: 0,
             allowed_peer_ranges: Vec::new(),
             denied_peer_ranges: Vec::new(),
+            nat64_prefixes: Vec::new(),
             fast_path: FastPathMode::Off,
             fast_path_interfaces: Vec::new(),
         }
@@ -280,25 +298,35 @@ impl RelayConfig {
         Ok(first..=last)
     }
 
-    /// The operator's allowed and denied peer ranges, parsed.
-    pub fn peer_ranges(&self) -> Result<(Vec<IpRange>, Vec<IpRange>), ConfigError> {
-        let parse = |key: &str, list: &[String]| {
+    /// The operator's peer policy: allowed ranges (with ports), denied ranges and
+    /// NAT64 prefixes, parsed and checked.
+    pub fn peer_policy_parts(&self) -> Result<PeerPolicyParts, ConfigError> {
+        fn parse<T: std::str::FromStr<Err = RangeError>>(
+            key: &str,
+            list: &[String],
+        ) -> Result<Vec<T>, ConfigError> {
             list.iter()
                 .map(|text| {
-                    text.parse::<IpRange>()
+                    text.parse::<T>()
                         .map_err(|e| ConfigError::Invalid(format!("relay.{key}: {e}")))
                 })
-                .collect::<Result<Vec<_>, _>>()
-        };
-        Ok((
-            parse("allowed_peer_ranges", &self.allowed_peer_ranges)?,
-            parse("denied_peer_ranges", &self.denied_peer_ranges)?,
-        ))
+                .collect()
+        }
+        let nat64: Vec<IpRange> = parse("nat64_prefixes", &self.nat64_prefixes)?;
+        // The same check the policy makes, so a bad prefix stops start-up here.
+        PeerPolicy::default()
+            .set_nat64_prefixes(nat64.clone())
+            .map_err(|e| ConfigError::Invalid(format!("relay.nat64_prefixes: {e}")))?;
+        Ok(PeerPolicyParts {
+            allowed: parse("allowed_peer_ranges", &self.allowed_peer_ranges)?,
+            denied: parse("denied_peer_ranges", &self.denied_peer_ranges)?,
+            nat64,
+        })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.ports()?;
-        self.peer_ranges()?;
+        self.peer_policy_parts()?;
         if self.realm.is_empty() || self.realm.len() > 127 || !self.realm.is_ascii() {
             return Err(ConfigError::Invalid(
                 "relay.realm must be 1..=127 ASCII characters".into(),
@@ -602,11 +630,21 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.relay.ports().expect("range"), 50000..=50100);
+        let config = Config::from_toml(
+            "[relay]\nallowed_peer_ranges = [\"127.0.0.1:49152-65535\", \"[::1]:5000\"]\nnat64_prefixes = [\"2a00:1::/64\"]\n",
+            "t",
+        )
+        .expect("ports and NAT64 prefixes");
+        let parts = config.relay.peer_policy_parts().expect("parts");
+        assert_eq!((parts.allowed.len(), parts.nat64.len()), (2, 1));
         for bad in [
             "[relay]\nport_range = \"5-1\"\n",
             "[relay]\nport_range = \"0-10\"\n",
             "[relay]\nport_range = \"49152\"\n",
             "[relay]\nallowed_peer_ranges = [\"10.1.0.1/16\"]\n",
+            "[relay]\nallowed_peer_ranges = [\"127.0.0.1:0-10\"]\n",
+            "[relay]\nnat64_prefixes = [\"2a00::/60\"]\n",
+            "[relay]\nnat64_prefixes = [\"10.0.0.0/8\"]\n",
             "[relay]\ndenied_peer_ranges = [\"nonsense\"]\n",
             "[relay]\naddresses = [\"192.0.2.1\", \"192.0.2.2\"]\n",
             "[relay]\naddresses = [\"0.0.0.0\"]\n",

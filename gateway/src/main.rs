@@ -355,9 +355,10 @@ struct ServeArgs {
     #[arg(long, value_name = "FIRST-LAST")]
     relay_port_range: Option<String>,
     /// Peer range the relay may reach although the default policy denies it, in CIDR
-    /// (repeatable), e.g. 10.20.0.0/16. Private, loopback, link-local, reserved and
-    /// the gateway's own addresses are denied otherwise.
-    #[arg(long = "allow-peer", value_name = "CIDR")]
+    /// with optional ports (repeatable), e.g. 10.20.0.0/16 or 127.0.0.1:49152-65535.
+    /// Private, loopback, link-local, reserved and the gateway's own addresses are
+    /// denied otherwise; the gateway's service ports stay closed even when allowed.
+    #[arg(long = "allow-peer", value_name = "CIDR[:PORTS]")]
     allowed_peer_ranges: Vec<String>,
     /// Relay bound channels between this gateway's clients in the kernel (an eBPF tc
     /// program; IPv4; needs root and the eBPF object): ebpf or off [default: off].
@@ -780,6 +781,11 @@ async fn serve_async(config: Config) -> Result<()> {
         }
         None => None,
     };
+    if let (Some(core), Some(_)) = (&rendezvous, &relay) {
+        // Relay-Offers must name an allocation of this relay (none without one).
+        let endpoints = gateway::turn::relay_endpoints(&config, local)?;
+        gateway::rendezvous::lock(core).set_relay_endpoints(Some(endpoints));
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;

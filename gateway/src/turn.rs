@@ -959,6 +959,28 @@ pub enum RelayStartError {
     FastPath(#[from] crate::ebpf::EbpfError),
 }
 
+/// Where the relay started by [`start`] allocates: its relay addresses (or, without
+/// any, the address clients reach: the listen address, or every address of the host
+/// for an unspecified one) and its port range. The rendezvous accepts Relay-Offers
+/// only for these.
+pub fn relay_endpoints(
+    config: &crate::config::Config,
+    listen: SocketAddr,
+) -> Result<crate::proto::rendezvous::RelayEndpoints, crate::config::ConfigError> {
+    let relay = &config.relay;
+    let addresses = if !relay.addresses.is_empty() {
+        relay.addresses.clone()
+    } else if !listen.ip().is_unspecified() {
+        vec![listen.ip()]
+    } else {
+        host_addresses()
+    };
+    Ok(crate::proto::rendezvous::RelayEndpoints {
+        addresses,
+        ports: relay.ports()?,
+    })
+}
+
 /// Builds the relay from the configuration: the core with its policy (the
 /// operator's ranges plus every address of this host, so the relay cannot be
 /// pointed at the gateway itself), its sockets and its metrics.
@@ -975,13 +997,28 @@ pub fn start(
     };
     let relay = &config.relay;
     let ports = relay.ports()?;
-    let (allowed, denied) = relay.peer_ranges()?;
+    let parts = relay.peer_policy_parts()?;
     let mut own = host_addresses();
     own.extend(relay.addresses.iter().copied());
     if !listen.ip().is_unspecified() {
         own.push(listen.ip());
     }
-    let policy = PeerPolicy::new(allowed, denied, own.clone());
+    let mut policy = PeerPolicy::new(parts.allowed, parts.denied, own.clone());
+    policy
+        .set_nat64_prefixes(parts.nat64)
+        .map_err(|e| crate::config::ConfigError::Invalid(format!("relay.nat64_prefixes: {e}")))?;
+    // The gateway's own listeners stay out of the relay's reach even where an allowed
+    // range covers its addresses (client-to-client relaying on one host).
+    policy.protect_ports(
+        std::iter::once(listen.port())
+            .chain(config.server.discovery_listen.iter().map(|a| a.port()))
+            .chain(
+                config
+                    .metrics
+                    .enabled
+                    .then_some(config.metrics.listen.port()),
+            ),
+    );
     let turn_config = TurnConfig {
         realm: relay.realm.clone(),
         max_lifetime: std::time::Duration::from_secs(relay.max_lifetime_seconds),

@@ -415,6 +415,31 @@ pub struct RendezvousServer {
     tcp_forge: bool,
     /// This node's part in a cluster ([`Self::enable_cluster`]; none by default).
     cluster: Option<ClusterState>,
+    /// Where this gateway's relay hands out allocations: a Relay-Offer must name one
+    /// ([`Self::set_relay_endpoints`]; none by default, so offers are refused).
+    relay_endpoints: Option<RelayEndpoints>,
+}
+
+/// The transport addresses this gateway's relay allocates on: its relay addresses
+/// and port range. A Relay-Offer naming anything else is refused, so a peer cannot
+/// aim the other side's agent at an arbitrary address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayEndpoints {
+    /// The relay's addresses (as clients see them).
+    pub addresses: Vec<IpAddr>,
+    /// The relay's port range.
+    pub ports: std::ops::RangeInclusive<u16>,
+}
+
+impl RelayEndpoints {
+    /// True when `addr` could be an allocation of this relay.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.ports.contains(&addr.port())
+            && self
+                .addresses
+                .iter()
+                .any(|a| a.to_canonical() == addr.ip().to_canonical())
+    }
 }
 
 impl RendezvousServer {
@@ -452,6 +477,7 @@ impl RendezvousServer {
             change_unauthenticated: false,
             tcp_forge: false,
             cluster: None,
+            relay_endpoints: None,
         }
     }
 
@@ -473,6 +499,12 @@ impl RendezvousServer {
     /// only. Off by default; such requests then get [`TCP_FORGE_DISABLED`].
     pub fn set_tcp_forge(&mut self, enabled: bool) {
         self.tcp_forge = enabled;
+    }
+
+    /// Accepts Relay-Offers for allocations on `endpoints` (the relay of this
+    /// gateway); `None` refuses every offer (no relay here).
+    pub fn set_relay_endpoints(&mut self, endpoints: Option<RelayEndpoints>) {
+        self.relay_endpoints = endpoints;
     }
 
     /// Registered peers, for the gauge of registered peers.

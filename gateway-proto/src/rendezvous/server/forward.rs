@@ -55,6 +55,19 @@ impl RendezvousServer {
         let (Some(intro_id), Some(relayed)) = (intro_id, relayed) else {
             return Err((RendezvousHandled::BadRequest, 400, "Bad Request"));
         };
+        // Only an allocation of this gateway's relay: anything else would aim the
+        // other side's agent at an address of the sender's choosing.
+        if !self
+            .relay_endpoints
+            .as_ref()
+            .is_some_and(|endpoints| endpoints.contains(relayed.addr))
+        {
+            return Err((
+                RendezvousHandled::Forbidden,
+                403,
+                "Not A Relay Of This Gateway",
+            ));
+        }
         if self
             .peers
             .get(auth.peer_id.as_str())

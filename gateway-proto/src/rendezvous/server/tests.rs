@@ -529,9 +529,15 @@ fn binding_answers_are_budgeted_per_source() {
     for _ in 0..300 {
         let (handled, out) = world.send(from, &request);
         if out.is_empty() {
-            assert_eq!(handled, RendezvousHandled::Binding(binding::Outcome::Throttled));
+            assert_eq!(
+                handled,
+                RendezvousHandled::Binding(binding::Outcome::Throttled)
+            );
         } else {
-            assert_eq!(handled, RendezvousHandled::Binding(binding::Outcome::BindingSuccess));
+            assert_eq!(
+                handled,
+                RendezvousHandled::Binding(binding::Outcome::BindingSuccess)
+            );
         }
         answered += out.len();
     }

@@ -7,8 +7,8 @@ use std::{
 
 use super::{
     Allocation, ClientAddr, EvenPort, OpenError, RelayRequestId, Reply, RequestOutcome,
-    Reservation, SWEEP_INTERVAL, TokenBucket, TurnServer, TurnServerEvent,
-    auth::Authenticated, read_u32,
+    Reservation, SWEEP_INTERVAL, TokenBucket, TurnServer, TurnServerEvent, auth::Authenticated,
+    read_u32,
 };
 use crate::{
     stun::Message,

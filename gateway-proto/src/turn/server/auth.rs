@@ -103,7 +103,15 @@ impl TurnServer {
         match self.nonces.check(nonce, client.addr, now_unix) {
             NonceCheck::Valid => {}
             NonceCheck::Stale | NonceCheck::Invalid => {
-                self.write_challenge(now_unix, client, method_number, tid, 438, has_fingerprint, out);
+                self.write_challenge(
+                    now_unix,
+                    client,
+                    method_number,
+                    tid,
+                    438,
+                    has_fingerprint,
+                    out,
+                );
                 return Err(RequestOutcome::StaleNonce);
             }
         }

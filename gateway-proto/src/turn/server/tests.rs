@@ -2,7 +2,6 @@
 //! out the core's socket events as the driver would.
 use super::*;
 use crate::{
-    peer_policy::IpRange,
     stun::{self, MessageWriter},
     turn::{
         TRANSPORT_UDP, attr as turn_attr, family, long_term_key, method, xor_address_attribute,
@@ -657,7 +656,11 @@ fn denied_peers_get_403_on_every_path_including_ipv4_in_ipv6_forms() {
 #[test]
 fn operator_allowed_range_opens_a_denied_address() {
     let policy = PeerPolicy::new(
-        vec!["127.0.0.0/8".parse::<IpRange>().expect("range")],
+        vec![
+            "127.0.0.0/8"
+                .parse::<crate::peer_policy::PeerRange>()
+                .expect("range"),
+        ],
         vec![],
         vec![],
     );
@@ -1156,7 +1159,10 @@ fn even_port_reservations_count_in_the_quota_and_end_with_their_allocation() {
         });
         assert_eq!(outcome, RequestOutcome::Ok);
     }
-    assert!(h.server.reservations.is_empty(), "no reservation outlives its allocation");
+    assert!(
+        h.server.reservations.is_empty(),
+        "no reservation outlives its allocation"
+    );
     assert!(h.server.per_user.is_empty());
     assert!(h.sockets.open.is_empty(), "every reserved socket closed");
     let late = SocketAddr::new(client_ip, 41_000);
@@ -1178,7 +1184,10 @@ fn even_port_reservations_count_in_the_quota_and_end_with_their_allocation() {
     assert_eq!(outcome, RequestOutcome::Ok);
     let token = token.expect("a token");
     let nonce_two = fresh_nonce(&mut h, two);
-    assert_eq!(reserve_pair(&mut h, two, &alice, &nonce_two).0, RequestOutcome::Ok);
+    assert_eq!(
+        reserve_pair(&mut h, two, &alice, &nonce_two).0,
+        RequestOutcome::Ok
+    );
     let nonce_three = fresh_nonce(&mut h, three);
     assert_eq!(
         reserve_pair(&mut h, three, &alice, &nonce_three).0,
@@ -1372,7 +1381,13 @@ fn live_allocations_refresh_past_a_stale_nonce_while_forged_sources_drain_the_bu
     assert!(reply.is_none(), "the unauthenticated budget is spent");
     // A signed Refresh with the old nonce still gets its 438, and the new nonce works.
     let tid = h.next_tid();
-    let refresh = request(method::REFRESH, Class::Request, tid, |_| {}, Some((&alice, &nonce)));
+    let refresh = request(
+        method::REFRESH,
+        Class::Request,
+        tid,
+        |_| {},
+        Some((&alice, &nonce)),
+    );
     let (handled, reply) = h.stun(addr(CLIENT), later, &refresh);
     assert_eq!(
         handled,
@@ -1385,7 +1400,13 @@ fn live_allocations_refresh_past_a_stale_nonce_while_forged_sources_drain_the_bu
     assert_eq!(reply.code, Some(438));
     let fresh = reply.nonce();
     let tid = h.next_tid();
-    let refresh = request(method::REFRESH, Class::Request, tid, |_| {}, Some((&alice, &fresh)));
+    let refresh = request(
+        method::REFRESH,
+        Class::Request,
+        tid,
+        |_| {},
+        Some((&alice, &fresh)),
+    );
     let (handled, _) = h.stun(addr(CLIENT), later, &refresh);
     assert_eq!(
         handled,
@@ -1400,7 +1421,13 @@ fn live_allocations_refresh_past_a_stale_nonce_while_forged_sources_drain_the_bu
         password: "not-the-password".into(),
     };
     let tid = h.next_tid();
-    let forged = request(method::REFRESH, Class::Request, tid, |_| {}, Some((&mallory, &nonce)));
+    let forged = request(
+        method::REFRESH,
+        Class::Request,
+        tid,
+        |_| {},
+        Some((&mallory, &nonce)),
+    );
     let (handled, reply) = h.stun(addr("198.51.100.98:1"), later, &forged);
     assert_eq!(
         (handled, reply.map(|r| r.code)),
