@@ -78,6 +78,8 @@ pub struct RelayMetrics {
     pub fast_path_to_client: IntCounter,
     /// Channels installed in the kernel fast path now.
     pub fast_path_entries: IntGauge,
+    /// TURN-over-TCP connections closed at accept (their source had its share).
+    pub tcp_refused: IntCounter,
 }
 
 impl RelayMetrics {
@@ -141,7 +143,13 @@ impl RelayMetrics {
             "Bound channels installed in the kernel fast path",
         )?;
         registry.register(Box::new(fast_path_entries.clone()))?;
+        let tcp_refused = IntCounter::new(
+            "gateway_turn_tcp_refused_total",
+            "TURN-over-TCP connections closed at once because their source (IPv4 address, IPv6 /64) held its share of the connection slots",
+        )?;
+        registry.register(Box::new(tcp_refused.clone()))?;
         Ok(Self {
+            tcp_refused,
             fast_path_entries,
             fast_path_to_peer: fast_path.with_label_values(&["client_to_peer"]),
             fast_path_to_client: fast_path.with_label_values(&["peer_to_client"]),
@@ -839,16 +847,73 @@ fn send_from(socket: &RelaySocket, relay: SocketAddr, peer: SocketAddr, data: &[
 
 /// Most TCP clients served at once; more wait in the kernel's backlog.
 const MAX_TCP_CLIENTS: usize = 4096;
-/// A TCP client must allocate within this long, and an idle connection (no frame
-/// at all) is closed after [`TCP_IDLE`].
+/// Most TCP clients served at once from one source address (IPv4 address, IPv6
+/// /64): one source cannot take every slot. More are closed at once.
+pub const MAX_TCP_CLIENTS_PER_SOURCE: usize = 64;
+/// A TCP client's first frame must arrive whole within this long, and an idle
+/// connection (no frame at all) is closed after [`TCP_IDLE`].
 const TCP_FIRST_FRAME: std::time::Duration = std::time::Duration::from_secs(30);
 const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Once a frame's header is in, the rest must follow within this long (a client
+/// that announces a frame and then trickles or stops holds a slot otherwise).
+pub const TCP_FRAME_BODY: std::time::Duration = std::time::Duration::from_secs(5);
+/// A frame to a client must be written within this long (a client that stops
+/// reading is closed rather than holding its queue and slot forever).
+const TCP_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TCP clients per source, for [`MAX_TCP_CLIENTS_PER_SOURCE`]. A leaf lock: held
+/// only to count, never across I/O.
+#[derive(Default)]
+struct TcpSources(std::sync::Mutex<HashMap<IpAddr, usize>>);
+
+impl TcpSources {
+    /// The unit a source is counted by.
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+            v4 => v4,
+        }
+    }
+
+    /// Counts one more connection from `ip`, unless it has its share already.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(Self::key(ip)).or_insert(0);
+        if *count >= MAX_TCP_CLIENTS_PER_SOURCE {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = Self::key(ip);
+        if let Some(count) = counts.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+}
 
 /// TURN over TCP (RFC 8656 §3.1): the client speaks STUN and ChannelData framed on a
 /// stream; the relayed side is UDP as always. The allocation lives as long as the
 /// connection. Serves until the task is dropped.
 pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShared>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
+    let sources = Arc::new(TcpSources::default());
+    let mut refused_logged = false;
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
@@ -861,7 +926,17 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShare
                 continue;
             }
         };
+        if !sources.admit(addr.ip()) {
+            // Closed at once (dropped): this source holds its share of the slots.
+            if !refused_logged {
+                tracing::warn!(source = %addr.ip(), limit = MAX_TCP_CLIENTS_PER_SOURCE, "TURN TCP: a source reached its connection limit; closing its further connections (logged once)");
+                refused_logged = true;
+            }
+            shared.metrics.tcp_refused.inc();
+            continue;
+        }
         let shared = shared.clone();
+        let sources = sources.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
@@ -869,6 +944,7 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShare
             let _ = stream.set_nodelay(true);
             serve_tcp_client(stream, addr, local, &shared).await;
             shared.remove_tcp_client(addr);
+            sources.release(addr.ip());
         });
     }
 }
@@ -896,8 +972,10 @@ async fn serve_tcp_client(
     shared.tcp_clients.insert(addr, tx.clone());
     let writer_task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if writer.write_all(&frame).await.is_err() {
-                return;
+            match tokio::time::timeout(TCP_WRITE, writer.write_all(&frame)).await {
+                Ok(Ok(())) => {}
+                // Gone, or not reading: the reader sees the queue closed and ends.
+                _ => return,
             }
         }
     });
@@ -907,11 +985,14 @@ async fn serve_tcp_client(
     };
     let mut frame = vec![0u8; 65_536 + 20];
     let mut reply = Vec::with_capacity(512);
-    let mut first = true;
+    // The first frame must be whole by this deadline; later ones get TCP_IDLE for
+    // their header and TCP_FRAME_BODY for the rest.
+    let mut first_deadline = Some(tokio::time::Instant::now() + TCP_FIRST_FRAME);
     loop {
-        let wait = if first { TCP_FIRST_FRAME } else { TCP_IDLE };
+        let head_deadline =
+            first_deadline.unwrap_or_else(|| tokio::time::Instant::now() + TCP_IDLE);
         let mut head = [0u8; 4];
-        match tokio::time::timeout(wait, reader.read_exact(&mut head)).await {
+        match tokio::time::timeout_at(head_deadline, reader.read_exact(&mut head)).await {
             Ok(Ok(_)) => {}
             _ => break,
         }
@@ -920,11 +1001,16 @@ async fn serve_tcp_client(
             break;
         };
         frame[..4].copy_from_slice(&head);
-        match tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut frame[4..len])).await {
+        let body_deadline = (tokio::time::Instant::now() + TCP_FRAME_BODY)
+            .min(first_deadline.unwrap_or(tokio::time::Instant::now() + TCP_FRAME_BODY));
+        match tokio::time::timeout_at(body_deadline, reader.read_exact(&mut frame[4..len])).await {
             Ok(Ok(_)) => {}
-            _ => break,
+            _ => {
+                tracing::debug!(%addr, "TURN TCP: a frame did not arrive whole in time; closing");
+                break;
+            }
         }
-        first = false;
+        first_deadline = None;
         let bytes = &frame[..len];
         if head[0] >> 6 == 1 {
             shared.channel_data(client, bytes);

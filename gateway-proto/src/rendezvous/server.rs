@@ -136,12 +136,13 @@ impl RendezvousHandled {
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 23] = [
+    pub const ALL_LABELS: [&'static str; 24] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
         "malformed",
         "unhandled",
+        "throttled",
         "registered",
         "introduced",
         "outcome_accepted",
