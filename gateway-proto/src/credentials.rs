@@ -1,6 +1,8 @@
 //! Credentials in the TURN REST API convention (draft-uberti-behave-turn-rest): the
 //! username is `expiry:peer-id` (expiry in Unix seconds) and the password is the
-//! base64 HMAC-SHA1 of the username under the operator's shared secret.
+//! base64 HMAC-SHA1 of the username under the operator's shared secret. A peer id may
+//! name a group, `group/peer` (see [`peer_group`]): with the rendezvous's
+//! `same-group` connect policy, peers are introduced only within their group.
 //!
 //! The gateway keeps no per-user state: it recomputes the password from the
 //! username. One token serves rendezvous (as the short-term MESSAGE-INTEGRITY key)
@@ -17,21 +19,37 @@ pub enum CredentialError {
     /// Not `expiry:peer-id`.
     #[error("username is not `expiry:peer-id`")]
     Malformed,
-    /// The peer id is empty, too long, or has characters outside `[A-Za-z0-9._-]`.
-    #[error("peer id must be 1..={MAX_PEER_ID_LEN} characters of A-Z a-z 0-9 . _ -")]
+    /// The peer id is empty, too long, or has characters outside `[A-Za-z0-9._-]`
+    /// (besides one `/` between a group and the peer's name).
+    #[error(
+        "peer id must be 1..={MAX_PEER_ID_LEN} characters of A-Z a-z 0-9 . _ -, optionally as group/name"
+    )]
     BadPeerId,
     /// The expiry is in the past.
     #[error("credentials expired")]
     Expired,
 }
 
-/// Checks a peer id: 1 to [`MAX_PEER_ID_LEN`] characters of `[A-Za-z0-9._-]`.
+/// Checks a peer id: 1 to [`MAX_PEER_ID_LEN`] characters of `[A-Za-z0-9._-]`, or
+/// `group/name` with both parts non-empty of those characters (and the whole no
+/// longer).
 pub fn valid_peer_id(peer_id: &str) -> bool {
-    !peer_id.is_empty()
-        && peer_id.len() <= MAX_PEER_ID_LEN
-        && peer_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    let part = |text: &str| {
+        !text.is_empty()
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    peer_id.len() <= MAX_PEER_ID_LEN
+        && match peer_id.split_once('/') {
+            Some((group, name)) => part(group) && part(name),
+            None => part(peer_id),
+        }
+}
+
+/// The group a peer id names (`group/name`), if any.
+pub fn peer_group(peer_id: &str) -> Option<&str> {
+    peer_id.split_once('/').map(|(group, _)| group)
 }
 
 /// The operator's shared secret, and the derivation of passwords from usernames.
@@ -150,6 +168,24 @@ mod tests {
             secret.issue(&"x".repeat(65), 5),
             Err(CredentialError::BadPeerId)
         );
+        for bad in ["/alice", "red/", "red/blue/alice", "red alice/x"] {
+            assert_eq!(
+                secret.issue(bad, 5),
+                Err(CredentialError::BadPeerId),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_peer_id_may_name_its_group() {
+        let secret = SharedSecret::new(b"s");
+        let issued = secret.issue("red/alice", 10).expect("group/name");
+        assert_eq!(issued.username, "10:red/alice");
+        let (peer, password) = secret.check(&issued.username, 5).expect("valid");
+        assert_eq!((peer, password), ("red/alice", issued.password));
+        assert_eq!(peer_group("red/alice"), Some("red"));
+        assert_eq!(peer_group("alice"), None);
     }
 
     proptest! {

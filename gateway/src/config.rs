@@ -362,6 +362,31 @@ pub struct AuthConfig {
     /// File holding the shared secret from which REST-style credentials are derived
     /// (`gateway credentials` issues them). Keep it readable by the gateway only.
     pub secret_file: Option<std::path::PathBuf>,
+    /// Whom a peer may Connect to: "any" registered peer (default: one trust
+    /// domain), or "same-group": only peers whose credentials name the same group
+    /// (`gateway credentials --group G` issues `expiry:G/peer`).
+    pub connect: ConnectMode,
+}
+
+/// `auth.connect`: whom a registered peer may be introduced to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectMode {
+    /// Any registered peer.
+    #[default]
+    Any,
+    /// Only peers of the same group.
+    SameGroup,
+}
+
+impl ConnectMode {
+    /// The rendezvous core's policy.
+    pub fn policy(self) -> crate::proto::rendezvous::ConnectPolicy {
+        match self {
+            Self::Any => crate::proto::rendezvous::ConnectPolicy::Any,
+            Self::SameGroup => crate::proto::rendezvous::ConnectPolicy::SameGroup,
+        }
+    }
 }
 
 /// The UDP service.

@@ -257,6 +257,10 @@ struct CredentialsArgs {
     /// The peer's id: 1 to 64 characters of A-Z a-z 0-9 . _ -
     #[arg(long)]
     peer_id: String,
+    /// The peer's group: the id becomes GROUP/PEER-ID. With auth.connect =
+    /// "same-group", peers are introduced only within their group.
+    #[arg(long)]
+    group: Option<String>,
     /// How long the credentials stay valid, in seconds.
     #[arg(long, default_value_t = 86_400)]
     ttl: u64,
@@ -528,7 +532,16 @@ fn credentials(args: CredentialsArgs) -> Result<()> {
         .context("the clock is before 1970")?
         .as_secs();
     let expiry = now.checked_add(args.ttl).context("--ttl is too large")?;
-    let issued = SharedSecret::new(&secret).issue(&args.peer_id, expiry)?;
+    let peer_id = match &args.group {
+        Some(group) if group.contains('/') => {
+            anyhow::bail!("--group must not contain '/': it separates the group from the peer id")
+        }
+        Some(group) => format!("{group}/{}", args.peer_id),
+        None => args.peer_id.clone(),
+    };
+    let issued = SharedSecret::new(&secret)
+        .issue(&peer_id, expiry)
+        .with_context(|| format!("cannot issue credentials for {peer_id:?}"))?;
     println!("GATEWAY_USERNAME={}", issued.username);
     println!("GATEWAY_PASSWORD={}", issued.password);
     Ok(())
@@ -714,8 +727,12 @@ async fn serve_async(config: Config) -> Result<()> {
     let rendezvous = match &secret {
         Some(secret) => {
             tracing::info!("rendezvous enabled (register, connect, introductions)");
+            let rendezvous_config = RendezvousConfig {
+                connect_policy: config.auth.connect.policy(),
+                ..RendezvousConfig::default()
+            };
             let mut server =
-                RendezvousServer::new(secret.clone(), RendezvousConfig::default(), rand::random());
+                RendezvousServer::new(secret.clone(), rendezvous_config, rand::random());
             server.set_alternates(
                 Alternates::new(local, config.server.discovery_listen.clone()),
                 config.server.discovery_unauthenticated,

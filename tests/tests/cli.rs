@@ -142,6 +142,34 @@ fn credentials_are_issued_from_the_secret_file() {
     let (ok, _, stderr) = gateway(&["credentials", "--peer-id", "bad id", "--secret-file", &path]);
     assert!(!ok);
     assert!(stderr.contains("peer id"), "{stderr}");
+    // A group goes in front of the peer id (auth.connect = "same-group" uses it).
+    let (ok, stdout, stderr) = gateway(&[
+        "credentials",
+        "--peer-id",
+        "alice",
+        "--group",
+        "red",
+        "--secret-file",
+        &path,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("GATEWAY_USERNAME=") && l.ends_with(":red/alice")),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = gateway(&[
+        "credentials",
+        "--peer-id",
+        "alice",
+        "--group",
+        "a/b",
+        "--secret-file",
+        &path,
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("--group"), "{stderr}");
     let (ok, _, stderr) = gateway(&["credentials", "--peer-id", "alice"]);
     assert!(!ok);
     assert!(stderr.contains("--secret-file"), "{stderr}");

@@ -46,6 +46,32 @@ mod forward;
 
 pub use discovery::{discovery_index, discovery_socket};
 
+/// Whom a registered peer may be introduced to (`auth.connect`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnectPolicy {
+    /// Any registered peer (whoever holds a credential can learn any peer's
+    /// endpoints by connecting to it: one trust domain).
+    #[default]
+    Any,
+    /// Only peers of the same group (`group/name` peer ids; a peer id without a
+    /// group connects to nobody). A Connect across groups gets 404, as for a peer
+    /// that does not exist, so groups cannot be probed.
+    SameGroup,
+}
+
+impl ConnectPolicy {
+    /// Whether `initiator` may be introduced to `target`.
+    pub fn allows(self, initiator: &str, target: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameGroup => {
+                let group = crate::credentials::peer_group;
+                group(initiator).is_some() && group(initiator) == group(target)
+            }
+        }
+    }
+}
+
 /// Signed error answers per second in all (each source gets at most its own
 /// bucket's worth: see [`crate::budget`]).
 const SIGNED_ERRORS_PER_SECOND: u32 = 20_000;
@@ -231,6 +257,9 @@ pub struct RendezvousConfig {
     /// per-source limits: a Binding answer is twice its request, so this bounds
     /// what spoofed requests can reflect.
     pub max_binding_replies_per_second: u32,
+    /// Whom a peer may Connect to: anyone registered, or only peers of its own
+    /// group (`group/name` peer ids).
+    pub connect_policy: ConnectPolicy,
     /// Lifetime of the nonces that bind signed requests to the sender's address.
     /// Every success response carries a fresh one, so a peer that keeps its
     /// registration alive never sees one expire.
@@ -246,6 +275,7 @@ impl Default for RendezvousConfig {
             start_margin: Duration::from_millis(5),
             max_error_replies_per_second: 1_000,
             max_binding_replies_per_second: 100_000,
+            connect_policy: ConnectPolicy::Any,
             nonce_lifetime: Duration::from_secs(600),
         }
     }
@@ -791,7 +821,7 @@ impl RendezvousServer {
         initiator.last_seen_ms = now_ms;
         let initiator = initiator.clone();
         let not_found = (RendezvousHandled::NotFound, 404, "Peer Not Found");
-        if target == auth.peer_id {
+        if target == auth.peer_id || !self.config.connect_policy.allows(&auth.peer_id, &target) {
             return Err(not_found);
         }
         match self.peers.get(target.as_str()).cloned() {

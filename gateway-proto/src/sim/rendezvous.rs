@@ -68,7 +68,12 @@ impl World {
     /// A server with the default configuration whose generator starts from `seed`
     /// (several servers need different ones, or their introduction ids collide).
     pub fn seeded(seed: u64) -> Self {
-        let mut server = RendezvousServer::new(secret(), RendezvousConfig::default(), seed);
+        Self::configured(seed, RendezvousConfig::default())
+    }
+
+    /// A server with `config` whose generator starts from `seed`.
+    pub fn configured(seed: u64, config: RendezvousConfig) -> Self {
+        let mut server = RendezvousServer::new(secret(), config, seed);
         server.set_relay_endpoints(Some(RelayEndpoints {
             addresses: vec![IpAddr::from([203, 0, 113, 50])],
             ports: 1..=65535,

@@ -550,6 +550,53 @@ fn binding_answers_are_budgeted_per_source() {
 }
 
 #[test]
+fn with_the_same_group_policy_peers_meet_only_their_group() {
+    let mut world = World::configured(
+        7,
+        RendezvousConfig {
+            connect_policy: ConnectPolicy::SameGroup,
+            ..RendezvousConfig::default()
+        },
+    );
+    let peers = [
+        ("red/alice", "198.51.100.2:4000"),
+        ("red/bob", "198.51.100.3:4000"),
+        ("blue/carol", "198.51.100.4:4000"),
+        ("dave", "198.51.100.5:4000"),
+        ("erin", "198.51.100.6:4000"),
+    ];
+    for (peer, at) in peers {
+        world.register(peer, addr(at), &[], NatClass::Unknown, 0);
+    }
+    let connect_from = |world: &mut World, from: &str, to: &str| {
+        let at = addr(peers.iter().find(|(p, _)| *p == from).expect("known").1);
+        let request = connect([2; 12], &creds(from), Some(&world.nonce(at)), to);
+        world.send(at, &request).0
+    };
+    assert_eq!(
+        connect_from(&mut world, "red/alice", "red/bob"),
+        RendezvousHandled::Introduced
+    );
+    // Across groups, or without one: as if the peer did not exist.
+    for (from, to) in [
+        ("red/alice", "blue/carol"),
+        ("blue/carol", "red/bob"),
+        ("red/alice", "dave"),
+        ("dave", "erin"),
+        ("dave", "red/alice"),
+        ("red/alice", "red/nobody"),
+    ] {
+        assert_eq!(
+            connect_from(&mut world, from, to),
+            RendezvousHandled::NotFound,
+            "{from} -> {to}"
+        );
+    }
+    // The default policy introduces anyone to anyone.
+    assert!(ConnectPolicy::Any.allows("dave", "blue/carol"));
+}
+
+#[test]
 fn connect_refusals() {
     let mut world = World::new();
     let a = addr("198.51.100.2:4000");
