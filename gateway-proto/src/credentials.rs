@@ -237,8 +237,16 @@ mod tests {
         assert_eq!((peer, index), ("alice", 1));
         assert_eq!(password, from_old.password);
         let issued = rotated.issue("alice", 1_000).expect("issue");
-        assert_ne!(issued.password, from_old.password, "new ones from the first");
-        assert_eq!(issued, SharedSecret::new(b"new").issue("alice", 1_000).expect("issue"));
+        assert_ne!(
+            issued.password, from_old.password,
+            "new ones from the first"
+        );
+        assert_eq!(
+            issued,
+            SharedSecret::new(b"new")
+                .issue("alice", 1_000)
+                .expect("issue")
+        );
         assert_eq!(
             rotated.check_with(&issued.username, 10, |p| p == issued.password),
             Ok(("alice", issued.password.clone(), 0))

@@ -805,8 +805,14 @@ mod tests {
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(Config::default().server.drain_timeout, 30);
         for (bad, key) in [
-            ("[auth]\nsecret_file = \"/a\"\nsecret_files = [\"/b\"]\n", "auth.secret_file"),
-            ("[server]\nalternate = \"0.0.0.0:3478\"\n", "server.alternate"),
+            (
+                "[auth]\nsecret_file = \"/a\"\nsecret_files = [\"/b\"]\n",
+                "auth.secret_file",
+            ),
+            (
+                "[server]\nalternate = \"0.0.0.0:3478\"\n",
+                "server.alternate",
+            ),
             ("[log]\nfilter = \"gateway=[\"\n", "log.filter"),
         ] {
             let err = Config::from_toml(bad, "t").expect_err(bad);

@@ -5,7 +5,9 @@
 //! Which filter wins: `RUST_LOG`, then `--log-level` / `GATEWAY_LOG` (given at
 //! start, they pin the filter: a reload keeps it and says so), then the
 //! configuration's `log.filter`, then `info`.
-use tracing_subscriber::{EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Registry, layer::SubscriberExt, reload, util::SubscriberInitExt,
+};
 
 use crate::config::LogFormat;
 

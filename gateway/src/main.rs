@@ -8,9 +8,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gateway::config::LogFormat;
 use gateway::{
     config::Config,
     ebpf::{AttachMode, EbpfError, EbpfProbe, WatchSpec},
+    health::Health,
+    lifecycle::{self, Services, Signals, Stop},
+    logging,
     metrics::{self, Metrics},
     observe::{ObserveOptions, Observer},
     proto::{
@@ -18,13 +22,9 @@ use gateway::{
         credentials::SharedSecret,
         rendezvous::{RendezvousConfig, RendezvousServer},
     },
-    health::Health,
-    lifecycle::{self, Services, Signals, Stop},
-    logging,
     reload::Reloader,
     service, udp,
 };
-use gateway::config::LogFormat;
 
 /// Rendezvous and relay gateway for peer-to-peer NAT traversal.
 #[derive(Debug, Parser)]
@@ -924,7 +924,9 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
         relay.stop_fast_path();
     }
     if let Stop::LoopEnded(name) = &stop_reason {
-        anyhow::bail!("driver loop {name} ended unexpectedly; exiting so the supervisor restarts the gateway");
+        anyhow::bail!(
+            "driver loop {name} ended unexpectedly; exiting so the supervisor restarts the gateway"
+        );
     }
     tracing::info!(reason = ?stop_reason, "stopped");
     Ok(())

@@ -520,12 +520,18 @@ mod tests {
         assert!(ready.ends_with("not ready: starting\n"), "{ready}");
         health.set_started();
         let ready = get("GET /readyz HTTP/1.1\r\n\r\n").await;
-        assert!(ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"), "{ready}");
+        assert!(
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
+            "{ready}"
+        );
         let alive = get("GET /healthz HTTP/1.1\r\n\r\n").await;
         assert!(alive.starts_with("HTTP/1.1 200"), "{alive}");
         health.set_draining(true);
         let ready = get("GET /readyz HTTP/1.1\r\n\r\n").await;
-        assert!(ready.starts_with("HTTP/1.1 503") && ready.contains("draining"), "{ready}");
+        assert!(
+            ready.starts_with("HTTP/1.1 503") && ready.contains("draining"),
+            "{ready}"
+        );
         assert!(
             get("POST /metrics HTTP/1.1\r\n\r\n")
                 .await

@@ -27,10 +27,10 @@ use super::{
     },
 };
 use crate::{
-    drain::{DRAINING_REASON, Draining, TRY_ALTERNATE_REASON},
     Transmit,
     binding::{self, BindingService},
     credentials::SharedSecret,
+    drain::{DRAINING_REASON, Draining, TRY_ALTERNATE_REASON},
     earliest,
     nonce::NonceIssuer,
     stun::{

@@ -973,7 +973,14 @@ fn draining_refuses_newcomers_and_keeps_registered_peers_introducible() {
     // A new peer id is sent to the other node, in a signed answer.
     let c = addr("198.51.100.9:6000");
     let carol = creds("carol");
-    let request = register([3; 12], &carol, Some(&world.nonce(c)), &[], NatClass::None, 0);
+    let request = register(
+        [3; 12],
+        &carol,
+        Some(&world.nonce(c)),
+        &[],
+        NatClass::None,
+        0,
+    );
     let (handled, out) = world.send(c, &request);
     assert_eq!(handled, RendezvousHandled::Draining);
     let response = parse_response(&out[0].payload, &carol.password).expect("signed");
@@ -1043,6 +1050,13 @@ fn a_rotated_secret_keeps_registrations_and_signs_for_each_peer_with_its_own() {
     world
         .server
         .set_secret(SharedSecret::new(b"third secret").with_previous(b"next secret"));
-    let request = register([7; 12], &alice, Some(&world.nonce(a)), &[], NatClass::None, 0);
+    let request = register(
+        [7; 12],
+        &alice,
+        Some(&world.nonce(a)),
+        &[],
+        NatClass::None,
+        0,
+    );
     assert_eq!(world.send(a, &request).0, RendezvousHandled::Unauthorized);
 }

@@ -1776,7 +1776,9 @@ fn fresh_allocate(h: &mut Harness, client: SocketAddr, who: &User) -> (RequestOu
         .1
         .expect("401")
         .nonce();
-    h.authed(client, who, &nonce, method::ALLOCATE, |w, _| transport_udp(w))
+    h.authed(client, who, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    })
 }
 
 #[test]
@@ -1793,8 +1795,13 @@ fn draining_sends_new_allocations_elsewhere_and_keeps_serving_existing_ones() {
     let newcomer = addr("198.51.100.30:5000");
     let bob = user("bob");
     let (outcome, reply) = fresh_allocate(&mut h, newcomer, &bob);
-    assert_eq!((outcome, reply.code), (RequestOutcome::TryAlternate, Some(300)));
-    let value = reply.attr(stun_attr::ALTERNATE_SERVER).expect("ALTERNATE-SERVER");
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::TryAlternate, Some(300))
+    );
+    let value = reply
+        .attr(stun_attr::ALTERNATE_SERVER)
+        .expect("ALTERNATE-SERVER");
     assert_eq!(crate::binding::decode_address(&value), Some(alternate));
     let key = long_term_key(&bob.username, REALM, &bob.password);
     Message::parse(&reply.bytes)
@@ -1805,7 +1812,10 @@ fn draining_sends_new_allocations_elsewhere_and_keeps_serving_existing_ones() {
     assert_eq!(h.sockets.open, vec![relayed], "no socket opened");
     // The existing allocation lives on: permission, channel, refresh.
     let peer = addr(PEER);
-    assert_eq!(h.permit(addr(CLIENT), &alice, &nonce, peer), RequestOutcome::Ok);
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, peer),
+        RequestOutcome::Ok
+    );
     assert_eq!(
         h.bind(addr(CLIENT), &alice, &nonce, 0x4001, peer),
         RequestOutcome::Ok
@@ -1859,7 +1869,10 @@ fn a_rotated_secret_keeps_old_allocations_refreshing_and_accepts_new_credentials
     // Once the old secret is dropped, its credentials are refused, but the
     // allocation itself stays until it expires.
     h.server.set_secret(SharedSecret::new(b"the new secret"));
-    assert_eq!(refresh(&mut h, &alice, &nonce), RequestOutcome::Unauthorized);
+    assert_eq!(
+        refresh(&mut h, &alice, &nonce),
+        RequestOutcome::Unauthorized
+    );
     assert_eq!(h.server.allocation_count(), 2);
 }
 
