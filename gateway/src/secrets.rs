@@ -118,7 +118,7 @@ mod tests {
         let empty = write(&dir, "empty", " \n", 0o600);
         assert!(matches!(load(&[empty]), Err(SecretError::Empty { .. })));
         let missing = dir.join("missing");
-        let err = load(&[missing.clone()]).expect_err("missing");
+        let err = load(std::slice::from_ref(&missing)).expect_err("missing");
         assert!(err.to_string().contains(&missing.display().to_string()));
         assert!(matches!(load(&[]), Err(SecretError::None)));
         std::fs::remove_dir_all(&dir).ok();
