@@ -292,10 +292,12 @@ struct ServeArgs {
     /// UDP address of the service [default: 0.0.0.0:3478].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// HTTP address of the Prometheus endpoint [default: 127.0.0.1:9478].
+    /// HTTP address of the Prometheus endpoint /metrics, and of /healthz (200 while
+    /// every driver loop runs) and /readyz (200 when ready for new work; 503 while
+    /// starting, draining, or with Redis unreachable) [default: 127.0.0.1:9478].
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// Do not serve /metrics.
+    /// Do not serve /metrics (nor /healthz and /readyz).
     #[arg(long)]
     no_metrics: bool,
     /// Attach the eBPF programs to this interface (repeatable) [default: every

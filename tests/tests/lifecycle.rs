@@ -572,3 +572,43 @@ fn json_logs_are_one_object_per_line_and_the_filter_changes_on_reload() {
         "only the first reload's line, before the filter changed"
     );
 }
+
+#[test]
+fn a_secret_file_others_can_read_is_refused_at_start_with_the_fix() {
+    let dir = tempfile::tempdir().expect("dir");
+    let loose = dir.path().join("loose.secret");
+    std::fs::write(&loose, OLD_SECRET).expect("write");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let listen = free_udp().to_string();
+    for args in [
+        vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--no-ebpf",
+            "--no-metrics",
+            "--secret-file",
+        ],
+        vec!["credentials", "--peer-id", "alice", "--secret-file"],
+    ] {
+        let output = std::process::Command::new(gateway_tests::daemon::gateway_binary())
+            .args(&args)
+            .arg(&loose)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} must refuse: {stderr}");
+        assert!(
+            stderr.contains(&format!("chmod 600 {}", loose.display())),
+            "{args:?}: {stderr}"
+        );
+    }
+    // The same file at 0600 is fine.
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let output = std::process::Command::new(gateway_tests::daemon::gateway_binary())
+        .args(["credentials", "--peer-id", "alice", "--secret-file"])
+        .arg(&loose)
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+}
