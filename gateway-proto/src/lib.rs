@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod binding;
 pub mod credentials;
+pub mod drain;
 pub mod nonce;
 pub mod peer_policy;
 pub mod rendezvous;
