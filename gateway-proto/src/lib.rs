@@ -14,6 +14,7 @@ pub mod agent;
 pub mod binding;
 pub mod budget;
 pub mod credentials;
+pub mod drain;
 pub mod nonce;
 pub mod peer_policy;
 pub mod rendezvous;

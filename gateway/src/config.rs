@@ -60,6 +60,44 @@ pub struct Config {
     pub relay: RelayConfig,
     /// Several nodes as one service, sharing the rendezvous through Redis.
     pub cluster: ClusterConfig,
+    /// Logging: the filter (changeable on reload) and the format.
+    pub log: LogConfig,
+}
+
+/// Logging. `--log-level` (or `GATEWAY_LOG`, `RUST_LOG`) and `--log-format` given
+/// at start override these.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `info,gateway::turn=debug` (default:
+    /// `info`). Changes apply on reload (SIGHUP).
+    pub filter: Option<String>,
+    /// `text` (one human-readable line per event, the default) or `json` (one JSON
+    /// object per line with the event's fields); needs a restart to change.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text lines.
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, message, the event's fields and
+    /// its spans.
+    Json,
+}
+
+impl LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(filter) = &self.filter {
+            tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+                ConfigError::Invalid(format!("log.filter {filter:?} is not a valid filter: {e}"))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Several gateway nodes as one service: each node writes the peers registered
@@ -360,12 +398,49 @@ impl RelayConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// File holding the shared secret from which REST-style credentials are derived
-    /// (`gateway credentials` issues them). Keep it readable by the gateway only.
+    /// (`gateway credentials` issues them). It must be readable by the gateway's
+    /// user only (`chmod 600`): looser permissions are refused.
     pub secret_file: Option<std::path::PathBuf>,
+    /// Several secret files, for rotation: `[new, old, ...]`. Credentials derived
+    /// from any of them are accepted; new ones (`gateway credentials`) come from the
+    /// first. Instead of `secret_file`, not with it.
+    pub secret_files: Vec<std::path::PathBuf>,
     /// Whom a peer may Connect to: "any" registered peer (default: one trust
     /// domain), or "same-group": only peers whose credentials name the same group
     /// (`gateway credentials --group G` issues `expiry:G/peer`).
     pub connect: ConnectMode,
+}
+
+/// Most secret files accepted at once (each costs an HMAC per failed request).
+pub const MAX_SECRET_FILES: usize = 8;
+
+impl AuthConfig {
+    /// The secret files, the current one first (empty: no rendezvous, no relay).
+    pub fn secret_paths(&self) -> Vec<std::path::PathBuf> {
+        match &self.secret_file {
+            Some(path) => vec![path.clone()],
+            None => self.secret_files.clone(),
+        }
+    }
+
+    /// Whether a shared secret is configured.
+    pub fn has_secret(&self) -> bool {
+        self.secret_file.is_some() || !self.secret_files.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret_file.is_some() && !self.secret_files.is_empty() {
+            return Err(ConfigError::Invalid(
+                "auth.secret_file and auth.secret_files: set one (secret_files = [\"new\", \"old\"] to rotate)".into(),
+            ));
+        }
+        if self.secret_files.len() > MAX_SECRET_FILES {
+            return Err(ConfigError::Invalid(format!(
+                "auth.secret_files takes at most {MAX_SECRET_FILES} files"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// `auth.connect`: whom a registered peer may be introduced to.
@@ -419,6 +494,14 @@ pub struct ServerConfig {
     /// One by default: more loops help only where cores are idle, and cost CPU per
     /// request (see docs/benchmarks.md).
     pub threads: usize,
+    /// Another node's service address. While draining (SIGTERM), new registrations
+    /// and allocations are answered 300 Try Alternate with this ALTERNATE-SERVER;
+    /// without it they get an error saying the gateway is draining.
+    pub alternate: Option<SocketAddr>,
+    /// Longest drain, in seconds: after SIGTERM the gateway serves existing
+    /// allocations and registrations until they end or this passes, then exits.
+    /// 0 exits at once.
+    pub drain_timeout: u64,
 }
 
 impl Default for ServerConfig {
@@ -429,6 +512,8 @@ impl Default for ServerConfig {
             discovery_unauthenticated: false,
             tcp_forge_synack: false,
             threads: 1,
+            alternate: None,
+            drain_timeout: 30,
         }
     }
 }
@@ -552,13 +637,21 @@ impl Config {
                 ));
             }
         }
-        if self.server.discovery_unauthenticated && self.auth.secret_file.is_none() {
+        self.auth.validate()?;
+        if let Some(alternate) = self.server.alternate
+            && (alternate.port() == 0 || alternate.ip().is_unspecified())
+        {
+            return Err(ConfigError::Invalid(
+                "server.alternate must be another node's address and port, e.g. \"203.0.113.8:3478\"".into(),
+            ));
+        }
+        if self.server.discovery_unauthenticated && !self.auth.has_secret() {
             return Err(ConfigError::Invalid(
                 "server.discovery_unauthenticated needs auth.secret_file: CHANGE-REQUEST is served by the rendezvous"
                     .into(),
             ));
         }
-        if self.server.tcp_forge_synack && self.auth.secret_file.is_none() {
+        if self.server.tcp_forge_synack && !self.auth.has_secret() {
             return Err(ConfigError::Invalid(
                 "server.tcp_forge_synack needs auth.secret_file: TCP-Seq is served by the rendezvous"
                     .into(),
@@ -577,6 +670,7 @@ impl Config {
         }
         self.relay.validate()?;
         self.cluster.validate()?;
+        self.log.validate()?;
         for name in &self.ebpf.interfaces {
             if name.is_empty() || name.len() > 15 || name.contains('/') {
                 return Err(ConfigError::Invalid(format!(
@@ -756,6 +850,39 @@ mod tests {
         printed.cluster.node_id = Some("n1".into());
         let again = Config::from_toml(&printed.to_toml(), "printed").expect("round trip");
         assert_eq!(again, printed);
+    }
+
+    #[test]
+    fn secret_files_alternate_drain_and_log_settings() {
+        let config = Config::from_toml(
+            "[auth]\nsecret_files = [\"/new\", \"/old\"]\n[server]\nalternate = \"203.0.113.8:3478\"\ndrain_timeout = 5\n[log]\nfilter = \"info,gateway=debug\"\nformat = \"json\"\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.auth.secret_paths(),
+            vec![std::path::PathBuf::from("/new"), "/old".into()]
+        );
+        assert!(config.auth.has_secret());
+        assert_eq!(config.server.drain_timeout, 5);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(Config::default().server.drain_timeout, 30);
+        for (bad, key) in [
+            (
+                "[auth]\nsecret_file = \"/a\"\nsecret_files = [\"/b\"]\n",
+                "auth.secret_file",
+            ),
+            (
+                "[server]\nalternate = \"0.0.0.0:3478\"\n",
+                "server.alternate",
+            ),
+            ("[log]\nfilter = \"gateway=[\"\n", "log.filter"),
+        ] {
+            let err = Config::from_toml(bad, "t").expect_err(bad);
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
+        let err = Config::from_toml("[log]\nformat = \"xml\"\n", "gw.toml").expect_err("format");
+        assert!(err.to_string().contains("line 2"), "{err}");
     }
 
     #[test]

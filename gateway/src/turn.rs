@@ -40,12 +40,15 @@ use crate::fast_path::{FastPathConfig, RelayFastPath};
 use crate::proto::{
     Transmit, Transport,
     binding::BindingService,
+    credentials::SharedSecret,
+    drain::Draining,
+    peer_policy::PeerPolicy,
     stun::Message,
     turn::{
         AddressFamily, CHANNEL_DATA_HEADER, ChannelData, channel_data_header,
         server::{
             ClientAddr, DropReason, EvenPort, FastPath, OpenError, RelayRequestId, RequestMethod,
-            RequestOutcome, TurnHandled, TurnServer, TurnServerEvent,
+            RequestOutcome, TurnConfig, TurnHandled, TurnServer, TurnServerEvent,
         },
     },
 };
@@ -414,6 +417,28 @@ impl RelayShared {
             fold_fast_path(&mut fast, &self.metrics);
             fast.detach();
         }
+    }
+
+    /// Applies a reloaded configuration to the core: the accepted secrets, the peer
+    /// policy and the limits (see `TurnServer::set_secret`, `set_policy`,
+    /// `set_config`). Allocations, permissions, channels, fast-path entries and TCP
+    /// connections stay.
+    pub fn reconfigure(&self, secret: SharedSecret, policy: PeerPolicy, config: TurnConfig) {
+        let mut state = self.lock();
+        state.core.set_secret(secret);
+        state.core.set_policy(policy);
+        state.core.set_config(config);
+    }
+
+    /// Starts (`Some`) or ends draining: new allocations are refused (see
+    /// `TurnServer::set_draining`), existing ones served.
+    pub fn set_draining(&self, draining: Option<Draining>) {
+        self.lock().core.set_draining(draining);
+    }
+
+    /// Live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.lock().core.allocation_count()
     }
 
     /// When the core next needs [`RelayShared::handle_timeout`].
@@ -1073,50 +1098,15 @@ pub fn relay_endpoints(
 pub fn start(
     config: &crate::config::Config,
     listen: SocketAddr,
-    secret: crate::proto::credentials::SharedSecret,
+    secret: SharedSecret,
     client_socket: ServiceSocket,
     metrics: &crate::metrics::Metrics,
 ) -> Result<Arc<RelayShared>, RelayStartError> {
-    use crate::proto::{
-        peer_policy::PeerPolicy,
-        turn::server::{TurnConfig, TurnServer},
-    };
     let relay = &config.relay;
     let ports = relay.ports()?;
-    let parts = relay.peer_policy_parts()?;
-    let mut own = host_addresses();
-    own.extend(relay.addresses.iter().copied());
-    if !listen.ip().is_unspecified() {
-        own.push(listen.ip());
-    }
-    let mut policy = PeerPolicy::new(parts.allowed, parts.denied, own.clone());
-    policy
-        .set_nat64_prefixes(parts.nat64)
-        .map_err(|e| crate::config::ConfigError::Invalid(format!("relay.nat64_prefixes: {e}")))?;
-    // The gateway's own listeners stay out of the relay's reach even where an allowed
-    // range covers its addresses (client-to-client relaying on one host).
-    policy.protect_ports(
-        std::iter::once(listen.port())
-            .chain(config.server.discovery_listen.iter().map(|a| a.port()))
-            .chain(
-                config
-                    .metrics
-                    .enabled
-                    .then_some(config.metrics.listen.port()),
-            ),
-    );
-    let turn_config = TurnConfig {
-        realm: relay.realm.clone(),
-        max_lifetime: std::time::Duration::from_secs(relay.max_lifetime_seconds),
-        max_allocations: relay.max_allocations,
-        max_allocations_per_user: relay.max_allocations_per_user,
-        max_permissions: relay.max_permissions,
-        max_channels: relay.max_channels,
-        bandwidth_bytes_per_second: relay.bandwidth_bytes_per_second,
-        fast_path: relay.fast_path == crate::config::FastPathMode::Ebpf,
-        ..TurnConfig::default()
-    };
-    let core = TurnServer::new(turn_config, secret, rand::random(), 600, policy);
+    let own = own_addresses(&config.relay, listen);
+    let policy = peer_policy(config, listen)?;
+    let core = TurnServer::new(turn_config(relay), secret, rand::random(), 600, policy);
     let socket_config = RelaySocketConfig {
         v4: relay.addresses.iter().copied().find(IpAddr::is_ipv4),
         v6: relay.addresses.iter().copied().find(IpAddr::is_ipv6),
@@ -1168,6 +1158,60 @@ pub fn start(
         relay_metrics,
         fast,
     ))
+}
+
+/// The relay's own addresses, which the peer policy denies unless an allowed
+/// range opens them: every address of this host, the relay addresses, and the
+/// listen address.
+fn own_addresses(relay: &crate::config::RelayConfig, listen: SocketAddr) -> Vec<IpAddr> {
+    let mut own = host_addresses();
+    own.extend(relay.addresses.iter().copied());
+    if !listen.ip().is_unspecified() {
+        own.push(listen.ip());
+    }
+    own
+}
+
+/// The peer-address policy `relay` describes for a gateway listening on `listen`
+/// (the operator's ranges plus this host's own addresses, read now).
+pub fn peer_policy(
+    config: &crate::config::Config,
+    listen: SocketAddr,
+) -> Result<PeerPolicy, crate::config::ConfigError> {
+    let relay = &config.relay;
+    let parts = relay.peer_policy_parts()?;
+    let mut policy = PeerPolicy::new(parts.allowed, parts.denied, own_addresses(relay, listen));
+    policy
+        .set_nat64_prefixes(parts.nat64)
+        .map_err(|e| crate::config::ConfigError::Invalid(format!("relay.nat64_prefixes: {e}")))?;
+    // The gateway's own listeners stay out of the relay's reach even where an allowed
+    // range covers its addresses (client-to-client relaying on one host).
+    policy.protect_ports(
+        std::iter::once(listen.port())
+            .chain(config.server.discovery_listen.iter().map(|a| a.port()))
+            .chain(
+                config
+                    .metrics
+                    .enabled
+                    .then_some(config.metrics.listen.port()),
+            ),
+    );
+    Ok(policy)
+}
+
+/// The core's limits and timers as `relay` sets them.
+pub fn turn_config(relay: &crate::config::RelayConfig) -> TurnConfig {
+    TurnConfig {
+        realm: relay.realm.clone(),
+        max_lifetime: std::time::Duration::from_secs(relay.max_lifetime_seconds),
+        max_allocations: relay.max_allocations,
+        max_allocations_per_user: relay.max_allocations_per_user,
+        max_permissions: relay.max_permissions,
+        max_channels: relay.max_channels,
+        bandwidth_bytes_per_second: relay.bandwidth_bytes_per_second,
+        fast_path: relay.fast_path == crate::config::FastPathMode::Ebpf,
+        ..TurnConfig::default()
+    }
 }
 
 /// Every address configured on this host's interfaces (for the "own address" deny

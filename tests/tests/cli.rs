@@ -103,7 +103,7 @@ fn credentials_are_issued_from_the_secret_file() {
     let dir = std::env::temp_dir().join(format!("gw-cli-cred-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let secret = dir.join("secret");
-    std::fs::write(&secret, "operator-secret\n").expect("write");
+    gateway_tests::daemon::write_secret(&secret, "operator-secret\n").expect("write");
     let path = secret.to_string_lossy().into_owned();
     let (ok, stdout, stderr) = gateway(&[
         "credentials",
@@ -294,7 +294,7 @@ fn a_peer_moves_to_the_next_gateway_node_when_its_node_dies() {
 
     let dir = tempfile::tempdir().expect("dir");
     let secret_file = dir.path().join("secret");
-    std::fs::write(&secret_file, "failover-secret\n").expect("write");
+    gateway_tests::daemon::write_secret(&secret_file, "failover-secret\n").expect("write");
     let secret = gateway::proto::credentials::SharedSecret::new(b"failover-secret");
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -39,7 +39,7 @@ fn relay_lab(extra: &[&str]) -> RelayLab {
         std::process::id(),
         rand::random::<u64>()
     ));
-    std::fs::write(&secret_path, SECRET).expect("secret file");
+    gateway_tests::daemon::write_secret(&secret_path, SECRET).expect("secret file");
     let secret_arg = secret_path.to_string_lossy().into_owned();
     let listen = if extra.contains(&"--listen") {
         Vec::new()

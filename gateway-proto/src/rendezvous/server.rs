@@ -15,7 +15,7 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use self::{
-    auth::{Authenticated, error_reply},
+    auth::{Authenticated, error_reply, try_alternate_reply},
     cluster::{ClusterState, RemoteSide, ReplyTo},
 };
 use super::{
@@ -31,6 +31,7 @@ use crate::{
     binding::{self, BindingService},
     budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
+    drain::{DRAINING_REASON, Draining, TRY_ALTERNATE_REASON},
     earliest,
     nonce::NonceIssuer,
     stun::{
@@ -133,6 +134,9 @@ pub enum RendezvousHandled {
     /// 503 "Cluster Unavailable": a Connect whose target is not registered here,
     /// while the cluster is down or too many Connects wait.
     ClusterUnavailable,
+    /// A Register of a peer not registered here while the server drains: 300 Try
+    /// Alternate with ALTERNATE-SERVER, or 503 "Draining" without an alternate.
+    Draining,
 }
 
 impl RendezvousHandled {
@@ -158,11 +162,12 @@ impl RendezvousHandled {
             RendezvousHandled::ChangeAnswered => "change_request_answered",
             RendezvousHandled::Locating => "locating",
             RendezvousHandled::ClusterUnavailable => "cluster_unavailable",
+            RendezvousHandled::Draining => "draining",
         }
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 24] = [
+    pub const ALL_LABELS: [&'static str; 25] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -187,6 +192,7 @@ impl RendezvousHandled {
         "change_request_answered",
         "locating",
         "cluster_unavailable",
+        "draining",
     ];
 }
 
@@ -297,6 +303,9 @@ struct PeerRecord {
     /// Start of the current connect-rate window, same clock.
     window_start_ms: u32,
     connects_in_window: u32,
+    /// Which accepted secret its credentials derive from (0 the current one): what
+    /// signs what is sent to it.
+    secret: u8,
 }
 
 #[derive(Clone, Debug)]
@@ -449,6 +458,8 @@ pub struct RendezvousServer {
     /// Where this gateway's relay hands out allocations: a Relay-Offer must name one
     /// ([`Self::set_relay_endpoints`]; none by default, so offers are refused).
     relay_endpoints: Option<RelayEndpoints>,
+    /// Refusing new registrations ([`Self::set_draining`]).
+    draining: Option<Draining>,
 }
 
 /// The transport addresses this gateway's relay allocates on: its relay addresses
@@ -509,7 +520,44 @@ impl RendezvousServer {
             tcp_forge: false,
             cluster: None,
             relay_endpoints: None,
+            draining: None,
         }
+    }
+
+    /// Replaces the accepted secrets (a configuration reload, a secret rotation):
+    /// requests are checked against the new set from now on. Registrations and
+    /// introductions stay; what is sent to a registered peer stays signed with the
+    /// secret its credentials derive from while that secret is still accepted (a
+    /// peer whose secret was dropped fails its next refresh and must get new
+    /// credentials).
+    pub fn set_secret(&mut self, secret: SharedSecret) {
+        let moved: Vec<u8> = (0..self.secret.len())
+            .map(|i| {
+                self.secret
+                    .position_in(i, &secret)
+                    .and_then(|p| u8::try_from(p).ok())
+                    .unwrap_or(0)
+            })
+            .collect();
+        for peer in self.peers.values_mut() {
+            peer.secret = moved.get(usize::from(peer.secret)).copied().unwrap_or(0);
+        }
+        self.secret = secret;
+    }
+
+    /// Starts (`Some`) or ends (`None`) draining. While draining, a Register from a
+    /// peer id not registered here is refused after authentication: 300 Try
+    /// Alternate with ALTERNATE-SERVER (RFC 8489 §10) when [`Draining::alternate`]
+    /// names another node, else 503 "Draining". Refreshes of existing
+    /// registrations, Connects, outcomes, relay offers and TCP-Seq go on as before,
+    /// so registered peers stay introducible until they leave.
+    pub fn set_draining(&mut self, draining: Option<Draining>) {
+        self.draining = draining;
+    }
+
+    /// Whether new registrations are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
     }
 
     /// Enables CHANGE-REQUEST (RFC 5780) answers from the given endpoints; by default
@@ -530,6 +578,12 @@ impl RendezvousServer {
     /// only. Off by default; such requests then get [`TCP_FORGE_DISABLED`].
     pub fn set_tcp_forge(&mut self, enabled: bool) {
         self.tcp_forge = enabled;
+    }
+
+    /// Changes whom peers may Connect to (a reload); introductions already made
+    /// stand.
+    pub fn set_connect_policy(&mut self, policy: ConnectPolicy) {
+        self.config.connect_policy = policy;
     }
 
     /// Accepts Relay-Offers for allocations on `endpoints` (the relay of this
@@ -669,14 +723,14 @@ impl RendezvousServer {
                 handled
             }
             Err((handled, code, reason)) => {
-                self.transmits.push_back(error_reply(
-                    &message,
-                    code,
-                    reason,
-                    Some((&auth.password, &auth.next_nonce)),
-                    from,
-                    local,
-                ));
+                let signed = Some((auth.password.as_str(), auth.next_nonce.as_str()));
+                let reply = match self.draining.and_then(|d| d.alternate) {
+                    Some(alternate) if code == 300 => {
+                        try_alternate_reply(&message, alternate, signed, from, local)
+                    }
+                    _ => error_reply(&message, code, reason, signed, from, local),
+                };
+                self.transmits.push_back(reply);
                 handled
             }
         }
@@ -729,6 +783,14 @@ impl RendezvousServer {
                 _ => {}
             }
         }
+        if let Some(draining) = self.draining
+            && !self.peers.contains_key(auth.peer_id.as_str())
+        {
+            return Err(match draining.alternate {
+                Some(_) => (RendezvousHandled::Draining, 300, TRY_ALTERNATE_REASON),
+                None => (RendezvousHandled::Draining, 503, DRAINING_REASON),
+            });
+        }
         if !self.peers.contains_key(auth.peer_id.as_str())
             && self.peers.len() >= self.config.max_peers
         {
@@ -748,7 +810,9 @@ impl RendezvousServer {
                 registered_unix,
                 window_start_ms: now_ms,
                 connects_in_window: 0,
+                secret: auth.secret,
             });
+        record.secret = auth.secret;
         record.addr = from;
         record.local = local;
         record.expiry_unix = auth.expiry_unix;
@@ -908,7 +972,9 @@ impl RendezvousServer {
         role: u8,
     ) {
         let username = format!("{}:{recipient_id}", recipient.expiry_unix);
-        let password = self.secret.password(&username);
+        let password = self
+            .secret
+            .password_with(usize::from(recipient.secret), &username);
         let tid: [u8; 12] = self.rng.random();
         let mut payload = Vec::with_capacity(256);
         let mut writer = MessageWriter::new(

@@ -461,6 +461,11 @@ fn start_gateway(kind: GatewayKind) -> Result<GatewayServer> {
     std::fs::create_dir_all(&dir)?;
     let secret_file = dir.join("secret");
     std::fs::write(&secret_file, SECRET)?;
+    // The gateway refuses a secret file others may read.
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let port = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port();

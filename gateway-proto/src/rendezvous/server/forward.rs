@@ -254,9 +254,11 @@ fn other_side(
     side: usize,
 ) -> Result<(Box<str>, String, Recipient), Refusal> {
     let other_id = record.sides[1 - side].clone();
-    let (expiry_unix, recipient) = match record.remote.as_deref() {
+    // A side on another node is signed for with the current secret: which secret
+    // its credentials derive from is known only there.
+    let (expiry_unix, secret_index, recipient) = match record.remote.as_deref() {
         Some(remote) if remote.side == 1 - side => {
-            (remote.expiry_unix, Recipient::Node(remote.node.clone()))
+            (remote.expiry_unix, 0, Recipient::Node(remote.node.clone()))
         }
         _ => {
             let other = peers.get(&*other_id).ok_or((
@@ -264,10 +266,14 @@ fn other_side(
                 404,
                 "Peer Not Found",
             ))?;
-            (other.expiry_unix, Recipient::Here(other.addr, other.local))
+            (
+                other.expiry_unix,
+                usize::from(other.secret),
+                Recipient::Here(other.addr, other.local),
+            )
         }
     };
-    let password = secret.password(&format!("{expiry_unix}:{other_id}"));
+    let password = secret.password_with(secret_index, &format!("{expiry_unix}:{other_id}"));
     Ok((other_id, password, recipient))
 }
 

@@ -1062,3 +1062,108 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn draining_refuses_newcomers_and_keeps_registered_peers_introducible() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    world.register("bob", b, &[], NatClass::EndpointIndependent, 0);
+    let alternate = addr("203.0.113.9:3478");
+    world.server.set_draining(Some(crate::drain::Draining {
+        alternate: Some(alternate),
+    }));
+    assert!(world.server.is_draining());
+    // A registered peer's refresh still succeeds, even from a new address.
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    // A new peer id is sent to the other node, in a signed answer.
+    let c = addr("198.51.100.9:6000");
+    let carol = creds("carol");
+    let request = register(
+        [3; 12],
+        &carol,
+        Some(&world.nonce(c)),
+        &[],
+        NatClass::None,
+        0,
+    );
+    let (handled, out) = world.send(c, &request);
+    assert_eq!(handled, RendezvousHandled::Draining);
+    let response = parse_response(&out[0].payload, &carol.password).expect("signed");
+    assert_eq!(response.result, Err(300));
+    assert_eq!(
+        address_attr(&out[0].payload, crate::stun::attr::ALTERNATE_SERVER),
+        Some(alternate)
+    );
+    assert_eq!(world.server.peer_count(), 2, "nothing registered");
+    // Registered peers are still introduced to each other.
+    let alice = creds("alice");
+    let (handled, _) = world.send(a, &connect([4; 12], &alice, Some(&world.nonce(a)), "bob"));
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    // Without an alternate: 503 "Draining".
+    world
+        .server
+        .set_draining(Some(crate::drain::Draining { alternate: None }));
+    let (handled, out) = world.send(c, &request);
+    assert_eq!(handled, RendezvousHandled::Draining);
+    let response = parse_response(&out[0].payload, &carol.password).expect("signed");
+    assert_eq!(response.result, Err(503));
+    assert_eq!(
+        address_attr(&out[0].payload, crate::stun::attr::ALTERNATE_SERVER),
+        None
+    );
+    world.server.set_draining(None);
+    world.register("carol", c, &[], NatClass::None, 0);
+}
+
+#[test]
+fn a_rotated_secret_keeps_registrations_and_signs_for_each_peer_with_its_own() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    let old = b"operator secret";
+    let new = SharedSecret::new(b"next secret").with_previous(old);
+    world.server.set_secret(new.clone());
+    let issued = new.issue("bob", NOW_UNIX + 3600).expect("issue");
+    let bob = PeerCredentials {
+        username: issued.username,
+        password: issued.password,
+    };
+    let request = register([5; 12], &bob, Some(&world.nonce(b)), &[], NatClass::None, 0);
+    assert_eq!(world.send(b, &request).0, RendezvousHandled::Registered);
+    // Another rotation moves alice's secret to a new place in the list.
+    let newer = SharedSecret::new(b"third secret")
+        .with_previous(b"next secret")
+        .with_previous(old);
+    world.server.set_secret(newer);
+    let alice = creds("alice");
+    let (handled, out) = world.send(a, &connect([6; 12], &alice, Some(&world.nonce(a)), "bob"));
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    assert!(
+        out.iter()
+            .any(|t| t.to == a && parse_introduction(&t.payload, &alice.password).is_some()),
+        "alice's introduction is signed with her (old) secret's password"
+    );
+    assert!(
+        out.iter()
+            .any(|t| t.to == b && parse_introduction(&t.payload, &bob.password).is_some()),
+        "bob's with his (newer) secret's password"
+    );
+    // Alice's refresh is accepted under the old secret still.
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    // Once the old secret goes, alice's credentials stop working.
+    world
+        .server
+        .set_secret(SharedSecret::new(b"third secret").with_previous(b"next secret"));
+    let request = register(
+        [7; 12],
+        &alice,
+        Some(&world.nonce(a)),
+        &[],
+        NatClass::None,
+        0,
+    );
+    assert_eq!(world.send(a, &request).0, RendezvousHandled::Unauthorized);
+}

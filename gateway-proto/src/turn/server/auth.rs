@@ -85,16 +85,27 @@ impl TurnServer {
         let Ok(username) = std::str::from_utf8(username) else {
             return Err(challenge_401(self, out));
         };
-        let Ok((user, password)) = self.secret.check(username, now_unix) else {
+        // Every accepted secret (the current one first, then those being rotated
+        // out) is tried until one derives the key the request was signed with.
+        let mut key = [0u8; 16];
+        let mut sha256 = false;
+        let realm_text = &self.config.realm;
+        let checked = self.secret.check_with(username, now_unix, |password| {
+            let candidate = crate::turn::long_term_key(username, realm_text, password);
+            if message.verify_integrity(&candidate).is_ok() {
+                key = candidate;
+                return true;
+            }
+            if message.verify_integrity_sha256(&candidate).is_ok() {
+                (key, sha256) = (candidate, true);
+                return true;
+            }
+            false
+        });
+        let Ok((user, _, _)) = checked else {
             return Err(challenge_401(self, out));
         };
         let user = user.to_owned();
-        let key = crate::turn::long_term_key(username, &self.config.realm, &password);
-        let sha1 = message.verify_integrity(&key).is_ok();
-        let sha256 = !sha1 && message.verify_integrity_sha256(&key).is_ok();
-        if !sha1 && !sha256 {
-            return Err(challenge_401(self, out));
-        }
         // The nonce is judged after the integrity: a 438 goes only to a request
         // signed with valid credentials, so it is no reflection (the request is
         // larger than the answer) and needs no budget. Decided before the integrity,

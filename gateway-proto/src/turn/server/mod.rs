@@ -32,6 +32,7 @@ use super::{AddressFamily, method};
 use crate::{
     budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
+    drain::{DRAINING_REASON, Draining, TRY_ALTERNATE_REASON},
     nonce::NonceIssuer,
     peer_policy::PeerPolicy,
     stun::{Class, Message, MessageType, MessageWriter, attr as stun_attr},
@@ -254,11 +255,15 @@ pub enum RequestOutcome {
     UnknownAttribute,
     /// No reply: over the challenge budget.
     Throttled,
+    /// 300 Try Alternate: a new Allocate while draining, sent to another node.
+    TryAlternate,
+    /// 508 "Draining": a new Allocate while draining, with no other node to name.
+    Draining,
 }
 
 impl RequestOutcome {
     /// All outcomes (for pre-registering metric label sets).
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::Ok,
         Self::Unauthorized,
         Self::StaleNonce,
@@ -272,6 +277,8 @@ impl RequestOutcome {
         Self::Transport,
         Self::UnknownAttribute,
         Self::Throttled,
+        Self::TryAlternate,
+        Self::Draining,
     ];
 
     /// The label value.
@@ -290,6 +297,8 @@ impl RequestOutcome {
             Self::Transport => "unsupported_transport",
             Self::UnknownAttribute => "unknown_attribute",
             Self::Throttled => "throttled",
+            Self::TryAlternate => "try_alternate",
+            Self::Draining => "draining",
         }
     }
 }
@@ -463,6 +472,8 @@ pub struct TurnServer {
     transmits: VecDeque<Transmit>,
     /// Events not yet polled.
     events: VecDeque<TurnServerEvent>,
+    /// Refusing new allocations ([`TurnServer::set_draining`]).
+    draining: Option<Draining>,
 }
 
 /// How often expired allocations, permissions, channels and pending Allocates are
@@ -505,7 +516,59 @@ impl TurnServer {
             next_request: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            draining: None,
         }
+    }
+
+    /// Replaces the accepted secrets (a configuration reload, a secret rotation):
+    /// requests are checked against the new set from now on; allocations,
+    /// permissions and channels stay, and their next request authenticates anew.
+    pub fn set_secret(&mut self, secret: SharedSecret) {
+        self.secret = secret;
+    }
+
+    /// Replaces the peer-address policy (a reload). It applies to new permissions
+    /// and channels and to every datagram a client sends from now on (the data path
+    /// checks each one); kernel fast-path entries of peers it now denies are removed
+    /// in the next sweep. Nothing else established changes.
+    pub fn set_policy(&mut self, policy: PeerPolicy) {
+        self.policy = policy;
+    }
+
+    /// Replaces the limits and timers (a reload): quotas, lifetimes and the
+    /// bandwidth cap apply to requests from now on; allocations over a lowered quota
+    /// stay. The REALM and [`TurnConfig::fast_path`] are kept as they were: a new
+    /// realm would change every client's key, and the fast path is set up at start.
+    pub fn set_config(&mut self, config: TurnConfig) {
+        let realm = std::mem::take(&mut self.config.realm);
+        let fast_path = self.config.fast_path;
+        self.config = TurnConfig {
+            realm,
+            fast_path,
+            ..config
+        };
+    }
+
+    /// The limits and timers in force.
+    pub fn config(&self) -> &TurnConfig {
+        &self.config
+    }
+
+    /// Starts (`Some`) or ends (`None`) draining: while draining, an Allocate from a
+    /// 5-tuple without an allocation (or one pending) is refused after
+    /// authentication, with 300 Try Alternate and ALTERNATE-SERVER when
+    /// [`Draining::alternate`] names another node (RFC 8489 §10, RFC 8656 §7.2),
+    /// else with 508 and the reason "Draining" (a capacity problem, which clients
+    /// take as a cue to try another server). Refresh, CreatePermission, ChannelBind,
+    /// Send and ChannelData of existing allocations go on as before, and so does a
+    /// retransmitted Allocate of an allocation that exists.
+    pub fn set_draining(&mut self, draining: Option<Draining>) {
+        self.draining = draining;
+    }
+
+    /// Whether new allocations are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
     }
 
     /// Deletes the allocation (or pending Allocate) of `client`, if any: a TCP
@@ -752,6 +815,24 @@ impl TurnServer {
         if owner.is_some_and(|owner| *owner != *auth.username) {
             reply.error(out, 441, "Wrong Credentials");
             return Some(RequestOutcome::WrongCredentials);
+        }
+        if request_method == RequestMethod::Allocate
+            && existing.is_none()
+            && !self.pending_by_client.contains_key(&client)
+            && let Some(draining) = self.draining
+        {
+            return Some(match draining.alternate {
+                Some(alternate) => {
+                    reply.error_with(out, 300, TRY_ALTERNATE_REASON, |w| {
+                        w.address(stun_attr::ALTERNATE_SERVER, alternate);
+                    });
+                    RequestOutcome::TryAlternate
+                }
+                None => {
+                    reply.error(out, 508, DRAINING_REASON);
+                    RequestOutcome::Draining
+                }
+            });
         }
         match request_method {
             RequestMethod::Allocate => {

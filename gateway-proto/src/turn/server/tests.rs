@@ -1,6 +1,7 @@
 //! Tests of the relay core, in virtual time, with a fake socket layer that carries
 //! out the core's socket events as the driver would.
 use super::*;
+use crate::drain::Draining;
 use crate::{
     stun::{self, MessageWriter},
     turn::{
@@ -2011,4 +2012,158 @@ fn fast_path_is_silent_when_off_or_when_the_gateway_address_is_unknown() {
     let (_, nonce) = h.allocate(addr(CLIENT), &alice);
     h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER));
     assert_eq!(drained(&mut h), vec![]);
+}
+
+/// A fresh client's authenticated Allocate: challenge, then the signed request.
+fn fresh_allocate(h: &mut Harness, client: SocketAddr, who: &User) -> (RequestOutcome, Reply) {
+    let tid = h.next_tid();
+    let nonce = h
+        .send(
+            client,
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    h.authed(client, who, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    })
+}
+
+#[test]
+fn draining_sends_new_allocations_elsewhere_and_keeps_serving_existing_ones() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (relayed, nonce) = h.allocate(addr(CLIENT), &alice);
+    let alternate = addr("203.0.113.9:3478");
+    h.server.set_draining(Some(Draining {
+        alternate: Some(alternate),
+    }));
+    assert!(h.server.is_draining());
+    // A newcomer is authenticated first (401 as always), then redirected, signed.
+    let newcomer = addr("198.51.100.30:5000");
+    let bob = user("bob");
+    let (outcome, reply) = fresh_allocate(&mut h, newcomer, &bob);
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::TryAlternate, Some(300))
+    );
+    let value = reply
+        .attr(stun_attr::ALTERNATE_SERVER)
+        .expect("ALTERNATE-SERVER");
+    assert_eq!(crate::binding::decode_address(&value), Some(alternate));
+    let key = long_term_key(&bob.username, REALM, &bob.password);
+    Message::parse(&reply.bytes)
+        .expect("parses")
+        .verify_integrity(&key)
+        .expect("the redirect is signed with the requester's key");
+    assert_eq!(h.server.allocation_count(), 1, "nothing allocated");
+    assert_eq!(h.sockets.open, vec![relayed], "no socket opened");
+    // The existing allocation lives on: permission, channel, refresh.
+    let peer = addr(PEER);
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, peer),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4001, peer),
+        RequestOutcome::Ok
+    );
+    let (outcome, _) = h.authed(addr(CLIENT), &alice, &nonce, method::REFRESH, |w, _| {
+        w.attribute(turn_attr::LIFETIME, &600u32.to_be_bytes());
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    assert_eq!(
+        h.server
+            .channel_data_from_client(h.now, addr(CLIENT), 0x4001, 10),
+        Ok((relayed, peer)),
+        "data still relayed"
+    );
+    // Without an alternate, a newcomer gets 508 "Draining".
+    h.server.set_draining(Some(Draining { alternate: None }));
+    let (outcome, reply) = fresh_allocate(&mut h, newcomer, &bob);
+    assert_eq!((outcome, reply.code), (RequestOutcome::Draining, Some(508)));
+    assert!(
+        String::from_utf8_lossy(&reply.bytes).contains("Draining"),
+        "the reason says why"
+    );
+    // Ending the drain takes newcomers again.
+    h.server.set_draining(None);
+    let (outcome, _) = fresh_allocate(&mut h, newcomer, &bob);
+    assert_eq!(outcome, RequestOutcome::Ok);
+}
+
+#[test]
+fn a_rotated_secret_keeps_old_allocations_refreshing_and_accepts_new_credentials() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    // Rotate: a new current secret, the old one still accepted.
+    let rotated = SharedSecret::new(b"the new secret").with_previous(SECRET);
+    h.server.set_secret(rotated.clone());
+    let refresh = |h: &mut Harness, who: &User, nonce: &str| {
+        h.authed(addr(CLIENT), who, nonce, method::REFRESH, |w, _| {
+            w.attribute(turn_attr::LIFETIME, &600u32.to_be_bytes());
+        })
+        .0
+    };
+    assert_eq!(refresh(&mut h, &alice, &nonce), RequestOutcome::Ok);
+    let issued = rotated.issue("bob", NOW_UNIX + 3600).expect("issue");
+    let bob = User {
+        username: issued.username,
+        password: issued.password,
+    };
+    let (outcome, _) = fresh_allocate(&mut h, addr("198.51.100.30:5000"), &bob);
+    assert_eq!(outcome, RequestOutcome::Ok, "credentials of the new secret");
+    // Once the old secret is dropped, its credentials are refused, but the
+    // allocation itself stays until it expires.
+    h.server.set_secret(SharedSecret::new(b"the new secret"));
+    assert_eq!(
+        refresh(&mut h, &alice, &nonce),
+        RequestOutcome::Unauthorized
+    );
+    assert_eq!(h.server.allocation_count(), 2);
+}
+
+#[test]
+fn a_reloaded_policy_and_limits_apply_to_new_requests() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    let inside = addr("10.20.0.5:9");
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, inside),
+        RequestOutcome::Forbidden
+    );
+    h.server.set_policy(PeerPolicy::new(
+        vec![
+            "10.20.0.0/16"
+                .parse::<crate::peer_policy::PeerRange>()
+                .expect("range"),
+        ],
+        vec![],
+        vec![],
+    ));
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, inside),
+        RequestOutcome::Ok
+    );
+    // Limits change, the realm does not (it is in every client's key).
+    h.server.set_config(TurnConfig {
+        realm: "elsewhere".into(),
+        max_permissions: 1,
+        ..TurnConfig::default()
+    });
+    assert_eq!(h.server.config().realm, REALM);
+    assert_eq!(h.server.config().max_permissions, 1);
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr("8.8.8.8:1")),
+        RequestOutcome::Capacity,
+        "the new cap applies; the permission it has stays"
+    );
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, inside),
+        RequestOutcome::Ok,
+        "refreshing an existing permission is not a new one"
+    );
 }
