@@ -28,10 +28,15 @@ pub const SOURCE_SLOTS: usize = 4096;
 /// smoothly.
 const MILLI: u64 = 1_000;
 
+/// Replies per second to one source by default (bursts of twice that): room for a
+/// carrier-grade NAT's worth of clients behind one address starting at once.
+pub const DEFAULT_PER_SOURCE: u32 = 50;
+
 /// The limits of one [`ReplyBudget`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyBudgetConfig {
-    /// Replies per second to one source, sustained.
+    /// Replies per second to one source, sustained; 0: no per-source limit (only
+    /// the total: for benchmarks that send everything from one address).
     pub per_source_per_second: u32,
     /// Replies one source may get at once (its bucket's depth).
     pub per_source_burst: u32,
@@ -41,13 +46,18 @@ pub struct ReplyBudgetConfig {
 }
 
 impl ReplyBudgetConfig {
-    /// `total_per_second` in all, with the default per-source limits (50 per second,
-    /// bursts of 100: room for a carrier-grade NAT's worth of clients behind one
-    /// address starting at once).
+    /// `total_per_second` in all, with the default per-source limits
+    /// ([`DEFAULT_PER_SOURCE`] per second, bursts of twice that).
     pub const fn with_total(total_per_second: u32) -> Self {
+        Self::new(DEFAULT_PER_SOURCE, total_per_second)
+    }
+
+    /// `per_source` per second to each source (bursts of twice that; 0: unlimited)
+    /// and `total_per_second` in all.
+    pub const fn new(per_source: u32, total_per_second: u32) -> Self {
         Self {
-            per_source_per_second: 50,
-            per_source_burst: 100,
+            per_source_per_second: per_source,
+            per_source_burst: per_source.saturating_mul(2),
             total_per_second,
         }
     }
@@ -132,6 +142,12 @@ impl ReplyBudget {
         total.refill(now, config.total_per_second, config.total_per_second);
         if !total.has_one() {
             return false;
+        }
+        if config.per_source_per_second == 0 {
+            if let Some(total) = &mut self.total {
+                total.take_one();
+            }
+            return true;
         }
         let tag = self.tag(source);
         let index = (tag % SOURCE_SLOTS as u64) as usize;
@@ -227,6 +243,16 @@ mod tests {
             .filter(|i| budget.allow(later, IpAddr::from((0x0B00_0000 + i).to_be_bytes())))
             .count();
         assert_eq!(granted, 10);
+    }
+
+    #[test]
+    fn zero_per_source_leaves_only_the_total() {
+        let mut budget = ReplyBudget::new(ReplyBudgetConfig::new(0, 500), [5; 16]);
+        let now = Instant::now();
+        let granted = (0..1_000)
+            .filter(|_| budget.allow(now, ip("127.0.0.1")))
+            .count();
+        assert_eq!(granted, 500);
     }
 
     proptest! {

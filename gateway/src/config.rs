@@ -502,6 +502,12 @@ pub struct ServerConfig {
     /// allocations and registrations until they end or this passes, then exits.
     /// 0 exits at once.
     pub drain_timeout: u64,
+    /// Replies per second the gateway sends one source address (IPv4 address, IPv6
+    /// /64) before it authenticates: Binding answers, 401 challenges and other
+    /// errors; bursts of twice that. Bounds what a spoofed flood reflects at one
+    /// victim. 0 lifts the per-source limit (the totals stay): for benchmarks that
+    /// send everything from one address.
+    pub replies_per_source: u32,
 }
 
 impl Default for ServerConfig {
@@ -514,6 +520,7 @@ impl Default for ServerConfig {
             threads: 1,
             alternate: None,
             drain_timeout: 30,
+            replies_per_source: crate::proto::budget::DEFAULT_PER_SOURCE,
         }
     }
 }

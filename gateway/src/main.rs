@@ -337,6 +337,12 @@ struct ServeArgs {
     /// network. Off by default (requests get error 501) [config: server.tcp_forge_synack].
     #[arg(long)]
     tcp_forge_synack: bool,
+    /// Replies per second to one source address before it authenticates (Binding
+    /// answers, challenges, errors; bursts of twice that); 0 lifts the per-source
+    /// limit, e.g. for benchmarks from one address [default: 50; config:
+    /// server.replies_per_source].
+    #[arg(long, value_name = "N")]
+    replies_per_source: Option<u32>,
     /// Driver loops serving the UDP socket at once, sharing it and the rendezvous
     /// core; 0: one per CPU, at most 4 [default: 1].
     #[arg(long)]
@@ -590,6 +596,9 @@ fn apply_flags(args: &ServeArgs, log_format: Option<LogFormat>, config: &mut Con
     if let Some(format) = log_format {
         config.log.format = format;
     }
+    if let Some(per_source) = args.replies_per_source {
+        config.server.replies_per_source = per_source;
+    }
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
@@ -788,6 +797,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
             tracing::info!("rendezvous enabled (register, connect, introductions)");
             let rendezvous_config = RendezvousConfig {
                 connect_policy: config.auth.connect.policy(),
+                replies_per_source: config.server.replies_per_source,
                 ..RendezvousConfig::default()
             };
             let mut server =
@@ -877,7 +887,14 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
         alternates.push(socket.clone());
         discovery_tasks.push(tokio::spawn(health.watch(
             format!("udp-discovery-{i}"),
-            service::run(socket, metrics.clone(), None, None, wait(stopped.clone())),
+            service::run(
+                socket,
+                metrics.clone(),
+                None,
+                None,
+                config.server.replies_per_source,
+                wait(stopped.clone()),
+            ),
         )));
     }
     let tcp_task = match &relay {
@@ -906,6 +923,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
                     rendezvous.clone(),
                     relay.clone(),
                     cluster.clone(),
+                    config.server.replies_per_source,
                     wait(stopped.clone()),
                 ),
             ))

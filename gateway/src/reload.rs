@@ -68,7 +68,7 @@ impl ReloadOutcome {
 }
 
 /// The settings that only take effect at start (each named as in the file).
-pub const RESTART_KEYS: [&str; 24] = [
+pub const RESTART_KEYS: [&str; 25] = [
     "server.listen",
     "server.discovery_listen",
     "server.discovery_unauthenticated",
@@ -93,6 +93,7 @@ pub const RESTART_KEYS: [&str; 24] = [
     "cluster.node_id",
     "cluster.tls_ca_file",
     "log.format",
+    "server.replies_per_source",
 ];
 
 /// The restart-only settings that differ between `old` and `new` (names from
@@ -125,6 +126,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         o.cluster.node_id != n.cluster.node_id,
         o.cluster.tls_ca_file != n.cluster.tls_ca_file,
         o.log.format != n.log.format,
+        o.server.replies_per_source != n.server.replies_per_source,
     ];
     RESTART_KEYS
         .iter()
@@ -305,7 +307,7 @@ impl Reloader {
                 lock(core).set_secret(secret.clone());
             }
             if let Some(relay) = &self.services.relay {
-                relay.reconfigure(secret, policy, crate::turn::turn_config(&config.relay));
+                relay.reconfigure(secret, policy, crate::turn::turn_config(&config));
             }
         }
         self.current = config;

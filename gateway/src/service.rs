@@ -58,6 +58,7 @@ pub async fn run(
     metrics: Metrics,
     rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
+    replies_per_source: u32,
     shutdown: impl Future<Output = ()>,
 ) {
     run_with_alternates(
@@ -67,6 +68,7 @@ pub async fn run(
         rendezvous,
         relay,
         None,
+        replies_per_source,
         shutdown,
     )
     .await;
@@ -76,6 +78,7 @@ pub async fn run(
 /// `Alternates`) that answers to CHANGE-REQUEST leave from, and the cluster's
 /// request queue (when the node is part of one) that the core's cluster requests go
 /// to.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_with_alternates(
     client: ServiceSocket,
     alternates: Vec<ServiceSocket>,
@@ -83,6 +86,7 @@ pub async fn run_with_alternates(
     rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
     cluster: Option<ClusterLink>,
+    replies_per_source: u32,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut batch = RecvBatch::new();
@@ -91,7 +95,7 @@ pub async fn run_with_alternates(
     // Without a rendezvous core this loop answers Bindings itself, within its own
     // budget (each loop has one: the limits are per loop).
     let mut binding_budget = ReplyBudget::new(
-        ReplyBudgetConfig::with_total(BINDING_REPLIES_PER_SECOND),
+        ReplyBudgetConfig::new(replies_per_source, BINDING_REPLIES_PER_SECOND),
         rand::random(),
     );
     // Server-assisted TCP splicing (only when the core was told to forge): the raw

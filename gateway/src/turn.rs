@@ -1106,7 +1106,7 @@ pub fn start(
     let ports = relay.ports()?;
     let own = own_addresses(&config.relay, listen);
     let policy = peer_policy(config, listen)?;
-    let core = TurnServer::new(turn_config(relay), secret, rand::random(), 600, policy);
+    let core = TurnServer::new(turn_config(config), secret, rand::random(), 600, policy);
     let socket_config = RelaySocketConfig {
         v4: relay.addresses.iter().copied().find(IpAddr::is_ipv4),
         v6: relay.addresses.iter().copied().find(IpAddr::is_ipv6),
@@ -1200,8 +1200,10 @@ pub fn peer_policy(
 }
 
 /// The core's limits and timers as `relay` sets them.
-pub fn turn_config(relay: &crate::config::RelayConfig) -> TurnConfig {
+pub fn turn_config(config: &crate::config::Config) -> TurnConfig {
+    let relay = &config.relay;
     TurnConfig {
+        replies_per_source: config.server.replies_per_source,
         realm: relay.realm.clone(),
         max_lifetime: std::time::Duration::from_secs(relay.max_lifetime_seconds),
         max_allocations: relay.max_allocations,

@@ -209,6 +209,9 @@ fn start_node(
         "--metrics-listen".into(),
         metrics.to_string(),
         "--no-ebpf".into(),
+        // Every peer of the load is on 127.0.0.1: no per-source reply budget.
+        "--replies-per-source".into(),
+        "0".into(),
         "--secret-file".into(),
         secret.display().to_string(),
         "--log-level".into(),

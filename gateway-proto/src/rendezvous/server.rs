@@ -263,6 +263,10 @@ pub struct RendezvousConfig {
     /// per-source limits: a Binding answer is twice its request, so this bounds
     /// what spoofed requests can reflect.
     pub max_binding_replies_per_second: u32,
+    /// Unauthenticated replies (Binding answers, errors) and signed nonce errors per
+    /// second to one source (IPv4 address, IPv6 /64), bursts of twice that; 0: no
+    /// per-source limit.
+    pub replies_per_source: u32,
     /// Whom a peer may Connect to: anyone registered, or only peers of its own
     /// group (`group/name` peer ids).
     pub connect_policy: ConnectPolicy,
@@ -281,6 +285,7 @@ impl Default for RendezvousConfig {
             start_margin: Duration::from_millis(5),
             max_error_replies_per_second: 1_000,
             max_binding_replies_per_second: 100_000,
+            replies_per_source: crate::budget::DEFAULT_PER_SOURCE,
             connect_policy: ConnectPolicy::Any,
             nonce_lifetime: Duration::from_secs(600),
         }
@@ -503,15 +508,21 @@ impl RendezvousServer {
             events: VecDeque::new(),
             next_sweep: None,
             error_budget: ReplyBudget::new(
-                ReplyBudgetConfig::with_total(config.max_error_replies_per_second),
+                ReplyBudgetConfig::new(
+                    config.replies_per_source,
+                    config.max_error_replies_per_second,
+                ),
                 budget_key(&nonce_key, 1),
             ),
             signed_error_budget: ReplyBudget::new(
-                ReplyBudgetConfig::with_total(SIGNED_ERRORS_PER_SECOND),
+                ReplyBudgetConfig::new(config.replies_per_source, SIGNED_ERRORS_PER_SECOND),
                 budget_key(&nonce_key, 2),
             ),
             binding_budget: ReplyBudget::new(
-                ReplyBudgetConfig::with_total(config.max_binding_replies_per_second),
+                ReplyBudgetConfig::new(
+                    config.replies_per_source,
+                    config.max_binding_replies_per_second,
+                ),
                 budget_key(&nonce_key, 3),
             ),
             epoch: None,

@@ -418,6 +418,9 @@ pub fn gateway_relay_command(
         "--no-metrics",
         "--no-ebpf",
         "--no-relay-tcp",
+        // The whole load comes from 127.0.0.1: no per-source reply budget.
+        "--replies-per-source",
+        "0",
         "--realm",
         realm,
         "--relay-address",
@@ -486,6 +489,9 @@ fn start_gateway(kind: GatewayKind) -> Result<GatewayServer> {
             &addr.to_string(),
             "--no-metrics",
             "--no-ebpf",
+            // The whole load comes from 127.0.0.1: no per-source reply budget.
+            "--replies-per-source",
+            "0",
         ]);
         command
     };

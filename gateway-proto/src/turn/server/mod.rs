@@ -81,6 +81,9 @@ pub struct TurnConfig {
     /// spoofed-source flood can reflect. A 438 to a correctly signed request is not
     /// counted.
     pub challenges_per_second: u32,
+    /// Replies to unauthenticated requests per second to one source (IPv4 address,
+    /// IPv6 /64), bursts of twice that; 0: no per-source limit.
+    pub replies_per_source: u32,
     /// Emit [`FastPath`] instructions for a kernel fast path (as
     /// [`TurnServerEvent::FastPath`]); off, the core emits none.
     pub fast_path: bool,
@@ -100,6 +103,7 @@ impl Default for TurnConfig {
             max_channels: 64,
             bandwidth_bytes_per_second: 0,
             challenges_per_second: 10_000,
+            replies_per_source: crate::budget::DEFAULT_PER_SOURCE,
             fast_path: false,
         }
     }
@@ -493,7 +497,7 @@ impl TurnServer {
         policy: PeerPolicy,
     ) -> Self {
         let budget = ReplyBudget::new(
-            ReplyBudgetConfig::with_total(config.challenges_per_second),
+            ReplyBudgetConfig::new(config.replies_per_source, config.challenges_per_second),
             nonce_key[16..].try_into().unwrap_or([0; 16]),
         );
         Self {
