@@ -32,11 +32,18 @@ enum Command {
     /// Set everything up and run every test: unit, property, lab and eBPF tests, plus
     /// rustfmt, clippy and a short fuzz run. This is what CI runs.
     Test,
-    /// Fuzz every decoder (cargo fuzz, libFuzzer) for a while.
+    /// Fuzz every target (cargo fuzz, libFuzzer) for a while, on the corpus kept in
+    /// fuzz/corpus/TARGET (new inputs are added there; minimize and commit them).
     Fuzz {
-        /// Seconds per fuzz target.
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
+        /// Seconds per fuzz target [default: 60].
+        #[arg(long, conflicts_with = "minutes")]
+        seconds: Option<u64>,
+        /// Minutes per fuzz target (long runs: 10 or more before a release).
+        #[arg(long)]
+        minutes: Option<u64>,
+        /// Only this target (a file name in fuzz/fuzz_targets without .rs).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Set everything up and run the demo: a NAT lab, `gateway serve` on its server
     /// (with --nodes N: N nodes sharing a Redis in the lab), STUN traffic from peers
@@ -79,7 +86,14 @@ fn main() -> ExitCode {
         Command::Setup => toolchain::setup(),
         Command::BuildEbpf => toolchain::build_ebpf(),
         Command::Test => toolchain::test(),
-        Command::Fuzz { seconds } => toolchain::fuzz(seconds),
+        Command::Fuzz {
+            seconds,
+            minutes,
+            target,
+        } => toolchain::fuzz(
+            minutes.map_or(seconds.unwrap_or(60), |m| m.saturating_mul(60)),
+            target.as_deref(),
+        ),
         Command::Demo(args) => demo::demo(args),
         Command::PunchBench(args) => bench::punch_bench(args),
         Command::BenchEbpf(args) => ebpf_bench::bench_ebpf(args),

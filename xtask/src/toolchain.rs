@@ -143,7 +143,7 @@ fn path_with_cargo_bin() -> Result<std::ffi::OsString> {
 /// `cargo xtask fuzz`: runs every target in fuzz/fuzz_targets for `seconds` each,
 /// built with Debian's rustc (nightly flags through RUSTC_BOOTSTRAP, no sanitizer:
 /// rustc-web ships no sanitizer runtimes).
-pub fn fuzz(seconds: u64) -> Result<()> {
+pub fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
     if !cargo_fuzz_ok() || !Path::new(EBPF_RUSTC).exists() {
         bail!("cargo-fuzz or Debian's rustc-web is missing; run `cargo xtask setup` first");
     }
@@ -158,12 +158,27 @@ pub fn fuzz(seconds: u64) -> Result<()> {
         })
         .collect();
     targets.sort();
+    if let Some(only) = only {
+        if !targets.iter().any(|t| t == only) {
+            bail!(
+                "no fuzz target {only:?}; the targets are {}",
+                targets.join(", ")
+            );
+        }
+        targets.retain(|t| t == only);
+    }
     for target in targets {
-        eprintln!("fuzz: {target} for {seconds} s");
+        eprintln!("fuzz: {target} for {seconds} s on fuzz/corpus/{target}");
+        // The corpus kept in the repository: libFuzzer starts from it and adds the
+        // inputs that reach new code.
+        let corpus = dir.join("corpus").join(&target);
+        std::fs::create_dir_all(&corpus)?;
         let mut command = Command::new(host_cargo());
         command
             .current_dir(&dir)
-            .args(["fuzz", "run", "--sanitizer", "none", &target, "--"])
+            .args(["fuzz", "run", "--sanitizer", "none", &target])
+            .arg(&corpus)
+            .arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .env("PATH", path_with_cargo_bin()?)
             .env("RUSTC", EBPF_RUSTC)
@@ -403,7 +418,7 @@ pub fn test() -> Result<()> {
     run(Command::new(host_cargo())
         .current_dir(&root)
         .args(["test", "--workspace"]))?;
-    fuzz(TEST_FUZZ_SECONDS)?;
+    fuzz(TEST_FUZZ_SECONDS, None)?;
     eprintln!(
         "test: everything passed in {:.0} s",
         started.elapsed().as_secs_f64()
