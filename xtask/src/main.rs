@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod ebpf_bench;
+mod flood_bench;
 mod redis_memory;
 mod relay_bench;
 mod rendezvous_bench;
@@ -75,6 +76,12 @@ enum Command {
     /// pipelined) into a fresh redis-server and report used_memory per peer. Needs
     /// no gateway binary.
     BenchRedisMemory(redis_memory::RedisMemoryArgs),
+    /// What spoofed floods leave behind: `gateway serve` (release, loopback, the
+    /// default budgets) under 100k forged-source datagrams/s of each kind
+    /// (Binding, Allocate, Register, ChannelData) and held TCP connections that never
+    /// speak; RSS, file descriptors, CPU and answers per kind, as a markdown table.
+    /// Needs root (raw socket).
+    BenchFlood(flood_bench::FloodBenchArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -100,6 +107,7 @@ fn main() -> ExitCode {
         Command::BenchRendezvous(args) => rendezvous_bench::bench_rendezvous(args),
         Command::BenchRedisMemory(args) => redis_memory::bench_redis_memory(&args),
         Command::Lab(command) => demo::lab(command),
+        Command::BenchFlood(args) => flood_bench::bench_flood(args),
         Command::BenchRelay(args) => relay_bench::bench_relay(args),
         Command::TurnLoad(args) => relay_bench::turn_load(args),
     };
