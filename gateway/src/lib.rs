@@ -16,8 +16,10 @@
 //!   for `gateway watch` (NAT routers);
 //! - [`tcp_raw`]: raw TCP packet crafting, capture and injection (pnet) for
 //!   sequence-number-exchange TCP splicing;
-//! - [`config`]: the TOML configuration and its defaults.
+//! - [`config`]: the TOML configuration and its defaults;
+//! - [`capabilities`]: the process's effective capabilities (what eBPF loading needs).
 pub mod agent;
+pub mod capabilities;
 pub mod cluster;
 pub mod config;
 pub mod ebpf;

@@ -71,8 +71,8 @@ enum Command {
     /// Watch punch flows in the kernel on a host that runs no agent, typically a
     /// Linux NAT router's WAN interface, and serve the counts on /metrics. Punch
     /// flows are those on the given local ports and, with --stun-cookie, any UDP flow
-    /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root; stops
-    /// on SIGINT/SIGTERM and detaches.
+    /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root or
+    /// CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; stops on SIGINT/SIGTERM and detaches.
     Watch(WatchArgs),
 }
 
@@ -208,8 +208,8 @@ struct PeerArgs {
     upgrade_interval: u64,
     /// Attach the eBPF punch observers to this interface (repeatable): the kernel
     /// then counts this agent's punched flows and bounced packets (its socket's port
-    /// is watched, the gateway's endpoints are not). Needs root; without it the agent
-    /// runs on and says so.
+    /// is watched, the gateway's endpoints are not). Needs root or CAP_BPF, CAP_PERFMON
+    /// and CAP_NET_ADMIN; without them the agent runs on and says so.
     #[arg(long = "ebpf-interface", value_name = "IFACE")]
     ebpf_interfaces: Vec<String>,
     /// Serve this agent's Prometheus metrics (the eBPF counts) on this HTTP address.
@@ -360,7 +360,8 @@ struct ServeArgs {
     #[arg(long = "allow-peer", value_name = "CIDR")]
     allowed_peer_ranges: Vec<String>,
     /// Relay bound channels between this gateway's clients in the kernel (an eBPF tc
-    /// program; IPv4; needs root and the eBPF object): ebpf or off [default: off].
+    /// program; IPv4; needs the eBPF object and root or CAP_BPF, CAP_PERFMON and
+    /// CAP_NET_ADMIN): ebpf or off [default: off].
     /// With ebpf, start-up fails if the program cannot be loaded and attached.
     #[arg(long, value_name = "ebpf|off")]
     relay_fast_path: Option<gateway::config::FastPathMode>,
@@ -683,7 +684,7 @@ async fn serve_async(config: Config) -> Result<()> {
             }
             Err(e) => {
                 let hint = match e {
-                    EbpfError::NotEmbedded | EbpfError::NotPermitted => "",
+                    EbpfError::NotEmbedded | EbpfError::NotPermitted { .. } => "",
                     _ => " (use --no-ebpf to silence, --require-ebpf to make this fatal)",
                 };
                 tracing::warn!("eBPF counters unavailable, running without them: {e}{hint}");
