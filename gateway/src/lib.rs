@@ -17,19 +17,23 @@
 //! - [`tcp_raw`]: raw TCP packet crafting, capture and injection (pnet) for
 //!   sequence-number-exchange TCP splicing;
 //! - [`config`]: the TOML configuration and its defaults;
-//! - [`capabilities`]: the process's effective capabilities (what eBPF loading needs).
+//! - [`capabilities`]: the process's effective capabilities (what eBPF loading needs);
+//! - [`limits`]: the open-files limit and the descriptor budget of relay sockets;
+//! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
 pub mod agent;
 pub mod capabilities;
 pub mod cluster;
 pub mod config;
 pub mod ebpf;
 pub mod fast_path;
+pub mod limits;
 pub mod metrics;
 pub mod observe;
 pub mod rendezvous;
 /// The sans-IO protocol core, re-exported so `gateway::proto::...` paths keep working.
 pub use gateway_proto as proto;
 pub mod service;
+pub mod systemd;
 pub mod tcp_punch;
 pub mod tcp_raw;
 pub mod turn;

@@ -618,6 +618,10 @@ fn serve(args: ServeArgs) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    // Each allocation holds a socket: take every descriptor the hard limit allows.
+    if let Err(e) = gateway::limits::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit (RLIMIT_NOFILE)");
+    }
     // One runtime thread per driver loop at least, so the loops run in parallel.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -630,6 +634,9 @@ fn serve(args: ServeArgs) -> Result<()> {
 
 async fn serve_async(config: Config) -> Result<()> {
     let metrics = Metrics::new()?;
+    metrics
+        .registry
+        .register(Box::new(gateway::limits::FdCollector::new()?))?;
     let socket = udp::bind(config.server.listen)?;
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening");
@@ -827,7 +834,9 @@ async fn serve_async(config: Config) -> Result<()> {
             ))
         })
         .collect();
+    let _watchdog = ready(&config, local, &main_loops, &rendezvous, &relay);
     shutdown_signal().await;
+    gateway::systemd::notify_stopping();
     let _ = stop.send(true);
     for main_loop in main_loops {
         let _ = main_loop.await;
@@ -850,6 +859,35 @@ async fn serve_async(config: Config) -> Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Everything is bound and attached: budgets the descriptors left for relay
+/// sockets, starts the systemd watchdog (with `WatchdogSec=`) over the driver loops
+/// and the cores' locks, and tells systemd `READY=1` (with `Type=notify`).
+fn ready(
+    config: &Config,
+    local: SocketAddr,
+    main_loops: &[tokio::task::JoinHandle<()>],
+    rendezvous: &Option<gateway::rendezvous::SharedRendezvous>,
+    relay: &Option<Arc<gateway::turn::RelayShared>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    gateway::limits::seal_fd_budget(relay.as_ref().map(|_| config.relay.max_allocations));
+    let mut probes: Vec<gateway::systemd::Probe> = Vec::new();
+    if let Some(core) = rendezvous.clone() {
+        probes.push(Box::new(move || drop(gateway::rendezvous::lock(&core))));
+    }
+    if let Some(relay) = relay.clone() {
+        probes.push(Box::new(move || relay.probe_locks()));
+    }
+    let watchdog = gateway::systemd::spawn_watchdog(gateway::systemd::Liveness {
+        tasks: main_loops
+            .iter()
+            .map(tokio::task::JoinHandle::abort_handle)
+            .collect(),
+        probes,
+    });
+    gateway::systemd::notify_ready(&format!("serving on {local}"));
+    watchdog
 }
 
 async fn shutdown_signal() {
