@@ -137,7 +137,10 @@ mod tests {
         assert_eq!(admin.missing_for_ebpf(), vec![Capability::NET_ADMIN]);
         let only_bpf = CapabilitySet((1 << 39) | (1 << 12));
         assert_eq!(only_bpf.missing_for_ebpf(), vec![Capability::PERFMON]);
-        assert_eq!(CapabilitySet::parse_status("CapEff:\tzz\n", "CapEff:"), None);
+        assert_eq!(
+            CapabilitySet::parse_status("CapEff:\tzz\n", "CapEff:"),
+            None
+        );
         assert_eq!(CapabilitySet::parse_status("", "CapEff:"), None);
     }
 }

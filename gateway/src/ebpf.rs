@@ -100,7 +100,9 @@ pub(crate) fn load_checked(object: &[u8]) -> Result<Ebpf, EbpfError> {
             if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
         {
             EbpfError::NotPermitted {
-                missing: format!("none that /proc/self/status shows, but the kernel refused: {io_error}"),
+                missing: format!(
+                    "none that /proc/self/status shows, but the kernel refused: {io_error}"
+                ),
             }
         }
         e => aya_err("loading the eBPF object (does the kernel have BPF and BTF?)")(e),

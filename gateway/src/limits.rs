@@ -321,16 +321,11 @@ impl FdCollector {
             "gateway_relay_fd_budget_refused_total",
             "Relay sockets and TURN TCP clients refused because the file descriptor budget was spent",
         )?;
-        let descs = [
-            limit.desc(),
-            capacity.desc(),
-            used.desc(),
-            refused.desc(),
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+        let descs = [limit.desc(), capacity.desc(), used.desc(), refused.desc()]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
         Ok(Self {
             limit,
             capacity,
@@ -406,7 +401,10 @@ mod tests {
         assert!(log.failed(&io::Error::from_raw_os_error(libc::ENFILE)));
         assert!(log.accepted(), "the recovery is logged");
         assert!(!log.accepted(), "and only once");
-        assert!(log.failed(&emfile), "a new failure after recovering is logged");
+        assert!(
+            log.failed(&emfile),
+            "a new failure after recovering is logged"
+        );
     }
 
     #[test]

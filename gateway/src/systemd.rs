@@ -70,7 +70,9 @@ impl Notifier {
             source,
         };
         let socket = UnixDatagram::unbound().map_err(io)?;
-        let sent = socket.send_to_addr(state.as_bytes(), &self.target).map_err(io)?;
+        let sent = socket
+            .send_to_addr(state.as_bytes(), &self.target)
+            .map_err(io)?;
         if sent != state.len() {
             return Err(io(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -283,9 +285,10 @@ mod tests {
 
         use std::os::linux::net::SocketAddrExt;
         let name = format!("gw-notify-test-{}", rand::random::<u64>());
-        let abstract_socket =
-            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).expect("name"))
-                .expect("bind abstract");
+        let abstract_socket = UnixDatagram::bind_addr(
+            &SocketAddr::from_abstract_name(name.as_bytes()).expect("name"),
+        )
+        .expect("bind abstract");
         abstract_socket
             .set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
@@ -375,7 +378,10 @@ mod tests {
         assert_eq!(wedged, 0, "no ping while a core's lock is held");
         drop(guard);
         let (socket, recovered) = fresh_pings(socket, window).await;
-        assert!(recovered >= 2, "pings again once the lock answers: {recovered}");
+        assert!(
+            recovered >= 2,
+            "pings again once the lock answers: {recovered}"
+        );
 
         // A driver loop ended: no more pings.
         running.abort();

@@ -58,6 +58,19 @@ pub fn gateway_binary() -> PathBuf {
     );
 }
 
+/// How [`GatewayProcess::start_with`] runs the binary.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// A program and its arguments that exec the gateway's command line given after
+    /// them (e.g. `setpriv --reuid=65534 ...` or `prlimit --nofile=256:256`); it must
+    /// exec, so the child's pid is the gateway's.
+    pub wrapper: Vec<String>,
+    /// The binary to run [default: [`gateway_binary`]].
+    pub binary: Option<PathBuf>,
+    /// Environment variables to add.
+    pub env: Vec<(String, String)>,
+}
+
 /// A `gateway serve` (or `gateway watch`) process running in a lab host's namespace;
 /// killed on drop.
 #[derive(Debug)]
@@ -90,11 +103,33 @@ impl GatewayProcess {
         Self::launch(host, metrics_addr, "watch", args)
     }
 
+    /// Starts `gateway serve` in `host`'s namespace as [`GatewayProcess::start`] does,
+    /// but through `launch`: under a wrapper that execs it (`setpriv`, `prlimit`), from
+    /// another copy of the binary, with more environment variables.
+    pub fn start_with(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        launch: &Launch,
+        args: &[&str],
+    ) -> Result<Self, DaemonError> {
+        Self::launch_with(host, metrics_addr, "serve", args, launch)
+    }
+
     fn launch(
         host: &Host,
         metrics_addr: SocketAddr,
         subcommand: &str,
         args: &[&str],
+    ) -> Result<Self, DaemonError> {
+        Self::launch_with(host, metrics_addr, subcommand, args, &Launch::default())
+    }
+
+    fn launch_with(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        subcommand: &str,
+        args: &[&str],
+        launch: &Launch,
     ) -> Result<Self, DaemonError> {
         let log = std::env::temp_dir().join(format!(
             "gateway-{}-{}.log",
@@ -102,11 +137,20 @@ impl GatewayProcess {
             rand::random::<u32>()
         ));
         let log_file = std::fs::File::create(&log).map_err(io("creating the daemon log"))?;
-        let mut command = host.command(&gateway_binary().to_string_lossy());
+        let binary = launch.binary.clone().unwrap_or_else(gateway_binary);
+        let mut command = match launch.wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = host.command(program);
+                command.args(wrapper_args).arg(&binary);
+                command
+            }
+            None => host.command(&binary.to_string_lossy()),
+        };
         command
             .args([subcommand, "--metrics-listen", &metrics_addr.to_string()])
             .args(args)
             .env("GATEWAY_LOG", "info")
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = command.spawn().map_err(io("spawning the gateway"))?;
