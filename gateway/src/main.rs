@@ -22,11 +22,23 @@ use gateway::{
 };
 use tracing_subscriber::EnvFilter;
 
+mod cli_assets;
+
+/// `gateway --version`: the version, and whether the eBPF programs are inside.
+#[cfg(gateway_ebpf_embedded)]
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (eBPF programs embedded)");
+#[cfg(not(gateway_ebpf_embedded))]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (built without the eBPF programs: run `cargo xtask build-ebpf`, then rebuild)"
+);
+
 /// Rendezvous and relay gateway for peer-to-peer NAT traversal.
 #[derive(Debug, Parser)]
 #[command(
     name = "gateway",
     version,
+    long_version = LONG_VERSION,
     about,
     long_about = "Rendezvous and relay gateway for peer-to-peer NAT traversal.\n\n\
         `gateway serve` runs on a public Linux host: it answers STUN Binding requests, \
@@ -74,6 +86,21 @@ enum Command {
     /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root or
     /// CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; stops on SIGINT/SIGTERM and detaches.
     Watch(WatchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to
+    /// standard output, e.g. `gateway completions bash > /etc/bash_completion.d/gateway`
+    /// (the Debian package installs them).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (gateway.1, gateway-serve.1, ...) into DIR (used to build
+    /// the Debian package).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -390,6 +417,8 @@ fn main() -> ExitCode {
         Command::Credentials(args) => credentials(args),
         Command::Peer(args) => peer(args),
         Command::Watch(args) => watch(args),
+        Command::Completions { shell } => cli_assets::print_completions::<Cli>(shell),
+        Command::GenerateMan { dir } => cli_assets::write_man_pages::<Cli>(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
