@@ -908,15 +908,14 @@ fn ready(
     if let Some(relay) = relay.clone() {
         probes.push(Box::new(move || relay.probe_locks()));
     }
-    let watchdog = gateway::systemd::spawn_watchdog(gateway::systemd::Liveness {
+    gateway::systemd::notify_ready(&format!("serving on {local}"));
+    gateway::systemd::spawn_watchdog(gateway::systemd::Liveness {
         tasks: main_loops
             .iter()
             .map(tokio::task::JoinHandle::abort_handle)
             .collect(),
         probes,
-    });
-    gateway::systemd::notify_ready(&format!("serving on {local}"));
-    watchdog
+    })
 }
 
 async fn shutdown_signal() {

@@ -243,8 +243,10 @@ fn systemd_is_told_ready_watchdog_and_stopping_and_the_soft_limit_is_raised() {
         "READY=1 first: {seen:?}"
     );
     let pings = seen.iter().filter(|n| *n == "WATCHDOG=1").count();
+    // About 7 (one at once, then every 200 ms, from start-up to the window's end);
+    // the bounds leave room for a loaded machine, not for another interval.
     assert!(
-        (4..=8).contains(&pings),
+        (4..=12).contains(&pings),
         "a ping every 200 ms over about 1.2 s: {seen:?}"
     );
     let log_before_stop = gateway.log_text();
