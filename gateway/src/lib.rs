@@ -22,14 +22,19 @@
 //! - [`reload`]: re-reading the configuration and secrets, applying what can change
 //!   live;
 //! - [`secrets`]: reading the shared secret files (permissions checked);
-//! - [`logging`]: the tracing subscriber: text or JSON lines, a reloadable filter.
+//! - [`logging`]: the tracing subscriber: text or JSON lines, a reloadable filter;
+//! - [`capabilities`]: the process's effective capabilities (what eBPF loading needs);
+//! - [`limits`]: the open-files limit and the descriptor budget of relay sockets;
+//! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
 pub mod agent;
+pub mod capabilities;
 pub mod cluster;
 pub mod config;
 pub mod ebpf;
 pub mod fast_path;
 pub mod health;
 pub mod lifecycle;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
@@ -39,6 +44,7 @@ pub mod secrets;
 /// The sans-IO protocol core, re-exported so `gateway::proto::...` paths keep working.
 pub use gateway_proto as proto;
 pub mod service;
+pub mod systemd;
 pub mod tcp_punch;
 pub mod tcp_raw;
 pub mod turn;

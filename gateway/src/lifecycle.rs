@@ -143,6 +143,7 @@ pub async fn run(signals: &mut Signals, reloader: &mut Reloader, services: &Serv
                 }
                 Signal::Interrupt => {
                     tracing::info!("SIGINT received: stopping now (SIGTERM drains)");
+                    crate::systemd::notify_stopping();
                     return Stop::Interrupted;
                 }
                 Signal::Terminate => break,
@@ -152,6 +153,8 @@ pub async fn run(signals: &mut Signals, reloader: &mut Reloader, services: &Serv
     }
     let timeout = Duration::from_secs(reloader.current().server.drain_timeout);
     let mut alternate = reloader.current().server.alternate;
+    // systemd: STOPPING=1 as the drain starts (the watchdog stops pinging too).
+    crate::systemd::notify_stopping();
     services.start_draining(alternate);
     let (allocations, peers) = services.remaining();
     tracing::info!(

@@ -26,11 +26,23 @@ use gateway::{
     service, udp,
 };
 
+mod cli_assets;
+
+/// `gateway --version`: the version, and whether the eBPF programs are inside.
+#[cfg(gateway_ebpf_embedded)]
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (eBPF programs embedded)");
+#[cfg(not(gateway_ebpf_embedded))]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (built without the eBPF programs: run `cargo xtask build-ebpf`, then rebuild)"
+);
+
 /// Rendezvous and relay gateway for peer-to-peer NAT traversal.
 #[derive(Debug, Parser)]
 #[command(
     name = "gateway",
     version,
+    long_version = LONG_VERSION,
     about,
     long_about = "Rendezvous and relay gateway for peer-to-peer NAT traversal.\n\n\
         `gateway serve` runs on a public Linux host: it answers STUN Binding requests, \
@@ -85,9 +97,24 @@ enum Command {
     /// Watch punch flows in the kernel on a host that runs no agent, typically a
     /// Linux NAT router's WAN interface, and serve the counts on /metrics. Punch
     /// flows are those on the given local ports and, with --stun-cookie, any UDP flow
-    /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root; stops
-    /// on SIGINT/SIGTERM and detaches.
+    /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root or
+    /// CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; stops on SIGINT/SIGTERM and detaches.
     Watch(WatchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to
+    /// standard output, e.g. `gateway completions bash > /etc/bash_completion.d/gateway`
+    /// (the Debian package installs them).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (gateway.1, gateway-serve.1, ...) into DIR (used to build
+    /// the Debian package).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -222,8 +249,8 @@ struct PeerArgs {
     upgrade_interval: u64,
     /// Attach the eBPF punch observers to this interface (repeatable): the kernel
     /// then counts this agent's punched flows and bounced packets (its socket's port
-    /// is watched, the gateway's endpoints are not). Needs root; without it the agent
-    /// runs on and says so.
+    /// is watched, the gateway's endpoints are not). Needs root or CAP_BPF, CAP_PERFMON
+    /// and CAP_NET_ADMIN; without them the agent runs on and says so.
     #[arg(long = "ebpf-interface", value_name = "IFACE")]
     ebpf_interfaces: Vec<String>,
     /// Serve this agent's Prometheus metrics (the eBPF counts) on this HTTP address.
@@ -390,7 +417,8 @@ struct ServeArgs {
     #[arg(long = "allow-peer", value_name = "CIDR[:PORTS]")]
     allowed_peer_ranges: Vec<String>,
     /// Relay bound channels between this gateway's clients in the kernel (an eBPF tc
-    /// program; IPv4; needs root and the eBPF object): ebpf or off [default: off].
+    /// program; IPv4; needs the eBPF object and root or CAP_BPF, CAP_PERFMON and
+    /// CAP_NET_ADMIN): ebpf or off [default: off].
     /// With ebpf, start-up fails if the program cannot be loaded and attached.
     #[arg(long, value_name = "ebpf|off")]
     relay_fast_path: Option<gateway::config::FastPathMode>,
@@ -429,6 +457,14 @@ fn main() -> ExitCode {
         Command::Watch(args) => {
             plain();
             watch(args)
+        }
+        Command::Completions { shell } => {
+            plain();
+            cli_assets::print_completions::<Cli>(shell)
+        }
+        Command::GenerateMan { dir } => {
+            plain();
+            cli_assets::write_man_pages::<Cli>(&dir)
         }
     };
     match result {
@@ -678,6 +714,10 @@ fn serve(args: ServeArgs, log_format: Option<LogFormat>, pinned: Option<String>)
         return Ok(());
     }
     let log = logging::init(config.log.format, pinned, config.log.filter.as_deref());
+    // Each allocation holds a socket: take every descriptor the hard limit allows.
+    if let Err(e) = gateway::limits::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit (RLIMIT_NOFILE)");
+    }
     let reload = ReloadSource {
         path: args.config.clone(),
         flags: Box::new(move |config: &mut Config| apply_flags(&args, log_format, config)),
@@ -705,6 +745,9 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
     let mut signals = Signals::install().context("cannot install signal handlers")?;
     let health = Health::new();
     let metrics = Metrics::new()?;
+    metrics
+        .registry
+        .register(Box::new(gateway::limits::FdCollector::new()?))?;
     let socket = udp::bind(config.server.listen)?;
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening");
@@ -765,7 +808,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
             }
             Err(e) => {
                 let hint = match e {
-                    EbpfError::NotEmbedded | EbpfError::NotPermitted => "",
+                    EbpfError::NotEmbedded | EbpfError::NotPermitted { .. } => "",
                     _ => " (use --no-ebpf to silence, --require-ebpf to make this fatal)",
                 };
                 tracing::warn!("eBPF counters unavailable, running without them: {e}{hint}");
@@ -943,6 +986,9 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
         services.clone(),
         Some(reload.log),
     );
+    // Every listener, eBPF program and loop is up: the descriptor budget counts
+    // what is open now, then READY=1 and the watchdog.
+    let _watchdog = ready(&config, local, &main_loops, &rendezvous, &relay);
     health.set_started();
     tracing::info!("ready (SIGHUP reloads, SIGTERM drains, SIGINT stops)");
     let stop_reason = lifecycle::run(&mut signals, &mut reloader, &services).await;
@@ -973,6 +1019,34 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
     }
     tracing::info!(reason = ?stop_reason, "stopped");
     Ok(())
+}
+
+/// Everything is bound and attached: budgets the descriptors left for relay
+/// sockets, starts the systemd watchdog (with `WatchdogSec=`) over the driver loops
+/// and the cores' locks, and tells systemd `READY=1` (with `Type=notify`).
+fn ready(
+    config: &Config,
+    local: SocketAddr,
+    main_loops: &[tokio::task::JoinHandle<()>],
+    rendezvous: &Option<gateway::rendezvous::SharedRendezvous>,
+    relay: &Option<Arc<gateway::turn::RelayShared>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    gateway::limits::seal_fd_budget(relay.as_ref().map(|_| config.relay.max_allocations));
+    let mut probes: Vec<gateway::systemd::Probe> = Vec::new();
+    if let Some(core) = rendezvous.clone() {
+        probes.push(Box::new(move || drop(gateway::rendezvous::lock(&core))));
+    }
+    if let Some(relay) = relay.clone() {
+        probes.push(Box::new(move || relay.probe_locks()));
+    }
+    gateway::systemd::notify_ready(&format!("serving on {local}"));
+    gateway::systemd::spawn_watchdog(gateway::systemd::Liveness {
+        tasks: main_loops
+            .iter()
+            .map(tokio::task::JoinHandle::abort_handle)
+            .collect(),
+        probes,
+    })
 }
 
 async fn shutdown_signal() {

@@ -360,14 +360,20 @@ pub async fn serve(listener: TcpListener, registry: Registry) {
 /// 503, with a line saying why): the daemon's metrics listener.
 pub async fn serve_with_health(listener: TcpListener, registry: Registry, health: Option<Health>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Out of descriptors, accept fails until some close: say so once, not 20 times
+    // a second (the relay's sockets are budgeted so this should not happen).
+    let mut errors = crate::limits::AcceptErrors::new("metrics");
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                errors.accepted();
+                accepted
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
+                errors.failed(&e);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

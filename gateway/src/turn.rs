@@ -37,6 +37,7 @@ use tokio::{
 type RelaySocket = AsyncFd<std::net::UdpSocket>;
 
 use crate::fast_path::{FastPathConfig, RelayFastPath};
+use crate::limits::FdPermit;
 use crate::proto::{
     Transmit, Transport,
     binding::BindingService,
@@ -191,6 +192,8 @@ pub struct RelaySocketConfig {
 struct RelaySocketHandle {
     socket: Arc<RelaySocket>,
     task: AbortHandle,
+    /// The socket's share of the process's descriptor budget.
+    _fd: FdPermit,
 }
 
 impl Drop for RelaySocketHandle {
@@ -361,6 +364,13 @@ impl RelayShared {
     /// plain data and every update leaves it consistent).
     fn lock(&self) -> MutexGuard<'_, RelayState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes and releases the relay's locks, one after the other (never together):
+    /// returns only once neither is held forever. The systemd watchdog's probe.
+    pub fn probe_locks(&self) {
+        drop(self.lock());
+        drop(self.fast_path());
     }
 
     /// The fast path's lock, alone (never with the state lock: see [`Self::unlock`]).
@@ -684,11 +694,20 @@ impl RelayOpener {
         .ok_or(OpenError::FamilyUnavailable)
     }
 
-    fn bind_port(&self, ip: IpAddr, even: bool) -> Result<std::net::UdpSocket, OpenError> {
+    fn bind_port(
+        &self,
+        ip: IpAddr,
+        even: bool,
+    ) -> Result<(std::net::UdpSocket, FdPermit), OpenError> {
         let (start, end) = (*self.config.ports.start(), *self.config.ports.end());
         let span = u32::from(end - start) + 1;
         // Bounded, so a nearly full range answers 508 soon rather than trying
         // thousands of binds.
+        // A socket that would eat into the descriptors kept for /metrics and the
+        // listeners is refused like a full port range: 508.
+        let fd = crate::limits::fd_budget()
+            .try_acquire()
+            .ok_or(OpenError::NoPort)?;
         for _ in 0..span.min(MAX_BIND_ATTEMPTS) {
             let cursor = self.cursor.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
             let port = start + (u32::from(cursor) % span) as u16;
@@ -710,18 +729,19 @@ impl RelayOpener {
             }
             // A port in use (ours or anyone's) fails here: no address reuse is set.
             if socket.bind(&addr.into()).is_ok() {
-                return Ok(socket.into());
+                return Ok((socket.into(), fd));
             }
         }
         Err(OpenError::NoPort)
     }
 
     /// Binds `port` on `ip` exactly (the odd half of a reserved pair).
-    fn bind_exact(&self, ip: IpAddr, port: u16) -> Option<std::net::UdpSocket> {
+    fn bind_exact(&self, ip: IpAddr, port: u16) -> Option<(std::net::UdpSocket, FdPermit)> {
         let addr = SocketAddr::new(ip, port);
         if !self.config.ports.contains(&port) {
             return None;
         }
+        let fd = crate::limits::fd_budget().try_acquire()?;
         let socket =
             Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).ok()?;
         if addr.is_ipv6() {
@@ -730,14 +750,14 @@ impl RelayOpener {
         let _ = socket.set_recv_buffer_size(256 * 1024);
         socket.set_nonblocking(true).ok()?;
         socket.bind(&addr.into()).ok()?;
-        Some(socket.into())
+        Some((socket.into(), fd))
     }
 
     /// An even port and the next one (EVEN-PORT with the R bit).
     fn open_pair(&self, ip: IpAddr, shared: &Weak<RelayShared>) -> Result<Opened, OpenError> {
         for _ in 0..MAX_PAIR_ATTEMPTS {
             let even = self.bind_port(ip, true)?;
-            let port = even.local_addr().map_err(|_| OpenError::NoPort)?.port();
+            let port = even.0.local_addr().map_err(|_| OpenError::NoPort)?.port();
             let Some(odd) = port.checked_add(1).and_then(|p| self.bind_exact(ip, p)) else {
                 continue;
             };
@@ -755,7 +775,7 @@ impl RelayOpener {
     /// Registers a bound relay socket with the runtime and starts its task.
     fn adopt(
         &self,
-        std_socket: std::net::UdpSocket,
+        (std_socket, fd): (std::net::UdpSocket, FdPermit),
         shared: &Weak<RelayShared>,
     ) -> Result<(SocketAddr, RelaySocketHandle), OpenError> {
         let addr = std_socket.local_addr().map_err(|_| OpenError::NoPort)?;
@@ -770,7 +790,14 @@ impl RelayOpener {
             .runtime
             .spawn(relay_task(socket.clone(), addr, shared.clone()))
             .abort_handle();
-        Ok((addr, RelaySocketHandle { socket, task }))
+        Ok((
+            addr,
+            RelaySocketHandle {
+                socket,
+                task,
+                _fd: fd,
+            },
+        ))
     }
 }
 
@@ -939,17 +966,27 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShare
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
     let sources = Arc::new(TcpSources::default());
     let mut refused_logged = false;
+    let mut errors = crate::limits::AcceptErrors::new("TURN TCP");
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let (stream, addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                errors.accepted();
+                accepted
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "TURN TCP accept failed");
+                errors.failed(&e);
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 continue;
             }
+        };
+        // A client beyond the descriptor budget is closed at once (it would need a
+        // relay socket too), so the listeners and /metrics keep their reserve.
+        let Some(fd) = crate::limits::fd_budget().try_acquire() else {
+            drop(stream);
+            continue;
         };
         if !sources.admit(addr.ip()) {
             // Closed at once (dropped): this source holds its share of the slots.
@@ -958,12 +995,14 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShare
                 refused_logged = true;
             }
             shared.metrics.tcp_refused.inc();
+            drop((stream, fd));
             continue;
         }
         let shared = shared.clone();
         let sources = sources.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _fd = fd;
             let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
             let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
             let _ = stream.set_nodelay(true);
@@ -1008,7 +1047,9 @@ async fn serve_tcp_client(
         addr,
         transport: Transport::Tcp,
     };
-    let mut frame = vec![0u8; 65_536 + 20];
+    // Grown to the largest frame seen (at most 64 KiB + 20): a connection that never
+    // sends a large frame never holds a large buffer.
+    let mut frame = vec![0u8; 2048];
     let mut reply = Vec::with_capacity(512);
     // The first frame must be whole by this deadline; later ones get TCP_IDLE for
     // their header and TCP_FRAME_BODY for the rest.
@@ -1025,6 +1066,9 @@ async fn serve_tcp_client(
             tracing::debug!(%addr, "TURN TCP: not STUN or ChannelData; closing");
             break;
         };
+        if frame.len() < len {
+            frame.resize(len, 0);
+        }
         frame[..4].copy_from_slice(&head);
         let body_deadline = (tokio::time::Instant::now() + TCP_FRAME_BODY)
             .min(first_deadline.unwrap_or(tokio::time::Instant::now() + TCP_FRAME_BODY));

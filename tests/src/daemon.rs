@@ -66,6 +66,19 @@ pub fn gateway_binary() -> PathBuf {
     );
 }
 
+/// How [`GatewayProcess::start_with`] runs the binary.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// A program and its arguments that exec the gateway's command line given after
+    /// them (e.g. `setpriv --reuid=65534 ...` or `prlimit --nofile=256:256`); it must
+    /// exec, so the child's pid is the gateway's.
+    pub wrapper: Vec<String>,
+    /// The binary to run [default: [`gateway_binary`]].
+    pub binary: Option<PathBuf>,
+    /// Environment variables to add.
+    pub env: Vec<(String, String)>,
+}
+
 /// A `gateway serve` (or `gateway watch`) process running in a lab host's namespace;
 /// killed on drop.
 #[derive(Debug)]
@@ -110,7 +123,20 @@ impl GatewayProcess {
             metrics_addr,
             "serve",
             args,
+            &[],
         )
+    }
+
+    /// Starts `gateway serve` in `host`'s namespace as [`GatewayProcess::start`] does,
+    /// but through `launch`: under a wrapper that execs it (`setpriv`, `prlimit`), from
+    /// another copy of the binary, with more environment variables.
+    pub fn start_with(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        launch: &Launch,
+        args: &[&str],
+    ) -> Result<Self, DaemonError> {
+        Self::launch_with(host, metrics_addr, "serve", args, launch)
     }
 
     fn launch(
@@ -119,8 +145,33 @@ impl GatewayProcess {
         subcommand: &str,
         args: &[&str],
     ) -> Result<Self, DaemonError> {
-        let command = host.command(&gateway_binary().to_string_lossy());
-        Self::spawn(command, Some(host), metrics_addr, subcommand, args)
+        Self::launch_with(host, metrics_addr, subcommand, args, &Launch::default())
+    }
+
+    fn launch_with(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        subcommand: &str,
+        args: &[&str],
+        launch: &Launch,
+    ) -> Result<Self, DaemonError> {
+        let binary = launch.binary.clone().unwrap_or_else(gateway_binary);
+        let command = match launch.wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = host.command(program);
+                command.args(wrapper_args).arg(&binary);
+                command
+            }
+            None => host.command(&binary.to_string_lossy()),
+        };
+        Self::spawn(
+            command,
+            Some(host),
+            metrics_addr,
+            subcommand,
+            args,
+            &launch.env,
+        )
     }
 
     fn spawn(
@@ -129,6 +180,7 @@ impl GatewayProcess {
         metrics_addr: SocketAddr,
         subcommand: &str,
         args: &[&str],
+        env: &[(String, String)],
     ) -> Result<Self, DaemonError> {
         let log = std::env::temp_dir().join(format!(
             "gateway-{}-{}.log",
@@ -144,6 +196,7 @@ impl GatewayProcess {
         command
             .args([subcommand, "--metrics-listen", &metrics_addr.to_string()])
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = command.spawn().map_err(io("spawning the gateway"))?;

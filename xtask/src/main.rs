@@ -1,5 +1,6 @@
 //! Project automation, run as `cargo xtask <command>` (see `cargo xtask --help`).
 mod bench;
+mod deb;
 mod demo;
 mod ebpf_bench;
 mod flood_bench;
@@ -82,6 +83,10 @@ enum Command {
     /// speak; RSS, file descriptors, CPU and answers per kind, as a markdown table.
     /// Needs root (raw socket).
     BenchFlood(flood_bench::FloodBenchArgs),
+    /// Build the Debian package target/debian/gateway_VERSION_ARCH.deb (release build
+    /// with the eBPF programs embedded, the systemd unit, /etc/gateway/gateway.toml,
+    /// the system user, man pages, shell completions) with dpkg-deb alone.
+    Deb(deb::DebArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -108,6 +113,8 @@ fn main() -> ExitCode {
         Command::BenchRedisMemory(args) => redis_memory::bench_redis_memory(&args),
         Command::Lab(command) => demo::lab(command),
         Command::BenchFlood(args) => flood_bench::bench_flood(args),
+        Command::Deb(args) if args.check => deb::check(&args),
+        Command::Deb(args) => deb::build(&args).map(|_| ()),
         Command::BenchRelay(args) => relay_bench::bench_relay(args),
         Command::TurnLoad(args) => relay_bench::turn_load(args),
     };

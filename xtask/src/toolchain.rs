@@ -20,7 +20,9 @@ use anyhow::{Context, Result, bail};
 /// redis-cli): the cluster tests start their own Redis servers and Redis Clusters on
 /// free loopback ports, the cluster lab tests, the dashboards test (the cluster
 /// dashboard's lab run) and `demo --nodes N` one inside the lab's Redis host (the
-/// package's own service is not used).
+/// package's own service is not used); systemd: `systemd-analyze verify` of the
+/// Debian package's unit (`cargo xtask deb`; dpkg-deb itself is in dpkg, always
+/// there).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -34,6 +36,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "prometheus",
     "redis-server",
+    "systemd",
 ];
 /// Debian's policy hook that tells maintainer scripts not to start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
@@ -418,6 +421,11 @@ pub fn test() -> Result<()> {
     run(Command::new(host_cargo())
         .current_dir(&root)
         .args(["test", "--workspace"]))?;
+    // The Debian package of the debug build just made: install, verify, purge.
+    crate::deb::check(&crate::deb::DebArgs {
+        debug: true,
+        check: true,
+    })?;
     fuzz(TEST_FUZZ_SECONDS, None)?;
     eprintln!(
         "test: everything passed in {:.0} s",
