@@ -30,6 +30,9 @@ pub enum Outcome {
     Malformed,
     /// Valid STUN this service does not answer (responses, indications, other methods).
     Unhandled,
+    /// An answer was due but its source's (or everyone's) reply budget was spent
+    /// (see [`crate::budget`]); dropped.
+    Throttled,
 }
 
 impl Outcome {
@@ -41,16 +44,18 @@ impl Outcome {
             Outcome::NotStun => "not_stun",
             Outcome::Malformed => "malformed",
             Outcome::Unhandled => "unhandled",
+            Outcome::Throttled => "throttled",
         }
     }
 
     /// Every outcome, for pre-registering metric label values.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::BindingSuccess,
         Outcome::UnknownAttribute,
         Outcome::NotStun,
         Outcome::Malformed,
         Outcome::Unhandled,
+        Outcome::Throttled,
     ];
 }
 

@@ -12,7 +12,9 @@
 #![forbid(unsafe_code)]
 pub mod agent;
 pub mod binding;
+pub mod budget;
 pub mod credentials;
+pub mod drain;
 pub mod nonce;
 pub mod peer_policy;
 pub mod rendezvous;

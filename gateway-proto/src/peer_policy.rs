@@ -3,11 +3,21 @@
 //! `../shared/reference/security.md`).
 //!
 //! An address is first canonicalised: IPv4 embedded in IPv6 (IPv4-mapped,
-//! IPv4-compatible, NAT64 `64:ff9b::/96` and `64:ff9b:1::/48`, 6to4 `2002::/16`,
-//! Teredo `2001::/32`) is judged as the IPv4 address it reaches. Then the operator's
-//! allowed ranges win; otherwise loopback, private, shared (CGNAT), link-local,
+//! IPv4-compatible, NAT64 `64:ff9b::/96`, 6to4 `2002::/16`, Teredo `2001::/32`) is
+//! judged as the IPv4 address it reaches. NAT64 prefixes are decoded as RFC 6052 lays
+//! out the IPv4 address for their length: the operator's own prefixes
+//! ([`PeerPolicy::set_nat64_prefixes`]) exactly, and the local-use `64:ff9b:1::/48`
+//! of RFC 8215, whose layout depends on the sub-prefix an operator picked, under every
+//! layout it can have (/48, /56, /64 and /96): it is refused if any reading is.
+//!
+//! Then the operator's allowed ranges win (a range may name ports:
+//! `127.0.0.1:49152-65535`); otherwise loopback, private, shared (CGNAT), link-local,
 //! multicast, documentation, benchmarking and other reserved ranges, the operator's
-//! denied ranges and the gateway's own addresses are refused.
+//! denied ranges and the gateway's own addresses are refused. An allowed range never
+//! opens the gateway's own service ports ([`PeerPolicy::protect_ports`]) on an address
+//! the defaults would refuse: allowing the relay's own address for client-to-client
+//! relaying on one host does not make its STUN, metrics or TCP listeners reachable
+//! through the relay.
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -34,6 +44,14 @@ pub enum RangeError {
     /// Bits are set below the prefix (`10.0.0.1/8`): almost always a typo.
     #[error("`{0}` has host bits set below its prefix; did you mean the network address?")]
     HostBits(String),
+    /// The port part is not `PORT` or `LOW-HIGH` with 1 <= LOW <= HIGH <= 65535.
+    #[error("`{0}` has a bad port range (write PORT or LOW-HIGH, e.g. 127.0.0.1:49152-65535)")]
+    BadPorts(String),
+    /// A NAT64 prefix whose length RFC 6052 does not define.
+    #[error(
+        "`{0}` is not a NAT64 prefix: RFC 6052 allows /32, /40, /48, /56, /64 and /96 IPv6 prefixes"
+    )]
+    BadNat64(String),
 }
 
 impl IpRange {
@@ -108,6 +126,96 @@ impl fmt::Display for IpRange {
     }
 }
 
+/// An allowed range of peers: addresses, and optionally a port range (`10.0.0.0/8`,
+/// `127.0.0.1:49152-65535`, `[::1]:5000`, `[2001:db8::/32]:1000-2000`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerRange {
+    addresses: IpRange,
+    /// Inclusive port range; `None`: every port.
+    ports: Option<(u16, u16)>,
+}
+
+impl PeerRange {
+    /// True when `addr` is inside the address range (any port).
+    pub fn contains_ip(&self, addr: IpAddr) -> bool {
+        self.addresses.contains(addr)
+    }
+
+    /// True when `ip` and `port` are inside the range.
+    pub fn contains(&self, ip: IpAddr, port: u16) -> bool {
+        self.addresses.contains(ip)
+            && self
+                .ports
+                .is_none_or(|(low, high)| (low..=high).contains(&port))
+    }
+}
+
+impl From<IpRange> for PeerRange {
+    fn from(addresses: IpRange) -> Self {
+        Self {
+            addresses,
+            ports: None,
+        }
+    }
+}
+
+impl FromStr for PeerRange {
+    type Err = RangeError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (addresses, ports) = if let Some(rest) = text.strip_prefix('[') {
+            // [IPv6 or IPv6/len]:ports
+            let (inner, after) = rest
+                .split_once(']')
+                .ok_or_else(|| RangeError::BadAddress(text.to_owned()))?;
+            let ports = after
+                .strip_prefix(':')
+                .ok_or_else(|| RangeError::BadPorts(text.to_owned()))?;
+            (inner, Some(ports))
+        } else if text.matches(':').count() == 1 {
+            // IPv4 (or IPv4/len) with ports.
+            let (addresses, ports) = text
+                .split_once(':')
+                .ok_or_else(|| RangeError::BadAddress(text.to_owned()))?;
+            (addresses, Some(ports))
+        } else {
+            (text, None)
+        };
+        let addresses: IpRange = addresses.parse().map_err(|e| match e {
+            RangeError::BadAddress(_) => RangeError::BadAddress(text.to_owned()),
+            RangeError::BadPrefix(_) => RangeError::BadPrefix(text.to_owned()),
+            other => other,
+        })?;
+        let ports = match ports {
+            None => None,
+            Some(ports) => {
+                let bad = || RangeError::BadPorts(text.to_owned());
+                let (low, high) = ports.split_once('-').unwrap_or((ports, ports));
+                let low: u16 = low.trim().parse().map_err(|_| bad())?;
+                let high: u16 = high.trim().parse().map_err(|_| bad())?;
+                if low == 0 || low > high {
+                    return Err(bad());
+                }
+                Some((low, high))
+            }
+        };
+        Ok(Self { addresses, ports })
+    }
+}
+
+impl fmt::Display for PeerRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ports {
+            None => write!(f, "{}", self.addresses),
+            Some((low, high)) if self.addresses.network.is_ipv6() => {
+                write!(f, "[{}]:{low}-{high}", self.addresses)
+            }
+            Some((low, high)) => write!(f, "{}:{low}-{high}", self.addresses),
+        }
+    }
+}
+
 /// Why an address was refused (bounded set, used as a metric label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DenyReason {
@@ -146,19 +254,28 @@ impl DenyReason {
 /// The relay's peer-address policy.
 #[derive(Clone, Debug, Default)]
 pub struct PeerPolicy {
-    allowed: Vec<IpRange>,
+    allowed: Vec<PeerRange>,
     denied: Vec<IpRange>,
     own: Vec<IpAddr>,
+    /// The gateway's own service ports, never opened by an allowed range.
+    protected_ports: Vec<u16>,
+    /// The operator's NAT64 prefixes (RFC 6052 lengths only).
+    nat64: Vec<IpRange>,
 }
+
+/// RFC 6052 §2.2 prefix lengths.
+const NAT64_PREFIX_LENGTHS: [u8; 6] = [32, 40, 48, 56, 64, 96];
 
 impl PeerPolicy {
     /// A policy with the operator's allowed and denied ranges and the gateway's own
     /// addresses (all canonicalised).
-    pub fn new(allowed: Vec<IpRange>, denied: Vec<IpRange>, own: Vec<IpAddr>) -> Self {
+    pub fn new(allowed: Vec<PeerRange>, denied: Vec<IpRange>, own: Vec<IpAddr>) -> Self {
         Self {
             allowed,
             denied,
             own: own.into_iter().map(canonicalize).collect(),
+            protected_ports: Vec::new(),
+            nat64: Vec::new(),
         }
     }
 
@@ -167,12 +284,67 @@ impl PeerPolicy {
         self.own.extend(addrs.into_iter().map(canonicalize));
     }
 
-    /// Decides whether the relay may send to `addr`.
+    /// Marks the gateway's own service ports (STUN/TURN, discovery, metrics, TCP):
+    /// no allowed range opens them on an address the defaults refuse.
+    pub fn protect_ports(&mut self, ports: impl IntoIterator<Item = u16>) {
+        self.protected_ports.extend(ports);
+        self.protected_ports.sort_unstable();
+        self.protected_ports.dedup();
+    }
+
+    /// The operator's NAT64 prefixes: an address inside one is judged as the IPv4
+    /// address RFC 6052 embeds in it for that prefix length.
+    pub fn set_nat64_prefixes(&mut self, prefixes: Vec<IpRange>) -> Result<(), RangeError> {
+        if let Some(bad) = prefixes
+            .iter()
+            .find(|p| p.network.is_ipv4() || !NAT64_PREFIX_LENGTHS.contains(&p.prefix))
+        {
+            return Err(RangeError::BadNat64(bad.to_string()));
+        }
+        self.nat64 = prefixes;
+        Ok(())
+    }
+
+    /// Decides whether the relay may send to `addr` on some port (what a
+    /// permission, which RFC 8656 keys by address only, needs).
     pub fn check(&self, addr: IpAddr) -> Result<(), DenyReason> {
-        let addr = canonicalize(addr);
-        if self.allowed.iter().any(|r| r.contains(addr)) {
+        self.judge(addr, None)
+    }
+
+    /// Decides whether the relay may send to `peer` (address and port).
+    pub fn check_peer(&self, peer: std::net::SocketAddr) -> Result<(), DenyReason> {
+        self.judge(peer.ip(), Some(peer.port()))
+    }
+
+    fn judge(&self, addr: IpAddr, port: Option<u16>) -> Result<(), DenyReason> {
+        let mut readings = [None; MAX_READINGS];
+        for (slot, reading) in readings.iter_mut().zip(self.readings(addr)) {
+            *slot = Some(reading);
+        }
+        for reading in readings.into_iter().flatten() {
+            self.judge_one(reading, port)?;
+        }
+        Ok(())
+    }
+
+    fn judge_one(&self, addr: IpAddr, port: Option<u16>) -> Result<(), DenyReason> {
+        let allowed = self.allowed.iter().any(|r| match port {
+            Some(port) => r.contains(addr, port),
+            None => r.contains_ip(addr),
+        });
+        let default = self.default_verdict(addr);
+        if allowed {
+            // An allowed range opens what the defaults refuse, except the gateway's
+            // own service ports there.
+            if default.is_err() && port.is_some_and(|p| self.protected_ports.contains(&p)) {
+                return Err(DenyReason::Own);
+            }
             return Ok(());
         }
+        default
+    }
+
+    fn default_verdict(&self, addr: IpAddr) -> Result<(), DenyReason> {
         if let Some(reason) = special_purpose(addr) {
             return Err(reason);
         }
@@ -184,6 +356,63 @@ impl PeerPolicy {
         }
         Ok(())
     }
+
+    /// Every address a packet to `addr` may reach: its canonical form, or for NAT64
+    /// prefixes the IPv4 address(es) embedded.
+    fn readings(&self, addr: IpAddr) -> impl Iterator<Item = IpAddr> + '_ {
+        let IpAddr::V6(v6) = addr else {
+            return Readings::One(Some(addr));
+        };
+        if let Some(prefix) = self.nat64.iter().find(|p| p.contains(addr)) {
+            return Readings::One(Some(IpAddr::V4(rfc6052_embedded(v6, prefix.prefix))));
+        }
+        let seg = v6.segments();
+        if seg[0] == 0x0064 && seg[1] == 0xff9b && seg[2] == 0x0001 {
+            return Readings::LocalUse(v6, 0);
+        }
+        Readings::One(Some(canonicalize(addr)))
+    }
+}
+
+/// At most this many readings of one address (the local-use NAT64 layouts).
+const MAX_READINGS: usize = 4;
+
+/// The layouts an address in RFC 8215's `64:ff9b:1::/48` may have.
+const LOCAL_USE_LENGTHS: [u8; MAX_READINGS] = [96, 64, 56, 48];
+
+enum Readings {
+    One(Option<IpAddr>),
+    LocalUse(Ipv6Addr, usize),
+}
+
+impl Iterator for Readings {
+    type Item = IpAddr;
+
+    fn next(&mut self) -> Option<IpAddr> {
+        match self {
+            Readings::One(addr) => addr.take(),
+            Readings::LocalUse(v6, next) => {
+                let length = LOCAL_USE_LENGTHS.get(*next)?;
+                *next += 1;
+                Some(IpAddr::V4(rfc6052_embedded(*v6, *length)))
+            }
+        }
+    }
+}
+
+/// The IPv4 address RFC 6052 §2.2 embeds in `v6` under a prefix of `length` bits
+/// (32, 40, 48, 56, 64 or 96; bits 64..71, the "u" octet, are skipped).
+pub fn rfc6052_embedded(v6: Ipv6Addr, length: u8) -> Ipv4Addr {
+    let o = v6.octets();
+    let bytes = match length {
+        32 => [o[4], o[5], o[6], o[7]],
+        40 => [o[5], o[6], o[7], o[9]],
+        48 => [o[6], o[7], o[9], o[10]],
+        56 => [o[7], o[9], o[10], o[11]],
+        64 => [o[9], o[10], o[11], o[12]],
+        _ => [o[12], o[13], o[14], o[15]],
+    };
+    Ipv4Addr::from(bytes)
 }
 
 /// The address a packet to `addr` really reaches: IPv4 embedded in IPv6 forms is
@@ -208,8 +437,8 @@ pub fn canonicalize(addr: IpAddr) -> IpAddr {
     if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
         return IpAddr::V4(low32);
     }
-    // NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): treat the low 32 bits as the
-    // IPv4 address (the /96 layout, the common deployment).
+    // NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): the /96 layout here; the
+    // policy judges every layout (see `PeerPolicy::readings`).
     if seg[0] == 0x0064 && seg[1] == 0xff9b && seg[2] == 0x0001 {
         return IpAddr::V4(low32);
     }
@@ -400,6 +629,114 @@ mod tests {
         assert_eq!(policy.check(ip("127.0.0.1")), Ok(()));
         assert_eq!(policy.check(ip("127.0.0.2")), Err(DenyReason::Loopback));
         assert_eq!(policy.check(ip("8.8.8.8")), Err(DenyReason::Operator));
+    }
+
+    #[test]
+    fn local_use_nat64_is_judged_under_every_rfc_6052_layout() {
+        let policy = default_policy();
+        // 64:ff9b:1::/48 laid out as a /48: 169.254.169.254 around the u octet, while
+        // the low 32 bits read 8.8.8.8.
+        let tricky = ip("64:ff9b:1:a9fe:a9:fe00:808:808");
+        assert_eq!(
+            rfc6052_embedded(
+                match tricky {
+                    IpAddr::V6(v6) => v6,
+                    IpAddr::V4(_) => unreachable!(),
+                },
+                48
+            ),
+            Ipv4Addr::new(169, 254, 169, 254)
+        );
+        assert_eq!(policy.check(tricky), Err(DenyReason::LinkLocal));
+        // Under a /64 sub-prefix: 10.0.0.1 after the u octet.
+        assert_eq!(
+            policy.check(ip("64:ff9b:1:0:a:0:100:808")),
+            Err(DenyReason::Private)
+        );
+        // Every reading public: allowed.
+        assert_eq!(policy.check(ip("64:ff9b:1:808:8:808:808:808")), Ok(()));
+    }
+
+    #[test]
+    fn operator_nat64_prefixes_are_decoded_by_their_length() {
+        let mut policy = default_policy();
+        policy
+            .set_nat64_prefixes(vec![
+                "2a00:1:2::/48".parse().expect("range"),
+                "2a00:5::/96".parse().expect("range"),
+            ])
+            .expect("valid lengths");
+        // /48: 10.0.0.1 at octets 6-7 and 9-10.
+        assert_eq!(
+            policy.check(ip("2a00:1:2:a00:1:0:808:808")),
+            Err(DenyReason::Private)
+        );
+        assert_eq!(
+            policy.check(ip("2a00:5::a9fe:a9fe")),
+            Err(DenyReason::LinkLocal)
+        );
+        assert_eq!(policy.check(ip("2a00:5::808:808")), Ok(()));
+        // Outside the prefixes, an IPv6 address is itself.
+        assert_eq!(policy.check(ip("2a00:6::a9fe:a9fe")), Ok(()));
+        assert!(matches!(
+            policy.set_nat64_prefixes(vec!["2a00:1::/60".parse().expect("range")]),
+            Err(RangeError::BadNat64(_))
+        ));
+        assert!(matches!(
+            policy.set_nat64_prefixes(vec!["10.0.0.0/8".parse().expect("range")]),
+            Err(RangeError::BadNat64(_))
+        ));
+    }
+
+    #[test]
+    fn allowed_ranges_may_name_ports_and_never_open_the_service_ports() {
+        let ranges: Vec<PeerRange> = ["127.0.0.1:49152-65535", "[::1]:5000", "10.1.0.0/16"]
+            .iter()
+            .map(|r| r.parse().expect("valid"))
+            .collect();
+        assert_eq!(ranges[0].to_string(), "127.0.0.1/32:49152-65535");
+        assert_eq!(ranges[1].to_string(), "[::1/128]:5000-5000");
+        let mut policy = PeerPolicy::new(ranges, vec![], vec![ip("10.1.0.1")]);
+        policy.protect_ports([3478, 9090]);
+        let peer = |text: &str| text.parse::<std::net::SocketAddr>().expect("peer");
+        assert_eq!(policy.check_peer(peer("127.0.0.1:50000")), Ok(()));
+        assert_eq!(
+            policy.check_peer(peer("127.0.0.1:3478")),
+            Err(DenyReason::Loopback),
+            "outside the allowed ports"
+        );
+        assert_eq!(
+            policy.check(ip("127.0.0.1")),
+            Ok(()),
+            "a permission is by address"
+        );
+        assert_eq!(policy.check_peer(peer("[::1]:5000")), Ok(()));
+        assert_eq!(
+            policy.check_peer(peer("[::1]:5001")),
+            Err(DenyReason::Loopback)
+        );
+        // A whole allowed range that holds the gateway's own address: every port
+        // but its service ports.
+        assert_eq!(policy.check_peer(peer("10.1.0.1:50000")), Ok(()));
+        assert_eq!(
+            policy.check_peer(peer("10.1.0.1:3478")),
+            Err(DenyReason::Own)
+        );
+        assert_eq!(
+            policy.check_peer(peer("10.1.0.1:9090")),
+            Err(DenyReason::Own)
+        );
+        // Public addresses keep every port.
+        assert_eq!(policy.check_peer(peer("8.8.8.8:3478")), Ok(()));
+        for bad in [
+            "127.0.0.1:0",
+            "127.0.0.1:9-1",
+            "127.0.0.1:x",
+            "[::1]",
+            "[::1]:70000",
+        ] {
+            assert!(bad.parse::<PeerRange>().is_err(), "{bad}");
+        }
     }
 
     proptest! {

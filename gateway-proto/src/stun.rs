@@ -36,6 +36,9 @@ pub mod attr {
     pub const USERHASH: u16 = 0x001E;
     /// XOR-MAPPED-ADDRESS.
     pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
+    /// ALTERNATE-SERVER (comprehension-optional; RFC 8489 §14.15): where a 300
+    /// Try Alternate sends the client, in the MAPPED-ADDRESS format.
+    pub const ALTERNATE_SERVER: u16 = 0x8023;
     /// SOFTWARE (comprehension-optional).
     pub const SOFTWARE: u16 = 0x8022;
     /// FINGERPRINT (comprehension-optional).
@@ -386,6 +389,26 @@ impl<'b> MessageWriter<'b> {
             .unwrap_or([0; 12]);
         let value = encode_xor_address(addr, transaction_id);
         self.attribute(attr::XOR_MAPPED_ADDRESS, &value[..xor_address_len(addr)])
+    }
+
+    /// Appends an address attribute in the plain MAPPED-ADDRESS format (RFC 8489
+    /// §14.1), e.g. ALTERNATE-SERVER.
+    pub fn address(&mut self, ty: u16, addr: SocketAddr) -> &mut Self {
+        let mut value = [0u8; 20];
+        value[2..4].copy_from_slice(&addr.port().to_be_bytes());
+        let len = match addr.ip().to_canonical() {
+            IpAddr::V4(v4) => {
+                value[1] = 1;
+                value[4..8].copy_from_slice(&v4.octets());
+                8
+            }
+            IpAddr::V6(v6) => {
+                value[1] = 2;
+                value[4..20].copy_from_slice(&v6.octets());
+                20
+            }
+        };
+        self.attribute(ty, &value[..len])
     }
 
     /// Appends ERROR-CODE with a code (300..=699) and a reason phrase.

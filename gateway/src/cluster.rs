@@ -220,6 +220,11 @@ impl ClusterLink {
             self.metrics.dropped.inc();
         }
     }
+
+    /// Whether Redis is reachable now (`gateway_cluster_up`; `/readyz`).
+    pub fn is_up(&self) -> bool {
+        self.metrics.up.get() == 1
+    }
 }
 
 /// What the cluster tasks share.
@@ -362,6 +367,7 @@ pub fn start(
     core: SharedRendezvous,
     service: ServiceSocket,
     metrics: Metrics,
+    health: Option<&crate::health::Health>,
 ) -> Result<ClusterLink, ClusterError> {
     let password = match &config.password_file {
         Some(path) => Some(
@@ -413,9 +419,9 @@ pub fn start(
         up: AtomicBool::new(false),
     });
     lock(&shared.core).set_cluster_up(false);
-    tokio::spawn(writer(shared.clone(), queue));
-    tokio::spawn(reader(shared.clone()));
-    tokio::spawn(heartbeat(shared));
+    crate::health::spawn(health, "cluster-writer", writer(shared.clone(), queue));
+    crate::health::spawn(health, "cluster-reader", reader(shared.clone()));
+    crate::health::spawn(health, "cluster-heartbeat", heartbeat(shared));
     Ok(link)
 }
 

@@ -5,7 +5,18 @@ use std::{
     path::Path,
 };
 
-use crate::proto::peer_policy::IpRange;
+use crate::proto::peer_policy::{IpRange, PeerPolicy, PeerRange, RangeError};
+
+/// The operator's parts of the relay's peer policy (see [`RelayConfig::peer_policy_parts`]).
+#[derive(Clone, Debug)]
+pub struct PeerPolicyParts {
+    /// Ranges (with optional ports) the relay may reach although the defaults deny them.
+    pub allowed: Vec<PeerRange>,
+    /// Further ranges to deny.
+    pub denied: Vec<IpRange>,
+    /// The operator's NAT64 prefixes.
+    pub nat64: Vec<IpRange>,
+}
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +60,44 @@ pub struct Config {
     pub relay: RelayConfig,
     /// Several nodes as one service, sharing the rendezvous through Redis.
     pub cluster: ClusterConfig,
+    /// Logging: the filter (changeable on reload) and the format.
+    pub log: LogConfig,
+}
+
+/// Logging. `--log-level` (or `GATEWAY_LOG`, `RUST_LOG`) and `--log-format` given
+/// at start override these.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `info,gateway::turn=debug` (default:
+    /// `info`). Changes apply on reload (SIGHUP).
+    pub filter: Option<String>,
+    /// `text` (one human-readable line per event, the default) or `json` (one JSON
+    /// object per line with the event's fields); needs a restart to change.
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable text lines.
+    #[default]
+    Text,
+    /// One JSON object per line: timestamp, level, message, the event's fields and
+    /// its spans.
+    Json,
+}
+
+impl LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(filter) = &self.filter {
+            tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+                ConfigError::Invalid(format!("log.filter {filter:?} is not a valid filter: {e}"))
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Several gateway nodes as one service: each node writes the peers registered
@@ -204,10 +253,16 @@ pub struct RelayConfig {
     /// Relayed bytes per second per allocation; 0 means no cap.
     pub bandwidth_bytes_per_second: u64,
     /// Peer ranges the relay may reach even though the default policy denies them
-    /// (CIDR, e.g. "10.20.0.0/16"); they also override the gateway's own addresses.
+    /// (CIDR, e.g. "10.20.0.0/16", optionally with ports: "127.0.0.1:49152-65535",
+    /// "[::1]:5000"); they also override the gateway's own addresses, except its
+    /// service ports (STUN/TURN, discovery, metrics), which stay closed to peers.
     pub allowed_peer_ranges: Vec<String>,
     /// Further peer ranges to deny.
     pub denied_peer_ranges: Vec<String>,
+    /// NAT64 prefixes of the operator's network (RFC 6052 lengths: /32, /40, /48,
+    /// /56, /64, /96): a peer inside one is judged as the IPv4 address it embeds.
+    /// `64:ff9b::/96` and the local-use `64:ff9b:1::/48` are always decoded.
+    pub nat64_prefixes: Vec<String>,
     /// The kernel fast path for bound channels: "off" (default) or "ebpf" (start-up
     /// fails when it cannot be loaded).
     pub fast_path: FastPathMode,
@@ -256,6 +311,7 @@ impl Default for RelayConfig {
             bandwidth_bytes_per_second: 0,
             allowed_peer_ranges: Vec::new(),
             denied_peer_ranges: Vec::new(),
+            nat64_prefixes: Vec::new(),
             fast_path: FastPathMode::Off,
             fast_path_interfaces: Vec::new(),
         }
@@ -280,25 +336,35 @@ impl RelayConfig {
         Ok(first..=last)
     }
 
-    /// The operator's allowed and denied peer ranges, parsed.
-    pub fn peer_ranges(&self) -> Result<(Vec<IpRange>, Vec<IpRange>), ConfigError> {
-        let parse = |key: &str, list: &[String]| {
+    /// The operator's peer policy: allowed ranges (with ports), denied ranges and
+    /// NAT64 prefixes, parsed and checked.
+    pub fn peer_policy_parts(&self) -> Result<PeerPolicyParts, ConfigError> {
+        fn parse<T: std::str::FromStr<Err = RangeError>>(
+            key: &str,
+            list: &[String],
+        ) -> Result<Vec<T>, ConfigError> {
             list.iter()
                 .map(|text| {
-                    text.parse::<IpRange>()
+                    text.parse::<T>()
                         .map_err(|e| ConfigError::Invalid(format!("relay.{key}: {e}")))
                 })
-                .collect::<Result<Vec<_>, _>>()
-        };
-        Ok((
-            parse("allowed_peer_ranges", &self.allowed_peer_ranges)?,
-            parse("denied_peer_ranges", &self.denied_peer_ranges)?,
-        ))
+                .collect()
+        }
+        let nat64: Vec<IpRange> = parse("nat64_prefixes", &self.nat64_prefixes)?;
+        // The same check the policy makes, so a bad prefix stops start-up here.
+        PeerPolicy::default()
+            .set_nat64_prefixes(nat64.clone())
+            .map_err(|e| ConfigError::Invalid(format!("relay.nat64_prefixes: {e}")))?;
+        Ok(PeerPolicyParts {
+            allowed: parse("allowed_peer_ranges", &self.allowed_peer_ranges)?,
+            denied: parse("denied_peer_ranges", &self.denied_peer_ranges)?,
+            nat64,
+        })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.ports()?;
-        self.peer_ranges()?;
+        self.peer_policy_parts()?;
         if self.realm.is_empty() || self.realm.len() > 127 || !self.realm.is_ascii() {
             return Err(ConfigError::Invalid(
                 "relay.realm must be 1..=127 ASCII characters".into(),
@@ -332,8 +398,70 @@ impl RelayConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// File holding the shared secret from which REST-style credentials are derived
-    /// (`gateway credentials` issues them). Keep it readable by the gateway only.
+    /// (`gateway credentials` issues them). It must be readable by the gateway's
+    /// user only (`chmod 600`): looser permissions are refused.
     pub secret_file: Option<std::path::PathBuf>,
+    /// Several secret files, for rotation: `[new, old, ...]`. Credentials derived
+    /// from any of them are accepted; new ones (`gateway credentials`) come from the
+    /// first. Instead of `secret_file`, not with it.
+    pub secret_files: Vec<std::path::PathBuf>,
+    /// Whom a peer may Connect to: "any" registered peer (default: one trust
+    /// domain), or "same-group": only peers whose credentials name the same group
+    /// (`gateway credentials --group G` issues `expiry:G/peer`).
+    pub connect: ConnectMode,
+}
+
+/// Most secret files accepted at once (each costs an HMAC per failed request).
+pub const MAX_SECRET_FILES: usize = 8;
+
+impl AuthConfig {
+    /// The secret files, the current one first (empty: no rendezvous, no relay).
+    pub fn secret_paths(&self) -> Vec<std::path::PathBuf> {
+        match &self.secret_file {
+            Some(path) => vec![path.clone()],
+            None => self.secret_files.clone(),
+        }
+    }
+
+    /// Whether a shared secret is configured.
+    pub fn has_secret(&self) -> bool {
+        self.secret_file.is_some() || !self.secret_files.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.secret_file.is_some() && !self.secret_files.is_empty() {
+            return Err(ConfigError::Invalid(
+                "auth.secret_file and auth.secret_files: set one (secret_files = [\"new\", \"old\"] to rotate)".into(),
+            ));
+        }
+        if self.secret_files.len() > MAX_SECRET_FILES {
+            return Err(ConfigError::Invalid(format!(
+                "auth.secret_files takes at most {MAX_SECRET_FILES} files"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `auth.connect`: whom a registered peer may be introduced to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectMode {
+    /// Any registered peer.
+    #[default]
+    Any,
+    /// Only peers of the same group.
+    SameGroup,
+}
+
+impl ConnectMode {
+    /// The rendezvous core's policy.
+    pub fn policy(self) -> crate::proto::rendezvous::ConnectPolicy {
+        match self {
+            Self::Any => crate::proto::rendezvous::ConnectPolicy::Any,
+            Self::SameGroup => crate::proto::rendezvous::ConnectPolicy::SameGroup,
+        }
+    }
 }
 
 /// The UDP service.
@@ -366,6 +494,20 @@ pub struct ServerConfig {
     /// One by default: more loops help only where cores are idle, and cost CPU per
     /// request (see docs/benchmarks.md).
     pub threads: usize,
+    /// Another node's service address. While draining (SIGTERM), new registrations
+    /// and allocations are answered 300 Try Alternate with this ALTERNATE-SERVER;
+    /// without it they get an error saying the gateway is draining.
+    pub alternate: Option<SocketAddr>,
+    /// Longest drain, in seconds: after SIGTERM the gateway serves existing
+    /// allocations and registrations until they end or this passes, then exits.
+    /// 0 exits at once.
+    pub drain_timeout: u64,
+    /// Replies per second the gateway sends one source address (IPv4 address, IPv6
+    /// /64) before it authenticates: Binding answers, 401 challenges and other
+    /// errors; bursts of twice that. Bounds what a spoofed flood reflects at one
+    /// victim. 0 lifts the per-source limit (the totals stay): for benchmarks that
+    /// send everything from one address.
+    pub replies_per_source: u32,
 }
 
 impl Default for ServerConfig {
@@ -376,6 +518,9 @@ impl Default for ServerConfig {
             discovery_unauthenticated: false,
             tcp_forge_synack: false,
             threads: 1,
+            alternate: None,
+            drain_timeout: 30,
+            replies_per_source: crate::proto::budget::DEFAULT_PER_SOURCE,
         }
     }
 }
@@ -499,13 +644,21 @@ impl Config {
                 ));
             }
         }
-        if self.server.discovery_unauthenticated && self.auth.secret_file.is_none() {
+        self.auth.validate()?;
+        if let Some(alternate) = self.server.alternate
+            && (alternate.port() == 0 || alternate.ip().is_unspecified())
+        {
+            return Err(ConfigError::Invalid(
+                "server.alternate must be another node's address and port, e.g. \"203.0.113.8:3478\"".into(),
+            ));
+        }
+        if self.server.discovery_unauthenticated && !self.auth.has_secret() {
             return Err(ConfigError::Invalid(
                 "server.discovery_unauthenticated needs auth.secret_file: CHANGE-REQUEST is served by the rendezvous"
                     .into(),
             ));
         }
-        if self.server.tcp_forge_synack && self.auth.secret_file.is_none() {
+        if self.server.tcp_forge_synack && !self.auth.has_secret() {
             return Err(ConfigError::Invalid(
                 "server.tcp_forge_synack needs auth.secret_file: TCP-Seq is served by the rendezvous"
                     .into(),
@@ -524,6 +677,7 @@ impl Config {
         }
         self.relay.validate()?;
         self.cluster.validate()?;
+        self.log.validate()?;
         for name in &self.ebpf.interfaces {
             if name.is_empty() || name.len() > 15 || name.contains('/') {
                 return Err(ConfigError::Invalid(format!(
@@ -602,11 +756,21 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(config.relay.ports().expect("range"), 50000..=50100);
+        let config = Config::from_toml(
+            "[relay]\nallowed_peer_ranges = [\"127.0.0.1:49152-65535\", \"[::1]:5000\"]\nnat64_prefixes = [\"2a00:1::/64\"]\n",
+            "t",
+        )
+        .expect("ports and NAT64 prefixes");
+        let parts = config.relay.peer_policy_parts().expect("parts");
+        assert_eq!((parts.allowed.len(), parts.nat64.len()), (2, 1));
         for bad in [
             "[relay]\nport_range = \"5-1\"\n",
             "[relay]\nport_range = \"0-10\"\n",
             "[relay]\nport_range = \"49152\"\n",
             "[relay]\nallowed_peer_ranges = [\"10.1.0.1/16\"]\n",
+            "[relay]\nallowed_peer_ranges = [\"127.0.0.1:0-10\"]\n",
+            "[relay]\nnat64_prefixes = [\"2a00::/60\"]\n",
+            "[relay]\nnat64_prefixes = [\"10.0.0.0/8\"]\n",
             "[relay]\ndenied_peer_ranges = [\"nonsense\"]\n",
             "[relay]\naddresses = [\"192.0.2.1\", \"192.0.2.2\"]\n",
             "[relay]\naddresses = [\"0.0.0.0\"]\n",
@@ -693,6 +857,39 @@ mod tests {
         printed.cluster.node_id = Some("n1".into());
         let again = Config::from_toml(&printed.to_toml(), "printed").expect("round trip");
         assert_eq!(again, printed);
+    }
+
+    #[test]
+    fn secret_files_alternate_drain_and_log_settings() {
+        let config = Config::from_toml(
+            "[auth]\nsecret_files = [\"/new\", \"/old\"]\n[server]\nalternate = \"203.0.113.8:3478\"\ndrain_timeout = 5\n[log]\nfilter = \"info,gateway=debug\"\nformat = \"json\"\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.auth.secret_paths(),
+            vec![std::path::PathBuf::from("/new"), "/old".into()]
+        );
+        assert!(config.auth.has_secret());
+        assert_eq!(config.server.drain_timeout, 5);
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(Config::default().server.drain_timeout, 30);
+        for (bad, key) in [
+            (
+                "[auth]\nsecret_file = \"/a\"\nsecret_files = [\"/b\"]\n",
+                "auth.secret_file",
+            ),
+            (
+                "[server]\nalternate = \"0.0.0.0:3478\"\n",
+                "server.alternate",
+            ),
+            ("[log]\nfilter = \"gateway=[\"\n", "log.filter"),
+        ] {
+            let err = Config::from_toml(bad, "t").expect_err(bad);
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
+        let err = Config::from_toml("[log]\nformat = \"xml\"\n", "gw.toml").expect_err("format");
+        assert!(err.to_string().contains("line 2"), "{err}");
     }
 
     #[test]

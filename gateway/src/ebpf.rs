@@ -3,7 +3,8 @@
 //! filter otherwise or on request), tells them what to watch, and reads their maps
 //! back: UDP counters, punch outcomes, the punch flow table.
 //!
-//! Everything here may fail on a host without root, BTF or tc support; callers then
+//! Everything here may fail without the capabilities (root, or `CAP_BPF`, `CAP_PERFMON`
+//! and `CAP_NET_ADMIN`: see [`crate::capabilities`]), BTF or tc support; callers then
 //! run without eBPF and say so in their log and in `gateway_ebpf_loaded`.
 use std::{
     collections::HashMap as StdHashMap,
@@ -50,9 +51,17 @@ pub enum EbpfError {
         "this gateway binary was built without its eBPF object; run `cargo xtask setup && cargo xtask build-ebpf`, then rebuild"
     )]
     NotEmbedded,
-    /// Loading needs CAP_BPF/CAP_NET_ADMIN (in practice: root).
-    #[error("loading eBPF programs needs root (CAP_BPF and CAP_NET_ADMIN)")]
-    NotPermitted,
+    /// Loading needs `CAP_BPF`, `CAP_PERFMON` (or `CAP_SYS_ADMIN` for both) and
+    /// `CAP_NET_ADMIN`: root, or an unprivileged user given them (the systemd unit's
+    /// `AmbientCapabilities`).
+    #[error(
+        "loading eBPF programs needs CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (root, or AmbientCapabilities in the systemd unit); missing: {missing}"
+    )]
+    NotPermitted {
+        /// The capabilities this process lacks (space-separated names), or what the
+        /// kernel refused when the check passed.
+        missing: String,
+    },
     /// Too many ports or remotes to watch.
     #[error("at most {max} {what} fit the map, {asked} asked")]
     TooMany {
@@ -79,6 +88,25 @@ pub enum EbpfError {
     /// A map or program is missing from the object (a build mismatch).
     #[error("eBPF object lacks map or program {0}")]
     Missing(&'static str),
+}
+
+/// Checks this process's capabilities, then loads `object` (its maps are created
+/// here; programs are loaded into the kernel by the caller). EPERM from the kernel
+/// becomes [`EbpfError::NotPermitted`] as well (a user namespace, a LSM policy).
+pub(crate) fn load_checked(object: &[u8]) -> Result<Ebpf, EbpfError> {
+    crate::capabilities::check_ebpf()?;
+    Ebpf::load(object).map_err(|e| match e {
+        aya::EbpfError::MapError(aya::maps::MapError::CreateError { ref io_error, .. })
+            if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            EbpfError::NotPermitted {
+                missing: format!(
+                    "none that /proc/self/status shows, but the kernel refused: {io_error}"
+                ),
+            }
+        }
+        e => aya_err("loading the eBPF object (does the kernel have BPF and BTF?)")(e),
+    })
 }
 
 pub(crate) fn aya_err<E: std::error::Error + Send + Sync + 'static>(
@@ -334,19 +362,7 @@ impl EbpfProbe {
         interfaces: &[String],
         mode: AttachMode,
     ) -> Result<Self, EbpfError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(EbpfError::NotPermitted);
-        }
-        let ebpf = Ebpf::load(object).map_err(|e| match e {
-            aya::EbpfError::MapError(aya::maps::MapError::CreateError { ref io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                EbpfError::NotPermitted
-            }
-            e => aya_err("loading the eBPF object (does the kernel have BPF and BTF?)")(e),
-        })?;
-        let mut ebpf = ebpf;
+        let mut ebpf = load_checked(object)?;
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)

@@ -79,18 +79,7 @@ impl RelayFastPath {
     /// the ingress of every interface of `config`.
     pub fn load(config: FastPathConfig) -> Result<Self, EbpfError> {
         let object = embedded_object().ok_or(EbpfError::NotEmbedded)?;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(EbpfError::NotPermitted);
-        }
-        let mut ebpf = Ebpf::load(object).map_err(|e| match e {
-            aya::EbpfError::MapError(aya::maps::MapError::CreateError { ref io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                EbpfError::NotPermitted
-            }
-            e => aya_err("loading the eBPF object (does the kernel have BPF and BTF?)")(e),
-        })?;
+        let mut ebpf = crate::ebpf::load_checked(object)?;
         {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(RELAY_PROGRAM)

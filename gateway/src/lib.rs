@@ -16,18 +16,35 @@
 //!   for `gateway watch` (NAT routers);
 //! - [`tcp_raw`]: raw TCP packet crafting, capture and injection (pnet) for
 //!   sequence-number-exchange TCP splicing;
-//! - [`config`]: the TOML configuration and its defaults.
+//! - [`config`]: the TOML configuration and its defaults;
+//! - [`health`]: `/healthz` and `/readyz`: driver loops watched, readiness checks;
+//! - [`lifecycle`]: signals (SIGHUP reload, SIGTERM drain, SIGINT stop) and the drain;
+//! - [`reload`]: re-reading the configuration and secrets, applying what can change
+//!   live;
+//! - [`secrets`]: reading the shared secret files (permissions checked);
+//! - [`logging`]: the tracing subscriber: text or JSON lines, a reloadable filter;
+//! - [`capabilities`]: the process's effective capabilities (what eBPF loading needs);
+//! - [`limits`]: the open-files limit and the descriptor budget of relay sockets;
+//! - [`systemd`]: `sd_notify` readiness, stopping and watchdog messages.
 pub mod agent;
+pub mod capabilities;
 pub mod cluster;
 pub mod config;
 pub mod ebpf;
 pub mod fast_path;
+pub mod health;
+pub mod lifecycle;
+pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod observe;
+pub mod reload;
 pub mod rendezvous;
+pub mod secrets;
 /// The sans-IO protocol core, re-exported so `gateway::proto::...` paths keep working.
 pub use gateway_proto as proto;
 pub mod service;
+pub mod systemd;
 pub mod tcp_punch;
 pub mod tcp_raw;
 pub mod turn;

@@ -8,9 +8,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use gateway::config::LogFormat;
 use gateway::{
     config::Config,
     ebpf::{AttachMode, EbpfError, EbpfProbe, WatchSpec},
+    health::Health,
+    lifecycle::{self, Services, Signals, Stop},
+    logging,
     metrics::{self, Metrics},
     observe::{ObserveOptions, Observer},
     proto::{
@@ -18,15 +22,27 @@ use gateway::{
         credentials::SharedSecret,
         rendezvous::{RendezvousConfig, RendezvousServer},
     },
+    reload::Reloader,
     service, udp,
 };
-use tracing_subscriber::EnvFilter;
+
+mod cli_assets;
+
+/// `gateway --version`: the version, and whether the eBPF programs are inside.
+#[cfg(gateway_ebpf_embedded)]
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (eBPF programs embedded)");
+#[cfg(not(gateway_ebpf_embedded))]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (built without the eBPF programs: run `cargo xtask build-ebpf`, then rebuild)"
+);
 
 /// Rendezvous and relay gateway for peer-to-peer NAT traversal.
 #[derive(Debug, Parser)]
 #[command(
     name = "gateway",
     version,
+    long_version = LONG_VERSION,
     about,
     long_about = "Rendezvous and relay gateway for peer-to-peer NAT traversal.\n\n\
         `gateway serve` runs on a public Linux host: it answers STUN Binding requests, \
@@ -43,9 +59,15 @@ use tracing_subscriber::EnvFilter;
     after_help = "Not built yet (planned, see the project's issues): TURN over TLS."
 )]
 struct Cli {
-    /// Log filter, e.g. `info`, `debug`, `gateway=trace`. RUST_LOG also works.
-    #[arg(long, global = true, env = "GATEWAY_LOG", default_value = "info")]
-    log_level: String,
+    /// Log filter, e.g. `info`, `debug`, `gateway=trace`; RUST_LOG also works. Given
+    /// at start it wins over the config's log.filter, also on reload [default: info].
+    #[arg(long, global = true, env = "GATEWAY_LOG")]
+    log_level: Option<String>,
+    /// Log line format: `text`, or `json` (one JSON object per line with the event's
+    /// fields: timestamp, level, message, target, spans) [default: text]
+    /// [config: log.format].
+    #[arg(long, global = true, env = "GATEWAY_LOG_FORMAT", value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,8 +75,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway daemon: the UDP service (STUN Binding; with --secret-file also
-    /// the rendezvous and the TURN relay, UDP and TCP), /metrics over HTTP, and the
-    /// eBPF traffic counters when it can load them. Stops on SIGINT/SIGTERM.
+    /// the rendezvous and the TURN relay, UDP and TCP), /metrics, /healthz and
+    /// /readyz over HTTP, and the eBPF traffic counters when it can load them.
+    /// SIGHUP reloads the configuration and secret files (nothing established is
+    /// dropped); SIGTERM drains (new registrations and allocations refused, existing
+    /// ones served until they end or server.drain_timeout) and exits 0, a second
+    /// SIGTERM stops at once; SIGINT stops at once. See docs/operations.md.
     Serve(ServeArgs),
     /// Issue credentials for a peer (TURN REST convention: username `expiry:peer-id`,
     /// password = base64 HMAC-SHA1 of it under the shared secret). Prints shell
@@ -71,9 +97,24 @@ enum Command {
     /// Watch punch flows in the kernel on a host that runs no agent, typically a
     /// Linux NAT router's WAN interface, and serve the counts on /metrics. Punch
     /// flows are those on the given local ports and, with --stun-cookie, any UDP flow
-    /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root; stops
-    /// on SIGINT/SIGTERM and detaches.
+    /// carrying STUN (magic cookie 0x2112A442 at payload offset 4). Needs root or
+    /// CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; stops on SIGINT/SIGTERM and detaches.
     Watch(WatchArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to
+    /// standard output, e.g. `gateway completions bash > /etc/bash_completion.d/gateway`
+    /// (the Debian package installs them).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (gateway.1, gateway-serve.1, ...) into DIR (used to build
+    /// the Debian package).
+    #[command(hide = true)]
+    GenerateMan {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -208,8 +249,8 @@ struct PeerArgs {
     upgrade_interval: u64,
     /// Attach the eBPF punch observers to this interface (repeatable): the kernel
     /// then counts this agent's punched flows and bounced packets (its socket's port
-    /// is watched, the gateway's endpoints are not). Needs root; without it the agent
-    /// runs on and says so.
+    /// is watched, the gateway's endpoints are not). Needs root or CAP_BPF, CAP_PERFMON
+    /// and CAP_NET_ADMIN; without them the agent runs on and says so.
     #[arg(long = "ebpf-interface", value_name = "IFACE")]
     ebpf_interfaces: Vec<String>,
     /// Serve this agent's Prometheus metrics (the eBPF counts) on this HTTP address.
@@ -257,18 +298,23 @@ struct CredentialsArgs {
     /// The peer's id: 1 to 64 characters of A-Z a-z 0-9 . _ -
     #[arg(long)]
     peer_id: String,
+    /// The peer's group: the id becomes GROUP/PEER-ID. With auth.connect =
+    /// "same-group", peers are introduced only within their group.
+    #[arg(long)]
+    group: Option<String>,
     /// How long the credentials stay valid, in seconds.
     #[arg(long, default_value_t = 86_400)]
     ttl: u64,
-    /// File holding the shared secret [default: auth.secret_file of --config].
+    /// File holding the shared secret (mode 0600) [default: auth.secret_file, or the
+    /// first of auth.secret_files, of --config].
     #[arg(long)]
     secret_file: Option<PathBuf>,
-    /// Configuration file to take auth.secret_file from.
+    /// Configuration file to take auth.secret_file(s) from.
     #[arg(short, long, env = "GATEWAY_CONFIG")]
     config: Option<PathBuf>,
 }
 
-#[derive(Debug, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 struct ServeArgs {
     /// TOML configuration file; every key is optional (see docs/operations.md).
     /// Flags below override it.
@@ -277,10 +323,12 @@ struct ServeArgs {
     /// UDP address of the service [default: 0.0.0.0:3478].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// HTTP address of the Prometheus endpoint [default: 127.0.0.1:9478].
+    /// HTTP address of the Prometheus endpoint /metrics, and of /healthz (200 while
+    /// every driver loop runs) and /readyz (200 when ready for new work; 503 while
+    /// starting, draining, or with Redis unreachable) [default: 127.0.0.1:9478].
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// Do not serve /metrics.
+    /// Do not serve /metrics (nor /healthz and /readyz).
     #[arg(long)]
     no_metrics: bool,
     /// Attach the eBPF programs to this interface (repeatable) [default: every
@@ -316,11 +364,19 @@ struct ServeArgs {
     /// network. Off by default (requests get error 501) [config: server.tcp_forge_synack].
     #[arg(long)]
     tcp_forge_synack: bool,
+    /// Replies per second to one source address before it authenticates (Binding
+    /// answers, challenges, errors; bursts of twice that); 0 lifts the per-source
+    /// limit, e.g. for benchmarks from one address [default: 50; config:
+    /// server.replies_per_source].
+    #[arg(long, value_name = "N")]
+    replies_per_source: Option<u32>,
     /// Driver loops serving the UDP socket at once, sharing it and the rendezvous
     /// core; 0: one per CPU, at most 4 [default: 1].
     #[arg(long)]
     threads: Option<usize>,
-    /// Shared-secret file for peer credentials; enables the rendezvous.
+    /// Shared-secret file for peer credentials; enables the rendezvous. Must be
+    /// readable by the gateway's user only (chmod 600). Replaces auth.secret_file(s)
+    /// of --config, also on reload; rotate with auth.secret_files instead.
     #[arg(long)]
     secret_file: Option<PathBuf>,
     /// Join a cluster of gateway nodes sharing the rendezvous through Redis
@@ -355,12 +411,14 @@ struct ServeArgs {
     #[arg(long, value_name = "FIRST-LAST")]
     relay_port_range: Option<String>,
     /// Peer range the relay may reach although the default policy denies it, in CIDR
-    /// (repeatable), e.g. 10.20.0.0/16. Private, loopback, link-local, reserved and
-    /// the gateway's own addresses are denied otherwise.
-    #[arg(long = "allow-peer", value_name = "CIDR")]
+    /// with optional ports (repeatable), e.g. 10.20.0.0/16 or 127.0.0.1:49152-65535.
+    /// Private, loopback, link-local, reserved and the gateway's own addresses are
+    /// denied otherwise; the gateway's service ports stay closed even when allowed.
+    #[arg(long = "allow-peer", value_name = "CIDR[:PORTS]")]
     allowed_peer_ranges: Vec<String>,
     /// Relay bound channels between this gateway's clients in the kernel (an eBPF tc
-    /// program; IPv4; needs root and the eBPF object): ebpf or off [default: off].
+    /// program; IPv4; needs the eBPF object and root or CAP_BPF, CAP_PERFMON and
+    /// CAP_NET_ADMIN): ebpf or off [default: off].
     /// With ebpf, start-up fails if the program cannot be loaded and attached.
     #[arg(long, value_name = "ebpf|off")]
     relay_fast_path: Option<gateway::config::FastPathMode>,
@@ -375,20 +433,39 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cli.log_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // RUST_LOG, then --log-level / GATEWAY_LOG: given at start, they pin the filter.
+    let pinned = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|f| !f.is_empty())
+        .or(cli.log_level);
+    let format = cli.log_format;
+    let plain = {
+        let pinned = pinned.clone();
+        move || logging::init(format.unwrap_or_default(), pinned, None)
+    };
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Credentials(args) => credentials(args),
-        Command::Peer(args) => peer(args),
-        Command::Watch(args) => watch(args),
+        // The daemon logs as its configuration says (log.format, log.filter).
+        Command::Serve(args) => serve(args, format, pinned),
+        Command::Credentials(args) => {
+            plain();
+            credentials(args)
+        }
+        Command::Peer(args) => {
+            plain();
+            peer(args)
+        }
+        Command::Watch(args) => {
+            plain();
+            watch(args)
+        }
+        Command::Completions { shell } => {
+            plain();
+            cli_assets::print_completions::<Cli>(shell)
+        }
+        Command::GenerateMan { dir } => {
+            plain();
+            cli_assets::write_man_pages::<Cli>(&dir)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -513,31 +590,51 @@ fn credentials(args: CredentialsArgs) -> Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    // New credentials come from the current secret: the first of auth.secret_files.
     let path = args
         .secret_file
-        .or(config.auth.secret_file)
+        .or_else(|| config.auth.secret_paths().into_iter().next())
         .context("no shared secret: pass --secret-file FILE or set auth.secret_file in --config")?;
-    let secret = std::fs::read(&path)
-        .with_context(|| format!("cannot read the secret file {}", path.display()))?;
-    if secret.trim_ascii().is_empty() {
-        anyhow::bail!("the secret file {} is empty", path.display());
-    }
+    let secret = gateway::secrets::read_secret_file(&path)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_secs();
     let expiry = now.checked_add(args.ttl).context("--ttl is too large")?;
-    let issued = SharedSecret::new(&secret).issue(&args.peer_id, expiry)?;
+    let peer_id = match &args.group {
+        Some(group) if group.contains('/') => {
+            anyhow::bail!("--group must not contain '/': it separates the group from the peer id")
+        }
+        Some(group) => format!("{group}/{}", args.peer_id),
+        None => args.peer_id.clone(),
+    };
+    let issued = SharedSecret::new(&secret)
+        .issue(&peer_id, expiry)
+        .with_context(|| format!("cannot issue credentials for {peer_id:?}"))?;
     println!("GATEWAY_USERNAME={}", issued.username);
     println!("GATEWAY_PASSWORD={}", issued.password);
     Ok(())
 }
 
-fn effective_config(args: &ServeArgs) -> Result<Config> {
+fn effective_config(args: &ServeArgs, log_format: Option<LogFormat>) -> Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    apply_flags(args, log_format, &mut config);
+    config.validate()?;
+    Ok(config)
+}
+
+/// Applies the flags over the file's configuration (at start, and again on every
+/// reload: flags given at start keep overriding the file).
+fn apply_flags(args: &ServeArgs, log_format: Option<LogFormat>, config: &mut Config) {
+    if let Some(format) = log_format {
+        config.log.format = format;
+    }
+    if let Some(per_source) = args.replies_per_source {
+        config.server.replies_per_source = per_source;
+    }
     if let Some(listen) = args.listen {
         config.server.listen = listen;
     }
@@ -558,6 +655,7 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     }
     if let Some(path) = &args.secret_file {
         config.auth.secret_file = Some(path.clone());
+        config.auth.secret_files.clear();
     }
     if args.no_metrics {
         config.metrics.enabled = false;
@@ -607,16 +705,24 @@ fn effective_config(args: &ServeArgs) -> Result<Config> {
     if let Some(mode) = args.cluster_mode {
         config.cluster.mode = mode;
     }
-    config.validate()?;
-    Ok(config)
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
-    let config = effective_config(&args)?;
+fn serve(args: ServeArgs, log_format: Option<LogFormat>, pinned: Option<String>) -> Result<()> {
+    let config = effective_config(&args, log_format)?;
     if args.print_config {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    let log = logging::init(config.log.format, pinned, config.log.filter.as_deref());
+    // Each allocation holds a socket: take every descriptor the hard limit allows.
+    if let Err(e) = gateway::limits::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-files limit (RLIMIT_NOFILE)");
+    }
+    let reload = ReloadSource {
+        path: args.config.clone(),
+        flags: Box::new(move |config: &mut Config| apply_flags(&args, log_format, config)),
+        log,
+    };
     // One runtime thread per driver loop at least, so the loops run in parallel.
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -624,11 +730,24 @@ fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve_async(config))
+    runtime.block_on(serve_async(config, reload))
 }
 
-async fn serve_async(config: Config) -> Result<()> {
+/// Where a reload reads the configuration from, and how it applies the flags.
+struct ReloadSource {
+    path: Option<PathBuf>,
+    flags: gateway::reload::ApplyFlags,
+    log: logging::LogHandle,
+}
+
+async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
+    // First of all, so a SIGHUP during start-up does not kill the process.
+    let mut signals = Signals::install().context("cannot install signal handlers")?;
+    let health = Health::new();
     let metrics = Metrics::new()?;
+    metrics
+        .registry
+        .register(Box::new(gateway::limits::FdCollector::new()?))?;
     let socket = udp::bind(config.server.listen)?;
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening");
@@ -671,6 +790,12 @@ async fn serve_async(config: Config) -> Result<()> {
         match loaded {
             Ok(probe) => {
                 metrics.registry.register(Box::new(probe.collector()?))?;
+                if config.ebpf.required {
+                    let loaded = metrics.ebpf_loaded.clone();
+                    health.add_check("eBPF programs required but not loaded", move || {
+                        loaded.get() == 1
+                    });
+                }
                 metrics.ebpf_loaded.set(1);
                 metrics
                     .ebpf_attached_interfaces
@@ -683,7 +808,7 @@ async fn serve_async(config: Config) -> Result<()> {
             }
             Err(e) => {
                 let hint = match e {
-                    EbpfError::NotEmbedded | EbpfError::NotPermitted => "",
+                    EbpfError::NotEmbedded | EbpfError::NotPermitted { .. } => "",
                     _ => " (use --no-ebpf to silence, --require-ebpf to make this fatal)",
                 };
                 tracing::warn!("eBPF counters unavailable, running without them: {e}{hint}");
@@ -696,25 +821,30 @@ async fn serve_async(config: Config) -> Result<()> {
     };
 
     let metrics_task = metrics_listener.map(|listener| {
-        tracing::info!(url = %format!("http://{}/metrics", config.metrics.listen), "metrics listening");
-        tokio::spawn(metrics::serve(listener, metrics.registry.clone()))
+        tracing::info!(url = %format!("http://{}/metrics", config.metrics.listen), "metrics listening (also /healthz, /readyz)");
+        tokio::spawn(health.watch(
+            "metrics-http",
+            metrics::serve_with_health(listener, metrics.registry.clone(), Some(health.clone())),
+        ))
     });
-    let secret = match &config.auth.secret_file {
-        Some(path) => {
-            let secret = std::fs::read(path)
-                .with_context(|| format!("cannot read auth.secret_file {}", path.display()))?;
-            if secret.trim_ascii().is_empty() {
-                anyhow::bail!("auth.secret_file {} is empty", path.display());
-            }
-            Some(SharedSecret::new(&secret))
-        }
-        None => None,
+    let secret = if config.auth.has_secret() {
+        let paths = config.auth.secret_paths();
+        let secret = gateway::secrets::load(&paths).context("auth.secret_file(s)")?;
+        tracing::info!(files = paths.len(), "shared secrets loaded");
+        Some(secret)
+    } else {
+        None
     };
     let rendezvous = match &secret {
         Some(secret) => {
             tracing::info!("rendezvous enabled (register, connect, introductions)");
+            let rendezvous_config = RendezvousConfig {
+                connect_policy: config.auth.connect.policy(),
+                replies_per_source: config.server.replies_per_source,
+                ..RendezvousConfig::default()
+            };
             let mut server =
-                RendezvousServer::new(secret.clone(), RendezvousConfig::default(), rand::random());
+                RendezvousServer::new(secret.clone(), rendezvous_config, rand::random());
             server.set_alternates(
                 Alternates::new(local, config.server.discovery_listen.clone()),
                 config.server.discovery_unauthenticated,
@@ -751,8 +881,11 @@ async fn serve_async(config: Config) -> Result<()> {
                 core.clone(),
                 client_socket.clone(),
                 metrics.clone(),
+                Some(&health),
             )
             .context("cannot start the cluster driver")?;
+            let link_state = link.clone();
+            health.add_check("cluster: Redis unreachable", move || link_state.is_up());
             tracing::info!(node = %node, redis = ?config.cluster.redis, redis_cluster = config.cluster.is_redis_cluster(), "cluster enabled: sharing the rendezvous through Redis");
             Some(link)
         }
@@ -780,22 +913,31 @@ async fn serve_async(config: Config) -> Result<()> {
         }
         None => None,
     };
+    if let (Some(core), Some(_)) = (&rendezvous, &relay) {
+        // Relay-Offers must name an allocation of this relay (none without one).
+        let endpoints = gateway::turn::relay_endpoints(&config, local)?;
+        gateway::rendezvous::lock(core).set_relay_endpoints(Some(endpoints));
+    }
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let wait = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
         let _ = stopped.wait_for(|stop| *stop).await;
     };
     let mut alternates = Vec::new();
     let mut discovery_tasks = Vec::new();
-    for socket in discovery_sockets {
+    for (i, socket) in discovery_sockets.into_iter().enumerate() {
         let socket =
             udp::service_socket(socket).context("cannot configure the discovery socket")?;
         alternates.push(socket.clone());
-        discovery_tasks.push(tokio::spawn(service::run(
-            socket,
-            metrics.clone(),
-            None,
-            None,
-            wait(stopped.clone()),
+        discovery_tasks.push(tokio::spawn(health.watch(
+            format!("udp-discovery-{i}"),
+            service::run(
+                socket,
+                metrics.clone(),
+                None,
+                None,
+                config.server.replies_per_source,
+                wait(stopped.clone()),
+            ),
         )));
     }
     let tcp_task = match &relay {
@@ -804,9 +946,9 @@ async fn serve_async(config: Config) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen for TURN over TCP on {local}"))?;
             tracing::info!(tcp = %local, "TURN over TCP listening");
-            Some(tokio::spawn(gateway::turn::serve_tcp(
-                listener,
-                relay.clone(),
+            Some(tokio::spawn(health.watch(
+                "turn-tcp",
+                gateway::turn::serve_tcp(listener, relay.clone()),
             )))
         }
         _ => None,
@@ -814,19 +956,42 @@ async fn serve_async(config: Config) -> Result<()> {
     let threads = config.server.effective_threads();
     tracing::info!(threads, "UDP driver loops");
     let main_loops: Vec<_> = (0..threads)
-        .map(|_| {
-            tokio::spawn(service::run_with_alternates(
-                client_socket.clone(),
-                alternates.clone(),
-                metrics.clone(),
-                rendezvous.clone(),
-                relay.clone(),
-                cluster.clone(),
-                wait(stopped.clone()),
+        .map(|i| {
+            tokio::spawn(health.watch(
+                format!("udp-service-{i}"),
+                service::run_with_alternates(
+                    client_socket.clone(),
+                    alternates.clone(),
+                    metrics.clone(),
+                    rendezvous.clone(),
+                    relay.clone(),
+                    cluster.clone(),
+                    config.server.replies_per_source,
+                    wait(stopped.clone()),
+                ),
             ))
         })
         .collect();
-    shutdown_signal().await;
+    let services = Services {
+        rendezvous: rendezvous.clone(),
+        relay: relay.clone(),
+        health: health.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut reloader = Reloader::new(
+        reload.path,
+        reload.flags,
+        config.clone(),
+        local,
+        services.clone(),
+        Some(reload.log),
+    );
+    // Every listener, eBPF program and loop is up: the descriptor budget counts
+    // what is open now, then READY=1 and the watchdog.
+    let _watchdog = ready(&config, local, &main_loops, &rendezvous, &relay);
+    health.set_started();
+    tracing::info!("ready (SIGHUP reloads, SIGTERM drains, SIGINT stops)");
+    let stop_reason = lifecycle::run(&mut signals, &mut reloader, &services).await;
     let _ = stop.send(true);
     for main_loop in main_loops {
         let _ = main_loop.await;
@@ -847,8 +1012,41 @@ async fn serve_async(config: Config) -> Result<()> {
     if let Some(relay) = &relay {
         relay.stop_fast_path();
     }
-    tracing::info!("stopped");
+    if let Stop::LoopEnded(name) = &stop_reason {
+        anyhow::bail!(
+            "driver loop {name} ended unexpectedly; exiting so the supervisor restarts the gateway"
+        );
+    }
+    tracing::info!(reason = ?stop_reason, "stopped");
     Ok(())
+}
+
+/// Everything is bound and attached: budgets the descriptors left for relay
+/// sockets, starts the systemd watchdog (with `WatchdogSec=`) over the driver loops
+/// and the cores' locks, and tells systemd `READY=1` (with `Type=notify`).
+fn ready(
+    config: &Config,
+    local: SocketAddr,
+    main_loops: &[tokio::task::JoinHandle<()>],
+    rendezvous: &Option<gateway::rendezvous::SharedRendezvous>,
+    relay: &Option<Arc<gateway::turn::RelayShared>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    gateway::limits::seal_fd_budget(relay.as_ref().map(|_| config.relay.max_allocations));
+    let mut probes: Vec<gateway::systemd::Probe> = Vec::new();
+    if let Some(core) = rendezvous.clone() {
+        probes.push(Box::new(move || drop(gateway::rendezvous::lock(&core))));
+    }
+    if let Some(relay) = relay.clone() {
+        probes.push(Box::new(move || relay.probe_locks()));
+    }
+    gateway::systemd::notify_ready(&format!("serving on {local}"));
+    gateway::systemd::spawn_watchdog(gateway::systemd::Liveness {
+        tasks: main_loops
+            .iter()
+            .map(tokio::task::JoinHandle::abort_handle)
+            .collect(),
+        probes,
+    })
 }
 
 async fn shutdown_signal() {

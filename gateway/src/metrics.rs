@@ -14,6 +14,7 @@ use tokio::{
     sync::Semaphore,
 };
 
+use crate::health::Health;
 use crate::proto::rendezvous::{
     CrossNodeOutcome, RendezvousEvent, RendezvousHandled,
     wire::{NatClass, TcpTechnique},
@@ -69,7 +70,17 @@ pub struct Metrics {
     /// Connects for a peer registered on another node, by outcome (counted once, on
     /// the initiator's node).
     pub cluster_introductions: IntCounterVec,
+    /// 1 while draining (new registrations and allocations refused), else 0.
+    pub draining: IntGauge,
+    /// Configuration reloads (SIGHUP), by outcome: `success`, `partial` (applied
+    /// but for settings that need a restart), `failed` (refused; the old one kept).
+    pub config_reloads: IntCounterVec,
+    /// 1 when the last reload was applied (or none was tried), 0 when it failed.
+    pub config_last_reload_successful: IntGauge,
 }
+
+/// The outcomes of a configuration reload (`gateway_config_reloads_total`).
+pub const RELOAD_OUTCOMES: [&str; 3] = ["success", "partial", "failed"];
 
 impl Metrics {
     /// Creates and registers every metric, with all label values pre-set to zero so
@@ -169,8 +180,30 @@ impl Metrics {
         for outcome in CrossNodeOutcome::ALL {
             cluster_introductions.with_label_values(&[outcome.as_str()]);
         }
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "gateway_config_reloads_total",
+                "Configuration reloads (SIGHUP), by outcome: success, partial (settings that need a restart were not applied), failed (refused as a whole, the old configuration kept)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        for outcome in RELOAD_OUTCOMES {
+            config_reloads.with_label_values(&[outcome]);
+        }
+        let config_last_reload_successful = gauge(
+            "gateway_config_last_reload_successful",
+            "1 when the last configuration reload was applied (or none was tried), 0 when it was refused",
+        )?;
+        config_last_reload_successful.set(1);
         register_build_info(&registry)?;
         Ok(Self {
+            draining: gauge(
+                "gateway_draining",
+                "1 while draining (SIGTERM: new registrations and allocations refused, existing ones served until they end or server.drain_timeout), else 0",
+            )?,
+            config_reloads,
+            config_last_reload_successful,
             cluster_introductions,
             udp_received_datagrams: counter(
                 "gateway_udp_received_datagrams_total",
@@ -320,30 +353,47 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 /// A deliberately small HTTP/1.x responder: one request per connection, bounded head
 /// size and time, a bounded number of connections.
 pub async fn serve(listener: TcpListener, registry: Registry) {
+    serve_with_health(listener, registry, None).await;
+}
+
+/// [`serve`], plus `GET /healthz` and `GET /readyz` answered from `health` (200 or
+/// 503, with a line saying why): the daemon's metrics listener.
+pub async fn serve_with_health(listener: TcpListener, registry: Registry, health: Option<Health>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Out of descriptors, accept fails until some close: say so once, not 20 times
+    // a second (the relay's sockets are budgeted so this should not happen).
+    let mut errors = crate::limits::AcceptErrors::new("metrics");
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                errors.accepted();
+                accepted
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
+                errors.failed(&e);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let registry = registry.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = respond(stream, &registry).await {
+            if let Err(e) = respond(stream, &registry, health.as_ref()).await {
                 tracing::debug!(error = %e, "metrics request failed");
             }
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    registry: &Registry,
+    health: Option<&Health>,
+) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
         let mut chunk = [0u8; 1024];
@@ -363,6 +413,14 @@ async fn respond(mut stream: TcpStream, registry: &Registry) -> std::io::Result<
     })
     .await;
     let complete = matches!(read, Ok(Ok(true)));
+    let probe = |(ok, text): (bool, String)| {
+        let status = if ok {
+            "200 OK"
+        } else {
+            "503 Service Unavailable"
+        };
+        (status, "text/plain; charset=utf-8", text.into_bytes())
+    };
     let (status, content_type, body): (&str, &str, Vec<u8>) = if !complete {
         ("400 Bad Request", "text/plain", b"bad request\n".to_vec())
     } else {
@@ -377,6 +435,12 @@ async fn respond(mut stream: TcpStream, registry: &Registry) -> std::io::Result<
                 "text/plain; version=0.0.4; charset=utf-8",
                 render(registry),
             ),
+            (b"GET", b"/healthz") if health.is_some() => {
+                probe(health.map(Health::healthz).unwrap_or_default())
+            }
+            (b"GET", b"/readyz") if health.is_some() => {
+                probe(health.map(Health::readyz).unwrap_or_default())
+            }
             (b"GET", b"/") => (
                 "200 OK",
                 "text/plain; charset=utf-8",
@@ -433,7 +497,12 @@ mod tests {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let server = tokio::spawn(serve(listener, metrics.registry.clone()));
+        let health = Health::new();
+        let server = tokio::spawn(serve_with_health(
+            listener,
+            metrics.registry.clone(),
+            Some(health.clone()),
+        ));
         let get = |request: &'static str| async move {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             stream.write_all(request.as_bytes()).await.expect("write");
@@ -451,6 +520,23 @@ mod tests {
             get("GET /nope HTTP/1.1\r\n\r\n")
                 .await
                 .starts_with("HTTP/1.1 404")
+        );
+        let ready = get("GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+        assert!(ready.ends_with("not ready: starting\n"), "{ready}");
+        health.set_started();
+        let ready = get("GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(
+            ready.starts_with("HTTP/1.1 200") && ready.ends_with("ready\n"),
+            "{ready}"
+        );
+        let alive = get("GET /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(alive.starts_with("HTTP/1.1 200"), "{alive}");
+        health.set_draining(true);
+        let ready = get("GET /readyz HTTP/1.1\r\n\r\n").await;
+        assert!(
+            ready.starts_with("HTTP/1.1 503") && ready.contains("draining"),
+            "{ready}"
         );
         assert!(
             get("POST /metrics HTTP/1.1\r\n\r\n")

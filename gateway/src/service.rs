@@ -19,7 +19,8 @@ use crate::{
     metrics::Metrics,
     proto::{
         Transmit,
-        binding::BindingService,
+        binding::{self, BindingService},
+        budget::{ReplyBudget, ReplyBudgetConfig},
         earliest,
         rendezvous::{ForgedSynAck, cluster::ClusterRequest, discovery_index},
         stun::{Message, MessageType},
@@ -60,6 +61,7 @@ pub async fn run(
     metrics: Metrics,
     rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
+    replies_per_source: u32,
     shutdown: impl Future<Output = ()>,
 ) {
     run_with_alternates(
@@ -69,6 +71,7 @@ pub async fn run(
         rendezvous,
         relay,
         None,
+        replies_per_source,
         shutdown,
     )
     .await;
@@ -78,6 +81,7 @@ pub async fn run(
 /// `Alternates`) that answers to CHANGE-REQUEST leave from, and the cluster's
 /// request queue (when the node is part of one) that the core's cluster requests go
 /// to.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_with_alternates(
     client: ServiceSocket,
     alternates: Vec<ServiceSocket>,
@@ -85,11 +89,18 @@ pub async fn run_with_alternates(
     rendezvous: Option<SharedRendezvous>,
     relay: Option<Arc<RelayShared>>,
     cluster: Option<ClusterLink>,
+    replies_per_source: u32,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut batch = RecvBatch::new();
     let mut out = BatchOutput::default();
     let mut scratch = SendScratch::default();
+    // Without a rendezvous core this loop answers Bindings itself, within its own
+    // budget (each loop has one: the limits are per loop).
+    let mut binding_budget = ReplyBudget::new(
+        ReplyBudgetConfig::new(replies_per_source, BINDING_REPLIES_PER_SECOND),
+        rand::random(),
+    );
     // Server-assisted TCP splicing (only when the core was told to forge): the raw
     // sockets open on first use.
     let mut injector = crate::tcp_raw::Injector::new();
@@ -139,6 +150,7 @@ pub async fn run_with_alternates(
             &metrics,
             rendezvous.as_ref(),
             relay.as_deref(),
+            &mut binding_budget,
             &mut out,
         );
         submit(cluster.as_ref(), &mut out.cluster);
@@ -155,6 +167,11 @@ pub async fn run_with_alternates(
         }
     }
 }
+
+/// Binding answers per second per driver loop, all sources together, when no
+/// rendezvous core answers them (discovery sockets, Binding-only mode); each source
+/// also has its own limits (see [`crate::proto::budget`]).
+const BINDING_REPLIES_PER_SECOND: u32 = 100_000;
 
 /// Hands the cluster requests one batch produced to the cluster's queue (dropped
 /// when the node is not part of a cluster: the core emits none then).
@@ -211,13 +228,14 @@ fn handle_batch(
     metrics: &Metrics,
     rendezvous: Option<&SharedRendezvous>,
     relay: Option<&RelayShared>,
+    binding_budget: &mut ReplyBudget,
     out: &mut BatchOutput,
 ) {
     out.clear();
     relay_pass(batch, metrics, relay, out);
     match rendezvous {
         Some(core) => core_pass(batch, metrics, core, out),
-        None => binding_pass(batch, metrics, out),
+        None => binding_pass(batch, binding_budget, metrics, out),
     }
     merge_replies(
         &mut out.relay_replies,
@@ -295,13 +313,25 @@ fn relay_channel_data(
     channel_data.clear();
 }
 
-/// Pass 2 without a rendezvous core: the plain Binding service answers.
-fn binding_pass(batch: &RecvBatch, metrics: &Metrics, out: &mut BatchOutput) {
+/// Pass 2 without a rendezvous core: the plain Binding service answers, within
+/// this loop's reply budget (per source and in total: a Binding answer is twice
+/// its request, so a spoofed flood could reflect through it).
+fn binding_pass(
+    batch: &RecvBatch,
+    budget: &mut ReplyBudget,
+    metrics: &Metrics,
+    out: &mut BatchOutput,
+) {
     let mut reply = Vec::new();
+    let now = Instant::now();
     let datagrams = batch.datagrams().enumerate().zip(&out.relay_took);
     for ((index, datagram), _) in datagrams.filter(|(_, took)| !**took) {
         let Datagram { from, local, bytes } = datagram;
-        let outcome = BindingService.handle(from, bytes, &mut reply);
+        let mut outcome = BindingService.handle(from, bytes, &mut reply);
+        if !reply.is_empty() && !budget.allow(now, from.ip()) {
+            reply.clear();
+            outcome = binding::Outcome::Throttled;
+        }
         if !reply.is_empty() {
             let transmit = Transmit::udp(from, std::mem::take(&mut reply));
             out.core_replies.push((index, transmit.from_local(local)));

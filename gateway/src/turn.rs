@@ -59,15 +59,19 @@ impl RelaySocket {
 }
 
 use crate::fast_path::{FastPathConfig, RelayFastPath};
+use crate::limits::FdPermit;
 use crate::proto::{
     Transmit, Transport,
     binding::BindingService,
+    credentials::SharedSecret,
+    drain::Draining,
+    peer_policy::PeerPolicy,
     stun::Message,
     turn::{
         AddressFamily, CHANNEL_DATA_HEADER, ChannelData, channel_data_header,
         server::{
             ClientAddr, DropReason, EvenPort, FastPath, OpenError, RelayRequestId, RequestMethod,
-            RequestOutcome, ToClient, TurnHandled, TurnServer, TurnServerEvent,
+            RequestOutcome, ToClient, TurnConfig, TurnHandled, TurnServer, TurnServerEvent,
         },
     },
 };
@@ -100,6 +104,8 @@ pub struct RelayMetrics {
     pub fast_path_to_client: IntCounter,
     /// Channels installed in the kernel fast path now.
     pub fast_path_entries: IntGauge,
+    /// TURN-over-TCP connections closed at accept (their source had its share).
+    pub tcp_refused: IntCounter,
 }
 
 impl RelayMetrics {
@@ -163,7 +169,13 @@ impl RelayMetrics {
             "Bound channels installed in the kernel fast path",
         )?;
         registry.register(Box::new(fast_path_entries.clone()))?;
+        let tcp_refused = IntCounter::new(
+            "gateway_turn_tcp_refused_total",
+            "TURN-over-TCP connections closed at once because their source (IPv4 address, IPv6 /64) held its share of the connection slots",
+        )?;
+        registry.register(Box::new(tcp_refused.clone()))?;
         Ok(Self {
+            tcp_refused,
             fast_path_entries,
             fast_path_to_peer: fast_path.with_label_values(&["client_to_peer"]),
             fast_path_to_client: fast_path.with_label_values(&["peer_to_client"]),
@@ -202,6 +214,8 @@ pub struct RelaySocketConfig {
 struct RelaySocketHandle {
     socket: Arc<RelaySocket>,
     task: AbortHandle,
+    /// The socket's share of the process's descriptor budget.
+    _fd: FdPermit,
 }
 
 impl Drop for RelaySocketHandle {
@@ -375,6 +389,13 @@ impl RelayShared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Takes and releases the relay's locks, one after the other (never together):
+    /// returns only once neither is held forever. The systemd watchdog's probe.
+    pub fn probe_locks(&self) {
+        drop(self.lock());
+        drop(self.fast_path());
+    }
+
     /// The fast path's lock, alone (never with the state lock: see [`Self::unlock`]).
     fn fast_path(&self) -> MutexGuard<'_, Option<RelayFastPath>> {
         self.fast.lock().unwrap_or_else(|p| p.into_inner())
@@ -429,6 +450,28 @@ impl RelayShared {
             fold_fast_path(&mut fast, &self.metrics);
             fast.detach();
         }
+    }
+
+    /// Applies a reloaded configuration to the core: the accepted secrets, the peer
+    /// policy and the limits (see `TurnServer::set_secret`, `set_policy`,
+    /// `set_config`). Allocations, permissions, channels, fast-path entries and TCP
+    /// connections stay.
+    pub fn reconfigure(&self, secret: SharedSecret, policy: PeerPolicy, config: TurnConfig) {
+        let mut state = self.lock();
+        state.core.set_secret(secret);
+        state.core.set_policy(policy);
+        state.core.set_config(config);
+    }
+
+    /// Starts (`Some`) or ends draining: new allocations are refused (see
+    /// `TurnServer::set_draining`), existing ones served.
+    pub fn set_draining(&self, draining: Option<Draining>) {
+        self.lock().core.set_draining(draining);
+    }
+
+    /// Live allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.lock().core.allocation_count()
     }
 
     /// When the core next needs [`RelayShared::handle_timeout`].
@@ -790,11 +833,20 @@ impl RelayOpener {
         .ok_or(OpenError::FamilyUnavailable)
     }
 
-    fn bind_port(&self, ip: IpAddr, even: bool) -> Result<std::net::UdpSocket, OpenError> {
+    fn bind_port(
+        &self,
+        ip: IpAddr,
+        even: bool,
+    ) -> Result<(std::net::UdpSocket, FdPermit), OpenError> {
         let (start, end) = (*self.config.ports.start(), *self.config.ports.end());
         let span = u32::from(end - start) + 1;
         // Bounded, so a nearly full range answers 508 soon rather than trying
         // thousands of binds.
+        // A socket that would eat into the descriptors kept for /metrics and the
+        // listeners is refused like a full port range: 508.
+        let fd = crate::limits::fd_budget()
+            .try_acquire()
+            .ok_or(OpenError::NoPort)?;
         for _ in 0..span.min(MAX_BIND_ATTEMPTS) {
             let cursor = self.cursor.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
             let port = start + (u32::from(cursor) % span) as u16;
@@ -818,18 +870,19 @@ impl RelayOpener {
             }
             // A port in use (ours or anyone's) fails here: no address reuse is set.
             if socket.bind(&addr.into()).is_ok() {
-                return Ok(socket.into());
+                return Ok((socket.into(), fd));
             }
         }
         Err(OpenError::NoPort)
     }
 
     /// Binds `port` on `ip` exactly (the odd half of a reserved pair).
-    fn bind_exact(&self, ip: IpAddr, port: u16) -> Option<std::net::UdpSocket> {
+    fn bind_exact(&self, ip: IpAddr, port: u16) -> Option<(std::net::UdpSocket, FdPermit)> {
         let addr = SocketAddr::new(ip, port);
         if !self.config.ports.contains(&port) {
             return None;
         }
+        let fd = crate::limits::fd_budget().try_acquire()?;
         let socket =
             Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).ok()?;
         if addr.is_ipv6() {
@@ -839,14 +892,14 @@ impl RelayOpener {
         crate::udp::enable_gro(&socket);
         socket.set_nonblocking(true).ok()?;
         socket.bind(&addr.into()).ok()?;
-        Some(socket.into())
+        Some((socket.into(), fd))
     }
 
     /// An even port and the next one (EVEN-PORT with the R bit).
     fn open_pair(&self, ip: IpAddr, shared: &Weak<RelayShared>) -> Result<Opened, OpenError> {
         for _ in 0..MAX_PAIR_ATTEMPTS {
             let even = self.bind_port(ip, true)?;
-            let port = even.local_addr().map_err(|_| OpenError::NoPort)?.port();
+            let port = even.0.local_addr().map_err(|_| OpenError::NoPort)?.port();
             let Some(odd) = port.checked_add(1).and_then(|p| self.bind_exact(ip, p)) else {
                 continue;
             };
@@ -864,7 +917,7 @@ impl RelayOpener {
     /// Registers a bound relay socket with the runtime and starts its task.
     fn adopt(
         &self,
-        std_socket: std::net::UdpSocket,
+        (std_socket, fd): (std::net::UdpSocket, FdPermit),
         shared: &Weak<RelayShared>,
     ) -> Result<(SocketAddr, RelaySocketHandle), OpenError> {
         let addr = std_socket.local_addr().map_err(|_| OpenError::NoPort)?;
@@ -872,14 +925,24 @@ impl RelayOpener {
         let state = self.udp_state.clone();
         // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is
         // not reused) for as long as it is registered.
-        let fd = unsafe { AsyncFd::register_with_interest(std_socket, Interest::READABLE) }
+        let registered = unsafe { AsyncFd::register_with_interest(std_socket, Interest::READABLE) }
             .map_err(|_| OpenError::NoPort)?;
-        let socket = Arc::new(RelaySocket { fd, state });
+        let socket = Arc::new(RelaySocket {
+            fd: registered,
+            state,
+        });
         let task = self
             .runtime
             .spawn(relay_task(socket.clone(), addr, shared.clone()))
             .abort_handle();
-        Ok((addr, RelaySocketHandle { socket, task }))
+        Ok((
+            addr,
+            RelaySocketHandle {
+                socket,
+                task,
+                _fd: fd,
+            },
+        ))
     }
 }
 
@@ -1142,36 +1205,116 @@ fn send_from(socket: &RelaySocket, relay: SocketAddr, peer: SocketAddr, data: &[
 
 /// Most TCP clients served at once; more wait in the kernel's backlog.
 const MAX_TCP_CLIENTS: usize = 4096;
-/// A TCP client must allocate within this long, and an idle connection (no frame
-/// at all) is closed after [`TCP_IDLE`].
+/// Most TCP clients served at once from one source address (IPv4 address, IPv6
+/// /64): one source cannot take every slot. More are closed at once.
+pub const MAX_TCP_CLIENTS_PER_SOURCE: usize = 64;
+/// A TCP client's first frame must arrive whole within this long, and an idle
+/// connection (no frame at all) is closed after [`TCP_IDLE`].
 const TCP_FIRST_FRAME: std::time::Duration = std::time::Duration::from_secs(30);
 const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Once a frame's header is in, the rest must follow within this long (a client
+/// that announces a frame and then trickles or stops holds a slot otherwise).
+pub const TCP_FRAME_BODY: std::time::Duration = std::time::Duration::from_secs(5);
+/// A frame to a client must be written within this long (a client that stops
+/// reading is closed rather than holding its queue and slot forever).
+const TCP_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// TCP clients per source, for [`MAX_TCP_CLIENTS_PER_SOURCE`]. A leaf lock: held
+/// only to count, never across I/O.
+#[derive(Default)]
+struct TcpSources(std::sync::Mutex<HashMap<IpAddr, usize>>);
+
+impl TcpSources {
+    /// The unit a source is counted by.
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(bits))
+            }
+            v4 => v4,
+        }
+    }
+
+    /// Counts one more connection from `ip`, unless it has its share already.
+    fn admit(&self, ip: IpAddr) -> bool {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(Self::key(ip)).or_insert(0);
+        if *count >= MAX_TCP_CLIENTS_PER_SOURCE {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = Self::key(ip);
+        if let Some(count) = counts.get_mut(&key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+}
 
 /// TURN over TCP (RFC 8656 §3.1): the client speaks STUN and ChannelData framed on a
 /// stream; the relayed side is UDP as always. The allocation lives as long as the
 /// connection. Serves until the task is dropped.
 pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShared>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
+    let sources = Arc::new(TcpSources::default());
+    let mut refused_logged = false;
+    let mut errors = crate::limits::AcceptErrors::new("TURN TCP");
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let (stream, addr) = match listener.accept().await {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                errors.accepted();
+                accepted
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "TURN TCP accept failed");
+                errors.failed(&e);
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 continue;
             }
         };
+        // A client beyond the descriptor budget is closed at once (it would need a
+        // relay socket too), so the listeners and /metrics keep their reserve.
+        let Some(fd) = crate::limits::fd_budget().try_acquire() else {
+            drop(stream);
+            continue;
+        };
+        if !sources.admit(addr.ip()) {
+            // Closed at once (dropped): this source holds its share of the slots.
+            if !refused_logged {
+                tracing::warn!(source = %addr.ip(), limit = MAX_TCP_CLIENTS_PER_SOURCE, "TURN TCP: a source reached its connection limit; closing its further connections (logged once)");
+                refused_logged = true;
+            }
+            shared.metrics.tcp_refused.inc();
+            drop((stream, fd));
+            continue;
+        }
         let shared = shared.clone();
+        let sources = sources.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _fd = fd;
             let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
             let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
             let _ = stream.set_nodelay(true);
             serve_tcp_client(stream, addr, local, &shared).await;
             shared.remove_tcp_client(addr);
+            sources.release(addr.ip());
         });
     }
 }
@@ -1199,8 +1342,10 @@ async fn serve_tcp_client(
     shared.tcp_clients.insert(addr, tx.clone());
     let writer_task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
-            if writer.write_all(&frame).await.is_err() {
-                return;
+            match tokio::time::timeout(TCP_WRITE, writer.write_all(&frame)).await {
+                Ok(Ok(())) => {}
+                // Gone, or not reading: the reader sees the queue closed and ends.
+                _ => return,
             }
         }
     });
@@ -1208,13 +1353,18 @@ async fn serve_tcp_client(
         addr,
         transport: Transport::Tcp,
     };
-    let mut frame = vec![0u8; 65_536 + 20];
+    // Grown to the largest frame seen (at most 64 KiB + 20): a connection that never
+    // sends a large frame never holds a large buffer.
+    let mut frame = vec![0u8; 2048];
     let mut reply = Vec::with_capacity(512);
-    let mut first = true;
+    // The first frame must be whole by this deadline; later ones get TCP_IDLE for
+    // their header and TCP_FRAME_BODY for the rest.
+    let mut first_deadline = Some(tokio::time::Instant::now() + TCP_FIRST_FRAME);
     loop {
-        let wait = if first { TCP_FIRST_FRAME } else { TCP_IDLE };
+        let head_deadline =
+            first_deadline.unwrap_or_else(|| tokio::time::Instant::now() + TCP_IDLE);
         let mut head = [0u8; 4];
-        match tokio::time::timeout(wait, reader.read_exact(&mut head)).await {
+        match tokio::time::timeout_at(head_deadline, reader.read_exact(&mut head)).await {
             Ok(Ok(_)) => {}
             _ => break,
         }
@@ -1222,12 +1372,20 @@ async fn serve_tcp_client(
             tracing::debug!(%addr, "TURN TCP: not STUN or ChannelData; closing");
             break;
         };
-        frame[..4].copy_from_slice(&head);
-        match tokio::time::timeout(TCP_IDLE, reader.read_exact(&mut frame[4..len])).await {
-            Ok(Ok(_)) => {}
-            _ => break,
+        if frame.len() < len {
+            frame.resize(len, 0);
         }
-        first = false;
+        frame[..4].copy_from_slice(&head);
+        let body_deadline = (tokio::time::Instant::now() + TCP_FRAME_BODY)
+            .min(first_deadline.unwrap_or(tokio::time::Instant::now() + TCP_FRAME_BODY));
+        match tokio::time::timeout_at(body_deadline, reader.read_exact(&mut frame[4..len])).await {
+            Ok(Ok(_)) => {}
+            _ => {
+                tracing::debug!(%addr, "TURN TCP: a frame did not arrive whole in time; closing");
+                break;
+            }
+        }
+        first_deadline = None;
         let bytes = &frame[..len];
         if head[0] >> 6 == 1 {
             shared.channel_data(client, bytes);
@@ -1262,41 +1420,43 @@ pub enum RelayStartError {
     FastPath(#[from] crate::ebpf::EbpfError),
 }
 
+/// Where the relay started by [`start`] allocates: its relay addresses (or, without
+/// any, the address clients reach: the listen address, or every address of the host
+/// for an unspecified one) and its port range. The rendezvous accepts Relay-Offers
+/// only for these.
+pub fn relay_endpoints(
+    config: &crate::config::Config,
+    listen: SocketAddr,
+) -> Result<crate::proto::rendezvous::RelayEndpoints, crate::config::ConfigError> {
+    let relay = &config.relay;
+    let addresses = if !relay.addresses.is_empty() {
+        relay.addresses.clone()
+    } else if !listen.ip().is_unspecified() {
+        vec![listen.ip()]
+    } else {
+        host_addresses()
+    };
+    Ok(crate::proto::rendezvous::RelayEndpoints {
+        addresses,
+        ports: relay.ports()?,
+    })
+}
+
 /// Builds the relay from the configuration: the core with its policy (the
 /// operator's ranges plus every address of this host, so the relay cannot be
 /// pointed at the gateway itself), its sockets and its metrics.
 pub fn start(
     config: &crate::config::Config,
     listen: SocketAddr,
-    secret: crate::proto::credentials::SharedSecret,
+    secret: SharedSecret,
     client_socket: ServiceSocket,
     metrics: &crate::metrics::Metrics,
 ) -> Result<Arc<RelayShared>, RelayStartError> {
-    use crate::proto::{
-        peer_policy::PeerPolicy,
-        turn::server::{TurnConfig, TurnServer},
-    };
     let relay = &config.relay;
     let ports = relay.ports()?;
-    let (allowed, denied) = relay.peer_ranges()?;
-    let mut own = host_addresses();
-    own.extend(relay.addresses.iter().copied());
-    if !listen.ip().is_unspecified() {
-        own.push(listen.ip());
-    }
-    let policy = PeerPolicy::new(allowed, denied, own.clone());
-    let turn_config = TurnConfig {
-        realm: relay.realm.clone(),
-        max_lifetime: std::time::Duration::from_secs(relay.max_lifetime_seconds),
-        max_allocations: relay.max_allocations,
-        max_allocations_per_user: relay.max_allocations_per_user,
-        max_permissions: relay.max_permissions,
-        max_channels: relay.max_channels,
-        bandwidth_bytes_per_second: relay.bandwidth_bytes_per_second,
-        fast_path: relay.fast_path == crate::config::FastPathMode::Ebpf,
-        ..TurnConfig::default()
-    };
-    let core = TurnServer::new(turn_config, secret, rand::random(), 600, policy);
+    let own = own_addresses(&config.relay, listen);
+    let policy = peer_policy(config, listen)?;
+    let core = TurnServer::new(turn_config(config), secret, rand::random(), 600, policy);
     let socket_config = RelaySocketConfig {
         v4: relay.addresses.iter().copied().find(IpAddr::is_ipv4),
         v6: relay.addresses.iter().copied().find(IpAddr::is_ipv6),
@@ -1348,6 +1508,62 @@ pub fn start(
         relay_metrics,
         fast,
     ))
+}
+
+/// The relay's own addresses, which the peer policy denies unless an allowed
+/// range opens them: every address of this host, the relay addresses, and the
+/// listen address.
+fn own_addresses(relay: &crate::config::RelayConfig, listen: SocketAddr) -> Vec<IpAddr> {
+    let mut own = host_addresses();
+    own.extend(relay.addresses.iter().copied());
+    if !listen.ip().is_unspecified() {
+        own.push(listen.ip());
+    }
+    own
+}
+
+/// The peer-address policy `relay` describes for a gateway listening on `listen`
+/// (the operator's ranges plus this host's own addresses, read now).
+pub fn peer_policy(
+    config: &crate::config::Config,
+    listen: SocketAddr,
+) -> Result<PeerPolicy, crate::config::ConfigError> {
+    let relay = &config.relay;
+    let parts = relay.peer_policy_parts()?;
+    let mut policy = PeerPolicy::new(parts.allowed, parts.denied, own_addresses(relay, listen));
+    policy
+        .set_nat64_prefixes(parts.nat64)
+        .map_err(|e| crate::config::ConfigError::Invalid(format!("relay.nat64_prefixes: {e}")))?;
+    // The gateway's own listeners stay out of the relay's reach even where an allowed
+    // range covers its addresses (client-to-client relaying on one host).
+    policy.protect_ports(
+        std::iter::once(listen.port())
+            .chain(config.server.discovery_listen.iter().map(|a| a.port()))
+            .chain(
+                config
+                    .metrics
+                    .enabled
+                    .then_some(config.metrics.listen.port()),
+            ),
+    );
+    Ok(policy)
+}
+
+/// The core's limits and timers as `relay` sets them.
+pub fn turn_config(config: &crate::config::Config) -> TurnConfig {
+    let relay = &config.relay;
+    TurnConfig {
+        replies_per_source: config.server.replies_per_source,
+        realm: relay.realm.clone(),
+        max_lifetime: std::time::Duration::from_secs(relay.max_lifetime_seconds),
+        max_allocations: relay.max_allocations,
+        max_allocations_per_user: relay.max_allocations_per_user,
+        max_permissions: relay.max_permissions,
+        max_channels: relay.max_channels,
+        bandwidth_bytes_per_second: relay.bandwidth_bytes_per_second,
+        fast_path: relay.fast_path == crate::config::FastPathMode::Ebpf,
+        ..TurnConfig::default()
+    }
 }
 
 /// Every address configured on this host's interfaces (for the "own address" deny

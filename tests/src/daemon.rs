@@ -37,6 +37,14 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
+/// Writes a shared-secret file as the gateway demands it: readable by its owner
+/// only (mode 0600; `gateway serve` refuses looser permissions).
+pub fn write_secret(path: &std::path::Path, secret: impl AsRef<[u8]>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, secret)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
 /// Path of the `gateway` binary under test: `$GATEWAY_BIN`, else `gateway` in the
 /// cargo profile directory this test executable was built into.
 pub fn gateway_binary() -> PathBuf {
@@ -58,12 +66,26 @@ pub fn gateway_binary() -> PathBuf {
     );
 }
 
+/// How [`GatewayProcess::start_with`] runs the binary.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// A program and its arguments that exec the gateway's command line given after
+    /// them (e.g. `setpriv --reuid=65534 ...` or `prlimit --nofile=256:256`); it must
+    /// exec, so the child's pid is the gateway's.
+    pub wrapper: Vec<String>,
+    /// The binary to run [default: [`gateway_binary`]].
+    pub binary: Option<PathBuf>,
+    /// Environment variables to add.
+    pub env: Vec<(String, String)>,
+}
+
 /// A `gateway serve` (or `gateway watch`) process running in a lab host's namespace;
 /// killed on drop.
 #[derive(Debug)]
 pub struct GatewayProcess {
     child: Option<Child>,
-    host: Host,
+    /// The lab host it runs in; `None`: this test's own namespace.
+    host: Option<Host>,
     metrics_addr: SocketAddr,
     log: PathBuf,
 }
@@ -90,11 +112,75 @@ impl GatewayProcess {
         Self::launch(host, metrics_addr, "watch", args)
     }
 
+    /// Starts `gateway serve` in this test's own namespace (loopback tests that need
+    /// no lab) with `args` added, serving metrics on `metrics_addr`, and waits until
+    /// /metrics answers. It logs at its configuration's `log.filter` (default info):
+    /// no GATEWAY_LOG or RUST_LOG is passed on.
+    pub fn start_here(metrics_addr: SocketAddr, args: &[&str]) -> Result<Self, DaemonError> {
+        Self::spawn(
+            Command::new(gateway_binary()),
+            None,
+            metrics_addr,
+            "serve",
+            args,
+            &[],
+        )
+    }
+
+    /// Starts `gateway serve` in `host`'s namespace as [`GatewayProcess::start`] does,
+    /// but through `launch`: under a wrapper that execs it (`setpriv`, `prlimit`), from
+    /// another copy of the binary, with more environment variables.
+    pub fn start_with(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        launch: &Launch,
+        args: &[&str],
+    ) -> Result<Self, DaemonError> {
+        Self::launch_with(host, metrics_addr, "serve", args, launch)
+    }
+
     fn launch(
         host: &Host,
         metrics_addr: SocketAddr,
         subcommand: &str,
         args: &[&str],
+    ) -> Result<Self, DaemonError> {
+        Self::launch_with(host, metrics_addr, subcommand, args, &Launch::default())
+    }
+
+    fn launch_with(
+        host: &Host,
+        metrics_addr: SocketAddr,
+        subcommand: &str,
+        args: &[&str],
+        launch: &Launch,
+    ) -> Result<Self, DaemonError> {
+        let binary = launch.binary.clone().unwrap_or_else(gateway_binary);
+        let command = match launch.wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = host.command(program);
+                command.args(wrapper_args).arg(&binary);
+                command
+            }
+            None => host.command(&binary.to_string_lossy()),
+        };
+        Self::spawn(
+            command,
+            Some(host),
+            metrics_addr,
+            subcommand,
+            args,
+            &launch.env,
+        )
+    }
+
+    fn spawn(
+        mut command: Command,
+        host: Option<&Host>,
+        metrics_addr: SocketAddr,
+        subcommand: &str,
+        args: &[&str],
+        env: &[(String, String)],
     ) -> Result<Self, DaemonError> {
         let log = std::env::temp_dir().join(format!(
             "gateway-{}-{}.log",
@@ -102,17 +188,21 @@ impl GatewayProcess {
             rand::random::<u32>()
         ));
         let log_file = std::fs::File::create(&log).map_err(io("creating the daemon log"))?;
-        let mut command = host.command(&gateway_binary().to_string_lossy());
+        match host {
+            Some(_) => command.env("GATEWAY_LOG", "info"),
+            // Here the configuration's log.filter decides (a reload can change it).
+            None => command.env_remove("GATEWAY_LOG").env_remove("RUST_LOG"),
+        };
         command
             .args([subcommand, "--metrics-listen", &metrics_addr.to_string()])
             .args(args)
-            .env("GATEWAY_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log_file);
         let child = command.spawn().map_err(io("spawning the gateway"))?;
         let mut process = Self {
             child: Some(child),
-            host: host.clone(),
+            host: host.cloned(),
             metrics_addr,
             log,
         };
@@ -166,7 +256,51 @@ impl GatewayProcess {
 
     /// Fetches `/metrics` from inside the daemon's namespace.
     pub fn scrape(&self) -> Result<String, DaemonError> {
-        http_get(&self.host, self.metrics_addr, "/metrics")
+        match self.fetch("/metrics")? {
+            (200, body) => Ok(body),
+            (status, _) => Err(DaemonError::NotReady(format!("HTTP status {status}"))),
+        }
+    }
+
+    /// GETs `path` from the metrics listener (e.g. `/healthz`, `/readyz`): the
+    /// status code and the body, whatever the status.
+    pub fn fetch(&self, path: &str) -> Result<(u16, String), DaemonError> {
+        http_request(self.host.as_ref(), self.metrics_addr, path)
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGHUP`) to the daemon.
+    pub fn signal(&self, signal: i32) -> Result<(), DaemonError> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| DaemonError::NotReady("already stopped".into()))?;
+        let pid = i32::try_from(pid).unwrap_or(i32::MAX);
+        // SAFETY: plain kill(2) on our own child's pid.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(DaemonError::Io {
+                what: format!("sending signal {signal}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself; its status, or
+    /// `None` while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, DaemonError> {
+        let Some(child) = self.child.as_mut() else {
+            return Err(DaemonError::NotReady("already stopped".into()));
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().map_err(io("waiting for the gateway"))? {
+                self.child = None;
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the daemon (SIGKILL) and reaps it; scrapes fail from then on.
@@ -215,10 +349,26 @@ impl Drop for GatewayProcess {
 
 /// A minimal HTTP/1.1 GET from inside `host`'s namespace; returns the body of a 200.
 pub fn http_get(host: &Host, addr: SocketAddr, path: &str) -> Result<String, DaemonError> {
+    match http_request(Some(host), addr, path)? {
+        (200, body) => Ok(body),
+        (status, _) => Err(DaemonError::NotReady(format!("HTTP status {status}"))),
+    }
+}
+
+/// A minimal HTTP/1.1 GET from inside `host`'s namespace (or this test's own, for
+/// `None`): the status code and the body, whatever the status.
+pub fn http_request(
+    host: Option<&Host>,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String), DaemonError> {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let stream = host
-        .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))?
-        .map_err(io(format!("connecting to {addr}")))?;
+    let connect = move || TcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    let stream = match host {
+        Some(host) => host.run(connect)?,
+        None => connect(),
+    }
+    .map_err(io(format!("connecting to {addr}")))?;
     let mut stream = stream;
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -233,10 +383,12 @@ pub fn http_get(host: &Host, addr: SocketAddr, path: &str) -> Result<String, Dae
     let (head, body) = response
         .split_once("\r\n\r\n")
         .ok_or_else(|| DaemonError::NotReady("malformed HTTP response".into()))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(DaemonError::NotReady(format!("HTTP status: {head}")));
-    }
-    Ok(body.to_owned())
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| DaemonError::NotReady(format!("malformed status line: {head}")))?;
+    Ok((status, body.to_owned()))
 }
 
 /// The value of the sample `name{labels}` in Prometheus text; `labels` is the exact

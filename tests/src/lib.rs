@@ -9,6 +9,7 @@ pub mod coturn;
 pub mod daemon;
 pub mod dashboards;
 pub mod lab;
+pub mod loopback;
 pub mod prometheus;
 pub mod punch;
 pub mod redis;

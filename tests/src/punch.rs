@@ -172,7 +172,7 @@ pub fn start_gateway_on(
         std::process::id(),
         rand::random::<u64>()
     ));
-    std::fs::write(&secret_path, SECRET).map_err(|source| DaemonError::Io {
+    crate::daemon::write_secret(&secret_path, SECRET).map_err(|source| DaemonError::Io {
         what: "writing the secret".into(),
         source,
     })?;

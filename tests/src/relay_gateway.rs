@@ -56,7 +56,7 @@ impl RelayGateway {
             .and_then(|l| l.local_addr())
             .expect("a free TCP port");
         let secret = dir.join("secret");
-        std::fs::write(&secret, SECRET).expect("secret file");
+        crate::daemon::write_secret(&secret, SECRET).expect("secret file");
         let log = dir.join("gateway.log");
         let first = 40_000 + 100 * (rand::random::<u16>() % 90);
         let child = Command::new(gateway_binary())

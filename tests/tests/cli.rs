@@ -103,7 +103,7 @@ fn credentials_are_issued_from_the_secret_file() {
     let dir = std::env::temp_dir().join(format!("gw-cli-cred-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let secret = dir.join("secret");
-    std::fs::write(&secret, "operator-secret\n").expect("write");
+    gateway_tests::daemon::write_secret(&secret, "operator-secret\n").expect("write");
     let path = secret.to_string_lossy().into_owned();
     let (ok, stdout, stderr) = gateway(&[
         "credentials",
@@ -142,6 +142,34 @@ fn credentials_are_issued_from_the_secret_file() {
     let (ok, _, stderr) = gateway(&["credentials", "--peer-id", "bad id", "--secret-file", &path]);
     assert!(!ok);
     assert!(stderr.contains("peer id"), "{stderr}");
+    // A group goes in front of the peer id (auth.connect = "same-group" uses it).
+    let (ok, stdout, stderr) = gateway(&[
+        "credentials",
+        "--peer-id",
+        "alice",
+        "--group",
+        "red",
+        "--secret-file",
+        &path,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("GATEWAY_USERNAME=") && l.ends_with(":red/alice")),
+        "{stdout}"
+    );
+    let (ok, _, stderr) = gateway(&[
+        "credentials",
+        "--peer-id",
+        "alice",
+        "--group",
+        "a/b",
+        "--secret-file",
+        &path,
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("--group"), "{stderr}");
     let (ok, _, stderr) = gateway(&["credentials", "--peer-id", "alice"]);
     assert!(!ok);
     assert!(stderr.contains("--secret-file"), "{stderr}");
@@ -266,7 +294,7 @@ fn a_peer_moves_to_the_next_gateway_node_when_its_node_dies() {
 
     let dir = tempfile::tempdir().expect("dir");
     let secret_file = dir.path().join("secret");
-    std::fs::write(&secret_file, "failover-secret\n").expect("write");
+    gateway_tests::daemon::write_secret(&secret_file, "failover-secret\n").expect("write");
     let secret = gateway::proto::credentials::SharedSecret::new(b"failover-secret");
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -360,4 +388,57 @@ fn a_peer_moves_to_the_next_gateway_node_when_its_node_dies() {
         .filter(|l| l.starts_with("server "))
         .count();
     assert_eq!(changes, 1, "{:?}", alice.seen());
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_clap_definitions() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let out = dir.path().join("man1");
+    let (ok, _, stderr) = gateway(&["generate-man", &out.to_string_lossy()]);
+    assert!(ok, "{stderr}");
+    let serve = std::fs::read_to_string(out.join("gateway-serve.1")).expect("gateway-serve.1");
+    assert!(serve.contains(".TH gateway-serve"), "{serve}");
+    // Every serve flag documented, e.g. the newest ones.
+    assert!(serve.contains("relay\\-fast\\-path"), "{serve}");
+    assert!(out.join("gateway.1").exists() && out.join("gateway-peer.1").exists());
+    // The hidden generator documents itself nowhere.
+    assert!(!out.join("gateway-generate-man.1").exists());
+
+    let (ok, bash, _) = gateway(&["completions", "bash"]);
+    assert!(ok);
+    assert!(bash.contains("complete -F _gateway"), "{bash}");
+    assert!(bash.contains("--metrics-listen"), "{bash}");
+    let (ok, fish, _) = gateway(&["completions", "fish"]);
+    assert!(ok && fish.contains("complete -c gateway"), "{fish}");
+    let (ok, _, _) = gateway(&["completions", "tcsh"]);
+    assert!(!ok, "an unknown shell is refused");
+}
+
+#[test]
+fn version_says_whether_the_ebpf_programs_are_embedded() {
+    let (ok, stdout, _) = gateway(&["--version"]);
+    assert!(ok);
+    assert!(
+        stdout.starts_with(&format!("gateway {}", env!("CARGO_PKG_VERSION"))),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("eBPF programs embedded") || stdout.contains("built without the eBPF"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_packaged_config_file_parses_to_the_defaults() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/gateway.toml");
+    let (ok, with_file, stderr) = gateway(&["serve", "--config", shipped, "--print-config"]);
+    assert!(ok, "{stderr}");
+    let (_, defaults, _) = gateway(&["serve", "--print-config"]);
+    assert_eq!(with_file, defaults, "everything in it is commented out");
+    let text = std::fs::read_to_string(shipped).expect("packaging/gateway.toml");
+    // Every key of the effective configuration is documented in it.
+    for line in defaults.lines().filter(|l| l.contains(" = ")) {
+        let key = line.split(" = ").next().unwrap_or_default();
+        assert!(text.contains(&format!("#{key} = ")), "{key} missing");
+    }
 }

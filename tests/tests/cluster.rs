@@ -154,7 +154,7 @@ impl Node {
         let addr = free_udp();
         let metrics = free_tcp();
         let secret = dir.join("secret");
-        std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
+        gateway_tests::daemon::write_secret(&secret, format!("{SECRET}\n")).expect("secret");
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(gateway_binary())
             .args(["serve", "--listen", &addr.to_string()])

@@ -965,7 +965,11 @@ fn without_root_watch_refuses_clearly_and_the_agent_runs_on_without_ebpf() {
     .expect("run setpriv (util-linux)");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("needs root"), "{stderr}");
+    // It names the capabilities it lacks (root, or a unit that grants them).
+    assert!(
+        stderr.contains("needs CAP_BPF") && stderr.contains("missing: CAP_BPF"),
+        "{stderr}"
+    );
 
     // The agent keeps working and says so in its log and its metrics.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -1024,7 +1028,7 @@ fn without_root_watch_refuses_clearly_and_the_agent_runs_on_without_ebpf() {
         "{text}"
     );
     assert!(
-        log_text.contains("eBPF punch observers unavailable") && log_text.contains("needs root"),
+        log_text.contains("eBPF punch observers unavailable") && log_text.contains("needs CAP_BPF"),
         "{log_text}"
     );
 }

@@ -47,7 +47,7 @@ impl SecretFile {
             std::process::id(),
             rand::random::<u64>()
         ));
-        std::fs::write(&path, SECRET).expect("write the secret");
+        gateway_tests::daemon::write_secret(&path, SECRET).expect("write the secret");
         Self(path)
     }
 

@@ -105,7 +105,7 @@ fn peers_behind_nats_register_and_are_introduced() {
     let primary = server.addrs()[0];
     let secret_text = "lab operator secret";
     let secret_path = std::env::temp_dir().join(format!("gw-secret-{}", std::process::id()));
-    std::fs::write(&secret_path, secret_text).expect("secret");
+    gateway_tests::daemon::write_secret(&secret_path, secret_text).expect("secret");
     let gateway = GatewayProcess::start(
         server,
         SocketAddr::from((primary, 9478)),

@@ -67,7 +67,7 @@ impl Gateway {
         ));
         let tag = format!("{}-{}", std::process::id(), rand::random::<u32>());
         let secret = std::env::temp_dir().join(format!("gw-fast-secret-{tag}"));
-        std::fs::write(&secret, SECRET).expect("secret file");
+        gateway_tests::daemon::write_secret(&secret, SECRET).expect("secret file");
         let log = std::env::temp_dir().join(format!("gw-fast-{tag}.log"));
         let first = 30_000 + 100 * (rand::random::<u16>() % 90);
         let child = Command::new(gateway_binary())
@@ -363,7 +363,7 @@ fn fast_path_that_cannot_attach_stops_start_up() {
     require_root();
     let service = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), free_port());
     let secret = std::env::temp_dir().join(format!("gw-fast-secret-{}", std::process::id()));
-    std::fs::write(&secret, SECRET).expect("secret file");
+    gateway_tests::daemon::write_secret(&secret, SECRET).expect("secret file");
     let output = Command::new(gateway_binary())
         .args(["serve", "--listen", &service.to_string(), "--no-metrics"])
         .args([

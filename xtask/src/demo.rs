@@ -332,6 +332,11 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let secret_path =
         std::env::temp_dir().join(format!("gateway-demo-secret-{}", std::process::id()));
     std::fs::write(&secret_path, "demo shared secret")?;
+    // The gateway refuses a secret file others may read.
+    std::fs::set_permissions(
+        &secret_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let secret_arg = secret_path.to_string_lossy().into_owned();
     let redis_dir = std::env::temp_dir().join(format!("gateway-demo-redis-{}", std::process::id()));
     let redis = if cluster {

@@ -1,7 +1,9 @@
 //! Project automation, run as `cargo xtask <command>` (see `cargo xtask --help`).
 mod bench;
+mod deb;
 mod demo;
 mod ebpf_bench;
+mod flood_bench;
 mod redis_memory;
 mod relay_bench;
 mod rendezvous_bench;
@@ -32,11 +34,18 @@ enum Command {
     /// Set everything up and run every test: unit, property, lab and eBPF tests, plus
     /// rustfmt, clippy and a short fuzz run. This is what CI runs.
     Test,
-    /// Fuzz every decoder (cargo fuzz, libFuzzer) for a while.
+    /// Fuzz every target (cargo fuzz, libFuzzer) for a while, on the corpus kept in
+    /// fuzz/corpus/TARGET (new inputs are added there; minimize and commit them).
     Fuzz {
-        /// Seconds per fuzz target.
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
+        /// Seconds per fuzz target [default: 60].
+        #[arg(long, conflicts_with = "minutes")]
+        seconds: Option<u64>,
+        /// Minutes per fuzz target (long runs: 10 or more before a release).
+        #[arg(long)]
+        minutes: Option<u64>,
+        /// Only this target (a file name in fuzz/fuzz_targets without .rs).
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Set everything up and run the demo: a NAT lab, `gateway serve` on its server
     /// (with --nodes N: N nodes sharing a Redis in the lab), STUN traffic from peers
@@ -68,6 +77,16 @@ enum Command {
     /// pipelined) into a fresh redis-server and report used_memory per peer. Needs
     /// no gateway binary.
     BenchRedisMemory(redis_memory::RedisMemoryArgs),
+    /// What spoofed floods leave behind: `gateway serve` (release, loopback, the
+    /// default budgets) under 100k forged-source datagrams/s of each kind
+    /// (Binding, Allocate, Register, ChannelData) and held TCP connections that never
+    /// speak; RSS, file descriptors, CPU and answers per kind, as a markdown table.
+    /// Needs root (raw socket).
+    BenchFlood(flood_bench::FloodBenchArgs),
+    /// Build the Debian package target/debian/gateway_VERSION_ARCH.deb (release build
+    /// with the eBPF programs embedded, the systemd unit, /etc/gateway/gateway.toml,
+    /// the system user, man pages, shell completions) with dpkg-deb alone.
+    Deb(deb::DebArgs),
     /// The NAT lab for humans: bring a topology up, or clean up leftovers.
     #[command(subcommand)]
     Lab(demo::LabCommand),
@@ -79,13 +98,23 @@ fn main() -> ExitCode {
         Command::Setup => toolchain::setup(),
         Command::BuildEbpf => toolchain::build_ebpf(),
         Command::Test => toolchain::test(),
-        Command::Fuzz { seconds } => toolchain::fuzz(seconds),
+        Command::Fuzz {
+            seconds,
+            minutes,
+            target,
+        } => toolchain::fuzz(
+            minutes.map_or(seconds.unwrap_or(60), |m| m.saturating_mul(60)),
+            target.as_deref(),
+        ),
         Command::Demo(args) => demo::demo(args),
         Command::PunchBench(args) => bench::punch_bench(args),
         Command::BenchEbpf(args) => ebpf_bench::bench_ebpf(args),
         Command::BenchRendezvous(args) => rendezvous_bench::bench_rendezvous(args),
         Command::BenchRedisMemory(args) => redis_memory::bench_redis_memory(&args),
         Command::Lab(command) => demo::lab(command),
+        Command::BenchFlood(args) => flood_bench::bench_flood(args),
+        Command::Deb(args) if args.check => deb::check(&args),
+        Command::Deb(args) => deb::build(&args).map(|_| ()),
         Command::BenchRelay(args) => relay_bench::bench_relay(args),
         Command::TurnLoad(args) => relay_bench::turn_load(args),
     };

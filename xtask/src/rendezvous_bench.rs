@@ -160,6 +160,8 @@ fn write_secret(dir: &Path) -> Result<PathBuf> {
     let secret: [u8; 16] = rand_bytes()?;
     let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
     std::fs::write(&path, hex)?;
+    // The gateway refuses a secret file others may read.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     Ok(path)
 }
 
@@ -207,6 +209,9 @@ fn start_node(
         "--metrics-listen".into(),
         metrics.to_string(),
         "--no-ebpf".into(),
+        // Every peer of the load is on 127.0.0.1: no per-source reply budget.
+        "--replies-per-source".into(),
+        "0".into(),
         "--secret-file".into(),
         secret.display().to_string(),
         "--log-level".into(),

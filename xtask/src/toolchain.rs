@@ -20,10 +20,12 @@ use anyhow::{Context, Result, bail};
 /// redis-cli): the cluster tests start their own Redis servers and Redis Clusters on
 /// free loopback ports, the cluster lab tests, the dashboards test (the cluster
 /// dashboard's lab run) and `demo --nodes N` one inside the lab's Redis host (the
-/// package's own service is not used); libevent-dev, libssl-dev and pkg-config: to build
-/// coturn 4.17.1 from `../shared/vendor` (the relay benchmark's baseline and the
-/// relay smoke test's load generator and reflector); ethtool: the relay benchmark's
-/// `--as-on-a-wire` (UDP segmentation offload off on `lo`).
+/// package's own service is not used); systemd: `systemd-analyze verify` of the
+/// Debian package's unit (`cargo xtask deb`; dpkg-deb itself is in dpkg, always
+/// there); libevent-dev, libssl-dev and pkg-config: to build coturn 4.17.1 from
+/// `../shared/vendor` (the relay benchmark's baseline and the relay smoke test's load
+/// generator and reflector); ethtool: the relay benchmark's `--as-on-a-wire` (UDP
+/// segmentation offload off on `lo`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -37,6 +39,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-venv",
     "prometheus",
     "redis-server",
+    "systemd",
     "libevent-dev",
     "libssl-dev",
     "pkg-config",
@@ -150,7 +153,7 @@ fn path_with_cargo_bin() -> Result<std::ffi::OsString> {
 /// `cargo xtask fuzz`: runs every target in fuzz/fuzz_targets for `seconds` each,
 /// built with Debian's rustc (nightly flags through RUSTC_BOOTSTRAP, no sanitizer:
 /// rustc-web ships no sanitizer runtimes).
-pub fn fuzz(seconds: u64) -> Result<()> {
+pub fn fuzz(seconds: u64, only: Option<&str>) -> Result<()> {
     if !cargo_fuzz_ok() || !Path::new(EBPF_RUSTC).exists() {
         bail!("cargo-fuzz or Debian's rustc-web is missing; run `cargo xtask setup` first");
     }
@@ -165,12 +168,27 @@ pub fn fuzz(seconds: u64) -> Result<()> {
         })
         .collect();
     targets.sort();
+    if let Some(only) = only {
+        if !targets.iter().any(|t| t == only) {
+            bail!(
+                "no fuzz target {only:?}; the targets are {}",
+                targets.join(", ")
+            );
+        }
+        targets.retain(|t| t == only);
+    }
     for target in targets {
-        eprintln!("fuzz: {target} for {seconds} s");
+        eprintln!("fuzz: {target} for {seconds} s on fuzz/corpus/{target}");
+        // The corpus kept in the repository: libFuzzer starts from it and adds the
+        // inputs that reach new code.
+        let corpus = dir.join("corpus").join(&target);
+        std::fs::create_dir_all(&corpus)?;
         let mut command = Command::new(host_cargo());
         command
             .current_dir(&dir)
-            .args(["fuzz", "run", "--sanitizer", "none", &target, "--"])
+            .args(["fuzz", "run", "--sanitizer", "none", &target])
+            .arg(&corpus)
+            .arg("--")
             .arg(format!("-max_total_time={seconds}"))
             .env("PATH", path_with_cargo_bin()?)
             .env("RUSTC", EBPF_RUSTC)
@@ -410,7 +428,12 @@ pub fn test() -> Result<()> {
     run(Command::new(host_cargo())
         .current_dir(&root)
         .args(["test", "--workspace"]))?;
-    fuzz(TEST_FUZZ_SECONDS)?;
+    // The Debian package of the debug build just made: install, verify, purge.
+    crate::deb::check(&crate::deb::DebArgs {
+        debug: true,
+        check: true,
+    })?;
+    fuzz(TEST_FUZZ_SECONDS, None)?;
     eprintln!(
         "test: everything passed in {:.0} s",
         started.elapsed().as_secs_f64()

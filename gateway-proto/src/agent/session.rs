@@ -314,10 +314,16 @@ impl Agent {
     /// An introduction from the gateway: a new session (replacing older attempts to
     /// the same peer), its birthday plan, and the relay leg at once when punching
     /// cannot work.
-    pub(super) fn introduced(&mut self, now: Instant, intro: client::Introduction) {
+    pub(super) fn introduced(&mut self, now: Instant, mut intro: client::Introduction) {
         if self.sessions.contains_key(&intro.intro_id) {
             return;
         }
+        // A peer chooses its candidates: never let it aim our probes (or SYNs) at our
+        // own loopback, a link-local neighbour, a multicast group or nowhere.
+        let own = &self.config.host_candidates;
+        intro
+            .candidates
+            .retain(|c| candidate_acceptable(c.addr.ip(), own));
         // A newer introduction to the same peer replaces older attempts (but not a
         // path in use, nor a relay leg still being set up).
         let sockets = &mut self.sockets;
@@ -544,6 +550,33 @@ impl Agent {
     }
 }
 
+/// Whether a peer's candidate at `ip` may be probed, given our own host candidates:
+/// multicast, broadcast and unspecified addresses never; loopback and link-local
+/// ones only when we are on such an address ourselves (two agents on one host, or on
+/// one link), as a peer elsewhere can only mean to aim us at our own machine or LAN.
+pub(super) fn candidate_acceptable(ip: std::net::IpAddr, own: &[SocketAddr]) -> bool {
+    use std::net::IpAddr;
+    let ip = ip.to_canonical();
+    let link_local = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    let never = ip.is_unspecified()
+        || ip.is_multicast()
+        || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if never {
+        return false;
+    }
+    let own_ips = || own.iter().map(|a| a.ip().to_canonical());
+    if ip.is_loopback() {
+        return own_ips().any(|o| o.is_loopback());
+    }
+    if link_local(ip) {
+        return own_ips().any(link_local);
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -671,5 +704,31 @@ mod tests {
             "re-punch asked for a new introduction after the path died"
         );
         assert!(sim.agents[0].1.path("bob").is_some(), "path back up");
+    }
+
+    #[test]
+    fn peers_cannot_aim_the_agent_at_its_own_host_or_link() {
+        let public: Vec<SocketAddr> = vec!["198.51.100.2:4000".parse().expect("addr")];
+        let on_loopback: Vec<SocketAddr> = vec!["127.0.0.1:4000".parse().expect("addr")];
+        let ip = |t: &str| t.parse::<std::net::IpAddr>().expect("ip");
+        for never in ["0.0.0.0", "::", "224.0.0.1", "ff02::1", "255.255.255.255"] {
+            assert!(!candidate_acceptable(ip(never), &public), "{never}");
+            assert!(!candidate_acceptable(ip(never), &on_loopback), "{never}");
+        }
+        for local in [
+            "127.0.0.1",
+            "::1",
+            "::ffff:127.0.0.1",
+            "169.254.1.1",
+            "fe80::1",
+        ] {
+            assert!(!candidate_acceptable(ip(local), &public), "{local}");
+        }
+        assert!(candidate_acceptable(ip("127.0.0.1"), &on_loopback));
+        assert!(candidate_acceptable(ip("203.0.113.9"), &public));
+        assert!(
+            candidate_acceptable(ip("10.0.0.7"), &public),
+            "a LAN peer behind one NAT"
+        );
     }
 }

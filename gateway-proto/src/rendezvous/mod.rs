@@ -29,7 +29,7 @@ pub use cluster::{
 };
 pub use forge::{ForgedSynAck, MAX_FORGED_PER_INTRODUCTION};
 pub use server::{
-    MAX_REMEMBERED_INTRODUCTIONS, RendezvousConfig, RendezvousEvent, RendezvousHandled,
-    RendezvousServer, discovery_index, discovery_socket,
+    ConnectPolicy, MAX_REMEMBERED_INTRODUCTIONS, RelayEndpoints, RendezvousConfig, RendezvousEvent,
+    RendezvousHandled, RendezvousServer, discovery_index, discovery_socket,
 };
 pub use wire::*;

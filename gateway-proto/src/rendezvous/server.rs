@@ -15,7 +15,7 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use self::{
-    auth::{Authenticated, error_reply},
+    auth::{Authenticated, error_reply, try_alternate_reply},
     cluster::{ClusterState, RemoteSide, ReplyTo},
 };
 use super::{
@@ -29,7 +29,9 @@ use super::{
 use crate::{
     Transmit,
     binding::{self, BindingService},
+    budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
+    drain::{DRAINING_REASON, Draining, TRY_ALTERNATE_REASON},
     earliest,
     nonce::NonceIssuer,
     stun::{
@@ -44,6 +46,45 @@ mod discovery;
 mod forward;
 
 pub use discovery::{discovery_index, discovery_socket};
+
+/// Whom a registered peer may be introduced to (`auth.connect`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConnectPolicy {
+    /// Any registered peer (whoever holds a credential can learn any peer's
+    /// endpoints by connecting to it: one trust domain).
+    #[default]
+    Any,
+    /// Only peers of the same group (`group/name` peer ids; a peer id without a
+    /// group connects to nobody). A Connect across groups gets 404, as for a peer
+    /// that does not exist, so groups cannot be probed.
+    SameGroup,
+}
+
+impl ConnectPolicy {
+    /// Whether `initiator` may be introduced to `target`.
+    pub fn allows(self, initiator: &str, target: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameGroup => {
+                let group = crate::credentials::peer_group;
+                group(initiator).is_some() && group(initiator) == group(target)
+            }
+        }
+    }
+}
+
+/// Signed error answers per second in all (each source gets at most its own
+/// bucket's worth: see [`crate::budget`]).
+const SIGNED_ERRORS_PER_SECOND: u32 = 20_000;
+
+/// A per-budget key from the nonce key (each budget hashes sources its own way).
+fn budget_key(nonce_key: &[u8; 32], which: u8) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = nonce_key[i] ^ nonce_key[16 + i] ^ which;
+    }
+    key
+}
 
 /// Introductions remembered for outcome reports, relay offers and TCP-Seq (the
 /// oldest is forgotten first): bounds the memory they take.
@@ -93,6 +134,9 @@ pub enum RendezvousHandled {
     /// 503 "Cluster Unavailable": a Connect whose target is not registered here,
     /// while the cluster is down or too many Connects wait.
     ClusterUnavailable,
+    /// A Register of a peer not registered here while the server drains: 300 Try
+    /// Alternate with ALTERNATE-SERVER, or 503 "Draining" without an alternate.
+    Draining,
 }
 
 impl RendezvousHandled {
@@ -118,16 +162,18 @@ impl RendezvousHandled {
             RendezvousHandled::ChangeAnswered => "change_request_answered",
             RendezvousHandled::Locating => "locating",
             RendezvousHandled::ClusterUnavailable => "cluster_unavailable",
+            RendezvousHandled::Draining => "draining",
         }
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 23] = [
+    pub const ALL_LABELS: [&'static str; 25] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
         "malformed",
         "unhandled",
+        "throttled",
         "registered",
         "introduced",
         "outcome_accepted",
@@ -146,6 +192,7 @@ impl RendezvousHandled {
         "change_request_answered",
         "locating",
         "cluster_unavailable",
+        "draining",
     ];
 }
 
@@ -209,9 +256,20 @@ pub struct RendezvousConfig {
     /// Added to the slower side's one-way delay when scheduling the start.
     pub start_margin: Duration,
     /// Most error replies to unauthenticated requests per second, all sources
-    /// together (a global budget: keeping per-source state for unauthenticated
-    /// traffic would be the memory attack itself).
+    /// together; each source (IPv4 address, IPv6 /64) also gets at most 100 at once
+    /// and 50 per second, in a table of fixed size (see [`crate::budget`]).
     pub max_error_replies_per_second: u32,
+    /// Most Binding answers per second, all sources together, with the same
+    /// per-source limits: a Binding answer is twice its request, so this bounds
+    /// what spoofed requests can reflect.
+    pub max_binding_replies_per_second: u32,
+    /// Unauthenticated replies (Binding answers, errors) and signed nonce errors per
+    /// second to one source (IPv4 address, IPv6 /64), bursts of twice that; 0: no
+    /// per-source limit.
+    pub replies_per_source: u32,
+    /// Whom a peer may Connect to: anyone registered, or only peers of its own
+    /// group (`group/name` peer ids).
+    pub connect_policy: ConnectPolicy,
     /// Lifetime of the nonces that bind signed requests to the sender's address.
     /// Every success response carries a fresh one, so a peer that keeps its
     /// registration alive never sees one expire.
@@ -226,6 +284,9 @@ impl Default for RendezvousConfig {
             max_connects_per_second: 20,
             start_margin: Duration::from_millis(5),
             max_error_replies_per_second: 1_000,
+            max_binding_replies_per_second: 100_000,
+            replies_per_source: crate::budget::DEFAULT_PER_SOURCE,
+            connect_policy: ConnectPolicy::Any,
             nonce_lifetime: Duration::from_secs(600),
         }
     }
@@ -247,6 +308,9 @@ struct PeerRecord {
     /// Start of the current connect-rate window, same clock.
     window_start_ms: u32,
     connects_in_window: u32,
+    /// Which accepted secret its credentials derive from (0 the current one): what
+    /// signs what is sent to it.
+    secret: u8,
 }
 
 #[derive(Clone, Debug)]
@@ -378,8 +442,13 @@ pub struct RendezvousServer {
     events: VecDeque<RendezvousEvent>,
     next_sweep: Option<Instant>,
     nonces: NonceIssuer,
-    error_budget: u32,
-    error_window: Option<Instant>,
+    /// Error replies to unauthenticated requests.
+    error_budget: ReplyBudget,
+    /// Signed errors to signed requests without a valid nonce (per source only in
+    /// effect: anyone with a credential could otherwise reflect them).
+    signed_error_budget: ReplyBudget,
+    /// Binding answers.
+    binding_budget: ReplyBudget,
     /// Origin of the records' 32-bit millisecond clock: the first `now` seen (the
     /// core never reads a clock itself).
     epoch: Option<Instant>,
@@ -391,6 +460,33 @@ pub struct RendezvousServer {
     tcp_forge: bool,
     /// This node's part in a cluster ([`Self::enable_cluster`]; none by default).
     cluster: Option<ClusterState>,
+    /// Where this gateway's relay hands out allocations: a Relay-Offer must name one
+    /// ([`Self::set_relay_endpoints`]; none by default, so offers are refused).
+    relay_endpoints: Option<RelayEndpoints>,
+    /// Refusing new registrations ([`Self::set_draining`]).
+    draining: Option<Draining>,
+}
+
+/// The transport addresses this gateway's relay allocates on: its relay addresses
+/// and port range. A Relay-Offer naming anything else is refused, so a peer cannot
+/// aim the other side's agent at an arbitrary address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RelayEndpoints {
+    /// The relay's addresses (as clients see them).
+    pub addresses: Vec<IpAddr>,
+    /// The relay's port range.
+    pub ports: std::ops::RangeInclusive<u16>,
+}
+
+impl RelayEndpoints {
+    /// True when `addr` could be an allocation of this relay.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.ports.contains(&addr.port())
+            && self
+                .addresses
+                .iter()
+                .any(|a| a.to_canonical() == addr.ip().to_canonical())
+    }
 }
 
 impl RendezvousServer {
@@ -411,14 +507,68 @@ impl RendezvousServer {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_sweep: None,
-            error_budget: 0,
-            error_window: None,
+            error_budget: ReplyBudget::new(
+                ReplyBudgetConfig::new(
+                    config.replies_per_source,
+                    config.max_error_replies_per_second,
+                ),
+                budget_key(&nonce_key, 1),
+            ),
+            signed_error_budget: ReplyBudget::new(
+                ReplyBudgetConfig::new(config.replies_per_source, SIGNED_ERRORS_PER_SECOND),
+                budget_key(&nonce_key, 2),
+            ),
+            binding_budget: ReplyBudget::new(
+                ReplyBudgetConfig::new(
+                    config.replies_per_source,
+                    config.max_binding_replies_per_second,
+                ),
+                budget_key(&nonce_key, 3),
+            ),
             epoch: None,
             alternates: binding::Alternates::default(),
             change_unauthenticated: false,
             tcp_forge: false,
             cluster: None,
+            relay_endpoints: None,
+            draining: None,
         }
+    }
+
+    /// Replaces the accepted secrets (a configuration reload, a secret rotation):
+    /// requests are checked against the new set from now on. Registrations and
+    /// introductions stay; what is sent to a registered peer stays signed with the
+    /// secret its credentials derive from while that secret is still accepted (a
+    /// peer whose secret was dropped fails its next refresh and must get new
+    /// credentials).
+    pub fn set_secret(&mut self, secret: SharedSecret) {
+        let moved: Vec<u8> = (0..self.secret.len())
+            .map(|i| {
+                self.secret
+                    .position_in(i, &secret)
+                    .and_then(|p| u8::try_from(p).ok())
+                    .unwrap_or(0)
+            })
+            .collect();
+        for peer in self.peers.values_mut() {
+            peer.secret = moved.get(usize::from(peer.secret)).copied().unwrap_or(0);
+        }
+        self.secret = secret;
+    }
+
+    /// Starts (`Some`) or ends (`None`) draining. While draining, a Register from a
+    /// peer id not registered here is refused after authentication: 300 Try
+    /// Alternate with ALTERNATE-SERVER (RFC 8489 §10) when [`Draining::alternate`]
+    /// names another node, else 503 "Draining". Refreshes of existing
+    /// registrations, Connects, outcomes, relay offers and TCP-Seq go on as before,
+    /// so registered peers stay introducible until they leave.
+    pub fn set_draining(&mut self, draining: Option<Draining>) {
+        self.draining = draining;
+    }
+
+    /// Whether new registrations are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
     }
 
     /// Enables CHANGE-REQUEST (RFC 5780) answers from the given endpoints; by default
@@ -439,6 +589,18 @@ impl RendezvousServer {
     /// only. Off by default; such requests then get [`TCP_FORGE_DISABLED`].
     pub fn set_tcp_forge(&mut self, enabled: bool) {
         self.tcp_forge = enabled;
+    }
+
+    /// Changes whom peers may Connect to (a reload); introductions already made
+    /// stand.
+    pub fn set_connect_policy(&mut self, policy: ConnectPolicy) {
+        self.config.connect_policy = policy;
+    }
+
+    /// Accepts Relay-Offers for allocations on `endpoints` (the relay of this
+    /// gateway); `None` refuses every offer (no relay here).
+    pub fn set_relay_endpoints(&mut self, endpoints: Option<RelayEndpoints>) {
+        self.relay_endpoints = endpoints;
     }
 
     /// Registered peers, for the gauge of registered peers.
@@ -524,7 +686,11 @@ impl RendezvousServer {
             )
         {
             let mut reply = Vec::new();
-            let outcome = BindingService.handle(from, datagram, &mut reply);
+            let mut outcome = BindingService.handle(from, datagram, &mut reply);
+            if !reply.is_empty() && !self.binding_budget.allow(now, from.ip()) {
+                reply.clear();
+                outcome = binding::Outcome::Throttled;
+            }
             if !reply.is_empty() {
                 self.transmits
                     .push_back(Transmit::udp(from, reply).from_local(local));
@@ -538,7 +704,7 @@ impl RendezvousServer {
                     RendezvousHandled::BadRequest => (400, "Bad Request"),
                     _ => (401, "Unauthorized"),
                 };
-                if self.take_error_budget(now) {
+                if self.take_error_budget(now, from) {
                     self.transmits
                         .push_back(error_reply(&message, code, reason, None, from, local));
                 }
@@ -548,7 +714,7 @@ impl RendezvousServer {
         // Signed requests must echo a nonce issued to this address: a captured
         // request replayed from elsewhere (or later) changes nothing. The answer is
         // authenticated and carries the nonce to use.
-        if !self.nonce_echoed(&auth, from, local, now_unix) {
+        if !self.nonce_echoed(now, &auth, from, local, now_unix) {
             return RendezvousHandled::StaleNonce;
         }
         let result = match ty.method {
@@ -568,14 +734,14 @@ impl RendezvousServer {
                 handled
             }
             Err((handled, code, reason)) => {
-                self.transmits.push_back(error_reply(
-                    &message,
-                    code,
-                    reason,
-                    Some((&auth.password, &auth.next_nonce)),
-                    from,
-                    local,
-                ));
+                let signed = Some((auth.password.as_str(), auth.next_nonce.as_str()));
+                let reply = match self.draining.and_then(|d| d.alternate) {
+                    Some(alternate) if code == 300 => {
+                        try_alternate_reply(&message, alternate, signed, from, local)
+                    }
+                    _ => error_reply(&message, code, reason, signed, from, local),
+                };
+                self.transmits.push_back(reply);
                 handled
             }
         }
@@ -628,6 +794,14 @@ impl RendezvousServer {
                 _ => {}
             }
         }
+        if let Some(draining) = self.draining
+            && !self.peers.contains_key(auth.peer_id.as_str())
+        {
+            return Err(match draining.alternate {
+                Some(_) => (RendezvousHandled::Draining, 300, TRY_ALTERNATE_REASON),
+                None => (RendezvousHandled::Draining, 503, DRAINING_REASON),
+            });
+        }
         if !self.peers.contains_key(auth.peer_id.as_str())
             && self.peers.len() >= self.config.max_peers
         {
@@ -647,7 +821,9 @@ impl RendezvousServer {
                 registered_unix,
                 window_start_ms: now_ms,
                 connects_in_window: 0,
+                secret: auth.secret,
             });
+        record.secret = auth.secret;
         record.addr = from;
         record.local = local;
         record.expiry_unix = auth.expiry_unix;
@@ -720,7 +896,7 @@ impl RendezvousServer {
         initiator.last_seen_ms = now_ms;
         let initiator = initiator.clone();
         let not_found = (RendezvousHandled::NotFound, 404, "Peer Not Found");
-        if target == auth.peer_id {
+        if target == auth.peer_id || !self.config.connect_policy.allows(&auth.peer_id, &target) {
             return Err(not_found);
         }
         match self.peers.get(target.as_str()).cloned() {
@@ -807,7 +983,9 @@ impl RendezvousServer {
         role: u8,
     ) {
         let username = format!("{}:{recipient_id}", recipient.expiry_unix);
-        let password = self.secret.password(&username);
+        let password = self
+            .secret
+            .password_with(usize::from(recipient.secret), &username);
         let tid: [u8; 12] = self.rng.random();
         let mut payload = Vec::with_capacity(256);
         let mut writer = MessageWriter::new(

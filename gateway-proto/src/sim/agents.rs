@@ -18,8 +18,8 @@ use crate::{
     credentials::SharedSecret,
     peer_policy::PeerPolicy,
     rendezvous::{
-        NatClass, RendezvousConfig, RendezvousEvent as Event, RendezvousHandled, RendezvousServer,
-        client::PeerCredentials, discovery_index,
+        NatClass, RelayEndpoints, RendezvousConfig, RendezvousEvent as Event, RendezvousHandled,
+        RendezvousServer, client::PeerCredentials, discovery_index,
     },
     stun::Message,
     turn::server::{TurnConfig, TurnHandled, TurnServer, TurnServerEvent},
@@ -78,13 +78,18 @@ impl SimNode {
             Vec::new(),
             Vec::new(),
         );
+        let mut server = RendezvousServer::new(
+            secret.clone(),
+            RendezvousConfig::default(),
+            3 + u64::from(index),
+        );
+        server.set_relay_endpoints(Some(RelayEndpoints {
+            addresses: vec![ip],
+            ports: 1..=65535,
+        }));
         Self {
             addr: SocketAddr::new(ip, 3478),
-            server: RendezvousServer::new(
-                secret.clone(),
-                RendezvousConfig::default(),
-                3 + u64::from(index),
-            ),
+            server,
             turn: TurnServer::new(
                 TurnConfig::default(),
                 secret.clone(),

@@ -9,9 +9,9 @@ use std::{
 
 use crate::credentials::SharedSecret;
 use crate::rendezvous::{
-    ForgedSynAck, RendezvousConfig, RendezvousEvent, RendezvousHandled, RendezvousServer, Transmit,
-    client::PeerCredentials, client::parse_response, client::register, discovery_index,
-    wire::NatClass,
+    ForgedSynAck, RelayEndpoints, RendezvousConfig, RendezvousEvent, RendezvousHandled,
+    RendezvousServer, Transmit, client::PeerCredentials, client::parse_response, client::register,
+    discovery_index, wire::NatClass,
 };
 
 /// The wall clock every test runs at.
@@ -68,8 +68,18 @@ impl World {
     /// A server with the default configuration whose generator starts from `seed`
     /// (several servers need different ones, or their introduction ids collide).
     pub fn seeded(seed: u64) -> Self {
+        Self::configured(seed, RendezvousConfig::default())
+    }
+
+    /// A server with `config` whose generator starts from `seed`.
+    pub fn configured(seed: u64, config: RendezvousConfig) -> Self {
+        let mut server = RendezvousServer::new(secret(), config, seed);
+        server.set_relay_endpoints(Some(RelayEndpoints {
+            addresses: vec![IpAddr::from([203, 0, 113, 50])],
+            ports: 1..=65535,
+        }));
         Self {
-            server: RendezvousServer::new(secret(), RendezvousConfig::default(), seed),
+            server,
             now: Instant::now(),
             redirected: Vec::new(),
             events: Vec::new(),

@@ -486,6 +486,9 @@ pub fn gateway_relay_command(
         "--no-metrics",
         "--no-ebpf",
         "--no-relay-tcp",
+        // The whole load comes from 127.0.0.1: no per-source reply budget.
+        "--replies-per-source",
+        "0",
         "--realm",
         realm,
         "--relay-address",
@@ -529,6 +532,11 @@ fn start_gateway(kind: GatewayKind) -> Result<GatewayServer> {
     std::fs::create_dir_all(&dir)?;
     let secret_file = dir.join("secret");
     std::fs::write(&secret_file, SECRET)?;
+    // The gateway refuses a secret file others may read.
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     let port = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port();
@@ -549,6 +557,9 @@ fn start_gateway(kind: GatewayKind) -> Result<GatewayServer> {
             &addr.to_string(),
             "--no-metrics",
             "--no-ebpf",
+            // The whole load comes from 127.0.0.1: no per-source reply budget.
+            "--replies-per-source",
+            "0",
         ]);
         command
     };

@@ -4,7 +4,7 @@
 //! produce.
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use super::{RendezvousHandled, RendezvousServer};
@@ -25,6 +25,8 @@ pub(super) struct Authenticated<'a> {
     pub(super) password: String,
     /// When the sender's credentials expire (Unix seconds).
     pub(super) expiry_unix: u64,
+    /// Which accepted secret its credentials derive from (0 the current one).
+    pub(super) secret: u8,
     /// A fresh nonce for the sender, returned in every reply.
     pub(super) next_nonce: String,
 }
@@ -46,14 +48,19 @@ impl RendezvousServer {
             .ok_or(RendezvousHandled::BadRequest)?;
         let username =
             std::str::from_utf8(username.value).map_err(|_| RendezvousHandled::Unauthorized)?;
-        let (peer_id, password) = self.secret.check(username, now_unix).map_err(|e| match e {
-            CredentialError::Malformed | CredentialError::BadPeerId | CredentialError::Expired => {
-                RendezvousHandled::Unauthorized
-            }
-        })?;
-        message
-            .verify_integrity_sha256(password.as_bytes())
-            .map_err(|_| RendezvousHandled::Unauthorized)?;
+        // Every accepted secret (the current one first, then those being rotated
+        // out) is tried until one derives the password the request was signed with.
+        let (peer_id, password, secret) = self
+            .secret
+            .check_with(username, now_unix, |password| {
+                message.verify_integrity_sha256(password.as_bytes()).is_ok()
+            })
+            .map_err(|e| match e {
+                CredentialError::Malformed
+                | CredentialError::BadPeerId
+                | CredentialError::Expired
+                | CredentialError::NoMatch => RendezvousHandled::Unauthorized,
+            })?;
         let expiry_unix = username
             .split_once(':')
             .and_then(|(e, _)| e.parse().ok())
@@ -63,6 +70,7 @@ impl RendezvousServer {
             peer_id: peer_id.to_owned(),
             password,
             expiry_unix,
+            secret: u8::try_from(secret).unwrap_or(u8::MAX),
             next_nonce: self.nonces.issue(from, now_unix),
         })
     }
@@ -72,6 +80,7 @@ impl RendezvousServer {
     /// with the nonce to use.
     pub(super) fn nonce_echoed(
         &mut self,
+        now: Instant,
         auth: &Authenticated<'_>,
         from: SocketAddr,
         local: Option<IpAddr>,
@@ -85,6 +94,12 @@ impl RendezvousServer {
             .map(|a| self.nonces.check(a.value, from, now_unix));
         if nonce == Some(NonceCheck::Valid) {
             return true;
+        }
+        // Signed, but anyone holding any credential can sign and forge the
+        // source: the answer (larger than a request without a nonce) is budgeted
+        // per source.
+        if !self.signed_error_budget.allow(now, from.ip()) {
+            return false;
         }
         let (code, reason) = if nonce.is_none() {
             (401, "Nonce Required")
@@ -102,20 +117,9 @@ impl RendezvousServer {
         false
     }
 
-    /// Spends one unauthenticated error reply from this second's budget.
-    pub(super) fn take_error_budget(&mut self, now: Instant) -> bool {
-        let window_over = self
-            .error_window
-            .is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1));
-        if window_over {
-            self.error_window = Some(now);
-            self.error_budget = self.config.max_error_replies_per_second;
-        }
-        if self.error_budget == 0 {
-            return false;
-        }
-        self.error_budget -= 1;
-        true
+    /// Spends one unauthenticated error reply to `from` (see [`crate::budget`]).
+    pub(super) fn take_error_budget(&mut self, now: Instant, from: SocketAddr) -> bool {
+        self.error_budget.allow(now, from.ip())
     }
 }
 
@@ -148,6 +152,36 @@ pub(super) fn error_reply(
 ) -> Transmit {
     let (method, tid) = (request.message_type().method, request.transaction_id());
     error_reply_to(method, tid, code, reason, authenticated, to, from_local)
+}
+
+/// 300 Try Alternate with ALTERNATE-SERVER `alternate` (RFC 8489 §10): a draining
+/// server sends a newcomer to another node; signed like [`error_reply`].
+pub(super) fn try_alternate_reply(
+    request: &Message<'_>,
+    alternate: SocketAddr,
+    authenticated: Option<(&str, &str)>,
+    to: SocketAddr,
+    from_local: Option<IpAddr>,
+) -> Transmit {
+    let mut payload = Vec::with_capacity(112);
+    let mut writer = MessageWriter::new(
+        &mut payload,
+        MessageType {
+            method: request.message_type().method,
+            class: Class::Error,
+        },
+        request.transaction_id(),
+    );
+    writer
+        .error_code(300, crate::drain::TRY_ALTERNATE_REASON)
+        .address(stun_attr::ALTERNATE_SERVER, alternate);
+    if let Some((password, nonce)) = authenticated {
+        writer
+            .attribute(stun_attr::NONCE, nonce.as_bytes())
+            .message_integrity_sha256(password.as_bytes());
+    }
+    writer.finish_with_fingerprint();
+    Transmit::udp(to, payload).from_local(from_local)
 }
 
 /// [`error_reply`] to a request known by its method and transaction id only (one

@@ -48,7 +48,7 @@ impl RendezvousServer {
         change: Option<binding::ChangeRequest>,
     ) -> RendezvousHandled {
         let Some(change) = change else {
-            if self.take_error_budget(now) {
+            if self.take_error_budget(now, from) {
                 self.transmits.push_back(error_reply(
                     &message,
                     400,
@@ -68,7 +68,7 @@ impl RendezvousServer {
             match self.authenticate(message, from, now_unix) {
                 Ok(auth) => Some(auth),
                 Err(_) => {
-                    if self.take_error_budget(now) {
+                    if self.take_error_budget(now, from) {
                         self.transmits.push_back(error_reply(
                             &message,
                             401,
@@ -81,7 +81,7 @@ impl RendezvousServer {
                     return RendezvousHandled::Unauthorized;
                 }
             }
-        } else if self.take_error_budget(now) {
+        } else if self.take_error_budget(now, from) {
             // Unauthenticated answers share the budget of unauthenticated errors: a
             // global cap on what spoofed requests can make the gateway send.
             None
@@ -89,7 +89,7 @@ impl RendezvousServer {
             return RendezvousHandled::RateLimited;
         };
         if let Some(auth) = &auth
-            && !self.nonce_echoed(auth, from, local, now_unix)
+            && !self.nonce_echoed(now, auth, from, local, now_unix)
         {
             return RendezvousHandled::StaleNonce;
         }

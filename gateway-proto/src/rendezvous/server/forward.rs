@@ -55,6 +55,19 @@ impl RendezvousServer {
         let (Some(intro_id), Some(relayed)) = (intro_id, relayed) else {
             return Err((RendezvousHandled::BadRequest, 400, "Bad Request"));
         };
+        // Only an allocation of this gateway's relay: anything else would aim the
+        // other side's agent at an address of the sender's choosing.
+        if !self
+            .relay_endpoints
+            .as_ref()
+            .is_some_and(|endpoints| endpoints.contains(relayed.addr))
+        {
+            return Err((
+                RendezvousHandled::Forbidden,
+                403,
+                "Not A Relay Of This Gateway",
+            ));
+        }
         if self
             .peers
             .get(auth.peer_id.as_str())
@@ -241,9 +254,11 @@ fn other_side(
     side: usize,
 ) -> Result<(Box<str>, String, Recipient), Refusal> {
     let other_id = record.sides[1 - side].clone();
-    let (expiry_unix, recipient) = match record.remote.as_deref() {
+    // A side on another node is signed for with the current secret: which secret
+    // its credentials derive from is known only there.
+    let (expiry_unix, secret_index, recipient) = match record.remote.as_deref() {
         Some(remote) if remote.side == 1 - side => {
-            (remote.expiry_unix, Recipient::Node(remote.node.clone()))
+            (remote.expiry_unix, 0, Recipient::Node(remote.node.clone()))
         }
         _ => {
             let other = peers.get(&*other_id).ok_or((
@@ -251,10 +266,14 @@ fn other_side(
                 404,
                 "Peer Not Found",
             ))?;
-            (other.expiry_unix, Recipient::Here(other.addr, other.local))
+            (
+                other.expiry_unix,
+                usize::from(other.secret),
+                Recipient::Here(other.addr, other.local),
+            )
         }
     };
-    let password = secret.password(&format!("{expiry_unix}:{other_id}"));
+    let password = secret.password_with(secret_index, &format!("{expiry_unix}:{other_id}"));
     Ok((other_id, password, recipient))
 }
 

@@ -467,26 +467,133 @@ fn connect_introduces_both_sides_with_candidates_and_aligned_start() {
 }
 
 #[test]
-fn unauthenticated_error_replies_are_rate_limited() {
+fn unauthenticated_error_replies_are_budgeted_per_source_and_in_total() {
     let mut world = World::new();
     let mut bad = creds("alice");
     bad.password = "wrong".into();
     let request = register([1; 12], &bad, None, &[], NatClass::Unknown, 0);
-    let limit = RendezvousConfig::default().max_error_replies_per_second as usize;
+    // One source: its burst of 100, however many it sends.
     let mut replies = 0;
-    for _ in 0..limit + 500 {
+    for _ in 0..1_500 {
         let (handled, out) = world.send(addr("198.51.100.2:4000"), &request);
         assert_eq!(handled, RendezvousHandled::Unauthorized);
         replies += out.len();
     }
-    assert_eq!(replies, limit);
+    assert_eq!(replies, 100);
+    // Many (forged) sources: the total of 1,000 per second in all.
+    let limit = RendezvousConfig::default().max_error_replies_per_second as usize;
+    let mut replies = 0;
+    for i in 0..5_000u32 {
+        let from = SocketAddr::new(IpAddr::from((0x0A00_0000 + i).to_be_bytes()), 4000);
+        replies += world.send(from, &request).1.len();
+    }
+    assert_eq!(replies, limit - 100);
     world.now += Duration::from_secs(1);
     assert_eq!(
-        world.send(addr("198.51.100.2:4000"), &request).1.len(),
+        world.send(addr("198.51.100.3:4000"), &request).1.len(),
         1,
         "budget refilled"
     );
     assert_eq!(world.server.peer_count(), 0);
+}
+
+#[test]
+fn signed_requests_without_a_nonce_get_their_401_within_a_per_source_budget() {
+    let mut world = World::new();
+    let alice = creds("alice");
+    let victim = addr("198.51.100.77:4000");
+    // Anyone with a credential can sign a nonce-less Register from a forged source:
+    // the (larger) 401 Nonce Required answers are bounded per source.
+    let request = register([1; 12], &alice, None, &[], NatClass::Unknown, 0);
+    let mut replies = 0;
+    for _ in 0..2_500 {
+        let (handled, out) = world.send(victim, &request);
+        assert_eq!(handled, RendezvousHandled::StaleNonce);
+        replies += out.len();
+    }
+    assert_eq!(replies, 100);
+    // Another source is answered, and the victim again once its bucket refills.
+    assert_eq!(world.send(addr("198.51.100.78:4000"), &request).1.len(), 1);
+    world.now += Duration::from_secs(1);
+    let (_, out) = world.send(victim, &request);
+    assert_eq!(out.len(), 1);
+}
+
+#[test]
+fn binding_answers_are_budgeted_per_source() {
+    let mut world = World::new();
+    let mut request = Vec::new();
+    binding::binding_request([9; 12], &mut request);
+    let from = addr("198.51.100.5:4000");
+    let mut answered = 0;
+    for _ in 0..300 {
+        let (handled, out) = world.send(from, &request);
+        if out.is_empty() {
+            assert_eq!(
+                handled,
+                RendezvousHandled::Binding(binding::Outcome::Throttled)
+            );
+        } else {
+            assert_eq!(
+                handled,
+                RendezvousHandled::Binding(binding::Outcome::BindingSuccess)
+            );
+        }
+        answered += out.len();
+    }
+    assert_eq!(answered, 100, "a burst of 300 from one source");
+    // Others are answered meanwhile; the source again after a second (its rate).
+    assert_eq!(world.send(addr("198.51.100.6:4000"), &request).1.len(), 1);
+    world.now += Duration::from_secs(1);
+    let answered: usize = (0..300).map(|_| world.send(from, &request).1.len()).sum();
+    assert_eq!(answered, 50);
+}
+
+#[test]
+fn with_the_same_group_policy_peers_meet_only_their_group() {
+    let mut world = World::configured(
+        7,
+        RendezvousConfig {
+            connect_policy: ConnectPolicy::SameGroup,
+            ..RendezvousConfig::default()
+        },
+    );
+    let peers = [
+        ("red/alice", "198.51.100.2:4000"),
+        ("red/bob", "198.51.100.3:4000"),
+        ("blue/carol", "198.51.100.4:4000"),
+        ("dave", "198.51.100.5:4000"),
+        ("erin", "198.51.100.6:4000"),
+    ];
+    for (peer, at) in peers {
+        world.register(peer, addr(at), &[], NatClass::Unknown, 0);
+    }
+    let connect_from = |world: &mut World, from: &str, to: &str| {
+        let at = addr(peers.iter().find(|(p, _)| *p == from).expect("known").1);
+        let request = connect([2; 12], &creds(from), Some(&world.nonce(at)), to);
+        world.send(at, &request).0
+    };
+    assert_eq!(
+        connect_from(&mut world, "red/alice", "red/bob"),
+        RendezvousHandled::Introduced
+    );
+    // Across groups, or without one: as if the peer did not exist.
+    for (from, to) in [
+        ("red/alice", "blue/carol"),
+        ("blue/carol", "red/bob"),
+        ("red/alice", "dave"),
+        ("dave", "erin"),
+        ("dave", "red/alice"),
+        ("red/alice", "red/nobody"),
+    ] {
+        assert_eq!(
+            connect_from(&mut world, from, to),
+            RendezvousHandled::NotFound,
+            "{from} -> {to}"
+        );
+    }
+    // The default policy introduces anyone to anyone.
+    assert!(ConnectPolicy::Any.allows("dave", "blue/carol"));
 }
 
 #[test]
@@ -954,4 +1061,109 @@ proptest! {
             prop_assert!(t.payload.len() <= 96);
         }
     }
+}
+
+#[test]
+fn draining_refuses_newcomers_and_keeps_registered_peers_introducible() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    world.register("bob", b, &[], NatClass::EndpointIndependent, 0);
+    let alternate = addr("203.0.113.9:3478");
+    world.server.set_draining(Some(crate::drain::Draining {
+        alternate: Some(alternate),
+    }));
+    assert!(world.server.is_draining());
+    // A registered peer's refresh still succeeds, even from a new address.
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    // A new peer id is sent to the other node, in a signed answer.
+    let c = addr("198.51.100.9:6000");
+    let carol = creds("carol");
+    let request = register(
+        [3; 12],
+        &carol,
+        Some(&world.nonce(c)),
+        &[],
+        NatClass::None,
+        0,
+    );
+    let (handled, out) = world.send(c, &request);
+    assert_eq!(handled, RendezvousHandled::Draining);
+    let response = parse_response(&out[0].payload, &carol.password).expect("signed");
+    assert_eq!(response.result, Err(300));
+    assert_eq!(
+        address_attr(&out[0].payload, crate::stun::attr::ALTERNATE_SERVER),
+        Some(alternate)
+    );
+    assert_eq!(world.server.peer_count(), 2, "nothing registered");
+    // Registered peers are still introduced to each other.
+    let alice = creds("alice");
+    let (handled, _) = world.send(a, &connect([4; 12], &alice, Some(&world.nonce(a)), "bob"));
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    // Without an alternate: 503 "Draining".
+    world
+        .server
+        .set_draining(Some(crate::drain::Draining { alternate: None }));
+    let (handled, out) = world.send(c, &request);
+    assert_eq!(handled, RendezvousHandled::Draining);
+    let response = parse_response(&out[0].payload, &carol.password).expect("signed");
+    assert_eq!(response.result, Err(503));
+    assert_eq!(
+        address_attr(&out[0].payload, crate::stun::attr::ALTERNATE_SERVER),
+        None
+    );
+    world.server.set_draining(None);
+    world.register("carol", c, &[], NatClass::None, 0);
+}
+
+#[test]
+fn a_rotated_secret_keeps_registrations_and_signs_for_each_peer_with_its_own() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    let old = b"operator secret";
+    let new = SharedSecret::new(b"next secret").with_previous(old);
+    world.server.set_secret(new.clone());
+    let issued = new.issue("bob", NOW_UNIX + 3600).expect("issue");
+    let bob = PeerCredentials {
+        username: issued.username,
+        password: issued.password,
+    };
+    let request = register([5; 12], &bob, Some(&world.nonce(b)), &[], NatClass::None, 0);
+    assert_eq!(world.send(b, &request).0, RendezvousHandled::Registered);
+    // Another rotation moves alice's secret to a new place in the list.
+    let newer = SharedSecret::new(b"third secret")
+        .with_previous(b"next secret")
+        .with_previous(old);
+    world.server.set_secret(newer);
+    let alice = creds("alice");
+    let (handled, out) = world.send(a, &connect([6; 12], &alice, Some(&world.nonce(a)), "bob"));
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    assert!(
+        out.iter()
+            .any(|t| t.to == a && parse_introduction(&t.payload, &alice.password).is_some()),
+        "alice's introduction is signed with her (old) secret's password"
+    );
+    assert!(
+        out.iter()
+            .any(|t| t.to == b && parse_introduction(&t.payload, &bob.password).is_some()),
+        "bob's with his (newer) secret's password"
+    );
+    // Alice's refresh is accepted under the old secret still.
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    // Once the old secret goes, alice's credentials stop working.
+    world
+        .server
+        .set_secret(SharedSecret::new(b"third secret").with_previous(b"next secret"));
+    let request = register(
+        [7; 12],
+        &alice,
+        Some(&world.nonce(a)),
+        &[],
+        NatClass::None,
+        0,
+    );
+    assert_eq!(world.send(a, &request).0, RendezvousHandled::Unauthorized);
 }

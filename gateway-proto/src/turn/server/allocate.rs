@@ -7,7 +7,8 @@ use std::{
 
 use super::{
     Allocation, ClientAddr, EvenPort, OpenError, RelayRequestId, Reply, RequestOutcome,
-    SWEEP_INTERVAL, TokenBucket, TurnServer, TurnServerEvent, auth::Authenticated, read_u32,
+    Reservation, SWEEP_INTERVAL, TokenBucket, TurnServer, TurnServerEvent, auth::Authenticated,
+    read_u32,
 };
 use crate::{
     stun::Message,
@@ -136,8 +137,17 @@ impl TurnServer {
             }
         };
         let user_count = self.per_user.get(auth.user.as_str()).copied().unwrap_or(0);
+        // A reserved port counts as an allocation of its user: EVEN-PORT with the R
+        // bit needs two slots of the quota (a redeemed token brings its own).
+        let slots_needed = if reservation.is_some() {
+            0
+        } else if reserve_next {
+            2
+        } else {
+            1
+        };
         if self.by_client.len() + self.pending.len() >= self.config.max_allocations
-            || user_count >= self.config.max_allocations_per_user
+            || user_count + slots_needed > self.config.max_allocations_per_user
         {
             reply.error(out, 486, "Allocation Quota Reached");
             return Some(RequestOutcome::Quota);
@@ -147,19 +157,29 @@ impl TurnServer {
             // The port reserved by an earlier Allocate (RFC 8656 §7.2): its socket is
             // open already; an unknown or lapsed token gets 508.
             Some(token) => {
-                let relay = match self.reservations.remove(&token) {
-                    Some((relay, expires)) if expires > now => relay,
-                    Some((relay, _)) => {
-                        self.events.push_back(TurnServerEvent::CloseRelay(relay));
+                // Only the user who reserved the port may redeem it (another user's
+                // Allocate gets 508, as for an unknown token, so tokens cannot be
+                // probed). The reservation's quota slot becomes the allocation's.
+                let relay = match self.reservations.get(&token) {
+                    Some(reserved) if reserved.expires > now && *reserved.user == auth.user => {
+                        let (relay, made_by) = (reserved.relay, reserved.made_by);
+                        self.reservations.remove(&token);
+                        // It no longer ends with the allocation that made it.
+                        if let Some(maker) = self.slots.get_mut(made_by).and_then(Option::as_mut) {
+                            maker.reservation = None;
+                        }
+                        relay
+                    }
+                    Some(reserved) if reserved.expires <= now => {
+                        self.release_reservation(&token);
                         reply.error(out, 508, "Insufficient Capacity");
                         return Some(RequestOutcome::Capacity);
                     }
-                    None => {
+                    _ => {
                         reply.error(out, 508, "Insufficient Capacity");
                         return Some(RequestOutcome::Capacity);
                     }
                 };
-                *self.per_user.entry(auth.user.as_str().into()).or_insert(0) += 1;
                 let pending = PendingAllocation {
                     client,
                     local,
@@ -286,12 +306,7 @@ impl TurnServer {
         reserved: Option<SocketAddr>,
         out: &mut Vec<u8>,
     ) -> RequestOutcome {
-        let new_token = reserved.map(|reserved| {
-            let token = self.next_token();
-            self.reservations
-                .insert(token, (reserved, now + RESERVATION_LIFETIME));
-            token
-        });
+        let new_token = reserved.map(|reserved| (self.next_token(), reserved));
         let PendingAllocation {
             client,
             local,
@@ -315,6 +330,7 @@ impl TurnServer {
                 tokens: self.config.bandwidth_bytes_per_second,
                 last: now,
             },
+            reservation: new_token.map(|(token, _)| token),
         };
         let index = match self.free.pop() {
             Some(index) => {
@@ -326,6 +342,22 @@ impl TurnServer {
                 self.slots.len() - 1
             }
         };
+        if let Some((token, reserved)) = new_token {
+            let user = self.slots[index]
+                .as_ref()
+                .map(|a| a.user.clone())
+                .unwrap_or_default();
+            *self.per_user.entry(user.clone()).or_insert(0) += 1;
+            self.reservations.insert(
+                token,
+                Reservation {
+                    relay: reserved,
+                    expires: now + RESERVATION_LIFETIME,
+                    user,
+                    made_by: index,
+                },
+            );
+        }
         self.by_client.insert(client, index);
         self.by_relay.insert(relay, index);
         self.events
@@ -337,7 +369,7 @@ impl TurnServer {
                 turn_attr::LIFETIME,
                 &(lifetime.as_secs() as u32).to_be_bytes(),
             );
-            if let Some(token) = new_token {
+            if let Some((token, _)) = new_token {
                 w.attribute(turn_attr::RESERVATION_TOKEN, &token);
             }
             w.xor_mapped_address(client.addr);

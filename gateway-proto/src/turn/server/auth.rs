@@ -1,8 +1,8 @@
 //! Long-term authentication (RFC 8489 §9.2) with stateless nonces, and the budget
 //! that bounds what unauthenticated requests get back.
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use super::{ClientAddr, RequestMethod, RequestOutcome, TurnServer};
+use super::{ClientAddr, RequestMethod, RequestOutcome, Transport, TurnServer};
 use crate::{
     nonce::NonceCheck,
     stun::{Class, Message, MessageType, MessageWriter, attr as stun_attr},
@@ -61,27 +61,12 @@ impl TurnServer {
         }
         let (Some(username), Some(realm), Some(nonce)) = (username, realm, nonce) else {
             // Integrity but no USERNAME/REALM/NONCE: 400, unauthenticated.
-            if self.take_challenge_budget(now) {
+            if self.take_challenge_budget(now, client) {
                 unauthenticated_error(out, method_number, tid, 400, "Bad Request", has_fingerprint);
                 return Err(RequestOutcome::BadRequest);
             }
             return Err(RequestOutcome::Throttled);
         };
-        match self.nonces.check(nonce, client.addr, now_unix) {
-            NonceCheck::Valid => {}
-            NonceCheck::Stale | NonceCheck::Invalid => {
-                return Err(self.challenge(
-                    now,
-                    now_unix,
-                    client,
-                    method_number,
-                    tid,
-                    438,
-                    has_fingerprint,
-                    out,
-                ));
-            }
-        }
         let challenge_401 = |server: &mut Self, out: &mut Vec<u8>| {
             server.challenge(
                 now,
@@ -100,15 +85,46 @@ impl TurnServer {
         let Ok(username) = std::str::from_utf8(username) else {
             return Err(challenge_401(self, out));
         };
-        let Ok((user, password)) = self.secret.check(username, now_unix) else {
+        // Every accepted secret (the current one first, then those being rotated
+        // out) is tried until one derives the key the request was signed with.
+        let mut key = [0u8; 16];
+        let mut sha256 = false;
+        let realm_text = &self.config.realm;
+        let checked = self.secret.check_with(username, now_unix, |password| {
+            let candidate = crate::turn::long_term_key(username, realm_text, password);
+            if message.verify_integrity(&candidate).is_ok() {
+                key = candidate;
+                return true;
+            }
+            if message.verify_integrity_sha256(&candidate).is_ok() {
+                (key, sha256) = (candidate, true);
+                return true;
+            }
+            false
+        });
+        let Ok((user, _, _)) = checked else {
             return Err(challenge_401(self, out));
         };
         let user = user.to_owned();
-        let key = crate::turn::long_term_key(username, &self.config.realm, &password);
-        let sha1 = message.verify_integrity(&key).is_ok();
-        let sha256 = !sha1 && message.verify_integrity_sha256(&key).is_ok();
-        if !sha1 && !sha256 {
-            return Err(challenge_401(self, out));
+        // The nonce is judged after the integrity: a 438 goes only to a request
+        // signed with valid credentials, so it is no reflection (the request is
+        // larger than the answer) and needs no budget. Decided before the integrity,
+        // a spoofed flood that used up the budget kept live allocations from
+        // refreshing past their nonce's expiry.
+        match self.nonces.check(nonce, client.addr, now_unix) {
+            NonceCheck::Valid => {}
+            NonceCheck::Stale | NonceCheck::Invalid => {
+                self.write_challenge(
+                    now_unix,
+                    client,
+                    method_number,
+                    tid,
+                    438,
+                    has_fingerprint,
+                    out,
+                );
+                return Err(RequestOutcome::StaleNonce);
+            }
         }
         Ok(Authenticated {
             username: username.to_owned(),
@@ -118,19 +134,11 @@ impl TurnServer {
         })
     }
 
-    fn take_challenge_budget(&mut self, now: Instant) -> bool {
-        let window_fresh = self
-            .challenge_window
-            .is_some_and(|start| now.saturating_duration_since(start) < Duration::from_secs(1));
-        if !window_fresh {
-            self.challenge_window = Some(now);
-            self.challenges_in_window = 0;
-        }
-        if self.challenges_in_window >= self.config.challenges_per_second {
-            return false;
-        }
-        self.challenges_in_window += 1;
-        true
+    /// Spends one reply to an unauthenticated request from `client` (see
+    /// [`crate::budget`]).
+    fn take_challenge_budget(&mut self, now: Instant, client: ClientAddr) -> bool {
+        // A TCP client completed a handshake: its address is not forged.
+        client.transport == Transport::Tcp || self.budget.allow(now, client.addr.ip())
     }
 
     /// A 401 or 438 carrying REALM and a fresh NONCE bound to `client`. Kept small
@@ -148,14 +156,34 @@ impl TurnServer {
         fingerprint: bool,
         out: &mut Vec<u8>,
     ) -> RequestOutcome {
-        if !self.take_challenge_budget(now) {
+        if !self.take_challenge_budget(now, client) {
             return RequestOutcome::Throttled;
         }
-        let nonce = self.nonces.issue(client.addr, now_unix);
-        let (reason, outcome) = if code == 438 {
-            ("Stale Nonce", RequestOutcome::StaleNonce)
+        self.write_challenge(now_unix, client, method_number, tid, code, fingerprint, out);
+        if code == 438 {
+            RequestOutcome::StaleNonce
         } else {
-            ("Unauthorized", RequestOutcome::Unauthorized)
+            RequestOutcome::Unauthorized
+        }
+    }
+
+    /// Writes a 401 or 438 with REALM and a fresh NONCE bound to `client`.
+    #[allow(clippy::too_many_arguments)]
+    fn write_challenge(
+        &mut self,
+        now_unix: u64,
+        client: ClientAddr,
+        method_number: u16,
+        tid: [u8; 12],
+        code: u16,
+        fingerprint: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let nonce = self.nonces.issue(client.addr, now_unix);
+        let reason = if code == 438 {
+            "Stale Nonce"
+        } else {
+            "Unauthorized"
         };
         out.clear();
         let mut writer = MessageWriter::new(
@@ -173,7 +201,6 @@ impl TurnServer {
         if fingerprint {
             writer.finish_with_fingerprint();
         }
-        outcome
     }
 }
 

@@ -69,7 +69,7 @@ impl TurnServer {
         peer: SocketAddr,
         len: usize,
     ) -> Result<SocketAddr, DropReason> {
-        if self.policy.check(peer.ip()).is_err() {
+        if self.policy.check_peer(peer).is_err() {
             return Err(DropReason::DeniedPeer);
         }
         let rate = self.config.bandwidth_bytes_per_second;

@@ -108,7 +108,7 @@ pub(super) fn sync_fast_path(
             .map(|p| p.expires);
         let wanted = match permission {
             Some(permission)
-                if eligible && channel.expires > now && policy.check(channel.peer.ip()).is_ok() =>
+                if eligible && channel.expires > now && policy.check_peer(channel.peer).is_ok() =>
             {
                 Some(channel.expires.min(permission).min(allocation.expires))
             }

@@ -30,7 +30,9 @@ use std::{
 
 use super::{AddressFamily, method};
 use crate::{
+    budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
+    drain::{DRAINING_REASON, Draining, TRY_ALTERNATE_REASON},
     nonce::NonceIssuer,
     peer_policy::PeerPolicy,
     stun::{Class, Message, MessageType, MessageWriter, attr as stun_attr},
@@ -73,9 +75,15 @@ pub struct TurnConfig {
     /// Relayed bytes per second per allocation, both directions together; 0 means
     /// no cap. Bursts of one second's worth pass.
     pub bandwidth_bytes_per_second: u64,
-    /// Replies to unauthenticated requests (401 challenges, 438) per second, in total:
-    /// bounds how much a spoofed-source flood can reflect.
+    /// Replies to unauthenticated requests (401 challenges, 400) per second, all
+    /// sources together; each source (IPv4 address, IPv6 /64) also gets at most 100
+    /// at once and 50 per second (see [`crate::budget`]). Bounds how much a
+    /// spoofed-source flood can reflect. A 438 to a correctly signed request is not
+    /// counted.
     pub challenges_per_second: u32,
+    /// Replies to unauthenticated requests per second to one source (IPv4 address,
+    /// IPv6 /64), bursts of twice that; 0: no per-source limit.
+    pub replies_per_source: u32,
     /// Emit [`FastPath`] instructions for a kernel fast path (as
     /// [`TurnServerEvent::FastPath`]); off, the core emits none.
     pub fast_path: bool,
@@ -95,6 +103,7 @@ impl Default for TurnConfig {
             max_channels: 64,
             bandwidth_bytes_per_second: 0,
             challenges_per_second: 10_000,
+            replies_per_source: crate::budget::DEFAULT_PER_SOURCE,
             fast_path: false,
         }
     }
@@ -250,11 +259,15 @@ pub enum RequestOutcome {
     UnknownAttribute,
     /// No reply: over the challenge budget.
     Throttled,
+    /// 300 Try Alternate: a new Allocate while draining, sent to another node.
+    TryAlternate,
+    /// 508 "Draining": a new Allocate while draining, with no other node to name.
+    Draining,
 }
 
 impl RequestOutcome {
     /// All outcomes (for pre-registering metric label sets).
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::Ok,
         Self::Unauthorized,
         Self::StaleNonce,
@@ -268,6 +281,8 @@ impl RequestOutcome {
         Self::Transport,
         Self::UnknownAttribute,
         Self::Throttled,
+        Self::TryAlternate,
+        Self::Draining,
     ];
 
     /// The label value.
@@ -286,6 +301,8 @@ impl RequestOutcome {
             Self::Transport => "unsupported_transport",
             Self::UnknownAttribute => "unknown_attribute",
             Self::Throttled => "throttled",
+            Self::TryAlternate => "try_alternate",
+            Self::Draining => "draining",
         }
     }
 }
@@ -396,6 +413,21 @@ struct Allocation {
     permissions: Vec<Permission>,
     channels: Vec<Channel>,
     bucket: TokenBucket,
+    /// The token of the port this allocation reserved (EVEN-PORT's R bit), while
+    /// that reservation stands: it ends with the allocation.
+    reservation: Option<[u8; 8]>,
+}
+
+/// A relay socket held by EVEN-PORT's R bit for a later Allocate with its token.
+/// It counts against its user's quota like an allocation, only that user may redeem
+/// it, and it ends with the allocation that made it.
+#[derive(Debug)]
+struct Reservation {
+    relay: SocketAddr,
+    expires: Instant,
+    user: Box<str>,
+    /// The slot of the allocation that made it (which ends it when removed).
+    made_by: usize,
 }
 
 impl Allocation {
@@ -425,14 +457,15 @@ pub struct TurnServer {
     free: Vec<usize>,
     by_client: HashMap<ClientAddr, usize>,
     by_relay: HashMap<SocketAddr, usize>,
-    /// Allocations (live and pending) per user, for the per-user quota.
+    /// Allocations (live and pending) and reservations per user, for the per-user
+    /// quota.
     per_user: HashMap<Box<str>, usize>,
-    challenge_window: Option<Instant>,
-    challenges_in_window: u32,
+    /// Replies to unauthenticated requests, per source and in total.
+    budget: ReplyBudget,
     next_sweep: Option<Instant>,
     tid_counter: u64,
-    /// Relay sockets reserved by EVEN-PORT's R bit: token → (address, expiry).
-    reservations: HashMap<[u8; 8], (SocketAddr, Instant)>,
+    /// Relay sockets reserved by EVEN-PORT's R bit, by token.
+    reservations: HashMap<[u8; 8], Reservation>,
     token_key: [u8; 32],
     /// Allocates waiting for their relay socket, by request.
     pending: HashMap<RelayRequestId, PendingAllocation>,
@@ -443,6 +476,8 @@ pub struct TurnServer {
     transmits: VecDeque<Transmit>,
     /// Events not yet polled.
     events: VecDeque<TurnServerEvent>,
+    /// Refusing new allocations ([`TurnServer::set_draining`]).
+    draining: Option<Draining>,
 }
 
 /// How often expired allocations, permissions, channels and pending Allocates are
@@ -461,6 +496,10 @@ impl TurnServer {
         nonce_lifetime_secs: u32,
         policy: PeerPolicy,
     ) -> Self {
+        let budget = ReplyBudget::new(
+            ReplyBudgetConfig::new(config.replies_per_source, config.challenges_per_second),
+            nonce_key[16..].try_into().unwrap_or([0; 16]),
+        );
         Self {
             config,
             secret,
@@ -471,8 +510,7 @@ impl TurnServer {
             by_client: HashMap::new(),
             by_relay: HashMap::new(),
             per_user: HashMap::new(),
-            challenge_window: None,
-            challenges_in_window: 0,
+            budget,
             next_sweep: None,
             tid_counter: u64::from_be_bytes(nonce_key[..8].try_into().unwrap_or([0; 8])),
             reservations: HashMap::new(),
@@ -482,7 +520,59 @@ impl TurnServer {
             next_request: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            draining: None,
         }
+    }
+
+    /// Replaces the accepted secrets (a configuration reload, a secret rotation):
+    /// requests are checked against the new set from now on; allocations,
+    /// permissions and channels stay, and their next request authenticates anew.
+    pub fn set_secret(&mut self, secret: SharedSecret) {
+        self.secret = secret;
+    }
+
+    /// Replaces the peer-address policy (a reload). It applies to new permissions
+    /// and channels and to every datagram a client sends from now on (the data path
+    /// checks each one); kernel fast-path entries of peers it now denies are removed
+    /// in the next sweep. Nothing else established changes.
+    pub fn set_policy(&mut self, policy: PeerPolicy) {
+        self.policy = policy;
+    }
+
+    /// Replaces the limits and timers (a reload): quotas, lifetimes and the
+    /// bandwidth cap apply to requests from now on; allocations over a lowered quota
+    /// stay. The REALM and [`TurnConfig::fast_path`] are kept as they were: a new
+    /// realm would change every client's key, and the fast path is set up at start.
+    pub fn set_config(&mut self, config: TurnConfig) {
+        let realm = std::mem::take(&mut self.config.realm);
+        let fast_path = self.config.fast_path;
+        self.config = TurnConfig {
+            realm,
+            fast_path,
+            ..config
+        };
+    }
+
+    /// The limits and timers in force.
+    pub fn config(&self) -> &TurnConfig {
+        &self.config
+    }
+
+    /// Starts (`Some`) or ends (`None`) draining: while draining, an Allocate from a
+    /// 5-tuple without an allocation (or one pending) is refused after
+    /// authentication, with 300 Try Alternate and ALTERNATE-SERVER when
+    /// [`Draining::alternate`] names another node (RFC 8489 §10, RFC 8656 §7.2),
+    /// else with 508 and the reason "Draining" (a capacity problem, which clients
+    /// take as a cue to try another server). Refresh, CreatePermission, ChannelBind,
+    /// Send and ChannelData of existing allocations go on as before, and so does a
+    /// retransmitted Allocate of an allocation that exists.
+    pub fn set_draining(&mut self, draining: Option<Draining>) {
+        self.draining = draining;
+    }
+
+    /// Whether new allocations are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
     }
 
     /// Deletes the allocation (or pending Allocate) of `client`, if any: a TCP
@@ -546,13 +636,11 @@ impl TurnServer {
         let lapsed: Vec<[u8; 8]> = self
             .reservations
             .iter()
-            .filter(|(_, (_, expires))| *expires <= now)
+            .filter(|(_, reservation)| reservation.expires <= now)
             .map(|(token, _)| *token)
             .collect();
         for token in lapsed {
-            if let Some((relay, _)) = self.reservations.remove(&token) {
-                self.events.push_back(TurnServerEvent::CloseRelay(relay));
-            }
+            self.release_reservation(&token);
         }
         self.expire_pending(now);
         self.next_sweep = (!self.by_client.is_empty()
@@ -576,12 +664,25 @@ impl TurnServer {
         self.by_client.remove(&allocation.client);
         self.by_relay.remove(&allocation.relay);
         self.release_user(&allocation.user);
+        if let Some(token) = allocation.reservation {
+            self.release_reservation(&token);
+        }
         self.events
             .push_back(TurnServerEvent::CloseRelay(allocation.relay));
         self.free.push(index);
     }
 
-    /// One allocation (live or pending) of `user` less.
+    /// Ends the reservation of `token`, if it still stands: its socket closes and
+    /// its user's quota gets the slot back.
+    fn release_reservation(&mut self, token: &[u8; 8]) {
+        if let Some(reservation) = self.reservations.remove(token) {
+            self.events
+                .push_back(TurnServerEvent::CloseRelay(reservation.relay));
+            self.release_user(&reservation.user);
+        }
+    }
+
+    /// One allocation (live or pending) or reservation of `user` less.
     fn release_user(&mut self, user: &str) {
         if let Some(count) = self.per_user.get_mut(user) {
             *count = count.saturating_sub(1);
@@ -718,6 +819,24 @@ impl TurnServer {
         if owner.is_some_and(|owner| *owner != *auth.username) {
             reply.error(out, 441, "Wrong Credentials");
             return Some(RequestOutcome::WrongCredentials);
+        }
+        if request_method == RequestMethod::Allocate
+            && existing.is_none()
+            && !self.pending_by_client.contains_key(&client)
+            && let Some(draining) = self.draining
+        {
+            return Some(match draining.alternate {
+                Some(alternate) => {
+                    reply.error_with(out, 300, TRY_ALTERNATE_REASON, |w| {
+                        w.address(stun_attr::ALTERNATE_SERVER, alternate);
+                    });
+                    RequestOutcome::TryAlternate
+                }
+                None => {
+                    reply.error(out, 508, DRAINING_REASON);
+                    RequestOutcome::Draining
+                }
+            });
         }
         match request_method {
             RequestMethod::Allocate => {

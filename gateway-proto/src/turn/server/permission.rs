@@ -12,15 +12,25 @@ use crate::{
 };
 
 impl TurnServer {
-    /// Checks a peer address against the allocation's family and the policy.
-    fn check_peer(&self, relay: SocketAddr, peer: SocketAddr) -> Result<(), PeerRefusal> {
+    /// Checks a peer address against the allocation's family and the policy; with
+    /// `port_counts` (a channel, which names one transport address) the port too, else
+    /// the address alone (a permission, which RFC 8656 keys by IP address).
+    fn check_peer(
+        &self,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        port_counts: bool,
+    ) -> Result<(), PeerRefusal> {
         let peer_ip = peer.ip().to_canonical();
         if peer_ip.is_ipv4() != relay.is_ipv4() {
             return Err(PeerRefusal::Family);
         }
-        self.policy
-            .check(peer.ip())
-            .map_err(|_| PeerRefusal::Denied)
+        let verdict = if port_counts {
+            self.policy.check_peer(peer)
+        } else {
+            self.policy.check(peer.ip())
+        };
+        verdict.map_err(|_| PeerRefusal::Denied)
     }
 
     /// The slot and relay address of an existing allocation.
@@ -52,7 +62,7 @@ impl TurnServer {
                 reply.error(out, 400, "Bad Request");
                 return RequestOutcome::BadRequest;
             };
-            if let Err(refusal) = self.check_peer(relay, peer) {
+            if let Err(refusal) = self.check_peer(relay, peer, false) {
                 return refusal.answer(reply, out);
             }
             if count == peers.len() {
@@ -132,7 +142,7 @@ impl TurnServer {
             return RequestOutcome::BadRequest;
         }
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-        if let Err(refusal) = self.check_peer(relay, peer) {
+        if let Err(refusal) = self.check_peer(relay, peer, true) {
             return refusal.answer(reply, out);
         }
         let channel_lifetime = self.config.channel_lifetime;

@@ -1,8 +1,8 @@
 //! Tests of the relay core, in virtual time, with a fake socket layer that carries
 //! out the core's socket events as the driver would.
 use super::*;
+use crate::drain::Draining;
 use crate::{
-    peer_policy::IpRange,
     stun::{self, MessageWriter},
     turn::{
         TRANSPORT_UDP, attr as turn_attr, family, long_term_key, method, xor_address_attribute,
@@ -657,7 +657,11 @@ fn denied_peers_get_403_on_every_path_including_ipv4_in_ipv6_forms() {
 #[test]
 fn operator_allowed_range_opens_a_denied_address() {
     let policy = PeerPolicy::new(
-        vec!["127.0.0.0/8".parse::<IpRange>().expect("range")],
+        vec![
+            "127.0.0.0/8"
+                .parse::<crate::peer_policy::PeerRange>()
+                .expect("range"),
+        ],
         vec![],
         vec![],
     );
@@ -1092,6 +1096,134 @@ fn even_port_with_r_bit_reserves_the_next_port_for_a_token() {
     assert!(!h.sockets.open.contains(&reserved));
 }
 
+/// A nonce for `client` (from the 401 to an unauthenticated Allocate).
+fn fresh_nonce(h: &mut Harness, client: SocketAddr) -> String {
+    let tid = h.next_tid();
+    h.send(
+        client,
+        &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+    )
+    .1
+    .expect("401")
+    .nonce()
+}
+
+/// An Allocate with EVEN-PORT's R bit; the outcome, and the token when granted.
+fn reserve_pair(
+    h: &mut Harness,
+    client: SocketAddr,
+    who: &User,
+    nonce: &str,
+) -> (RequestOutcome, Option<Vec<u8>>) {
+    let (outcome, reply) = h.authed(client, who, nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::EVEN_PORT, &[0x80]);
+    });
+    (outcome, reply.attr(turn_attr::RESERVATION_TOKEN))
+}
+
+fn redeem(
+    h: &mut Harness,
+    client: SocketAddr,
+    who: &User,
+    nonce: &str,
+    token: &[u8],
+) -> (RequestOutcome, Option<u16>) {
+    let (outcome, reply) = h.authed(client, who, nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+        w.attribute(turn_attr::RESERVATION_TOKEN, token);
+    });
+    (outcome, reply.code)
+}
+
+#[test]
+fn even_port_reservations_count_in_the_quota_and_end_with_their_allocation() {
+    let config = TurnConfig {
+        max_allocations_per_user: 4,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let alice = user("alice");
+    let bob = user("bob");
+    let client_ip: IpAddr = "198.51.100.20".parse().expect("ip");
+    // Reserve-and-delete, many more times than the quota: each reservation ends
+    // with the allocation that made it, so nothing piles up.
+    let mut tokens = Vec::new();
+    for i in 0..36u16 {
+        let client = SocketAddr::new(client_ip, 40_000 + i);
+        let nonce = fresh_nonce(&mut h, client);
+        let (outcome, token) = reserve_pair(&mut h, client, &alice, &nonce);
+        assert_eq!(outcome, RequestOutcome::Ok, "cycle {i}");
+        tokens.push(token.expect("a token"));
+        let (outcome, _) = h.authed(client, &alice, &nonce, method::REFRESH, |w, _| {
+            w.attribute(turn_attr::LIFETIME, &0u32.to_be_bytes());
+        });
+        assert_eq!(outcome, RequestOutcome::Ok);
+    }
+    assert!(
+        h.server.reservations.is_empty(),
+        "no reservation outlives its allocation"
+    );
+    assert!(h.server.per_user.is_empty());
+    assert!(h.sockets.open.is_empty(), "every reserved socket closed");
+    let late = SocketAddr::new(client_ip, 41_000);
+    let nonce = fresh_nonce(&mut h, late);
+    assert_eq!(
+        redeem(&mut h, late, &alice, &nonce, &tokens[0]),
+        (RequestOutcome::Capacity, Some(508)),
+        "the token of a deleted allocation is dead"
+    );
+
+    // A reservation takes a quota slot: two pairs fill a quota of four.
+    let (one, two, three) = (
+        SocketAddr::new(client_ip, 42_001),
+        SocketAddr::new(client_ip, 42_002),
+        SocketAddr::new(client_ip, 42_003),
+    );
+    let nonce_one = fresh_nonce(&mut h, one);
+    let (outcome, token) = reserve_pair(&mut h, one, &alice, &nonce_one);
+    assert_eq!(outcome, RequestOutcome::Ok);
+    let token = token.expect("a token");
+    let nonce_two = fresh_nonce(&mut h, two);
+    assert_eq!(
+        reserve_pair(&mut h, two, &alice, &nonce_two).0,
+        RequestOutcome::Ok
+    );
+    let nonce_three = fresh_nonce(&mut h, three);
+    assert_eq!(
+        reserve_pair(&mut h, three, &alice, &nonce_three).0,
+        RequestOutcome::Quota
+    );
+    let (outcome, reply) = h.authed(three, &alice, &nonce_three, method::ALLOCATE, |w, _| {
+        transport_udp(w);
+    });
+    assert_eq!((outcome, reply.code), (RequestOutcome::Quota, Some(486)));
+
+    // Only the user who reserved may redeem; redeeming moves the slot, it takes
+    // no new one.
+    let nonce_bob = fresh_nonce(&mut h, three);
+    assert_eq!(
+        redeem(&mut h, three, &bob, &nonce_bob, &token),
+        (RequestOutcome::Capacity, Some(508))
+    );
+    assert_eq!(
+        redeem(&mut h, three, &alice, &nonce_three, &token),
+        (RequestOutcome::Ok, None)
+    );
+    assert_eq!(h.server.per_user.get("alice"), Some(&4));
+    // The redeemed socket is an allocation now: deleting its maker leaves it open.
+    let redeemed = h.server.slots[h.server.by_client[&ClientAddr::from(three)]]
+        .as_ref()
+        .expect("allocation")
+        .relay;
+    let (outcome, _) = h.authed(one, &alice, &nonce_one, method::REFRESH, |w, _| {
+        w.attribute(turn_attr::LIFETIME, &0u32.to_be_bytes());
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    assert!(h.sockets.open.contains(&redeemed));
+    assert_eq!(h.server.per_user.get("alice"), Some(&3));
+}
+
 #[test]
 fn bandwidth_cap_drops_the_excess() {
     let config = TurnConfig {
@@ -1201,6 +1333,124 @@ fn spoofed_allocate_flood_keeps_no_state_and_is_throttled() {
         h.server.slots.is_empty() && h.server.by_client.is_empty() && h.server.per_user.is_empty()
     );
     assert!(h.sockets.open.is_empty());
+}
+
+#[test]
+fn a_flood_from_one_source_leaves_the_challenges_of_others() {
+    let mut h = Harness::new(server());
+    let flooder = addr("203.0.113.66:5000");
+    let mut answered = 0;
+    for _ in 0..10_000 {
+        let tid = h.next_tid();
+        let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+        answered += usize::from(h.send(flooder, &datagram).1.is_some());
+    }
+    assert_eq!(answered, 100, "one source gets its burst, not the budget");
+    let tid = h.next_tid();
+    let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let (handled, reply) = h.send(addr(CLIENT), &datagram);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Allocate,
+            outcome: RequestOutcome::Unauthorized
+        }
+    );
+    assert_eq!(reply.expect("a new client is challenged").code, Some(401));
+}
+
+#[test]
+fn live_allocations_refresh_past_a_stale_nonce_while_forged_sources_drain_the_budget() {
+    let config = TurnConfig {
+        challenges_per_second: 100,
+        ..TurnConfig::default()
+    };
+    let mut h = Harness::new(server_with(config));
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    // The nonce lapses (600 s) while forged sources use up the whole budget.
+    let later = NOW_UNIX + 601;
+    for i in 0..1_000u32 {
+        let from = SocketAddr::new(IpAddr::from((0x0A00_0000 + i).to_be_bytes()), 1000);
+        let tid = h.next_tid();
+        let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+        h.stun(from, later, &datagram);
+    }
+    let tid = h.next_tid();
+    let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+    let (_, reply) = h.stun(addr("198.51.100.99:1"), later, &datagram);
+    assert!(reply.is_none(), "the unauthenticated budget is spent");
+    // A signed Refresh with the old nonce still gets its 438, and the new nonce works.
+    let tid = h.next_tid();
+    let refresh = request(
+        method::REFRESH,
+        Class::Request,
+        tid,
+        |_| {},
+        Some((&alice, &nonce)),
+    );
+    let (handled, reply) = h.stun(addr(CLIENT), later, &refresh);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Refresh,
+            outcome: RequestOutcome::StaleNonce
+        }
+    );
+    let reply = reply.expect("438 despite the flood");
+    assert_eq!(reply.code, Some(438));
+    let fresh = reply.nonce();
+    let tid = h.next_tid();
+    let refresh = request(
+        method::REFRESH,
+        Class::Request,
+        tid,
+        |_| {},
+        Some((&alice, &fresh)),
+    );
+    let (handled, _) = h.stun(addr(CLIENT), later, &refresh);
+    assert_eq!(
+        handled,
+        TurnHandled::Request {
+            method: RequestMethod::Refresh,
+            outcome: RequestOutcome::Ok
+        }
+    );
+    // A forged request with a stale nonce but no valid integrity is still budgeted.
+    let mallory = User {
+        username: alice.username.clone(),
+        password: "not-the-password".into(),
+    };
+    let tid = h.next_tid();
+    let forged = request(
+        method::REFRESH,
+        Class::Request,
+        tid,
+        |_| {},
+        Some((&mallory, &nonce)),
+    );
+    let (handled, reply) = h.stun(addr("198.51.100.98:1"), later, &forged);
+    assert_eq!(
+        (handled, reply.map(|r| r.code)),
+        (
+            TurnHandled::Request {
+                method: RequestMethod::Refresh,
+                outcome: RequestOutcome::Throttled
+            },
+            None
+        )
+    );
+    // The budget refills continuously: 100 ms later, ten new clients get answers.
+    h.now += Duration::from_millis(100);
+    let answered = (0..20u32)
+        .filter(|i| {
+            let from = SocketAddr::new(IpAddr::from((0x0C00_0000 + i).to_be_bytes()), 1000);
+            let tid = h.next_tid();
+            let datagram = request(method::ALLOCATE, Class::Request, tid, transport_udp, None);
+            h.stun(from, later, &datagram).1.is_some()
+        })
+        .count();
+    assert_eq!(answered, 10);
 }
 
 proptest! {
@@ -1762,4 +2012,158 @@ fn fast_path_is_silent_when_off_or_when_the_gateway_address_is_unknown() {
     let (_, nonce) = h.allocate(addr(CLIENT), &alice);
     h.bind(addr(CLIENT), &alice, &nonce, 0x4001, addr(PEER));
     assert_eq!(drained(&mut h), vec![]);
+}
+
+/// A fresh client's authenticated Allocate: challenge, then the signed request.
+fn fresh_allocate(h: &mut Harness, client: SocketAddr, who: &User) -> (RequestOutcome, Reply) {
+    let tid = h.next_tid();
+    let nonce = h
+        .send(
+            client,
+            &request(method::ALLOCATE, Class::Request, tid, transport_udp, None),
+        )
+        .1
+        .expect("401")
+        .nonce();
+    h.authed(client, who, &nonce, method::ALLOCATE, |w, _| {
+        transport_udp(w)
+    })
+}
+
+#[test]
+fn draining_sends_new_allocations_elsewhere_and_keeps_serving_existing_ones() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (relayed, nonce) = h.allocate(addr(CLIENT), &alice);
+    let alternate = addr("203.0.113.9:3478");
+    h.server.set_draining(Some(Draining {
+        alternate: Some(alternate),
+    }));
+    assert!(h.server.is_draining());
+    // A newcomer is authenticated first (401 as always), then redirected, signed.
+    let newcomer = addr("198.51.100.30:5000");
+    let bob = user("bob");
+    let (outcome, reply) = fresh_allocate(&mut h, newcomer, &bob);
+    assert_eq!(
+        (outcome, reply.code),
+        (RequestOutcome::TryAlternate, Some(300))
+    );
+    let value = reply
+        .attr(stun_attr::ALTERNATE_SERVER)
+        .expect("ALTERNATE-SERVER");
+    assert_eq!(crate::binding::decode_address(&value), Some(alternate));
+    let key = long_term_key(&bob.username, REALM, &bob.password);
+    Message::parse(&reply.bytes)
+        .expect("parses")
+        .verify_integrity(&key)
+        .expect("the redirect is signed with the requester's key");
+    assert_eq!(h.server.allocation_count(), 1, "nothing allocated");
+    assert_eq!(h.sockets.open, vec![relayed], "no socket opened");
+    // The existing allocation lives on: permission, channel, refresh.
+    let peer = addr(PEER);
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, peer),
+        RequestOutcome::Ok
+    );
+    assert_eq!(
+        h.bind(addr(CLIENT), &alice, &nonce, 0x4001, peer),
+        RequestOutcome::Ok
+    );
+    let (outcome, _) = h.authed(addr(CLIENT), &alice, &nonce, method::REFRESH, |w, _| {
+        w.attribute(turn_attr::LIFETIME, &600u32.to_be_bytes());
+    });
+    assert_eq!(outcome, RequestOutcome::Ok);
+    assert_eq!(
+        h.server
+            .channel_data_from_client(h.now, addr(CLIENT), 0x4001, 10),
+        Ok((relayed, peer)),
+        "data still relayed"
+    );
+    // Without an alternate, a newcomer gets 508 "Draining".
+    h.server.set_draining(Some(Draining { alternate: None }));
+    let (outcome, reply) = fresh_allocate(&mut h, newcomer, &bob);
+    assert_eq!((outcome, reply.code), (RequestOutcome::Draining, Some(508)));
+    assert!(
+        String::from_utf8_lossy(&reply.bytes).contains("Draining"),
+        "the reason says why"
+    );
+    // Ending the drain takes newcomers again.
+    h.server.set_draining(None);
+    let (outcome, _) = fresh_allocate(&mut h, newcomer, &bob);
+    assert_eq!(outcome, RequestOutcome::Ok);
+}
+
+#[test]
+fn a_rotated_secret_keeps_old_allocations_refreshing_and_accepts_new_credentials() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    // Rotate: a new current secret, the old one still accepted.
+    let rotated = SharedSecret::new(b"the new secret").with_previous(SECRET);
+    h.server.set_secret(rotated.clone());
+    let refresh = |h: &mut Harness, who: &User, nonce: &str| {
+        h.authed(addr(CLIENT), who, nonce, method::REFRESH, |w, _| {
+            w.attribute(turn_attr::LIFETIME, &600u32.to_be_bytes());
+        })
+        .0
+    };
+    assert_eq!(refresh(&mut h, &alice, &nonce), RequestOutcome::Ok);
+    let issued = rotated.issue("bob", NOW_UNIX + 3600).expect("issue");
+    let bob = User {
+        username: issued.username,
+        password: issued.password,
+    };
+    let (outcome, _) = fresh_allocate(&mut h, addr("198.51.100.30:5000"), &bob);
+    assert_eq!(outcome, RequestOutcome::Ok, "credentials of the new secret");
+    // Once the old secret is dropped, its credentials are refused, but the
+    // allocation itself stays until it expires.
+    h.server.set_secret(SharedSecret::new(b"the new secret"));
+    assert_eq!(
+        refresh(&mut h, &alice, &nonce),
+        RequestOutcome::Unauthorized
+    );
+    assert_eq!(h.server.allocation_count(), 2);
+}
+
+#[test]
+fn a_reloaded_policy_and_limits_apply_to_new_requests() {
+    let mut h = Harness::new(server());
+    let alice = user("alice");
+    let (_, nonce) = h.allocate(addr(CLIENT), &alice);
+    let inside = addr("10.20.0.5:9");
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, inside),
+        RequestOutcome::Forbidden
+    );
+    h.server.set_policy(PeerPolicy::new(
+        vec![
+            "10.20.0.0/16"
+                .parse::<crate::peer_policy::PeerRange>()
+                .expect("range"),
+        ],
+        vec![],
+        vec![],
+    ));
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, inside),
+        RequestOutcome::Ok
+    );
+    // Limits change, the realm does not (it is in every client's key).
+    h.server.set_config(TurnConfig {
+        realm: "elsewhere".into(),
+        max_permissions: 1,
+        ..TurnConfig::default()
+    });
+    assert_eq!(h.server.config().realm, REALM);
+    assert_eq!(h.server.config().max_permissions, 1);
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, addr("8.8.8.8:1")),
+        RequestOutcome::Capacity,
+        "the new cap applies; the permission it has stays"
+    );
+    assert_eq!(
+        h.permit(addr(CLIENT), &alice, &nonce, inside),
+        RequestOutcome::Ok,
+        "refreshing an existing permission is not a new one"
+    );
 }

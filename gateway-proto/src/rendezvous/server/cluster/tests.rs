@@ -252,6 +252,24 @@ fn relay_offers_and_tcp_seq_cross_nodes_signed_for_the_recipient() {
     let intro = introduce(&mut sim);
     let (a, b) = (addr(ALICE), addr(BOB));
     let (alice, bob) = (creds("alice"), creds("bob"));
+    // An offer of anything but an allocation of the relay is refused: a peer cannot
+    // aim the other side's agent at an address of its choosing.
+    for elsewhere in ["192.0.2.1:9", "203.0.113.51:49152"] {
+        let offer = relay_offer(
+            [2; 12],
+            &bob,
+            Some(&sim.nonce(1, b)),
+            intro,
+            addr(elsewhere),
+        );
+        assert_eq!(
+            sim.send(1, b, &offer),
+            RendezvousHandled::Forbidden,
+            "{elsewhere}"
+        );
+        assert_eq!(response_for(&sim.take(1), "bob").result, Err(403));
+        assert!(sim.take(0).is_empty(), "nothing reaches alice");
+    }
     // Bob's relay offer (to his node) reaches alice from hers, twice.
     let relayed = addr("203.0.113.50:49152");
     let offer = relay_offer([3; 12], &bob, Some(&sim.nonce(1, b)), intro, relayed);
