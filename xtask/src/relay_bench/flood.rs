@@ -146,6 +146,9 @@ impl WireMode {
             .lines()
             .find_map(|l| l.trim().strip_prefix("tx-udp-segmentation:"))
             .is_some_and(|v| v.trim().starts_with("on"));
+        if was_on {
+            restore_on_signal();
+        }
         ethtool_udp_segmentation("off")?;
         eprintln!("flood: ethtool -K lo tx-udp-segmentation off (as on a wire)");
         Ok(Self {
@@ -163,6 +166,42 @@ impl Drop for WireMode {
             }
         }
     }
+}
+
+/// The signal that asked this process to stop (0: none yet).
+static SIGNALLED: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    // Only an atomic store: what a signal handler may safely do.
+    SIGNALLED.store(signal, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Ctrl-C or SIGTERM would end the process without running any drop and leave lo
+/// without UDP segmentation offload: from now on they are caught, and a thread
+/// restores lo (and removes this process's counters) before exiting as the signal
+/// would have. Children started later get the default handlers back at exec.
+fn restore_on_signal() {
+    // SAFETY: installs a handler that only stores to an atomic.
+    unsafe {
+        let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    std::thread::spawn(|| {
+        loop {
+            std::thread::sleep(Duration::from_millis(50));
+            let signal = SIGNALLED.load(std::sync::atomic::Ordering::SeqCst);
+            if signal != 0 {
+                let restored = ethtool_udp_segmentation("on");
+                let table = format!("gateway_flood_{}", std::process::id());
+                let _ = nft(&["delete", "table", "inet", &table], None);
+                eprintln!(
+                    "flood: stopped by signal {signal}; lo's tx-udp-segmentation on: {restored:?}"
+                );
+                std::process::exit(128 + signal);
+            }
+        }
+    });
 }
 
 fn ethtool_udp_segmentation(value: &str) -> Result<()> {
