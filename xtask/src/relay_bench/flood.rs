@@ -159,6 +159,15 @@ impl WireMode {
 
 impl Drop for WireMode {
     fn drop(&mut self) {
+        if self.restore.is_some() {
+            // Signals act as usual again, and no pid is kept that could be reused.
+            // SAFETY: puts back the default dispositions.
+            unsafe {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            }
+            children().clear();
+        }
         if let Some(value) = self.restore {
             match ethtool_udp_segmentation(value) {
                 Ok(()) => eprintln!("flood: ethtool -K lo tx-udp-segmentation {value} (restored)"),
@@ -166,6 +175,21 @@ impl Drop for WireMode {
             }
         }
     }
+}
+
+/// The flood's tools running now, for the signal watcher to stop.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+fn children() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Also stops `pid` (a server of the benchmark, which outlives the flood) should a
+/// signal end the run during `--as-on-a-wire`.
+pub fn stop_on_signal(pid: u32) {
+    children().push(pid);
 }
 
 /// The signal that asked this process to stop (0: none yet).
@@ -192,6 +216,12 @@ fn restore_on_signal() {
             std::thread::sleep(Duration::from_millis(50));
             let signal = SIGNALLED.load(std::sync::atomic::Ordering::SeqCst);
             if signal != 0 {
+                for &pid in children().iter() {
+                    // SAFETY: kill with the pid of a child not yet reaped.
+                    unsafe {
+                        libc::kill(pid as i32, libc::SIGKILL);
+                    }
+                }
                 let restored = ethtool_udp_segmentation("on");
                 let table = format!("gateway_flood_{}", std::process::id());
                 let _ = nft(&["delete", "table", "inet", &table], None);
@@ -350,8 +380,17 @@ struct Running {
     log: PathBuf,
 }
 
+impl Running {
+    fn new(child: Child, log: PathBuf) -> Self {
+        children().push(child.id());
+        Self { child, log }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
+        let pid = self.child.id();
+        children().retain(|&p| p != pid);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -423,7 +462,7 @@ pub fn flood(
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", tools.peer.display()))?;
-        peers.push(Running { child, log });
+        peers.push(Running::new(child, log));
         peer_ports.push(port);
     }
     // Let the reflectors bind.
@@ -440,7 +479,7 @@ pub fn flood(
             .stderr(file)
             .spawn()
             .with_context(|| format!("starting {}", tools.uclient.display()))?;
-        clients.push(Running { child, log });
+        clients.push(Running::new(child, log));
     }
     std::thread::sleep(Duration::from_secs(options.warmup));
     let tool_pids: Vec<u32> = clients.iter().chain(&peers).map(|r| r.child.id()).collect();

@@ -571,6 +571,7 @@ fn start_gateway(kind: GatewayKind) -> Result<GatewayServer> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {command_line}"))?;
+    flood::stop_on_signal(child.id());
     let server = GatewayServer {
         child,
         addr,
@@ -915,6 +916,7 @@ fn start_coturn(
     config.extra_args = extra_args;
     let coturn = Coturn::start(&config).with_context(|| format!("starting {name}"))?;
     eprintln!("{name}: {}", coturn.command_line());
+    flood::stop_on_signal(coturn.pid());
     Ok(coturn)
 }
 
