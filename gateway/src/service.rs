@@ -24,10 +24,13 @@ use crate::{
         earliest,
         rendezvous::{ForgedSynAck, cluster::ClusterRequest, discovery_index},
         stun::{Message, MessageType},
-        turn::{self, server::TurnServer},
+        turn::{
+            self,
+            server::{ClientAddr, TurnServer},
+        },
     },
     rendezvous::{SharedRendezvous, core_deadline, core_pass, core_timeout, inject_forged},
-    turn::RelayShared,
+    turn::{ForwardScratch, RelayShared},
     udp::{Datagram, RecvBatch, SendScratch, ServiceSocket, send_transmits},
 };
 
@@ -200,6 +203,8 @@ pub(crate) struct BatchOutput {
     pub(crate) forged: Vec<ForgedSynAck>,
     /// What the core asks of the cluster (Redis), in order.
     pub(crate) cluster: Vec<ClusterRequest>,
+    /// The relay's client-to-peer buffers.
+    pub(crate) forward: ForwardScratch,
 }
 
 impl BatchOutput {
@@ -249,16 +254,26 @@ fn relay_pass(
     out: &mut BatchOutput,
 ) {
     let mut reply = Vec::new();
+    // ChannelData waiting to be relayed: a run is handed over in one call (one lock,
+    // segmented sends), before any TURN message that follows it, so the order of a
+    // client's datagrams is kept.
+    let mut channel_data: Vec<(ClientAddr, &[u8])> = Vec::new();
+    let mut received = 0u64;
+    let mut received_bytes = 0u64;
     for (index, datagram) in batch.datagrams().enumerate() {
         let Datagram { from, local, bytes } = datagram;
-        metrics.udp_received_datagrams.inc();
-        metrics.udp_received_bytes.inc_by(bytes.len() as u64);
+        received += 1;
+        received_bytes += bytes.len() as u64;
         let label = match relay {
-            Some(relay) if turn::is_channel_data(bytes) => {
-                relay.channel_data(from.into(), bytes);
-                "channel_data"
+            Some(_) if turn::is_channel_data(bytes) => {
+                channel_data.push((from.into(), bytes));
+                out.relay_took.push(true);
+                continue;
             }
             Some(relay) if is_turn_message(bytes) => {
+                if !channel_data.is_empty() {
+                    relay_channel_data(relay, metrics, &mut channel_data, &mut out.forward);
+                }
                 let label = relay.turn_message(from.into(), local, bytes, &mut reply);
                 if !reply.is_empty() {
                     let transmit = Transmit::udp(from, std::mem::take(&mut reply));
@@ -274,6 +289,28 @@ fn relay_pass(
         out.relay_took.push(true);
         metrics.stun_datagrams.with_label_values(&[label]).inc();
     }
+    if let Some(relay) = relay
+        && !channel_data.is_empty()
+    {
+        relay_channel_data(relay, metrics, &mut channel_data, &mut out.forward);
+    }
+    metrics.udp_received_datagrams.inc_by(received);
+    metrics.udp_received_bytes.inc_by(received_bytes);
+}
+
+/// Relays the ChannelData collected so far and counts it.
+fn relay_channel_data(
+    relay: &RelayShared,
+    metrics: &Metrics,
+    channel_data: &mut Vec<(ClientAddr, &[u8])>,
+    forward: &mut ForwardScratch,
+) {
+    relay.channel_data_batch(channel_data, forward);
+    metrics
+        .stun_datagrams
+        .with_label_values(&["channel_data"])
+        .inc_by(channel_data.len() as u64);
+    channel_data.clear();
 }
 
 /// Pass 2 without a rendezvous core: the plain Binding service answers, within

@@ -3,8 +3,16 @@
 //! metrics. The protocol decisions are all in [`crate::proto::turn::server`]; this
 //! module only moves datagrams and carries out the core's events.
 //!
-//! Locking: the core and its socket table share one mutex, taken once per relayed
-//! datagram and once per control message. Whoever feeds the core an input drains
+//! Data plane: relay sockets are read in batches (recvmmsg through quinn-udp, UDP_GRO
+//! so a peer's GSO batch arrives whole) and the client-to-peer ChannelData of a
+//! service-socket batch is handed over at once ([`RelayShared::channel_data_batch`]);
+//! a batch is routed under one acquisition of the lock, and consecutive datagrams of
+//! the same length going the same way leave in one segmented (GSO) send. Each relay
+//! socket's task relays at most `RELAY_TURN` datagrams before the other tasks get
+//! their turn.
+//!
+//! Locking: the core and its socket table share one mutex, taken once per batch of
+//! relayed datagrams and once per control message. Whoever feeds the core an input drains
 //! its outputs under that lock, then releases it before any socket is bound,
 //! registered with epoll, given a task or sent on; a new socket's report back to the
 //! core takes the lock again. Only the kernel fast path's map updates (and counter
@@ -25,6 +33,7 @@ use std::{
 };
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use quinn_udp::{RecvMeta, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -33,8 +42,21 @@ use tokio::{
 
 /// A relay socket: registered with the runtime for readability only, so the sends
 /// that relay traffic through it are plain non-blocking system calls that wake nobody
-/// (and never wait for the runtime to have seen the socket writable first).
-type RelaySocket = AsyncFd<std::net::UdpSocket>;
+/// (and never wait for the runtime to have seen the socket writable first); with its
+/// quinn-udp state for batched reads (recvmmsg, UDP_GRO) and segmented sends (GSO).
+/// The state is the service socket's, shared: what it holds is the kernel's
+/// (GSO support, sendmsg quirks), and building one per socket probes the kernel
+/// with a socket of its own (a third of an allocation's CPU).
+struct RelaySocket {
+    fd: AsyncFd<std::net::UdpSocket>,
+    state: Arc<UdpSocketState>,
+}
+
+impl RelaySocket {
+    fn get_ref(&self) -> &std::net::UdpSocket {
+        self.fd.get_ref()
+    }
+}
 
 use crate::fast_path::{FastPathConfig, RelayFastPath};
 use crate::limits::FdPermit;
@@ -49,7 +71,7 @@ use crate::proto::{
         AddressFamily, CHANNEL_DATA_HEADER, ChannelData, channel_data_header,
         server::{
             ClientAddr, DropReason, EvenPort, FastPath, OpenError, RelayRequestId, RequestMethod,
-            RequestOutcome, TurnConfig, TurnHandled, TurnServer, TurnServerEvent,
+            RequestOutcome, ToClient, TurnConfig, TurnHandled, TurnServer, TurnServerEvent,
         },
     },
 };
@@ -351,6 +373,7 @@ impl RelayShared {
                 config,
                 cursor: AtomicU16::new(rand::random()),
                 runtime: tokio::runtime::Handle::current(),
+                udp_state: client_socket.state.clone(),
             },
             metrics,
             client_socket,
@@ -564,6 +587,120 @@ impl RelayShared {
         }
     }
 
+    /// Relays ChannelData datagrams from clients (in the order received) to their
+    /// bound peers: every one routed under one acquisition of the lock, then sent
+    /// with as few system calls as the routes allow (consecutive datagrams of the same
+    /// length from the same relay socket to the same peer go out as one GSO send).
+    pub fn channel_data_batch(
+        &self,
+        datagrams: &[(ClientAddr, &[u8])],
+        scratch: &mut ForwardScratch,
+    ) {
+        let ForwardScratch {
+            routes,
+            sockets,
+            out,
+        } = scratch;
+        routes.clear();
+        sockets.clear();
+        let now = Instant::now();
+        {
+            let mut state = self.lock();
+            let mut last: Option<SocketAddr> = None;
+            for (index, (client, datagram)) in datagrams.iter().enumerate() {
+                let Ok(message) = ChannelData::parse(datagram) else {
+                    routes.push(Err(DropReason::Malformed));
+                    continue;
+                };
+                let len = message.data.len();
+                let start = datagram.len() - len;
+                let verdict =
+                    state
+                        .core
+                        .channel_data_from_client(now, *client, message.channel, len);
+                let (relay, peer) = match verdict {
+                    Ok(route) => route,
+                    Err(reason) => {
+                        routes.push(Err(reason));
+                        continue;
+                    }
+                };
+                if last != Some(relay) {
+                    let Some(socket) = state.relay_socket(relay) else {
+                        routes.push(Err(DropReason::NoAllocation));
+                        continue;
+                    };
+                    sockets.push(socket);
+                    last = Some(relay);
+                }
+                let peer = if relay.is_ipv6() {
+                    to_v6_mapped(peer)
+                } else {
+                    peer
+                };
+                routes.push(Ok(ClientRoute {
+                    index,
+                    start,
+                    len,
+                    socket: sockets.len() - 1,
+                    peer,
+                }));
+            }
+        }
+        let mut sent = 0u64;
+        let mut sent_bytes = 0u64;
+        let mut i = 0;
+        while i < routes.len() {
+            let route = match &routes[i] {
+                Ok(route) => *route,
+                Err(reason) => {
+                    self.metrics.drop_one(*reason);
+                    i += 1;
+                    continue;
+                }
+            };
+            let Some(socket) = sockets.get(route.socket) else {
+                i += 1;
+                continue;
+            };
+            let data = |r: &ClientRoute| {
+                datagrams
+                    .get(r.index)
+                    .and_then(|(_, d)| d.get(r.start..r.start + r.len))
+                    .unwrap_or_default()
+            };
+            let most = socket
+                .state
+                .max_gso_segments()
+                .min(MAX_GSO_BYTES / route.len.max(1))
+                .max(1);
+            let mut run = 1;
+            while run < most
+                && routes.get(i + run).is_some_and(|next| {
+                    matches!(next, Ok(next) if next.socket == route.socket
+                        && next.peer == route.peer
+                        && next.len == route.len)
+                })
+            {
+                run += 1;
+            }
+            let delivered = if run == 1 {
+                usize::from(socket.get_ref().send_to(data(&route), route.peer).is_ok())
+            } else {
+                out.clear();
+                for next in routes[i..i + run].iter().flatten() {
+                    out.extend_from_slice(data(next));
+                }
+                send_segments(socket, route.peer, out, route.len)
+            };
+            sent += delivered as u64;
+            sent_bytes += (delivered * route.len) as u64;
+            i += run;
+        }
+        self.metrics.packets_to_peer.inc_by(sent);
+        self.metrics.bytes_to_peer.inc_by(sent_bytes);
+    }
+
     /// Hands a TURN request or indication to the core; the reply (if any) is left in
     /// `reply`. Returns the label for `gateway_stun_datagrams_total`.
     pub fn turn_message(
@@ -646,6 +783,8 @@ struct RelayOpener {
     config: RelaySocketConfig,
     cursor: AtomicU16,
     runtime: tokio::runtime::Handle,
+    /// The quinn-udp state every relay socket uses (the service socket's).
+    udp_state: Arc<UdpSocketState>,
 }
 
 /// The socket(s) opened for one request: the relay's, and the reserved one's when a
@@ -723,7 +862,9 @@ impl RelayOpener {
             if addr.is_ipv6() {
                 let _ = socket.set_only_v6(true);
             }
-            let _ = socket.set_recv_buffer_size(256 * 1024);
+            crate::udp::size_recv_buffer(&socket, RELAY_RECV_BUFFER_BYTES);
+            // A peer's GSO batch is read in one go.
+            crate::udp::enable_gro(&socket);
             if socket.set_nonblocking(true).is_err() {
                 continue;
             }
@@ -747,7 +888,8 @@ impl RelayOpener {
         if addr.is_ipv6() {
             let _ = socket.set_only_v6(true);
         }
-        let _ = socket.set_recv_buffer_size(256 * 1024);
+        crate::udp::size_recv_buffer(&socket, RELAY_RECV_BUFFER_BYTES);
+        crate::udp::enable_gro(&socket);
         socket.set_nonblocking(true).ok()?;
         socket.bind(&addr.into()).ok()?;
         Some((socket.into(), fd))
@@ -780,12 +922,15 @@ impl RelayOpener {
     ) -> Result<(SocketAddr, RelaySocketHandle), OpenError> {
         let addr = std_socket.local_addr().map_err(|_| OpenError::NoPort)?;
         let _guard = self.runtime.enter();
+        let state = self.udp_state.clone();
         // SAFETY: the AsyncFd owns the socket, so its descriptor stays open (and is
         // not reused) for as long as it is registered.
-        let socket = Arc::new(
-            unsafe { AsyncFd::register_with_interest(std_socket, Interest::READABLE) }
-                .map_err(|_| OpenError::NoPort)?,
-        );
+        let registered = unsafe { AsyncFd::register_with_interest(std_socket, Interest::READABLE) }
+            .map_err(|_| OpenError::NoPort)?;
+        let socket = Arc::new(RelaySocket {
+            fd: registered,
+            state,
+        });
         let task = self
             .runtime
             .spawn(relay_task(socket.clone(), addr, shared.clone()))
@@ -801,37 +946,91 @@ impl RelayOpener {
     }
 }
 
-/// Largest datagram a relay socket reads, plus room for the ChannelData header.
-const RELAY_BUFFER: usize = 65_536 + CHANNEL_DATA_HEADER;
+/// Largest datagram (or GRO batch) a relay socket reads.
+const RELAY_BUFFER: usize = 65_536;
+/// Buffers one recvmmsg on a relay socket fills.
+const RELAY_BATCH: usize = 32;
+/// Datagrams one relay socket's task relays before it lets the other tasks run: the
+/// round-robin between allocations (a flooding peer gets its turn, not everyone's).
+const RELAY_TURN: usize = 256;
+/// Receive buffer asked for each relay socket: room for a burst from a peer (the
+/// kernel's default, 208 KiB, dropped hundreds of thousands of datagrams under
+/// coturn's flood). Memory is charged only while datagrams wait in it.
+const RELAY_RECV_BUFFER_BYTES: usize = 1024 * 1024;
+/// Largest UDP payload one segmented (GSO) send carries.
+const MAX_GSO_BYTES: usize = 65_000;
 
-thread_local! {
-    /// One receive buffer per worker thread, not per allocation (allocations must
-    /// stay small: thousands of idle relay sockets cost no buffer memory).
-    static RELAY_BUFFERS: RefCell<(Vec<u8>, Vec<u8>)> =
-        RefCell::new((vec![0; RELAY_BUFFER], Vec::with_capacity(2048)));
+/// One datagram of a relay socket's batch: where in the buffers, and where it goes.
+struct PeerRoute {
+    /// Offset and length of the payload in the receive buffers.
+    start: usize,
+    len: usize,
+    peer: SocketAddr,
+    to: Result<ToClient, DropReason>,
 }
 
-/// Forwards what peers send to one relay address back to its client.
+/// The buffers a worker thread's relay tasks share (one set per thread, not per
+/// allocation: allocations must stay small, thousands of idle relay sockets cost no
+/// buffer memory).
+struct RelayScratch {
+    recv: Vec<u8>,
+    metas: [RecvMeta; RELAY_BATCH],
+    routes: Vec<PeerRoute>,
+    /// ChannelData built for one segmented send to a client.
+    out: Vec<u8>,
+    /// A Data indication.
+    indication: Vec<u8>,
+}
+
+impl RelayScratch {
+    fn new() -> Self {
+        Self {
+            recv: vec![0; RELAY_BUFFER * RELAY_BATCH],
+            metas: [RecvMeta::default(); RELAY_BATCH],
+            routes: Vec::new(),
+            out: Vec::with_capacity(MAX_GSO_BYTES + 1024),
+            indication: Vec::with_capacity(2048),
+        }
+    }
+}
+
+thread_local! {
+    static RELAY_SCRATCH: RefCell<RelayScratch> = RefCell::new(RelayScratch::new());
+}
+
+/// Forwards what peers send to one relay address back to its client: batches read
+/// with recvmmsg (GRO batches split), routed under one lock per batch, and sent to
+/// the client as few system calls as the routes allow (consecutive ChannelData of
+/// the same length to the same client go out as one GSO send).
 async fn relay_task(socket: Arc<RelaySocket>, relay: SocketAddr, shared: Weak<RelayShared>) {
     loop {
-        let Ok(mut ready) = socket.readable().await else {
+        let Ok(mut ready) = socket.fd.readable().await else {
             return;
         };
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        // Drain what is queued without awaiting (the buffer is borrowed meanwhile).
-        let drained = RELAY_BUFFERS.with_borrow_mut(|(buffer, indication)| {
-            for _ in 0..64 {
-                let received = socket
-                    .get_ref()
-                    .recv_from(&mut buffer[CHANNEL_DATA_HEADER..]);
-                let (len, peer) = match received {
-                    Ok(received) => received,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
-                    Err(_) => continue,
+        // Drain what is queued without awaiting (the buffers are borrowed meanwhile).
+        let drained = RELAY_SCRATCH.with_borrow_mut(|scratch| {
+            let mut relayed = 0;
+            while relayed < RELAY_TURN {
+                let count = {
+                    let mut chunks = scratch.recv.chunks_mut(RELAY_BUFFER);
+                    let mut bufs: [std::io::IoSliceMut<'_>; RELAY_BATCH] =
+                        std::array::from_fn(|_| {
+                            std::io::IoSliceMut::new(chunks.next().unwrap_or_default())
+                        });
+                    match socket
+                        .state
+                        .recv(socket.get_ref().into(), &mut bufs, &mut scratch.metas)
+                    {
+                        Ok(count) => count,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                        // ICMP errors from earlier sends surface here: read on.
+                        Err(_) => continue,
+                    }
                 };
-                forward_to_client(&shared, relay, peer, buffer, len, indication);
+                relayed += forward_batch_to_client(&shared, relay, scratch, count);
             }
             false
         });
@@ -845,45 +1044,152 @@ async fn relay_task(socket: Arc<RelaySocket>, relay: SocketAddr, shared: Weak<Re
     }
 }
 
-fn forward_to_client(
+/// Routes the `count` buffers just read (under one lock) and sends them on to their
+/// clients. Returns the datagrams handled.
+fn forward_batch_to_client(
     shared: &RelayShared,
     relay: SocketAddr,
-    peer: SocketAddr,
-    buffer: &mut [u8],
-    len: usize,
-    indication: &mut Vec<u8>,
-) {
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-    let verdict = shared
-        .lock()
-        .core
-        .data_from_peer(Instant::now(), relay, peer, len);
-    let to = match verdict {
-        Ok(to) => to,
-        Err(reason) => {
-            shared.metrics.drop_one(reason);
-            return;
+    scratch: &mut RelayScratch,
+    count: usize,
+) -> usize {
+    let RelayScratch {
+        recv,
+        metas,
+        routes,
+        out,
+        indication,
+    } = scratch;
+    routes.clear();
+    let now = Instant::now();
+    {
+        let mut state = shared.lock();
+        for (index, meta) in metas.iter().take(count).enumerate() {
+            let peer = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
+            let stride = meta.stride.max(1);
+            let base = index * RELAY_BUFFER;
+            let mut offset = 0;
+            while offset < meta.len {
+                let len = stride.min(meta.len - offset);
+                let to = state.core.data_from_peer(now, relay, peer, len);
+                routes.push(PeerRoute {
+                    start: base + offset,
+                    len,
+                    peer,
+                    to,
+                });
+                offset += stride;
+            }
         }
-    };
-    let sent = match to.channel {
-        Some(channel) => {
-            buffer[..CHANNEL_DATA_HEADER].copy_from_slice(&channel_data_header(channel, len));
-            shared.send_to_client(to.client, to.local, &buffer[..CHANNEL_DATA_HEADER + len])
-        }
-        None => {
+    }
+    let max_segments = shared.client_socket.max_gso_segments();
+    let mut sent = 0u64;
+    let mut sent_bytes = 0u64;
+    let mut i = 0;
+    while i < routes.len() {
+        let route = &routes[i];
+        let to = match &route.to {
+            Ok(to) => *to,
+            Err(reason) => {
+                shared.metrics.drop_one(*reason);
+                i += 1;
+                continue;
+            }
+        };
+        let payload = recv
+            .get(route.start..route.start + route.len)
+            .unwrap_or_default();
+        let Some(channel) = to.channel else {
             let tid_seed = shared
                 .tid_counter
                 .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
             let mut tid = [0u8; 12];
             tid[..8].copy_from_slice(&tid_seed.to_be_bytes());
-            let data = &buffer[CHANNEL_DATA_HEADER..CHANNEL_DATA_HEADER + len];
-            crate::proto::turn::data_indication(tid, peer, data, indication);
-            shared.send_to_client(to.client, to.local, indication)
+            crate::proto::turn::data_indication(tid, route.peer, payload, indication);
+            if shared.send_to_client(to.client, to.local, indication) {
+                sent += 1;
+                sent_bytes += route.len as u64;
+            }
+            i += 1;
+            continue;
+        };
+        // The run of datagrams after this one going the same way with the same
+        // length: one segmented send (UDP only: TCP clients get a frame each).
+        let segment = CHANNEL_DATA_HEADER + route.len;
+        let most = if to.client.transport == Transport::Udp {
+            max_segments.min(MAX_GSO_BYTES / segment).max(1)
+        } else {
+            1
+        };
+        let mut run = 1;
+        while run < most
+            && routes.get(i + run).is_some_and(|next| {
+                next.len == route.len && matches!(&next.to, Ok(next_to) if *next_to == to)
+            })
+        {
+            run += 1;
         }
+        out.clear();
+        for r in &routes[i..i + run] {
+            out.extend_from_slice(&channel_data_header(channel, r.len));
+            out.extend_from_slice(recv.get(r.start..r.start + r.len).unwrap_or_default());
+        }
+        let delivered = if run == 1 {
+            usize::from(shared.send_to_client(to.client, to.local, out))
+        } else {
+            shared
+                .client_socket
+                .try_send_segments(to.client.addr, to.local, out, segment)
+        };
+        sent += delivered as u64;
+        sent_bytes += (delivered * route.len) as u64;
+        i += run;
+    }
+    shared.metrics.packets_to_client.inc_by(sent);
+    shared.metrics.bytes_to_client.inc_by(sent_bytes);
+    routes.len()
+}
+
+/// Where one ChannelData datagram of a batch goes.
+#[derive(Clone, Copy, Debug)]
+struct ClientRoute {
+    /// The datagram (index into the batch) and its payload's place in it.
+    index: usize,
+    start: usize,
+    len: usize,
+    /// The relay socket (index into [`ForwardScratch::sockets`]).
+    socket: usize,
+    /// The peer, as the socket's family writes it.
+    peer: SocketAddr,
+}
+
+/// Buffers of the client-to-peer path ([`RelayShared::channel_data_batch`]), kept by
+/// the caller across batches so nothing is allocated per batch.
+#[derive(Default)]
+pub struct ForwardScratch {
+    routes: Vec<Result<ClientRoute, DropReason>>,
+    sockets: Vec<Arc<RelaySocket>>,
+    /// Payloads of one segmented send.
+    out: Vec<u8>,
+}
+
+/// Sends `contents`, datagrams of `segment` bytes, from a relay socket to `peer` as
+/// one GSO send without waiting (one by one should the kernel refuse it). Returns
+/// how many left.
+fn send_segments(socket: &RelaySocket, peer: SocketAddr, contents: &[u8], segment: usize) -> usize {
+    let transmit = quinn_udp::Transmit {
+        destination: peer,
+        ecn: None,
+        contents,
+        segment_size: Some(segment),
+        src_ip: None,
     };
-    if sent {
-        shared.metrics.packets_to_client.inc();
-        shared.metrics.bytes_to_client.inc_by(len as u64);
+    match socket.state.try_send(socket.get_ref().into(), &transmit) {
+        Ok(()) => contents.len().div_ceil(segment.max(1)),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+        Err(_) => contents
+            .chunks(segment.max(1))
+            .filter(|one| socket.get_ref().send_to(one, peer).is_ok())
+            .count(),
     }
 }
 
@@ -1321,6 +1627,12 @@ mod tests {
             },
             cursor: AtomicU16::new(0),
             runtime: tokio::runtime::Handle::current(),
+            udp_state: Arc::new(
+                UdpSocketState::new(
+                    (&std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket")).into(),
+                )
+                .expect("quinn-udp state"),
+            ),
         }
     }
 

@@ -47,11 +47,47 @@ pub fn bind(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
     if addr.is_ipv6() {
         socket.set_only_v6(false).map_err(err)?;
     }
-    // Best effort: the kernel caps this at net.core.rmem_max.
-    let _ = socket.set_recv_buffer_size(RECV_BUFFER_BYTES);
+    // Best effort: without CAP_NET_ADMIN the kernel caps this at net.core.rmem_max.
+    size_recv_buffer(&socket, RECV_BUFFER_BYTES);
     socket.set_nonblocking(true).map_err(err)?;
     socket.bind(&addr.into()).map_err(err)?;
     UdpSocket::from_std(socket.into()).map_err(err)
+}
+
+/// Asks for a receive buffer of `bytes` for `socket`: beyond `net.core.rmem_max`
+/// where the process may (SO_RCVBUFFORCE, CAP_NET_ADMIN), else up to it (SO_RCVBUF).
+/// Best effort: a socket keeps the size it got.
+pub(crate) fn size_recv_buffer(socket: &Socket, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a live descriptor with a pointer to a c_int and its size.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        let _ = socket.set_recv_buffer_size(bytes);
+    }
+}
+
+/// Turns on UDP_GRO: datagrams of one flow arriving back to back (a GSO batch) are
+/// read as one buffer with their segment size. Best effort.
+pub(crate) fn enable_gro(socket: &Socket) {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a live descriptor with a pointer to a c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Datagram buffers read per system call (recvmmsg).
@@ -127,6 +163,49 @@ impl ServiceSocket {
         self.state
             .send(self.socket.get_ref().into(), &transmit)
             .is_ok()
+    }
+
+    /// Most segments one GSO send may carry on this socket (1: no GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Sends `contents`, datagrams of `segment` bytes each (the last may be shorter),
+    /// to `to` from `local` as one segmented (GSO) send without waiting; should the
+    /// kernel refuse it, one by one. Returns how many datagrams left.
+    pub fn try_send_segments(
+        &self,
+        to: SocketAddr,
+        local: Option<IpAddr>,
+        contents: &[u8],
+        segment: usize,
+    ) -> usize {
+        let datagrams = contents.len().div_ceil(segment.max(1));
+        let destination = if self.dual_stack {
+            to_v6_mapped(to)
+        } else {
+            to
+        };
+        let src_ip = local.map(|ip| match (self.dual_stack, ip) {
+            (true, IpAddr::V4(v4)) => IpAddr::V6(v4.to_ipv6_mapped()),
+            _ => ip,
+        });
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: (datagrams > 1).then_some(segment),
+            src_ip,
+        };
+        match self.state.try_send(self.socket.get_ref().into(), &transmit) {
+            Ok(()) => datagrams,
+            // A full buffer drops them all, as one datagram would be.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(_) => contents
+                .chunks(segment.max(1))
+                .filter(|one| self.try_send(to, local, one))
+                .count(),
+        }
     }
 
     /// Waits until the socket can take a datagram again (after a send hit a full

@@ -15,6 +15,9 @@ use gateway::proto::binding;
 
 /// The binary Debian's `coturn` package installs (`cargo xtask setup` installs it).
 pub const TURNSERVER: &str = "turnserver";
+/// The coturn release vendored beside the workspace (`../shared/vendor`), the
+/// relay's performance baseline: built by [`build_vendored`].
+pub const VENDORED_VERSION: &str = "4.17.1";
 
 /// Why coturn could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,14 @@ pub enum CoturnError {
     /// It exited or did not answer a STUN Binding in time.
     #[error("turnserver did not come up: {0}")]
     NotReady(String),
+    /// The vendored source could not be built.
+    #[error("building coturn {VENDORED_VERSION} from {tarball}: {why}")]
+    Build {
+        /// The source tarball.
+        tarball: PathBuf,
+        /// What failed (with the tail of the build's output).
+        why: String,
+    },
 }
 
 /// How to run coturn.
@@ -50,6 +61,9 @@ pub struct CoturnConfig {
     pub relay_ports: (u16, u16),
     /// Further flags, appended as given.
     pub extra_args: Vec<String>,
+    /// The `turnserver` binary: [`TURNSERVER`] from `PATH` (Debian's), or a vendored
+    /// build's ([`VendoredCoturn::turnserver`]).
+    pub turnserver: PathBuf,
 }
 
 impl CoturnConfig {
@@ -65,6 +79,7 @@ impl CoturnConfig {
             relay_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             relay_ports: (start, start + 199),
             extra_args: Vec::new(),
+            turnserver: PathBuf::from(TURNSERVER),
         }
     }
 }
@@ -80,7 +95,12 @@ pub struct Coturn {
 
 /// Whether `turnserver` can be run.
 pub fn available() -> bool {
-    Command::new(TURNSERVER)
+    runs(Path::new(TURNSERVER))
+}
+
+/// Whether `binary --version` can be run.
+fn runs(binary: &Path) -> bool {
+    Command::new(binary)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -145,7 +165,7 @@ impl Coturn {
     /// Starts `turnserver` on a free UDP port of `config.listen_ip` and waits until it
     /// answers a STUN Binding (up to 10 s). Tries three ports before giving up.
     pub fn start(config: &CoturnConfig) -> Result<Self, CoturnError> {
-        if !available() {
+        if !runs(&config.turnserver) {
             return Err(CoturnError::Missing);
         }
         let mut last_error = String::new();
@@ -171,8 +191,8 @@ impl Coturn {
             source,
         })?;
         let args = Self::args(config, port, &dir);
-        let command_line = format!("{TURNSERVER} {}", args.join(" "));
-        let child = Command::new(TURNSERVER)
+        let command_line = format!("{} {}", config.turnserver.display(), args.join(" "));
+        let child = Command::new(&config.turnserver)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -273,4 +293,164 @@ impl Drop for Coturn {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A coturn built from the vendored source: where its binaries are.
+#[derive(Clone, Debug)]
+pub struct VendoredCoturn {
+    bin: PathBuf,
+}
+
+impl VendoredCoturn {
+    /// Its `turnserver`.
+    pub fn turnserver(&self) -> PathBuf {
+        self.bin.join("turnserver")
+    }
+
+    /// Its load generator, `turnutils_uclient` (with `-Y packet`, the packet flood).
+    pub fn uclient(&self) -> PathBuf {
+        self.bin.join("turnutils_uclient")
+    }
+
+    /// Its UDP reflector, `turnutils_peer` (echoes batches with GSO).
+    pub fn peer(&self) -> PathBuf {
+        self.bin.join("turnutils_peer")
+    }
+}
+
+/// The workspace this crate belongs to.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The vendored tarball: `../shared/vendor/coturn-4.17.1.tar.gz` beside the
+/// workspace (from a git worktree elsewhere, beside its main checkout), or under
+/// `$GATEWAY_SHARED_DIR/vendor` when that is set.
+pub fn vendored_tarball() -> PathBuf {
+    let name = format!("coturn-{VENDORED_VERSION}.tar.gz");
+    if let Some(shared) = std::env::var_os("GATEWAY_SHARED_DIR") {
+        return PathBuf::from(shared).join("vendor").join(name);
+    }
+    let beside = |root: &Path| {
+        root.parent()
+            .map(|p| p.join("shared").join("vendor").join(&name))
+    };
+    let root = workspace_root();
+    let here = beside(&root).unwrap_or_else(|| PathBuf::from("../shared/vendor").join(&name));
+    if here.is_file() {
+        return here;
+    }
+    // A worktree: the main checkout is the parent of the common git directory.
+    let common = Command::new("git")
+        .args(["rev-parse", "--path-format=absolute", "--git-common-dir"])
+        .current_dir(&root)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    common
+        .as_deref()
+        .and_then(Path::parent)
+        .and_then(beside)
+        .filter(|p| p.is_file())
+        .unwrap_or(here)
+}
+
+/// Builds coturn [`VENDORED_VERSION`] from [`vendored_tarball`] into
+/// `target/coturn-4.17.1` (`./configure && make`, optimised with `-O2` like a
+/// distribution's build; needs Debian's libevent-dev, libssl-dev and pkg-config), once:
+/// later calls find the binaries and return at once. Concurrent callers (test
+/// threads, processes) wait for one build under a lock file.
+pub fn build_vendored() -> Result<VendoredCoturn, CoturnError> {
+    let tarball = vendored_tarball();
+    let fail = |why: String| CoturnError::Build {
+        tarball: tarball.clone(),
+        why,
+    };
+    let home = workspace_root()
+        .join("target")
+        .join(format!("coturn-{VENDORED_VERSION}"));
+    let built = VendoredCoturn {
+        bin: home.join("bin"),
+    };
+    let done = |b: &VendoredCoturn| {
+        [b.turnserver(), b.uclient(), b.peer()]
+            .iter()
+            .all(|p| p.is_file())
+    };
+    if done(&built) {
+        return Ok(built);
+    }
+    std::fs::create_dir_all(&home)
+        .map_err(|e| fail(format!("creating {}: {e}", home.display())))?;
+    let lock = std::fs::File::create(home.join(".lock"))
+        .map_err(|e| fail(format!("creating the lock file: {e}")))?;
+    // SAFETY: flock on a descriptor this function owns; released when it closes.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(fail(format!(
+            "locking: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    if done(&built) {
+        return Ok(built);
+    }
+    if !tarball.is_file() {
+        return Err(fail("the tarball is missing".to_owned()));
+    }
+    let source = home.join("src");
+    let _ = std::fs::remove_dir_all(&source);
+    std::fs::create_dir_all(&source).map_err(|e| fail(format!("creating the source dir: {e}")))?;
+    let jobs = std::thread::available_parallelism().map_or(1, usize::from);
+    let configure = source.join("configure").display().to_string();
+    let steps: [(&str, Vec<String>); 3] = [
+        (
+            "tar",
+            vec![
+                "-xzf".to_owned(),
+                tarball.display().to_string(),
+                "-C".to_owned(),
+                source.display().to_string(),
+                "--strip-components=1".to_owned(),
+            ],
+        ),
+        (configure.as_str(), Vec::new()),
+        ("make", vec![format!("-j{jobs}")]),
+    ];
+    let log_path = home.join("build.log");
+    for (program, args) in steps {
+        let log = std::fs::File::create(&log_path)
+            .and_then(|f| Ok((f.try_clone()?, f)))
+            .map_err(|e| fail(format!("creating {}: {e}", log_path.display())))?;
+        let status = Command::new(program)
+            .args(&args)
+            .current_dir(&source)
+            .env("CFLAGS", "-O2")
+            .stdin(Stdio::null())
+            .stdout(log.0)
+            .stderr(log.1)
+            .status()
+            .map_err(|e| fail(format!("running {program}: {e}")))?;
+        if !status.success() {
+            let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let lines: Vec<&str> = output.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            return Err(fail(format!(
+                "{program} {} failed ({status}); needs libevent-dev libssl-dev pkg-config (cargo xtask setup):\n{tail}",
+                args.join(" ")
+            )));
+        }
+    }
+    let bin = home.join("bin");
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir_all(&bin).map_err(|e| fail(format!("creating bin: {e}")))?;
+    for name in ["turnserver", "turnutils_uclient", "turnutils_peer"] {
+        std::fs::copy(source.join("bin").join(name), bin.join(name))
+            .map_err(|e| fail(format!("copying {name}: {e}")))?;
+    }
+    // The sources and objects are not needed once the binaries are out.
+    let _ = std::fs::remove_dir_all(&source);
+    Ok(built)
 }

@@ -13,5 +13,6 @@ pub mod loopback;
 pub mod prometheus;
 pub mod punch;
 pub mod redis;
+pub mod relay_gateway;
 pub mod tcp;
 pub mod turn;

@@ -22,7 +22,10 @@ use anyhow::{Context, Result, bail};
 /// dashboard's lab run) and `demo --nodes N` one inside the lab's Redis host (the
 /// package's own service is not used); systemd: `systemd-analyze verify` of the
 /// Debian package's unit (`cargo xtask deb`; dpkg-deb itself is in dpkg, always
-/// there).
+/// there); libevent-dev, libssl-dev and pkg-config: to build coturn 4.17.1 from
+/// `../shared/vendor` (the relay benchmark's baseline and the relay smoke test's load
+/// generator and reflector); ethtool: the relay benchmark's `--as-on-a-wire` (UDP
+/// segmentation offload off on `lo`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -37,6 +40,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "prometheus",
     "redis-server",
     "systemd",
+    "libevent-dev",
+    "libssl-dev",
+    "pkg-config",
+    "ethtool",
 ];
 /// Debian's policy hook that tells maintainer scripts not to start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

@@ -7,6 +7,7 @@
 //! `bench-relay` starts coturn (and with `--gateway` the gateway) on loopback,
 //! alternates the same scenarios between them, and prints medians and ratios.
 mod fleet;
+mod flood;
 mod load;
 mod mmsg;
 
@@ -22,6 +23,7 @@ use gateway_tests::coturn::{self, Coturn, CoturnConfig};
 
 use self::{
     fleet::Target,
+    flood::{Flood, FloodOptions, FloodTarget, FloodTools, WireMode},
     load::{Memory, Rate, Throughput, ThroughputOptions},
 };
 use crate::toolchain;
@@ -29,9 +31,16 @@ use crate::toolchain;
 /// The benchmark's shared secret and realm (loopback only, never a real secret).
 const SECRET: &str = "bench-relay-secret";
 const REALM: &str = "bench.relay";
-/// Relay port ranges: disjoint, below Linux's ephemeral range, wide enough for the
-/// held allocations.
-const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 19_999);
+/// Relay port ranges: disjoint, below Linux's ephemeral range (32768 on), each wide
+/// enough for the 5000 held allocations. Debian's coturn 4.6.1:
+const COTURN_RELAY_PORTS: (u16, u16) = (10_000, 15_999);
+/// coturn 4.17.1 for the windowed method.
+const NEW_COTURN_RELAY_PORTS: (u16, u16) = (2_000, 7_999);
+/// coturn 4.17.1 for the flood (with --multiplex-peer it relays from the ports at
+/// [`MULTIPLEX_PEER_PORT`] instead).
+const FLOOD_COTURN_RELAY_PORTS: (u16, u16) = (16_000, 19_999);
+/// coturn 4.17.1's --multiplex-peer-port: two ports per relay thread from here.
+const MULTIPLEX_PEER_PORT: u16 = 9_100;
 const GATEWAY_RELAY_PORTS: (u16, u16) = (20_000, 25_999);
 /// The second gateway's (with the kernel fast path).
 const FAST_GATEWAY_RELAY_PORTS: (u16, u16) = (26_000, 31_999);
@@ -126,11 +135,68 @@ pub struct TurnLoadArgs {
     load: LoadArgs,
 }
 
+/// The two ways of loading a relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Method {
+    /// The project's: client-to-client pairs with a window of messages in flight
+    /// (throughput), plus Bindings, allocations and memory per allocation.
+    Windowed,
+    /// coturn's: `turnutils_uclient -Y packet` to `turnutils_peer` reflectors.
+    Flood,
+    /// Both, one after the other, on the same servers.
+    All,
+}
+
+/// Options of the packet-flood method.
+#[derive(Clone, Debug, clap::Args)]
+pub struct FloodArgs {
+    /// Segment GSO batches before loopback's receive path, as on a wire (`ethtool -K
+    /// lo tx-udp-segmentation off` for the run, restored afterwards; root).
+    #[arg(long)]
+    as_on_a_wire: bool,
+    /// Seconds measured per flood.
+    #[arg(long, default_value_t = 5)]
+    flood_seconds: u64,
+    /// Seconds of flooding before the measured window.
+    #[arg(long, default_value_t = 2)]
+    flood_warmup: u64,
+    /// Payload bytes of the flood (`turnutils_uclient -l`).
+    #[arg(long, default_value_t = 120)]
+    flood_payload: usize,
+    /// uclient processes (each `-m 1` to its own reflector).
+    #[arg(long, default_value_t = 1)]
+    flood_streams: usize,
+    /// uclient's `--sender-threads`.
+    #[arg(long, default_value_t = 1)]
+    flood_sender_threads: usize,
+}
+
+impl FloodArgs {
+    fn options(&self) -> FloodOptions {
+        FloodOptions {
+            seconds: self.flood_seconds,
+            warmup: self.flood_warmup,
+            payload: self.flood_payload,
+            streams: self.flood_streams,
+            sender_threads: self.flood_sender_threads,
+        }
+    }
+}
+
 /// Options of `cargo xtask bench-relay`.
 #[derive(Debug, clap::Args)]
 pub struct BenchRelayArgs {
     #[command(flatten)]
     load: LoadArgs,
+    /// The project's windowed method, coturn's packet flood, or both.
+    #[arg(long, value_enum, default_value = "windowed")]
+    method: Method,
+    #[command(flatten)]
+    flood: FloodArgs,
+    /// Leave out Debian's coturn 4.6.1 (coturn 4.17.1, built from
+    /// ../shared/vendor, always runs: it is the baseline).
+    #[arg(long)]
+    no_debian_coturn: bool,
     /// Alternating rounds (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
@@ -196,6 +262,8 @@ struct Figures {
     bindings: Option<Rate>,
     /// Measured once per server, first, on the fresh process.
     memory: Option<Memory>,
+    /// coturn's packet flood.
+    flood: Option<Flood>,
 }
 
 /// One measurement of one round.
@@ -360,7 +428,7 @@ pub fn turn_load(args: TurnLoadArgs) -> Result<()> {
         name: "target".into(),
         rounds: vec![figures],
     }];
-    print_table(&args.load, &columns);
+    print_table(metrics(&args.load), &columns);
     Ok(())
 }
 
@@ -503,6 +571,7 @@ fn start_gateway(kind: GatewayKind) -> Result<GatewayServer> {
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {command_line}"))?;
+    flood::stop_on_signal(child.id());
     let server = GatewayServer {
         child,
         addr,
@@ -561,6 +630,43 @@ type Metric = (String, Box<dyn Fn(&Figures) -> Option<f64>>, Precision);
 /// The median over a column's rounds of one row's figure.
 fn column_value(column: &Column, read: &dyn Fn(&Figures) -> Option<f64>) -> Option<f64> {
     median(column.rounds.iter().filter_map(read).collect())
+}
+
+/// The rows of coturn's packet flood.
+fn flood_metrics(flood: &FloodArgs) -> Vec<Metric> {
+    use Precision::{Hundredths, Whole};
+    let payload = flood.flood_payload;
+    let rate = |label: &str, read: fn(&Flood) -> f64| -> Metric {
+        (
+            format!("{label}, {payload} B"),
+            Box::new(move |r: &Figures| r.flood.as_ref().map(read)),
+            Whole,
+        )
+    };
+    vec![
+        rate("offered ChannelData/s (client to server)", |f| f.offered),
+        rate("**client to peer delivered/s**", |f| f.to_peer),
+        rate("reflector echoes/s (what it received)", |f| f.echoed),
+        rate("**peer to client delivered/s**", |f| f.to_client),
+        rate("uclient recv_pps (median; coturn's metric)", |f| {
+            f.uclient_recv
+        }),
+        (
+            "return loss % (echoes not delivered to the client)".to_owned(),
+            Box::new(|r| r.flood.as_ref().map(Flood::return_loss_percent)),
+            Hundredths,
+        ),
+        (
+            "server CPU µs per relayed datagram".to_owned(),
+            Box::new(|r| r.flood.as_ref().and_then(Flood::server_us_per_message)),
+            Hundredths,
+        ),
+        (
+            "server + uclient + reflector CPU µs per relayed datagram".to_owned(),
+            Box::new(|r| r.flood.as_ref().and_then(Flood::all_us_per_message)),
+            Hundredths,
+        ),
+    ]
 }
 
 fn metrics(load: &LoadArgs) -> Vec<Metric> {
@@ -632,7 +738,7 @@ fn format_value(value: Option<f64>, precision: Precision) -> String {
     }
 }
 
-fn print_table(load: &LoadArgs, columns: &[Column]) {
+fn print_table(rows: Vec<Metric>, columns: &[Column]) {
     let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
     // One ratio column per server against the first (coturn).
     let ratio_header: String = names
@@ -664,7 +770,7 @@ fn print_table(load: &LoadArgs, columns: &[Column]) {
         }
         cells
     };
-    for (label, read, precision) in metrics(load) {
+    for (label, read, precision) in rows {
         let values: Vec<Option<f64>> = columns
             .iter()
             .map(|c| column_value(c, read.as_ref()))
@@ -775,22 +881,103 @@ fn uclient_summary(text: &str) -> Option<(u64, u64, u64)> {
     Some((sent, received, seconds?))
 }
 
+/// coturn 4.17.1's flags for the packet flood: its documented best (one shared relay
+/// socket pair per thread, sendmmsg with UDP GSO, recvmmsg on the shared sockets).
+fn flood_coturn_flags() -> Vec<String> {
+    [
+        "--multiplex-peer",
+        "--multiplex-peer-port",
+        &MULTIPLEX_PEER_PORT.to_string(),
+        "--udp-gso",
+        "--udp-recvmmsg",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+/// coturn 4.17.1's flags for the windowed method: `--multiplex-peer` cannot relay
+/// between two clients of the same server (a client's peer is then the server's own
+/// shared relay socket: ChannelBind answers 400), so only what remains of its fast
+/// paths, batched receives on the client listener.
+fn windowed_coturn_flags() -> Vec<String> {
+    vec!["--udp-recvmmsg".to_owned()]
+}
+
+fn start_coturn(
+    turnserver: PathBuf,
+    relay_ports: (u16, u16),
+    extra_args: Vec<String>,
+    name: &str,
+) -> Result<Coturn> {
+    let mut config = CoturnConfig::loopback(SECRET, REALM);
+    config.relay_ports = relay_ports;
+    config.turnserver = turnserver;
+    config.extra_args = extra_args;
+    let coturn = Coturn::start(&config).with_context(|| format!("starting {name}"))?;
+    eprintln!("{name}: {}", coturn.command_line());
+    flood::stop_on_signal(coturn.pid());
+    Ok(coturn)
+}
+
+fn coturn_target(coturn: &Coturn) -> Target {
+    Target {
+        server: coturn.addr(),
+        secret: SECRET.to_owned(),
+        pid: Some(coturn.pid()),
+    }
+}
+
 /// `cargo xtask bench-relay`.
 pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
     if run_in_release()? {
         return Ok(());
     }
     raise_fd_limit();
-    let mut config = CoturnConfig::loopback(SECRET, REALM);
-    config.relay_ports = COTURN_RELAY_PORTS;
-    let coturn = Coturn::start(&config).context("starting coturn")?;
-    eprintln!("coturn: {}", coturn.command_line());
-    let coturn_target = Target {
-        server: coturn.addr(),
-        secret: SECRET.to_owned(),
-        pid: Some(coturn.pid()),
+    let windowed = matches!(args.method, Method::Windowed | Method::All);
+    let flooding = matches!(args.method, Method::Flood | Method::All);
+    let started = Instant::now();
+    let vendored = coturn::build_vendored().context("building coturn 4.17.1")?;
+    eprintln!(
+        "coturn {}: {} (built from {}; {:.0} s)",
+        coturn::VENDORED_VERSION,
+        vendored.turnserver().display(),
+        coturn::vendored_tarball().display(),
+        started.elapsed().as_secs_f64()
+    );
+    let new_coturn = if windowed {
+        Some(start_coturn(
+            vendored.turnserver(),
+            NEW_COTURN_RELAY_PORTS,
+            windowed_coturn_flags(),
+            "coturn-4.17.1",
+        )?)
+    } else {
+        None
     };
-    check_realm(&coturn_target, REALM)?;
+    let flood_coturn = if flooding {
+        Some(start_coturn(
+            vendored.turnserver(),
+            FLOOD_COTURN_RELAY_PORTS,
+            flood_coturn_flags(),
+            "coturn-4.17.1 (flood)",
+        )?)
+    } else {
+        None
+    };
+    let old_coturn = if args.no_debian_coturn {
+        None
+    } else {
+        Some(start_coturn(
+            PathBuf::from(coturn::TURNSERVER),
+            COTURN_RELAY_PORTS,
+            Vec::new(),
+            "coturn-4.6.1 (Debian)",
+        )?)
+    };
+    for coturn in new_coturn.iter().chain(&flood_coturn).chain(&old_coturn) {
+        check_realm(&coturn_target(coturn), REALM)?;
+    }
     let gateway = if args.gateway || args.gateway_binding_only {
         let kind = if args.gateway {
             GatewayKind::Relay
@@ -822,39 +1009,142 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
             check_realm(target, REALM)?;
         }
     }
+    let gateways: Vec<(&str, &Target)> = gateway_target
+        .as_ref()
+        .map(|t| ("gateway", t))
+        .into_iter()
+        .chain(fast_target.as_ref().map(|t| ("gateway-ebpf", t)))
+        .collect();
+    let old_target = old_coturn.as_ref().map(coturn_target);
+    if args.uclient
+        && let Some(old) = &old_coturn
+    {
+        run_uclient(old, &args.load)?;
+    }
+    if let Some(new) = &new_coturn {
+        let new_target = coturn_target(new);
+        let targets: Vec<(&str, &Target)> = std::iter::once(("coturn-4.17.1", &new_target))
+            .chain(old_target.as_ref().map(|t| ("coturn-4.6.1", t)))
+            .chain(gateways.iter().copied())
+            .collect();
+        run_windowed(&args, &targets)?;
+    }
+    if let Some(flood_coturn) = &flood_coturn {
+        let tools = FloodTools {
+            uclient: vendored.uclient(),
+            peer: vendored.peer(),
+        };
+        let flood_target = |t: &Target| FloodTarget {
+            server: t.server,
+            secret: t.secret.clone(),
+            pid: t.pid,
+        };
+        let targets: Vec<(&str, FloodTarget)> =
+            std::iter::once(("coturn-4.17.1", flood_target(&coturn_target(flood_coturn))))
+                .chain(
+                    old_target
+                        .as_ref()
+                        .map(|t| ("coturn-4.6.1", flood_target(t))),
+                )
+                .chain(gateways.iter().map(|(n, t)| (*n, flood_target(t))))
+                .collect();
+        run_floods(&args, &tools, &targets)?;
+    }
+    drop(fast_gateway);
+    drop(gateway);
+    Ok(())
+}
+
+/// coturn's packet flood on every target, `--rounds` times in alternating order.
+fn run_floods(
+    args: &BenchRelayArgs,
+    tools: &FloodTools,
+    targets: &[(&str, FloodTarget)],
+) -> Result<()> {
+    let options = args.flood.options();
+    let dir = std::env::temp_dir().join(format!("bench-relay-flood-{}", std::process::id()));
+    let _wire = WireMode::new(args.flood.as_on_a_wire)?;
+    if let Some((_, first)) = targets.first() {
+        eprintln!(
+            "flood: turnutils_uclient {} (one per stream, each to its own turnutils_peer -L 127.0.0.1 -p PORT)",
+            flood::uclient_args(first, 0, &options).join(" ")
+        );
+    }
+    let mut columns: Vec<Column> = targets
+        .iter()
+        .map(|(name, _)| Column {
+            name: (*name).into(),
+            rounds: Vec::new(),
+        })
+        .collect();
+    for round in 0..args.rounds.max(1) {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut figures = vec![Figures::default(); targets.len()];
+        for &index in &order {
+            let (name, target) = &targets[index];
+            eprintln!("round {}: {name}: flood", round + 1);
+            let result = flood::flood(tools, target, &options, &dir.join(name))
+                .with_context(|| format!("{name}: flood"))?;
+            eprintln!(
+                "{name}: flood: offered {:.0}/s, to peer {:.0}/s, echoed {:.0}/s, to client {:.0}/s (uclient recv_pps {:.0}, send_pps {:.0}), server CPU {} µs/datagram, all {} µs",
+                result.offered,
+                result.to_peer,
+                result.echoed,
+                result.to_client,
+                result.uclient_recv,
+                result.uclient_send,
+                micros(result.server_us_per_message()),
+                micros(result.all_us_per_message()),
+            );
+            figures[index].flood = Some(result);
+        }
+        for (column, figures) in columns.iter_mut().zip(figures) {
+            column.rounds.push(figures);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "\ncoturn's packet flood ({}; {} round(s), {} s each after {} s of warm-up, {} stream(s)):\n",
+        if args.flood.as_on_a_wire {
+            "as on a wire: lo tx-udp-segmentation off"
+        } else {
+            "plain loopback: GSO batches arrive whole"
+        },
+        args.rounds.max(1),
+        options.seconds,
+        options.warmup,
+        options.streams,
+    );
+    print_table(flood_metrics(&args.flood), &columns);
+    Ok(())
+}
+
+/// The project's windowed method on every target.
+fn run_windowed(args: &BenchRelayArgs, targets: &[(&str, &Target)]) -> Result<()> {
     let mut gateway_load = args.load.clone();
     if args.gateway_binding_only {
         gateway_load.scenarios = vec![Scenario::Bindings];
     }
-    if args.uclient {
-        run_uclient(&coturn, &args.load)?;
-    }
-
-    let mut columns = vec![Column {
-        name: "coturn".into(),
-        rounds: Vec::new(),
-    }];
-    let targets: Vec<(&str, &Target)> = std::iter::once(("coturn", &coturn_target))
-        .chain(gateway_target.as_ref().map(|t| ("gateway", t)))
-        .chain(fast_target.as_ref().map(|t| ("gateway-ebpf", t)))
-        .collect();
-    for (name, _) in targets.iter().skip(1) {
-        columns.push(Column {
-            name: (*name).into(),
-            rounds: Vec::new(),
-        });
-    }
-    // Memory first, on fresh servers.
-    for (column, (name, target)) in columns.iter_mut().zip(&targets) {
-        let load = if *name == "coturn" {
+    let load_of = |name: &str| {
+        if name.starts_with("coturn") {
             &args.load
         } else {
             &gateway_load
-        };
-        let memory = run_memory(target, load, name)?;
-        column.rounds.push(Figures {
-            memory,
-            ..Figures::default()
+        }
+    };
+    let mut columns: Vec<Column> = Vec::new();
+    // Memory first, on fresh servers.
+    for (name, target) in targets {
+        let memory = run_memory(target, load_of(name), name)?;
+        columns.push(Column {
+            name: (*name).into(),
+            rounds: vec![Figures {
+                memory,
+                ..Figures::default()
+            }],
         });
     }
     // Each step runs on every server back to back, in an order that alternates from
@@ -870,11 +1160,7 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
         for &step in &all_steps {
             for &index in &order {
                 let (name, target) = targets[index];
-                let load = if index == 0 {
-                    &args.load
-                } else {
-                    &gateway_load
-                };
+                let load = load_of(name);
                 let wanted = match step {
                     Step::Throughput(_) => Scenario::Throughput,
                     Step::Bindings => Scenario::Bindings,
@@ -890,10 +1176,8 @@ pub fn bench_relay(args: BenchRelayArgs) -> Result<()> {
             column.rounds.push(figures);
         }
     }
-    print_table(&args.load, &columns);
-    drop(fast_gateway);
-    drop(gateway);
-    drop(coturn);
+    println!("\nThe windowed method (client-to-client pairs):\n");
+    print_table(metrics(&args.load), &columns);
     Ok(())
 }
 
