@@ -505,8 +505,8 @@ pub struct ServerConfig {
     /// Replies per second the gateway sends one source address (IPv4 address, IPv6
     /// /64) before it authenticates: Binding answers, 401 challenges and other
     /// errors; bursts of twice that. Bounds what a spoofed flood reflects at one
-    /// victim. 0 lifts the per-source limit (the totals stay): for benchmarks that
-    /// send everything from one address.
+    /// victim. 0 lifts the budgets altogether (per source and in total): for
+    /// benchmarks, whose whole load comes from one address.
     pub replies_per_source: u32,
 }
 

@@ -365,8 +365,8 @@ struct ServeArgs {
     #[arg(long)]
     tcp_forge_synack: bool,
     /// Replies per second to one source address before it authenticates (Binding
-    /// answers, challenges, errors; bursts of twice that); 0 lifts the per-source
-    /// limit, e.g. for benchmarks from one address [default: 50; config:
+    /// answers, challenges, errors; bursts of twice that); 0 lifts the budgets
+    /// altogether, for benchmarks from one address [default: 50; config:
     /// server.replies_per_source].
     #[arg(long, value_name = "N")]
     replies_per_source: Option<u32>,

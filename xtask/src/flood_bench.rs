@@ -154,29 +154,9 @@ impl Daemon {
             .unwrap_or(0.0)
     }
 
-    /// Datagrams answered so far (every kind of answer the service port sends).
+    /// Datagrams the daemon has sent so far (every answer leaves the service socket).
     fn answered(&self) -> f64 {
-        let text = self.metrics().unwrap_or_default();
-        let stun = |outcome: &str| {
-            metric_value(
-                &text,
-                "gateway_stun_datagrams_total",
-                &format!("outcome=\"{outcome}\""),
-            )
-            .unwrap_or(0.0)
-        };
-        let turn = |outcome: &str| {
-            metric_value(
-                &text,
-                "gateway_turn_requests_total",
-                &format!("method=\"allocate\",outcome=\"{outcome}\""),
-            )
-            .unwrap_or(0.0)
-        };
-        stun("binding_success")
-            + stun("unknown_attribute")
-            + stun("unauthorized")
-            + turn("unauthorized")
+        self.counter("gateway_udp_sent_datagrams_total", "")
     }
 }
 

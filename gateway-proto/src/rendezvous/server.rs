@@ -265,7 +265,7 @@ pub struct RendezvousConfig {
     pub max_binding_replies_per_second: u32,
     /// Unauthenticated replies (Binding answers, errors) and signed nonce errors per
     /// second to one source (IPv4 address, IPv6 /64), bursts of twice that; 0: no
-    /// per-source limit.
+    /// reply budget at all.
     pub replies_per_source: u32,
     /// Whom a peer may Connect to: anyone registered, or only peers of its own
     /// group (`group/name` peer ids).

@@ -82,7 +82,7 @@ pub struct TurnConfig {
     /// counted.
     pub challenges_per_second: u32,
     /// Replies to unauthenticated requests per second to one source (IPv4 address,
-    /// IPv6 /64), bursts of twice that; 0: no per-source limit.
+    /// IPv6 /64), bursts of twice that; 0: no reply budget at all.
     pub replies_per_source: u32,
     /// Emit [`FastPath`] instructions for a kernel fast path (as
     /// [`TurnServerEvent::FastPath`]); off, the core emits none.
