@@ -1250,7 +1250,8 @@ impl TcpSources {
         true
     }
 
-    fn release(&self, ip: IpAddr) {
+    /// One connection from `ip` less; true when none is left from anyone.
+    fn release(&self, ip: IpAddr) -> bool {
         let mut counts = self
             .0
             .lock()
@@ -1262,6 +1263,17 @@ impl TcpSources {
                 counts.remove(&key);
             }
         }
+        counts.is_empty()
+    }
+}
+
+/// Gives the memory of closed TCP clients back to the system once the last one is
+/// gone: glibc keeps freed heap for reuse, so a burst of connections (a flood of
+/// silent ones: about 5.5 KiB each) otherwise stays in the RSS for good.
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free heap memory; no pointer is involved.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -1314,7 +1326,9 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShare
             let _ = stream.set_nodelay(true);
             serve_tcp_client(stream, addr, local, &shared).await;
             shared.remove_tcp_client(addr);
-            sources.release(addr.ip());
+            if sources.release(addr.ip()) {
+                trim_heap();
+            }
         });
     }
 }

@@ -43,6 +43,9 @@ pub struct FloodBenchArgs {
     /// Benchmark this `gateway` binary instead of a fresh release build.
     #[arg(long)]
     server_binary: Option<PathBuf>,
+    /// Only the TCP phase.
+    #[arg(long)]
+    tcp_only: bool,
 }
 
 /// The kinds of input flooded.
@@ -423,12 +426,17 @@ pub fn bench_flood(args: FloodBenchArgs) -> Result<()> {
     let daemon = start(&binary, dir.path())?;
     std::thread::sleep(Duration::from_secs(2));
     let mut rows = Vec::new();
-    for kind in [
-        Kind::Binding,
-        Kind::Allocate,
-        Kind::Register,
-        Kind::ChannelData,
-    ] {
+    let kinds: &[Kind] = if args.tcp_only {
+        &[]
+    } else {
+        &[
+            Kind::Binding,
+            Kind::Allocate,
+            Kind::Register,
+            Kind::ChannelData,
+        ]
+    };
+    for &kind in kinds {
         eprintln!(
             "flood: {} for {} s at {}/s",
             kind.name(),
