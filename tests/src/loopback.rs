@@ -90,6 +90,11 @@ impl LoopbackGateway {
         gateway
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// One scrape of /metrics, if it answers 200.
     pub fn scrape(&self) -> Option<String> {
         let mut stream = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(1)).ok()?;
