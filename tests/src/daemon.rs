@@ -311,7 +311,8 @@ impl GatewayProcess {
         }
     }
 
-    /// Stops the daemon with SIGTERM and returns its exit status.
+    /// Stops the daemon with SIGTERM (and a second one after 2 s if it is still
+    /// draining) and returns its exit status.
     pub fn stop(mut self) -> Result<ExitStatus, DaemonError> {
         let Some(mut child) = self.child.take() else {
             return Err(DaemonError::NotReady("already stopped".into()));
@@ -321,9 +322,17 @@ impl GatewayProcess {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
+        // SIGTERM drains `serve` while peers are registered (up to drain_timeout); a
+        // second SIGTERM stops it at once, as an operator's second signal does.
+        let mut second = Some(Instant::now() + Duration::from_secs(2));
         loop {
             if let Some(status) = child.try_wait().map_err(io("waiting for the gateway"))? {
                 return Ok(status);
+            }
+            if second.is_some_and(|at| Instant::now() > at) {
+                second = None;
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
