@@ -14,5 +14,6 @@ pub mod prometheus;
 pub mod punch;
 pub mod redis;
 pub mod relay_gateway;
+pub mod soak;
 pub mod tcp;
 pub mod turn;
