@@ -3,13 +3,16 @@
 //! filtering, so a peer behind a random-port NAT becomes directly reachable at the
 //! mapped endpoint.
 //!
-//! [`PortMapClient`] asks the default router in both protocols at once, takes the
-//! first that grants a mapping, refreshes it at half its lifetime, notices a router
-//! that lost it (a refresh refused or unanswered, an epoch that went back), and
-//! deletes it on [`PortMapClient::close`]. Every wait is bounded: a router that never
-//! answers costs [`ATTEMPTS`] datagrams per protocol over about 4 seconds, then one
-//! [`PortMapEvent::Unavailable`]. UPnP-IGD (HTTP and SOAP) is the driver's; its
-//! result joins through [`PortMapClient::handle_upnp_mapping`].
+//! [`PortMapClient`] probes the default router in both protocols at once with
+//! requests that change nothing (PCP ANNOUNCE, NAT-PMP's external address), then
+//! asks for the mapping in the first protocol that answered, so a router speaking
+//! both does not end up with two mappings. It refreshes the mapping at half its
+//! lifetime, notices a router that lost it (a refresh refused or unanswered, an epoch
+//! that went back), and deletes it on [`PortMapClient::close`]. Every wait is
+//! bounded: a router that never answers costs [`ATTEMPTS`] datagrams per protocol
+//! over 3.75 seconds, then one [`PortMapEvent::Unavailable`]. UPnP-IGD (HTTP and
+//! SOAP) is the driver's; its result joins through
+//! [`PortMapClient::handle_upnp_mapping`].
 //!
 //! One shape as every machine: `handle_*(now, ...)` in; `poll_transmit`,
 //! `poll_event`, `poll_timeout` out.
@@ -168,8 +171,10 @@ struct NatPmpParts {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
-    /// Asking every protocol.
-    Asking,
+    /// Probing every protocol (nothing asked of the router yet).
+    Probing,
+    /// Asking for the mapping in the protocol that answered the probe first.
+    Mapping(MappingProtocol),
     /// A mapping is held; refreshing it when due.
     Mapped,
     /// Nothing granted; idle until `retry` (driven by the agent).
@@ -194,6 +199,9 @@ pub struct PortMapClient {
     upnp_outstanding: bool,
     upnp_outcome: Option<ProtocolOutcome>,
     mapping: Option<Mapping>,
+    /// The mapping being deleted at close (its external endpoint is named in the
+    /// delete request).
+    deleting: Option<Mapping>,
     /// When the held mapping is refreshed.
     refresh_at: Option<Instant>,
     /// The router epoch seen last and when (RFC 6886 §3.6: a smaller one than
@@ -214,13 +222,14 @@ impl PortMapClient {
         let mut client = Self {
             config,
             nonce,
-            phase: Phase::Asking,
+            phase: Phase::Probing,
             pcp: Attempt::default(),
             nat_pmp: Attempt::default(),
             nat_pmp_parts: NatPmpParts::default(),
             upnp_outstanding: upnp,
             upnp_outcome: None,
             mapping: None,
+            deleting: None,
             refresh_at: None,
             epoch: None,
             lost: None,
@@ -241,7 +250,7 @@ impl PortMapClient {
     }
 
     fn ask(&mut self, now: Instant) {
-        self.phase = Phase::Asking;
+        self.phase = Phase::Probing;
         self.pcp = Attempt {
             pending: Some(Pending::new(now)),
             outcome: None,
@@ -261,6 +270,7 @@ impl PortMapClient {
     fn pcp_request(&self, lifetime_secs: u32) -> Vec<u8> {
         let suggested = self
             .mapping
+            .or(self.deleting)
             .filter(|m| m.protocol == MappingProtocol::Pcp)
             .map(|m| m.external);
         wire::pcp_map_request(
@@ -320,8 +330,12 @@ impl PortMapClient {
                 self.finish(now, protocol, ProtocolOutcome::NoAnswer);
                 continue;
             }
-            let payloads = match protocol {
-                MappingProtocol::Pcp => vec![self.pcp_request(lifetime)],
+            let payloads = match (self.phase, protocol) {
+                (Phase::Probing, MappingProtocol::Pcp) => {
+                    vec![wire::pcp_announce_request(self.config.client).to_vec()]
+                }
+                (Phase::Probing, _) => vec![wire::nat_pmp_external_address_request().to_vec()],
+                (_, MappingProtocol::Pcp) => vec![self.pcp_request(lifetime)],
                 _ => self.nat_pmp_requests(lifetime),
             };
             for payload in payloads {
@@ -360,7 +374,7 @@ impl PortMapClient {
     /// After any change: report a loss or unavailability once nothing is pending.
     fn settle(&mut self, _now: Instant) {
         match self.phase {
-            Phase::Asking => {
+            Phase::Probing | Phase::Mapping(_) => {
                 if self.pcp.pending.is_some()
                     || self.nat_pmp.pending.is_some()
                     || self.upnp_outstanding
@@ -386,6 +400,24 @@ impl PortMapClient {
             }
             Phase::Mapped | Phase::Idle | Phase::Closed => {}
         }
+    }
+
+    /// The first protocol that answered the probe: ask it for the mapping, and stop
+    /// probing the other.
+    fn choose(&mut self, now: Instant, protocol: MappingProtocol) {
+        self.phase = Phase::Mapping(protocol);
+        match protocol {
+            MappingProtocol::Pcp => {
+                self.nat_pmp.pending = None;
+                self.pcp.pending = Some(Pending::new(now));
+            }
+            _ => {
+                self.pcp.pending = None;
+                self.nat_pmp_parts.port = None;
+                self.nat_pmp.pending = Some(Pending::new(now));
+            }
+        }
+        self.send_due(now);
     }
 
     fn granted(&mut self, now: Instant, mapping: Mapping) {
@@ -445,9 +477,10 @@ impl PortMapClient {
         let Some(answer) = wire::parse_answer(bytes) else {
             return false;
         };
+        let probing = self.phase == Phase::Probing;
         match answer {
             RouterAnswer::NatPmpUnsupportedVersion => {
-                if self.pcp.pending.is_some() {
+                if probing && self.pcp.pending.is_some() {
                     self.finish(
                         now,
                         MappingProtocol::Pcp,
@@ -457,15 +490,32 @@ impl PortMapClient {
             }
             RouterAnswer::PcpError { result, .. } => {
                 if u16::from(result) == wire::UNSUPPORTED_VERSION {
-                    if self.nat_pmp.pending.is_some() {
+                    if probing && self.nat_pmp.pending.is_some() {
                         self.finish(
                             now,
                             MappingProtocol::NatPmp,
                             ProtocolOutcome::UnsupportedVersion,
                         );
                     }
-                } else if self.pcp.pending.is_some() {
+                } else if !probing && self.pcp.pending.is_some() {
                     self.pcp_refused(now, u16::from(result));
+                }
+            }
+            RouterAnswer::PcpAnnounce { result, epoch } => {
+                if !probing || self.pcp.pending.is_none() {
+                    return true;
+                }
+                self.epoch_went_back(now, epoch);
+                match u16::from(result) {
+                    0 => self.choose(now, MappingProtocol::Pcp),
+                    wire::UNSUPPORTED_VERSION => {
+                        self.finish(
+                            now,
+                            MappingProtocol::Pcp,
+                            ProtocolOutcome::UnsupportedVersion,
+                        );
+                    }
+                    code => self.pcp_refused(now, code),
                 }
             }
             RouterAnswer::PcpMap {
@@ -477,7 +527,7 @@ impl PortMapClient {
                 internal_port,
                 external,
             } => {
-                if nonce != self.nonce || self.pcp.pending.is_none() {
+                if nonce != self.nonce || probing || self.pcp.pending.is_none() {
                     return true;
                 }
                 // A restart seen through the epoch needs nothing more than this
@@ -527,7 +577,11 @@ impl PortMapClient {
                     return true;
                 }
                 self.nat_pmp_parts.address = Some(address);
-                self.nat_pmp_complete(now);
+                if probing {
+                    self.choose(now, MappingProtocol::NatPmp);
+                } else {
+                    self.nat_pmp_complete(now);
+                }
             }
             RouterAnswer::NatPmpMap {
                 transport,
@@ -537,7 +591,7 @@ impl PortMapClient {
                 external_port,
                 lifetime_secs,
             } => {
-                if self.nat_pmp.pending.is_none() || transport != self.config.transport {
+                if probing || self.nat_pmp.pending.is_none() || transport != self.config.transport {
                     return true;
                 }
                 let back = self.epoch_went_back(now, epoch);
@@ -609,20 +663,37 @@ impl PortMapClient {
         );
     }
 
-    /// The driver's UPnP-IGD attempt ended: a mapping, or why not. Ignored once
-    /// another protocol granted one (the driver should then delete its UPnP mapping;
-    /// [`PortMapClient::mapping`] says which protocol holds it).
-    pub fn handle_upnp_mapping(&mut self, now: Instant, result: Result<Mapping, ProtocolOutcome>) {
+    /// The driver's UPnP-IGD attempt ended: a mapping, or why not. Returns whether
+    /// the client took the mapping: `false` when PCP or NAT-PMP answered first (the
+    /// driver then deletes its UPnP mapping, so the router keeps one).
+    pub fn handle_upnp_mapping(
+        &mut self,
+        now: Instant,
+        result: Result<Mapping, ProtocolOutcome>,
+    ) -> bool {
         if !self.upnp_outstanding {
-            return;
+            return false;
         }
         self.upnp_outstanding = false;
         match result {
-            Ok(mapping) if self.phase == Phase::Asking => self.granted(now, mapping),
-            Ok(_) => {}
+            // Probes change nothing at the router, so UPnP may win over them; a
+            // native MAP in flight may create a mapping, so UPnP waits for its fate.
+            Ok(mapping)
+                if self.phase == Phase::Probing
+                    || (matches!(self.phase, Phase::Mapping(_))
+                        && self.pcp.pending.is_none()
+                        && self.nat_pmp.pending.is_none()) =>
+            {
+                self.pcp.pending = None;
+                self.nat_pmp.pending = None;
+                self.granted(now, mapping);
+                true
+            }
+            Ok(_) => false,
             Err(outcome) => {
                 self.upnp_outcome = Some(outcome);
                 self.settle(now);
+                false
             }
         }
     }
@@ -649,6 +720,7 @@ impl PortMapClient {
             return;
         }
         let held = self.mapping.take();
+        self.deleting = held;
         self.refresh_at = None;
         self.upnp_outstanding = false;
         self.pcp.pending = None;

@@ -42,6 +42,39 @@ fn pcp_grant(request: &[u8], external: SocketAddr, lifetime: u32, epoch: u32) ->
     answer
 }
 
+fn pcp_announce_answer(result: u8, epoch: u32) -> Vec<u8> {
+    let mut answer = wire::pcp_announce_request(CLIENT).to_vec();
+    answer[1] = 0x80;
+    answer[3] = result;
+    answer[8..12].copy_from_slice(&epoch.to_be_bytes());
+    answer
+}
+
+/// Probes answered by PCP: returns the MAP request that follows.
+fn pcp_chosen(c: &mut PortMapClient, now: Instant) -> Vec<u8> {
+    let probes = sent(c);
+    assert_eq!(
+        probes.len(),
+        2,
+        "PCP ANNOUNCE and NAT-PMP's address request"
+    );
+    assert!(c.handle_datagram(now, router(), &pcp_announce_answer(0, 10)));
+    let mut map = sent(c);
+    assert_eq!(map.len(), 1);
+    assert_eq!(map[0].len(), wire::PCP_MAP_LEN);
+    map.remove(0)
+}
+
+/// Probes answered by NAT-PMP only (its address; PCP unsupported): the MAP follows.
+fn nat_pmp_chosen(c: &mut PortMapClient, now: Instant, epoch: u32) {
+    sent(c);
+    assert!(c.handle_datagram(now, router(), &[0, 128, 0, 1, 0, 0, 0, 0]));
+    assert!(c.handle_datagram(now, router(), &nat_pmp_address(epoch)));
+    let map = sent(c);
+    assert_eq!(map.len(), 1, "only the MAP: the address is known");
+    assert_eq!(map[0][..2], [0, 1]);
+}
+
 fn nat_pmp_address(epoch: u32) -> Vec<u8> {
     let mut answer = vec![0, 128, 0, 0];
     answer.extend_from_slice(&epoch.to_be_bytes());
@@ -60,18 +93,24 @@ fn nat_pmp_map(result: u16, epoch: u32, external: u16, lifetime: u32) -> Vec<u8>
 }
 
 #[test]
-fn asks_in_both_protocols_at_once_and_takes_a_pcp_grant() {
+fn probes_both_protocols_without_mapping_then_maps_with_the_first_to_answer() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    let out = sent(&mut c);
-    assert_eq!(out.len(), 3, "PCP MAP, NAT-PMP address, NAT-PMP MAP");
-    assert_eq!(out[0].len(), wire::PCP_MAP_LEN);
-    assert_eq!(out[0][..2], [2, 1]);
-    assert_eq!(out[1], [0, 0]);
-    assert_eq!(out[2][..2], [0, 1]);
+    let probes = sent(&mut c);
+    assert_eq!(probes.len(), 2);
+    assert_eq!(probes[0].len(), wire::PCP_ANNOUNCE_LEN);
+    assert_eq!(probes[0][..2], [2, 0], "PCP ANNOUNCE");
+    assert_eq!(probes[1], [0, 0], "NAT-PMP external address");
+    assert!(c.handle_datagram(t0, router(), &pcp_announce_answer(0, 10)));
+    let map = sent(&mut c);
+    assert_eq!(map.len(), 1, "a PCP MAP only: no second mapping by NAT-PMP");
+    assert_eq!(map[0][..2], [2, 1]);
+    // NAT-PMP answering its probe late changes nothing.
+    assert!(c.handle_datagram(t0, router(), &nat_pmp_address(10)));
+    assert!(sent(&mut c).is_empty());
 
     let external: SocketAddr = (WAN, 30000).into();
-    assert!(c.handle_datagram(t0, router(), &pcp_grant(&out[0], external, 3600, 10)));
+    assert!(c.handle_datagram(t0, router(), &pcp_grant(&map[0], external, 3600, 10)));
     let mapping = Mapping {
         protocol: MappingProtocol::Pcp,
         external,
@@ -79,24 +118,19 @@ fn asks_in_both_protocols_at_once_and_takes_a_pcp_grant() {
     };
     assert_eq!(events(&mut c), [PortMapEvent::Mapped(mapping)]);
     assert_eq!(c.mapping(), Some(mapping));
-    // NAT-PMP stops; the next thing is the refresh at half the lifetime.
-    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(1800)));
-    // A late NAT-PMP answer changes nothing.
-    assert!(c.handle_datagram(t0, router(), &nat_pmp_map(0, 10, 31000, 3600)));
-    assert!(events(&mut c).is_empty());
-    assert_eq!(c.mapping(), Some(mapping));
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + Duration::from_secs(1800)),
+        "refresh"
+    );
 }
 
 #[test]
 fn a_nat_pmp_only_router_maps_through_nat_pmp() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    sent(&mut c);
-    // Its answer to the PCP request: version 0, "unsupported version".
-    assert!(c.handle_datagram(t0, router(), &[0, 129, 0, 1, 0, 0, 0, 0]));
+    nat_pmp_chosen(&mut c, t0, 50);
     assert!(c.handle_datagram(t0, router(), &nat_pmp_map(0, 50, 30001, 7200)));
-    assert!(events(&mut c).is_empty(), "the address is still missing");
-    assert!(c.handle_datagram(t0, router(), &nat_pmp_address(50)));
     assert_eq!(
         events(&mut c),
         [PortMapEvent::Mapped(Mapping {
@@ -134,7 +168,7 @@ fn a_silent_router_costs_four_tries_each_and_one_report_within_four_seconds() {
     );
     // 250 + 500 + 1000 + 2000 ms after the first send.
     assert_eq!(at - t0, Duration::from_millis(3750));
-    assert_eq!(datagrams, 4 * 3, "four tries of three requests");
+    assert_eq!(datagrams, 4 * 2, "four tries of two probes");
     assert_eq!(c.poll_timeout(), None, "idle afterwards");
 }
 
@@ -142,21 +176,27 @@ fn a_silent_router_costs_four_tries_each_and_one_report_within_four_seconds() {
 fn refusals_are_reported_in_words() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    let out = sent(&mut c);
-    let mut refused = pcp_grant(&out[0], (WAN, 1).into(), 30, 1);
+    let map = pcp_chosen(&mut c, t0);
+    let mut refused = pcp_grant(&map, (WAN, 1).into(), 30, 11);
     refused[3] = 2;
     assert!(c.handle_datagram(t0, router(), &refused));
+    assert_eq!(
+        events(&mut c),
+        [PortMapEvent::Unavailable(vec![(
+            MappingProtocol::Pcp,
+            ProtocolOutcome::Refused {
+                code: 2,
+                text: "not authorized"
+            }
+        )])]
+    );
+    let mut c = client(t0, false);
+    nat_pmp_chosen(&mut c, t0, 1);
     assert!(c.handle_datagram(t0, router(), &nat_pmp_map(2, 1, 0, 0)));
     assert_eq!(
         events(&mut c),
         [PortMapEvent::Unavailable(vec![
-            (
-                MappingProtocol::Pcp,
-                ProtocolOutcome::Refused {
-                    code: 2,
-                    text: "not authorized"
-                }
-            ),
+            (MappingProtocol::Pcp, ProtocolOutcome::UnsupportedVersion),
             (
                 MappingProtocol::NatPmp,
                 ProtocolOutcome::Refused {
@@ -172,19 +212,26 @@ fn refusals_are_reported_in_words() {
 fn answers_from_elsewhere_or_for_another_mapping_are_not_trusted() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    let out = sent(&mut c);
-    let grant = pcp_grant(&out[0], (WAN, 30000).into(), 3600, 1);
+    let map = pcp_chosen(&mut c, t0);
+    let grant = pcp_grant(&map, (WAN, 30000).into(), 3600, 11);
     let stranger: SocketAddr = "10.0.1.9:5351".parse().expect("addr");
     assert!(!c.handle_datagram(t0, stranger, &grant));
     let mut other_nonce = grant.clone();
     other_nonce[24] ^= 1;
     assert!(c.handle_datagram(t0, router(), &other_nonce));
     assert!(!c.handle_datagram(t0, router(), b"garbage"));
+    assert!(events(&mut c).is_empty());
     // A grant of the unspecified address is unusable.
     let mut unspecified = grant.clone();
     unspecified[44..60].copy_from_slice(&Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets());
     assert!(c.handle_datagram(t0, router(), &unspecified));
-    assert!(events(&mut c).is_empty());
+    assert_eq!(
+        events(&mut c),
+        [PortMapEvent::Unavailable(vec![(
+            MappingProtocol::Pcp,
+            ProtocolOutcome::Unusable
+        )])]
+    );
     assert_eq!(c.mapping(), None);
 }
 
@@ -192,12 +239,8 @@ fn answers_from_elsewhere_or_for_another_mapping_are_not_trusted() {
 fn refreshes_at_half_life_and_reports_a_changed_endpoint() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    let out = sent(&mut c);
-    c.handle_datagram(
-        t0,
-        router(),
-        &pcp_grant(&out[0], (WAN, 30000).into(), 100, 5),
-    );
+    let map = pcp_chosen(&mut c, t0);
+    c.handle_datagram(t0, router(), &pcp_grant(&map, (WAN, 30000).into(), 100, 11));
     events(&mut c);
     let at = c.poll_timeout().expect("refresh due");
     assert_eq!(at, t0 + Duration::from_secs(50));
@@ -213,7 +256,7 @@ fn refreshes_at_half_life_and_reports_a_changed_endpoint() {
     c.handle_datagram(
         at,
         router(),
-        &pcp_grant(&refresh[0], (WAN, 30002).into(), 100, 55),
+        &pcp_grant(&refresh[0], (WAN, 30002).into(), 100, 61),
     );
     assert_eq!(
         events(&mut c),
@@ -226,12 +269,10 @@ fn refreshes_at_half_life_and_reports_a_changed_endpoint() {
 }
 
 #[test]
-fn a_refresh_refused_loses_the_mapping_and_asks_again_once() {
+fn a_refresh_refused_loses_the_mapping_and_probes_again() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    sent(&mut c);
-    c.handle_datagram(t0, router(), &[0, 129, 0, 1, 0, 0, 0, 0]);
-    c.handle_datagram(t0, router(), &nat_pmp_address(1));
+    nat_pmp_chosen(&mut c, t0, 1);
     c.handle_datagram(t0, router(), &nat_pmp_map(0, 1, 30001, 60));
     let [PortMapEvent::Mapped(mapping)] = events(&mut c)[..] else {
         panic!("mapped")
@@ -256,17 +297,44 @@ fn a_refresh_refused_loses_the_mapping_and_asks_again_once() {
         }]
     );
     assert_eq!(c.mapping(), None);
-    // Asked again from scratch in both protocols.
-    assert_eq!(sent(&mut c).len(), 3);
+    // Probing again from scratch in both protocols.
+    assert_eq!(
+        sent(&mut c),
+        vec![wire::pcp_announce_request(CLIENT).to_vec(), vec![0, 0]]
+    );
+}
+
+#[test]
+fn a_refresh_unanswered_loses_the_mapping() {
+    let t0 = Instant::now();
+    let mut c = client(t0, false);
+    let map = pcp_chosen(&mut c, t0);
+    c.handle_datagram(t0, router(), &pcp_grant(&map, (WAN, 30000).into(), 20, 11));
+    events(&mut c);
+    let mut lost = None;
+    for _ in 0..16 {
+        let Some(now) = c.poll_timeout() else { break };
+        c.handle_timeout(now);
+        sent(&mut c);
+        for event in events(&mut c) {
+            if let PortMapEvent::Lost { outcome, .. } = event {
+                lost = Some((now, outcome));
+            }
+        }
+        if lost.is_some() {
+            break;
+        }
+    }
+    let (at, outcome) = lost.expect("lost");
+    assert_eq!(outcome, ProtocolOutcome::NoAnswer);
+    assert_eq!(at - t0, Duration::from_millis(10_000 + 3750));
 }
 
 #[test]
 fn a_router_that_restarted_is_noticed_by_its_epoch() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    sent(&mut c);
-    c.handle_datagram(t0, router(), &[0, 129, 0, 1, 0, 0, 0, 0]);
-    c.handle_datagram(t0, router(), &nat_pmp_address(1000));
+    nat_pmp_chosen(&mut c, t0, 1000);
     c.handle_datagram(t0, router(), &nat_pmp_map(0, 1000, 30001, 60));
     events(&mut c);
     let at = c.poll_timeout().expect("refresh");
@@ -290,11 +358,11 @@ fn a_router_that_restarted_is_noticed_by_its_epoch() {
 fn close_deletes_with_lifetime_zero() {
     let t0 = Instant::now();
     let mut c = client(t0, false);
-    let out = sent(&mut c);
+    let map = pcp_chosen(&mut c, t0);
     c.handle_datagram(
         t0,
         router(),
-        &pcp_grant(&out[0], (WAN, 30000).into(), 3600, 1),
+        &pcp_grant(&map, (WAN, 30000).into(), 3600, 11),
     );
     events(&mut c);
     c.close(t0);
@@ -302,10 +370,15 @@ fn close_deletes_with_lifetime_zero() {
     assert_eq!(delete.len(), 1);
     assert_eq!(&delete[0][4..8], &0u32.to_be_bytes(), "lifetime 0");
     assert_eq!(&delete[0][24..36], &NONCE);
+    assert_eq!(
+        &delete[0][42..44],
+        &30000u16.to_be_bytes(),
+        "names the mapping"
+    );
     c.handle_datagram(
         t0,
         router(),
-        &pcp_grant(&delete[0], (WAN, 30000).into(), 0, 2),
+        &pcp_grant(&delete[0], (WAN, 30000).into(), 0, 12),
     );
     assert_eq!(events(&mut c), [PortMapEvent::Closed]);
     assert_eq!(c.poll_timeout(), None);
@@ -320,14 +393,15 @@ fn close_without_a_mapping_or_answer_ends_anyway() {
     assert!(sent(&mut c).is_empty());
     assert_eq!(events(&mut c), [PortMapEvent::Closed]);
     let mut c = client(t0, false);
-    let out = sent(&mut c);
-    c.handle_datagram(
-        t0,
-        router(),
-        &pcp_grant(&out[0], (WAN, 30000).into(), 3600, 1),
-    );
+    nat_pmp_chosen(&mut c, t0, 1);
+    c.handle_datagram(t0, router(), &nat_pmp_map(0, 1, 30001, 3600));
     events(&mut c);
     c.close(t0);
+    assert_eq!(
+        sent(&mut c),
+        vec![wire::nat_pmp_map_request(MappedTransport::Udp, 4500, 0, 0).to_vec()],
+        "NAT-PMP's delete: lifetime 0, suggested port 0"
+    );
     let mut now = t0;
     while let Some(at) = c.poll_timeout() {
         now = at;
@@ -338,26 +412,33 @@ fn close_without_a_mapping_or_answer_ends_anyway() {
 }
 
 #[test]
-fn unavailable_waits_for_the_drivers_upnp_attempt() {
+fn upnp_wins_only_while_nothing_native_may_be_mapping() {
     let t0 = Instant::now();
-    let mut c = client(t0, true);
-    sent(&mut c);
-    c.handle_datagram(t0, router(), &[0, 129, 0, 1, 0, 0, 0, 0]);
-    c.handle_datagram(t0, router(), &[2, 0x80, 0, 1]);
-    assert!(events(&mut c).is_empty(), "UPnP is still out");
     let upnp = Mapping {
         protocol: MappingProtocol::Upnp,
         external: (WAN, 4500).into(),
         lifetime: Duration::from_secs(3600),
     };
-    c.handle_upnp_mapping(t0, Ok(upnp));
-    assert_eq!(events(&mut c), [PortMapEvent::Mapped(upnp)]);
-
+    // While probing: UPnP first, the probes stop.
     let mut c = client(t0, true);
     sent(&mut c);
-    c.handle_datagram(t0, router(), &[0, 129, 0, 1, 0, 0, 0, 0]);
+    assert!(c.handle_upnp_mapping(t0, Ok(upnp)));
+    assert_eq!(events(&mut c), [PortMapEvent::Mapped(upnp)]);
+    c.handle_datagram(t0, router(), &pcp_announce_answer(0, 1));
+    assert!(sent(&mut c).is_empty(), "no PCP MAP after UPnP won");
+
+    // A PCP MAP in flight: UPnP's mapping is not taken (the driver deletes it).
+    let mut c = client(t0, true);
+    pcp_chosen(&mut c, t0);
+    assert!(!c.handle_upnp_mapping(t0, Ok(upnp)));
+
+    // Nothing native: Unavailable waits for UPnP's outcome.
+    let mut c = client(t0, true);
+    sent(&mut c);
+    c.handle_datagram(t0, router(), &[0, 128, 0, 1]);
     c.handle_datagram(t0, router(), &[2, 0x80, 0, 1]);
-    c.handle_upnp_mapping(t0, Err(ProtocolOutcome::NoAnswer));
+    assert!(events(&mut c).is_empty(), "UPnP is still out");
+    assert!(!c.handle_upnp_mapping(t0, Err(ProtocolOutcome::NoAnswer)));
     assert_eq!(
         events(&mut c),
         [PortMapEvent::Unavailable(vec![

@@ -11,8 +11,12 @@ pub const NAT_PMP_VERSION: u8 = 0;
 pub const PCP_VERSION: u8 = 2;
 /// The result code NAT-PMP (1) and PCP (1) both use for "unsupported version".
 pub const UNSUPPORTED_VERSION: u16 = 1;
+/// PCP's ANNOUNCE opcode.
+const PCP_ANNOUNCE: u8 = 0;
 /// PCP's MAP opcode.
 const PCP_MAP: u8 = 1;
+/// Length of a PCP ANNOUNCE request: the common 24-byte header alone.
+pub const PCP_ANNOUNCE_LEN: usize = 24;
 /// Length of a PCP MAP request or answer: 24-byte header and 36 bytes of MAP data.
 pub const PCP_MAP_LEN: usize = 60;
 
@@ -67,6 +71,17 @@ pub fn nat_pmp_map_request(
     out[4..6].copy_from_slice(&internal_port.to_be_bytes());
     out[6..8].copy_from_slice(&suggested_external_port.to_be_bytes());
     out[8..12].copy_from_slice(&lifetime_secs.to_be_bytes());
+    out
+}
+
+/// PCP's ANNOUNCE request (RFC 6887 §14.1) from `client`: asks nothing of the
+/// router but an answer, so a client learns whether PCP is spoken without creating
+/// a mapping.
+pub fn pcp_announce_request(client: IpAddr) -> [u8; PCP_ANNOUNCE_LEN] {
+    let mut out = [0u8; PCP_ANNOUNCE_LEN];
+    out[0] = PCP_VERSION;
+    out[1] = PCP_ANNOUNCE;
+    out[8..24].copy_from_slice(&mapped_v6(client).octets());
     out
 }
 
@@ -160,8 +175,15 @@ pub enum RouterAnswer {
         /// The external endpoint granted.
         external: SocketAddr,
     },
-    /// A PCP answer with a result but no MAP data (e.g. UNSUPP_VERSION to a NAT-PMP
-    /// request from a PCP-only router, which answers with its own version).
+    /// PCP's ANNOUNCE answer.
+    PcpAnnounce {
+        /// Result code (0 = success).
+        result: u8,
+        /// Seconds since the router's mapping table started.
+        epoch: u32,
+    },
+    /// A PCP answer with a result but nothing else we use (e.g. UNSUPP_VERSION to a
+    /// NAT-PMP request from a PCP-only router, which answers with its own version).
     PcpError {
         /// The version the router speaks.
         version: u8,
@@ -212,6 +234,12 @@ pub fn parse_answer(bytes: &[u8]) -> Option<RouterAnswer> {
                 return None;
             }
             let result = *bytes.get(3)?;
+            if opcode & 0x7F == PCP_ANNOUNCE && version == PCP_VERSION && bytes.len() >= 12 {
+                return Some(RouterAnswer::PcpAnnounce {
+                    result,
+                    epoch: be32(bytes, 8)?,
+                });
+            }
             if opcode & 0x7F != PCP_MAP || version != PCP_VERSION || bytes.len() < PCP_MAP_LEN {
                 return Some(RouterAnswer::PcpError { version, result });
             }
@@ -379,6 +407,17 @@ mod tests {
             Some(RouterAnswer::PcpError {
                 version: 2,
                 result: 1
+            })
+        );
+        let mut announce = pcp_announce_request(IpAddr::V4(Ipv4Addr::LOCALHOST)).to_vec();
+        assert_eq!(parse_answer(&announce), None, "a request");
+        announce[1] = 0x80;
+        announce[8..12].copy_from_slice(&9u32.to_be_bytes());
+        assert_eq!(
+            parse_answer(&announce),
+            Some(RouterAnswer::PcpAnnounce {
+                result: 0,
+                epoch: 9
             })
         );
     }
