@@ -10,8 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway::proto::portmap::{
-    Mapping, MappingProtocol, PortMapClient, PortMapConfig, PortMapEvent, ProtocolOutcome,
+use gateway::{
+    portmap::upnp_map,
+    proto::portmap::{
+        MappedTransport, Mapping, MappingProtocol, PortMapClient, PortMapConfig, PortMapEvent,
+        ProtocolOutcome,
+    },
 };
 use gateway_tests::{
     daemon::{GatewayProcess, write_secret},
@@ -175,6 +179,50 @@ fn miniupnpd_grants_the_agents_client_a_mapping_through_a_symmetric_nat() {
 }
 
 #[test]
+fn upnp_igd_maps_through_miniupnpd_and_deletes() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let site = lab.site("a").expect("site a");
+    let host = site.host(0).expect("host").clone();
+    let inside = host.udp_bind(4600).expect("host socket");
+    let daemon = site
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    let local = SocketAddr::from((host.addr(), 4600));
+    let held = host
+        .run(move || upnp_map(local, MappedTransport::Udp, Duration::from_secs(120)))
+        .expect("namespace")
+        .unwrap_or_else(|e| panic!("UPnP: {e}\n{}", daemon.log_text()));
+    assert_eq!(held.mapping.protocol, MappingProtocol::Upnp);
+    let external = held.mapping.external;
+    assert_eq!(
+        external,
+        SocketAddr::from((site.wan_addr(), 4600)),
+        "the router's address, the agent's own port"
+    );
+    let outside = lab.server().udp_bind(40010).expect("server socket");
+    assert!(
+        reaches(&outside, &inside, external, b"through UPnP"),
+        "{}\n{}",
+        site.ruleset().unwrap_or_default(),
+        daemon.log_text()
+    );
+    host.run(move || held.delete())
+        .expect("namespace")
+        .expect("DeletePortMapping");
+    let late = lab.server().udp_bind(40011).expect("server socket");
+    assert!(!reaches(&late, &inside, external, b"after the delete"));
+    drop(daemon);
+    std::fs::remove_file(secret).ok();
+}
+
+#[test]
 fn a_router_without_port_mapping_costs_a_bounded_wait() {
     if !lab_available() {
         return;
@@ -202,5 +250,17 @@ fn a_router_without_port_mapping_costs_a_bounded_wait() {
     assert!(
         (Duration::from_millis(3700)..Duration::from_secs(6)).contains(&waited),
         "{waited:?}"
+    );
+    // UPnP-IGD: SSDP discovery finds nobody within its bounded wait.
+    let local = SocketAddr::from((host.addr(), 4500));
+    let started = Instant::now();
+    let upnp = host
+        .run(move || upnp_map(local, MappedTransport::Udp, Duration::from_secs(120)))
+        .expect("namespace");
+    assert!(matches!(upnp, Err(ProtocolOutcome::NoAnswer)), "{upnp:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
     );
 }

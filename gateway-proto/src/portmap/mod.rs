@@ -87,6 +87,20 @@ pub enum ProtocolOutcome {
     /// The router granted a mapping for another internal port or transport, or an
     /// unusable external address (0.0.0.0).
     Unusable,
+    /// The driver's protocol (UPnP-IGD) failed, in its words.
+    Error(String),
+}
+
+impl std::fmt::Display for ProtocolOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoAnswer => f.write_str("no answer"),
+            Self::UnsupportedVersion => f.write_str("not spoken by the router"),
+            Self::Refused { code, text } => write!(f, "refused ({code}: {text})"),
+            Self::Unusable => f.write_str("granted an unusable mapping"),
+            Self::Error(e) => f.write_str(e),
+        }
+    }
 }
 
 /// What the client reports.
