@@ -19,7 +19,7 @@ use gateway::{
 };
 use gateway_tests::{
     daemon::{GatewayProcess, write_secret},
-    lab::{Lab, NatPreset, lab_available},
+    lab::{Lab, NatPreset, PortMappingProtocols, lab_available},
     punch,
 };
 
@@ -219,6 +219,64 @@ fn upnp_igd_maps_through_miniupnpd_and_deletes() {
     let late = lab.server().udp_bind(40011).expect("server socket");
     assert!(!reaches(&late, &inside, external, b"after the delete"));
     drop(daemon);
+    std::fs::remove_file(secret).ok();
+}
+
+#[test]
+fn routers_that_speak_one_protocol_get_asked_in_it() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("pcp", NatPreset::symmetric())
+        .site("natpmp", NatPreset::symmetric())
+        .site("upnp", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    for (site_name, protocols, expected) in [
+        ("pcp", PortMappingProtocols::PCP, Some(MappingProtocol::Pcp)),
+        (
+            "natpmp",
+            PortMappingProtocols::NAT_PMP,
+            Some(MappingProtocol::NatPmp),
+        ),
+        ("upnp", PortMappingProtocols::UPNP, None),
+    ] {
+        let site = lab.site(site_name).expect("site");
+        let host = site.host(0).expect("host").clone();
+        let inside = host.udp_bind(4500).expect("host socket");
+        let daemon = site
+            .start_port_mapping_with(punch::SERVICE, protocols)
+            .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+        let router = site.router().addrs()[1];
+        let config = PortMapConfig::udp(router.into(), host.addr().into(), 4500);
+        let mut client = PortMapClient::new(Instant::now(), config, rand::random(), false);
+        let event = next_event(&mut client, &inside, Duration::from_secs(6));
+        match expected {
+            Some(protocol) => assert!(
+                matches!(event, Some(PortMapEvent::Mapped(Mapping { protocol: p, .. })) if p == protocol),
+                "{site_name}: {event:?}\n{}",
+                daemon.log_text()
+            ),
+            None => {
+                assert_eq!(
+                    event,
+                    Some(PortMapEvent::Unavailable(vec![
+                        (MappingProtocol::Pcp, ProtocolOutcome::NoAnswer),
+                        (MappingProtocol::NatPmp, ProtocolOutcome::NoAnswer),
+                    ])),
+                    "{site_name}"
+                );
+                let local = SocketAddr::from((host.addr(), 4500));
+                let held = host
+                    .run(move || upnp_map(local, MappedTransport::Udp, Duration::from_secs(60)))
+                    .expect("namespace")
+                    .unwrap_or_else(|e| panic!("UPnP: {e}\n{}", daemon.log_text()));
+                assert_eq!(held.mapping.external.ip(), site.wan_addr());
+            }
+        }
+    }
     std::fs::remove_file(secret).ok();
 }
 

@@ -28,7 +28,7 @@ use std::{
     time::Duration,
 };
 
-pub use portmap::{NAT_PMP_PORT, PortMappingDaemon, UPNP_HTTP_PORT};
+pub use portmap::{NAT_PMP_PORT, PortMappingDaemon, PortMappingProtocols, UPNP_HTTP_PORT};
 pub use preset::{
     Filtering, Mapping, NatPreset, PortAllocation, RouterKind, UnknownPreset, Unsolicited,
 };

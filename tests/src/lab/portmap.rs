@@ -30,6 +30,47 @@ pub const NAT_PMP_PORT: u16 = 5351;
 /// The UPnP HTTP port miniupnpd listens on in the lab.
 pub const UPNP_HTTP_PORT: u16 = 5000;
 
+/// Which port-mapping protocols a lab router answers: miniupnpd serves PCP and
+/// NAT-PMP on one switch, so the lab drops the version it should not speak (the
+/// first byte of a datagram to port 5351: 0 for NAT-PMP, 2 for PCP) in the router's
+/// input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMappingProtocols {
+    /// PCP (RFC 6887).
+    pub pcp: bool,
+    /// NAT-PMP (RFC 6886).
+    pub nat_pmp: bool,
+    /// UPnP-IGD.
+    pub upnp: bool,
+}
+
+impl PortMappingProtocols {
+    /// All three, as miniupnpd serves by default.
+    pub const ALL: Self = Self {
+        pcp: true,
+        nat_pmp: true,
+        upnp: true,
+    };
+    /// PCP alone.
+    pub const PCP: Self = Self {
+        pcp: true,
+        nat_pmp: false,
+        upnp: false,
+    };
+    /// NAT-PMP alone.
+    pub const NAT_PMP: Self = Self {
+        pcp: false,
+        nat_pmp: true,
+        upnp: false,
+    };
+    /// UPnP-IGD alone.
+    pub const UPNP: Self = Self {
+        pcp: false,
+        nat_pmp: false,
+        upnp: true,
+    };
+}
+
 /// The nftables table miniupnpd writes to on a lab router.
 const TABLE: &str = "upnp";
 
@@ -96,9 +137,32 @@ fn upnp_ruleset() -> String {
 impl Site {
     /// Starts miniupnpd on this site's router (NAT-PMP, PCP and UPnP-IGD on the LAN
     /// bridge, mappings for every LAN host and port 1024-65535), its STUN self-check
-    /// against `stun`; waits until it serves (NAT-PMP answers) or fails with its log.
+    /// against `stun`; waits until it serves or fails with its log.
     pub fn start_port_mapping(&self, stun: SocketAddr) -> Result<PortMappingDaemon, LabError> {
+        self.start_port_mapping_with(stun, PortMappingProtocols::ALL)
+    }
+
+    /// [`Site::start_port_mapping`] answering only `protocols`.
+    pub fn start_port_mapping_with(
+        &self,
+        stun: SocketAddr,
+        protocols: PortMappingProtocols,
+    ) -> Result<PortMappingDaemon, LabError> {
         let router = self.router.netns().to_owned();
+        for (speaks, version) in [(protocols.nat_pmp, 0), (protocols.pcp, 2)] {
+            if !speaks {
+                let version = version.to_string();
+                netns::run_cmd_in(
+                    &router,
+                    "nft",
+                    &[
+                        "insert", "rule", "ip", "lab", "input", "udp", "dport", "5351", "@th,64,8",
+                        &version, "drop",
+                    ],
+                    None,
+                )?;
+            }
+        }
         netns::run_cmd_in(&router, "nft", &["-f", "-"], Some(upnp_ruleset()))?;
         // Inbound packets miniupnpd DNATed pass the lab's filter (before its drops).
         let chain = netns::run_cmd_in(
@@ -158,18 +222,17 @@ impl Site {
             what: format!("creating {}", dir.display()),
             source,
         })?;
-        let lan_addr = self
-            .router
-            .addrs()
-            .get(1)
-            .copied()
-            .ok_or_else(|| LabError::Invalid("the router has no LAN address".into()))?;
         let mut conf = String::new();
         let _ = writeln!(conf, "ext_ifname=wan");
         let _ = writeln!(conf, "listening_ip=br0");
         let _ = writeln!(conf, "http_port={UPNP_HTTP_PORT}");
-        let _ = writeln!(conf, "enable_natpmp=yes");
-        let _ = writeln!(conf, "enable_upnp=yes");
+        let yes = |on: bool| if on { "yes" } else { "no" };
+        let _ = writeln!(
+            conf,
+            "enable_natpmp={}",
+            yes(protocols.pcp || protocols.nat_pmp)
+        );
+        let _ = writeln!(conf, "enable_upnp={}", yes(protocols.upnp));
         let _ = writeln!(conf, "secure_mode=yes");
         let _ = writeln!(conf, "system_uptime=yes");
         let _ = writeln!(conf, "notify_interval=60");
@@ -219,36 +282,26 @@ impl Site {
             dir,
             log,
         };
-        // Serving once a NAT-PMP external-address request from the LAN is answered
-        // with success (result 0): the STUN self-check ran and passed.
-        let host = self
-            .hosts
-            .first()
-            .ok_or_else(|| LabError::Invalid("the site has no host".into()))?
-            .clone();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let router_lan = SocketAddr::from((lan_addr, NAT_PMP_PORT));
-        while Instant::now() < deadline {
-            if !daemon.running() {
+        // Serving once its log says it listens for what it serves (after the STUN
+        // self-check, which ends with "Port forwarding is now disabled" when it fails).
+        let ready = if protocols.pcp || protocols.nat_pmp {
+            "Listening for NAT-PMP/PCP traffic"
+        } else {
+            "HTTP listening on port"
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && daemon.running() {
+            let log = daemon.log_text();
+            if log.contains("Port forwarding is now disabled") {
                 break;
             }
-            let answer = host.run(move || -> std::io::Result<Option<u16>> {
-                let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-                socket.set_read_timeout(Some(Duration::from_millis(250)))?;
-                socket.send_to(&[0, 0], router_lan)?;
-                let mut buf = [0u8; 64];
-                Ok(match socket.recv(&mut buf) {
-                    Ok(n) if n >= 4 && buf[1] == 128 => Some(u16::from_be_bytes([buf[2], buf[3]])),
-                    _ => None,
-                })
-            })?;
-            if let Ok(Some(0)) = answer {
+            if log.contains(ready) {
                 return Ok(daemon);
             }
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(100));
         }
         Err(LabError::Invalid(format!(
-            "miniupnpd on {} did not serve within 10 s; its log:\n{}",
+            "miniupnpd on {} did not serve (or its STUN self-check failed) within 15 s; its log:\n{}",
             self.router.role(),
             daemon.log_text()
         )))
