@@ -75,6 +75,9 @@ pub struct SoakReport {
     pub bytes_checked: u64,
     /// Datagrams that never arrived (each direction counted).
     pub lost: u64,
+    /// Allocations tried again from another port after a 437 or 441: the site's NAT
+    /// reused the public port of a killed agent whose allocation still lived.
+    pub allocate_retries: usize,
     /// The reading after the warm-up round: the baseline.
     pub start: Option<Reading>,
     /// A reading after each round, then the last one after the settle.
@@ -331,28 +334,40 @@ fn turn_client(
 ) -> Result<(), SoakError> {
     let broken = |what: String| SoakError::Broken { round, what };
     let creds = punch::credentials(&format!("t{round}-{n}"));
-    let config = ClientConfig::new(SERVICE, creds.username, creds.password);
-    let mut client = if tcp {
-        let stream = host
-            .tcp_connect(SERVICE, Duration::from_secs(3))?
-            .map_err(|e| broken(format!("TURN over TCP: connecting: {e}")))?;
-        BlockingClient::over_tcp(stream, config)
-    } else {
-        BlockingClient::with_socket(host.udp_bind(0)?, config)
-    };
     let transport = if tcp { "tcp" } else { "udp" };
-    client
-        .client
-        .allocate(Instant::now())
-        .map_err(DriveError::from)?;
-    let relayed = match client.wait_event(Duration::from_secs(5), |e| {
-        matches!(
-            e,
-            TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
-        )
-    })? {
-        TurnClientEvent::Allocated { relayed, .. } => relayed,
-        other => return Err(broken(format!("TURN over {transport}: {other:?}"))),
+    let mut attempt = 0;
+    let (mut client, relayed) = loop {
+        let config = ClientConfig::new(SERVICE, creds.username.clone(), creds.password.clone());
+        let mut client = if tcp {
+            let stream = host
+                .tcp_connect(SERVICE, Duration::from_secs(3))?
+                .map_err(|e| broken(format!("TURN over TCP: connecting: {e}")))?;
+            BlockingClient::over_tcp(stream, config)
+        } else {
+            BlockingClient::with_socket(host.udp_bind(0)?, config)
+        };
+        client
+            .client
+            .allocate(Instant::now())
+            .map_err(DriveError::from)?;
+        match client.wait_event(Duration::from_secs(5), |e| {
+            matches!(
+                e,
+                TurnClientEvent::Allocated { .. } | TurnClientEvent::Failed { .. }
+            )
+        })? {
+            TurnClientEvent::Allocated { relayed, .. } => break (client, relayed),
+            // The NAT gave this socket the public port of a killed agent whose
+            // allocation lives on (437: another allocation, 441: another user on this
+            // 5-tuple): as a real client does, try again from another port.
+            TurnClientEvent::Failed { failure, .. }
+                if attempt < 3 && matches!(failure.code(), Some(437 | 441)) =>
+            {
+                attempt += 1;
+                report.allocate_retries += 1;
+            }
+            other => return Err(broken(format!("TURN over {transport}: {other:?}"))),
+        }
     };
     let channel = client
         .client
@@ -459,14 +474,15 @@ pub fn run(config: &SoakConfig, mut progress: impl FnMut(&str)) -> Result<SoakRe
                 report.readings.push(reading);
                 progress(&format!(
                     "round {round}: {:.0} s, rss {} KiB, fds {}, allocations {}, registered {}, \
-                     {} bytes checked, {} lost",
+                     {} bytes checked, {} lost, {} allocations retried",
                     reading.at.as_secs_f64(),
                     reading.rss_kib,
                     reading.fds,
                     reading.allocations,
                     reading.registered,
                     report.bytes_checked,
-                    report.lost
+                    report.lost,
+                    report.allocate_retries
                 ));
             }
             Ok(())

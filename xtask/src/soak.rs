@@ -60,6 +60,10 @@ pub fn soak(args: &SoakArgs) -> Result<()> {
     println!("| payload bytes checked | {} |", report.bytes_checked);
     println!("| datagrams lost | {} |", report.lost);
     println!(
+        "| allocations retried from another port (437/441) | {} |",
+        report.allocate_retries
+    );
+    println!(
         "| RSS start / peak / end (KiB) | {} / {} / {} ({rss:+.1}%) |",
         start.rss_kib,
         report.peak_rss_kib(),
