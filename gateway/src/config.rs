@@ -62,6 +62,46 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Logging: the filter (changeable on reload) and the format.
     pub log: LogConfig,
+    /// TURN and the rendezvous over TLS.
+    pub tls: TlsConfig,
+}
+
+/// TURN over TLS (RFC 8656 `turns:`) and the rendezvous over TLS: listeners that
+/// serve, inside TLS 1.2 or 1.3, what the TCP service port serves. The certificate
+/// and key are read again on SIGHUP and when the files change (checked every 10 s);
+/// established connections keep theirs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Addresses to accept TLS on (typically `0.0.0.0:443` and `0.0.0.0:5349`);
+    /// empty: no TLS. Needs a restart to change.
+    pub listen: Vec<SocketAddr>,
+    /// The certificate chain, PEM, leaf first (e.g. an ACME client's
+    /// `fullchain.pem`).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1), e.g. `privkey.pem`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsConfig {
+    fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        if self.cert_file.is_none() || self.key_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls.listen needs tls.cert_file and tls.key_file (--tls-cert, --tls-key)".into(),
+            ));
+        }
+        for (i, addr) in self.listen.iter().enumerate() {
+            if *addr == server.listen || self.listen[..i].contains(addr) {
+                return Err(ConfigError::Invalid(format!(
+                    "tls.listen: {addr} is listed twice or is server.listen (whose TCP port serves TCP)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Logging. `--log-level` (or `GATEWAY_LOG`, `RUST_LOG`) and `--log-format` given
@@ -229,8 +269,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 pub struct RelayConfig {
     /// Serve TURN (when a secret is configured).
     pub enabled: bool,
-    /// Also serve TURN over TCP (RFC 8656 §3.1) on `server.listen`'s address and port,
-    /// for clients whose networks block UDP; the relayed side stays UDP.
+    /// Also serve TCP on `server.listen`'s address and port, for clients whose
+    /// networks block UDP: TURN over TCP (RFC 8656 §3.1; the relayed side stays UDP)
+    /// and the rendezvous over TCP (the same STUN-framed messages).
     pub tcp: bool,
     /// The REALM of long-term credentials.
     pub realm: String,
@@ -676,6 +717,7 @@ impl Config {
             ));
         }
         self.relay.validate()?;
+        self.tls.validate(&self.server)?;
         self.cluster.validate()?;
         self.log.validate()?;
         for name in &self.ebpf.interfaces {

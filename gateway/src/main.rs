@@ -397,9 +397,23 @@ struct ServeArgs {
     /// Do not serve TURN (the relay runs by default when a secret is configured).
     #[arg(long)]
     no_relay: bool,
-    /// Serve TURN over UDP only (by default also over TCP on the same port).
+    /// Serve UDP only on the service port (by default also TCP on the same port:
+    /// TURN and the rendezvous over TCP).
     #[arg(long)]
     no_relay_tcp: bool,
+    /// Serve TURN over TLS (`turns:`) and the rendezvous over TLS on this address
+    /// too (repeatable; typically 0.0.0.0:443 and 0.0.0.0:5349); needs --tls-cert
+    /// and --tls-key [config: tls.listen].
+    #[arg(long = "tls-listen", value_name = "ADDR")]
+    tls_listen: Vec<SocketAddr>,
+    /// The TLS certificate chain, PEM, leaf first (e.g. an ACME client's
+    /// fullchain.pem); read again on SIGHUP and when the file changes [config:
+    /// tls.cert_file].
+    #[arg(long = "tls-cert", value_name = "PEM")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The TLS private key, PEM [config: tls.key_file].
+    #[arg(long = "tls-key", value_name = "PEM")]
+    tls_key: Option<std::path::PathBuf>,
     /// REALM of the relay's long-term credentials [default: gateway].
     #[arg(long)]
     realm: Option<String>,
@@ -665,6 +679,15 @@ fn apply_flags(args: &ServeArgs, log_format: Option<LogFormat>, config: &mut Con
     }
     if args.no_relay_tcp {
         config.relay.tcp = false;
+    }
+    if !args.tls_listen.is_empty() {
+        config.tls.listen = args.tls_listen.clone();
+    }
+    if let Some(path) = &args.tls_cert {
+        config.tls.cert_file = Some(path.clone());
+    }
+    if let Some(path) = &args.tls_key {
+        config.tls.key_file = Some(path.clone());
     }
     if !args.relay_addresses.is_empty() {
         config.relay.addresses = args.relay_addresses.clone();
@@ -940,19 +963,54 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
             ),
         )));
     }
-    let tcp_task = match &relay {
-        Some(relay) if config.relay.tcp => {
+    // TCP on the service port and the TLS listeners: TURN and the rendezvous over
+    // streams, sharing one set of connection limits.
+    let mut stream_tasks = Vec::new();
+    let mut tls = None;
+    if relay.is_some() || rendezvous.is_some() {
+        let streams = gateway::stream::StreamService::new(
+            relay.clone(),
+            rendezvous.clone(),
+            client_socket.clone(),
+            metrics.clone(),
+            cluster.clone(),
+        )?;
+        if config.relay.tcp {
             let listener = tokio::net::TcpListener::bind(local)
                 .await
-                .with_context(|| format!("cannot listen for TURN over TCP on {local}"))?;
-            tracing::info!(tcp = %local, "TURN over TCP listening");
-            Some(tokio::spawn(health.watch(
-                "turn-tcp",
-                gateway::turn::serve_tcp(listener, relay.clone()),
-            )))
+                .with_context(|| format!("cannot listen for TCP on {local}"))?;
+            tracing::info!(tcp = %local, "TURN and the rendezvous over TCP listening");
+            stream_tasks.push(tokio::spawn(health.watch(
+                "stream-tcp",
+                gateway::stream::serve_tcp(listener, streams.clone()),
+            )));
         }
-        _ => None,
-    };
+        if let (false, Some(cert), Some(key)) = (
+            config.tls.listen.is_empty(),
+            &config.tls.cert_file,
+            &config.tls.key_file,
+        ) {
+            let tls_metrics = gateway::tls::TlsMetrics::new(&metrics.registry)?;
+            let loaded = gateway::tls::Tls::new(cert, key, tls_metrics)
+                .context("tls.cert_file / tls.key_file (--tls-cert, --tls-key)")?;
+            for &addr in &config.tls.listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for TLS on {addr}"))?;
+                tracing::info!(tls = %addr, "TURN and the rendezvous over TLS listening");
+                stream_tasks.push(tokio::spawn(health.watch(
+                    format!("stream-tls-{addr}"),
+                    gateway::tls::serve(listener, loaded.clone(), streams.clone()),
+                )));
+            }
+            stream_tasks.push(tokio::spawn(loaded.clone().watch()));
+            tls = Some(loaded);
+        }
+    } else if !config.tls.listen.is_empty() {
+        tracing::warn!(
+            "tls.listen is set but neither the relay nor the rendezvous runs (no auth.secret_file): nothing to serve over TLS"
+        );
+    }
     let threads = config.server.effective_threads();
     tracing::info!(threads, "UDP driver loops");
     let main_loops: Vec<_> = (0..threads)
@@ -977,6 +1035,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
         relay: relay.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
+        tls,
     };
     let mut reloader = Reloader::new(
         reload.path,
@@ -1003,7 +1062,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
     if let Some(task) = metrics_task {
         task.abort();
     }
-    if let Some(task) = tcp_task {
+    for task in stream_tasks {
         task.abort();
     }
     if let Some(probe) = probe {

@@ -10,7 +10,9 @@
 //! What applies live: the shared secrets (`auth.secret_file(s)`: rotation), the
 //! relay's peer ranges and limits (`relay.allowed_peer_ranges`,
 //! `denied_peer_ranges`, `max_*`, `bandwidth_bytes_per_second`), the drain settings
-//! (`server.alternate`, `server.drain_timeout`) and the log filter (`log.filter`).
+//! (`server.alternate`, `server.drain_timeout`), the log filter (`log.filter`) and
+//! the TLS certificate and key (the contents of `tls.cert_file` and `tls.key_file`,
+//! also picked up without a SIGHUP when the files change: [`crate::tls`]).
 //! Nothing established is dropped: allocations, permissions, channels, fast-path
 //! entries, registrations and TCP connections stay.
 //!
@@ -40,6 +42,9 @@ pub enum ReloadError {
     /// A secret file cannot be used.
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The log filter cannot be applied.
     #[error(transparent)]
     Log(#[from] LogError),
@@ -68,7 +73,7 @@ impl ReloadOutcome {
 }
 
 /// The settings that only take effect at start (each named as in the file).
-pub const RESTART_KEYS: [&str; 25] = [
+pub const RESTART_KEYS: [&str; 28] = [
     "server.listen",
     "server.discovery_listen",
     "server.discovery_unauthenticated",
@@ -94,6 +99,9 @@ pub const RESTART_KEYS: [&str; 25] = [
     "cluster.tls_ca_file",
     "log.format",
     "server.replies_per_source",
+    "tls.listen",
+    "tls.cert_file",
+    "tls.key_file",
 ];
 
 /// The restart-only settings that differ between `old` and `new` (names from
@@ -127,6 +135,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         o.cluster.tls_ca_file != n.cluster.tls_ca_file,
         o.log.format != n.log.format,
         o.server.replies_per_source != n.server.replies_per_source,
+        o.tls.listen != n.tls.listen,
+        o.tls.cert_file != n.tls.cert_file,
+        o.tls.key_file != n.tls.key_file,
     ];
     RESTART_KEYS
         .iter()
@@ -168,6 +179,7 @@ struct Prepared {
     restart: Vec<&'static str>,
     secret: Option<SharedSecret>,
     policy: PeerPolicy,
+    certificate: Option<rustls::sign::CertifiedKey>,
 }
 
 /// Re-reads and applies the configuration (see the module docs).
@@ -268,14 +280,26 @@ impl Reloader {
         if let Some(filter) = &config.log.filter {
             crate::logging::parse_filter(filter)?;
         }
-        // TLS goes here: when the TURN-over-TLS listener exists, its certificate and
-        // key are read now, so a missing or unreadable one refuses the reload before
-        // anything changes, and handed over in `apply` like the secrets.
+        // The TLS listeners' certificate and key (the files they started with: new
+        // paths need a restart) are read now, so a missing or broken one refuses the
+        // reload before anything changes; handed over in `apply` like the secrets.
+        let certificate = match &self.services.tls {
+            Some(tls) => {
+                let (cert, key) = tls.paths();
+                let loaded = crate::tls::load_certified_key(cert, key);
+                if loaded.is_err() {
+                    tls.count(false);
+                }
+                Some(loaded?)
+            }
+            None => None,
+        };
         Ok(Prepared {
             config,
             restart,
             secret,
             policy,
+            certificate,
         })
     }
 
@@ -287,6 +311,7 @@ impl Reloader {
             restart,
             secret,
             policy,
+            certificate,
         } = prepared;
         if let Some(log) = &self.log {
             if let Some(pinned) = log.pinned()
@@ -309,6 +334,10 @@ impl Reloader {
             if let Some(relay) = &self.services.relay {
                 relay.reconfigure(secret, policy, crate::turn::turn_config(&config));
             }
+        }
+        if let (Some(tls), Some(certificate)) = (&self.services.tls, certificate) {
+            tls.install(certificate);
+            tls.count(true);
         }
         self.current = config;
         Ok(restart)
@@ -359,6 +388,7 @@ mod tests {
 
     fn services() -> Services {
         Services {
+            tls: None,
             rendezvous: None,
             relay: None,
             health: Health::new(),

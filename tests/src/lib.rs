@@ -15,4 +15,5 @@ pub mod punch;
 pub mod redis;
 pub mod relay_gateway;
 pub mod tcp;
+pub mod tls;
 pub mod turn;

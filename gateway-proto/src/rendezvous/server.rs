@@ -27,7 +27,7 @@ use super::{
     },
 };
 use crate::{
-    Transmit,
+    Transmit, Transport,
     binding::{self, BindingService},
     budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
@@ -296,6 +296,10 @@ impl Default for RendezvousConfig {
 struct PeerRecord {
     addr: SocketAddr,
     local: Option<IpAddr>,
+    /// What it registered over: what is sent to it later (introductions, relay
+    /// offers) goes the same way (a peer registered over TCP or TLS gets them on
+    /// its connection).
+    transport: Transport,
     expiry_unix: u64,
     host_candidates: Box<[Candidate]>,
     nat: NatClass,
@@ -465,6 +469,10 @@ pub struct RendezvousServer {
     relay_endpoints: Option<RelayEndpoints>,
     /// Refusing new registrations ([`Self::set_draining`]).
     draining: Option<Draining>,
+    /// The transport of the request being handled (UDP between requests): a
+    /// registration remembers it, and only a request over the same transport from
+    /// the registered address speaks for a registered peer.
+    request_transport: Transport,
 }
 
 /// The transport addresses this gateway's relay allocates on: its relay addresses
@@ -532,6 +540,7 @@ impl RendezvousServer {
             cluster: None,
             relay_endpoints: None,
             draining: None,
+            request_transport: Transport::Udp,
         }
     }
 
@@ -654,6 +663,48 @@ impl RendezvousServer {
     /// known): queues the replies ([`Self::poll_transmit`]) and events
     /// ([`Self::poll_event`]) and returns what became of it, a bounded metrics label.
     pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+    ) -> RendezvousHandled {
+        self.handle_message(now, now_unix, from, Transport::Udp, local, datagram)
+    }
+
+    /// [`Self::handle_datagram`] for a message that came over `transport`: one
+    /// STUN message framed on a TCP or TLS connection from `from` (RFC 8656 §3.1
+    /// framing, the same messages as over UDP). The answers go back over the same
+    /// transport, and a peer that registers this way gets everything later sent to
+    /// it (introductions, relay offers, TCP-Seq) over it too, while the driver keeps
+    /// its connection.
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        from: SocketAddr,
+        transport: Transport,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+    ) -> RendezvousHandled {
+        self.request_transport = transport;
+        let start = self.transmits.len();
+        let handled = self.handle_request(now, now_unix, from, local, datagram);
+        if transport.is_stream() {
+            // Every answer made for this request goes to its sender, on its
+            // connection (indications to other peers carry their own transport).
+            for transmit in self.transmits.iter_mut().skip(start) {
+                if transmit.to == from && is_response(&transmit.payload) {
+                    transmit.transport = transport;
+                }
+            }
+        }
+        self.request_transport = Transport::Udp;
+        handled
+    }
+
+    fn handle_request(
         &mut self,
         now: Instant,
         now_unix: u64,
@@ -813,6 +864,7 @@ impl RendezvousServer {
             .or_insert_with(|| PeerRecord {
                 addr: from,
                 local,
+                transport: Transport::Udp,
                 expiry_unix: auth.expiry_unix,
                 host_candidates: Box::new([]),
                 nat,
@@ -826,6 +878,7 @@ impl RendezvousServer {
         record.secret = auth.secret;
         record.addr = from;
         record.local = local;
+        record.transport = self.request_transport;
         record.expiry_unix = auth.expiry_unix;
         record.host_candidates = hosts.into_boxed_slice();
         record.nat = nat;
@@ -883,7 +936,7 @@ impl RendezvousServer {
         let initiator = self
             .peers
             .get_mut(auth.peer_id.as_str())
-            .filter(|p| p.addr == from)
+            .filter(|p| p.addr == from && p.transport == self.request_transport)
             .ok_or((RendezvousHandled::Forbidden, 403, "Not Registered Here"))?;
         if now_ms.wrapping_sub(initiator.window_start_ms) >= 1_000 {
             initiator.window_start_ms = now_ms;
@@ -908,7 +961,7 @@ impl RendezvousServer {
                 Ok((RendezvousHandled::Introduced, Some(reply)))
             }
             None if self.cluster.is_some() => {
-                let reply_to = ReplyTo::new(from, local, auth);
+                let reply_to = ReplyTo::new(from, self.request_transport, local, auth);
                 self.park_connect(now, &auth.peer_id, target, reply_to)
             }
             None => Err(not_found),
@@ -1029,10 +1082,12 @@ impl RendezvousServer {
         writer.finish_with_fingerprint();
         // Sent twice: a lost introduction costs a whole punch attempt, a duplicate
         // costs one datagram (the agent ignores an introduction it already has).
-        self.transmits
-            .push_back(Transmit::udp(recipient.addr, payload.clone()).from_local(recipient.local));
-        self.transmits
-            .push_back(Transmit::udp(recipient.addr, payload).from_local(recipient.local));
+        forward::push_twice(
+            &mut self.transmits,
+            (recipient.addr, recipient.transport),
+            recipient.local,
+            payload,
+        );
     }
 
     /// Remembers an introduction, forgetting the oldest beyond
@@ -1108,6 +1163,12 @@ impl RendezvousServer {
             )),
         ))
     }
+}
+
+/// True for a STUN success or error response (what answers a request, and so goes
+/// to the requester).
+fn is_response(payload: &[u8]) -> bool {
+    payload.len() >= 2 && payload[0] & 0x01 == 0x01
 }
 
 #[cfg(test)]

@@ -1,0 +1,505 @@
+//! TURN and the rendezvous over streams against the real `gateway serve` on
+//! loopback: TURN over TLS with real clients (coturn's `turnutils_uclient -S`,
+//! aioice with a `turns:` server), the rendezvous over TCP and TLS, the
+//! certificate's reload, and what bad input on the TLS port gets (a deadline or a
+//! clear close, a counter, and every slot and descriptor back).
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::{
+    loopback::{LoopbackGateway, SECRET, free_tcp},
+    tls::{StreamPeer, TestCa, connect_tls, peer_certificate},
+};
+
+/// A loopback gateway with one TLS listener and loopback peers allowed.
+struct TlsGateway {
+    gateway: LoopbackGateway,
+    tls: SocketAddr,
+    ca: TestCa,
+    cert: PathBuf,
+    key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsGateway {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = TestCa::new(dir.path());
+        let (cert, key) = ca.leaf("first");
+        let tls = free_tcp();
+        let tls_arg = tls.to_string();
+        let gateway = LoopbackGateway::start(
+            dir.path(),
+            &[
+                "--allow-peer",
+                "127.0.0.0/8",
+                "--tls-listen",
+                &tls_arg,
+                "--tls-cert",
+                cert.to_str().expect("path"),
+                "--tls-key",
+                key.to_str().expect("path"),
+            ],
+        );
+        Self {
+            gateway,
+            tls,
+            ca,
+            cert,
+            key,
+            _dir: dir,
+        }
+    }
+
+    fn metric(&self, name: &str, labels: &str) -> f64 {
+        self.gateway.metric(name, labels)
+    }
+
+    fn handshakes(&self, outcome: &str) -> f64 {
+        self.metric(
+            "gateway_tls_handshakes_total",
+            &format!("outcome=\"{outcome}\""),
+        )
+    }
+
+    /// Waits (10 s at most) until `name{labels}` reaches `value`.
+    fn wait_metric(&self, name: &str, labels: &str, value: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(name, labels);
+            if now == value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{{{labels}}} is {now}, not {value}; log:\n{}",
+                self.gateway.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Open descriptors of the gateway process.
+    fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.gateway.pid()))
+            .expect("the gateway's fds")
+            .count()
+    }
+}
+
+/// Waits for the peer to close `stream` (EOF or reset); the time it took, or `None`
+/// when it is still open after `limit`.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 256];
+    while start.elapsed() < limit {
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    None
+}
+
+fn uclient(tls: SocketAddr, mode: &[&str], clients: u32, messages: u32, length: u32) -> String {
+    let output = Command::new("timeout")
+        .args([
+            "60",
+            "turnutils_uclient",
+            "-t",
+            "-S",
+            "-p",
+            &tls.port().to_string(),
+        ])
+        .args(["-W", SECRET, "-r", "gateway", "-u", "uclient"])
+        .args(["-m", &clients.to_string(), "-n", &messages.to_string()])
+        .args(["-l", &length.to_string()])
+        .args(mode)
+        .arg(tls.ip().to_string())
+        .output()
+        .expect("turnutils_uclient: install Debian's coturn package (cargo xtask setup does)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The numbers after `key=` in the last line that has them.
+fn last_count(output: &str, key: &str) -> Option<u64> {
+    output
+        .lines()
+        .rev()
+        .find_map(|line| line.split(key).nth(1))
+        .and_then(|rest| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok())
+        })
+}
+
+fn assert_all_delivered(output: &str, expected: u64) {
+    assert_eq!(
+        last_count(output, "tot_send_msgs="),
+        Some(expected),
+        "{output}"
+    );
+    assert_eq!(
+        last_count(output, "tot_recv_msgs="),
+        Some(expected),
+        "{output}"
+    );
+    assert!(
+        output.contains("Total lost packets 0 (0.000000%)"),
+        "{output}"
+    );
+}
+
+#[test]
+fn coturn_uclient_relays_over_tls_and_allocations_end_with_the_connection() {
+    let gw = TlsGateway::start();
+    // TURN over TLS over TCP between client and gateway (-t -S; -S alone is DTLS),
+    // UDP on the relayed side:
+    // channels, then Send indications.
+    let channels = uclient(gw.tls, &["-y", "-c"], 2, 200, 120);
+    assert_all_delivered(&channels, 400);
+    let indications = uclient(gw.tls, &["-y", "-s", "-c"], 2, 50, 1200);
+    assert_all_delivered(&indications, 100);
+    assert!(gw.metric("gateway_turn_allocations_total", "") >= 4.0);
+    assert!(gw.handshakes("ok") >= 4.0, "{}", gw.gateway.log_text());
+    // uclient closed its connections: each allocation ended with its connection.
+    gw.wait_metric("gateway_turn_allocations", "", 0.0);
+    gw.wait_metric("gateway_tls_connections", "", 0.0);
+}
+
+fn python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_owned();
+    let python = root.join("target/python/bin/python3");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `cargo xtask setup` (it makes a venv with aioice from PyPI)",
+        python.display()
+    );
+    python
+}
+
+#[test]
+fn aioice_agents_connect_through_a_turns_relay() {
+    let gw = TlsGateway::start();
+    let (user_a, pass_a) = gw.gateway.credentials("alice");
+    let (user_b, pass_b) = gw.gateway.credentials("bob");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/aioice_relay.py");
+    let output = Command::new(python())
+        .arg(script)
+        .arg(gw.tls.ip().to_string())
+        .arg(gw.tls.port().to_string())
+        .args([&user_a, &pass_a, &user_b, &pass_b])
+        .arg("20")
+        .arg(&gw.ca.cert)
+        .output()
+        .expect("python");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "aioice over turns: failed:\n{said}"
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{said}"));
+    assert_eq!(result["received_by_a"], 20, "{said}");
+    assert_eq!(result["received_by_b"], 20, "{said}");
+    assert_eq!(gw.metric("gateway_turn_allocations_total", ""), 2.0);
+    // The allocations were made over TLS (the TLS port is the only way in).
+    assert!(gw.handshakes("ok") >= 2.0);
+}
+
+#[test]
+fn peers_register_and_are_introduced_over_tcp_and_tls() {
+    let gw = TlsGateway::start();
+    // Alice over TLS, bob over TCP on the service port.
+    let tls = connect_tls(gw.tls, gw.ca.client_config()).expect("TLS handshake");
+    let mut alice = StreamPeer::new(tls, gw.gateway.credentials("alice"));
+    let tcp = TcpStream::connect(gw.gateway.service).expect("TCP connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut bob = StreamPeer::new(tcp, gw.gateway.credentials("bob"));
+    let registered = alice.register();
+    assert_eq!(registered.result, Ok(()));
+    let alice_addr = alice.stream.sock.local_addr().expect("address");
+    assert_eq!(
+        registered.mapped,
+        Some(alice_addr),
+        "its TLS connection's address"
+    );
+    let registered = bob.register();
+    assert_eq!(registered.result, Ok(()));
+    let bob_addr = bob.stream.local_addr().expect("address");
+    assert_eq!(gw.metric("gateway_registered_peers", ""), 2.0);
+    // Bob asks for alice: both get their introduction on their own connection.
+    let answer = bob.connect("alice");
+    assert_eq!(answer.result, Ok(()));
+    let to_bob = bob.introduction();
+    let to_alice = alice.introduction();
+    assert_eq!(Some(to_bob.intro_id), answer.intro_id);
+    assert_eq!(to_alice.intro_id, to_bob.intro_id);
+    assert_eq!(to_bob.peer_id, "alice");
+    assert_eq!(to_alice.peer_id, "bob");
+    assert_eq!(to_bob.candidates[0].addr, alice_addr);
+    assert_eq!(to_alice.candidates[0].addr, bob_addr);
+    // And the other way, started over TLS.
+    let answer = alice.connect("bob");
+    assert_eq!(answer.result, Ok(()));
+    assert_eq!(alice.introduction().peer_id, "bob");
+    assert_eq!(bob.introduction().peer_id, "alice");
+    assert!(
+        gw.metric("gateway_stun_datagrams_total", "outcome=\"introduced\"") >= 2.0,
+        "counted as over UDP"
+    );
+}
+
+#[test]
+fn a_certificate_reload_keeps_established_connections_and_serves_new_handshakes() {
+    let gw = TlsGateway::start();
+    // A fresh client configuration per connection: a resumed session would not
+    // show the server's certificate again.
+    let config = || gw.ca.client_config();
+    let first = connect_tls(gw.tls, config()).expect("handshake");
+    let first_cert = peer_certificate(&first);
+    let mut alice = StreamPeer::new(first, gw.gateway.credentials("alice"));
+    assert_eq!(alice.register().result, Ok(()));
+    // A renewal written in place, then SIGHUP.
+    let (cert, key) = gw.ca.leaf("second");
+    std::fs::copy(&cert, &gw.cert).expect("cert");
+    std::fs::copy(&key, &gw.key).expect("key");
+    let pid = i32::try_from(gw.gateway.pid()).expect("pid");
+    // SAFETY: a signal to the gateway process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    gw.wait_metric(
+        "gateway_tls_certificate_reloads_total",
+        "outcome=\"success\"",
+        1.0,
+    );
+    let second = connect_tls(gw.tls, config()).expect("handshake");
+    let second_cert = peer_certificate(&second);
+    assert_ne!(
+        second_cert, first_cert,
+        "new handshakes get the new certificate"
+    );
+    assert_eq!(second_cert, pem_der(&cert));
+    // The established connection still serves, with the old certificate.
+    assert_eq!(alice.connect("nobody").result, Err(404));
+    assert_eq!(peer_certificate(&alice.stream), first_cert);
+    // A broken key is refused: the reload fails and the certificate stays.
+    std::fs::write(
+        &gw.key,
+        "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n",
+    )
+    .expect("key");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    gw.wait_metric("gateway_config_reloads_total", "outcome=\"failed\"", 1.0);
+    let third = connect_tls(gw.tls, config()).expect("handshake");
+    assert_eq!(peer_certificate(&third), second_cert);
+    // A renewal without a signal is noticed by the file check (every 10 s).
+    let (cert, key) = gw.ca.leaf("third");
+    std::fs::copy(&key, &gw.key).expect("key");
+    std::fs::copy(&cert, &gw.cert).expect("cert");
+    let deadline = Instant::now() + Duration::from_secs(25);
+    loop {
+        let fresh = connect_tls(gw.tls, config()).expect("handshake");
+        if peer_certificate(&fresh) == pem_der(&cert) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the changed files were not picked up; log:\n{}",
+            gw.gateway.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(alice.connect("nobody").result, Err(404), "still served");
+}
+
+/// The DER of the first certificate in a PEM file.
+fn pem_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    CertificateDer::from_pem_file(path)
+        .expect("a certificate")
+        .to_vec()
+}
+
+#[test]
+fn plaintext_and_garbage_on_the_tls_port_are_closed_and_counted() {
+    let gw = TlsGateway::start();
+    // Plaintext STUN (a Binding request) on the TLS port: closed at once.
+    let mut stream = TcpStream::connect(gw.tls).expect("connect");
+    let mut binding = Vec::new();
+    gateway::proto::binding::binding_request([3; 12], &mut binding);
+    stream.write_all(&binding).expect("write");
+    let closed = closed_within(&mut stream, Duration::from_secs(3)).expect("closed");
+    assert!(closed < Duration::from_secs(2), "closed after {closed:?}");
+    // An HTTP request: the same.
+    let mut stream = TcpStream::connect(gw.tls).expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    assert!(closed_within(&mut stream, Duration::from_secs(3)).is_some());
+    gw.wait_metric("gateway_tls_handshakes_total", "outcome=\"plaintext\"", 2.0);
+    // A handshake record header followed by garbage: refused by TLS.
+    let mut stream = TcpStream::connect(gw.tls).expect("connect");
+    stream
+        .write_all(&[
+            0x16, 0x03, 0x01, 0x00, 0x10, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+            11, 12, 13,
+        ])
+        .expect("write");
+    assert!(closed_within(&mut stream, Duration::from_secs(3)).is_some());
+    gw.wait_metric("gateway_tls_handshakes_total", "outcome=\"error\"", 1.0);
+    // A TLS client speaking garbage after the handshake: closed as not STUN; a
+    // frame over the largest datagram: closed as oversized, not read.
+    let mut tls = connect_tls(gw.tls, gw.ca.client_config()).expect("handshake");
+    tls.write_all(&[0xFF; 12]).expect("write");
+    tls.flush().expect("flush");
+    let mut buf = [0u8; 16];
+    assert!(matches!(tls.read(&mut buf), Ok(0) | Err(_)), "closed");
+    let mut tls = connect_tls(gw.tls, gw.ca.client_config()).expect("handshake");
+    tls.write_all(&[0x00, 0x01, 0xFF, 0xFC]).expect("write");
+    tls.flush().expect("flush");
+    assert!(matches!(tls.read(&mut buf), Ok(0) | Err(_)), "closed");
+    gw.wait_metric(
+        "gateway_stream_closed_total",
+        "reason=\"not_stun\",transport=\"tls\"",
+        1.0,
+    );
+    gw.wait_metric(
+        "gateway_stream_closed_total",
+        "reason=\"oversized\",transport=\"tls\"",
+        1.0,
+    );
+    gw.wait_metric("gateway_stream_connections", "transport=\"tls\"", 0.0);
+    gw.wait_metric("gateway_tls_connections", "", 0.0);
+}
+
+#[test]
+fn a_stalled_handshake_is_closed_at_its_deadline() {
+    let gw = TlsGateway::start();
+    // Nothing at all after connecting, and a ClientHello's first bytes only.
+    let mut silent = TcpStream::connect(gw.tls).expect("connect");
+    let mut partial = TcpStream::connect(gw.tls).expect("connect");
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .expect("write");
+    let closed = closed_within(&mut silent, Duration::from_secs(15)).expect("closed");
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&closed),
+        "closed after {closed:?}: the deadline is 10 s"
+    );
+    assert!(closed_within(&mut partial, Duration::from_secs(3)).is_some());
+    gw.wait_metric("gateway_tls_handshakes_total", "outcome=\"timeout\"", 2.0);
+    gw.wait_metric("gateway_stream_connections", "transport=\"tls\"", 0.0);
+}
+
+#[test]
+fn one_source_gets_its_share_of_slots_across_tcp_and_tls_and_gets_them_back() {
+    let gw = TlsGateway::start();
+    std::thread::sleep(Duration::from_millis(300));
+    let fds_before = gw.open_fds();
+    let budget_before = gw.metric("gateway_relay_fd_budget_used", "");
+    // 32 idle TCP and 32 idle TLS connections (handshake done) from 127.0.0.1.
+    let held: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(gw.gateway.service).expect("connect"))
+        .collect();
+    let mut held_tls: Vec<_> = (0..32)
+        .map(|_| connect_tls(gw.tls, gw.ca.client_config()).expect("handshake"))
+        .collect();
+    gw.wait_metric("gateway_stream_connections", "transport=\"tls\"", 32.0);
+    gw.wait_metric("gateway_stream_connections", "transport=\"tcp\"", 32.0);
+    // The 65th, on either port, is closed at once and counted.
+    let mut extra = TcpStream::connect(gw.tls).expect("the kernel accepts");
+    assert!(closed_within(&mut extra, Duration::from_secs(3)).is_some());
+    let mut extra = TcpStream::connect(gw.gateway.service).expect("the kernel accepts");
+    assert!(closed_within(&mut extra, Duration::from_secs(3)).is_some());
+    assert!(gw.metric("gateway_turn_tcp_refused_total", "") >= 2.0);
+    // Another source is served meanwhile.
+    let mut tls2 = socket_from(Ipv4Addr::new(127, 0, 0, 2), gw.tls);
+    assert!(
+        closed_within(&mut tls2, Duration::from_millis(500)).is_none(),
+        "127.0.0.2 has its own share"
+    );
+    // A freed slot serves again.
+    drop(held_tls.remove(8));
+    gw.wait_metric("gateway_tls_connections", "", 31.0);
+    let again = connect_tls(gw.tls, gw.ca.client_config()).expect("a freed slot");
+    held_tls.push(again);
+    gw.wait_metric("gateway_tls_connections", "", 32.0);
+    // Everything closed: the slots, the descriptor budget and the fds come back.
+    drop(held_tls);
+    drop(held);
+    drop(tls2);
+    gw.wait_metric("gateway_stream_connections", "transport=\"tls\"", 0.0);
+    gw.wait_metric("gateway_stream_connections", "transport=\"tcp\"", 0.0);
+    gw.wait_metric("gateway_relay_fd_budget_used", "", budget_before);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.open_fds() > fds_before {
+        assert!(
+            Instant::now() < deadline,
+            "{} fds open, {fds_before} before",
+            gw.open_fds()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP connection to `to` from address `from` (any port).
+fn socket_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from((from, 0)).into())
+        .expect("bind");
+    socket.connect(&to.into()).expect("connect");
+    socket.into()
+}
+
+#[test]
+fn a_client_certificate_nobody_asked_for_changes_nothing() {
+    let gw = TlsGateway::start();
+    // A client that has a certificate to offer: the gateway asks for none, so the
+    // handshake completes without it and the connection is served.
+    let (cert, key) = gw.ca.leaf("client");
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = vec![CertificateDer::from_pem_file(&cert).expect("cert")];
+    let key = PrivateKeyDer::from_pem_file(&key).expect("key");
+    let pem = std::fs::read(&gw.ca.cert).expect("CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&pem) {
+        roots.add(ca.expect("PEM")).expect("CA");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .expect("client auth config");
+    let tls = connect_tls(gw.tls, std::sync::Arc::new(config)).expect("handshake");
+    let mut alice = StreamPeer::new(tls, gw.gateway.credentials("alice"));
+    assert_eq!(alice.register().result, Ok(()));
+    assert_eq!(gw.handshakes("ok"), 1.0);
+    assert_eq!(gw.handshakes("error"), 0.0);
+}
