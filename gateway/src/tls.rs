@@ -113,6 +113,9 @@ pub struct TlsMetrics {
     pub connections: IntGauge,
     /// `gateway_tls_certificate_reloads_total{outcome}`: success, failed.
     pub reloads: IntCounterVec,
+    /// `gateway_tls_certificate_expiry_seconds`: the notAfter of the certificate
+    /// in force, Unix seconds (for an alert well before it passes).
+    pub expiry: IntGauge,
 }
 
 impl TlsMetrics {
@@ -136,9 +139,14 @@ impl TlsMetrics {
             ),
             &["outcome"],
         )?;
+        let expiry = IntGauge::new(
+            "gateway_tls_certificate_expiry_seconds",
+            "When the TLS certificate in force expires (its notAfter), Unix seconds; 0 when it cannot be read",
+        )?;
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(connections.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(expiry.clone()))?;
         for outcome in ["ok", "timeout", "plaintext", "error"] {
             handshakes.with_label_values(&[outcome]);
         }
@@ -149,6 +157,7 @@ impl TlsMetrics {
             handshakes,
             connections,
             reloads,
+            expiry,
         })
     }
 }
@@ -179,6 +188,7 @@ impl Tls {
     pub fn new(cert: &Path, key: &Path, metrics: TlsMetrics) -> Result<Arc<Self>, TlsError> {
         let stamps = (stamp(cert), stamp(key));
         let loaded = load_certified_key(cert, key)?;
+        metrics.expiry.set(expiry_of(&loaded));
         let current = Arc::new(Current(RwLock::new(Arc::new(loaded))));
         let config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -209,6 +219,7 @@ impl Tls {
     /// Puts a certificate read by [`load_certified_key`] in force for new
     /// handshakes; established connections keep theirs.
     pub fn install(&self, key: CertifiedKey) {
+        self.metrics.expiry.set(expiry_of(&key));
         *self
             .current
             .0
@@ -342,4 +353,150 @@ async fn handshake(
     };
     tls.metrics.handshakes.with_label_values(&[outcome]).inc();
     result.ok()
+}
+
+/// The notAfter of `key`'s end-entity certificate in Unix seconds; 0 when it cannot
+/// be read.
+fn expiry_of(key: &CertifiedKey) -> i64 {
+    key.cert.first().and_then(|c| not_after(c)).unwrap_or(0)
+}
+
+/// One DER element: its tag, its contents and what follows it.
+fn der_element(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let count = usize::from(first & 0x7F);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let len = rest[..count]
+            .iter()
+            .fold(0usize, |len, &b| (len << 8) | usize::from(b));
+        (len, &rest[count..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The notAfter of an X.509 certificate (DER), Unix seconds: Certificate →
+/// tbsCertificate → (the optional [0] version), serialNumber, signature, issuer,
+/// validity → notAfter (RFC 5280 §4.1).
+pub fn not_after(cert: &[u8]) -> Option<i64> {
+    const SEQUENCE: u8 = 0x30;
+    let (SEQUENCE, certificate, _) = der_element(cert)? else {
+        return None;
+    };
+    let (SEQUENCE, tbs, _) = der_element(certificate)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    let (tag, _, after) = der_element(rest)?;
+    if tag == 0xA0 {
+        rest = after;
+    }
+    for _ in 0..3 {
+        rest = der_element(rest)?.2; // serialNumber, signature, issuer
+    }
+    let (SEQUENCE, validity, _) = der_element(rest)? else {
+        return None;
+    };
+    let (_, _, after_not_before) = der_element(validity)?;
+    let (tag, time, _) = der_element(after_not_before)?;
+    let time = std::str::from_utf8(time).ok()?;
+    let digits = time.strip_suffix('Z')?;
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (year, rest) = match tag {
+        // UTCTime: YYMMDDHHMMSSZ, years 1950-2049.
+        0x17 if digits.len() == 12 => {
+            let yy: i64 = digits[..2].parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
+        }
+        // GeneralizedTime: YYYYMMDDHHMMSSZ.
+        0x18 if digits.len() == 14 => (digits[..4].parse().ok()?, &digits[4..]),
+        _ => return None,
+    };
+    let field = |i: usize| rest.get(i..i + 2)?.parse::<i64>().ok();
+    let (month, day) = (field(0)?, field(2)?);
+    let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (the civil-from-days
+/// arithmetic on 400-year eras).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A DER element of `tag` around `contents` (short or two-byte length).
+    fn der(tag: u8, contents: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        if contents.len() < 0x80 {
+            out.push(contents.len() as u8);
+        } else {
+            out.push(0x82);
+            out.extend_from_slice(&(contents.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(contents);
+        out
+    }
+
+    fn certificate(version: bool, not_after: (u8, &str)) -> Vec<u8> {
+        let mut tbs = Vec::new();
+        if version {
+            tbs.extend(der(0xA0, &der(0x02, &[2])));
+        }
+        tbs.extend(der(0x02, &[0x01, 0x23]));
+        tbs.extend(der(0x30, &der(0x06, &[0x2A, 0x86, 0x48])));
+        // An issuer long enough for a two-byte length.
+        tbs.extend(der(0x30, &[0x31; 200]));
+        let mut validity = der(0x17, b"260101000000Z");
+        validity.extend(der(not_after.0, not_after.1.as_bytes()));
+        tbs.extend(der(0x30, &validity));
+        tbs.extend(der(0x30, &[0; 10]));
+        let mut cert = der(0x30, &tbs);
+        cert.extend(der(0x30, &[0; 4]));
+        der(0x30, &cert)
+    }
+
+    #[test]
+    fn the_expiry_is_read_from_utc_and_generalized_times() {
+        // 2027-03-04 05:06:07 UTC.
+        let expected = 1_804_136_767;
+        assert_eq!(
+            not_after(&certificate(true, (0x17, "270304050607Z"))),
+            Some(expected)
+        );
+        assert_eq!(
+            not_after(&certificate(false, (0x18, "20270304050607Z"))),
+            Some(expected)
+        );
+        assert_eq!(
+            not_after(&certificate(true, (0x18, "20500101000000Z"))),
+            Some(2_524_608_000)
+        );
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        // Truncated or malformed: none, never a panic.
+        let good = certificate(true, (0x17, "270304050607Z"));
+        for len in 0..good.len() {
+            let _ = not_after(&good[..len]);
+        }
+        assert_eq!(not_after(&certificate(true, (0x17, "2703040506Z"))), None);
+        assert_eq!(not_after(&certificate(true, (0x17, "27030405060+Z"))), None);
+        assert_eq!(not_after(&certificate(true, (0x04, "270304050607Z"))), None);
+    }
 }

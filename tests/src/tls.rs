@@ -71,8 +71,14 @@ impl TestCa {
     }
 
     /// A server certificate for 127.0.0.1 and `gateway.test` signed by this CA, with
-    /// common name `name`: (certificate chain, key) as PEM files named after it.
+    /// common name `name`, valid for a day: (certificate chain, key) as PEM files
+    /// named after it.
     pub fn leaf(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.leaf_for_days(name, 1)
+    }
+
+    /// [`Self::leaf`] valid for `days` days.
+    pub fn leaf_for_days(&self, name: &str, days: u32) -> (PathBuf, PathBuf) {
         let cert = self.dir.join(format!("{name}.pem"));
         let key = self.dir.join(format!("{name}.key"));
         let csr = self.dir.join(format!("{name}.csr"));
@@ -109,7 +115,7 @@ impl TestCa {
             "-set_serial",
             &serial,
             "-days",
-            "1",
+            &days.to_string(),
             "-extfile",
             arg(&ext),
             "-out",
@@ -132,6 +138,25 @@ impl TestCa {
                 .with_no_client_auth(),
         )
     }
+}
+
+/// The notAfter of the certificate in `cert` (PEM), Unix seconds, as openssl and
+/// date(1) read it.
+pub fn not_after(cert: &Path) -> i64 {
+    let output = Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-in", arg(cert)])
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let date = text.trim().strip_prefix("notAfter=").expect("notAfter=...");
+    let output = Command::new("date")
+        .args(["-u", "-d", date, "+%s"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("seconds")
 }
 
 /// A blocking TLS connection to a gateway's TLS listener.

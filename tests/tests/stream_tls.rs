@@ -13,7 +13,7 @@ use std::{
 
 use gateway_tests::{
     loopback::{LoopbackGateway, SECRET, free_tcp},
-    tls::{StreamPeer, TestCa, connect_tls, peer_certificate},
+    tls::{StreamPeer, TestCa, connect_tls, not_after, peer_certificate},
 };
 
 /// A loopback gateway with one TLS listener and loopback peers allowed.
@@ -285,8 +285,10 @@ fn a_certificate_reload_keeps_established_connections_and_serves_new_handshakes(
     let first_cert = peer_certificate(&first);
     let mut alice = StreamPeer::new(first, gw.gateway.credentials("alice"));
     assert_eq!(alice.register().result, Ok(()));
-    // A renewal written in place, then SIGHUP.
-    let (cert, key) = gw.ca.leaf("second");
+    let expiry = |gw: &TlsGateway| gw.metric("gateway_tls_certificate_expiry_seconds", "");
+    assert_eq!(expiry(&gw), not_after(&gw.cert) as f64);
+    // A renewal (valid longer) written in place, then SIGHUP.
+    let (cert, key) = gw.ca.leaf_for_days("second", 30);
     std::fs::copy(&cert, &gw.cert).expect("cert");
     std::fs::copy(&key, &gw.key).expect("key");
     let pid = i32::try_from(gw.gateway.pid()).expect("pid");
@@ -304,6 +306,7 @@ fn a_certificate_reload_keeps_established_connections_and_serves_new_handshakes(
         "new handshakes get the new certificate"
     );
     assert_eq!(second_cert, pem_der(&cert));
+    assert_eq!(expiry(&gw), not_after(&cert) as f64, "the renewal's expiry");
     // The established connection still serves, with the old certificate.
     assert_eq!(alice.connect("nobody").result, Err(404));
     assert_eq!(peer_certificate(&alice.stream), first_cert);
@@ -318,6 +321,13 @@ fn a_certificate_reload_keeps_established_connections_and_serves_new_handshakes(
     gw.wait_metric("gateway_config_reloads_total", "outcome=\"failed\"", 1.0);
     let third = connect_tls(gw.tls, config()).expect("handshake");
     assert_eq!(peer_certificate(&third), second_cert);
+    assert_eq!(
+        gw.metric(
+            "gateway_tls_certificate_reloads_total",
+            "outcome=\"failed\""
+        ),
+        1.0
+    );
     // A renewal without a signal is noticed by the file check (every 10 s).
     let (cert, key) = gw.ca.leaf("third");
     std::fs::copy(&key, &gw.key).expect("key");
@@ -438,6 +448,22 @@ fn one_source_gets_its_share_of_slots_across_tcp_and_tls_and_gets_them_back() {
     let mut extra = TcpStream::connect(gw.gateway.service).expect("the kernel accepts");
     assert!(closed_within(&mut extra, Duration::from_secs(3)).is_some());
     assert!(gw.metric("gateway_turn_tcp_refused_total", "") >= 2.0);
+    // Thousands more from the same source: each closed at once and counted, none
+    // holding a slot or a descriptor.
+    let refused = gw.metric("gateway_turn_tcp_refused_total", "");
+    for i in 0..2000 {
+        let to = if i % 2 == 0 {
+            gw.tls
+        } else {
+            gw.gateway.service
+        };
+        drop(TcpStream::connect(to).expect("the kernel accepts"));
+    }
+    gw.wait_metric("gateway_turn_tcp_refused_total", "", refused + 2000.0);
+    assert_eq!(
+        gw.metric("gateway_stream_connections", "transport=\"tls\""),
+        32.0
+    );
     // Another source is served meanwhile.
     let mut tls2 = socket_from(Ipv4Addr::new(127, 0, 0, 2), gw.tls);
     assert!(
