@@ -83,6 +83,9 @@ pub enum CloseReason {
     Timeout,
     /// The client did not read what it was sent within [`WRITE`].
     WriteTimeout,
+    /// Another connection from the same address over the same transport was open
+    /// (closed at once).
+    Duplicate,
 }
 
 impl CloseReason {
@@ -94,6 +97,7 @@ impl CloseReason {
             CloseReason::Oversized => "oversized",
             CloseReason::Timeout => "timeout",
             CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::Duplicate => "duplicate",
         }
     }
 }
@@ -127,7 +131,7 @@ impl StreamMetrics {
         let closed = IntCounterVec::new(
             Opts::new(
                 "gateway_stream_closed_total",
-                "Served TCP and TLS client connections that ended, by transport and reason: eof (the client closed), not_stun (a frame neither STUN nor ChannelData), oversized (a frame over 65535 bytes), timeout (a frame late, or idle), write_timeout (the client did not read)",
+                "Served TCP and TLS client connections that ended, by transport and reason: eof (the client closed), not_stun (a frame neither STUN nor ChannelData), oversized (a frame over 65535 bytes), timeout (a frame late, or idle), write_timeout (the client did not read), duplicate (another connection from the same address and transport was open)",
             ),
             &["transport", "reason"],
         )?;
@@ -142,6 +146,7 @@ impl StreamMetrics {
                 CloseReason::Oversized,
                 CloseReason::Timeout,
                 CloseReason::WriteTimeout,
+                CloseReason::Duplicate,
             ] {
                 closed.with_label_values(&[transport.as_str(), reason.as_str()]);
             }
@@ -176,8 +181,22 @@ impl StreamWriters {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn insert(&self, addr: SocketAddr, transport: Transport, writer: mpsc::Sender<Vec<u8>>) {
-        self.map().insert((addr, transport), writer);
+    /// Registers a connection's queue; false when another connection of the same
+    /// address and transport is open (a client that reuses its source port on two
+    /// TLS listeners): its replies and its allocation would be the other's.
+    fn insert(
+        &self,
+        addr: SocketAddr,
+        transport: Transport,
+        writer: mpsc::Sender<Vec<u8>>,
+    ) -> bool {
+        match self.map().entry((addr, transport)) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(writer);
+                true
+            }
+        }
     }
 
     fn remove(&self, addr: SocketAddr, transport: Transport) {
@@ -418,9 +437,17 @@ pub async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    writers().insert(addr, transport, tx.clone());
+    if !writers().insert(addr, transport, tx.clone()) {
+        tracing::debug!(%addr, transport = transport.as_str(), "stream client: this address already has a connection; closing the new one");
+        service
+            .stream_metrics
+            .closed
+            .with_label_values(&[transport.as_str(), CloseReason::Duplicate.as_str()])
+            .inc();
+        return;
+    }
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (written_tx, mut write_failed) = tokio::sync::oneshot::channel::<CloseReason>();
     let writer_task = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {

@@ -28,24 +28,28 @@ struct TlsGateway {
 
 impl TlsGateway {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`] with further `gateway serve` flags.
+    fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let ca = TestCa::new(dir.path());
         let (cert, key) = ca.leaf("first");
         let tls = free_tcp();
         let tls_arg = tls.to_string();
-        let gateway = LoopbackGateway::start(
-            dir.path(),
-            &[
-                "--allow-peer",
-                "127.0.0.0/8",
-                "--tls-listen",
-                &tls_arg,
-                "--tls-cert",
-                cert.to_str().expect("path"),
-                "--tls-key",
-                key.to_str().expect("path"),
-            ],
-        );
+        let mut args = vec![
+            "--allow-peer",
+            "127.0.0.0/8",
+            "--tls-listen",
+            &tls_arg,
+            "--tls-cert",
+            cert.to_str().expect("path"),
+            "--tls-key",
+            key.to_str().expect("path"),
+        ];
+        args.extend_from_slice(extra);
+        let gateway = LoopbackGateway::start(dir.path(), &args);
         Self {
             gateway,
             tls,
@@ -433,19 +437,22 @@ fn one_source_gets_its_share_of_slots_across_tcp_and_tls_and_gets_them_back() {
     std::thread::sleep(Duration::from_millis(300));
     let fds_before = gw.open_fds();
     let budget_before = gw.metric("gateway_relay_fd_budget_used", "");
-    // 32 idle TCP and 32 idle TLS connections (handshake done) from 127.0.0.1.
+    // 32 idle TCP and 32 idle TLS connections (handshake done) from 127.0.0.7 (its
+    // own address, so its thousands of ports never collide with a port another test
+    // binds on 127.0.0.1).
+    let source = Ipv4Addr::new(127, 0, 0, 7);
     let held: Vec<TcpStream> = (0..32)
-        .map(|_| TcpStream::connect(gw.gateway.service).expect("connect"))
+        .map(|_| socket_from(source, gw.gateway.service))
         .collect();
     let mut held_tls: Vec<_> = (0..32)
-        .map(|_| connect_tls(gw.tls, gw.ca.client_config()).expect("handshake"))
+        .map(|_| tls_over(socket_from(source, gw.tls), gw.tls, &gw.ca))
         .collect();
     gw.wait_metric("gateway_stream_connections", "transport=\"tls\"", 32.0);
     gw.wait_metric("gateway_stream_connections", "transport=\"tcp\"", 32.0);
     // The 65th, on either port, is closed at once and counted.
-    let mut extra = TcpStream::connect(gw.tls).expect("the kernel accepts");
+    let mut extra = socket_from(source, gw.tls);
     assert!(closed_within(&mut extra, Duration::from_secs(3)).is_some());
-    let mut extra = TcpStream::connect(gw.gateway.service).expect("the kernel accepts");
+    let mut extra = socket_from(source, gw.gateway.service);
     assert!(closed_within(&mut extra, Duration::from_secs(3)).is_some());
     assert!(gw.metric("gateway_turn_tcp_refused_total", "") >= 2.0);
     // Thousands more from the same source: each closed at once and counted, none
@@ -457,7 +464,7 @@ fn one_source_gets_its_share_of_slots_across_tcp_and_tls_and_gets_them_back() {
         } else {
             gw.gateway.service
         };
-        drop(TcpStream::connect(to).expect("the kernel accepts"));
+        drop(socket_from(source, to));
     }
     gw.wait_metric("gateway_turn_tcp_refused_total", "", refused + 2000.0);
     assert_eq!(
@@ -473,7 +480,7 @@ fn one_source_gets_its_share_of_slots_across_tcp_and_tls_and_gets_them_back() {
     // A freed slot serves again.
     drop(held_tls.remove(8));
     gw.wait_metric("gateway_tls_connections", "", 31.0);
-    let again = connect_tls(gw.tls, gw.ca.client_config()).expect("a freed slot");
+    let again = tls_over(socket_from(source, gw.tls), gw.tls, &gw.ca);
     held_tls.push(again);
     gw.wait_metric("gateway_tls_connections", "", 32.0);
     // Everything closed: the slots, the descriptor budget and the fds come back.
@@ -528,4 +535,59 @@ fn a_client_certificate_nobody_asked_for_changes_nothing() {
     assert_eq!(alice.register().result, Ok(()));
     assert_eq!(gw.handshakes("ok"), 1.0);
     assert_eq!(gw.handshakes("error"), 0.0);
+}
+
+#[test]
+fn a_second_connection_from_the_same_address_and_transport_is_closed() {
+    // Two TLS listeners; one client port connected to both (SO_REUSEADDR).
+    let second = free_tcp();
+    let second_arg = second.to_string();
+    let gw = TlsGateway::start_with(&["--tls-listen", &second_arg]);
+    let from = free_tcp();
+    let bound = |to: SocketAddr| {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket.bind(&from.into()).expect("bind the shared port");
+        socket.connect(&to.into()).expect("connect");
+        TcpStream::from(socket)
+    };
+    let first = tls_over(bound(gw.tls), gw.tls, &gw.ca);
+    let mut alice = StreamPeer::new(first, gw.gateway.credentials("alice"));
+    assert_eq!(alice.register().result, Ok(()));
+    let mut other = tls_over(bound(second), second, &gw.ca);
+    let mut buf = [0u8; 16];
+    let read = other.read(&mut buf);
+    assert!(
+        match &read {
+            Ok(0) => true,
+            Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+            Ok(_) => false,
+        },
+        "the second is closed, not left open: {read:?}"
+    );
+    gw.wait_metric(
+        "gateway_stream_closed_total",
+        "reason=\"duplicate\",transport=\"tls\"",
+        1.0,
+    );
+    // The first keeps its connection, its registration and its writer.
+    assert_eq!(alice.connect("nobody").result, Err(404));
+    assert_eq!(alice.register().result, Ok(()));
+}
+
+/// Completes a TLS handshake with `to` on an already connected `tcp`.
+fn tls_over(tcp: TcpStream, to: SocketAddr, ca: &TestCa) -> gateway_tests::tls::TlsStream {
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+    let connection = rustls::ClientConnection::new(ca.client_config(), name).expect("client");
+    let mut stream = rustls::StreamOwned::new(connection, tcp);
+    while stream.conn.is_handshaking() {
+        stream
+            .conn
+            .complete_io(&mut stream.sock)
+            .expect("handshake");
+    }
+    stream
 }
