@@ -277,6 +277,65 @@ fn peers_register_and_are_introduced_over_tcp_and_tls() {
         gw.metric("gateway_stun_datagrams_total", "outcome=\"introduced\"") >= 2.0,
         "counted as over UDP"
     );
+    // Carol over UDP: her Connect to alice (made in the UDP service loop) reaches
+    // alice on her TLS connection, and alice's to carol reaches carol over UDP.
+    let mut carol = StreamPeer::new(
+        UdpFramed::to(gw.gateway.service),
+        gw.gateway.credentials("carol"),
+    );
+    assert_eq!(carol.register().result, Ok(()));
+    assert_eq!(carol.connect("alice").result, Ok(()));
+    assert_eq!(carol.introduction().peer_id, "alice");
+    assert_eq!(alice.introduction().peer_id, "carol");
+    assert_eq!(alice.connect("carol").result, Ok(()));
+    assert_eq!(alice.introduction().peer_id, "carol");
+    assert_eq!(carol.introduction().peer_id, "alice");
+}
+
+/// A connected UDP socket as a stream of whole datagrams (what [`StreamPeer`]
+/// needs: each write one datagram, reads served from the last datagram received).
+struct UdpFramed {
+    socket: std::net::UdpSocket,
+    pending: Vec<u8>,
+}
+
+impl UdpFramed {
+    fn to(server: SocketAddr) -> Self {
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("socket");
+        socket.connect(server).expect("connect");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        Self {
+            socket,
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl Read for UdpFramed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pending.is_empty() {
+            let mut datagram = vec![0u8; 2048];
+            let len = self.socket.recv(&mut datagram)?;
+            datagram.truncate(len);
+            self.pending = datagram;
+        }
+        let n = buf.len().min(self.pending.len());
+        buf[..n].copy_from_slice(&self.pending[..n]);
+        self.pending.drain(..n);
+        Ok(n)
+    }
+}
+
+impl Write for UdpFramed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.socket.send(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[test]
