@@ -294,3 +294,53 @@ impl<S: Read + Write> StreamPeer<S> {
         }
     }
 }
+
+/// The sans-IO TURN client (`gateway::proto::turn::client`) driven over one stream
+/// (TURN over TCP or TLS): its messages written as frames, the server's frames
+/// handed back to it. No retransmissions are needed on a stream, so its timers are
+/// left alone.
+pub struct StreamTurn<S> {
+    /// The state machine.
+    pub client: gateway::proto::turn::client::Client,
+    /// The connection.
+    pub stream: S,
+    /// Peer data received while waiting for events: (peer, bytes).
+    pub received: Vec<(SocketAddr, Vec<u8>)>,
+}
+
+impl<S: Read + Write> StreamTurn<S> {
+    /// A client for `server` with REST credentials on `stream`.
+    pub fn new(stream: S, server: SocketAddr, (username, password): (String, String)) -> Self {
+        let config = gateway::proto::turn::client::ClientConfig::new(server, username, password);
+        Self {
+            client: gateway::proto::turn::client::Client::new(config, rand::random()),
+            stream,
+            received: Vec::new(),
+        }
+    }
+
+    /// Writes what the client queued, then reads frames until it reports an event
+    /// `wanted` accepts (others are dropped); peer data is kept in `received`.
+    pub fn wait_event(
+        &mut self,
+        wanted: impl Fn(&gateway::proto::turn::client::TurnClientEvent) -> bool,
+    ) -> gateway::proto::turn::client::TurnClientEvent {
+        let server = self.client.server();
+        loop {
+            while let Some(transmit) = self.client.poll_transmit() {
+                self.stream.write_all(&transmit.payload).expect("write");
+                self.stream.flush().expect("flush");
+            }
+            while let Some(event) = self.client.poll_event() {
+                if wanted(&event) {
+                    return event;
+                }
+            }
+            let frame = read_frame(&mut self.stream).expect("a frame from the gateway");
+            let now = std::time::Instant::now();
+            if let Some(data) = self.client.handle_datagram(now, server, &frame) {
+                self.received.push((data.peer, data.data.to_vec()));
+            }
+        }
+    }
+}

@@ -11,9 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use gateway::proto::turn::client::TurnClientEvent;
 use gateway_tests::{
     loopback::{LoopbackGateway, SECRET, free_tcp},
-    tls::{StreamPeer, TestCa, connect_tls, not_after, peer_certificate},
+    tls::{StreamPeer, StreamTurn, TestCa, connect_tls, not_after, peer_certificate},
 };
 
 /// A loopback gateway with one TLS listener and loopback peers allowed.
@@ -348,6 +349,15 @@ fn a_certificate_reload_keeps_established_connections_and_serves_new_handshakes(
     let first_cert = peer_certificate(&first);
     let mut alice = StreamPeer::new(first, gw.gateway.credentials("alice"));
     assert_eq!(alice.register().result, Ok(()));
+    // And a TURN allocation over TLS.
+    let stream = connect_tls(gw.tls, config()).expect("handshake");
+    let mut turn = StreamTurn::new(stream, gw.tls, gw.gateway.credentials("relayed"));
+    turn.client.allocate(Instant::now()).expect("allocate");
+    let allocated = turn.wait_event(|e| matches!(e, TurnClientEvent::Allocated { .. }));
+    let TurnClientEvent::Allocated { relayed, .. } = allocated else {
+        unreachable!()
+    };
+    assert_eq!(gw.metric("gateway_turn_allocations", ""), 1.0);
     let expiry = |gw: &TlsGateway| gw.metric("gateway_tls_certificate_expiry_seconds", "");
     assert_eq!(expiry(&gw), not_after(&gw.cert) as f64);
     // A renewal (valid longer) written in place, then SIGHUP.
@@ -370,9 +380,27 @@ fn a_certificate_reload_keeps_established_connections_and_serves_new_handshakes(
     );
     assert_eq!(second_cert, pem_der(&cert));
     assert_eq!(expiry(&gw), not_after(&cert) as f64, "the renewal's expiry");
-    // The established connection still serves, with the old certificate.
+    // The established connections still serve, with the old certificate: the
+    // registration, and the allocation (a permission, then a peer's datagram
+    // relayed to the client over TLS).
     assert_eq!(alice.connect("nobody").result, Err(404));
     assert_eq!(peer_certificate(&alice.stream), first_cert);
+    assert_eq!(gw.metric("gateway_turn_allocations", ""), 1.0);
+    let peer = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("peer");
+    turn.client
+        .create_permission(Instant::now(), peer.local_addr().expect("addr").ip())
+        .expect("permission");
+    turn.wait_event(|e| matches!(e, TurnClientEvent::PermissionCreated { .. }));
+    peer.send_to(b"after the reload", relayed).expect("send");
+    while turn.received.is_empty() {
+        // A Data indication: read by the next wait (no event comes of it).
+        let frame = gateway_tests::tls::read_frame(&mut turn.stream).expect("Data");
+        let server = turn.client.server();
+        if let Some(data) = turn.client.handle_datagram(Instant::now(), server, &frame) {
+            turn.received.push((data.peer, data.data.to_vec()));
+        }
+    }
+    assert_eq!(turn.received[0].1, b"after the reload");
     // A broken key is refused: the reload fails and the certificate stays.
     std::fs::write(
         &gw.key,
