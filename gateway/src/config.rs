@@ -871,6 +871,26 @@ mod tests {
     }
 
     #[test]
+    fn tls_listeners_need_a_certificate_and_addresses_of_their_own() {
+        assert!(Config::default().tls.listen.is_empty(), "no TLS by default");
+        let ok = Config::from_toml(
+            "[tls]\nlisten = [\"0.0.0.0:443\", \"0.0.0.0:5349\"]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(ok.tls.listen.len(), 2);
+        for bad in [
+            "[tls]\nlisten = [\"0.0.0.0:443\"]\n",
+            "[tls]\nlisten = [\"0.0.0.0:443\"]\ncert_file = \"/c.pem\"\n",
+            "[tls]\nlisten = [\"0.0.0.0:443\", \"0.0.0.0:443\"]\ncert_file = \"/c\"\nkey_file = \"/k\"\n",
+            "[tls]\nlisten = [\"0.0.0.0:3478\"]\ncert_file = \"/c\"\nkey_file = \"/k\"\n",
+        ] {
+            let err = Config::from_toml(bad, "t").expect_err(bad);
+            assert!(err.to_string().contains("tls."), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn cluster_takes_one_url_or_seeds_and_checks_them() {
         let one = Config::from_toml("[cluster]\nredis = \"redis://10.0.0.5:6379\"\n", "t")
             .expect("one URL");
