@@ -678,3 +678,35 @@ fn tls_over(tcp: TcpStream, to: SocketAddr, ca: &TestCa) -> gateway_tests::tls::
     }
     stream
 }
+
+#[test]
+fn only_tls_1_2_and_1_3_are_spoken() {
+    let gw = TlsGateway::start();
+    // OpenSSL's client at security level 0, so it offers TLS 1.1 at all: the
+    // gateway refuses it; 1.2 and 1.3 complete.
+    let s_client = |version: &str| {
+        let output = Command::new("openssl")
+            .args(["s_client", "-connect", &gw.tls.to_string(), version])
+            .args(["-cipher", "DEFAULT@SECLEVEL=0", "-CAfile"])
+            .arg(&gw.ca.cert)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl");
+        (
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    };
+    let (ok, said) = s_client("-tls1_1");
+    assert!(!ok && said.contains("alert"), "TLS 1.1 must fail:\n{said}");
+    gw.wait_metric("gateway_tls_handshakes_total", "outcome=\"error\"", 1.0);
+    for (flag, name) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let (ok, said) = s_client(flag);
+        assert!(ok && said.contains(&format!("New, {name}")), "{said}");
+    }
+    gw.wait_metric("gateway_tls_handshakes_total", "outcome=\"ok\"", 2.0);
+}
