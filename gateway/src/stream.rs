@@ -536,6 +536,15 @@ pub async fn serve_connection<S>(
     if let Some(relay) = &service.relay {
         relay.remove_stream_client(client);
     }
+    if let Some(core) = &service.rendezvous {
+        let mut server = crate::rendezvous::lock(core);
+        if server.connection_closed(addr, transport) {
+            service
+                .metrics
+                .registered_peers
+                .set(server.peer_count() as i64);
+        }
+    }
 }
 
 /// Per connection scratch for what the rendezvous core sends.

@@ -291,6 +291,12 @@ fn peers_register_and_are_introduced_over_tcp_and_tls() {
     assert_eq!(alice.connect("carol").result, Ok(()));
     assert_eq!(alice.introduction().peer_id, "carol");
     assert_eq!(carol.introduction().peer_id, "alice");
+    // Bob's connection closes: his registration goes with it (nothing could reach
+    // him), and a Connect to him is refused rather than answered with a dead end.
+    assert_eq!(gw.metric("gateway_registered_peers", ""), 3.0);
+    drop(bob);
+    gw.wait_metric("gateway_registered_peers", "", 2.0);
+    assert_eq!(alice.connect("bob").result, Err(404));
 }
 
 /// A connected UDP socket as a stream of whole datagrams (what [`StreamPeer`]

@@ -473,6 +473,11 @@ pub struct RendezvousServer {
     /// registration remembers it, and only a request over the same transport from
     /// the registered address speaks for a registered peer.
     request_transport: Transport,
+    /// The peer registered over each open stream connection (the latest one, when
+    /// a connection registered several), so [`Self::connection_closed`] finds it
+    /// without a walk over the registry. Entries leave when the driver reports the
+    /// connection closed, so there are never more than connections.
+    stream_peers: HashMap<(SocketAddr, Transport), Box<str>>,
 }
 
 /// The transport addresses this gateway's relay allocates on: its relay addresses
@@ -541,6 +546,7 @@ impl RendezvousServer {
             relay_endpoints: None,
             draining: None,
             request_transport: Transport::Udp,
+            stream_peers: HashMap::new(),
         }
     }
 
@@ -615,6 +621,25 @@ impl RendezvousServer {
     /// Registered peers, for the gauge of registered peers.
     pub fn peer_count(&self) -> usize {
         self.peers.len()
+    }
+
+    /// The driver's report that the stream connection of `addr` over `transport`
+    /// (TCP or TLS) closed: the peer registered over it is forgotten (nothing can
+    /// reach it there any more, and an introduction to it would send the other side
+    /// punching at nobody), unless it registered from elsewhere since. Returns
+    /// whether one was.
+    pub fn connection_closed(&mut self, addr: SocketAddr, transport: Transport) -> bool {
+        let Some(peer_id) = self.stream_peers.remove(&(addr, transport)) else {
+            return false;
+        };
+        let on_it = self
+            .peers
+            .get(&peer_id)
+            .is_some_and(|p| p.addr == addr && p.transport == transport);
+        if on_it {
+            self.peers.remove(&peer_id);
+        }
+        on_it
     }
 
     /// The next datagram to send, in the order the core made them. Socket
@@ -879,6 +904,12 @@ impl RendezvousServer {
         record.addr = from;
         record.local = local;
         record.transport = self.request_transport;
+        if self.request_transport.is_stream() {
+            self.stream_peers.insert(
+                (from, self.request_transport),
+                auth.peer_id.clone().into_boxed_str(),
+            );
+        }
         record.expiry_unix = auth.expiry_unix;
         record.host_candidates = hosts.into_boxed_slice();
         record.nat = nat;

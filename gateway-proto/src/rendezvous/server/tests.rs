@@ -1256,3 +1256,39 @@ fn a_registration_over_a_stream_gets_its_answers_and_introductions_on_it() {
         "answered where it came from"
     );
 }
+
+#[test]
+fn a_closed_connection_takes_its_registration_with_it() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let alice = creds("alice");
+    let register_a = register(
+        [1; 12],
+        &alice,
+        Some(&world.nonce(a)),
+        &[],
+        NatClass::Unknown,
+        0,
+    );
+    send_over(&mut world, a, Transport::Tls, &register_a);
+    assert_eq!(world.server.peer_count(), 1);
+    // Another connection (or the same address over TCP) closing changes nothing.
+    assert!(!world.server.connection_closed(a, Transport::Tcp));
+    assert!(
+        !world
+            .server
+            .connection_closed(addr("198.51.100.2:4001"), Transport::Tls)
+    );
+    assert_eq!(world.server.peer_count(), 1);
+    assert!(world.server.connection_closed(a, Transport::Tls));
+    assert_eq!(world.server.peer_count(), 0);
+    // Registered over TLS, then over UDP from elsewhere: the old connection's close
+    // leaves the new registration alone.
+    send_over(&mut world, a, Transport::Tls, &register_a);
+    let b = addr("198.51.100.2:5000");
+    world.register("alice", b, &[], NatClass::Unknown, 0);
+    assert!(!world.server.connection_closed(a, Transport::Tls));
+    assert_eq!(world.server.peer_count(), 1);
+    // Nothing is remembered per UDP registration.
+    assert!(world.server.stream_peers.is_empty());
+}
