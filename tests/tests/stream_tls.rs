@@ -628,6 +628,37 @@ fn a_client_certificate_nobody_asked_for_changes_nothing() {
     assert_eq!(alice.register().result, Ok(()));
     assert_eq!(gw.handshakes("ok"), 1.0);
     assert_eq!(gw.handshakes("error"), 0.0);
+    // What goes over the wire (OpenSSL's message trace), in both versions: the
+    // gateway sends no CertificateRequest, and the client's certificate never leaves.
+    let (cert, key) = gw.ca.leaf("client");
+    for version in ["-tls1_2", "-tls1_3"] {
+        let output = Command::new("openssl")
+            .args(["s_client", "-msg", "-connect", &gw.tls.to_string(), version])
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .arg("-CAfile")
+            .arg(&gw.ca.cert)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl");
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{said}");
+        assert!(
+            said.lines()
+                .any(|l| l.starts_with("<<<") && l.ends_with("Finished")),
+            "the handshake completed:\n{said}"
+        );
+        assert!(!said.contains("CertificateRequest"), "{said}");
+        assert!(
+            !said
+                .lines()
+                .any(|l| l.starts_with(">>>") && l.ends_with(", Certificate")),
+            "no client certificate sent:\n{said}"
+        );
+    }
+    assert_eq!(gw.handshakes("ok"), 3.0);
 }
 
 #[test]
