@@ -179,7 +179,7 @@ struct Prepared {
     restart: Vec<&'static str>,
     secret: Option<SharedSecret>,
     policy: PeerPolicy,
-    certificate: Option<rustls::sign::CertifiedKey>,
+    certificate: Option<crate::tls::Loaded>,
 }
 
 /// Re-reads and applies the configuration (see the module docs).
@@ -284,14 +284,7 @@ impl Reloader {
         // paths need a restart) are read now, so a missing or broken one refuses the
         // reload before anything changes; handed over in `apply` like the secrets.
         let certificate = match &self.services.tls {
-            Some(tls) => {
-                let (cert, key) = tls.paths();
-                let loaded = crate::tls::load_certified_key(cert, key);
-                if loaded.is_err() {
-                    tls.count(false);
-                }
-                Some(loaded?)
-            }
+            Some(tls) => Some(tls.read()?),
             None => None,
         };
         Ok(Prepared {
@@ -337,7 +330,6 @@ impl Reloader {
         }
         if let (Some(tls), Some(certificate)) = (&self.services.tls, certificate) {
             tls.install(certificate);
-            tls.count(true);
         }
         self.current = config;
         Ok(restart)

@@ -162,6 +162,13 @@ impl TlsMetrics {
     }
 }
 
+/// A certificate read from the files, with the state of the files it was read
+/// from: what [`Tls::install`] puts in force.
+pub struct Loaded {
+    key: CertifiedKey,
+    stamps: (Stamp, Stamp),
+}
+
 /// What identifies a version of a file without reading it.
 type Stamp = Option<(SystemTime, u64)>;
 
@@ -210,35 +217,45 @@ impl Tls {
         &self.acceptor
     }
 
-    /// The files this was started with (a reload that names others needs a
-    /// restart).
-    pub fn paths(&self) -> (&Path, &Path) {
-        (&self.cert, &self.key)
+    /// Reads the files again (nothing changes yet: [`Self::install`] puts the
+    /// result in force). A failure is counted, and the files' state is recorded so
+    /// the file check does not retry the same broken files every tick.
+    pub fn read(&self) -> Result<Loaded, TlsError> {
+        let stamps = (stamp(&self.cert), stamp(&self.key));
+        let read = load_certified_key(&self.cert, &self.key);
+        if read.is_err() {
+            self.record(stamps);
+            self.count(false);
+        }
+        read.map(|key| Loaded { key, stamps })
     }
 
-    /// Puts a certificate read by [`load_certified_key`] in force for new
-    /// handshakes; established connections keep theirs.
-    pub fn install(&self, key: CertifiedKey) {
-        self.metrics.expiry.set(expiry_of(&key));
+    /// Puts a certificate read by [`Self::read`] in force for new handshakes
+    /// (established connections keep theirs); counted as a successful reload.
+    pub fn install(&self, loaded: Loaded) {
+        self.metrics.expiry.set(expiry_of(&loaded.key));
         *self
             .current
             .0
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(loaded.key);
+        self.record(loaded.stamps);
+        self.count(true);
     }
 
     /// Reads the files again and puts them in force; on failure the certificate in
     /// force stays. Counted either way.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let stamps = (stamp(&self.cert), stamp(&self.key));
-        let result = load_certified_key(&self.cert, &self.key).map(|key| self.install(key));
+        self.read().map(|loaded| self.install(loaded))
+    }
+
+    /// The files' state as last read, for [`Self::changed`].
+    fn record(&self, stamps: (Stamp, Stamp)) {
         *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = stamps;
-        self.count(result.is_ok());
-        result
     }
 
     /// Counts a reload's outcome.
-    pub fn count(&self, success: bool) {
+    fn count(&self, success: bool) {
         let outcome = if success { "success" } else { "failed" };
         self.metrics.reloads.with_label_values(&[outcome]).inc();
     }
