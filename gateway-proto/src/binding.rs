@@ -92,10 +92,6 @@ impl BindingService {
         let tid = message.transaction_id();
         if unknown_count > 0 {
             let listed = unknown_count.min(MAX_UNKNOWN_LISTED);
-            let mut value = [0u8; 2 * MAX_UNKNOWN_LISTED];
-            for (i, ty) in unknown[..listed].iter().enumerate() {
-                value[2 * i..2 * i + 2].copy_from_slice(&ty.to_be_bytes());
-            }
             let mut writer = MessageWriter::new(
                 out,
                 MessageType {
@@ -106,7 +102,7 @@ impl BindingService {
             );
             writer
                 .error_code(420, "Unknown Attribute")
-                .attribute(attr::UNKNOWN_ATTRIBUTES, &value[..2 * listed]);
+                .unknown_attributes(&unknown[..listed]);
             writer.finish_with_fingerprint();
             return Outcome::UnknownAttribute;
         }
@@ -381,10 +377,9 @@ pub fn change_unsupported(
         },
         transaction_id,
     );
-    writer.error_code(420, "Unknown Attribute").attribute(
-        attr::UNKNOWN_ATTRIBUTES,
-        &attr5780::CHANGE_REQUEST.to_be_bytes(),
-    );
+    writer
+        .error_code(420, "Unknown Attribute")
+        .unknown_attributes(&[attr5780::CHANGE_REQUEST]);
     if let Some((password, nonce)) = authenticated {
         writer
             .attribute(attr::NONCE, nonce.as_bytes())
@@ -487,7 +482,8 @@ mod tests {
             .filter_map(Result::ok)
             .find(|a| a.ty == attr::UNKNOWN_ATTRIBUTES)
             .expect("lists unknown");
-        assert_eq!(listed.value, &[0x77, 0x77]);
+        // One type, repeated to fill four bytes (RFC 3489 layout).
+        assert_eq!(listed.value, &[0x77, 0x77, 0x77, 0x77]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod credentials;
 pub mod drain;
 pub mod nonce;
 pub mod peer_policy;
+pub mod portmap;
 pub mod rendezvous;
 pub mod stun;
 pub mod tcp_punch;

@@ -340,6 +340,17 @@ fn integrity_tag(which: u16, key: &[u8], prefix: &[u8], tag_len: usize) -> Optio
     }
 }
 
+/// The reason phrase of an ERROR-CODE value (after its 4-byte code), with the
+/// trailing spaces RFC 3489-style padding leaves removed.
+pub fn error_reason(value: &[u8]) -> &[u8] {
+    let reason = value.get(4..).unwrap_or_default();
+    let end = reason
+        .iter()
+        .rposition(|&b| b != b' ')
+        .map_or(0, |last| last + 1);
+    &reason[..end]
+}
+
 /// CRC-32 of `bytes` XOR-ed with the FINGERPRINT constant.
 pub fn fingerprint(bytes: &[u8]) -> u32 {
     crc32fast::hash(bytes) ^ FINGERPRINT_XOR
@@ -411,12 +422,33 @@ impl<'b> MessageWriter<'b> {
         self.attribute(ty, &value[..len])
     }
 
-    /// Appends ERROR-CODE with a code (300..=699) and a reason phrase.
+    /// Appends ERROR-CODE with a code (300..=699) and a reason phrase, the phrase
+    /// padded with spaces to a multiple of four bytes: RFC 3489's layout, which RFC
+    /// 8489 also allows, so clients of that era (e.g. miniupnpd's STUN self-check)
+    /// parse our errors; readers trim the spaces ([`error_reason`]).
     pub fn error_code(&mut self, code: u16, reason: &str) -> &mut Self {
-        let mut value = Vec::with_capacity(4 + reason.len());
+        let padded = reason.len().next_multiple_of(4);
+        let mut value = Vec::with_capacity(4 + padded);
         value.extend_from_slice(&[0, 0, (code / 100) as u8, (code % 100) as u8]);
         value.extend_from_slice(reason.as_bytes());
+        value.resize(4 + padded, b' ');
         self.attribute(attr::ERROR_CODE, &value)
+    }
+
+    /// Appends UNKNOWN-ATTRIBUTES listing `types`, with the first repeated when the
+    /// count is odd so the value fills a multiple of four bytes (RFC 3489's layout,
+    /// allowed by RFC 8489 §14.9), for RFC 3489-era parsers.
+    pub fn unknown_attributes(&mut self, types: &[u16]) -> &mut Self {
+        let mut value = Vec::with_capacity(2 * (types.len() + 1));
+        for ty in types {
+            value.extend_from_slice(&ty.to_be_bytes());
+        }
+        if types.len() % 2 == 1
+            && let Some(first) = types.first()
+        {
+            value.extend_from_slice(&first.to_be_bytes());
+        }
+        self.attribute(attr::UNKNOWN_ATTRIBUTES, &value)
     }
 
     /// Appends MESSAGE-INTEGRITY (HMAC-SHA1 with `key`); only FINGERPRINT or
@@ -523,6 +555,63 @@ pub fn decode_xor_address(value: &[u8], transaction_id: [u8; 12]) -> Option<Sock
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn errors_use_rfc3489_padding_that_rfc8489_readers_accept() {
+        let mut buf = Vec::new();
+        let mut writer = MessageWriter::new(
+            &mut buf,
+            MessageType {
+                method: 0x001,
+                class: Class::Error,
+            },
+            [7; 12],
+        );
+        writer
+            .error_code(420, "Unknown Attribute")
+            .unknown_attributes(&[0x0003]);
+        let bytes = writer.finish_with_fingerprint().to_vec();
+        let message = Message::parse(&bytes).expect("parses");
+        let attrs: Vec<_> = message.attributes().filter_map(Result::ok).collect();
+        let error = attrs
+            .iter()
+            .find(|a| a.ty == attr::ERROR_CODE)
+            .expect("ERROR-CODE");
+        // "Unknown Attribute" is 17 bytes: padded with 3 spaces inside the value, so
+        // the attribute needs no zero padding (RFC 3489 §11.2.9).
+        assert_eq!(error.value.len(), 4 + 20);
+        assert_eq!(&error.value[4..], b"Unknown Attribute   ");
+        assert_eq!(error_reason(error.value), b"Unknown Attribute");
+        // One unknown attribute: listed twice, 4 bytes (RFC 3489 §11.2.10).
+        let unknown = attrs
+            .iter()
+            .find(|a| a.ty == attr::UNKNOWN_ATTRIBUTES)
+            .expect("UNKNOWN-ATTRIBUTES");
+        assert_eq!(unknown.value, [0x00, 0x03, 0x00, 0x03]);
+    }
+
+    #[test]
+    fn unknown_attributes_repeat_only_for_odd_counts_and_reasons_keep_inner_spaces() {
+        let mut buf = Vec::new();
+        let mut writer = MessageWriter::new(
+            &mut buf,
+            MessageType {
+                method: 0x001,
+                class: Class::Error,
+            },
+            [1; 12],
+        );
+        writer
+            .unknown_attributes(&[0x0003, 0x8888])
+            .error_code(400, "Bad  ok");
+        let bytes = writer.finish().to_vec();
+        let message = Message::parse(&bytes).expect("parses");
+        let attrs: Vec<_> = message.attributes().filter_map(Result::ok).collect();
+        assert_eq!(attrs[0].value, [0x00, 0x03, 0x88, 0x88]);
+        assert_eq!(error_reason(attrs[1].value), b"Bad  ok");
+        assert_eq!(error_reason(&[0, 0, 4, 0]), b"");
+        assert_eq!(error_reason(&[0, 0, 4, 0, b' ', b' ']), b"");
+    }
 
     /// RFC 5769 §2.2: the IPv4 Binding success response, byte for byte.
     const RFC5769_RESPONSE_V4: [u8; 80] = [

@@ -38,6 +38,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod observe;
+pub mod portmap;
 pub mod reload;
 pub mod rendezvous;
 pub mod secrets;

@@ -14,6 +14,7 @@ pub mod prometheus;
 pub mod punch;
 pub mod redis;
 pub mod relay_gateway;
+pub mod soak;
 pub mod tcp;
 pub mod tls;
 pub mod turn;

@@ -1,8 +1,10 @@
-//! A blocking driver for the sans-IO TURN client over a std UDP socket, for tests that
-//! talk to a real TURN server (coturn, or the gateway's relay).
+//! A blocking driver for the sans-IO TURN client over a std UDP socket or a TCP
+//! connection (RFC 8656 §3.1 framing), for tests that talk to a real TURN server
+//! (coturn, or the gateway's relay).
 use std::{
     collections::VecDeque,
-    net::{SocketAddr, UdpSocket},
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::{Duration, Instant},
 };
 
@@ -33,12 +35,33 @@ pub struct Received {
     pub channel: Option<u16>,
 }
 
-/// A [`Client`] with its own socket, driven synchronously.
+/// How a [`BlockingClient`] reaches its server.
+#[derive(Debug)]
+enum Link {
+    /// Datagrams on a UDP socket.
+    Udp(UdpSocket),
+    /// Frames on a TCP connection to the server, and the bytes read but not yet
+    /// framed.
+    Tcp(TcpStream, Vec<u8>),
+}
+
+/// The length of the frame at the start of `buf` on a TURN TCP stream (a STUN
+/// message, or ChannelData padded to 4 bytes), once its 4-byte head is there.
+fn stream_frame_len(buf: &[u8]) -> Option<usize> {
+    let head = buf.get(..4)?;
+    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+    Some(match head[0] >> 6 {
+        0 => 20 + len,
+        _ => (4 + len).next_multiple_of(4),
+    })
+}
+
+/// A [`Client`] with its own socket or TCP connection, driven synchronously.
 #[derive(Debug)]
 pub struct BlockingClient {
     /// The state machine (public so tests can call it directly).
     pub client: Client,
-    socket: UdpSocket,
+    link: Link,
     events: VecDeque<TurnClientEvent>,
     received: VecDeque<Received>,
 }
@@ -46,28 +69,107 @@ pub struct BlockingClient {
 impl BlockingClient {
     /// Binds a socket on `bind` and wraps a client for `config`.
     pub fn new(bind: SocketAddr, config: ClientConfig) -> Result<Self, DriveError> {
-        let socket = UdpSocket::bind(bind)?;
-        Ok(Self {
+        Ok(Self::with_socket(UdpSocket::bind(bind)?, config))
+    }
+
+    /// Wraps a client for `config` around a socket made elsewhere (e.g. inside a lab
+    /// namespace).
+    pub fn with_socket(socket: UdpSocket, config: ClientConfig) -> Self {
+        Self::with_link(Link::Udp(socket), config)
+    }
+
+    /// Wraps a client for `config` around a TCP connection to `config.server`: TURN
+    /// over TCP, every message framed on the stream.
+    pub fn over_tcp(stream: TcpStream, config: ClientConfig) -> Self {
+        Self::with_link(Link::Tcp(stream, Vec::new()), config)
+    }
+
+    fn with_link(link: Link, config: ClientConfig) -> Self {
+        Self {
             client: Client::new(config, rand::random()),
-            socket,
+            link,
             events: VecDeque::new(),
             received: VecDeque::new(),
-        })
+        }
     }
 
     /// The socket's local address (what the server should report as mapped).
     pub fn local_addr(&self) -> Result<SocketAddr, DriveError> {
-        Ok(self.socket.local_addr()?)
+        Ok(match &self.link {
+            Link::Udp(socket) => socket.local_addr()?,
+            Link::Tcp(stream, _) => stream.local_addr()?,
+        })
+    }
+
+    /// Sends one message to `to` (over TCP: to the server, ChannelData padded).
+    fn send_to(&mut self, bytes: &[u8], to: SocketAddr) -> Result<(), DriveError> {
+        match &mut self.link {
+            Link::Udp(socket) => {
+                socket.send_to(bytes, to)?;
+            }
+            Link::Tcp(stream, _) => {
+                let mut framed = bytes.to_vec();
+                if framed.first().is_some_and(|b| b >> 6 == 1) {
+                    framed.resize(framed.len().next_multiple_of(4), 0);
+                }
+                stream.write_all(&framed)?;
+            }
+        }
+        Ok(())
     }
 
     fn flush(&mut self) -> Result<(), DriveError> {
         while let Some(transmit) = self.client.poll_transmit() {
-            self.socket.send_to(&transmit.payload, transmit.to)?;
+            self.send_to(&transmit.payload, transmit.to)?;
         }
         while let Some(event) = self.client.poll_event() {
             self.events.push_back(event);
         }
         Ok(())
+    }
+
+    /// Waits up to `wait` for one datagram (or, over TCP, one whole frame) and
+    /// returns it with its source; `None` when nothing came.
+    fn receive(&mut self, wait: Duration) -> Result<Option<(Vec<u8>, SocketAddr)>, DriveError> {
+        let server = self.client.server();
+        let mut buf = [0u8; 65_536];
+        let timed_out = |e: &std::io::Error| {
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            )
+        };
+        match &mut self.link {
+            Link::Udp(socket) => {
+                socket.set_read_timeout(Some(wait))?;
+                match socket.recv_from(&mut buf) {
+                    Ok((len, from)) => Ok(Some((buf[..len].to_vec(), from))),
+                    Err(e) if timed_out(&e) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            Link::Tcp(stream, pending) => loop {
+                if let Some(len) = stream_frame_len(pending)
+                    && pending.len() >= len
+                {
+                    let frame: Vec<u8> = pending.drain(..len).collect();
+                    return Ok(Some((frame, server)));
+                }
+                stream.set_read_timeout(Some(wait))?;
+                match stream.read(&mut buf) {
+                    Ok(0) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the server closed the TCP connection",
+                        )
+                        .into());
+                    }
+                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                    Err(e) if timed_out(&e) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                }
+            },
+        }
     }
 
     /// Sends what is queued, then waits for one datagram or timer until `deadline`.
@@ -81,27 +183,14 @@ impl BlockingClient {
         let wait = wake
             .saturating_duration_since(now)
             .max(Duration::from_millis(1));
-        self.socket.set_read_timeout(Some(wait))?;
-        let mut buf = [0u8; 65_536];
-        match self.socket.recv_from(&mut buf) {
-            Ok((len, from)) => {
-                if let Some(data) = self
-                    .client
-                    .handle_datagram(Instant::now(), from, &buf[..len])
-                {
-                    self.received.push_back(Received {
-                        peer: data.peer,
-                        data: data.data.to_vec(),
-                        channel: data.channel,
-                    });
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e.into()),
+        if let Some((bytes, from)) = self.receive(wait)?
+            && let Some(data) = self.client.handle_datagram(Instant::now(), from, &bytes)
+        {
+            self.received.push_back(Received {
+                peer: data.peer,
+                data: data.data.to_vec(),
+                channel: data.channel,
+            });
         }
         self.client.handle_timeout(Instant::now());
         self.flush()
@@ -147,7 +236,7 @@ impl BlockingClient {
     pub fn send(&mut self, peer: SocketAddr, data: &[u8]) -> Result<Framing, DriveError> {
         let mut out = Vec::new();
         let framing = self.client.encode_send(peer, data, &mut out)?;
-        self.socket.send_to(&out, self.client.server())?;
+        self.send_to(&out, self.client.server())?;
         Ok(framing)
     }
 
@@ -188,9 +277,8 @@ impl BlockingClient {
     /// Sends bytes already framed (e.g. ChannelData built once with
     /// [`Client::encode_send`]) to the server from this client's socket, without
     /// driving the client: a load generator's inner loop.
-    pub fn send_raw(&self, bytes: &[u8]) -> Result<(), DriveError> {
-        self.socket.send_to(bytes, self.client.server())?;
-        Ok(())
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), DriveError> {
+        self.send_to(bytes, self.client.server())
     }
 
     /// Drives timers and datagrams for `duration` (e.g. to let a close go out).

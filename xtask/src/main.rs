@@ -7,6 +7,7 @@ mod flood_bench;
 mod redis_memory;
 mod relay_bench;
 mod rendezvous_bench;
+mod soak;
 mod toolchain;
 
 use std::process::ExitCode;
@@ -83,6 +84,11 @@ enum Command {
     /// speak; RSS, file descriptors, CPU and answers per kind, as a markdown table.
     /// Needs root (raw socket).
     BenchFlood(flood_bench::FloodBenchArgs),
+    /// The churn soak in the NAT lab (default 30 minutes, then 11 minutes for killed
+    /// agents' state to expire): punched and relayed agent pairs, TURN allocations
+    /// over UDP and TCP, every relayed byte checked; fails on a lost datagram or when
+    /// the gateway's RSS or descriptors end more than 5% above the start. Needs root.
+    Soak(soak::SoakArgs),
     /// Build the Debian package target/debian/gateway_VERSION_ARCH.deb (release build
     /// with the eBPF programs embedded, the systemd unit, /etc/gateway/gateway.toml,
     /// the system user, man pages, shell completions) with dpkg-deb alone.
@@ -113,6 +119,7 @@ fn main() -> ExitCode {
         Command::BenchRedisMemory(args) => redis_memory::bench_redis_memory(&args),
         Command::Lab(command) => demo::lab(command),
         Command::BenchFlood(args) => flood_bench::bench_flood(args),
+        Command::Soak(args) => soak::soak(&args),
         Command::Deb(args) if args.check => deb::check(&args),
         Command::Deb(args) => deb::build(&args).map(|_| ()),
         Command::BenchRelay(args) => relay_bench::bench_relay(args),

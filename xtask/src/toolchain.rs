@@ -26,7 +26,9 @@ use anyhow::{Context, Result, bail};
 /// `../shared/vendor` (the relay benchmark's baseline and the relay smoke test's load
 /// generator and reflector); ethtool: the relay benchmark's `--as-on-a-wire` (UDP
 /// segmentation offload off on `lo`); openssl: the TLS tests' throwaway CA and
-/// certificates (tests/src/tls.rs).
+/// certificates (tests/src/tls.rs); miniupnpd-nftables: the lab's port-mapping
+/// router daemon (NAT-PMP, PCP, UPnP-IGD; started by the tests inside router
+/// namespaces, the package's own service is not used).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -46,6 +48,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "pkg-config",
     "ethtool",
     "openssl",
+    "miniupnpd-nftables",
 ];
 /// Debian's policy hook that tells maintainer scripts not to start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";

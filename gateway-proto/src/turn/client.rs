@@ -975,7 +975,7 @@ fn error_code(message: &Message<'_>) -> (u16, String) {
         return (0, String::new());
     };
     let code = u16::from(class & 0x07) * 100 + u16::from(number);
-    let reason = value.get(4..).unwrap_or_default();
+    let reason = crate::stun::error_reason(value);
     let reason = &reason[..reason.len().min(MAX_REASON_LEN)];
     (code, String::from_utf8_lossy(reason).into_owned())
 }

@@ -13,6 +13,7 @@
 //! ```
 mod netns;
 mod nft;
+mod portmap;
 mod preset;
 
 use std::{
@@ -27,6 +28,7 @@ use std::{
     time::Duration,
 };
 
+pub use portmap::{NAT_PMP_PORT, PortMappingDaemon, PortMappingProtocols, UPNP_HTTP_PORT};
 pub use preset::{
     Filtering, Mapping, NatPreset, PortAllocation, RouterKind, UnknownPreset, Unsolicited,
 };

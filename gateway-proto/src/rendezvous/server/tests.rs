@@ -104,7 +104,7 @@ fn change_requests_are_answered_from_the_endpoint_asked_for() {
         .filter_map(Result::ok)
         .find(|a| a.ty == stun_attr::UNKNOWN_ATTRIBUTES)
         .map(|a| a.value.to_vec());
-    assert_eq!(unknown, Some(vec![0x00, 0x03]));
+    assert_eq!(unknown, Some(vec![0x00, 0x03, 0x00, 0x03]));
 }
 
 #[test]

@@ -800,12 +800,8 @@ impl TurnServer {
         }
         if unknown_count > 0 {
             let listed = unknown_count.min(MAX_UNKNOWN_LISTED);
-            let mut value = [0u8; 2 * MAX_UNKNOWN_LISTED];
-            for (i, ty) in unknown[..listed].iter().enumerate() {
-                value[2 * i..2 * i + 2].copy_from_slice(&ty.to_be_bytes());
-            }
             reply.error_with(out, 420, "Unknown Attribute", |w| {
-                w.attribute(stun_attr::UNKNOWN_ATTRIBUTES, &value[..2 * listed]);
+                w.unknown_attributes(&unknown[..listed]);
             });
             return Some(RequestOutcome::UnknownAttribute);
         }

@@ -1289,7 +1289,7 @@ fn other_requests_without_an_allocation_get_437_and_unknown_attributes_420() {
     );
     assert_eq!(
         reply.attr(stun_attr::UNKNOWN_ATTRIBUTES),
-        Some(vec![0x77, 0x77])
+        Some(vec![0x77, 0x77, 0x77, 0x77])
     );
     let (outcome, reply) = h.authed(addr(CLIENT), &alice, &nonce, method::ALLOCATE, |w, _| {
         w.attribute(turn_attr::REQUESTED_TRANSPORT, &[6, 0, 0, 0]);

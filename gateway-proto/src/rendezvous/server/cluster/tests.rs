@@ -112,7 +112,7 @@ fn reason(payload: &[u8]) -> String {
         .find(|a| a.ty == stun_attr::ERROR_CODE)
         .expect("error code")
         .value;
-    String::from_utf8(value[4..].to_vec()).expect("utf-8")
+    String::from_utf8(crate::stun::error_reason(value).to_vec()).expect("utf-8")
 }
 
 /// Alice (node 0) connects to bob (node 1); returns the introduction id.

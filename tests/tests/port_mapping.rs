@@ -1,0 +1,324 @@
+//! Port mapping against a real router daemon: Debian's miniupnpd (nftables backend)
+//! on a random-port symmetric NAT in the lab. Its STUN self-check passes against the
+//! gateway's three discovery sockets, it grants a mapping to the agent's
+//! port-mapping client (PCP or NAT-PMP, whichever answers the probe first), and an
+//! unsolicited datagram from the outside reaches the host through that mapping
+//! only, until the client deletes it.
+use std::{
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use gateway::{
+    portmap::upnp_map,
+    proto::portmap::{
+        MappedTransport, Mapping, MappingProtocol, PortMapClient, PortMapConfig, PortMapEvent,
+        ProtocolOutcome,
+    },
+};
+use gateway_tests::{
+    daemon::{GatewayProcess, write_secret},
+    lab::{Lab, NatPreset, PortMappingProtocols, lab_available},
+    punch,
+};
+
+/// The gateway on the lab's server with the three discovery sockets miniupnpd's
+/// STUN self-check needs (another port, another address, both), answering
+/// CHANGE-REQUEST without credentials.
+fn gateway(lab: &Lab) -> (GatewayProcess, PathBuf) {
+    let secret = std::env::temp_dir().join(format!("gw-portmap-{}", std::process::id()));
+    write_secret(&secret, punch::SECRET).expect("secret");
+    let secret_arg = secret.to_string_lossy().into_owned();
+    let args = [
+        "--listen",
+        "192.0.2.10:3478",
+        "--discovery-listen",
+        "192.0.2.10:3479",
+        "--discovery-listen",
+        "192.0.2.11:3478",
+        "--discovery-listen",
+        "192.0.2.11:3479",
+        "--discovery-unauthenticated",
+        "--no-ebpf",
+        "--secret-file",
+        &secret_arg,
+    ];
+    let server = lab.server();
+    let gateway = GatewayProcess::start(server, SocketAddr::from((server.addr(), 9478)), &args)
+        .expect("gateway serve");
+    (gateway, secret)
+}
+
+/// Drives `client` on `socket` until an event comes or `wait` passes.
+fn next_event(
+    client: &mut PortMapClient,
+    socket: &UdpSocket,
+    wait: Duration,
+) -> Option<PortMapEvent> {
+    let deadline = Instant::now() + wait;
+    let mut buf = [0u8; 1500];
+    loop {
+        while let Some(t) = client.poll_transmit() {
+            socket
+                .send_to(&t.payload, t.to)
+                .expect("send to the router");
+        }
+        if let Some(event) = client.poll_event() {
+            return Some(event);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        let until = client.poll_timeout().map_or(deadline, |t| t.min(deadline));
+        let wait = until
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1));
+        socket.set_read_timeout(Some(wait)).expect("timeout");
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            client.handle_datagram(Instant::now(), from, &buf[..n]);
+        }
+        client.handle_timeout(Instant::now());
+    }
+}
+
+/// Whether a datagram sent from the server to `to` reaches `inside`.
+fn reaches(outside: &UdpSocket, inside: &UdpSocket, to: SocketAddr, text: &[u8]) -> bool {
+    let mut buf = [0u8; 1500];
+    outside.send_to(text, to).expect("send");
+    inside
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    matches!(inside.recv_from(&mut buf), Ok((n, _)) if &buf[..n] == text)
+}
+
+#[test]
+fn miniupnpd_grants_the_agents_client_a_mapping_through_a_symmetric_nat() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let site = lab.site("a").expect("site a");
+    let host = site.host(0).expect("host").clone();
+    let router = site.router().addrs()[1];
+    let outside = lab.server().udp_bind(40000).expect("server socket");
+    outside
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
+    let inside = host.udp_bind(4500).expect("host socket");
+
+    // Without a mapping the symmetric NAT drops what nobody asked for. (From another
+    // port: the router's conntrack would keep this flow un-NATed for 30 s.)
+    let wan = site.wan_addr();
+    let early = lab.server().udp_bind(40002).expect("server socket");
+    assert!(!reaches(
+        &early,
+        &inside,
+        (wan, 4500).into(),
+        b"unsolicited"
+    ));
+
+    let daemon = site
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    let config = PortMapConfig::udp(router.into(), host.addr().into(), 4500);
+    let mut client = PortMapClient::new(Instant::now(), config, rand::random(), false);
+    let mapping = match next_event(&mut client, &inside, Duration::from_secs(5)) {
+        Some(PortMapEvent::Mapped(mapping)) => mapping,
+        other => panic!("no mapping: {other:?}\n{}", daemon.log_text()),
+    };
+    let Mapping {
+        protocol,
+        external,
+        lifetime,
+    } = mapping;
+    assert!(
+        matches!(protocol, MappingProtocol::Pcp | MappingProtocol::NatPmp),
+        "{mapping:?}"
+    );
+    assert_eq!(external.ip(), wan, "the router's real external address");
+    assert!(lifetime > Duration::ZERO);
+
+    // Through the mapping: in to the host, and its answer leaves from the mapped
+    // endpoint.
+    assert!(
+        reaches(&outside, &inside, external, b"through the mapping"),
+        "nothing came through {external}:\n{}\n{}",
+        site.ruleset().unwrap_or_default(),
+        daemon.log_text()
+    );
+    inside
+        .send_to(b"answer", (lab.server().addr(), 40000))
+        .expect("answer");
+    let mut buf = [0u8; 64];
+    let (n, from) = outside.recv_from(&mut buf).expect("the answer arrives");
+    assert_eq!(&buf[..n], b"answer");
+    assert_eq!(from, external, "the answer leaves from the mapped endpoint");
+
+    // Deleted at close: the outside is shut out again (a new port of the server, so
+    // no conntrack entry of the earlier exchange lets it in).
+    client.close(Instant::now());
+    assert_eq!(
+        next_event(&mut client, &inside, Duration::from_secs(5)),
+        Some(PortMapEvent::Closed)
+    );
+    let late = lab.server().udp_bind(40001).expect("server socket");
+    assert!(
+        !reaches(&late, &inside, external, b"after the delete"),
+        "{mapping:?} still open:\n{}\n{}",
+        site.ruleset().unwrap_or_default(),
+        daemon.log_text()
+    );
+    drop(daemon);
+    std::fs::remove_file(secret).ok();
+}
+
+#[test]
+fn upnp_igd_maps_through_miniupnpd_and_deletes() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let site = lab.site("a").expect("site a");
+    let host = site.host(0).expect("host").clone();
+    let inside = host.udp_bind(4600).expect("host socket");
+    let daemon = site
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    let local = SocketAddr::from((host.addr(), 4600));
+    let held = host
+        .run(move || upnp_map(local, MappedTransport::Udp, Duration::from_secs(120)))
+        .expect("namespace")
+        .unwrap_or_else(|e| panic!("UPnP: {e}\n{}", daemon.log_text()));
+    assert_eq!(held.mapping.protocol, MappingProtocol::Upnp);
+    let external = held.mapping.external;
+    assert_eq!(
+        external,
+        SocketAddr::from((site.wan_addr(), 4600)),
+        "the router's address, the agent's own port"
+    );
+    let outside = lab.server().udp_bind(40010).expect("server socket");
+    assert!(
+        reaches(&outside, &inside, external, b"through UPnP"),
+        "{}\n{}",
+        site.ruleset().unwrap_or_default(),
+        daemon.log_text()
+    );
+    host.run(move || held.delete())
+        .expect("namespace")
+        .expect("DeletePortMapping");
+    let late = lab.server().udp_bind(40011).expect("server socket");
+    assert!(!reaches(&late, &inside, external, b"after the delete"));
+    drop(daemon);
+    std::fs::remove_file(secret).ok();
+}
+
+#[test]
+fn routers_that_speak_one_protocol_get_asked_in_it() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("pcp", NatPreset::symmetric())
+        .site("natpmp", NatPreset::symmetric())
+        .site("upnp", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    for (site_name, protocols, expected) in [
+        ("pcp", PortMappingProtocols::PCP, Some(MappingProtocol::Pcp)),
+        (
+            "natpmp",
+            PortMappingProtocols::NAT_PMP,
+            Some(MappingProtocol::NatPmp),
+        ),
+        ("upnp", PortMappingProtocols::UPNP, None),
+    ] {
+        let site = lab.site(site_name).expect("site");
+        let host = site.host(0).expect("host").clone();
+        let inside = host.udp_bind(4500).expect("host socket");
+        let daemon = site
+            .start_port_mapping_with(punch::SERVICE, protocols)
+            .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+        let router = site.router().addrs()[1];
+        let config = PortMapConfig::udp(router.into(), host.addr().into(), 4500);
+        let mut client = PortMapClient::new(Instant::now(), config, rand::random(), false);
+        let event = next_event(&mut client, &inside, Duration::from_secs(6));
+        match expected {
+            Some(protocol) => assert!(
+                matches!(event, Some(PortMapEvent::Mapped(Mapping { protocol: p, .. })) if p == protocol),
+                "{site_name}: {event:?}\n{}",
+                daemon.log_text()
+            ),
+            None => {
+                assert_eq!(
+                    event,
+                    Some(PortMapEvent::Unavailable(vec![
+                        (MappingProtocol::Pcp, ProtocolOutcome::NoAnswer),
+                        (MappingProtocol::NatPmp, ProtocolOutcome::NoAnswer),
+                    ])),
+                    "{site_name}"
+                );
+                let local = SocketAddr::from((host.addr(), 4500));
+                let held = host
+                    .run(move || upnp_map(local, MappedTransport::Udp, Duration::from_secs(60)))
+                    .expect("namespace")
+                    .unwrap_or_else(|e| panic!("UPnP: {e}\n{}", daemon.log_text()));
+                assert_eq!(held.mapping.external.ip(), site.wan_addr());
+            }
+        }
+    }
+    std::fs::remove_file(secret).ok();
+}
+
+#[test]
+fn a_router_without_port_mapping_costs_a_bounded_wait() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let site = lab.site("a").expect("site a");
+    let host = site.host(0).expect("host").clone();
+    let inside = host.udp_bind(4500).expect("host socket");
+    let router = site.router().addrs()[1];
+    let started = Instant::now();
+    let config = PortMapConfig::udp(router.into(), host.addr().into(), 4500);
+    let mut client = PortMapClient::new(started, config, rand::random(), false);
+    let event = next_event(&mut client, &inside, Duration::from_secs(10));
+    assert_eq!(
+        event,
+        Some(PortMapEvent::Unavailable(vec![
+            (MappingProtocol::Pcp, ProtocolOutcome::NoAnswer),
+            (MappingProtocol::NatPmp, ProtocolOutcome::NoAnswer),
+        ]))
+    );
+    let waited = started.elapsed();
+    assert!(
+        (Duration::from_millis(3700)..Duration::from_secs(6)).contains(&waited),
+        "{waited:?}"
+    );
+    // UPnP-IGD: SSDP discovery finds nobody within its bounded wait.
+    let local = SocketAddr::from((host.addr(), 4500));
+    let started = Instant::now();
+    let upnp = host
+        .run(move || upnp_map(local, MappedTransport::Udp, Duration::from_secs(120)))
+        .expect("namespace");
+    assert!(matches!(upnp, Err(ProtocolOutcome::NoAnswer)), "{upnp:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}
