@@ -442,3 +442,167 @@ fn the_packaged_config_file_parses_to_the_defaults() {
         assert!(text.contains(&format!("#{key} = ")), "{key} missing");
     }
 }
+
+/// Credentials for `peer` from the test secret, valid for an hour.
+fn issue(secret: &[u8], peer: &str) -> gateway::proto::credentials::Credentials {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    gateway::proto::credentials::SharedSecret::new(secret)
+        .issue(peer, expiry)
+        .expect("issue")
+}
+
+#[test]
+fn a_wrong_password_is_one_clear_line_and_a_failed_exit() {
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "right-secret\n").expect("write");
+    let gateway = LoopbackGateway::start(&secret_file);
+    // Credentials from another secret: the gateway derives another password.
+    let wrong = issue(b"wrong-secret", "alice");
+    let started = Instant::now();
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &wrong.username,
+        &wrong.password,
+        &[
+            "--server",
+            &gateway.addr.to_string(),
+            "--bind",
+            "127.0.0.1:0",
+            "--connect",
+            "bob",
+        ],
+    )
+    .expect("alice");
+    let status = alice
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running: {:?}", alice.seen()));
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let refused: Vec<&String> = alice
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("refused"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{:?}", alice.seen());
+    assert!(
+        // Register or the Connect sent with it, whichever was refused second.
+        (refused[0].starts_with("refused register code 401: wrong or expired credentials")
+            || refused[0].starts_with("refused connect code 401: wrong or expired credentials"))
+            && refused[0].contains("GATEWAY_PASSWORD")
+            && refused[0].ends_with("; stopping"),
+        "{}",
+        refused[0]
+    );
+}
+
+#[test]
+fn an_unknown_peer_is_said_with_backoff_never_several_lines_a_second() {
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "backoff-secret\n").expect("write");
+    let gateway = LoopbackGateway::start(&secret_file);
+    let alice = issue(b"backoff-secret", "alice");
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &[
+            "--server",
+            &gateway.addr.to_string(),
+            "--bind",
+            "127.0.0.1:0",
+            "--connect",
+            "nobody",
+        ],
+    )
+    .expect("alice");
+    let first = alice
+        .wait_for("refused connect code 404", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no refusal: {:?}", alice.seen()));
+    assert!(
+        first.contains("peer not registered with the gateway") && first.contains("retrying in 1 s"),
+        "{first}"
+    );
+    // Ten seconds more: the retries go at 1, 3, 7 s (then 15, 31 s), so at most four
+    // lines in all, each saying when the next try goes.
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(10))
+            .is_none()
+    );
+    let refusals: Vec<&String> = alice
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("refused"))
+        .collect();
+    assert!(
+        (3..=4).contains(&refusals.len()),
+        "{refusals:?} of {:?}",
+        alice.seen()
+    );
+    assert!(
+        refusals.iter().any(|l| l.ends_with("retrying in 4 s")),
+        "{refusals:?}"
+    );
+}
+
+#[test]
+fn a_server_that_does_not_answer_is_reported_after_a_bounded_wait() {
+    use std::time::{Duration, Instant};
+
+    // A UDP port that receives and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let alice = issue(b"any-secret", "alice");
+    let started = Instant::now();
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &["--server", &addr.to_string(), "--bind", "127.0.0.1:0"],
+    )
+    .expect("alice");
+    let line = alice
+        .wait_for("no answer from", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("nothing said: {:?}", alice.seen()));
+    assert!(
+        line.starts_with(&format!("no answer from {addr} over udp for 5 s")),
+        "{line}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    // The agent keeps trying (the Registers reach the socket) and says nothing more
+    // until the silence doubled.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 1500];
+    assert!(
+        silent.recv_from(&mut buf).is_ok(),
+        "no Register after the report"
+    );
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(3))
+            .is_none()
+    );
+    let said = alice
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("no answer"))
+        .count();
+    assert_eq!(said, 1, "{:?}", alice.seen());
+}

@@ -204,6 +204,18 @@ impl Sim {
         }
     }
 
+    /// Every node's relay allows only peers in `allowed` (the rest of the agents'
+    /// TEST-NET range is special-purpose, so its peer policy denies it).
+    pub(crate) fn relay_allows_only(&mut self, allowed: &str) {
+        for node in &mut self.nodes {
+            node.turn.set_policy(PeerPolicy::new(
+                vec![allowed.parse().expect("range")],
+                Vec::new(),
+                Vec::new(),
+            ));
+        }
+    }
+
     /// The index of the node at `addr`, if one is there.
     pub(crate) fn node_at(&self, addr: SocketAddr) -> Option<usize> {
         self.nodes.iter().position(|n| n.addr == addr)
