@@ -606,3 +606,52 @@ fn a_server_that_does_not_answer_is_reported_after_a_bounded_wait() {
         .count();
     assert_eq!(said, 1, "{:?}", alice.seen());
 }
+
+#[test]
+fn peers_classify_their_nat_with_the_endpoints_serve_names_by_default() {
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "discovery-secret\n").expect("write");
+    // No discovery flag on either side.
+    let gateway = LoopbackGateway::start(&secret_file);
+    let server = gateway.addr.to_string();
+    let alice = issue(b"discovery-secret", "alice");
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &["--server", &server, "--bind", "127.0.0.1:0"],
+    )
+    .expect("alice");
+    // Loopback has no NAT: the Register answer named 127.0.0.1:PORT+1, and the
+    // Binding there saw the socket's own address.
+    let line = alice
+        .wait_for("nat mapping ", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("not classified: {:?}", alice.seen()));
+    assert!(line.starts_with("nat mapping none "), "{line}");
+    // --no-discover: registered, never classified.
+    let bob = issue(b"discovery-secret", "bob");
+    let mut bob = gateway_tests::daemon::PeerProcess::start_here(
+        &bob.username,
+        &bob.password,
+        &[
+            "--server",
+            &server,
+            "--bind",
+            "127.0.0.1:0",
+            "--no-discover",
+        ],
+    )
+    .expect("bob");
+    assert!(
+        bob.wait_for("registered public", Duration::from_secs(5))
+            .is_some()
+    );
+    assert!(
+        bob.wait_for("nat mapping ", Duration::from_secs(3))
+            .is_none(),
+        "{:?}",
+        bob.seen()
+    );
+}

@@ -92,8 +92,15 @@ pub struct AgentConfig {
     /// by what discovery measures when `discovery` is set.
     pub nat: NatClass,
     /// Other endpoints of the gateway answering Binding (its discovery port, its second
-    /// address) used to classify this peer's NAT mapping (RFC 5780 ideas).
+    /// address) used to classify this peer's NAT mapping (RFC 5780 ideas). Empty (the
+    /// default): the endpoints the gateway names in its Register answer, when
+    /// `discover` is on.
     pub discovery: Vec<SocketAddr>,
+    /// Classify this peer's NAT with the endpoints the gateway names in its Register
+    /// answer (DISCOVERY-ENDPOINT) when `discovery` is empty. On by default (`gateway
+    /// peer --no-discover` turns it off); a gateway that names none (an older one, or
+    /// `server.discovery = false`) leaves the class as configured.
+    pub discover: bool,
     /// Before the mapping tests, measure the NAT's filtering with RFC 5780
     /// CHANGE-REQUEST tests to `server` (needs `discovery`). Off by default: behind a
     /// router that accepts unsolicited packets itself, an answer it swallowed from a
@@ -162,6 +169,7 @@ impl AgentConfig {
             host_candidates: Vec::new(),
             nat: NatClass::Unknown,
             discovery: Vec::new(),
+            discover: true,
             filtering: false,
             prediction_window: 6,
             keepalive: Duration::from_secs(15),
@@ -433,6 +441,11 @@ pub struct Agent {
     /// and when to say so next.
     unanswered_since: Option<Instant>,
     silence_report_at: Option<Instant>,
+    /// The discovery endpoints the first server named in its first Register answer.
+    advertised_discovery: Vec<SocketAddr>,
+    /// Whether any Register was answered (until then, with `discover` on, connects
+    /// wait: the answer may name discovery endpoints).
+    registered_once: bool,
 }
 
 /// First retransmission of an unanswered Register (RFC 8489's RTO default).
@@ -469,6 +482,20 @@ impl Agent {
             relay_denied: HashSet::new(),
             unanswered_since: None,
             silence_report_at: None,
+            advertised_discovery: Vec::new(),
+            registered_once: false,
+        }
+    }
+
+    /// The endpoints discovery tests the mapping with: the configured ones, else
+    /// (with `discover` on) those the gateway named.
+    pub(super) fn discovery_endpoints(&self) -> &[SocketAddr] {
+        if !self.config.discovery.is_empty() {
+            &self.config.discovery
+        } else if self.config.discover {
+            &self.advertised_discovery
+        } else {
+            &[]
         }
     }
 
@@ -739,7 +766,8 @@ impl Agent {
     /// from a peer it does not know).
     fn connects_held(&self) -> bool {
         let classified = self.discovery.done && self.class_registered;
-        let discovering = !self.config.discovery.is_empty() && !classified;
+        let learning = self.config.discover && !self.registered_once;
+        let discovering = (learning || !self.discovery_endpoints().is_empty()) && !classified;
         discovering || self.servers.awaiting_registration
     }
 
@@ -955,6 +983,28 @@ impl Agent {
                 if self.next_register > now {
                     self.next_register = request.sent_at + interval;
                 }
+                if !self.registered_once
+                    && self.servers.current() == self.config.server
+                    && self.config.discovery.is_empty()
+                {
+                    // The endpoints belong to the first node; learnt once. An
+                    // unspecified address is the server's (as this peer reaches it).
+                    let server = self.config.server;
+                    self.advertised_discovery = response
+                        .discovery
+                        .into_iter()
+                        .filter(|e| e.is_ipv4() == server.is_ipv4())
+                        .map(|e| {
+                            if e.ip().is_unspecified() {
+                                SocketAddr::new(server.ip(), e.port())
+                            } else {
+                                e
+                            }
+                        })
+                        .filter(|&e| e != server)
+                        .collect();
+                }
+                self.registered_once = true;
                 if let Some(mapped) = response.mapped {
                     self.registered(now, mapped);
                 }

@@ -366,6 +366,19 @@ pub(crate) fn discover_behind(
     unauthenticated_gateway: bool,
     alternates: Vec<SocketAddr>,
 ) -> (Option<AgentEvent>, Duration) {
+    discover_behind_with(filter, preserve, unauthenticated_gateway, alternates, None)
+}
+
+/// [`discover_behind`], with the agent told its discovery endpoints by the gateway's
+/// Register answer instead of configured (`told`: the agent's `discover` flag) when
+/// `told` is given.
+pub(crate) fn discover_behind_with(
+    filter: SimFilter,
+    preserve: bool,
+    unauthenticated_gateway: bool,
+    alternates: Vec<SocketAddr>,
+    told: Option<bool>,
+) -> (Option<AgentEvent>, Duration) {
     use crate::binding::{Alternates, BindingService};
     let secret = SharedSecret::new(b"sim secret");
     let issued = secret.issue("alice", NOW_UNIX + 3600).expect("issue");
@@ -382,8 +395,24 @@ pub(crate) fn discover_behind(
             password: issued.password,
         },
     );
-    config.discovery = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3478")];
-    config.filtering = true;
+    match told {
+        None => {
+            config.discovery = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3478")];
+            config.filtering = true;
+        }
+        Some(discover) => {
+            config.discover = discover;
+            server.set_discovery_endpoints(crate::rendezvous::DiscoveryEndpoints {
+                service_port: 3478,
+                service_wildcard: true,
+                sockets: vec![addr("0.0.0.0:3479")],
+                other_addresses: vec![
+                    "192.0.2.10".parse().expect("ip"),
+                    "192.0.2.11".parse().expect("ip"),
+                ],
+            });
+        }
+    }
     let local = addr("10.0.0.2:4000");
     config.host_candidates = vec![local];
     let public = if preserve {
