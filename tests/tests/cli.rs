@@ -655,3 +655,71 @@ fn peers_classify_their_nat_with_the_endpoints_serve_names_by_default() {
         bob.seen()
     );
 }
+
+#[test]
+fn a_peer_the_relay_refuses_is_said_once_without_a_tight_loop() {
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "relay-secret\n").expect("write");
+    let gateway = LoopbackGateway::start(&secret_file);
+    let server = gateway.addr.to_string();
+    // No probes at all (no budget, no opener): punching fails after its 5 s window
+    // and alice falls back to the relay, whose default peer policy refuses bob's
+    // loopback address (the gateway's own).
+    let no_punch = ["--probe-budget", "0", "--open-ttl", "0"];
+    let bob = issue(b"relay-secret", "bob");
+    let mut bob_args = vec!["--server", server.as_str(), "--bind", "127.0.0.1:0"];
+    bob_args.extend_from_slice(&no_punch);
+    let mut bob =
+        gateway_tests::daemon::PeerProcess::start_here(&bob.username, &bob.password, &bob_args)
+            .expect("bob");
+    assert!(
+        bob.wait_for("registered public", Duration::from_secs(5))
+            .is_some()
+    );
+    let alice = issue(b"relay-secret", "alice");
+    let mut alice_args = vec![
+        "--server",
+        server.as_str(),
+        "--bind",
+        "127.0.0.1:0",
+        "--connect",
+        "bob",
+    ];
+    alice_args.extend_from_slice(&no_punch);
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &alice_args,
+    )
+    .expect("alice");
+    let refused = alice
+        .wait_for(
+            "refused create-permission code 403",
+            Duration::from_secs(12),
+        )
+        .unwrap_or_else(|| panic!("no refusal: {:?}", alice.seen()));
+    assert!(
+        refused.contains("the relay's peer policy denies this peer's address")
+            && refused.ends_with("next attempt at this peer in 16 s"),
+        "{refused}"
+    );
+    // 15 s more: the next attempt waits 16 s, so nothing loops meanwhile.
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(15))
+            .is_none()
+    );
+    let count = |prefix: &str| {
+        alice
+            .seen()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("refused create-permission"), 1, "{:?}", alice.seen());
+    assert_eq!(count("introduced peer bob"), 1, "{:?}", alice.seen());
+    assert_eq!(count("relay-fallback"), 1, "{:?}", alice.seen());
+}

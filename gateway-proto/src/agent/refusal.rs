@@ -96,6 +96,10 @@ pub const CONNECT_RETRY: Duration = Duration::from_secs(1);
 /// relay refuses): retries stay slow but never stop (the peer may come).
 pub const MAX_CONNECT_RETRY: Duration = Duration::from_secs(30);
 
+/// The first wait before another attempt at a peer the relay refuses: an attempt
+/// costs a punch window and a relay leg that cannot work, so retries start slow.
+pub const RELAY_DENIED_RETRY: Duration = Duration::from_secs(16);
+
 /// How many unauthenticated 401 answers in a row end the agent: an answer to a
 /// Register signed with a key the gateway does not derive is never going to change
 /// by retrying; one more than one tolerates a stray answer.

@@ -316,6 +316,13 @@ impl Agent {
                 session.state = SessionState::Failed;
             }
             self.report(now, id, SessionOutcome::Failed, Duration::ZERO, probes);
+            let slow = self
+                .connect_retry
+                .get(&peer_id)
+                .copied()
+                .unwrap_or_default()
+                .max(super::refusal::RELAY_DENIED_RETRY);
+            self.connect_retry.insert(peer_id.clone(), slow);
             let wait = self.back_off_peer(now, &peer_id);
             if self.relay_denied.insert(peer_id) {
                 let method = turn::method::CREATE_PERMISSION;
