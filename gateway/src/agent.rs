@@ -1001,9 +1001,10 @@ impl PathMetrics {
 struct StatusLines {
     /// The node failed over to, until its registration is announced.
     new_server: Option<SocketAddr>,
-    /// The last refusal printed and when: the same refusal again within
-    /// [`REPEAT_QUIET`] prints nothing (retries must not print a line a second).
-    last_refusal: Option<(String, std::time::Instant)>,
+    /// The last refusal printed (method, code) and when: the same refusal again
+    /// within [`REPEAT_QUIET`] prints nothing (retries back off, and the first line
+    /// said so).
+    last_refusal: Option<((u16, u16), std::time::Instant)>,
 }
 
 /// How long the same refusal stays quiet after it was printed.
@@ -1062,13 +1063,15 @@ impl StatusLines {
             } => {
                 let line = refusal_line(*method, *code, reason, *next);
                 let now = std::time::Instant::now();
+                let key = (*method, *code);
                 let quiet = self.last_refusal.as_ref().is_some_and(|(last, at)| {
-                    *last == line && now.saturating_duration_since(*at) < REPEAT_QUIET
+                    *last == key && now.saturating_duration_since(*at) < REPEAT_QUIET
                 });
-                if quiet {
+                // A refusal that stops the agent is always said.
+                if quiet && *next != NextStep::Stop {
                     return None;
                 }
-                self.last_refusal = Some((line.clone(), now));
+                self.last_refusal = Some((key, now));
                 line
             }
             AgentEvent::Introduced { peer_id, role } => {
@@ -1185,18 +1188,19 @@ mod tests {
                 .line(&refused(404, NextStep::RetryIn(Duration::from_secs(4))))
                 .as_deref(),
             Some(
-                "refused connect code 404: peer not registered with the gateway (or not in this peer's group); retrying in 4 s"
+                "refused connect code 404: peer not registered with the gateway (or not in this peer's group); retrying in 4 s, then less often"
             )
         );
-        // The same line again soon is quiet; another one is not.
+        // The same refusal again soon is quiet (its retries back off); another one
+        // is not.
         assert_eq!(
-            lines.line(&refused(404, NextStep::RetryIn(Duration::from_secs(4)))),
+            lines.line(&refused(404, NextStep::RetryIn(Duration::from_secs(8)))),
             None
         );
         assert!(
             lines
-                .line(&refused(404, NextStep::RetryIn(Duration::from_secs(8))))
-                .is_some()
+                .line(&refused(503, NextStep::RetryIn(Duration::from_secs(1))))
+                .is_some_and(|l| l.contains("cluster unavailable"))
         );
         let silent = AgentEvent::NoAnswer {
             server: "192.0.2.10:3478".parse().expect("addr"),

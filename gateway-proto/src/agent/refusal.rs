@@ -27,7 +27,7 @@ impl std::fmt::Display for NextStep {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = |d: &Duration| d.as_secs_f64();
         match self {
-            Self::RetryIn(d) => write!(f, "retrying in {:.0} s", secs(d).max(1.0)),
+            Self::RetryIn(d) => write!(f, "retrying in {:.0} s, then less often", secs(d).max(1.0)),
             Self::RegisterAgain => f.write_str("registering again"),
             Self::Stop => f.write_str("stopping"),
             Self::NoRelayFor(d) => write!(f, "no relay fallback for {:.0} s", secs(d)),
@@ -80,7 +80,9 @@ pub fn reason(m: u16, code: u16) -> &'static str {
         (508, _) => "the relay has no capacity left",
         (429, _) => "too many requests",
         (503, _) if m == method::REGISTER => "the gateway's registry is full",
-        (503, _) => "the gateway cannot reach the node the peer is registered on",
+        (503, _) => {
+            "cluster unavailable: the gateway cannot reach the node the peer is registered on"
+        }
         (501, _) => "not supported by this gateway",
         (300, _) => "the gateway is draining",
         (400, _) => "bad request",
@@ -144,7 +146,7 @@ mod tests {
         }
         assert_eq!(
             NextStep::RetryIn(Duration::from_millis(200)).to_string(),
-            "retrying in 1 s"
+            "retrying in 1 s, then less often"
         );
     }
 }
