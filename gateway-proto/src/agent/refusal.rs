@@ -300,4 +300,30 @@ mod agent_tests {
         assert!(gaps.last() > gaps.first(), "{gaps:?}");
         assert!(!sim.has(0, |e| matches!(e, AgentEvent::PathUp { .. })));
     }
+
+    #[test]
+    fn a_relay_quota_is_said_with_the_wait_before_the_next_fallback() {
+        let mut sim = Sim::new(true);
+        sim.relay_quota(0);
+        sim.run_for(Duration::from_millis(100));
+        let start = sim.now;
+        sim.agents[0].1.connect("bob", start);
+        sim.run_for(Duration::from_secs(30));
+        let quota: Vec<&AgentEvent> = sim
+            .events
+            .iter()
+            .filter(|(i, e)| *i == 0 && matches!(e, AgentEvent::Refused { code: 486, .. }))
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(quota.len(), 1, "{quota:?}");
+        assert_eq!(
+            quota[0],
+            &AgentEvent::Refused {
+                method: crate::turn::method::ALLOCATE,
+                code: 486,
+                reason: "relay allocation quota reached for these credentials",
+                next: NextStep::NoRelayFor(Duration::from_secs(60)),
+            }
+        );
+    }
 }

@@ -216,6 +216,16 @@ impl Sim {
         }
     }
 
+    /// Every node's relay lets each user hold `per_user` allocations at most.
+    pub(crate) fn relay_quota(&mut self, per_user: usize) {
+        for node in &mut self.nodes {
+            node.turn.set_config(TurnConfig {
+                max_allocations_per_user: per_user,
+                ..TurnConfig::default()
+            });
+        }
+    }
+
     /// The index of the node at `addr`, if one is there.
     pub(crate) fn node_at(&self, addr: SocketAddr) -> Option<usize> {
         self.nodes.iter().position(|n| n.addr == addr)
