@@ -535,7 +535,7 @@ fn an_unknown_peer_is_said_with_backoff_never_several_lines_a_second() {
             && first.ends_with("retrying in 1 s, then less often"),
         "{first}"
     );
-    // Ten seconds more: the retries go at 1, 3, 7 s (then 15, 31 s: the agent's unit
+    // Ten seconds more: the retries go at 1, 3, 7 s (then every 8 s: the agent's unit
     // tests count them) and the same refusal is said once per 30 s: one line.
     assert!(
         alice

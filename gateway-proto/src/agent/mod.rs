@@ -505,8 +505,9 @@ impl Agent {
         self.stopped
     }
 
-    /// The next wait before asking for `peer` again, and the one after it (doubled).
-    fn back_off_peer(&mut self, now: Instant, peer: &str) -> Duration {
+    /// The next wait before asking for `peer` again, and the one after it (doubled,
+    /// at most `cap`).
+    fn back_off_peer(&mut self, now: Instant, peer: &str, cap: Duration) -> Duration {
         let wait = self
             .connect_retry
             .get(peer)
@@ -515,7 +516,7 @@ impl Agent {
         if let Some(at) = self.wanted.get_mut(peer) {
             *at = (*at).max(now + wait);
             self.connect_retry
-                .insert(peer.to_owned(), refusal::next_connect_retry(wait));
+                .insert(peer.to_owned(), refusal::next_connect_retry(wait, cap));
         }
         wait
     }
@@ -1036,10 +1037,19 @@ impl Agent {
                 NextStep::RegisterAgain
             }
             _ => match &request.target {
-                // The other side is not registered yet, or its node cannot be
-                // reached for now: keep asking, less and less often.
-                Some(target) if matches!(code, 404 | CLUSTER_UNAVAILABLE) => {
-                    NextStep::RetryIn(self.back_off_peer(now, &target.clone()))
+                // The other side is not registered yet: keep asking, less and
+                // less often (it may come any moment).
+                Some(target) if code == 404 => NextStep::RetryIn(self.back_off_peer(
+                    now,
+                    &target.clone(),
+                    refusal::MAX_UNKNOWN_PEER_RETRY,
+                )),
+                // Its node cannot be reached for now: the gateway's own trouble,
+                // over as soon as its cluster store is back; ask again each second
+                // (the status line is said once).
+                Some(target) if code == CLUSTER_UNAVAILABLE => {
+                    self.wanted.insert(target.clone(), now + CONNECT_RETRY);
+                    NextStep::RetryIn(CONNECT_RETRY)
                 }
                 _ if request.method == method::REGISTER => {
                     NextStep::RetryIn(self.next_register.saturating_duration_since(now))

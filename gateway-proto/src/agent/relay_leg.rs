@@ -323,7 +323,7 @@ impl Agent {
                 .unwrap_or_default()
                 .max(super::refusal::RELAY_DENIED_RETRY);
             self.connect_retry.insert(peer_id.clone(), slow);
-            let wait = self.back_off_peer(now, &peer_id);
+            let wait = self.back_off_peer(now, &peer_id, super::refusal::MAX_CONNECT_RETRY);
             if self.relay_denied.insert(peer_id) {
                 let method = turn::method::CREATE_PERMISSION;
                 self.events.push_back(AgentEvent::Refused {

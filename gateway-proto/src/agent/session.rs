@@ -201,7 +201,7 @@ impl Agent {
                                 session.state = SessionState::Failed;
                             }
                             // The next attempt at this peer waits, longer each time.
-                            self.back_off_peer(now, &peer_id);
+                            self.back_off_peer(now, &peer_id, super::refusal::MAX_CONNECT_RETRY);
                             self.report(
                                 now,
                                 intro_id,
@@ -248,7 +248,7 @@ impl Agent {
                     // Neither punching nor the relay worked: the next attempt at
                     // this peer waits, longer each time (no tight loop of
                     // introduced, punch-failed, relay-fallback).
-                    self.back_off_peer(now, &peer_id);
+                    self.back_off_peer(now, &peer_id, super::refusal::MAX_CONNECT_RETRY);
                     self.report(
                         now,
                         intro_id,
