@@ -838,6 +838,51 @@ mod tests {
     }
 
     #[test]
+    fn discovery_is_on_by_default_at_the_next_port_and_can_be_turned_off() {
+        let default = Config::default();
+        assert_eq!(
+            default.server.discovery_sockets(),
+            (
+                vec!["0.0.0.0:3479".parse::<SocketAddr>().expect("addr")],
+                false
+            )
+        );
+        assert_eq!(
+            default.server.second_address().ok(),
+            Some(SecondAddress::Auto)
+        );
+        let off = Config::from_toml(
+            "[server]\ndiscovery = false\ndiscovery_second_address = \"none\"\n",
+            "t",
+        )
+        .expect("off");
+        assert_eq!(off.server.discovery_sockets(), (Vec::new(), false));
+        assert_eq!(off.server.second_address().ok(), Some(SecondAddress::Off));
+        // Configured sockets win, and are the operator's (a failure to bind is fatal).
+        let set = Config::from_toml("[server]\ndiscovery_listen = \"192.0.2.10:4000\"\n", "t")
+            .expect("set");
+        assert_eq!(
+            set.server.discovery_sockets(),
+            (
+                vec!["192.0.2.10:4000".parse::<SocketAddr>().expect("addr")],
+                true
+            )
+        );
+        let fixed = Config::from_toml("[server]\ndiscovery_second_address = \"192.0.2.11\"\n", "t")
+            .expect("fixed");
+        assert_eq!(
+            fixed.server.second_address().ok(),
+            Some(SecondAddress::Fixed("192.0.2.11".parse().expect("ip")))
+        );
+        let err = Config::from_toml("[server]\ndiscovery_second_address = \"yes\"\n", "t")
+            .expect_err("not an address");
+        assert!(
+            err.to_string().contains("server.discovery_second_address"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn discovery_listen_takes_one_or_two_addresses() {
         let one = Config::from_toml("[server]\ndiscovery_listen = \"192.0.2.10:3479\"\n", "t")
             .expect("one address");
