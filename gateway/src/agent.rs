@@ -19,7 +19,7 @@ use tokio::{
 };
 
 use crate::proto::{
-    agent::{Agent, AgentConfig, AgentEvent, ServerChangeReason},
+    agent::{Agent, AgentConfig, AgentEvent, NextStep, ServerChangeReason},
     rendezvous::client::Role,
 };
 
@@ -45,6 +45,10 @@ pub enum PeerError {
     /// The agent task has stopped.
     #[error("the peer agent has stopped")]
     Stopped,
+    /// The gateway refused something retrying cannot fix (wrong or expired
+    /// credentials): the agent stopped.
+    #[error("{0}")]
+    Refused(String),
     /// A gateway address (`HOST:PORT`) could not be resolved.
     #[error("cannot resolve server {server}: {source}")]
     Resolve {
@@ -362,6 +366,7 @@ async fn drive(
         while let Some(slot) = agent.poll_released_socket() {
             extra.close(slot);
         }
+        let stopped = agent.stopped();
         while let Some(event) = agent.poll_event() {
             match &event {
                 AgentEvent::PathUp {
@@ -392,6 +397,11 @@ async fn drive(
             if events.send(event).is_err() {
                 // Nobody reads events any more; keep serving the paths.
             }
+        }
+        if stopped {
+            // Wrong credentials: nothing more to do. Callers waiting for a path see
+            // the agent stop; the events (the refusal) were handed over above.
+            return;
         }
     }
 }
@@ -804,6 +814,12 @@ pub async fn run(
                 if let Some(line) = lines.line(&event) {
                     status(format_args!("{line}"));
                 }
+                if let AgentEvent::Refused { method, code, reason, next: NextStep::Stop } = &event {
+                    return Err(PeerError::Refused(format!(
+                        "the gateway refused {} with {code}: {reason}",
+                        crate::proto::agent::method_name(*method)
+                    )));
+                }
                 if let (
                     AgentEvent::TcpIntroduced { peer_id, intro_id, candidates, start_at },
                     Some(tcp),
@@ -985,39 +1001,22 @@ impl PathMetrics {
 struct StatusLines {
     /// The node failed over to, until its registration is announced.
     new_server: Option<SocketAddr>,
-    /// The last refusal printed and when: the same refusal again within
-    /// [`REPEAT_QUIET`] prints nothing (retries must not print a line a second).
-    last_refusal: Option<(String, std::time::Instant)>,
+    /// The last refusal printed (method, code) and when: the same refusal again
+    /// within [`REPEAT_QUIET`] prints nothing (retries back off, and the first line
+    /// said so).
+    last_refusal: Option<((u16, u16), std::time::Instant)>,
 }
 
 /// How long the same refusal stays quiet after it was printed.
 const REPEAT_QUIET: Duration = Duration::from_secs(30);
 
-/// A refusal in words: the method's name, the code and what it means for the agent.
-fn refusal_line(method: u16, code: u16) -> String {
-    use crate::proto::rendezvous::wire::method as m;
-    let name = match method {
-        m::REGISTER => "register",
-        m::CONNECT => "connect",
-        m::OUTCOME => "outcome",
-        m::RELAY_OFFER => "relay-offer",
-        m::TCP_SEQ => "tcp-seq",
-        _ => "request",
-    };
-    let meaning = match (method, code) {
-        (_, 401) => {
-            "wrong credentials (check GATEWAY_USERNAME/GATEWAY_PASSWORD and the gateway's secret)"
-        }
-        (m::CONNECT, 404) => "peer not registered with the gateway; retrying",
-        (m::CONNECT, 503) => {
-            "cluster unavailable: the gateway cannot reach the node the peer is registered on; retrying"
-        }
-        (m::REGISTER, 503) => "the gateway's registry is full",
-        (_, 403) => "not registered from this address; registering again",
-        (_, 429) => "too many requests; slowing down",
-        _ => "refused",
-    };
-    format!("refused {name} code {code}: {meaning} (method 0x{method:03x})")
+/// A refusal in words: the method's name, the code, what it means for the agent and
+/// what it does next (the words come from the agent core).
+fn refusal_line(method: u16, code: u16, reason: &str, next: NextStep) -> String {
+    format!(
+        "refused {} code {code}: {reason}; {next}",
+        crate::proto::agent::method_name(method)
+    )
 }
 
 impl StatusLines {
@@ -1047,16 +1046,32 @@ impl StatusLines {
                 class.as_str(),
                 filtering.as_str()
             ),
-            AgentEvent::Refused { method, code } => {
-                let line = refusal_line(*method, *code);
+            AgentEvent::NoAnswer {
+                server,
+                silent,
+                retry_in,
+            } => format!(
+                "no answer from {server} over udp for {:.0} s; still trying (next register in {:.0} s)",
+                silent.as_secs_f64(),
+                retry_in.as_secs_f64().max(1.0)
+            ),
+            AgentEvent::Refused {
+                method,
+                code,
+                reason,
+                next,
+            } => {
+                let line = refusal_line(*method, *code, reason, *next);
                 let now = std::time::Instant::now();
+                let key = (*method, *code);
                 let quiet = self.last_refusal.as_ref().is_some_and(|(last, at)| {
-                    *last == line && now.saturating_duration_since(*at) < REPEAT_QUIET
+                    *last == key && now.saturating_duration_since(*at) < REPEAT_QUIET
                 });
-                if quiet {
+                // A refusal that stops the agent is always said.
+                if quiet && *next != NextStep::Stop {
                     return None;
                 }
-                self.last_refusal = Some((line.clone(), now));
+                self.last_refusal = Some((key, now));
                 line
             }
             AgentEvent::Introduced { peer_id, role } => {
@@ -1155,6 +1170,48 @@ mod tests {
                 .line(&AgentEvent::Registered { mapped: old })
                 .as_deref(),
             Some("registered public 192.0.2.10:3478")
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_with_its_meaning_and_what_comes_next() {
+        use crate::proto::rendezvous::wire::method;
+        let mut lines = StatusLines::default();
+        let refused = |code, next| AgentEvent::Refused {
+            method: method::CONNECT,
+            code,
+            reason: crate::proto::agent::refusal_reason(method::CONNECT, code),
+            next,
+        };
+        assert_eq!(
+            lines
+                .line(&refused(404, NextStep::RetryIn(Duration::from_secs(4))))
+                .as_deref(),
+            Some(
+                "refused connect code 404: peer not registered with the gateway (or not in this peer's group); retrying in 4 s, then less often"
+            )
+        );
+        // The same refusal again soon is quiet (its retries back off); another one
+        // is not.
+        assert_eq!(
+            lines.line(&refused(404, NextStep::RetryIn(Duration::from_secs(8)))),
+            None
+        );
+        assert!(
+            lines
+                .line(&refused(503, NextStep::RetryIn(Duration::from_secs(1))))
+                .is_some_and(|l| l.contains("cluster unavailable"))
+        );
+        let silent = AgentEvent::NoAnswer {
+            server: "192.0.2.10:3478".parse().expect("addr"),
+            silent: Duration::from_millis(5_020),
+            retry_in: Duration::from_millis(2_500),
+        };
+        assert_eq!(
+            lines.line(&silent).as_deref(),
+            Some(
+                "no answer from 192.0.2.10:3478 over udp for 5 s; still trying (next register in 2 s)"
+            )
         );
     }
 

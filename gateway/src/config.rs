@@ -514,10 +514,24 @@ pub struct ServerConfig {
     /// Up to three more UDP sockets answering STUN Binding only, for NAT behaviour
     /// discovery: typically one on `listen`'s address and another port, one on
     /// another address (and port) of the host. They also send the answers to
-    /// CHANGE-REQUEST (RFC 5780) that arrive on `listen`. One address or a list; none
-    /// by default.
+    /// CHANGE-REQUEST (RFC 5780) that arrive on `listen`. One address or a list.
+    /// Empty (the default): with `discovery` on, one on `listen`'s address at
+    /// `listen`'s port + 1 (3479).
     #[serde(deserialize_with = "one_or_more")]
     pub discovery_listen: Vec<SocketAddr>,
+    /// NAT discovery without flags: bind the default discovery socket (see
+    /// `discovery_listen`; a default port already taken is a warning, not an error)
+    /// and name the discovery endpoints in every Register answer, so agents classify
+    /// their NAT (and predict ports, punch birthday-style) by default. On by
+    /// default; false binds no default socket and names nothing.
+    pub discovery: bool,
+    /// The second address named to peers for the address-dependence test, where
+    /// the service port and the wildcard discovery sockets also answer (so only
+    /// with a wildcard `listen`): "auto" (the default) picks another address of
+    /// this host of the request's family and scope (public or private), none when
+    /// the host has one address or the peer came through a NAT into another scope;
+    /// "none" names none; or an IP address of this host.
+    pub discovery_second_address: String,
     /// Answer CHANGE-REQUEST from requests without valid peer credentials too. Off by
     /// default: an answer from another endpoint is a reflection and amplification
     /// tool, so only authenticated peers get one.
@@ -556,6 +570,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
             discovery_listen: Vec::new(),
+            discovery: true,
+            discovery_second_address: "auto".into(),
             discovery_unauthenticated: false,
             tcp_forge_synack: false,
             threads: 1,
@@ -571,7 +587,45 @@ const MAX_AUTO_THREADS: usize = 4;
 /// Most driver loops `server.threads` may ask for.
 pub const MAX_THREADS: usize = 64;
 
+/// Which second address Register answers name (`server.discovery_second_address`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondAddress {
+    /// Another address of this host, of the request's family and scope.
+    Auto,
+    /// None.
+    Off,
+    /// This one.
+    Fixed(std::net::IpAddr),
+}
+
 impl ServerConfig {
+    /// The discovery sockets to bind, and whether the operator configured them
+    /// (a default one that cannot be bound is only a warning).
+    pub fn discovery_sockets(&self) -> (Vec<SocketAddr>, bool) {
+        if !self.discovery_listen.is_empty() {
+            return (self.discovery_listen.clone(), true);
+        }
+        match self.listen.port().checked_add(1) {
+            Some(port) if self.discovery && self.listen.port() != 0 => {
+                (vec![SocketAddr::new(self.listen.ip(), port)], false)
+            }
+            _ => (Vec::new(), false),
+        }
+    }
+
+    /// `discovery_second_address` read.
+    pub fn second_address(&self) -> Result<SecondAddress, ConfigError> {
+        match self.discovery_second_address.trim() {
+            "auto" => Ok(SecondAddress::Auto),
+            "none" | "" => Ok(SecondAddress::Off),
+            ip => ip.parse().map(SecondAddress::Fixed).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "server.discovery_second_address must be \"auto\", \"none\" or an IP address, not {ip:?}"
+                ))
+            }),
+        }
+    }
+
     /// Driver loops to run: `threads`, or with 0 one per CPU, at most 4.
     pub fn effective_threads(&self) -> usize {
         match self.threads {
@@ -685,6 +739,7 @@ impl Config {
                 ));
             }
         }
+        self.server.second_address()?;
         self.auth.validate()?;
         if let Some(alternate) = self.server.alternate
             && (alternate.port() == 0 || alternate.ip().is_unspecified())
@@ -822,6 +877,51 @@ mod tests {
             let err = Config::from_toml(bad, "t").expect_err(bad);
             assert!(err.to_string().contains("relay."), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn discovery_is_on_by_default_at_the_next_port_and_can_be_turned_off() {
+        let default = Config::default();
+        assert_eq!(
+            default.server.discovery_sockets(),
+            (
+                vec!["0.0.0.0:3479".parse::<SocketAddr>().expect("addr")],
+                false
+            )
+        );
+        assert_eq!(
+            default.server.second_address().ok(),
+            Some(SecondAddress::Auto)
+        );
+        let off = Config::from_toml(
+            "[server]\ndiscovery = false\ndiscovery_second_address = \"none\"\n",
+            "t",
+        )
+        .expect("off");
+        assert_eq!(off.server.discovery_sockets(), (Vec::new(), false));
+        assert_eq!(off.server.second_address().ok(), Some(SecondAddress::Off));
+        // Configured sockets win, and are the operator's (a failure to bind is fatal).
+        let set = Config::from_toml("[server]\ndiscovery_listen = \"192.0.2.10:4000\"\n", "t")
+            .expect("set");
+        assert_eq!(
+            set.server.discovery_sockets(),
+            (
+                vec!["192.0.2.10:4000".parse::<SocketAddr>().expect("addr")],
+                true
+            )
+        );
+        let fixed = Config::from_toml("[server]\ndiscovery_second_address = \"192.0.2.11\"\n", "t")
+            .expect("fixed");
+        assert_eq!(
+            fixed.server.second_address().ok(),
+            Some(SecondAddress::Fixed("192.0.2.11".parse().expect("ip")))
+        );
+        let err = Config::from_toml("[server]\ndiscovery_second_address = \"yes\"\n", "t")
+            .expect_err("not an address");
+        assert!(
+            err.to_string().contains("server.discovery_second_address"),
+            "{err}"
+        );
     }
 
     #[test]

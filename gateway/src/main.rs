@@ -200,9 +200,14 @@ struct PeerArgs {
     /// Another endpoint of the gateway that answers Binding (its discovery port, its
     /// second address; repeatable): used to classify this host's NAT mapping; prints
     /// `nat mapping M filtering F port_preserved B` (filtering with
-    /// --discover-filtering, else unknown).
-    #[arg(long = "discover", value_name = "ADDR")]
+    /// --discover-filtering, else unknown). Without it, the endpoints the gateway
+    /// names in its Register answer are used (a gateway names them by default).
+    #[arg(long = "discover", value_name = "ADDR", conflicts_with = "no_discover")]
     discover: Vec<SocketAddr>,
+    /// Do not classify this host's NAT with the endpoints the gateway names: no
+    /// discovery Bindings, no port prediction (the class stays unknown).
+    #[arg(long)]
+    no_discover: bool,
     /// Also measure the NAT's filtering (signed RFC 5780 CHANGE-REQUEST tests to the
     /// --server port, before the mapping tests; needs --discover). Give the gateway
     /// discovery sockets that are not among the --discover endpoints: a router that
@@ -349,6 +354,11 @@ struct ServeArgs {
     /// second.
     #[arg(long = "discovery-listen", value_name = "ADDR")]
     discovery_listen: Vec<SocketAddr>,
+    /// No default discovery socket (--listen's port + 1) and no discovery endpoints
+    /// named in Register answers (server.discovery = false): agents then classify
+    /// their NAT only with --discover.
+    #[arg(long)]
+    no_discovery: bool,
     /// Answer CHANGE-REQUEST without peer credentials too. AMPLIFIES: anyone can then
     /// make the gateway send from another endpoint to a spoofed address (answers
     /// share the 1000/s budget of unauthenticated errors). Off by default: requests
@@ -507,6 +517,7 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.host_candidates = args.host_candidates;
     agent.probe_budget = args.probe_budget;
     agent.discovery = args.discover;
+    agent.discover = !args.no_discover;
     agent.filtering = args.discover_filtering;
     agent.prediction_window = args.prediction_window;
     agent.open_ttl = args.open_ttl;
@@ -655,6 +666,9 @@ fn apply_flags(args: &ServeArgs, log_format: Option<LogFormat>, config: &mut Con
     if let Some(listen) = args.metrics_listen {
         config.metrics.listen = listen;
     }
+    if args.no_discovery {
+        config.server.discovery = false;
+    }
     if !args.discovery_listen.is_empty() {
         config.server.discovery_listen = args.discovery_listen.clone();
     }
@@ -756,6 +770,47 @@ fn serve(args: ServeArgs, log_format: Option<LogFormat>, pinned: Option<String>)
     runtime.block_on(serve_async(config, reload))
 }
 
+/// What Register answers name for NAT discovery: the bound discovery sockets, and
+/// (with a wildcard service address) the second address `server.discovery_second_address`
+/// picks among this host's addresses.
+fn discovery_endpoints(
+    config: &Config,
+    local: SocketAddr,
+    bound: &[SocketAddr],
+) -> Result<gateway::proto::rendezvous::DiscoveryEndpoints> {
+    use gateway::config::SecondAddress;
+    let wildcard = local.ip().is_unspecified();
+    let other_addresses = match config.server.second_address()? {
+        SecondAddress::Off => Vec::new(),
+        SecondAddress::Fixed(ip) => vec![ip],
+        SecondAddress::Auto if wildcard => gateway::turn::host_addresses()
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| {
+                // Reachable by peers: not loopback, link-local, multicast or
+                // unspecified; of the service socket's family (an IPv6 wildcard is
+                // dual-stack).
+                let link_local = match ip {
+                    std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                    std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+                };
+                !ip.is_loopback()
+                    && !ip.is_multicast()
+                    && !ip.is_unspecified()
+                    && !link_local
+                    && (local.is_ipv6() || ip.is_ipv4())
+            })
+            .collect(),
+        SecondAddress::Auto => Vec::new(),
+    };
+    Ok(gateway::proto::rendezvous::DiscoveryEndpoints {
+        service_port: local.port(),
+        service_wildcard: wildcard,
+        sockets: bound.to_vec(),
+        other_addresses,
+    })
+}
+
 /// Where a reload reads the configuration from, and how it applies the flags.
 struct ReloadSource {
     path: Option<PathBuf>,
@@ -775,9 +830,22 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening");
     let mut discovery_sockets = Vec::new();
-    for &addr in &config.server.discovery_listen {
-        discovery_sockets.push(udp::bind(addr)?);
-        tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
+    let mut discovery_bound = Vec::new();
+    let (discovery_addrs, configured) = config.server.discovery_sockets();
+    for addr in discovery_addrs {
+        match udp::bind(addr) {
+            Ok(socket) => {
+                discovery_sockets.push(socket);
+                discovery_bound.push(addr);
+                tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
+            }
+            // The default socket is a convenience: a port already taken costs the
+            // agents their default classification, not the gateway its start.
+            Err(e) if !configured => tracing::warn!(
+                "default discovery socket unavailable ({e}); agents classify their NAT only with --discover (set server.discovery_listen, or server.discovery = false)"
+            ),
+            Err(e) => return Err(e.into()),
+        }
     }
 
     // Bind now so a taken port stops start-up; serve only once everything else is
@@ -790,7 +858,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
 
     let probe = if config.ebpf.enabled {
         let mut ports = vec![local.port()];
-        ports.extend(config.server.discovery_listen.iter().map(SocketAddr::port));
+        ports.extend(discovery_bound.iter().map(SocketAddr::port));
         let interfaces = if config.ebpf.interfaces.is_empty() {
             gateway::ebpf::interfaces_up()
         } else {
@@ -869,9 +937,18 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
             let mut server =
                 RendezvousServer::new(secret.clone(), rendezvous_config, rand::random());
             server.set_alternates(
-                Alternates::new(local, config.server.discovery_listen.clone()),
+                Alternates::new(local, discovery_bound.clone()),
                 config.server.discovery_unauthenticated,
             );
+            if config.server.discovery {
+                let endpoints = discovery_endpoints(&config, local, &discovery_bound)?;
+                tracing::info!(
+                    sockets = ?endpoints.sockets,
+                    second_addresses = ?endpoints.other_addresses,
+                    "Register answers name the discovery endpoints"
+                );
+                server.set_discovery_endpoints(endpoints);
+            }
             server.set_tcp_forge(config.server.tcp_forge_synack);
             if config.server.tcp_forge_synack {
                 tracing::warn!(

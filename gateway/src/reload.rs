@@ -73,9 +73,11 @@ impl ReloadOutcome {
 }
 
 /// The settings that only take effect at start (each named as in the file).
-pub const RESTART_KEYS: [&str; 28] = [
+pub const RESTART_KEYS: [&str; 30] = [
     "server.listen",
     "server.discovery_listen",
+    "server.discovery",
+    "server.discovery_second_address",
     "server.discovery_unauthenticated",
     "server.tcp_forge_synack",
     "server.threads",
@@ -112,6 +114,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let changed = [
         o.server.listen != n.server.listen,
         o.server.discovery_listen != n.server.discovery_listen,
+        o.server.discovery != n.server.discovery,
+        o.server.discovery_second_address != n.server.discovery_second_address,
         o.server.discovery_unauthenticated != n.server.discovery_unauthenticated,
         o.server.tcp_forge_synack != n.server.tcp_forge_synack,
         o.server.threads != n.server.threads,

@@ -1290,7 +1290,7 @@ pub fn peer_policy(
     // range covers its addresses (client-to-client relaying on one host).
     policy.protect_ports(
         std::iter::once(listen.port())
-            .chain(config.server.discovery_listen.iter().map(|a| a.port()))
+            .chain(config.server.discovery_sockets().0.iter().map(|a| a.port()))
             .chain(
                 config
                     .metrics

@@ -538,6 +538,28 @@ impl PeerProcess {
     pub fn seen(&self) -> &[String] {
         &self.seen
     }
+
+    /// Waits up to `timeout` for the agent to exit (collecting the lines it printed)
+    /// and returns its exit status; `None` while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Ok(line) = self.lines.try_recv() {
+                self.seen.push(line);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The reader thread ends with the pipe: take its last lines.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for PeerProcess {

@@ -112,6 +112,30 @@ pub fn start_with_gateway(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
+    start_as(topology, true, gateway_args, alice_args, bob_args)
+}
+
+/// [`start`] as the README's "Running the gateway yourself" runs it: no
+/// `--discovery-listen` on the gateway, no `--discover` on the agents (they use the
+/// endpoints the gateway names in its Register answer).
+pub fn start_without_discovery_flags(
+    topology: Topology,
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    start_as(topology, false, &[], alice_args, bob_args)
+}
+
+/// Builds the lab and starts everything; `discovery_flags`: the gateway gets
+/// `--discovery-listen` and the agents [`DISCOVER`].
+fn start_as(
+    topology: Topology,
+    discovery_flags: bool,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    let discover: &[&str] = if discovery_flags { DISCOVER } else { &[] };
     let lab = match &topology {
         Topology::TwoSites(a, b) => Lab::builder()
             .site("a", a.clone())
@@ -119,10 +143,10 @@ pub fn start_with_gateway(
             .build()?,
         Topology::SameSite(p) => Lab::builder().site_with_hosts("a", p.clone(), 2).build()?,
     };
-    let (gateway, secret_path) = start_gateway(&lab, gateway_args)?;
+    let (gateway, secret_path) = start_gateway_with(lab.server(), discovery_flags, gateway_args)?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
     let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
-    let mut args = DISCOVER.to_vec();
+    let mut args = discover.to_vec();
     args.extend_from_slice(bob_args);
     let mut bob = PeerProcess::start(
         &host_b,
@@ -133,7 +157,7 @@ pub fn start_with_gateway(
     )?;
     bob.wait_for("nat mapping", Duration::from_secs(5));
     let mut args = vec!["--connect", "bob"];
-    args.extend_from_slice(DISCOVER);
+    args.extend_from_slice(discover);
     args.extend_from_slice(alice_args);
     let alice = PeerProcess::start(
         &host_a,
@@ -167,6 +191,17 @@ pub fn start_gateway_on(
     host: &Host,
     gateway_args: &[&str],
 ) -> Result<(GatewayProcess, PathBuf), DaemonError> {
+    start_gateway_with(host, true, gateway_args)
+}
+
+/// [`start_gateway_on`], with `--discovery-listen 0.0.0.0:3479` only when
+/// `discovery_listen` (without it, serve binds its default discovery socket, the
+/// same port).
+fn start_gateway_with(
+    host: &Host,
+    discovery_listen: bool,
+    gateway_args: &[&str],
+) -> Result<(GatewayProcess, PathBuf), DaemonError> {
     let secret_path = std::env::temp_dir().join(format!(
         "gw-punch-{}-{}",
         std::process::id(),
@@ -177,11 +212,11 @@ pub fn start_gateway_on(
         source,
     })?;
     let secret_arg = secret_path.to_string_lossy().into_owned();
-    let mut serve_args = vec![
-        "--listen",
-        "0.0.0.0:3478",
-        "--discovery-listen",
-        "0.0.0.0:3479",
+    let mut serve_args = vec!["--listen", "0.0.0.0:3478"];
+    if discovery_listen {
+        serve_args.extend_from_slice(&["--discovery-listen", "0.0.0.0:3479"]);
+    }
+    serve_args.extend_from_slice(&[
         "--no-ebpf",
         "--secret-file",
         &secret_arg,
@@ -193,7 +228,7 @@ pub fn start_gateway_on(
         "203.0.113.0/24",
         "--allow-peer",
         "192.0.2.0/24",
-    ];
+    ]);
     serve_args.extend_from_slice(gateway_args);
     let gateway = GatewayProcess::start(host, SocketAddr::from((host.addr(), 9478)), &serve_args)?;
     Ok((gateway, secret_path))

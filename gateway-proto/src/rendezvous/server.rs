@@ -45,7 +45,7 @@ mod cluster;
 mod discovery;
 mod forward;
 
-pub use discovery::{discovery_index, discovery_socket};
+pub use discovery::{DiscoveryEndpoints, discovery_index, discovery_socket};
 
 /// Whom a registered peer may be introduced to (`auth.connect`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -460,6 +460,8 @@ pub struct RendezvousServer {
     alternates: binding::Alternates,
     /// Serve CHANGE-REQUEST without credentials (amplifies; off by default).
     change_unauthenticated: bool,
+    /// The Binding endpoints told to peers in Register answers (none by default).
+    discovery_endpoints: DiscoveryEndpoints,
     /// Forge SYN-ACKs for server-assisted TCP splicing (off by default).
     tcp_forge: bool,
     /// This node's part in a cluster ([`Self::enable_cluster`]; none by default).
@@ -541,6 +543,7 @@ impl RendezvousServer {
             epoch: None,
             alternates: binding::Alternates::default(),
             change_unauthenticated: false,
+            discovery_endpoints: DiscoveryEndpoints::default(),
             tcp_forge: false,
             cluster: None,
             relay_endpoints: None,
@@ -595,6 +598,13 @@ impl RendezvousServer {
     pub fn set_alternates(&mut self, alternates: binding::Alternates, unauthenticated: bool) {
         self.alternates = alternates;
         self.change_unauthenticated = unauthenticated;
+    }
+
+    /// The Binding endpoints every Register answer tells the peer about
+    /// (DISCOVERY-ENDPOINT), so agents classify their NAT by default; empty (the
+    /// default) tells nothing, and agents then behave as with an older gateway.
+    pub fn set_discovery_endpoints(&mut self, endpoints: DiscoveryEndpoints) {
+        self.discovery_endpoints = endpoints;
     }
 
     /// Enables server-assisted TCP splicing (technique 4): for a TCP-Seq with
@@ -936,7 +946,12 @@ impl RendezvousServer {
         let lifetime = u32::try_from(self.config.lifetime.as_secs()).unwrap_or(u32::MAX);
         writer
             .xor_mapped_address(from)
-            .attribute(attr::LIFETIME, &lifetime.to_be_bytes())
+            .attribute(attr::LIFETIME, &lifetime.to_be_bytes());
+        for endpoint in self.discovery_endpoints.for_request(local, from) {
+            let (value, len) = crate::binding::address_value(endpoint);
+            writer.attribute(attr::DISCOVERY_ENDPOINT, &value[..len]);
+        }
+        writer
             .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
             .message_integrity_sha256(auth.password.as_bytes());
         writer.finish_with_fingerprint();

@@ -53,7 +53,16 @@ pub mod attr {
     /// In TCP-Seq: "do not forward my sequence number; forge the SYN-ACKs into both
     /// NATs once both sides' are in" (TCP technique 4, server-assisted; u8, 1).
     pub const TCP_FORGE: u16 = 0x400C;
+    /// In a Register answer: another endpoint of this gateway that answers STUN
+    /// Binding (MAPPED-ADDRESS format, once per endpoint), for the peer to classify
+    /// its NAT without being told (`gateway peer` without `--discover`).
+    /// Comprehension-optional (0xC000..): older peers ignore it.
+    pub const DISCOVERY_ENDPOINT: u16 = 0xC0D1;
 }
+
+/// The most DISCOVERY-ENDPOINT attributes one Register answer carries (and a peer
+/// reads).
+pub const MAX_DISCOVERY_ENDPOINTS: usize = 6;
 
 /// Error code of a TCP-Seq that asks for forged SYN-ACKs (technique 4) from a
 /// gateway that does not forge (`server.tcp_forge_synack` is off, the default).
