@@ -41,12 +41,17 @@ pub fn free_udp() -> SocketAddr {
         .expect("a free UDP port")
 }
 
-/// A port free a moment ago on 127.0.0.1 for both UDP and TCP (the service port:
-/// the gateway serves TCP on its UDP port's number too).
+/// A port free a moment ago on 127.0.0.1 for both UDP and TCP, with the next UDP
+/// port free too (the service port: the gateway serves TCP on its UDP port's number
+/// and binds its default discovery socket one above).
 pub fn free_udp_and_tcp() -> SocketAddr {
     loop {
         let udp = free_udp();
-        if std::net::TcpListener::bind(udp).is_ok() {
+        let next = SocketAddr::new(udp.ip(), udp.port().wrapping_add(1));
+        if udp.port() < u16::MAX
+            && std::net::TcpListener::bind(udp).is_ok()
+            && UdpSocket::bind(next).is_ok()
+        {
             return udp;
         }
     }
