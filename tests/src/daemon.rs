@@ -83,6 +83,8 @@ pub struct Launch {
 /// killed on drop.
 #[derive(Debug)]
 pub struct GatewayProcess {
+    /// `gateway serve` (ready once /readyz no longer says "starting").
+    serve: bool,
     child: Option<Child>,
     /// The lab host it runs in; `None`: this test's own namespace.
     host: Option<Host>,
@@ -92,7 +94,8 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     /// Starts `gateway serve` in `host`'s namespace with `args` added, serving metrics
-    /// on `metrics_addr`, logging to a temporary file, and waits until /metrics answers.
+    /// on `metrics_addr`, logging to a temporary file, and waits until every listener
+    /// is bound (/readyz no longer says "starting").
     pub fn start(
         host: &Host,
         metrics_addr: SocketAddr,
@@ -201,6 +204,7 @@ impl GatewayProcess {
             .stderr(log_file);
         let child = command.spawn().map_err(io("spawning the gateway"))?;
         let mut process = Self {
+            serve: subcommand == "serve",
             child: Some(child),
             host: host.cloned(),
             metrics_addr,
@@ -221,12 +225,21 @@ impl GatewayProcess {
                     self.log_text()
                 )));
             }
-            if self.scrape().is_ok() {
+            // `serve` answers /metrics before every listener is bound; /readyz says
+            // "starting" until then (and may say other things later, e.g. a cluster
+            // without Redis, which a test may want). Other subcommands have /metrics.
+            let up = if self.serve {
+                matches!(self.fetch("/readyz"), Ok((status, body))
+                    if status == 200 || !body.contains("starting"))
+            } else {
+                self.scrape().is_ok()
+            };
+            if up {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(DaemonError::NotReady(format!(
-                    "no /metrics after {timeout:?}; log:\n{}",
+                    "not started after {timeout:?}; log:\n{}",
                     self.log_text()
                 )));
             }
