@@ -74,6 +74,13 @@ impl TurnAllocation {
             .is_none_or(|at| now.saturating_duration_since(at) >= RELAY_RETRY_AFTER)
     }
 
+    /// Releases the allocation (if any) at exit.
+    pub(super) fn close(&mut self, now: Instant) {
+        if let Some(turn) = self.client.as_mut() {
+            turn.close(now);
+        }
+    }
+
     /// Our relayed address, once allocated.
     pub(super) fn relayed_address(&self) -> Option<SocketAddr> {
         self.client.as_ref().and_then(TurnClient::relayed_address)
