@@ -350,8 +350,13 @@ async fn drive(
                 let now = Instant::now();
                 match news {
                     UpnpNews::Mapped(Ok(mapping)) => {
+                        let held = agent.port_mapping();
                         if agent.handle_upnp_mapping(now, Ok(mapping.mapping)) && closing.is_none() {
                             upnp.held = Some(mapping);
+                        } else if held.is_some_and(|h| h.external == mapping.mapping.external) {
+                            // The router gave UPnP the very entry PCP or NAT-PMP holds
+                            // (miniupnpd does): deleting it would delete that one.
+                            tracing::debug!(external = %mapping.mapping.external, "UPnP renewed the held mapping");
                         } else {
                             // PCP or NAT-PMP won (or we are exiting): the router keeps one.
                             upnp.delete(mapping);
@@ -746,6 +751,10 @@ async fn port_mapping_target(
     if !server.is_ipv4() {
         return Err("IPv6 gateway (no NAT to map)");
     }
+    if server.ip().is_loopback() || bind.ip().is_loopback() {
+        // No NAT between: and nothing goes to the host's real router.
+        return Err("loopback gateway (no NAT to map)");
+    }
     // A procfs read: in memory, never blocks for long.
     let routes =
         std::fs::read_to_string("/proc/net/route").map_err(|_| "cannot read /proc/net/route")?;
@@ -966,6 +975,12 @@ pub async fn run(
             () = &mut shutdown => {
                 // Delete the port mapping and the TURN allocation before exiting.
                 client.close(CLOSE_WAIT + Duration::from_millis(500)).await;
+                // What the agent said while closing (the mapping deleted).
+                while let Ok(event) = client.events.try_recv() {
+                    if let Some(line) = lines.line(&event) {
+                        status(format_args!("{line}"));
+                    }
+                }
                 return Ok(());
             }
             Some(first) = socket_ports.recv() => {

@@ -469,6 +469,9 @@ pub struct Agent {
     portmap: Option<PortMapClient>,
     /// The external endpoint of the mapping held now, announced in Register.
     mapped: Option<SocketAddr>,
+    /// Until when connects wait for the router's first answer (`None`: it came, or
+    /// the wait is over, or no port mapping).
+    portmap_hold: Option<Instant>,
 }
 
 /// First retransmission of an unanswered Register (RFC 8489's RTO default).
@@ -509,6 +512,7 @@ impl Agent {
             registered_once: false,
             portmap: None,
             mapped: None,
+            portmap_hold: None,
         };
         agent.start_port_mapping(now);
         agent
@@ -679,6 +683,7 @@ impl Agent {
         earliest(
             [
                 portmap,
+                self.portmap_hold,
                 Some(self.next_register),
                 self.next_connect(),
                 self.discovery.next_timeout(),
@@ -804,7 +809,7 @@ impl Agent {
         let classified = self.discovery.done && self.class_registered;
         let learning = self.config.discover && !self.registered_once;
         let discovering = (learning || !self.discovery_endpoints().is_empty()) && !classified;
-        discovering || self.servers.awaiting_registration
+        discovering || self.servers.awaiting_registration || self.portmap_hold.is_some()
     }
 
     /// Asks for an introduction to every wanted peer that is due: no path is up, or

@@ -14,8 +14,13 @@ use std::{
 
 use rand::Rng;
 
-use super::{Agent, AgentEvent};
+use super::{Agent, AgentEvent, session::SessionState};
 use crate::portmap::{Mapping, PortMapClient, PortMapConfig, PortMapEvent, ProtocolOutcome};
+
+/// How long connects wait at start for the router's first answer, so the first
+/// introduction already carries the mapped candidate (a router that maps answers
+/// within milliseconds; one that does not costs this once).
+pub const PORT_MAPPING_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Where to ask for the mapping, found by the driver (the sans-IO agent knows no
 /// routes): the default router, and this host's address toward it.
@@ -43,6 +48,7 @@ impl Agent {
             nonce,
             self.config.upnp,
         ));
+        self.portmap_hold = Some(now + PORT_MAPPING_HOLD);
         self.drain_port_mapping(now);
     }
 
@@ -66,6 +72,9 @@ impl Agent {
 
     /// The client's timers (retransmissions, refreshes, give-ups).
     pub(super) fn port_mapping_timeout(&mut self, now: Instant) {
+        if self.portmap_hold.is_some_and(|at| at <= now) {
+            self.portmap_hold = None;
+        }
         let Some(client) = &mut self.portmap else {
             return;
         };
@@ -136,10 +145,29 @@ impl Agent {
                 PortMapEvent::Lost { .. } | PortMapEvent::Closed => None,
                 PortMapEvent::Unavailable(_) => self.mapped,
             };
+            if matches!(
+                event,
+                PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_)
+            ) {
+                self.portmap_hold = None;
+            }
             if mapped != self.mapped {
+                let new = mapped.is_some();
                 self.mapped = mapped;
                 if !self.stopped && !matches!(event, PortMapEvent::Closed) {
                     self.next_register = now;
+                }
+                if new {
+                    // A relayed path may go direct through the new mapping: try
+                    // the upgrade now rather than at the next upgrade interval.
+                    for session in self.sessions.values_mut() {
+                        if session.state == SessionState::Up && session.path_relayed {
+                            session.upgrade_at = now;
+                            if let Some(at) = self.wanted.get_mut(&session.peer_id) {
+                                *at = now;
+                            }
+                        }
+                    }
                 }
             }
             self.events.push_back(AgentEvent::PortMapping(event));
@@ -202,6 +230,9 @@ mod tests {
             .filter(|(to, _)| *to == SERVER.parse().expect("addr"))
             .filter_map(|(_, payload)| {
                 let message = Message::parse(payload).ok()?;
+                if message.message_type().method != crate::rendezvous::wire::method::REGISTER {
+                    return None;
+                }
                 let tid = message.transaction_id();
                 Some(
                     message
@@ -326,6 +357,51 @@ mod tests {
                 .all(|(_, m)| m == &vec![external])
         );
         assert_eq!(agent.port_mapping(), None);
+    }
+
+    /// How many Connects are among `sent`.
+    fn connects(sent: &[(SocketAddr, Vec<u8>)]) -> usize {
+        sent.iter()
+            .filter_map(|(_, p)| Message::parse(p).ok())
+            .filter(|m| m.message_type().method == crate::rendezvous::wire::method::CONNECT)
+            .count()
+    }
+
+    #[test]
+    fn connects_wait_for_the_routers_first_answer_at_most_a_second() {
+        let t0 = Instant::now();
+        // A router that answers: the Connect follows the Register with the mapping.
+        let mut agent = agent(t0, true);
+        agent.connect("bob", t0);
+        let external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        let first = step(&mut agent, t0);
+        assert_eq!(connects(&first), 0, "held");
+        agent.handle_datagram(t0, router(), &pcp_announce_answer());
+        let map = to_router(&step(&mut agent, t0));
+        let t1 = t0 + Duration::from_millis(30);
+        assert_eq!(connects(&step(&mut agent, t1)), 0, "still held");
+        agent.handle_datagram(t1, router(), &pcp_grant(&map[0], external, 60));
+        let sent = step(&mut agent, t1);
+        assert_eq!(registered_mapped(&sent), [vec![external]]);
+        assert_eq!(connects(&sent), 1, "released by the grant");
+        let register = sent.iter().position(|(to, _)| to.port() == 3478);
+        let connect = sent.iter().rposition(|(to, _)| to.port() == 3478);
+        assert!(
+            register < connect,
+            "the Register with the mapping goes first"
+        );
+
+        // A silent router: the Connect goes after a second, not after its retries.
+        let mut silent = self::tests::agent(t0, true);
+        silent.connect("bob", t0);
+        let mut first_connect = None;
+        for ms in (0..5_000).step_by(10) {
+            let sent = step(&mut silent, t0 + Duration::from_millis(ms));
+            if connects(&sent) > 0 && first_connect.is_none() {
+                first_connect = Some(ms);
+            }
+        }
+        assert_eq!(first_connect, Some(1_000));
     }
 
     #[test]
