@@ -450,6 +450,8 @@ impl MappedPair {
             .bob
             .wait_for("path-up", Duration::from_secs(3))
             .unwrap_or_else(|| panic!("bob: {:?}", self.bob.seen()));
+        // For docs/nat-matrix.md (`-- --nocapture`).
+        eprintln!("alice: {alice}\nbob:   {bob}");
         (alice, bob)
     }
 }
