@@ -410,15 +410,29 @@ async fn drive(
                 Some(Command::TcpSeq { intro_id, isn, to, forge }) => {
                     agent.send_tcp_seq(Instant::now(), intro_id, isn, Some(to), forge);
                 }
-                Some(Command::Close { reply }) => {
-                    let now = Instant::now();
-                    agent.shut_down(now);
-                    if let Some(mapping) = upnp.held.take() {
-                        upnp.delete(mapping);
+                Some(Command::Close { reply }) => match &mut closing {
+                    // Already closing (the agent stopped): answer this caller instead.
+                    Some((waiting, _)) => *waiting = reply,
+                    None => {
+                        let now = Instant::now();
+                        agent.shut_down(now);
+                        if let Some(mapping) = upnp.held.take() {
+                            upnp.delete(mapping);
+                        }
+                        closing = Some((reply, now + CLOSE_WAIT));
                     }
-                    closing = Some((reply, now + CLOSE_WAIT));
-                }
+                },
             },
+        }
+        if agent.stopped() && closing.is_none() {
+            // Wrong credentials: the agent ends, but first deletes what it holds (the
+            // port mapping would stay for two hours).
+            let now = Instant::now();
+            agent.shut_down(now);
+            if let Some(mapping) = upnp.held.take() {
+                upnp.delete(mapping);
+            }
+            closing = Some((oneshot::channel().0, now + CLOSE_WAIT));
         }
         // The agent sends UDP only, from the socket's own address: `transport` and
         // `from_local` keep their defaults.
@@ -489,8 +503,8 @@ async fn drive(
             return;
         }
         if stopped && closing.is_none() {
-            // Wrong credentials: nothing more to do. Callers waiting for a path see
-            // the agent stop; the events (the refusal) were handed over above.
+            // (Not reached: a stopped agent is closing, above.) Callers waiting for a
+            // path see the agent stop; the events (the refusal) were handed over.
             return;
         }
     }
@@ -1070,6 +1084,13 @@ pub async fn run(
                     m.port_mapping(e);
                 }
                 if let AgentEvent::Refused { method, code, reason, next: NextStep::Stop } = &event {
+                    // The agent deletes its port mapping before it ends: wait for that.
+                    client.close(CLOSE_WAIT + Duration::from_millis(500)).await;
+                    while let Ok(event) = client.events.try_recv() {
+                        if let Some(line) = lines.line(&event) {
+                            status(format_args!("{line}"));
+                        }
+                    }
                     return Err(PeerError::Refused(format!(
                         "the gateway refused {} with {code}: {reason}",
                         crate::proto::agent::method_name(*method)

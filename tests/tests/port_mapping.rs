@@ -567,3 +567,46 @@ fn one_mapped_side_is_enough_for_a_random_port_pair() {
         .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
     assert!(bob_mapping.contains("pcp no answer"), "{bob_mapping}");
 }
+
+#[test]
+fn an_agent_refused_for_good_deletes_its_mapping_before_it_exits() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let site = lab.site("a").expect("site a");
+    let _daemon = site
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    // Credentials of another secret: the gateway refuses them for good.
+    let wrong = gateway::proto::credentials::SharedSecret::new(b"another secret")
+        .issue("alice", 4_000_000_000)
+        .expect("credentials");
+    let host = site.host(0).expect("host").clone();
+    let mut alice = PeerProcess::start(
+        &host,
+        punch::SERVICE,
+        &wrong.username,
+        &wrong.password,
+        &["--no-discover"],
+    )
+    .expect("alice");
+    let status = alice
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running: {:?}", alice.seen()));
+    assert!(!status.success(), "{status:?}");
+    let seen = alice.seen();
+    let mapped = seen
+        .iter()
+        .position(|l| l.starts_with("port-mapping protocol "));
+    let deleted = seen.iter().position(|l| l == "port-mapping deleted");
+    assert!(
+        mapped.is_some() && deleted.is_some() && mapped < deleted,
+        "{seen:?}"
+    );
+    std::fs::remove_file(secret).ok();
+}
