@@ -610,3 +610,51 @@ fn an_agent_refused_for_good_deletes_its_mapping_before_it_exits() {
     );
     std::fs::remove_file(secret).ok();
 }
+
+#[test]
+fn no_port_mapping_asks_nothing_even_of_a_router_that_maps() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let site = lab.site("a").expect("site a");
+    let _daemon = site
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    let creds = punch::credentials("alice");
+    let host = site.host(0).expect("host").clone();
+    let mut alice = PeerProcess::start(
+        &host,
+        punch::SERVICE,
+        &creds.username,
+        &creds.password,
+        &["--no-discover", "--no-port-mapping"],
+    )
+    .expect("alice");
+    assert!(
+        alice
+            .wait_for("registered", Duration::from_secs(5))
+            .is_some(),
+        "{:?}",
+        alice.seen()
+    );
+    // The router would grant within milliseconds (the tests above): nothing comes.
+    assert!(
+        alice
+            .wait_for("port-mapping protocol", Duration::from_millis(1500))
+            .is_none()
+    );
+    assert!(
+        alice
+            .seen()
+            .iter()
+            .any(|l| l == "port-mapping none: turned off (--no-port-mapping)"),
+        "{:?}",
+        alice.seen()
+    );
+    std::fs::remove_file(secret).ok();
+}
