@@ -245,6 +245,14 @@ struct PeerArgs {
     /// Birthday probes per second at most.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     birthday_rate: u32,
+    /// Do not ask the default router for a port mapping. By default the agent asks
+    /// it, at start and in parallel, for a UDP mapping of its socket's port by PCP,
+    /// NAT-PMP and UPnP-IGD, announces the first granted endpoint as a candidate (a
+    /// peer then reaches this one directly even behind a random-port NAT), refreshes
+    /// it, and deletes it on exit. Prints `port-mapping protocol P external ADDR
+    /// lifetime S` or `port-mapping none: WHY`.
+    #[arg(long)]
+    no_port_mapping: bool,
     /// Never fall back to the gateway's TURN relay (by default a peer pair that
     /// cannot punch is relayed, and upgraded to direct when a later attempt works).
     #[arg(long)]
@@ -565,6 +573,7 @@ fn peer(args: PeerArgs) -> Result<()> {
         forward,
         observe,
         tcp,
+        port_mapping: !args.no_port_mapping,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -547,6 +547,20 @@ impl PeerProcess {
         None
     }
 
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the agent (`ip netns exec` execs
+    /// it, so the child's pid is the agent's).
+    pub fn signal(&self, signal: i32) -> Result<(), DaemonError> {
+        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
+        // SAFETY: plain kill(2) on our own child's pid.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(DaemonError::Io {
+                what: format!("sending signal {signal}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Every status line seen so far.
     pub fn seen(&self) -> &[String] {
         &self.seen

@@ -21,12 +21,15 @@
 //! - `report`: outcome reports, TCP reports and TCP-Seq requests to the gateway;
 //! - `refusal`: refusals in words, what the agent does next, and the retry
 //!   schedules (backoff, wrong credentials end the agent);
+//! - `port_mapping`: the mapping of our socket's port asked of the default router
+//!   (PCP, NAT-PMP; UPnP-IGD through the driver), announced as a mapped candidate;
 //! - `failover`: the heartbeat to the current gateway node and the move to the next
 //!   one when it falls silent (only with two or more servers configured);
 //! - `sim` (tests only): the simulated networks every agent test runs on.
 mod birthday;
 mod discovery;
 mod failover;
+mod port_mapping;
 mod refusal;
 mod relay_leg;
 mod report;
@@ -52,10 +55,12 @@ pub use self::{
     birthday::{BirthdayRole, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_SOCKETS, birthday_role},
     discovery::{FilterTest, classify_filtering, classify_mapping, predict_ports},
     failover::ServerChangeReason,
+    port_mapping::PortMapTarget,
     refusal::{NextStep, method_name, reason as refusal_reason},
 };
 use crate::{
     Transmit, earliest,
+    portmap::{PortMapClient, PortMapEvent},
     rendezvous::{
         client::{self, PeerCredentials, Role},
         wire::{CLUSTER_UNAVAILABLE, Candidate, CandidateKind, FilteringClass, NatClass, method},
@@ -155,6 +160,15 @@ pub struct AgentConfig {
     /// TCP punching on: every introduction then also yields
     /// [`AgentEvent::TcpIntroduced`].
     pub tcp_candidates: Vec<SocketAddr>,
+    /// Ask the default router for a UDP mapping of the agent's socket port (PCP and
+    /// NAT-PMP here, UPnP-IGD by the driver when `upnp`) and announce the granted
+    /// endpoint as a [`CandidateKind::Mapped`] candidate. `None` (the default): no
+    /// port-mapping traffic at all.
+    pub port_mapping: Option<PortMapTarget>,
+    /// With `port_mapping`: the driver also tries UPnP-IGD and reports through
+    /// [`Agent::handle_upnp_mapping`] (the client waits for it before saying no
+    /// protocol gave a mapping).
+    pub upnp: bool,
 }
 
 impl AgentConfig {
@@ -188,6 +202,8 @@ impl AgentConfig {
             birthday_rate: 1000,
             birthday_after: Duration::from_millis(500),
             tcp_candidates: Vec::new(),
+            port_mapping: None,
+            upnp: false,
         }
     }
 
@@ -361,6 +377,9 @@ pub enum AgentEvent {
         /// The other side.
         peer_id: String,
     },
+    /// The port-mapping client reported: a mapping granted, refreshed or lost, none
+    /// available (each protocol's outcome), or the mapping deleted at close.
+    PortMapping(PortMapEvent),
     /// Application data from a peer.
     Data {
         /// The sender.
@@ -446,6 +465,13 @@ pub struct Agent {
     /// Whether any Register was answered (until then, with `discover` on, connects
     /// wait: the answer may name discovery endpoints).
     registered_once: bool,
+    /// The port-mapping client (with `AgentConfig::port_mapping`).
+    portmap: Option<PortMapClient>,
+    /// The external endpoint of the mapping held now, announced in Register.
+    mapped: Option<SocketAddr>,
+    /// Until when connects wait for the router's first answer (`None`: it came, or
+    /// the wait is over, or no port mapping).
+    portmap_hold: Option<Instant>,
 }
 
 /// First retransmission of an unanswered Register (RFC 8489's RTO default).
@@ -457,7 +483,7 @@ const MAX_PROBE_TIDS: usize = 16_384;
 impl Agent {
     /// Creates an agent that registers at once.
     pub fn new(config: AgentConfig, now: Instant, seed: u64) -> Self {
-        Self {
+        let mut agent = Self {
             servers: Servers::new(&config, now),
             config,
             rng: StdRng::seed_from_u64(seed),
@@ -484,7 +510,12 @@ impl Agent {
             silence_report_at: None,
             advertised_discovery: Vec::new(),
             registered_once: false,
-        }
+            portmap: None,
+            mapped: None,
+            portmap_hold: None,
+        };
+        agent.start_port_mapping(now);
+        agent
     }
 
     /// The endpoints discovery tests the mapping with: the configured ones, else
@@ -645,11 +676,14 @@ impl Agent {
     /// earliest deadline of the registration, the connect retries and the
     /// sub-machines.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let portmap = self.portmap.as_ref().and_then(PortMapClient::poll_timeout);
         if self.stopped {
-            return None;
+            return portmap;
         }
         earliest(
             [
+                portmap,
+                self.portmap_hold,
                 Some(self.next_register),
                 self.next_connect(),
                 self.discovery.next_timeout(),
@@ -669,7 +703,8 @@ impl Agent {
 
     fn send_register(&mut self, now: Instant) {
         let tid = self.tid();
-        // TCP candidates first: the Register's cap must not drop them.
+        // TCP candidates first: the Register's cap must not drop them; the mapped
+        // one next, so the introduction's cap keeps it before the host candidates.
         let candidates: Vec<Candidate> = self
             .config
             .tcp_candidates
@@ -678,6 +713,10 @@ impl Agent {
                 kind: CandidateKind::TcpServerReflexive,
                 addr,
             })
+            .chain(self.mapped.map(|addr| Candidate {
+                kind: CandidateKind::Mapped,
+                addr,
+            }))
             .chain(self.config.host_candidates.iter().map(|&addr| Candidate {
                 kind: CandidateKind::Host,
                 addr,
@@ -710,6 +749,7 @@ impl Agent {
 
     /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.port_mapping_timeout(now);
         if self.stopped {
             return;
         }
@@ -769,7 +809,7 @@ impl Agent {
         let classified = self.discovery.done && self.class_registered;
         let learning = self.config.discover && !self.registered_once;
         let discovering = (learning || !self.discovery_endpoints().is_empty()) && !classified;
-        discovering || self.servers.awaiting_registration
+        discovering || self.servers.awaiting_registration || self.portmap_hold.is_some()
     }
 
     /// Asks for an introduction to every wanted peer that is due: no path is up, or
@@ -824,6 +864,9 @@ impl Agent {
 
     /// Handles one datagram received on the agent's own socket.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if self.port_mapping_datagram(now, from, datagram) {
+            return;
+        }
         if self.stopped {
             return;
         }

@@ -74,6 +74,13 @@ impl TurnAllocation {
             .is_none_or(|at| now.saturating_duration_since(at) >= RELAY_RETRY_AFTER)
     }
 
+    /// Releases the allocation (if any) at exit.
+    pub(super) fn close(&mut self, now: Instant) {
+        if let Some(turn) = self.client.as_mut() {
+            turn.close(now);
+        }
+    }
+
     /// Our relayed address, once allocated.
     pub(super) fn relayed_address(&self) -> Option<SocketAddr> {
         self.client.as_ref().and_then(TurnClient::relayed_address)
@@ -405,6 +412,27 @@ mod tests {
     use super::*;
     use crate::rendezvous::RendezvousEvent as Event;
     use crate::sim::agents::*;
+
+    #[test]
+    fn shutting_down_releases_the_allocation_at_once() {
+        let mut sim = Sim::new(true);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_secs(7));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PathUp { relayed: true, .. })));
+        assert_eq!(sim.nodes[0].open_relays(), 1, "alice's allocation");
+        // A killed agent's allocation would stay until it expires (10 minutes).
+        let now = sim.now;
+        sim.agents[0].1.shut_down(now);
+        sim.run_for(Duration::from_millis(200));
+        assert_eq!(sim.nodes[0].open_relays(), 0, "released by the exit");
+        // No port mapping configured: the close says so at once.
+        assert!(sim.has(0, |e| matches!(
+            e,
+            AgentEvent::PortMapping(crate::portmap::PortMapEvent::Closed)
+        )));
+    }
 
     #[test]
     fn blocked_pair_falls_back_to_the_relay_then_upgrades_to_direct() {

@@ -418,7 +418,15 @@ impl Agent {
             c.kind == CandidateKind::ServerReflexive
                 && self.discovery.primary.map(|p| p.ip()) == Some(c.addr.ip())
         });
+        // A mapped candidate (ours or theirs) is endpoint-independent: punching can
+        // work through it, so the relay waits for the punch timeout as usual.
+        let mapped = self.mapped.is_some()
+            || intro
+                .candidates
+                .iter()
+                .any(|c| c.kind == CandidateKind::Mapped);
         let hopeless = !same_nat
+            && !mapped
             && self.config.nat == NatClass::AddressAndPortDependent
             && intro.peer_nat == NatClass::AddressAndPortDependent
             && self.discovery.predicted.is_empty()

@@ -94,6 +94,11 @@ pub enum CandidateKind {
     /// The peer's TCP endpoint as the gateway's TCP service port saw it (learnt by
     /// the peer with a STUN Binding over TCP); the target of TCP hole punching.
     TcpServerReflexive = 4,
+    /// The public endpoint the peer's router granted it by port mapping (PCP,
+    /// NAT-PMP or UPnP-IGD): endpoint-independent in mapping and filtering, so it is
+    /// probed like a server-reflexive one even behind a random-port NAT. Parsers
+    /// before it drop an unknown kind, so older peers and gateways ignore it.
+    Mapped = 5,
 }
 
 impl CandidateKind {
@@ -105,6 +110,7 @@ impl CandidateKind {
             2 => Some(Self::Predicted),
             3 => Some(Self::Relayed),
             4 => Some(Self::TcpServerReflexive),
+            5 => Some(Self::Mapped),
             _ => None,
         }
     }
@@ -342,9 +348,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..5) {
+        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..6) {
             let addr = SocketAddr::new(addr.ip(), addr.port());
-            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive][kind as usize];
+            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive, CandidateKind::Mapped][kind as usize];
             let (value, len) = encode_candidate(Candidate { kind, addr }, tid);
             prop_assert_eq!(decode_candidate(&value[..len], tid), Some(Candidate { kind, addr }));
         }

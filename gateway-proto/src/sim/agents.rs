@@ -70,6 +70,11 @@ pub(crate) struct SimNode {
 }
 
 impl SimNode {
+    /// How many relay sockets (one per allocation) this node has open.
+    pub(crate) fn open_relays(&self) -> usize {
+        self.relays.open.len()
+    }
+
     /// Node `index` at 192.0.2.(10 + 10 * index):3478.
     fn new(index: u8, secret: &SharedSecret) -> Self {
         let ip = IpAddr::from([192, 0, 2, 10 + 10 * index]);
