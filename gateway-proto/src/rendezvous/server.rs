@@ -90,6 +90,13 @@ fn budget_key(nonce_key: &[u8; 32], which: u8) -> [u8; 16] {
 /// oldest is forgotten first): bounds the memory they take.
 pub const MAX_REMEMBERED_INTRODUCTIONS: usize = 65_536;
 
+/// How long an introduction is remembered: its outcome reports, TCP-Seq and relay
+/// offers come within seconds (the TCP techniques' windows within half a minute), a
+/// later attempt is a new introduction. So a busy gateway's memory returns to its
+/// baseline once the churn stops (a 30-minute soak saw it grow with every
+/// introduction while they were kept by count alone).
+pub const INTRODUCTION_MEMORY: Duration = Duration::from_secs(120);
+
 /// What became of one datagram: a bounded metrics label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RendezvousHandled {
@@ -438,7 +445,9 @@ pub struct RendezvousServer {
     config: RendezvousConfig,
     peers: HashMap<Box<str>, PeerRecord>,
     intros: HashMap<u64, IntroRecord>,
-    intro_order: VecDeque<u64>,
+    /// Introduction ids, oldest first, with when a sweep first saw each (stamped at
+    /// the next `handle_timeout`, so remembering one needs no clock).
+    intro_order: VecDeque<(u64, Option<Instant>)>,
     rng: StdRng,
     /// Datagrams for the driver ([`RendezvousServer::poll_transmit`]).
     transmits: VecDeque<Transmit>,
@@ -674,6 +683,10 @@ impl RendezvousServer {
         earliest([
             self.next_sweep,
             self.cluster.as_ref().and_then(ClusterState::next_deadline),
+            self.intro_order
+                .front()
+                .and_then(|(_, seen)| *seen)
+                .map(|seen| seen + INTRODUCTION_MEMORY),
         ])
     }
 
@@ -690,8 +703,34 @@ impl RendezvousServer {
                 now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms && peer.expiry_unix > now_unix
             });
             self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
+            shrink_when_sparse(&mut self.peers);
         }
+        self.expire_intros(now);
         self.expire_parked(now);
+    }
+
+    /// Stamps introductions made since the last call with `now` and forgets those
+    /// older than [`INTRODUCTION_MEMORY`].
+    fn expire_intros(&mut self, now: Instant) {
+        for (_, seen) in self.intro_order.iter_mut().rev() {
+            if seen.is_some() {
+                break;
+            }
+            *seen = Some(now);
+        }
+        while let Some(&(id, Some(seen))) = self.intro_order.front() {
+            if now.saturating_duration_since(seen) < INTRODUCTION_MEMORY {
+                break;
+            }
+            self.intro_order.pop_front();
+            self.intros.remove(&id);
+        }
+        shrink_when_sparse(&mut self.intros);
+        if self.intro_order.capacity() > 64
+            && self.intro_order.len() < self.intro_order.capacity() / 4
+        {
+            self.intro_order.shrink_to_fit();
+        }
     }
 
     /// Handles one datagram from `from`, received on local address `local` (when
@@ -1140,12 +1179,12 @@ impl RendezvousServer {
     /// [`MAX_REMEMBERED_INTRODUCTIONS`].
     fn remember_intro(&mut self, id: u64, record: IntroRecord) {
         if self.intro_order.len() >= MAX_REMEMBERED_INTRODUCTIONS
-            && let Some(oldest) = self.intro_order.pop_front()
+            && let Some((oldest, _)) = self.intro_order.pop_front()
         {
             self.intros.remove(&oldest);
         }
         self.intros.insert(id, record);
-        self.intro_order.push_back(id);
+        self.intro_order.push_back((id, None));
     }
 
     /// Accepts each side's first outcome report of an introduction (per technique for
@@ -1222,6 +1261,14 @@ impl RendezvousServer {
     /// The nonce the server would give `from` (what an agent learns on first contact).
     pub(crate) fn issue_nonce(&self, from: SocketAddr, now_unix: u64) -> String {
         self.nonces.issue(from, now_unix)
+    }
+}
+
+/// Gives a map's memory back once churn left it mostly empty (a hash map keeps its
+/// largest capacity otherwise).
+fn shrink_when_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
     }
 }
 

@@ -1032,6 +1032,37 @@ fn outcome_reports_count_once_and_only_from_the_sides() {
 }
 
 #[test]
+fn introductions_are_forgotten_after_their_memory_even_when_idle() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    world.register("bob", b, &[], NatClass::None, 0);
+    let alice = creds("alice");
+    let (handled, _) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    assert_eq!(world.server.intros.len(), 1);
+    // A sweep stamps it; the peers leave; a timer still comes for the introduction.
+    let t0 = world.now;
+    world.server.handle_timeout(t0, NOW_UNIX);
+    world
+        .server
+        .handle_timeout(t0 + Duration::from_secs(61), NOW_UNIX);
+    assert_eq!(world.server.peer_count(), 0);
+    assert_eq!(world.server.intros.len(), 1, "kept for its reports");
+    assert_eq!(
+        world.server.poll_timeout(),
+        Some(t0 + INTRODUCTION_MEMORY),
+        "idle, yet the introduction's end is a timer"
+    );
+    world
+        .server
+        .handle_timeout(t0 + INTRODUCTION_MEMORY, NOW_UNIX);
+    assert!(world.server.intros.is_empty() && world.server.intro_order.is_empty());
+    assert_eq!(world.server.poll_timeout(), None);
+}
+
+#[test]
 fn silent_peers_expire() {
     let mut world = World::new();
     world.register(
