@@ -25,7 +25,9 @@ use anyhow::{Context, Result, bail};
 /// there); libevent-dev, libssl-dev and pkg-config: to build coturn 4.17.1 from
 /// `../shared/vendor` (the relay benchmark's baseline and the relay smoke test's load
 /// generator and reflector); ethtool: the relay benchmark's `--as-on-a-wire` (UDP
-/// segmentation offload off on `lo`).
+/// segmentation offload off on `lo`); iptables: the lab's WAN emulator queues the core
+/// router's forwarded packets with the xtables NFQUEUE target (`iptables-nft`; this
+/// kernel has no native nft `queue`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -44,6 +46,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libssl-dev",
     "pkg-config",
     "ethtool",
+    "iptables",
 ];
 /// Debian's policy hook that tells maintainer scripts not to start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
