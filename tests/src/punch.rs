@@ -8,7 +8,7 @@ use gateway::proto::credentials::{Credentials, SharedSecret};
 
 use crate::{
     daemon::{DaemonError, GatewayProcess, PeerProcess},
-    lab::{Host, Lab, LabError, NatPreset},
+    lab::{Host, Lab, LabError, NatPreset, WanConditions},
 };
 
 /// The lab gateway's shared secret.
@@ -112,12 +112,36 @@ pub fn start_with_gateway(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
+    start_under(
+        topology,
+        WanConditions::default(),
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
+}
+
+/// [`start_with_gateway`] in a lab with WAN conditions (e.g. a
+/// [`crate::lab::WanProfile`]'s): bob's registration and classification may then
+/// take a few round trips longer, so it is waited for up to 10 s.
+pub fn start_under(
+    topology: Topology,
+    wan: WanConditions,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    let delayed = !wan.is_ideal();
     let lab = match &topology {
         Topology::TwoSites(a, b) => Lab::builder()
             .site("a", a.clone())
             .site("b", b.clone())
+            .wan(wan)
             .build()?,
-        Topology::SameSite(p) => Lab::builder().site_with_hosts("a", p.clone(), 2).build()?,
+        Topology::SameSite(p) => Lab::builder()
+            .site_with_hosts("a", p.clone(), 2)
+            .wan(wan)
+            .build()?,
     };
     let (gateway, secret_path) = start_gateway(&lab, gateway_args)?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
@@ -131,7 +155,10 @@ pub fn start_with_gateway(
         &bob_creds.password,
         &args,
     )?;
-    bob.wait_for("nat mapping", Duration::from_secs(5));
+    bob.wait_for(
+        "nat mapping",
+        Duration::from_secs(if delayed { 10 } else { 5 }),
+    );
     let mut args = vec!["--connect", "bob"];
     args.extend_from_slice(DISCOVER);
     args.extend_from_slice(alice_args);

@@ -54,9 +54,14 @@ pub enum LabCommand {
         /// A site as NAME=PRESET (repeatable), e.g. `--site a=full-cone --site b=symmetric`.
         #[arg(long = "site", value_name = "NAME=PRESET", required = true)]
         sites: Vec<String>,
+        /// WAN conditions on the core's links (see `cargo xtask lab profiles`).
+        #[arg(long, default_value = "lan")]
+        profile: String,
     },
     /// List the NAT presets.
     Presets,
+    /// List the WAN profiles (`lab up --profile NAME`).
+    Profiles,
     /// Remove every namespace the lab ever made (also those of running tests).
     Clean,
 }
@@ -108,9 +113,16 @@ pub fn lab(command: LabCommand) -> Result<()> {
             println!("removed {removed} lab namespaces");
             Ok(())
         }
-        LabCommand::Up { sites } => {
+        LabCommand::Profiles => {
+            for profile in lab::WanProfile::ALL {
+                println!("{:18} {}", profile.name(), profile.summary());
+            }
+            Ok(())
+        }
+        LabCommand::Up { sites, profile } => {
             require_lab()?;
-            let mut builder = Lab::builder();
+            let profile: lab::WanProfile = profile.parse()?;
+            let mut builder = Lab::builder().profile(profile);
             for site in &sites {
                 let (name, preset) = site
                     .split_once('=')
