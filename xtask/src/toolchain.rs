@@ -94,11 +94,11 @@ fn bpf_linker_path() -> PathBuf {
 }
 
 /// The cargo that runs xtask (rustup's or Debian's), for host builds.
-fn host_cargo() -> String {
+pub(crate) fn host_cargo() -> String {
     env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     let shown = format!("{command:?}");
     let status = command
         .status()

@@ -153,6 +153,18 @@ pub fn require_root() -> LabAvailability {
     LabAvailability::Available
 }
 
+/// The WAN profile named by `GATEWAY_LAB_PROFILE` (`lan` when unset), for the NAT
+/// and TCP matrices that `cargo xtask wan-matrix` runs under a delayed profile.
+/// Panics on an unknown name, so a typo never measures the wrong thing.
+pub fn profile_from_env() -> WanProfile {
+    match std::env::var("GATEWAY_LAB_PROFILE") {
+        Ok(name) if !name.is_empty() => name
+            .parse()
+            .unwrap_or_else(|e| panic!("GATEWAY_LAB_PROFILE: {e}")),
+        _ => WanProfile::Lan,
+    }
+}
+
 /// Deletes every lab namespace whose creating process (the pid in
 /// `gwlab-<pid>-…`) no longer runs, killing processes still inside it. Returns how
 /// many were deleted.
