@@ -131,6 +131,26 @@ pub fn start_under(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
+    start_prepared(
+        topology,
+        wan,
+        &|_| Ok(()),
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
+}
+
+/// [`start_under`], running `prepare` on the built lab before anything starts in it
+/// (e.g. a core rule that blocks the direct path, to force the relay fallback).
+pub fn start_prepared(
+    topology: Topology,
+    wan: WanConditions,
+    prepare: &dyn Fn(&Lab) -> Result<(), LabError>,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
     let delayed = !wan.is_ideal();
     let lab = match &topology {
         Topology::TwoSites(a, b) => Lab::builder()
@@ -143,6 +163,7 @@ pub fn start_under(
             .wan(wan)
             .build()?,
     };
+    prepare(&lab)?;
     let (gateway, secret_path) = start_gateway(&lab, gateway_args)?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
     let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
