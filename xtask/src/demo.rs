@@ -57,6 +57,11 @@ pub enum LabCommand {
         /// WAN conditions on the core's links (see `cargo xtask lab profiles`).
         #[arg(long, default_value = "lan")]
         profile: String,
+        /// Override one link's one-way delays (on top of the profile, which keeps its
+        /// jitter, loss and reordering): `SITE=UP_MS/DOWN_MS`, or `gateway=UP_MS/DOWN_MS`
+        /// for the public segment's link; up is toward the core (repeatable).
+        #[arg(long = "link", value_name = "NAME=UP/DOWN")]
+        links: Vec<String>,
     },
     /// List the NAT presets.
     Presets,
@@ -119,10 +124,39 @@ pub fn lab(command: LabCommand) -> Result<()> {
             }
             Ok(())
         }
-        LabCommand::Up { sites, profile } => {
+        LabCommand::Up {
+            sites,
+            profile,
+            links,
+        } => {
             require_lab()?;
             let profile: lab::WanProfile = profile.parse()?;
-            let mut builder = Lab::builder().profile(profile);
+            let mut wan = profile.conditions();
+            for link in &links {
+                let (name, delays) = link
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--link wants NAME=UP_MS/DOWN_MS, got {link:?}"))?;
+                let (up, down) = delays
+                    .split_once('/')
+                    .and_then(|(u, d)| Some((u.parse::<u64>().ok()?, d.parse::<u64>().ok()?)))
+                    .ok_or_else(|| anyhow!("--link wants NAME=UP_MS/DOWN_MS, got {link:?}"))?;
+                let mut conditions = if name == "gateway" {
+                    wan.gateway.clone()
+                } else {
+                    wan.site(name).clone()
+                };
+                conditions.up.delay = Duration::from_millis(up);
+                conditions.down.delay = Duration::from_millis(down);
+                wan = if name == "gateway" {
+                    lab::WanConditions {
+                        gateway: conditions,
+                        ..wan
+                    }
+                } else {
+                    wan.with_site(name, conditions)
+                };
+            }
+            let mut builder = Lab::builder().wan(wan);
             for site in &sites {
                 let (name, preset) = site
                     .split_once('=')
