@@ -220,7 +220,8 @@ fn delay_and_jitter_per_link_and_direction() {
         assert!((2.5..=8.0).contains(&sd), "{what} sd {sd}");
     }
     let s = lab.wan_stats().expect("emulator runs");
-    assert_eq!(s.packets, 2 * u64::from(N), "{s:?}");
+    // Each datagram is queued twice: arriving at the core and leaving it.
+    assert_eq!(s.packets, 4 * u64::from(N), "{s:?}");
     assert_eq!((s.lost, s.queue_drops, s.reordered), (0, 0, 0));
 }
 
@@ -363,7 +364,9 @@ fn rate_cap_spaces_packets_and_drops_beyond_its_queue() {
         "{} of 100 delivered, {drops} dropped at the queue",
         got.len()
     );
-    assert!((20..=26).contains(&got.len()), "delivered {}", got.len());
+    // The queue, plus what drained while the burst was being sent (slower on a
+    // loaded machine).
+    assert!((20..=32).contains(&got.len()), "delivered {}", got.len());
     assert_eq!(drops as usize, 100 - got.len());
     assert_eq!(late(&got), 0);
     let mut gaps: Vec<f64> = got
@@ -413,6 +416,32 @@ fn profiles_build_and_the_lan_profile_starts_no_emulator() {
         "connect took {took:?}"
     );
     assert!(continental.describe().contains("WAN site a: up 20 ms"));
+    // What the core answers itself crosses the site's link both ways too: a datagram
+    // to a closed port of the core comes back as ICMP port unreachable after 40 ms.
+    let refused = continental
+        .site("a")
+        .unwrap()
+        .host(0)
+        .unwrap()
+        .run(|| {
+            let socket = UdpSocket::bind("0.0.0.0:7200")?;
+            socket.connect("198.51.100.1:9")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let started = Instant::now();
+            socket.send(b"anyone?")?;
+            let e = socket
+                .recv(&mut [0; 16])
+                .expect_err("nothing listens there");
+            Ok::<_, std::io::Error>((e.kind(), started.elapsed()))
+        })
+        .unwrap()
+        .expect("socket");
+    assert_eq!(refused.0, std::io::ErrorKind::ConnectionRefused);
+    assert!(
+        refused.1 >= Duration::from_millis(39) && refused.1 < Duration::from_millis(300),
+        "the core's answer took {:?}",
+        refused.1
+    );
     // Conditions for a site the lab lacks, and probabilities above 1, are refused.
     let bad = Lab::builder()
         .site("a", NatPreset::full_cone())

@@ -25,8 +25,8 @@ use anyhow::{Context, Result, bail};
 /// there); libevent-dev, libssl-dev and pkg-config: to build coturn 4.17.1 from
 /// `../shared/vendor` (the relay benchmark's baseline and the relay smoke test's load
 /// generator and reflector); ethtool: the relay benchmark's `--as-on-a-wire` (UDP
-/// segmentation offload off on `lo`); iptables: the lab's WAN emulator queues the core
-/// router's forwarded packets with the xtables NFQUEUE target (`iptables-nft`; this
+/// segmentation offload off on `lo`); iptables: the lab's WAN emulator queues what crosses the core
+/// router with the xtables NFQUEUE target (`iptables-nft-restore`; this
 /// kernel has no native nft `queue`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",

@@ -933,16 +933,23 @@ impl Lab {
             ));
         }
         self.emulator = Some(wan::Emulator::start(&core, links, rand::random())?);
+        // Every packet arriving at the core (prerouting: its input link's `up`) and
+        // leaving it (postrouting: its output link's `down`), forwarded or the core's
+        // own (a TTL-exceeded or port-unreachable answer crosses its link both ways).
         netns::run_cmd_in(
             &core,
-            "iptables-nft",
-            &["-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0"],
-            None,
+            "iptables-nft-restore",
+            &[],
+            Some(
+                "*mangle\n-A PREROUTING -j NFQUEUE --queue-num 0\n\
+                 -A POSTROUTING -j NFQUEUE --queue-num 0\nCOMMIT\n"
+                    .to_owned(),
+            ),
         )
         .map_err(|e| match e {
             LabError::Spawn { command, source } => LabError::Spawn {
                 command: format!(
-                    "{command} (the WAN emulator needs iptables-nft: run `cargo xtask setup`)"
+                    "{command} (the WAN emulator needs iptables-nft-restore: run `cargo xtask setup`)"
                 ),
                 source,
             },

@@ -2,8 +2,9 @@
 //! reordering and a rate cap, applied in the core router by delaying NFQUEUE verdicts.
 //!
 //! This kernel has neither `sch_netem` nor `sch_fq`, so the lab emulates links itself.
-//! Every packet the core forwards is queued to userspace (the xtables `NFQUEUE`
-//! target through `iptables-nft`; the kernel has no native nft `queue`); the emulator
+//! Every packet arriving at the core and leaving it is queued to userspace (the
+//! xtables `NFQUEUE` target in prerouting and postrouting through `iptables-nft`; the
+//! kernel has no native nft `queue`), with its input or output link; the emulator
 //! thread, running inside the core's namespace, only ever answers with a verdict
 //! (accept now, accept later, drop) and never sends a payload back, so a packet is
 //! never changed or created, and it crosses the core as one routing hop (one TTL
@@ -385,7 +386,7 @@ struct Counters {
     reordered: AtomicU64,
 }
 
-/// The decision for one packet.
+/// The decision for one packet at one stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decision {
     /// Accept at this instant.
@@ -412,23 +413,46 @@ impl DirState {
     }
 }
 
+/// Where a packet is when the core queues it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Stage {
+    /// Arriving at the core (prerouting): the `up` direction of its input link.
+    Up,
+    /// Leaving the core (postrouting): the `down` direction of its output link.
+    Down,
+}
+
+struct LinkState {
+    dir: DirState,
+    /// Last release on this link and direction: jitter never reorders.
+    last: Option<Instant>,
+}
+
 /// Decides when each packet leaves: the emulator's model, without any I/O (unit-tested).
+/// A link direction is a FIFO: a packet is released no earlier than the one before it
+/// on the same link and direction, unless it was picked for reordering.
 pub(crate) struct Scheduler {
-    /// ifindex in the core → (up, down) of its link.
-    links: HashMap<u32, (DirState, DirState)>,
-    /// Last release per (in, out) path: jitter never reorders.
-    last: HashMap<(u32, u32), Instant>,
+    /// (ifindex in the core, stage) → that link direction's state.
+    links: HashMap<(u32, Stage), LinkState>,
     rng: StdRng,
 }
 
 impl Scheduler {
     pub(crate) fn new(links: Vec<(u32, LinkConditions)>, seed: u64) -> Self {
+        let mut map = HashMap::new();
+        for (i, l) in links {
+            for (stage, d) in [(Stage::Up, l.up), (Stage::Down, l.down)] {
+                map.insert(
+                    (i, stage),
+                    LinkState {
+                        dir: DirState::new(d),
+                        last: None,
+                    },
+                );
+            }
+        }
         Self {
-            links: links
-                .into_iter()
-                .map(|(i, l)| (i, (DirState::new(l.up), DirState::new(l.down))))
-                .collect(),
-            last: HashMap::new(),
+            links: map,
             rng: StdRng::seed_from_u64(seed),
         }
     }
@@ -440,56 +464,58 @@ impl Scheduler {
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 
-    /// The decision for a packet of `len` bytes that arrived `now` on `indev` and is
-    /// routed out of `outdev`: the `up` direction of the first link, then the `down`
-    /// direction of the second.
+    /// The decision for a packet of `len` bytes queued `now` at `stage` on the core
+    /// interface `ifindex` (its input link arriving, its output link leaving).
+    /// Interfaces without conditions (the core's loopback) pass at once.
     pub(crate) fn schedule(
         &mut self,
         now: Instant,
-        indev: u32,
-        outdev: u32,
+        stage: Stage,
+        ifindex: u32,
         len: usize,
     ) -> Decision {
-        let mut t = now;
-        let mut reordered = false;
-        for (ifindex, up) in [(indev, true), (outdev, false)] {
-            let normal = self.normal();
-            let (loss_draw, reorder_draw): (f64, f64) = (self.rng.random(), self.rng.random());
-            let Some((u, d)) = self.links.get_mut(&ifindex) else {
-                continue;
+        let normal = self.normal();
+        let (loss_draw, reorder_draw): (f64, f64) = (self.rng.random(), self.rng.random());
+        let Some(link) = self.links.get_mut(&(ifindex, stage)) else {
+            return Decision::Release {
+                at: now,
+                reordered: false,
             };
-            let dir = if up { u } else { d };
-            if loss_draw < dir.cfg.loss {
-                return Decision::Lost;
-            }
-            if let Some(rate) = dir.cfg.rate_bps {
-                while dir.backlog.front().is_some_and(|&done| done <= t) {
-                    dir.backlog.pop_front();
-                }
-                if dir.backlog.len() >= dir.cfg.queue_limit {
-                    return Decision::QueueFull;
-                }
-                let start = dir.busy_until.map_or(t, |b| b.max(t));
-                let bits = u64::try_from(len).unwrap_or(u64::MAX).saturating_mul(8);
-                let done = start + Duration::from_secs_f64(bits as f64 / rate as f64);
-                dir.busy_until = Some(done);
-                dir.backlog.push_back(done);
-                t = done;
-            }
-            let sigma = dir.cfg.jitter.as_secs_f64();
-            let delay = (dir.cfg.delay.as_secs_f64() + sigma * normal.clamp(-2.0, 2.0)).max(0.0);
-            t += Duration::from_secs_f64(delay);
-            if reorder_draw < dir.cfg.reorder {
-                reordered = true;
-                t += dir.cfg.reorder_gap;
-            }
+        };
+        let dir = &mut link.dir;
+        if loss_draw < dir.cfg.loss {
+            return Decision::Lost;
         }
-        if !reordered {
-            let last = self.last.entry((indev, outdev)).or_insert(t);
-            t = t.max(*last);
-            *last = t;
+        let mut t = now;
+        if let Some(rate) = dir.cfg.rate_bps {
+            while dir.backlog.front().is_some_and(|&done| done <= now) {
+                dir.backlog.pop_front();
+            }
+            if dir.backlog.len() >= dir.cfg.queue_limit {
+                return Decision::QueueFull;
+            }
+            let start = dir.busy_until.map_or(now, |b| b.max(now));
+            let bits = u64::try_from(len).unwrap_or(u64::MAX).saturating_mul(8);
+            let done = start + Duration::from_secs_f64(bits as f64 / rate as f64);
+            dir.busy_until = Some(done);
+            dir.backlog.push_back(done);
+            t = done;
         }
-        Decision::Release { at: t, reordered }
+        let sigma = dir.cfg.jitter.as_secs_f64();
+        let delay = (dir.cfg.delay.as_secs_f64() + sigma * normal.clamp(-2.0, 2.0)).max(0.0);
+        t += Duration::from_secs_f64(delay);
+        if reorder_draw < dir.cfg.reorder {
+            return Decision::Release {
+                at: t + dir.cfg.reorder_gap,
+                reordered: true,
+            };
+        }
+        let t = link.last.map_or(t, |last| t.max(last));
+        link.last = Some(t);
+        Decision::Release {
+            at: t,
+            reordered: false,
+        }
     }
 }
 
@@ -514,6 +540,8 @@ const NFQA_VERDICT_HDR: u16 = 2;
 const NFQA_IFINDEX_INDEV: u16 = 5;
 const NFQA_IFINDEX_OUTDEV: u16 = 6;
 const NFQA_PAYLOAD: u16 = 10;
+const NF_INET_PRE_ROUTING: u8 = 0;
+const NF_INET_POST_ROUTING: u8 = 4;
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 /// The queue number the core's rule uses (queues are per network namespace).
@@ -561,6 +589,8 @@ impl NlMsg {
 #[derive(Debug, Clone, Copy)]
 struct Queued {
     id: u32,
+    /// The netfilter hook (0 prerouting, 4 postrouting).
+    hook: u8,
     indev: u32,
     outdev: u32,
     len: usize,
@@ -694,6 +724,7 @@ impl Nfq {
                 }
                 let mut q = Queued {
                     id: 0,
+                    hook: u8::MAX,
                     indev: 0,
                     outdev: 0,
                     len: 0,
@@ -711,6 +742,8 @@ impl Nfq {
                                 q.id = id;
                                 have_id = true;
                             }
+                            // packet_id (4), hw_protocol (2), hook (1).
+                            q.hook = v.get(6).copied().unwrap_or(u8::MAX);
                         }
                         NFQA_IFINDEX_INDEV => q.indev = be32().unwrap_or(0),
                         NFQA_IFINDEX_OUTDEV => q.outdev = be32().unwrap_or(0),
@@ -925,7 +958,15 @@ fn run(
         let now = Instant::now();
         for p in &arrived {
             counters.packets.fetch_add(1, Ordering::Relaxed);
-            match scheduler.schedule(now, p.indev, p.outdev, p.len) {
+            let decision = match p.hook {
+                NF_INET_PRE_ROUTING => scheduler.schedule(now, Stage::Up, p.indev, p.len),
+                NF_INET_POST_ROUTING => scheduler.schedule(now, Stage::Down, p.outdev, p.len),
+                _ => Decision::Release {
+                    at: now,
+                    reordered: false,
+                },
+            };
+            match decision {
                 Decision::Lost => {
                     counters.lost.fetch_add(1, Ordering::Relaxed);
                     out.extend_from_slice(&verdict(p.id, NF_DROP));
@@ -977,7 +1018,8 @@ fn flush(q: &Nfq, out: &mut Vec<u8>) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    fn one_link(up: Direction, down: Direction) -> Scheduler {
+    /// Link 1 with `up`, link 2 with `down`; a packet from 1 to 2 crosses both.
+    fn two_links(up: Direction, down: Direction) -> Scheduler {
         Scheduler::new(
             vec![
                 (
@@ -999,24 +1041,52 @@ mod tests {
         )
     }
 
+    /// Both stages of a packet forwarded from link `from` to link `to`.
+    fn forward(s: &mut Scheduler, now: Instant, from: u32, to: u32, len: usize) -> Decision {
+        match s.schedule(now, Stage::Up, from, len) {
+            Decision::Release { at, reordered } => match s.schedule(at, Stage::Down, to, len) {
+                Decision::Release { at, reordered: r } => Decision::Release {
+                    at,
+                    reordered: reordered || r,
+                },
+                other => other,
+            },
+            other => other,
+        }
+    }
+
     #[test]
     fn delays_add_up_per_direction() {
-        let mut s = one_link(Direction::ms(30), Direction::ms(20));
+        let mut s = two_links(Direction::ms(30), Direction::ms(20));
         let now = Instant::now();
-        let Decision::Release { at, .. } = s.schedule(now, 1, 2, 100) else {
+        let Decision::Release { at, .. } = forward(&mut s, now, 1, 2, 100) else {
             panic!("dropped")
         };
         assert_eq!(at - now, Duration::from_millis(50));
         // The other way crosses link 2 up and link 1 down: both ideal.
-        let Decision::Release { at, .. } = s.schedule(now, 2, 1, 100) else {
+        let Decision::Release { at, .. } = forward(&mut s, now, 2, 1, 100) else {
             panic!("dropped")
         };
         assert_eq!(at, now);
+        // A packet the core answers itself (an ICMP error) crosses link 1 up and back
+        // down: only the up direction is set.
+        let Decision::Release { at, .. } = s.schedule(now, Stage::Up, 1, 60) else {
+            panic!("dropped")
+        };
+        assert_eq!(at - now, Duration::from_millis(30));
+        // The core's loopback has no conditions.
+        assert_eq!(
+            s.schedule(now, Stage::Down, 99, 60),
+            Decision::Release {
+                at: now,
+                reordered: false
+            }
+        );
     }
 
     #[test]
     fn jitter_is_bounded_and_never_reorders() {
-        let mut s = one_link(
+        let mut s = two_links(
             Direction::ms(50).jitter(Duration::from_millis(10)),
             Direction::default(),
         );
@@ -1025,7 +1095,7 @@ mod tests {
         let mut delays = Vec::new();
         for i in 0..5000u32 {
             let now = start + Duration::from_micros(u64::from(i) * 500);
-            let Decision::Release { at, reordered } = s.schedule(now, 1, 2, 100) else {
+            let Decision::Release { at, reordered } = forward(&mut s, now, 1, 2, 100) else {
                 panic!("dropped")
             };
             assert!(!reordered);
@@ -1043,7 +1113,7 @@ mod tests {
     #[test]
     fn rate_cap_serialises_and_drops_at_the_queue_limit() {
         // 1 Mbit/s, 1250-byte packets: 10 ms each; queue of 5.
-        let mut s = one_link(
+        let mut s = two_links(
             Direction::default().rate(1_000_000, 5),
             Direction::default(),
         );
@@ -1051,7 +1121,7 @@ mod tests {
         let mut released = Vec::new();
         let mut dropped = 0;
         for _ in 0..20 {
-            match s.schedule(now, 1, 2, 1250) {
+            match forward(&mut s, now, 1, 2, 1250) {
                 Decision::Release { at, .. } => released.push(at - now),
                 Decision::QueueFull => dropped += 1,
                 Decision::Lost => panic!("no loss configured"),
