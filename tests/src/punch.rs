@@ -8,7 +8,7 @@ use gateway::proto::credentials::{Credentials, SharedSecret};
 
 use crate::{
     daemon::{DaemonError, GatewayProcess, PeerProcess},
-    lab::{Host, Lab, LabError, NatPreset},
+    lab::{Host, Lab, LabError, NatPreset, WanConditions},
 };
 
 /// The lab gateway's shared secret.
@@ -112,7 +112,13 @@ pub fn start_with_gateway(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
-    start_as(topology, true, gateway_args, alice_args, bob_args)
+    start_under(
+        topology,
+        WanConditions::default(),
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
 }
 
 /// [`start`] as the README's "Running the gateway yourself" runs it: no
@@ -123,26 +129,84 @@ pub fn start_without_discovery_flags(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
-    start_as(topology, false, &[], alice_args, bob_args)
+    start_as(
+        topology,
+        false,
+        WanConditions::default(),
+        &|_| Ok(()),
+        &[],
+        alice_args,
+        bob_args,
+    )
 }
 
-/// Builds the lab and starts everything; `discovery_flags`: the gateway gets
-/// `--discovery-listen` and the agents [`DISCOVER`].
+/// [`start_with_gateway`] in a lab with WAN conditions (e.g. a
+/// [`crate::lab::WanProfile`]'s): bob's registration and classification may then
+/// take a few round trips longer, so it is waited for up to 10 s.
+pub fn start_under(
+    topology: Topology,
+    wan: WanConditions,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    start_prepared(
+        topology,
+        wan,
+        &|_| Ok(()),
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
+}
+
+/// [`start_under`], running `prepare` on the built lab before anything starts in it
+/// (e.g. a core rule that blocks the direct path, to force the relay fallback).
+pub fn start_prepared(
+    topology: Topology,
+    wan: WanConditions,
+    prepare: &dyn Fn(&Lab) -> Result<(), LabError>,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    start_as(
+        topology,
+        true,
+        wan,
+        prepare,
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
+}
+
+/// Builds the lab (with `wan` conditions, `prepare` run on it) and starts
+/// everything; `discovery_flags`: the gateway gets `--discovery-listen` and the
+/// agents [`DISCOVER`].
 fn start_as(
     topology: Topology,
     discovery_flags: bool,
+    wan: WanConditions,
+    prepare: &dyn Fn(&Lab) -> Result<(), LabError>,
     gateway_args: &[&str],
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
     let discover: &[&str] = if discovery_flags { DISCOVER } else { &[] };
+    let delayed = !wan.is_ideal();
     let lab = match &topology {
         Topology::TwoSites(a, b) => Lab::builder()
             .site("a", a.clone())
             .site("b", b.clone())
+            .wan(wan)
             .build()?,
-        Topology::SameSite(p) => Lab::builder().site_with_hosts("a", p.clone(), 2).build()?,
+        Topology::SameSite(p) => Lab::builder()
+            .site_with_hosts("a", p.clone(), 2)
+            .wan(wan)
+            .build()?,
     };
+    prepare(&lab)?;
     let (gateway, secret_path) = start_gateway_with(lab.server(), discovery_flags, gateway_args)?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
     let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
@@ -155,7 +219,10 @@ fn start_as(
         &bob_creds.password,
         &args,
     )?;
-    bob.wait_for("nat mapping", Duration::from_secs(5));
+    bob.wait_for(
+        "nat mapping",
+        Duration::from_secs(if delayed { 10 } else { 5 }),
+    );
     let mut args = vec!["--connect", "bob"];
     args.extend_from_slice(discover);
     args.extend_from_slice(alice_args);
