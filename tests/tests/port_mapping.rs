@@ -454,6 +454,20 @@ impl MappedPair {
         eprintln!("alice: {alice}\nbob:   {bob}");
         (alice, bob)
     }
+
+    /// Waits for both agents' direct path: the first path, or the upgrade that a
+    /// new mapping brings forward when the grant came after the agent's one-second
+    /// hold (a loaded machine); `None` when either never went direct.
+    fn direct_paths(&mut self) -> Option<(String, String)> {
+        let alice = self
+            .alice
+            .wait_for("path-up peer bob direct", Duration::from_secs(12))?;
+        let bob = self
+            .bob
+            .wait_for("path-up peer alice direct", Duration::from_secs(5))?;
+        eprintln!("alice: {alice}\nbob:   {bob}");
+        Some((alice, bob))
+    }
 }
 
 /// The external endpoint of an agent's `port-mapping protocol P external ADDR
@@ -472,13 +486,14 @@ fn two_random_port_nats_with_port_mapping_punch_directly_and_delete_at_exit() {
         return;
     }
     let mut pair = mapped_pair(&["a", "b"], &["--metrics-listen", "0.0.0.0:9479"]);
-    let (alice, bob) = pair.paths();
-    assert!(
-        alice.contains(" direct ") && bob.contains(" direct "),
-        "{alice}\n{bob}\nalice: {:?}\nbob: {:?}",
-        pair.alice.seen(),
-        pair.bob.seen()
-    );
+    let Some((alice, bob)) = pair.direct_paths() else {
+        panic!(
+            "no direct path\nalice: {:?}\nbob: {:?}",
+            pair.alice.seen(),
+            pair.bob.seen()
+        )
+    };
+    assert!(alice.contains(" direct ") && bob.contains(" direct "));
     let mapping = pair
         .alice
         .wait_for("port-mapping", Duration::from_secs(1))
@@ -554,13 +569,14 @@ fn one_mapped_side_is_enough_for_a_random_port_pair() {
         return;
     }
     let mut pair = mapped_pair(&["a"], &[]);
-    let (alice, bob) = pair.paths();
-    assert!(
-        alice.contains(" direct ") && bob.contains(" direct "),
-        "{alice}\n{bob}\nalice: {:?}\nbob: {:?}",
-        pair.alice.seen(),
-        pair.bob.seen()
-    );
+    let Some((alice, bob)) = pair.direct_paths() else {
+        panic!(
+            "no direct path\nalice: {:?}\nbob: {:?}",
+            pair.alice.seen(),
+            pair.bob.seen()
+        )
+    };
+    assert!(alice.contains(" direct ") && bob.contains(" direct "));
     let bob_mapping = pair
         .bob
         .wait_for("port-mapping none", Duration::from_secs(8))
