@@ -295,7 +295,7 @@ impl Alternates {
 }
 
 /// Encodes an address in the MAPPED-ADDRESS format (RESPONSE-ORIGIN, OTHER-ADDRESS).
-fn address_value(addr: SocketAddr) -> ([u8; 20], usize) {
+pub(crate) fn address_value(addr: SocketAddr) -> ([u8; 20], usize) {
     let mut value = [0u8; 20];
     value[2..4].copy_from_slice(&addr.port().to_be_bytes());
     match addr.ip().to_canonical() {

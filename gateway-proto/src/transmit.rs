@@ -13,6 +13,28 @@ pub enum Transport {
     Udp,
     /// A TCP connection (RFC 8656 §3.1: STUN and ChannelData framed on the stream).
     Tcp,
+    /// A TLS connection over TCP (RFC 8656 `turns:`): the same framing as [`Self::Tcp`]
+    /// inside TLS. Its own variant so a reply goes back on the connection it answers
+    /// (a client may hold a TCP and a TLS connection from the same address) and the
+    /// metrics can tell them apart.
+    Tls,
+}
+
+impl Transport {
+    /// True for the connection-oriented transports (TCP and TLS): the source address
+    /// was proven by a handshake, and messages travel framed on a stream.
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+
+    /// A short lowercase name, for logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
 }
 
 /// The driver's socket number 0: the machine's own (service or agent) socket.

@@ -18,9 +18,13 @@ use tokio::{
     sync::{mpsc, oneshot},
 };
 
-use crate::proto::{
-    agent::{Agent, AgentConfig, AgentEvent, ServerChangeReason},
-    rendezvous::client::Role,
+use crate::{
+    portmap::{UpnpMapping, upnp_map},
+    proto::{
+        agent::{Agent, AgentConfig, AgentEvent, NextStep, PortMapTarget, ServerChangeReason},
+        portmap::{MappedTransport, PortMapEvent, ProtocolOutcome, REQUESTED_LIFETIME},
+        rendezvous::client::Role,
+    },
 };
 
 /// Why the agent could not do something.
@@ -45,6 +49,10 @@ pub enum PeerError {
     /// The agent task has stopped.
     #[error("the peer agent has stopped")]
     Stopped,
+    /// The gateway refused something retrying cannot fix (wrong or expired
+    /// credentials): the agent stopped.
+    #[error("{0}")]
+    Refused(String),
     /// A gateway address (`HOST:PORT`) could not be resolved.
     #[error("cannot resolve server {server}: {source}")]
     Resolve {
@@ -107,6 +115,10 @@ enum Command {
         to: SocketAddr,
         forge: bool,
     },
+    /// Exit: delete the port mapping and the TURN allocation, then answer.
+    Close {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A running peer agent: registered with the gateway, ready to connect to peers and
@@ -140,6 +152,7 @@ impl std::fmt::Debug for Command {
                 write!(f, "TcpReport({intro_id:x}, {report:?})")
             }
             Command::TcpSeq { intro_id, to, .. } => write!(f, "TcpSeq({intro_id:x}, {to})"),
+            Command::Close { .. } => f.write_str("Close"),
         }
     }
 }
@@ -167,11 +180,21 @@ impl PeerClient {
                     .push(SocketAddr::new(ip, local.port()));
             }
         }
+        if let Some(target) = &mut config.port_mapping
+            && target.port == 0
+        {
+            target.port = local.port();
+        }
+        // UPnP maps toward the LAN address the router sees us at.
+        let upnp = config
+            .port_mapping
+            .filter(|_| config.upnp)
+            .map(|t| SocketAddr::new(t.client, t.port));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let (ports_tx, socket_ports) = mpsc::channel(SOCKET_PORT_CHANGES);
         let agent = Agent::new(config, Instant::now(), rand::random());
-        tokio::spawn(drive(socket, agent, commands_rx, events_tx, ports_tx));
+        tokio::spawn(drive(socket, agent, commands_rx, events_tx, ports_tx, upnp));
         Ok(Self {
             commands,
             events,
@@ -232,6 +255,16 @@ impl PeerClient {
         })
     }
 
+    /// Before exiting: deletes the port mapping (waiting up to `wait` for the
+    /// router's answer) and releases the TURN allocation, so neither outlives the
+    /// agent until it expires.
+    pub async fn close(&self, wait: Duration) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(Command::Close { reply }).is_ok() {
+            let _ = tokio::time::timeout(wait, done).await;
+        }
+    }
+
     /// The next event (registration, discovery, introductions, paths, and data of
     /// peers that have no [`PeerPath`]); `None` once the agent stopped.
     pub async fn next_event(&mut self) -> Option<AgentEvent> {
@@ -277,11 +310,16 @@ async fn drive(
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<AgentEvent>,
     socket_ports: mpsc::Sender<(u16, bool)>,
+    upnp_local: Option<SocketAddr>,
 ) {
     let mut buf = vec![0u8; 65_535];
     let mut waiting: HashMap<String, Vec<oneshot::Sender<PathKind>>> = HashMap::new();
     let mut attached: HashMap<String, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut extra = ExtraSockets::new(socket.local_addr().ok(), socket_ports);
+    let mut upnp = Upnp::start(upnp_local);
+    // At exit: who to answer once the mapping is deleted, and by when at most.
+    let mut closing: Option<(oneshot::Sender<()>, Instant)> = None;
+    let mut closed = false;
     loop {
         let deadline = agent.poll_timeout();
         let sleep = async {
@@ -290,8 +328,49 @@ async fn drive(
                 None => std::future::pending().await,
             }
         };
+        let renew_at = upnp.renew_at();
+        let renew = async {
+            match renew_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let close_by = closing.as_ref().map(|(_, at)| *at);
+        let give_up = async {
+            match close_by {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = sleep => agent.handle_timeout(Instant::now()),
+            () = renew => upnp.renew(),
+            () = give_up => closed = true,
+            Some(news) = upnp.news.recv() => {
+                let now = Instant::now();
+                match news {
+                    UpnpNews::Mapped(Ok(mapping)) => {
+                        let held = agent.port_mapping();
+                        if agent.handle_upnp_mapping(now, Ok(mapping.mapping)) && closing.is_none() {
+                            upnp.held = Some(mapping);
+                        } else if held.is_some_and(|h| h.external == mapping.mapping.external) {
+                            // The router gave UPnP the very entry PCP or NAT-PMP holds
+                            // (miniupnpd does): deleting it would delete that one.
+                            tracing::debug!(external = %mapping.mapping.external, "UPnP renewed the held mapping");
+                        } else {
+                            // PCP or NAT-PMP won (or we are exiting): the router keeps one.
+                            upnp.delete(mapping);
+                        }
+                    }
+                    UpnpNews::Mapped(Err(outcome)) => {
+                        agent.handle_upnp_mapping(now, Err(outcome));
+                    }
+                    UpnpNews::Renewed(Ok(mapping)) => upnp.held = Some(mapping),
+                    UpnpNews::Renewed(Err(outcome)) => {
+                        tracing::warn!(%outcome, "cannot renew the UPnP mapping");
+                    }
+                }
+            }
             received = socket.recv_from(&mut buf) => match received {
                 Ok((len, from)) => agent.handle_datagram(Instant::now(), from, &buf[..len]),
                 Err(e) => tracing::debug!(error = %e, "receive failed"),
@@ -331,7 +410,29 @@ async fn drive(
                 Some(Command::TcpSeq { intro_id, isn, to, forge }) => {
                     agent.send_tcp_seq(Instant::now(), intro_id, isn, Some(to), forge);
                 }
+                Some(Command::Close { reply }) => match &mut closing {
+                    // Already closing (the agent stopped): answer this caller instead.
+                    Some((waiting, _)) => *waiting = reply,
+                    None => {
+                        let now = Instant::now();
+                        agent.shut_down(now);
+                        if let Some(mapping) = upnp.held.take() {
+                            upnp.delete(mapping);
+                        }
+                        closing = Some((reply, now + CLOSE_WAIT));
+                    }
+                },
             },
+        }
+        if agent.stopped() && closing.is_none() {
+            // Wrong credentials: the agent ends, but first deletes what it holds (the
+            // port mapping would stay for two hours).
+            let now = Instant::now();
+            agent.shut_down(now);
+            if let Some(mapping) = upnp.held.take() {
+                upnp.delete(mapping);
+            }
+            closing = Some((oneshot::channel().0, now + CLOSE_WAIT));
         }
         // The agent sends UDP only, from the socket's own address: `transport` and
         // `from_local` keep their defaults.
@@ -362,8 +463,10 @@ async fn drive(
         while let Some(slot) = agent.poll_released_socket() {
             extra.close(slot);
         }
+        let stopped = agent.stopped();
         while let Some(event) = agent.poll_event() {
             match &event {
+                AgentEvent::PortMapping(PortMapEvent::Closed) => closed = true,
                 AgentEvent::PathUp {
                     peer_id,
                     remote,
@@ -392,6 +495,97 @@ async fn drive(
             if events.send(event).is_err() {
                 // Nobody reads events any more; keep serving the paths.
             }
+        }
+        if closed && let Some((reply, _)) = closing.take() {
+            // Give the blocking UPnP delete (if any) its moment, then answer.
+            upnp.finish().await;
+            let _ = reply.send(());
+            return;
+        }
+        if stopped && closing.is_none() {
+            // (Not reached: a stopped agent is closing, above.) Callers waiting for a
+            // path see the agent stop; the events (the refusal) were handed over.
+            return;
+        }
+    }
+}
+
+/// How long the agent waits at exit for the router to confirm the mapping's
+/// deletion (a silent router costs this, bounded; the client itself gives up after
+/// its retries).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What a blocking UPnP-IGD task reports.
+enum UpnpNews {
+    /// The first attempt's result.
+    Mapped(Result<UpnpMapping, ProtocolOutcome>),
+    /// A renewal's result (the mapping comes back to the driver).
+    Renewed(Result<UpnpMapping, ProtocolOutcome>),
+}
+
+/// The driver's UPnP-IGD side: SSDP and SOAP are blocking (igd-next), so each step
+/// runs on a blocking thread and reports through `news`.
+struct Upnp {
+    news: mpsc::UnboundedReceiver<UpnpNews>,
+    sender: mpsc::UnboundedSender<UpnpNews>,
+    /// The mapping the agent took (renewed at half its lease, deleted at exit).
+    held: Option<UpnpMapping>,
+    /// Deletions under way (awaited briefly at exit).
+    deleting: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Upnp {
+    /// Starts the first attempt when `local` (the LAN address and port) is given.
+    fn start(local: Option<SocketAddr>) -> Self {
+        let (sender, news) = mpsc::unbounded_channel();
+        if let Some(local) = local {
+            let out = sender.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = upnp_map(local, MappedTransport::Udp, REQUESTED_LIFETIME);
+                let _ = out.send(UpnpNews::Mapped(result));
+            });
+        }
+        Self {
+            news,
+            sender,
+            held: None,
+            deleting: Vec::new(),
+        }
+    }
+
+    fn renew_at(&self) -> Option<Instant> {
+        self.held.as_ref().map(UpnpMapping::renew_at)
+    }
+
+    /// Renews the held mapping on a blocking thread.
+    fn renew(&mut self) {
+        let Some(mut mapping) = self.held.take() else {
+            return;
+        };
+        let out = self.sender.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = mapping.renew().map(|_| mapping);
+            let _ = out.send(UpnpNews::Renewed(result));
+        });
+    }
+
+    /// Deletes a mapping on a blocking thread (best effort; awaited at exit).
+    fn delete(&mut self, mapping: UpnpMapping) {
+        self.deleting.retain(|task| !task.is_finished());
+        self.deleting.push(tokio::task::spawn_blocking(move || {
+            if let Err(outcome) = mapping.delete() {
+                tracing::warn!(%outcome, "cannot delete the UPnP mapping");
+            }
+        }));
+    }
+
+    /// At exit: the held mapping's deletion, waited for briefly.
+    async fn finish(&mut self) {
+        if let Some(mapping) = self.held.take() {
+            self.delete(mapping);
+        }
+        for task in self.deleting.drain(..) {
+            let _ = tokio::time::timeout(CLOSE_WAIT, task).await;
         }
     }
 }
@@ -556,6 +750,65 @@ pub struct PeerOptions {
     pub observe: Option<crate::observe::ObserveOptions>,
     /// TCP hole punching on every introduction, if asked.
     pub tcp: Option<TcpOptions>,
+    /// Ask the default router for a mapping of the agent's port (PCP, NAT-PMP,
+    /// UPnP-IGD) and announce it as a candidate; `--no-port-mapping` turns it off.
+    pub port_mapping: bool,
+}
+
+/// Where `gateway peer` asks for a port mapping: the default router of the
+/// gateway's address family and this host's address toward it (a connected UDP
+/// socket's local address: no packet is sent), or why there is none.
+async fn port_mapping_target(
+    server: SocketAddr,
+    bind: SocketAddr,
+) -> Result<PortMapTarget, &'static str> {
+    if !server.is_ipv4() {
+        return Err("IPv6 gateway (no NAT to map)");
+    }
+    if server.ip().is_loopback() || bind.ip().is_loopback() {
+        // No NAT between: and nothing goes to the host's real router.
+        return Err("loopback gateway (no NAT to map)");
+    }
+    // A procfs read: in memory, never blocks for long.
+    let routes =
+        std::fs::read_to_string("/proc/net/route").map_err(|_| "cannot read /proc/net/route")?;
+    let router = default_ipv4_router(&routes).ok_or("no default IPv4 route")?;
+    let client = if bind.ip().is_unspecified() {
+        source_ip_towards(SocketAddr::new(router.into(), 5351))
+            .await
+            .ok_or("no local address toward the router")?
+    } else {
+        bind.ip()
+    };
+    Ok(PortMapTarget {
+        router: router.into(),
+        client,
+        port: 0,
+    })
+}
+
+/// The gateway of the default IPv4 route with the lowest metric in the text of
+/// `/proc/net/route` (hexadecimal fields, addresses in host byte order as written
+/// by a little-endian kernel; flags must say up and gateway).
+fn default_ipv4_router(routes: &str) -> Option<std::net::Ipv4Addr> {
+    const RTF_UP: u32 = 0x1;
+    const RTF_GATEWAY: u32 = 0x2;
+    routes
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let hex = |i: usize| u32::from_str_radix(fields.get(i)?, 16).ok();
+            let (destination, gateway, flags, metric, mask) =
+                (hex(1)?, hex(2)?, hex(3)?, hex(6)?, hex(7)?);
+            (destination == 0
+                && mask == 0
+                && gateway != 0
+                && flags & (RTF_UP | RTF_GATEWAY) == RTF_UP | RTF_GATEWAY)
+                .then(|| (metric, std::net::Ipv4Addr::from(gateway.to_ne_bytes())))
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, router)| router)
 }
 
 /// What a TCP punching task tells `run`.
@@ -643,6 +896,19 @@ pub async fn run(
         }
         None => None,
     };
+    if options.port_mapping {
+        match port_mapping_target(options.agent.server, options.bind).await {
+            Ok(target) => {
+                options.agent.port_mapping = Some(target);
+                options.agent.upnp = true;
+            }
+            Err(why) => status(format_args!("port-mapping none: {why}")),
+        }
+    } else {
+        status(format_args!(
+            "port-mapping none: turned off (--no-port-mapping)"
+        ));
+    }
     let servers = options.agent.servers();
     let rendezvous = crate::observe::rendezvous_endpoints(&options.agent);
     let mut client = PeerClient::start(options.bind, options.agent).await?;
@@ -720,7 +986,17 @@ pub async fn run(
             }
         };
         tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => {
+                // Delete the port mapping and the TURN allocation before exiting.
+                client.close(CLOSE_WAIT + Duration::from_millis(500)).await;
+                // What the agent said while closing (the mapping deleted).
+                while let Ok(event) = client.events.try_recv() {
+                    if let Some(line) = lines.line(&event) {
+                        status(format_args!("{line}"));
+                    }
+                }
+                return Ok(());
+            }
             Some(first) = socket_ports.recv() => {
                 // Birthday punching's extra sockets are punch sockets too: watch their
                 // ports while they are open (all changes waiting, in one update).
@@ -803,6 +1079,22 @@ pub async fn run(
                 let Some(event) = event else { return Err(PeerError::Stopped) };
                 if let Some(line) = lines.line(&event) {
                     status(format_args!("{line}"));
+                }
+                if let (AgentEvent::PortMapping(e), Some(m)) = (&event, &path_metrics) {
+                    m.port_mapping(e);
+                }
+                if let AgentEvent::Refused { method, code, reason, next: NextStep::Stop } = &event {
+                    // The agent deletes its port mapping before it ends: wait for that.
+                    client.close(CLOSE_WAIT + Duration::from_millis(500)).await;
+                    while let Ok(event) = client.events.try_recv() {
+                        if let Some(line) = lines.line(&event) {
+                            status(format_args!("{line}"));
+                        }
+                    }
+                    return Err(PeerError::Refused(format!(
+                        "the gateway refused {} with {code}: {reason}",
+                        crate::proto::agent::method_name(*method)
+                    )));
                 }
                 if let (
                     AgentEvent::TcpIntroduced { peer_id, intro_id, candidates, start_at },
@@ -936,6 +1228,32 @@ async fn splice(
 struct PathMetrics {
     sessions: prometheus::IntCounterVec,
     bytes: prometheus::IntCounterVec,
+    port_mappings: prometheus::IntCounterVec,
+}
+
+/// Every protocol label of `gateway_peer_port_mappings_total`.
+const PORT_MAPPING_PROTOCOLS: [&str; 3] = ["pcp", "nat-pmp", "upnp"];
+/// Every outcome label of `gateway_peer_port_mappings_total`.
+const PORT_MAPPING_OUTCOMES: [&str; 8] = [
+    "mapped",
+    "refreshed",
+    "lost",
+    "no_answer",
+    "unsupported",
+    "refused",
+    "unusable",
+    "error",
+];
+
+/// The outcome label of why a protocol gave no mapping.
+fn outcome_label(outcome: &ProtocolOutcome) -> &'static str {
+    match outcome {
+        ProtocolOutcome::NoAnswer => "no_answer",
+        ProtocolOutcome::UnsupportedVersion => "unsupported",
+        ProtocolOutcome::Refused { .. } => "refused",
+        ProtocolOutcome::Unusable => "unusable",
+        ProtocolOutcome::Error(_) => "error",
+    }
 }
 
 impl PathMetrics {
@@ -954,15 +1272,52 @@ impl PathMetrics {
             ),
             &["path", "direction"],
         )?;
+        let port_mappings = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "gateway_peer_port_mappings_total",
+                "Port-mapping results of this agent by protocol (pcp, nat-pmp, upnp) and outcome (mapped, refreshed, lost, or why a protocol gave none)",
+            ),
+            &["protocol", "outcome"],
+        )?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(port_mappings.clone()))?;
+        for protocol in PORT_MAPPING_PROTOCOLS {
+            for outcome in PORT_MAPPING_OUTCOMES {
+                port_mappings.with_label_values(&[protocol, outcome]);
+            }
+        }
         for path in ["direct", "relayed"] {
             sessions.with_label_values(&[path]);
             for direction in ["sent", "received"] {
                 bytes.with_label_values(&[path, direction]);
             }
         }
-        Ok(Self { sessions, bytes })
+        Ok(Self {
+            sessions,
+            bytes,
+            port_mappings,
+        })
+    }
+
+    /// Counts a port-mapping event (a deletion at exit is not counted).
+    fn port_mapping(&self, event: &PortMapEvent) {
+        let count = |protocol: &str, outcome: &str| {
+            self.port_mappings
+                .with_label_values(&[protocol, outcome])
+                .inc();
+        };
+        match event {
+            PortMapEvent::Mapped(m) => count(m.protocol.as_str(), "mapped"),
+            PortMapEvent::Refreshed(m) => count(m.protocol.as_str(), "refreshed"),
+            PortMapEvent::Lost { mapping, .. } => count(mapping.protocol.as_str(), "lost"),
+            PortMapEvent::Unavailable(outcomes) => {
+                for (protocol, outcome) in outcomes {
+                    count(protocol.as_str(), outcome_label(outcome));
+                }
+            }
+            PortMapEvent::Closed => {}
+        }
     }
 
     fn sessions(&self, relayed: bool) -> prometheus::IntCounter {
@@ -985,42 +1340,66 @@ impl PathMetrics {
 struct StatusLines {
     /// The node failed over to, until its registration is announced.
     new_server: Option<SocketAddr>,
-    /// The last refusal printed and when: the same refusal again within
-    /// [`REPEAT_QUIET`] prints nothing (retries must not print a line a second).
-    last_refusal: Option<(String, std::time::Instant)>,
+    /// The last refusal printed (method, code) and when: the same refusal again
+    /// within [`REPEAT_QUIET`] prints nothing (retries back off, and the first line
+    /// said so).
+    last_refusal: Option<((u16, u16), std::time::Instant)>,
+    /// The port mapping announced last: a refresh that keeps it says nothing.
+    port_mapping: Option<crate::proto::portmap::Mapping>,
 }
 
 /// How long the same refusal stays quiet after it was printed.
 const REPEAT_QUIET: Duration = Duration::from_secs(30);
 
-/// A refusal in words: the method's name, the code and what it means for the agent.
-fn refusal_line(method: u16, code: u16) -> String {
-    use crate::proto::rendezvous::wire::method as m;
-    let name = match method {
-        m::REGISTER => "register",
-        m::CONNECT => "connect",
-        m::OUTCOME => "outcome",
-        m::RELAY_OFFER => "relay-offer",
-        m::TCP_SEQ => "tcp-seq",
-        _ => "request",
-    };
-    let meaning = match (method, code) {
-        (_, 401) => {
-            "wrong credentials (check GATEWAY_USERNAME/GATEWAY_PASSWORD and the gateway's secret)"
-        }
-        (m::CONNECT, 404) => "peer not registered with the gateway; retrying",
-        (m::CONNECT, 503) => {
-            "cluster unavailable: the gateway cannot reach the node the peer is registered on; retrying"
-        }
-        (m::REGISTER, 503) => "the gateway's registry is full",
-        (_, 403) => "not registered from this address; registering again",
-        (_, 429) => "too many requests; slowing down",
-        _ => "refused",
-    };
-    format!("refused {name} code {code}: {meaning} (method 0x{method:03x})")
+/// A refusal in words: the method's name, the code, what it means for the agent and
+/// what it does next (the words come from the agent core).
+fn refusal_line(method: u16, code: u16, reason: &str, next: NextStep) -> String {
+    format!(
+        "refused {} code {code}: {reason}; {next}",
+        crate::proto::agent::method_name(method)
+    )
 }
 
 impl StatusLines {
+    /// The line for a port-mapping event: `port-mapping protocol P external ADDR
+    /// lifetime S` for a new (or moved) mapping, `port-mapping none: ...` with each
+    /// protocol's outcome, `port-mapping lost ...`, `port-mapping deleted`.
+    fn port_mapping_line(&mut self, event: &PortMapEvent) -> Option<String> {
+        match event {
+            PortMapEvent::Mapped(m) | PortMapEvent::Refreshed(m) => {
+                let same = self
+                    .port_mapping
+                    .is_some_and(|p| p.protocol == m.protocol && p.external == m.external);
+                self.port_mapping = Some(*m);
+                if same && matches!(event, PortMapEvent::Refreshed(_)) {
+                    return None;
+                }
+                Some(format!(
+                    "port-mapping protocol {} external {} lifetime {}",
+                    m.protocol.as_str(),
+                    m.external,
+                    m.lifetime.as_secs()
+                ))
+            }
+            PortMapEvent::Unavailable(outcomes) => {
+                let why: Vec<String> = outcomes
+                    .iter()
+                    .map(|(p, o)| format!("{} {o}", p.as_str()))
+                    .collect();
+                Some(format!("port-mapping none: {}", why.join("; ")))
+            }
+            PortMapEvent::Lost { mapping, outcome } => {
+                self.port_mapping = None;
+                Some(format!(
+                    "port-mapping lost protocol {} external {}: {outcome}",
+                    mapping.protocol.as_str(),
+                    mapping.external
+                ))
+            }
+            PortMapEvent::Closed => Some("port-mapping deleted".to_owned()),
+        }
+    }
+
     /// The line for `event`, if it has one.
     fn line(&mut self, event: &AgentEvent) -> Option<String> {
         let line = match event {
@@ -1047,16 +1426,32 @@ impl StatusLines {
                 class.as_str(),
                 filtering.as_str()
             ),
-            AgentEvent::Refused { method, code } => {
-                let line = refusal_line(*method, *code);
+            AgentEvent::NoAnswer {
+                server,
+                silent,
+                retry_in,
+            } => format!(
+                "no answer from {server} over udp for {:.0} s; still trying (next register in {:.0} s)",
+                silent.as_secs_f64(),
+                retry_in.as_secs_f64().max(1.0)
+            ),
+            AgentEvent::Refused {
+                method,
+                code,
+                reason,
+                next,
+            } => {
+                let line = refusal_line(*method, *code, reason, *next);
                 let now = std::time::Instant::now();
+                let key = (*method, *code);
                 let quiet = self.last_refusal.as_ref().is_some_and(|(last, at)| {
-                    *last == line && now.saturating_duration_since(*at) < REPEAT_QUIET
+                    *last == key && now.saturating_duration_since(*at) < REPEAT_QUIET
                 });
-                if quiet {
+                // A refusal that stops the agent is always said.
+                if quiet && *next != NextStep::Stop {
                     return None;
                 }
-                self.last_refusal = Some((line.clone(), now));
+                self.last_refusal = Some((key, now));
                 line
             }
             AgentEvent::Introduced { peer_id, role } => {
@@ -1109,6 +1504,7 @@ impl StatusLines {
             AgentEvent::TcpSeqRefused { intro_id, code } => {
                 format!("tcp-seq-refused intro {intro_id:016x} code {code}")
             }
+            AgentEvent::PortMapping(event) => return self.port_mapping_line(event),
             AgentEvent::Data { .. } => return None,
         };
         Some(line)
@@ -1155,6 +1551,108 @@ mod tests {
                 .line(&AgentEvent::Registered { mapped: old })
                 .as_deref(),
             Some("registered public 192.0.2.10:3478")
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_one_line_with_its_meaning_and_what_comes_next() {
+        use crate::proto::rendezvous::wire::method;
+        let mut lines = StatusLines::default();
+        let refused = |code, next| AgentEvent::Refused {
+            method: method::CONNECT,
+            code,
+            reason: crate::proto::agent::refusal_reason(method::CONNECT, code),
+            next,
+        };
+        assert_eq!(
+            lines
+                .line(&refused(404, NextStep::RetryIn(Duration::from_secs(4))))
+                .as_deref(),
+            Some(
+                "refused connect code 404: peer not registered with the gateway (or not in this peer's group); retrying in 4 s, then less often"
+            )
+        );
+        // The same refusal again soon is quiet (its retries back off); another one
+        // is not.
+        assert_eq!(
+            lines.line(&refused(404, NextStep::RetryIn(Duration::from_secs(8)))),
+            None
+        );
+        assert!(
+            lines
+                .line(&refused(503, NextStep::RetryIn(Duration::from_secs(1))))
+                .is_some_and(|l| l.contains("cluster unavailable"))
+        );
+        let silent = AgentEvent::NoAnswer {
+            server: "192.0.2.10:3478".parse().expect("addr"),
+            silent: Duration::from_millis(5_020),
+            retry_in: Duration::from_millis(2_500),
+        };
+        assert_eq!(
+            lines.line(&silent).as_deref(),
+            Some(
+                "no answer from 192.0.2.10:3478 over udp for 5 s; still trying (next register in 2 s)"
+            )
+        );
+    }
+
+    #[test]
+    fn the_default_router_is_the_lowest_metric_default_gateway() {
+        let routes = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t0001000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            eth1\t00000000\t0202000A\t0003\t0\t0\t200\t00000000\t0\t0\t0\n\
+            eth0\t00000000\t0101000A\t0003\t0\t0\t100\t00000000\t0\t0\t0\n\
+            eth2\t00000000\t0303000A\t0001\t0\t0\t0\t00000000\t0\t0\t0\n";
+        let expected = if cfg!(target_endian = "little") {
+            std::net::Ipv4Addr::new(10, 0, 1, 1)
+        } else {
+            std::net::Ipv4Addr::new(1, 1, 0, 10)
+        };
+        // eth2's default route is not a gateway route (flags without RTF_GATEWAY).
+        assert_eq!(default_ipv4_router(routes), Some(expected));
+        // Only the link route: no default router.
+        let lan_only: String = routes.lines().take(2).collect::<Vec<_>>().join("\n");
+        assert_eq!(default_ipv4_router(&lan_only), None);
+        assert_eq!(default_ipv4_router("garbage\nmore garbage"), None);
+    }
+
+    #[test]
+    fn port_mapping_lines_say_the_mapping_or_why_none() {
+        use crate::proto::portmap::{Mapping, MappingProtocol};
+        let mut lines = StatusLines::default();
+        let mapping = Mapping {
+            protocol: MappingProtocol::Pcp,
+            external: "198.51.100.2:30000".parse().expect("addr"),
+            lifetime: Duration::from_secs(7200),
+        };
+        let line = |lines: &mut StatusLines, e| lines.line(&AgentEvent::PortMapping(e));
+        assert_eq!(
+            line(&mut lines, PortMapEvent::Mapped(mapping)).as_deref(),
+            Some("port-mapping protocol pcp external 198.51.100.2:30000 lifetime 7200")
+        );
+        // A refresh that keeps the endpoint is quiet; one that moves it is said.
+        assert_eq!(line(&mut lines, PortMapEvent::Refreshed(mapping)), None);
+        let moved = Mapping {
+            external: "198.51.100.2:30001".parse().expect("addr"),
+            ..mapping
+        };
+        assert!(line(&mut lines, PortMapEvent::Refreshed(moved)).is_some());
+        assert_eq!(
+            line(
+                &mut lines,
+                PortMapEvent::Unavailable(vec![
+                    (MappingProtocol::Pcp, ProtocolOutcome::NoAnswer),
+                    (MappingProtocol::NatPmp, ProtocolOutcome::UnsupportedVersion),
+                    (
+                        MappingProtocol::Upnp,
+                        ProtocolOutcome::Error("UPnP discovery: x".into())
+                    ),
+                ])
+            )
+            .as_deref(),
+            Some(
+                "port-mapping none: pcp no answer; nat-pmp not spoken by the router; upnp UPnP discovery: x"
+            )
         );
     }
 

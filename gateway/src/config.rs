@@ -62,6 +62,46 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Logging: the filter (changeable on reload) and the format.
     pub log: LogConfig,
+    /// TURN and the rendezvous over TLS.
+    pub tls: TlsConfig,
+}
+
+/// TURN over TLS (RFC 8656 `turns:`) and the rendezvous over TLS: listeners that
+/// serve, inside TLS 1.2 or 1.3, what the TCP service port serves. The certificate
+/// and key are read again on SIGHUP and when the files change (checked every 10 s);
+/// established connections keep theirs.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Addresses to accept TLS on (typically `0.0.0.0:443` and `0.0.0.0:5349`);
+    /// empty: no TLS. Needs a restart to change.
+    pub listen: Vec<SocketAddr>,
+    /// The certificate chain, PEM, leaf first (e.g. an ACME client's
+    /// `fullchain.pem`).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1), e.g. `privkey.pem`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl TlsConfig {
+    fn validate(&self, server: &ServerConfig) -> Result<(), ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        if self.cert_file.is_none() || self.key_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "tls.listen needs tls.cert_file and tls.key_file (--tls-cert, --tls-key)".into(),
+            ));
+        }
+        for (i, addr) in self.listen.iter().enumerate() {
+            if *addr == server.listen || self.listen[..i].contains(addr) {
+                return Err(ConfigError::Invalid(format!(
+                    "tls.listen: {addr} is listed twice or is server.listen (whose TCP port serves TCP)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Logging. `--log-level` (or `GATEWAY_LOG`, `RUST_LOG`) and `--log-format` given
@@ -229,8 +269,9 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 pub struct RelayConfig {
     /// Serve TURN (when a secret is configured).
     pub enabled: bool,
-    /// Also serve TURN over TCP (RFC 8656 §3.1) on `server.listen`'s address and port,
-    /// for clients whose networks block UDP; the relayed side stays UDP.
+    /// Also serve TCP on `server.listen`'s address and port, for clients whose
+    /// networks block UDP: TURN over TCP (RFC 8656 §3.1; the relayed side stays UDP)
+    /// and the rendezvous over TCP (the same STUN-framed messages).
     pub tcp: bool,
     /// The REALM of long-term credentials.
     pub realm: String,
@@ -473,10 +514,24 @@ pub struct ServerConfig {
     /// Up to three more UDP sockets answering STUN Binding only, for NAT behaviour
     /// discovery: typically one on `listen`'s address and another port, one on
     /// another address (and port) of the host. They also send the answers to
-    /// CHANGE-REQUEST (RFC 5780) that arrive on `listen`. One address or a list; none
-    /// by default.
+    /// CHANGE-REQUEST (RFC 5780) that arrive on `listen`. One address or a list.
+    /// Empty (the default): with `discovery` on, one on `listen`'s address at
+    /// `listen`'s port + 1 (3479).
     #[serde(deserialize_with = "one_or_more")]
     pub discovery_listen: Vec<SocketAddr>,
+    /// NAT discovery without flags: bind the default discovery socket (see
+    /// `discovery_listen`; a default port already taken is a warning, not an error)
+    /// and name the discovery endpoints in every Register answer, so agents classify
+    /// their NAT (and predict ports, punch birthday-style) by default. On by
+    /// default; false binds no default socket and names nothing.
+    pub discovery: bool,
+    /// The second address named to peers for the address-dependence test, where
+    /// the service port and the wildcard discovery sockets also answer (so only
+    /// with a wildcard `listen`): "auto" (the default) picks another address of
+    /// this host of the request's family and scope (public or private), none when
+    /// the host has one address or the peer came through a NAT into another scope;
+    /// "none" names none; or an IP address of this host.
+    pub discovery_second_address: String,
     /// Answer CHANGE-REQUEST from requests without valid peer credentials too. Off by
     /// default: an answer from another endpoint is a reflection and amplification
     /// tool, so only authenticated peers get one.
@@ -515,6 +570,8 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 3478)),
             discovery_listen: Vec::new(),
+            discovery: true,
+            discovery_second_address: "auto".into(),
             discovery_unauthenticated: false,
             tcp_forge_synack: false,
             threads: 1,
@@ -530,7 +587,45 @@ const MAX_AUTO_THREADS: usize = 4;
 /// Most driver loops `server.threads` may ask for.
 pub const MAX_THREADS: usize = 64;
 
+/// Which second address Register answers name (`server.discovery_second_address`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondAddress {
+    /// Another address of this host, of the request's family and scope.
+    Auto,
+    /// None.
+    Off,
+    /// This one.
+    Fixed(std::net::IpAddr),
+}
+
 impl ServerConfig {
+    /// The discovery sockets to bind, and whether the operator configured them
+    /// (a default one that cannot be bound is only a warning).
+    pub fn discovery_sockets(&self) -> (Vec<SocketAddr>, bool) {
+        if !self.discovery_listen.is_empty() {
+            return (self.discovery_listen.clone(), true);
+        }
+        match self.listen.port().checked_add(1) {
+            Some(port) if self.discovery && self.listen.port() != 0 => {
+                (vec![SocketAddr::new(self.listen.ip(), port)], false)
+            }
+            _ => (Vec::new(), false),
+        }
+    }
+
+    /// `discovery_second_address` read.
+    pub fn second_address(&self) -> Result<SecondAddress, ConfigError> {
+        match self.discovery_second_address.trim() {
+            "auto" => Ok(SecondAddress::Auto),
+            "none" | "" => Ok(SecondAddress::Off),
+            ip => ip.parse().map(SecondAddress::Fixed).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "server.discovery_second_address must be \"auto\", \"none\" or an IP address, not {ip:?}"
+                ))
+            }),
+        }
+    }
+
     /// Driver loops to run: `threads`, or with 0 one per CPU, at most 4.
     pub fn effective_threads(&self) -> usize {
         match self.threads {
@@ -644,6 +739,7 @@ impl Config {
                 ));
             }
         }
+        self.server.second_address()?;
         self.auth.validate()?;
         if let Some(alternate) = self.server.alternate
             && (alternate.port() == 0 || alternate.ip().is_unspecified())
@@ -676,6 +772,7 @@ impl Config {
             ));
         }
         self.relay.validate()?;
+        self.tls.validate(&self.server)?;
         self.cluster.validate()?;
         self.log.validate()?;
         for name in &self.ebpf.interfaces {
@@ -783,6 +880,51 @@ mod tests {
     }
 
     #[test]
+    fn discovery_is_on_by_default_at_the_next_port_and_can_be_turned_off() {
+        let default = Config::default();
+        assert_eq!(
+            default.server.discovery_sockets(),
+            (
+                vec!["0.0.0.0:3479".parse::<SocketAddr>().expect("addr")],
+                false
+            )
+        );
+        assert_eq!(
+            default.server.second_address().ok(),
+            Some(SecondAddress::Auto)
+        );
+        let off = Config::from_toml(
+            "[server]\ndiscovery = false\ndiscovery_second_address = \"none\"\n",
+            "t",
+        )
+        .expect("off");
+        assert_eq!(off.server.discovery_sockets(), (Vec::new(), false));
+        assert_eq!(off.server.second_address().ok(), Some(SecondAddress::Off));
+        // Configured sockets win, and are the operator's (a failure to bind is fatal).
+        let set = Config::from_toml("[server]\ndiscovery_listen = \"192.0.2.10:4000\"\n", "t")
+            .expect("set");
+        assert_eq!(
+            set.server.discovery_sockets(),
+            (
+                vec!["192.0.2.10:4000".parse::<SocketAddr>().expect("addr")],
+                true
+            )
+        );
+        let fixed = Config::from_toml("[server]\ndiscovery_second_address = \"192.0.2.11\"\n", "t")
+            .expect("fixed");
+        assert_eq!(
+            fixed.server.second_address().ok(),
+            Some(SecondAddress::Fixed("192.0.2.11".parse().expect("ip")))
+        );
+        let err = Config::from_toml("[server]\ndiscovery_second_address = \"yes\"\n", "t")
+            .expect_err("not an address");
+        assert!(
+            err.to_string().contains("server.discovery_second_address"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn discovery_listen_takes_one_or_two_addresses() {
         let one = Config::from_toml("[server]\ndiscovery_listen = \"192.0.2.10:3479\"\n", "t")
             .expect("one address");
@@ -826,6 +968,26 @@ mod tests {
         )
         .expect("with a secret");
         assert!(on.server.tcp_forge_synack);
+    }
+
+    #[test]
+    fn tls_listeners_need_a_certificate_and_addresses_of_their_own() {
+        assert!(Config::default().tls.listen.is_empty(), "no TLS by default");
+        let ok = Config::from_toml(
+            "[tls]\nlisten = [\"0.0.0.0:443\", \"0.0.0.0:5349\"]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n",
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(ok.tls.listen.len(), 2);
+        for bad in [
+            "[tls]\nlisten = [\"0.0.0.0:443\"]\n",
+            "[tls]\nlisten = [\"0.0.0.0:443\"]\ncert_file = \"/c.pem\"\n",
+            "[tls]\nlisten = [\"0.0.0.0:443\", \"0.0.0.0:443\"]\ncert_file = \"/c\"\nkey_file = \"/k\"\n",
+            "[tls]\nlisten = [\"0.0.0.0:3478\"]\ncert_file = \"/c\"\nkey_file = \"/k\"\n",
+        ] {
+            let err = Config::from_toml(bad, "t").expect_err(bad);
+            assert!(err.to_string().contains("tls."), "{bad}: {err}");
+        }
     }
 
     #[test]

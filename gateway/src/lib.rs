@@ -45,9 +45,11 @@ pub mod secrets;
 /// The sans-IO protocol core, re-exported so `gateway::proto::...` paths keep working.
 pub use gateway_proto as proto;
 pub mod service;
+pub mod stream;
 pub mod systemd;
 pub mod tcp_punch;
 pub mod tcp_raw;
+pub mod tls;
 pub mod turn;
 pub mod udp;
 

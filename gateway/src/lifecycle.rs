@@ -79,6 +79,8 @@ pub struct Services {
     pub health: Health,
     /// The daemon's metrics (`gateway_draining`).
     pub metrics: Metrics,
+    /// The TLS listeners' certificate, when they run (reloaded on SIGHUP).
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl Services {

@@ -200,9 +200,14 @@ struct PeerArgs {
     /// Another endpoint of the gateway that answers Binding (its discovery port, its
     /// second address; repeatable): used to classify this host's NAT mapping; prints
     /// `nat mapping M filtering F port_preserved B` (filtering with
-    /// --discover-filtering, else unknown).
-    #[arg(long = "discover", value_name = "ADDR")]
+    /// --discover-filtering, else unknown). Without it, the endpoints the gateway
+    /// names in its Register answer are used (a gateway names them by default).
+    #[arg(long = "discover", value_name = "ADDR", conflicts_with = "no_discover")]
     discover: Vec<SocketAddr>,
+    /// Do not classify this host's NAT with the endpoints the gateway names: no
+    /// discovery Bindings, no port prediction (the class stays unknown).
+    #[arg(long)]
+    no_discover: bool,
     /// Also measure the NAT's filtering (signed RFC 5780 CHANGE-REQUEST tests to the
     /// --server port, before the mapping tests; needs --discover). Give the gateway
     /// discovery sockets that are not among the --discover endpoints: a router that
@@ -240,6 +245,14 @@ struct PeerArgs {
     /// Birthday probes per second at most.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     birthday_rate: u32,
+    /// Do not ask the default router for a port mapping. By default the agent asks
+    /// it, at start and in parallel, for a UDP mapping of its socket's port by PCP,
+    /// NAT-PMP and UPnP-IGD, announces the first granted endpoint as a candidate (a
+    /// peer then reaches this one directly even behind a random-port NAT), refreshes
+    /// it, and deletes it on exit. Prints `port-mapping protocol P external ADDR
+    /// lifetime S` or `port-mapping none: WHY`.
+    #[arg(long)]
+    no_port_mapping: bool,
     /// Never fall back to the gateway's TURN relay (by default a peer pair that
     /// cannot punch is relayed, and upgraded to direct when a later attempt works).
     #[arg(long)]
@@ -349,6 +362,11 @@ struct ServeArgs {
     /// second.
     #[arg(long = "discovery-listen", value_name = "ADDR")]
     discovery_listen: Vec<SocketAddr>,
+    /// No default discovery socket (--listen's port + 1) and no discovery endpoints
+    /// named in Register answers (server.discovery = false): agents then classify
+    /// their NAT only with --discover.
+    #[arg(long)]
+    no_discovery: bool,
     /// Answer CHANGE-REQUEST without peer credentials too. AMPLIFIES: anyone can then
     /// make the gateway send from another endpoint to a spoofed address (answers
     /// share the 1000/s budget of unauthenticated errors). Off by default: requests
@@ -397,9 +415,23 @@ struct ServeArgs {
     /// Do not serve TURN (the relay runs by default when a secret is configured).
     #[arg(long)]
     no_relay: bool,
-    /// Serve TURN over UDP only (by default also over TCP on the same port).
+    /// Serve UDP only on the service port (by default also TCP on the same port:
+    /// TURN and the rendezvous over TCP).
     #[arg(long)]
     no_relay_tcp: bool,
+    /// Serve TURN over TLS (`turns:`) and the rendezvous over TLS on this address
+    /// too (repeatable; typically 0.0.0.0:443 and 0.0.0.0:5349); needs --tls-cert
+    /// and --tls-key [config: tls.listen].
+    #[arg(long = "tls-listen", value_name = "ADDR")]
+    tls_listen: Vec<SocketAddr>,
+    /// The TLS certificate chain, PEM, leaf first (e.g. an ACME client's
+    /// fullchain.pem); read again on SIGHUP and when the file changes [config:
+    /// tls.cert_file].
+    #[arg(long = "tls-cert", value_name = "PEM")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The TLS private key, PEM [config: tls.key_file].
+    #[arg(long = "tls-key", value_name = "PEM")]
+    tls_key: Option<std::path::PathBuf>,
     /// REALM of the relay's long-term credentials [default: gateway].
     #[arg(long)]
     realm: Option<String>,
@@ -493,6 +525,7 @@ fn peer(args: PeerArgs) -> Result<()> {
     agent.host_candidates = args.host_candidates;
     agent.probe_budget = args.probe_budget;
     agent.discovery = args.discover;
+    agent.discover = !args.no_discover;
     agent.filtering = args.discover_filtering;
     agent.prediction_window = args.prediction_window;
     agent.open_ttl = args.open_ttl;
@@ -540,6 +573,7 @@ fn peer(args: PeerArgs) -> Result<()> {
         forward,
         observe,
         tcp,
+        port_mapping: !args.no_port_mapping,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -641,6 +675,9 @@ fn apply_flags(args: &ServeArgs, log_format: Option<LogFormat>, config: &mut Con
     if let Some(listen) = args.metrics_listen {
         config.metrics.listen = listen;
     }
+    if args.no_discovery {
+        config.server.discovery = false;
+    }
     if !args.discovery_listen.is_empty() {
         config.server.discovery_listen = args.discovery_listen.clone();
     }
@@ -665,6 +702,15 @@ fn apply_flags(args: &ServeArgs, log_format: Option<LogFormat>, config: &mut Con
     }
     if args.no_relay_tcp {
         config.relay.tcp = false;
+    }
+    if !args.tls_listen.is_empty() {
+        config.tls.listen = args.tls_listen.clone();
+    }
+    if let Some(path) = &args.tls_cert {
+        config.tls.cert_file = Some(path.clone());
+    }
+    if let Some(path) = &args.tls_key {
+        config.tls.key_file = Some(path.clone());
     }
     if !args.relay_addresses.is_empty() {
         config.relay.addresses = args.relay_addresses.clone();
@@ -733,6 +779,47 @@ fn serve(args: ServeArgs, log_format: Option<LogFormat>, pinned: Option<String>)
     runtime.block_on(serve_async(config, reload))
 }
 
+/// What Register answers name for NAT discovery: the bound discovery sockets, and
+/// (with a wildcard service address) the second address `server.discovery_second_address`
+/// picks among this host's addresses.
+fn discovery_endpoints(
+    config: &Config,
+    local: SocketAddr,
+    bound: &[SocketAddr],
+) -> Result<gateway::proto::rendezvous::DiscoveryEndpoints> {
+    use gateway::config::SecondAddress;
+    let wildcard = local.ip().is_unspecified();
+    let other_addresses = match config.server.second_address()? {
+        SecondAddress::Off => Vec::new(),
+        SecondAddress::Fixed(ip) => vec![ip],
+        SecondAddress::Auto if wildcard => gateway::turn::host_addresses()
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| {
+                // Reachable by peers: not loopback, link-local, multicast or
+                // unspecified; of the service socket's family (an IPv6 wildcard is
+                // dual-stack).
+                let link_local = match ip {
+                    std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                    std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+                };
+                !ip.is_loopback()
+                    && !ip.is_multicast()
+                    && !ip.is_unspecified()
+                    && !link_local
+                    && (local.is_ipv6() || ip.is_ipv4())
+            })
+            .collect(),
+        SecondAddress::Auto => Vec::new(),
+    };
+    Ok(gateway::proto::rendezvous::DiscoveryEndpoints {
+        service_port: local.port(),
+        service_wildcard: wildcard,
+        sockets: bound.to_vec(),
+        other_addresses,
+    })
+}
+
 /// Where a reload reads the configuration from, and how it applies the flags.
 struct ReloadSource {
     path: Option<PathBuf>,
@@ -752,9 +839,22 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
     let local = socket.local_addr().context("service socket address")?;
     tracing::info!(udp = %local, "service listening");
     let mut discovery_sockets = Vec::new();
-    for &addr in &config.server.discovery_listen {
-        discovery_sockets.push(udp::bind(addr)?);
-        tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
+    let mut discovery_bound = Vec::new();
+    let (discovery_addrs, configured) = config.server.discovery_sockets();
+    for addr in discovery_addrs {
+        match udp::bind(addr) {
+            Ok(socket) => {
+                discovery_sockets.push(socket);
+                discovery_bound.push(addr);
+                tracing::info!(udp = %addr, "discovery listening (STUN Binding only)");
+            }
+            // The default socket is a convenience: a port already taken costs the
+            // agents their default classification, not the gateway its start.
+            Err(e) if !configured => tracing::warn!(
+                "default discovery socket unavailable ({e}); agents classify their NAT only with --discover (set server.discovery_listen, or server.discovery = false)"
+            ),
+            Err(e) => return Err(e.into()),
+        }
     }
 
     // Bind now so a taken port stops start-up; serve only once everything else is
@@ -767,7 +867,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
 
     let probe = if config.ebpf.enabled {
         let mut ports = vec![local.port()];
-        ports.extend(config.server.discovery_listen.iter().map(SocketAddr::port));
+        ports.extend(discovery_bound.iter().map(SocketAddr::port));
         let interfaces = if config.ebpf.interfaces.is_empty() {
             gateway::ebpf::interfaces_up()
         } else {
@@ -846,9 +946,18 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
             let mut server =
                 RendezvousServer::new(secret.clone(), rendezvous_config, rand::random());
             server.set_alternates(
-                Alternates::new(local, config.server.discovery_listen.clone()),
+                Alternates::new(local, discovery_bound.clone()),
                 config.server.discovery_unauthenticated,
             );
+            if config.server.discovery {
+                let endpoints = discovery_endpoints(&config, local, &discovery_bound)?;
+                tracing::info!(
+                    sockets = ?endpoints.sockets,
+                    second_addresses = ?endpoints.other_addresses,
+                    "Register answers name the discovery endpoints"
+                );
+                server.set_discovery_endpoints(endpoints);
+            }
             server.set_tcp_forge(config.server.tcp_forge_synack);
             if config.server.tcp_forge_synack {
                 tracing::warn!(
@@ -940,19 +1049,54 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
             ),
         )));
     }
-    let tcp_task = match &relay {
-        Some(relay) if config.relay.tcp => {
+    // TCP on the service port and the TLS listeners: TURN and the rendezvous over
+    // streams, sharing one set of connection limits.
+    let mut stream_tasks = Vec::new();
+    let mut tls = None;
+    if relay.is_some() || rendezvous.is_some() {
+        let streams = gateway::stream::StreamService::new(
+            relay.clone(),
+            rendezvous.clone(),
+            client_socket.clone(),
+            metrics.clone(),
+            cluster.clone(),
+        )?;
+        if config.relay.tcp {
             let listener = tokio::net::TcpListener::bind(local)
                 .await
-                .with_context(|| format!("cannot listen for TURN over TCP on {local}"))?;
-            tracing::info!(tcp = %local, "TURN over TCP listening");
-            Some(tokio::spawn(health.watch(
-                "turn-tcp",
-                gateway::turn::serve_tcp(listener, relay.clone()),
-            )))
+                .with_context(|| format!("cannot listen for TCP on {local}"))?;
+            tracing::info!(tcp = %local, "TURN and the rendezvous over TCP listening");
+            stream_tasks.push(tokio::spawn(health.watch(
+                "stream-tcp",
+                gateway::stream::serve_tcp(listener, streams.clone()),
+            )));
         }
-        _ => None,
-    };
+        if let (false, Some(cert), Some(key)) = (
+            config.tls.listen.is_empty(),
+            &config.tls.cert_file,
+            &config.tls.key_file,
+        ) {
+            let tls_metrics = gateway::tls::TlsMetrics::new(&metrics.registry)?;
+            let loaded = gateway::tls::Tls::new(cert, key, tls_metrics)
+                .context("tls.cert_file / tls.key_file (--tls-cert, --tls-key)")?;
+            for &addr in &config.tls.listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for TLS on {addr}"))?;
+                tracing::info!(tls = %addr, "TURN and the rendezvous over TLS listening");
+                stream_tasks.push(tokio::spawn(health.watch(
+                    format!("stream-tls-{addr}"),
+                    gateway::tls::serve(listener, loaded.clone(), streams.clone()),
+                )));
+            }
+            stream_tasks.push(tokio::spawn(loaded.clone().watch()));
+            tls = Some(loaded);
+        }
+    } else if !config.tls.listen.is_empty() {
+        tracing::warn!(
+            "tls.listen is set but neither the relay nor the rendezvous runs (no auth.secret_file): nothing to serve over TLS"
+        );
+    }
     let threads = config.server.effective_threads();
     tracing::info!(threads, "UDP driver loops");
     let main_loops: Vec<_> = (0..threads)
@@ -977,6 +1121,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
         relay: relay.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
+        tls,
     };
     let mut reloader = Reloader::new(
         reload.path,
@@ -1003,7 +1148,7 @@ async fn serve_async(config: Config, reload: ReloadSource) -> Result<()> {
     if let Some(task) = metrics_task {
         task.abort();
     }
-    if let Some(task) = tcp_task {
+    for task in stream_tasks {
         task.abort();
     }
     if let Some(probe) = probe {

@@ -10,7 +10,9 @@
 //! What applies live: the shared secrets (`auth.secret_file(s)`: rotation), the
 //! relay's peer ranges and limits (`relay.allowed_peer_ranges`,
 //! `denied_peer_ranges`, `max_*`, `bandwidth_bytes_per_second`), the drain settings
-//! (`server.alternate`, `server.drain_timeout`) and the log filter (`log.filter`).
+//! (`server.alternate`, `server.drain_timeout`), the log filter (`log.filter`) and
+//! the TLS certificate and key (the contents of `tls.cert_file` and `tls.key_file`,
+//! also picked up without a SIGHUP when the files change: [`crate::tls`]).
 //! Nothing established is dropped: allocations, permissions, channels, fast-path
 //! entries, registrations and TCP connections stay.
 //!
@@ -40,6 +42,9 @@ pub enum ReloadError {
     /// A secret file cannot be used.
     #[error(transparent)]
     Secret(#[from] SecretError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The log filter cannot be applied.
     #[error(transparent)]
     Log(#[from] LogError),
@@ -68,9 +73,11 @@ impl ReloadOutcome {
 }
 
 /// The settings that only take effect at start (each named as in the file).
-pub const RESTART_KEYS: [&str; 25] = [
+pub const RESTART_KEYS: [&str; 30] = [
     "server.listen",
     "server.discovery_listen",
+    "server.discovery",
+    "server.discovery_second_address",
     "server.discovery_unauthenticated",
     "server.tcp_forge_synack",
     "server.threads",
@@ -94,6 +101,9 @@ pub const RESTART_KEYS: [&str; 25] = [
     "cluster.tls_ca_file",
     "log.format",
     "server.replies_per_source",
+    "tls.listen",
+    "tls.cert_file",
+    "tls.key_file",
 ];
 
 /// The restart-only settings that differ between `old` and `new` (names from
@@ -104,6 +114,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let changed = [
         o.server.listen != n.server.listen,
         o.server.discovery_listen != n.server.discovery_listen,
+        o.server.discovery != n.server.discovery,
+        o.server.discovery_second_address != n.server.discovery_second_address,
         o.server.discovery_unauthenticated != n.server.discovery_unauthenticated,
         o.server.tcp_forge_synack != n.server.tcp_forge_synack,
         o.server.threads != n.server.threads,
@@ -127,6 +139,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         o.cluster.tls_ca_file != n.cluster.tls_ca_file,
         o.log.format != n.log.format,
         o.server.replies_per_source != n.server.replies_per_source,
+        o.tls.listen != n.tls.listen,
+        o.tls.cert_file != n.tls.cert_file,
+        o.tls.key_file != n.tls.key_file,
     ];
     RESTART_KEYS
         .iter()
@@ -168,6 +183,7 @@ struct Prepared {
     restart: Vec<&'static str>,
     secret: Option<SharedSecret>,
     policy: PeerPolicy,
+    certificate: Option<crate::tls::Loaded>,
 }
 
 /// Re-reads and applies the configuration (see the module docs).
@@ -268,14 +284,19 @@ impl Reloader {
         if let Some(filter) = &config.log.filter {
             crate::logging::parse_filter(filter)?;
         }
-        // TLS goes here: when the TURN-over-TLS listener exists, its certificate and
-        // key are read now, so a missing or unreadable one refuses the reload before
-        // anything changes, and handed over in `apply` like the secrets.
+        // The TLS listeners' certificate and key (the files they started with: new
+        // paths need a restart) are read now, so a missing or broken one refuses the
+        // reload before anything changes; handed over in `apply` like the secrets.
+        let certificate = match &self.services.tls {
+            Some(tls) => Some(tls.read()?),
+            None => None,
+        };
         Ok(Prepared {
             config,
             restart,
             secret,
             policy,
+            certificate,
         })
     }
 
@@ -287,6 +308,7 @@ impl Reloader {
             restart,
             secret,
             policy,
+            certificate,
         } = prepared;
         if let Some(log) = &self.log {
             if let Some(pinned) = log.pinned()
@@ -309,6 +331,9 @@ impl Reloader {
             if let Some(relay) = &self.services.relay {
                 relay.reconfigure(secret, policy, crate::turn::turn_config(&config));
             }
+        }
+        if let (Some(tls), Some(certificate)) = (&self.services.tls, certificate) {
+            tls.install(certificate);
         }
         self.current = config;
         Ok(restart)
@@ -359,6 +384,7 @@ mod tests {
 
     fn services() -> Services {
         Services {
+            tls: None,
             rendezvous: None,
             relay: None,
             health: Health::new(),

@@ -62,7 +62,6 @@ use crate::fast_path::{FastPathConfig, RelayFastPath};
 use crate::limits::FdPermit;
 use crate::proto::{
     Transmit, Transport,
-    binding::BindingService,
     credentials::SharedSecret,
     drain::Draining,
     peer_policy::PeerPolicy,
@@ -104,8 +103,6 @@ pub struct RelayMetrics {
     pub fast_path_to_client: IntCounter,
     /// Channels installed in the kernel fast path now.
     pub fast_path_entries: IntGauge,
-    /// TURN-over-TCP connections closed at accept (their source had its share).
-    pub tcp_refused: IntCounter,
 }
 
 impl RelayMetrics {
@@ -169,13 +166,7 @@ impl RelayMetrics {
             "Bound channels installed in the kernel fast path",
         )?;
         registry.register(Box::new(fast_path_entries.clone()))?;
-        let tcp_refused = IntCounter::new(
-            "gateway_turn_tcp_refused_total",
-            "TURN-over-TCP connections closed at once because their source (IPv4 address, IPv6 /64) held its share of the connection slots",
-        )?;
-        registry.register(Box::new(tcp_refused.clone()))?;
         Ok(Self {
-            tcp_refused,
             fast_path_entries,
             fast_path_to_peer: fast_path.with_label_values(&["client_to_peer"]),
             fast_path_to_client: fast_path.with_label_values(&["peer_to_client"]),
@@ -310,31 +301,6 @@ fn fold_fast_path(fast: &mut RelayFastPath, metrics: &RelayMetrics) {
     }
 }
 
-/// The writers of the TCP clients' connections, by client address. A leaf lock:
-/// each method takes and releases it without calling anything else, so it is never
-/// held while the state lock is taken, and taking it under the state lock cannot
-/// deadlock.
-#[derive(Default)]
-struct TcpClients(Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>);
-
-impl TcpClients {
-    fn map(&self) -> MutexGuard<'_, HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn insert(&self, addr: SocketAddr, writer: tokio::sync::mpsc::Sender<Vec<u8>>) {
-        self.map().insert(addr, writer);
-    }
-
-    fn remove(&self, addr: SocketAddr) {
-        self.map().remove(&addr);
-    }
-
-    fn writer(&self, addr: SocketAddr) -> Option<tokio::sync::mpsc::Sender<Vec<u8>>> {
-        self.map().get(&addr).cloned()
-    }
-}
-
 /// What relay tasks share.
 pub struct RelayShared {
     state: Mutex<RelayState>,
@@ -348,7 +314,6 @@ pub struct RelayShared {
     metrics: RelayMetrics,
     client_socket: ServiceSocket,
     tid_counter: AtomicU64,
-    tcp_clients: TcpClients,
     /// This relay, for the tasks of the sockets it opens.
     this: Weak<RelayShared>,
 }
@@ -378,7 +343,6 @@ impl RelayShared {
             metrics,
             client_socket,
             tid_counter: AtomicU64::new(rand::random()),
-            tcp_clients: TcpClients::default(),
             this: weak.clone(),
         })
     }
@@ -543,19 +507,13 @@ impl RelayShared {
     }
 
     /// Sends to a client over its transport without waiting: the service socket
-    /// for UDP, the connection's writer for TCP (a full queue drops, as UDP would).
+    /// for UDP, the connection's writer for TCP and TLS (a full queue drops, as UDP
+    /// would).
     fn send_to_client(&self, client: ClientAddr, local: Option<IpAddr>, payload: &[u8]) -> bool {
         match client.transport {
             Transport::Udp => self.client_socket.try_send(client.addr, local, payload),
-            Transport::Tcp => {
-                let Some(writer) = self.tcp_clients.writer(client.addr) else {
-                    return false;
-                };
-                // Over a stream, ChannelData is padded to a multiple of four bytes.
-                let mut framed = Vec::with_capacity(payload.len().next_multiple_of(4));
-                framed.extend_from_slice(payload);
-                framed.resize(payload.len().next_multiple_of(4), 0);
-                writer.try_send(framed).is_ok()
+            Transport::Tcp | Transport::Tls => {
+                crate::stream::writers().send(client.addr, client.transport, payload)
             }
         }
     }
@@ -754,14 +712,11 @@ impl RelayShared {
         label
     }
 
-    /// A TCP client's connection is gone: its allocation (or pending Allocate) ends.
-    fn remove_tcp_client(&self, addr: SocketAddr) {
-        self.tcp_clients.remove(addr);
+    /// A TCP or TLS client's connection is gone: its allocation (or pending
+    /// Allocate) ends.
+    pub(crate) fn remove_stream_client(&self, client: ClientAddr) {
         let mut state = self.lock();
-        state.core.remove_client(ClientAddr {
-            addr,
-            transport: Transport::Tcp,
-        });
+        state.core.remove_client(client);
         let mut outputs = Outputs::default();
         state.drain(&self.metrics, &mut outputs);
         self.unlock(state, &mut outputs);
@@ -1203,223 +1158,6 @@ fn send_from(socket: &RelaySocket, relay: SocketAddr, peer: SocketAddr, data: &[
     socket.get_ref().send_to(data, peer).is_ok()
 }
 
-/// Most TCP clients served at once; more wait in the kernel's backlog.
-const MAX_TCP_CLIENTS: usize = 4096;
-/// Most TCP clients served at once from one source address (IPv4 address, IPv6
-/// /64): one source cannot take every slot. More are closed at once.
-pub const MAX_TCP_CLIENTS_PER_SOURCE: usize = 64;
-/// A TCP client's first frame must arrive whole within this long, and an idle
-/// connection (no frame at all) is closed after [`TCP_IDLE`].
-const TCP_FIRST_FRAME: std::time::Duration = std::time::Duration::from_secs(30);
-const TCP_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
-/// Once a frame's header is in, the rest must follow within this long (a client
-/// that announces a frame and then trickles or stops holds a slot otherwise).
-pub const TCP_FRAME_BODY: std::time::Duration = std::time::Duration::from_secs(5);
-/// A frame to a client must be written within this long (a client that stops
-/// reading is closed rather than holding its queue and slot forever).
-const TCP_WRITE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// TCP clients per source, for [`MAX_TCP_CLIENTS_PER_SOURCE`]. A leaf lock: held
-/// only to count, never across I/O.
-#[derive(Default)]
-struct TcpSources(std::sync::Mutex<HashMap<IpAddr, usize>>);
-
-impl TcpSources {
-    /// The unit a source is counted by.
-    fn key(ip: IpAddr) -> IpAddr {
-        match ip.to_canonical() {
-            IpAddr::V6(v6) => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(std::net::Ipv6Addr::from(bits))
-            }
-            v4 => v4,
-        }
-    }
-
-    /// Counts one more connection from `ip`, unless it has its share already.
-    fn admit(&self, ip: IpAddr) -> bool {
-        let mut counts = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = counts.entry(Self::key(ip)).or_insert(0);
-        if *count >= MAX_TCP_CLIENTS_PER_SOURCE {
-            return false;
-        }
-        *count += 1;
-        true
-    }
-
-    /// One connection from `ip` less; true when none is left from anyone.
-    fn release(&self, ip: IpAddr) -> bool {
-        let mut counts = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = Self::key(ip);
-        if let Some(count) = counts.get_mut(&key) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&key);
-            }
-        }
-        counts.is_empty()
-    }
-}
-
-/// Gives the memory of closed TCP clients back to the system once the last one is
-/// gone: glibc keeps freed heap for reuse, so a burst of connections (a flood of
-/// silent ones: about 5.5 KiB each) otherwise stays in the RSS for good.
-fn trim_heap() {
-    // SAFETY: malloc_trim only releases free heap memory; no pointer is involved.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-/// TURN over TCP (RFC 8656 §3.1): the client speaks STUN and ChannelData framed on a
-/// stream; the relayed side is UDP as always. The allocation lives as long as the
-/// connection. Serves until the task is dropped.
-pub async fn serve_tcp(listener: tokio::net::TcpListener, shared: Arc<RelayShared>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
-    let sources = Arc::new(TcpSources::default());
-    let mut refused_logged = false;
-    let mut errors = crate::limits::AcceptErrors::new("TURN TCP");
-    loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, addr) = match listener.accept().await {
-            Ok(accepted) => {
-                errors.accepted();
-                accepted
-            }
-            Err(e) => {
-                errors.failed(&e);
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            }
-        };
-        // A client beyond the descriptor budget is closed at once (it would need a
-        // relay socket too), so the listeners and /metrics keep their reserve.
-        let Some(fd) = crate::limits::fd_budget().try_acquire() else {
-            drop(stream);
-            continue;
-        };
-        if !sources.admit(addr.ip()) {
-            // Closed at once (dropped): this source holds its share of the slots.
-            if !refused_logged {
-                tracing::warn!(source = %addr.ip(), limit = MAX_TCP_CLIENTS_PER_SOURCE, "TURN TCP: a source reached its connection limit; closing its further connections (logged once)");
-                refused_logged = true;
-            }
-            shared.metrics.tcp_refused.inc();
-            drop((stream, fd));
-            continue;
-        }
-        let shared = shared.clone();
-        let sources = sources.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _fd = fd;
-            let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-            let local = stream.local_addr().ok().map(|a| a.ip().to_canonical());
-            let _ = stream.set_nodelay(true);
-            serve_tcp_client(stream, addr, local, &shared).await;
-            shared.remove_tcp_client(addr);
-            if sources.release(addr.ip()) {
-                trim_heap();
-            }
-        });
-    }
-}
-
-/// Length of the frame starting with `head`: a STUN message (20-byte header plus
-/// its length) or ChannelData (4 bytes plus its length, padded to four on streams).
-fn tcp_frame_len(head: [u8; 4]) -> Option<usize> {
-    let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
-    match head[0] >> 6 {
-        0 => Some(20 + len),
-        1 => Some(CHANNEL_DATA_HEADER + len.next_multiple_of(4)),
-        _ => None,
-    }
-}
-
-async fn serve_tcp_client(
-    stream: tokio::net::TcpStream,
-    addr: SocketAddr,
-    local: Option<IpAddr>,
-    shared: &RelayShared,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut reader, mut writer) = stream.into_split();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(256);
-    shared.tcp_clients.insert(addr, tx.clone());
-    let writer_task = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            match tokio::time::timeout(TCP_WRITE, writer.write_all(&frame)).await {
-                Ok(Ok(())) => {}
-                // Gone, or not reading: the reader sees the queue closed and ends.
-                _ => return,
-            }
-        }
-    });
-    let client = ClientAddr {
-        addr,
-        transport: Transport::Tcp,
-    };
-    // Grown to the largest frame seen (at most 64 KiB + 20): a connection that never
-    // sends a large frame never holds a large buffer.
-    let mut frame = vec![0u8; 2048];
-    let mut reply = Vec::with_capacity(512);
-    // The first frame must be whole by this deadline; later ones get TCP_IDLE for
-    // their header and TCP_FRAME_BODY for the rest.
-    let mut first_deadline = Some(tokio::time::Instant::now() + TCP_FIRST_FRAME);
-    loop {
-        let head_deadline =
-            first_deadline.unwrap_or_else(|| tokio::time::Instant::now() + TCP_IDLE);
-        let mut head = [0u8; 4];
-        match tokio::time::timeout_at(head_deadline, reader.read_exact(&mut head)).await {
-            Ok(Ok(_)) => {}
-            _ => break,
-        }
-        let Some(len) = tcp_frame_len(head) else {
-            tracing::debug!(%addr, "TURN TCP: not STUN or ChannelData; closing");
-            break;
-        };
-        if frame.len() < len {
-            frame.resize(len, 0);
-        }
-        frame[..4].copy_from_slice(&head);
-        let body_deadline = (tokio::time::Instant::now() + TCP_FRAME_BODY)
-            .min(first_deadline.unwrap_or(tokio::time::Instant::now() + TCP_FRAME_BODY));
-        match tokio::time::timeout_at(body_deadline, reader.read_exact(&mut frame[4..len])).await {
-            Ok(Ok(_)) => {}
-            _ => {
-                tracing::debug!(%addr, "TURN TCP: a frame did not arrive whole in time; closing");
-                break;
-            }
-        }
-        first_deadline = None;
-        let bytes = &frame[..len];
-        if head[0] >> 6 == 1 {
-            shared.channel_data(client, bytes);
-            continue;
-        }
-        let is_turn = Message::parse(bytes)
-            .is_ok_and(|m| TurnServer::is_turn_method(m.message_type().method));
-        if is_turn {
-            shared.turn_message(client, local, bytes, &mut reply);
-        } else {
-            // STUN Binding works over TCP too; anything else is not served here.
-            BindingService.handle(addr, bytes, &mut reply);
-        }
-        if !reply.is_empty() && tx.send(reply.clone()).await.is_err() {
-            break;
-        }
-    }
-    writer_task.abort();
-}
-
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayStartError {
@@ -1552,7 +1290,7 @@ pub fn peer_policy(
     // range covers its addresses (client-to-client relaying on one host).
     policy.protect_ports(
         std::iter::once(listen.port())
-            .chain(config.server.discovery_listen.iter().map(|a| a.port()))
+            .chain(config.server.discovery_sockets().0.iter().map(|a| a.port()))
             .chain(
                 config
                     .metrics
@@ -1619,18 +1357,6 @@ pub fn host_addresses() -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tcp_frames_are_stun_or_padded_channel_data() {
-        // STUN: 20-byte header plus the length field.
-        assert_eq!(tcp_frame_len([0x00, 0x03, 0x00, 0x08]), Some(28));
-        // ChannelData: 4 bytes plus the data, padded to four on a stream.
-        assert_eq!(tcp_frame_len([0x40, 0x00, 0x00, 0x05]), Some(12));
-        assert_eq!(tcp_frame_len([0x7F, 0xFF, 0x00, 0x08]), Some(12));
-        // Neither (first bits 10 or 11): the connection is closed.
-        assert_eq!(tcp_frame_len([0x80, 0x00, 0x00, 0x00]), None);
-        assert_eq!(tcp_frame_len([0xC0, 0x00, 0x00, 0x00]), None);
-    }
 
     fn loopback_opener(ports: RangeInclusive<u16>) -> RelayOpener {
         RelayOpener {

@@ -262,7 +262,38 @@ pub(crate) struct SendScratch {
 /// source address (IP_PKTINFO / IPV6_PKTINFO) and segment size. Should a segmented
 /// message fail (a device without segmentation support), its copies go out one by
 /// one instead; a full send buffer is waited out.
+///
+/// A transmit for a stream client (TCP or TLS: a rendezvous answer or introduction
+/// to a peer registered over a connection) goes to that connection's writer
+/// instead ([`crate::stream::send_stream`]).
 pub(crate) async fn send_transmits(
+    client: &ServiceSocket,
+    transmits: &[Transmit],
+    metrics: &Metrics,
+    scratch: &mut SendScratch,
+) {
+    if transmits.iter().any(|t| t.transport.is_stream()) {
+        let datagrams: Vec<Transmit> = transmits
+            .iter()
+            .filter(|t| {
+                if t.transport.is_stream() {
+                    // A gone connection or a full queue drops it, as UDP would.
+                    crate::stream::send_stream(t);
+                    false
+                } else {
+                    true
+                }
+            })
+            .cloned()
+            .collect();
+        send_datagrams(client, &datagrams, metrics, scratch).await;
+    } else {
+        send_datagrams(client, transmits, metrics, scratch).await;
+    }
+}
+
+/// [`send_transmits`] for datagrams only.
+async fn send_datagrams(
     client: &ServiceSocket,
     transmits: &[Transmit],
     metrics: &Metrics,

@@ -1,11 +1,15 @@
 """Two aioice agents (an independent ICE/TURN implementation, from PyPI) connect to
 each other through the gateway's TURN relay only, then exchange messages.
 
-Usage: aioice_relay.py HOST PORT USER_A PASS_A USER_B PASS_B MESSAGES
+Usage: aioice_relay.py HOST PORT USER_A PASS_A USER_B PASS_B MESSAGES [CA_FILE]
+With CA_FILE the agents reach the relay over TLS (a `turns:` server, TURN over
+TLS over TCP), trusting only that CA and checking the server's name (HOST);
+without it over UDP.
 Prints one JSON object; exits non-zero when anything did not arrive.
 """
 import asyncio
 import json
+import ssl
 import sys
 
 import aioice
@@ -15,6 +19,9 @@ async def main() -> int:
     host, port = sys.argv[1], int(sys.argv[2])
     user_a, pass_a, user_b, pass_b = sys.argv[3:7]
     messages = int(sys.argv[7])
+    tls = None
+    if len(sys.argv) > 8:
+        tls = ssl.create_default_context(cafile=sys.argv[8])
 
     def agent(controlling: bool, user: str, password: str) -> aioice.Connection:
         return aioice.Connection(
@@ -23,7 +30,8 @@ async def main() -> int:
             turn_server=(host, port),
             turn_username=user,
             turn_password=password,
-            turn_transport="udp",
+            turn_transport="tcp" if tls else "udp",
+            turn_ssl=tls if tls else False,
             transport_policy=aioice.TransportPolicy.RELAY,
         )
 

@@ -83,6 +83,8 @@ pub struct Launch {
 /// killed on drop.
 #[derive(Debug)]
 pub struct GatewayProcess {
+    /// `gateway serve` (ready once /readyz no longer says "starting").
+    serve: bool,
     child: Option<Child>,
     /// The lab host it runs in; `None`: this test's own namespace.
     host: Option<Host>,
@@ -92,7 +94,8 @@ pub struct GatewayProcess {
 
 impl GatewayProcess {
     /// Starts `gateway serve` in `host`'s namespace with `args` added, serving metrics
-    /// on `metrics_addr`, logging to a temporary file, and waits until /metrics answers.
+    /// on `metrics_addr`, logging to a temporary file, and waits until every listener
+    /// is bound (/readyz no longer says "starting").
     pub fn start(
         host: &Host,
         metrics_addr: SocketAddr,
@@ -201,6 +204,7 @@ impl GatewayProcess {
             .stderr(log_file);
         let child = command.spawn().map_err(io("spawning the gateway"))?;
         let mut process = Self {
+            serve: subcommand == "serve",
             child: Some(child),
             host: host.cloned(),
             metrics_addr,
@@ -221,12 +225,21 @@ impl GatewayProcess {
                     self.log_text()
                 )));
             }
-            if self.scrape().is_ok() {
+            // `serve` answers /metrics before every listener is bound; /readyz says
+            // "starting" until then (and may say other things later, e.g. a cluster
+            // without Redis, which a test may want). Other subcommands have /metrics.
+            let up = if self.serve {
+                matches!(self.fetch("/readyz"), Ok((status, body))
+                    if status == 200 || !body.contains("starting"))
+            } else {
+                self.scrape().is_ok()
+            };
+            if up {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(DaemonError::NotReady(format!(
-                    "no /metrics after {timeout:?}; log:\n{}",
+                    "not started after {timeout:?}; log:\n{}",
                     self.log_text()
                 )));
             }
@@ -534,9 +547,45 @@ impl PeerProcess {
         None
     }
 
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the agent (`ip netns exec` execs
+    /// it, so the child's pid is the agent's).
+    pub fn signal(&self, signal: i32) -> Result<(), DaemonError> {
+        let pid = i32::try_from(self.child.id()).unwrap_or(i32::MAX);
+        // SAFETY: plain kill(2) on our own child's pid.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(DaemonError::Io {
+                what: format!("sending signal {signal}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
     /// Every status line seen so far.
     pub fn seen(&self) -> &[String] {
         &self.seen
+    }
+
+    /// Waits up to `timeout` for the agent to exit (collecting the lines it printed)
+    /// and returns its exit status; `None` while it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Ok(line) = self.lines.try_recv() {
+                self.seen.push(line);
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // The reader thread ends with the pipe: take its last lines.
+                while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(line);
+                }
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -16,4 +16,5 @@ pub mod redis;
 pub mod relay_gateway;
 pub mod soak;
 pub mod tcp;
+pub mod tls;
 pub mod turn;

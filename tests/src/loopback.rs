@@ -41,6 +41,22 @@ pub fn free_udp() -> SocketAddr {
         .expect("a free UDP port")
 }
 
+/// A port free a moment ago on 127.0.0.1 for both UDP and TCP, with the next UDP
+/// port free too (the service port: the gateway serves TCP on its UDP port's number
+/// and binds its default discovery socket one above).
+pub fn free_udp_and_tcp() -> SocketAddr {
+    loop {
+        let udp = free_udp();
+        let next = SocketAddr::new(udp.ip(), udp.port().wrapping_add(1));
+        if udp.port() < u16::MAX
+            && std::net::TcpListener::bind(udp).is_ok()
+            && UdpSocket::bind(next).is_ok()
+        {
+            return udp;
+        }
+    }
+}
+
 /// A TCP port free a moment ago on 127.0.0.1.
 pub fn free_tcp() -> SocketAddr {
     std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -53,7 +69,7 @@ impl LoopbackGateway {
     /// on 127.0.0.1 with 100 ports, `extra` arguments added, and waits until /metrics
     /// answers (10 s at most).
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
-        let service = free_udp();
+        let service = free_udp_and_tcp();
         let metrics = free_tcp();
         let secret = dir.join("secret");
         crate::daemon::write_secret(&secret, SECRET).expect("secret file");
@@ -79,15 +95,35 @@ impl LoopbackGateway {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while gateway.scrape().is_none() {
+        // /readyz answers 200 once every listener is bound and every loop runs
+        // (/metrics answers earlier, while the TCP and TLS listeners may still be
+        // coming up).
+        while !gateway.ready() {
             assert!(
                 Instant::now() < deadline,
-                "no /metrics after 10 s; log:\n{}",
+                "not ready after 10 s; log:\n{}",
                 gateway.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
         gateway
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn ready(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect_timeout(&self.metrics, Duration::from_secs(1))
+        else {
+            return false;
+        };
+        let mut text = String::new();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .is_ok()
+            && stream
+                .write_all(b"GET /readyz HTTP/1.0\r\nHost: gateway\r\n\r\n")
+                .is_ok()
+            && stream.read_to_string(&mut text).is_ok()
+            && text.starts_with("HTTP/1.1 200")
     }
 
     /// Its process id.

@@ -8,7 +8,7 @@ use gateway::proto::credentials::{Credentials, SharedSecret};
 
 use crate::{
     daemon::{DaemonError, GatewayProcess, PeerProcess},
-    lab::{Host, Lab, LabError, NatPreset},
+    lab::{Host, Lab, LabError, NatPreset, WanConditions},
 };
 
 /// The lab gateway's shared secret.
@@ -112,17 +112,105 @@ pub fn start_with_gateway(
     alice_args: &[&str],
     bob_args: &[&str],
 ) -> Result<PunchLab, DaemonError> {
+    start_under(
+        topology,
+        WanConditions::default(),
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
+}
+
+/// [`start`] as the README's "Running the gateway yourself" runs it: no
+/// `--discovery-listen` on the gateway, no `--discover` on the agents (they use the
+/// endpoints the gateway names in its Register answer).
+pub fn start_without_discovery_flags(
+    topology: Topology,
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    start_as(
+        topology,
+        false,
+        WanConditions::default(),
+        &|_| Ok(()),
+        &[],
+        alice_args,
+        bob_args,
+    )
+}
+
+/// [`start_with_gateway`] in a lab with WAN conditions (e.g. a
+/// [`crate::lab::WanProfile`]'s): bob's registration and classification may then
+/// take a few round trips longer, so it is waited for up to 10 s.
+pub fn start_under(
+    topology: Topology,
+    wan: WanConditions,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    start_prepared(
+        topology,
+        wan,
+        &|_| Ok(()),
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
+}
+
+/// [`start_under`], running `prepare` on the built lab before anything starts in it
+/// (e.g. a core rule that blocks the direct path, to force the relay fallback).
+pub fn start_prepared(
+    topology: Topology,
+    wan: WanConditions,
+    prepare: &dyn Fn(&Lab) -> Result<(), LabError>,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    start_as(
+        topology,
+        true,
+        wan,
+        prepare,
+        gateway_args,
+        alice_args,
+        bob_args,
+    )
+}
+
+/// Builds the lab (with `wan` conditions, `prepare` run on it) and starts
+/// everything; `discovery_flags`: the gateway gets `--discovery-listen` and the
+/// agents [`DISCOVER`].
+fn start_as(
+    topology: Topology,
+    discovery_flags: bool,
+    wan: WanConditions,
+    prepare: &dyn Fn(&Lab) -> Result<(), LabError>,
+    gateway_args: &[&str],
+    alice_args: &[&str],
+    bob_args: &[&str],
+) -> Result<PunchLab, DaemonError> {
+    let discover: &[&str] = if discovery_flags { DISCOVER } else { &[] };
+    let delayed = !wan.is_ideal();
     let lab = match &topology {
         Topology::TwoSites(a, b) => Lab::builder()
             .site("a", a.clone())
             .site("b", b.clone())
+            .wan(wan)
             .build()?,
-        Topology::SameSite(p) => Lab::builder().site_with_hosts("a", p.clone(), 2).build()?,
+        Topology::SameSite(p) => Lab::builder()
+            .site_with_hosts("a", p.clone(), 2)
+            .wan(wan)
+            .build()?,
     };
-    let (gateway, secret_path) = start_gateway(&lab, gateway_args)?;
+    prepare(&lab)?;
+    let (gateway, secret_path) = start_gateway_with(lab.server(), discovery_flags, gateway_args)?;
     let (host_a, host_b) = hosts(&lab, &topology)?;
     let (alice_creds, bob_creds) = (credentials("alice"), credentials("bob"));
-    let mut args = DISCOVER.to_vec();
+    let mut args = discover.to_vec();
     args.extend_from_slice(bob_args);
     let mut bob = PeerProcess::start(
         &host_b,
@@ -131,9 +219,12 @@ pub fn start_with_gateway(
         &bob_creds.password,
         &args,
     )?;
-    bob.wait_for("nat mapping", Duration::from_secs(5));
+    bob.wait_for(
+        "nat mapping",
+        Duration::from_secs(if delayed { 10 } else { 5 }),
+    );
     let mut args = vec!["--connect", "bob"];
-    args.extend_from_slice(DISCOVER);
+    args.extend_from_slice(discover);
     args.extend_from_slice(alice_args);
     let alice = PeerProcess::start(
         &host_a,
@@ -167,6 +258,17 @@ pub fn start_gateway_on(
     host: &Host,
     gateway_args: &[&str],
 ) -> Result<(GatewayProcess, PathBuf), DaemonError> {
+    start_gateway_with(host, true, gateway_args)
+}
+
+/// [`start_gateway_on`], with `--discovery-listen 0.0.0.0:3479` only when
+/// `discovery_listen` (without it, serve binds its default discovery socket, the
+/// same port).
+fn start_gateway_with(
+    host: &Host,
+    discovery_listen: bool,
+    gateway_args: &[&str],
+) -> Result<(GatewayProcess, PathBuf), DaemonError> {
     let secret_path = std::env::temp_dir().join(format!(
         "gw-punch-{}-{}",
         std::process::id(),
@@ -177,11 +279,11 @@ pub fn start_gateway_on(
         source,
     })?;
     let secret_arg = secret_path.to_string_lossy().into_owned();
-    let mut serve_args = vec![
-        "--listen",
-        "0.0.0.0:3478",
-        "--discovery-listen",
-        "0.0.0.0:3479",
+    let mut serve_args = vec!["--listen", "0.0.0.0:3478"];
+    if discovery_listen {
+        serve_args.extend_from_slice(&["--discovery-listen", "0.0.0.0:3479"]);
+    }
+    serve_args.extend_from_slice(&[
         "--no-ebpf",
         "--secret-file",
         &secret_arg,
@@ -193,7 +295,7 @@ pub fn start_gateway_on(
         "203.0.113.0/24",
         "--allow-peer",
         "192.0.2.0/24",
-    ];
+    ]);
     serve_args.extend_from_slice(gateway_args);
     let gateway = GatewayProcess::start(host, SocketAddr::from((host.addr(), 9478)), &serve_args)?;
     Ok((gateway, secret_path))

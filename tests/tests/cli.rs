@@ -442,3 +442,277 @@ fn the_packaged_config_file_parses_to_the_defaults() {
         assert!(text.contains(&format!("#{key} = ")), "{key} missing");
     }
 }
+
+/// Credentials for `peer` from the test secret, valid for an hour.
+fn issue(secret: &[u8], peer: &str) -> gateway::proto::credentials::Credentials {
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    gateway::proto::credentials::SharedSecret::new(secret)
+        .issue(peer, expiry)
+        .expect("issue")
+}
+
+#[test]
+fn a_wrong_password_is_one_clear_line_and_a_failed_exit() {
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "right-secret\n").expect("write");
+    let gateway = LoopbackGateway::start(&secret_file);
+    // Credentials from another secret: the gateway derives another password.
+    let wrong = issue(b"wrong-secret", "alice");
+    let started = Instant::now();
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &wrong.username,
+        &wrong.password,
+        &[
+            "--server",
+            &gateway.addr.to_string(),
+            "--bind",
+            "127.0.0.1:0",
+            "--connect",
+            "bob",
+        ],
+    )
+    .expect("alice");
+    let status = alice
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running: {:?}", alice.seen()));
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let refused: Vec<&String> = alice
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("refused"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{:?}", alice.seen());
+    assert!(
+        // Register or the Connect sent with it, whichever was refused second.
+        (refused[0].starts_with("refused register code 401: wrong or expired credentials")
+            || refused[0].starts_with("refused connect code 401: wrong or expired credentials"))
+            && refused[0].contains("GATEWAY_PASSWORD")
+            && refused[0].ends_with("; stopping"),
+        "{}",
+        refused[0]
+    );
+}
+
+#[test]
+fn an_unknown_peer_is_said_with_backoff_never_several_lines_a_second() {
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "backoff-secret\n").expect("write");
+    let gateway = LoopbackGateway::start(&secret_file);
+    let alice = issue(b"backoff-secret", "alice");
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &[
+            "--server",
+            &gateway.addr.to_string(),
+            "--bind",
+            "127.0.0.1:0",
+            "--connect",
+            "nobody",
+        ],
+    )
+    .expect("alice");
+    let first = alice
+        .wait_for("refused connect code 404", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no refusal: {:?}", alice.seen()));
+    assert!(
+        first.contains("peer not registered with the gateway")
+            && first.ends_with("retrying in 1 s, then less often"),
+        "{first}"
+    );
+    // Ten seconds more: the retries go at 1, 3, 7 s (then every 8 s: the agent's unit
+    // tests count them) and the same refusal is said once per 30 s: one line.
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(10))
+            .is_none()
+    );
+    let refusals = alice
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("refused"))
+        .count();
+    assert_eq!(refusals, 1, "{:?}", alice.seen());
+}
+
+#[test]
+fn a_server_that_does_not_answer_is_reported_after_a_bounded_wait() {
+    use std::time::{Duration, Instant};
+
+    // A UDP port that receives and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let alice = issue(b"any-secret", "alice");
+    let started = Instant::now();
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &["--server", &addr.to_string(), "--bind", "127.0.0.1:0"],
+    )
+    .expect("alice");
+    let line = alice
+        .wait_for("no answer from", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("nothing said: {:?}", alice.seen()));
+    assert!(
+        line.starts_with(&format!("no answer from {addr} over udp for 5 s")),
+        "{line}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    // The agent keeps trying (the Registers reach the socket) and says nothing more
+    // until the silence doubled.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 1500];
+    assert!(
+        silent.recv_from(&mut buf).is_ok(),
+        "no Register after the report"
+    );
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(3))
+            .is_none()
+    );
+    let said = alice
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("no answer"))
+        .count();
+    assert_eq!(said, 1, "{:?}", alice.seen());
+}
+
+#[test]
+fn peers_classify_their_nat_with_the_endpoints_serve_names_by_default() {
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "discovery-secret\n").expect("write");
+    // No discovery flag on either side.
+    let gateway = LoopbackGateway::start(&secret_file);
+    let server = gateway.addr.to_string();
+    let alice = issue(b"discovery-secret", "alice");
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &["--server", &server, "--bind", "127.0.0.1:0"],
+    )
+    .expect("alice");
+    // Loopback has no NAT: the Register answer named 127.0.0.1:PORT+1, and the
+    // Binding there saw the socket's own address.
+    let line = alice
+        .wait_for("nat mapping ", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("not classified: {:?}", alice.seen()));
+    assert!(line.starts_with("nat mapping none "), "{line}");
+    // --no-discover: registered, never classified.
+    let bob = issue(b"discovery-secret", "bob");
+    let mut bob = gateway_tests::daemon::PeerProcess::start_here(
+        &bob.username,
+        &bob.password,
+        &[
+            "--server",
+            &server,
+            "--bind",
+            "127.0.0.1:0",
+            "--no-discover",
+        ],
+    )
+    .expect("bob");
+    assert!(
+        bob.wait_for("registered public", Duration::from_secs(5))
+            .is_some()
+    );
+    assert!(
+        bob.wait_for("nat mapping ", Duration::from_secs(3))
+            .is_none(),
+        "{:?}",
+        bob.seen()
+    );
+}
+
+#[test]
+fn a_peer_the_relay_refuses_is_said_once_without_a_tight_loop() {
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let secret_file = dir.path().join("secret");
+    gateway_tests::daemon::write_secret(&secret_file, "relay-secret\n").expect("write");
+    let gateway = LoopbackGateway::start(&secret_file);
+    let server = gateway.addr.to_string();
+    // No probes at all (no budget, no opener): punching fails after its 5 s window
+    // and alice falls back to the relay, whose default peer policy refuses bob's
+    // loopback address (the gateway's own).
+    let no_punch = ["--probe-budget", "0", "--open-ttl", "0"];
+    let bob = issue(b"relay-secret", "bob");
+    let mut bob_args = vec!["--server", server.as_str(), "--bind", "127.0.0.1:0"];
+    bob_args.extend_from_slice(&no_punch);
+    let mut bob =
+        gateway_tests::daemon::PeerProcess::start_here(&bob.username, &bob.password, &bob_args)
+            .expect("bob");
+    assert!(
+        bob.wait_for("registered public", Duration::from_secs(5))
+            .is_some()
+    );
+    let alice = issue(b"relay-secret", "alice");
+    let mut alice_args = vec![
+        "--server",
+        server.as_str(),
+        "--bind",
+        "127.0.0.1:0",
+        "--connect",
+        "bob",
+    ];
+    alice_args.extend_from_slice(&no_punch);
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &alice_args,
+    )
+    .expect("alice");
+    let refused = alice
+        .wait_for(
+            "refused create-permission code 403",
+            Duration::from_secs(12),
+        )
+        .unwrap_or_else(|| panic!("no refusal: {:?}", alice.seen()));
+    assert!(
+        refused.contains("the relay's peer policy denies this peer's address")
+            && refused.ends_with("next attempt at this peer in 16 s"),
+        "{refused}"
+    );
+    // 15 s more: the next attempt waits 16 s, so nothing loops meanwhile.
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(15))
+            .is_none()
+    );
+    let count = |prefix: &str| {
+        alice
+            .seen()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .count()
+    };
+    assert_eq!(count("refused create-permission"), 1, "{:?}", alice.seen());
+    assert_eq!(count("introduced peer bob"), 1, "{:?}", alice.seen());
+    assert_eq!(count("relay-fallback"), 1, "{:?}", alice.seen());
+}

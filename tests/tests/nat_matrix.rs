@@ -10,7 +10,9 @@ use std::{
 };
 
 use gateway_tests::{
-    lab::{Filtering, Mapping, NatPreset, PortAllocation, RouterKind, lab_available},
+    lab::{
+        Filtering, Mapping, NatPreset, PortAllocation, RouterKind, lab_available, profile_from_env,
+    },
     punch::{self, PathSeen, Topology},
 };
 
@@ -122,6 +124,11 @@ fn nat_matrix() {
     if !lab_available() {
         return;
     }
+    // GATEWAY_LAB_PROFILE=continental (`cargo xtask wan-matrix`) runs the matrix over
+    // delayed links; the deadlines grow by 20 round trips.
+    let profile = profile_from_env();
+    let slack = profile.rtt() * 20;
+    println!("WAN profile: {} ({})", profile.name(), profile.summary());
     let presets: Vec<NatPreset> = NatPreset::all_named().to_vec();
     let mut cells: Vec<(Topology, bool, &'static str, String)> = Vec::new();
     for (i, a) in presets.iter().enumerate() {
@@ -172,12 +179,18 @@ fn nat_matrix() {
                     // the table says so, and the second run must match.
                     let mut missed = None;
                     let (path, seen) = loop {
-                        let mut scenario =
-                            punch::start(topology.clone(), &flags, &flags).expect("punch lab");
+                        let mut scenario = punch::start_under(
+                            topology.clone(),
+                            profile.conditions(),
+                            &[],
+                            &flags,
+                            &flags,
+                        )
+                        .expect("punch lab");
                         // Direct within 8 s; otherwise the fallback: punching gives up
                         // after 5 s, then the relay path (or at once for a hopeless pair).
-                        let path =
-                            scenario.wait_path(Duration::from_secs(if direct { 8 } else { 14 }));
+                        let path = scenario
+                            .wait_path(Duration::from_secs(if direct { 8 } else { 14 }) + slack);
                         let seen = format!(
                             "alice {:?} bob {:?}",
                             scenario.alice.seen(),

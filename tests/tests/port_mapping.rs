@@ -3,7 +3,10 @@
 //! gateway's three discovery sockets, it grants a mapping to the agent's
 //! port-mapping client (PCP or NAT-PMP, whichever answers the probe first), and an
 //! unsolicited datagram from the outside reaches the host through that mapping
-//! only, until the client deletes it.
+//! only, until the client deletes it. Then `gateway peer` agents with it (issue
+//! 18): two random-port symmetric NATs with birthday punching off punch directly
+//! when both routers run miniupnpd, or only one, and are relayed without it; a
+//! SIGTERM deletes the mapping before the agent exits.
 use std::{
     net::{SocketAddr, UdpSocket},
     path::PathBuf,
@@ -18,7 +21,7 @@ use gateway::{
     },
 };
 use gateway_tests::{
-    daemon::{GatewayProcess, write_secret},
+    daemon::{GatewayProcess, PeerProcess, http_get, write_secret},
     lab::{Lab, NatPreset, PortMappingProtocols, lab_available},
     punch,
 };
@@ -27,7 +30,16 @@ use gateway_tests::{
 /// STUN self-check needs (another port, another address, both), answering
 /// CHANGE-REQUEST without credentials.
 fn gateway(lab: &Lab) -> (GatewayProcess, PathBuf) {
-    let secret = std::env::temp_dir().join(format!("gw-portmap-{}", std::process::id()));
+    gateway_with(lab, &[])
+}
+
+/// [`gateway`] with extra `gateway serve` flags.
+fn gateway_with(lab: &Lab, extra: &[&str]) -> (GatewayProcess, PathBuf) {
+    let secret = std::env::temp_dir().join(format!(
+        "gw-portmap-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     write_secret(&secret, punch::SECRET).expect("secret");
     let secret_arg = secret.to_string_lossy().into_owned();
     let args = [
@@ -44,6 +56,7 @@ fn gateway(lab: &Lab) -> (GatewayProcess, PathBuf) {
         "--secret-file",
         &secret_arg,
     ];
+    let args: Vec<&str> = args.iter().chain(extra).copied().collect();
     let server = lab.server();
     let gateway = GatewayProcess::start(server, SocketAddr::from((server.addr(), 9478)), &args)
         .expect("gateway serve");
@@ -321,4 +334,343 @@ fn a_router_without_port_mapping_costs_a_bounded_wait() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Two agents, alice (`--connect bob`) on site a and bob on site b, both behind a
+/// random-port symmetric NAT, with birthday punching off (`--birthday-probes 0` on
+/// alice, `--birthday-sockets 0` on bob) so only a port mapping can make the path
+/// direct; miniupnpd on the routers of `mapped` sites. Returns the gateway, the
+/// daemons, the agents and the secret file.
+struct MappedPair {
+    lab: Lab,
+    gateway: GatewayProcess,
+    _daemons: Vec<gateway_tests::lab::PortMappingDaemon>,
+    alice: PeerProcess,
+    bob: PeerProcess,
+    secret: PathBuf,
+}
+
+impl Drop for MappedPair {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.secret).ok();
+    }
+}
+
+fn mapped_pair(mapped: &[&str], alice_extra: &[&str]) -> MappedPair {
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .site("b", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    // The relay may reach the lab's "public" (documentation) ranges: the control
+    // pair is relayed.
+    let (gateway, secret) = gateway_with(
+        &lab,
+        &[
+            "--allow-peer",
+            "198.51.100.0/24",
+            "--allow-peer",
+            "203.0.113.0/24",
+            "--allow-peer",
+            "192.0.2.0/24",
+        ],
+    );
+    let daemons = mapped
+        .iter()
+        .map(|name| {
+            lab.site(name)
+                .expect("site")
+                .start_port_mapping(punch::SERVICE)
+                .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()))
+        })
+        .collect();
+    let host = |name: &str| {
+        lab.site(name)
+            .and_then(|s| s.host(0))
+            .expect("host")
+            .clone()
+    };
+    let (alice_creds, bob_creds) = (punch::credentials("alice"), punch::credentials("bob"));
+    let mut args = punch::DISCOVER.to_vec();
+    args.extend_from_slice(&["--birthday-sockets", "0"]);
+    let mut bob = PeerProcess::start(
+        &host("b"),
+        punch::SERVICE,
+        &bob_creds.username,
+        &bob_creds.password,
+        &args,
+    )
+    .expect("bob");
+    assert!(
+        bob.wait_for("nat mapping", Duration::from_secs(5))
+            .is_some(),
+        "bob: {:?}\n{}",
+        bob.seen(),
+        gateway.log_text()
+    );
+    if mapped.contains(&"b") {
+        // Bob's mapped candidate is registered before alice asks for him.
+        let line = bob.wait_for("port-mapping", Duration::from_secs(5));
+        assert!(
+            line.as_deref()
+                .is_some_and(|l| l.starts_with("port-mapping protocol ")),
+            "bob: {:?}",
+            bob.seen()
+        );
+    }
+    let mut args = vec!["--connect", "bob", "--birthday-probes", "0"];
+    args.extend_from_slice(punch::DISCOVER);
+    args.extend_from_slice(alice_extra);
+    let alice = PeerProcess::start(
+        &host("a"),
+        punch::SERVICE,
+        &alice_creds.username,
+        &alice_creds.password,
+        &args,
+    )
+    .expect("alice");
+    MappedPair {
+        lab,
+        gateway,
+        _daemons: daemons,
+        alice,
+        bob,
+        secret,
+    }
+}
+
+impl MappedPair {
+    /// The first path-up line of each agent: (alice's, bob's).
+    fn paths(&mut self) -> (String, String) {
+        let alice = self
+            .alice
+            .wait_for("path-up", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("alice: {:?}", self.alice.seen()));
+        let bob = self
+            .bob
+            .wait_for("path-up", Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("bob: {:?}", self.bob.seen()));
+        // For docs/nat-matrix.md (`-- --nocapture`).
+        eprintln!("alice: {alice}\nbob:   {bob}");
+        (alice, bob)
+    }
+
+    /// Waits for both agents' direct path: the first path, or the upgrade that a
+    /// new mapping brings forward when the grant came after the agent's one-second
+    /// hold (a loaded machine); `None` when either never went direct.
+    fn direct_paths(&mut self) -> Option<(String, String)> {
+        let alice = self
+            .alice
+            .wait_for("path-up peer bob direct", Duration::from_secs(12))?;
+        let bob = self
+            .bob
+            .wait_for("path-up peer alice direct", Duration::from_secs(5))?;
+        eprintln!("alice: {alice}\nbob:   {bob}");
+        Some((alice, bob))
+    }
+}
+
+/// The external endpoint of an agent's `port-mapping protocol P external ADDR
+/// lifetime S` line.
+fn external_of(line: &str) -> SocketAddr {
+    line.split_whitespace()
+        .skip_while(|w| *w != "external")
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no external endpoint in {line:?}"))
+}
+
+#[test]
+fn two_random_port_nats_with_port_mapping_punch_directly_and_delete_at_exit() {
+    if !lab_available() {
+        return;
+    }
+    let mut pair = mapped_pair(&["a", "b"], &["--metrics-listen", "0.0.0.0:9479"]);
+    let Some((alice, bob)) = pair.direct_paths() else {
+        panic!(
+            "no direct path\nalice: {:?}\nbob: {:?}",
+            pair.alice.seen(),
+            pair.bob.seen()
+        )
+    };
+    assert!(alice.contains(" direct ") && bob.contains(" direct "));
+    let mapping = pair
+        .alice
+        .wait_for("port-mapping", Duration::from_secs(1))
+        .expect("alice's port-mapping line");
+    assert!(mapping.starts_with("port-mapping protocol "), "{mapping}");
+    let external = external_of(&mapping);
+    let site_a = pair.lab.site("a").expect("site a");
+    assert_eq!(external.ip(), site_a.wan_addr(), "{mapping}");
+    // The path runs through a mapping: to one of the mapped endpoints, or from one
+    // (the side probed first answers to the other's random-port source).
+    let bob_mapping = pair
+        .bob
+        .wait_for("port-mapping", Duration::from_secs(1))
+        .expect("bob's port-mapping line");
+    let remotes = [&alice, &bob].map(|l| {
+        l.split_whitespace()
+            .nth(4)
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| panic!("no remote in {l}"))
+    });
+    assert!(
+        remotes.contains(&external) || remotes.contains(&external_of(&bob_mapping)),
+        "{remotes:?} {mapping} {bob_mapping}"
+    );
+    // Alice's metrics count the grant by protocol.
+    let host = site_a.host(0).expect("host").clone();
+    let metrics = http_get(&host, SocketAddr::from((host.addr(), 9479)), "/metrics")
+        .expect("alice's /metrics");
+    let protocol = mapping.split_whitespace().nth(2).expect("protocol");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_peer_port_mappings_total{")
+                && l.contains(&format!("protocol=\"{protocol}\""))
+                && l.contains("outcome=\"mapped\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // SIGTERM: the mapping is deleted (the router answered) before the agent exits.
+    pair.alice.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = pair
+        .alice
+        .wait_exit(Duration::from_secs(5))
+        .expect("alice exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        pair.alice
+            .seen()
+            .iter()
+            .any(|l| l == "port-mapping deleted"),
+        "{:?}",
+        pair.alice.seen()
+    );
+}
+
+#[test]
+fn two_random_port_nats_without_port_mapping_are_relayed() {
+    if !lab_available() {
+        return;
+    }
+    let mut pair = mapped_pair(&[], &[]);
+    let (alice, bob) = pair.paths();
+    assert!(
+        alice.contains(" relayed ") && bob.contains(" relayed "),
+        "{alice}\n{bob}\n{}",
+        pair.gateway.log_text()
+    );
+}
+
+#[test]
+fn one_mapped_side_is_enough_for_a_random_port_pair() {
+    if !lab_available() {
+        return;
+    }
+    let mut pair = mapped_pair(&["a"], &[]);
+    let Some((alice, bob)) = pair.direct_paths() else {
+        panic!(
+            "no direct path\nalice: {:?}\nbob: {:?}",
+            pair.alice.seen(),
+            pair.bob.seen()
+        )
+    };
+    assert!(alice.contains(" direct ") && bob.contains(" direct "));
+    let bob_mapping = pair
+        .bob
+        .wait_for("port-mapping none", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    assert!(bob_mapping.contains("pcp no answer"), "{bob_mapping}");
+}
+
+#[test]
+fn an_agent_refused_for_good_deletes_its_mapping_before_it_exits() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let site = lab.site("a").expect("site a");
+    let _daemon = site
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    // Credentials of another secret: the gateway refuses them for good.
+    let wrong = gateway::proto::credentials::SharedSecret::new(b"another secret")
+        .issue("alice", 4_000_000_000)
+        .expect("credentials");
+    let host = site.host(0).expect("host").clone();
+    let mut alice = PeerProcess::start(
+        &host,
+        punch::SERVICE,
+        &wrong.username,
+        &wrong.password,
+        &["--no-discover"],
+    )
+    .expect("alice");
+    let status = alice
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running: {:?}", alice.seen()));
+    assert!(!status.success(), "{status:?}");
+    let seen = alice.seen();
+    let mapped = seen
+        .iter()
+        .position(|l| l.starts_with("port-mapping protocol "));
+    let deleted = seen.iter().position(|l| l == "port-mapping deleted");
+    assert!(
+        mapped.is_some() && deleted.is_some() && mapped < deleted,
+        "{seen:?}"
+    );
+    std::fs::remove_file(secret).ok();
+}
+
+#[test]
+fn no_port_mapping_asks_nothing_even_of_a_router_that_maps() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let site = lab.site("a").expect("site a");
+    let _daemon = site
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    let creds = punch::credentials("alice");
+    let host = site.host(0).expect("host").clone();
+    let mut alice = PeerProcess::start(
+        &host,
+        punch::SERVICE,
+        &creds.username,
+        &creds.password,
+        &["--no-discover", "--no-port-mapping"],
+    )
+    .expect("alice");
+    assert!(
+        alice
+            .wait_for("registered", Duration::from_secs(5))
+            .is_some(),
+        "{:?}",
+        alice.seen()
+    );
+    // The router would grant within milliseconds (the tests above): nothing comes.
+    assert!(
+        alice
+            .wait_for("port-mapping protocol", Duration::from_millis(1500))
+            .is_none()
+    );
+    assert!(
+        alice
+            .seen()
+            .iter()
+            .any(|l| l == "port-mapping none: turned off (--no-port-mapping)"),
+        "{:?}",
+        alice.seen()
+    );
+    std::fs::remove_file(secret).ok();
 }

@@ -194,6 +194,58 @@ fn birthday_punch_through_a_random_port_symmetric_nat_and_forward_a_udp_port() {
 }
 
 #[test]
+fn without_discovery_flags_a_random_port_nat_and_a_port_restricted_cone_punch_directly() {
+    if !lab_available() {
+        return;
+    }
+    // As a new user runs it (README, "Running the gateway yourself"): no
+    // --discovery-listen on serve, no --discover on the agents. The gateway names its
+    // discovery endpoints in the Register answer, each agent classifies its NAT, and
+    // alice's random ports call for birthday punching instead of the relay.
+    let mut pair = punch::start_without_discovery_flags(
+        Topology::TwoSites(NatPreset::symmetric(), NatPreset::port_restricted_cone()),
+        &["--forward-listen", "127.0.0.1:5000"],
+        &["--forward-to", "127.0.0.1:6000"],
+    )
+    .expect("punch lab");
+    let (up_a, up_b) = both_paths_up(&mut pair);
+    let seen = format!("alice {:?} bob {:?}", pair.alice.seen(), pair.bob.seen());
+    let classified = |lines: &[String]| {
+        lines
+            .iter()
+            .find(|l| l.starts_with("nat mapping "))
+            .cloned()
+            .unwrap_or_else(|| panic!("not classified: {seen}"))
+    };
+    assert!(
+        classified(pair.alice.seen()).starts_with("nat mapping address_and_port_dependent "),
+        "{seen}"
+    );
+    assert!(
+        classified(pair.bob.seen()).starts_with("nat mapping endpoint_independent "),
+        "{seen}"
+    );
+    // Punched, not relayed: no relay line on either side.
+    assert!(
+        up_a.contains(" direct ") && up_b.contains(" direct "),
+        "{seen}"
+    );
+    for lines in [pair.alice.seen(), pair.bob.seen()] {
+        assert!(!lines.iter().any(|l| l.starts_with("relay-")), "{seen}");
+    }
+    let wan_b = pair.lab.site("b").expect("b").wan_addr();
+    assert_eq!(direct_remote(&up_a).ip(), wan_b);
+    let elapsed_ms: u64 = up_a
+        .split_whitespace()
+        .skip_while(|w| *w != "elapsed_ms")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{seen}"));
+    eprintln!("punched without discovery flags in {elapsed_ms} ms: {up_a}");
+    forward_both_ways(&pair);
+}
+
+#[test]
 fn discovery_classifies_each_nat_preset() {
     if !lab_available() {
         return;

@@ -22,7 +22,10 @@ use std::{
 
 use gateway_tests::{
     daemon::PeerProcess,
-    lab::{Filtering, Lab, Mapping, NatPreset, RouterKind, Unsolicited, lab_available},
+    lab::{
+        Filtering, Lab, Mapping, NatPreset, RouterKind, Unsolicited, lab_available,
+        profile_from_env,
+    },
     punch::{self, SERVICE},
     tcp::{counted, forward_both_ways},
 };
@@ -360,9 +363,14 @@ impl Measured {
 
 /// Runs the four techniques between alice behind `a` and bob behind `b` in one lab.
 fn run_pair(a: &NatPreset, b: &NatPreset) -> Vec<Measured> {
+    // GATEWAY_LAB_PROFILE (`cargo xtask wan-matrix --tcp`): delayed links; deadlines
+    // grow by 20 round trips.
+    let profile = profile_from_env();
+    let slack = profile.rtt() * 20;
     let lab = Lab::builder()
         .site_with_hosts("a", a.clone(), TECHNIQUES.len())
         .site_with_hosts("b", b.clone(), TECHNIQUES.len())
+        .profile(profile)
         .build()
         .expect("lab");
     let (gateway, secret) = punch::start_gateway(&lab, &["--tcp-forge-synack"]).expect("gateway");
@@ -398,7 +406,7 @@ fn run_pair(a: &NatPreset, b: &NatPreset) -> Vec<Measured> {
         .map(|(i, t)| start("b", i, &["--tcp", t, "--tcp-forward-to", "127.0.0.1:6100"]))
         .collect();
     // Bob registers before alice asks for him (a UDP-blocked bob never does).
-    let registered_by = Instant::now() + Duration::from_secs(2);
+    let registered_by = Instant::now() + Duration::from_secs(2) + slack;
     for bob in &mut bobs {
         bob.wait_for(
             "registered",
@@ -427,11 +435,11 @@ fn run_pair(a: &NatPreset, b: &NatPreset) -> Vec<Measured> {
     let no_intro = class(a).is_none() || class(b).is_none();
     // Registration and the introduction take well under 2 s; each technique's window
     // is 6 s. Without an introduction nothing would come: 4 s show that.
-    let until = Instant::now() + Duration::from_secs(if no_intro { 4 } else { 14 });
+    let until = Instant::now() + Duration::from_secs(if no_intro { 4 } else { 14 }) + slack;
     let mut lines = Vec::new();
     for (alice, bob) in alices.iter_mut().zip(&mut bobs) {
         let a_line = verdict(alice, until);
-        let b_line = verdict(bob, Instant::now() + Duration::from_secs(2));
+        let b_line = verdict(bob, Instant::now() + Duration::from_secs(2) + slack);
         lines.push((a_line, b_line));
     }
     let mut measured = Vec::new();
@@ -445,7 +453,7 @@ fn run_pair(a: &NatPreset, b: &NatPreset) -> Vec<Measured> {
         measured.push((alice_line, bob_line, forwarded));
     }
     // Both sides' reports reach the gateway within a round trip of their verdicts.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(300) + slack / 10);
     let metrics = gateway.scrape().unwrap_or_default();
     let cells = measured
         .into_iter()

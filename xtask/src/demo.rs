@@ -54,9 +54,19 @@ pub enum LabCommand {
         /// A site as NAME=PRESET (repeatable), e.g. `--site a=full-cone --site b=symmetric`.
         #[arg(long = "site", value_name = "NAME=PRESET", required = true)]
         sites: Vec<String>,
+        /// WAN conditions on the core's links (see `cargo xtask lab profiles`).
+        #[arg(long, default_value = "lan")]
+        profile: String,
+        /// Override one link's one-way delays (on top of the profile, which keeps its
+        /// jitter, loss and reordering): `SITE=UP_MS/DOWN_MS`, or `gateway=UP_MS/DOWN_MS`
+        /// for the public segment's link; up is toward the core (repeatable).
+        #[arg(long = "link", value_name = "NAME=UP/DOWN")]
+        links: Vec<String>,
     },
     /// List the NAT presets.
     Presets,
+    /// List the WAN profiles (`lab up --profile NAME`).
+    Profiles,
     /// Remove every namespace the lab ever made (also those of running tests).
     Clean,
 }
@@ -108,9 +118,45 @@ pub fn lab(command: LabCommand) -> Result<()> {
             println!("removed {removed} lab namespaces");
             Ok(())
         }
-        LabCommand::Up { sites } => {
+        LabCommand::Profiles => {
+            for profile in lab::WanProfile::ALL {
+                println!("{:18} {}", profile.name(), profile.summary());
+            }
+            Ok(())
+        }
+        LabCommand::Up {
+            sites,
+            profile,
+            links,
+        } => {
             require_lab()?;
-            let mut builder = Lab::builder();
+            let profile: lab::WanProfile = profile.parse()?;
+            let mut wan = profile.conditions();
+            for link in &links {
+                let (name, delays) = link
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--link wants NAME=UP_MS/DOWN_MS, got {link:?}"))?;
+                let (up, down) = delays
+                    .split_once('/')
+                    .and_then(|(u, d)| Some((u.parse::<u64>().ok()?, d.parse::<u64>().ok()?)))
+                    .ok_or_else(|| anyhow!("--link wants NAME=UP_MS/DOWN_MS, got {link:?}"))?;
+                let mut conditions = if name == "gateway" {
+                    wan.gateway.clone()
+                } else {
+                    wan.site(name).clone()
+                };
+                conditions.up.delay = Duration::from_millis(up);
+                conditions.down.delay = Duration::from_millis(down);
+                wan = if name == "gateway" {
+                    lab::WanConditions {
+                        gateway: conditions,
+                        ..wan
+                    }
+                } else {
+                    wan.with_site(name, conditions)
+                };
+            }
+            let mut builder = Lab::builder().wan(wan);
             for site in &sites {
                 let (name, preset) = site
                     .split_once('=')

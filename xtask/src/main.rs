@@ -55,6 +55,16 @@ enum Command {
     /// Measure time from introduction to a direct path per NAT pair in the lab
     /// (median and p95), printing a markdown table.
     PunchBench(bench::PunchBenchArgs),
+    /// Time to a path per WAN profile (`cargo xtask lab profiles`) for probe pairs,
+    /// birthday pairs and a relayed pair (median and p95 against the goals), as a
+    /// markdown table.
+    WanTiming(bench::WanTimingArgs),
+    /// The UDP NAT matrix (or with --tcp the TCP table) with every lab under a WAN
+    /// profile: the matrix tests run with GATEWAY_LAB_PROFILE set.
+    WanMatrix(bench::WanMatrixArgs),
+    /// Relay fallback and the background upgrade to direct under a WAN profile
+    /// (default mobile), as a markdown table.
+    WanFallback(bench::WanFallbackArgs),
     /// Measure what the eBPF programs cost per packet: BPF_PROG_TEST_RUN of each path
     /// beside a pass-through program, and UDP throughput over a veth pair with nothing,
     /// the pass-through, or the programs attached. Needs root; prints markdown tables.
@@ -114,6 +124,9 @@ fn main() -> ExitCode {
         ),
         Command::Demo(args) => demo::demo(args),
         Command::PunchBench(args) => bench::punch_bench(args),
+        Command::WanTiming(args) => bench::wan_timing(args),
+        Command::WanMatrix(args) => bench::wan_matrix(args),
+        Command::WanFallback(args) => bench::wan_fallback(args),
         Command::BenchEbpf(args) => ebpf_bench::bench_ebpf(args),
         Command::BenchRendezvous(args) => rendezvous_bench::bench_rendezvous(args),
         Command::BenchRedisMemory(args) => redis_memory::bench_redis_memory(&args),

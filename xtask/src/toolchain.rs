@@ -25,9 +25,12 @@ use anyhow::{Context, Result, bail};
 /// there); libevent-dev, libssl-dev and pkg-config: to build coturn 4.17.1 from
 /// `../shared/vendor` (the relay benchmark's baseline and the relay smoke test's load
 /// generator and reflector); ethtool: the relay benchmark's `--as-on-a-wire` (UDP
-/// segmentation offload off on `lo`); miniupnpd-nftables: the lab's port-mapping
+/// segmentation offload off on `lo`); openssl: the TLS tests' throwaway CA and
+/// certificates (tests/src/tls.rs); miniupnpd-nftables: the lab's port-mapping
 /// router daemon (NAT-PMP, PCP, UPnP-IGD; started by the tests inside router
-/// namespaces, the package's own service is not used).
+/// namespaces, the package's own service is not used); iptables: the lab's WAN
+/// emulator queues what crosses the core router with the xtables NFQUEUE target
+/// (`iptables-nft-restore`; this kernel has no native nft `queue`).
 const DEBIAN_PACKAGES: &[&str] = &[
     "rustc-web",
     "rust-web-src",
@@ -46,7 +49,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libssl-dev",
     "pkg-config",
     "ethtool",
+    "openssl",
     "miniupnpd-nftables",
+    "iptables",
 ];
 /// Debian's policy hook that tells maintainer scripts not to start services.
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
@@ -94,11 +99,11 @@ fn bpf_linker_path() -> PathBuf {
 }
 
 /// The cargo that runs xtask (rustup's or Debian's), for host builds.
-fn host_cargo() -> String {
+pub(crate) fn host_cargo() -> String {
     env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
 }
 
-fn run(command: &mut Command) -> Result<()> {
+pub(crate) fn run(command: &mut Command) -> Result<()> {
     let shown = format!("{command:?}");
     let status = command
         .status()

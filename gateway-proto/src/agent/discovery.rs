@@ -221,7 +221,7 @@ impl Agent {
         }
         if self.discovery.filter.started.is_none() {
             self.discovery.primary = Some(mapped);
-            if !self.config.discovery.is_empty() {
+            if !self.discovery_endpoints().is_empty() {
                 self.start_discovery(now, mapped);
             }
         }
@@ -388,7 +388,7 @@ impl Agent {
     /// Sends one Binding to every discovery endpoint (the mapping tests).
     fn send_mapping_tests(&mut self, now: Instant) {
         self.discovery.sent_at = Some(now);
-        for (order, endpoint) in self.config.discovery.clone().into_iter().enumerate() {
+        for (order, endpoint) in self.discovery_endpoints().to_vec().into_iter().enumerate() {
             let tid = self.tid();
             self.discovery.pending.insert(tid, (endpoint, order));
             self.send_binding_request(tid, endpoint);
@@ -741,5 +741,31 @@ mod tests {
             !connect_before_class_ack,
             "a connect went out before the class was registered"
         );
+    }
+
+    #[test]
+    fn the_gateway_names_its_endpoints_and_the_agent_classifies_without_flags() {
+        // Behind an endpoint-independent NAT that does not keep the port, the
+        // Register answer names 192.0.2.10:3479 and 192.0.2.11:3478/3479: classified.
+        let (event, took) =
+            discover_behind_with(SimFilter::Independent, false, false, Vec::new(), Some(true));
+        assert_eq!(
+            event,
+            Some(AgentEvent::NatClassified {
+                class: NatClass::EndpointIndependent,
+                filtering: FilteringClass::Unknown,
+                port_preserved: false,
+            })
+        );
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        // --no-discover: nothing is classified, whatever the gateway says.
+        let (event, _) = discover_behind_with(
+            SimFilter::Independent,
+            false,
+            false,
+            Vec::new(),
+            Some(false),
+        );
+        assert_eq!(event, None);
     }
 }

@@ -19,18 +19,24 @@
 //! - `birthday`: birthday punching toward a random-port NAT, and the extra sockets;
 //! - `relay_leg`: the TURN fallback through our allocation, relay offers, upgrades;
 //! - `report`: outcome reports, TCP reports and TCP-Seq requests to the gateway;
+//! - `refusal`: refusals in words, what the agent does next, and the retry
+//!   schedules (backoff, wrong credentials end the agent);
+//! - `port_mapping`: the mapping of our socket's port asked of the default router
+//!   (PCP, NAT-PMP; UPnP-IGD through the driver), announced as a mapped candidate;
 //! - `failover`: the heartbeat to the current gateway node and the move to the next
 //!   one when it falls silent (only with two or more servers configured);
 //! - `sim` (tests only): the simulated networks every agent test runs on.
 mod birthday;
 mod discovery;
 mod failover;
+mod port_mapping;
+mod refusal;
 mod relay_leg;
 mod report;
 mod session;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     net::SocketAddr,
     time::{Duration, Instant},
 };
@@ -49,9 +55,12 @@ pub use self::{
     birthday::{BirthdayRole, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_SOCKETS, birthday_role},
     discovery::{FilterTest, classify_filtering, classify_mapping, predict_ports},
     failover::ServerChangeReason,
+    port_mapping::PortMapTarget,
+    refusal::{NextStep, method_name, reason as refusal_reason},
 };
 use crate::{
     Transmit, earliest,
+    portmap::{PortMapClient, PortMapEvent},
     rendezvous::{
         client::{self, PeerCredentials, Role},
         wire::{CLUSTER_UNAVAILABLE, Candidate, CandidateKind, FilteringClass, NatClass, method},
@@ -88,8 +97,15 @@ pub struct AgentConfig {
     /// by what discovery measures when `discovery` is set.
     pub nat: NatClass,
     /// Other endpoints of the gateway answering Binding (its discovery port, its second
-    /// address) used to classify this peer's NAT mapping (RFC 5780 ideas).
+    /// address) used to classify this peer's NAT mapping (RFC 5780 ideas). Empty (the
+    /// default): the endpoints the gateway names in its Register answer, when
+    /// `discover` is on.
     pub discovery: Vec<SocketAddr>,
+    /// Classify this peer's NAT with the endpoints the gateway names in its Register
+    /// answer (DISCOVERY-ENDPOINT) when `discovery` is empty. On by default (`gateway
+    /// peer --no-discover` turns it off); a gateway that names none (an older one, or
+    /// `server.discovery = false`) leaves the class as configured.
+    pub discover: bool,
     /// Before the mapping tests, measure the NAT's filtering with RFC 5780
     /// CHANGE-REQUEST tests to `server` (needs `discovery`). Off by default: behind a
     /// router that accepts unsolicited packets itself, an answer it swallowed from a
@@ -144,6 +160,15 @@ pub struct AgentConfig {
     /// TCP punching on: every introduction then also yields
     /// [`AgentEvent::TcpIntroduced`].
     pub tcp_candidates: Vec<SocketAddr>,
+    /// Ask the default router for a UDP mapping of the agent's socket port (PCP and
+    /// NAT-PMP here, UPnP-IGD by the driver when `upnp`) and announce the granted
+    /// endpoint as a [`CandidateKind::Mapped`] candidate. `None` (the default): no
+    /// port-mapping traffic at all.
+    pub port_mapping: Option<PortMapTarget>,
+    /// With `port_mapping`: the driver also tries UPnP-IGD and reports through
+    /// [`Agent::handle_upnp_mapping`] (the client waits for it before saying no
+    /// protocol gave a mapping).
+    pub upnp: bool,
 }
 
 impl AgentConfig {
@@ -158,6 +183,7 @@ impl AgentConfig {
             host_candidates: Vec::new(),
             nat: NatClass::Unknown,
             discovery: Vec::new(),
+            discover: true,
             filtering: false,
             prediction_window: 6,
             keepalive: Duration::from_secs(15),
@@ -176,6 +202,8 @@ impl AgentConfig {
             birthday_rate: 1000,
             birthday_after: Duration::from_millis(500),
             tcp_candidates: Vec::new(),
+            port_mapping: None,
+            upnp: false,
         }
     }
 
@@ -224,12 +252,30 @@ pub enum AgentEvent {
         /// Whether the NAT kept the local port.
         port_preserved: bool,
     },
-    /// The gateway refused a request.
+    /// The gateway (or its relay) refused a request. Said once per refusal; the
+    /// retries behind it back off (see `NextStep`), so a driver printing every one
+    /// never prints several a second.
     Refused {
-        /// The method refused.
+        /// The method refused (rendezvous or TURN; [`method_name`] names it).
         method: u16,
         /// The STUN error code.
         code: u16,
+        /// What the code means for this agent, in words ([`refusal_reason`]).
+        reason: &'static str,
+        /// What the agent does next; [`NextStep::Stop`]: it has stopped.
+        next: NextStep,
+    },
+    /// The gateway has answered nothing for `silent` (only with a single server:
+    /// with several, [`AgentEvent::ServerChanged`] says it). Said after
+    /// `refusal::NO_ANSWER_AFTER`, then each time the silence doubles; the Register
+    /// keeps going with backoff.
+    NoAnswer {
+        /// The server.
+        server: SocketAddr,
+        /// How long since the first request it did not answer.
+        silent: Duration,
+        /// When the next Register goes, from now.
+        retry_in: Duration,
     },
     /// An introduction arrived; probing starts after its delay.
     Introduced {
@@ -331,6 +377,9 @@ pub enum AgentEvent {
         /// The other side.
         peer_id: String,
     },
+    /// The port-mapping client reported: a mapping granted, refreshed or lost, none
+    /// available (each protocol's outcome), or the mapping deleted at close.
+    PortMapping(PortMapEvent),
     /// Application data from a peer.
     Data {
         /// The sender.
@@ -397,18 +446,44 @@ pub struct Agent {
     sockets: ExtraSockets,
     /// The gateway nodes, the current one, its liveness and the heartbeat.
     servers: Servers,
+    /// Unauthenticated 401 answers in a row (wrong credentials; see
+    /// `refusal::FATAL_CREDENTIAL_REFUSALS`).
+    credential_refusals: u32,
+    /// Wrong credentials: the agent sends nothing more and has no timers.
+    stopped: bool,
+    /// Per wanted peer, the wait before the next attempt after a 404 or a failed
+    /// attempt (doubling; back to the start once a path is up).
+    connect_retry: HashMap<String, Duration>,
+    /// Peers whose address the relay refused (said once).
+    relay_denied: HashSet<String>,
+    /// Since when the current server has answered nothing (None: it answered last),
+    /// and when to say so next.
+    unanswered_since: Option<Instant>,
+    silence_report_at: Option<Instant>,
+    /// The discovery endpoints the first server named in its first Register answer.
+    advertised_discovery: Vec<SocketAddr>,
+    /// Whether any Register was answered (until then, with `discover` on, connects
+    /// wait: the answer may name discovery endpoints).
+    registered_once: bool,
+    /// The port-mapping client (with `AgentConfig::port_mapping`).
+    portmap: Option<PortMapClient>,
+    /// The external endpoint of the mapping held now, announced in Register.
+    mapped: Option<SocketAddr>,
+    /// Until when connects wait for the router's first answer (`None`: it came, or
+    /// the wait is over, or no port mapping).
+    portmap_hold: Option<Instant>,
 }
 
 /// First retransmission of an unanswered Register (RFC 8489's RTO default).
 const FIRST_REGISTER_RETRY: Duration = Duration::from_millis(500);
 
-const CONNECT_RETRY: Duration = Duration::from_secs(1);
+use self::refusal::{CONNECT_RETRY, FATAL_CREDENTIAL_REFUSALS, NO_ANSWER_AFTER};
 const MAX_PROBE_TIDS: usize = 16_384;
 
 impl Agent {
     /// Creates an agent that registers at once.
     pub fn new(config: AgentConfig, now: Instant, seed: u64) -> Self {
-        Self {
+        let mut agent = Self {
             servers: Servers::new(&config, now),
             config,
             rng: StdRng::seed_from_u64(seed),
@@ -427,12 +502,86 @@ impl Agent {
             classified_at: None,
             class_registered: false,
             sockets: ExtraSockets::new(),
+            credential_refusals: 0,
+            stopped: false,
+            connect_retry: HashMap::new(),
+            relay_denied: HashSet::new(),
+            unanswered_since: None,
+            silence_report_at: None,
+            advertised_discovery: Vec::new(),
+            registered_once: false,
+            portmap: None,
+            mapped: None,
+            portmap_hold: None,
+        };
+        agent.start_port_mapping(now);
+        agent
+    }
+
+    /// The endpoints discovery tests the mapping with: the configured ones, else
+    /// (with `discover` on) those the gateway named.
+    pub(super) fn discovery_endpoints(&self) -> &[SocketAddr] {
+        if !self.config.discovery.is_empty() {
+            &self.config.discovery
+        } else if self.config.discover {
+            &self.advertised_discovery
+        } else {
+            &[]
         }
+    }
+
+    /// Whether the agent has stopped for good (the gateway refused its credentials):
+    /// it sends nothing more, has no timers, and its driver should end.
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// The next wait before asking for `peer` again, and the one after it (doubled,
+    /// at most `cap`).
+    fn back_off_peer(&mut self, now: Instant, peer: &str, cap: Duration) -> Duration {
+        let wait = self
+            .connect_retry
+            .get(peer)
+            .copied()
+            .unwrap_or(CONNECT_RETRY);
+        if let Some(at) = self.wanted.get_mut(peer) {
+            *at = (*at).max(now + wait);
+            self.connect_retry
+                .insert(peer.to_owned(), refusal::next_connect_retry(wait, cap));
+        }
+        wait
+    }
+
+    /// A path to `peer` is up: its next failure starts the backoff afresh.
+    fn path_came_up(&mut self, peer: &str) {
+        self.connect_retry.remove(peer);
+        self.relay_denied.remove(peer);
+    }
+
+    /// Says once (per silence, then each time it doubles) that the single server
+    /// answers nothing.
+    fn silence_timeout(&mut self, now: Instant) {
+        let (Some(since), Some(at)) = (self.unanswered_since, self.silence_report_at) else {
+            return;
+        };
+        if now < at || !self.config.fallback_servers.is_empty() {
+            return;
+        }
+        let silent = now.saturating_duration_since(since);
+        self.silence_report_at = Some(now + silent.max(NO_ANSWER_AFTER));
+        self.events.push_back(AgentEvent::NoAnswer {
+            server: self.servers.current(),
+            silent,
+            retry_in: self.next_register.saturating_duration_since(now),
+        });
     }
 
     /// Asks the gateway to introduce us to `peer_id`, and keeps asking (re-punching)
     /// whenever no path to it is up.
     pub fn connect(&mut self, peer_id: &str, now: Instant) {
+        if self.stopped {
+            return;
+        }
         self.wanted.insert(peer_id.to_owned(), now);
     }
 
@@ -527,13 +676,20 @@ impl Agent {
     /// earliest deadline of the registration, the connect retries and the
     /// sub-machines.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let portmap = self.portmap.as_ref().and_then(PortMapClient::poll_timeout);
+        if self.stopped {
+            return portmap;
+        }
         earliest(
             [
+                portmap,
+                self.portmap_hold,
                 Some(self.next_register),
                 self.next_connect(),
                 self.discovery.next_timeout(),
                 self.turn.next_timeout(),
                 self.servers.next_timeout(&self.config),
+                self.silence_report_at,
             ]
             .into_iter()
             .chain(self.sessions.values().map(|s| s.next_timeout(&self.config))),
@@ -547,7 +703,8 @@ impl Agent {
 
     fn send_register(&mut self, now: Instant) {
         let tid = self.tid();
-        // TCP candidates first: the Register's cap must not drop them.
+        // TCP candidates first: the Register's cap must not drop them; the mapped
+        // one next, so the introduction's cap keeps it before the host candidates.
         let candidates: Vec<Candidate> = self
             .config
             .tcp_candidates
@@ -556,6 +713,10 @@ impl Agent {
                 kind: CandidateKind::TcpServerReflexive,
                 addr,
             })
+            .chain(self.mapped.map(|addr| Candidate {
+                kind: CandidateKind::Mapped,
+                addr,
+            }))
             .chain(self.config.host_candidates.iter().map(|&addr| Candidate {
                 kind: CandidateKind::Host,
                 addr,
@@ -576,6 +737,10 @@ impl Agent {
         self.pending
             .insert(tid, PendingRequest::new(method::REGISTER, now));
         self.send_to_server(payload);
+        if self.unanswered_since.is_none() {
+            self.unanswered_since = Some(now);
+            self.silence_report_at = Some(now + NO_ANSWER_AFTER);
+        }
         // Until answered, resend with backoff (a lost Register must not wait for the
         // next keepalive); the answer moves this to the keepalive schedule.
         self.next_register = now + self.register_retry.min(self.config.keepalive);
@@ -584,12 +749,17 @@ impl Agent {
 
     /// Runs timers: keepalives, connect retries, probe rounds, timeouts.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.port_mapping_timeout(now);
+        if self.stopped {
+            return;
+        }
         self.discovery_timeout(now);
         // A failover first, so the Register below goes to the new node at once.
         self.failover_timeout(now);
         if now >= self.next_register {
             self.send_register(now);
         }
+        self.silence_timeout(now);
         self.pending
             .retain(|_, p| now.saturating_duration_since(p.sent_at) < Duration::from_secs(10));
         self.turn.handle_timeout(now);
@@ -637,8 +807,9 @@ impl Agent {
     /// from a peer it does not know).
     fn connects_held(&self) -> bool {
         let classified = self.discovery.done && self.class_registered;
-        let discovering = !self.config.discovery.is_empty() && !classified;
-        discovering || self.servers.awaiting_registration
+        let learning = self.config.discover && !self.registered_once;
+        let discovering = (learning || !self.discovery_endpoints().is_empty()) && !classified;
+        discovering || self.servers.awaiting_registration || self.portmap_hold.is_some()
     }
 
     /// Asks for an introduction to every wanted peer that is due: no path is up, or
@@ -693,6 +864,16 @@ impl Agent {
 
     /// Handles one datagram received on the agent's own socket.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        if self.port_mapping_datagram(now, from, datagram) {
+            return;
+        }
+        if self.stopped {
+            return;
+        }
+        if from == self.servers.current() {
+            self.unanswered_since = None;
+            self.silence_report_at = None;
+        }
         if self.servers.heard(now, from) == FromServer::Former {
             // A node we left (it may be back): not ours any more, and not a peer.
             return;
@@ -798,6 +979,10 @@ impl Agent {
         let Some(request) = self.pending.remove(&response.transaction_id) else {
             return;
         };
+        if response.nonce.is_some() || response.result.is_ok() {
+            // Authenticated: our credentials are good.
+            self.credential_refusals = 0;
+        }
         if let Some(nonce) = response.nonce {
             let fresh_challenge = matches!(response.result, Err(401 | 438));
             self.nonce = Some(nonce);
@@ -842,35 +1027,101 @@ impl Agent {
                 if self.next_register > now {
                     self.next_register = request.sent_at + interval;
                 }
+                if !self.registered_once
+                    && self.servers.current() == self.config.server
+                    && self.config.discovery.is_empty()
+                {
+                    // The endpoints belong to the first node; learnt once. An
+                    // unspecified address is the server's (as this peer reaches it).
+                    let server = self.config.server;
+                    self.advertised_discovery = response
+                        .discovery
+                        .into_iter()
+                        .filter(|e| e.is_ipv4() == server.is_ipv4())
+                        .map(|e| {
+                            if e.ip().is_unspecified() {
+                                SocketAddr::new(server.ip(), e.port())
+                            } else {
+                                e
+                            }
+                        })
+                        .filter(|&e| e != server)
+                        .collect();
+                }
+                self.registered_once = true;
                 if let Some(mapped) = response.mapped {
                     self.registered(now, mapped);
                 }
             }
             Ok(()) => {}
-            Err(code) => {
-                if code == 403 {
-                    // Not registered (e.g. the gateway restarted): register now.
-                    self.next_register = now;
-                }
-                if let Some(target) = request.target
-                    && matches!(code, 404 | CLUSTER_UNAVAILABLE)
-                {
-                    // The other side is not registered yet, or its node cannot be
-                    // reached for now: keep asking.
-                    self.wanted.insert(target, now + CONNECT_RETRY);
-                }
-                if let Some(seq) = request.tcp_seq {
-                    self.events.push_back(AgentEvent::TcpSeqRefused {
-                        intro_id: seq.intro_id,
-                        code,
-                    });
-                }
-                self.events.push_back(AgentEvent::Refused {
-                    method: request.method,
-                    code,
-                });
-            }
+            Err(code) => self.refused(now, request, code),
         }
+    }
+
+    /// An error answer from the gateway to `request`: act on it (register again,
+    /// back off, or stop for good) and say so once.
+    fn refused(&mut self, now: Instant, request: PendingRequest, code: u16) {
+        let next = match code {
+            401 => {
+                // Unauthenticated (a challenge carries a nonce we could verify, and
+                // is handled before): the gateway derives another key from our
+                // username. Retrying cannot help.
+                // Said once, when the agent stops (the retry before is quiet).
+                self.credential_refusals += 1;
+                if self.credential_refusals < FATAL_CREDENTIAL_REFUSALS {
+                    return;
+                }
+                self.stop();
+                NextStep::Stop
+            }
+            403 => {
+                // Not registered (e.g. the gateway restarted): register now.
+                self.next_register = now;
+                NextStep::RegisterAgain
+            }
+            _ => match &request.target {
+                // The other side is not registered yet: keep asking, less and
+                // less often (it may come any moment).
+                Some(target) if code == 404 => NextStep::RetryIn(self.back_off_peer(
+                    now,
+                    &target.clone(),
+                    refusal::MAX_UNKNOWN_PEER_RETRY,
+                )),
+                // Its node cannot be reached for now: the gateway's own trouble,
+                // over as soon as its cluster store is back; ask again each second
+                // (the status line is said once).
+                Some(target) if code == CLUSTER_UNAVAILABLE => {
+                    self.wanted.insert(target.clone(), now + CONNECT_RETRY);
+                    NextStep::RetryIn(CONNECT_RETRY)
+                }
+                _ if request.method == method::REGISTER => {
+                    NextStep::RetryIn(self.next_register.saturating_duration_since(now))
+                }
+                _ => NextStep::Continue,
+            },
+        };
+        if let Some(seq) = request.tcp_seq {
+            self.events.push_back(AgentEvent::TcpSeqRefused {
+                intro_id: seq.intro_id,
+                code,
+            });
+        }
+        self.events.push_back(AgentEvent::Refused {
+            method: request.method,
+            code,
+            reason: refusal_reason(request.method, code),
+            next,
+        });
+    }
+
+    /// Wrong credentials: nothing more is sent, every timer is off.
+    fn stop(&mut self) {
+        self.stopped = true;
+        self.wanted.clear();
+        self.pending.clear();
+        self.outgoing.clear();
+        self.unanswered_since = None;
+        self.silence_report_at = None;
     }
 }
 

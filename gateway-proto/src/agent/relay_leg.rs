@@ -10,12 +10,12 @@ use std::{
 
 use rand::Rng;
 
-use super::{Agent, AgentEvent, PendingRequest, session::SessionState};
+use super::{Agent, AgentEvent, NextStep, PendingRequest, refusal_reason, session::SessionState};
 use crate::{
     Transmit,
     rendezvous::{
         client::{self, Role},
-        wire::method,
+        wire::{SessionOutcome, method},
     },
     stun::{self, Message},
     turn::{
@@ -72,6 +72,13 @@ impl TurnAllocation {
     pub(super) fn usable(&self, now: Instant) -> bool {
         self.failed_at
             .is_none_or(|at| now.saturating_duration_since(at) >= RELAY_RETRY_AFTER)
+    }
+
+    /// Releases the allocation (if any) at exit.
+    pub(super) fn close(&mut self, now: Instant) {
+        if let Some(turn) = self.client.as_mut() {
+            turn.close(now);
+        }
     }
 
     /// Our relayed address, once allocated.
@@ -238,6 +245,7 @@ impl Agent {
     pub(super) fn drain_turn(&mut self, now: Instant) {
         let mut allocated = false;
         let mut failed = false;
+        let mut denied = Vec::new();
         if let Some(turn) = self.turn.client.as_mut() {
             while let Some(transmit) = turn.poll_transmit() {
                 self.outgoing
@@ -251,12 +259,28 @@ impl Agent {
                             .push_back(AgentEvent::RelayAllocated { relayed });
                     }
                     TurnEvent::Failed {
-                        request: TurnRequest::Allocate | TurnRequest::Refresh,
+                        request: request @ (TurnRequest::Allocate | TurnRequest::Refresh),
                         failure,
                     } => {
                         tracing::warn!(%failure, "TURN allocation failed; no relay fallback");
                         failed = true;
+                        if let Some(code) = failure.code() {
+                            let method = match request {
+                                TurnRequest::Refresh => turn::method::REFRESH,
+                                _ => turn::method::ALLOCATE,
+                            };
+                            self.events.push_back(AgentEvent::Refused {
+                                method,
+                                code,
+                                reason: refusal_reason(method, code),
+                                next: NextStep::NoRelayFor(RELAY_RETRY_AFTER),
+                            });
+                        }
                     }
+                    TurnEvent::Failed {
+                        request: TurnRequest::CreatePermission { peer },
+                        failure,
+                    } if failure.code() == Some(403) => denied.push(peer),
                     _ => {}
                 }
             }
@@ -267,6 +291,55 @@ impl Agent {
         }
         if allocated {
             self.offer_relays(now);
+        }
+        for ip in denied {
+            self.relay_denied_peer(now, ip);
+        }
+    }
+
+    /// The relay refused a permission for `ip` (its peer policy denies the address).
+    /// When that is the other side's public address, the relay leg of every session
+    /// toward it cannot work: end them now, say so once per peer, and back off the
+    /// next attempt (instead of introduced, punch-failed, relay-fallback in a loop).
+    fn relay_denied_peer(&mut self, now: Instant, ip: IpAddr) {
+        let hit: Vec<(u64, String, u32)> = self
+            .sessions
+            .values()
+            .filter(|s| {
+                matches!(s.relay, RelayLeg::Local { .. })
+                    && s.state == SessionState::Relaying
+                    && s.peer_reflexive.is_some_and(|a| a.ip() == ip)
+            })
+            .map(|s| {
+                (
+                    s.intro_id,
+                    s.peer_id.clone(),
+                    s.probes_sent + s.birthday.sent,
+                )
+            })
+            .collect();
+        for (id, peer_id, probes) in hit {
+            if let Some(session) = self.sessions.get_mut(&id) {
+                session.state = SessionState::Failed;
+            }
+            self.report(now, id, SessionOutcome::Failed, Duration::ZERO, probes);
+            let slow = self
+                .connect_retry
+                .get(&peer_id)
+                .copied()
+                .unwrap_or_default()
+                .max(super::refusal::RELAY_DENIED_RETRY);
+            self.connect_retry.insert(peer_id.clone(), slow);
+            let wait = self.back_off_peer(now, &peer_id, super::refusal::MAX_CONNECT_RETRY);
+            if self.relay_denied.insert(peer_id) {
+                let method = turn::method::CREATE_PERMISSION;
+                self.events.push_back(AgentEvent::Refused {
+                    method,
+                    code: 403,
+                    reason: refusal_reason(method, 403),
+                    next: NextStep::PeerRetryIn(wait),
+                });
+            }
         }
     }
 
@@ -339,6 +412,27 @@ mod tests {
     use super::*;
     use crate::rendezvous::RendezvousEvent as Event;
     use crate::sim::agents::*;
+
+    #[test]
+    fn shutting_down_releases_the_allocation_at_once() {
+        let mut sim = Sim::new(true);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_secs(7));
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::PathUp { relayed: true, .. })));
+        assert_eq!(sim.nodes[0].open_relays(), 1, "alice's allocation");
+        // A killed agent's allocation would stay until it expires (10 minutes).
+        let now = sim.now;
+        sim.agents[0].1.shut_down(now);
+        sim.run_for(Duration::from_millis(200));
+        assert_eq!(sim.nodes[0].open_relays(), 0, "released by the exit");
+        // No port mapping configured: the close says so at once.
+        assert!(sim.has(0, |e| matches!(
+            e,
+            AgentEvent::PortMapping(crate::portmap::PortMapEvent::Closed)
+        )));
+    }
 
     #[test]
     fn blocked_pair_falls_back_to_the_relay_then_upgrades_to_direct() {

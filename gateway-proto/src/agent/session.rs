@@ -200,6 +200,8 @@ impl Agent {
                             if let Some(session) = self.sessions.get_mut(&id) {
                                 session.state = SessionState::Failed;
                             }
+                            // The next attempt at this peer waits, longer each time.
+                            self.back_off_peer(now, &peer_id, super::refusal::MAX_CONNECT_RETRY);
                             self.report(
                                 now,
                                 intro_id,
@@ -238,10 +240,15 @@ impl Agent {
                 let started = session.relay_started.unwrap_or(now);
                 if now >= started + config.relay_timeout {
                     session.state = SessionState::Failed;
-                    let (intro_id, probes) = (
+                    let (intro_id, probes, peer_id) = (
                         session.intro_id,
                         session.probes_sent + session.birthday.sent,
+                        session.peer_id.clone(),
                     );
+                    // Neither punching nor the relay worked: the next attempt at
+                    // this peer waits, longer each time (no tight loop of
+                    // introduced, punch-failed, relay-fallback).
+                    self.back_off_peer(now, &peer_id, super::refusal::MAX_CONNECT_RETRY);
                     self.report(
                         now,
                         intro_id,
@@ -411,7 +418,15 @@ impl Agent {
             c.kind == CandidateKind::ServerReflexive
                 && self.discovery.primary.map(|p| p.ip()) == Some(c.addr.ip())
         });
+        // A mapped candidate (ours or theirs) is endpoint-independent: punching can
+        // work through it, so the relay waits for the punch timeout as usual.
+        let mapped = self.mapped.is_some()
+            || intro
+                .candidates
+                .iter()
+                .any(|c| c.kind == CandidateKind::Mapped);
         let hopeless = !same_nat
+            && !mapped
             && self.config.nat == NatClass::AddressAndPortDependent
             && intro.peer_nat == NatClass::AddressAndPortDependent
             && self.discovery.predicted.is_empty()
@@ -530,6 +545,7 @@ impl Agent {
                         other.state = SessionState::Failed;
                     }
                 }
+                self.path_came_up(&peer_id);
                 self.events.push_back(AgentEvent::PathUp {
                     peer_id,
                     remote: from,

@@ -334,6 +334,10 @@ pub struct Response {
     pub lifetime: Option<Duration>,
     /// The nonce to use next, when the response is authenticated and has one.
     pub nonce: Option<String>,
+    /// DISCOVERY-ENDPOINTs of an authenticated answer (a Register's): the gateway's
+    /// other Binding endpoints, at most [`super::wire::MAX_DISCOVERY_ENDPOINTS`]; an
+    /// unspecified address means the server address the request went to.
+    pub discovery: Vec<SocketAddr>,
 }
 
 /// Parses a response to a rendezvous request. Success responses must carry valid
@@ -369,6 +373,7 @@ pub fn parse_response(datagram: &[u8], password: &str) -> Option<Response> {
         intro_id: None,
         lifetime: None,
         nonce: None,
+        discovery: Vec::new(),
     };
     for a in message.attributes().filter_map(Result::ok) {
         match a.ty {
@@ -381,6 +386,17 @@ pub fn parse_response(datagram: &[u8], password: &str) -> Option<Response> {
             }
             stun_attr::NONCE if authenticated => {
                 response.nonce = std::str::from_utf8(a.value).ok().map(str::to_owned)
+            }
+            attr::DISCOVERY_ENDPOINT
+                if authenticated
+                    && response.discovery.len() < super::wire::MAX_DISCOVERY_ENDPOINTS =>
+            {
+                if let Some(endpoint) = crate::binding::decode_address(a.value)
+                    && endpoint.port() != 0
+                {
+                    // Unspecified: on the server address the peer uses.
+                    response.discovery.push(endpoint);
+                }
             }
             _ => {}
         }

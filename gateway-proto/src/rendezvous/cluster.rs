@@ -61,9 +61,6 @@ pub enum ClusterDecodeError {
     /// An address family tag other than 4 or 6.
     #[error("bad address family {0}")]
     BadAddress(u8),
-    /// An unknown candidate kind.
-    #[error("bad candidate kind {0}")]
-    BadCandidate(u8),
     /// More candidates than a registration may hold.
     #[error("too many candidates ({0})")]
     TooManyCandidates(u8),
@@ -155,9 +152,12 @@ impl PeerEntry {
         let mut candidates = Vec::with_capacity(usize::from(count));
         for _ in 0..count {
             let (addr, kind) = reader.addr()?;
-            let kind =
-                CandidateKind::from_u8(kind).ok_or(ClusterDecodeError::BadCandidate(kind))?;
-            candidates.push(Candidate { kind, addr });
+            // A kind this node does not know (a newer node's, during a rolling
+            // upgrade) is skipped, as peers skip unknown kinds in a Register: the
+            // rest of the entry still locates the peer.
+            if let Some(kind) = CandidateKind::from_u8(kind) {
+                candidates.push(Candidate { kind, addr });
+            }
         }
         Ok(Self {
             peer_id,
@@ -800,6 +800,27 @@ mod tests {
         let mut longer = typical().encode();
         longer.extend_from_slice(b"a later version's field");
         assert_eq!(PeerEntry::decode(&longer), Ok(typical()));
+    }
+
+    #[test]
+    fn a_newer_nodes_unknown_candidate_kind_is_skipped_not_fatal() {
+        let entry = typical();
+        let bytes = entry.encode();
+        // The first candidate's kind byte sits right after the count; give it a kind
+        // no node knows yet (kinds use the low bits of the address tag).
+        let first = entry.candidates.first().expect("a candidate");
+        let tag = bytes
+            .windows(1 + 4)
+            .position(|w| {
+                matches!(first.addr.ip(), IpAddr::V4(ip) if w[1..] == ip.octets())
+                    && w[0] == first.kind as u8
+            })
+            .expect("the candidate's tag");
+        let mut newer = bytes.clone();
+        newer[tag] = 0x0E;
+        let decoded = PeerEntry::decode(&newer).expect("still decodes");
+        assert_eq!(decoded.candidates, entry.candidates[1..].to_vec());
+        assert_eq!((decoded.peer_id, decoded.addr), (entry.peer_id, entry.addr));
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub use cluster::{
 };
 pub use forge::{ForgedSynAck, MAX_FORGED_PER_INTRODUCTION};
 pub use server::{
-    ConnectPolicy, MAX_REMEMBERED_INTRODUCTIONS, RelayEndpoints, RendezvousConfig, RendezvousEvent,
-    RendezvousHandled, RendezvousServer, discovery_index, discovery_socket,
+    ConnectPolicy, DiscoveryEndpoints, MAX_REMEMBERED_INTRODUCTIONS, RelayEndpoints,
+    RendezvousConfig, RendezvousEvent, RendezvousHandled, RendezvousServer, discovery_index,
+    discovery_socket,
 };
 pub use wire::*;

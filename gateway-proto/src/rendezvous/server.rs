@@ -27,7 +27,7 @@ use super::{
     },
 };
 use crate::{
-    Transmit,
+    Transmit, Transport,
     binding::{self, BindingService},
     budget::{ReplyBudget, ReplyBudgetConfig},
     credentials::SharedSecret,
@@ -45,7 +45,7 @@ mod cluster;
 mod discovery;
 mod forward;
 
-pub use discovery::{discovery_index, discovery_socket};
+pub use discovery::{DiscoveryEndpoints, discovery_index, discovery_socket};
 
 /// Whom a registered peer may be introduced to (`auth.connect`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -89,6 +89,13 @@ fn budget_key(nonce_key: &[u8; 32], which: u8) -> [u8; 16] {
 /// Introductions remembered for outcome reports, relay offers and TCP-Seq (the
 /// oldest is forgotten first): bounds the memory they take.
 pub const MAX_REMEMBERED_INTRODUCTIONS: usize = 65_536;
+
+/// How long an introduction is remembered: its outcome reports, TCP-Seq and relay
+/// offers come within seconds (the TCP techniques' windows within half a minute), a
+/// later attempt is a new introduction. So a busy gateway's memory returns to its
+/// baseline once the churn stops (a 30-minute soak saw it grow with every
+/// introduction while they were kept by count alone).
+pub const INTRODUCTION_MEMORY: Duration = Duration::from_secs(120);
 
 /// What became of one datagram: a bounded metrics label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,6 +303,10 @@ impl Default for RendezvousConfig {
 struct PeerRecord {
     addr: SocketAddr,
     local: Option<IpAddr>,
+    /// What it registered over: what is sent to it later (introductions, relay
+    /// offers) goes the same way (a peer registered over TCP or TLS gets them on
+    /// its connection).
+    transport: Transport,
     expiry_unix: u64,
     host_candidates: Box<[Candidate]>,
     nat: NatClass,
@@ -434,7 +445,9 @@ pub struct RendezvousServer {
     config: RendezvousConfig,
     peers: HashMap<Box<str>, PeerRecord>,
     intros: HashMap<u64, IntroRecord>,
-    intro_order: VecDeque<u64>,
+    /// Introduction ids, oldest first, with when a sweep first saw each (stamped at
+    /// the next `handle_timeout`, so remembering one needs no clock).
+    intro_order: VecDeque<(u64, Option<Instant>)>,
     rng: StdRng,
     /// Datagrams for the driver ([`RendezvousServer::poll_transmit`]).
     transmits: VecDeque<Transmit>,
@@ -456,6 +469,8 @@ pub struct RendezvousServer {
     alternates: binding::Alternates,
     /// Serve CHANGE-REQUEST without credentials (amplifies; off by default).
     change_unauthenticated: bool,
+    /// The Binding endpoints told to peers in Register answers (none by default).
+    discovery_endpoints: DiscoveryEndpoints,
     /// Forge SYN-ACKs for server-assisted TCP splicing (off by default).
     tcp_forge: bool,
     /// This node's part in a cluster ([`Self::enable_cluster`]; none by default).
@@ -465,6 +480,15 @@ pub struct RendezvousServer {
     relay_endpoints: Option<RelayEndpoints>,
     /// Refusing new registrations ([`Self::set_draining`]).
     draining: Option<Draining>,
+    /// The transport of the request being handled (UDP between requests): a
+    /// registration remembers it, and only a request over the same transport from
+    /// the registered address speaks for a registered peer.
+    request_transport: Transport,
+    /// The peer registered over each open stream connection (the latest one, when
+    /// a connection registered several), so [`Self::connection_closed`] finds it
+    /// without a walk over the registry. Entries leave when the driver reports the
+    /// connection closed, so there are never more than connections.
+    stream_peers: HashMap<(SocketAddr, Transport), Box<str>>,
 }
 
 /// The transport addresses this gateway's relay allocates on: its relay addresses
@@ -528,10 +552,13 @@ impl RendezvousServer {
             epoch: None,
             alternates: binding::Alternates::default(),
             change_unauthenticated: false,
+            discovery_endpoints: DiscoveryEndpoints::default(),
             tcp_forge: false,
             cluster: None,
             relay_endpoints: None,
             draining: None,
+            request_transport: Transport::Udp,
+            stream_peers: HashMap::new(),
         }
     }
 
@@ -582,6 +609,13 @@ impl RendezvousServer {
         self.change_unauthenticated = unauthenticated;
     }
 
+    /// The Binding endpoints every Register answer tells the peer about
+    /// (DISCOVERY-ENDPOINT), so agents classify their NAT by default; empty (the
+    /// default) tells nothing, and agents then behave as with an older gateway.
+    pub fn set_discovery_endpoints(&mut self, endpoints: DiscoveryEndpoints) {
+        self.discovery_endpoints = endpoints;
+    }
+
     /// Enables server-assisted TCP splicing (technique 4): for a TCP-Seq with
     /// TCP-FORGE from both sides of an introduction, the core asks the driver to forge
     /// the SYN-ACK each side's NAT expects ([`RendezvousEvent::ForgeSynAck`]). That
@@ -608,6 +642,25 @@ impl RendezvousServer {
         self.peers.len()
     }
 
+    /// The driver's report that the stream connection of `addr` over `transport`
+    /// (TCP or TLS) closed: the peer registered over it is forgotten (nothing can
+    /// reach it there any more, and an introduction to it would send the other side
+    /// punching at nobody), unless it registered from elsewhere since. Returns
+    /// whether one was.
+    pub fn connection_closed(&mut self, addr: SocketAddr, transport: Transport) -> bool {
+        let Some(peer_id) = self.stream_peers.remove(&(addr, transport)) else {
+            return false;
+        };
+        let on_it = self
+            .peers
+            .get(&peer_id)
+            .is_some_and(|p| p.addr == addr && p.transport == transport);
+        if on_it {
+            self.peers.remove(&peer_id);
+        }
+        on_it
+    }
+
     /// The next datagram to send, in the order the core made them. Socket
     /// [`MAIN_SOCKET`] (0) is the service socket the requests came in on; a
     /// CHANGE-REQUEST answer that must leave from discovery endpoint `i` has socket
@@ -630,6 +683,10 @@ impl RendezvousServer {
         earliest([
             self.next_sweep,
             self.cluster.as_ref().and_then(ClusterState::next_deadline),
+            self.intro_order
+                .front()
+                .and_then(|(_, seen)| *seen)
+                .map(|seen| seen + INTRODUCTION_MEMORY),
         ])
     }
 
@@ -646,14 +703,82 @@ impl RendezvousServer {
                 now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms && peer.expiry_unix > now_unix
             });
             self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
+            shrink_when_sparse(&mut self.peers);
         }
+        self.expire_intros(now);
         self.expire_parked(now);
+    }
+
+    /// Stamps introductions made since the last call with `now` and forgets those
+    /// older than [`INTRODUCTION_MEMORY`].
+    fn expire_intros(&mut self, now: Instant) {
+        for (_, seen) in self.intro_order.iter_mut().rev() {
+            if seen.is_some() {
+                break;
+            }
+            *seen = Some(now);
+        }
+        while let Some(&(id, Some(seen))) = self.intro_order.front() {
+            if now.saturating_duration_since(seen) < INTRODUCTION_MEMORY {
+                break;
+            }
+            self.intro_order.pop_front();
+            self.intros.remove(&id);
+        }
+        shrink_when_sparse(&mut self.intros);
+        if self.intro_order.capacity() > 64
+            && self.intro_order.len() < self.intro_order.capacity() / 4
+        {
+            self.intro_order.shrink_to_fit();
+        }
     }
 
     /// Handles one datagram from `from`, received on local address `local` (when
     /// known): queues the replies ([`Self::poll_transmit`]) and events
     /// ([`Self::poll_event`]) and returns what became of it, a bounded metrics label.
     pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+    ) -> RendezvousHandled {
+        self.handle_message(now, now_unix, from, Transport::Udp, local, datagram)
+    }
+
+    /// [`Self::handle_datagram`] for a message that came over `transport`: one
+    /// STUN message framed on a TCP or TLS connection from `from` (RFC 8656 §3.1
+    /// framing, the same messages as over UDP). The answers go back over the same
+    /// transport, and a peer that registers this way gets everything later sent to
+    /// it (introductions, relay offers, TCP-Seq) over it too, while the driver keeps
+    /// its connection.
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        now_unix: u64,
+        from: SocketAddr,
+        transport: Transport,
+        local: Option<IpAddr>,
+        datagram: &[u8],
+    ) -> RendezvousHandled {
+        self.request_transport = transport;
+        let start = self.transmits.len();
+        let handled = self.handle_request(now, now_unix, from, local, datagram);
+        if transport.is_stream() {
+            // Every answer made for this request goes to its sender, on its
+            // connection (indications to other peers carry their own transport).
+            for transmit in self.transmits.iter_mut().skip(start) {
+                if transmit.to == from && is_response(&transmit.payload) {
+                    transmit.transport = transport;
+                }
+            }
+        }
+        self.request_transport = Transport::Udp;
+        handled
+    }
+
+    fn handle_request(
         &mut self,
         now: Instant,
         now_unix: u64,
@@ -813,6 +938,7 @@ impl RendezvousServer {
             .or_insert_with(|| PeerRecord {
                 addr: from,
                 local,
+                transport: Transport::Udp,
                 expiry_unix: auth.expiry_unix,
                 host_candidates: Box::new([]),
                 nat,
@@ -826,6 +952,13 @@ impl RendezvousServer {
         record.secret = auth.secret;
         record.addr = from;
         record.local = local;
+        record.transport = self.request_transport;
+        if self.request_transport.is_stream() {
+            self.stream_peers.insert(
+                (from, self.request_transport),
+                auth.peer_id.clone().into_boxed_str(),
+            );
+        }
         record.expiry_unix = auth.expiry_unix;
         record.host_candidates = hosts.into_boxed_slice();
         record.nat = nat;
@@ -852,7 +985,12 @@ impl RendezvousServer {
         let lifetime = u32::try_from(self.config.lifetime.as_secs()).unwrap_or(u32::MAX);
         writer
             .xor_mapped_address(from)
-            .attribute(attr::LIFETIME, &lifetime.to_be_bytes())
+            .attribute(attr::LIFETIME, &lifetime.to_be_bytes());
+        for endpoint in self.discovery_endpoints.for_request(local, from) {
+            let (value, len) = crate::binding::address_value(endpoint);
+            writer.attribute(attr::DISCOVERY_ENDPOINT, &value[..len]);
+        }
+        writer
             .attribute(stun_attr::NONCE, auth.next_nonce.as_bytes())
             .message_integrity_sha256(auth.password.as_bytes());
         writer.finish_with_fingerprint();
@@ -883,7 +1021,7 @@ impl RendezvousServer {
         let initiator = self
             .peers
             .get_mut(auth.peer_id.as_str())
-            .filter(|p| p.addr == from)
+            .filter(|p| p.addr == from && p.transport == self.request_transport)
             .ok_or((RendezvousHandled::Forbidden, 403, "Not Registered Here"))?;
         if now_ms.wrapping_sub(initiator.window_start_ms) >= 1_000 {
             initiator.window_start_ms = now_ms;
@@ -908,7 +1046,7 @@ impl RendezvousServer {
                 Ok((RendezvousHandled::Introduced, Some(reply)))
             }
             None if self.cluster.is_some() => {
-                let reply_to = ReplyTo::new(from, local, auth);
+                let reply_to = ReplyTo::new(from, self.request_transport, local, auth);
                 self.park_connect(now, &auth.peer_id, target, reply_to)
             }
             None => Err(not_found),
@@ -1029,22 +1167,24 @@ impl RendezvousServer {
         writer.finish_with_fingerprint();
         // Sent twice: a lost introduction costs a whole punch attempt, a duplicate
         // costs one datagram (the agent ignores an introduction it already has).
-        self.transmits
-            .push_back(Transmit::udp(recipient.addr, payload.clone()).from_local(recipient.local));
-        self.transmits
-            .push_back(Transmit::udp(recipient.addr, payload).from_local(recipient.local));
+        forward::push_twice(
+            &mut self.transmits,
+            (recipient.addr, recipient.transport),
+            recipient.local,
+            payload,
+        );
     }
 
     /// Remembers an introduction, forgetting the oldest beyond
     /// [`MAX_REMEMBERED_INTRODUCTIONS`].
     fn remember_intro(&mut self, id: u64, record: IntroRecord) {
         if self.intro_order.len() >= MAX_REMEMBERED_INTRODUCTIONS
-            && let Some(oldest) = self.intro_order.pop_front()
+            && let Some((oldest, _)) = self.intro_order.pop_front()
         {
             self.intros.remove(&oldest);
         }
         self.intros.insert(id, record);
-        self.intro_order.push_back(id);
+        self.intro_order.push_back((id, None));
     }
 
     /// Accepts each side's first outcome report of an introduction (per technique for
@@ -1110,11 +1250,25 @@ impl RendezvousServer {
     }
 }
 
+/// True for a STUN success or error response (what answers a request, and so goes
+/// to the requester).
+fn is_response(payload: &[u8]) -> bool {
+    payload.len() >= 2 && payload[0] & 0x01 == 0x01
+}
+
 #[cfg(test)]
 impl RendezvousServer {
     /// The nonce the server would give `from` (what an agent learns on first contact).
     pub(crate) fn issue_nonce(&self, from: SocketAddr, now_unix: u64) -> String {
         self.nonces.issue(from, now_unix)
+    }
+}
+
+/// Gives a map's memory back once churn left it mostly empty (a hash map keeps its
+/// largest capacity otherwise).
+fn shrink_when_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+        map.shrink_to_fit();
     }
 }
 

@@ -53,7 +53,16 @@ pub mod attr {
     /// In TCP-Seq: "do not forward my sequence number; forge the SYN-ACKs into both
     /// NATs once both sides' are in" (TCP technique 4, server-assisted; u8, 1).
     pub const TCP_FORGE: u16 = 0x400C;
+    /// In a Register answer: another endpoint of this gateway that answers STUN
+    /// Binding (MAPPED-ADDRESS format, once per endpoint), for the peer to classify
+    /// its NAT without being told (`gateway peer` without `--discover`).
+    /// Comprehension-optional (0xC000..): older peers ignore it.
+    pub const DISCOVERY_ENDPOINT: u16 = 0xC0D1;
 }
+
+/// The most DISCOVERY-ENDPOINT attributes one Register answer carries (and a peer
+/// reads).
+pub const MAX_DISCOVERY_ENDPOINTS: usize = 6;
 
 /// Error code of a TCP-Seq that asks for forged SYN-ACKs (technique 4) from a
 /// gateway that does not forge (`server.tcp_forge_synack` is off, the default).
@@ -85,6 +94,11 @@ pub enum CandidateKind {
     /// The peer's TCP endpoint as the gateway's TCP service port saw it (learnt by
     /// the peer with a STUN Binding over TCP); the target of TCP hole punching.
     TcpServerReflexive = 4,
+    /// The public endpoint the peer's router granted it by port mapping (PCP,
+    /// NAT-PMP or UPnP-IGD): endpoint-independent in mapping and filtering, so it is
+    /// probed like a server-reflexive one even behind a random-port NAT. Parsers
+    /// before it drop an unknown kind, so older peers and gateways ignore it.
+    Mapped = 5,
 }
 
 impl CandidateKind {
@@ -96,6 +110,7 @@ impl CandidateKind {
             2 => Some(Self::Predicted),
             3 => Some(Self::Relayed),
             4 => Some(Self::TcpServerReflexive),
+            5 => Some(Self::Mapped),
             _ => None,
         }
     }
@@ -333,9 +348,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..5) {
+        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..6) {
             let addr = SocketAddr::new(addr.ip(), addr.port());
-            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive][kind as usize];
+            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive, CandidateKind::Mapped][kind as usize];
             let (value, len) = encode_candidate(Candidate { kind, addr }, tid);
             prop_assert_eq!(decode_candidate(&value[..len], tid), Some(Candidate { kind, addr }));
         }

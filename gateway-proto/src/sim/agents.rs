@@ -70,6 +70,11 @@ pub(crate) struct SimNode {
 }
 
 impl SimNode {
+    /// How many relay sockets (one per allocation) this node has open.
+    pub(crate) fn open_relays(&self) -> usize {
+        self.relays.open.len()
+    }
+
     /// Node `index` at 192.0.2.(10 + 10 * index):3478.
     fn new(index: u8, secret: &SharedSecret) -> Self {
         let ip = IpAddr::from([192, 0, 2, 10 + 10 * index]);
@@ -201,6 +206,28 @@ impl Sim {
             handled: Vec::new(),
             openers: Vec::new(),
             sent: Vec::new(),
+        }
+    }
+
+    /// Every node's relay allows only peers in `allowed` (the rest of the agents'
+    /// TEST-NET range is special-purpose, so its peer policy denies it).
+    pub(crate) fn relay_allows_only(&mut self, allowed: &str) {
+        for node in &mut self.nodes {
+            node.turn.set_policy(PeerPolicy::new(
+                vec![allowed.parse().expect("range")],
+                Vec::new(),
+                Vec::new(),
+            ));
+        }
+    }
+
+    /// Every node's relay lets each user hold `per_user` allocations at most.
+    pub(crate) fn relay_quota(&mut self, per_user: usize) {
+        for node in &mut self.nodes {
+            node.turn.set_config(TurnConfig {
+                max_allocations_per_user: per_user,
+                ..TurnConfig::default()
+            });
         }
     }
 
@@ -354,6 +381,19 @@ pub(crate) fn discover_behind(
     unauthenticated_gateway: bool,
     alternates: Vec<SocketAddr>,
 ) -> (Option<AgentEvent>, Duration) {
+    discover_behind_with(filter, preserve, unauthenticated_gateway, alternates, None)
+}
+
+/// [`discover_behind`], with the agent told its discovery endpoints by the gateway's
+/// Register answer instead of configured (`told`: the agent's `discover` flag) when
+/// `told` is given.
+pub(crate) fn discover_behind_with(
+    filter: SimFilter,
+    preserve: bool,
+    unauthenticated_gateway: bool,
+    alternates: Vec<SocketAddr>,
+    told: Option<bool>,
+) -> (Option<AgentEvent>, Duration) {
     use crate::binding::{Alternates, BindingService};
     let secret = SharedSecret::new(b"sim secret");
     let issued = secret.issue("alice", NOW_UNIX + 3600).expect("issue");
@@ -370,8 +410,24 @@ pub(crate) fn discover_behind(
             password: issued.password,
         },
     );
-    config.discovery = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3478")];
-    config.filtering = true;
+    match told {
+        None => {
+            config.discovery = vec![addr("192.0.2.10:3479"), addr("192.0.2.11:3478")];
+            config.filtering = true;
+        }
+        Some(discover) => {
+            config.discover = discover;
+            server.set_discovery_endpoints(crate::rendezvous::DiscoveryEndpoints {
+                service_port: 3478,
+                service_wildcard: true,
+                sockets: vec![addr("0.0.0.0:3479")],
+                other_addresses: vec![
+                    "192.0.2.10".parse().expect("ip"),
+                    "192.0.2.11".parse().expect("ip"),
+                ],
+            });
+        }
+    }
     let local = addr("10.0.0.2:4000");
     config.host_candidates = vec![local];
     let public = if preserve {

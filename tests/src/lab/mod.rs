@@ -15,6 +15,7 @@ mod netns;
 mod nft;
 mod portmap;
 mod preset;
+mod wan;
 
 use std::{
     fmt::Write as _,
@@ -32,6 +33,7 @@ pub use portmap::{NAT_PMP_PORT, PortMappingDaemon, PortMappingProtocols, UPNP_HT
 pub use preset::{
     Filtering, Mapping, NatPreset, PortAllocation, RouterKind, UnknownPreset, Unsolicited,
 };
+pub use wan::{Direction, LinkConditions, UnknownProfile, WanConditions, WanProfile, WanStats};
 
 /// The public addresses of the server host (for NAT behaviour discovery).
 pub const SERVER_ADDRS: [Ipv4Addr; 2] =
@@ -151,6 +153,18 @@ pub fn require_root() -> LabAvailability {
         );
     }
     LabAvailability::Available
+}
+
+/// The WAN profile named by `GATEWAY_LAB_PROFILE` (`lan` when unset), for the NAT
+/// and TCP matrices that `cargo xtask wan-matrix` runs under a delayed profile.
+/// Panics on an unknown name, so a typo never measures the wrong thing.
+pub fn profile_from_env() -> WanProfile {
+    match std::env::var("GATEWAY_LAB_PROFILE") {
+        Ok(name) if !name.is_empty() => name
+            .parse()
+            .unwrap_or_else(|e| panic!("GATEWAY_LAB_PROFILE: {e}")),
+        _ => WanProfile::Lan,
+    }
 }
 
 /// Deletes every lab namespace whose creating process (the pid in
@@ -378,6 +392,9 @@ pub struct Lab {
     servers: Vec<Host>,
     redis: Option<Host>,
     sites: Vec<Site>,
+    wan: WanConditions,
+    /// Dropped (stopped) before the namespaces are deleted.
+    emulator: Option<wan::Emulator>,
 }
 
 /// Collects the sites (and the public side's hosts) of a [`Lab`] to build.
@@ -386,6 +403,7 @@ pub struct LabBuilder {
     sites: Vec<(String, NatPreset, usize)>,
     servers: usize,
     redis: bool,
+    wan: WanConditions,
 }
 
 impl Default for LabBuilder {
@@ -394,6 +412,7 @@ impl Default for LabBuilder {
             sites: Vec::new(),
             servers: 1,
             redis: false,
+            wan: WanConditions::default(),
         }
     }
 }
@@ -428,6 +447,20 @@ impl LabBuilder {
     pub fn redis_host(mut self) -> Self {
         self.redis = true;
         self
+    }
+
+    /// WAN conditions on the core's links (delay, jitter, loss, reordering, rate cap;
+    /// see [`WanConditions`]). The default changes nothing and starts no emulator.
+    #[must_use]
+    pub fn wan(mut self, conditions: WanConditions) -> Self {
+        self.wan = conditions;
+        self
+    }
+
+    /// The WAN conditions of a named profile ([`WanProfile`]).
+    #[must_use]
+    pub fn profile(self, profile: WanProfile) -> Self {
+        self.wan(profile.conditions())
     }
 
     /// Creates every namespace, link, address, route and rule set. On error everything
@@ -492,6 +525,8 @@ impl LabBuilder {
             servers,
             redis,
             sites,
+            wan: self.wan,
+            emulator: None,
         };
         lab.create()?;
         Ok(lab)
@@ -540,6 +575,19 @@ impl LabBuilder {
                     preset.name()
                 )));
             }
+        }
+        if let Some(reason) = self.wan.invalid_reason() {
+            return Err(LabError::Invalid(format!("WAN conditions: {reason}")));
+        }
+        if let Some((name, _)) = self
+            .wan
+            .per_site
+            .iter()
+            .find(|(n, _)| !self.sites.iter().any(|(s, _, _)| s == n))
+        {
+            return Err(LabError::Invalid(format!(
+                "WAN conditions for site {name:?}, which the lab does not have"
+            )));
         }
         Ok(())
     }
@@ -854,7 +902,72 @@ impl Lab {
             ));
         }
         netns::sysctls(&core, sysctls)?;
+        self.start_wan()
+    }
+
+    /// Starts the WAN emulator in the core when some link has conditions: the emulator
+    /// binds the core's queue first, then every forwarded packet is queued to it.
+    fn start_wan(&mut self) -> Result<(), LabError> {
+        if self.wan.is_ideal() {
+            return Ok(());
+        }
+        let core = self.core.netns.clone();
+        let mut names = vec![("s0".to_owned(), self.wan.gateway.clone())];
+        for site in &self.sites {
+            names.push((
+                format!("c{}", site.index),
+                self.wan.site(&site.name).clone(),
+            ));
+        }
+        let links = netns::run_in(&core, move || {
+            names
+                .into_iter()
+                .map(|(name, link)| {
+                    let c = std::ffi::CString::new(name).unwrap_or_default();
+                    // SAFETY: if_nametoindex(3) on a NUL-terminated name.
+                    (unsafe { libc::if_nametoindex(c.as_ptr()) }, link)
+                })
+                .collect::<Vec<_>>()
+        })?;
+        if links.iter().any(|(i, _)| *i == 0) {
+            return Err(LabError::Invalid(
+                "a core interface of the WAN emulator is missing".into(),
+            ));
+        }
+        self.emulator = Some(wan::Emulator::start(&core, links, rand::random())?);
+        // Every packet arriving at the core (prerouting: its input link's `up`) and
+        // leaving it (postrouting: its output link's `down`), forwarded or the core's
+        // own (a TTL-exceeded or port-unreachable answer crosses its link both ways).
+        netns::run_cmd_in(
+            &core,
+            "iptables-nft-restore",
+            &[],
+            Some(
+                "*mangle\n-A PREROUTING -j NFQUEUE --queue-num 0\n\
+                 -A POSTROUTING -j NFQUEUE --queue-num 0\nCOMMIT\n"
+                    .to_owned(),
+            ),
+        )
+        .map_err(|e| match e {
+            LabError::Spawn { command, source } => LabError::Spawn {
+                command: format!(
+                    "{command} (the WAN emulator needs iptables-nft-restore: run `cargo xtask setup`)"
+                ),
+                source,
+            },
+            other => other,
+        })?;
         Ok(())
+    }
+
+    /// The lab's WAN conditions (all ideal unless the builder set some).
+    pub fn wan(&self) -> &WanConditions {
+        &self.wan
+    }
+
+    /// What the WAN emulator did so far (`None` when the lab has no WAN conditions).
+    pub fn wan_stats(&self) -> Option<WanStats> {
+        self.emulator.as_ref().map(wan::Emulator::stats)
     }
 
     /// A human-readable description: namespaces, addresses, presets and how to enter them.
@@ -879,6 +992,17 @@ impl Lab {
             line(&mut s, &host);
         }
         line(&mut s, &self.core);
+        if !self.wan.is_ideal() {
+            let _ = writeln!(
+                s,
+                "  WAN (core links; up = toward the core): gateway up {}, down {}",
+                self.wan.gateway.up, self.wan.gateway.down
+            );
+            for site in &self.sites {
+                let l = self.wan.site(&site.name);
+                let _ = writeln!(s, "  WAN site {}: up {}, down {}", site.name, l.up, l.down);
+            }
+        }
         for site in &self.sites {
             let _ = writeln!(
                 s,
@@ -903,6 +1027,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The emulator first: it releases what it holds and leaves the core.
+        self.emulator = None;
         for name in self.namespaces.iter().rev() {
             if let Err(e) = netns::delete(name) {
                 eprintln!("NAT lab: could not delete namespace {name}: {e}");

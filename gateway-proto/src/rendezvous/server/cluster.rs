@@ -22,7 +22,7 @@ use super::{
     auth::{Authenticated, error_reply_to},
 };
 use crate::{
-    Transmit,
+    Transmit, Transport,
     rendezvous::{
         cluster::{
             ClusterMessage, ClusterRequest, CrossNodeOutcome, DEFAULT_TRANSIT, LOCATE_TIMEOUT,
@@ -41,6 +41,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub(super) struct ReplyTo {
     from: SocketAddr,
+    transport: Transport,
     local: Option<IpAddr>,
     tid: [u8; 12],
     password: String,
@@ -48,10 +49,17 @@ pub(super) struct ReplyTo {
 }
 
 impl ReplyTo {
-    /// What answering `auth`'s request from `from` (received on `local`) takes.
-    pub(super) fn new(from: SocketAddr, local: Option<IpAddr>, auth: &Authenticated<'_>) -> Self {
+    /// What answering `auth`'s request from `from` over `transport` (received on
+    /// `local`) takes.
+    pub(super) fn new(
+        from: SocketAddr,
+        transport: Transport,
+        local: Option<IpAddr>,
+        auth: &Authenticated<'_>,
+    ) -> Self {
         Self {
             from,
+            transport,
             local,
             tid: auth.message.transaction_id(),
             password: auth.password.clone(),
@@ -63,7 +71,9 @@ impl ReplyTo {
     /// requester.
     fn success(&self, intro_id: u64) -> Transmit {
         let reply = connect_success(self.tid, &self.password, &self.next_nonce, intro_id);
-        Transmit::udp(self.from, reply).from_local(self.local)
+        Transmit::udp(self.from, reply)
+            .from_local(self.local)
+            .over(self.transport)
     }
 
     /// A signed Connect error answer to the requester.
@@ -78,6 +88,7 @@ impl ReplyTo {
             self.from,
             self.local,
         )
+        .over(self.transport)
     }
 }
 
@@ -295,7 +306,12 @@ impl RendezvousServer {
                     && payload.len() <= MAX_DELIVER_PAYLOAD
                 {
                     // Twice, as a relay offer or TCP-Seq from this node would be.
-                    super::forward::push_twice(&mut self.transmits, peer.addr, peer.local, payload);
+                    super::forward::push_twice(
+                        &mut self.transmits,
+                        (peer.addr, peer.transport),
+                        peer.local,
+                        payload,
+                    );
                 }
             }
             ClusterMessage::Outcome {

@@ -17,7 +17,7 @@ use super::{
     intro_side,
 };
 use crate::{
-    Transmit,
+    Transmit, Transport,
     credentials::SharedSecret,
     rendezvous::{
         cluster::{ClusterMessage, ClusterRequest},
@@ -71,7 +71,7 @@ impl RendezvousServer {
         if self
             .peers
             .get(auth.peer_id.as_str())
-            .is_none_or(|p| p.addr != from)
+            .is_none_or(|p| p.addr != from || p.transport != self.request_transport)
         {
             return Err((RendezvousHandled::Forbidden, 403, "Not Registered Here"));
         }
@@ -137,7 +137,7 @@ impl RendezvousServer {
         if self
             .peers
             .get(auth.peer_id.as_str())
-            .is_none_or(|p| p.addr != from)
+            .is_none_or(|p| p.addr != from || p.transport != self.request_transport)
         {
             return Err((RendezvousHandled::Forbidden, 403, "Not Registered Here"));
         }
@@ -200,7 +200,7 @@ impl RendezvousServer {
         }
         let tcp_endpoint = |peer: &PeerRecord| forge::tcp_endpoint(&peer.host_candidates);
         let own = match self.peers.get(auth.peer_id.as_str()) {
-            Some(p) if p.addr == from => tcp_endpoint(p),
+            Some(p) if p.addr == from && p.transport == self.request_transport => tcp_endpoint(p),
             _ => return Err((RendezvousHandled::Forbidden, 403, "Not Registered Here")),
         };
         let (record, side) = intro_side(&mut self.intros, intro_id, &auth.peer_id)?;
@@ -238,8 +238,8 @@ impl RendezvousServer {
 
 /// Where the other side of an introduction gets what its side sends.
 enum Recipient {
-    /// Registered here: sent from here.
-    Here(SocketAddr, Option<IpAddr>),
+    /// Registered here: sent from here (to its address, over its transport).
+    Here((SocketAddr, Transport), Option<IpAddr>),
     /// Registered on another node: sent through that node.
     Node(Box<str>),
 }
@@ -269,7 +269,7 @@ fn other_side(
             (
                 other.expiry_unix,
                 usize::from(other.secret),
-                Recipient::Here(other.addr, other.local),
+                Recipient::Here((other.addr, other.transport), other.local),
             )
         }
     };
@@ -282,7 +282,7 @@ impl RendezvousServer {
     /// here, or once to its node, which sends it twice.
     fn send_to_side(&mut self, other_id: Box<str>, recipient: Recipient, payload: Vec<u8>) {
         match recipient {
-            Recipient::Here(addr, local) => push_twice(&mut self.transmits, addr, local, payload),
+            Recipient::Here(to, local) => push_twice(&mut self.transmits, to, local, payload),
             Recipient::Node(node) => {
                 self.events
                     .push_back(RendezvousEvent::Cluster(ClusterRequest::Send {
@@ -297,13 +297,21 @@ impl RendezvousServer {
     }
 }
 
-/// Queues `payload` to `to` twice (a signed indication whose loss costs a technique).
+/// Queues `payload` to `to` over its transport twice (a signed indication whose
+/// loss costs a technique). Over a stream once is enough: the connection does not
+/// lose it.
 pub(super) fn push_twice(
     out: &mut VecDeque<Transmit>,
-    to: SocketAddr,
+    (to, transport): (SocketAddr, Transport),
     from_local: Option<IpAddr>,
     payload: Vec<u8>,
 ) {
-    out.push_back(Transmit::udp(to, payload.clone()).from_local(from_local));
-    out.push_back(Transmit::udp(to, payload).from_local(from_local));
+    if !transport.is_stream() {
+        out.push_back(Transmit::udp(to, payload.clone()).from_local(from_local));
+    }
+    out.push_back(
+        Transmit::udp(to, payload)
+            .from_local(from_local)
+            .over(transport),
+    );
 }

@@ -1032,6 +1032,37 @@ fn outcome_reports_count_once_and_only_from_the_sides() {
 }
 
 #[test]
+fn introductions_are_forgotten_after_their_memory_even_when_idle() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    world.register("alice", a, &[], NatClass::EndpointIndependent, 0);
+    world.register("bob", b, &[], NatClass::None, 0);
+    let alice = creds("alice");
+    let (handled, _) = world.send(a, &connect([2; 12], &alice, Some(&world.nonce(a)), "bob"));
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    assert_eq!(world.server.intros.len(), 1);
+    // A sweep stamps it; the peers leave; a timer still comes for the introduction.
+    let t0 = world.now;
+    world.server.handle_timeout(t0, NOW_UNIX);
+    world
+        .server
+        .handle_timeout(t0 + Duration::from_secs(61), NOW_UNIX);
+    assert_eq!(world.server.peer_count(), 0);
+    assert_eq!(world.server.intros.len(), 1, "kept for its reports");
+    assert_eq!(
+        world.server.poll_timeout(),
+        Some(t0 + INTRODUCTION_MEMORY),
+        "idle, yet the introduction's end is a timer"
+    );
+    world
+        .server
+        .handle_timeout(t0 + INTRODUCTION_MEMORY, NOW_UNIX);
+    assert!(world.server.intros.is_empty() && world.server.intro_order.is_empty());
+    assert_eq!(world.server.poll_timeout(), None);
+}
+
+#[test]
 fn silent_peers_expire() {
     let mut world = World::new();
     world.register(
@@ -1166,4 +1197,129 @@ fn a_rotated_secret_keeps_registrations_and_signs_for_each_peer_with_its_own() {
         0,
     );
     assert_eq!(world.send(a, &request).0, RendezvousHandled::Unauthorized);
+}
+
+/// Hands `datagram` from `from` over `transport` to the server (received on
+/// 192.0.2.10); what became of it and everything it queued for the service.
+fn send_over(
+    world: &mut World,
+    from: SocketAddr,
+    transport: Transport,
+    datagram: &[u8],
+) -> (RendezvousHandled, Vec<Transmit>) {
+    let local = Some(IpAddr::from([192, 0, 2, 10]));
+    let now = world.now;
+    let handled = world
+        .server
+        .handle_message(now, NOW_UNIX, from, transport, local, datagram);
+    (handled, world.collect())
+}
+
+#[test]
+fn a_registration_over_a_stream_gets_its_answers_and_introductions_on_it() {
+    let mut world = World::new();
+    // Alice registers over TLS, bob over UDP, carol over TCP from bob's address and
+    // port number (another socket: TCP and UDP ports are separate).
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    let alice = creds("alice");
+    let bob = creds("bob");
+    let carol = creds("carol");
+    let register_a = register(
+        [1; 12],
+        &alice,
+        Some(&world.nonce(a)),
+        &[],
+        NatClass::Unknown,
+        0,
+    );
+    let (handled, out) = send_over(&mut world, a, Transport::Tls, &register_a);
+    assert_eq!(handled, RendezvousHandled::Registered);
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].to, out[0].transport), (a, Transport::Tls));
+    world.register("bob", b, &[], NatClass::Unknown, 0);
+    let register_c = register(
+        [2; 12],
+        &carol,
+        Some(&world.nonce(b)),
+        &[],
+        NatClass::Unknown,
+        0,
+    );
+    let (_, out) = send_over(&mut world, b, Transport::Tcp, &register_c);
+    assert_eq!(
+        out[0].transport,
+        Transport::Tcp,
+        "the answer on carol's connection"
+    );
+    // Bob (UDP) connects to alice: alice's introduction goes on her TLS connection,
+    // once (a stream does not lose it); bob's and the answer over UDP, as before.
+    let (handled, out) = world.send(b, &connect([3; 12], &bob, Some(&world.nonce(b)), "alice"));
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    let to_alice: Vec<&Transmit> = out.iter().filter(|t| t.to == a).collect();
+    assert_eq!(to_alice.len(), 1, "{out:?}");
+    assert_eq!(to_alice[0].transport, Transport::Tls);
+    assert!(parse_introduction(&to_alice[0].payload, &alice.password).is_some());
+    let to_bob: Vec<&Transmit> = out.iter().filter(|t| t.to == b).collect();
+    assert_eq!(to_bob.len(), 3, "two introductions and the answer");
+    assert!(to_bob.iter().all(|t| t.transport == Transport::Udp));
+    // Alice connects to carol over her stream: the answer and her introduction on
+    // TLS, carol's on TCP, nothing over UDP.
+    let request = connect([4; 12], &alice, Some(&world.nonce(a)), "carol");
+    let (handled, out) = send_over(&mut world, a, Transport::Tls, &request);
+    assert_eq!(handled, RendezvousHandled::Introduced);
+    assert_eq!(out.len(), 3, "{out:?}");
+    for transmit in &out {
+        let expected = if transmit.to == a {
+            Transport::Tls
+        } else {
+            Transport::Tcp
+        };
+        assert_eq!(transmit.transport, expected, "{transmit:?}");
+    }
+    // The same address over another transport does not speak for a registration:
+    // alice's Connect over UDP from her TLS address is refused.
+    let (handled, out) = world.send(a, &connect([5; 12], &alice, Some(&world.nonce(a)), "bob"));
+    assert_eq!(handled, RendezvousHandled::Forbidden);
+    assert_eq!(
+        out[0].transport,
+        Transport::Udp,
+        "answered where it came from"
+    );
+}
+
+#[test]
+fn a_closed_connection_takes_its_registration_with_it() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let alice = creds("alice");
+    let register_a = register(
+        [1; 12],
+        &alice,
+        Some(&world.nonce(a)),
+        &[],
+        NatClass::Unknown,
+        0,
+    );
+    send_over(&mut world, a, Transport::Tls, &register_a);
+    assert_eq!(world.server.peer_count(), 1);
+    // Another connection (or the same address over TCP) closing changes nothing.
+    assert!(!world.server.connection_closed(a, Transport::Tcp));
+    assert!(
+        !world
+            .server
+            .connection_closed(addr("198.51.100.2:4001"), Transport::Tls)
+    );
+    assert_eq!(world.server.peer_count(), 1);
+    assert!(world.server.connection_closed(a, Transport::Tls));
+    assert_eq!(world.server.peer_count(), 0);
+    // Registered over TLS, then over UDP from elsewhere: the old connection's close
+    // leaves the new registration alone.
+    send_over(&mut world, a, Transport::Tls, &register_a);
+    let b = addr("198.51.100.2:5000");
+    world.register("alice", b, &[], NatClass::Unknown, 0);
+    assert!(!world.server.connection_closed(a, Transport::Tls));
+    assert_eq!(world.server.peer_count(), 1);
+    // Nothing is remembered per UDP registration.
+    assert!(world.server.stream_peers.is_empty());
 }

@@ -2,7 +2,7 @@
 //! that bounds what unauthenticated requests get back.
 use std::time::Instant;
 
-use super::{ClientAddr, RequestMethod, RequestOutcome, Transport, TurnServer};
+use super::{ClientAddr, RequestMethod, RequestOutcome, TurnServer};
 use crate::{
     nonce::NonceCheck,
     stun::{Class, Message, MessageType, MessageWriter, attr as stun_attr},
@@ -137,8 +137,8 @@ impl TurnServer {
     /// Spends one reply to an unauthenticated request from `client` (see
     /// [`crate::budget`]).
     fn take_challenge_budget(&mut self, now: Instant, client: ClientAddr) -> bool {
-        // A TCP client completed a handshake: its address is not forged.
-        client.transport == Transport::Tcp || self.budget.allow(now, client.addr.ip())
+        // A TCP (or TLS) client completed a handshake: its address is not forged.
+        client.transport.is_stream() || self.budget.allow(now, client.addr.ip())
     }
 
     /// A 401 or 438 carrying REALM and a fresh NONCE bound to `client`. Kept small

@@ -744,6 +744,7 @@ fn the_table_of_waiting_connects_is_bounded() {
     let now = sim.nodes[0].now;
     let reply = ReplyTo {
         from: addr(ALICE),
+        transport: crate::Transport::Udp,
         local: None,
         tid: [9; 12],
         password: creds("alice").password,

@@ -1,0 +1,446 @@
+//! The agent's port mapping: a [`PortMapClient`] for the agent's own socket port,
+//! asked of the default router at start. A granted mapping is endpoint-independent
+//! in mapping and filtering, so its external endpoint, announced in Register as a
+//! [`CandidateKind::Mapped`] candidate, lets a peer reach this one directly even
+//! behind a random-port NAT. The client's datagrams leave on the agent's socket (the
+//! mapped one); the router's answers are taken before anything else; refreshes and
+//! the delete at close are the client's.
+//!
+//! [`CandidateKind::Mapped`]: crate::rendezvous::wire::CandidateKind::Mapped
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Instant,
+};
+
+use rand::Rng;
+
+use super::{Agent, AgentEvent, session::SessionState};
+use crate::portmap::{Mapping, PortMapClient, PortMapConfig, PortMapEvent, ProtocolOutcome};
+
+/// How long connects wait at start for the router's first answer, so the first
+/// introduction already carries the mapped candidate (a router that maps answers
+/// within milliseconds; one that does not costs this once).
+pub const PORT_MAPPING_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Where to ask for the mapping, found by the driver (the sans-IO agent knows no
+/// routes): the default router, and this host's address toward it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMapTarget {
+    /// The default router (where PCP and NAT-PMP servers listen, port 5351).
+    pub router: IpAddr,
+    /// This host's address toward the router (PCP's client address).
+    pub client: IpAddr,
+    /// The agent socket's local port (the port mapped); 0 in a configuration given
+    /// to `gateway`'s `PeerClient`, which fills in its socket's port.
+    pub port: u16,
+}
+
+impl Agent {
+    /// Starts the client when the configuration asks for one.
+    pub(super) fn start_port_mapping(&mut self, now: Instant) {
+        let Some(target) = self.config.port_mapping else {
+            return;
+        };
+        let nonce: [u8; 12] = self.rng.random();
+        self.portmap = Some(PortMapClient::new(
+            now,
+            PortMapConfig::udp(target.router, target.client, target.port),
+            nonce,
+            self.config.upnp,
+        ));
+        self.portmap_hold = Some(now + PORT_MAPPING_HOLD);
+        self.drain_port_mapping(now);
+    }
+
+    /// A datagram on the agent's socket: `true` when it was the router's answer to
+    /// the port-mapping client (nothing else sees it).
+    pub(super) fn port_mapping_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) -> bool {
+        let Some(client) = &mut self.portmap else {
+            return false;
+        };
+        if !client.handle_datagram(now, from, datagram) {
+            return false;
+        }
+        self.drain_port_mapping(now);
+        true
+    }
+
+    /// The client's timers (retransmissions, refreshes, give-ups).
+    pub(super) fn port_mapping_timeout(&mut self, now: Instant) {
+        if self.portmap_hold.is_some_and(|at| at <= now) {
+            self.portmap_hold = None;
+        }
+        let Some(client) = &mut self.portmap else {
+            return;
+        };
+        if client.poll_timeout().is_some_and(|at| at <= now) {
+            client.handle_timeout(now);
+        }
+        self.drain_port_mapping(now);
+    }
+
+    /// The driver's UPnP-IGD attempt ended (see [`PortMapClient::handle_upnp_mapping`]):
+    /// `false` when the agent did not take the mapping (no client, or PCP or NAT-PMP
+    /// won), and the driver must delete it.
+    pub fn handle_upnp_mapping(
+        &mut self,
+        now: Instant,
+        result: Result<Mapping, ProtocolOutcome>,
+    ) -> bool {
+        let Some(client) = &mut self.portmap else {
+            return false;
+        };
+        let taken = client.handle_upnp_mapping(now, result);
+        self.drain_port_mapping(now);
+        taken
+    }
+
+    /// Deletes the mapping (on exit): [`PortMapEvent::Closed`] follows once the
+    /// router answered or the bounded retries ran out; at once when there is no
+    /// client or no PCP/NAT-PMP mapping. A UPnP mapping is the driver's to delete.
+    pub fn close_port_mapping(&mut self, now: Instant) {
+        match &mut self.portmap {
+            Some(client) => client.close(now),
+            None => self
+                .events
+                .push_back(AgentEvent::PortMapping(PortMapEvent::Closed)),
+        }
+        self.drain_port_mapping(now);
+    }
+
+    /// The agent is about to exit: deletes the port mapping (see
+    /// [`Self::close_port_mapping`]) and releases the TURN allocation (a Refresh
+    /// with lifetime 0, sent once: a killed agent would otherwise hold it until it
+    /// expires). The driver sends what follows, waits a little for
+    /// [`PortMapEvent::Closed`], and exits.
+    pub fn shut_down(&mut self, now: Instant) {
+        self.close_port_mapping(now);
+        self.turn.close(now);
+        self.drain_turn(now);
+    }
+
+    /// The mapping held now, if any.
+    pub fn port_mapping(&self) -> Option<Mapping> {
+        self.portmap.as_ref().and_then(PortMapClient::mapping)
+    }
+
+    /// Moves the client's datagrams to the agent's socket and acts on its events: a
+    /// new or moved external endpoint (or a lost one) re-registers at once, so the
+    /// gateway hands the current candidate to the next introduction.
+    fn drain_port_mapping(&mut self, now: Instant) {
+        let Some(client) = &mut self.portmap else {
+            return;
+        };
+        while let Some(transmit) = client.poll_transmit() {
+            self.outgoing.push_back(transmit);
+        }
+        while let Some(event) = client.poll_event() {
+            let mapped = match &event {
+                PortMapEvent::Mapped(m) | PortMapEvent::Refreshed(m) => Some(m.external),
+                PortMapEvent::Lost { .. } | PortMapEvent::Closed => None,
+                PortMapEvent::Unavailable(_) => self.mapped,
+            };
+            if matches!(
+                event,
+                PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_)
+            ) {
+                self.portmap_hold = None;
+            }
+            if mapped != self.mapped {
+                let new = mapped.is_some();
+                self.mapped = mapped;
+                if !self.stopped && !matches!(event, PortMapEvent::Closed) {
+                    self.next_register = now;
+                }
+                if new {
+                    // A relayed path may go direct through the new mapping: try
+                    // the upgrade now rather than at the next upgrade interval.
+                    for session in self.sessions.values_mut() {
+                        if session.state == SessionState::Up && session.path_relayed {
+                            session.upgrade_at = now;
+                            if let Some(at) = self.wanted.get_mut(&session.peer_id) {
+                                *at = now;
+                            }
+                        }
+                    }
+                }
+            }
+            self.events.push_back(AgentEvent::PortMapping(event));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Duration};
+
+    use super::*;
+    use crate::{
+        agent::AgentConfig,
+        portmap::{MappingProtocol, wire},
+        rendezvous::{
+            client::PeerCredentials,
+            wire::{CandidateKind, attr, decode_candidate},
+        },
+        stun::Message,
+    };
+
+    const SERVER: &str = "192.0.2.10:3478";
+    const ROUTER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1));
+    const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 0, 1, 2));
+
+    fn router() -> SocketAddr {
+        SocketAddr::new(ROUTER, wire::SERVER_PORT)
+    }
+
+    fn agent(now: Instant, mapping: bool) -> Agent {
+        let creds = PeerCredentials {
+            username: "1900000000:alice".into(),
+            password: "pw".into(),
+        };
+        let mut config = AgentConfig::new(SERVER.parse().expect("addr"), creds);
+        config.discover = false;
+        config.host_candidates = vec![SocketAddr::new(CLIENT, 4500)];
+        config.port_mapping = mapping.then_some(PortMapTarget {
+            router: ROUTER,
+            client: CLIENT,
+            port: 4500,
+        });
+        Agent::new(config, now, 7)
+    }
+
+    /// Everything sent: (to router?, payload), after running due timers.
+    fn step(agent: &mut Agent, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+        if agent.poll_timeout().is_some_and(|at| at <= now) {
+            agent.handle_timeout(now);
+        }
+        std::iter::from_fn(|| agent.poll_transmit())
+            .map(|t| (t.to, t.payload))
+            .collect()
+    }
+
+    /// The mapped candidates of the Registers among `sent`, one entry per Register.
+    fn registered_mapped(sent: &[(SocketAddr, Vec<u8>)]) -> Vec<Vec<SocketAddr>> {
+        sent.iter()
+            .filter(|(to, _)| *to == SERVER.parse().expect("addr"))
+            .filter_map(|(_, payload)| {
+                let message = Message::parse(payload).ok()?;
+                if message.message_type().method != crate::rendezvous::wire::method::REGISTER {
+                    return None;
+                }
+                let tid = message.transaction_id();
+                Some(
+                    message
+                        .attributes()
+                        .filter_map(Result::ok)
+                        .filter(|a| a.ty == attr::CANDIDATE)
+                        .filter_map(|a| decode_candidate(a.value, tid))
+                        .filter(|c| c.kind == CandidateKind::Mapped)
+                        .map(|c| c.addr)
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn to_router(sent: &[(SocketAddr, Vec<u8>)]) -> Vec<Vec<u8>> {
+        sent.iter()
+            .filter(|(to, _)| *to == router())
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    fn pcp_announce_answer() -> Vec<u8> {
+        let mut answer = wire::pcp_announce_request(CLIENT).to_vec();
+        answer[1] = 0x80;
+        answer[3] = 0;
+        answer[8..12].copy_from_slice(&10u32.to_be_bytes());
+        answer
+    }
+
+    /// The router's PCP answer to the MAP `request`, granting `external`.
+    fn pcp_grant(request: &[u8], external: SocketAddr, lifetime: u32) -> Vec<u8> {
+        let mut answer = request.to_vec();
+        answer[1] |= 0x80;
+        answer[3] = 0;
+        answer[4..8].copy_from_slice(&lifetime.to_be_bytes());
+        answer[8..12].copy_from_slice(&11u32.to_be_bytes());
+        answer[12..24].fill(0);
+        answer[42..44].copy_from_slice(&external.port().to_be_bytes());
+        let IpAddr::V4(v4) = external.ip() else {
+            panic!("v4 only here")
+        };
+        answer[44..60].copy_from_slice(&v4.to_ipv6_mapped().octets());
+        answer
+    }
+
+    fn port_mapping_events(agent: &mut Agent) -> Vec<PortMapEvent> {
+        std::iter::from_fn(|| agent.poll_event())
+            .filter_map(|e| match e {
+                AgentEvent::PortMapping(e) => Some(e),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Grants `external` by PCP at `t0`; returns the datagrams sent after the grant.
+    fn granted(agent: &mut Agent, t0: Instant, external: SocketAddr) -> Vec<(SocketAddr, Vec<u8>)> {
+        let first = step(agent, t0);
+        assert_eq!(to_router(&first).len(), 2, "PCP ANNOUNCE and NAT-PMP probe");
+        assert_eq!(registered_mapped(&first), [vec![]], "nothing mapped yet");
+        agent.handle_datagram(t0, router(), &pcp_announce_answer());
+        let map = to_router(&step(agent, t0));
+        assert_eq!(map.len(), 1, "the PCP MAP");
+        let t1 = t0 + Duration::from_millis(20);
+        agent.handle_datagram(t1, router(), &pcp_grant(&map[0], external, 60));
+        step(agent, t1)
+    }
+
+    #[test]
+    fn a_granted_mapping_is_announced_in_the_next_register() {
+        let t0 = Instant::now();
+        let mut agent = agent(t0, true);
+        let external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        let after = granted(&mut agent, t0, external);
+        assert_eq!(registered_mapped(&after), [vec![external]], "re-registered");
+        assert_eq!(
+            port_mapping_events(&mut agent),
+            [PortMapEvent::Mapped(Mapping {
+                protocol: MappingProtocol::Pcp,
+                external,
+                lifetime: Duration::from_secs(60),
+            })]
+        );
+        assert_eq!(agent.port_mapping().map(|m| m.external), Some(external));
+        // The router's answers are the client's: no peer or server logic saw them.
+        assert!(agent.sessions.is_empty());
+    }
+
+    #[test]
+    fn a_lost_mapping_leaves_the_register() {
+        let t0 = Instant::now();
+        let mut agent = agent(t0, true);
+        let external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        granted(&mut agent, t0, external);
+        port_mapping_events(&mut agent);
+        // The router falls silent: the refresh at 30 s goes unanswered.
+        let mut registers = Vec::new();
+        let mut lost_at = None;
+        for ms in (100..40_000).step_by(50) {
+            let t = t0 + Duration::from_millis(ms);
+            let sent = step(&mut agent, t);
+            let events = port_mapping_events(&mut agent);
+            if events.iter().any(
+                |e| matches!(e, PortMapEvent::Lost { mapping, .. } if mapping.external == external),
+            ) {
+                lost_at = Some(ms);
+            }
+            registers.extend(registered_mapped(&sent).into_iter().map(|m| (ms, m)));
+        }
+        let lost_at = lost_at.expect("the mapping was lost");
+        assert!((30_000..35_000).contains(&lost_at), "{lost_at}");
+        let (first_after, mapped) = registers
+            .iter()
+            .find(|(ms, _)| *ms >= lost_at)
+            .expect("a Register after the loss");
+        assert_eq!(*first_after, lost_at, "at once");
+        assert!(mapped.is_empty(), "{mapped:?}");
+        assert!(
+            registers
+                .iter()
+                .filter(|(ms, _)| *ms < lost_at)
+                .all(|(_, m)| m == &vec![external])
+        );
+        assert_eq!(agent.port_mapping(), None);
+    }
+
+    /// How many Connects are among `sent`.
+    fn connects(sent: &[(SocketAddr, Vec<u8>)]) -> usize {
+        sent.iter()
+            .filter_map(|(_, p)| Message::parse(p).ok())
+            .filter(|m| m.message_type().method == crate::rendezvous::wire::method::CONNECT)
+            .count()
+    }
+
+    #[test]
+    fn connects_wait_for_the_routers_first_answer_at_most_a_second() {
+        let t0 = Instant::now();
+        // A router that answers: the Connect follows the Register with the mapping.
+        let mut agent = agent(t0, true);
+        agent.connect("bob", t0);
+        let external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        let first = step(&mut agent, t0);
+        assert_eq!(connects(&first), 0, "held");
+        agent.handle_datagram(t0, router(), &pcp_announce_answer());
+        let map = to_router(&step(&mut agent, t0));
+        let t1 = t0 + Duration::from_millis(30);
+        assert_eq!(connects(&step(&mut agent, t1)), 0, "still held");
+        agent.handle_datagram(t1, router(), &pcp_grant(&map[0], external, 60));
+        let sent = step(&mut agent, t1);
+        assert_eq!(registered_mapped(&sent), [vec![external]]);
+        assert_eq!(connects(&sent), 1, "released by the grant");
+        let register = sent.iter().position(|(to, _)| to.port() == 3478);
+        let connect = sent.iter().rposition(|(to, _)| to.port() == 3478);
+        assert!(
+            register < connect,
+            "the Register with the mapping goes first"
+        );
+
+        // A silent router: the Connect goes after a second, not after its retries.
+        let mut silent = self::tests::agent(t0, true);
+        silent.connect("bob", t0);
+        let mut first_connect = None;
+        for ms in (0..5_000).step_by(10) {
+            let sent = step(&mut silent, t0 + Duration::from_millis(ms));
+            if connects(&sent) > 0 && first_connect.is_none() {
+                first_connect = Some(ms);
+            }
+        }
+        assert_eq!(first_connect, Some(1_000));
+    }
+
+    #[test]
+    fn without_port_mapping_nothing_goes_to_a_router() {
+        let t0 = Instant::now();
+        let mut agent = agent(t0, false);
+        for ms in (0..20_000).step_by(50) {
+            let sent = step(&mut agent, t0 + Duration::from_millis(ms));
+            assert!(
+                sent.iter().all(|(to, _)| to.port() != wire::SERVER_PORT),
+                "{sent:?}"
+            );
+        }
+        // A router's datagram is not taken either.
+        agent.handle_datagram(t0, router(), &pcp_announce_answer());
+        assert!(port_mapping_events(&mut agent).is_empty());
+        assert!(!agent.handle_upnp_mapping(
+            t0,
+            Ok(Mapping {
+                protocol: MappingProtocol::Upnp,
+                external: "198.51.100.2:1".parse().expect("addr"),
+                lifetime: Duration::from_secs(60),
+            })
+        ));
+    }
+
+    #[test]
+    fn close_deletes_the_mapping_and_says_closed() {
+        let t0 = Instant::now();
+        let mut agent = agent(t0, true);
+        let external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        granted(&mut agent, t0, external);
+        port_mapping_events(&mut agent);
+        let t1 = t0 + Duration::from_secs(1);
+        agent.close_port_mapping(t1);
+        let delete = to_router(&step(&mut agent, t1));
+        assert_eq!(delete.len(), 1);
+        assert_eq!(delete[0][4..8], [0, 0, 0, 0], "lifetime 0: delete");
+        agent.handle_datagram(t1, router(), &pcp_grant(&delete[0], external, 0));
+        assert_eq!(port_mapping_events(&mut agent), [PortMapEvent::Closed]);
+    }
+}
