@@ -655,11 +655,20 @@ async fn tell_moved(
 async fn reader(shared: Arc<ClusterShared>) {
     let key = inbox_key(&shared.node_id);
     let mut scratch = SendScratch::default();
-    // Only messages sent from now on: older ones were for a previous life of this
-    // node and name introductions it no longer knows.
+    // Only messages sent from this node's start on: older ones were for a previous
+    // life of this node and name introductions it no longer knows. The start is
+    // taken from Redis's own clock at the first connection and kept across
+    // reconnections: reading from "$" after a reconnection would miss what other
+    // nodes sent while this one was reconnecting (a cross-node introduction right
+    // after a Redis outage was lost that way).
     let mut last_id = String::from("$");
     loop {
         let mut redis = shared.connector.connect_with_backoff("reader").await;
+        if last_id == "$"
+            && let Ok(time) = redis.query::<(u64, u64)>(&redis::cmd("TIME")).await
+        {
+            last_id = start_id(time);
+        }
         loop {
             let mut cmd = redis::cmd("XREAD");
             cmd.arg("COUNT")
@@ -707,6 +716,15 @@ async fn reader(shared: Arc<ClusterShared>) {
             }
         }
     }
+}
+
+/// The stream id of the instant Redis's `TIME` answered (seconds, microseconds): an
+/// `XREAD` from it yields every entry added from then on.
+fn start_id((secs, micros): (u64, u64)) -> String {
+    format!(
+        "{}-0",
+        secs.saturating_mul(1000).saturating_add(micros / 1000)
+    )
 }
 
 /// The (id, payload of field `m`) pairs of an `XREAD` answer for one stream; anything
@@ -828,6 +846,12 @@ async fn heartbeat(shared: Arc<ClusterShared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_inbox_is_read_from_redis_time_at_start() {
+        assert_eq!(start_id((1_765_000_000, 123_456)), "1765000000123-0");
+        assert_eq!(start_id((u64::MAX, 0)), format!("{}-0", u64::MAX));
+    }
 
     #[test]
     fn xread_answers_yield_ids_and_payloads_in_order() {
