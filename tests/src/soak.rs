@@ -1,6 +1,7 @@
 //! The churn soak: one `gateway serve` in the NAT lab taking round after round of
-//! registrations, introductions, punched and relayed pairs, TURN allocations with
-//! channels over UDP and over TCP, every relayed byte checked, while its resident
+//! registrations, introductions, punched and relayed pairs (agents stopped with
+//! SIGTERM after each round), TURN allocations with channels over UDP and over TCP,
+//! every relayed byte checked, while its resident
 //! memory and open descriptors are read after each round. `cargo xtask soak` runs it
 //! for as long as asked; tests/tests/soak.rs runs two rounds.
 use std::{
@@ -37,8 +38,8 @@ pub struct SoakConfig {
     /// TURN clients per transport (UDP, TCP) per round.
     pub turn_clients: usize,
     /// After the churn, wait at most this long for the gateway's allocations and
-    /// registrations to expire before the last reading (agents are killed, so their
-    /// allocations live out their lifetime).
+    /// registrations to be gone before the last reading (agents stop with SIGTERM
+    /// and release their allocations; registrations expire).
     pub settle: Duration,
 }
 
@@ -76,7 +77,7 @@ pub struct SoakReport {
     /// Datagrams that never arrived (each direction counted).
     pub lost: u64,
     /// Allocations tried again from another port after a 437 or 441: the site's NAT
-    /// reused the public port of a killed agent whose allocation still lived.
+    /// reused the public port of an earlier client whose allocation still lived.
     pub allocate_retries: usize,
     /// The reading after the warm-up round: the baseline.
     pub start: Option<Reading>,
@@ -318,6 +319,22 @@ fn agent_pair(
         .map_err(|e| broken(format!("{kind} pair ({up}): {e}")))?;
     report.bytes_checked += checked;
     report.lost += lost;
+    // Stopped as systemd or an operator stops them: SIGTERM, after which an agent
+    // releases its allocation and port mapping and exits 0. (Killed agents left
+    // their allocations for ten minutes, and a site NAT handed their public port to
+    // the next agent, whose Allocate then got 441.)
+    for (name, agent) in [("alice", &mut alice), ("bob", &mut bob)] {
+        agent.signal(libc::SIGTERM)?;
+        match agent.wait_exit(Duration::from_secs(5)) {
+            Some(status) if status.success() => {}
+            other => {
+                return Err(broken(format!(
+                    "{kind} pair: {name} did not stop cleanly on SIGTERM ({other:?}): {:?}",
+                    agent.seen()
+                )));
+            }
+        }
+    }
     Ok(direct)
 }
 
@@ -357,7 +374,7 @@ fn turn_client(
             )
         })? {
             TurnClientEvent::Allocated { relayed, .. } => break (client, relayed),
-            // The NAT gave this socket the public port of a killed agent whose
+            // The NAT gave this socket the public port of an earlier client whose
             // allocation lives on (437: another allocation, 441: another user on this
             // 5-tuple): as a real client does, try again from another port.
             TurnClientEvent::Failed { failure, .. }
@@ -490,7 +507,7 @@ pub fn run(config: &SoakConfig, mut progress: impl FnMut(&str)) -> Result<SoakRe
         running.store(false, Ordering::Relaxed);
         let _ = echo_thread.join();
         churn?;
-        // Killed agents leave allocations and registrations that expire by themselves.
+        // Registrations of stopped agents expire by themselves.
         let settle_until = Instant::now() + config.settle;
         loop {
             let reading = read(&gateway, started)?;

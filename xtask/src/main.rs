@@ -94,8 +94,8 @@ enum Command {
     /// speak; RSS, file descriptors, CPU and answers per kind, as a markdown table.
     /// Needs root (raw socket).
     BenchFlood(flood_bench::FloodBenchArgs),
-    /// The churn soak in the NAT lab (default 30 minutes, then 11 minutes for killed
-    /// agents' state to expire): punched and relayed agent pairs, TURN allocations
+    /// The churn soak in the NAT lab (default 30 minutes, then up to 11 minutes for
+    /// what is left to expire): punched and relayed agent pairs, TURN allocations
     /// over UDP and TCP, every relayed byte checked; fails on a lost datagram or when
     /// the gateway's RSS or descriptors end more than 5% above the start. Needs root.
     Soak(soak::SoakArgs),

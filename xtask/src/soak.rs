@@ -2,7 +2,7 @@
 //! minutes for the figures in docs/benchmarks.md, "Churn soak"): registrations,
 //! introductions, punched and relayed agent pairs, TURN allocations with channels
 //! over UDP and TCP, every relayed byte checked; the gateway's RSS and descriptors
-//! after each round and once the killed agents' state expired. Needs root (the lab).
+//! after each round and once the stopped agents' state was gone. Needs root (the lab).
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -20,8 +20,8 @@ pub struct SoakArgs {
     /// TURN clients per transport (UDP, TCP) per round.
     #[arg(long, default_value_t = 2)]
     turn_clients: usize,
-    /// Minutes to wait after the churn for killed agents' allocations (10 minute
-    /// lifetime) and registrations to expire before the last reading.
+    /// Minutes to wait at most after the churn for allocations and registrations to
+    /// be gone before the last reading (it ends as soon as they are).
     #[arg(long, default_value_t = 11)]
     settle_minutes: u64,
     /// Largest growth of RSS and descriptors, end against start, in percent.
