@@ -56,7 +56,9 @@ const LONG_VERSION: &str = concat!(
         with --ebpf-interface watches its punches in the kernel. `gateway \
         watch` does that watching alone, for hosts that run no agent, such as a Linux NAT \
         router.",
-    after_help = "Not built yet (planned, see the project's issues): TURN over TLS."
+    after_help = "Not built yet (planned, see the project's issues): agents that fall back to \
+        TCP and TLS by themselves (the gateway serves TURN and the rendezvous over both; \
+        `gateway peer` speaks UDP)."
 )]
 struct Cli {
     /// Log filter, e.g. `info`, `debug`, `gateway=trace`; RUST_LOG also works. Given

@@ -22,6 +22,10 @@ fn help_lists_serve_and_is_honest_about_what_is_not_built() {
     assert!(ok);
     assert!(stdout.contains("serve"), "{stdout}");
     assert!(stdout.contains("Not built yet"), "{stdout}");
+    assert!(
+        stdout.contains("fall back to TCP and TLS") && !stdout.contains("TURN over TLS."),
+        "TURN over TLS is built; the agent's fallback is not: {stdout}"
+    );
     let (ok, stdout, _) = gateway(&["serve", "--help"]);
     assert!(ok);
     for flag in [
