@@ -748,11 +748,12 @@ fn redis_outage(backend: Backend) {
     // 5 s (a lost rewrite would wait for bob's next Register, 15 s; an introduction
     // a node's inbox reader missed while reconnecting cost a punch window and an
     // upgrade, 7 s). A Redis Cluster formed anew also makes every node's client
-    // rediscover the slot map, which a loaded CI machine has been seen to stretch
-    // past 5 s: there the issue's own target, one registration interval (15 s).
+    // rediscover the slot map: 8-9 s here, stretched to 15.8 s on a machine loaded
+    // by a soak beside the tests, so 20 s; that the nodes rewrote their registries
+    // at once (not at bob's next Register) is checked in the log below.
     let within = match backend {
         Backend::Single => Duration::from_secs(5),
-        Backend::Cluster => Duration::from_secs(15),
+        Backend::Cluster => Duration::from_secs(20),
     };
     let up = dave
         .wait_for("path-up", within + Duration::from_secs(5))
