@@ -2,32 +2,13 @@
 //! the budgets and deadlines of issue 14's adversarial run, each a check that failed
 //! before its fix.
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use gateway::proto::binding::binding_request;
-use gateway_tests::loopback::LoopbackGateway;
-
-/// Waits for the peer to close `stream` (EOF or reset); the time it took, or `None`
-/// when it is still open after `limit`.
-fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let mut buf = [0u8; 64];
-    while start.elapsed() < limit {
-        match stream.read(&mut buf) {
-            Ok(0) => return Some(start.elapsed()),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return Some(start.elapsed()),
-        }
-    }
-    None
-}
+use gateway_tests::loopback::{LoopbackGateway, closed_within};
 
 #[test]
 fn a_tcp_client_that_announces_a_frame_and_stops_is_closed() {

@@ -13,7 +13,7 @@ use std::{
 
 use gateway::proto::turn::client::TurnClientEvent;
 use gateway_tests::{
-    loopback::{LoopbackGateway, SECRET, free_tcp},
+    loopback::{LoopbackGateway, SECRET, closed_within, free_tcp},
     tls::{StreamPeer, StreamTurn, TestCa, connect_tls, not_after, peer_certificate},
 };
 
@@ -95,25 +95,6 @@ impl TlsGateway {
             .expect("the gateway's fds")
             .count()
     }
-}
-
-/// Waits for the peer to close `stream` (EOF or reset); the time it took, or `None`
-/// when it is still open after `limit`.
-fn closed_within(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
-    let start = Instant::now();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
-    let mut buf = [0u8; 256];
-    while start.elapsed() < limit {
-        match stream.read(&mut buf) {
-            Ok(0) => return Some(start.elapsed()),
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(_) => return Some(start.elapsed()),
-        }
-    }
-    None
 }
 
 fn uclient(tls: SocketAddr, mode: &[&str], clients: u32, messages: u32, length: u32) -> String {
