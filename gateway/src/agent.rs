@@ -1,11 +1,12 @@
 //! The peer agent as a library ([`PeerClient`], [`PeerPath`]) and as the
 //! `gateway peer` command ([`run`]).
 //!
-//! One task owns the UDP socket and the sans-IO [`Agent`]; the client talks to it
-//! through channels. A [`PeerPath`] is socket-like: `send` and `recv` whole datagrams
-//! to and from one peer, over whatever path currently works. Today that is always a
-//! direct (punched) path; [`PathKind`] is the seam where the TURN relay fallback will
-//! plug in, transparently to users of the path.
+//! One task owns the UDP socket, the TCP/TLS connections to the gateway
+//! ([`crate::server_link`], used when UDP to it does not work) and the sans-IO
+//! [`Agent`]; the client talks to it through channels. A [`PeerPath`] is
+//! socket-like: `send` and `recv` whole datagrams to and from one peer, over
+//! whatever path currently works: direct (punched) or through the gateway's TURN
+//! relay ([`PathKind`] says which), transparently to users of the path.
 use std::{
     collections::HashMap,
     future::Future,
@@ -21,10 +22,15 @@ use tokio::{
 use crate::{
     portmap::{UpnpMapping, upnp_map},
     proto::{
-        agent::{Agent, AgentConfig, AgentEvent, NextStep, PortMapTarget, ServerChangeReason},
+        Transport,
+        agent::{
+            Agent, AgentConfig, AgentEvent, NextStep, PortMapTarget, ServerChangeReason,
+            TransportChangeReason,
+        },
         portmap::{MappedTransport, PortMapEvent, ProtocolOutcome, REQUESTED_LIFETIME},
         rendezvous::client::Role,
     },
+    server_link::{LinkNews, ServerTls},
 };
 
 /// Why the agent could not do something.
@@ -162,7 +168,17 @@ const PATH_QUEUE: usize = 1024;
 
 impl PeerClient {
     /// Binds the agent's socket and starts it (it registers at once).
-    pub async fn start(bind: SocketAddr, mut config: AgentConfig) -> Result<Self, PeerError> {
+    pub async fn start(bind: SocketAddr, config: AgentConfig) -> Result<Self, PeerError> {
+        Self::start_with_tls(bind, config, None).await
+    }
+
+    /// [`Self::start`] with a TLS client for `config.server_tls` (the gateway's
+    /// `turns:` endpoint, the last transport the agent falls back to).
+    pub async fn start_with_tls(
+        bind: SocketAddr,
+        mut config: AgentConfig,
+        tls: Option<crate::server_link::ServerTls>,
+    ) -> Result<Self, PeerError> {
         let socket = UdpSocket::bind(bind)
             .await
             .map_err(|source| PeerError::Bind { addr: bind, source })?;
@@ -194,7 +210,16 @@ impl PeerClient {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (ports_tx, socket_ports) = mpsc::channel(SOCKET_PORT_CHANGES);
         let agent = Agent::new(config, Instant::now(), rand::random());
-        tokio::spawn(drive(socket, agent, commands_rx, events_tx, ports_tx, upnp));
+        let links = crate::server_link::ServerLinks::new(tls);
+        tokio::spawn(drive(
+            socket,
+            agent,
+            links,
+            commands_rx,
+            events_tx,
+            ports_tx,
+            upnp,
+        ));
         Ok(Self {
             commands,
             events,
@@ -307,6 +332,7 @@ const SOCKET_PORT_CHANGES: usize = 2 * 1024;
 async fn drive(
     socket: UdpSocket,
     mut agent: Agent,
+    mut links: crate::server_link::ServerLinks,
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<AgentEvent>,
     socket_ports: mpsc::Sender<(u16, bool)>,
@@ -375,6 +401,17 @@ async fn drive(
                 Ok((len, from)) => agent.handle_datagram(Instant::now(), from, &buf[..len]),
                 Err(e) => tracing::debug!(error = %e, "receive failed"),
             },
+            Some(news) = links.news.recv() => match news {
+                LinkNews::Frame { transport, from, frame } => {
+                    agent.handle_stream_frame(Instant::now(), transport, from, &frame);
+                }
+                LinkNews::Closed { transport, epoch, why } => {
+                    if links.closed(transport, epoch) {
+                        tracing::debug!(transport = transport.as_str(), %why, "gateway connection closed");
+                        agent.handle_stream_closed(Instant::now(), transport);
+                    }
+                }
+            },
             Some((slot, from, datagram)) = extra.received.recv() => {
                 agent.handle_datagram_on(Instant::now(), slot, from, &datagram);
             }
@@ -434,9 +471,13 @@ async fn drive(
             }
             closing = Some((oneshot::channel().0, now + CLOSE_WAIT));
         }
-        // The agent sends UDP only, from the socket's own address: `transport` and
-        // `from_local` keep their defaults.
+        // UDP from the socket's own address (`from_local` keeps its default), or a
+        // message for the gateway on a TCP or TLS connection.
         while let Some(transmit) = agent.poll_transmit() {
+            if transmit.transport.is_stream() {
+                links.send(transmit.to, transmit.transport, transmit.payload);
+                continue;
+            }
             let socket = match transmit.socket {
                 0 => &socket,
                 slot => match extra.get_or_open(slot) {
@@ -659,6 +700,38 @@ impl ExtraSockets {
     }
 }
 
+/// `--server-tls HOST[:PORT]`: the name its certificate must carry and the address
+/// to connect to (port 443 when none is given; the first address HOST resolves to).
+pub fn resolve_tls_endpoint(spec: &str) -> Result<(String, SocketAddr), PeerError> {
+    use std::net::ToSocketAddrs;
+    let bad = |why: &str| PeerError::Resolve {
+        server: spec.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, why.to_owned()),
+    };
+    let (host, port) = if let Ok(addr) = spec.parse::<SocketAddr>() {
+        (addr.ip().to_string(), addr.port())
+    } else if let Ok(ip) = spec.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+        (ip.to_string(), 443)
+    } else {
+        match spec.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') => (
+                host.to_owned(),
+                port.parse().map_err(|_| bad("the port is not a number"))?,
+            ),
+            _ => (spec.to_owned(), 443),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("no host name"));
+    }
+    let addr = (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| bad(&e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("resolves to no address"))?;
+    Ok((host, addr))
+}
+
 /// Resolves `gateway peer --server` values into gateway nodes, in order: an IP
 /// literal (`192.0.2.10:3478`, `[2001:db8::1]:3478`) is one node, as before; a
 /// `HOST:PORT` whose name resolves to several addresses gives one node per address,
@@ -753,6 +826,8 @@ pub struct PeerOptions {
     /// Ask the default router for a mapping of the agent's port (PCP, NAT-PMP,
     /// UPnP-IGD) and announce it as a candidate; `--no-port-mapping` turns it off.
     pub port_mapping: bool,
+    /// The TLS client for `agent.server_tls` (`--server-tls`, `--tls-ca`).
+    pub tls: Option<ServerTls>,
 }
 
 /// Where `gateway peer` asks for a port mapping: the default router of the
@@ -911,17 +986,21 @@ pub async fn run(
     }
     let servers = options.agent.servers();
     let rendezvous = crate::observe::rendezvous_endpoints(&options.agent);
-    let mut client = PeerClient::start(options.bind, options.agent).await?;
+    let tls_endpoint = options.agent.server_tls;
+    let mut client = PeerClient::start_with_tls(options.bind, options.agent, options.tls).await?;
     let fallback: Vec<String> = servers[1..].iter().map(ToString::to_string).collect();
     status(format_args!(
-        "local {} server {}{}",
+        "local {} server {}{}{}",
         client.local_addr(),
         servers[0],
         if fallback.is_empty() {
             String::new()
         } else {
             format!(" fallback {}", fallback.join(","))
-        }
+        },
+        tls_endpoint
+            .map(|t| format!(" tls {t}"))
+            .unwrap_or_default()
     ));
     let mut lines = StatusLines::default();
     // Detaches the programs when `run` returns.
@@ -1340,6 +1419,8 @@ impl PathMetrics {
 struct StatusLines {
     /// The node failed over to, until its registration is announced.
     new_server: Option<SocketAddr>,
+    /// The transport toward the gateway (said in the registration line when not UDP).
+    transport: Transport,
     /// The last refusal printed (method, code) and when: the same refusal again
     /// within [`REPEAT_QUIET`] prints nothing (retries back off, and the first line
     /// said so).
@@ -1403,10 +1484,39 @@ impl StatusLines {
     /// The line for `event`, if it has one.
     fn line(&mut self, event: &AgentEvent) -> Option<String> {
         let line = match event {
-            AgentEvent::Registered { mapped } => match self.new_server.take() {
-                Some(server) => format!("registered with {server} public {mapped}"),
-                None => format!("registered public {mapped}"),
-            },
+            AgentEvent::Registered { mapped } => {
+                let over = match self.transport {
+                    Transport::Udp => String::new(),
+                    t => format!(" over {}", t.as_str()),
+                };
+                match self.new_server.take() {
+                    Some(server) => format!("registered with {server} public {mapped}{over}"),
+                    None => format!("registered public {mapped}{over}"),
+                }
+            }
+            AgentEvent::TransportChanged {
+                server,
+                from,
+                to,
+                to_addr,
+                reason,
+            } => {
+                self.transport = *to;
+                let (from, to) = (from.as_str(), to.as_str());
+                match reason {
+                    TransportChangeReason::NoAnswer { silent } => format!(
+                        "no answer from {server} over {from} for {:.0} s; trying {to} to {to_addr}",
+                        silent.as_secs_f64()
+                    ),
+                    TransportChangeReason::StreamFailed => {
+                        format!("{from} connection to the gateway failed; trying {to} to {to_addr}")
+                    }
+                    TransportChangeReason::UdpAnswered => {
+                        format!("udp to {server} answers again; using udp")
+                    }
+                    _ => format!("transport {to} to {to_addr}"),
+                }
+            }
             AgentEvent::ServerChanged { from, to, reason } => {
                 self.new_server = Some(*to);
                 match reason {

@@ -44,6 +44,7 @@ pub mod rendezvous;
 pub mod secrets;
 /// The sans-IO protocol core, re-exported so `gateway::proto::...` paths keep working.
 pub use gateway_proto as proto;
+pub mod server_link;
 pub mod service;
 pub mod stream;
 pub mod systemd;

@@ -255,6 +255,31 @@ struct PeerArgs {
     /// lifetime S` or `port-mapping none: WHY`.
     #[arg(long)]
     no_port_mapping: bool,
+    /// The gateway's TURN-over-TLS endpoint (`HOST` or `HOST:PORT`, port 443 by
+    /// default; see `gateway serve --tls-listen`): the last transport the agent falls
+    /// back to. When the gateway answers nothing over UDP for --transport-wait
+    /// seconds the agent tries TCP to the --server address, then TLS here (the
+    /// certificate must name HOST; the system's CAs and --tls-ca are trusted), then
+    /// UDP again, waiting longer after each silent round. On TCP or TLS the relay
+    /// leg is a TURN allocation over that connection. Prints `no answer from ADDR
+    /// over udp for N s; trying tcp to ADDR`, then `registered public ADDR over tcp`.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    server_tls: Option<String>,
+    /// A PEM file of CA certificates to trust for --server-tls besides the
+    /// system's (a private CA, or the gateway's self-signed certificate).
+    #[arg(long, value_name = "PEM", requires = "server_tls")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Seconds without an answer from the gateway before the next transport (UDP,
+    /// TCP, TLS) is tried.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=300))]
+    transport_wait: u64,
+    /// While on TCP or TLS, seconds between background tries of UDP (UDP is
+    /// preferred again as soon as the gateway answers over it: punching needs it).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    udp_retry_interval: u64,
+    /// Speak to the gateway over UDP only: no TCP or TLS fallback.
+    #[arg(long, conflicts_with = "server_tls")]
+    udp_only: bool,
     /// Never fall back to the gateway's TURN relay (by default a peer pair that
     /// cannot punch is relayed, and upgraded to direct when a later attempt works).
     #[arg(long)]
@@ -543,6 +568,20 @@ fn peer(args: PeerArgs) -> Result<()> {
         anyhow::bail!("--keepalive must be at least 1 second");
     }
     agent.keepalive = std::time::Duration::from_secs(args.keepalive);
+    agent.transport_fallback = !args.udp_only;
+    agent.transport_wait = std::time::Duration::from_secs(args.transport_wait);
+    agent.udp_retry_interval = std::time::Duration::from_secs(args.udp_retry_interval);
+    let tls = match &args.server_tls {
+        Some(spec) => {
+            let (host, addr) = gateway::peer::resolve_tls_endpoint(spec)?;
+            agent.server_tls = Some(addr);
+            Some(
+                gateway::server_link::ServerTls::new(&host, args.tls_ca.as_deref())
+                    .with_context(|| format!("--server-tls {spec}"))?,
+            )
+        }
+        None => None,
+    };
     let forward = match (args.forward_listen, args.forward_to) {
         (Some(addr), _) => Some(Forward::Listen(addr)),
         (None, Some(addr)) => Some(Forward::To(addr)),
@@ -576,6 +615,7 @@ fn peer(args: PeerArgs) -> Result<()> {
         observe,
         tcp,
         port_mapping: !args.no_port_mapping,
+        tls,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -58,7 +58,7 @@ pub enum TlsError {
 /// aws-lc-rs provider has; that one needs a C toolchain and cmake to build, and TURN
 /// relays carry data that is end-to-end protected by the peers anyway).
 #[allow(deprecated)]
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -219,7 +219,11 @@ impl Agent {
                 self.discovery.primary = Some(mapped);
             }
         }
-        if self.discovery.filter.started.is_none() {
+        if self.link.is_stream() {
+            // Registered over TCP or TLS: UDP to the gateway does not work, so its
+            // UDP tests cannot (and the mapped address is a TCP one).
+            self.abandon_discovery(now);
+        } else if self.discovery.filter.started.is_none() {
             self.discovery.primary = Some(mapped);
             if !self.discovery_endpoints().is_empty() {
                 self.start_discovery(now, mapped);

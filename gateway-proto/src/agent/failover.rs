@@ -150,6 +150,7 @@ impl Agent {
         let from = servers.current();
         let silent = now.saturating_duration_since(servers.heard_at);
         servers.current = (servers.current + 1) % servers.list.len();
+        let round_over = servers.current == 0;
         let to = servers.current();
         servers.heard_at = now;
         servers.next_heartbeat = Some(now + heartbeat(&self.config));
@@ -169,6 +170,10 @@ impl Agent {
             to,
             reason: ServerChangeReason::NoAnswer { silent },
         });
+        if round_over {
+            // Every node was silent over this transport: the next one gets its turn.
+            self.silent_round(now, silent);
+        }
     }
 }
 

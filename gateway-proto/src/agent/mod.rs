@@ -23,6 +23,8 @@
 //!   schedules (backoff, wrong credentials end the agent);
 //! - `port_mapping`: the mapping of our socket's port asked of the default router
 //!   (PCP, NAT-PMP; UPnP-IGD through the driver), announced as a mapped candidate;
+//! - `transport`: UDP, then TCP, then TLS to the gateway when it answers nothing, and
+//!   back to UDP when a background retry gets through;
 //! - `failover`: the heartbeat to the current gateway node and the move to the next
 //!   one when it falls silent (only with two or more servers configured);
 //! - `sim` (tests only): the simulated networks every agent test runs on.
@@ -34,6 +36,7 @@ mod refusal;
 mod relay_leg;
 mod report;
 mod session;
+mod transport;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -50,6 +53,7 @@ use self::{
     relay_leg::{RelayLeg, TurnAllocation},
     report::{Report, TcpSeqRequest},
     session::{Session, SessionState},
+    transport::ServerLink,
 };
 pub use self::{
     birthday::{BirthdayRole, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_SOCKETS, birthday_role},
@@ -57,9 +61,10 @@ pub use self::{
     failover::ServerChangeReason,
     port_mapping::PortMapTarget,
     refusal::{NextStep, method_name, reason as refusal_reason},
+    transport::TransportChangeReason,
 };
 use crate::{
-    Transmit, earliest,
+    Transmit, Transport, earliest,
     portmap::{PortMapClient, PortMapEvent},
     rendezvous::{
         client::{self, PeerCredentials, Role},
@@ -169,6 +174,17 @@ pub struct AgentConfig {
     /// [`Agent::handle_upnp_mapping`] (the client waits for it before saying no
     /// protocol gave a mapping).
     pub upnp: bool,
+    /// Fall back to TCP (same address as `server`), then TLS (`server_tls`), when
+    /// the gateway answers nothing over UDP for `transport_wait`; UDP is retried in
+    /// the background. On by default (`gateway peer --udp-only` turns it off).
+    pub transport_fallback: bool,
+    /// The gateway's TURN-over-TLS endpoint (`turns:`, typically port 443), tried
+    /// after TCP; `None`: no TLS fallback. The driver verifies the certificate.
+    pub server_tls: Option<SocketAddr>,
+    /// How long a transport may stay unanswered before the next one is tried.
+    pub transport_wait: Duration,
+    /// While on TCP or TLS, how often UDP is tried again in the background.
+    pub udp_retry_interval: Duration,
 }
 
 impl AgentConfig {
@@ -204,6 +220,10 @@ impl AgentConfig {
             tcp_candidates: Vec::new(),
             port_mapping: None,
             upnp: false,
+            transport_fallback: true,
+            server_tls: None,
+            transport_wait: Duration::from_secs(3),
+            udp_retry_interval: Duration::from_secs(30),
         }
     }
 
@@ -372,6 +392,21 @@ pub enum AgentEvent {
         /// Why.
         reason: ServerChangeReason,
     },
+    /// The agent speaks to the gateway over another transport now (UDP, TCP or
+    /// TLS) and registers over it at once; a [`AgentEvent::Registered`] follows once
+    /// it answers.
+    TransportChanged {
+        /// The gateway node (its UDP and TCP address).
+        server: SocketAddr,
+        /// The transport given up.
+        from: Transport,
+        /// The transport used from now on.
+        to: Transport,
+        /// Where messages go over it (the TLS endpoint for TLS).
+        to_addr: SocketAddr,
+        /// Why.
+        reason: TransportChangeReason,
+    },
     /// An established path went silent.
     PathDown {
         /// The other side.
@@ -446,6 +481,8 @@ pub struct Agent {
     sockets: ExtraSockets,
     /// The gateway nodes, the current one, its liveness and the heartbeat.
     servers: Servers,
+    /// The transport toward the gateway (UDP, TCP, TLS) and the UDP retry.
+    link: ServerLink,
     /// Unauthenticated 401 answers in a row (wrong credentials; see
     /// `refusal::FATAL_CREDENTIAL_REFUSALS`).
     credential_refusals: u32,
@@ -485,6 +522,7 @@ impl Agent {
     pub fn new(config: AgentConfig, now: Instant, seed: u64) -> Self {
         let mut agent = Self {
             servers: Servers::new(&config, now),
+            link: ServerLink::new(now),
             config,
             rng: StdRng::seed_from_u64(seed),
             next_register: now,
@@ -595,6 +633,12 @@ impl Agent {
         self.up_session(peer_id).map(|s| s.path_relayed)
     }
 
+    /// The configuration it runs with (tests rebuild agents from it).
+    #[cfg(test)]
+    pub(crate) fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
     /// The gateway node the agent uses now (`AgentConfig::server` until a failover).
     pub fn current_server(&self) -> SocketAddr {
         self.servers.current()
@@ -647,10 +691,12 @@ impl Agent {
         }
     }
 
-    /// Queues a datagram to the gateway's service endpoint from our own socket.
+    /// Queues a message to the gateway's service endpoint: from our own socket over
+    /// UDP, or framed on the stream in use (see `transport`).
     fn send_to_server(&mut self, payload: Vec<u8>) {
+        let (to, transport) = self.server_endpoint();
         self.outgoing
-            .push_back(Transmit::udp(self.servers.current(), payload));
+            .push_back(Transmit::udp(to, payload).over(transport));
     }
 
     /// The next datagram to send. Its `socket` is 0 for the agent's own socket; any
@@ -689,6 +735,7 @@ impl Agent {
                 self.discovery.next_timeout(),
                 self.turn.next_timeout(),
                 self.servers.next_timeout(&self.config),
+                self.transport_next_timeout(),
                 self.silence_report_at,
             ]
             .into_iter()
@@ -756,6 +803,7 @@ impl Agent {
         self.discovery_timeout(now);
         // A failover first, so the Register below goes to the new node at once.
         self.failover_timeout(now);
+        self.transport_timeout(now);
         if now >= self.next_register {
             self.send_register(now);
         }
@@ -871,6 +919,8 @@ impl Agent {
             return;
         }
         if from == self.servers.current() {
+            // Over UDP: on a stream, this is the background retry getting through.
+            self.heard_over(now, Transport::Udp);
             self.unanswered_since = None;
             self.silence_report_at = None;
         }
@@ -878,7 +928,9 @@ impl Agent {
             // A node we left (it may be back): not ours any more, and not a peer.
             return;
         }
-        if from == self.servers.current() && self.turn.is_turn_datagram(datagram) {
+        if self.turn.server() == Some((from, Transport::Udp))
+            && self.turn.is_turn_datagram(datagram)
+        {
             self.handle_turn_datagram(now, from, datagram);
         } else {
             self.handle_peer_datagram(now, 0, from, datagram, false);
@@ -1137,7 +1189,10 @@ mod tests {
             username: "1900000000:alice".into(),
             password: "pw".into(),
         };
-        let mut agent = Agent::new(AgentConfig::new(addr("192.0.2.10:3478"), creds), now, 1);
+        let mut config = AgentConfig::new(addr("192.0.2.10:3478"), creds);
+        // (Over one transport: the fallback to TCP after 3 s is `transport`'s test.)
+        config.transport_fallback = false;
+        let mut agent = Agent::new(config, now, 1);
         let mut sent_at = Vec::new();
         for ms in (0..4_000).step_by(10) {
             let t = now + Duration::from_millis(ms);

@@ -12,7 +12,7 @@ use rand::Rng;
 
 use super::{Agent, AgentEvent, NextStep, PendingRequest, refusal_reason, session::SessionState};
 use crate::{
-    Transmit,
+    Transmit, Transport,
     rendezvous::{
         client::{self, Role},
         wire::{SessionOutcome, method},
@@ -52,6 +52,9 @@ pub(super) struct TurnAllocation {
     client: Option<TurnClient>,
     /// When our allocation last failed: no fallback is tried for a minute after.
     failed_at: Option<Instant>,
+    /// Where the allocation lives: the gateway endpoint and the transport it was
+    /// made over (a stream's allocation lives as long as that connection).
+    server: Option<(SocketAddr, Transport)>,
 }
 
 impl TurnAllocation {
@@ -79,6 +82,11 @@ impl TurnAllocation {
         if let Some(turn) = self.client.as_mut() {
             turn.close(now);
         }
+    }
+
+    /// The gateway endpoint and transport our allocation was made over.
+    pub(super) fn server(&self) -> Option<(SocketAddr, Transport)> {
+        self.client.as_ref().and(self.server)
     }
 
     /// Our relayed address, once allocated.
@@ -177,16 +185,20 @@ impl Agent {
         self.events.push_back(AgentEvent::RelayFallback {
             peer_id: session.peer_id.clone(),
         });
-        if session.role == Role::Responder {
+        // A side on a stream (no UDP to the gateway) cannot send plain datagrams to
+        // the other side's relayed address: it relays through its own allocation,
+        // whatever its role, and offers its relayed address too.
+        if session.role == Role::Responder && !self.link.is_stream() {
             session.relay = RelayLeg::AwaitingOffer;
             return;
         }
         session.relay = RelayLeg::Local { offered: false };
         if self.turn.client.is_none() {
+            let (server, transport) = self.server_endpoint();
             let credentials = &self.config.credentials;
             let mut client = TurnClient::new(
                 TurnClientConfig::new(
-                    self.servers.current(),
+                    server,
                     credentials.username.clone(),
                     credentials.password.clone(),
                 ),
@@ -194,6 +206,7 @@ impl Agent {
             );
             if client.allocate(now).is_ok() {
                 self.turn.client = Some(client);
+                self.turn.server = Some((server, transport));
             }
             self.drain_turn(now);
         } else {
@@ -218,7 +231,14 @@ impl Agent {
                 continue;
             };
             session.relay = RelayLeg::Local { offered: true };
-            let ips: Vec<IpAddr> = session.candidates.iter().map(SocketAddr::ip).collect();
+            // The other side's candidates, and its relayed address when it offered one
+            // (both sides relay through their own allocations).
+            let ips: Vec<IpAddr> = session
+                .candidates
+                .iter()
+                .chain(&session.relay_peers)
+                .map(SocketAddr::ip)
+                .collect();
             if let Some(turn) = self.turn.client.as_mut() {
                 for ip in ips {
                     if let Err(e) = turn.create_permission(now, ip) {
@@ -246,10 +266,11 @@ impl Agent {
         let mut allocated = false;
         let mut failed = false;
         let mut denied = Vec::new();
+        let transport = self.turn.server.map_or(Transport::Udp, |(_, t)| t);
         if let Some(turn) = self.turn.client.as_mut() {
             while let Some(transmit) = turn.poll_transmit() {
                 self.outgoing
-                    .push_back(Transmit::udp(transmit.to, transmit.payload));
+                    .push_back(Transmit::udp(transmit.to, transmit.payload).over(transport));
             }
             while let Some(event) = turn.poll_event() {
                 match event {
@@ -365,7 +386,14 @@ impl Agent {
         let Some(session) = self.sessions.get_mut(&offer.intro_id) else {
             return;
         };
-        if session.peer_id != offer.peer_id || matches!(session.relay, RelayLeg::Local { .. }) {
+        if session.peer_id != offer.peer_id {
+            return;
+        }
+        if matches!(session.relay, RelayLeg::Local { .. }) || self.link.is_stream() {
+            // We relay through our own allocation (we are on a stream, or both sides
+            // relay): reach the offered address through it.
+            self.start_relay(now, offer.intro_id);
+            self.relay_through_ours(now, offer.intro_id, offer.relayed);
             return;
         }
         if session.relay == RelayLeg::None {
@@ -380,6 +408,32 @@ impl Agent {
         }
         session.next_probe = now;
         self.probe_relay_leg(now, offer.intro_id);
+    }
+
+    /// The other side offered its relayed address while we relay through our own
+    /// allocation (both sides relay: one of them, or both, has no UDP to the
+    /// gateway): permit its address on our allocation and probe it through ours.
+    fn relay_through_ours(&mut self, now: Instant, id: u64, relayed: SocketAddr) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !matches!(session.relay, RelayLeg::Local { .. }) {
+            return;
+        }
+        if !session.relay_peers.contains(&relayed) {
+            session.relay_peers.push(relayed);
+        }
+        if session.state == SessionState::Failed {
+            session.state = SessionState::Relaying;
+        }
+        session.next_probe = now;
+        if let Some(turn) = self.turn.client.as_mut()
+            && let Err(e) = turn.create_permission(now, relayed.ip())
+        {
+            tracing::debug!(error = %e, %relayed, "no relay permission");
+        }
+        self.drain_turn(now);
+        self.probe_relay_leg(now, id);
     }
 
     /// A datagram from the gateway for our TURN client: its own answers, or a peer's

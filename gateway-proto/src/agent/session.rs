@@ -434,7 +434,11 @@ impl Agent {
                 .candidates
                 .iter()
                 .any(|c| c.kind == CandidateKind::Predicted);
-        if self.config.relay && hopeless && self.turn.usable(now) {
+        // On a stream the gateway is all we reach for sure (UDP to it failed): the
+        // relay leg starts at once, in parallel with the punch attempt, and its offer
+        // lets the other side reach us through it.
+        let on_stream = self.link.is_stream();
+        if self.config.relay && (hopeless || on_stream) && self.turn.usable(now) {
             self.start_relay(now, intro.intro_id);
         }
     }

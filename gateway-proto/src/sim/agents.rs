@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::agent::{Agent, AgentConfig, AgentEvent, DATA_MARKER};
 use crate::{
+    Transport,
     credentials::SharedSecret,
     peer_policy::PeerPolicy,
     rendezvous::{
@@ -22,7 +23,7 @@ use crate::{
         RendezvousServer, client::PeerCredentials, discovery_index,
     },
     stun::Message,
-    turn::server::{TurnConfig, TurnHandled, TurnServer, TurnServerEvent},
+    turn::server::{ClientAddr, TurnConfig, TurnHandled, TurnServer, TurnServerEvent},
 };
 
 pub(crate) const NOW_UNIX: u64 = 1_800_000_000;
@@ -63,6 +64,8 @@ pub(crate) fn addr(s: &str) -> SocketAddr {
 /// neither receives nor sends anything (it died, or its network did).
 pub(crate) struct SimNode {
     pub(crate) addr: SocketAddr,
+    /// Its TURN-over-TLS endpoint (the same cores, port 443).
+    pub(crate) tls_addr: SocketAddr,
     server: RendezvousServer,
     turn: TurnServer,
     relays: SimRelaySockets,
@@ -70,6 +73,14 @@ pub(crate) struct SimNode {
 }
 
 impl SimNode {
+    /// The address a reply over `transport` comes from (the TLS listener for TLS).
+    fn source(&self, transport: Transport) -> SocketAddr {
+        match transport {
+            Transport::Tls => self.tls_addr,
+            _ => self.addr,
+        }
+    }
+
     /// How many relay sockets (one per allocation) this node has open.
     pub(crate) fn open_relays(&self) -> usize {
         self.relays.open.len()
@@ -94,6 +105,7 @@ impl SimNode {
         }));
         Self {
             addr: SocketAddr::new(ip, 3478),
+            tls_addr: SocketAddr::new(ip, 443),
             server,
             turn: TurnServer::new(
                 TurnConfig::default(),
@@ -140,8 +152,15 @@ pub(crate) struct Sim {
     /// The first node's address.
     pub(crate) server_addr: SocketAddr,
     pub(crate) agents: Vec<(SocketAddr, Agent)>,
-    in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
+    /// (arrival, from, to, payload, transport): streams are modelled as reliable
+    /// message pipes with the same latency.
+    in_flight: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>, Transport)>,
     pub(crate) drop_p2p: bool,
+    /// Per agent: its network drops every UDP datagram it sends or would receive (a
+    /// site that blocks UDP).
+    pub(crate) udp_blocked: Vec<bool>,
+    /// Per agent: its network drops its TCP connections (TLS still passes).
+    pub(crate) tcp_blocked: Vec<bool>,
     pub(crate) events: Vec<(usize, AgentEvent)>,
     /// Every agent event with its instant (`events` without the instants is kept for
     /// the tests that need no time).
@@ -200,6 +219,8 @@ impl Sim {
             agents,
             in_flight: Vec::new(),
             drop_p2p,
+            udp_blocked: vec![false; 2],
+            tcp_blocked: vec![false; 2],
             events: Vec::new(),
             timed_events: Vec::new(),
             server_events: Vec::new(),
@@ -215,6 +236,28 @@ impl Sim {
         for node in &mut self.nodes {
             node.turn.set_policy(PeerPolicy::new(
                 vec![allowed.parse().expect("range")],
+                Vec::new(),
+                Vec::new(),
+            ));
+        }
+    }
+
+    /// Agent `i` again from the start, with its configuration changed by `change`.
+    pub(crate) fn reconfigure(&mut self, i: usize, change: impl FnOnce(&mut AgentConfig)) {
+        let mut config = self.agents[i].1.config().clone();
+        change(&mut config);
+        self.agents[i].1 = Agent::new(config, self.now, 1 + i as u64);
+    }
+
+    /// Every node's relay also allows peers in `range` (e.g. the nodes' own
+    /// addresses, for two clients that both relay).
+    pub(crate) fn relay_also_allows(&mut self, range: &str) {
+        for node in &mut self.nodes {
+            node.turn.set_policy(PeerPolicy::new(
+                vec![
+                    "198.51.100.0/24".parse().expect("range"),
+                    range.parse().expect("range"),
+                ],
                 Vec::new(),
                 Vec::new(),
             ));
@@ -255,8 +298,20 @@ impl Sim {
                         to: t.to,
                         payload: t.payload.clone(),
                     });
-                    self.in_flight
-                        .push((self.now + LATENCY, *from, t.to, t.payload));
+                    let blocked = match t.transport {
+                        Transport::Udp => self.udp_blocked[i],
+                        Transport::Tcp => self.tcp_blocked[i],
+                        Transport::Tls => false,
+                    };
+                    if !blocked {
+                        self.in_flight.push((
+                            self.now + LATENCY,
+                            *from,
+                            t.to,
+                            t.payload,
+                            t.transport,
+                        ));
+                    }
                 }
                 while let Some(e) = agent.poll_event() {
                     self.timed_events.push((self.now, i, e.clone()));
@@ -268,20 +323,41 @@ impl Sim {
                 .drain(..)
                 .partition(|(at, ..)| *at <= self.now);
             self.in_flight = later;
-            for (_, from, to, payload) in due {
-                if let Some(n) = self.node_at(to) {
-                    if !self.nodes[n].silent && !self.relay_input(n, from, &payload) {
+            for (_, from, to, payload, transport) in due {
+                let node_at = match transport {
+                    Transport::Tls => self.nodes.iter().position(|n| n.tls_addr == to),
+                    _ => self.node_at(to),
+                };
+                if let Some(n) = node_at {
+                    let client = ClientAddr {
+                        addr: from,
+                        transport,
+                    };
+                    if !self.nodes[n].silent && !self.relay_input(n, client, &payload) {
                         let node = &mut self.nodes[n];
                         let handled = node
                             .server
-                            .handle_datagram(self.now, NOW_UNIX, from, None, &payload);
+                            .handle_message(self.now, NOW_UNIX, from, transport, None, &payload);
                         self.handled.push((self.now, n, from, handled));
                         self.server_events
                             .extend(std::iter::from_fn(|| node.server.poll_event()));
                         while let Some(t) = node.server.poll_transmit() {
-                            self.in_flight
-                                .push((self.now + LATENCY, node.addr, t.to, t.payload));
+                            let source = node.source(t.transport);
+                            self.in_flight.push((
+                                self.now + LATENCY,
+                                source,
+                                t.to,
+                                t.payload,
+                                t.transport,
+                            ));
                         }
+                    }
+                    continue;
+                }
+                if transport.is_stream() {
+                    // From a node to an agent, on the agent's connection.
+                    if let Some((_, agent)) = self.agents.iter_mut().find(|(a, _)| *a == to) {
+                        agent.handle_stream_frame(self.now, transport, from, &payload);
                     }
                     continue;
                 }
@@ -298,13 +374,27 @@ impl Sim {
                             }
                             None => node.turn.data_indication(from, &payload, &mut out),
                         }
+                        if target.client.transport.is_stream() {
+                            // Padded to four on a stream (RFC 8656 §12.5).
+                            out.resize(out.len().next_multiple_of(4), 0);
+                        }
                         self.in_flight.push((
                             self.now + LATENCY,
-                            node.addr,
+                            node.source(target.client.transport),
                             target.client.addr,
                             out,
+                            target.client.transport,
                         ));
                     }
+                    continue;
+                }
+                let blocked = |a: SocketAddr| {
+                    self.agents
+                        .iter()
+                        .position(|(x, _)| *x == a)
+                        .is_some_and(|i| self.udp_blocked[i])
+                };
+                if blocked(from) || blocked(to) {
                     continue;
                 }
                 if let from_peer = self.agents.iter().any(|(a, _)| *a == from)
@@ -321,7 +411,7 @@ impl Sim {
     }
 
     /// Node `n`'s TURN side: true when it took the datagram.
-    fn relay_input(&mut self, n: usize, from: SocketAddr, payload: &[u8]) -> bool {
+    fn relay_input(&mut self, n: usize, from: ClientAddr, payload: &[u8]) -> bool {
         let node = &mut self.nodes[n];
         if crate::turn::is_channel_data(payload) {
             if let Ok(message) = crate::turn::ChannelData::parse(payload)
@@ -332,8 +422,13 @@ impl Sim {
                     message.data.len(),
                 )
             {
-                self.in_flight
-                    .push((self.now + LATENCY, relay, peer, message.data.to_vec()));
+                self.in_flight.push((
+                    self.now + LATENCY,
+                    relay,
+                    peer,
+                    message.data.to_vec(),
+                    Transport::Udp,
+                ));
             }
             return true;
         }
@@ -348,12 +443,22 @@ impl Sim {
             .handle_stun(self.now, NOW_UNIX, from, None, &message);
         node.relays.serve(self.now, &mut node.turn);
         if let TurnHandled::Relay { relay, peer, data } = handled {
-            self.in_flight
-                .push((self.now + LATENCY, relay, peer, data.to_vec()));
+            self.in_flight.push((
+                self.now + LATENCY,
+                relay,
+                peer,
+                data.to_vec(),
+                Transport::Udp,
+            ));
         }
         while let Some(reply) = node.turn.poll_transmit() {
-            self.in_flight
-                .push((self.now + LATENCY, node.addr, reply.to, reply.payload));
+            self.in_flight.push((
+                self.now + LATENCY,
+                node.source(reply.transport),
+                reply.to,
+                reply.payload,
+                reply.transport,
+            ));
         }
         true
     }
