@@ -250,10 +250,21 @@ async fn connect_and_pump(
     queue: mpsc::Receiver<Vec<u8>>,
     news: &mpsc::Sender<LinkNews>,
 ) -> Result<(), String> {
+    // A connection that cannot be opened is worth a warning (a certificate that
+    // does not verify, a port that refuses): the status line only says it failed.
+    let failed = |why: String| {
+        tracing::warn!(%to, transport = transport.as_str(), %why, "cannot open a connection to the gateway");
+        why
+    };
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
         .await
-        .map_err(|_| format!("no TCP connection within {} s", CONNECT_TIMEOUT.as_secs()))?
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|_| {
+            failed(format!(
+                "no TCP connection within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| failed(format!("cannot connect: {e}")))?;
     let _ = tcp.set_nodelay(true);
     match tls {
         None => pump(tcp, to, transport, queue, news).await,
@@ -262,9 +273,12 @@ async fn connect_and_pump(
                 tokio::time::timeout(CONNECT_TIMEOUT, tls.connector.connect(tls.name, tcp))
                     .await
                     .map_err(|_| {
-                        format!("no TLS handshake within {} s", CONNECT_TIMEOUT.as_secs())
+                        failed(format!(
+                            "no TLS handshake within {} s",
+                            CONNECT_TIMEOUT.as_secs()
+                        ))
                     })?
-                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                    .map_err(|e| failed(format!("TLS handshake failed: {e}")))?;
             pump(stream, to, transport, queue, news).await
         }
     }

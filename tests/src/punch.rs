@@ -337,3 +337,44 @@ impl PunchLab {
         Some((kind, elapsed))
     }
 }
+
+/// A UDP "application" on each side: alice's (site a, host 0) sends to her forwarder
+/// on 127.0.0.1:5000, bob's (site b, host 0) listens on 127.0.0.1:6000 where his
+/// forwarder delivers (agents run with `--forward-listen 127.0.0.1:5000` and
+/// `--forward-to 127.0.0.1:6000`). Alice's datagram must reach bob's application
+/// and bob's answer come back; panics naming `what` otherwise.
+pub fn udp_forward_both_ways(lab: &Lab, what: &str) {
+    use std::net::UdpSocket;
+    let app = |site: &str, bind: &'static str| -> UdpSocket {
+        let app: UdpSocket = lab
+            .site(site)
+            .and_then(|s| s.host(0))
+            .expect("host")
+            .run(move || UdpSocket::bind(bind))
+            .expect("namespace")
+            .expect("bind");
+        app.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        app
+    };
+    let (app_a, app_b) = (app("a", "127.0.0.1:0"), app("b", "127.0.0.1:6000"));
+    let mut buf = [0u8; 1500];
+    let mut from_forwarder = None;
+    for attempt in 0..10 {
+        let message = format!("{what} #{attempt}");
+        app_a
+            .send_to(message.as_bytes(), "127.0.0.1:5000")
+            .expect("send");
+        if let Ok((len, from)) = app_b.recv_from(&mut buf) {
+            assert_eq!(&buf[..len], message.as_bytes());
+            from_forwarder = Some(from);
+            break;
+        }
+    }
+    let from = from_forwarder.unwrap_or_else(|| panic!("alice's app never reached bob's ({what})"));
+    app_b.send_to(b"pong", from).expect("reply");
+    let (len, _) = app_a
+        .recv_from(&mut buf)
+        .expect("bob's answer reaches alice's app");
+    assert_eq!(&buf[..len], b"pong");
+}

@@ -79,13 +79,21 @@ impl TestCa {
 
     /// [`Self::leaf`] valid for `days` days.
     pub fn leaf_for_days(&self, name: &str, days: u32) -> (PathBuf, PathBuf) {
+        self.leaf_with_names(name, days, "IP:127.0.0.1,DNS:gateway.test")
+    }
+
+    /// A server certificate for the subject alternative names `sans` (OpenSSL's
+    /// syntax: `IP:192.0.2.10,DNS:gateway.test`), valid for `days` days.
+    pub fn leaf_with_names(&self, name: &str, days: u32, sans: &str) -> (PathBuf, PathBuf) {
         let cert = self.dir.join(format!("{name}.pem"));
         let key = self.dir.join(format!("{name}.key"));
         let csr = self.dir.join(format!("{name}.csr"));
         let ext = self.dir.join(format!("{name}.ext"));
         std::fs::write(
             &ext,
-            "subjectAltName=IP:127.0.0.1,DNS:gateway.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+            ),
         )
         .expect("extensions file");
         openssl(&[

@@ -18,7 +18,7 @@
 //! The initiator and responder sit on a different pair of nodes in each test. Needs
 //! root (network namespaces) and Debian's redis-server, like the other lab tests.
 use std::{
-    net::{SocketAddr, UdpSocket},
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
@@ -132,43 +132,10 @@ fn remote(line: &str, kind: &str) -> SocketAddr {
         .unwrap_or_else(|| panic!("no {kind} address in {line:?}"))
 }
 
-/// A UDP "application" on each side: alice's sends to her forwarder on
-/// 127.0.0.1:5000, bob's listens on 127.0.0.1:6000 where his forwarder delivers.
-/// Alice's datagram must reach bob's application and bob's answer come back.
+/// Forwards a UDP datagram from site a's app to site b's and an answer back, over
+/// the agents' path.
 fn udp_forward_both_ways(cluster: &ClusterLab, what: &str) {
-    let app = |site: &str, bind: &'static str| -> UdpSocket {
-        let app: UdpSocket = cluster
-            .lab
-            .site(site)
-            .and_then(|s| s.host(0))
-            .expect("host")
-            .run(move || UdpSocket::bind(bind))
-            .expect("namespace")
-            .expect("bind");
-        app.set_read_timeout(Some(Duration::from_millis(500)))
-            .expect("timeout");
-        app
-    };
-    let (app_a, app_b) = (app("a", "127.0.0.1:0"), app("b", "127.0.0.1:6000"));
-    let mut buf = [0u8; 1500];
-    let mut from_forwarder = None;
-    for attempt in 0..10 {
-        let message = format!("{what} #{attempt}");
-        app_a
-            .send_to(message.as_bytes(), "127.0.0.1:5000")
-            .expect("send");
-        if let Ok((len, from)) = app_b.recv_from(&mut buf) {
-            assert_eq!(&buf[..len], message.as_bytes());
-            from_forwarder = Some(from);
-            break;
-        }
-    }
-    let from = from_forwarder.unwrap_or_else(|| panic!("alice's app never reached bob's ({what})"));
-    app_b.send_to(b"pong", from).expect("reply");
-    let (len, _) = app_a
-        .recv_from(&mut buf)
-        .expect("bob's answer reaches alice's app");
-    assert_eq!(&buf[..len], b"pong");
+    gateway_tests::punch::udp_forward_both_ways(&cluster.lab, what);
 }
 
 /// Waits (up to 5 s) until the per-node sums of `metric` are exactly 1 on `owner`

@@ -2,8 +2,9 @@
 //! peers behind one NAT, punched with the real binaries; each cell's expected outcome
 //! comes from the presets' RFC 4787 behaviour by the rules in `expect` (reasons in
 //! docs/nat-matrix.md). Cells that cannot punch must connect through the gateway's
-//! TURN relay instead (the fallback column), except where UDP itself is blocked.
-//! Prints the table it measured.
+//! TURN relay instead (the fallback column); a side whose site blocks UDP falls back
+//! to TCP toward the gateway by itself and relays through an allocation made over
+//! it. Prints the table it measured, with the transport each side registered over.
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -55,7 +56,10 @@ fn admits_other_ports(p: &NatPreset) -> bool {
 /// The expected outcome of alice behind `a` and bob behind `b`, and why.
 fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
     let (Some(ma), Some(mb)) = (map(a), map(b)) else {
-        return (false, "UDP is blocked on one side: it cannot even register");
+        return (
+            false,
+            "UDP is blocked on one side: no datagram crosses its NAT, so no direct path; that side registers over TCP after 3 s of silence and both sides meet through the relay (an allocation over its TCP connection)",
+        );
     };
     let random_port = |p: &NatPreset| {
         p.kind == RouterKind::Nat
@@ -100,13 +104,25 @@ fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
     }
 }
 
-/// What a cell must show: direct, relayed (the fallback column), or nothing where UDP
-/// is blocked (there is no relay over UDP either; TURN over TCP is not used by agents).
-fn expected_path(direct: bool, udp_blocked: bool) -> Option<PathSeen> {
-    match (direct, udp_blocked) {
-        (true, _) => Some(PathSeen::Direct),
-        (false, true) => None,
-        (false, false) => Some(PathSeen::Relayed),
+/// What a cell must show: direct, or relayed (the fallback column; over TCP from a
+/// side whose site blocks UDP). Every cell has a path.
+fn expected_path(direct: bool) -> PathSeen {
+    if direct {
+        PathSeen::Direct
+    } else {
+        PathSeen::Relayed
+    }
+}
+
+/// The transport an agent registered over, from its status lines (`registered ...
+/// over tcp`; nothing said: UDP).
+fn transport(lines: &[String]) -> &'static str {
+    let registered = lines.iter().rev().find(|l| l.starts_with("registered"));
+    match registered {
+        Some(l) if l.ends_with(" over tcp") => "tcp",
+        Some(l) if l.ends_with(" over tls") => "tls",
+        Some(_) => "udp",
+        None => "none",
     }
 }
 
@@ -173,12 +189,12 @@ fn nat_matrix() {
                         Topology::TwoSites(_, b) => extra_flags(b),
                         Topology::SameSite(p) => extra_flags(p),
                     };
-                    let expected = expected_path(direct, udp_blocked);
+                    let expected = Some(expected_path(direct));
                     // A cell that misses runs once more in a fresh lab (a birthday cell
                     // misses now and then on a loaded host, see docs/nat-matrix.md);
                     // the table says so, and the second run must match.
                     let mut missed = None;
-                    let (path, seen) = loop {
+                    let (path, seen, transports) = loop {
                         let mut scenario = punch::start_under(
                             topology.clone(),
                             profile.conditions(),
@@ -196,8 +212,13 @@ fn nat_matrix() {
                             scenario.alice.seen(),
                             scenario.bob.seen()
                         );
+                        let transports = format!(
+                            "{}/{}",
+                            transport(scenario.alice.seen()),
+                            transport(scenario.bob.seen())
+                        );
                         if path.map(|(kind, _)| kind) == expected || missed.is_some() {
-                            break (path, seen);
+                            break (path, seen, transports);
                         }
                         eprintln!("{label}: missed on the first run, running it again: {seen}");
                         missed = Some(seen);
@@ -210,6 +231,7 @@ fn nat_matrix() {
                         why,
                         seen,
                         missed,
+                        transports,
                     ));
                 }
             })
@@ -223,12 +245,14 @@ fn nat_matrix() {
         .into_inner()
         .expect("results");
     results.sort_by(|x, y| x.0.cmp(&y.0));
-    println!("| alice's NAT | bob's NAT | expected | measured | time to path |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| alice's NAT | bob's NAT | expected | measured | time to path | transport (alice/bob) |"
+    );
+    println!("|---|---|---|---|---|---|");
     let mut failures = Vec::new();
     let mut retried = Vec::new();
-    for (label, direct, udp_blocked, path, why, seen, missed) in &results {
-        let expected = expected_path(*direct, *udp_blocked);
+    for (label, direct, udp_blocked, path, why, seen, missed, transports) in &results {
+        let expected = Some(expected_path(*direct));
         if let Some(first) = missed {
             retried.push(format!("{label}: {first}"));
         }
@@ -239,7 +263,7 @@ fn nat_matrix() {
         };
         let measured = path.map(|(kind, _)| kind);
         println!(
-            "| {label} | {} | {}{} | {} |",
+            "| {label} | {} | {}{} | {} | {transports} |",
             show(expected),
             show(measured),
             if missed.is_some() {
@@ -250,6 +274,16 @@ fn nat_matrix() {
             path.map(|(_, e)| format!("{} ms", e.as_millis()))
                 .unwrap_or_default()
         );
+        // A side whose site blocks UDP registers over TCP; every other side stays on
+        // UDP.
+        let transports_right = if *udp_blocked {
+            transports.contains("tcp")
+        } else {
+            transports == "udp/udp"
+        };
+        if !transports_right {
+            failures.push(format!("{label}: registered over {transports}; {seen}"));
+        }
         if measured != expected {
             failures.push(format!(
                 "{label}: expected {} ({why}); {seen}",
