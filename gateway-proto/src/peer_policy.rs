@@ -261,6 +261,10 @@ pub struct PeerPolicy {
     protected_ports: Vec<u16>,
     /// The operator's NAT64 prefixes (RFC 6052 lengths only).
     nat64: Vec<IpRange>,
+    /// The relay's own port range: on the gateway's own addresses, these ports (its
+    /// relayed addresses, never a service port) may be reached, so two clients of
+    /// this relay can relay to each other.
+    own_relay_ports: Option<std::ops::RangeInclusive<u16>>,
 }
 
 /// RFC 6052 §2.2 prefix lengths.
@@ -276,7 +280,18 @@ impl PeerPolicy {
             own: own.into_iter().map(canonicalize).collect(),
             protected_ports: Vec::new(),
             nat64: Vec::new(),
+            own_relay_ports: None,
         }
+    }
+
+    /// Lets the relay reach the gateway's own addresses on `ports` (its relay port
+    /// range) and nowhere else there: two clients of this relay that both relay
+    /// (e.g. two agents whose sites block UDP, each with an allocation over TCP or
+    /// TLS) then reach each other's relayed addresses, as with any TURN server, while
+    /// the gateway's service ports stay out of reach. A permission (an address only)
+    /// is granted; every datagram is then checked with its port.
+    pub fn allow_own_relay_ports(&mut self, ports: std::ops::RangeInclusive<u16>) {
+        self.own_relay_ports = Some(ports);
     }
 
     /// Adds addresses of the gateway itself (e.g. its relay addresses).
@@ -333,6 +348,22 @@ impl PeerPolicy {
             None => r.contains_ip(addr),
         });
         let default = self.default_verdict(addr);
+        if default == Err(DenyReason::Own)
+            && let Some(relay_ports) = &self.own_relay_ports
+        {
+            // A relayed address of ours (or a port an allowed range names), never
+            // a service port.
+            return match port {
+                None => Ok(()),
+                Some(p)
+                    if !self.protected_ports.contains(&p)
+                        && (relay_ports.contains(&p) || allowed) =>
+                {
+                    Ok(())
+                }
+                Some(_) => Err(DenyReason::Own),
+            };
+        }
         if allowed {
             // An allowed range opens what the defaults refuse, except the gateway's
             // own service ports there.
@@ -754,5 +785,31 @@ mod tests {
         fn range_parsing_never_panics(text in ".{0,60}") {
             let _ = text.parse::<IpRange>();
         }
+    }
+
+    #[test]
+    fn own_relay_ports_are_reachable_and_nothing_else_of_ours() {
+        let own: IpAddr = "1.2.3.4".parse().unwrap();
+        let mut policy = PeerPolicy::new(Vec::new(), Vec::new(), vec![own]);
+        policy.protect_ports([3478, 9478]);
+        // By default the gateway's own address is refused outright.
+        assert_eq!(policy.check(own), Err(DenyReason::Own));
+        policy.allow_own_relay_ports(49152..=65535);
+        // A permission (address only) is granted; datagrams are judged by port.
+        assert_eq!(policy.check(own), Ok(()));
+        assert_eq!(policy.check_peer((own, 50000).into()), Ok(()));
+        assert_eq!(policy.check_peer((own, 65535).into()), Ok(()));
+        assert_eq!(policy.check_peer((own, 3478).into()), Err(DenyReason::Own));
+        assert_eq!(policy.check_peer((own, 9478).into()), Err(DenyReason::Own));
+        assert_eq!(policy.check_peer((own, 22).into()), Err(DenyReason::Own));
+        // Other addresses are judged as before.
+        assert_eq!(
+            policy.check("10.0.0.1".parse().unwrap()),
+            Err(DenyReason::Private)
+        );
+        // A relay port range that covers a service port still leaves it closed.
+        policy.allow_own_relay_ports(3000..=10000);
+        assert_eq!(policy.check_peer((own, 3478).into()), Err(DenyReason::Own));
+        assert_eq!(policy.check_peer((own, 5000).into()), Ok(()));
     }
 }

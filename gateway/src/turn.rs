@@ -1288,6 +1288,10 @@ pub fn peer_policy(
         .map_err(|e| crate::config::ConfigError::Invalid(format!("relay.nat64_prefixes: {e}")))?;
     // The gateway's own listeners stay out of the relay's reach even where an allowed
     // range covers its addresses (client-to-client relaying on one host).
+    // Two clients of this relay may relay to each other (both sites without UDP,
+    // each with an allocation over TCP or TLS): our relayed addresses are peers like
+    // any other, our other ports are not.
+    policy.allow_own_relay_ports(relay.ports()?);
     policy.protect_ports(
         std::iter::once(listen.port())
             .chain(config.server.discovery_sockets().0.iter().map(|a| a.port()))
