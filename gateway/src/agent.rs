@@ -1505,6 +1505,16 @@ impl StatusLines {
                 format!("tcp-seq-refused intro {intro_id:016x} code {code}")
             }
             AgentEvent::PortMapping(event) => return self.port_mapping_line(event),
+            AgentEvent::MappedCandidate {
+                external,
+                verified: true,
+            } => format!("port-mapping external {external} verified by the gateway"),
+            AgentEvent::MappedCandidate {
+                external,
+                verified: false,
+            } => format!(
+                "port-mapping external {external} not reachable from the gateway; not announced"
+            ),
             AgentEvent::Data { .. } => return None,
         };
         Some(line)
