@@ -365,9 +365,16 @@ async fn drive(
                     UpnpNews::Mapped(Err(outcome)) => {
                         agent.handle_upnp_mapping(now, Err(outcome));
                     }
-                    UpnpNews::Renewed(Ok(mapping)) => upnp.held = Some(mapping),
+                    UpnpNews::Renewed(Ok(mapping)) => {
+                        agent.handle_upnp_renewal(now, Ok(mapping.mapping));
+                        upnp.held = Some(mapping);
+                    }
                     UpnpNews::Renewed(Err(outcome)) => {
+                        // The lease may be gone: the agent stops announcing it
+                        // (`port-mapping lost ...`) and asks again.
                         tracing::warn!(%outcome, "cannot renew the UPnP mapping");
+                        upnp.held = None;
+                        agent.handle_upnp_renewal(now, Err(outcome));
                     }
                 }
             }

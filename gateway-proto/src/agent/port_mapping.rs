@@ -125,6 +125,16 @@ impl Agent {
         taken
     }
 
+    /// The driver's renewal of the UPnP lease the agent holds ended (see
+    /// [`PortMapClient::handle_upnp_renewal`]): a failure loses the mapping, and
+    /// the agent re-registers at once without the mapped candidate.
+    pub fn handle_upnp_renewal(&mut self, now: Instant, result: Result<Mapping, ProtocolOutcome>) {
+        if let Some(client) = &mut self.portmap {
+            client.handle_upnp_renewal(now, result);
+        }
+        self.drain_port_mapping(now);
+    }
+
     /// Deletes the mapping (on exit): [`PortMapEvent::Closed`] follows once the
     /// router answered or the bounded retries ran out; at once when there is no
     /// client or no PCP/NAT-PMP mapping. A UPnP mapping is the driver's to delete.
@@ -287,6 +297,11 @@ mod tests {
     }
 
     fn agent(now: Instant, mapping: bool) -> Agent {
+        agent_with(now, mapping, false)
+    }
+
+    /// [`agent`], with the driver's UPnP-IGD attempt out when `upnp`.
+    fn agent_with(now: Instant, mapping: bool, upnp: bool) -> Agent {
         let creds = PeerCredentials {
             username: "1900000000:alice".into(),
             password: "pw".into(),
@@ -299,6 +314,7 @@ mod tests {
             client: CLIENT,
             port: 4500,
         });
+        config.upnp = upnp;
         Agent::new(config, now, 7)
     }
 
@@ -581,6 +597,40 @@ mod tests {
         }
         let hold = u64::try_from(MAPPED_CHECK_HOLD.as_millis()).expect("ms");
         assert_eq!(first_connect, Some(20 + hold));
+    }
+
+    #[test]
+    fn a_failed_upnp_renewal_withdraws_the_mapped_candidate() {
+        let t0 = Instant::now();
+        let mut agent = agent_with(t0, true, true);
+        let external: SocketAddr = "198.51.100.2:4500".parse().expect("addr");
+        let upnp = Mapping {
+            protocol: MappingProtocol::Upnp,
+            external,
+            lifetime: Duration::from_secs(3600),
+        };
+        step(&mut agent, t0);
+        assert!(agent.handle_upnp_mapping(t0, Ok(upnp)));
+        assert_eq!(registered_mapped(&step(&mut agent, t0)), [vec![external]]);
+        port_mapping_events(&mut agent);
+        let t1 = t0 + Duration::from_secs(1800);
+        agent.handle_upnp_renewal(t1, Ok(upnp));
+        assert_eq!(
+            port_mapping_events(&mut agent),
+            [PortMapEvent::Refreshed(upnp)]
+        );
+        let t2 = t1 + Duration::from_secs(1800);
+        agent.handle_upnp_renewal(t2, Err(ProtocolOutcome::NoAnswer));
+        let sent = step(&mut agent, t2);
+        assert_eq!(registered_mapped(&sent), [vec![]], "withdrawn at once");
+        assert_eq!(
+            port_mapping_events(&mut agent),
+            [PortMapEvent::Lost {
+                mapping: upnp,
+                outcome: ProtocolOutcome::NoAnswer
+            }]
+        );
+        assert_eq!(agent.port_mapping(), None);
     }
 
     #[test]
