@@ -904,6 +904,7 @@ fn a_mapping_a_router_lies_about_is_never_introduced_and_a_real_one_is() {
         .wait_for("port-mapping protocol", Duration::from_secs(5))
         .unwrap_or_else(|| panic!("alice: {:?}", alice.seen()));
     let real = external_of(&granted);
+    let asked = Instant::now();
     let verdict = alice
         .wait_for("port-mapping external", Duration::from_secs(5))
         .unwrap_or_else(|| panic!("alice: {:?}\n{}", alice.seen(), gateway.log_text()));
@@ -911,11 +912,14 @@ fn a_mapping_a_router_lies_about_is_never_introduced_and_a_real_one_is() {
         verdict,
         format!("port-mapping external {real} verified by the gateway")
     );
+    // For docs/nat-matrix.md (`-- --nocapture`): from the grant line on.
+    eprintln!("alice verified after {:?}", asked.elapsed());
     // Bob's router lies about the port: granted, announced, probed, dropped.
     let granted = bob
         .wait_for("port-mapping protocol nat-pmp", Duration::from_secs(5))
         .unwrap_or_else(|| panic!("bob: {:?}", bob.seen()));
     let lie = external_of(&granted);
+    let asked = Instant::now();
     assert_eq!(lie, SocketAddr::from((site_b.wan_addr(), LIED_PORT)));
     let verdict = bob
         .wait_for("port-mapping external", Duration::from_secs(8))
@@ -924,6 +928,7 @@ fn a_mapping_a_router_lies_about_is_never_introduced_and_a_real_one_is() {
         verdict,
         format!("port-mapping external {lie} not reachable from the gateway; not announced")
     );
+    eprintln!("bob told unreachable after {:?}", asked.elapsed());
     let metrics = gateway.scrape().expect("the gateway's /metrics");
     let checks = |outcome: &str| {
         metric_value(
