@@ -10,7 +10,7 @@
 //! introducible candidates. Unanswered after [`MAPPED_PROBE_TRIES`] probes
 //! [`MAPPED_PROBE_INTERVAL`] apart, it is dropped, counted, and the peer is told.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -45,6 +45,9 @@ pub const MAPPED_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) struct MappedChecks {
     /// Checks waiting for an answer (few at a time: only new mapped endpoints).
     pending: HashMap<Box<str>, PendingCheck>,
+    /// The pending checks by when they are next due (a timer queue, so the
+    /// driver's every `poll_timeout` costs no walk over them).
+    due: BTreeSet<(Instant, Box<str>)>,
     /// The last checked mapped endpoint of a peer and whether it answered, so a
     /// refresh with the same candidate is not probed again.
     verdicts: HashMap<Box<str>, Verdict>,
@@ -79,15 +82,28 @@ struct Verdict {
 impl MappedChecks {
     /// When the next probe or verdict is due.
     pub(super) fn next_timeout(&self) -> Option<Instant> {
-        self.pending.values().map(|p| p.next_at).min()
+        self.due.first().map(|(at, _)| *at)
     }
 
     /// Forgets the checks of peers no longer registered.
     pub(super) fn retain_registered(&mut self, peers: &HashMap<Box<str>, PeerRecord>) {
         self.pending.retain(|id, _| peers.contains_key(id));
+        let pending = &self.pending;
+        self.due.retain(|(_, id)| pending.contains_key(id));
         self.verdicts.retain(|id, _| peers.contains_key(id));
         super::shrink_when_sparse(&mut self.pending);
         super::shrink_when_sparse(&mut self.verdicts);
+    }
+
+    /// Whether every pending check is in the timer queue once, at its time, and
+    /// nothing else is.
+    #[cfg(test)]
+    pub(super) fn consistent(&self) -> bool {
+        self.due.len() == self.pending.len()
+            && self
+                .pending
+                .iter()
+                .all(|(id, p)| self.due.contains(&(p.next_at, id.clone())))
     }
 
     /// Whether `peer_id` has a check waiting for an answer.
@@ -147,17 +163,19 @@ impl RendezvousServer {
         // At most one probe per peer per interval, whatever it registers.
         let first = last_probe.map_or(now, |at| (at + MAPPED_PROBE_INTERVAL).max(now));
         let now_due = first <= now;
+        let next_at = if now_due {
+            now + MAPPED_PROBE_INTERVAL
+        } else {
+            first
+        };
+        checks.due.insert((next_at, peer_id.into()));
         checks.pending.insert(
             peer_id.into(),
             PendingCheck {
                 addr,
                 token,
                 sent: u8::from(now_due),
-                next_at: if now_due {
-                    now + MAPPED_PROBE_INTERVAL
-                } else {
-                    first
-                },
+                next_at,
                 last_probe: if now_due { Some(now) } else { last_probe },
                 announced: true,
             },
@@ -171,17 +189,12 @@ impl RendezvousServer {
     /// Sends the probes that are due and gives up on endpoints that never
     /// answered: counted, and the peer told.
     pub(super) fn mapped_timeout(&mut self, now: Instant) {
-        if self.mapped.next_timeout().is_none_or(|at| at > now) {
-            return;
-        }
-        let due: Vec<Box<str>> = self
-            .mapped
-            .pending
-            .iter()
-            .filter(|(_, p)| p.next_at <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
+        while let Some((at, _)) = self.mapped.due.first()
+            && *at <= now
+        {
+            let Some((_, id)) = self.mapped.due.pop_first() else {
+                break;
+            };
             let Some(record) = self.peers.get(&id) else {
                 self.mapped.pending.remove(&id);
                 continue;
@@ -191,10 +204,15 @@ impl RendezvousServer {
             let Some(pending) = self.mapped.pending.get_mut(&id) else {
                 continue;
             };
+            if pending.next_at > now {
+                self.mapped.due.insert((pending.next_at, id));
+                continue;
+            }
             if pending.sent < MAPPED_PROBE_TRIES {
                 pending.sent += 1;
                 pending.next_at = now + MAPPED_PROBE_INTERVAL;
                 pending.last_probe = Some(now);
+                self.mapped.due.insert((pending.next_at, id));
                 let (addr, token) = (pending.addr, pending.token);
                 self.send_mapped_probe(addr, &token, &password, local);
                 continue;
@@ -257,6 +275,7 @@ impl RendezvousServer {
             answered: true,
             last_probe: pending.last_probe,
         };
+        self.mapped.due.remove(&(pending.next_at, id.into()));
         self.mapped.pending.remove(id);
         self.mapped.verdicts.insert(id.into(), verdict);
         self.events

@@ -291,18 +291,30 @@ proptest! {
     /// buys a peer no more than that.
     #[test]
     fn probes_to_a_peer_are_an_interval_apart(
-        steps in proptest::collection::vec((0u8..4, 0u64..1_500), 1..40),
+        steps in proptest::collection::vec((0u8..4, 0u64..1_500, any::<bool>()), 1..40),
     ) {
         let mut world = world();
         let mut at = Vec::new();
-        for (choice, wait) in steps {
+        let mut last_token = None;
+        for (choice, wait, answers) in steps {
             let mapped = (choice > 0).then(|| SocketAddr::from(([198, 51, 100, 2], 30_000 + u16::from(choice))));
             register_alice(&mut world, mapped);
-            at.extend(probes(&mut world).iter().map(|_| world.now));
+            for (_, token) in probes(&mut world) {
+                at.push(world.now);
+                last_token = Some(token);
+            }
+            if answers && let Some(token) = last_token {
+                answer(&mut world, "alice", ALICE, &token);
+            }
+            prop_assert!(world.server.mapped.consistent());
             world.now += Duration::from_millis(wait);
             world.server.handle_timeout(world.now, NOW_UNIX);
             world.collect();
-            at.extend(probes(&mut world).iter().map(|_| world.now));
+            for (_, token) in probes(&mut world) {
+                at.push(world.now);
+                last_token = Some(token);
+            }
+            prop_assert!(world.server.mapped.consistent());
         }
         for pair in at.windows(2) {
             prop_assert!(pair[1] - pair[0] >= MAPPED_PROBE_INTERVAL, "{:?}", pair[1] - pair[0]);
