@@ -391,9 +391,16 @@ async fn drive(
                     UpnpNews::Mapped(Err(outcome)) => {
                         agent.handle_upnp_mapping(now, Err(outcome));
                     }
-                    UpnpNews::Renewed(Ok(mapping)) => upnp.held = Some(mapping),
+                    UpnpNews::Renewed(Ok(mapping)) => {
+                        agent.handle_upnp_renewal(now, Ok(mapping.mapping));
+                        upnp.held = Some(mapping);
+                    }
                     UpnpNews::Renewed(Err(outcome)) => {
+                        // The lease may be gone: the agent stops announcing it
+                        // (`port-mapping lost ...`) and asks again.
                         tracing::warn!(%outcome, "cannot renew the UPnP mapping");
+                        upnp.held = None;
+                        agent.handle_upnp_renewal(now, Err(outcome));
                     }
                 }
             }
@@ -1615,6 +1622,16 @@ impl StatusLines {
                 format!("tcp-seq-refused intro {intro_id:016x} code {code}")
             }
             AgentEvent::PortMapping(event) => return self.port_mapping_line(event),
+            AgentEvent::MappedCandidate {
+                external,
+                verified: true,
+            } => format!("port-mapping external {external} verified by the gateway"),
+            AgentEvent::MappedCandidate {
+                external,
+                verified: false,
+            } => format!(
+                "port-mapping external {external} not reachable from the gateway; not announced"
+            ),
             AgentEvent::Data { .. } => return None,
         };
         Some(line)

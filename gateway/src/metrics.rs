@@ -57,6 +57,11 @@ pub struct Metrics {
     pub punch_attempts: IntCounterVec,
     /// Reported punch outcomes, by NAT classes and outcome.
     pub punch_outcomes: IntCounterVec,
+    /// Reported punch outcomes of introductions that carried a verified mapped
+    /// (port-mapping) candidate, by outcome: their share of all outcomes.
+    pub punch_mapped_outcomes: IntCounterVec,
+    /// Checks of peers' mapped candidates, by outcome (verified, unreachable).
+    pub mapped_candidates: IntCounterVec,
     /// Reported time from introduction to a two-way direct path.
     pub punch_time_to_direct: HistogramVec,
     /// Reported TCP punching outcomes, by technique, outcome and NAT classes.
@@ -78,6 +83,13 @@ pub struct Metrics {
     /// 1 when the last reload was applied (or none was tried), 0 when it failed.
     pub config_last_reload_successful: IntGauge,
 }
+
+/// The outcomes of a punch (`gateway_punch_outcomes_total`).
+pub const PUNCH_OUTCOMES: [&str; 3] = ["direct", "failed", "relayed"];
+
+/// The outcomes of a mapped candidate's check
+/// (`gateway_rendezvous_mapped_candidates_total`).
+pub const MAPPED_CHECK_OUTCOMES: [&str; 2] = ["verified", "unreachable"];
 
 /// The outcomes of a configuration reload (`gateway_config_reloads_total`).
 pub const RELOAD_OUTCOMES: [&str; 3] = ["success", "partial", "failed"];
@@ -129,6 +141,28 @@ impl Metrics {
             &["initiator_nat", "responder_nat", "outcome"],
         )?;
         registry.register(Box::new(punch_outcomes.clone()))?;
+        let punch_mapped_outcomes = IntCounterVec::new(
+            Opts::new(
+                "gateway_punch_mapped_outcomes_total",
+                "Hole-punching outcomes reported for introductions that carried a verified mapped (port-mapping) candidate of either side, by outcome (a subset of gateway_punch_outcomes_total)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(punch_mapped_outcomes.clone()))?;
+        for outcome in PUNCH_OUTCOMES {
+            punch_mapped_outcomes.with_label_values(&[outcome]);
+        }
+        let mapped_candidates = IntCounterVec::new(
+            Opts::new(
+                "gateway_rendezvous_mapped_candidates_total",
+                "Checks of peers' new mapped (port-mapping) candidates, by outcome: verified (the probe was answered; introduced from now on) or unreachable (dropped, the peer told)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(mapped_candidates.clone()))?;
+        for outcome in MAPPED_CHECK_OUTCOMES {
+            mapped_candidates.with_label_values(&[outcome]);
+        }
         let punch_time_to_direct = HistogramVec::new(
             HistogramOpts::new(
                 "gateway_punch_time_to_direct_seconds",
@@ -154,7 +188,7 @@ impl Metrics {
                 // Also the histogram: a series born with its first observation has
                 // no earlier sample, so rate() and increase() would miss that punch.
                 punch_time_to_direct.with_label_values(&[a.as_str(), b.as_str()]);
-                for outcome in ["direct", "failed", "relayed"] {
+                for outcome in PUNCH_OUTCOMES {
                     punch_outcomes.with_label_values(&[a.as_str(), b.as_str(), outcome]);
                 }
                 for technique in TcpTechnique::ALL {
@@ -240,6 +274,8 @@ impl Metrics {
             stun_datagrams,
             punch_attempts,
             punch_outcomes,
+            punch_mapped_outcomes,
+            mapped_candidates,
             punch_time_to_direct,
             tcp_punch_attempts,
             registry,
@@ -263,6 +299,7 @@ impl Metrics {
                 direct,
                 relayed,
                 time_to_direct,
+                mapped,
                 ..
             } => {
                 let pair = [initiator_nat.as_str(), responder_nat.as_str()];
@@ -274,6 +311,11 @@ impl Metrics {
                 self.punch_outcomes
                     .with_label_values(&[pair[0], pair[1], outcome])
                     .inc();
+                if mapped {
+                    self.punch_mapped_outcomes
+                        .with_label_values(&[outcome])
+                        .inc();
+                }
                 if direct {
                     self.punch_time_to_direct
                         .with_label_values(&pair)
@@ -293,6 +335,10 @@ impl Metrics {
                     initiator_nat.as_str(),
                     responder_nat.as_str(),
                 ])
+                .inc(),
+            RendezvousEvent::MappedCandidate { verified } => self
+                .mapped_candidates
+                .with_label_values(&[MAPPED_CHECK_OUTCOMES[usize::from(!verified)]])
                 .inc(),
             RendezvousEvent::CrossNode(outcome) => self
                 .cluster_introductions

@@ -906,6 +906,13 @@ fn check_punch_values(prometheus: &PrometheusProcess, dashboards: &[Dashboard]) 
         overall.len() == 1 && overall[0].value > 0.0 && overall[0].value < 1.0,
         "one success and at least one failure: {overall:?}"
     );
+    // No lab router grants port mappings in this scenario: no punch used one.
+    let mapped = panel_samples(prometheus, dashboards, "Punches with a mapped candidate");
+    assert_eq!(
+        mapped.iter().map(|s| s.value).collect::<Vec<_>>(),
+        [0.0],
+        "{mapped:?}"
+    );
     let gateways = panel_samples(prometheus, dashboards, "Gateways reporting");
     assert_eq!(
         gateways.iter().map(|s| s.value).sum::<f64>(),

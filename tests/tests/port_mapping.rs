@@ -6,7 +6,9 @@
 //! only, until the client deletes it. Then `gateway peer` agents with it (issue
 //! 18): two random-port symmetric NATs with birthday punching off punch directly
 //! when both routers run miniupnpd, or only one, and are relayed without it; a
-//! SIGTERM deletes the mapping before the agent exits.
+//! SIGTERM deletes the mapping before the agent exits. The gateway checks a mapped
+//! candidate before introducing it: a real mapping is verified, one a lying router
+//! reports (NAT-PMP "granted" on a port it never mapped) is never introduced.
 use std::{
     net::{SocketAddr, UdpSocket},
     path::PathBuf,
@@ -15,13 +17,19 @@ use std::{
 
 use gateway::{
     portmap::upnp_map,
-    proto::portmap::{
-        MappedTransport, Mapping, MappingProtocol, PortMapClient, PortMapConfig, PortMapEvent,
-        ProtocolOutcome,
+    proto::{
+        portmap::{
+            MappedTransport, Mapping, MappingProtocol, PortMapClient, PortMapConfig, PortMapEvent,
+            ProtocolOutcome,
+        },
+        rendezvous::{
+            client::{self, PeerCredentials},
+            wire::{self, Candidate},
+        },
     },
 };
 use gateway_tests::{
-    daemon::{GatewayProcess, PeerProcess, http_get, write_secret},
+    daemon::{GatewayProcess, PeerProcess, http_get, metric_value, write_secret},
     lab::{Lab, NatPreset, PortMappingProtocols, lab_available},
     punch,
 };
@@ -502,6 +510,30 @@ fn two_random_port_nats_with_port_mapping_punch_directly_and_delete_at_exit() {
     let external = external_of(&mapping);
     let site_a = pair.lab.site("a").expect("site a");
     assert_eq!(external.ip(), site_a.wan_addr(), "{mapping}");
+    // The gateway checked it before introducing it.
+    assert_eq!(
+        pair.alice
+            .wait_for("port-mapping external", Duration::from_secs(1))
+            .as_deref(),
+        Some(format!("port-mapping external {external} verified by the gateway").as_str()),
+        "{:?}",
+        pair.alice.seen()
+    );
+    // The gateway counts the outcome as one that used a mapped candidate.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mapped_direct = loop {
+        let metrics = pair.gateway.scrape().expect("the gateway's /metrics");
+        let value = metric_value(
+            &metrics,
+            "gateway_punch_mapped_outcomes_total",
+            "outcome=\"direct\"",
+        );
+        if value.is_some_and(|v| v >= 1.0) || Instant::now() >= deadline {
+            break value;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(mapped_direct.is_some_and(|v| v >= 1.0), "{mapped_direct:?}");
     // The path runs through a mapping: to one of the mapped endpoints, or from one
     // (the side probed first answers to the other's random-port source).
     let bob_mapping = pair
@@ -672,5 +704,250 @@ fn no_port_mapping_asks_nothing_even_of_a_router_that_maps() {
         "{:?}",
         alice.seen()
     );
+    std::fs::remove_file(secret).ok();
+}
+
+/// The external port a lying router reports (nothing is mapped there).
+const LIED_PORT: u16 = 40404;
+
+/// A router that lies: a NAT-PMP server (RFC 6886) on a site router's LAN address
+/// that grants every UDP mapping asked of it, reporting the router's real external
+/// address but [`LIED_PORT`] as the external port, without mapping anything. It
+/// answers no PCP, so the agent's client takes NAT-PMP. Stops on drop.
+struct LyingRouter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LyingRouter {
+    fn start(site: &gateway_tests::lab::Site) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let router = site.router().clone();
+        let (wan, lan) = (router.addrs()[0], router.addrs()[1]);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let serve = move || {
+                let socket = UdpSocket::bind((lan, 5351)).expect("bind 5351");
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .expect("timeout");
+                ready_tx.send(()).expect("ready");
+                let mut buf = [0u8; 1100];
+                while !stopping.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    let epoch = 100u32.to_be_bytes();
+                    let answer = match &buf[..n] {
+                        // External address request.
+                        [0, 0] => {
+                            let mut a = vec![0, 128, 0, 0];
+                            a.extend_from_slice(&epoch);
+                            a.extend_from_slice(&wan.octets());
+                            a
+                        }
+                        // UDP mapping request: "granted", on a port never mapped.
+                        [0, 1, _, _, ip0, ip1, _, _, l0, l1, l2, l3] => {
+                            let mut a = vec![0, 129, 0, 0];
+                            a.extend_from_slice(&epoch);
+                            a.extend_from_slice(&[*ip0, *ip1]);
+                            a.extend_from_slice(&LIED_PORT.to_be_bytes());
+                            a.extend_from_slice(&[*l0, *l1, *l2, *l3]);
+                            a
+                        }
+                        _ => continue,
+                    };
+                    socket.send_to(&answer, from).expect("answer");
+                }
+            };
+            router.run(serve).expect("in the router's namespace");
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the lying router listens");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for LyingRouter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What the gateway introduces of `peers` to an observer ("carol", a bare
+/// rendezvous client on the server's namespace): each one's candidates, from the
+/// Introduction its Connect brings.
+fn introduced_candidates(lab: &Lab, peers: &[&'static str]) -> Vec<Vec<Candidate>> {
+    let peers = peers.to_vec();
+    let creds = punch::credentials("carol");
+    let creds = PeerCredentials {
+        username: creds.username,
+        password: creds.password,
+    };
+    lab.server()
+        .run(move || {
+            let socket = UdpSocket::bind((punch::SERVICE.ip(), 0)).expect("bind");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            let mut nonce: Option<String> = None;
+            let mut buf = [0u8; 1500];
+            let mut registered = false;
+            for attempt in 0u8..10 {
+                let tid = [attempt; 12];
+                let request = client::register(
+                    tid,
+                    &creds,
+                    nonce.as_deref(),
+                    &[],
+                    wire::NatClass::Unknown,
+                    0,
+                );
+                socket.send_to(&request, punch::SERVICE).expect("send");
+                while let Ok(n) = socket.recv(&mut buf) {
+                    let Some(response) = client::parse_response(&buf[..n], &creds.password) else {
+                        continue;
+                    };
+                    if response.transaction_id != tid {
+                        continue;
+                    }
+                    if response.nonce.is_some() {
+                        nonce = response.nonce;
+                    }
+                    registered = response.result.is_ok();
+                    break;
+                }
+                if registered {
+                    break;
+                }
+            }
+            assert!(registered, "carol registers");
+            peers
+                .iter()
+                .enumerate()
+                .map(|(i, peer)| {
+                    let tid = [0x40 + u8::try_from(i).expect("few"); 12];
+                    let request = client::connect(tid, &creds, nonce.as_deref(), peer);
+                    socket.send_to(&request, punch::SERVICE).expect("send");
+                    let deadline = Instant::now() + Duration::from_secs(3);
+                    while Instant::now() < deadline {
+                        let Ok(n) = socket.recv(&mut buf) else {
+                            continue;
+                        };
+                        if let Some(response) = client::parse_response(&buf[..n], &creds.password)
+                            && response.nonce.is_some()
+                        {
+                            nonce = response.nonce;
+                        }
+                        if let Some(intro) = client::parse_introduction(&buf[..n], &creds.password)
+                            && intro.peer_id == *peer
+                        {
+                            return intro.candidates;
+                        }
+                    }
+                    panic!("no introduction to {peer}");
+                })
+                .collect()
+        })
+        .expect("in the server's namespace")
+}
+
+/// The mapped candidates among `candidates`.
+fn mapped_of(candidates: &[Candidate]) -> Vec<SocketAddr> {
+    candidates
+        .iter()
+        .filter(|c| c.kind == wire::CandidateKind::Mapped)
+        .map(|c| c.addr)
+        .collect()
+}
+
+#[test]
+fn a_mapping_a_router_lies_about_is_never_introduced_and_a_real_one_is() {
+    if !lab_available() {
+        return;
+    }
+    let lab = Lab::builder()
+        .site("a", NatPreset::symmetric())
+        .site("b", NatPreset::symmetric())
+        .build()
+        .expect("lab");
+    let (gateway, secret) = gateway(&lab);
+    let (site_a, site_b) = (lab.site("a").expect("a"), lab.site("b").expect("b"));
+    let _miniupnpd = site_a
+        .start_port_mapping(punch::SERVICE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()));
+    let _liar = LyingRouter::start(site_b);
+    let start = |site: &gateway_tests::lab::Site, peer: &str| {
+        let creds = punch::credentials(peer);
+        let host = site.host(0).expect("host").clone();
+        PeerProcess::start(
+            &host,
+            punch::SERVICE,
+            &creds.username,
+            &creds.password,
+            punch::DISCOVER,
+        )
+        .expect(peer)
+    };
+    let (mut alice, mut bob) = (start(site_a, "alice"), start(site_b, "bob"));
+    // Alice's router maps for real: the gateway's probe gets through.
+    let granted = alice
+        .wait_for("port-mapping protocol", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("alice: {:?}", alice.seen()));
+    let real = external_of(&granted);
+    let asked = Instant::now();
+    let verdict = alice
+        .wait_for("port-mapping external", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("alice: {:?}\n{}", alice.seen(), gateway.log_text()));
+    assert_eq!(
+        verdict,
+        format!("port-mapping external {real} verified by the gateway")
+    );
+    // For docs/nat-matrix.md (`-- --nocapture`): from the grant line on.
+    eprintln!("alice verified after {:?}", asked.elapsed());
+    // Bob's router lies about the port: granted, announced, probed, dropped.
+    let granted = bob
+        .wait_for("port-mapping protocol nat-pmp", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("bob: {:?}", bob.seen()));
+    let lie = external_of(&granted);
+    let asked = Instant::now();
+    assert_eq!(lie, SocketAddr::from((site_b.wan_addr(), LIED_PORT)));
+    let verdict = bob
+        .wait_for("port-mapping external", Duration::from_secs(8))
+        .unwrap_or_else(|| panic!("bob: {:?}\n{}", bob.seen(), gateway.log_text()));
+    assert_eq!(
+        verdict,
+        format!("port-mapping external {lie} not reachable from the gateway; not announced")
+    );
+    eprintln!("bob told unreachable after {:?}", asked.elapsed());
+    let metrics = gateway.scrape().expect("the gateway's /metrics");
+    let checks = |outcome: &str| {
+        metric_value(
+            &metrics,
+            "gateway_rendezvous_mapped_candidates_total",
+            &format!("outcome=\"{outcome}\""),
+        )
+    };
+    assert_eq!(
+        (checks("verified"), checks("unreachable")),
+        (Some(1.0), Some(1.0)),
+        "{metrics}"
+    );
+    // What another peer is told: alice's real mapping, nothing of bob's lie.
+    let [to_alice, to_bob]: [Vec<Candidate>; 2] = introduced_candidates(&lab, &["alice", "bob"])
+        .try_into()
+        .expect("two introductions");
+    assert_eq!(mapped_of(&to_alice), [real], "{to_alice:?}");
+    assert!(mapped_of(&to_bob).is_empty(), "{to_bob:?}");
+    assert!(to_bob.iter().all(|c| c.addr != lie), "{to_bob:?}");
     std::fs::remove_file(secret).ok();
 }

@@ -415,6 +415,15 @@ pub enum AgentEvent {
     /// The port-mapping client reported: a mapping granted, refreshed or lost, none
     /// available (each protocol's outcome), or the mapping deleted at close.
     PortMapping(PortMapEvent),
+    /// The gateway checked our mapped candidate `external` (a probe to it, answered
+    /// through our socket): `verified`, introductions carry it; otherwise it did
+    /// not reach us there, and we no longer announce it.
+    MappedCandidate {
+        /// The mapping's external endpoint.
+        external: SocketAddr,
+        /// Whether the gateway's probe got through.
+        verified: bool,
+    },
     /// Application data from a peer.
     Data {
         /// The sender.
@@ -509,6 +518,8 @@ pub struct Agent {
     /// Until when connects wait for the router's first answer (`None`: it came, or
     /// the wait is over, or no port mapping).
     portmap_hold: Option<Instant>,
+    /// The gateway's check of our mapped candidate (`port_mapping.rs`).
+    mapped_check: port_mapping::MappedCheckState,
 }
 
 /// First retransmission of an unanswered Register (RFC 8489's RTO default).
@@ -551,6 +562,7 @@ impl Agent {
             portmap: None,
             mapped: None,
             portmap_hold: None,
+            mapped_check: port_mapping::MappedCheckState::default(),
         };
         agent.start_port_mapping(now);
         agent
@@ -730,6 +742,7 @@ impl Agent {
             [
                 portmap,
                 self.portmap_hold,
+                self.mapped_check.hold,
                 Some(self.next_register),
                 self.next_connect(),
                 self.discovery.next_timeout(),
@@ -760,7 +773,7 @@ impl Agent {
                 kind: CandidateKind::TcpServerReflexive,
                 addr,
             })
-            .chain(self.mapped.map(|addr| Candidate {
+            .chain(self.announced_mapped().map(|addr| Candidate {
                 kind: CandidateKind::Mapped,
                 addr,
             }))
@@ -857,7 +870,10 @@ impl Agent {
         let classified = self.discovery.done && self.class_registered;
         let learning = self.config.discover && !self.registered_once;
         let discovering = (learning || !self.discovery_endpoints().is_empty()) && !classified;
-        discovering || self.servers.awaiting_registration || self.portmap_hold.is_some()
+        discovering
+            || self.servers.awaiting_registration
+            || self.portmap_hold.is_some()
+            || self.mapped_check.hold.is_some()
     }
 
     /// Asks for an introduction to every wanted peer that is due: no path is up, or
@@ -980,6 +996,13 @@ impl Agent {
             return;
         };
         let ty = message.message_type();
+        if ty.method == method::MAPPED_CHECK && ty.class == Class::Indication {
+            // Signed for us by the gateway: its probe (from wherever) or verdict.
+            if socket == 0 && !via_turn {
+                self.mapped_check_indication(now, datagram);
+            }
+            return;
+        }
         if ty.method == stun::method::BINDING
             && !via_turn
             && self.filter_response(now, from, &message, datagram)
@@ -1105,7 +1128,11 @@ impl Agent {
                     self.registered(now, mapped);
                 }
             }
+            Ok(()) if request.method == method::MAPPED_CHECK => self.mapped_verified(),
             Ok(()) => {}
+            // A late answer to a probe already settled (or replaced): its verdict
+            // comes on its own.
+            Err(_) if request.method == method::MAPPED_CHECK => {}
             Err(code) => self.refused(now, request, code),
         }
     }

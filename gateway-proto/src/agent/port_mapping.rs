@@ -14,13 +14,35 @@ use std::{
 
 use rand::Rng;
 
-use super::{Agent, AgentEvent, session::SessionState};
+use super::{Agent, AgentEvent, PendingRequest, session::SessionState};
 use crate::portmap::{Mapping, PortMapClient, PortMapConfig, PortMapEvent, ProtocolOutcome};
+use crate::rendezvous::{
+    client::{self, MappedCheck},
+    wire::method,
+};
 
 /// How long connects wait at start for the router's first answer, so the first
 /// introduction already carries the mapped candidate (a router that maps answers
 /// within milliseconds; one that does not costs this once).
 pub const PORT_MAPPING_HOLD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long connects wait for the gateway's check of a new mapped candidate (its
+/// probe and our answer take a round trip or two), so the introduction carries it;
+/// a gateway that does not check (an older one) costs this once per mapping.
+pub const MAPPED_CHECK_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Where the gateway's check of our mapped candidate stands.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct MappedCheckState {
+    /// Until when connects wait for the verdict (`None`: it came, or the wait is
+    /// over).
+    pub(super) hold: Option<Instant>,
+    /// The external endpoint the gateway verified last.
+    verified: Option<SocketAddr>,
+    /// The external endpoint the gateway could not reach: not announced again
+    /// (until the mapping moves).
+    withdrawn: Option<SocketAddr>,
+}
 
 /// Where to ask for the mapping, found by the driver (the sans-IO agent knows no
 /// routes): the default router, and this host's address toward it.
@@ -75,6 +97,9 @@ impl Agent {
         if self.portmap_hold.is_some_and(|at| at <= now) {
             self.portmap_hold = None;
         }
+        if self.mapped_check.hold.is_some_and(|at| at <= now) {
+            self.mapped_check.hold = None;
+        }
         let Some(client) = &mut self.portmap else {
             return;
         };
@@ -100,6 +125,16 @@ impl Agent {
         taken
     }
 
+    /// The driver's renewal of the UPnP lease the agent holds ended (see
+    /// [`PortMapClient::handle_upnp_renewal`]): a failure loses the mapping, and
+    /// the agent re-registers at once without the mapped candidate.
+    pub fn handle_upnp_renewal(&mut self, now: Instant, result: Result<Mapping, ProtocolOutcome>) {
+        if let Some(client) = &mut self.portmap {
+            client.handle_upnp_renewal(now, result);
+        }
+        self.drain_port_mapping(now);
+    }
+
     /// Deletes the mapping (on exit): [`PortMapEvent::Closed`] follows once the
     /// router answered or the bounded retries ran out; at once when there is no
     /// client or no PCP/NAT-PMP mapping. A UPnP mapping is the driver's to delete.
@@ -122,6 +157,61 @@ impl Agent {
         self.close_port_mapping(now);
         self.turn.close(now);
         self.drain_turn(now);
+    }
+
+    /// The mapped candidate the Register announces: the mapping's external
+    /// endpoint, unless the gateway found it unreachable.
+    pub(super) fn announced_mapped(&self) -> Option<SocketAddr> {
+        self.mapped
+            .filter(|&m| self.mapped_check.withdrawn != Some(m))
+    }
+
+    /// A Mapped-Check indication signed for us: the gateway's probe of our mapped
+    /// candidate (answered through our socket, echoing its token, while we
+    /// announce one), or its verdict that the candidate did not answer.
+    pub(super) fn mapped_check_indication(&mut self, now: Instant, datagram: &[u8]) {
+        let password = &self.config.credentials.password;
+        match client::parse_mapped_check(datagram, password) {
+            Some(MappedCheck::Probe { token }) if self.announced_mapped().is_some() => {
+                let tid: [u8; 12] = self.rng.random();
+                let payload = client::mapped_check(
+                    tid,
+                    &self.config.credentials,
+                    self.nonce.as_deref(),
+                    &token,
+                );
+                self.pending
+                    .insert(tid, PendingRequest::new(method::MAPPED_CHECK, now));
+                self.send_to_server(payload);
+            }
+            Some(MappedCheck::Unreachable { external }) if self.mapped == Some(external) => {
+                self.mapped_check.hold = None;
+                if self.mapped_check.withdrawn != Some(external) {
+                    self.mapped_check.withdrawn = Some(external);
+                    self.next_register = now;
+                    self.events.push_back(AgentEvent::MappedCandidate {
+                        external,
+                        verified: false,
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The gateway accepted our answer to its probe: the candidate is introduced.
+    pub(super) fn mapped_verified(&mut self) {
+        self.mapped_check.hold = None;
+        let Some(external) = self.announced_mapped() else {
+            return;
+        };
+        if self.mapped_check.verified != Some(external) {
+            self.mapped_check.verified = Some(external);
+            self.events.push_back(AgentEvent::MappedCandidate {
+                external,
+                verified: true,
+            });
+        }
     }
 
     /// The mapping held now, if any.
@@ -157,6 +247,14 @@ impl Agent {
                 if !self.stopped && !matches!(event, PortMapEvent::Closed) {
                     self.next_register = now;
                 }
+                self.mapped_check.verified = None;
+                if let Some(external) = mapped
+                    && self.mapped_check.withdrawn != Some(external)
+                {
+                    // The gateway checks it before introducing it: connects
+                    // wait for its verdict (a round trip), at most a bound.
+                    self.mapped_check.hold = Some(now + MAPPED_CHECK_HOLD);
+                }
                 if new {
                     // A relayed path may go direct through the new mapping: try
                     // the upgrade now rather than at the next upgrade interval.
@@ -185,9 +283,9 @@ mod tests {
         portmap::{MappingProtocol, wire},
         rendezvous::{
             client::PeerCredentials,
-            wire::{CandidateKind, attr, decode_candidate},
+            wire::{Candidate, CandidateKind, attr, decode_candidate, encode_candidate},
         },
-        stun::Message,
+        stun::{Class, Message, MessageType, MessageWriter},
     };
 
     const SERVER: &str = "192.0.2.10:3478";
@@ -199,6 +297,11 @@ mod tests {
     }
 
     fn agent(now: Instant, mapping: bool) -> Agent {
+        agent_with(now, mapping, false)
+    }
+
+    /// [`agent`], with the driver's UPnP-IGD attempt out when `upnp`.
+    fn agent_with(now: Instant, mapping: bool, upnp: bool) -> Agent {
         let creds = PeerCredentials {
             username: "1900000000:alice".into(),
             password: "pw".into(),
@@ -211,6 +314,7 @@ mod tests {
             client: CLIENT,
             port: 4500,
         });
+        config.upnp = upnp;
         Agent::new(config, now, 7)
     }
 
@@ -367,6 +471,168 @@ mod tests {
             .count()
     }
 
+    /// A Mapped-Check indication signed for the agent: a probe (with `token`) or
+    /// the "unreachable" verdict.
+    fn mapped_check(external: SocketAddr, token: Option<[u8; 16]>) -> Vec<u8> {
+        let tid = [9; 12];
+        let mut out = Vec::new();
+        let mut writer = MessageWriter::new(
+            &mut out,
+            MessageType {
+                method: method::MAPPED_CHECK,
+                class: Class::Indication,
+            },
+            tid,
+        );
+        let (value, len) = encode_candidate(
+            Candidate {
+                kind: CandidateKind::Mapped,
+                addr: external,
+            },
+            tid,
+        );
+        writer.attribute(attr::CANDIDATE, &value[..len]);
+        if let Some(token) = &token {
+            writer.attribute(attr::MAPPED_TOKEN, token);
+        }
+        writer.message_integrity_sha256(b"pw");
+        writer.finish_with_fingerprint();
+        out
+    }
+
+    /// A signed success answer to transaction `tid`.
+    fn signed_success(tid: [u8; 12]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut writer = MessageWriter::new(
+            &mut out,
+            MessageType {
+                method: method::MAPPED_CHECK,
+                class: Class::Success,
+            },
+            tid,
+        );
+        writer.message_integrity_sha256(b"pw");
+        writer.finish_with_fingerprint();
+        out
+    }
+
+    /// Delivers the gateway's probe of `external` (from its discovery socket) and
+    /// returns the transaction of the agent's answer, checked to echo the token.
+    fn answer_probe(agent: &mut Agent, now: Instant, external: SocketAddr) -> [u8; 12] {
+        let token = [7u8; 16];
+        let discovery: SocketAddr = "192.0.2.10:3479".parse().expect("addr");
+        agent.handle_datagram(now, discovery, &mapped_check(external, Some(token)));
+        let sent = step(agent, now);
+        let answers: Vec<&Vec<u8>> = sent
+            .iter()
+            .filter(|(to, _)| *to == SERVER.parse().expect("addr"))
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(answers.len(), 1, "one answer, to the service socket");
+        let message = Message::parse(answers[0]).expect("stun");
+        assert_eq!(message.message_type().method, method::MAPPED_CHECK);
+        assert_eq!(message.message_type().class, Class::Request);
+        let echoed = message
+            .attributes()
+            .filter_map(Result::ok)
+            .find(|a| a.ty == attr::MAPPED_TOKEN)
+            .map(|a| a.value.to_vec());
+        assert_eq!(echoed.as_deref(), Some(&token[..]));
+        message.transaction_id()
+    }
+
+    #[test]
+    fn a_mapping_the_gateway_cannot_reach_is_withdrawn_and_said() {
+        let t0 = Instant::now();
+        let mut agent = agent(t0, true);
+        agent.connect("bob", t0);
+        let external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        let after = granted(&mut agent, t0, external);
+        assert_eq!(registered_mapped(&after), [vec![external]]);
+        assert_eq!(connects(&after), 0, "held for the gateway's check");
+        // A forged verdict (not signed with our password) changes nothing.
+        let mut forged = mapped_check(external, None);
+        let at = forged.len() - 13;
+        forged[at] ^= 1;
+        let t1 = t0 + Duration::from_millis(100);
+        agent.handle_datagram(t1, SERVER.parse().expect("addr"), &forged);
+        assert!(registered_mapped(&step(&mut agent, t1)).is_empty());
+        // The gateway's verdict: re-registered without it, connects released.
+        agent.handle_datagram(
+            t1,
+            SERVER.parse().expect("addr"),
+            &mapped_check(external, None),
+        );
+        let sent = step(&mut agent, t1);
+        assert_eq!(registered_mapped(&sent), [vec![]], "withdrawn at once");
+        assert_eq!(connects(&sent), 1, "released by the verdict");
+        assert!(std::iter::from_fn(|| agent.poll_event()).any(|e| e
+            == AgentEvent::MappedCandidate {
+                external,
+                verified: false
+            }));
+        // Later probes of it are not answered; later Registers leave it out.
+        let discovery: SocketAddr = "192.0.2.10:3479".parse().expect("addr");
+        agent.handle_datagram(t1, discovery, &mapped_check(external, Some([1; 16])));
+        assert!(step(&mut agent, t1).is_empty());
+        for ms in (200..40_000).step_by(500) {
+            let sent = step(&mut agent, t0 + Duration::from_millis(ms));
+            assert!(registered_mapped(&sent).iter().all(Vec::is_empty));
+        }
+    }
+
+    #[test]
+    fn without_the_gateways_verdict_connects_wait_two_seconds_at_most() {
+        let t0 = Instant::now();
+        let mut agent = agent(t0, true);
+        agent.connect("bob", t0);
+        let external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        granted(&mut agent, t0, external);
+        let mut first_connect = None;
+        for ms in (20..5_000).step_by(10) {
+            let sent = step(&mut agent, t0 + Duration::from_millis(ms));
+            if connects(&sent) > 0 && first_connect.is_none() {
+                first_connect = Some(ms);
+            }
+        }
+        let hold = u64::try_from(MAPPED_CHECK_HOLD.as_millis()).expect("ms");
+        assert_eq!(first_connect, Some(20 + hold));
+    }
+
+    #[test]
+    fn a_failed_upnp_renewal_withdraws_the_mapped_candidate() {
+        let t0 = Instant::now();
+        let mut agent = agent_with(t0, true, true);
+        let external: SocketAddr = "198.51.100.2:4500".parse().expect("addr");
+        let upnp = Mapping {
+            protocol: MappingProtocol::Upnp,
+            external,
+            lifetime: Duration::from_secs(3600),
+        };
+        step(&mut agent, t0);
+        assert!(agent.handle_upnp_mapping(t0, Ok(upnp)));
+        assert_eq!(registered_mapped(&step(&mut agent, t0)), [vec![external]]);
+        port_mapping_events(&mut agent);
+        let t1 = t0 + Duration::from_secs(1800);
+        agent.handle_upnp_renewal(t1, Ok(upnp));
+        assert_eq!(
+            port_mapping_events(&mut agent),
+            [PortMapEvent::Refreshed(upnp)]
+        );
+        let t2 = t1 + Duration::from_secs(1800);
+        agent.handle_upnp_renewal(t2, Err(ProtocolOutcome::NoAnswer));
+        let sent = step(&mut agent, t2);
+        assert_eq!(registered_mapped(&sent), [vec![]], "withdrawn at once");
+        assert_eq!(
+            port_mapping_events(&mut agent),
+            [PortMapEvent::Lost {
+                mapping: upnp,
+                outcome: ProtocolOutcome::NoAnswer
+            }]
+        );
+        assert_eq!(agent.port_mapping(), None);
+    }
+
     #[test]
     fn connects_wait_for_the_routers_first_answer_at_most_a_second() {
         let t0 = Instant::now();
@@ -383,13 +649,17 @@ mod tests {
         agent.handle_datagram(t1, router(), &pcp_grant(&map[0], external, 60));
         let sent = step(&mut agent, t1);
         assert_eq!(registered_mapped(&sent), [vec![external]]);
-        assert_eq!(connects(&sent), 1, "released by the grant");
-        let register = sent.iter().position(|(to, _)| to.port() == 3478);
-        let connect = sent.iter().rposition(|(to, _)| to.port() == 3478);
-        assert!(
-            register < connect,
-            "the Register with the mapping goes first"
-        );
+        assert_eq!(connects(&sent), 0, "held for the gateway's check");
+        // The gateway's probe reaches us; our answer's acceptance releases it.
+        let answer = answer_probe(&mut agent, t1, external);
+        agent.handle_datagram(t1, SERVER.parse().expect("addr"), &signed_success(answer));
+        let sent = step(&mut agent, t1);
+        assert_eq!(connects(&sent), 1, "released by the verdict");
+        assert!(std::iter::from_fn(|| agent.poll_event()).any(|e| e
+            == AgentEvent::MappedCandidate {
+                external,
+                verified: true
+            }));
 
         // A silent router: the Connect goes after a second, not after its retries.
         let mut silent = self::tests::agent(t0, true);

@@ -712,6 +712,26 @@ impl PortMapClient {
         }
     }
 
+    /// The driver's renewal of the UPnP-IGD lease it holds for this client ended:
+    /// kept ([`PortMapEvent::Refreshed`]), or failed, which loses the mapping like
+    /// an unanswered PCP or NAT-PMP refresh ([`PortMapEvent::Lost`], then one ask
+    /// from scratch), so the agent stops announcing an endpoint that may be gone.
+    /// Ignored unless the mapping held is a UPnP one.
+    pub fn handle_upnp_renewal(&mut self, now: Instant, result: Result<Mapping, ProtocolOutcome>) {
+        if self.phase != Phase::Mapped
+            || self
+                .mapping
+                .is_none_or(|m| m.protocol != MappingProtocol::Upnp)
+        {
+            return;
+        }
+        match result {
+            Ok(mapping) if mapping.protocol == MappingProtocol::Upnp => self.granted(now, mapping),
+            Ok(_) => {}
+            Err(outcome) => self.lose(now, outcome),
+        }
+    }
+
     /// Asks again from scratch (e.g. after the agent's network changed, or a while
     /// after [`PortMapEvent::Unavailable`]); `upnp` as in [`PortMapClient::new`].
     pub fn retry(&mut self, now: Instant, upnp: bool) {

@@ -449,6 +449,54 @@ fn upnp_wins_only_while_nothing_native_may_be_mapping() {
     );
 }
 
+#[test]
+fn a_failed_upnp_renewal_loses_the_mapping() {
+    let t0 = Instant::now();
+    let upnp = Mapping {
+        protocol: MappingProtocol::Upnp,
+        external: (WAN, 4500).into(),
+        lifetime: Duration::from_secs(3600),
+    };
+    let mut c = client(t0, true);
+    sent(&mut c);
+    assert!(c.handle_upnp_mapping(t0, Ok(upnp)));
+    events(&mut c);
+    // Renewed: kept.
+    let t1 = t0 + Duration::from_secs(1800);
+    c.handle_upnp_renewal(t1, Ok(upnp));
+    assert_eq!(events(&mut c), [PortMapEvent::Refreshed(upnp)]);
+    assert_eq!(c.mapping(), Some(upnp));
+    // The next renewal fails: lost, and asked again natively.
+    let t2 = t1 + Duration::from_secs(1800);
+    c.handle_upnp_renewal(t2, Err(ProtocolOutcome::NoAnswer));
+    assert_eq!(
+        events(&mut c),
+        [PortMapEvent::Lost {
+            mapping: upnp,
+            outcome: ProtocolOutcome::NoAnswer
+        }]
+    );
+    assert_eq!(c.mapping(), None);
+    assert_eq!(sent(&mut c).len(), 2, "PCP and NAT-PMP probed again");
+    // A renewal's late result for a mapping no longer held changes nothing.
+    c.handle_upnp_renewal(t2, Ok(upnp));
+    assert!(events(&mut c).is_empty());
+    assert_eq!(c.mapping(), None);
+}
+
+#[test]
+fn a_upnp_renewal_result_does_not_touch_a_native_mapping() {
+    let t0 = Instant::now();
+    let mut c = client(t0, false);
+    let map = pcp_chosen(&mut c, t0);
+    let external: SocketAddr = (WAN, 30000).into();
+    c.handle_datagram(t0, router(), &pcp_grant(&map, external, 120, 2));
+    events(&mut c);
+    c.handle_upnp_renewal(t0, Err(ProtocolOutcome::NoAnswer));
+    assert!(events(&mut c).is_empty());
+    assert_eq!(c.mapping().map(|m| m.external), Some(external));
+}
+
 proptest::proptest! {
     #[test]
     fn any_answer_sequence_keeps_the_machine_sane(

@@ -257,6 +257,60 @@ pub fn parse_tcp_seq(datagram: &[u8], password: &str) -> Option<TcpSeq> {
     })
 }
 
+/// A Mapped-Check request: the answer to the gateway's probe of our mapped
+/// candidate, echoing its token. It leaves from the agent's socket to the service
+/// socket and is signed like every request, so only this peer can verify its
+/// candidate, and only with the token the probe brought.
+pub fn mapped_check(
+    tid: [u8; 12],
+    credentials: &PeerCredentials,
+    nonce: Option<&str>,
+    token: &[u8; 16],
+) -> Vec<u8> {
+    request(method::MAPPED_CHECK, tid, credentials, nonce, |w| {
+        w.attribute(attr::MAPPED_TOKEN, token);
+    })
+}
+
+/// A Mapped-Check indication from the gateway, signed for us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MappedCheck {
+    /// The probe of our mapped candidate: answer with [`mapped_check`].
+    Probe {
+        /// The token to echo.
+        token: [u8; 16],
+    },
+    /// The gateway gave up: our mapped candidate `external` did not answer, so it
+    /// is not introduced.
+    Unreachable {
+        /// The candidate that was not reachable.
+        external: SocketAddr,
+    },
+}
+
+/// Parses and verifies a Mapped-Check indication signed with `password`.
+pub fn parse_mapped_check(datagram: &[u8], password: &str) -> Option<MappedCheck> {
+    let message = signed_indication(datagram, method::MAPPED_CHECK, password)?;
+    let tid = message.transaction_id();
+    let (mut token, mut external) = (None, None);
+    for a in message.attributes().filter_map(Result::ok) {
+        match a.ty {
+            attr::MAPPED_TOKEN => token = <[u8; 16]>::try_from(a.value).ok(),
+            attr::CANDIDATE => {
+                external = decode_candidate(a.value, tid)
+                    .filter(|c| c.kind == CandidateKind::Mapped)
+                    .map(|c| c.addr)
+            }
+            _ => {}
+        }
+    }
+    match (token, external) {
+        (Some(token), _) => Some(MappedCheck::Probe { token }),
+        (None, Some(external)) => Some(MappedCheck::Unreachable { external }),
+        (None, None) => None,
+    }
+}
+
 /// A Binding request with CHANGE-REQUEST (RFC 5780 filtering tests), signed like
 /// the rendezvous requests so the gateway will answer it from another endpoint.
 pub fn change_request(

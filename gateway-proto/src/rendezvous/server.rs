@@ -44,8 +44,10 @@ mod auth;
 mod cluster;
 mod discovery;
 mod forward;
+mod mapped;
 
 pub use discovery::{DiscoveryEndpoints, discovery_index, discovery_socket};
+pub use mapped::{MAPPED_PROBE_INTERVAL, MAPPED_PROBE_TRIES};
 
 /// Whom a registered peer may be introduced to (`auth.connect`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,6 +146,8 @@ pub enum RendezvousHandled {
     /// A Register of a peer not registered here while the server drains: 300 Try
     /// Alternate with ALTERNATE-SERVER, or 503 "Draining" without an alternate.
     Draining,
+    /// A peer's answer to the probe of its mapped candidate was accepted.
+    MappedChecked,
 }
 
 impl RendezvousHandled {
@@ -170,11 +174,12 @@ impl RendezvousHandled {
             RendezvousHandled::Locating => "locating",
             RendezvousHandled::ClusterUnavailable => "cluster_unavailable",
             RendezvousHandled::Draining => "draining",
+            RendezvousHandled::MappedChecked => "mapped_checked",
         }
     }
 
     /// Every label value.
-    pub const ALL_LABELS: [&'static str; 25] = [
+    pub const ALL_LABELS: [&'static str; 26] = [
         "binding_success",
         "unknown_attribute",
         "not_stun",
@@ -200,6 +205,7 @@ impl RendezvousHandled {
         "locating",
         "cluster_unavailable",
         "draining",
+        "mapped_checked",
     ];
 }
 
@@ -228,6 +234,9 @@ pub enum RendezvousEvent {
         time_to_direct: Duration,
         /// Probes the reporter sent.
         probes: u32,
+        /// Whether the introduction carried a verified mapped (port-mapping)
+        /// candidate of either side.
+        mapped: bool,
     },
     /// The first report of a TCP punching technique's outcome in an introduction.
     TcpOutcome {
@@ -248,6 +257,12 @@ pub enum RendezvousEvent {
     Cluster(ClusterRequest),
     /// What became of a cross-node Connect, for metrics (on the initiator's node).
     CrossNode(CrossNodeOutcome),
+    /// The check of a peer's new mapped candidate ended: it answered (`verified`,
+    /// so introductions carry it) or stayed silent (dropped; the peer was told).
+    MappedCandidate {
+        /// Whether the probe was answered.
+        verified: bool,
+    },
 }
 
 /// Tunables of the rendezvous server: the limits that bound its memory, its work per
@@ -337,12 +352,20 @@ struct IntroRecord {
     forge: ForgePair,
     /// The side registered on another node, for an introduction across nodes.
     remote: Option<Box<RemoteSide>>,
+    /// Whether either side's verified mapped candidate was introduced.
+    mapped: bool,
 }
 
 impl IntroRecord {
     /// A fresh record of an introduction between `sides`.
-    fn new(sides: [Box<str>; 2], nats: [NatClass; 2], remote: Option<RemoteSide>) -> Self {
+    fn new(
+        sides: [Box<str>; 2],
+        nats: [NatClass; 2],
+        remote: Option<RemoteSide>,
+        mapped: bool,
+    ) -> Self {
         Self {
+            mapped,
             sides,
             nats,
             reported: [false; 2],
@@ -392,6 +415,7 @@ impl IntroRecord {
                 relayed: outcome == SessionOutcome::Relayed,
                 time_to_direct: Duration::from_millis(u64::from(ms)),
                 probes,
+                mapped: self.mapped,
             }))
         }
     }
@@ -489,6 +513,8 @@ pub struct RendezvousServer {
     /// without a walk over the registry. Entries leave when the driver reports the
     /// connection closed, so there are never more than connections.
     stream_peers: HashMap<(SocketAddr, Transport), Box<str>>,
+    /// The checks of peers' mapped candidates (`server/mapped.rs`).
+    mapped: mapped::MappedChecks,
 }
 
 /// The transport addresses this gateway's relay allocates on: its relay addresses
@@ -559,6 +585,7 @@ impl RendezvousServer {
             draining: None,
             request_transport: Transport::Udp,
             stream_peers: HashMap::new(),
+            mapped: mapped::MappedChecks::default(),
         }
     }
 
@@ -687,6 +714,7 @@ impl RendezvousServer {
                 .front()
                 .and_then(|(_, seen)| *seen)
                 .map(|seen| seen + INTRODUCTION_MEMORY),
+            self.mapped.next_timeout(),
         ])
     }
 
@@ -704,7 +732,9 @@ impl RendezvousServer {
             });
             self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
             shrink_when_sparse(&mut self.peers);
+            self.mapped.retain_registered(&self.peers);
         }
+        self.mapped_timeout(now);
         self.expire_intros(now);
         self.expire_parked(now);
     }
@@ -808,6 +838,7 @@ impl RendezvousServer {
                     | method::OUTCOME
                     | method::RELAY_OFFER
                     | method::TCP_SEQ
+                    | method::MAPPED_CHECK
             )
         {
             let mut reply = Vec::new();
@@ -847,6 +878,7 @@ impl RendezvousServer {
             method::CONNECT => self.connect(now, from, local, &auth),
             method::RELAY_OFFER => self.relay_offer(from, &auth).map(|(h, r)| (h, Some(r))),
             method::TCP_SEQ => self.tcp_seq(from, &auth).map(|(h, r)| (h, Some(r))),
+            method::MAPPED_CHECK => self.mapped_answer(&auth),
             _ => self.outcome(&auth),
         };
         match result {
@@ -894,6 +926,7 @@ impl RendezvousServer {
         let now_ms = self.clock_ms(now);
         let registered_unix = u32::try_from(now_unix).unwrap_or(u32::MAX);
         let mut hosts = Vec::new();
+        let mut mapped = None;
         let mut nat = NatClass::Unknown;
         let mut rtt_ms = 0;
         for attribute in auth.message.attributes().filter_map(Result::ok) {
@@ -909,7 +942,12 @@ impl RendezvousServer {
                         && (!c.kind.is_tcp()
                             || c.addr.ip().to_canonical() == from.ip().to_canonical())
                     {
-                        hosts.push(c);
+                        if c.kind == CandidateKind::Mapped {
+                            // Introduced only once checked (`server/mapped.rs`).
+                            mapped = mapped.or(Some(c.addr));
+                        } else {
+                            hosts.push(c);
+                        }
                     }
                 }
                 attr::NAT_CLASS => {
@@ -931,6 +969,16 @@ impl RendezvousServer {
             && self.peers.len() >= self.config.max_peers
         {
             return Err((RendezvousHandled::Full, 503, "Registry Full"));
+        }
+        if let Some(addr) =
+            self.mapped_on_register(now, &auth.peer_id, mapped, &auth.password, local)
+        {
+            let verified = Candidate {
+                kind: CandidateKind::Mapped,
+                addr,
+            };
+            hosts.insert(0, verified);
+            hosts.truncate(MAX_CANDIDATES);
         }
         let record = self
             .peers
@@ -1099,7 +1147,9 @@ impl RendezvousServer {
         );
         let sides = [initiator_id.into(), responder_id.into()];
         let nats = [initiator.nat, responder.nat];
-        self.remember_intro(intro_id, IntroRecord::new(sides, nats, None));
+        let mapped =
+            has_mapped(&initiator.host_candidates) || has_mapped(&responder.host_candidates);
+        self.remember_intro(intro_id, IntroRecord::new(sides, nats, None, mapped));
         self.events.push_back(RendezvousEvent::Introduced {
             initiator_nat: initiator.nat,
             responder_nat: responder.nat,
@@ -1120,10 +1170,7 @@ impl RendezvousServer {
         delay_ms: u32,
         role: u8,
     ) {
-        let username = format!("{}:{recipient_id}", recipient.expiry_unix);
-        let password = self
-            .secret
-            .password_with(usize::from(recipient.secret), &username);
+        let password = self.password_for(recipient_id, recipient);
         let tid: [u8; 12] = self.rng.random();
         let mut payload = Vec::with_capacity(256);
         let mut writer = MessageWriter::new(
@@ -1173,6 +1220,13 @@ impl RendezvousServer {
             recipient.local,
             payload,
         );
+    }
+
+    /// The password of registered peer `id`, which signs what is sent to it.
+    fn password_for(&self, id: &str, record: &PeerRecord) -> String {
+        let username = format!("{}:{id}", record.expiry_unix);
+        self.secret
+            .password_with(usize::from(record.secret), &username)
     }
 
     /// Remembers an introduction, forgetting the oldest beyond
@@ -1248,6 +1302,11 @@ impl RendezvousServer {
             )),
         ))
     }
+}
+
+/// Whether `candidates` hold a (verified) mapped candidate.
+fn has_mapped(candidates: &[Candidate]) -> bool {
+    candidates.iter().any(|c| c.kind == CandidateKind::Mapped)
 }
 
 /// True for a STUN success or error response (what answers a request, and so goes

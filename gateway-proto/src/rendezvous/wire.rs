@@ -22,6 +22,14 @@ pub mod method {
     /// (request from a side of an introduction; forwarded as an indication to the
     /// other side), for TCP technique 3 (NATBlaster-style).
     pub const TCP_SEQ: u16 = 0xC06;
+    /// Mapped-Check: the gateway's check of a peer's mapped (port-mapping)
+    /// candidate before it introduces it. As an indication from the gateway with
+    /// MAPPED-TOKEN: the probe, sent to the mapped endpoint (from a discovery
+    /// socket when there is one); as a request from the peer with that token: the
+    /// answer, through the peer's socket to the service socket; as an indication
+    /// from the gateway with the candidate and no token: "not reachable, not
+    /// introduced".
+    pub const MAPPED_CHECK: u16 = 0xC07;
 }
 
 /// Attribute types of the rendezvous.
@@ -53,6 +61,9 @@ pub mod attr {
     /// In TCP-Seq: "do not forward my sequence number; forge the SYN-ACKs into both
     /// NATs once both sides' are in" (TCP technique 4, server-assisted; u8, 1).
     pub const TCP_FORGE: u16 = 0x400C;
+    /// In Mapped-Check: the random token of the gateway's probe (16 bytes), which
+    /// the peer's answer must echo.
+    pub const MAPPED_TOKEN: u16 = 0x400D;
     /// In a Register answer: another endpoint of this gateway that answers STUN
     /// Binding (MAPPED-ADDRESS format, once per endpoint), for the peer to classify
     /// its NAT without being told (`gateway peer` without `--discover`).

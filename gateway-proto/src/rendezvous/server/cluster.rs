@@ -529,7 +529,12 @@ impl RendezvousServer {
             side: 1,
             expiry_unix: responder.expiry_unix,
         };
-        self.remember_intro(intro_id, IntroRecord::new(sides, nats, Some(remote)));
+        let mapped = super::has_mapped(&initiator.host_candidates)
+            || super::has_mapped(&responder.candidates);
+        self.remember_intro(
+            intro_id,
+            IntroRecord::new(sides, nats, Some(remote), mapped),
+        );
         self.events
             .push_back(RendezvousEvent::Cluster(ClusterRequest::Send {
                 node: responder.node,
@@ -608,7 +613,12 @@ impl RendezvousServer {
             expiry_unix: initiator.expiry_unix,
         };
         let nats = [initiator.nat, responder.nat];
-        self.remember_intro(intro_id, IntroRecord::new(sides, nats, Some(remote)));
+        let mapped = super::has_mapped(&initiator.candidates)
+            || super::has_mapped(&responder.host_candidates);
+        self.remember_intro(
+            intro_id,
+            IntroRecord::new(sides, nats, Some(remote), mapped),
+        );
     }
 }
 

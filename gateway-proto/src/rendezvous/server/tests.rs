@@ -821,7 +821,8 @@ fn tcp_outcomes_count_once_per_technique_and_leave_the_udp_outcome_alone() {
                 direct: true,
                 relayed: false,
                 time_to_direct: Duration::from_millis(20),
-                probes: 3
+                probes: 3,
+                mapped: false,
             }
         ]
     );
@@ -1025,7 +1026,8 @@ fn outcome_reports_count_once_and_only_from_the_sides() {
             direct: true,
             relayed: false,
             time_to_direct: Duration::from_millis(35),
-            probes: 4
+            probes: 4,
+            mapped: false,
         }],
         "one outcome per introduction"
     );

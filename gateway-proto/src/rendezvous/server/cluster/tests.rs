@@ -409,6 +409,7 @@ fn outcomes_are_counted_once_on_the_owner_whoever_reports_first() {
                 relayed: false,
                 time_to_direct: Duration::from_millis(u64::from(first_ms)),
                 probes: 3,
+                mapped: false,
             }],
             "responder first: {responder_first}"
         );
