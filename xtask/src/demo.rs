@@ -44,6 +44,12 @@ pub struct DemoArgs {
     /// metrics are printed.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// Run Debian's miniupnpd (PCP, NAT-PMP and UPnP-IGD) on both peers' routers:
+    /// each agent gets a port mapping (`port-mapping protocol pcp external ...`), the
+    /// gateway checks it, and the pair punches directly through the mappings even
+    /// behind two random-port NATs (`--site-a symmetric --site-b symmetric`).
+    #[arg(long)]
+    port_mapping: bool,
 }
 
 /// `cargo xtask lab ...`.
@@ -421,6 +427,25 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         ]
         .map(str::to_owned)
         .to_vec();
+        if args.port_mapping {
+            // miniupnpd's STUN self-check asks for answers from another address and
+            // port (RFC 3489 CHANGE-REQUEST, unauthenticated): every discovery socket
+            // on its own address, and such answers allowed.
+            serve_args.splice(
+                0..4,
+                [
+                    "--listen".to_owned(),
+                    format!("{primary}:3478"),
+                    "--discovery-listen".to_owned(),
+                    format!("{primary}:3479"),
+                    "--discovery-listen".to_owned(),
+                    format!("{secondary}:3478"),
+                    "--discovery-listen".to_owned(),
+                    format!("{secondary}:3479"),
+                    "--discovery-unauthenticated".to_owned(),
+                ],
+            );
+        }
         if let Some(redis) = &redis {
             let k = gateways.len();
             println!(
@@ -446,6 +471,23 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             "   every node reaches Redis and sees {} nodes (their heartbeats in gw:nodes)",
             nodes.len()
         );
+    }
+    // Port mapping: the routers grant mappings (their STUN self-check asks the first
+    // node); the daemons stop when the demo ends.
+    let mut _routers = Vec::new();
+    if args.port_mapping {
+        let stun = SocketAddr::from((nodes[0].primary, 3478));
+        for name in ["a", "b"] {
+            let site = lab.site(name).ok_or_else(|| anyhow!("no site {name}"))?;
+            println!(
+                "== starting miniupnpd (PCP, NAT-PMP, UPnP-IGD) on site {name}'s router ({})",
+                site.preset().name()
+            );
+            _routers.push(
+                site.start_port_mapping(stun)
+                    .with_context(|| format!("starting miniupnpd on site {name}'s router"))?,
+            );
+        }
     }
     // The two peers of a pair register with different nodes when there are several.
     let alice_node = &nodes[0];
