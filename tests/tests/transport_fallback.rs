@@ -215,3 +215,27 @@ fn a_certificate_for_another_name_is_refused_and_said() {
         scenario.alice.seen()
     );
 }
+
+#[test]
+fn a_site_without_udp_still_gets_tcp_hole_punching() {
+    if !lab_available() {
+        return;
+    }
+    // Introduced over its TCP connection, the UDP-less side runs TCP punching like
+    // any other (both NATs map endpoint-independently and drop unsolicited SYNs:
+    // simultaneous open works, docs/tcp-splicing.md).
+    let tcp = ["--tcp", "simultaneous-open"];
+    let mut scenario = punch::start_under(
+        Topology::TwoSites(NatPreset::udp_blocked(), NatPreset::port_restricted_cone()),
+        WanConditions::default(),
+        &[],
+        &tcp,
+        &tcp,
+    )
+    .expect("punch lab");
+    let registered = line(&mut scenario, true, "registered", Duration::from_secs(8));
+    assert!(registered.ends_with(" over tcp"), "{registered}");
+    let up = line(&mut scenario, true, "tcp-path-up", Duration::from_secs(15));
+    assert!(up.contains("technique simultaneous-open"), "{up}");
+    line(&mut scenario, false, "tcp-path-up", Duration::from_secs(5));
+}
