@@ -514,6 +514,10 @@ async fn drive(
         let stopped = agent.stopped();
         while let Some(event) = agent.poll_event() {
             match &event {
+                AgentEvent::TransportChanged { .. } => {
+                    // A connection the agent left (and holds no allocation on) ends.
+                    links.retain(|transport| agent.uses_stream(transport));
+                }
                 AgentEvent::PortMapping(PortMapEvent::Closed) => closed = true,
                 AgentEvent::PathUp {
                     peer_id,

@@ -195,6 +195,12 @@ impl ServerLinks {
         }
     }
 
+    /// Closes the connections `keep` says are no longer needed (their tasks end
+    /// when their queues are dropped; the closures they report are stale).
+    pub fn retain(&mut self, mut keep: impl FnMut(Transport) -> bool) {
+        self.links.retain(|&transport, _| keep(transport));
+    }
+
     /// A connection reported closed: forget it if it is still the current one of
     /// its transport (then true: the agent must hear of it).
     pub fn closed(&mut self, transport: Transport, epoch: u64) -> bool {

@@ -104,6 +104,15 @@ impl Agent {
         self.link.transport
     }
 
+    /// Whether the agent still needs its connection of `transport` (TCP or TLS): it
+    /// speaks to the gateway over it, or its TURN allocation lives on it. A driver
+    /// closes the others (after a move back to UDP, say).
+    pub fn uses_stream(&self, transport: Transport) -> bool {
+        transport.is_stream()
+            && (self.link.transport == transport
+                || self.turn.server().is_some_and(|(_, t)| t == transport))
+    }
+
     /// The transport after `from` in the fallback order (UDP, TCP, TLS when an
     /// endpoint is configured, then UDP again).
     fn next_transport(&self, from: Transport) -> Transport {
@@ -376,6 +385,8 @@ mod tests {
             sim.agents[0].1.turn.server(),
             Some((sim.server_addr, Transport::Tcp))
         );
+        assert!(sim.agents[0].1.uses_stream(Transport::Tcp));
+        assert!(!sim.agents[0].1.uses_stream(Transport::Tls));
     }
 
     #[test]
@@ -500,6 +511,8 @@ mod tests {
         assert_eq!(back.3, TransportChangeReason::UdpAnswered);
         assert!(back.0 > unblocked);
         assert_eq!(sim.agents[0].1.server_transport(), Transport::Udp);
+        // No allocation on the TCP connection: the driver may close it.
+        assert!(!sim.agents[0].1.uses_stream(Transport::Tcp));
         let alice = sim.agents[0].0;
         assert!(sim.handled.iter().any(|(at, _, from, h)| *at > back.0
             && *from == alice
