@@ -720,3 +720,74 @@ fn a_peer_the_relay_refuses_is_said_once_without_a_tight_loop() {
     assert_eq!(count("introduced peer bob"), 1, "{:?}", alice.seen());
     assert_eq!(count("relay-fallback"), 1, "{:?}", alice.seen());
 }
+
+#[test]
+fn peer_tls_fallback_flags_are_explained_and_checked() {
+    let (ok, help, _) = gateway(&["peer", "--help"]);
+    assert!(ok);
+    for words in [
+        "--server-tls",
+        "--tls-ca",
+        "--transport-wait",
+        "--udp-retry-interval",
+        "--udp-only",
+        "trying tcp",
+    ] {
+        assert!(help.contains(words), "peer --help lacks {words}:\n{help}");
+    }
+    let base = [
+        "peer",
+        "--server",
+        "127.0.0.1:3478",
+        "--username",
+        "1900000000:alice",
+        "--password",
+        "pw",
+    ];
+    // A CA file that does not exist: refused before anything starts, naming it.
+    let missing = [
+        &base[..],
+        &[
+            "--server-tls",
+            "127.0.0.1",
+            "--tls-ca",
+            "/nonexistent/ca.pem",
+        ],
+    ]
+    .concat();
+    let (ok, _, err) = gateway(&missing);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot use /nonexistent/ca.pem as a CA certificate"),
+        "{err}"
+    );
+    // A file that holds no certificate.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").expect("write");
+    let empty_arg = empty.to_string_lossy().into_owned();
+    let no_cert = [
+        &base[..],
+        &["--server-tls", "127.0.0.1", "--tls-ca", &empty_arg],
+    ]
+    .concat();
+    let (ok, _, err) = gateway(&no_cert);
+    assert!(!ok);
+    assert!(err.contains("no CERTIFICATE in the file"), "{err}");
+    // A port that is not a number.
+    let bad_port = [&base[..], &["--server-tls", "gateway.test:https"]].concat();
+    let (ok, _, err) = gateway(&bad_port);
+    assert!(!ok);
+    assert!(err.contains("the port is not a number"), "{err}");
+    // --tls-ca only means something with --server-tls; --udp-only excludes it.
+    let (ok, _, err) = gateway(
+        &[
+            &base[..],
+            &["--tls-ca", "/etc/ssl/certs/ca-certificates.crt"],
+        ]
+        .concat(),
+    );
+    assert!(!ok && err.contains("--server-tls"), "{err}");
+    let (ok, _, err) = gateway(&[&base[..], &["--udp-only", "--server-tls", "127.0.0.1"]].concat());
+    assert!(!ok && err.contains("cannot be used with"), "{err}");
+}
