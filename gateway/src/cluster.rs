@@ -456,8 +456,9 @@ impl ClusterShared {
                     event => self.metrics.record(&event),
                 }
             }
-            self.metrics.registered_peers.set(core.peer_count() as i64);
+            self.metrics.set_registered_peers(&core);
         }
+        crate::rendezvous::deadline_may_have_moved();
         for request in requests {
             self.link.submit(request);
         }

@@ -5,8 +5,8 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -53,6 +53,8 @@ pub struct Metrics {
     pub stun_datagrams: IntCounterVec,
     /// Peers registered with the rendezvous.
     pub registered_peers: IntGauge,
+    /// Registered peers by the transport they registered over (udp, tcp, tls).
+    pub registered_peers_by_transport: IntGaugeVec,
     /// Introductions made, by the two sides' NAT classes.
     pub punch_attempts: IntCounterVec,
     /// Reported punch outcomes, by NAT classes and outcome.
@@ -95,6 +97,19 @@ pub const MAPPED_CHECK_OUTCOMES: [&str; 2] = ["verified", "unreachable"];
 pub const RELOAD_OUTCOMES: [&str; 3] = ["success", "partial", "failed"];
 
 impl Metrics {
+    /// Sets the registration gauges from the rendezvous core.
+    pub fn set_registered_peers(&self, core: &gateway_proto::rendezvous::RendezvousServer) {
+        self.registered_peers.set(core.peer_count() as i64);
+        for (transport, count) in ["udp", "tcp", "tls"]
+            .into_iter()
+            .zip(core.peers_by_transport())
+        {
+            self.registered_peers_by_transport
+                .with_label_values(&[transport])
+                .set(count as i64);
+        }
+    }
+
     /// Creates and registers every metric, with all label values pre-set to zero so
     /// dashboards show series before the first event.
     pub fn new() -> Result<Self, MetricsError> {
@@ -271,6 +286,20 @@ impl Metrics {
                 "gateway_registered_peers",
                 "Peers currently registered with the rendezvous",
             )?,
+            registered_peers_by_transport: {
+                let gauges = IntGaugeVec::new(
+                    Opts::new(
+                        "gateway_registered_peers_by_transport",
+                        "Peers currently registered with the rendezvous, by the transport they registered over: udp, tcp or tls (agents whose networks drop UDP fall back to tcp, then tls)",
+                    ),
+                    &["transport"],
+                )?;
+                registry.register(Box::new(gauges.clone()))?;
+                for transport in ["udp", "tcp", "tls"] {
+                    gauges.with_label_values(&[transport]).set(0);
+                }
+                gauges
+            },
             stun_datagrams,
             punch_attempts,
             punch_outcomes,

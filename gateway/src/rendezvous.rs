@@ -43,6 +43,18 @@ pub fn lock(core: &SharedRendezvous) -> MutexGuard<'_, RendezvousServer> {
     core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Wakes the service loops that sleep until the rendezvous core's deadline: a
+/// message fed to the core elsewhere (over a TCP or TLS connection, from the
+/// cluster) may have brought that deadline forward (the first registration's
+/// sweep, a parked Connect's answer), and a loop armed with the old one would
+/// sleep past it.
+pub(crate) static DEADLINE_MOVED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Says that the core's deadline may have moved (see [`DEADLINE_MOVED`]).
+pub(crate) fn deadline_may_have_moved() {
+    DEADLINE_MOVED.notify_waiters();
+}
+
 /// When the rendezvous core's timer falls due (its lock held for the read only).
 pub(crate) fn core_deadline(core: &SharedRendezvous) -> Option<Instant> {
     lock(core).poll_timeout()
@@ -61,7 +73,7 @@ pub(crate) fn core_timeout(
     if server.poll_timeout().is_some_and(|at| at <= now) {
         server.handle_timeout(now, unix_now());
         drain_core(&mut server, metrics, out, None);
-        metrics.registered_peers.set(server.peer_count() as i64);
+        metrics.set_registered_peers(&server);
     }
 }
 
@@ -109,7 +121,7 @@ pub(crate) fn core_pass(
         let handled = server.handle_datagram(Instant::now(), unix_now(), from, local, bytes);
         drain_core(&mut server, metrics, out, Some(index));
         if matches!(handled, RendezvousHandled::Registered) {
-            metrics.registered_peers.set(server.peer_count() as i64);
+            metrics.set_registered_peers(&server);
         }
         metrics
             .stun_datagrams

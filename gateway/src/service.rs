@@ -116,8 +116,11 @@ pub async fn run_with_alternates(
                 None => std::future::pending().await,
             }
         };
+        let moved = crate::rendezvous::DEADLINE_MOVED.notified();
         let count = tokio::select! {
             () = &mut shutdown => return,
+            // The core's deadline may be earlier now: read it again.
+            () = moved, if rendezvous.is_some() => continue,
             () = sleep => {
                 let now = Instant::now();
                 if let Some(relay) = &relay

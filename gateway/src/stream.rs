@@ -612,8 +612,9 @@ fn rendezvous_frame(
         bytes,
     );
     crate::rendezvous::drain_core(&mut server, metrics, out, None);
-    metrics.registered_peers.set(server.peer_count() as i64);
+    metrics.set_registered_peers(&server);
     drop(server);
+    crate::rendezvous::deadline_may_have_moved();
     metrics
         .stun_datagrams
         .with_label_values(&[handled.as_str()])

@@ -61,6 +61,29 @@ fn relayed_over_tcp(a: NatPreset, b: NatPreset) {
     let up = line(&mut scenario, false, "path-up", Duration::from_secs(5));
     assert!(up.contains(" relayed "), "{up}");
     punch::udp_forward_both_ways(&scenario.lab, "through the relay over TCP");
+    // The gateway counts the registrations by transport (as of its last sweep of
+    // the registry, at most a second old).
+    let on_tcp = (usize::from(a_blocked) + usize::from(b_blocked)) as f64;
+    let want = [("udp", 2.0 - on_tcp), ("tcp", on_tcp), ("tls", 0.0)];
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let text = scenario.gateway.scrape().expect("metrics");
+        let counted = want.iter().all(|(transport, count)| {
+            gateway_tests::daemon::metric_value(
+                &text,
+                "gateway_registered_peers_by_transport",
+                &format!("transport=\"{transport}\""),
+            ) == Some(*count)
+        });
+        if counted {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "registrations by transport, want {want:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // The sides with UDP never left it.
     for (alice, blocked) in [(true, a_blocked), (false, b_blocked)] {
         let lines = if alice {

@@ -375,6 +375,11 @@ mod tests {
         );
         assert_eq!(sim.agents[0].1.server_transport(), Transport::Tcp);
         assert!(changes(&sim, 1).is_empty(), "bob keeps UDP");
+        // The gateway's sweep counts the registrations by transport: bob on UDP,
+        // alice on TCP (the sim runs no server timers: one sweep here).
+        let now = sim.now;
+        sim.nodes[0].server.handle_timeout(now, NOW_UNIX);
+        assert_eq!(sim.nodes[0].server.peers_by_transport(), [1, 1, 0]);
         // Registered over TCP: the gateway answered a Register that came on a stream.
         assert!(sim.has(0, |e| matches!(e, AgentEvent::Registered { .. })));
         relayed_both_ways(&mut sim);

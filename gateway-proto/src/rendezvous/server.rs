@@ -513,6 +513,8 @@ pub struct RendezvousServer {
     /// without a walk over the registry. Entries leave when the driver reports the
     /// connection closed, so there are never more than connections.
     stream_peers: HashMap<(SocketAddr, Transport), Box<str>>,
+    /// Registered peers by transport (udp, tcp, tls) at the last sweep.
+    by_transport: [usize; 3],
     /// The checks of peers' mapped candidates (`server/mapped.rs`).
     mapped: mapped::MappedChecks,
 }
@@ -585,6 +587,7 @@ impl RendezvousServer {
             draining: None,
             request_transport: Transport::Udp,
             stream_peers: HashMap::new(),
+            by_transport: [0; 3],
             mapped: mapped::MappedChecks::default(),
         }
     }
@@ -669,6 +672,14 @@ impl RendezvousServer {
         self.peers.len()
     }
 
+    /// Registered peers by the transport they registered over, `[udp, tcp, tls]`,
+    /// as the last sweep of the registry counted them (at most a second old while
+    /// any peer is registered): agents on TCP or TLS are the ones whose networks drop
+    /// UDP. Counted during the sweep, so it costs nothing more.
+    pub fn peers_by_transport(&self) -> [usize; 3] {
+        self.by_transport
+    }
+
     /// The driver's report that the stream connection of `addr` over `transport`
     /// (TCP or TLS) closed: the peer registered over it is forgotten (nothing can
     /// reach it there any more, and an introduction to it would send the other side
@@ -727,9 +738,20 @@ impl RendezvousServer {
         if self.cluster.is_none() || self.next_sweep.is_none_or(|at| at <= now) {
             let lifetime_ms = u32::try_from(self.config.lifetime.as_millis()).unwrap_or(u32::MAX);
             let now_ms = self.clock_ms(now);
+            let mut by_transport = [0; 3];
             self.peers.retain(|_, peer| {
-                now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms && peer.expiry_unix > now_unix
+                let keep = now_ms.wrapping_sub(peer.last_seen_ms) < lifetime_ms
+                    && peer.expiry_unix > now_unix;
+                if keep {
+                    by_transport[match peer.transport {
+                        Transport::Udp => 0,
+                        Transport::Tcp => 1,
+                        Transport::Tls => 2,
+                    }] += 1;
+                }
+                keep
             });
+            self.by_transport = by_transport;
             self.next_sweep = (!self.peers.is_empty()).then(|| now + Duration::from_secs(1));
             shrink_when_sparse(&mut self.peers);
             self.mapped.retain_registered(&self.peers);

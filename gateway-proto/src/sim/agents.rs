@@ -66,7 +66,7 @@ pub(crate) struct SimNode {
     pub(crate) addr: SocketAddr,
     /// Its TURN-over-TLS endpoint (the same cores, port 443).
     pub(crate) tls_addr: SocketAddr,
-    server: RendezvousServer,
+    pub(crate) server: RendezvousServer,
     turn: TurnServer,
     relays: SimRelaySockets,
     pub(crate) silent: bool,
