@@ -1066,6 +1066,56 @@ fn two_random_port_nats_punch_tcp_through_their_tcp_mappings() {
     }
 }
 
+/// One mapped side is enough for TCP too: bob's router maps nothing (no
+/// miniupnpd), so his TCP candidate is only his reflexive one, which alice's SYNs
+/// cannot use; his connect() to alice's TCP mapping gets in, and her listener
+/// accepts it (from bob's address, which the gateway vouched for).
+#[test]
+fn one_tcp_mapped_side_is_enough_for_a_random_port_pair() {
+    if !lab_available() {
+        return;
+    }
+    let alice_extra = tcp_args(
+        ["--tcp-forward-listen", gateway_tests::tcp::FORWARD_LISTEN],
+        &[],
+    );
+    let bob_extra = tcp_args(["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO], &[]);
+    let mut pair = mapped_pair_with(&["a"], &alice_extra, &bob_extra, "");
+    let alice = pair
+        .alice
+        .wait_for("tcp-p", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    let bob = pair
+        .bob
+        .wait_for("tcp-p", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    eprintln!("alice: {alice}\nbob:   {bob}");
+    assert!(
+        alice.starts_with("tcp-path-up") && bob.starts_with("tcp-path-up"),
+        "alice: {:?}\nbob: {:?}",
+        pair.alice.seen(),
+        pair.bob.seen()
+    );
+    gateway_tests::tcp::forward_both_ways(&pair.lab, 0, b"one side mapped", b"back")
+        .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", pair.alice.seen()));
+    let alice_tcp = pair
+        .alice
+        .wait_for("port-mapping tcp protocol", Duration::from_secs(1))
+        .map(|l| external_of(&l))
+        .unwrap_or_else(|| panic!("{:?}", pair.alice.seen()));
+    assert!(
+        bob.contains(&format!(" remote {alice_tcp} ")),
+        "{bob} {alice_tcp}"
+    );
+    assert!(
+        pair.bob
+            .wait_for("port-mapping tcp none", Duration::from_secs(8))
+            .is_some_and(|l| l.contains("pcp no answer")),
+        "bob: {:?}",
+        pair.bob.seen()
+    );
+}
+
 /// The control: the same pair and routers, the agents with `--no-port-mapping`:
 /// random-port NATs on both sides, so neither side's TCP candidate is where the
 /// other's SYNs come from or go to, and simultaneous open fails (as
