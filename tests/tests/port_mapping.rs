@@ -8,7 +8,10 @@
 //! when both routers run miniupnpd, or only one, and are relayed without it; a
 //! SIGTERM deletes the mapping before the agent exits. The gateway checks a mapped
 //! candidate before introducing it: a real mapping is verified, one a lying router
-//! reports (NAT-PMP "granted" on a port it never mapped) is never introduced.
+//! reports (NAT-PMP "granted" on a port it never mapped) is never introduced. With
+//! `--tcp`, the agents also map their TCP punching port: the same random-port pair
+//! punches TCP (simultaneous open) through a TCP mapping on both sides or one, and
+//! fails without port mapping.
 use std::{
     net::{SocketAddr, UdpSocket},
     path::PathBuf,
