@@ -368,7 +368,13 @@ impl Drop for MappedPair {
 }
 
 fn mapped_pair(mapped: &[&str], alice_extra: &[&str]) -> MappedPair {
-    mapped_pair_with(mapped, alice_extra, &[], "port-mapping")
+    mapped_pair_with(
+        mapped,
+        alice_extra,
+        &[],
+        "port-mapping",
+        PortMappingProtocols::ALL,
+    )
 }
 
 /// [`mapped_pair`] with extra flags for bob too, and the prefix of bob's line that
@@ -378,6 +384,7 @@ fn mapped_pair_with(
     alice_extra: &[&str],
     bob_extra: &[&str],
     bob_mapped: &str,
+    protocols: PortMappingProtocols,
 ) -> MappedPair {
     let lab = Lab::builder()
         .site("a", NatPreset::symmetric())
@@ -402,7 +409,7 @@ fn mapped_pair_with(
         .map(|name| {
             lab.site(name)
                 .expect("site")
-                .start_port_mapping(punch::SERVICE)
+                .start_port_mapping_with(punch::SERVICE, protocols)
                 .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()))
         })
         .collect();
@@ -996,6 +1003,7 @@ fn two_random_port_nats_punch_tcp_through_their_tcp_mappings() {
         &alice_extra,
         &bob_extra,
         "port-mapping tcp protocol",
+        PortMappingProtocols::ALL,
     );
     let alice = pair
         .alice
@@ -1083,7 +1091,13 @@ fn one_tcp_mapped_side_is_enough_for_a_random_port_pair() {
         &[],
     );
     let bob_extra = tcp_args(["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO], &[]);
-    let mut pair = mapped_pair_with(&["a"], &alice_extra, &bob_extra, "");
+    let mut pair = mapped_pair_with(
+        &["a"],
+        &alice_extra,
+        &bob_extra,
+        "",
+        PortMappingProtocols::ALL,
+    );
     let alice = pair
         .alice
         .wait_for("tcp-p", Duration::from_secs(15))
@@ -1136,7 +1150,13 @@ fn two_random_port_nats_without_port_mapping_fail_tcp_punching() {
         ["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO],
         &["--no-port-mapping"],
     );
-    let mut pair = mapped_pair_with(&["a", "b"], &alice_extra, &bob_extra, "");
+    let mut pair = mapped_pair_with(
+        &["a", "b"],
+        &alice_extra,
+        &bob_extra,
+        "",
+        PortMappingProtocols::ALL,
+    );
     let alice = pair
         .alice
         .wait_for("tcp-p", Duration::from_secs(15))
@@ -1155,5 +1175,67 @@ fn two_random_port_nats_without_port_mapping_fail_tcp_punching() {
             .any(|l| l == "port-mapping tcp none: turned off (--no-port-mapping)"),
         "{:?}",
         pair.alice.seen()
+    );
+}
+
+/// The TCP mapping by UPnP-IGD alone (routers that speak neither PCP nor NAT-PMP):
+/// the driver's second UPnP side maps the TCP punching port, the agent announces it,
+/// and the pair connects through it; SIGTERM deletes it (DeletePortMapping).
+#[test]
+fn a_tcp_mapping_by_upnp_alone_carries_the_tcp_punch() {
+    if !lab_available() {
+        return;
+    }
+    let alice_extra = tcp_args(
+        ["--tcp-forward-listen", gateway_tests::tcp::FORWARD_LISTEN],
+        &[],
+    );
+    let bob_extra = tcp_args(["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO], &[]);
+    let mut pair = mapped_pair_with(
+        &["a", "b"],
+        &alice_extra,
+        &bob_extra,
+        "port-mapping tcp protocol",
+        PortMappingProtocols::UPNP,
+    );
+    let bob_tcp = pair
+        .bob
+        .wait_for("port-mapping tcp protocol", Duration::from_secs(1))
+        .unwrap_or_else(|| panic!("{:?}", pair.bob.seen()));
+    assert!(
+        bob_tcp.starts_with("port-mapping tcp protocol upnp "),
+        "{bob_tcp}"
+    );
+    let alice = pair
+        .alice
+        .wait_for("tcp-p", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    eprintln!("alice: {alice}");
+    assert!(
+        alice.starts_with("tcp-path-up"),
+        "alice: {:?}\nbob: {:?}",
+        pair.alice.seen(),
+        pair.bob.seen()
+    );
+    gateway_tests::tcp::forward_both_ways(&pair.lab, 0, b"through UPnP", b"back")
+        .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", pair.alice.seen()));
+    let alice_tcp = pair
+        .alice
+        .wait_for("port-mapping tcp protocol", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{:?}", pair.alice.seen()));
+    assert!(
+        alice_tcp.starts_with("port-mapping tcp protocol upnp "),
+        "{alice_tcp}"
+    );
+    pair.alice.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = pair
+        .alice
+        .wait_exit(Duration::from_secs(5))
+        .expect("alice exits");
+    assert!(status.success(), "{status:?}");
+    let seen = pair.alice.seen();
+    assert!(
+        seen.iter().any(|l| l == "port-mapping tcp deleted"),
+        "{seen:?}"
     );
 }
