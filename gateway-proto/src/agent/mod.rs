@@ -22,7 +22,8 @@
 //! - `refusal`: refusals in words, what the agent does next, and the retry
 //!   schedules (backoff, wrong credentials end the agent);
 //! - `port_mapping`: the mapping of our socket's port asked of the default router
-//!   (PCP, NAT-PMP; UPnP-IGD through the driver), announced as a mapped candidate;
+//!   (PCP, NAT-PMP; UPnP-IGD through the driver), announced as a mapped candidate,
+//!   and with TCP punching on the TCP mapping of the punching port (a TCP candidate);
 //! - `transport`: UDP, then TCP, then TLS to the gateway when it answers nothing, and
 //!   back to UDP when a background retry gets through;
 //! - `failover`: the heartbeat to the current gateway node and the move to the next
