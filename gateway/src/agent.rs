@@ -206,6 +206,10 @@ impl PeerClient {
             .port_mapping
             .filter(|_| config.upnp)
             .map(|t| SocketAddr::new(t.client, t.port));
+        let upnp_tcp = config
+            .tcp_port_mapping
+            .filter(|_| config.upnp)
+            .map(|t| SocketAddr::new(t.client, t.port));
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::unbounded_channel();
         let (ports_tx, socket_ports) = mpsc::channel(SOCKET_PORT_CHANGES);
@@ -218,7 +222,7 @@ impl PeerClient {
             commands_rx,
             events_tx,
             ports_tx,
-            upnp,
+            [upnp, upnp_tcp],
         ));
         Ok(Self {
             commands,
@@ -336,16 +340,20 @@ async fn drive(
     mut commands: mpsc::UnboundedReceiver<Command>,
     events: mpsc::UnboundedSender<AgentEvent>,
     socket_ports: mpsc::Sender<(u16, bool)>,
-    upnp_local: Option<SocketAddr>,
+    [upnp_local, upnp_tcp_local]: [Option<SocketAddr>; 2],
 ) {
     let mut buf = vec![0u8; 65_535];
     let mut waiting: HashMap<String, Vec<oneshot::Sender<PathKind>>> = HashMap::new();
     let mut attached: HashMap<String, mpsc::Sender<Vec<u8>>> = HashMap::new();
     let mut extra = ExtraSockets::new(socket.local_addr().ok(), socket_ports);
-    let mut upnp = Upnp::start(upnp_local);
-    // At exit: who to answer once the mapping is deleted, and by when at most.
+    let mut upnp = Upnp::start(upnp_local, MappedTransport::Udp);
+    let mut upnp_tcp = Upnp::start(upnp_tcp_local, MappedTransport::Tcp);
+    // At exit: who to answer once the mappings are deleted, and by when at most.
     let mut closing: Option<(oneshot::Sender<()>, Instant)> = None;
     let mut closed = false;
+    // Which mappings' deletion at exit was confirmed (no TCP client: nothing to wait for).
+    let mut udp_closed = false;
+    let mut tcp_closed = !agent.has_tcp_port_mapping();
     loop {
         let deadline = agent.poll_timeout();
         let sleep = async {
@@ -361,6 +369,13 @@ async fn drive(
                 None => std::future::pending().await,
             }
         };
+        let renew_tcp_at = upnp_tcp.renew_at();
+        let renew_tcp = async {
+            match renew_tcp_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let close_by = closing.as_ref().map(|(_, at)| *at);
         let give_up = async {
             match close_by {
@@ -372,37 +387,12 @@ async fn drive(
             () = sleep => agent.handle_timeout(Instant::now()),
             () = renew => upnp.renew(),
             () = give_up => closed = true,
+            () = renew_tcp => upnp_tcp.renew(),
             Some(news) = upnp.news.recv() => {
-                let now = Instant::now();
-                match news {
-                    UpnpNews::Mapped(Ok(mapping)) => {
-                        let held = agent.port_mapping();
-                        if agent.handle_upnp_mapping(now, Ok(mapping.mapping)) && closing.is_none() {
-                            upnp.held = Some(mapping);
-                        } else if held.is_some_and(|h| h.external == mapping.mapping.external) {
-                            // The router gave UPnP the very entry PCP or NAT-PMP holds
-                            // (miniupnpd does): deleting it would delete that one.
-                            tracing::debug!(external = %mapping.mapping.external, "UPnP renewed the held mapping");
-                        } else {
-                            // PCP or NAT-PMP won (or we are exiting): the router keeps one.
-                            upnp.delete(mapping);
-                        }
-                    }
-                    UpnpNews::Mapped(Err(outcome)) => {
-                        agent.handle_upnp_mapping(now, Err(outcome));
-                    }
-                    UpnpNews::Renewed(Ok(mapping)) => {
-                        agent.handle_upnp_renewal(now, Ok(mapping.mapping));
-                        upnp.held = Some(mapping);
-                    }
-                    UpnpNews::Renewed(Err(outcome)) => {
-                        // The lease may be gone: the agent stops announcing it
-                        // (`port-mapping lost ...`) and asks again.
-                        tracing::warn!(%outcome, "cannot renew the UPnP mapping");
-                        upnp.held = None;
-                        agent.handle_upnp_renewal(now, Err(outcome));
-                    }
-                }
+                upnp.handle(&mut agent, news, closing.is_none());
+            }
+            Some(news) = upnp_tcp.news.recv() => {
+                upnp_tcp.handle(&mut agent, news, closing.is_none());
             }
             received = socket.recv_from(&mut buf) => match received {
                 Ok((len, from)) => agent.handle_datagram(Instant::now(), from, &buf[..len]),
@@ -460,8 +450,10 @@ async fn drive(
                     None => {
                         let now = Instant::now();
                         agent.shut_down(now);
-                        if let Some(mapping) = upnp.held.take() {
-                            upnp.delete(mapping);
+                        for upnp in [&mut upnp, &mut upnp_tcp] {
+                            if let Some(mapping) = upnp.held.take() {
+                                upnp.delete(mapping);
+                            }
                         }
                         closing = Some((reply, now + CLOSE_WAIT));
                     }
@@ -473,8 +465,10 @@ async fn drive(
             // port mapping would stay for two hours).
             let now = Instant::now();
             agent.shut_down(now);
-            if let Some(mapping) = upnp.held.take() {
-                upnp.delete(mapping);
+            for upnp in [&mut upnp, &mut upnp_tcp] {
+                if let Some(mapping) = upnp.held.take() {
+                    upnp.delete(mapping);
+                }
             }
             closing = Some((oneshot::channel().0, now + CLOSE_WAIT));
         }
@@ -518,7 +512,8 @@ async fn drive(
                     // A connection the agent left (and holds no allocation on) ends.
                     links.retain(|transport| agent.uses_stream(transport));
                 }
-                AgentEvent::PortMapping(PortMapEvent::Closed) => closed = true,
+                AgentEvent::PortMapping(PortMapEvent::Closed) => udp_closed = true,
+                AgentEvent::TcpPortMapping(PortMapEvent::Closed) => tcp_closed = true,
                 AgentEvent::PathUp {
                     peer_id,
                     remote,
@@ -548,9 +543,11 @@ async fn drive(
                 // Nobody reads events any more; keep serving the paths.
             }
         }
+        closed |= udp_closed && tcp_closed;
         if closed && let Some((reply, _)) = closing.take() {
-            // Give the blocking UPnP delete (if any) its moment, then answer.
+            // Give the blocking UPnP deletes (if any) their moment, then answer.
             upnp.finish().await;
+            upnp_tcp.finish().await;
             let _ = reply.send(());
             return;
         }
@@ -575,9 +572,12 @@ enum UpnpNews {
     Renewed(Result<UpnpMapping, ProtocolOutcome>),
 }
 
-/// The driver's UPnP-IGD side: SSDP and SOAP are blocking (igd-next), so each step
-/// runs on a blocking thread and reports through `news`.
+/// The driver's UPnP-IGD side for one transport's mapping: SSDP and SOAP are
+/// blocking (igd-next), so each step runs on a blocking thread and reports through
+/// `news`.
 struct Upnp {
+    /// The transport mapped (UDP: the agent's socket; TCP: the punching port).
+    transport: MappedTransport,
     news: mpsc::UnboundedReceiver<UpnpNews>,
     sender: mpsc::UnboundedSender<UpnpNews>,
     /// The mapping the agent took (renewed at half its lease, deleted at exit).
@@ -588,16 +588,17 @@ struct Upnp {
 
 impl Upnp {
     /// Starts the first attempt when `local` (the LAN address and port) is given.
-    fn start(local: Option<SocketAddr>) -> Self {
+    fn start(local: Option<SocketAddr>, transport: MappedTransport) -> Self {
         let (sender, news) = mpsc::unbounded_channel();
         if let Some(local) = local {
             let out = sender.clone();
             tokio::task::spawn_blocking(move || {
-                let result = upnp_map(local, MappedTransport::Udp, REQUESTED_LIFETIME);
+                let result = upnp_map(local, transport, REQUESTED_LIFETIME);
                 let _ = out.send(UpnpNews::Mapped(result));
             });
         }
         Self {
+            transport,
             news,
             sender,
             held: None,
@@ -607,6 +608,43 @@ impl Upnp {
 
     fn renew_at(&self) -> Option<Instant> {
         self.held.as_ref().map(UpnpMapping::renew_at)
+    }
+
+    /// Hands a blocking task's result to the agent's client for this transport;
+    /// keeps the mapping it took (unless exiting: `running` false) and deletes one
+    /// it did not.
+    fn handle(&mut self, agent: &mut Agent, news: UpnpNews, running: bool) {
+        let now = Instant::now();
+        let transport = self.transport;
+        match news {
+            UpnpNews::Mapped(Ok(mapping)) => {
+                let held = agent.port_mapping_of(transport);
+                if agent.handle_upnp_mapping_of(now, transport, Ok(mapping.mapping)) && running {
+                    self.held = Some(mapping);
+                } else if held.is_some_and(|h| h.external == mapping.mapping.external) {
+                    // The router gave UPnP the very entry PCP or NAT-PMP holds
+                    // (miniupnpd does): deleting it would delete that one.
+                    tracing::debug!(external = %mapping.mapping.external, "UPnP renewed the held mapping");
+                } else {
+                    // PCP or NAT-PMP won (or we are exiting): the router keeps one.
+                    self.delete(mapping);
+                }
+            }
+            UpnpNews::Mapped(Err(outcome)) => {
+                agent.handle_upnp_mapping_of(now, transport, Err(outcome));
+            }
+            UpnpNews::Renewed(Ok(mapping)) => {
+                agent.handle_upnp_renewal_of(now, transport, Ok(mapping.mapping));
+                self.held = Some(mapping);
+            }
+            UpnpNews::Renewed(Err(outcome)) => {
+                // The lease may be gone: the agent stops announcing it
+                // (`port-mapping lost ...`) and asks again.
+                tracing::warn!(%outcome, ?transport, "cannot renew the UPnP mapping");
+                self.held = None;
+                agent.handle_upnp_renewal_of(now, transport, Err(outcome));
+            }
+        }
     }
 
     /// Renews the held mapping on a blocking thread.
@@ -982,18 +1020,39 @@ pub async fn run(
         }
         None => None,
     };
+    // With TCP punching on, the TCP mapping's lines say why there is none too.
+    let tcp_none = |why: &str| {
+        if options.tcp.is_some() {
+            status(format_args!("port-mapping tcp none: {why}"));
+        }
+    };
     if options.port_mapping {
         match port_mapping_target(options.agent.server, options.bind).await {
             Ok(target) => {
                 options.agent.port_mapping = Some(target);
                 options.agent.upnp = true;
+                // The TCP punching port (bound with SO_REUSEPORT, its listener up
+                // during each attempt) gets a TCP mapping of its own.
+                match tcp_local {
+                    Some(local) => {
+                        options.agent.tcp_port_mapping = Some(PortMapTarget {
+                            port: local.port(),
+                            ..target
+                        });
+                    }
+                    None => tcp_none("no TCP punching port (tcp-unavailable)"),
+                }
             }
-            Err(why) => status(format_args!("port-mapping none: {why}")),
+            Err(why) => {
+                status(format_args!("port-mapping none: {why}"));
+                tcp_none(why);
+            }
         }
     } else {
         status(format_args!(
             "port-mapping none: turned off (--no-port-mapping)"
         ));
+        tcp_none("turned off (--no-port-mapping)");
     }
     let servers = options.agent.servers();
     let rendezvous = crate::observe::rendezvous_endpoints(&options.agent);
@@ -1170,8 +1229,12 @@ pub async fn run(
                 if let Some(line) = lines.line(&event) {
                     status(format_args!("{line}"));
                 }
-                if let (AgentEvent::PortMapping(e), Some(m)) = (&event, &path_metrics) {
-                    m.port_mapping(e);
+                if let Some(m) = &path_metrics {
+                    match &event {
+                        AgentEvent::PortMapping(e) => m.port_mapping(MappedTransport::Udp, e),
+                        AgentEvent::TcpPortMapping(e) => m.port_mapping(MappedTransport::Tcp, e),
+                        _ => {}
+                    }
                 }
                 if let AgentEvent::Refused { method, code, reason, next: NextStep::Stop } = &event {
                     // The agent deletes its port mapping before it ends: wait for that.
@@ -1365,16 +1428,18 @@ impl PathMetrics {
         let port_mappings = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "gateway_peer_port_mappings_total",
-                "Port-mapping results of this agent by protocol (pcp, nat-pmp, upnp) and outcome (mapped, refreshed, lost, or why a protocol gave none)",
+                "Port-mapping results of this agent by transport (udp: the agent's socket; tcp: the TCP punching port), protocol (pcp, nat-pmp, upnp) and outcome (mapped, refreshed, lost, or why a protocol gave none)",
             ),
-            &["protocol", "outcome"],
+            &["transport", "protocol", "outcome"],
         )?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(port_mappings.clone()))?;
-        for protocol in PORT_MAPPING_PROTOCOLS {
-            for outcome in PORT_MAPPING_OUTCOMES {
-                port_mappings.with_label_values(&[protocol, outcome]);
+        for transport in ["udp", "tcp"] {
+            for protocol in PORT_MAPPING_PROTOCOLS {
+                for outcome in PORT_MAPPING_OUTCOMES {
+                    port_mappings.with_label_values(&[transport, protocol, outcome]);
+                }
             }
         }
         for path in ["direct", "relayed"] {
@@ -1391,10 +1456,14 @@ impl PathMetrics {
     }
 
     /// Counts a port-mapping event (a deletion at exit is not counted).
-    fn port_mapping(&self, event: &PortMapEvent) {
+    fn port_mapping(&self, transport: MappedTransport, event: &PortMapEvent) {
+        let transport = match transport {
+            MappedTransport::Udp => "udp",
+            MappedTransport::Tcp => "tcp",
+        };
         let count = |protocol: &str, outcome: &str| {
             self.port_mappings
-                .with_label_values(&[protocol, outcome])
+                .with_label_values(&[transport, protocol, outcome])
                 .inc();
         };
         match event {
@@ -1438,6 +1507,8 @@ struct StatusLines {
     last_refusal: Option<((u16, u16), std::time::Instant)>,
     /// The port mapping announced last: a refresh that keeps it says nothing.
     port_mapping: Option<crate::proto::portmap::Mapping>,
+    /// The same for the TCP mapping of the TCP punching port.
+    tcp_port_mapping: Option<crate::proto::portmap::Mapping>,
 }
 
 /// How long the same refusal stays quiet after it was printed.
@@ -1455,19 +1526,27 @@ fn refusal_line(method: u16, code: u16, reason: &str, next: NextStep) -> String 
 impl StatusLines {
     /// The line for a port-mapping event: `port-mapping protocol P external ADDR
     /// lifetime S` for a new (or moved) mapping, `port-mapping none: ...` with each
-    /// protocol's outcome, `port-mapping lost ...`, `port-mapping deleted`.
-    fn port_mapping_line(&mut self, event: &PortMapEvent) -> Option<String> {
+    /// protocol's outcome, `port-mapping lost ...`, `port-mapping deleted`; the TCP
+    /// mapping's (`transport` TCP) say `port-mapping tcp ...`.
+    fn port_mapping_line(
+        &mut self,
+        transport: MappedTransport,
+        event: &PortMapEvent,
+    ) -> Option<String> {
+        let (tag, held) = match transport {
+            MappedTransport::Udp => ("port-mapping", &mut self.port_mapping),
+            MappedTransport::Tcp => ("port-mapping tcp", &mut self.tcp_port_mapping),
+        };
         match event {
             PortMapEvent::Mapped(m) | PortMapEvent::Refreshed(m) => {
-                let same = self
-                    .port_mapping
-                    .is_some_and(|p| p.protocol == m.protocol && p.external == m.external);
-                self.port_mapping = Some(*m);
+                let same =
+                    held.is_some_and(|p| p.protocol == m.protocol && p.external == m.external);
+                *held = Some(*m);
                 if same && matches!(event, PortMapEvent::Refreshed(_)) {
                     return None;
                 }
                 Some(format!(
-                    "port-mapping protocol {} external {} lifetime {}",
+                    "{tag} protocol {} external {} lifetime {}",
                     m.protocol.as_str(),
                     m.external,
                     m.lifetime.as_secs()
@@ -1478,17 +1557,17 @@ impl StatusLines {
                     .iter()
                     .map(|(p, o)| format!("{} {o}", p.as_str()))
                     .collect();
-                Some(format!("port-mapping none: {}", why.join("; ")))
+                Some(format!("{tag} none: {}", why.join("; ")))
             }
             PortMapEvent::Lost { mapping, outcome } => {
-                self.port_mapping = None;
+                *held = None;
                 Some(format!(
-                    "port-mapping lost protocol {} external {}: {outcome}",
+                    "{tag} lost protocol {} external {}: {outcome}",
                     mapping.protocol.as_str(),
                     mapping.external
                 ))
             }
-            PortMapEvent::Closed => Some("port-mapping deleted".to_owned()),
+            PortMapEvent::Closed => Some(format!("{tag} deleted")),
         }
     }
 
@@ -1625,7 +1704,12 @@ impl StatusLines {
             AgentEvent::TcpSeqRefused { intro_id, code } => {
                 format!("tcp-seq-refused intro {intro_id:016x} code {code}")
             }
-            AgentEvent::PortMapping(event) => return self.port_mapping_line(event),
+            AgentEvent::PortMapping(event) => {
+                return self.port_mapping_line(MappedTransport::Udp, event);
+            }
+            AgentEvent::TcpPortMapping(event) => {
+                return self.port_mapping_line(MappedTransport::Tcp, event);
+            }
             AgentEvent::MappedCandidate {
                 external,
                 verified: true,
@@ -1784,6 +1868,37 @@ mod tests {
             Some(
                 "port-mapping none: pcp no answer; nat-pmp not spoken by the router; upnp UPnP discovery: x"
             )
+        );
+        // The TCP mapping's lines are its own, and so is its refresh memory.
+        let tcp = |lines: &mut StatusLines, e| lines.line(&AgentEvent::TcpPortMapping(e));
+        let tcp_mapping = Mapping {
+            external: "198.51.100.2:40000".parse().expect("addr"),
+            ..mapping
+        };
+        assert_eq!(
+            tcp(&mut lines, PortMapEvent::Mapped(tcp_mapping)).as_deref(),
+            Some("port-mapping tcp protocol pcp external 198.51.100.2:40000 lifetime 7200")
+        );
+        assert_eq!(tcp(&mut lines, PortMapEvent::Refreshed(tcp_mapping)), None);
+        assert_eq!(line(&mut lines, PortMapEvent::Refreshed(moved)), None);
+        assert_eq!(
+            tcp(
+                &mut lines,
+                PortMapEvent::Lost {
+                    mapping: tcp_mapping,
+                    outcome: ProtocolOutcome::NoAnswer
+                }
+            )
+            .as_deref(),
+            Some("port-mapping tcp lost protocol pcp external 198.51.100.2:40000: no answer")
+        );
+        assert_eq!(
+            tcp(&mut lines, PortMapEvent::Closed).as_deref(),
+            Some("port-mapping tcp deleted")
+        );
+        assert_eq!(
+            line(&mut lines, PortMapEvent::Closed).as_deref(),
+            Some("port-mapping deleted")
         );
     }
 

@@ -563,10 +563,17 @@ fn a_server_that_does_not_answer_is_reported_after_a_bounded_wait() {
     let addr = silent.local_addr().expect("addr");
     let alice = issue(b"any-secret", "alice");
     let started = Instant::now();
+    // Over UDP only (the transport fallback has its own test below).
     let mut alice = gateway_tests::daemon::PeerProcess::start_here(
         &alice.username,
         &alice.password,
-        &["--server", &addr.to_string(), "--bind", "127.0.0.1:0"],
+        &[
+            "--server",
+            &addr.to_string(),
+            "--bind",
+            "127.0.0.1:0",
+            "--udp-only",
+        ],
     )
     .expect("alice");
     let line = alice
@@ -602,6 +609,50 @@ fn a_server_that_does_not_answer_is_reported_after_a_bounded_wait() {
         .filter(|l| l.starts_with("no answer"))
         .count();
     assert_eq!(said, 1, "{:?}", alice.seen());
+}
+
+#[test]
+fn a_silent_server_makes_the_agent_try_tcp_then_udp_again() {
+    use std::time::{Duration, Instant};
+
+    // A UDP port that receives and never answers; nothing listens on its TCP port.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let alice = issue(b"any-secret", "alice");
+    let started = Instant::now();
+    let mut alice = gateway_tests::daemon::PeerProcess::start_here(
+        &alice.username,
+        &alice.password,
+        &["--server", &addr.to_string(), "--bind", "127.0.0.1:0"],
+    )
+    .expect("alice");
+    let line = alice
+        .wait_for("no answer from", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("nothing said: {:?}", alice.seen()));
+    assert_eq!(
+        line,
+        format!("no answer from {addr} over udp for 3 s; trying tcp to {addr}")
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    // The TCP connection is refused: back to UDP at once, said in one line.
+    let line = alice
+        .wait_for("tcp connection", Duration::from_secs(3))
+        .unwrap_or_else(|| panic!("nothing said: {:?}", alice.seen()));
+    assert_eq!(
+        line,
+        format!("tcp connection to the gateway failed; trying udp to {addr}")
+    );
+    // The next round waits twice as long: nothing more for 5 s.
+    assert!(
+        alice
+            .wait_for("never printed", Duration::from_secs(5))
+            .is_none()
+    );
+    assert_eq!(alice.seen().len(), 4, "{:?}", alice.seen());
 }
 
 #[test]

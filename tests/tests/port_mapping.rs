@@ -8,7 +8,10 @@
 //! when both routers run miniupnpd, or only one, and are relayed without it; a
 //! SIGTERM deletes the mapping before the agent exits. The gateway checks a mapped
 //! candidate before introducing it: a real mapping is verified, one a lying router
-//! reports (NAT-PMP "granted" on a port it never mapped) is never introduced.
+//! reports (NAT-PMP "granted" on a port it never mapped) is never introduced. With
+//! `--tcp`, the agents also map their TCP punching port: the same random-port pair
+//! punches TCP (simultaneous open) through a TCP mapping on both sides or one, and
+//! fails without port mapping.
 use std::{
     net::{SocketAddr, UdpSocket},
     path::PathBuf,
@@ -365,6 +368,24 @@ impl Drop for MappedPair {
 }
 
 fn mapped_pair(mapped: &[&str], alice_extra: &[&str]) -> MappedPair {
+    mapped_pair_with(
+        mapped,
+        alice_extra,
+        &[],
+        "port-mapping",
+        PortMappingProtocols::ALL,
+    )
+}
+
+/// [`mapped_pair`] with extra flags for bob too, and the prefix of bob's line that
+/// says his mapping is registered (when his site is mapped) before alice starts.
+fn mapped_pair_with(
+    mapped: &[&str],
+    alice_extra: &[&str],
+    bob_extra: &[&str],
+    bob_mapped: &str,
+    protocols: PortMappingProtocols,
+) -> MappedPair {
     let lab = Lab::builder()
         .site("a", NatPreset::symmetric())
         .site("b", NatPreset::symmetric())
@@ -388,7 +409,7 @@ fn mapped_pair(mapped: &[&str], alice_extra: &[&str]) -> MappedPair {
         .map(|name| {
             lab.site(name)
                 .expect("site")
-                .start_port_mapping(punch::SERVICE)
+                .start_port_mapping_with(punch::SERVICE, protocols)
                 .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log_text()))
         })
         .collect();
@@ -401,6 +422,7 @@ fn mapped_pair(mapped: &[&str], alice_extra: &[&str]) -> MappedPair {
     let (alice_creds, bob_creds) = (punch::credentials("alice"), punch::credentials("bob"));
     let mut args = punch::DISCOVER.to_vec();
     args.extend_from_slice(&["--birthday-sockets", "0"]);
+    args.extend_from_slice(bob_extra);
     let mut bob = PeerProcess::start(
         &host("b"),
         punch::SERVICE,
@@ -416,12 +438,11 @@ fn mapped_pair(mapped: &[&str], alice_extra: &[&str]) -> MappedPair {
         bob.seen(),
         gateway.log_text()
     );
-    if mapped.contains(&"b") {
+    if mapped.contains(&"b") && !bob_mapped.is_empty() {
         // Bob's mapped candidate is registered before alice asks for him.
-        let line = bob.wait_for("port-mapping", Duration::from_secs(5));
+        let line = bob.wait_for(bob_mapped, Duration::from_secs(5));
         assert!(
-            line.as_deref()
-                .is_some_and(|l| l.starts_with("port-mapping protocol ")),
+            line.as_deref().is_some_and(|l| l.contains(" protocol ")),
             "bob: {:?}",
             bob.seen()
         );
@@ -950,4 +971,271 @@ fn a_mapping_a_router_lies_about_is_never_introduced_and_a_real_one_is() {
     assert!(mapped_of(&to_bob).is_empty(), "{to_bob:?}");
     assert!(to_bob.iter().all(|c| c.addr != lie), "{to_bob:?}");
     std::fs::remove_file(secret).ok();
+}
+
+/// TCP punching flags (simultaneous open) for alice (her forwarder on
+/// 127.0.0.1:5100) and bob (delivering to 127.0.0.1:6100), plus `extra`.
+fn tcp_args<'a>(forward: [&'a str; 2], extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--tcp", "simultaneous-open", forward[0], forward[1]];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Issue 18's "also for the TCP port when `--tcp` is on": two random-port NATs,
+/// whose TCP punching fails without a mapping (the next test), punch TCP through
+/// the TCP mappings their routers grant: each agent announces its TCP mapping as a
+/// TCP candidate, the other's connect() to it passes the router's DNAT (and, both
+/// sides mapped, the two SYNs meet on one 4-tuple since each router keeps a mapped
+/// flow's external port), and the forwarded TCP port carries bytes both ways. The
+/// TCP mapping is counted under `transport="tcp"` and deleted at SIGTERM.
+#[test]
+fn two_random_port_nats_punch_tcp_through_their_tcp_mappings() {
+    if !lab_available() {
+        return;
+    }
+    let alice_extra = tcp_args(
+        ["--tcp-forward-listen", gateway_tests::tcp::FORWARD_LISTEN],
+        &["--metrics-listen", "0.0.0.0:9479"],
+    );
+    let bob_extra = tcp_args(["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO], &[]);
+    let mut pair = mapped_pair_with(
+        &["a", "b"],
+        &alice_extra,
+        &bob_extra,
+        "port-mapping tcp protocol",
+        PortMappingProtocols::ALL,
+    );
+    let alice = pair
+        .alice
+        .wait_for("tcp-p", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    let bob = pair
+        .bob
+        .wait_for("tcp-p", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    eprintln!("alice: {alice}\nbob:   {bob}");
+    assert!(
+        alice.starts_with("tcp-path-up") && bob.starts_with("tcp-path-up"),
+        "alice: {:?}\nbob: {:?}",
+        pair.alice.seen(),
+        pair.bob.seen()
+    );
+    gateway_tests::tcp::forward_both_ways(&pair.lab, 0, b"hello through the mapping", b"back")
+        .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", pair.alice.seen()));
+    // Each side's TCP mapping is on its router's public address; the connection
+    // runs to one of them.
+    let tcp_mapping = |peer: &mut PeerProcess| {
+        let line = peer
+            .wait_for("port-mapping tcp protocol", Duration::from_secs(1))
+            .unwrap_or_else(|| panic!("{:?}", peer.seen()));
+        external_of(&line)
+    };
+    let (alice_tcp, bob_tcp) = (tcp_mapping(&mut pair.alice), tcp_mapping(&mut pair.bob));
+    let site_a = pair.lab.site("a").expect("site a");
+    assert_eq!(alice_tcp.ip(), site_a.wan_addr());
+    assert_eq!(bob_tcp.ip(), pair.lab.site("b").expect("site b").wan_addr());
+    let remote = |line: &str| {
+        line.split_whitespace()
+            .skip_while(|w| *w != "remote")
+            .nth(1)
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| panic!("no remote in {line}"))
+    };
+    assert!(
+        remote(&alice) == bob_tcp || remote(&bob) == alice_tcp,
+        "{alice}\n{bob}\n{alice_tcp} {bob_tcp}"
+    );
+    // The UDP mapping is the UDP candidate's, separate from the TCP one.
+    let udp = pair
+        .alice
+        .wait_for("port-mapping protocol", Duration::from_secs(1))
+        .expect("alice's UDP mapping");
+    assert_ne!(external_of(&udp), alice_tcp);
+    // Alice's metrics count the TCP grant under its transport.
+    let host = site_a.host(0).expect("host").clone();
+    let metrics = http_get(&host, SocketAddr::from((host.addr(), 9479)), "/metrics")
+        .expect("alice's /metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gateway_peer_port_mappings_total{")
+                && l.contains("transport=\"tcp\"")
+                && l.contains("outcome=\"mapped\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    // SIGTERM: both mappings are deleted before the agent exits.
+    pair.alice.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = pair
+        .alice
+        .wait_exit(Duration::from_secs(5))
+        .expect("alice exits");
+    assert!(status.success(), "{status:?}");
+    let seen = pair.alice.seen();
+    for deleted in ["port-mapping deleted", "port-mapping tcp deleted"] {
+        assert!(seen.iter().any(|l| l == deleted), "{deleted}: {seen:?}");
+    }
+}
+
+/// One mapped side is enough for TCP too: bob's router maps nothing (no
+/// miniupnpd), so his TCP candidate is only his reflexive one, which alice's SYNs
+/// cannot use; his connect() to alice's TCP mapping gets in, and her listener
+/// accepts it (from bob's address, which the gateway vouched for).
+#[test]
+fn one_tcp_mapped_side_is_enough_for_a_random_port_pair() {
+    if !lab_available() {
+        return;
+    }
+    let alice_extra = tcp_args(
+        ["--tcp-forward-listen", gateway_tests::tcp::FORWARD_LISTEN],
+        &[],
+    );
+    let bob_extra = tcp_args(["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO], &[]);
+    let mut pair = mapped_pair_with(
+        &["a"],
+        &alice_extra,
+        &bob_extra,
+        "",
+        PortMappingProtocols::ALL,
+    );
+    let alice = pair
+        .alice
+        .wait_for("tcp-p", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    let bob = pair
+        .bob
+        .wait_for("tcp-p", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
+    eprintln!("alice: {alice}\nbob:   {bob}");
+    assert!(
+        alice.starts_with("tcp-path-up") && bob.starts_with("tcp-path-up"),
+        "alice: {:?}\nbob: {:?}",
+        pair.alice.seen(),
+        pair.bob.seen()
+    );
+    gateway_tests::tcp::forward_both_ways(&pair.lab, 0, b"one side mapped", b"back")
+        .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", pair.alice.seen()));
+    let alice_tcp = pair
+        .alice
+        .wait_for("port-mapping tcp protocol", Duration::from_secs(1))
+        .map(|l| external_of(&l))
+        .unwrap_or_else(|| panic!("{:?}", pair.alice.seen()));
+    assert!(
+        bob.contains(&format!(" remote {alice_tcp} ")),
+        "{bob} {alice_tcp}"
+    );
+    assert!(
+        pair.bob
+            .wait_for("port-mapping tcp none", Duration::from_secs(8))
+            .is_some_and(|l| l.contains("pcp no answer")),
+        "bob: {:?}",
+        pair.bob.seen()
+    );
+}
+
+/// The control: the same pair and routers, the agents with `--no-port-mapping`:
+/// random-port NATs on both sides, so neither side's TCP candidate is where the
+/// other's SYNs come from or go to, and simultaneous open fails (as
+/// docs/tcp-splicing.md's table says for a random-port NAT).
+#[test]
+fn two_random_port_nats_without_port_mapping_fail_tcp_punching() {
+    if !lab_available() {
+        return;
+    }
+    let alice_extra = tcp_args(
+        ["--tcp-forward-listen", gateway_tests::tcp::FORWARD_LISTEN],
+        &["--no-port-mapping"],
+    );
+    let bob_extra = tcp_args(
+        ["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO],
+        &["--no-port-mapping"],
+    );
+    let mut pair = mapped_pair_with(
+        &["a", "b"],
+        &alice_extra,
+        &bob_extra,
+        "",
+        PortMappingProtocols::ALL,
+    );
+    let alice = pair
+        .alice
+        .wait_for("tcp-p", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    eprintln!("alice: {alice}");
+    assert!(
+        alice.starts_with("tcp-punch-failed"),
+        "alice: {:?}\nbob: {:?}",
+        pair.alice.seen(),
+        pair.bob.seen()
+    );
+    assert!(
+        pair.alice
+            .seen()
+            .iter()
+            .any(|l| l == "port-mapping tcp none: turned off (--no-port-mapping)"),
+        "{:?}",
+        pair.alice.seen()
+    );
+}
+
+/// The TCP mapping by UPnP-IGD alone (routers that speak neither PCP nor NAT-PMP):
+/// the driver's second UPnP side maps the TCP punching port, the agent announces it,
+/// and the pair connects through it; SIGTERM deletes it (DeletePortMapping).
+#[test]
+fn a_tcp_mapping_by_upnp_alone_carries_the_tcp_punch() {
+    if !lab_available() {
+        return;
+    }
+    let alice_extra = tcp_args(
+        ["--tcp-forward-listen", gateway_tests::tcp::FORWARD_LISTEN],
+        &[],
+    );
+    let bob_extra = tcp_args(["--tcp-forward-to", gateway_tests::tcp::FORWARD_TO], &[]);
+    let mut pair = mapped_pair_with(
+        &["a", "b"],
+        &alice_extra,
+        &bob_extra,
+        "port-mapping tcp protocol",
+        PortMappingProtocols::UPNP,
+    );
+    let bob_tcp = pair
+        .bob
+        .wait_for("port-mapping tcp protocol", Duration::from_secs(1))
+        .unwrap_or_else(|| panic!("{:?}", pair.bob.seen()));
+    assert!(
+        bob_tcp.starts_with("port-mapping tcp protocol upnp "),
+        "{bob_tcp}"
+    );
+    let alice = pair
+        .alice
+        .wait_for("tcp-p", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
+    eprintln!("alice: {alice}");
+    assert!(
+        alice.starts_with("tcp-path-up"),
+        "alice: {:?}\nbob: {:?}",
+        pair.alice.seen(),
+        pair.bob.seen()
+    );
+    gateway_tests::tcp::forward_both_ways(&pair.lab, 0, b"through UPnP", b"back")
+        .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", pair.alice.seen()));
+    let alice_tcp = pair
+        .alice
+        .wait_for("port-mapping tcp protocol", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{:?}", pair.alice.seen()));
+    assert!(
+        alice_tcp.starts_with("port-mapping tcp protocol upnp "),
+        "{alice_tcp}"
+    );
+    pair.alice.signal(libc::SIGTERM).expect("SIGTERM");
+    let status = pair
+        .alice
+        .wait_exit(Duration::from_secs(5))
+        .expect("alice exits");
+    assert!(status.success(), "{status:?}");
+    let seen = pair.alice.seen();
+    assert!(
+        seen.iter().any(|l| l == "port-mapping tcp deleted"),
+        "{seen:?}"
+    );
 }

@@ -22,7 +22,8 @@
 //! - `refusal`: refusals in words, what the agent does next, and the retry
 //!   schedules (backoff, wrong credentials end the agent);
 //! - `port_mapping`: the mapping of our socket's port asked of the default router
-//!   (PCP, NAT-PMP; UPnP-IGD through the driver), announced as a mapped candidate;
+//!   (PCP, NAT-PMP; UPnP-IGD through the driver), announced as a mapped candidate,
+//!   and with TCP punching on the TCP mapping of the punching port (a TCP candidate);
 //! - `transport`: UDP, then TCP, then TLS to the gateway when it answers nothing, and
 //!   back to UDP when a background retry gets through;
 //! - `failover`: the heartbeat to the current gateway node and the move to the next
@@ -170,6 +171,13 @@ pub struct AgentConfig {
     /// endpoint as a [`CandidateKind::Mapped`] candidate. `None` (the default): no
     /// port-mapping traffic at all.
     pub port_mapping: Option<PortMapTarget>,
+    /// With TCP punching on (`tcp_candidates`): also ask the router for a TCP
+    /// mapping of the TCP punching port (`port`: the local port the TCP reflexive
+    /// endpoint was learnt from; same protocols, a second client with its own PCP
+    /// nonce on the agent's UDP socket) and announce the granted endpoint as a
+    /// [`CandidateKind::TcpMapped`] candidate, which the other side's TCP punch
+    /// connects to. `None` (the default): no TCP mapping asked.
+    pub tcp_port_mapping: Option<PortMapTarget>,
     /// With `port_mapping`: the driver also tries UPnP-IGD and reports through
     /// [`Agent::handle_upnp_mapping`] (the client waits for it before saying no
     /// protocol gave a mapping).
@@ -219,6 +227,7 @@ impl AgentConfig {
             birthday_after: Duration::from_millis(500),
             tcp_candidates: Vec::new(),
             port_mapping: None,
+            tcp_port_mapping: None,
             upnp: false,
             transport_fallback: true,
             server_tls: None,
@@ -415,6 +424,9 @@ pub enum AgentEvent {
     /// The port-mapping client reported: a mapping granted, refreshed or lost, none
     /// available (each protocol's outcome), or the mapping deleted at close.
     PortMapping(PortMapEvent),
+    /// The same for the TCP mapping of the TCP punching port
+    /// (`AgentConfig::tcp_port_mapping`); its `Closed` comes separately at close.
+    TcpPortMapping(PortMapEvent),
     /// The gateway checked our mapped candidate `external` (a probe to it, answered
     /// through our socket): `verified`, introductions carry it; otherwise it did
     /// not reach us there, and we no longer announce it.
@@ -520,6 +532,12 @@ pub struct Agent {
     portmap_hold: Option<Instant>,
     /// The gateway's check of our mapped candidate (`port_mapping.rs`).
     mapped_check: port_mapping::MappedCheckState,
+    /// The TCP port-mapping client (with `AgentConfig::tcp_port_mapping`).
+    tcp_portmap: Option<PortMapClient>,
+    /// The external endpoint of the TCP mapping held now, announced in Register.
+    tcp_mapped: Option<SocketAddr>,
+    /// Until when connects wait for the router's first answer to the TCP client.
+    tcp_portmap_hold: Option<Instant>,
 }
 
 /// First retransmission of an unanswered Register (RFC 8489's RTO default).
@@ -563,6 +581,9 @@ impl Agent {
             mapped: None,
             portmap_hold: None,
             mapped_check: port_mapping::MappedCheckState::default(),
+            tcp_portmap: None,
+            tcp_mapped: None,
+            tcp_portmap_hold: None,
         };
         agent.start_port_mapping(now);
         agent
@@ -734,7 +755,11 @@ impl Agent {
     /// earliest deadline of the registration, the connect retries and the
     /// sub-machines.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let portmap = self.portmap.as_ref().and_then(PortMapClient::poll_timeout);
+        let portmap = earliest(
+            [&self.portmap, &self.tcp_portmap]
+                .into_iter()
+                .map(|c| c.as_ref().and_then(PortMapClient::poll_timeout)),
+        );
         if self.stopped {
             return portmap;
         }
@@ -742,6 +767,7 @@ impl Agent {
             [
                 portmap,
                 self.portmap_hold,
+                self.tcp_portmap_hold,
                 self.mapped_check.hold,
                 Some(self.next_register),
                 self.next_connect(),
@@ -773,6 +799,10 @@ impl Agent {
                 kind: CandidateKind::TcpServerReflexive,
                 addr,
             })
+            .chain(self.tcp_mapped.map(|addr| Candidate {
+                kind: CandidateKind::TcpMapped,
+                addr,
+            }))
             .chain(self.announced_mapped().map(|addr| Candidate {
                 kind: CandidateKind::Mapped,
                 addr,
@@ -873,6 +903,7 @@ impl Agent {
         discovering
             || self.servers.awaiting_registration
             || self.portmap_hold.is_some()
+            || self.tcp_portmap_hold.is_some()
             || self.mapped_check.hold.is_some()
     }
 

@@ -6,7 +6,17 @@
 //! mapped one); the router's answers are taken before anything else; refreshes and
 //! the delete at close are the client's.
 //!
+//! With TCP punching on, a second client asks for a TCP mapping of the TCP punching
+//! port and the agent announces it as a [`CandidateKind::TcpMapped`] candidate (not
+//! checked by the gateway: its check is a UDP probe). Both clients send from the
+//! agent's socket to the same router port, so every answer from the router is
+//! offered to both and each keeps its own: PCP MAP answers carry the client's
+//! nonce (and the transport), NAT-PMP mapping answers their opcode (1 UDP, 2 TCP);
+//! the answers that carry neither (PCP ANNOUNCE, NAT-PMP's external address) say
+//! the same thing to both.
+//!
 //! [`CandidateKind::Mapped`]: crate::rendezvous::wire::CandidateKind::Mapped
+//! [`CandidateKind::TcpMapped`]: crate::rendezvous::wire::CandidateKind::TcpMapped
 use std::{
     net::{IpAddr, SocketAddr},
     time::Instant,
@@ -15,7 +25,9 @@ use std::{
 use rand::Rng;
 
 use super::{Agent, AgentEvent, PendingRequest, session::SessionState};
-use crate::portmap::{Mapping, PortMapClient, PortMapConfig, PortMapEvent, ProtocolOutcome};
+use crate::portmap::{
+    MappedTransport, Mapping, PortMapClient, PortMapConfig, PortMapEvent, ProtocolOutcome,
+};
 use crate::rendezvous::{
     client::{self, MappedCheck},
     wire::method,
@@ -58,38 +70,63 @@ pub struct PortMapTarget {
 }
 
 impl Agent {
-    /// Starts the client when the configuration asks for one.
+    /// Starts the clients the configuration asks for (UDP, and TCP for the TCP
+    /// punching port), each with its own PCP nonce.
     pub(super) fn start_port_mapping(&mut self, now: Instant) {
-        let Some(target) = self.config.port_mapping else {
-            return;
-        };
-        let nonce: [u8; 12] = self.rng.random();
-        self.portmap = Some(PortMapClient::new(
-            now,
-            PortMapConfig::udp(target.router, target.client, target.port),
-            nonce,
-            self.config.upnp,
-        ));
-        self.portmap_hold = Some(now + PORT_MAPPING_HOLD);
+        if let Some(target) = self.config.port_mapping {
+            let nonce: [u8; 12] = self.rng.random();
+            self.portmap = Some(PortMapClient::new(
+                now,
+                PortMapConfig::udp(target.router, target.client, target.port),
+                nonce,
+                self.config.upnp,
+            ));
+            self.portmap_hold = Some(now + PORT_MAPPING_HOLD);
+        }
+        if let Some(target) = self.config.tcp_port_mapping {
+            let nonce: [u8; 12] = self.rng.random();
+            self.tcp_portmap = Some(PortMapClient::new(
+                now,
+                PortMapConfig {
+                    transport: MappedTransport::Tcp,
+                    ..PortMapConfig::udp(target.router, target.client, target.port)
+                },
+                nonce,
+                self.config.upnp,
+            ));
+            self.tcp_portmap_hold = Some(now + PORT_MAPPING_HOLD);
+        }
         self.drain_port_mapping(now);
     }
 
+    /// The client for `transport`, if configured.
+    fn portmap_client(&mut self, transport: MappedTransport) -> Option<&mut PortMapClient> {
+        match transport {
+            MappedTransport::Udp => self.portmap.as_mut(),
+            MappedTransport::Tcp => self.tcp_portmap.as_mut(),
+        }
+    }
+
     /// A datagram on the agent's socket: `true` when it was the router's answer to
-    /// the port-mapping client (nothing else sees it).
+    /// a port-mapping client (nothing else sees it). Offered to both clients: each
+    /// takes what answers its own requests (see the module documentation).
     pub(super) fn port_mapping_datagram(
         &mut self,
         now: Instant,
         from: SocketAddr,
         datagram: &[u8],
     ) -> bool {
-        let Some(client) = &mut self.portmap else {
-            return false;
-        };
-        if !client.handle_datagram(now, from, datagram) {
-            return false;
+        let mut taken = false;
+        for client in [&mut self.portmap, &mut self.tcp_portmap]
+            .into_iter()
+            .flatten()
+        {
+            taken |= client.handle_datagram(now, from, datagram);
         }
-        self.drain_port_mapping(now);
-        true
+        if taken {
+            self.drain_port_mapping(now);
+        }
+        taken
     }
 
     /// The client's timers (retransmissions, refreshes, give-ups).
@@ -97,14 +134,19 @@ impl Agent {
         if self.portmap_hold.is_some_and(|at| at <= now) {
             self.portmap_hold = None;
         }
+        if self.tcp_portmap_hold.is_some_and(|at| at <= now) {
+            self.tcp_portmap_hold = None;
+        }
         if self.mapped_check.hold.is_some_and(|at| at <= now) {
             self.mapped_check.hold = None;
         }
-        let Some(client) = &mut self.portmap else {
-            return;
-        };
-        if client.poll_timeout().is_some_and(|at| at <= now) {
-            client.handle_timeout(now);
+        for client in [&mut self.portmap, &mut self.tcp_portmap]
+            .into_iter()
+            .flatten()
+        {
+            if client.poll_timeout().is_some_and(|at| at <= now) {
+                client.handle_timeout(now);
+            }
         }
         self.drain_port_mapping(now);
     }
@@ -117,7 +159,17 @@ impl Agent {
         now: Instant,
         result: Result<Mapping, ProtocolOutcome>,
     ) -> bool {
-        let Some(client) = &mut self.portmap else {
+        self.handle_upnp_mapping_of(now, MappedTransport::Udp, result)
+    }
+
+    /// [`Self::handle_upnp_mapping`] for the UDP or the TCP mapping's client.
+    pub fn handle_upnp_mapping_of(
+        &mut self,
+        now: Instant,
+        transport: MappedTransport,
+        result: Result<Mapping, ProtocolOutcome>,
+    ) -> bool {
+        let Some(client) = self.portmap_client(transport) else {
             return false;
         };
         let taken = client.handle_upnp_mapping(now, result);
@@ -129,15 +181,27 @@ impl Agent {
     /// [`PortMapClient::handle_upnp_renewal`]): a failure loses the mapping, and
     /// the agent re-registers at once without the mapped candidate.
     pub fn handle_upnp_renewal(&mut self, now: Instant, result: Result<Mapping, ProtocolOutcome>) {
-        if let Some(client) = &mut self.portmap {
+        self.handle_upnp_renewal_of(now, MappedTransport::Udp, result);
+    }
+
+    /// [`Self::handle_upnp_renewal`] for the UDP or the TCP mapping's client.
+    pub fn handle_upnp_renewal_of(
+        &mut self,
+        now: Instant,
+        transport: MappedTransport,
+        result: Result<Mapping, ProtocolOutcome>,
+    ) {
+        if let Some(client) = self.portmap_client(transport) {
             client.handle_upnp_renewal(now, result);
         }
         self.drain_port_mapping(now);
     }
 
-    /// Deletes the mapping (on exit): [`PortMapEvent::Closed`] follows once the
+    /// Deletes the mappings (on exit): [`PortMapEvent::Closed`] follows once the
     /// router answered or the bounded retries ran out; at once when there is no
     /// client or no PCP/NAT-PMP mapping. A UPnP mapping is the driver's to delete.
+    /// The TCP mapping's client (if any) says its own
+    /// [`AgentEvent::TcpPortMapping`]`(Closed)`; without one, nothing.
     pub fn close_port_mapping(&mut self, now: Instant) {
         match &mut self.portmap {
             Some(client) => client.close(now),
@@ -145,7 +209,16 @@ impl Agent {
                 .events
                 .push_back(AgentEvent::PortMapping(PortMapEvent::Closed)),
         }
+        if let Some(client) = &mut self.tcp_portmap {
+            client.close(now);
+        }
         self.drain_port_mapping(now);
+    }
+
+    /// Whether a TCP mapping is asked for (then [`Self::close_port_mapping`] ends
+    /// with an [`AgentEvent::TcpPortMapping`]`(Closed)` too).
+    pub fn has_tcp_port_mapping(&self) -> bool {
+        self.tcp_portmap.is_some()
     }
 
     /// The agent is about to exit: deletes the port mapping (see
@@ -219,10 +292,19 @@ impl Agent {
         self.portmap.as_ref().and_then(PortMapClient::mapping)
     }
 
+    /// The UDP or TCP mapping held now, if any.
+    pub fn port_mapping_of(&self, transport: MappedTransport) -> Option<Mapping> {
+        match transport {
+            MappedTransport::Udp => self.port_mapping(),
+            MappedTransport::Tcp => self.tcp_portmap.as_ref().and_then(PortMapClient::mapping),
+        }
+    }
+
     /// Moves the client's datagrams to the agent's socket and acts on its events: a
     /// new or moved external endpoint (or a lost one) re-registers at once, so the
     /// gateway hands the current candidate to the next introduction.
     fn drain_port_mapping(&mut self, now: Instant) {
+        self.drain_tcp_port_mapping(now);
         let Some(client) = &mut self.portmap else {
             return;
         };
@@ -269,6 +351,38 @@ impl Agent {
                 }
             }
             self.events.push_back(AgentEvent::PortMapping(event));
+        }
+    }
+
+    /// [`Self::drain_port_mapping`] for the TCP client: its external endpoint is
+    /// the Register's TCP mapped candidate (re-registered at once when it changes;
+    /// no check by the gateway, so no hold for one).
+    fn drain_tcp_port_mapping(&mut self, now: Instant) {
+        let Some(client) = &mut self.tcp_portmap else {
+            return;
+        };
+        while let Some(transmit) = client.poll_transmit() {
+            self.outgoing.push_back(transmit);
+        }
+        while let Some(event) = client.poll_event() {
+            let mapped = match &event {
+                PortMapEvent::Mapped(m) | PortMapEvent::Refreshed(m) => Some(m.external),
+                PortMapEvent::Lost { .. } | PortMapEvent::Closed => None,
+                PortMapEvent::Unavailable(_) => self.tcp_mapped,
+            };
+            if matches!(
+                event,
+                PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_)
+            ) {
+                self.tcp_portmap_hold = None;
+            }
+            if mapped != self.tcp_mapped {
+                self.tcp_mapped = mapped;
+                if !self.stopped && !matches!(event, PortMapEvent::Closed) {
+                    self.next_register = now;
+                }
+            }
+            self.events.push_back(AgentEvent::TcpPortMapping(event));
         }
     }
 }
@@ -712,5 +826,302 @@ mod tests {
         assert_eq!(delete[0][4..8], [0, 0, 0, 0], "lifetime 0: delete");
         agent.handle_datagram(t1, router(), &pcp_grant(&delete[0], external, 0));
         assert_eq!(port_mapping_events(&mut agent), [PortMapEvent::Closed]);
+    }
+
+    /// An agent with UDP port mapping of 4500 and TCP port mapping of 4600 (TCP
+    /// punching on, reflexive TCP candidate 198.51.100.2:41000).
+    fn tcp_agent(now: Instant) -> Agent {
+        let creds = PeerCredentials {
+            username: "1900000000:alice".into(),
+            password: "pw".into(),
+        };
+        let mut config = AgentConfig::new(SERVER.parse().expect("addr"), creds);
+        config.discover = false;
+        config.host_candidates = vec![SocketAddr::new(CLIENT, 4500)];
+        config.tcp_candidates = vec!["198.51.100.2:41000".parse().expect("addr")];
+        config.port_mapping = Some(PortMapTarget {
+            router: ROUTER,
+            client: CLIENT,
+            port: 4500,
+        });
+        config.tcp_port_mapping = Some(PortMapTarget {
+            router: ROUTER,
+            client: CLIENT,
+            port: 4600,
+        });
+        Agent::new(config, now, 7)
+    }
+
+    /// The candidates of kind `kind` of the Registers among `sent`.
+    fn registered_of(sent: &[(SocketAddr, Vec<u8>)], kind: CandidateKind) -> Vec<Vec<SocketAddr>> {
+        sent.iter()
+            .filter(|(to, _)| *to == SERVER.parse().expect("addr"))
+            .filter_map(|(_, payload)| {
+                let message = Message::parse(payload).ok()?;
+                if message.message_type().method != crate::rendezvous::wire::method::REGISTER {
+                    return None;
+                }
+                let tid = message.transaction_id();
+                Some(
+                    message
+                        .attributes()
+                        .filter_map(Result::ok)
+                        .filter(|a| a.ty == attr::CANDIDATE)
+                        .filter_map(|a| decode_candidate(a.value, tid))
+                        .filter(|c| c.kind == kind)
+                        .map(|c| c.addr)
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Port-mapping events split by transport: (UDP's, TCP's).
+    fn events_by_transport(agent: &mut Agent) -> (Vec<PortMapEvent>, Vec<PortMapEvent>) {
+        let (mut udp, mut tcp) = (Vec::new(), Vec::new());
+        while let Some(event) = agent.poll_event() {
+            match event {
+                AgentEvent::PortMapping(e) => udp.push(e),
+                AgentEvent::TcpPortMapping(e) => tcp.push(e),
+                _ => {}
+            }
+        }
+        (udp, tcp)
+    }
+
+    #[test]
+    fn two_clients_on_one_socket_keep_their_own_pcp_answers() {
+        let t0 = Instant::now();
+        let mut agent = tcp_agent(t0);
+        let first = to_router(&step(&mut agent, t0));
+        assert_eq!(first.len(), 4, "each client probes PCP and NAT-PMP");
+        // One ANNOUNCE answer serves both clients: each asks for its MAP.
+        agent.handle_datagram(t0, router(), &pcp_announce_answer());
+        let maps = to_router(&step(&mut agent, t0));
+        assert_eq!(maps.len(), 2, "{maps:?}");
+        let by_protocol = |p: u8| {
+            maps.iter()
+                .find(|m| m[36] == p)
+                .cloned()
+                .unwrap_or_else(|| panic!("no MAP for protocol {p}"))
+        };
+        let (udp_map, tcp_map) = (by_protocol(17), by_protocol(6));
+        assert_ne!(udp_map[24..36], tcp_map[24..36], "each has its own nonce");
+        assert_eq!(u16::from_be_bytes([tcp_map[40], tcp_map[41]]), 4600);
+        // The TCP grant first: only the TCP client takes it.
+        let tcp_external: SocketAddr = "198.51.100.2:40000".parse().expect("addr");
+        let t1 = t0 + Duration::from_millis(20);
+        agent.handle_datagram(t1, router(), &pcp_grant(&tcp_map, tcp_external, 60));
+        let sent = step(&mut agent, t1);
+        assert_eq!(
+            registered_of(&sent, CandidateKind::TcpMapped),
+            [vec![tcp_external]]
+        );
+        assert_eq!(registered_of(&sent, CandidateKind::Mapped), [vec![]]);
+        let tcp_mapping = Mapping {
+            protocol: MappingProtocol::Pcp,
+            external: tcp_external,
+            lifetime: Duration::from_secs(60),
+        };
+        assert_eq!(
+            events_by_transport(&mut agent),
+            (vec![], vec![PortMapEvent::Mapped(tcp_mapping)])
+        );
+        // The UDP grant: only the UDP client takes it; the TCP one is kept.
+        let udp_external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        agent.handle_datagram(t1, router(), &pcp_grant(&udp_map, udp_external, 60));
+        let sent = step(&mut agent, t1);
+        assert_eq!(
+            registered_of(&sent, CandidateKind::Mapped),
+            [vec![udp_external]]
+        );
+        assert_eq!(
+            registered_of(&sent, CandidateKind::TcpMapped),
+            [vec![tcp_external]]
+        );
+        let (udp, tcp) = events_by_transport(&mut agent);
+        assert!(tcp.is_empty(), "{tcp:?}");
+        assert!(matches!(&udp[..], [PortMapEvent::Mapped(m)] if m.external == udp_external));
+        assert_eq!(
+            agent.port_mapping_of(MappedTransport::Tcp),
+            Some(tcp_mapping)
+        );
+        assert_eq!(
+            agent
+                .port_mapping_of(MappedTransport::Udp)
+                .map(|m| m.external),
+            Some(udp_external)
+        );
+        // The TCP candidate follows the reflexive one (the splice's target first).
+        let message = sent
+            .iter()
+            .filter(|(to, _)| *to == SERVER.parse().expect("addr"))
+            .find_map(|(_, p)| Message::parse(p).ok())
+            .expect("a Register");
+        let tid = message.transaction_id();
+        let kinds: Vec<CandidateKind> = message
+            .attributes()
+            .filter_map(Result::ok)
+            .filter(|a| a.ty == attr::CANDIDATE)
+            .filter_map(|a| decode_candidate(a.value, tid))
+            .map(|c| c.kind)
+            .collect();
+        assert_eq!(
+            kinds[..3],
+            [
+                CandidateKind::TcpServerReflexive,
+                CandidateKind::TcpMapped,
+                CandidateKind::Mapped
+            ]
+        );
+    }
+
+    /// A NAT-PMP answer to `request` (a MAP), granting `external_port`.
+    fn nat_pmp_grant(request: &[u8], external_port: u16, lifetime: u32) -> Vec<u8> {
+        let mut answer = vec![0, request[1] | 0x80, 0, 0];
+        answer.extend_from_slice(&100u32.to_be_bytes());
+        answer.extend_from_slice(&request[4..6]);
+        answer.extend_from_slice(&external_port.to_be_bytes());
+        answer.extend_from_slice(&lifetime.to_be_bytes());
+        answer
+    }
+
+    #[test]
+    fn two_clients_on_one_socket_keep_their_own_nat_pmp_answers() {
+        let t0 = Instant::now();
+        let mut agent = tcp_agent(t0);
+        step(&mut agent, t0);
+        // A NAT-PMP router: the external address answers both clients' probes.
+        let mut address = vec![0, 128, 0, 0];
+        address.extend_from_slice(&100u32.to_be_bytes());
+        address.extend_from_slice(&[198, 51, 100, 2]);
+        agent.handle_datagram(t0, router(), &address);
+        let maps = to_router(&step(&mut agent, t0));
+        assert_eq!(maps.len(), 2, "{maps:?}");
+        let by_opcode = |op: u8| {
+            maps.iter()
+                .find(|m| m.len() == 12 && m[1] == op)
+                .cloned()
+                .unwrap_or_else(|| panic!("no NAT-PMP MAP with opcode {op}"))
+        };
+        let (udp_map, tcp_map) = (by_opcode(1), by_opcode(2));
+        assert_eq!(u16::from_be_bytes([tcp_map[4], tcp_map[5]]), 4600);
+        // The UDP answer first: the TCP client is not fooled by it.
+        let t1 = t0 + Duration::from_millis(20);
+        agent.handle_datagram(t1, router(), &nat_pmp_grant(&udp_map, 30000, 60));
+        let (udp, tcp) = events_by_transport(&mut agent);
+        assert!(tcp.is_empty(), "{tcp:?}");
+        assert!(matches!(&udp[..], [PortMapEvent::Mapped(m)] if m.external.port() == 30000));
+        agent.handle_datagram(t1, router(), &nat_pmp_grant(&tcp_map, 40000, 60));
+        let sent = step(&mut agent, t1);
+        let (udp, tcp) = events_by_transport(&mut agent);
+        assert!(udp.is_empty(), "{udp:?}");
+        let tcp_external: SocketAddr = "198.51.100.2:40000".parse().expect("addr");
+        assert_eq!(
+            tcp,
+            [PortMapEvent::Mapped(Mapping {
+                protocol: MappingProtocol::NatPmp,
+                external: tcp_external,
+                lifetime: Duration::from_secs(60),
+            })]
+        );
+        assert_eq!(
+            registered_of(&sent, CandidateKind::TcpMapped),
+            [vec![tcp_external]]
+        );
+        assert_eq!(
+            agent
+                .port_mapping_of(MappedTransport::Udp)
+                .map(|m| m.external.port()),
+            Some(30000)
+        );
+    }
+
+    #[test]
+    fn a_lost_tcp_mapping_leaves_the_register_and_close_deletes_both() {
+        let t0 = Instant::now();
+        let mut agent = tcp_agent(t0);
+        step(&mut agent, t0);
+        agent.handle_datagram(t0, router(), &pcp_announce_answer());
+        let maps = to_router(&step(&mut agent, t0));
+        let tcp_map = maps.iter().find(|m| m[36] == 6).expect("TCP MAP").clone();
+        let udp_map = maps.iter().find(|m| m[36] == 17).expect("UDP MAP").clone();
+        let tcp_external: SocketAddr = "198.51.100.2:40000".parse().expect("addr");
+        let udp_external: SocketAddr = "198.51.100.2:30000".parse().expect("addr");
+        agent.handle_datagram(t0, router(), &pcp_grant(&tcp_map, tcp_external, 60));
+        // The UDP mapping lives long (its refresh is not due in this test).
+        agent.handle_datagram(t0, router(), &pcp_grant(&udp_map, udp_external, 7200));
+        step(&mut agent, t0);
+        events_by_transport(&mut agent);
+        // The router falls silent: the TCP refresh at 30 s goes unanswered.
+        let mut lost_at = None;
+        let mut after = Vec::new();
+        for ms in (100..40_000).step_by(50) {
+            let sent = step(&mut agent, t0 + Duration::from_millis(ms));
+            let (udp, tcp) = events_by_transport(&mut agent);
+            assert!(udp.is_empty(), "{udp:?}");
+            if tcp.iter().any(|e| matches!(e, PortMapEvent::Lost { .. })) {
+                lost_at = Some(ms);
+            }
+            if lost_at.is_some() {
+                after.extend(registered_of(&sent, CandidateKind::TcpMapped));
+                assert!(
+                    registered_of(&sent, CandidateKind::Mapped)
+                        .iter()
+                        .all(|m| m == &vec![udp_external])
+                );
+            }
+        }
+        let lost_at = lost_at.expect("the TCP mapping was lost");
+        assert!((30_000..35_000).contains(&lost_at), "{lost_at}");
+        assert_eq!(after.first(), Some(&vec![]), "re-registered without it");
+        assert!(after.iter().all(Vec::is_empty));
+        assert_eq!(agent.port_mapping_of(MappedTransport::Tcp), None);
+        // Close: the UDP mapping is deleted; the TCP client (asking again) ends too.
+        let t1 = t0 + Duration::from_secs(41);
+        agent.close_port_mapping(t1);
+        let deletes = to_router(&step(&mut agent, t1));
+        assert_eq!(deletes.len(), 1, "{deletes:?}");
+        assert_eq!(deletes[0][36], 17);
+        agent.handle_datagram(t1, router(), &pcp_grant(&deletes[0], udp_external, 0));
+        let (udp, tcp) = events_by_transport(&mut agent);
+        assert_eq!(udp, [PortMapEvent::Closed]);
+        assert_eq!(tcp, [PortMapEvent::Closed]);
+    }
+
+    #[test]
+    fn a_tcp_upnp_mapping_is_the_tcp_clients_only() {
+        let t0 = Instant::now();
+        // The clients are made at start: an agent whose driver also tries UPnP.
+        let mut config = tcp_agent(t0).config.clone();
+        config.upnp = true;
+        let mut agent = Agent::new(config, t0, 7);
+        step(&mut agent, t0);
+        let external: SocketAddr = "198.51.100.2:4600".parse().expect("addr");
+        let upnp = Mapping {
+            protocol: MappingProtocol::Upnp,
+            external,
+            lifetime: Duration::from_secs(3600),
+        };
+        assert!(agent.handle_upnp_mapping_of(t0, MappedTransport::Tcp, Ok(upnp)));
+        let sent = step(&mut agent, t0);
+        assert_eq!(
+            registered_of(&sent, CandidateKind::TcpMapped),
+            [vec![external]]
+        );
+        assert_eq!(registered_of(&sent, CandidateKind::Mapped), [vec![]]);
+        assert_eq!(agent.port_mapping(), None);
+        assert_eq!(
+            events_by_transport(&mut agent),
+            (vec![], vec![PortMapEvent::Mapped(upnp)])
+        );
+        // A failed renewal withdraws it.
+        agent.handle_upnp_renewal_of(
+            t0 + Duration::from_secs(1800),
+            MappedTransport::Tcp,
+            Err(ProtocolOutcome::NoAnswer),
+        );
+        let sent = step(&mut agent, t0 + Duration::from_secs(1800));
+        assert_eq!(registered_of(&sent, CandidateKind::TcpMapped), [vec![]]);
     }
 }

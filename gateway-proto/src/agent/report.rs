@@ -297,6 +297,70 @@ mod tests {
     }
 
     #[test]
+    fn a_tcp_mapping_reaches_the_other_sides_tcp_punch_after_the_reflexive_candidate() {
+        use crate::tcp_punch::{TcpMode, TcpPunch, TcpPunchConfig, TcpPunchEvent};
+        let mut sim = Sim::new(false);
+        let reflexive = addr("198.51.100.6:5100");
+        let mapped = addr("198.51.100.6:40000");
+        sim.agents[0].1.config.tcp_candidates = vec![addr("198.51.100.2:4100")];
+        sim.agents[1].1.config.tcp_candidates = vec![reflexive];
+        // Bob's router granted a TCP mapping of his punching port.
+        sim.agents[1].1.tcp_mapped = Some(mapped);
+        sim.run_for(Duration::from_millis(100));
+        let now = sim.now;
+        sim.agents[0].1.connect("bob", now);
+        sim.run_for(Duration::from_millis(300));
+        let (candidates, start_at) = sim
+            .events
+            .iter()
+            .find_map(|(j, e)| match e {
+                AgentEvent::TcpIntroduced {
+                    candidates,
+                    start_at,
+                    ..
+                } if *j == 0 => Some((candidates.clone(), *start_at)),
+                _ => None,
+            })
+            .expect("alice's TCP introduction");
+        assert_eq!(candidates, [reflexive, mapped]);
+        // Alice's TCP punch connects to both at the start; a splice (one per
+        // introduction) goes to the reflexive one, which the other side's TCP-Seq
+        // and the gateway's forge name.
+        let mut punch = TcpPunch::new(
+            TcpMode::Only(TcpTechnique::SimultaneousOpen),
+            &candidates,
+            start_at,
+            TcpPunchConfig::default(),
+        );
+        punch.handle_timeout(start_at);
+        let connects: Vec<SocketAddr> = std::iter::from_fn(|| punch.poll_event())
+            .filter_map(|e| match e {
+                TcpPunchEvent::Connect { to, .. } => Some(to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(connects, [reflexive, mapped]);
+        let mut splice = TcpPunch::new(
+            TcpMode::Only(TcpTechnique::NatBlaster),
+            &candidates,
+            start_at,
+            TcpPunchConfig::default(),
+        );
+        splice.handle_timeout(start_at);
+        let spliced: Vec<SocketAddr> = std::iter::from_fn(|| splice.poll_event())
+            .filter_map(|e| match e {
+                TcpPunchEvent::Splice { to, .. } => Some(to),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(spliced, [reflexive]);
+        // The UDP probes never aim at either.
+        for session in sim.agents[0].1.sessions.values() {
+            assert!(!session.candidates.contains(&mapped));
+        }
+    }
+
+    #[test]
     fn tcp_seq_reaches_the_other_side_through_the_gateway_once() {
         let mut sim = Sim::new(false);
         sim.run_for(Duration::from_millis(100));

@@ -649,7 +649,7 @@ mod tests {
     }
 
     fn any_candidate() -> impl Strategy<Value = Candidate> {
-        (0u8..5, any_addr()).prop_map(|(kind, addr)| Candidate {
+        (0u8..7, any_addr()).prop_map(|(kind, addr)| Candidate {
             kind: CandidateKind::from_u8(kind).expect("known kind"),
             addr,
         })

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use super::{
     server::{Refusal, RendezvousHandled},
-    wire::Candidate,
+    wire::{Candidate, CandidateKind},
 };
 
 /// SYN-ACKs the gateway forges per introduction at most: each side's twice.
@@ -55,11 +55,14 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// A peer's public TCP endpoint: its first registered TCP candidate, canonical.
+/// A peer's public TCP endpoint: its TCP reflexive candidate (the mapping of its
+/// punching port the gateway saw, which its spliced SYNs leave from), else its
+/// first registered TCP candidate, canonical.
 pub(super) fn tcp_endpoint(candidates: &[Candidate]) -> Option<SocketAddr> {
     candidates
         .iter()
-        .find(|c| c.kind.is_tcp())
+        .find(|c| c.kind == CandidateKind::TcpServerReflexive)
+        .or_else(|| candidates.iter().find(|c| c.kind.is_tcp()))
         .map(|c| canonical(c.addr))
 }
 

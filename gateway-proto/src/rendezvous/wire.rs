@@ -110,6 +110,12 @@ pub enum CandidateKind {
     /// probed like a server-reflexive one even behind a random-port NAT. Parsers
     /// before it drop an unknown kind, so older peers and gateways ignore it.
     Mapped = 5,
+    /// The public TCP endpoint the peer's router granted it by port mapping for its
+    /// TCP punching port: a TCP candidate (never probed over UDP) that a plain
+    /// connect() reaches even behind a random-port NAT. Not checked by the gateway
+    /// (its check is a UDP probe); like a TCP reflexive candidate it must be on the
+    /// address the gateway sees the peer at. Older parsers drop the unknown kind.
+    TcpMapped = 6,
 }
 
 impl CandidateKind {
@@ -122,13 +128,14 @@ impl CandidateKind {
             3 => Some(Self::Relayed),
             4 => Some(Self::TcpServerReflexive),
             5 => Some(Self::Mapped),
+            6 => Some(Self::TcpMapped),
             _ => None,
         }
     }
 
     /// Whether the candidate is a TCP endpoint (never probed over UDP).
     pub const fn is_tcp(self) -> bool {
-        matches!(self, Self::TcpServerReflexive)
+        matches!(self, Self::TcpServerReflexive | Self::TcpMapped)
     }
 }
 
@@ -359,9 +366,9 @@ mod tests {
 
     proptest! {
         #[test]
-        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..6) {
+        fn candidates_round_trip(addr in any::<SocketAddr>(), tid in any::<[u8; 12]>(), kind in 0u8..7) {
             let addr = SocketAddr::new(addr.ip(), addr.port());
-            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive, CandidateKind::Mapped][kind as usize];
+            let kind = [CandidateKind::Host, CandidateKind::ServerReflexive, CandidateKind::Predicted, CandidateKind::Relayed, CandidateKind::TcpServerReflexive, CandidateKind::Mapped, CandidateKind::TcpMapped][kind as usize];
             let (value, len) = encode_candidate(Candidate { kind, addr }, tid);
             prop_assert_eq!(decode_candidate(&value[..len], tid), Some(Candidate { kind, addr }));
         }

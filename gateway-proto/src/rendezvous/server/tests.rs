@@ -735,6 +735,48 @@ fn tcp_candidates_pass_on_only_from_the_registering_address_and_first() {
 }
 
 #[test]
+fn tcp_mapped_candidates_pass_on_unchecked_but_only_on_the_senders_address() {
+    let mut world = World::new();
+    let a = addr("198.51.100.2:4000");
+    let b = addr("198.51.100.6:5000");
+    let candidate = |kind, addr| Candidate { kind, addr };
+    let reflexive = candidate(CandidateKind::TcpServerReflexive, addr("198.51.100.2:4100"));
+    let mapped = candidate(CandidateKind::TcpMapped, addr("198.51.100.2:40000"));
+    // A TCP mapping on a third party's address: dropped like a TCP reflexive one.
+    let elsewhere = candidate(CandidateKind::TcpMapped, addr("203.0.113.99:80"));
+    let alice = creds("alice");
+    let (handled, out) = world.send(
+        a,
+        &register_with_candidates(
+            [1; 12],
+            &alice,
+            Some(&world.nonce(a)),
+            &[reflexive, mapped, elsewhere],
+            NatClass::EndpointIndependent,
+            0,
+        ),
+    );
+    assert_eq!(handled, RendezvousHandled::Registered);
+    // No Mapped-Check probe goes out for a TCP mapped candidate.
+    assert!(out.iter().all(|t| t.to == a), "{out:?}");
+    world.register("bob", b, &[], NatClass::None, 0);
+    let bob = creds("bob");
+    let (_, out) = world.send(b, &connect([2; 12], &bob, Some(&world.nonce(b)), "alice"));
+    let intro = out
+        .iter()
+        .filter(|t| t.to == b)
+        .find_map(|t| parse_introduction(&t.payload, &bob.password))
+        .expect("bob's introduction");
+    let tcp: Vec<Candidate> = intro
+        .candidates
+        .iter()
+        .filter(|c| c.kind.is_tcp())
+        .copied()
+        .collect();
+    assert_eq!(tcp, [reflexive, mapped], "introduced at once, in order");
+}
+
+#[test]
 fn tcp_outcomes_count_once_per_technique_and_leave_the_udp_outcome_alone() {
     let mut world = World::new();
     let a = addr("198.51.100.2:4000");
