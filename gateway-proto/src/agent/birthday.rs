@@ -39,7 +39,9 @@ pub const BIRTHDAY_AFTER_MAX: Duration = Duration::from_millis(500);
 /// the gateway schedules both sides to start when the slower one-way leg
 /// (`max(RTT_a, RTT_b) / 2`) plus its start margin has passed, and tells each side
 /// the rest (`start_delay`), so `2 × start_delay + own_rtt` is that slower RTT (plus
-/// twice the gateway's few-ms margin), the same number on both sides. The margin is
+/// twice the gateway's few-ms margin), about the same number on both sides (each
+/// side's own RTT is about what it last reported; across gateway nodes the transit
+/// between them counts on one side only). The margin is
 /// the opener's lead plus two probe intervals: a lost first probe (or its answer) has
 /// one more round, and jitter the rest. The floor is that margin (110 ms by default).
 pub fn birthday_after(config: &AgentConfig, start_delay: Duration, own_rtt: Duration) -> Duration {
