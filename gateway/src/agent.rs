@@ -1681,9 +1681,11 @@ impl StatusLines {
                 peer_id,
                 role,
                 budget,
+                after,
             } => format!(
-                "birthday peer {peer_id} role {} budget {budget}",
-                role.as_str()
+                "birthday peer {peer_id} role {} budget {budget} after_ms {}",
+                role.as_str(),
+                after.as_millis()
             ),
             AgentEvent::RelayFallback { peer_id } => format!("relay-fallback peer {peer_id}"),
             AgentEvent::RelayAllocated { relayed } => {

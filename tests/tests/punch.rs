@@ -160,7 +160,8 @@ fn birthday_punch_through_a_random_port_symmetric_nat_and_forward_a_udp_port() {
     // sees a port other than the one the gateway registered for her. The one other way
     // (about 0.4% of runs): one of her 257 random mappings toward bob took the same
     // public port number as her registered one, which bob probes from the start as her
-    // reflexive candidate, so the path is up before his sweep (500 ms) begins.
+    // reflexive candidate, so the path is up before his sweep begins (about one RTT
+    // plus 110 ms after the start: some 120 ms on the lab's LAN).
     let bob_swept = pair
         .bob
         .seen()

@@ -22,6 +22,49 @@ pub const MAX_BIRTHDAY_PROBES: u32 = 8192;
 const BIRTHDAY_PORTS: std::ops::RangeInclusive<u16> = 1024..=65_535;
 /// The random-port side refreshes its extra sockets' mappings this often.
 const BIRTHDAY_REFRESH: Duration = Duration::from_secs(1);
+/// The latest the sweep starts after the aligned start, whatever the RTT: the fixed
+/// delay it had before it followed the RTT. Both passes of the default sweep (2 × 2048
+/// probes at 1000/s, 4.1 s) then still end inside the 5 s punch window, and a long or
+/// inflated RTT estimate never makes a birthday pair wait longer than it used to.
+pub const BIRTHDAY_AFTER_MAX: Duration = Duration::from_millis(500);
+
+/// How long after the aligned start the sweep (role `Probes`) begins when
+/// [`AgentConfig::birthday_after`] is not set: about one round trip to the peer plus a
+/// margin, at most [`BIRTHDAY_AFTER_MAX`].
+///
+/// The wait lets the cheap probes go first (a public host on the other side, host
+/// candidates on one LAN): their first answers come one peer RTT after the opener's
+/// lead. The agent does not know the peer RTT before a probe returns; it estimates it
+/// as the slower side's RTT to the gateway, which it reads off the start alignment:
+/// the gateway schedules both sides to start when the slower one-way leg
+/// (`max(RTT_a, RTT_b) / 2`) plus its start margin has passed, and tells each side
+/// the rest (`start_delay`), so `2 × start_delay + own_rtt` is that slower RTT (plus
+/// twice the gateway's few-ms margin), about the same number on both sides (each
+/// side's own RTT is about what it last reported; across gateway nodes the transit
+/// between them counts on one side only). The margin is
+/// the opener's lead plus two probe intervals: a lost first probe (or its answer) has
+/// one more round, and jitter the rest. The floor is that margin (110 ms by default).
+pub fn birthday_after(config: &AgentConfig, start_delay: Duration, own_rtt: Duration) -> Duration {
+    if let Some(after) = config.birthday_after {
+        return after;
+    }
+    let rtt = start_delay.saturating_mul(2).saturating_add(own_rtt);
+    let margin = config
+        .open_lead
+        .saturating_add(config.probe_interval.saturating_mul(2));
+    rtt.saturating_add(margin)
+        .min(BIRTHDAY_AFTER_MAX.max(margin))
+}
+
+/// How much earlier than the sweep the random-port side (role `Sockets`) opens its
+/// mappings: one sweep slice (the probe interval), at most half the sweep's delay.
+/// Its mappings then exist that long plus a one-way trip before the first sweep
+/// probe reaches its NAT (room for the start alignment's error and for opening the
+/// sockets on a loaded host), and its own cheap probe, sent at the start, has had its
+/// round trip (plus the margin less one interval) before it spends any extra socket.
+fn sockets_lead(after: Duration, probe_interval: Duration) -> Duration {
+    probe_interval.min(after / 2)
+}
 
 /// Which half of birthday punching a side plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +113,12 @@ pub fn birthday_role(
 pub(super) struct Birthday {
     /// Our half, if the NAT pair calls for it.
     role: Option<BirthdayRole>,
+    /// How long after the aligned start our half begins: the sweep
+    /// [`birthday_after`] it, the sockets half [`sockets_lead`] earlier.
+    after: Duration,
+    /// When our half begins (with a role): a timer of its own, so it begins then and
+    /// not at the next probe round.
+    begin: Option<Instant>,
     /// When it began.
     started: Option<Instant>,
     /// Extra sockets this attempt holds.
@@ -98,14 +147,15 @@ pub(super) struct Birthday {
 
 impl Birthday {
     /// The plan for a new attempt: our half if the NAT pair calls for it, this side
-    /// allows it and the other side's reflexive address is known, and whether our own
-    /// socket must stay quiet toward that address.
+    /// allows it and the other side's reflexive address is known; when it begins, for
+    /// a start at `start_at` and a sweep `sweep_after` it; and whether our own socket
+    /// must stay quiet toward that address.
     pub(super) fn plan(
         config: &AgentConfig,
         own_predicted: bool,
-        peer_nat: NatClass,
-        peer_predicted: bool,
-        peer_reflexive: Option<SocketAddr>,
+        (peer_nat, peer_predicted, peer_reflexive): (NatClass, bool, Option<SocketAddr>),
+        start_at: Instant,
+        sweep_after: Duration,
     ) -> Self {
         let mut birthday = Self {
             role: birthday_role(config.nat, own_predicted, peer_nat, peer_predicted)
@@ -116,6 +166,13 @@ impl Birthday {
                 .filter(|_| peer_reflexive.is_some()),
             ..Self::default()
         };
+        birthday.after = match birthday.role {
+            Some(BirthdayRole::Sockets) => {
+                sweep_after - sockets_lead(sweep_after, config.probe_interval)
+            }
+            _ => sweep_after,
+        };
+        birthday.begin = birthday.role.map(|_| start_at + birthday.after);
         if birthday.role == Some(BirthdayRole::Sockets)
             && peer_nat != NatClass::None
             && config.open_ttl > 0
@@ -125,9 +182,13 @@ impl Birthday {
         birthday
     }
 
-    /// When the next refresh or sweep slice is due, once started.
+    /// When our half begins, or once begun, when the next refresh or sweep slice is
+    /// due.
     pub(super) fn next_timeout(&self) -> Option<Instant> {
-        self.next_refresh
+        match self.started {
+            None => self.begin,
+            Some(_) => self.next_refresh,
+        }
     }
 
     /// The ports of the next slice of the sweep (role `Probes`): `per_round` new
@@ -225,11 +286,10 @@ impl Agent {
     /// socket's mapping, or (role `Probes`) send the next slice of the sweep.
     pub(super) fn birthday_step(&mut self, now: Instant, id: u64) {
         let config = &self.config;
-        let (sockets_budget, probes_budget, rate, after, interval, open_ttl) = (
+        let (sockets_budget, probes_budget, rate, interval, open_ttl) = (
             config.birthday_sockets.min(MAX_BIRTHDAY_SOCKETS),
             config.birthday_probes.min(MAX_BIRTHDAY_PROBES),
             config.birthday_rate.max(1),
-            config.birthday_after,
             config.probe_interval,
             config.open_ttl,
         );
@@ -240,11 +300,9 @@ impl Agent {
             return;
         };
         // The sockets side goes first, so its mappings exist when the sweep arrives.
-        let begin = match role {
-            BirthdayRole::Sockets => session.start_at + after / 2,
-            BirthdayRole::Probes => session.start_at + after,
-        };
-        if now < begin || session.state != SessionState::Probing {
+        if session.birthday.begin.is_none_or(|begin| now < begin)
+            || session.state != SessionState::Probing
+        {
             return;
         }
         if session.birthday.started.is_none() {
@@ -257,6 +315,7 @@ impl Agent {
                 peer_id: session.peer_id.clone(),
                 role,
                 budget,
+                after: session.birthday.after,
             });
             if role == BirthdayRole::Sockets {
                 session.birthday.sockets = self.sockets.take(sockets_budget);
@@ -457,6 +516,133 @@ mod tests {
             "the path came before either birthday half: {:?}",
             run.events
         );
+    }
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    /// When each side's half began after its aligned start, and the `after` its
+    /// event named.
+    fn halves_began(run: &BirthdayRun) -> [(Duration, Duration); 2] {
+        [(0, BirthdayRole::Probes), (1, BirthdayRole::Sockets)].map(|(agent, role)| {
+            let start = run.started_at[agent].expect("started");
+            run.timed_events
+                .iter()
+                .find_map(|(at, i, e)| match e {
+                    AgentEvent::Birthday { role: r, after, .. } if *i == agent && *r == role => {
+                        Some((*at - start, *after))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("agent {agent}: {:?}", run.events))
+        })
+    }
+
+    #[test]
+    fn the_sweep_starts_about_one_rtt_after_the_aligned_start() {
+        // Every link has the same one-way latency, so each side's RTT to the gateway
+        // is the peers' RTT, and the gateway's start delay is its 5 ms margin on both
+        // sides: the estimate is 2 × 5 + RTT, the sweep begins 10 + 2 × 50 ms (the
+        // opener's lead and two probe intervals) after that, at most 500 ms; the
+        // sockets side one probe interval (50 ms) earlier.
+        for one_way in [5, 25, 50, 100, 150, 250] {
+            let run = birthday_run_on(&BirthdaySetup {
+                latency: ms(one_way),
+                ..BirthdaySetup::default()
+            });
+            let rtt = 2 * one_way;
+            let sweep = (10 + rtt + 110).min(500);
+            let [(probes_began, probes_after), (sockets_began, sockets_after)] = halves_began(&run);
+            // (The simulation's 1 ms steps may add a millisecond to the RTTs.)
+            let about = |d: u64| ms(d)..=ms(if d < 500 { d + 2 } else { d });
+            assert!(
+                about(sweep).contains(&probes_after),
+                "RTT {rtt} ms: {probes_after:?}"
+            );
+            assert_eq!(
+                sockets_after,
+                probes_after - ms(50),
+                "RTT {rtt} ms: sockets"
+            );
+            // Each half begins on time, not at the next probe round.
+            assert!(
+                (probes_after..=probes_after + ms(1)).contains(&probes_began),
+                "RTT {rtt} ms: the sweep began {probes_began:?} after the start"
+            );
+            assert!(
+                (sockets_after..=sockets_after + ms(1)).contains(&sockets_began),
+                "RTT {rtt} ms: the sockets began {sockets_began:?} after the start"
+            );
+            // The cheap probes had their round trip first: the opener's lead, one RTT
+            // and one more probe round, on either side (up to the 500 ms cap).
+            assert!(
+                sockets_began >= ms((10 + rtt + 50).min(450)),
+                "RTT {rtt} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn a_birthday_pair_is_direct_within_two_rtt_and_half_a_second() {
+        // Issue 16's goal for birthday pairs: 2 RTT + 0.5 s from the introduction to
+        // the initiator's path. The sweep's luck varies (a hit needs 175 probes at
+        // 1000/s in the median), so the median of eight seeds must meet it.
+        for one_way in [10, 25, 100] {
+            let rtt = 2 * one_way;
+            let mut elapsed: Vec<Duration> = (0..8)
+                .map(|seed| {
+                    let run = birthday_run_on(&BirthdaySetup {
+                        latency: ms(one_way),
+                        seed,
+                        ..BirthdaySetup::default()
+                    });
+                    let at = |f: &dyn Fn(&AgentEvent) -> bool| {
+                        run.timed_events
+                            .iter()
+                            .find(|(_, i, e)| *i == 0 && f(e))
+                            .map(|(at, ..)| *at)
+                            .unwrap_or_else(|| panic!("{:?}", run.events))
+                    };
+                    let introduced = at(&|e| matches!(e, AgentEvent::Introduced { .. }));
+                    let up = at(&|e| matches!(e, AgentEvent::PathUp { relayed: false, .. }));
+                    up - introduced
+                })
+                .collect();
+            elapsed.sort();
+            let median = elapsed[elapsed.len() / 2];
+            assert!(
+                median <= ms(2 * rtt + 500),
+                "RTT {rtt} ms: median {median:?} of {elapsed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fixed_birthday_after_still_holds() {
+        let config = AgentConfig::new(
+            "192.0.2.1:3478".parse().expect("addr"),
+            client::PeerCredentials {
+                username: "u".into(),
+                password: "p".into(),
+            },
+        );
+        // Adaptive: the slower RTT read off the start alignment plus the margin.
+        assert_eq!(birthday_after(&config, ms(5), ms(40)), ms(50 + 110));
+        // The slower side is the other: its half of the alignment is in the delay.
+        assert_eq!(birthday_after(&config, ms(85), ms(40)), ms(210 + 110));
+        assert_eq!(birthday_after(&config, ms(0), ms(0)), ms(110));
+        assert_eq!(
+            birthday_after(&config, ms(400), ms(900)),
+            BIRTHDAY_AFTER_MAX
+        );
+        assert_eq!(sockets_lead(ms(110), ms(50)), ms(50));
+        assert_eq!(sockets_lead(ms(60), ms(50)), ms(30));
+        let fixed = AgentConfig {
+            birthday_after: Some(ms(700)),
+            ..config
+        };
+        assert_eq!(birthday_after(&fixed, ms(5), ms(40)), ms(700));
     }
 
     #[test]

@@ -57,7 +57,10 @@ use self::{
     transport::ServerLink,
 };
 pub use self::{
-    birthday::{BirthdayRole, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_SOCKETS, birthday_role},
+    birthday::{
+        BIRTHDAY_AFTER_MAX, BirthdayRole, MAX_BIRTHDAY_PROBES, MAX_BIRTHDAY_SOCKETS,
+        birthday_after, birthday_role,
+    },
     discovery::{FilterTest, classify_filtering, classify_mapping, predict_ports},
     failover::ServerChangeReason,
     port_mapping::PortMapTarget,
@@ -158,9 +161,12 @@ pub struct AgentConfig {
     pub birthday_probes: u32,
     /// Birthday probes per second at most (the sweep's pace).
     pub birthday_rate: u32,
-    /// How long after the scheduled start an attempt that has no path yet begins
-    /// birthday punching (the cheap direct probes go first).
-    pub birthday_after: Duration,
+    /// How long after the scheduled start an attempt that has no path yet begins the
+    /// birthday sweep (the cheap direct probes go first; the random-port side opens
+    /// its mappings a probe interval earlier). `None` (the default): about one RTT to
+    /// the peer plus a margin, as the start alignment tells it, at most 500 ms
+    /// ([`birthday_after`]); `Some`: this fixed delay.
+    pub birthday_after: Option<Duration>,
     /// This peer's TCP server-reflexive endpoints (learnt by the driver with a STUN
     /// Binding over TCP to the gateway), announced as TCP candidates. Non-empty turns
     /// TCP punching on: every introduction then also yields
@@ -224,7 +230,7 @@ impl AgentConfig {
             birthday_sockets: 256,
             birthday_probes: 2048,
             birthday_rate: 1000,
-            birthday_after: Duration::from_millis(500),
+            birthday_after: None,
             tcp_candidates: Vec::new(),
             port_mapping: None,
             tcp_port_mapping: None,
@@ -373,6 +379,9 @@ pub enum AgentEvent {
         role: BirthdayRole,
         /// Extra sockets (role `Sockets`) or probes (role `Probes`) at most.
         budget: u32,
+        /// How long after the aligned start this half began (see
+        /// [`AgentConfig::birthday_after`]), for the logs that time it.
+        after: Duration,
     },
     /// The relay fallback starts (punching failed or cannot work).
     RelayFallback {

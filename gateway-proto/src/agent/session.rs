@@ -355,9 +355,13 @@ impl Agent {
         let birthday = Birthday::plan(
             &self.config,
             !self.discovery.predicted.is_empty(),
-            intro.peer_nat,
-            peer_predicted,
-            peer_reflexive,
+            (intro.peer_nat, peer_predicted, peer_reflexive),
+            start_at,
+            super::birthday_after(
+                &self.config,
+                intro.start_delay,
+                Duration::from_millis(u64::from(self.rtt_ms)),
+            ),
         );
         self.events.push_back(AgentEvent::Introduced {
             peer_id: intro.peer_id.clone(),

@@ -670,14 +670,52 @@ pub(crate) fn birthday_run(bob_sockets: u16) -> BirthdayRun {
 /// [`birthday_run`] with alice's side of class `alice_nat`: endpoint-independent,
 /// or `None` (a public host).
 pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> BirthdayRun {
+    birthday_run_on(&BirthdaySetup {
+        bob_sockets,
+        alice_nat,
+        ..BirthdaySetup::default()
+    })
+}
+
+/// What a birthday run varies: bob's extra sockets, alice's NAT class, the one-way
+/// latency of every link (so every RTT is twice it, as in the lab's WAN profiles)
+/// and the seed of both agents and bob's NAT.
+pub(crate) struct BirthdaySetup {
+    pub(crate) bob_sockets: u16,
+    pub(crate) alice_nat: NatClass,
+    pub(crate) latency: Duration,
+    pub(crate) seed: u64,
+}
+
+impl Default for BirthdaySetup {
+    fn default() -> Self {
+        Self {
+            bob_sockets: 256,
+            alice_nat: NatClass::EndpointIndependent,
+            latency: LATENCY,
+            seed: 0,
+        }
+    }
+}
+
+/// [`birthday_run`] as `setup` says.
+pub(crate) fn birthday_run_on(setup: &BirthdaySetup) -> BirthdayRun {
+    let BirthdaySetup {
+        bob_sockets,
+        alice_nat,
+        latency,
+        seed,
+    } = *setup;
     let secret = SharedSecret::new(b"sim secret");
     let mut now = Instant::now();
+    let began = now;
     let server_addr = addr("192.0.2.10:3478");
     let mut server = RendezvousServer::new(secret.clone(), RendezvousConfig::default(), 3);
     let mut nats = [
         SimNat::new("198.51.100.2", true),
         SimNat::new("198.51.100.6", false),
     ];
+    nats[1].rng = StdRng::seed_from_u64(7 + seed);
     nats[0].open = alice_nat == NatClass::None;
     let mut agents: Vec<Agent> = [
         ("alice", alice_nat),
@@ -694,7 +732,7 @@ pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
         config.relay = false;
         config.nat = nat;
         config.birthday_sockets = bob_sockets;
-        Agent::new(config, now, 11)
+        Agent::new(config, now, 11 + seed)
     })
     .collect();
     agents[0].connect("bob", now);
@@ -708,6 +746,8 @@ pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
     let end = now + Duration::from_secs(8);
     let mut sent_data = false;
     let mut unsolicited_at_alice = None;
+    let mut timed_events = Vec::new();
+    let mut started_at = [None, None];
     while now < end {
         for (i, agent) in agents.iter_mut().enumerate() {
             if agent.poll_timeout().is_some_and(|at| at <= now) {
@@ -727,7 +767,10 @@ pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
                 }
                 let from = nats[i].outbound(t.socket, t.to);
                 if t.ttl.is_none() {
-                    in_flight.push((now + LATENCY, from, t.to, t.payload));
+                    in_flight.push((now + latency, from, t.to, t.payload));
+                } else {
+                    // The opener goes out at the aligned start.
+                    started_at[i].get_or_insert(now - began);
                 }
             }
             sweep_round_max = sweep_round_max.max(sweep_round);
@@ -735,6 +778,7 @@ pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
                 if i == 0 && matches!(e, AgentEvent::PunchFailed { .. }) {
                     alice_failed_at.get_or_insert(now);
                 }
+                timed_events.push((now - began, i, e.clone()));
                 events.push((i, e));
             }
             if i == 1 {
@@ -756,7 +800,7 @@ pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
             if to == server_addr {
                 server.handle_datagram(now, NOW_UNIX, from, None, &payload);
                 while let Some(t) = server.poll_transmit() {
-                    in_flight.push((now + LATENCY, server_addr, t.to, t.payload));
+                    in_flight.push((now + latency, server_addr, t.to, t.payload));
                 }
                 continue;
             }
@@ -779,6 +823,8 @@ pub(crate) fn birthday_run_with(bob_sockets: u16, alice_nat: NatClass) -> Birthd
         alice_failed_at,
         unsolicited_at_alice: unsolicited_at_alice
             .unwrap_or_else(|| nats[0].unsolicited.borrow().len()),
+        timed_events,
+        started_at,
     }
 }
 
@@ -798,4 +844,8 @@ pub(crate) struct BirthdayRun {
     /// Unsolicited datagrams from bob that reached alice's mapped ports before the
     /// path was up.
     pub(crate) unsolicited_at_alice: usize,
+    /// `events` with when each came, since the run began.
+    pub(crate) timed_events: Vec<(Duration, usize, AgentEvent)>,
+    /// When each side's first opener left (its aligned start), since the run began.
+    pub(crate) started_at: [Option<Duration>; 2],
 }
