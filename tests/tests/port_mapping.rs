@@ -361,6 +361,38 @@ struct MappedPair {
     secret: PathBuf,
 }
 
+impl MappedPair {
+    /// Alice's TCP punch verdict (`tcp-path-up ...` or `tcp-punch-failed ...`),
+    /// within 15 s.
+    fn tcp_verdict(&mut self) -> String {
+        let alice = self
+            .alice
+            .wait_for("tcp-p", Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("alice: {:?}", self.alice.seen()));
+        eprintln!("alice: {alice}");
+        alice
+    }
+
+    /// Both sides punched TCP, and the forwarded connection carries `hello` to bob's
+    /// application and an answer back; alice's and bob's `tcp-path-up` lines.
+    fn tcp_connected_both_ways(&mut self, hello: &[u8]) -> (String, String) {
+        let alice = self.tcp_verdict();
+        let bob = self
+            .bob
+            .wait_for("tcp-p", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("bob: {:?}", self.bob.seen()));
+        assert!(
+            alice.starts_with("tcp-path-up") && bob.starts_with("tcp-path-up"),
+            "alice: {:?}\nbob: {:?}",
+            self.alice.seen(),
+            self.bob.seen()
+        );
+        gateway_tests::tcp::forward_both_ways(&self.lab, 0, hello, b"back")
+            .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", self.alice.seen()));
+        (alice, bob)
+    }
+}
+
 impl Drop for MappedPair {
     fn drop(&mut self) {
         std::fs::remove_file(&self.secret).ok();
@@ -1005,23 +1037,7 @@ fn two_random_port_nats_punch_tcp_through_their_tcp_mappings() {
         "port-mapping tcp protocol",
         PortMappingProtocols::ALL,
     );
-    let alice = pair
-        .alice
-        .wait_for("tcp-p", Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
-    let bob = pair
-        .bob
-        .wait_for("tcp-p", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
-    eprintln!("alice: {alice}\nbob:   {bob}");
-    assert!(
-        alice.starts_with("tcp-path-up") && bob.starts_with("tcp-path-up"),
-        "alice: {:?}\nbob: {:?}",
-        pair.alice.seen(),
-        pair.bob.seen()
-    );
-    gateway_tests::tcp::forward_both_ways(&pair.lab, 0, b"hello through the mapping", b"back")
-        .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", pair.alice.seen()));
+    let (alice, bob) = pair.tcp_connected_both_ways(b"hello through the mapping");
     // Each side's TCP mapping is on its router's public address; the connection
     // runs to one of them.
     let tcp_mapping = |peer: &mut PeerProcess| {
@@ -1098,23 +1114,7 @@ fn one_tcp_mapped_side_is_enough_for_a_random_port_pair() {
         "",
         PortMappingProtocols::ALL,
     );
-    let alice = pair
-        .alice
-        .wait_for("tcp-p", Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
-    let bob = pair
-        .bob
-        .wait_for("tcp-p", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
-    eprintln!("alice: {alice}\nbob:   {bob}");
-    assert!(
-        alice.starts_with("tcp-path-up") && bob.starts_with("tcp-path-up"),
-        "alice: {:?}\nbob: {:?}",
-        pair.alice.seen(),
-        pair.bob.seen()
-    );
-    gateway_tests::tcp::forward_both_ways(&pair.lab, 0, b"one side mapped", b"back")
-        .unwrap_or_else(|e| panic!("{e}\nalice: {:?}", pair.alice.seen()));
+    let (_, bob) = pair.tcp_connected_both_ways(b"one side mapped");
     let alice_tcp = pair
         .alice
         .wait_for("port-mapping tcp protocol", Duration::from_secs(1))
@@ -1157,11 +1157,7 @@ fn two_random_port_nats_without_port_mapping_fail_tcp_punching() {
         "",
         PortMappingProtocols::ALL,
     );
-    let alice = pair
-        .alice
-        .wait_for("tcp-p", Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
-    eprintln!("alice: {alice}");
+    let alice = pair.tcp_verdict();
     assert!(
         alice.starts_with("tcp-punch-failed"),
         "alice: {:?}\nbob: {:?}",
@@ -1206,11 +1202,7 @@ fn a_tcp_mapping_by_upnp_alone_carries_the_tcp_punch() {
         bob_tcp.starts_with("port-mapping tcp protocol upnp "),
         "{bob_tcp}"
     );
-    let alice = pair
-        .alice
-        .wait_for("tcp-p", Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("alice: {:?}", pair.alice.seen()));
-    eprintln!("alice: {alice}");
+    let alice = pair.tcp_verdict();
     assert!(
         alice.starts_with("tcp-path-up"),
         "alice: {:?}\nbob: {:?}",

@@ -2,10 +2,7 @@
 //! two `gateway peer` agents behind real (nftables) NATs, and a UDP port forwarded
 //! over the punched path. The expected outcome of each pair and its reason are in
 //! docs/nat-matrix.md.
-use std::{
-    net::{SocketAddr, UdpSocket},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use gateway_tests::{
     daemon::{http_get, metric_value},
@@ -37,26 +34,6 @@ fn both_paths_up(pair: &mut PunchLab) -> (String, String) {
         .wait_for("path-up", Duration::from_secs(8))
         .unwrap_or_else(|| panic!("bob: {:?}", pair.bob.seen()));
     (up_a, up_b)
-}
-
-/// The two "applications" of a forwarding test: alice's talks to her forwarder on
-/// 127.0.0.1:5000, bob's listens on 127.0.0.1:6000 where his forwarder delivers.
-fn forwarded_apps(pair: &PunchLab) -> (UdpSocket, UdpSocket) {
-    let app = |site: &str, bind: &'static str| -> UdpSocket {
-        let app: UdpSocket = pair
-            .lab
-            .site(site)
-            .expect("site")
-            .host(0)
-            .expect("host")
-            .run(move || UdpSocket::bind(bind))
-            .expect("namespace")
-            .expect("bind");
-        app.set_read_timeout(Some(Duration::from_millis(500)))
-            .expect("timeout");
-        app
-    };
-    (app("a", "127.0.0.1:0"), app("b", "127.0.0.1:6000"))
 }
 
 #[test]
@@ -93,35 +70,9 @@ fn punch_through_two_port_restricted_cones_and_forward_a_udp_port() {
     );
 }
 
-/// A UDP "application" on each side (alice's talks to 127.0.0.1:5000, bob's listens
-/// on 127.0.0.1:6000): alice's datagram reaches bob's app through the forwarders,
-/// and bob's answer comes back.
+/// Alice's app reaches bob's through the forwarders and bob's answer comes back.
 fn forward_both_ways(pair: &PunchLab) {
-    let (app_a, app_b) = forwarded_apps(pair);
-    let mut buf = [0u8; 1500];
-    let mut delivered = None;
-    for attempt in 0..10 {
-        let message = format!("over the punched path #{attempt}");
-        app_a
-            .send_to(message.as_bytes(), "127.0.0.1:5000")
-            .expect("send");
-        if let Ok((len, _)) = app_b.recv_from(&mut buf) {
-            delivered = Some((message, buf[..len].to_vec()));
-            break;
-        }
-    }
-    let (sent, got) = delivered.expect("alice's app reaches bob's app");
-    assert_eq!(got, sent.as_bytes());
-    // And back: bob's app answers the forwarder, which returns it to alice's app.
-    let (_, from) = {
-        app_a.send_to(b"ping", "127.0.0.1:5000").expect("send");
-        app_b.recv_from(&mut buf).expect("second datagram")
-    };
-    app_b.send_to(b"pong", from).expect("reply");
-    let (len, _) = app_a
-        .recv_from(&mut buf)
-        .expect("reply reaches alice's app");
-    assert_eq!(&buf[..len], b"pong");
+    punch::udp_forward_both_ways(&pair.lab, "over the punched path");
 }
 
 #[test]
@@ -485,26 +436,7 @@ fn pair_that_cannot_punch_falls_back_to_the_relay_and_forwards_traffic() {
     assert_eq!(relayed_remote(&up_a).ip(), wan_b);
     assert_eq!(relayed_remote(&up_b).ip(), punch::SERVICE.ip());
 
-    let (app_a, app_b) = forwarded_apps(&pair);
-    let mut buf = [0u8; 1500];
-    let mut from_forwarder = None;
-    for attempt in 0..10 {
-        let message = format!("over the relay #{attempt}");
-        app_a
-            .send_to(message.as_bytes(), "127.0.0.1:5000")
-            .expect("send");
-        if let Ok((len, from)) = app_b.recv_from(&mut buf) {
-            assert_eq!(&buf[..len], message.as_bytes());
-            from_forwarder = Some(from);
-            break;
-        }
-    }
-    let from = from_forwarder.expect("alice's app reaches bob's app through the relay");
-    app_b.send_to(b"pong", from).expect("reply");
-    let (len, _) = app_a
-        .recv_from(&mut buf)
-        .expect("reply reaches alice's app");
-    assert_eq!(&buf[..len], b"pong");
+    punch::udp_forward_both_ways(&pair.lab, "over the relay");
 
     std::thread::sleep(Duration::from_millis(300));
     let text = pair.gateway.scrape().expect("scrape");

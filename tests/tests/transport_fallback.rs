@@ -136,17 +136,22 @@ fn block_tcp_service_port(lab: &Lab) -> Result<(), LabError> {
     Ok(())
 }
 
-#[test]
-fn a_site_that_allows_only_https_reaches_the_gateway_over_tls_on_443() {
-    if !lab_available() {
-        return;
-    }
+/// Alice's site drops UDP and, at the gateway, her TCP to the service port: only
+/// TLS on 443 passes. The gateway's certificate (from a test CA alice trusts with
+/// `--tls-ca`) names `sans`; alice gets `--server-tls 192.0.2.10` and `alice_args`.
+/// The directory holding the certificates comes back too: keep it while the
+/// scenario runs (the agent may not have read its CA file yet).
+fn https_only(sans: &str, alice_args: &[&str], bob_args: &[&str]) -> (PunchLab, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let ca = TestCa::new(dir.path());
-    let (cert, key) = ca.leaf_with_names("gateway", 1, "IP:192.0.2.10");
+    let (cert, key) = ca.leaf_with_names("gateway", 1, sans);
     let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
     let ca_pem = ca.cert.to_string_lossy().into_owned();
-    let mut scenario = punch::start_prepared(
+    let alice: Vec<&str> = ["--server-tls", "192.0.2.10", "--tls-ca", &ca_pem]
+        .into_iter()
+        .chain(alice_args.iter().copied())
+        .collect();
+    let scenario = punch::start_prepared(
         Topology::TwoSites(NatPreset::udp_blocked(), NatPreset::port_restricted_cone()),
         WanConditions::default(),
         &block_tcp_service_port,
@@ -158,17 +163,23 @@ fn a_site_that_allows_only_https_reaches_the_gateway_over_tls_on_443() {
             "--tls-key",
             &key,
         ],
-        &[
-            "--forward-listen",
-            "127.0.0.1:5000",
-            "--server-tls",
-            "192.0.2.10",
-            "--tls-ca",
-            &ca_pem,
-        ],
-        &["--forward-to", "127.0.0.1:6000"],
+        &alice,
+        bob_args,
     )
     .expect("punch lab");
+    (scenario, dir)
+}
+
+#[test]
+fn a_site_that_allows_only_https_reaches_the_gateway_over_tls_on_443() {
+    if !lab_available() {
+        return;
+    }
+    let (mut scenario, _certificates) = https_only(
+        "IP:192.0.2.10",
+        &["--forward-listen", "127.0.0.1:5000"],
+        &["--forward-to", "127.0.0.1:6000"],
+    );
     let first = line(
         &mut scenario,
         true,
@@ -199,28 +210,8 @@ fn a_certificate_for_another_name_is_refused_and_said() {
     if !lab_available() {
         return;
     }
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let ca = TestCa::new(dir.path());
     // The gateway's certificate names another address than the agent dials.
-    let (cert, key) = ca.leaf_with_names("gateway", 1, "IP:192.0.2.99");
-    let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
-    let ca_pem = ca.cert.to_string_lossy().into_owned();
-    let mut scenario = punch::start_prepared(
-        Topology::TwoSites(NatPreset::udp_blocked(), NatPreset::port_restricted_cone()),
-        WanConditions::default(),
-        &block_tcp_service_port,
-        &[
-            "--tls-listen",
-            "0.0.0.0:443",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
-        &["--server-tls", "192.0.2.10", "--tls-ca", &ca_pem],
-        &[],
-    )
-    .expect("punch lab");
+    let (mut scenario, _certificates) = https_only("IP:192.0.2.99", &[], &[]);
     let failed = line(
         &mut scenario,
         true,
