@@ -733,9 +733,11 @@ impl RendezvousServer {
     /// expired; answers 503 to Connects that waited [`super::LOCATE_TIMEOUT`] for
     /// the cluster (replies and events then wait in the queues).
     pub fn handle_timeout(&mut self, now: Instant, now_unix: u64) {
-        // Without a cluster, every call sweeps (as always); with one, only when the
-        // sweep is due, not on every waiting Connect's deadline.
-        if self.cluster.is_none() || self.next_sweep.is_none_or(|at| at <= now) {
+        // The registry is swept when the sweep is due (once a second while anyone is
+        // registered), not on every other deadline (a waiting Connect's, a mapped
+        // candidate's check, an introduction's memory): a walk over every peer each
+        // time would make those timers cost O(peers).
+        if self.next_sweep.is_none_or(|at| at <= now) {
             let lifetime_ms = u32::try_from(self.config.lifetime.as_millis()).unwrap_or(u32::MAX);
             let now_ms = self.clock_ms(now);
             let mut by_transport = [0; 3];
