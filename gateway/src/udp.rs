@@ -39,14 +39,29 @@ pub enum ServerError {
 }
 
 /// Binds the service socket with the options the gateway needs (a large receive
-/// buffer; dual-stack when bound to `[::]`).
+/// buffer; dual-stack when bound to `[::]`; SO_REUSEPORT, so a flooding client can
+/// be given a connected socket of its own on the same port, see [`crate::fair`]).
+///
+/// A port already bound by anyone (another gateway of the same user included, which
+/// SO_REUSEPORT alone would let share it) is refused: the address is first bound
+/// without the option.
 pub fn bind(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
     let err = |source| ServerError::Bind { addr, source };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false).map_err(err)?;
+    let new_socket = || -> Result<Socket, ServerError> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false).map_err(err)?;
+        }
+        Ok(socket)
+    };
+    if addr.port() != 0 {
+        // Released before the real bind: a process binding the port in between
+        // shares it (rare, and only as this user with SO_REUSEPORT).
+        new_socket()?.bind(&addr.into()).map_err(err)?;
     }
+    let socket = new_socket()?;
+    set_reuse_port(&socket).map_err(err)?;
     // Best effort: without CAP_NET_ADMIN the kernel caps this at net.core.rmem_max.
     size_recv_buffer(&socket, RECV_BUFFER_BYTES);
     socket.set_nonblocking(true).map_err(err)?;
@@ -74,6 +89,82 @@ pub(crate) fn size_recv_buffer(socket: &Socket, bytes: usize) {
     }
 }
 
+/// Sets SO_REUSEPORT on `socket` (before binding it).
+fn set_reuse_port(socket: &Socket) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a live descriptor with a pointer to a c_int and its size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Receive buffer of an isolated client's socket: what one client may have waiting.
+const ISOLATED_RECV_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// Opens a socket of `client`'s own on `service`'s port (see [`crate::fair`]): bound
+/// with SO_REUSEPORT to the service address (or, for a wildcard one, the address
+/// the client sent to, `local`) and connected to the client, so the kernel queues
+/// the client's datagrams there and no longer in the service socket's queue.
+/// Replies still leave from `service`. Must be called inside a tokio runtime.
+pub fn isolated_socket(
+    service: &ServiceSocket,
+    client: SocketAddr,
+    local: Option<IpAddr>,
+) -> std::io::Result<ServiceSocket> {
+    let bound = service.socket.get_ref().local_addr()?;
+    let ip = match (bound.ip().is_unspecified(), local) {
+        (true, Some(local)) => local,
+        _ => bound.ip(),
+    };
+    let (ip, peer) = if bound.is_ipv6() {
+        let ip = match ip {
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            v6 => v6,
+        };
+        (ip, to_v6_mapped(client))
+    } else {
+        (ip.to_canonical(), canonical(client))
+    };
+    if peer.is_ipv6() != bound.is_ipv6() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an IPv6 client of an IPv4 socket",
+        ));
+    }
+    let addr = SocketAddr::new(ip, bound.port());
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    set_reuse_port(&socket)?;
+    size_recv_buffer(&socket, ISOLATED_RECV_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.connect(&peer.into())?;
+    let socket: std::net::UdpSocket = socket.into();
+    // Its own quinn-udp state: building one turns on IP_PKTINFO and UDP_GRO.
+    let state = UdpSocketState::new((&socket).into())?;
+    // SAFETY: the std socket owns its descriptor and keeps it open, unchanged, for
+    // as long as the AsyncFd holding it lives.
+    let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE)? };
+    Ok(ServiceSocket::new(
+        Arc::new(socket),
+        Arc::new(state),
+        bound.is_ipv6(),
+    ))
+}
+
 /// Turns on UDP_GRO: datagrams of one flow arriving back to back (a GSO batch) are
 /// read as one buffer with their segment size. Best effort.
 pub(crate) fn enable_gro(socket: &Socket) {
@@ -91,7 +182,7 @@ pub(crate) fn enable_gro(socket: &Socket) {
 }
 
 /// Datagram buffers read per system call (recvmmsg).
-const RECV_BATCH: usize = 32;
+pub(crate) const RECV_BATCH: usize = 32;
 
 /// Prepares a bound service socket for the service loop (`service::run`): its quinn-udp state (batched
 /// receives, IP_PKTINFO), shared so relay tasks can send to clients from it too.
@@ -125,6 +216,9 @@ pub struct ServiceSocket {
     pub(crate) socket: Arc<AsyncFd<std::net::UdpSocket>>,
     pub(crate) state: Arc<UdpSocketState>,
     pub(crate) dual_stack: bool,
+    /// The clients given a socket of their own on this socket's port, shared by
+    /// the loops serving it.
+    pub(crate) isolation: crate::fair::Isolation,
 }
 
 impl ServiceSocket {
@@ -138,6 +232,7 @@ impl ServiceSocket {
             socket,
             state,
             dual_stack,
+            isolation: crate::fair::Isolation::default(),
         }
     }
 
@@ -695,6 +790,57 @@ mod tests {
             metrics.udp_sent_bytes.get(),
             expected.iter().map(|p| p.len() as u64).sum::<u64>()
         );
+    }
+
+    #[tokio::test]
+    async fn an_isolated_client_s_datagrams_queue_on_its_own_socket_only() {
+        let socket = bind(SocketAddr::from(([0, 0, 0, 0], 0))).expect("bind");
+        let service = service_socket(socket).expect("service socket");
+        let port = service
+            .socket
+            .get_ref()
+            .local_addr()
+            .expect("address")
+            .port();
+        let to = SocketAddr::from(([127, 0, 0, 1], port));
+        let flooder = std::net::UdpSocket::bind("127.0.0.1:0").expect("flooder");
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").expect("other");
+        let flooder_addr = flooder.local_addr().expect("address");
+        let local = Some(IpAddr::from([127, 0, 0, 1]));
+        let isolated = isolated_socket(&service, flooder_addr, local).expect("isolated");
+        for _ in 0..3 {
+            flooder.send_to(b"flood", to).expect("send");
+            other.send_to(b"other", to).expect("send");
+        }
+        async fn read(socket: &ServiceSocket) -> Vec<(SocketAddr, Vec<u8>, Option<IpAddr>)> {
+            let mut batch = RecvBatch::new();
+            let mut seen = Vec::new();
+            while seen.len() < 3 {
+                let wait = tokio::time::timeout(Duration::from_secs(2), batch.recv(socket));
+                wait.await.expect("datagrams");
+                seen.extend(
+                    batch
+                        .datagrams()
+                        .map(|d| (d.from, d.bytes.to_vec(), d.local)),
+                );
+            }
+            seen
+        }
+        let on_isolated = read(&isolated).await;
+        let on_service = read(&service).await;
+        assert!(
+            on_isolated
+                .iter()
+                .all(|d| *d == (flooder_addr, b"flood".to_vec(), local))
+        );
+        let other_addr = other.local_addr().expect("address");
+        assert!(
+            on_service
+                .iter()
+                .all(|d| d.0 == other_addr && d.1 == b"other")
+        );
+        // The port stays taken for anyone else.
+        assert!(bind(to).is_err());
     }
 
     #[tokio::test]
