@@ -300,14 +300,26 @@ async fn serve_isolated(
 ) {
     let mut batch = RecvBatch::new();
     let mut work = LoopWork::new(served.replies_per_source);
+    // One timer, moved on only when it fires (not re-armed per batch).
+    let mut last_heard = Instant::now();
+    let idle = tokio::time::sleep(ISOLATION_IDLE);
+    tokio::pin!(idle);
     loop {
         let count = tokio::select! {
-            () = tokio::time::sleep(ISOLATION_IDLE) => break,
+            () = &mut idle => {
+                let quiet_until = last_heard + ISOLATION_IDLE;
+                if quiet_until <= Instant::now() {
+                    break;
+                }
+                idle.as_mut().reset(quiet_until.into());
+                continue;
+            }
             count = batch.recv(&socket) => count,
         };
         if count == 0 {
             continue;
         }
+        last_heard = Instant::now();
         tokio::task::consume_budget().await;
         work.serve_batch(&served, &batch, None).await;
     }

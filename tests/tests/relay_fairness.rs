@@ -370,4 +370,20 @@ fn a_paced_flow_out_loses_under_one_percent_while_another_client_floods_out() {
         flooded.load(Ordering::Relaxed),
         gateway.log_text()
     );
+
+    // Quiet for 5 s, the flooder's own socket closes, and its datagrams are served
+    // from the service socket again.
+    let released = Instant::now() + Duration::from_secs(10);
+    while gateway.metric("gateway_udp_isolated_clients", "") > 0.0 {
+        assert!(Instant::now() < released, "the isolated socket stays open");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sink.set_nonblocking(true).expect("non-blocking");
+    let mut buf = [0u8; 256];
+    while sink.recv(&mut buf).is_ok() {}
+    sink.set_nonblocking(false).expect("blocking");
+    sink.set_read_timeout(Some(WAIT)).expect("timeout");
+    flooder.send_raw(&frame).expect("send");
+    let len = sink.recv(&mut buf).expect("relayed after the release");
+    assert_eq!(buf.get(..len), Some(&[0x42; 120][..]));
 }
