@@ -794,7 +794,40 @@ mod tests {
 
     #[tokio::test]
     async fn an_isolated_client_s_datagrams_queue_on_its_own_socket_only() {
-        let socket = bind(SocketAddr::from(([0, 0, 0, 0], 0))).expect("bind");
+        let any = IpAddr::from([0, 0, 0, 0]);
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        isolate_one_of_two(any, loopback).await;
+        isolate_one_of_two(loopback, loopback).await;
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_service_socket_isolates_ipv4_and_ipv6_clients() {
+        let any6 = IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
+        isolate_one_of_two(any6, IpAddr::from([127, 0, 0, 1])).await;
+        isolate_one_of_two(any6, IpAddr::from(std::net::Ipv6Addr::LOCALHOST)).await;
+    }
+
+    /// Reads until 3 datagrams came (each failing after 2 s).
+    async fn read_three(socket: &ServiceSocket) -> Vec<(SocketAddr, Vec<u8>, Option<IpAddr>)> {
+        let mut batch = RecvBatch::new();
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let wait = tokio::time::timeout(Duration::from_secs(2), batch.recv(socket));
+            wait.await.expect("datagrams");
+            seen.extend(
+                batch
+                    .datagrams()
+                    .map(|d| (d.from, d.bytes.to_vec(), d.local)),
+            );
+        }
+        seen
+    }
+
+    /// A service socket bound to `service_ip`; two clients on `client_ip` send to it,
+    /// one of them isolated: each one's datagrams land on its own socket only, and
+    /// the port stays taken for anyone else.
+    async fn isolate_one_of_two(service_ip: IpAddr, client_ip: IpAddr) {
+        let socket = bind(SocketAddr::new(service_ip, 0)).expect("bind");
         let service = service_socket(socket).expect("service socket");
         let port = service
             .socket
@@ -802,45 +835,32 @@ mod tests {
             .local_addr()
             .expect("address")
             .port();
-        let to = SocketAddr::from(([127, 0, 0, 1], port));
-        let flooder = std::net::UdpSocket::bind("127.0.0.1:0").expect("flooder");
-        let other = std::net::UdpSocket::bind("127.0.0.1:0").expect("other");
+        let to = SocketAddr::new(client_ip, port);
+        let flooder = std::net::UdpSocket::bind((client_ip, 0)).expect("flooder");
+        let other = std::net::UdpSocket::bind((client_ip, 0)).expect("other");
         let flooder_addr = flooder.local_addr().expect("address");
-        let local = Some(IpAddr::from([127, 0, 0, 1]));
+        let local = Some(client_ip);
         let isolated = isolated_socket(&service, flooder_addr, local).expect("isolated");
         for _ in 0..3 {
             flooder.send_to(b"flood", to).expect("send");
             other.send_to(b"other", to).expect("send");
         }
-        async fn read(socket: &ServiceSocket) -> Vec<(SocketAddr, Vec<u8>, Option<IpAddr>)> {
-            let mut batch = RecvBatch::new();
-            let mut seen = Vec::new();
-            while seen.len() < 3 {
-                let wait = tokio::time::timeout(Duration::from_secs(2), batch.recv(socket));
-                wait.await.expect("datagrams");
-                seen.extend(
-                    batch
-                        .datagrams()
-                        .map(|d| (d.from, d.bytes.to_vec(), d.local)),
-                );
-            }
-            seen
-        }
-        let on_isolated = read(&isolated).await;
-        let on_service = read(&service).await;
+        let on_isolated = read_three(&isolated).await;
+        let on_service = read_three(&service).await;
         assert!(
             on_isolated
                 .iter()
-                .all(|d| *d == (flooder_addr, b"flood".to_vec(), local))
+                .all(|d| *d == (flooder_addr, b"flood".to_vec(), local)),
+            "{service_ip} {client_ip}: {on_isolated:?}"
         );
         let other_addr = other.local_addr().expect("address");
         assert!(
             on_service
                 .iter()
-                .all(|d| d.0 == other_addr && d.1 == b"other")
+                .all(|d| d.0 == other_addr && d.1 == b"other"),
+            "{service_ip} {client_ip}: {on_service:?}"
         );
-        // The port stays taken for anyone else.
-        assert!(bind(to).is_err());
+        assert!(bind(SocketAddr::new(service_ip, port)).is_err());
     }
 
     #[tokio::test]
