@@ -161,7 +161,7 @@ pub async fn run_with_alternates(
         // Cheaper than a yield per batch: it yields only when the budget runs out.
         tokio::task::consume_budget().await;
         work.serve_batch(&served, &batch, Some(&mut fair)).await;
-        fair.end_batch(Instant::now(), &mut isolate);
+        fair.end_batch(Instant::now(), || client.kernel_drops(), &mut isolate);
         for one in isolate.drain(..) {
             isolate_client(&served, one);
         }

@@ -236,6 +236,26 @@ impl ServiceSocket {
         }
     }
 
+    /// Datagrams the kernel dropped on this socket since it was opened (a full
+    /// receive queue, mostly: SK_MEMINFO_DROPS), or `None` when it will not say.
+    pub fn kernel_drops(&self) -> Option<u64> {
+        let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+        let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+        // SAFETY: getsockopt on a live descriptor into a buffer of `len` bytes.
+        let read = unsafe {
+            libc::getsockopt(
+                self.socket.get_ref().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MEMINFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let drops = info.get(libc::SK_MEMINFO_DROPS as usize)?;
+        (read == 0 && len as usize > libc::SK_MEMINFO_DROPS as usize * 4)
+            .then_some(u64::from(*drops))
+    }
+
     /// Sends `payload` to `to` from the gateway address `local` (when known), without
     /// waiting: a full socket buffer drops the datagram, as the network would.
     pub fn try_send(&self, to: SocketAddr, local: Option<IpAddr>, payload: &[u8]) -> bool {
@@ -798,6 +818,23 @@ mod tests {
         let loopback = IpAddr::from([127, 0, 0, 1]);
         isolate_one_of_two(any, loopback).await;
         isolate_one_of_two(loopback, loopback).await;
+    }
+
+    #[tokio::test]
+    async fn the_kernel_s_drops_are_read_and_grow_when_the_queue_is_full() {
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        // A small queue, quickly full.
+        socket2::SockRef::from(&socket)
+            .set_recv_buffer_size(4096)
+            .expect("buffer");
+        let to = socket.local_addr().expect("address");
+        let service = service_socket(socket).expect("service socket");
+        assert_eq!(service.kernel_drops(), Some(0));
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
+        for _ in 0..200 {
+            sender.send_to(&[0u8; 100], to).expect("send");
+        }
+        assert!(service.kernel_drops().is_some_and(|d| d > 0));
     }
 
     #[tokio::test]
