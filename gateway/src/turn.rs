@@ -170,7 +170,7 @@ impl RelayMetrics {
         registry.register(Box::new(fast_path_entries.clone()))?;
         let throttled = IntCounter::new(
             "gateway_relay_throttled_packets_total",
-            "ChannelData the service loop dropped unrelayed because its client sent half or more of what an overloaded loop read, crowding others out",
+            "ChannelData the service loop dropped unrelayed because its client sent more than half of what an overloaded loop read while the kernel dropped others' datagrams",
         )?;
         registry.register(Box::new(throttled.clone()))?;
         Ok(Self {
