@@ -6,6 +6,8 @@
 //! - [`service`]: the service loop that demultiplexes each datagram to the rendezvous
 //!   core or the TURN driver and runs their timers;
 //! - [`udp`]: batched UDP I/O for service sockets (recvmmsg, sendmmsg, GSO, pktinfo);
+//! - [`fair`]: a flooding client held to its share of the service port (throttled,
+//!   then given a connected socket of its own);
 //! - [`ebpf`]: loads and attaches the kernel programs and reads their counters;
 //! - [`metrics`]: the Prometheus registry and the `/metrics` HTTP endpoint;
 //! - [`agent`]: the peer agent's driver (`gateway peer`; also reachable as `peer`);
@@ -31,6 +33,7 @@ pub mod capabilities;
 pub mod cluster;
 pub mod config;
 pub mod ebpf;
+pub mod fair;
 pub mod fast_path;
 pub mod health;
 pub mod lifecycle;

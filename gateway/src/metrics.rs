@@ -49,6 +49,11 @@ pub struct Metrics {
     pub udp_sent_datagrams: IntCounter,
     /// Bytes (UDP payload) sent from the service port.
     pub udp_sent_bytes: IntCounter,
+    /// Clients with a socket of their own on the service port now (flooders, see
+    /// [`crate::fair`]).
+    pub udp_isolated_clients: IntGauge,
+    /// Clients given a socket of their own, ever.
+    pub udp_isolations: IntCounter,
     /// What became of each received datagram, by [`RendezvousHandled`] label.
     pub stun_datagrams: IntCounterVec,
     /// Peers registered with the rendezvous.
@@ -269,6 +274,14 @@ impl Metrics {
             udp_sent_bytes: counter(
                 "gateway_udp_sent_bytes_total",
                 "UDP payload bytes sent from the service port",
+            )?,
+            udp_isolated_clients: gauge(
+                "gateway_udp_isolated_clients",
+                "Clients that flooded the service port and have a socket (kernel queue) of their own on it now",
+            )?,
+            udp_isolations: counter(
+                "gateway_udp_isolations_total",
+                "Clients given a socket (kernel queue) of their own on the service port for flooding it",
             )?,
             ebpf_loaded: gauge(
                 "gateway_ebpf_loaded",

@@ -12,10 +12,11 @@
 //! merged back into the order of the datagrams they answer ([`merge_replies`]), so
 //! every client gets its replies in the order of its requests, as when the batch was
 //! handled in one pass.
-use std::{future::Future, sync::Arc, time::Instant};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Instant};
 
 use crate::{
     cluster::ClusterLink,
+    fair::{FairShare, ISOLATION_IDLE, Isolate, Isolation},
     metrics::Metrics,
     proto::{
         Transmit,
@@ -31,7 +32,7 @@ use crate::{
     },
     rendezvous::{SharedRendezvous, core_deadline, core_pass, core_timeout, inject_forged},
     turn::{ForwardScratch, RelayShared},
-    udp::{Datagram, RecvBatch, SendScratch, ServiceSocket, send_transmits},
+    udp::{Datagram, RECV_BATCH, RecvBatch, SendScratch, ServiceSocket, send_transmits},
 };
 
 /// True when a STUN-looking datagram carries a TURN method (cheap header peek, so
@@ -92,18 +93,30 @@ pub async fn run_with_alternates(
     replies_per_source: u32,
     shutdown: impl Future<Output = ()>,
 ) {
+    let served = Served {
+        client,
+        alternates,
+        metrics,
+        rendezvous,
+        relay,
+        cluster,
+        replies_per_source,
+    };
+    let Served {
+        client,
+        metrics,
+        rendezvous,
+        relay,
+        cluster,
+        ..
+    } = &served;
+    // Isolated clients' loops end with the service's (at shutdown, or should this
+    // loop's task be aborted).
+    let _isolated = StopIsolated(client.isolation.clone());
     let mut batch = RecvBatch::new();
-    let mut out = BatchOutput::default();
-    let mut scratch = SendScratch::default();
-    // Without a rendezvous core this loop answers Bindings itself, within its own
-    // budget (each loop has one: the limits are per loop).
-    let mut binding_budget = ReplyBudget::new(
-        ReplyBudgetConfig::new(replies_per_source, BINDING_REPLIES_PER_SECOND),
-        rand::random(),
-    );
-    // Server-assisted TCP splicing (only when the core was told to forge): the raw
-    // sockets open on first use.
-    let mut injector = crate::tcp_raw::Injector::new();
+    let mut work = LoopWork::new(replies_per_source);
+    let mut fair = FairShare::default();
+    let mut isolate = Vec::new();
     tokio::pin!(shutdown);
     loop {
         let timeout = earliest([
@@ -128,19 +141,21 @@ pub async fn run_with_alternates(
                 {
                     relay.handle_timeout(now);
                 }
-                if let Some(core) = &rendezvous {
+                if let Some(core) = rendezvous {
+                    let out = &mut work.out;
                     out.clear();
-                    core_timeout(core, now, &metrics, &mut out);
+                    core_timeout(core, now, metrics, out);
                     submit(cluster.as_ref(), &mut out.cluster);
-                    send_transmits(&client, &out.transmits, &metrics, &mut scratch).await;
+                    send_transmits(client, &out.transmits, metrics, &mut work.scratch).await;
                 }
                 continue;
             }
-            count = batch.recv(&client) => count,
+            count = batch.recv(client) => count,
         };
         if count == 0 {
             continue;
         }
+        fair.start_batch(count, RECV_BATCH);
         // Count each batch against tokio's cooperative budget, so this loop returns to
         // the scheduler every so many batches: under a flood the socket is always
         // readable and the loop would otherwise never yield, and a task spawned from
@@ -148,27 +163,178 @@ pub async fn run_with_alternates(
         // steal) would never run: the peer-to-client direction starved to nothing.
         // Cheaper than a yield per batch: it yields only when the budget runs out.
         tokio::task::consume_budget().await;
+        work.serve_batch(&served, &batch, Some(&mut fair)).await;
+        fair.end_batch(Instant::now(), || client.kernel_drops(), &mut isolate);
+        for one in isolate.drain(..) {
+            isolate_client(&served, one);
+        }
+    }
+}
+
+/// What every loop serving one service socket shares, cloned into the loops of its
+/// isolated clients.
+#[derive(Clone)]
+struct Served {
+    client: ServiceSocket,
+    alternates: Vec<ServiceSocket>,
+    metrics: Metrics,
+    rendezvous: Option<SharedRendezvous>,
+    relay: Option<Arc<RelayShared>>,
+    cluster: Option<ClusterLink>,
+    replies_per_source: u32,
+}
+
+/// One loop's buffers and per-loop state, kept across batches.
+struct LoopWork {
+    out: BatchOutput,
+    scratch: SendScratch,
+    /// Without a rendezvous core this loop answers Bindings itself, within its own
+    /// budget (each loop has one: the limits are per loop).
+    binding_budget: ReplyBudget,
+    /// Server-assisted TCP splicing (only when the core was told to forge): the raw
+    /// sockets open on first use.
+    injector: crate::tcp_raw::Injector,
+}
+
+impl LoopWork {
+    fn new(replies_per_source: u32) -> Self {
+        Self {
+            out: BatchOutput::default(),
+            scratch: SendScratch::default(),
+            binding_budget: ReplyBudget::new(
+                ReplyBudgetConfig::new(replies_per_source, BINDING_REPLIES_PER_SECOND),
+                rand::random(),
+            ),
+            injector: crate::tcp_raw::Injector::new(),
+        }
+    }
+
+    /// Handles one received batch (within `fair`'s throttle, when given) and sends
+    /// what it produced from the service socket (and the discovery sockets).
+    async fn serve_batch(
+        &mut self,
+        served: &Served,
+        batch: &RecvBatch,
+        fair: Option<&mut FairShare>,
+    ) {
+        let Served {
+            client,
+            alternates,
+            metrics,
+            rendezvous,
+            relay,
+            cluster,
+            ..
+        } = served;
+        let out = &mut self.out;
         handle_batch(
-            &batch,
-            &metrics,
+            batch,
+            metrics,
             rendezvous.as_ref(),
             relay.as_deref(),
-            &mut binding_budget,
-            &mut out,
+            &mut self.binding_budget,
+            fair,
+            out,
         );
         submit(cluster.as_ref(), &mut out.cluster);
-        send_transmits(&client, &out.transmits, &metrics, &mut scratch).await;
+        send_transmits(client, &out.transmits, metrics, &mut self.scratch).await;
         for synack in out.forged.drain(..) {
-            inject_forged(&mut injector, &synack, &metrics);
+            inject_forged(&mut self.injector, &synack, metrics);
         }
         for transmit in out.redirected.drain(..) {
             let alternate = discovery_index(transmit.socket).and_then(|i| alternates.get(i));
             if let Some(alternate) = alternate {
                 let one = std::slice::from_ref(&transmit);
-                send_transmits(alternate, one, &metrics, &mut scratch).await;
+                send_transmits(alternate, one, metrics, &mut self.scratch).await;
             }
         }
     }
+}
+
+/// Stops the isolated clients' loops when dropped.
+struct StopIsolated(Isolation);
+
+impl Drop for StopIsolated {
+    fn drop(&mut self) {
+        self.0.stop_all();
+    }
+}
+
+/// Gives a flooding client a socket of its own on the service port and a loop to
+/// read it (see [`crate::fair`]); nothing when it has one already, too many clients
+/// have one, or the socket cannot be opened (the client stays throttled).
+fn isolate_client(served: &Served, isolate: Isolate) {
+    let Isolate { client, local } = isolate;
+    let isolation = &served.client.isolation;
+    if !isolation.reserve(client) {
+        return;
+    }
+    // Counted against the relay's descriptor budget, like a relay socket.
+    let Some(permit) = crate::limits::fd_budget().try_acquire() else {
+        isolation.release(client);
+        return;
+    };
+    let socket = match crate::udp::isolated_socket(&served.client, client, local) {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::debug!(error = %e, %client, "cannot give a flooding client its own socket");
+            isolation.release(client);
+            return;
+        }
+    };
+    tracing::info!(%client, "a client floods the service port: it gets a socket of its own");
+    let task = tokio::spawn(serve_isolated(served.clone(), socket, client, permit));
+    isolation.started(client, task.abort_handle());
+    served.metrics.udp_isolations.inc();
+    served
+        .metrics
+        .udp_isolated_clients
+        .set(isolation.count() as i64);
+}
+
+/// Serves one isolated client's socket like the service socket (its replies leave
+/// from the service socket) until the client has been quiet for [`ISOLATION_IDLE`];
+/// then closes it, and the client's datagrams go to the service socket again.
+async fn serve_isolated(
+    served: Served,
+    socket: ServiceSocket,
+    client: SocketAddr,
+    permit: crate::limits::FdPermit,
+) {
+    let mut batch = RecvBatch::new();
+    let mut work = LoopWork::new(served.replies_per_source);
+    // One timer, moved on only when it fires (not re-armed per batch).
+    let mut last_heard = Instant::now();
+    let idle = tokio::time::sleep(ISOLATION_IDLE);
+    tokio::pin!(idle);
+    loop {
+        let count = tokio::select! {
+            () = &mut idle => {
+                let quiet_until = last_heard + ISOLATION_IDLE;
+                if quiet_until <= Instant::now() {
+                    break;
+                }
+                idle.as_mut().reset(quiet_until.into());
+                continue;
+            }
+            count = batch.recv(&socket) => count,
+        };
+        if count == 0 {
+            continue;
+        }
+        last_heard = Instant::now();
+        tokio::task::consume_budget().await;
+        work.serve_batch(&served, &batch, None).await;
+    }
+    drop(socket);
+    drop(permit);
+    let isolation = &served.client.isolation;
+    isolation.release(client);
+    served
+        .metrics
+        .udp_isolated_clients
+        .set(isolation.count() as i64);
+    tracing::info!(%client, "an isolated client has been quiet: its socket is closed");
 }
 
 /// Binding answers per second per driver loop, all sources together, when no
@@ -232,10 +398,11 @@ fn handle_batch(
     rendezvous: Option<&SharedRendezvous>,
     relay: Option<&RelayShared>,
     binding_budget: &mut ReplyBudget,
+    fair: Option<&mut FairShare>,
     out: &mut BatchOutput,
 ) {
     out.clear();
-    relay_pass(batch, metrics, relay, out);
+    relay_pass(batch, metrics, relay, fair, out);
     match rendezvous {
         Some(core) => core_pass(batch, metrics, core, out),
         None => binding_pass(batch, binding_budget, metrics, out),
@@ -250,12 +417,15 @@ fn handle_batch(
 /// Pass 1: counts every datagram and hands the TURN messages and ChannelData to the
 /// relay (each call takes and releases the relay's own lock); marks in
 /// `out.relay_took` which datagrams it took. Never touches the rendezvous core.
+/// ChannelData `fair` throttles is dropped here, before the relay routes it.
 fn relay_pass(
     batch: &RecvBatch,
     metrics: &Metrics,
     relay: Option<&RelayShared>,
+    mut fair: Option<&mut FairShare>,
     out: &mut BatchOutput,
 ) {
+    let mut throttled = 0u64;
     let mut reply = Vec::new();
     // ChannelData waiting to be relayed: a run is handed over in one call (one lock,
     // segmented sends), before any TURN message that follows it, so the order of a
@@ -267,9 +437,17 @@ fn relay_pass(
         let Datagram { from, local, bytes } = datagram;
         received += 1;
         received_bytes += bytes.len() as u64;
+        let data = relay.is_some() && turn::is_channel_data(bytes);
+        let admitted = fair
+            .as_deref_mut()
+            .is_none_or(|fair| fair.admit(from, local, data));
         let label = match relay {
-            Some(_) if turn::is_channel_data(bytes) => {
-                channel_data.push((from.into(), bytes));
+            Some(_) if data => {
+                if admitted {
+                    channel_data.push((from.into(), bytes));
+                } else {
+                    throttled += 1;
+                }
                 out.relay_took.push(true);
                 continue;
             }
@@ -296,6 +474,15 @@ fn relay_pass(
         && !channel_data.is_empty()
     {
         relay_channel_data(relay, metrics, &mut channel_data, &mut out.forward);
+    }
+    if let Some(relay) = relay
+        && throttled > 0
+    {
+        relay.metrics().throttled.inc_by(throttled);
+        metrics
+            .stun_datagrams
+            .with_label_values(&["channel_data"])
+            .inc_by(throttled);
     }
     metrics.udp_received_datagrams.inc_by(received);
     metrics.udp_received_bytes.inc_by(received_bytes);

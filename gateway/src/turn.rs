@@ -103,6 +103,8 @@ pub struct RelayMetrics {
     pub fast_path_to_client: IntCounter,
     /// Channels installed in the kernel fast path now.
     pub fast_path_entries: IntGauge,
+    /// ChannelData dropped unrelayed by the service loop's fair-share throttle.
+    pub throttled: IntCounter,
 }
 
 impl RelayMetrics {
@@ -166,7 +168,13 @@ impl RelayMetrics {
             "Bound channels installed in the kernel fast path",
         )?;
         registry.register(Box::new(fast_path_entries.clone()))?;
+        let throttled = IntCounter::new(
+            "gateway_relay_throttled_packets_total",
+            "ChannelData the service loop dropped unrelayed because its client sent more than half of what an overloaded loop read while the kernel dropped others' datagrams",
+        )?;
+        registry.register(Box::new(throttled.clone()))?;
         Ok(Self {
+            throttled,
             fast_path_entries,
             fast_path_to_peer: fast_path.with_label_values(&["client_to_peer"]),
             fast_path_to_client: fast_path.with_label_values(&["peer_to_client"]),

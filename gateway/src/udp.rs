@@ -39,14 +39,29 @@ pub enum ServerError {
 }
 
 /// Binds the service socket with the options the gateway needs (a large receive
-/// buffer; dual-stack when bound to `[::]`).
+/// buffer; dual-stack when bound to `[::]`; SO_REUSEPORT, so a flooding client can
+/// be given a connected socket of its own on the same port, see [`crate::fair`]).
+///
+/// A port already bound by anyone (another gateway of the same user included, which
+/// SO_REUSEPORT alone would let share it) is refused: the address is first bound
+/// without the option.
 pub fn bind(addr: SocketAddr) -> Result<UdpSocket, ServerError> {
     let err = |source| ServerError::Bind { addr, source };
-    let socket =
-        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(false).map_err(err)?;
+    let new_socket = || -> Result<Socket, ServerError> {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(err)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(false).map_err(err)?;
+        }
+        Ok(socket)
+    };
+    if addr.port() != 0 {
+        // Released before the real bind: a process binding the port in between
+        // shares it (rare, and only as this user with SO_REUSEPORT).
+        new_socket()?.bind(&addr.into()).map_err(err)?;
     }
+    let socket = new_socket()?;
+    set_reuse_port(&socket).map_err(err)?;
     // Best effort: without CAP_NET_ADMIN the kernel caps this at net.core.rmem_max.
     size_recv_buffer(&socket, RECV_BUFFER_BYTES);
     socket.set_nonblocking(true).map_err(err)?;
@@ -74,6 +89,82 @@ pub(crate) fn size_recv_buffer(socket: &Socket, bytes: usize) {
     }
 }
 
+/// Sets SO_REUSEPORT on `socket` (before binding it).
+fn set_reuse_port(socket: &Socket) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a live descriptor with a pointer to a c_int and its size.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            std::ptr::from_ref(&on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Receive buffer of an isolated client's socket: what one client may have waiting.
+const ISOLATED_RECV_BUFFER_BYTES: usize = 1024 * 1024;
+
+/// Opens a socket of `client`'s own on `service`'s port (see [`crate::fair`]): bound
+/// with SO_REUSEPORT to the service address (or, for a wildcard one, the address
+/// the client sent to, `local`) and connected to the client, so the kernel queues
+/// the client's datagrams there and no longer in the service socket's queue.
+/// Replies still leave from `service`. Must be called inside a tokio runtime.
+pub fn isolated_socket(
+    service: &ServiceSocket,
+    client: SocketAddr,
+    local: Option<IpAddr>,
+) -> std::io::Result<ServiceSocket> {
+    let bound = service.socket.get_ref().local_addr()?;
+    let ip = match (bound.ip().is_unspecified(), local) {
+        (true, Some(local)) => local,
+        _ => bound.ip(),
+    };
+    let (ip, peer) = if bound.is_ipv6() {
+        let ip = match ip {
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            v6 => v6,
+        };
+        (ip, to_v6_mapped(client))
+    } else {
+        (ip.to_canonical(), canonical(client))
+    };
+    if peer.is_ipv6() != bound.is_ipv6() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an IPv6 client of an IPv4 socket",
+        ));
+    }
+    let addr = SocketAddr::new(ip, bound.port());
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
+    }
+    set_reuse_port(&socket)?;
+    size_recv_buffer(&socket, ISOLATED_RECV_BUFFER_BYTES);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.connect(&peer.into())?;
+    let socket: std::net::UdpSocket = socket.into();
+    // Its own quinn-udp state: building one turns on IP_PKTINFO and UDP_GRO.
+    let state = UdpSocketState::new((&socket).into())?;
+    // SAFETY: the std socket owns its descriptor and keeps it open, unchanged, for
+    // as long as the AsyncFd holding it lives.
+    let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE)? };
+    Ok(ServiceSocket::new(
+        Arc::new(socket),
+        Arc::new(state),
+        bound.is_ipv6(),
+    ))
+}
+
 /// Turns on UDP_GRO: datagrams of one flow arriving back to back (a GSO batch) are
 /// read as one buffer with their segment size. Best effort.
 pub(crate) fn enable_gro(socket: &Socket) {
@@ -91,7 +182,7 @@ pub(crate) fn enable_gro(socket: &Socket) {
 }
 
 /// Datagram buffers read per system call (recvmmsg).
-const RECV_BATCH: usize = 32;
+pub(crate) const RECV_BATCH: usize = 32;
 
 /// Prepares a bound service socket for the service loop (`service::run`): its quinn-udp state (batched
 /// receives, IP_PKTINFO), shared so relay tasks can send to clients from it too.
@@ -125,6 +216,9 @@ pub struct ServiceSocket {
     pub(crate) socket: Arc<AsyncFd<std::net::UdpSocket>>,
     pub(crate) state: Arc<UdpSocketState>,
     pub(crate) dual_stack: bool,
+    /// The clients given a socket of their own on this socket's port, shared by
+    /// the loops serving it.
+    pub(crate) isolation: crate::fair::Isolation,
 }
 
 impl ServiceSocket {
@@ -138,7 +232,28 @@ impl ServiceSocket {
             socket,
             state,
             dual_stack,
+            isolation: crate::fair::Isolation::default(),
         }
+    }
+
+    /// Datagrams the kernel dropped on this socket since it was opened (a full
+    /// receive queue, mostly: SK_MEMINFO_DROPS), or `None` when it will not say.
+    pub fn kernel_drops(&self) -> Option<u64> {
+        let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+        let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+        // SAFETY: getsockopt on a live descriptor into a buffer of `len` bytes.
+        let read = unsafe {
+            libc::getsockopt(
+                self.socket.get_ref().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MEMINFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let drops = info.get(libc::SK_MEMINFO_DROPS as usize)?;
+        (read == 0 && len as usize > libc::SK_MEMINFO_DROPS as usize * 4)
+            .then_some(u64::from(*drops))
     }
 
     /// Sends `payload` to `to` from the gateway address `local` (when known), without
@@ -695,6 +810,94 @@ mod tests {
             metrics.udp_sent_bytes.get(),
             expected.iter().map(|p| p.len() as u64).sum::<u64>()
         );
+    }
+
+    #[tokio::test]
+    async fn an_isolated_client_s_datagrams_queue_on_its_own_socket_only() {
+        let any = IpAddr::from([0, 0, 0, 0]);
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        isolate_one_of_two(any, loopback).await;
+        isolate_one_of_two(loopback, loopback).await;
+    }
+
+    #[tokio::test]
+    async fn the_kernel_s_drops_are_read_and_grow_when_the_queue_is_full() {
+        let socket = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        // A small queue, quickly full.
+        socket2::SockRef::from(&socket)
+            .set_recv_buffer_size(4096)
+            .expect("buffer");
+        let to = socket.local_addr().expect("address");
+        let service = service_socket(socket).expect("service socket");
+        assert_eq!(service.kernel_drops(), Some(0));
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("sender");
+        for _ in 0..200 {
+            sender.send_to(&[0u8; 100], to).expect("send");
+        }
+        assert!(service.kernel_drops().is_some_and(|d| d > 0));
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_service_socket_isolates_ipv4_and_ipv6_clients() {
+        let any6 = IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED);
+        isolate_one_of_two(any6, IpAddr::from([127, 0, 0, 1])).await;
+        isolate_one_of_two(any6, IpAddr::from(std::net::Ipv6Addr::LOCALHOST)).await;
+    }
+
+    /// Reads until 3 datagrams came (each failing after 2 s).
+    async fn read_three(socket: &ServiceSocket) -> Vec<(SocketAddr, Vec<u8>, Option<IpAddr>)> {
+        let mut batch = RecvBatch::new();
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let wait = tokio::time::timeout(Duration::from_secs(2), batch.recv(socket));
+            wait.await.expect("datagrams");
+            seen.extend(
+                batch
+                    .datagrams()
+                    .map(|d| (d.from, d.bytes.to_vec(), d.local)),
+            );
+        }
+        seen
+    }
+
+    /// A service socket bound to `service_ip`; two clients on `client_ip` send to it,
+    /// one of them isolated: each one's datagrams land on its own socket only, and
+    /// the port stays taken for anyone else.
+    async fn isolate_one_of_two(service_ip: IpAddr, client_ip: IpAddr) {
+        let socket = bind(SocketAddr::new(service_ip, 0)).expect("bind");
+        let service = service_socket(socket).expect("service socket");
+        let port = service
+            .socket
+            .get_ref()
+            .local_addr()
+            .expect("address")
+            .port();
+        let to = SocketAddr::new(client_ip, port);
+        let flooder = std::net::UdpSocket::bind((client_ip, 0)).expect("flooder");
+        let other = std::net::UdpSocket::bind((client_ip, 0)).expect("other");
+        let flooder_addr = flooder.local_addr().expect("address");
+        let local = Some(client_ip);
+        let isolated = isolated_socket(&service, flooder_addr, local).expect("isolated");
+        for _ in 0..3 {
+            flooder.send_to(b"flood", to).expect("send");
+            other.send_to(b"other", to).expect("send");
+        }
+        let on_isolated = read_three(&isolated).await;
+        let on_service = read_three(&service).await;
+        assert!(
+            on_isolated
+                .iter()
+                .all(|d| *d == (flooder_addr, b"flood".to_vec(), local)),
+            "{service_ip} {client_ip}: {on_isolated:?}"
+        );
+        let other_addr = other.local_addr().expect("address");
+        assert!(
+            on_service
+                .iter()
+                .all(|d| d.0 == other_addr && d.1 == b"other"),
+            "{service_ip} {client_ip}: {on_service:?}"
+        );
+        assert!(bind(SocketAddr::new(service_ip, port)).is_err());
     }
 
     #[tokio::test]

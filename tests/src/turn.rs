@@ -101,6 +101,16 @@ impl BlockingClient {
         })
     }
 
+    /// A second handle on the client's UDP socket (the same socket, so datagrams
+    /// sent on it share the client's 5-tuple: its allocation), e.g. for a load
+    /// generator's threads; `None` over TCP.
+    pub fn clone_udp_socket(&self) -> Option<UdpSocket> {
+        match &self.link {
+            Link::Udp(socket) => socket.try_clone().ok(),
+            Link::Tcp(..) => None,
+        }
+    }
+
     /// Sends one message to `to` (over TCP: to the server, ChannelData padded).
     fn send_to(&mut self, bytes: &[u8], to: SocketAddr) -> Result<(), DriveError> {
         match &mut self.link {
