@@ -533,6 +533,28 @@ mod tests {
     }
 
     #[test]
+    fn with_several_nodes_a_silent_round_moves_to_tcp() {
+        // Alice knows two nodes; her site drops UDP. The failover tries node 1, then
+        // node 0 again (2.5 s each): that round was silent, so TCP comes next, and
+        // she registers over it with the node she is on.
+        let mut sim = Sim::cluster(false, true, &[&[0, 1], &[0, 1]]);
+        sim.udp_blocked[0] = true;
+        let start = sim.now;
+        sim.run_for(Duration::from_secs(8));
+        let seen = changes(&sim, 0);
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!((seen[0].1, seen[0].2), (Transport::Udp, Transport::Tcp));
+        let waited = seen[0].0.duration_since(start);
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+            "{waited:?}"
+        );
+        assert_eq!(sim.agents[0].1.server_transport(), Transport::Tcp);
+        assert!(sim.has(0, |e| matches!(e, AgentEvent::Registered { .. })));
+        assert!(changes(&sim, 1).is_empty(), "bob keeps UDP");
+    }
+
+    #[test]
     fn a_working_udp_agent_never_leaves_udp() {
         let mut sim = Sim::new(false);
         let now = sim.now;
