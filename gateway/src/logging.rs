@@ -39,12 +39,29 @@ pub struct LogHandle {
     pinned: Option<String>,
 }
 
-/// Parses a filter, with an error naming it.
+/// The Redis Cluster client's recovery logs an error for every failed slot refresh,
+/// and while every shard is down it retries without pause: a Redis Cluster outage
+/// wrote over a million identical lines in a few seconds (redis 1.8.2). The
+/// gateway says what matters itself (`cluster: Redis unreachable ...`, the
+/// `gateway_cluster_*` metrics), so that module is silenced unless a filter names
+/// it.
+const QUIET_DEPENDENCY: &str = "redis::cluster_handling::async_connection";
+
+/// Parses a filter, with an error naming it; the noisy Redis Cluster recovery
+/// module is off unless the filter names it ([`QUIET_DEPENDENCY`]).
 pub fn parse_filter(filter: &str) -> Result<EnvFilter, LogError> {
-    EnvFilter::try_new(filter).map_err(|e| LogError::BadFilter {
+    let bad = |e: &dyn std::fmt::Display| LogError::BadFilter {
         filter: filter.to_owned(),
         message: e.to_string(),
-    })
+    };
+    let parsed = EnvFilter::try_new(filter).map_err(|e| bad(&e))?;
+    if filter.contains(QUIET_DEPENDENCY) {
+        return Ok(parsed);
+    }
+    let quiet = format!("{QUIET_DEPENDENCY}=off")
+        .parse()
+        .map_err(|e| bad(&e))?;
+    Ok(parsed.add_directive(quiet))
 }
 
 /// Installs the global subscriber: `format` lines to standard error, filtered by
@@ -58,7 +75,10 @@ pub fn init(format: LogFormat, pinned: Option<String>, configured: Option<&str>)
         .to_owned();
     let (filter, invalid) = match parse_filter(&wanted) {
         Ok(filter) => (filter, None),
-        Err(e) => (EnvFilter::new(DEFAULT_FILTER), Some(e)),
+        Err(e) => (
+            parse_filter(DEFAULT_FILTER).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER)),
+            Some(e),
+        ),
     };
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
@@ -113,5 +133,25 @@ impl LogHandle {
             .reload(filter)
             .map_err(|e| LogError::Reload(e.to_string()))?;
         Ok(wanted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redis_cluster_recovery_flood_is_off_unless_named() {
+        let filter = parse_filter("debug").expect("filter").to_string();
+        assert!(
+            filter.contains("redis::cluster_handling::async_connection=off"),
+            "{filter}"
+        );
+        // An operator who names it gets it.
+        let named = parse_filter("info,redis::cluster_handling::async_connection=error")
+            .expect("filter")
+            .to_string();
+        assert!(!named.contains("=off"), "{named}");
+        assert!(parse_filter("not a [filter").is_err());
     }
 }
