@@ -542,15 +542,84 @@ fn command_name(request: &ClusterRequest) -> &'static str {
     }
 }
 
+/// The writer's connection: connected lazily, at most one attempt per backoff step.
+///
+/// A Redis Cluster connection whose commands fail is dropped rather than kept:
+/// while no shard answers, redis-rs's cluster client retries its slot refresh
+/// without pause as long as the connection lives (a core spun per node for the
+/// whole outage). Dropping every handle stops that task; the next attempt comes
+/// after the backoff. One Redis (the connection manager) reconnects by itself with
+/// its own backoff and is kept.
+struct WriterConnection {
+    redis: Option<Redis>,
+    next_attempt: Instant,
+    delay: Duration,
+}
+
+impl WriterConnection {
+    fn new() -> Self {
+        Self {
+            redis: None,
+            next_attempt: Instant::now(),
+            delay: BACKOFF_MIN,
+        }
+    }
+
+    /// The connection, connecting first when none is open and the backoff allows,
+    /// or at once when the heartbeat just reached Redis (`redis_up`): the registry
+    /// rewrite it asks for then must not wait out a backoff of up to 5 s.
+    async fn get(&mut self, connector: &Connector, redis_up: bool) -> Option<Redis> {
+        if self.redis.is_none() && (redis_up || Instant::now() >= self.next_attempt) {
+            match connector.connect().await {
+                Ok(redis) => {
+                    self.redis = Some(redis);
+                    self.delay = BACKOFF_MIN;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, task = "writer", "cannot connect to Redis; retrying");
+                    self.back_off();
+                }
+            }
+        }
+        self.redis.clone()
+    }
+
+    /// Commands failed: a cluster connection is dropped (see the type's doc).
+    fn failed(&mut self) {
+        if matches!(self.redis, Some(Redis::Cluster(_))) {
+            self.redis = None;
+            self.back_off();
+        }
+    }
+
+    fn back_off(&mut self) {
+        self.next_attempt = Instant::now() + self.delay;
+        self.delay = (self.delay * 2).min(BACKOFF_MAX);
+    }
+}
+
 /// Carries out the core's requests, up to [`WRITE_BATCH`] at a time concurrently.
 async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterRequest>) {
-    let mut redis = shared.connector.connect_with_backoff("writer").await;
+    let mut connection = WriterConnection::new();
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     let mut scratch = SendScratch::default();
     loop {
         if queue.recv_many(&mut batch, WRITE_BATCH).await == 0 {
             return;
         }
+        let redis_up = shared.up.load(Ordering::Relaxed);
+        let Some(mut redis) = connection.get(&shared.connector, redis_up).await else {
+            // No connection (Redis is down, the backoff runs): the batch fails at
+            // once. Locates are answered 503 by the core's timer; Stores are written
+            // again by the heartbeat when Redis answers.
+            for request in batch.drain(..) {
+                shared.error(
+                    command_name(&request),
+                    &redis::RedisError::from((redis::ErrorKind::Io, "not connected to Redis")),
+                );
+            }
+            continue;
+        };
         let started = Instant::now();
         let commands: Vec<Cmd> = batch
             .iter()
@@ -569,10 +638,12 @@ async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterReq
         // what it sends leaves in one batched send.
         let mut located = Vec::new();
         let mut failed_stores = Vec::new();
+        let mut any_failed = false;
         for (request, answer) in batch.drain(..).zip(answers) {
             let answer = match answer {
                 Ok(answer) => Some(answer),
                 Err(e) => {
+                    any_failed = true;
                     shared.error(command_name(&request), &e);
                     if let ClusterRequest::Store(_) = &request {
                         failed_stores.push(command_for(&request, shared.lifetime));
@@ -620,10 +691,18 @@ async fn writer(shared: Arc<ClusterShared>, mut queue: mpsc::Receiver<ClusterReq
         // for when Redis comes back, and a lost Store leaves its peer unreachable
         // across nodes until the peer's next Register (up to 15 s). Send each failed
         // Store once more (idempotent: the entry is this node's latest).
+        let mut retry_failed = false;
         for cmd in failed_stores {
             if let Err(e) = redis.query::<Value>(&cmd).await {
+                retry_failed = true;
                 shared.error("set", &e);
             }
+        }
+        // A cluster connection that failed its retries too is dropped (its client
+        // would spin until a shard answers); one whose retries worked recovered.
+        drop(redis);
+        if any_failed && (retry_failed || !shared.up.load(Ordering::Relaxed)) {
+            connection.failed();
         }
     }
 }

@@ -262,6 +262,11 @@ impl GatewayProcess {
             .and_then(|v| v.parse().ok())
     }
 
+    /// CPU time the daemon has used so far, from /proc (see [`cpu_time_of`]).
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time_of(self.pid()?)
+    }
+
     /// Everything the daemon logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -594,4 +599,20 @@ impl Drop for PeerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// CPU time (user + system) process `pid` has used so far, from `/proc/PID/stat`:
+/// lets a test tell a process that waits from one that spins.
+pub fn cpu_time_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces; after it come the
+    // state (field 3) ... utime (field 14) and stime (field 15).
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf(3) has no preconditions.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&t| t > 0)?;
+    Some(Duration::from_millis(ticks * 1000 / per_second))
 }

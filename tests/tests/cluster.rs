@@ -222,6 +222,27 @@ impl Node {
     }
 }
 
+impl Node {
+    fn cpu_time(&self) -> Duration {
+        gateway_tests::daemon::cpu_time_of(self.child.id()).expect("the node's /proc stat")
+    }
+}
+
+/// A node that cannot reach Redis retries with backoff: over the outage it used
+/// under a quarter of a core (a client that retried without pause spun one whole).
+fn assert_waits_without_spinning(node: &Node, cpu_before: Duration, since: Instant) {
+    let share = (node.cpu_time() - cpu_before).as_secs_f64() / since.elapsed().as_secs_f64();
+    eprintln!(
+        "the node used {:.1}% of a core while Redis was down",
+        share * 100.0
+    );
+    assert!(
+        share < 0.25,
+        "the node spun while Redis was down: {:.0}% of a core",
+        share * 100.0
+    );
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -402,6 +423,7 @@ fn redis_outage(mut backend: Backend) {
     let _bob = peer("bob", &[&b], &[]);
     let _carol = peer("carol", &[&a], &[]);
 
+    let (cpu_before, outage_start) = (a.cpu_time(), Instant::now());
     backend.stop();
     assert!(
         a.wait_metric("gateway_cluster_up", "", 0.0, Duration::from_secs(5)),
@@ -439,6 +461,7 @@ fn redis_outage(mut backend: Backend) {
         ) >= 1.0
     );
 
+    assert_waits_without_spinning(&a, cpu_before, outage_start);
     backend.restart();
     let back = Instant::now();
     let up = dave.wait_for("path-up peer bob direct", Duration::from_secs(16));
