@@ -24,7 +24,7 @@ use gateway_tests::{
         scrape_config,
     },
     punch::{DISCOVER, SECRET, SERVICE, credentials},
-    redis::RedisServer,
+    redis::{RedisServer, TlsFiles},
 };
 
 /// Every dashboard file and the lab scenario that makes its panels show data.
@@ -125,6 +125,8 @@ struct Run {
     _gateways: Vec<GatewayProcess>,
     redis: Option<RedisServer>,
     _redis_dir: Option<tempfile::TempDir>,
+    /// The TLS listener's certificate and key (the TLS panels).
+    _tls_dir: Option<tempfile::TempDir>,
     _secret: tempfile::NamedTempFile,
     _lab: Lab,
 }
@@ -192,6 +194,14 @@ fn direct_and_failed_punch() -> Run {
     let server = lab.server().clone();
     let secret = secret_file();
     let secret_path = secret.path().to_string_lossy().into_owned();
+    // A TLS listener for the TLS panels (a certificate valid for one day).
+    let tls_dir = tempfile::tempdir().expect("TLS directory");
+    let tls = TlsFiles::generate(tls_dir.path()).expect("certificate");
+    let (tls_cert, tls_key) = (
+        tls.cert.to_string_lossy().into_owned(),
+        tls.key.to_string_lossy().into_owned(),
+    );
+    let tls_listen = SocketAddr::new(SERVICE.ip(), 443).to_string();
     let mut args = vec![
         "--listen",
         "0.0.0.0:3478",
@@ -200,6 +210,12 @@ fn direct_and_failed_punch() -> Run {
         "--require-ebpf",
         "--secret-file",
         &secret_path,
+        "--tls-listen",
+        &tls_listen,
+        "--tls-cert",
+        &tls_cert,
+        "--tls-key",
+        &tls_key,
     ];
     args.extend_from_slice(ALLOW_LAB_PEERS);
     let gateway = GatewayProcess::start(&server, GATEWAY_METRICS_ADDR, &args)
@@ -290,6 +306,22 @@ fn direct_and_failed_punch() -> Run {
             .send_to(b"not a STUN message", SERVICE)
             .expect("send");
     }
+    // For the TLS handshake panel: plain HTTP to the TLS port (a scanner would).
+    site_host(&lab, "a", 0)
+        .run(|| -> std::io::Result<()> {
+            let mut stream = std::net::TcpStream::connect_timeout(
+                &SocketAddr::new(SERVICE.ip(), 443),
+                Duration::from_secs(2),
+            )?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: gateway\r\n\r\n")?;
+            // The gateway closes it once it sees the bytes are not TLS.
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+            Ok(())
+        })
+        .expect("namespace")
+        .expect("plain connection to the TLS port");
 
     for (peer, line) in [
         ("alice", "path-up"),
@@ -336,6 +368,7 @@ fn direct_and_failed_punch() -> Run {
         _gateways: vec![gateway],
         redis: None,
         _redis_dir: None,
+        _tls_dir: Some(tls_dir),
         _secret: secret,
         _lab: lab,
     }
@@ -463,6 +496,7 @@ fn two_node_cluster() -> Run {
         _gateways: gateways,
         redis: Some(redis),
         _redis_dir: Some(redis_dir),
+        _tls_dir: None,
         _secret: secret,
         _lab: lab,
     }
@@ -921,6 +955,39 @@ fn check_punch_values(prometheus: &PrometheusProcess, dashboards: &[Dashboard]) 
     );
     let ebpf = panel_samples(prometheus, dashboards, "eBPF programs");
     assert_eq!(ebpf.first().map(|s| s.value), Some(1.0), "{ebpf:?}");
+    // One plain-HTTP connection to the TLS port, no TLS client.
+    let handshakes = by_label(
+        &panel_samples(prometheus, dashboards, "TLS handshakes by outcome"),
+        "outcome",
+    );
+    assert!(
+        handshakes.get("plaintext").is_some_and(|&rate| rate > 0.0)
+            && handshakes.get("ok") == Some(&0.0),
+        "{handshakes:?}"
+    );
+    let open = panel_samples(prometheus, dashboards, "TLS connections open");
+    assert_eq!(
+        open.iter().map(|s| s.value).collect::<Vec<_>>(),
+        [0.0],
+        "{open:?}"
+    );
+    // The lab's certificate is valid for one day.
+    let expiry = panel_samples(prometheus, dashboards, "TLS certificate expires in");
+    assert!(
+        expiry.len() == 1 && expiry[0].value > 82_800.0 && expiry[0].value <= 86_400.0,
+        "{expiry:?}"
+    );
+    // Nobody flooded.
+    let isolated = panel_samples(
+        prometheus,
+        dashboards,
+        "Flooding clients on their own queue",
+    );
+    assert_eq!(
+        isolated.iter().map(|s| s.value).collect::<Vec<_>>(),
+        [0.0],
+        "{isolated:?}"
+    );
 }
 
 #[test]
