@@ -1104,7 +1104,14 @@ impl Agent {
             if fresh_challenge {
                 // Not a refusal: the gateway wants its nonce echoed. Resend now.
                 match request.method {
-                    method::REGISTER => self.send_register(now),
+                    method::REGISTER => {
+                        // The challenge's round trip is a measurement too: the
+                        // Register that answers it carries it, so the gateway aligns
+                        // this peer's first introductions on its real RTT (not 0
+                        // until the first keepalive).
+                        self.rtt_ms = round_trip_ms(now, request.sent_at);
+                        self.send_register(now)
+                    }
                     method::CONNECT => {
                         if let Some(target) = request.target {
                             self.wanted.insert(target, now);
@@ -1119,8 +1126,7 @@ impl Agent {
         }
         match response.result {
             Ok(()) if request.method == method::REGISTER => {
-                let rtt = now.saturating_duration_since(request.sent_at);
-                self.rtt_ms = u32::try_from(rtt.as_millis()).unwrap_or(u32::MAX);
+                self.rtt_ms = round_trip_ms(now, request.sent_at);
                 let interval = match response.lifetime {
                     Some(lifetime) => self.config.keepalive.min(lifetime / 3),
                     None => self.config.keepalive,
@@ -1244,6 +1250,11 @@ impl Agent {
     }
 }
 
+/// Milliseconds from `sent_at` to `now` (a request's round trip), saturating.
+fn round_trip_ms(now: Instant, sent_at: Instant) -> u32 {
+    u32::try_from(now.saturating_duration_since(sent_at).as_millis()).unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1288,6 +1299,41 @@ mod tests {
             let next = agent.poll_timeout().expect("keepalives");
             assert!(next > sim.now, "{:?}", sim.now.checked_duration_since(next));
         }
+    }
+
+    #[test]
+    fn the_register_that_answers_the_challenge_carries_the_measured_rtt() {
+        // The first Register has nothing measured (RTT 0) and is challenged (401 with
+        // a nonce); the one that answers the challenge is the first the gateway
+        // accepts, and the gateway aligns introductions on the RTT it carries. It
+        // must be the challenge's round trip (2 x the sim's one-way latency), not 0
+        // until the first keepalive.
+        let mut sim = Sim::new(false);
+        sim.run_for(Duration::from_millis(300));
+        let rtts: Vec<u32> = sim
+            .sent
+            .iter()
+            .filter(|d| {
+                d.agent == 0 && d.stun() == Some((method::REGISTER, crate::stun::Class::Request))
+            })
+            .map(|d| {
+                let message = Message::parse(&d.payload).expect("a Register");
+                message
+                    .attributes()
+                    .filter_map(Result::ok)
+                    .find(|a| a.ty == crate::rendezvous::wire::attr::RTT)
+                    .and_then(|a| <[u8; 4]>::try_from(a.value).ok())
+                    .map(u32::from_be_bytes)
+                    .expect("every Register carries an RTT")
+            })
+            .collect();
+        let round_trip = u32::try_from((LATENCY * 2).as_millis()).expect("ms");
+        assert!(rtts.len() >= 2, "{rtts:?}");
+        assert_eq!(rtts[0], 0, "nothing measured yet: {rtts:?}");
+        assert!(
+            rtts[1..].iter().all(|&rtt| rtt.abs_diff(round_trip) <= 1),
+            "every Register after the challenge carries about {round_trip} ms: {rtts:?}"
+        );
     }
 
     #[test]
