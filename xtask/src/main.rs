@@ -109,6 +109,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    forget_cargo_run_variables();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Setup => toolchain::setup(),
@@ -143,6 +144,64 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("xtask: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo xtask` is `cargo run`, which puts xtask's own package variables
+/// (`CARGO_MANIFEST_DIR=.../xtask`, `CARGO_PKG_NAME=xtask`, ...) in our environment,
+/// and every cargo started from here inherits them. Build scripts that ask cargo to
+/// rerun when one of them changes (ring's does, for several) then saw other values
+/// than under a plain `cargo build`, so each switch between the two rebuilt ring,
+/// rustls, redis and everything above them, the gateway included. Dropping them
+/// makes the builds inside and outside xtask the same.
+fn forget_cargo_run_variables() {
+    let names: Vec<std::ffi::OsString> = std::env::vars_os()
+        .map(|(name, _)| name)
+        .filter(|name| name.to_str().is_some_and(is_cargo_run_variable))
+        .collect();
+    for name in names {
+        // SAFETY: called first in main, before this process starts any thread.
+        unsafe { std::env::remove_var(name) };
+    }
+}
+
+/// Whether `name` is one of the variables `cargo run` sets for the binary it runs
+/// (its package's, not cargo's own settings such as `CARGO` or `CARGO_HOME`).
+fn is_cargo_run_variable(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_cargo_run_variable;
+
+    #[test]
+    fn only_the_run_packages_variables_are_dropped() {
+        for dropped in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_MANIFEST_PATH",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_NAME",
+            "CARGO_PRIMARY_PACKAGE",
+        ] {
+            assert!(is_cargo_run_variable(dropped), "{dropped}");
+        }
+        for kept in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "RUSTFLAGS",
+            "PATH",
+        ] {
+            assert!(!is_cargo_run_variable(kept), "{kept}");
         }
     }
 }
