@@ -238,10 +238,11 @@ struct PeerArgs {
     /// attempt; 0 turns it off on this side; at most 512).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(0..=512))]
     birthday_sockets: u16,
-    /// Birthday punching when the other side is the random-port one: most probes to
-    /// random ports of its public address (0 turns it off on this side; at most
-    /// 8192), then once more over the same ports if nothing answered. With 256 sockets
-    /// on the other side, 2048 probes miss with probability about e^-8.
+    /// Birthday punching when the other side is the random-port one: probes to
+    /// random ports of its public address per pass (0 turns it off on this side; at
+    /// most 8192), and a second pass to other ports if nothing answered. With 256
+    /// sockets on the other side, a pass of 2048 misses with probability about e^-8,
+    /// both about e^-16.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(0..=8192))]
     birthday_probes: u32,
     /// Birthday probes per second at most.

@@ -70,7 +70,7 @@ fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
     if (random_port(a) && independent_nat(b)) || (random_port(b) && independent_nat(a)) {
         return (
             true,
-            "birthday punching: the random-port side opens 256 mappings toward the other's reflexive address (random ports, each admitting that address; its probes toward a NAT keep a TTL that dies before it, so even a cone's filter never sees them), the other side probes up to 2048 random ports of its public address; one hit makes the path (a miss has probability about e^-8)",
+            "birthday punching: the random-port side opens 256 mappings toward the other's reflexive address (random ports, each admitting that address; its probes toward a NAT keep a TTL that dies before it, so even a cone's filter never sees them), the other side probes up to twice 2048 distinct random ports of its public address; one hit makes the path (a miss has probability about e^-8 per pass of 2048)",
         );
     }
     if admits_other_ports(a) || admits_other_ports(b) {
@@ -95,7 +95,7 @@ fn expect(a: &NatPreset, b: &NatPreset) -> (bool, &'static str) {
         }
         (x, y) if fixed(x) || fixed(y) => (
             true,
-            "birthday punching: the endpoint-dependent side opens 256 mappings toward the other's reflexive address (random ports, each admitting that address), the other side probes up to 2048 random ports of its public address; one hit makes the path (a miss has probability about e^-8)",
+            "birthday punching: the endpoint-dependent side opens 256 mappings toward the other's reflexive address (random ports, each admitting that address), the other side probes up to twice 2048 distinct random ports of its public address; one hit makes the path (a miss has probability about e^-8 per pass of 2048)",
         ),
         _ => (
             false,
