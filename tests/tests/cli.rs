@@ -760,16 +760,25 @@ fn a_peer_the_relay_refuses_is_said_once_without_a_tight_loop() {
             .wait_for("never printed", Duration::from_secs(15))
             .is_none()
     );
-    let count = |prefix: &str| {
-        alice
-            .seen()
-            .iter()
-            .filter(|l| l.starts_with(prefix))
-            .count()
-    };
-    assert_eq!(count("refused create-permission"), 1, "{:?}", alice.seen());
-    assert_eq!(count("introduced peer bob"), 1, "{:?}", alice.seen());
-    assert_eq!(count("relay-fallback"), 1, "{:?}", alice.seen());
+    let seen = alice.seen();
+    let count =
+        |lines: &[String], prefix: &str| lines.iter().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(count(seen, "refused create-permission"), 1, "{seen:?}");
+    // No new attempt after the refusal (its 16 s have not passed). Before it, alice
+    // may have asked once more: bob never answered her, so she takes the
+    // introduction for lost when her 1 s Connect timer fires between the fallback
+    // and the refusal (a few ms apart on an idle machine, more under load).
+    let refusal = seen
+        .iter()
+        .position(|l| l.starts_with("refused create-permission"))
+        .expect("seen above");
+    let introductions = count(seen, "introduced peer bob");
+    assert!(
+        (1..=2).contains(&introductions) && count(&seen[refusal..], "introduced peer bob") == 0,
+        "{seen:?}"
+    );
+    // Each introduction falls back to the relay once at most: no loop.
+    assert!(count(seen, "relay-fallback") <= introductions, "{seen:?}");
 }
 
 #[test]
