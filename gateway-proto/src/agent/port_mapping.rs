@@ -312,15 +312,8 @@ impl Agent {
             self.outgoing.push_back(transmit);
         }
         while let Some(event) = client.poll_event() {
-            let mapped = match &event {
-                PortMapEvent::Mapped(m) | PortMapEvent::Refreshed(m) => Some(m.external),
-                PortMapEvent::Lost { .. } | PortMapEvent::Closed => None,
-                PortMapEvent::Unavailable(_) => self.mapped,
-            };
-            if matches!(
-                event,
-                PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_)
-            ) {
+            let mapped = external_after(&event, self.mapped);
+            if ends_hold(&event) {
                 self.portmap_hold = None;
             }
             if mapped != self.mapped {
@@ -365,15 +358,8 @@ impl Agent {
             self.outgoing.push_back(transmit);
         }
         while let Some(event) = client.poll_event() {
-            let mapped = match &event {
-                PortMapEvent::Mapped(m) | PortMapEvent::Refreshed(m) => Some(m.external),
-                PortMapEvent::Lost { .. } | PortMapEvent::Closed => None,
-                PortMapEvent::Unavailable(_) => self.tcp_mapped,
-            };
-            if matches!(
-                event,
-                PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_)
-            ) {
+            let mapped = external_after(&event, self.tcp_mapped);
+            if ends_hold(&event) {
                 self.tcp_portmap_hold = None;
             }
             if mapped != self.tcp_mapped {
@@ -387,6 +373,25 @@ impl Agent {
     }
 }
 
+/// The external endpoint a port-mapping client's `event` leaves the agent with,
+/// from `current`: a new or refreshed mapping's, none once lost or closed, the same
+/// when the router answered nothing (a mapping held keeps being announced).
+fn external_after(event: &PortMapEvent, current: Option<SocketAddr>) -> Option<SocketAddr> {
+    match event {
+        PortMapEvent::Mapped(m) | PortMapEvent::Refreshed(m) => Some(m.external),
+        PortMapEvent::Lost { .. } | PortMapEvent::Closed => None,
+        PortMapEvent::Unavailable(_) => current,
+    }
+}
+
+/// Whether `event` settles the first request, so Connects held for it may go.
+fn ends_hold(event: &PortMapEvent) -> bool {
+    matches!(
+        event,
+        PortMapEvent::Mapped(_) | PortMapEvent::Unavailable(_)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::{net::Ipv4Addr, time::Duration};
@@ -397,7 +402,7 @@ mod tests {
         portmap::{MappingProtocol, wire},
         rendezvous::{
             client::PeerCredentials,
-            wire::{Candidate, CandidateKind, attr, decode_candidate, encode_candidate},
+            wire::{CandidateKind, attr, decode_candidate},
         },
         stun::{Class, Message, MessageType, MessageWriter},
     };
@@ -588,30 +593,8 @@ mod tests {
     /// A Mapped-Check indication signed for the agent: a probe (with `token`) or
     /// the "unreachable" verdict.
     fn mapped_check(external: SocketAddr, token: Option<[u8; 16]>) -> Vec<u8> {
-        let tid = [9; 12];
-        let mut out = Vec::new();
-        let mut writer = MessageWriter::new(
-            &mut out,
-            MessageType {
-                method: method::MAPPED_CHECK,
-                class: Class::Indication,
-            },
-            tid,
-        );
-        let (value, len) = encode_candidate(
-            Candidate {
-                kind: CandidateKind::Mapped,
-                addr: external,
-            },
-            tid,
-        );
-        writer.attribute(attr::CANDIDATE, &value[..len]);
-        if let Some(token) = &token {
-            writer.attribute(attr::MAPPED_TOKEN, token);
-        }
-        writer.message_integrity_sha256(b"pw");
-        writer.finish_with_fingerprint();
-        out
+        // What the gateway sends (signed with this test agent's password).
+        crate::rendezvous::server::mapped_notice([9; 12], external, token.as_ref(), "pw")
     }
 
     /// A signed success answer to transaction `tid`.

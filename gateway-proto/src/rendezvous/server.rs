@@ -45,6 +45,8 @@ mod cluster;
 mod discovery;
 mod forward;
 mod mapped;
+#[cfg(test)]
+pub(crate) use mapped::mapped_notice;
 
 pub use discovery::{DiscoveryEndpoints, discovery_index, discovery_socket};
 pub use mapped::{MAPPED_PROBE_INTERVAL, MAPPED_PROBE_TRIES};

@@ -342,7 +342,7 @@ impl RendezvousServer {
 
 /// A Mapped-Check indication for endpoint `addr`, signed with the peer's
 /// `password`: the probe (with `token`), or the "not reachable" notice (without).
-fn mapped_notice(
+pub(crate) fn mapped_notice(
     tid: [u8; 12],
     addr: SocketAddr,
     token: Option<&[u8; 16]>,
